@@ -1,0 +1,65 @@
+//! The engine's error type: every variant names the file, tensor or key at fault.
+
+use std::path::PathBuf;
+
+/// Errors from loading and running models.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("unsupported model_type {model_type:?} in {path} (supported: {supported})")]
+    UnknownArchitecture {
+        model_type: String,
+        path: PathBuf,
+        supported: &'static str,
+    },
+    #[error("{path}: not a readable safetensors file: {message}")]
+    Safetensors { path: PathBuf, message: String },
+    #[error("tensor {name:?} not found in {location}")]
+    MissingTensor { name: String, location: String },
+    #[error("tensor {name:?} in {path} has shape {actual:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        path: PathBuf,
+        actual: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Config {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}

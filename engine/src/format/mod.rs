@@ -1,0 +1,3 @@
+//! Checkpoint formats the engine reads.
+
+pub mod safetensors;

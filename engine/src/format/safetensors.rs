@@ -1,0 +1,155 @@
+//! Hugging Face safetensors checkpoints: one `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`. Headers are parsed once; tensor data is read from a memory map
+//! and converted to f32, since bf16/f16 matmuls on CPU are far slower than f32.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorInfo};
+
+use crate::error::{Error, Result};
+
+/// One safetensors file: its memory map and parsed header.
+struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Offset of the first data byte (8-byte length prefix plus the JSON header).
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+impl SafetensorsFile {
+    fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: checkpoints are treated as read-only; a file truncated while mapped is outside
+        // what the engine can defend against here (the expert store reads with pread instead).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header_len, metadata) =
+            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let tensors = metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| (name, info.clone()))
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + header_len,
+            tensors,
+        })
+    }
+}
+
+/// The weights of a Hugging Face checkpoint directory, looked up by tensor name.
+pub struct HfWeights {
+    dir: PathBuf,
+    files: Vec<SafetensorsFile>,
+    /// Tensor name -> index into `files`.
+    index: HashMap<String, usize>,
+    device: Device,
+}
+
+impl HfWeights {
+    /// Opens `model.safetensors`, or every shard named in `model.safetensors.index.json`.
+    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let paths: Vec<PathBuf> = if index_path.exists() {
+            shard_paths(&index_path)?
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(Error::io(
+                &single,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors or model.safetensors.index.json in the model directory",
+                ),
+            ));
+        };
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let file = SafetensorsFile::open(path)?;
+            for name in file.tensors.keys() {
+                index.insert(name.clone(), i);
+            }
+            files.push(file);
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            index,
+            device: device.clone(),
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Loads `name` as f32, checking that its shape is `shape`.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let file = self.file_of(name)?;
+        let info = &file.tensors[name];
+        if info.shape != shape {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                path: file.path.clone(),
+                actual: info.shape.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        let dtype = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(Error::Safetensors {
+                    path: file.path.clone(),
+                    message: format!(
+                        "tensor {name:?} has dtype {other:?}; supported: F32, F16, BF16"
+                    ),
+                });
+            }
+        };
+        let (start, end) = info.data_offsets;
+        let bytes = &file.mmap[file.data_start + start..file.data_start + end];
+        let tensor = Tensor::from_raw_buffer(bytes, dtype, shape, &self.device)?;
+        Ok(tensor.to_dtype(DType::F32)?)
+    }
+
+    fn file_of(&self, name: &str) -> Result<&SafetensorsFile> {
+        match self.index.get(name) {
+            Some(&i) => Ok(&self.files[i]),
+            None => Err(Error::MissingTensor {
+                name: name.to_string(),
+                location: self.dir.display().to_string(),
+            }),
+        }
+    }
+}
+
+/// The shard files named by an index, in first-mention order, without duplicates.
+fn shard_paths(index_path: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+    let index: Index = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: index_path.to_path_buf(),
+        source,
+    })?;
+    let dir = index_path.parent().unwrap_or(Path::new("."));
+    let mut names: Vec<&String> = index.weight_map.values().collect();
+    names.sort();
+    names.dedup();
+    Ok(names.into_iter().map(|n| dir.join(n)).collect())
+}

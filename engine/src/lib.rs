@@ -1,0 +1,45 @@
+//! odmoe-engine: exact inference for Mixture-of-Experts language models whose experts need not all
+//! be in memory.
+//!
+//! - [`format`] reads checkpoints (Hugging Face safetensors directories).
+//! - [`model`] holds the architectures (Qwen2-MoE, Qwen3-MoE, Mixtral) on shared layers; the MoE
+//!   block gets its experts through [`model::ExpertProvider`].
+//! - [`tokenizer`] encodes, decodes incrementally and renders chat templates.
+//! - [`generate`] runs prefill and decode with sampling and stop conditions.
+//!
+//! The engine never touches a socket: the daemon drives it through these types.
+//!
+//! ```no_run
+//! # fn main() -> odmoe_engine::Result<()> {
+//! use odmoe_engine::{generate::{GenerateRequest, Session}, model::Model, tokenizer::Tokenizer};
+//! let dir = std::path::Path::new("tests/fixtures/qwen3_moe");
+//! let model = Model::load_resident(dir, &odmoe_engine::default_device()?)?;
+//! let tokenizer = Tokenizer::from_dir(dir)?;
+//! let prompt = tokenizer.encode("The quick brown fox", false)?;
+//! let mut session = Session::new(&model);
+//! let request = GenerateRequest { prompt, max_tokens: 8, ..GenerateRequest::default() };
+//! let out = session.generate(&model, Some(&tokenizer), &request, |_| true)?;
+//! println!("{}", out.text);
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+pub mod format;
+pub mod generate;
+pub mod model;
+mod time;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+
+/// The device models run on: Metal when built with the `metal` feature, else the CPU.
+pub fn default_device() -> Result<candle_core::Device> {
+    #[cfg(feature = "metal")]
+    {
+        Ok(candle_core::Device::new_metal(0)?)
+    }
+    #[cfg(not(feature = "metal"))]
+    {
+        Ok(candle_core::Device::Cpu)
+    }
+}

@@ -1,0 +1,309 @@
+//! Layers shared by every architecture: RMSNorm, rotary embeddings, grouped-query attention with
+//! a KV cache, and the SwiGLU feed-forward used by experts.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Linear, Module};
+
+use super::config::ModelConfig;
+use crate::error::Result;
+use crate::format::safetensors::HfWeights;
+
+/// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`) as a linear layer `in -> out`.
+pub fn linear(w: &HfWeights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    let weight = w.tensor(&format!("{prefix}.weight"), &[out, inp])?;
+    let bias = if bias {
+        Some(w.tensor(&format!("{prefix}.bias"), &[out])?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(w: &HfWeights, name: &str, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.tensor(&format!("{name}.weight"), &[size])?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?)
+    }
+}
+
+/// Rotary position embedding in the "rotate half" layout that Hugging Face checkpoints use.
+#[derive(Clone, Debug)]
+pub struct Rotary {
+    /// Inverse frequencies, computed in f32 as the reference does.
+    inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    pub fn new(head_dim: usize, theta: f64) -> Self {
+        let base = theta as f32;
+        let inv_freq = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// cos and sin tables `[len, head_dim / 2]` for positions `offset..offset + len`.
+    fn tables(&self, offset: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for position in offset..offset + len {
+            for &f in &self.inv_freq {
+                let angle = position as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (len, half), device)?,
+            Tensor::from_vec(sin, (len, half), device)?,
+        ))
+    }
+}
+
+/// Keys and values of every layer for the positions seen so far.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    /// Per layer: keys and values shaped `[kv_heads, positions, head_dim]`.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+        }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(1).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the first `len` positions, so a conversation can continue from a shared prefix.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len() {
+            return Ok(());
+        }
+        for layer in &mut self.layers {
+            if let Some((k, v)) = layer {
+                if len == 0 {
+                    *layer = None;
+                } else {
+                    *layer = Some((k.narrow(1, 0, len)?, v.narrow(1, 0, len)?));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes held by cached keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let merged = match self.layers[layer].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+        };
+        self.layers[layer] = Some(merged.clone());
+        Ok(merged)
+    }
+}
+
+/// Grouped-query attention with rotary positions, optional qkv bias and optional q/k norms.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    sliding_window: Option<usize>,
+    rotary: Rotary,
+}
+
+impl Attention {
+    /// Loads `{prefix}.{q,k,v,o}_proj` (and `q_norm`/`k_norm` when the config has them).
+    pub fn load(cfg: &ModelConfig, w: &HfWeights, prefix: &str) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let p = prefix;
+        let bias = cfg.attention_bias;
+        let norm = |n: &str| RmsNorm::load(w, &format!("{p}.{n}"), d, cfg.rms_norm_eps);
+        Ok(Self {
+            q: linear(w, &format!("{p}.q_proj"), cfg.num_heads * d, h, bias)?,
+            k: linear(w, &format!("{p}.k_proj"), cfg.num_kv_heads * d, h, bias)?,
+            v: linear(w, &format!("{p}.v_proj"), cfg.num_kv_heads * d, h, bias)?,
+            o: linear(w, &format!("{p}.o_proj"), h, cfg.num_heads * d, false)?,
+            q_norm: cfg.qk_norm.then(|| norm("q_norm")).transpose()?,
+            k_norm: cfg.qk_norm.then(|| norm("k_norm")).transpose()?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: d,
+            sliding_window: cfg.sliding_window,
+            rotary: Rotary::new(d, cfg.rope_theta),
+        })
+    }
+
+    /// Attends `x` `[T, hidden]` at positions `cache.len()..` to itself and the cached past.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        offset: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let mut q = self.q.forward(x)?.reshape((t, nh, d))?;
+        let mut k = self.k.forward(x)?.reshape((t, nkv, d))?;
+        let v = self.v.forward(x)?.reshape((t, nkv, d))?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let (cos, sin) = self.rotary.tables(offset, t, x.device())?;
+        let q = candle_nn::rotary_emb::rope(
+            &q.transpose(0, 1)?.contiguous()?.unsqueeze(0)?,
+            &cos,
+            &sin,
+        )?
+        .squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope(
+            &k.transpose(0, 1)?.contiguous()?.unsqueeze(0)?,
+            &cos,
+            &sin,
+        )?
+        .squeeze(0)?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let (k, v) = cache.append(layer, k, v)?;
+        let s = k.dim(1)?;
+        let rep = nh / nkv;
+        let k = repeat_kv(&k, rep)?;
+        let v = repeat_kv(&v, rep)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = scores.broadcast_add(&self.mask(t, s, offset, x.device())?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // [nh, T, d]
+        let out = out.transpose(0, 1)?.reshape((t, nh * d))?;
+        Ok(self.o.forward(&out)?)
+    }
+
+    /// Additive mask `[T, S]`: query i (at position offset + i) sees key j when j <= offset + i,
+    /// and within the sliding window when there is one.
+    fn mask(&self, t: usize, s: usize, offset: usize, device: &Device) -> Result<Tensor> {
+        let mut mask = Vec::with_capacity(t * s);
+        for i in 0..t {
+            let position = offset + i;
+            for j in 0..s {
+                let future = j > position;
+                let too_old = self.sliding_window.is_some_and(|w| position >= w + j);
+                mask.push(if future || too_old {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                });
+            }
+        }
+        Ok(Tensor::from_vec(mask, (t, s), device)?)
+    }
+}
+
+/// Repeats each key/value head `rep` times so grouped heads line up with query heads.
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (nkv, s, d) = x.dims3()?;
+    Ok(x.unsqueeze(1)?
+        .expand((nkv, rep, s, d))?
+        .reshape((nkv * rep, s, d))?)
+}
+
+/// A SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`. Every routed expert is one.
+#[derive(Clone, Debug)]
+pub struct GluMlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl GluMlp {
+    /// Loads the three projections named `{prefix}.{gate,up,down}.weight`.
+    pub fn load(
+        w: &HfWeights,
+        [gate, up, down]: [&str; 3],
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            gate: linear(w, gate, intermediate, hidden, false)?,
+            up: linear(w, up, intermediate, hidden, false)?,
+            down: linear(w, down, hidden, intermediate, false)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        let up = self.up.forward(x)?;
+        Ok(self.down.forward(&(gate * up)?)?)
+    }
+
+    /// Bytes held by the three weight matrices.
+    pub fn bytes(&self) -> usize {
+        [&self.gate, &self.up, &self.down]
+            .iter()
+            .map(|l| l.weight().elem_count() * l.weight().dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// Converts logits or hidden states to plain f32 rows for sampling and inspection.
+pub fn to_f32_rows(x: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(x.to_dtype(DType::F32)?.to_vec2()?)
+}
+
+/// Index of the largest value (first on ties), as greedy decoding uses.
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,189 @@
+//! Model definitions: shared layers, the MoE block, and one compact file per architecture.
+
+pub mod config;
+pub mod layers;
+pub mod mixtral;
+pub mod moe;
+pub mod qwen_moe;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use candle_nn::{Linear, Module};
+
+pub use config::{Architecture, ModelConfig};
+pub use layers::KvCache;
+pub use moe::{ExpertHandle, ExpertProvider, ResidentExperts, Routing};
+
+use crate::error::{Error, Result};
+use crate::format::safetensors::HfWeights;
+use layers::{Attention, GluMlp, RmsNorm};
+use moe::MoeBlock;
+
+/// One transformer block: pre-norm attention, then a pre-norm sparse MoE, each with a residual.
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    pub input_norm: RmsNorm,
+    pub attention: Attention,
+    pub post_attention_norm: RmsNorm,
+    pub moe: MoeBlock,
+}
+
+/// Which positions to compute logits for: all (for scoring) or only the last (for generation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
+}
+
+/// What a forward pass saw inside, recorded on request.
+#[derive(Debug, Default)]
+pub struct ForwardTrace {
+    /// Entry l is the hidden state `[T, hidden]` entering layer l; the last entry is the output of
+    /// the final layer before the final norm (L + 1 entries).
+    pub hidden_states: Vec<Tensor>,
+    /// The routing decision of every layer.
+    pub routing: Vec<Routing>,
+}
+
+/// A loaded model whose experts come from an [`ExpertProvider`].
+pub struct Model {
+    pub config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    experts: Arc<dyn ExpertProvider>,
+}
+
+impl Model {
+    /// Loads a Hugging Face checkpoint directory with every expert resident.
+    pub fn load_resident(dir: &Path, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let weights = HfWeights::open(dir, device)?;
+        let experts = load_resident_experts(&config, &weights)?;
+        Self::load_base(config, &weights, Arc::new(experts))
+    }
+
+    /// Loads everything but the routed experts, which come from `experts`.
+    pub fn load_base(
+        config: ModelConfig,
+        w: &HfWeights,
+        experts: Arc<dyn ExpertProvider>,
+    ) -> Result<Self> {
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed = w.tensor("model.embed_tokens.weight", &[v, h])?;
+        let lm_head = if config.tie_word_embeddings && !w.contains("lm_head.weight") {
+            Linear::new(embed.clone(), None)
+        } else {
+            layers::linear(w, "lm_head", v, h, false)?
+        };
+        let layers = (0..config.num_layers)
+            .map(|i| match config.architecture {
+                Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
+                    qwen_moe::load_layer(&config, w, i)
+                }
+                Architecture::Mixtral => mixtral::load_layer(&config, w, i),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: RmsNorm::load(w, "model.norm", h, config.rms_norm_eps)?,
+            embed,
+            layers,
+            lm_head,
+            experts,
+            config,
+        })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_layers)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// Runs `tokens` at positions `cache.len()..`, appending them to `cache`, and returns f32
+    /// logits `[T, vocab]` (or `[1, vocab]` for [`Logits::Last`]).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+        mut trace: Option<&mut ForwardTrace>,
+    ) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidRequest("no tokens to run".into()));
+        }
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(Error::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                self.config.vocab_size
+            )));
+        }
+        let offset = cache.len();
+        let ids = Tensor::new(tokens, self.device())?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(trace) = trace.as_deref_mut() {
+                trace.hidden_states.push(x.clone());
+            }
+            let h = (&x
+                + layer
+                    .attention
+                    .forward(&layer.input_norm.forward(&x)?, i, offset, cache)?)?;
+            let (moe_out, routing) = layer.moe.forward(
+                &layer.post_attention_norm.forward(&h)?,
+                self.experts.as_ref(),
+            )?;
+            x = (h + moe_out)?;
+            if let Some(trace) = trace.as_deref_mut() {
+                trace.routing.push(routing);
+            }
+        }
+        if let Some(trace) = trace {
+            trace.hidden_states.push(x.clone());
+        }
+        if logits == Logits::Last {
+            x = x.narrow(0, tokens.len() - 1, 1)?;
+        }
+        Ok(self.lm_head.forward(&self.norm.forward(&x)?)?)
+    }
+}
+
+/// Names of the gate, up and down projections of one routed expert.
+pub fn expert_tensor_names(config: &ModelConfig, layer: usize, expert: usize) -> [String; 3] {
+    match config.architecture {
+        Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
+            qwen_moe::expert_tensor_names(layer, expert)
+        }
+        Architecture::Mixtral => mixtral::expert_tensor_names(layer, expert),
+    }
+}
+
+/// Loads every routed expert of every layer.
+pub fn load_resident_experts(config: &ModelConfig, w: &HfWeights) -> Result<ResidentExperts> {
+    let mut layers = Vec::with_capacity(config.num_layers);
+    for layer in 0..config.num_layers {
+        let experts = (0..config.num_experts)
+            .map(|e| {
+                let names = expert_tensor_names(config, layer, e);
+                let names = [names[0].as_str(), names[1].as_str(), names[2].as_str()];
+                GluMlp::load(
+                    w,
+                    names,
+                    config.hidden_size,
+                    config.expert_intermediate_size,
+                )
+                .map(Arc::new)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        layers.push(experts);
+    }
+    Ok(ResidentExperts { layers })
+}

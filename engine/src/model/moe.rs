@@ -1,0 +1,150 @@
+//! The sparse MoE block: router, softmax, top-k, optional renormalisation, experts, weighted sum.
+//!
+//! Experts reach the block only through [`ExpertProvider`], so where they live (all resident, or
+//! read on demand into a byte-budgeted store) never shows in the model files.
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use candle_nn::{Linear, Module};
+
+use super::layers::GluMlp;
+use crate::error::{Error, Result};
+
+/// One routed expert's weights, kept alive (and, for a store, pinned) while the handle lives.
+#[derive(Clone, Debug)]
+pub struct ExpertHandle(Arc<GluMlp>);
+
+impl ExpertHandle {
+    pub fn new(weights: Arc<GluMlp>) -> Self {
+        Self(weights)
+    }
+}
+
+impl Deref for ExpertHandle {
+    type Target = GluMlp;
+    fn deref(&self) -> &GluMlp {
+        &self.0
+    }
+}
+
+/// Where the MoE block gets its experts from.
+pub trait ExpertProvider: Send + Sync {
+    /// The weights of experts `ids` of `layer`, in the order asked.
+    fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>>;
+}
+
+/// Every expert loaded up front.
+#[derive(Debug, Default)]
+pub struct ResidentExperts {
+    /// `layers[layer][expert]`.
+    pub layers: Vec<Vec<Arc<GluMlp>>>,
+}
+
+impl ResidentExperts {
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().flatten().map(|e| e.bytes()).sum()
+    }
+}
+
+impl ExpertProvider for ResidentExperts {
+    fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>> {
+        let experts = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::InvalidRequest(format!("no MoE layer {layer}")))?;
+        ids.iter()
+            .map(|&id| {
+                experts
+                    .get(id)
+                    .map(|e| ExpertHandle::new(e.clone()))
+                    .ok_or_else(|| {
+                        Error::InvalidRequest(format!("no expert {id} in layer {layer}"))
+                    })
+            })
+            .collect()
+    }
+}
+
+/// The experts chosen for each position of one layer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Routing {
+    /// `ids[t]`: experts of position t, by descending weight.
+    pub ids: Vec<Vec<usize>>,
+    /// `weights[t]`: their routing weights, as applied to the expert outputs.
+    pub weights: Vec<Vec<f32>>,
+}
+
+/// An always-on expert whose output is scaled by a sigmoid gate (Qwen2-MoE).
+#[derive(Clone, Debug)]
+pub struct SharedExpert {
+    pub mlp: GluMlp,
+    pub gate: Linear,
+}
+
+#[derive(Clone, Debug)]
+pub struct MoeBlock {
+    pub layer: usize,
+    pub router: Linear,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+    pub shared: Option<SharedExpert>,
+}
+
+impl MoeBlock {
+    /// Routes `x` `[T, hidden]` and mixes the chosen experts' outputs.
+    pub fn forward(&self, x: &Tensor, experts: &dyn ExpertProvider) -> Result<(Tensor, Routing)> {
+        let probs =
+            candle_nn::ops::softmax_last_dim(&self.router.forward(x)?.to_dtype(DType::F32)?)?;
+        let routing = self.route(&probs.to_vec2::<f32>()?);
+
+        // Tokens per expert, experts in ascending order as the reference accumulates them.
+        let mut by_expert: std::collections::BTreeMap<usize, (Vec<u32>, Vec<f32>)> =
+            Default::default();
+        for (t, (ids, weights)) in routing.ids.iter().zip(&routing.weights).enumerate() {
+            for (&e, &w) in ids.iter().zip(weights) {
+                let entry = by_expert.entry(e).or_default();
+                entry.0.push(t as u32);
+                entry.1.push(w);
+            }
+        }
+        let ids: Vec<usize> = by_expert.keys().copied().collect();
+        let handles = experts.experts(self.layer, &ids)?;
+        let mut out = x.zeros_like()?;
+        for (handle, (tokens, weights)) in handles.iter().zip(by_expert.values()) {
+            let n = tokens.len();
+            let index = Tensor::from_vec(tokens.clone(), n, x.device())?;
+            let weights =
+                Tensor::from_vec(weights.clone(), (n, 1), x.device())?.to_dtype(x.dtype())?;
+            let y = handle
+                .forward(&x.index_select(&index, 0)?)?
+                .broadcast_mul(&weights)?;
+            out = out.index_add(&index, &y, 0)?;
+        }
+        if let Some(shared) = &self.shared {
+            let gate = candle_nn::ops::sigmoid(&shared.gate.forward(x)?)?;
+            out = (out + shared.mlp.forward(x)?.broadcast_mul(&gate)?)?;
+        }
+        Ok((out, routing))
+    }
+
+    /// Top-k of each row of routing probabilities, renormalised when the config says so.
+    fn route(&self, probs: &[Vec<f32>]) -> Routing {
+        let mut routing = Routing::default();
+        for row in probs {
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            // Stable sort: equal probabilities keep index order, as torch.topk does on CPU.
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            order.truncate(self.top_k);
+            let mut weights: Vec<f32> = order.iter().map(|&e| row[e]).collect();
+            if self.norm_topk_prob {
+                let sum: f32 = weights.iter().sum();
+                weights.iter_mut().for_each(|w| *w /= sum);
+            }
+            routing.ids.push(order);
+            routing.weights.push(weights);
+        }
+        routing
+    }
+}

@@ -1,0 +1,424 @@
+//! Tokenizers (`tokenizer.json`), chat templates from `tokenizer_config.json` rendered the way
+//! transformers renders them, and incremental detokenization for streaming.
+
+use std::path::{Path, PathBuf};
+
+use minijinja::{Environment, ErrorKind, Value as TemplateValue};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// A chat message; `role` and `content` cover plain conversations, and templates that read more
+/// keys (tool calls, reasoning) get them through [`ChatTemplate::render`]'s JSON messages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A loaded tokenizer with its special tokens and chat template.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+    chat_template: Option<ChatTemplate>,
+    /// Token ids that end a generation (from `generation_config.json` or the eos token).
+    eos_token_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json`, and `tokenizer_config.json` / `generation_config.json` when present.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let mut tokenizer = Self::from_file(&dir.join("tokenizer.json"))?;
+        let config_path = dir.join("tokenizer_config.json");
+        if config_path.exists() {
+            let config = read_json(&config_path)?;
+            tokenizer.chat_template = ChatTemplate::from_tokenizer_config(&config, &config_path)?;
+            if let Some(eos) = config.get("eos_token").and_then(token_content) {
+                tokenizer
+                    .eos_token_ids
+                    .extend(tokenizer.inner.token_to_id(&eos));
+            }
+        }
+        let generation_path = dir.join("generation_config.json");
+        if generation_path.exists() {
+            let generation = read_json(&generation_path)?;
+            match generation.get("eos_token_id") {
+                Some(Value::Number(n)) => {
+                    tokenizer.eos_token_ids.extend(n.as_u64().map(|n| n as u32))
+                }
+                Some(Value::Array(ids)) => tokenizer
+                    .eos_token_ids
+                    .extend(ids.iter().filter_map(|v| v.as_u64()).map(|n| n as u32)),
+                _ => {}
+            }
+        }
+        tokenizer.eos_token_ids.sort_unstable();
+        tokenizer.eos_token_ids.dedup();
+        Ok(tokenizer)
+    }
+
+    /// Loads a bare `tokenizer.json`, with no chat template or end-of-sequence ids.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer file not found"),
+            ));
+        }
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            inner,
+            path: path.to_path_buf(),
+            chat_template: None,
+            eos_token_ids: Vec::new(),
+        })
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.error(e))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| self.error(e))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// Renders `messages` with the model's chat template.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            Error::ChatTemplate(format!(
+                "the model has no chat_template (looked in tokenizer_config.json beside {})",
+                self.path.display()
+            ))
+        })?;
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| serde_json::to_value(m).expect("a chat message serializes"))
+            .collect();
+        template.render(&messages, None, add_generation_prompt, &Map::new())
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> Error {
+        Error::Tokenizer {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A special token written either as a string or as an added-token object `{"content": ...}`.
+fn token_content(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The special tokens a template may refer to, as transformers passes them.
+const TEMPLATE_SPECIAL_TOKENS: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
+
+/// A Jinja chat template with the special-token values it is rendered with.
+#[derive(Clone, Debug)]
+pub struct ChatTemplate {
+    source: String,
+    special_tokens: Map<String, Value>,
+}
+
+impl ChatTemplate {
+    pub fn new(source: impl Into<String>, special_tokens: Map<String, Value>) -> Self {
+        Self {
+            source: source.into(),
+            special_tokens,
+        }
+    }
+
+    /// The template of a `tokenizer_config.json`: a string, or a list of named templates of which
+    /// "default" is used.
+    fn from_tokenizer_config(config: &Value, path: &Path) -> Result<Option<Self>> {
+        let source = match config.get("chat_template") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    Error::config(
+                        path,
+                        "chat_template is a list without a \"default\" template",
+                    )
+                })?,
+            Some(_) => {
+                return Err(Error::config(
+                    path,
+                    "chat_template must be a string or a list",
+                ));
+            }
+        };
+        let special_tokens = TEMPLATE_SPECIAL_TOKENS
+            .iter()
+            .filter_map(|&key| {
+                config
+                    .get(key)
+                    .and_then(token_content)
+                    .map(|v| (key.to_string(), Value::String(v)))
+            })
+            .collect();
+        Ok(Some(Self::new(source, special_tokens)))
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Renders `messages` (JSON objects; keys whose value is null are dropped, as transformers
+    /// does), with optional `tools` and extra context variables that override the defaults.
+    pub fn render(
+        &self,
+        messages: &[Value],
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+        extra: &Map<String, Value>,
+    ) -> Result<String> {
+        let env = template_environment()?;
+        let template = env
+            .template_from_str(&self.source)
+            .map_err(|e| Error::ChatTemplate(describe(&e)))?;
+        let mut context = self.special_tokens.clone();
+        let messages: Vec<Value> = messages.iter().map(drop_nulls).collect();
+        context.insert("messages".into(), Value::Array(messages));
+        if let Some(tools) = tools {
+            context.insert("tools".into(), tools.clone());
+        }
+        context.insert(
+            "add_generation_prompt".into(),
+            Value::Bool(add_generation_prompt),
+        );
+        for (k, v) in extra {
+            context.insert(k.clone(), v.clone());
+        }
+        template
+            .render(TemplateValue::from(minijinja::value::Serde(&context)))
+            .map_err(|e| Error::ChatTemplate(describe(&e)))
+    }
+}
+
+fn drop_nulls(message: &Value) -> Value {
+    match message {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+fn describe(e: &minijinja::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        message.push_str(&format!(": {inner}"));
+        source = inner.source();
+    }
+    message
+}
+
+/// A Jinja environment configured like transformers' chat-template renderer: `trim_blocks`,
+/// `lstrip_blocks`, loop controls, Python string methods, `raise_exception`, `strftime_now`, and
+/// a `tojson` that writes JSON as Python's `json.dumps(ensure_ascii=False)` does.
+fn template_environment() -> Result<Environment<'static>> {
+    let mut env = Environment::new();
+    let syntax = minijinja::syntax::SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+        .map_err(|e| Error::ChatTemplate(e.to_string()))?;
+    env.set_syntax(syntax);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |message: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+        },
+    );
+    env.add_function("strftime_now", |format: String| {
+        crate::time::strftime_now(&format)
+    });
+    env.add_filter("tojson", python_tojson);
+    Ok(env)
+}
+
+/// `json.dumps(value, ensure_ascii=False, indent=indent)`: separators `", "` and `": "` without an
+/// indent, `","` and `": "` with one.
+fn python_tojson(
+    value: TemplateValue,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<String, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::BadSerialization, e.to_string()))?;
+    let mut out = Vec::new();
+    let result = match indent {
+        Some(n) => {
+            let indent = vec![b' '; n];
+            let formatter = serde_json::ser::PrettyFormatter::with_indent(&indent);
+            serde::Serialize::serialize(
+                &json,
+                &mut serde_json::Serializer::with_formatter(&mut out, formatter),
+            )
+        }
+        None => serde::Serialize::serialize(
+            &json,
+            &mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter),
+        ),
+    };
+    result.map_err(|e| minijinja::Error::new(ErrorKind::BadSerialization, e.to_string()))?;
+    String::from_utf8(out)
+        .map_err(|e| minijinja::Error::new(ErrorKind::BadSerialization, e.to_string()))
+}
+
+/// serde_json's compact output with Python's default separators.
+struct PythonFormatter;
+
+impl serde_json::ser::Formatter for PythonFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
+/// Turns generated token ids into text deltas that are always whole characters: a token that ends
+/// inside a multi-byte character is held until the character completes.
+pub struct DecodeStream<'a> {
+    tokenizer: &'a Tokenizer,
+    skip_special_tokens: bool,
+    ids: Vec<u32>,
+    /// Start of the window decoded for context, so that spacing rules see the previous token.
+    prefix_offset: usize,
+    /// Tokens before this index have been emitted as text.
+    read_offset: usize,
+}
+
+impl<'a> DecodeStream<'a> {
+    pub fn new(tokenizer: &'a Tokenizer, skip_special_tokens: bool) -> Self {
+        Self {
+            tokenizer,
+            skip_special_tokens,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
+    }
+
+    /// Adds one token; returns the text it completes, if any.
+    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let prefix = self.decode(self.prefix_offset, self.read_offset)?;
+        let text = self.decode(self.prefix_offset, self.ids.len())?;
+        if text.len() > prefix.len() && !text.ends_with('\u{FFFD}') && text.starts_with(&prefix) {
+            let delta = text[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(Some(delta))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The text of tokens not yet emitted (an incomplete character decodes as U+FFFD).
+    pub fn flush(&mut self) -> Result<Option<String>> {
+        let prefix = self.decode(self.prefix_offset, self.read_offset)?;
+        let text = self.decode(self.prefix_offset, self.ids.len())?;
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(text
+            .strip_prefix(prefix.as_str())
+            .filter(|rest| !rest.is_empty())
+            .map(str::to_string))
+    }
+
+    fn decode(&self, from: usize, to: usize) -> Result<String> {
+        self.tokenizer
+            .decode(&self.ids[from..to], self.skip_special_tokens)
+    }
+}

@@ -1,0 +1,106 @@
+//! The engine against goldens recorded from Hugging Face transformers (see scripts/make_fixtures.py):
+//! f32 compute from bf16 weights, every position's logits, per-layer hidden states and routing, and
+//! 16 greedy tokens through the KV cache.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use odmoe_engine::generate::{GenerateRequest, Session};
+use odmoe_engine::model::{ForwardTrace, KvCache, Logits, Model};
+
+const LOGITS_TOLERANCE: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+fn golden(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name).join("golden.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn ids(t: &Tensor) -> Vec<u32> {
+    t.to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn check_fixture(name: &str) {
+    let model = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
+    let g = golden(name);
+    let input = ids(&g["input_ids"]);
+
+    let mut trace = ForwardTrace::default();
+    let mut cache: KvCache = model.new_cache();
+    let logits = model
+        .forward(&input, &mut cache, Logits::All, Some(&mut trace))
+        .unwrap();
+    let diff = max_abs_diff(&logits, &g["logits"]);
+    assert!(diff <= LOGITS_TOLERANCE, "{name}: max |logit diff| {diff}");
+
+    let hidden = Tensor::stack(&trace.hidden_states, 0).unwrap();
+    let diff = max_abs_diff(&hidden, &g["hidden_states"]);
+    assert!(diff <= LOGITS_TOLERANCE, "{name}: max |hidden diff| {diff}");
+
+    let golden_ids = g["routing_ids"].to_vec3::<i64>().unwrap();
+    let golden_weights = g["routing_weights"].to_vec3::<f32>().unwrap();
+    for (layer, routing) in trace.routing.iter().enumerate() {
+        for (t, chosen) in routing.ids.iter().enumerate() {
+            let expected: Vec<usize> = golden_ids[layer][t].iter().map(|&e| e as usize).collect();
+            assert_eq!(
+                chosen, &expected,
+                "{name}: experts of layer {layer} position {t}"
+            );
+            for (w, gw) in routing.weights[t].iter().zip(&golden_weights[layer][t]) {
+                assert!((w - gw).abs() < 1e-5, "{name}: routing weight {w} vs {gw}");
+            }
+        }
+    }
+
+    let mut session = Session::new(&model);
+    let request = GenerateRequest {
+        prompt: input,
+        max_tokens: 16,
+        ignore_eos: true,
+        ..GenerateRequest::default()
+    };
+    let out = session.generate(&model, None, &request, |_| true).unwrap();
+    assert_eq!(
+        out.tokens,
+        ids(&g["greedy_tokens"]),
+        "{name}: greedy tokens"
+    );
+}
+
+#[test]
+fn qwen2_moe_matches_transformers() {
+    check_fixture("qwen2_moe");
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    check_fixture("qwen3_moe");
+}
+
+#[test]
+fn mixtral_matches_transformers() {
+    check_fixture("mixtral");
+}
