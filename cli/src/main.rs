@@ -1,1 +1,83 @@
-fn main() {}
+//! `odmoe`: the command line. Offline developer tools run the engine directly (`run`, `logits`);
+//! commands that talk to a running `odmoed` come through the client library.
+
+mod logits;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "odmoe",
+    version,
+    about = "Run Mixture-of-Experts language models larger than memory",
+    long_about = "Run Mixture-of-Experts language models larger than memory.\n\n\
+        `odmoe run` and `odmoe logits` load a model in this process; they are the hooks that \
+        reference checks and scripts use, and their flags are stable."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt (or token ids) and stream it to stdout.
+    Run(run::RunArgs),
+    /// Write the logits (and optionally hidden states) of every position to a safetensors file.
+    Logits(logits::LogitsArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Logits(args) => logits::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("odmoe: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Token ids given on the command line as `1,2,3`.
+#[derive(Clone, Debug)]
+pub struct TokenList(pub Vec<u32>);
+
+/// Parses `1,2,3` into token ids.
+pub fn parse_token_list(text: &str) -> Result<TokenList, String> {
+    let ids: Result<Vec<u32>, String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u32>()
+                .map_err(|_| format!("{s:?} is not a token id"))
+        })
+        .collect();
+    match ids {
+        Ok(ids) if ids.is_empty() => Err("expected at least one token id, as in 1,2,3".into()),
+        other => other.map(TokenList),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_lists_parse_or_explain() {
+        assert_eq!(parse_token_list("1, 2,3").unwrap().0, vec![1, 2, 3]);
+        assert!(parse_token_list("1,x").unwrap_err().contains("\"x\""));
+        assert!(parse_token_list("").is_err());
+    }
+
+    #[test]
+    fn help_is_complete() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -143,9 +143,9 @@ fn shard_paths(index_path: &Path) -> Result<Vec<PathBuf>> {
         weight_map: HashMap<String, String>,
     }
     let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
-    let index: Index = serde_json::from_str(&text).map_err(|source| Error::Json {
+    let index: Index = serde_json::from_str(&text).map_err(|error| Error::Json {
         path: index_path.to_path_buf(),
-        source,
+        error,
     })?;
     let dir = index_path.parent().unwrap_or(Path::new("."));
     let mut names: Vec<&String> = index.weight_map.values().collect();

@@ -128,9 +128,9 @@ impl ModelConfig {
 
     /// Parses `text`, naming `path` in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|source| Error::Json {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|error| Error::Json {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::from_raw(raw, path)
     }

@@ -1,0 +1,119 @@
+//! Broken checkpoints give errors that name the file or tensor at fault, never a panic.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use odmoe_engine::model::Model;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// A writable copy of a fixture.
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+fn load_error(dir: &Path) -> String {
+    match Model::load_resident(dir, &Device::Cpu) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_weights_file_is_named() {
+    let dir = copy_fixture("qwen3_moe");
+    fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let message = load_error(dir.path());
+    assert!(message.contains("model.safetensors"), "{message}");
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let dir = copy_fixture("mixtral");
+    fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).unwrap();
+    let message = load_error(dir.path());
+    assert!(
+        message.contains("model-00002-of-00003.safetensors"),
+        "{message}"
+    );
+}
+
+#[test]
+fn unknown_model_type_is_named() {
+    let dir = copy_fixture("qwen2_moe");
+    let config = dir.path().join("config.json");
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"qwen2_moe\"", "\"jamba\"");
+    fs::write(&config, text).unwrap();
+    let message = load_error(dir.path());
+    assert!(
+        message.contains("jamba") && message.contains("config.json"),
+        "{message}"
+    );
+}
+
+#[test]
+fn wrong_tensor_shape_is_named() {
+    // A config that disagrees with the weights: every expert tensor has the wrong width.
+    let dir = copy_fixture("qwen2_moe");
+    let config = dir.path().join("config.json");
+    let text = fs::read_to_string(&config).unwrap().replace(
+        "\"moe_intermediate_size\": 32",
+        "\"moe_intermediate_size\": 48",
+    );
+    fs::write(&config, text).unwrap();
+    let message = load_error(dir.path());
+    assert!(
+        message.contains("model.layers.0.mlp.experts.0.gate_proj.weight")
+            && message.contains("[32, 64]")
+            && message.contains("[48, 64]"),
+        "{message}"
+    );
+}
+
+#[test]
+fn truncated_safetensors_is_named() {
+    let dir = copy_fixture("qwen3_moe");
+    let weights = dir.path().join("model.safetensors");
+    let bytes = fs::read(&weights).unwrap();
+    fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let message = load_error(dir.path());
+    assert!(
+        message.contains("model.safetensors") && message.contains("safetensors"),
+        "{message}"
+    );
+}
+
+#[test]
+fn garbage_header_is_named() {
+    let dir = copy_fixture("qwen3_moe");
+    fs::write(
+        dir.path().join("model.safetensors"),
+        b"not a safetensors file at all",
+    )
+    .unwrap();
+    let message = load_error(dir.path());
+    assert!(message.contains("model.safetensors"), "{message}");
+}
+
+#[test]
+fn malformed_config_is_named() {
+    let dir = copy_fixture("qwen3_moe");
+    fs::write(dir.path().join("config.json"), b"{\"model_type\": ").unwrap();
+    let message = load_error(dir.path());
+    assert!(
+        message.contains("config.json") && message.contains("JSON"),
+        "{message}"
+    );
+}

@@ -1,0 +1,148 @@
+//! `odmoe run` and `odmoe logits` as outside checks use them.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use odmoe_e2e::{fixture, odmoe, odmoe_ok};
+
+const ARCHITECTURES: [&str; 3] = ["qwen2_moe", "qwen3_moe", "mixtral"];
+
+fn golden(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name).join("golden.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn id_list(t: &Tensor) -> Vec<u64> {
+    t.to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u64)
+        .collect()
+}
+
+fn joined(ids: &[u64]) -> String {
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn run_json_gives_the_golden_greedy_tokens() {
+    for name in ARCHITECTURES {
+        let g = golden(name);
+        let dir = fixture(name);
+        let tokens = joined(&id_list(&g["input_ids"]));
+        let stdout = odmoe_ok(&[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokens",
+            &tokens,
+            "--max-tokens",
+            "16",
+            "--greedy",
+            "--ignore-eos",
+            "--json",
+        ]);
+        let out: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let got: Vec<u64> = out["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(got, id_list(&g["greedy_tokens"]), "{name}");
+        assert_eq!(out["finish_reason"], "length");
+        assert_eq!(out["usage"]["completion_tokens"], 16);
+    }
+}
+
+#[test]
+fn streamed_text_equals_the_json_text() {
+    let dir = fixture("qwen3_moe");
+    let common = [
+        "run",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "The quick brown fox",
+        "--max-tokens",
+        "24",
+        "--seed",
+        "11",
+        "--temp",
+        "0.9",
+    ];
+    let streamed = odmoe_ok(&common);
+    let json: serde_json::Value =
+        serde_json::from_str(&odmoe_ok(&[&common[..], &["--json"]].concat())).unwrap();
+    assert_eq!(
+        streamed.strip_suffix('\n').unwrap(),
+        json["text"].as_str().unwrap()
+    );
+    assert!(!json["tokens"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn logits_file_matches_the_golden() {
+    for name in ARCHITECTURES {
+        let g = golden(name);
+        let out_dir = tempfile::tempdir().unwrap();
+        let out = out_dir.path().join("logits.safetensors");
+        odmoe_ok(&[
+            "logits",
+            "--model",
+            fixture(name).to_str().unwrap(),
+            "--tokens",
+            &joined(&id_list(&g["input_ids"])),
+            "--out",
+            out.to_str().unwrap(),
+            "--hidden",
+        ]);
+        let written = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        for (tensor, tolerance) in [("logits", 1e-4f32), ("hidden_states", 1e-4)] {
+            let diff = (&written[tensor] - &g[tensor])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff <= tolerance, "{name} {tensor}: max diff {diff}");
+        }
+    }
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    let missing = odmoe(&["run", "--model", "/nonexistent/model", "--prompt", "hi"]);
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("/nonexistent/model/config.json"),
+        "{stderr}"
+    );
+
+    let dir = fixture("mixtral");
+    let out_of_vocab = odmoe(&[
+        "run",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "1,99999",
+    ]);
+    assert!(!out_of_vocab.status.success());
+    assert!(String::from_utf8_lossy(&out_of_vocab.stderr).contains("99999"));
+
+    let bad_tokens = odmoe(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "1,x",
+        "--out",
+        "/tmp/x",
+    ]);
+    assert!(!bad_tokens.status.success());
+    assert!(String::from_utf8_lossy(&bad_tokens.stderr).contains("\"x\""));
+}
