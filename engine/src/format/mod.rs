@@ -1,3 +1,4 @@
 //! Checkpoint formats the engine reads.
 
+pub mod layout;
 pub mod safetensors;

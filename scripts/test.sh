@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite: set-up, build (the end-to-end tests run the built binaries), tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo build --workspace --bins
+cargo test --workspace
