@@ -150,9 +150,9 @@ impl Tokenizer {
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    serde_json::from_str(&text).map_err(|error| Error::Json {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
@@ -245,15 +245,17 @@ impl ChatTemplate {
         extra: &Map<String, Value>,
     ) -> Result<String> {
         let env = template_environment()?;
+        let source = rewrite_generation_tags(&self.source);
         let template = env
-            .template_from_str(&self.source)
+            .template_from_str(&source)
             .map_err(|e| Error::ChatTemplate(describe(&e)))?;
         let mut context = self.special_tokens.clone();
         let messages: Vec<Value> = messages.iter().map(drop_nulls).collect();
         context.insert("messages".into(), Value::Array(messages));
-        if let Some(tools) = tools {
-            context.insert("tools".into(), tools.clone());
-        }
+        // transformers always passes `tools` and `documents`, as None when absent: templates that
+        // test `tools is not none` (Mistral's) must see none, not undefined.
+        context.insert("tools".into(), tools.cloned().unwrap_or(Value::Null));
+        context.insert("documents".into(), Value::Null);
         context.insert(
             "add_generation_prompt".into(),
             Value::Bool(add_generation_prompt),
@@ -277,6 +279,34 @@ fn drop_nulls(message: &Value) -> Value {
         ),
         other => other.clone(),
     }
+}
+
+/// transformers' `AssistantTracker` extension adds `{% generation %}...{% endgeneration %}`, which
+/// only marks assistant text for training masks and renders its body unchanged. minijinja has no
+/// custom tags, so each becomes the always-true `if` / `endif` with the same whitespace control.
+fn rewrite_generation_tags(source: &str) -> std::borrow::Cow<'_, str> {
+    if !source.contains("generation") {
+        return source.into();
+    }
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let Some(len) = rest[start..].find("%}").map(|end| end + 2) else {
+            break;
+        };
+        let tag = &rest[start..start + len];
+        let name =
+            tag[2..len - 2].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        out.push_str(&rest[..start]);
+        match name {
+            "generation" => out.push_str(&tag.replacen(name, "if true", 1)),
+            "endgeneration" => out.push_str(&tag.replacen(name, "endif", 1)),
+            _ => out.push_str(tag),
+        }
+        rest = &rest[start + len..];
+    }
+    out.push_str(rest);
+    out.into()
 }
 
 fn describe(e: &minijinja::Error) -> String {
@@ -314,56 +344,141 @@ fn template_environment() -> Result<Environment<'static>> {
     Ok(env)
 }
 
-/// `json.dumps(value, ensure_ascii=False, indent=indent)`: separators `", "` and `": "` without an
-/// indent, `","` and `": "` with one.
+/// `tojson` as transformers defines it, `json.dumps(x, ensure_ascii=False, indent=None,
+/// separators=None, sort_keys=False)`, so that tool schemas in prompts are byte-identical to
+/// Python's: no HTML escaping, `", "` / `": "` separators, Python's spelling of floats.
 fn python_tojson(
     value: TemplateValue,
     kwargs: minijinja::value::Kwargs,
 ) -> std::result::Result<String, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
-    kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&value)
-        .map_err(|e| minijinja::Error::new(ErrorKind::BadSerialization, e.to_string()))?;
-    let mut out = Vec::new();
-    let result = match indent {
-        Some(n) => {
-            let indent = vec![b' '; n];
-            let formatter = serde_json::ser::PrettyFormatter::with_indent(&indent);
-            serde::Serialize::serialize(
-                &json,
-                &mut serde_json::Serializer::with_formatter(&mut out, formatter),
-            )
-        }
-        None => serde::Serialize::serialize(
-            &json,
-            &mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter),
-        ),
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    let json = PythonJson {
+        indent: indent.map(|n| " ".repeat(n)),
+        // Python drops the space after "," when indenting, as the line ends there.
+        separators: match separators.as_deref() {
+            None if indent.is_some() => (",".into(), ": ".into()),
+            None => (", ".into(), ": ".into()),
+            Some([item, key]) => (item.clone(), key.clone()),
+            Some(_) => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson separators must be an (item, key) pair",
+                ));
+            }
+        },
+        ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+        sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
     };
-    result.map_err(|e| minijinja::Error::new(ErrorKind::BadSerialization, e.to_string()))?;
-    String::from_utf8(out)
-        .map_err(|e| minijinja::Error::new(ErrorKind::BadSerialization, e.to_string()))
+    kwargs.assert_all_used()?;
+    let value = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::BadSerialization, e.to_string()))?;
+    let mut out = String::new();
+    json.write(&value, 0, &mut out);
+    Ok(out)
 }
 
-/// serde_json's compact output with Python's default separators.
-struct PythonFormatter;
+/// The options of Python's `json.dumps` that templates use.
+struct PythonJson {
+    indent: Option<String>,
+    /// Item and key separators.
+    separators: (String, String),
+    ensure_ascii: bool,
+    sort_keys: bool,
+}
 
-impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first { Ok(()) } else { w.write_all(b", ") }
+impl PythonJson {
+    fn write(&self, value: &Value, level: usize, out: &mut String) {
+        match value {
+            Value::Null => out.push_str("null"),
+            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Value::Number(n) => match n.as_f64().filter(|_| n.is_f64()) {
+                Some(f) => out.push_str(&python_float(f)),
+                None => out.push_str(&n.to_string()),
+            },
+            Value::String(s) => self.write_str(s, out),
+            Value::Array(items) => {
+                self.write_container(('[', ']'), items.iter().map(|v| (None, v)), level, out)
+            }
+            Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                if self.sort_keys {
+                    entries.sort_by(|a, b| a.0.cmp(b.0));
+                }
+                let entries = entries.into_iter().map(|(k, v)| (Some(k.as_str()), v));
+                self.write_container(('{', '}'), entries, level, out)
+            }
+        }
     }
-    fn begin_object_key<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first { Ok(()) } else { w.write_all(b", ") }
+
+    fn write_container<'v>(
+        &self,
+        (open, close): (char, char),
+        entries: impl Iterator<Item = (Option<&'v str>, &'v Value)>,
+        level: usize,
+        out: &mut String,
+    ) {
+        out.push(open);
+        let mut empty = true;
+        for (i, (key, value)) in entries.enumerate() {
+            if i > 0 {
+                out.push_str(&self.separators.0);
+            }
+            if let Some(indent) = &self.indent {
+                out.push('\n');
+                out.push_str(&indent.repeat(level + 1));
+            }
+            if let Some(key) = key {
+                self.write_str(key, out);
+                out.push_str(&self.separators.1);
+            }
+            self.write(value, level + 1, out);
+            empty = false;
+        }
+        if let (false, Some(indent)) = (empty, &self.indent) {
+            out.push('\n');
+            out.push_str(&indent.repeat(level));
+        }
+        out.push(close);
     }
-    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
-        w.write_all(b": ")
+
+    fn write_str(&self, s: &str, out: &mut String) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                // ensure_ascii escapes everything outside ' '..='~', as UTF-16 code units.
+                c if c < ' ' || (self.ensure_ascii && c > '~') => {
+                    for unit in c.encode_utf16(&mut [0; 2]) {
+                        out.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+}
+
+/// Python's `repr(float)`: the shortest round-trip digits, in exponent form (`1e-05`, `1e+16`)
+/// below 1e-4 or from 1e16 on, else positional with at least one decimal (`1.0`).
+fn python_float(f: f64) -> String {
+    let scientific = format!("{f:e}");
+    let (mantissa, exponent) = scientific.split_once('e').expect("{:e} has an exponent");
+    let exponent: i32 = exponent.parse().expect("{:e} exponent is an integer");
+    if f != 0.0 && !(-4..16).contains(&exponent) {
+        let sign = if exponent < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exponent.abs())
+    } else if f.fract() == 0.0 {
+        format!("{f:.1}")
+    } else {
+        f.to_string()
     }
 }
 
