@@ -40,10 +40,22 @@ pub enum Error {
     Tokenizer { path: PathBuf, message: String },
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    #[error("expert {expert} of layer {layer} ({path}): {message}")]
+    Expert {
+        layer: usize,
+        expert: usize,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("expert budget: {0}")]
+    Budget(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    /// One failure reported to several waiters (concurrent acquires that shared a read).
+    #[error(transparent)]
+    Shared(std::sync::Arc<Error>),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -45,16 +45,16 @@ impl Default for SamplingParams {
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(Error::InvalidRequest(what.to_string()));
-        if !(self.temperature >= 0.0) {
+        if self.temperature.is_nan() || self.temperature < 0.0 {
             return bad("temperature must be >= 0");
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+        if self.top_p.is_nan() || self.top_p <= 0.0 || self.top_p > 1.0 {
             return bad("top_p must be in (0, 1]");
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad("min_p must be in [0, 1]");
         }
-        if !(self.repetition_penalty > 0.0) {
+        if self.repetition_penalty.is_nan() || self.repetition_penalty <= 0.0 {
             return bad("repetition_penalty must be > 0");
         }
         Ok(())

@@ -26,7 +26,9 @@
 pub mod error;
 pub mod format;
 pub mod generate;
+pub mod loader;
 pub mod model;
+pub mod store;
 mod time;
 pub mod tokenizer;
 

@@ -18,7 +18,7 @@ pub use moe::{ExpertHandle, ExpertProvider, ResidentExperts, Routing};
 
 use crate::error::{Error, Result};
 use crate::format::safetensors::HfWeights;
-use layers::{Attention, GluMlp, RmsNorm};
+use layers::{Attention, RmsNorm};
 use moe::MoeBlock;
 
 /// One transformer block: pre-norm attention, then a pre-norm sparse MoE, each with a residual.
@@ -58,12 +58,9 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a Hugging Face checkpoint directory with every expert resident.
-    pub fn load_resident(dir: &Path, device: &Device) -> Result<Self> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let weights = HfWeights::open(dir, device)?;
-        let experts = load_resident_experts(&config, &weights)?;
-        Self::load_base(config, &weights, Arc::new(experts))
+    /// Loads a checkpoint (Hugging Face directory or odmoe layout) with every expert resident.
+    pub fn load_resident(path: &Path, device: &Device) -> Result<Self> {
+        crate::loader::load(path, &crate::loader::LoadOptions::default(), device).map(|l| l.model)
     }
 
     /// Loads everything but the routed experts, which come from `experts`.
@@ -164,26 +161,4 @@ pub fn expert_tensor_names(config: &ModelConfig, layer: usize, expert: usize) ->
         }
         Architecture::Mixtral => mixtral::expert_tensor_names(layer, expert),
     }
-}
-
-/// Loads every routed expert of every layer.
-pub fn load_resident_experts(config: &ModelConfig, w: &HfWeights) -> Result<ResidentExperts> {
-    let mut layers = Vec::with_capacity(config.num_layers);
-    for layer in 0..config.num_layers {
-        let experts = (0..config.num_experts)
-            .map(|e| {
-                let names = expert_tensor_names(config, layer, e);
-                let names = [names[0].as_str(), names[1].as_str(), names[2].as_str()];
-                GluMlp::load(
-                    w,
-                    names,
-                    config.hidden_size,
-                    config.expert_intermediate_size,
-                )
-                .map(Arc::new)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        layers.push(experts);
-    }
-    Ok(ResidentExperts { layers })
 }

@@ -13,19 +13,33 @@ use super::layers::GluMlp;
 use crate::error::{Error, Result};
 
 /// One routed expert's weights, kept alive (and, for a store, pinned) while the handle lives.
-#[derive(Clone, Debug)]
-pub struct ExpertHandle(Arc<GluMlp>);
+pub struct ExpertHandle {
+    weights: Arc<GluMlp>,
+    /// Released when the handle drops: a store unpins the expert then.
+    _pin: Option<Box<dyn Send + Sync>>,
+}
 
 impl ExpertHandle {
     pub fn new(weights: Arc<GluMlp>) -> Self {
-        Self(weights)
+        Self {
+            weights,
+            _pin: None,
+        }
+    }
+
+    /// A handle that holds `pin` (whose drop unpins the expert) as long as it lives.
+    pub fn pinned(weights: Arc<GluMlp>, pin: Box<dyn Send + Sync>) -> Self {
+        Self {
+            weights,
+            _pin: Some(pin),
+        }
     }
 }
 
 impl Deref for ExpertHandle {
     type Target = GluMlp;
     fn deref(&self) -> &GluMlp {
-        &self.0
+        &self.weights
     }
 }
 
@@ -33,6 +47,11 @@ impl Deref for ExpertHandle {
 pub trait ExpertProvider: Send + Sync {
     /// The weights of experts `ids` of `layer`, in the order asked.
     fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>>;
+
+    /// How many experts one call may ask for (a store cannot pin more than its budget holds).
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// Every expert loaded up front.
@@ -109,18 +128,22 @@ impl MoeBlock {
                 entry.1.push(w);
             }
         }
-        let ids: Vec<usize> = by_expert.keys().copied().collect();
-        let handles = experts.experts(self.layer, &ids)?;
+        let routed: Vec<_> = by_expert.into_iter().collect();
         let mut out = x.zeros_like()?;
-        for (handle, (tokens, weights)) in handles.iter().zip(by_expert.values()) {
-            let n = tokens.len();
-            let index = Tensor::from_vec(tokens.clone(), n, x.device())?;
-            let weights =
-                Tensor::from_vec(weights.clone(), (n, 1), x.device())?.to_dtype(x.dtype())?;
-            let y = handle
-                .forward(&x.index_select(&index, 0)?)?
-                .broadcast_mul(&weights)?;
-            out = out.index_add(&index, &y, 0)?;
+        // In batches the provider can hold at once; accumulation stays in ascending expert order.
+        for batch in routed.chunks(experts.max_batch().max(1)) {
+            let ids: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
+            let handles = experts.experts(self.layer, &ids)?;
+            for (handle, (_, (tokens, weights))) in handles.iter().zip(batch) {
+                let n = tokens.len();
+                let index = Tensor::from_vec(tokens.clone(), n, x.device())?;
+                let weights =
+                    Tensor::from_vec(weights.clone(), (n, 1), x.device())?.to_dtype(x.dtype())?;
+                let y = handle
+                    .forward(&x.index_select(&index, 0)?)?
+                    .broadcast_mul(&weights)?;
+                out = out.index_add(&index, &y, 0)?;
+            }
         }
         if let Some(shared) = &self.shared {
             let gate = candle_nn::ops::sigmoid(&shared.gate.forward(x)?)?;

@@ -1,0 +1,109 @@
+//! Opening a model from a Hugging Face checkpoint directory or an odmoe layout, with every expert
+//! resident or with experts on demand from an [`ExpertStore`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+
+use crate::error::Result;
+use crate::format::layout::{MANIFEST, Manifest};
+use crate::format::safetensors::HfWeights;
+use crate::model::{ExpertProvider, Model, ModelConfig, ResidentExperts};
+use crate::store::{ExpertSource, ExpertStore, HfSource, LayoutSource, StoreConfig};
+
+/// Where experts live while the model runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExpertMode {
+    /// Every expert read at load and kept.
+    Resident,
+    /// Experts read on demand into a byte-budgeted store.
+    OnDemand(StoreConfig),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadOptions {
+    pub experts: ExpertMode,
+    /// Check each expert file's sha256 against the manifest when it is read (odmoe layout only).
+    pub verify_checksums: bool,
+    /// Keep expert reads out of the page cache, so the store holds the only copy.
+    pub bypass_page_cache: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            experts: ExpertMode::Resident,
+            verify_checksums: false,
+            bypass_page_cache: true,
+        }
+    }
+}
+
+/// A model, and its expert store when experts come on demand.
+pub struct LoadedModel {
+    pub model: Model,
+    pub store: Option<Arc<ExpertStore>>,
+    /// The directory the model was read from.
+    pub path: PathBuf,
+}
+
+/// The checkpoint at `path`: an odmoe layout (has manifest.json) or a Hugging Face directory.
+pub fn is_layout(path: &Path) -> bool {
+    path.join(MANIFEST).exists()
+}
+
+/// The model's architecture config and the in-memory bytes of all its experts, without loading it.
+pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
+    let config = if is_layout(path) {
+        Manifest::load(path)?.architecture
+    } else {
+        ModelConfig::from_file(&path.join("config.json"))?
+    };
+    let total = (config.num_layers * config.num_experts) as u64 * config.expert_f32_bytes() as u64;
+    Ok((config, total))
+}
+
+pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<LoadedModel> {
+    let (config, base, source): (ModelConfig, HfWeights, Arc<dyn ExpertSource>) = if is_layout(path)
+    {
+        let manifest = Manifest::load(path)?;
+        let base_paths: Vec<PathBuf> = manifest.base_files.iter().map(|f| path.join(f)).collect();
+        let base = HfWeights::open_files(&path.display().to_string(), &base_paths, device)?;
+        let source = LayoutSource::new(
+            path,
+            &manifest,
+            options.verify_checksums,
+            options.bypass_page_cache,
+            device,
+        )?;
+        (manifest.architecture, base, Arc::new(source))
+    } else {
+        let config = ModelConfig::from_file(&path.join("config.json"))?;
+        let weights = HfWeights::open(path, device)?;
+        let source = HfSource::new(&config, &weights, options.bypass_page_cache, device)?;
+        (config, weights, Arc::new(source))
+    };
+    let (provider, store): (Arc<dyn ExpertProvider>, _) = match &options.experts {
+        ExpertMode::Resident => {
+            let mut layers = Vec::with_capacity(config.num_layers);
+            for layer in 0..config.num_layers {
+                let experts = (0..config.num_experts)
+                    .map(|e| source.read(layer, e).map(|(w, _)| Arc::new(w)))
+                    .collect::<Result<Vec<_>>>()?;
+                layers.push(experts);
+            }
+            (Arc::new(ResidentExperts { layers }), None)
+        }
+        ExpertMode::OnDemand(store_config) => {
+            let store = Arc::new(ExpertStore::new(source, store_config));
+            (store.clone(), Some(store))
+        }
+    };
+    let model = Model::load_base(config, &base, provider)?;
+    Ok(LoadedModel {
+        model,
+        store,
+        path: path.to_path_buf(),
+    })
+}

@@ -1,0 +1,374 @@
+//! The byte-budget cache bookkeeping, free of I/O and tensors so that the live store and the trace
+//! replay run the very same code.
+//!
+//! Invariant: the bytes of every entry (loading or ready) never exceed the budget. Space is
+//! reserved before a read starts; eviction takes the least valuable unpinned, ready entry as the
+//! policy ranks them; a pinned entry is never evicted.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+/// One routed expert: (layer, expert).
+pub type ExpertKey = (usize, usize);
+
+/// Which entry to evict first.
+pub trait EvictionPolicy: Send {
+    fn inserted(&mut self, key: ExpertKey);
+    fn accessed(&mut self, key: ExpertKey);
+    fn removed(&mut self, key: ExpertKey);
+    /// The least valuable key for which `evictable` holds.
+    fn victim(&mut self, evictable: &dyn Fn(ExpertKey) -> bool) -> Option<ExpertKey>;
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Least recently used.
+    #[default]
+    Lru,
+    /// Least frequently used with dynamic aging.
+    Lfuda,
+}
+
+impl PolicyKind {
+    pub fn build(self) -> Box<dyn EvictionPolicy> {
+        match self {
+            PolicyKind::Lru => Box::new(Lru::default()),
+            PolicyKind::Lfuda => Box::new(Lfuda::default()),
+        }
+    }
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lru" => Ok(PolicyKind::Lru),
+            "lfuda" => Ok(PolicyKind::Lfuda),
+            other => Err(format!("unknown eviction policy {other:?} (lru, lfuda)")),
+        }
+    }
+}
+
+/// Least recently used: entries ordered by the tick of their last access.
+#[derive(Default)]
+pub struct Lru {
+    tick: u64,
+    order: BTreeSet<(u64, ExpertKey)>,
+    last: HashMap<ExpertKey, u64>,
+}
+
+impl EvictionPolicy for Lru {
+    fn inserted(&mut self, key: ExpertKey) {
+        self.accessed(key);
+    }
+    fn accessed(&mut self, key: ExpertKey) {
+        self.tick += 1;
+        if let Some(old) = self.last.insert(key, self.tick) {
+            self.order.remove(&(old, key));
+        }
+        self.order.insert((self.tick, key));
+    }
+    fn removed(&mut self, key: ExpertKey) {
+        if let Some(old) = self.last.remove(&key) {
+            self.order.remove(&(old, key));
+        }
+    }
+    fn victim(&mut self, evictable: &dyn Fn(ExpertKey) -> bool) -> Option<ExpertKey> {
+        self.order.iter().map(|&(_, k)| k).find(|&k| evictable(k))
+    }
+}
+
+/// LFU with dynamic aging: priority = age + hits; evicting sets the age to the victim's priority,
+/// so entries that were popular long ago do not stay forever.
+#[derive(Default)]
+pub struct Lfuda {
+    age: u64,
+    tick: u64,
+    /// (priority, tick of last access, key): lowest first, oldest first among equals.
+    order: BTreeSet<(u64, u64, ExpertKey)>,
+    state: HashMap<ExpertKey, (u64, u64, u64)>, // key -> (priority, tick, hits)
+}
+
+impl Lfuda {
+    fn set(&mut self, key: ExpertKey, hits: u64) {
+        self.tick += 1;
+        if let Some((p, t, _)) = self.state.get(&key) {
+            self.order.remove(&(*p, *t, key));
+        }
+        let priority = self.age + hits;
+        self.state.insert(key, (priority, self.tick, hits));
+        self.order.insert((priority, self.tick, key));
+    }
+}
+
+impl EvictionPolicy for Lfuda {
+    fn inserted(&mut self, key: ExpertKey) {
+        self.set(key, 1);
+    }
+    fn accessed(&mut self, key: ExpertKey) {
+        let hits = self.state.get(&key).map_or(0, |s| s.2);
+        self.set(key, hits + 1);
+    }
+    fn removed(&mut self, key: ExpertKey) {
+        if let Some((p, t, _)) = self.state.remove(&key) {
+            self.order.remove(&(p, t, key));
+            // Dynamic aging: the cache's age becomes the priority of what left it.
+            self.age = self.age.max(p);
+        }
+    }
+    fn victim(&mut self, evictable: &dyn Fn(ExpertKey) -> bool) -> Option<ExpertKey> {
+        self.order
+            .iter()
+            .map(|&(_, _, k)| k)
+            .find(|&k| evictable(k))
+    }
+}
+
+/// What the cache knows of one entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryMeta {
+    pub bytes: u64,
+    pub pins: usize,
+    pub ready: bool,
+    /// Brought in by a prefetch and not used yet.
+    pub prefetched_unused: bool,
+}
+
+/// Why a reservation could not be made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoRoom {
+    /// Even evicting everything evictable would not make room.
+    Full {
+        needed: u64,
+        budget: u64,
+        pinned_or_loading: u64,
+    },
+}
+
+/// Entries, their bytes, and the budget they must fit in.
+pub struct BudgetCache {
+    budget: u64,
+    used: u64,
+    entries: HashMap<ExpertKey, EntryMeta>,
+    policy: Box<dyn EvictionPolicy>,
+}
+
+impl BudgetCache {
+    pub fn new(budget: u64, policy: PolicyKind) -> Self {
+        Self {
+            budget,
+            used: 0,
+            entries: HashMap::new(),
+            policy: policy.build(),
+        }
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Bytes reserved by loading and ready entries.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn get(&self, key: ExpertKey) -> Option<&EntryMeta> {
+        self.entries.get(&key)
+    }
+
+    /// Records a use of `key` (for the policy) and pins it; returns whether it was an unused
+    /// prefetch.
+    pub fn pin(&mut self, key: ExpertKey) -> bool {
+        let entry = self.entries.get_mut(&key).expect("pin of an absent entry");
+        entry.pins += 1;
+        let was_prefetch = std::mem::take(&mut entry.prefetched_unused);
+        self.policy.accessed(key);
+        was_prefetch
+    }
+
+    pub fn unpin(&mut self, key: ExpertKey) {
+        let entry = self
+            .entries
+            .get_mut(&key)
+            .expect("unpin of an absent entry");
+        assert!(entry.pins > 0, "unpin of an unpinned entry {key:?}");
+        entry.pins -= 1;
+    }
+
+    /// Reserves `bytes` for a new entry `key` (loading, not ready), evicting unpinned ready
+    /// entries as the policy ranks them. A prefetch may not evict another unused prefetch.
+    /// Returns the evicted entries (key, was an unused prefetch).
+    pub fn reserve(
+        &mut self,
+        key: ExpertKey,
+        bytes: u64,
+        prefetch: bool,
+    ) -> Result<Vec<(ExpertKey, bool)>, NoRoom> {
+        assert!(
+            !self.entries.contains_key(&key),
+            "reserve of a present entry {key:?}"
+        );
+        let evictable_bytes: u64 = self
+            .entries
+            .values()
+            .filter(|e| Self::evictable(e, prefetch))
+            .map(|e| e.bytes)
+            .sum();
+        if self.used - evictable_bytes + bytes > self.budget {
+            return Err(NoRoom::Full {
+                needed: bytes,
+                budget: self.budget,
+                pinned_or_loading: self.used - evictable_bytes,
+            });
+        }
+        let evicted = self.evict_until(self.budget - bytes, prefetch);
+        self.entries.insert(
+            key,
+            EntryMeta {
+                bytes,
+                pins: 0,
+                ready: false,
+                prefetched_unused: prefetch,
+            },
+        );
+        self.used += bytes;
+        self.policy.inserted(key);
+        Ok(evicted)
+    }
+
+    /// Marks a loaded entry ready: from now on it may be evicted when unpinned.
+    pub fn mark_ready(&mut self, key: ExpertKey) {
+        if let Some(entry) = self.entries.get_mut(&key) {
+            entry.ready = true;
+        }
+    }
+
+    /// Removes `key` (a failed read, or an eviction decided outside).
+    pub fn remove(&mut self, key: ExpertKey) -> Option<EntryMeta> {
+        let entry = self.entries.remove(&key)?;
+        self.used -= entry.bytes;
+        self.policy.removed(key);
+        Some(entry)
+    }
+
+    /// Changes the budget, evicting unpinned ready entries until what is held fits if it can.
+    /// Returns the evicted entries (key, was an unused prefetch).
+    pub fn set_budget(&mut self, budget: u64) -> Vec<(ExpertKey, bool)> {
+        self.budget = budget;
+        self.evict_until(budget, false)
+    }
+
+    fn evictable(entry: &EntryMeta, for_prefetch: bool) -> bool {
+        entry.ready && entry.pins == 0 && !(for_prefetch && entry.prefetched_unused)
+    }
+
+    /// Evicts until at most `target` bytes are used or nothing more can go.
+    fn evict_until(&mut self, target: u64, for_prefetch: bool) -> Vec<(ExpertKey, bool)> {
+        let mut evicted = Vec::new();
+        while self.used > target {
+            let entries = &self.entries;
+            let victim = self.policy.victim(&|k| {
+                entries
+                    .get(&k)
+                    .is_some_and(|e| Self::evictable(e, for_prefetch))
+            });
+            let Some(key) = victim else { break };
+            let entry = self.remove(key).expect("victim is present");
+            evicted.push((key, entry.prefetched_unused));
+        }
+        evicted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(budget: u64, policy: PolicyKind) -> BudgetCache {
+        BudgetCache::new(budget, policy)
+    }
+
+    fn load(c: &mut BudgetCache, key: ExpertKey) -> Vec<ExpertKey> {
+        let evicted = c.reserve(key, 10, false).unwrap();
+        c.mark_ready(key);
+        evicted.into_iter().map(|(k, _)| k).collect()
+    }
+
+    #[test]
+    fn lru_evicts_the_least_recently_used_unpinned_entry() {
+        let mut c = cache(30, PolicyKind::Lru);
+        for e in 0..3 {
+            load(&mut c, (0, e));
+        }
+        c.pin((0, 0));
+        c.unpin((0, 0)); // (0,0) is now the most recent
+        assert_eq!(load(&mut c, (0, 3)), vec![(0, 1)]);
+        c.pin((0, 2)); // pinned: cannot go
+        assert_eq!(load(&mut c, (0, 4)), vec![(0, 0)]);
+        assert!(c.used() <= c.budget());
+    }
+
+    #[test]
+    fn lfuda_keeps_frequent_entries_and_ages() {
+        let mut c = cache(20, PolicyKind::Lfuda);
+        load(&mut c, (0, 0));
+        load(&mut c, (0, 1));
+        for _ in 0..3 {
+            c.pin((0, 0));
+            c.unpin((0, 0));
+        }
+        assert_eq!(load(&mut c, (0, 2)), vec![(0, 1)]);
+        // (0,2) entered at age 1 (the victim's priority) + 1 hit; (0,0) has 4 hits: (0,2) goes.
+        assert_eq!(load(&mut c, (0, 3)), vec![(0, 2)]);
+    }
+
+    #[test]
+    fn nothing_evictable_means_no_room() {
+        let mut c = cache(20, PolicyKind::Lru);
+        load(&mut c, (0, 0));
+        c.pin((0, 0));
+        c.reserve((0, 1), 10, false).unwrap(); // loading entries are not evictable
+        assert!(matches!(
+            c.reserve((0, 2), 10, false),
+            Err(NoRoom::Full { .. })
+        ));
+        assert_eq!(c.used(), 20);
+    }
+
+    #[test]
+    fn prefetch_never_evicts_an_unused_prefetch() {
+        let mut c = cache(20, PolicyKind::Lru);
+        c.reserve((1, 0), 10, true).unwrap();
+        c.mark_ready((1, 0));
+        load(&mut c, (0, 0));
+        // Room only by evicting: the demand entry can go, the unused prefetch cannot.
+        assert_eq!(c.reserve((1, 1), 10, true).unwrap(), vec![((0, 0), false)]);
+        c.mark_ready((1, 1));
+        assert!(c.reserve((1, 2), 10, true).is_err());
+        // A demand read may evict it, and reports it as a wasted prefetch.
+        assert_eq!(c.reserve((0, 5), 10, false).unwrap(), vec![((1, 0), true)]);
+    }
+
+    #[test]
+    fn shrinking_evicts_only_what_can_go() {
+        let mut c = cache(40, PolicyKind::Lru);
+        for e in 0..4 {
+            load(&mut c, (0, e));
+        }
+        c.pin((0, 3));
+        assert_eq!(c.set_budget(10).len(), 3);
+        assert_eq!(c.used(), 10);
+        c.unpin((0, 3));
+        assert_eq!(c.set_budget(0), vec![((0, 3), false)]);
+    }
+}

@@ -1,0 +1,176 @@
+//! Reading expert bytes: large explicit reads (`pread`), bypassing the page cache where the
+//! platform allows so that the store's working set is the only copy in memory.
+//!
+//! Platform code stays here and small: Linux uses O_DIRECT with aligned buffers (falling back to a
+//! buffered read followed by `posix_fadvise(DONTNEED)` where O_DIRECT is refused, as on tmpfs);
+//! macOS uses `F_NOCACHE`.
+
+use std::fs::File;
+use std::path::Path;
+
+/// Alignment O_DIRECT needs for buffer address, offset and length.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A heap buffer aligned to [`DIRECT_ALIGN`].
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer is uniquely owned plain memory.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    pub fn zeroed(len: usize) -> Self {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size (at least one alignment unit).
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Self { ptr, len }
+    }
+
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1).next_multiple_of(DIRECT_ALIGN), DIRECT_ALIGN)
+            .expect("valid buffer layout")
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len initialised (zeroed) bytes for the buffer's life.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this same layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+/// Reads `len` bytes at `offset` of `path` into an aligned buffer with one explicit read.
+/// `offset` and `len` must be multiples of [`DIRECT_ALIGN`] when `bypass_cache` is set.
+pub fn read_aligned(
+    path: &Path,
+    offset: u64,
+    len: usize,
+    bypass_cache: bool,
+) -> std::io::Result<AlignedBuf> {
+    let mut buf = AlignedBuf::zeroed(len);
+    let (file, direct) = platform::open(path, bypass_cache)?;
+    read_exact_at(&file, &mut buf, offset)?;
+    if bypass_cache && !direct {
+        platform::drop_cached(&file, offset, len as u64);
+    }
+    Ok(buf)
+}
+
+/// Reads `len` bytes at `offset` (no alignment needed) and drops them from the page cache after.
+pub fn read_at(
+    file: &File,
+    offset: u64,
+    len: usize,
+    bypass_cache: bool,
+) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    read_exact_at(file, &mut buf, offset)?;
+    if bypass_cache {
+        platform::drop_cached(file, offset, len as u64);
+    }
+    Ok(buf)
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, offset)
+}
+
+#[cfg(target_os = "linux")]
+mod platform {
+    use std::fs::{File, OpenOptions};
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::path::Path;
+
+    use nix::fcntl::{OFlag, PosixFadviseAdvice, posix_fadvise};
+
+    /// Opens for reading, with O_DIRECT when asked and supported; says whether it is direct.
+    pub fn open(path: &Path, bypass_cache: bool) -> std::io::Result<(File, bool)> {
+        if bypass_cache {
+            match OpenOptions::new()
+                .read(true)
+                .custom_flags(OFlag::O_DIRECT.bits())
+                .open(path)
+            {
+                Ok(file) => return Ok((file, true)),
+                // EINVAL: the filesystem refuses O_DIRECT (tmpfs); read buffered and advise.
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((File::open(path)?, false))
+    }
+
+    /// Asks the kernel to drop a range from the page cache; advice only, so failure is ignored.
+    pub fn drop_cached(file: &File, offset: u64, len: u64) {
+        let _ = posix_fadvise(
+            file,
+            offset as i64,
+            len as i64,
+            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+#[cfg(target_os = "macos")]
+mod platform {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+    use std::path::Path;
+
+    /// Opens for reading; F_NOCACHE keeps the read out of the unified buffer cache.
+    pub fn open(path: &Path, bypass_cache: bool) -> std::io::Result<(File, bool)> {
+        let file = File::open(path)?;
+        if bypass_cache {
+            // SAFETY: fcntl on a descriptor we own, with an integer argument.
+            unsafe { nix::libc::fcntl(file.as_raw_fd(), nix::libc::F_NOCACHE, 1) };
+        }
+        Ok((file, bypass_cache))
+    }
+
+    pub fn drop_cached(file: &File, _offset: u64, _len: u64) {
+        // SAFETY: as above.
+        unsafe { nix::libc::fcntl(file.as_raw_fd(), nix::libc::F_NOCACHE, 1) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_reads_return_the_file_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..3 * DIRECT_ALIGN).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        for bypass in [false, true] {
+            let buf = read_aligned(&path, DIRECT_ALIGN as u64, 2 * DIRECT_ALIGN, bypass).unwrap();
+            assert_eq!(&buf[..], &data[DIRECT_ALIGN..]);
+            assert_eq!(buf.as_ptr() as usize % DIRECT_ALIGN, 0);
+        }
+        assert!(
+            read_aligned(&path, 0, 4 * DIRECT_ALIGN, false).is_err(),
+            "short file must fail"
+        );
+    }
+}

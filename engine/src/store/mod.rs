@@ -1,0 +1,443 @@
+//! The expert store: routed experts on demand under a byte budget.
+//!
+//! The engine thread calls [`ExpertStore::acquire`] (through [`ExpertProvider`]) for the experts a
+//! layer routed to; hits return at once, misses are read by a pool of I/O threads, and every
+//! returned [`ExpertHandle`] pins its expert until dropped. [`ExpertStore::prefetch`] queues
+//! low-priority reads that never evict a pinned expert or another unused prefetch.
+//!
+//! Locking: one mutex guards the bookkeeping; it is never held across a read. Each read has a
+//! [`LoadSlot`] that every acquirer of that expert waits on, so concurrent requests share one read.
+
+pub mod budget;
+pub mod fetch;
+pub mod source;
+pub mod stats;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub use budget::{BudgetCache, ExpertKey, NoRoom, PolicyKind};
+pub use source::{ExpertSource, HfSource, LayoutSource};
+pub use stats::StoreStats;
+
+use crate::error::{Error, Result};
+use crate::model::layers::GluMlp;
+use crate::model::{ExpertHandle, ExpertProvider};
+
+/// How the store behaves.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoreConfig {
+    /// Bytes the cached experts may hold (in memory, f32).
+    pub budget_bytes: u64,
+    /// Threads reading experts; several reads stay in flight.
+    pub io_threads: usize,
+    pub policy: PolicyKind,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            budget_bytes: 0,
+            io_threads: 4,
+            policy: PolicyKind::Lru,
+        }
+    }
+}
+
+/// One read in progress, waited on by every acquirer of its expert.
+struct LoadSlot {
+    /// Set by the I/O thread that performs the read, so a job queued twice (a prefetch promoted
+    /// to a demand read) is read once.
+    claimed: AtomicBool,
+    result: Mutex<Option<Result<Arc<GluMlp>, Arc<Error>>>>,
+    done: Condvar,
+}
+
+impl LoadSlot {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            claimed: AtomicBool::new(false),
+            result: Mutex::new(None),
+            done: Condvar::new(),
+        })
+    }
+
+    fn finish(&self, result: Result<Arc<GluMlp>, Arc<Error>>) {
+        *self.result.lock().unwrap() = Some(result);
+        self.done.notify_all();
+    }
+
+    fn wait(&self) -> Result<Arc<GluMlp>, Arc<Error>> {
+        let mut result = self.result.lock().unwrap();
+        loop {
+            if let Some(r) = result.as_ref() {
+                return r.clone();
+            }
+            result = self.done.wait(result).unwrap();
+        }
+    }
+}
+
+enum Slot {
+    Loading(Arc<LoadSlot>),
+    Ready(Arc<GluMlp>),
+}
+
+struct State {
+    cache: BudgetCache,
+    slots: HashMap<ExpertKey, Slot>,
+    demand: VecDeque<(ExpertKey, Arc<LoadSlot>)>,
+    prefetch: VecDeque<(ExpertKey, Arc<LoadSlot>)>,
+    telemetry: stats::Telemetry,
+    shutdown: bool,
+}
+
+impl State {
+    fn forget(&mut self, evicted: &[(ExpertKey, bool)]) {
+        for (key, _) in evicted {
+            self.slots.remove(key);
+        }
+        self.telemetry.record_evictions(evicted);
+    }
+}
+
+struct Shared {
+    source: Arc<dyn ExpertSource>,
+    expert_bytes: u64,
+    state: Mutex<State>,
+    /// Wakes I/O threads when reads are queued.
+    work: Condvar,
+    /// Wakes acquirers waiting for room when a read completes.
+    progress: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+}
+
+/// Keeps one expert pinned while alive.
+struct Pin {
+    shared: Arc<Shared>,
+    key: ExpertKey,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        if state.cache.get(self.key).is_some() {
+            state.cache.unpin(self.key);
+        }
+    }
+}
+
+/// The byte-budgeted working set of experts.
+pub struct ExpertStore {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl ExpertStore {
+    pub fn new(source: Arc<dyn ExpertSource>, config: &StoreConfig) -> Self {
+        let shared = Arc::new(Shared {
+            expert_bytes: source.expert_bytes(),
+            source,
+            state: Mutex::new(State {
+                cache: BudgetCache::new(config.budget_bytes, config.policy),
+                slots: HashMap::new(),
+                demand: VecDeque::new(),
+                prefetch: VecDeque::new(),
+                telemetry: Default::default(),
+                shutdown: false,
+            }),
+            work: Condvar::new(),
+            progress: Condvar::new(),
+        });
+        let workers = (0..config.io_threads.max(1))
+            .map(|i| {
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("odmoe-io-{i}"))
+                    .spawn(move || io_worker(&shared))
+                    .expect("spawn an I/O thread")
+            })
+            .collect();
+        Self { shared, workers }
+    }
+
+    /// Bytes one expert takes in the budget.
+    pub fn expert_bytes(&self) -> u64 {
+        self.shared.expert_bytes
+    }
+
+    /// Returns `ids` of `layer`, pinned, reading misses; waits until all are loaded.
+    pub fn acquire(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>> {
+        let mut pinned: Vec<(ExpertKey, Option<Arc<GluMlp>>, Option<Arc<LoadSlot>>)> = Vec::new();
+        let mut state = self.shared.lock();
+        let mut queued = false;
+        for &expert in ids {
+            let key = (layer, expert);
+            loop {
+                match state.slots.get(&key) {
+                    Some(Slot::Ready(weights)) => {
+                        let weights = weights.clone();
+                        state.telemetry.hits += 1;
+                        if state.cache.pin(key) {
+                            state.telemetry.prefetch_used += 1;
+                        }
+                        pinned.push((key, Some(weights), None));
+                    }
+                    Some(Slot::Loading(slot)) => {
+                        let slot = slot.clone();
+                        state.telemetry.hits += 1;
+                        if state.cache.pin(key) {
+                            state.telemetry.prefetch_used += 1;
+                        }
+                        if !slot.claimed.load(Ordering::Acquire) {
+                            // A queued prefetch is needed now: read it before other prefetches.
+                            state.demand.push_front((key, slot.clone()));
+                            queued = true;
+                        }
+                        pinned.push((key, None, Some(slot)));
+                    }
+                    None => match state.cache.reserve(key, self.shared.expert_bytes, false) {
+                        Ok(evicted) => {
+                            state.forget(&evicted);
+                            state.telemetry.misses += 1;
+                            state.cache.pin(key);
+                            let slot = LoadSlot::new();
+                            state.slots.insert(key, Slot::Loading(slot.clone()));
+                            state.demand.push_back((key, slot.clone()));
+                            queued = true;
+                            pinned.push((key, None, Some(slot)));
+                        }
+                        Err(NoRoom::Full {
+                            needed,
+                            budget,
+                            pinned_or_loading,
+                        }) => {
+                            let unpinned_loads = state.slots.iter().any(|(k, s)| {
+                                matches!(s, Slot::Loading(_))
+                                    && state.cache.get(*k).is_some_and(|e| e.pins == 0)
+                            });
+                            if unpinned_loads {
+                                // Prefetches in flight hold the room; once read they can be evicted.
+                                if queued {
+                                    self.shared.work.notify_all();
+                                    queued = false;
+                                }
+                                state = self.shared.progress.wait(state).unwrap();
+                                continue;
+                            }
+                            for (key, _, _) in &pinned {
+                                state.cache.unpin(*key);
+                            }
+                            return Err(Error::Budget(format!(
+                                "no room for expert {expert} of layer {layer}: it needs {needed} bytes, \
+                                 the budget is {budget} and {pinned_or_loading} are pinned or loading; \
+                                 raise the expert budget to at least one layer's experts"
+                            )));
+                        }
+                    },
+                }
+                break;
+            }
+        }
+        if queued {
+            self.shared.work.notify_all();
+        }
+        drop(state);
+
+        let started = Instant::now();
+        let mut waited = false;
+        let mut failure = None;
+        let mut loaded = Vec::with_capacity(pinned.len());
+        for (key, ready, slot) in &pinned {
+            let weights = match (ready, slot) {
+                (Some(w), _) => Ok(w.clone()),
+                (None, Some(slot)) => {
+                    waited = true;
+                    slot.wait()
+                }
+                (None, None) => unreachable!("every pinned expert is ready or loading"),
+            };
+            match weights {
+                Ok(w) => loaded.push((*key, w)),
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        let mut state = self.shared.lock();
+        if waited {
+            state.telemetry.stall += started.elapsed();
+        }
+        if let Some(error) = failure {
+            // Failed reads left the cache with their pins; unpin the experts that did load.
+            for (key, _) in &loaded {
+                state.cache.unpin(*key);
+            }
+            return Err(Error::Shared(error));
+        }
+        drop(state);
+        Ok(loaded
+            .into_iter()
+            .map(|(key, weights)| {
+                let pin = Pin {
+                    shared: self.shared.clone(),
+                    key,
+                };
+                ExpertHandle::pinned(weights, Box::new(pin))
+            })
+            .collect())
+    }
+
+    /// Queues low-priority reads of `ids` of `layer`. A prefetch that would have to evict a pinned
+    /// expert or an unused prefetch is dropped (and counted) instead.
+    pub fn prefetch(&self, layer: usize, ids: &[usize]) {
+        let mut state = self.shared.lock();
+        let mut queued = false;
+        for &expert in ids {
+            let key = (layer, expert);
+            if state.slots.contains_key(&key) {
+                continue;
+            }
+            match state.cache.reserve(key, self.shared.expert_bytes, true) {
+                Ok(evicted) => {
+                    state.forget(&evicted);
+                    state.telemetry.prefetch_issued += 1;
+                    let slot = LoadSlot::new();
+                    state.slots.insert(key, Slot::Loading(slot.clone()));
+                    state.prefetch.push_back((key, slot));
+                    queued = true;
+                }
+                Err(_) => state.telemetry.prefetch_dropped += 1,
+            }
+        }
+        if queued {
+            self.shared.work.notify_all();
+        }
+    }
+
+    /// Changes the budget; unpinned experts are evicted at once until the rest fits.
+    pub fn set_budget(&self, bytes: u64) {
+        let mut state = self.shared.lock();
+        let evicted = state.cache.set_budget(bytes);
+        state.forget(&evicted);
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let state = self.shared.lock();
+        state
+            .telemetry
+            .snapshot(state.cache.used(), state.cache.budget(), state.cache.len())
+    }
+
+    /// Waits until no read is queued or running (for tests and benchmarks).
+    pub fn wait_idle(&self) {
+        let mut state = self.shared.lock();
+        while state.slots.values().any(|s| matches!(s, Slot::Loading(_))) {
+            state = self
+                .shared
+                .progress
+                .wait_timeout(state, Duration::from_millis(50))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Checks the budget invariant (bytes held never exceed the budget); for tests.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let state = self.shared.lock();
+        let (used, budget) = (state.cache.used(), state.cache.budget());
+        if used > budget {
+            return Err(format!("{used} bytes held over a budget of {budget}"));
+        }
+        if state.slots.len() != state.cache.len() {
+            return Err(format!(
+                "{} slots for {} cache entries",
+                state.slots.len(),
+                state.cache.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ExpertProvider for ExpertStore {
+    fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>> {
+        self.acquire(layer, ids)
+    }
+
+    fn max_batch(&self) -> usize {
+        let state = self.shared.lock();
+        ((state.cache.budget() / self.shared.expert_bytes.max(1)) as usize).max(1)
+    }
+}
+
+impl Drop for ExpertStore {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.work.notify_all();
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// An I/O thread: takes demand reads before prefetches, reads without the lock, publishes.
+fn io_worker(shared: &Shared) {
+    loop {
+        let (key, slot) = {
+            let mut state = shared.lock();
+            loop {
+                if state.shutdown {
+                    return;
+                }
+                let job = state
+                    .demand
+                    .pop_front()
+                    .or_else(|| state.prefetch.pop_front());
+                match job {
+                    Some((key, slot)) if !slot.claimed.swap(true, Ordering::AcqRel) => {
+                        break (key, slot);
+                    }
+                    Some(_) => continue, // already read through its other queue entry
+                    None => state = shared.work.wait(state).unwrap(),
+                }
+            }
+        };
+        let started = Instant::now();
+        let result = shared.source.read(key.0, key.1);
+        let latency = started.elapsed();
+        let mut state = shared.lock();
+        let current =
+            matches!(state.slots.get(&key), Some(Slot::Loading(s)) if Arc::ptr_eq(s, &slot));
+        let outcome = match result {
+            Ok((weights, bytes)) => {
+                state.telemetry.record_read(bytes, latency);
+                let weights = Arc::new(weights);
+                if current {
+                    state.slots.insert(key, Slot::Ready(weights.clone()));
+                    state.cache.mark_ready(key);
+                }
+                Ok(weights)
+            }
+            Err(error) => {
+                state.telemetry.read_errors += 1;
+                if current {
+                    state.slots.remove(&key);
+                    state.cache.remove(key);
+                }
+                Err(Arc::new(error))
+            }
+        };
+        drop(state);
+        slot.finish(outcome);
+        shared.progress.notify_all();
+    }
+}

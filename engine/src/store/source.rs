@@ -1,0 +1,240 @@
+//! Cold-tier readers: where experts come from when they are not in the working set.
+//!
+//! - [`LayoutSource`]: the odmoe layout, one aligned read of one file per expert.
+//! - [`HfSource`]: a Hugging Face safetensors checkpoint read in place, by offsets from its headers.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use candle_nn::Linear;
+use safetensors::tensor::Dtype;
+use sha2::{Digest, Sha256};
+
+use super::fetch;
+use crate::error::{Error, Result};
+use crate::format::layout::{ExpertLayout, Manifest, expert_path};
+use crate::format::safetensors::{HfWeights, TensorLocation, f32_tensor};
+use crate::model::layers::GluMlp;
+use crate::model::{ModelConfig, expert_tensor_names};
+
+/// Reads experts from cold storage.
+pub trait ExpertSource: Send + Sync {
+    /// Reads one expert: its weights in f32, and how many bytes were read from storage.
+    fn read(&self, layer: usize, expert: usize) -> Result<(GluMlp, u64)>;
+    /// Bytes one expert holds in memory once read (the unit of the budget).
+    fn expert_bytes(&self) -> u64;
+}
+
+/// Bytes of one expert in memory: three f32 matrices.
+fn f32_expert_bytes(config: &ModelConfig) -> u64 {
+    3 * (config.hidden_size * config.expert_intermediate_size * 4) as u64
+}
+
+fn parse_dtype(name: &str) -> Option<Dtype> {
+    match name {
+        "F32" => Some(Dtype::F32),
+        "F16" => Some(Dtype::F16),
+        "BF16" => Some(Dtype::BF16),
+        _ => None,
+    }
+}
+
+/// Experts of an odmoe layout: `experts/layer_LL_expert_EEE.safetensors`.
+pub struct LayoutSource {
+    dir: PathBuf,
+    layout: ExpertLayout,
+    dtype: Dtype,
+    /// sha256 of each expert file by relative path, when reads are verified.
+    checksums: Option<HashMap<String, String>>,
+    bypass_cache: bool,
+    expert_bytes: u64,
+    device: Device,
+}
+
+impl LayoutSource {
+    pub fn new(
+        dir: &Path,
+        manifest: &Manifest,
+        verify: bool,
+        bypass_cache: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let layout = manifest.expert.clone();
+        let dtype = parse_dtype(&layout.dtype).ok_or_else(|| {
+            Error::config(
+                dir.join("manifest.json"),
+                format!("unsupported expert dtype {:?}", layout.dtype),
+            )
+        })?;
+        let checksums = verify.then(|| {
+            manifest
+                .files
+                .iter()
+                .filter(|(path, _)| path.starts_with("experts/"))
+                .map(|(path, entry)| (path.clone(), entry.sha256.clone()))
+                .collect()
+        });
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            layout,
+            dtype,
+            checksums,
+            bypass_cache,
+            expert_bytes: f32_expert_bytes(&manifest.architecture),
+            device: device.clone(),
+        })
+    }
+}
+
+impl ExpertSource for LayoutSource {
+    fn read(&self, layer: usize, expert: usize) -> Result<(GluMlp, u64)> {
+        let relative = expert_path(layer, expert);
+        let path = self.dir.join(&relative);
+        let fail = |message: String| Error::Expert {
+            layer,
+            expert,
+            path: path.clone(),
+            message,
+        };
+        let len = std::fs::metadata(&path)
+            .map_err(|e| fail(e.to_string()))?
+            .len();
+        if len != self.layout.file_bytes {
+            return Err(fail(format!(
+                "file is {len} bytes, expected {} (truncated or not from this conversion)",
+                self.layout.file_bytes
+            )));
+        }
+        // One read of the whole file: the header is a few KiB and lets the checksum cover it all.
+        let buf = fetch::read_aligned(&path, 0, len as usize, self.bypass_cache)
+            .map_err(|e| fail(e.to_string()))?;
+        if let Some(sums) = &self.checksums {
+            let actual = format!("{:x}", Sha256::digest(&buf[..]));
+            match sums.get(&relative) {
+                Some(expected) if *expected == actual => {}
+                Some(expected) => {
+                    return Err(fail(format!(
+                        "sha256 mismatch: file has {actual}, manifest says {expected}"
+                    )));
+                }
+                None => return Err(fail("file is not listed in the manifest".into())),
+            }
+        }
+        let [gate, up, down] = self.layout.tensors.each_ref().map(|t| {
+            let start = (self.layout.data_offset + t.offset) as usize;
+            let bytes = &buf[start..start + t.bytes as usize];
+            f32_tensor(bytes, self.dtype, &t.shape, &self.device)
+                .map(|w| Linear::new(w, None))
+                .map_err(|m| fail(format!("tensor {}: {m}", t.name)))
+        });
+        Ok((
+            GluMlp {
+                gate: gate?,
+                up: up?,
+                down: down?,
+            },
+            len,
+        ))
+    }
+
+    fn expert_bytes(&self) -> u64 {
+        self.expert_bytes
+    }
+}
+
+/// Experts read in place from a Hugging Face checkpoint's safetensors files.
+pub struct HfSource {
+    /// `locations[layer][expert]`: gate, up, down.
+    locations: Vec<Vec<[TensorLocation; 3]>>,
+    files: HashMap<PathBuf, File>,
+    bypass_cache: bool,
+    expert_bytes: u64,
+    device: Device,
+}
+
+impl HfSource {
+    pub fn new(
+        config: &ModelConfig,
+        weights: &HfWeights,
+        bypass_cache: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let (h, i) = (config.hidden_size, config.expert_intermediate_size);
+        let shapes = [[i, h], [i, h], [h, i]];
+        let mut files = HashMap::new();
+        let mut locations = Vec::with_capacity(config.num_layers);
+        for layer in 0..config.num_layers {
+            let mut experts = Vec::with_capacity(config.num_experts);
+            for expert in 0..config.num_experts {
+                let names = expert_tensor_names(config, layer, expert);
+                let mut located = Vec::with_capacity(3);
+                for (name, shape) in names.iter().zip(shapes) {
+                    let name = format!("{name}.weight");
+                    let location = weights.location(&name)?;
+                    if location.shape != shape {
+                        return Err(Error::TensorShape {
+                            name,
+                            path: location.path,
+                            actual: location.shape,
+                            expected: shape.to_vec(),
+                        });
+                    }
+                    if !files.contains_key(&location.path) {
+                        let file =
+                            File::open(&location.path).map_err(|e| Error::io(&location.path, e))?;
+                        files.insert(location.path.clone(), file);
+                    }
+                    located.push(location);
+                }
+                experts.push(located.try_into().expect("three tensors"));
+            }
+            locations.push(experts);
+        }
+        Ok(Self {
+            locations,
+            files,
+            bypass_cache,
+            expert_bytes: f32_expert_bytes(config),
+            device: device.clone(),
+        })
+    }
+}
+
+impl ExpertSource for HfSource {
+    fn read(&self, layer: usize, expert: usize) -> Result<(GluMlp, u64)> {
+        let located = self
+            .locations
+            .get(layer)
+            .and_then(|l| l.get(expert))
+            .ok_or_else(|| Error::InvalidRequest(format!("no expert {expert} in layer {layer}")))?;
+        let mut total = 0;
+        let mut read_one = |t: &TensorLocation| -> Result<Linear> {
+            let fail = |message: String| Error::Expert {
+                layer,
+                expert,
+                path: t.path.clone(),
+                message,
+            };
+            let bytes = fetch::read_at(
+                &self.files[&t.path],
+                t.offset,
+                t.bytes as usize,
+                self.bypass_cache,
+            )
+            .map_err(|e| fail(e.to_string()))?;
+            total += t.bytes;
+            let w = f32_tensor(&bytes, t.dtype, &t.shape, &self.device).map_err(fail)?;
+            Ok(Linear::new(w, None))
+        };
+        let gate = read_one(&located[0])?;
+        let up = read_one(&located[1])?;
+        let down = read_one(&located[2])?;
+        Ok((GluMlp { gate, up, down }, total))
+    }
+
+    fn expert_bytes(&self) -> u64 {
+        self.expert_bytes
+    }
+}

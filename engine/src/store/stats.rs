@@ -1,0 +1,129 @@
+//! Store telemetry: counters kept under the store's lock, and a snapshot type for `stats`.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How many recent read latencies the percentiles are computed over.
+const LATENCY_WINDOW: usize = 4096;
+
+/// A point-in-time view of the store, as `stats` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoreStats {
+    /// Experts found ready or already loading when acquired.
+    pub hits: u64,
+    /// Experts that had to be read when acquired.
+    pub misses: u64,
+    pub prefetch_issued: u64,
+    /// Prefetched experts acquired before being evicted.
+    pub prefetch_used: u64,
+    /// Prefetched experts evicted before any use.
+    pub prefetch_wasted: u64,
+    /// Prefetches not issued because the budget was full of more valuable entries.
+    pub prefetch_dropped: u64,
+    pub evictions: u64,
+    pub reads: u64,
+    pub read_errors: u64,
+    pub bytes_read: u64,
+    pub read_latency_p50_us: u64,
+    pub read_latency_p90_us: u64,
+    pub read_latency_p99_us: u64,
+    /// Total time acquires waited for reads.
+    pub stall_us: u64,
+    pub resident_bytes: u64,
+    pub budget_bytes: u64,
+    pub resident_experts: usize,
+}
+
+/// The counters behind [`StoreStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Telemetry {
+    pub hits: u64,
+    pub misses: u64,
+    pub prefetch_issued: u64,
+    pub prefetch_used: u64,
+    pub prefetch_wasted: u64,
+    pub prefetch_dropped: u64,
+    pub evictions: u64,
+    pub reads: u64,
+    pub read_errors: u64,
+    pub bytes_read: u64,
+    pub stall: Duration,
+    latencies_us: VecDeque<u64>,
+}
+
+impl Telemetry {
+    pub fn record_read(&mut self, bytes: u64, latency: Duration) {
+        self.reads += 1;
+        self.bytes_read += bytes;
+        if self.latencies_us.len() == LATENCY_WINDOW {
+            self.latencies_us.pop_front();
+        }
+        self.latencies_us.push_back(latency.as_micros() as u64);
+    }
+
+    pub fn record_evictions(&mut self, evicted: &[((usize, usize), bool)]) {
+        self.evictions += evicted.len() as u64;
+        self.prefetch_wasted += evicted.iter().filter(|(_, unused)| *unused).count() as u64;
+    }
+
+    pub fn snapshot(
+        &self,
+        resident_bytes: u64,
+        budget_bytes: u64,
+        resident_experts: usize,
+    ) -> StoreStats {
+        let mut sorted: Vec<u64> = self.latencies_us.iter().copied().collect();
+        sorted.sort_unstable();
+        let percentile = |p: f64| -> u64 {
+            if sorted.is_empty() {
+                return 0;
+            }
+            let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+            sorted[rank.clamp(1, sorted.len()) - 1]
+        };
+        StoreStats {
+            hits: self.hits,
+            misses: self.misses,
+            prefetch_issued: self.prefetch_issued,
+            prefetch_used: self.prefetch_used,
+            prefetch_wasted: self.prefetch_wasted,
+            prefetch_dropped: self.prefetch_dropped,
+            evictions: self.evictions,
+            reads: self.reads,
+            read_errors: self.read_errors,
+            bytes_read: self.bytes_read,
+            read_latency_p50_us: percentile(50.0),
+            read_latency_p90_us: percentile(90.0),
+            read_latency_p99_us: percentile(99.0),
+            stall_us: self.stall.as_micros() as u64,
+            resident_bytes,
+            budget_bytes,
+            resident_experts,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let mut t = Telemetry::default();
+        for us in 1..=100 {
+            t.record_read(10, Duration::from_micros(us));
+        }
+        let s = t.snapshot(0, 0, 0);
+        assert_eq!(
+            (
+                s.read_latency_p50_us,
+                s.read_latency_p90_us,
+                s.read_latency_p99_us
+            ),
+            (50, 90, 99)
+        );
+        assert_eq!((s.reads, s.bytes_read), (100, 1000));
+    }
+}
