@@ -146,3 +146,70 @@ fn bad_input_fails_cleanly() {
     assert!(!bad_tokens.status.success());
     assert!(String::from_utf8_lossy(&bad_tokens.stderr).contains("\"x\""));
 }
+
+#[test]
+fn on_demand_run_and_logits_equal_resident() {
+    let dir = fixture("qwen3_moe");
+    let model = dir.to_str().unwrap();
+    let tokens = joined(&id_list(&golden("qwen3_moe")["input_ids"]));
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let args = [
+            &[
+                "run",
+                "--model",
+                model,
+                "--tokens",
+                &tokens,
+                "--max-tokens",
+                "16",
+                "--greedy",
+                "--ignore-eos",
+                "--json",
+            ][..],
+            extra,
+        ]
+        .concat();
+        serde_json::from_str(&odmoe_ok(&args)).unwrap()
+    };
+    let resident = run(&["--resident"]);
+    let on_demand = run(&["--expert-budget", "15%"]);
+    assert_eq!(resident["tokens"], on_demand["tokens"]);
+    assert!(on_demand["store"]["misses"].as_u64().unwrap() > 0);
+    assert!(resident["store"].is_null());
+
+    let out = tempfile::tempdir().unwrap();
+    let write = |name: &str, extra: &[&str]| {
+        let path = out.path().join(name);
+        let args = [
+            &[
+                "logits",
+                "--model",
+                model,
+                "--tokens",
+                &tokens,
+                "--out",
+                path.to_str().unwrap(),
+            ][..],
+            extra,
+        ]
+        .concat();
+        odmoe_ok(&args);
+        std::fs::read(path).unwrap()
+    };
+    assert_eq!(
+        write("resident.safetensors", &[]),
+        write("on_demand.safetensors", &["--expert-budget", "25%"])
+    );
+
+    let too_small = odmoe(&[
+        "run",
+        "--model",
+        model,
+        "--tokens",
+        "1,2",
+        "--expert-budget",
+        "1KB",
+    ]);
+    assert!(!too_small.status.success());
+    assert!(String::from_utf8_lossy(&too_small.stderr).contains("below the minimum"));
+}

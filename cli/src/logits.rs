@@ -7,13 +7,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use clap::Args;
-use odmoe_engine::model::{ForwardTrace, Logits, Model};
+use odmoe_engine::model::{ForwardTrace, Logits};
 
 #[derive(Args)]
 pub struct LogitsArgs {
-    /// Model directory (Hugging Face checkpoint).
-    #[arg(long, value_name = "DIR")]
-    model: PathBuf,
+    #[command(flatten)]
+    model: crate::model_args::ModelArgs,
     /// Token ids, comma separated.
     #[arg(long, value_name = "IDS", value_parser = crate::parse_token_list)]
     tokens: crate::TokenList,
@@ -27,9 +26,8 @@ pub struct LogitsArgs {
 }
 
 pub fn run(args: LogitsArgs) -> Result<()> {
-    let device = odmoe_engine::default_device()?;
-    let model = Model::load_resident(&args.model, &device)
-        .with_context(|| format!("loading model from {}", args.model.display()))?;
+    let loaded = args.model.load()?;
+    let model = &loaded.model;
     let mut cache = model.new_cache();
     let mut trace = ForwardTrace::default();
     let logits = model.forward(&args.tokens.0, &mut cache, Logits::All, Some(&mut trace))?;

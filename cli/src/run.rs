@@ -1,19 +1,16 @@
 //! `odmoe run`: load a model in this process and generate.
 
 use std::io::Write;
-use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use odmoe_engine::generate::{GenerateRequest, SamplingParams, Session};
-use odmoe_engine::model::Model;
 use odmoe_engine::tokenizer::{ChatMessage, Tokenizer};
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Model directory (Hugging Face checkpoint: config.json, *.safetensors, tokenizer.json).
-    #[arg(long, value_name = "DIR")]
-    model: PathBuf,
+    #[command(flatten)]
+    model: crate::model_args::ModelArgs,
     /// Prompt text.
     #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
     prompt: Option<String>,
@@ -63,12 +60,11 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    let device = odmoe_engine::default_device()?;
-    let model = Model::load_resident(&args.model, &device)
-        .with_context(|| format!("loading model from {}", args.model.display()))?;
-    let tokenizer_path = args.model.join("tokenizer.json");
+    let loaded = args.model.load()?;
+    let model = &loaded.model;
+    let tokenizer_path = args.model.model.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() {
-        Some(Tokenizer::from_dir(&args.model)?)
+        Some(Tokenizer::from_dir(&args.model.model)?)
     } else {
         None
     };
@@ -110,9 +106,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         stop_token_ids: Vec::new(),
         ignore_eos: args.ignore_eos,
     };
-    let mut session = Session::new(&model);
+    let mut session = Session::new(model);
     let mut stdout = std::io::stdout().lock();
-    let generation = session.generate(&model, tokenizer.as_ref(), &request, |delta| {
+    let generation = session.generate(model, tokenizer.as_ref(), &request, |delta| {
         if !args.json && !delta.text.is_empty() {
             // A closed stdout (e.g. piped into `head`) ends the generation.
             return write!(stdout, "{}", delta.text)
@@ -133,6 +129,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                 "cached_tokens": generation.cached_tokens,
             },
             "timings": generation.timings,
+            "store": loaded.store.as_ref().map(|s| s.stats()),
         });
         writeln!(stdout, "{out}")?;
     } else {
@@ -150,6 +147,17 @@ pub fn run(args: RunArgs) -> Result<()> {
             },
             generation.finish_reason,
         );
+        if let Some(store) = &loaded.store {
+            let s = store.stats();
+            eprintln!(
+                "experts: {} hits, {} misses, {} evictions, {} read, {} stalled",
+                s.hits,
+                s.misses,
+                s.evictions,
+                odmoe_engine::format::size::format_bytes(s.bytes_read),
+                format!("{:.1} ms", s.stall_us as f64 / 1e3),
+            );
+        }
     }
     Ok(())
 }

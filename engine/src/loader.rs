@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::layout::{MANIFEST, Manifest};
 use crate::format::safetensors::HfWeights;
 use crate::model::{ExpertProvider, Model, ModelConfig, ResidentExperts};
@@ -96,6 +96,15 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
             (Arc::new(ResidentExperts { layers }), None)
         }
         ExpertMode::OnDemand(store_config) => {
+            let minimum = config.num_experts_per_token as u64 * source.expert_bytes();
+            if store_config.budget_bytes < minimum {
+                return Err(Error::Budget(format!(
+                    "{} bytes is below the minimum of {minimum} (one layer's {} routed experts of {} bytes each)",
+                    store_config.budget_bytes,
+                    config.num_experts_per_token,
+                    source.expert_bytes()
+                )));
+            }
             let store = Arc::new(ExpertStore::new(source, store_config));
             (store.clone(), Some(store))
         }

@@ -1,0 +1,60 @@
+//! The flags that choose a model and where its experts live, shared by the offline commands.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use odmoe_engine::format::size::parse_budget;
+use odmoe_engine::loader::{self, ExpertMode, LoadOptions, LoadedModel};
+use odmoe_engine::store::{PolicyKind, StoreConfig};
+
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// Model: a Hugging Face checkpoint directory or an odmoe layout (MODEL.odmoe).
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    /// Read experts on demand under this budget: bytes (64MiB, 1.5GB) or a percentage of all
+    /// experts (25%). Without it (or with --resident) every expert is loaded up front.
+    #[arg(long, value_name = "SIZE|PCT", conflicts_with = "resident")]
+    pub expert_budget: Option<String>,
+    /// Load every expert up front (the default unless --expert-budget is given).
+    #[arg(long)]
+    pub resident: bool,
+    /// Threads reading experts (with --expert-budget).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub io_threads: usize,
+    /// Eviction policy (with --expert-budget).
+    #[arg(long, default_value = "lru", value_name = "lru|lfuda")]
+    pub policy: PolicyKind,
+    /// Check each expert file's sha256 against the manifest as it is read (odmoe layout).
+    #[arg(long)]
+    pub verify_checksums: bool,
+    /// Let expert reads go through the page cache (by default they bypass it, so the budget is
+    /// the only copy in memory).
+    #[arg(long)]
+    pub page_cache: bool,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<LoadedModel> {
+        let experts = match &self.expert_budget {
+            None => ExpertMode::Resident,
+            Some(text) => {
+                let (_, total) = loader::describe(&self.model)?;
+                ExpertMode::OnDemand(StoreConfig {
+                    budget_bytes: parse_budget(text, total)?,
+                    io_threads: self.io_threads,
+                    policy: self.policy,
+                })
+            }
+        };
+        let options = LoadOptions {
+            experts,
+            verify_checksums: self.verify_checksums,
+            bypass_page_cache: !self.page_cache,
+        };
+        let device = odmoe_engine::default_device()?;
+        loader::load(&self.model, &options, &device)
+            .with_context(|| format!("loading model from {}", self.model.display()))
+    }
+}
