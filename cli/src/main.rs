@@ -1,8 +1,11 @@
 //! `odmoe`: the command line. Offline developer tools run the engine directly (`run`, `logits`);
 //! commands that talk to a running `odmoed` come through the client library.
 
+mod convert;
+mod inspect;
 mod logits;
 mod run;
+mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +29,12 @@ enum Command {
     Run(run::RunArgs),
     /// Write the logits (and optionally hidden states) of every position to a safetensors file.
     Logits(logits::LogitsArgs),
+    /// Convert a Hugging Face checkpoint into the odmoe layout (resumes an interrupted run).
+    Convert(convert::ConvertArgs),
+    /// Re-hash every file of an odmoe layout against its manifest; fails on any mismatch.
+    Verify(verify::VerifyArgs),
+    /// Show a model's shape, expert sizes and the memory it needs with an expert budget.
+    Inspect(inspect::InspectArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,6 +42,9 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Logits(args) => logits::run(args),
+        Command::Convert(args) => convert::run(args),
+        Command::Verify(args) => verify::run(args),
+        Command::Inspect(args) => inspect::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -46,6 +46,16 @@ impl SafetensorsFile {
     }
 }
 
+/// A tensor's place in a file: absolute byte offset and length, dtype and shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorLocation {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub bytes: u64,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
 /// The weights of a Hugging Face checkpoint directory, looked up by tensor name.
 pub struct HfWeights {
     dir: PathBuf,
@@ -90,6 +100,59 @@ impl HfWeights {
         })
     }
 
+    /// Opens an explicit list of safetensors files (an odmoe layout's `base_model` files, for
+    /// instance); `label` names the set in errors. A tensor name found in two files is an error.
+    pub fn open_files(label: &str, paths: &[PathBuf], device: &Device) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let file = SafetensorsFile::open(path)?;
+            for name in file.tensors.keys() {
+                if let Some(&first) = index.get(name) {
+                    let first: &SafetensorsFile = &files[first];
+                    return Err(Error::Safetensors {
+                        path: path.clone(),
+                        message: format!("tensor {name:?} is also in {}", first.path.display()),
+                    });
+                }
+                index.insert(name.clone(), i);
+            }
+            files.push(file);
+        }
+        Ok(Self {
+            dir: PathBuf::from(label),
+            files,
+            index,
+            device: device.clone(),
+        })
+    }
+
+    /// The safetensors files this checkpoint was read from, in the order they were opened.
+    pub fn files(&self) -> Vec<&Path> {
+        self.files.iter().map(|f| f.path.as_path()).collect()
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// `name`'s stored dtype, shape and raw little-endian bytes, as they are in the file.
+    pub fn raw(&self, name: &str) -> Result<(Dtype, &[usize], &[u8])> {
+        let file = self.file_of(name)?;
+        let info = &file.tensors[name];
+        let (start, end) = info.data_offsets;
+        let bytes = &file.mmap[file.data_start + start..file.data_start + end];
+        Ok((info.dtype, &info.shape, bytes))
+    }
+
+    /// The file holding `name`.
+    pub fn path_of(&self, name: &str) -> Result<&Path> {
+        Ok(&self.file_of(name)?.path)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
@@ -106,23 +169,26 @@ impl HfWeights {
                 expected: shape.to_vec(),
             });
         }
-        let dtype = match info.dtype {
-            Dtype::F32 => DType::F32,
-            Dtype::F16 => DType::F16,
-            Dtype::BF16 => DType::BF16,
-            other => {
-                return Err(Error::Safetensors {
-                    path: file.path.clone(),
-                    message: format!(
-                        "tensor {name:?} has dtype {other:?}; supported: F32, F16, BF16"
-                    ),
-                });
-            }
-        };
         let (start, end) = info.data_offsets;
         let bytes = &file.mmap[file.data_start + start..file.data_start + end];
-        let tensor = Tensor::from_raw_buffer(bytes, dtype, shape, &self.device)?;
-        Ok(tensor.to_dtype(DType::F32)?)
+        f32_tensor(bytes, info.dtype, shape, &self.device).map_err(|message| Error::Safetensors {
+            path: file.path.clone(),
+            message: format!("tensor {name:?}: {message}"),
+        })
+    }
+
+    /// Where `name`'s bytes are, so that a reader can fetch them with its own I/O.
+    pub fn location(&self, name: &str) -> Result<TensorLocation> {
+        let file = self.file_of(name)?;
+        let info = &file.tensors[name];
+        let (start, end) = info.data_offsets;
+        Ok(TensorLocation {
+            path: file.path.clone(),
+            offset: (file.data_start + start) as u64,
+            bytes: (end - start) as u64,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+        })
     }
 
     fn file_of(&self, name: &str) -> Result<&SafetensorsFile> {
@@ -152,4 +218,22 @@ fn shard_paths(index_path: &Path) -> Result<Vec<PathBuf>> {
     names.sort();
     names.dedup();
     Ok(names.into_iter().map(|n| dir.join(n)).collect())
+}
+
+/// Converts stored bytes to an f32 tensor; bf16 and f16 widen exactly.
+pub fn f32_tensor(
+    bytes: &[u8],
+    dtype: Dtype,
+    shape: &[usize],
+    device: &Device,
+) -> std::result::Result<Tensor, String> {
+    let dtype = match dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        other => return Err(format!("dtype {other:?} is not supported (F32, F16, BF16)")),
+    };
+    Tensor::from_raw_buffer(bytes, dtype, shape, device)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .map_err(|e| e.to_string())
 }

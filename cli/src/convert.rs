@@ -1,0 +1,117 @@
+//! `odmoe convert`: a Hugging Face checkpoint to the odmoe layout, with a progress bar.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use odmoe_engine::format::convert::{ConvertEvent, convert};
+use odmoe_engine::format::size::format_bytes;
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Hugging Face checkpoint directory: config.json with model.safetensors, or shards listed
+    /// by model.safetensors.index.json.
+    #[arg(value_name = "SRC")]
+    src: PathBuf,
+    /// Output directory, by convention MODEL.odmoe. Re-running over an interrupted conversion of
+    /// the same checkpoint finishes it; over a complete one it changes nothing.
+    #[arg(value_name = "OUT")]
+    out: PathBuf,
+}
+
+/// Test hook, not a user option: sleep this many milliseconds at every progress step, so that
+/// end-to-end tests can interrupt the conversion of a tiny fixture part-way through.
+const THROTTLE_ENV: &str = "ODMOE_CONVERT_THROTTLE_MS";
+
+pub fn run(args: ConvertArgs) -> Result<()> {
+    let throttle = std::env::var(THROTTLE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    let bar = bytes_bar();
+    let started = Instant::now();
+    let (mut written, mut kept, mut tensors) = (0usize, 0usize, 0usize);
+    let manifest = convert(&args.src, &args.out, |p| {
+        if bar.length() != Some(p.bytes_total) {
+            bar.set_length(p.bytes_total);
+        }
+        bar.set_position(p.bytes_done);
+        bar.set_message(format!(
+            "{}/{} tensors, {}/{} files  {}",
+            p.tensors_done, p.tensors_total, p.files_done, p.files_total, p.file
+        ));
+        match p.event {
+            ConvertEvent::Written => written += 1,
+            ConvertEvent::Kept => kept += 1,
+            ConvertEvent::Tensor | ConvertEvent::Rehash => {}
+        }
+        tensors = p.tensors_done;
+        if let Some(pause) = throttle
+            && p.event != ConvertEvent::Rehash
+        {
+            std::thread::sleep(pause);
+        }
+    })
+    .with_context(|| {
+        format!(
+            "converting {} into {}",
+            args.src.display(),
+            args.out.display()
+        )
+    })?;
+    bar.finish_and_clear();
+
+    let config = &manifest.architecture;
+    let experts = config.num_layers * config.num_experts;
+    let expert_bytes = experts as u64 * manifest.expert.file_bytes;
+    let bytes: u64 = manifest.files.values().map(|f| f.bytes).sum();
+    println!(
+        "converted {} -> {} in {:.1} s",
+        args.src.display(),
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "  {}: {} layers x {} experts (top-{}), {} {} expert files of {}",
+        config.architecture.model_type(),
+        config.num_layers,
+        config.num_experts,
+        config.num_experts_per_token,
+        experts,
+        manifest.expert.dtype,
+        format_bytes(manifest.expert.file_bytes)
+    );
+    println!(
+        "  {} files and the manifest, {} tensors, {}: experts {}, the rest {}",
+        manifest.files.len(),
+        tensors,
+        format_bytes(bytes),
+        format_bytes(expert_bytes),
+        format_bytes(bytes.saturating_sub(expert_bytes))
+    );
+    if kept > 0 {
+        println!("  {written} files written, {kept} kept from an earlier run");
+    }
+    Ok(())
+}
+
+/// A progress bar over bytes on stderr, hidden when stderr is not a terminal.
+pub fn bytes_bar() -> ProgressBar {
+    use std::io::IsTerminal;
+    let target = if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(None, target);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed:>4} [{bar:30}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}) {wide_msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}

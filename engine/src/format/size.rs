@@ -1,0 +1,122 @@
+//! Byte sizes as people write them: the expert budget (`64MiB`, `1.5GB`, `25%`) and readable
+//! sizes for reports.
+
+use crate::error::{Error, Result};
+
+/// Parses an expert budget: a byte count with an optional unit, or a percentage of `total_bytes`
+/// (the in-memory size of all experts).
+///
+/// Units are case-insensitive: `B`; decimal `KB`, `MB`, `GB`, `TB` (powers of 1000); binary
+/// `KiB`, `MiB`, `GiB`, `TiB` and the bare `K`, `M`, `G`, `T` (powers of 1024). Fractions are
+/// allowed (`1.5GB`) and rounded down to whole bytes. The budget must be positive, and a
+/// percentage at most 100.
+pub fn parse_budget(text: &str, total_bytes: u64) -> Result<u64> {
+    let bad = |why: &str| Error::Budget(format!("{text:?}: {why}"));
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let unit = unit.trim();
+    if number.is_empty() || number.starts_with('.') || number.ends_with('.') {
+        return Err(bad(
+            "expected a size such as 512MiB, 1.5GB or 8G, or a percentage such as 25%",
+        ));
+    }
+    let value: f64 = number
+        .parse()
+        .map_err(|_| bad("the number is not a decimal number"))?;
+    let bytes = if unit == "%" {
+        if value > 100.0 {
+            return Err(bad("a percentage of the experts must be at most 100%"));
+        }
+        (total_bytes as f64 * value / 100.0).floor()
+    } else {
+        let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 1.0,
+            "kb" => 1e3,
+            "mb" => 1e6,
+            "gb" => 1e9,
+            "tb" => 1e12,
+            "k" | "kib" => 1024.0,
+            "m" | "mib" => 1024.0 * 1024.0,
+            "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+            "t" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+            _ => {
+                return Err(bad(
+                    "unknown unit (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, K, M, G, T or %)",
+                ));
+            }
+        };
+        (value * scale).floor()
+    };
+    if bytes >= u64::MAX as f64 {
+        return Err(bad("too large"));
+    }
+    if bytes < 1.0 {
+        return Err(bad("the budget must be larger than zero bytes"));
+    }
+    Ok(bytes as u64)
+}
+
+/// `bytes` in binary units with one decimal (`1.5 GiB`), or exact below 1 KiB (`512 B`).
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOTAL: u64 = 8 << 30;
+
+    #[test]
+    fn sizes_with_units() {
+        assert_eq!(parse_budget("64MiB", TOTAL).unwrap(), 64 << 20);
+        assert_eq!(parse_budget("64mib", TOTAL).unwrap(), 64 << 20);
+        assert_eq!(parse_budget("1.5GB", TOTAL).unwrap(), 1_500_000_000);
+        assert_eq!(parse_budget("8G", TOTAL).unwrap(), 8 << 30);
+        assert_eq!(parse_budget(" 512 KiB ", TOTAL).unwrap(), 512 << 10);
+        assert_eq!(parse_budget("4096", TOTAL).unwrap(), 4096);
+        assert_eq!(parse_budget("100B", TOTAL).unwrap(), 100);
+        assert_eq!(parse_budget("2kb", TOTAL).unwrap(), 2000);
+        assert_eq!(parse_budget("0.5K", TOTAL).unwrap(), 512);
+    }
+
+    #[test]
+    fn percentages_of_the_experts() {
+        assert_eq!(parse_budget("25%", TOTAL).unwrap(), 2 << 30);
+        assert_eq!(parse_budget("100%", TOTAL).unwrap(), TOTAL);
+        assert_eq!(parse_budget("12.5 %", 1000).unwrap(), 125);
+        assert_eq!(parse_budget("33%", 10).unwrap(), 3);
+    }
+
+    #[test]
+    fn nonsense_is_refused_and_named() {
+        for text in [
+            "", "abc", "64XB", "-5MiB", "1.2.3G", ".5G", "5.G", "0", "0%", "101%", "0.1%", "1e9",
+        ] {
+            let total = if text == "0.1%" { 100 } else { TOTAL };
+            let err = parse_budget(text, total).unwrap_err().to_string();
+            assert!(err.contains(&format!("{text:?}")), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn readable_sizes() {
+        assert_eq!(format_bytes(512), "512 B");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
+        assert_eq!(format_bytes(64 << 20), "64.0 MiB");
+        assert_eq!(format_bytes(3 << 40), "3.0 TiB");
+    }
+}
