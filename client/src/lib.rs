@@ -1,0 +1,401 @@
+//! A small client for `odmoed`, the odmoe daemon, over its Unix socket.
+//!
+//! It speaks the msgpack-RPC of [`odmoe_protocol`] and nothing else: no engine,
+//! no model code. [`Client`] is async (tokio); [`BlockingClient`] wraps it with
+//! its own single-threaded runtime for programs that are not async.
+//!
+//! ```no_run
+//! use odmoe_client::BlockingClient;
+//!
+//! let mut client = BlockingClient::connect_default()?;
+//! let hello = client.hello()?;
+//! println!("odmoed {} serving {:?}", hello.server_version, hello.model);
+//! # Ok::<(), odmoe_client::ClientError>(())
+//! ```
+//!
+//! Requests are answered in turn: [`Client::request`] sends one request, then
+//! reads until the response with the same msgid arrives, keeping any
+//! notifications that come first (such as streamed tokens) for
+//! [`Client::take_notifications`].
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use odmoe_config::{Config, ConfigError};
+use odmoe_protocol::{
+    DEFAULT_MAX_MESSAGE_BYTES, EncodeError, HelloParams, HelloResult, Message, MessageReader,
+    Method, Notification, ReadError, Request, RpcError, Value, write_message,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+/// What the client says it is in `hello`.
+const CLIENT_NAME: &str = concat!("odmoe-client ", env!("CARGO_PKG_VERSION"));
+
+/// Why a call to the daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing at the socket path.
+    #[error("is odmoed running? socket {} not found", path.display())]
+    NotRunning {
+        /// The socket path tried.
+        path: PathBuf,
+    },
+    /// A socket file exists but nobody listens on it.
+    #[error(
+        "is odmoed running? connection to {} refused (the socket may be left over from a daemon that exited)",
+        path.display()
+    )]
+    Refused {
+        /// The socket path tried.
+        path: PathBuf,
+    },
+    /// Connecting failed for another reason, e.g. permission denied.
+    #[error("cannot connect to odmoed at {}", path.display())]
+    Connect {
+        /// The socket path tried.
+        path: PathBuf,
+        /// What the system said.
+        source: io::Error,
+    },
+    /// The config that names the socket could not be read.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The blocking client could not start its runtime.
+    #[error("cannot start the client runtime")]
+    Runtime(#[source] io::Error),
+    /// Writing to or reading from the socket failed.
+    #[error("connection to odmoed failed")]
+    Io(#[from] io::Error),
+    /// The daemon closed the connection before answering.
+    #[error("odmoed closed the connection")]
+    Closed,
+    /// The daemon sent something that is not a valid message.
+    #[error("odmoed sent an unreadable message")]
+    Protocol(#[from] ReadError),
+    /// The params could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// The daemon answered with an error.
+    #[error("odmoed: {0}")]
+    Rpc(RpcError),
+    /// The result did not have the expected shape.
+    #[error("unexpected result from `{method}`")]
+    Decode {
+        /// The method called.
+        method: String,
+        /// What did not fit.
+        source: rmpv::ext::Error,
+    },
+}
+
+/// An async connection to the daemon.
+#[derive(Debug)]
+pub struct Client {
+    /// Incoming messages, framed and size-limited.
+    reader: MessageReader<OwnedReadHalf>,
+    /// Outgoing messages.
+    writer: OwnedWriteHalf,
+    /// The msgid of the next request; never 0, which the daemon uses for
+    /// errors it cannot tie to a request.
+    next_msgid: u32,
+    /// Notifications received while waiting for responses, oldest first.
+    notifications: VecDeque<Notification>,
+}
+
+impl Client {
+    /// Connects to the daemon listening at `path`.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| connect_error(path, source))?;
+        let (read, writer) = stream.into_split();
+        Ok(Client {
+            reader: MessageReader::new(read, DEFAULT_MAX_MESSAGE_BYTES),
+            writer,
+            next_msgid: 1,
+            notifications: VecDeque::new(),
+        })
+    }
+
+    /// Connects to the socket named by the user's config file, or the
+    /// platform's default socket when the config names none.
+    pub async fn connect_default() -> Result<Client, ClientError> {
+        Client::connect(default_socket()?).await
+    }
+
+    /// Calls `hello`: the daemon's protocol and server versions and its model.
+    pub async fn hello(&mut self) -> Result<HelloResult, ClientError> {
+        let params = HelloParams {
+            client: Some(CLIENT_NAME.to_owned()),
+        };
+        self.call(Method::Hello.name(), &params).await
+    }
+
+    /// Calls `method` and decodes its result into `R`.
+    pub async fn call<P, R>(&mut self, method: &str, params: &P) -> Result<R, ClientError>
+    where
+        P: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let result = self.request(method, params).await?;
+        odmoe_protocol::from_value(result).map_err(|source| ClientError::Decode {
+            method: method.to_owned(),
+            source,
+        })
+    }
+
+    /// Sends a request for `method` with `params` (a struct or map) and waits
+    /// for its response. Notifications arriving meanwhile are kept for
+    /// [`Client::take_notifications`]; responses to earlier, abandoned requests
+    /// are skipped.
+    ///
+    /// If the returned future is dropped while the request is being written, the
+    /// connection is left mid-message and should be dropped too.
+    pub async fn request<P: Serialize + ?Sized>(
+        &mut self,
+        method: &str,
+        params: &P,
+    ) -> Result<Value, ClientError> {
+        let msgid = self.next_msgid;
+        self.next_msgid = self.next_msgid.checked_add(1).unwrap_or(1);
+        let request = Request::new(msgid, method, params)?;
+        write_message(&mut self.writer, &request.into()).await?;
+        loop {
+            match self.reader.read_message().await? {
+                Some(Message::Response(response)) if response.msgid == msgid => {
+                    return response.outcome.map_err(ClientError::Rpc);
+                }
+                // An error the daemon could not tie to a request ends the connection.
+                Some(Message::Response(response)) if response.msgid == 0 => {
+                    if let Err(error) = response.outcome {
+                        return Err(ClientError::Rpc(error));
+                    }
+                }
+                Some(Message::Response(_)) | Some(Message::Request(_)) => {}
+                Some(Message::Notification(notification)) => {
+                    self.notifications.push_back(notification);
+                }
+                None => return Err(ClientError::Closed),
+            }
+        }
+    }
+
+    /// The notifications received so far, oldest first, leaving none behind.
+    pub fn take_notifications(&mut self) -> Vec<Notification> {
+        self.notifications.drain(..).collect()
+    }
+}
+
+/// A [`Client`] for code that is not async: each call runs on a
+/// single-threaded tokio runtime owned by the client.
+#[derive(Debug)]
+pub struct BlockingClient {
+    /// Runs the calls of `client`.
+    runtime: tokio::runtime::Runtime,
+    /// The connection.
+    client: Client,
+}
+
+impl BlockingClient {
+    /// Connects to the daemon listening at `path`.
+    pub fn connect(path: impl AsRef<Path>) -> Result<BlockingClient, ClientError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ClientError::Runtime)?;
+        let client = runtime.block_on(Client::connect(path))?;
+        Ok(BlockingClient { runtime, client })
+    }
+
+    /// Connects to the socket named by the user's config file, or the
+    /// platform's default socket when the config names none.
+    pub fn connect_default() -> Result<BlockingClient, ClientError> {
+        BlockingClient::connect(default_socket()?)
+    }
+
+    /// See [`Client::hello`].
+    pub fn hello(&mut self) -> Result<HelloResult, ClientError> {
+        self.runtime.block_on(self.client.hello())
+    }
+
+    /// See [`Client::call`].
+    pub fn call<P, R>(&mut self, method: &str, params: &P) -> Result<R, ClientError>
+    where
+        P: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.runtime.block_on(self.client.call(method, params))
+    }
+
+    /// See [`Client::request`].
+    pub fn request<P: Serialize + ?Sized>(
+        &mut self,
+        method: &str,
+        params: &P,
+    ) -> Result<Value, ClientError> {
+        self.runtime.block_on(self.client.request(method, params))
+    }
+
+    /// See [`Client::take_notifications`].
+    pub fn take_notifications(&mut self) -> Vec<Notification> {
+        self.client.take_notifications()
+    }
+}
+
+/// The socket the daemon listens on, by the user's config file.
+pub fn default_socket() -> Result<PathBuf, ClientError> {
+    Ok(Config::load(None)?.0.socket_path())
+}
+
+fn connect_error(path: &Path, source: io::Error) -> ClientError {
+    let path = path.to_owned();
+    match source.kind() {
+        io::ErrorKind::NotFound => ClientError::NotRunning { path },
+        io::ErrorKind::ConnectionRefused => ClientError::Refused { path },
+        _ => ClientError::Connect { path, source },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use odmoe_protocol::{ErrorCode, Response, to_value};
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    /// Serves one connection at a fresh socket: `answer` gets each request and
+    /// returns the messages to send back; an empty answer hangs up.
+    fn serve(
+        answer: impl Fn(Request) -> Vec<Message> + Send + 'static,
+    ) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odmoed.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                listener.set_nonblocking(true).unwrap();
+                let listener = UnixListener::from_std(listener).unwrap();
+                let (stream, _) = listener.accept().await.unwrap();
+                let (read, mut write) = stream.into_split();
+                let mut reader = MessageReader::new(read, 1 << 20);
+                while let Ok(Some(Message::Request(request))) = reader.read_message().await {
+                    let messages = answer(request);
+                    if messages.is_empty() {
+                        break;
+                    }
+                    for message in messages {
+                        write_message(&mut write, &message).await.unwrap();
+                    }
+                }
+            });
+        });
+        (dir, path)
+    }
+
+    fn hello_result() -> HelloResult {
+        HelloResult {
+            protocol_version: 1,
+            server_version: "9.9.9".into(),
+            model: Some("/models/m.odmoe".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_asks_whether_the_daemon_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odmoed.sock");
+        let error = Client::connect(&path).await.unwrap_err();
+        assert!(matches!(error, ClientError::NotRunning { .. }), "{error}");
+        let shown = error.to_string();
+        assert!(shown.starts_with("is odmoed running?"), "{shown}");
+        assert!(shown.contains(&path.display().to_string()), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn a_socket_nobody_listens_on_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odmoed.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let error = Client::connect(&path).await.unwrap_err();
+        assert!(matches!(error, ClientError::Refused { .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn responses_are_matched_by_msgid_and_notifications_kept() {
+        let (_dir, path) = serve(|request| {
+            assert_eq!(request.method, "hello");
+            let params: HelloParams = request.parse_params().unwrap();
+            assert_eq!(params.client.as_deref(), Some(CLIENT_NAME));
+            vec![
+                Notification {
+                    method: "token".into(),
+                    params: Value::Map(vec![(Value::from("text"), Value::from("a"))]),
+                }
+                .into(),
+                Response::ok(request.msgid + 100, Value::from("stale")).into(),
+                Response::ok(request.msgid, to_value(&hello_result()).unwrap()).into(),
+            ]
+        });
+        let mut client = Client::connect(&path).await.unwrap();
+        assert_eq!(client.hello().await.unwrap(), hello_result());
+        assert_eq!(client.hello().await.unwrap(), hello_result());
+        let notifications = client.take_notifications();
+        assert_eq!(notifications.len(), 2);
+        assert_eq!(notifications[0].params["text"].as_str(), Some("a"));
+        assert!(client.take_notifications().is_empty());
+    }
+
+    #[tokio::test]
+    async fn error_responses_become_rpc_errors() {
+        let (_dir, path) = serve(|request| {
+            let error = RpcError::new(ErrorCode::NotImplemented, "not yet");
+            vec![Response::error(request.msgid, error).into()]
+        });
+        let mut client = Client::connect(&path).await.unwrap();
+        match client.request("stats", &()).await {
+            Err(ClientError::Rpc(error)) => assert_eq!(error.code, ErrorCode::NotImplemented),
+            other => panic!("expected an rpc error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_error_for_msgid_0_ends_the_wait() {
+        let (_dir, path) = serve(|_| {
+            let error = RpcError::new(ErrorCode::MessageTooLarge, "too big");
+            vec![Response::error(0, error).into()]
+        });
+        let mut client = Client::connect(&path).await.unwrap();
+        match client.request("hello", &()).await {
+            Err(ClientError::Rpc(error)) => assert_eq!(error.code, ErrorCode::MessageTooLarge),
+            other => panic!("expected an rpc error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_before_the_answer_is_reported() {
+        let (_dir, path) = serve(|_| Vec::new());
+        let mut client = Client::connect(&path).await.unwrap();
+        let error = client.request("hello", &()).await.unwrap_err();
+        assert!(matches!(error, ClientError::Closed), "{error}");
+    }
+
+    #[test]
+    fn the_blocking_client_calls_and_decodes() {
+        let (_dir, path) = serve(|request| {
+            vec![Response::ok(request.msgid, to_value(&hello_result()).unwrap()).into()]
+        });
+        let mut client = BlockingClient::connect(&path).unwrap();
+        assert_eq!(client.hello().unwrap(), hello_result());
+        let error = client.call::<_, u32>("hello", &()).unwrap_err();
+        assert!(matches!(error, ClientError::Decode { .. }), "{error}");
+    }
+}

@@ -1,0 +1,283 @@
+//! The listening socket, the accept loop and graceful shutdown.
+//!
+//! [`bind`] prepares the socket file: a private directory (created 0700 and
+//! refused if anyone else could enter it), no second daemon on the same path,
+//! a stale socket left by a killed daemon replaced, the socket itself 0600.
+//! [`run`] accepts clients until a signal or a `shutdown` request, then stops
+//! accepting, removes the socket file and waits for every handler to finish.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, broadcast, mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::connection;
+use crate::shutdown::Shutdown;
+
+/// What every connection handler shares.
+#[derive(Debug)]
+pub struct State {
+    /// The model path `hello` reports; the engine is not wired in yet.
+    pub model: Option<PathBuf>,
+    /// Largest message accepted from a client, in bytes.
+    pub max_message_bytes: usize,
+    /// The daemon's effective uid: a peer must have it, or be root.
+    pub uid: u32,
+    /// Becomes true when a client asks the daemon to stop.
+    shutdown: watch::Sender<bool>,
+}
+
+impl State {
+    /// State for a daemon serving `model` with messages up to `max_message_bytes`.
+    pub fn new(model: Option<PathBuf>, max_message_bytes: usize) -> State {
+        State {
+            model,
+            max_message_bytes,
+            uid: nix::unistd::geteuid().as_raw(),
+            shutdown: watch::Sender::new(false),
+        }
+    }
+
+    /// Asks the server to shut down gracefully.
+    pub fn request_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Whether [`State::request_shutdown`] has been called.
+    #[cfg(test)]
+    pub fn shutdown_was_requested(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Completes once [`State::request_shutdown`] has been called.
+    async fn shutdown_requested(&self) {
+        let mut requested = self.shutdown.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = requested.wait_for(|&requested| requested).await;
+    }
+}
+
+/// A socket bound at a path, with the file that goes away with it.
+#[derive(Debug)]
+pub struct BoundSocket {
+    /// The listening socket, not yet registered with a runtime (so it can be
+    /// bound before the daemon detaches).
+    listener: StdUnixListener,
+    /// The socket file, removed on drop.
+    file: SocketFile,
+}
+
+impl BoundSocket {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.file.path
+    }
+}
+
+/// Removes the socket file on drop, if it is still the one this daemon bound
+/// (another daemon may have replaced it meanwhile).
+#[derive(Debug)]
+struct SocketFile {
+    /// Where the socket file is.
+    path: PathBuf,
+    /// Device and inode of the file at bind time.
+    id: (u64, u64),
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let ours =
+            fs::symlink_metadata(&self.path).is_ok_and(|meta| (meta.dev(), meta.ino()) == self.id);
+        if ours && let Err(error) = fs::remove_file(&self.path) {
+            warn!(path = %self.path.display(), %error, "cannot remove the socket file");
+        }
+    }
+}
+
+/// Binds the socket at `path`: see the module documentation for the rules.
+pub fn bind(path: &Path) -> anyhow::Result<BoundSocket> {
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .with_context(|| format!("socket path {} has no directory", path.display()))?;
+    private_dir(dir)?;
+    remove_stale_socket(path)?;
+    let listener = StdUnixListener::bind(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {} private", path.display()))?;
+    let meta = fs::symlink_metadata(path)?;
+    Ok(BoundSocket {
+        listener,
+        file: SocketFile {
+            path: path.to_owned(),
+            id: (meta.dev(), meta.ino()),
+        },
+    })
+}
+
+/// Creates `dir` (and missing parents) with mode 0700, or checks that the
+/// existing `dir` is ours and closed to everyone else.
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => {}
+        Err(error) => bail!("cannot create socket directory {}: {error}", dir.display()),
+    }
+    let meta = fs::metadata(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
+    let uid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != uid {
+        bail!(
+            "socket directory {} belongs to uid {}, not to this user (uid {uid}); choose another --socket",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "socket directory {} has mode {mode:03o}: other users can enter it; \
+             `chmod 700 {}` or choose another --socket",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses to start when a daemon already answers at `path`; removes a socket
+/// file nobody listens on (left by a daemon that was killed).
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => bail!("cannot inspect {}: {error}", path.display()),
+    };
+    if !meta.file_type().is_socket() {
+        bail!(
+            "{} exists and is not a socket; remove it or choose another --socket",
+            path.display()
+        );
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => bail!("odmoed is already running on {}", path.display()),
+        Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+            info!(path = %path.display(), "removing a stale socket");
+            fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))
+        }
+        Err(error) => bail!("cannot check socket {}: {error}", path.display()),
+    }
+}
+
+/// The accept loop's state.
+struct Listener {
+    /// The socket clients connect to.
+    listener: UnixListener,
+    /// Limits clients served at once; accepting waits for a free permit.
+    limit_connections: Arc<Semaphore>,
+    /// Dropped to tell every handler to finish.
+    notify_shutdown: broadcast::Sender<()>,
+    /// Cloned into every handler; when all clones are gone, all handlers are done.
+    shutdown_complete: mpsc::Sender<()>,
+    /// Shared with every handler.
+    state: Arc<State>,
+}
+
+/// Shortest and longest pause after a failed accept.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
+/// Serves clients on `socket` until `signal` completes or a client calls
+/// `shutdown`, then stops gracefully. Must run inside a tokio runtime.
+pub async fn run(
+    socket: BoundSocket,
+    state: Arc<State>,
+    max_connections: usize,
+    signal: impl Future<Output = &'static str>,
+) -> io::Result<()> {
+    let BoundSocket { listener, file } = socket;
+    listener.set_nonblocking(true)?;
+    let (notify_shutdown, _) = broadcast::channel(1);
+    let (shutdown_complete, mut all_done) = mpsc::channel::<()>(1);
+    let mut server = Listener {
+        listener: UnixListener::from_std(listener)?,
+        limit_connections: Arc::new(Semaphore::new(max_connections)),
+        notify_shutdown,
+        shutdown_complete,
+        state: Arc::clone(&state),
+    };
+    info!(socket = %file.path.display(), pid = std::process::id(), "listening");
+
+    tokio::select! {
+        () = server.accept_loop() => {}
+        name = signal => info!(signal = name, "shutting down"),
+        () = state.shutdown_requested() => info!("shutting down on request"),
+    }
+
+    // Stop accepting and remove the socket, so new clients learn at once that
+    // the daemon is gone, then let the handlers finish.
+    let Listener {
+        listener,
+        notify_shutdown,
+        shutdown_complete,
+        ..
+    } = server;
+    drop(listener);
+    drop(file);
+    drop(notify_shutdown);
+    drop(shutdown_complete);
+    let _ = all_done.recv().await;
+    info!("stopped");
+    Ok(())
+}
+
+impl Listener {
+    /// Accepts clients forever, each served by its own task.
+    async fn accept_loop(&mut self) {
+        loop {
+            let permit = Arc::clone(&self.limit_connections)
+                .acquire_owned()
+                .await
+                .expect("the connection semaphore is never closed");
+            let stream = self.accept().await;
+            let state = Arc::clone(&self.state);
+            let shutdown = Shutdown::new(self.notify_shutdown.subscribe());
+            let done = self.shutdown_complete.clone();
+            tokio::spawn(async move {
+                if let Err(error) = connection::serve(stream, &state, shutdown).await {
+                    warn!(%error, "connection failed");
+                }
+                drop(permit);
+                drop(done);
+            });
+        }
+    }
+
+    /// The next client. Failures (such as running out of file descriptors)
+    /// are retried after a pause that doubles up to a second, never spinning.
+    async fn accept(&mut self) -> UnixStream {
+        let (shortest, longest) = ACCEPT_BACKOFF;
+        let mut pause = shortest;
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => return stream,
+                Err(error) => {
+                    error!(%error, retry_in = ?pause, "accept failed");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(longest);
+                }
+            }
+        }
+    }
+}
