@@ -1,9 +1,11 @@
 //! `odmoe`: the command line. Offline developer tools run the engine directly (`run`, `logits`);
 //! commands that talk to a running `odmoed` come through the client library.
 
+mod bench;
 mod convert;
 mod inspect;
 mod logits;
+mod model_args;
 mod run;
 mod verify;
 
@@ -35,6 +37,9 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Show a model's shape, expert sizes and the memory it needs with an expert budget.
     Inspect(inspect::InspectArgs),
+    /// Measure the expert store (reads, hits, decode at several budgets).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,6 +50,7 @@ fn main() -> std::process::ExitCode {
         Command::Convert(args) => convert::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Bench(command) => bench::run(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
