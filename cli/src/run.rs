@@ -150,12 +150,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         if let Some(store) = &loaded.store {
             let s = store.stats();
             eprintln!(
-                "experts: {} hits, {} misses, {} evictions, {} read, {} stalled",
+                "experts: {} hits, {} misses, {} evictions, {} read, {:.1} ms stalled",
                 s.hits,
                 s.misses,
                 s.evictions,
                 odmoe_engine::format::size::format_bytes(s.bytes_read),
-                format!("{:.1} ms", s.stall_us as f64 / 1e3),
+                s.stall_us as f64 / 1e3,
             );
         }
     }

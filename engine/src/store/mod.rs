@@ -178,7 +178,7 @@ impl ExpertStore {
 
     /// Returns `ids` of `layer`, pinned, reading misses; waits until all are loaded.
     pub fn acquire(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>> {
-        let mut pinned: Vec<(ExpertKey, Option<Arc<GluMlp>>, Option<Arc<LoadSlot>>)> = Vec::new();
+        let mut pinned: Vec<(ExpertKey, Slot)> = Vec::new();
         let mut state = self.shared.lock();
         let mut queued = false;
         for &expert in ids {
@@ -191,7 +191,7 @@ impl ExpertStore {
                         if state.cache.pin(key) {
                             state.telemetry.prefetch_used += 1;
                         }
-                        pinned.push((key, Some(weights), None));
+                        pinned.push((key, Slot::Ready(weights)));
                     }
                     Some(Slot::Loading(slot)) => {
                         let slot = slot.clone();
@@ -204,7 +204,7 @@ impl ExpertStore {
                             state.demand.push_front((key, slot.clone()));
                             queued = true;
                         }
-                        pinned.push((key, None, Some(slot)));
+                        pinned.push((key, Slot::Loading(slot)));
                     }
                     None => match state.cache.reserve(key, self.shared.expert_bytes, false) {
                         Ok(evicted) => {
@@ -215,7 +215,7 @@ impl ExpertStore {
                             state.slots.insert(key, Slot::Loading(slot.clone()));
                             state.demand.push_back((key, slot.clone()));
                             queued = true;
-                            pinned.push((key, None, Some(slot)));
+                            pinned.push((key, Slot::Loading(slot)));
                         }
                         Err(NoRoom::Full {
                             needed,
@@ -235,7 +235,7 @@ impl ExpertStore {
                                 state = self.shared.progress.wait(state).unwrap();
                                 continue;
                             }
-                            for (key, _, _) in &pinned {
+                            for (key, _) in &pinned {
                                 state.cache.unpin(*key);
                             }
                             return Err(Error::Budget(format!(
@@ -258,14 +258,13 @@ impl ExpertStore {
         let mut waited = false;
         let mut failure = None;
         let mut loaded = Vec::with_capacity(pinned.len());
-        for (key, ready, slot) in &pinned {
-            let weights = match (ready, slot) {
-                (Some(w), _) => Ok(w.clone()),
-                (None, Some(slot)) => {
+        for (key, slot) in &pinned {
+            let weights = match slot {
+                Slot::Ready(w) => Ok(w.clone()),
+                Slot::Loading(slot) => {
                     waited = true;
                     slot.wait()
                 }
-                (None, None) => unreachable!("every pinned expert is ready or loading"),
             };
             match weights {
                 Ok(w) => loaded.push((*key, w)),
