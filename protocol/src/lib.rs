@@ -48,5 +48,10 @@ pub use message::{
     EncodeError, InvalidMessage, Message, Notification, Request, Response, from_value, to_params,
     to_value,
 };
-pub use methods::{HelloParams, HelloResult, Method, PROTOCOL_VERSION};
+pub use methods::{
+    CancelParams, CancelResult, ChatMessage, GenerateParams, GenerateResult, HelloParams,
+    HelloResult, LoadParams, Method, ModelInfo, ModelsResult, PROTOCOL_VERSION,
+    QUEUED_NOTIFICATION, QueueStats, QueuedEvent, SessionStats, StatsResult, StoreStats,
+    TOKEN_NOTIFICATION, Timings, TokenEvent, Usage,
+};
 pub use rmpv::Value;

@@ -86,6 +86,227 @@ pub struct HelloResult {
     pub model: Option<String>,
 }
 
+/// A chat message of `chat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// "system", "user" or "assistant".
+    pub role: String,
+    pub content: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Params of `generate` and `chat`. `generate` takes `prompt` (text) or `tokens` (ids); `chat`
+/// takes `messages`, rendered with the model's chat template. Sampling fields left out take the
+/// server's configured defaults; `temperature` 0 is greedy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateParams {
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub tokens: Option<Vec<u32>>,
+    #[serde(default)]
+    pub messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<u32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Text that ends the generation; not part of the result.
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Send `token` notifications while generating (default true).
+    #[serde(default = "yes")]
+    pub stream: bool,
+    /// Keep this conversation's KV cache under this name, so the next turn prefills only what is
+    /// new (longest common prefix).
+    #[serde(default)]
+    pub session: Option<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            prompt: None,
+            tokens: None,
+            messages: None,
+            max_tokens: None,
+            temperature: None,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            repetition_penalty: None,
+            seed: None,
+            stop: Vec::new(),
+            stream: true,
+            session: None,
+            ignore_eos: false,
+        }
+    }
+}
+
+/// Name of the notification carrying one generated token.
+pub const TOKEN_NOTIFICATION: &str = "token";
+/// Name of the notification telling a queued request its place.
+pub const QUEUED_NOTIFICATION: &str = "queued";
+
+/// Params of a `token` notification: `["token", [{id, text, token}]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenEvent {
+    /// The msgid of the request generating.
+    pub id: u32,
+    /// Text that became final with this token (may be empty mid-character).
+    pub text: String,
+    pub token: u32,
+}
+
+/// Params of a `queued` notification: requests ahead of this one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedEvent {
+    pub id: u32,
+    pub position: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// Prompt tokens whose KV entries were reused from the session.
+    pub cached_tokens: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    pub queue_ms: f64,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+}
+
+/// Result of `generate` and `chat`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateResult {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    /// "stop" (end of sequence or stop text), "length" (max_tokens) or "cancelled".
+    pub finish_reason: String,
+    pub usage: Usage,
+    pub timings: Timings,
+}
+
+/// Params of `cancel`: the msgid of a request sent on the same connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelParams {
+    pub id: u32,
+}
+
+/// Result of `cancel`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelResult {
+    /// False when no such request was queued or running.
+    pub cancelled: bool,
+}
+
+/// A loaded model, as `models`, `load` and `stats` describe it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub path: String,
+    pub architecture: String,
+    pub layers: u32,
+    pub experts_per_layer: u32,
+    pub experts_per_token: u32,
+    /// Bytes of one expert in memory.
+    pub expert_bytes: u64,
+    /// Bytes of all experts in memory.
+    pub total_expert_bytes: u64,
+    /// "resident" or "on_demand".
+    pub mode: String,
+    /// The expert budget when on demand.
+    #[serde(default)]
+    pub budget_bytes: Option<u64>,
+}
+
+/// Result of `models`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelsResult {
+    pub models: Vec<ModelInfo>,
+}
+
+/// Params of `load`: replaces the loaded model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadParams {
+    pub path: String,
+    /// "auto", a size ("8GiB") or a percentage of all experts ("25%"); absent: the configured one.
+    #[serde(default)]
+    pub expert_budget: Option<String>,
+}
+
+/// The expert store's telemetry (see the engine's `StoreStats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub prefetch_issued: u64,
+    pub prefetch_used: u64,
+    pub prefetch_wasted: u64,
+    pub prefetch_dropped: u64,
+    pub evictions: u64,
+    pub reads: u64,
+    pub read_errors: u64,
+    pub bytes_read: u64,
+    pub read_latency_p50_us: u64,
+    pub read_latency_p90_us: u64,
+    pub read_latency_p99_us: u64,
+    pub stall_us: u64,
+    pub resident_bytes: u64,
+    pub budget_bytes: u64,
+    pub resident_experts: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    pub waiting: u32,
+    pub running: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionStats {
+    pub count: u32,
+    /// Bytes of all kept KV caches.
+    pub kv_bytes: u64,
+}
+
+/// Result of `stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsResult {
+    pub server_version: String,
+    pub pid: u32,
+    pub uptime_s: f64,
+    /// Resident set size of the daemon.
+    pub rss_bytes: u64,
+    #[serde(default)]
+    pub model: Option<ModelInfo>,
+    #[serde(default)]
+    pub store: Option<StoreStats>,
+    pub queue: QueueStats,
+    pub sessions: SessionStats,
+    /// Requests served since start.
+    pub requests: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +318,16 @@ mod tests {
         }
         assert_eq!(Method::from_name("Hello"), None);
         assert_eq!(Method::from_name("frobnicate"), None);
+    }
+
+    #[test]
+    fn generate_params_default_what_is_left_out() {
+        let value = rmpv::Value::Map(vec![(
+            rmpv::Value::from("prompt"),
+            rmpv::Value::from("Hello"),
+        )]);
+        let params: GenerateParams = rmpv::ext::from_value(value).unwrap();
+        assert_eq!(params.prompt.as_deref(), Some("Hello"));
+        assert!(params.stream && params.stop.is_empty() && params.temperature.is_none());
     }
 }
