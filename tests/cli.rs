@@ -213,3 +213,25 @@ fn on_demand_run_and_logits_equal_resident() {
     assert!(!too_small.status.success());
     assert!(String::from_utf8_lossy(&too_small.stderr).contains("below the minimum"));
 }
+
+#[test]
+fn an_unfinished_conversion_is_reported_as_such() {
+    let out = tempfile::tempdir().unwrap();
+    let layout = out.path().join("m.odmoe");
+    odmoe_ok(&[
+        "convert",
+        fixture("mixtral").to_str().unwrap(),
+        layout.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(layout.join("manifest.json")).unwrap();
+    let run = odmoe(&[
+        "run",
+        "--model",
+        layout.to_str().unwrap(),
+        "--tokens",
+        "1,2",
+    ]);
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("conversion incomplete"), "{stderr}");
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::Device;
 
 use crate::error::{Error, Result};
-use crate::format::layout::{MANIFEST, Manifest};
+use crate::format::layout::{MANIFEST, Manifest, SOURCE};
 use crate::format::safetensors::HfWeights;
 use crate::model::{ExpertProvider, Model, ModelConfig, ResidentExperts};
 use crate::store::{ExpertSource, ExpertStore, HfSource, LayoutSource, StoreConfig};
@@ -48,9 +48,10 @@ pub struct LoadedModel {
     pub path: PathBuf,
 }
 
-/// The checkpoint at `path`: an odmoe layout (has manifest.json) or a Hugging Face directory.
+/// Whether `path` is an odmoe layout (or a conversion into one that has not finished, which
+/// [`Manifest::load`] then reports as such) rather than a Hugging Face directory.
 pub fn is_layout(path: &Path) -> bool {
-    path.join(MANIFEST).exists()
+    path.join(MANIFEST).exists() || path.join(SOURCE).exists()
 }
 
 /// The model's architecture config and the in-memory bytes of all its experts, without loading it.

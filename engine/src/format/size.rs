@@ -1,6 +1,8 @@
 //! Byte sizes as people write them: the expert budget (`64MiB`, `1.5GB`, `25%`) and readable
 //! sizes for reports.
 
+use odmoe_config::{Size, parse_size};
+
 use crate::error::{Error, Result};
 
 /// Parses an expert budget: a byte count with an optional unit, or a percentage of `total_bytes`
@@ -11,52 +13,16 @@ use crate::error::{Error, Result};
 /// allowed (`1.5GB`) and rounded down to whole bytes. The budget must be positive, and a
 /// percentage at most 100.
 pub fn parse_budget(text: &str, total_bytes: u64) -> Result<u64> {
-    let bad = |why: &str| Error::Budget(format!("{text:?}: {why}"));
-    let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(split);
-    let unit = unit.trim();
-    if number.is_empty() || number.starts_with('.') || number.ends_with('.') {
-        return Err(bad(
-            "expected a size such as 512MiB, 1.5GB or 8G, or a percentage such as 25%",
-        ));
-    }
-    let value: f64 = number
-        .parse()
-        .map_err(|_| bad("the number is not a decimal number"))?;
-    let bytes = if unit == "%" {
-        if value > 100.0 {
-            return Err(bad("a percentage of the experts must be at most 100%"));
-        }
-        (total_bytes as f64 * value / 100.0).floor()
-    } else {
-        let scale: f64 = match unit.to_ascii_lowercase().as_str() {
-            "" | "b" => 1.0,
-            "kb" => 1e3,
-            "mb" => 1e6,
-            "gb" => 1e9,
-            "tb" => 1e12,
-            "k" | "kib" => 1024.0,
-            "m" | "mib" => 1024.0 * 1024.0,
-            "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
-            "t" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-            _ => {
-                return Err(bad(
-                    "unknown unit (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, K, M, G, T or %)",
-                ));
-            }
-        };
-        (value * scale).floor()
+    let bad = |why: &dyn std::fmt::Display| Error::Budget(format!("{text:?}: {why}"));
+    // One parser for sizes everywhere: the config file's.
+    let bytes = match parse_size(text).map_err(|e| bad(&e))? {
+        Size::Bytes(bytes) => bytes,
+        Size::Percent(percent) => (total_bytes as f64 * percent / 100.0).floor() as u64,
     };
-    if bytes >= u64::MAX as f64 {
-        return Err(bad("too large"));
+    if bytes == 0 {
+        return Err(bad(&"the budget must be larger than zero bytes"));
     }
-    if bytes < 1.0 {
-        return Err(bad("the budget must be larger than zero bytes"));
-    }
-    Ok(bytes as u64)
+    Ok(bytes)
 }
 
 /// `bytes` in binary units with one decimal (`1.5 GiB`), or exact below 1 KiB (`512 B`).
@@ -91,6 +57,8 @@ mod tests {
         assert_eq!(parse_budget("100B", TOTAL).unwrap(), 100);
         assert_eq!(parse_budget("2kb", TOTAL).unwrap(), 2000);
         assert_eq!(parse_budget("0.5K", TOTAL).unwrap(), 512);
+        // The config file's parser reads a bare leading or trailing point as a decimal.
+        assert_eq!(parse_budget(".5G", TOTAL).unwrap(), 512 << 20);
     }
 
     #[test]
@@ -104,7 +72,7 @@ mod tests {
     #[test]
     fn nonsense_is_refused_and_named() {
         for text in [
-            "", "abc", "64XB", "-5MiB", "1.2.3G", ".5G", "5.G", "0", "0%", "101%", "0.1%", "1e9",
+            "", "abc", "64XB", "-5MiB", "1.2.3G", "0", "0%", "101%", "0.1%", "1e9",
         ] {
             let total = if text == "0.1%" { 100 } else { TOTAL };
             let err = parse_budget(text, total).unwrap_err().to_string();
