@@ -26,6 +26,8 @@ use serde_json::json;
 pub enum BenchCommand {
     /// Cold read throughput, warm hit latency and decode speed at several budgets.
     Store(StoreBenchArgs),
+    /// Expert matvec speed with weights in f32 against bf16 and f16 (why experts compute in f32).
+    Dtype,
 }
 
 #[derive(Args)]
@@ -50,7 +52,37 @@ pub struct StoreBenchArgs {
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Store(args) => store(args),
+        BenchCommand::Dtype => dtype(),
     }
+}
+
+/// One expert projection (Qwen3-30B-A3B: 768 x 2048) applied to one token, per weight dtype.
+fn dtype() -> Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    let device = Device::Cpu;
+    let weight = Tensor::randn(0f32, 0.1, (768, 2048), &device)?;
+    let x = Tensor::randn(0f32, 1.0, (1, 2048), &device)?;
+    let mut f32_us = None;
+    println!("| weights | us per matvec | GB/s of weights | time vs f32 |");
+    println!("|---|---|---|---|");
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let (w, xs) = (weight.to_dtype(dtype)?, x.to_dtype(dtype)?);
+        let bytes = (w.elem_count() * dtype.size_in_bytes()) as u64;
+        let iterations = 200;
+        let started = Instant::now();
+        for _ in 0..iterations {
+            std::hint::black_box(xs.matmul(&w.t()?)?);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let us = seconds * 1e6 / iterations as f64;
+        let base = *f32_us.get_or_insert(us);
+        println!(
+            "| {dtype:?} | {us:.0} | {:.2} | {:.2}x |",
+            gbps(bytes * iterations, seconds),
+            us / base
+        );
+    }
+    Ok(())
 }
 
 /// Drops the page cache so the next reads come from the device; needs root.
