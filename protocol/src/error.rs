@@ -29,6 +29,8 @@ pub enum ErrorCode {
     NotImplemented,
     /// The peer is not allowed to use this server (another user's process).
     Unauthorized,
+    /// The method needs a model and none is loaded.
+    NoModel,
     /// A code this version does not know, kept verbatim.
     Other(String),
 }
@@ -46,6 +48,7 @@ impl ErrorCode {
             ErrorCode::MessageTooLarge => "message_too_large",
             ErrorCode::NotImplemented => "not_implemented",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NoModel => "no_model",
             ErrorCode::Other(code) => code,
         }
     }
@@ -62,6 +65,7 @@ impl ErrorCode {
             "message_too_large" => ErrorCode::MessageTooLarge,
             "not_implemented" => ErrorCode::NotImplemented,
             "unauthorized" => ErrorCode::Unauthorized,
+            "no_model" => ErrorCode::NoModel,
             other => ErrorCode::Other(other.to_owned()),
         }
     }
@@ -135,6 +139,7 @@ mod tests {
             ErrorCode::MessageTooLarge,
             ErrorCode::NotImplemented,
             ErrorCode::Unauthorized,
+            ErrorCode::NoModel,
         ];
         for code in codes {
             assert_eq!(ErrorCode::from_name(code.as_str()), code);

@@ -116,12 +116,18 @@ impl Request {
     }
 
     /// The params as a Rust type, or the `invalid_params` error to answer with.
+    /// The error names the field at fault, e.g. ``invalid params for `generate`:
+    /// max_tokens: invalid type: string "ten", expected u32``.
     pub fn parse_params<T: DeserializeOwned>(&self) -> Result<T, RpcError> {
-        from_value(self.params.clone()).map_err(|error| {
-            RpcError::new(
-                ErrorCode::InvalidParams,
-                format!("invalid params for `{}`: {error}", self.method),
-            )
+        serde_path_to_error::deserialize(self.params.clone()).map_err(|error| {
+            let path = error.path().to_string();
+            let error = error.into_inner();
+            let message = if path == "." {
+                format!("invalid params for `{}`: {error}", self.method)
+            } else {
+                format!("invalid params for `{}`: {path}: {error}", self.method)
+            };
+            RpcError::new(ErrorCode::InvalidParams, message)
         })
     }
 }
@@ -529,6 +535,28 @@ mod tests {
         let error = request.parse_params::<HelloParams>().unwrap_err();
         assert_eq!(error.code, ErrorCode::InvalidParams);
         assert!(error.message.contains("`hello`"), "{}", error.message);
+        assert!(error.message.contains("client: "), "{}", error.message);
+    }
+
+    #[test]
+    fn wrongly_typed_params_name_the_field() {
+        let request = Request {
+            msgid: 1,
+            method: "generate".into(),
+            params: Value::Map(vec![
+                (Value::from("prompt"), Value::from("Hello")),
+                (Value::from("max_tokens"), Value::from("ten")),
+            ]),
+        };
+        let error = request.parse_params::<crate::GenerateParams>().unwrap_err();
+        assert_eq!(error.code, ErrorCode::InvalidParams);
+        assert!(
+            error
+                .message
+                .starts_with("invalid params for `generate`: max_tokens: "),
+            "{}",
+            error.message
+        );
     }
 
     #[test]

@@ -165,6 +165,12 @@ pub const TOKEN_NOTIFICATION: &str = "token";
 pub const QUEUED_NOTIFICATION: &str = "queued";
 
 /// Params of a `token` notification: `["token", [{id, text, token}]]`.
+///
+/// The texts of a request's events add up to the final result's `text`. When
+/// the generation ends with text still held back (an incomplete character, or
+/// the start of a possible stop string), one last event releases it and
+/// repeats the last token's id: count tokens from the final result, not from
+/// the events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenEvent {
     /// The msgid of the request generating.
