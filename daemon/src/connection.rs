@@ -1,49 +1,113 @@
-//! One client: who it is, then its messages in order until it leaves, breaks
-//! the protocol, or the daemon shuts down.
+//! One client: who it is, then its messages until it leaves, breaks the
+//! protocol, or the daemon shuts down.
+//!
+//! Requests are served concurrently, each by its own task, so a client can
+//! send `cancel` while its `generate` runs. Every response and notification
+//! goes through one channel to one writer task, which alone writes the socket.
+//! A client that leaves cancels its generations, queued or running.
 
+use std::collections::HashMap;
 use std::io;
+use std::sync::{Arc, Mutex};
 
 use odmoe_protocol::{
-    ErrorCode, Message, MessageReader, ReadError, Response, RpcError, write_message,
+    ErrorCode, Message, MessageReader, Method, Notification, ReadError, Request, Response,
+    RpcError, encode,
 };
+use serde::Serialize;
+use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use crate::dispatch::dispatch;
+use crate::scheduler::CancelToken;
 use crate::server::State;
 use crate::shutdown::Shutdown;
 
-/// A client's socket, read and written as whole messages.
-struct Connection {
-    /// Incoming messages, each at most the configured size.
-    reader: MessageReader<OwnedReadHalf>,
-    /// Outgoing messages.
-    writer: OwnedWriteHalf,
+/// Messages waiting for the writer; requests that produce more wait for room.
+const OUTGOING: usize = 256;
+
+/// What the request tasks of one connection share.
+#[derive(Debug)]
+pub struct Peer {
+    /// Feeds the writer task.
+    out: mpsc::Sender<Message>,
+    /// The generations in flight, by msgid, so `cancel` and a disconnect can stop them.
+    in_flight: Mutex<HashMap<u32, Arc<CancelToken>>>,
 }
 
-impl Connection {
-    fn new(stream: UnixStream, max_message_bytes: usize) -> Connection {
-        let (read, writer) = stream.into_split();
-        Connection {
-            reader: MessageReader::new(read, max_message_bytes),
-            writer,
+impl Peer {
+    pub fn new(out: mpsc::Sender<Message>) -> Peer {
+        Peer {
+            out,
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
-    async fn read_message(&mut self) -> Result<Option<Message>, ReadError> {
-        self.reader.read_message().await
+    /// Queues `message` for the client; false if the client is gone.
+    pub async fn send(&self, message: impl Into<Message>) -> bool {
+        self.out.send(message.into()).await.is_ok()
     }
 
-    async fn write_message(&mut self, message: impl Into<Message>) -> io::Result<()> {
-        write_message(&mut self.writer, &message.into()).await
+    /// Queues a notification for the client; false if the client is gone.
+    pub async fn notify<T: Serialize>(&self, method: &str, params: &T) -> bool {
+        match Notification::new(method, params) {
+            Ok(notification) => self.send(notification).await,
+            Err(error) => {
+                warn!(%error, method, "cannot encode a notification");
+                true
+            }
+        }
     }
 
-    /// Answers with an error that no request can be tied to: msgid 0, as
-    /// Neovim does.
-    async fn write_connection_error(&mut self, error: RpcError) -> io::Result<()> {
-        self.write_message(Response::error(0, error)).await
+    /// The cancel token of the generation `msgid`, if it is in flight.
+    pub fn in_flight(&self, msgid: u32) -> Option<Arc<CancelToken>> {
+        self.lock().get(&msgid).cloned()
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<CancelToken>>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a generation before its task starts, so that a `cancel` read
+    /// right after it finds it.
+    fn start(&self, msgid: u32) -> Arc<CancelToken> {
+        let token = Arc::new(CancelToken::default());
+        self.lock().insert(msgid, Arc::clone(&token));
+        token
+    }
+
+    fn finish(&self, msgid: u32, token: &Arc<CancelToken>) {
+        let mut in_flight = self.lock();
+        if in_flight
+            .get(&msgid)
+            .is_some_and(|current| Arc::ptr_eq(current, token))
+        {
+            in_flight.remove(&msgid);
+        }
+    }
+
+    /// Cancels every generation of this client.
+    fn cancel_all(&self, state: &State) {
+        let tokens: Vec<_> = self.lock().values().cloned().collect();
+        for token in tokens {
+            token.cancel();
+            state.scheduler.withdraw(&token);
+        }
+    }
+}
+
+/// Why the read loop ended.
+enum End {
+    /// The client left, or its stream broke: its work is abandoned.
+    Gone,
+    /// The daemon is stopping: answers in flight are still written.
+    Shutdown,
 }
 
 /// Whether a peer running as `peer_uid` may use a daemon running as `daemon_uid`:
@@ -67,37 +131,56 @@ fn peer_uid(stream: &UnixStream) -> nix::Result<u32> {
 
 /// Serves one client until it disconnects, sends something unreadable, or the
 /// daemon shuts down. Errors end only this connection.
-pub async fn serve(stream: UnixStream, state: &State, mut shutdown: Shutdown) -> io::Result<()> {
+pub async fn serve(
+    stream: UnixStream,
+    state: Arc<State>,
+    mut shutdown: Shutdown,
+) -> io::Result<()> {
     let uid = peer_uid(&stream).map_err(io::Error::from)?;
-    let mut connection = Connection::new(stream, state.max_message_bytes);
+    let (read, write) = stream.into_split();
     if !peer_allowed(uid, state.uid) {
         warn!(peer_uid = uid, "refused a connection from another user");
         let error = RpcError::new(
             ErrorCode::Unauthorized,
             "this odmoed serves only the user that started it",
         );
-        return connection.write_connection_error(error).await;
+        let (out, outgoing) = mpsc::channel(1);
+        let _ = out.send(connection_error(error)).await;
+        drop(out);
+        return write_messages(write, outgoing).await;
     }
     debug!(peer_uid = uid, "client connected");
+    let mut reader = MessageReader::new(read, state.max_message_bytes);
+    let (out, outgoing) = mpsc::channel(OUTGOING);
+    let writer = tokio::spawn(write_messages(write, outgoing));
+    let peer = Arc::new(Peer::new(out));
+    let mut tasks = JoinSet::new();
 
-    loop {
+    let end = loop {
         let message = tokio::select! {
-            message = connection.read_message() => message,
-            () = shutdown.recv() => return Ok(()),
+            biased;
+            () = shutdown.recv() => break End::Shutdown,
+            Some(_) = tasks.join_next() => continue,
+            message = reader.read_message() => message,
         };
         match message {
             Ok(None) => {
                 debug!("client disconnected");
-                return Ok(());
+                break End::Gone;
             }
             Ok(Some(Message::Request(request))) => {
                 debug!(msgid = request.msgid, method = %request.method, "request");
-                let outcome = dispatch(&request, state);
-                let response = Response {
-                    msgid: request.msgid,
-                    outcome,
-                };
-                connection.write_message(response).await?;
+                let cancel = matches!(
+                    Method::from_name(&request.method),
+                    Some(Method::Generate | Method::Chat)
+                )
+                .then(|| peer.start(request.msgid));
+                tasks.spawn(answer(
+                    request,
+                    Arc::clone(&state),
+                    Arc::clone(&peer),
+                    cancel,
+                ));
             }
             Ok(Some(Message::Notification(notification))) => {
                 debug!(method = %notification.method, "ignoring a notification");
@@ -111,26 +194,89 @@ pub async fn serve(stream: UnixStream, state: &State, mut shutdown: Shutdown) ->
             Err(ReadError::Invalid(invalid)) => {
                 warn!(error = %invalid, "invalid message");
                 let msgid = invalid.msgid.unwrap_or(0);
-                connection
-                    .write_message(Response::error(msgid, invalid.error))
-                    .await?;
+                peer.send(Response::error(msgid, invalid.error)).await;
             }
             Err(ReadError::Frame(error)) => {
                 // Unreadable bytes or a message over the limit: the stream
                 // cannot be resynchronised, so say why and hang up.
                 warn!(%error, "closing the connection");
-                connection
-                    .write_connection_error(error.to_rpc_error())
-                    .await?;
-                return Ok(());
+                peer.send(connection_error(error.to_rpc_error())).await;
+                break End::Gone;
             }
             Err(ReadError::Truncated { buffered }) => {
                 debug!(buffered, "client left in the middle of a message");
-                return Ok(());
+                break End::Gone;
             }
-            Err(ReadError::Io(error)) => return Err(error),
+            Err(ReadError::Io(error)) => {
+                debug!(%error, "reading from the client failed");
+                break End::Gone;
+            }
+        }
+    };
+
+    match end {
+        End::Gone => {
+            // Nobody will read the answers: stop the work now.
+            peer.cancel_all(&state);
+            tasks.shutdown().await;
+        }
+        End::Shutdown => {
+            // The scheduler has cancelled the generations; their tasks write
+            // the "cancelled" answers, then the writer drains.
+            while tasks.join_next().await.is_some() {}
         }
     }
+    drop(peer);
+    writer.await.map_err(io::Error::other)?
+}
+
+/// Answers one request; runs as its own task.
+async fn answer(
+    request: Request,
+    state: Arc<State>,
+    peer: Arc<Peer>,
+    cancel: Option<Arc<CancelToken>>,
+) {
+    let outcome = dispatch(&request, &state, &peer, cancel.clone()).await;
+    if let Some(token) = &cancel {
+        peer.finish(request.msgid, token);
+    }
+    peer.send(Response {
+        msgid: request.msgid,
+        outcome,
+    })
+    .await;
+}
+
+/// An error that no request can be tied to: msgid 0, as Neovim does.
+fn connection_error(error: RpcError) -> Message {
+    Response::error(0, error).into()
+}
+
+/// Writes what arrives on `outgoing` until every sender is gone, flushing
+/// whenever nothing more is waiting, then closes the stream.
+async fn write_messages(
+    write: OwnedWriteHalf,
+    mut outgoing: mpsc::Receiver<Message>,
+) -> io::Result<()> {
+    let mut writer = BufWriter::new(write);
+    while let Some(message) = outgoing.recv().await {
+        let written = async {
+            writer.write_all(&encode(&message)).await?;
+            if outgoing.is_empty() {
+                writer.flush().await?;
+            }
+            Ok::<_, io::Error>(())
+        };
+        if let Err(error) = written.await {
+            // The client is gone; the read side notices too.
+            debug!(%error, "writing to the client failed");
+            return Ok(());
+        }
+    }
+    writer.flush().await?;
+    let _ = writer.shutdown().await;
+    Ok(())
 }
 
 #[cfg(test)]

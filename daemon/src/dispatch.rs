@@ -1,30 +1,60 @@
 //! From a request to its result: one function per method.
 //!
-//! `hello` and `shutdown` are served. The other methods the protocol names are
-//! answered with `not_implemented` until the engine is wired in; names outside
+//! `generate` and `chat` are checked and tokenized here, on the connection's
+//! task, so a bad request is refused at once instead of after waiting in the
+//! queue; the engine thread only runs them (see `scheduler`). Names outside
 //! the protocol get `method_not_found`.
 
-use odmoe_protocol::{
-    ErrorCode, HelloParams, HelloResult, Method, PROTOCOL_VERSION, Request, RpcError, Value,
-    to_value,
-};
-use tracing::{debug, info};
+use std::hash::{BuildHasher, RandomState};
+use std::path::PathBuf;
+use std::sync::Arc;
 
+use odmoe_config::GenerationConfig;
+use odmoe_engine::generate::{GenerateRequest, SamplingParams};
+use odmoe_engine::tokenizer::ChatMessage;
+use odmoe_protocol::{
+    CancelParams, CancelResult, ErrorCode, GenerateParams, HelloParams, HelloResult, LoadParams,
+    Method, ModelInfo, ModelsResult, PROTOCOL_VERSION, QUEUED_NOTIFICATION, QueuedEvent, Request,
+    RpcError, StatsResult, StoreStats, TOKEN_NOTIFICATION, TokenEvent, Value, to_value,
+};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::budget::BudgetSpec;
+use crate::connection::Peer;
+use crate::scheduler::{CancelToken, Event, GenerateJob, Served, no_model};
 use crate::server::State;
 
-/// The result of `request`, or the error to answer it with.
-pub fn dispatch(request: &Request, state: &State) -> Result<Value, RpcError> {
+/// The result of `request`, or the error to answer it with. `cancel` is the
+/// token registered for a `generate` or `chat`.
+pub async fn dispatch(
+    request: &Request,
+    state: &State,
+    peer: &Peer,
+    token: Option<Arc<CancelToken>>,
+) -> Result<Value, RpcError> {
     match Method::from_name(&request.method) {
         Some(Method::Hello) => hello(request, state),
+        Some(method @ (Method::Generate | Method::Chat)) => {
+            generate(request, method, state, peer, token.unwrap_or_default()).await
+        }
+        Some(Method::Cancel) => cancel(request, state, peer),
+        Some(Method::Stats) => encode(&stats(state)),
+        Some(Method::Models) => encode(&ModelsResult {
+            models: state
+                .scheduler
+                .served()
+                .map(|served| live_info(&served))
+                .into_iter()
+                .collect(),
+        }),
+        Some(Method::Load) => load(request, state).await,
+        Some(Method::Unload) => {
+            state.scheduler.unload().await?;
+            Ok(Value::Nil)
+        }
         Some(Method::Shutdown) => shutdown(state),
-        Some(method) => Err(RpcError::new(
-            ErrorCode::NotImplemented,
-            format!(
-                "`{}` is not implemented yet: this odmoed {} serves only hello and shutdown",
-                method.name(),
-                env!("CARGO_PKG_VERSION"),
-            ),
-        )),
         None => Err(RpcError::new(
             ErrorCode::MethodNotFound,
             format!(
@@ -36,21 +66,303 @@ pub fn dispatch(request: &Request, state: &State) -> Result<Value, RpcError> {
     }
 }
 
+fn encode<T: Serialize>(result: &T) -> Result<Value, RpcError> {
+    to_value(result).map_err(|error| RpcError::new(ErrorCode::Internal, error.to_string()))
+}
+
+fn invalid(message: impl Into<String>) -> RpcError {
+    RpcError::new(ErrorCode::InvalidParams, message)
+}
+
 fn hello(request: &Request, state: &State) -> Result<Value, RpcError> {
     let params: HelloParams = request.parse_params()?;
     debug!(
         client = params.client.as_deref().unwrap_or("unnamed"),
         "hello"
     );
-    let result = HelloResult {
+    encode(&HelloResult {
         protocol_version: PROTOCOL_VERSION,
         server_version: env!("CARGO_PKG_VERSION").to_owned(),
         model: state
-            .model
-            .as_ref()
-            .map(|path| path.to_string_lossy().into_owned()),
+            .scheduler
+            .served()
+            .map(|served| served.info.path.clone()),
+    })
+}
+
+/// `generate` and `chat`: checks and tokenizes, queues the job, streams its
+/// tokens as notifications, and answers with the result.
+async fn generate(
+    request: &Request,
+    method: Method,
+    state: &State,
+    peer: &Peer,
+    cancel: Arc<CancelToken>,
+) -> Result<Value, RpcError> {
+    let params: GenerateParams = request.parse_params()?;
+    let served = state.scheduler.served().ok_or_else(no_model)?;
+    let prompt = prompt_tokens(method, &params, &served)?;
+    let job_request = engine_request(&params, prompt, &state.settings().generation)?;
+    let (events, mut receiver) = mpsc::unbounded_channel();
+    let job = GenerateJob {
+        epoch: served.epoch,
+        request: job_request,
+        session: params.session.clone(),
+        cancel,
+        events,
     };
-    to_value(&result).map_err(|error| RpcError::new(ErrorCode::Internal, error.to_string()))
+    let id = request.msgid;
+    match state.scheduler.submit(job) {
+        Ok(0) => {}
+        Ok(position) => {
+            peer.notify(QUEUED_NOTIFICATION, &QueuedEvent { id, position })
+                .await;
+        }
+        Err(_) => {
+            return Err(RpcError::new(
+                ErrorCode::Cancelled,
+                "odmoed is shutting down",
+            ));
+        }
+    }
+    while let Some(event) = receiver.recv().await {
+        match event {
+            Event::Token { token, text } => {
+                if params.stream {
+                    peer.notify(TOKEN_NOTIFICATION, &TokenEvent { id, text, token })
+                        .await;
+                }
+            }
+            Event::Done(outcome) => return encode(&outcome?),
+        }
+    }
+    Err(RpcError::new(
+        ErrorCode::Internal,
+        "the engine dropped the request without an answer",
+    ))
+}
+
+/// The prompt as token ids: `tokens` as given, `prompt` encoded, or `messages`
+/// rendered with the chat template and encoded.
+fn prompt_tokens(
+    method: Method,
+    params: &GenerateParams,
+    served: &Served,
+) -> Result<Vec<u32>, RpcError> {
+    let tokenizer = || {
+        served.tokenizer.as_deref().ok_or_else(|| {
+            invalid(format!(
+                "the model at {} has no tokenizer.json: send `tokens` instead of text",
+                served.info.path
+            ))
+        })
+    };
+    let tokens = if method == Method::Chat {
+        if params.prompt.is_some() || params.tokens.is_some() {
+            return Err(invalid(
+                "`chat` takes `messages`; send `prompt` or `tokens` to `generate`",
+            ));
+        }
+        let messages = match &params.messages {
+            Some(messages) if !messages.is_empty() => messages,
+            _ => return Err(invalid("messages: must hold at least one message")),
+        };
+        let tokenizer = tokenizer()?;
+        let messages: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage::new(&m.role, &m.content))
+            .collect();
+        let rendered = tokenizer
+            .apply_chat_template(&messages, true)
+            .map_err(|error| invalid(format!("messages: {error}")))?;
+        tokenizer
+            .encode(&rendered, false)
+            .map_err(|error| invalid(format!("messages: {error}")))?
+    } else {
+        if params.messages.is_some() {
+            return Err(invalid(
+                "`generate` takes `prompt` or `tokens`; send `messages` to `chat`",
+            ));
+        }
+        match (&params.prompt, &params.tokens) {
+            (Some(_), Some(_)) => return Err(invalid("give `prompt` or `tokens`, not both")),
+            (None, None) => {
+                return Err(invalid(
+                    "neither `prompt` nor `tokens`: give the prompt as text or as token ids",
+                ));
+            }
+            (None, Some(tokens)) => {
+                if let Some(bad) = tokens.iter().find(|&&t| t as usize >= served.vocab_size) {
+                    return Err(invalid(format!(
+                        "tokens: {bad} is outside the vocabulary of {} tokens",
+                        served.vocab_size
+                    )));
+                }
+                tokens.clone()
+            }
+            (Some(prompt), None) => {
+                if prompt.is_empty() {
+                    return Err(invalid("prompt: must not be empty"));
+                }
+                tokenizer()?
+                    .encode(prompt, true)
+                    .map_err(|error| invalid(format!("prompt: {error}")))?
+            }
+        }
+    };
+    if tokens.is_empty() {
+        let field = match method {
+            Method::Chat => "messages",
+            _ if params.tokens.is_some() => "tokens",
+            _ => "prompt",
+        };
+        return Err(invalid(format!("{field}: the prompt has no tokens")));
+    }
+    Ok(tokens)
+}
+
+/// The engine's request: the client's fields, the configured defaults for the
+/// rest, each checked and named when out of range.
+fn engine_request(
+    params: &GenerateParams,
+    prompt: Vec<u32>,
+    defaults: &GenerationConfig,
+) -> Result<GenerateRequest, RpcError> {
+    let temperature = params.temperature.unwrap_or(defaults.temperature);
+    let top_p = params.top_p.unwrap_or(defaults.top_p);
+    let min_p = params.min_p.unwrap_or(defaults.min_p);
+    let repetition_penalty = params
+        .repetition_penalty
+        .unwrap_or(defaults.repetition_penalty);
+    let max_tokens = params.max_tokens.unwrap_or(defaults.max_tokens);
+    let checks = [
+        (
+            "temperature",
+            temperature.is_finite() && temperature >= 0.0,
+            format!("must be 0 or more, got {temperature}"),
+        ),
+        (
+            "top_p",
+            top_p > 0.0 && top_p <= 1.0,
+            format!("must be in (0, 1], got {top_p}"),
+        ),
+        (
+            "min_p",
+            (0.0..=1.0).contains(&min_p),
+            format!("must be in [0, 1], got {min_p}"),
+        ),
+        (
+            "repetition_penalty",
+            repetition_penalty.is_finite() && repetition_penalty > 0.0,
+            format!("must be more than 0, got {repetition_penalty}"),
+        ),
+        (
+            "max_tokens",
+            max_tokens >= 1,
+            "must be at least 1".to_owned(),
+        ),
+    ];
+    if let Some((field, _, why)) = checks.into_iter().find(|(_, ok, _)| !ok) {
+        return Err(invalid(format!("{field}: {why}")));
+    }
+    Ok(GenerateRequest {
+        prompt,
+        max_tokens: max_tokens as usize,
+        sampling: SamplingParams {
+            temperature,
+            top_k: params.top_k.unwrap_or(defaults.top_k) as usize,
+            top_p,
+            min_p,
+            repetition_penalty,
+            // Unseeded requests differ from one another, as people expect.
+            seed: params
+                .seed
+                .unwrap_or_else(|| RandomState::new().hash_one(std::time::SystemTime::now())),
+        },
+        stop: params.stop.clone(),
+        stop_token_ids: Vec::new(),
+        ignore_eos: params.ignore_eos,
+    })
+}
+
+/// `cancel {id}`: stops a generation this connection started.
+fn cancel(request: &Request, state: &State, peer: &Peer) -> Result<Value, RpcError> {
+    let params: CancelParams = request.parse_params()?;
+    let cancelled = match peer.in_flight(params.id) {
+        Some(token) => {
+            token.cancel();
+            state.scheduler.withdraw(&token);
+            true
+        }
+        None => false,
+    };
+    debug!(id = params.id, cancelled, "cancel");
+    encode(&CancelResult { cancelled })
+}
+
+/// `ModelInfo` with the store's budget as it is now (SIGHUP may change it).
+fn live_info(served: &Served) -> ModelInfo {
+    let mut info = served.info.clone();
+    if let Some(store) = &served.store {
+        info.budget_bytes = Some(store.stats().budget_bytes);
+    }
+    info
+}
+
+fn stats(state: &State) -> StatsResult {
+    let served = state.scheduler.served();
+    let store = served
+        .as_ref()
+        .and_then(|served| served.store.as_ref())
+        .and_then(|store| {
+            // The engine's telemetry has the protocol's field names.
+            let value = to_value(&store.stats()).ok()?;
+            odmoe_protocol::from_value::<StoreStats>(value)
+                .inspect_err(|error| warn!(%error, "store stats do not convert"))
+                .ok()
+        });
+    StatsResult {
+        server_version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid: std::process::id(),
+        uptime_s: state.started.elapsed().as_secs_f64(),
+        rss_bytes: resident_bytes().unwrap_or(0),
+        model: served.as_deref().map(live_info),
+        store,
+        queue: state.scheduler.queue_stats(),
+        sessions: state.scheduler.session_stats(),
+        requests: state.scheduler.requests(),
+    }
+}
+
+/// The daemon's resident set size, from `/proc/self/statm` (pages).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+/// `load {path, expert_budget}`: replaces the model, dropping every session.
+async fn load(request: &Request, state: &State) -> Result<Value, RpcError> {
+    let params: LoadParams = request.parse_params()?;
+    let path = PathBuf::from(&params.path);
+    if !path.is_absolute() {
+        return Err(invalid(format!(
+            "path: {} is relative; odmoed needs an absolute path",
+            params.path
+        )));
+    }
+    if !path.exists() {
+        return Err(invalid(format!("path: {} does not exist", params.path)));
+    }
+    let budget = match &params.expert_budget {
+        Some(text) => {
+            BudgetSpec::parse(text).map_err(|error| invalid(format!("expert_budget: {error}")))?
+        }
+        None => state.settings().expert_budget,
+    };
+    info!(model = %path.display(), %budget, "loading on request");
+    encode(&state.scheduler.load(path, budget).await?)
 }
 
 /// Asks the server to stop. The answer is written before this connection sees
@@ -63,9 +375,13 @@ fn shutdown(state: &State) -> Result<Value, RpcError> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
+    use std::sync::RwLock;
+
+    use odmoe_config::Config;
 
     use super::*;
+    use crate::scheduler::Scheduler;
+    use crate::settings::Settings;
 
     fn request(method: &str, params: Value) -> Request {
         Request {
@@ -76,51 +392,178 @@ mod tests {
     }
 
     fn state() -> State {
-        State::new(Some(PathBuf::from("/models/m.odmoe")), 1 << 20)
+        let settings = Arc::new(RwLock::new(Settings::new(&Config::default(), None)));
+        let scheduler = Scheduler::start(Arc::clone(&settings)).unwrap();
+        State::new(scheduler, settings, 1 << 20)
     }
 
-    #[test]
-    fn hello_reports_versions_and_model() {
-        let result = dispatch(&request("hello", Value::Map(vec![])), &state()).unwrap();
+    async fn call(method: &str, params: Value, state: &State) -> Result<Value, RpcError> {
+        let (out, _outgoing) = mpsc::channel(16);
+        let peer = Peer::new(out);
+        dispatch(&request(method, params), state, &peer, None).await
+    }
+
+    fn map(entries: &[(&str, Value)]) -> Value {
+        Value::Map(
+            entries
+                .iter()
+                .map(|(key, value)| (Value::from(*key), value.clone()))
+                .collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn hello_reports_versions_and_no_model() {
+        let result = call("hello", Value::Map(vec![]), &state()).await.unwrap();
         let hello: HelloResult = odmoe_protocol::from_value(result).unwrap();
         assert_eq!(hello.protocol_version, PROTOCOL_VERSION);
         assert_eq!(hello.server_version, env!("CARGO_PKG_VERSION"));
-        assert_eq!(hello.model.as_deref(), Some("/models/m.odmoe"));
+        assert_eq!(hello.model, None);
     }
 
-    #[test]
-    fn hello_with_bad_params_is_invalid_params() {
-        let params = Value::Map(vec![(Value::from("client"), Value::from(5))]);
-        let error = dispatch(&request("hello", params), &state()).unwrap_err();
+    #[tokio::test]
+    async fn hello_with_bad_params_is_invalid_params() {
+        let params = map(&[("client", Value::from(5))]);
+        let error = call("hello", params, &state()).await.unwrap_err();
         assert_eq!(error.code, ErrorCode::InvalidParams);
     }
 
-    #[test]
-    fn methods_not_served_yet_say_so() {
-        for method in Method::ALL {
-            if matches!(method, Method::Hello | Method::Shutdown) {
-                continue;
-            }
-            let error =
-                dispatch(&request(method.name(), Value::Map(vec![])), &state()).unwrap_err();
-            assert_eq!(error.code, ErrorCode::NotImplemented, "{}", method.name());
-            assert!(error.message.contains(method.name()));
+    #[tokio::test]
+    async fn generating_without_a_model_says_so() {
+        let state = state();
+        for method in ["generate", "chat"] {
+            let params = map(&[("prompt", Value::from("Hi"))]);
+            let error = call(method, params, &state).await.unwrap_err();
+            assert_eq!(error.code, ErrorCode::NoModel, "{method}");
+            assert!(error.message.contains("load"), "{}", error.message);
+        }
+        let stats: StatsResult =
+            odmoe_protocol::from_value(call("stats", Value::Map(vec![]), &state).await.unwrap())
+                .unwrap();
+        assert_eq!(stats.model, None);
+        assert_eq!(stats.pid, std::process::id());
+        assert!(stats.rss_bytes > 0);
+        let models: ModelsResult =
+            odmoe_protocol::from_value(call("models", Value::Map(vec![]), &state).await.unwrap())
+                .unwrap();
+        assert!(models.models.is_empty());
+    }
+
+    #[tokio::test]
+    async fn load_wants_an_existing_absolute_path_and_a_readable_budget() {
+        let state = state();
+        let cases = [
+            (map(&[("path", Value::from("relative/model"))]), "relative"),
+            (
+                map(&[("path", Value::from("/nonexistent/model"))]),
+                "does not exist",
+            ),
+            (
+                map(&[
+                    ("path", Value::from("/")),
+                    ("expert_budget", Value::from("lots")),
+                ]),
+                "expert_budget",
+            ),
+            (map(&[]), "path"),
+        ];
+        for (params, expected) in cases {
+            let error = call("load", params, &state).await.unwrap_err();
+            assert_eq!(error.code, ErrorCode::InvalidParams);
+            assert!(error.message.contains(expected), "{}", error.message);
         }
     }
 
     #[test]
-    fn unknown_methods_are_not_found() {
-        let error = dispatch(&request("frobnicate", Value::Map(vec![])), &state()).unwrap_err();
+    fn sampling_fields_left_out_take_the_configured_defaults() {
+        let defaults = GenerationConfig {
+            max_tokens: 7,
+            temperature: 0.0,
+            ..GenerationConfig::default()
+        };
+        let params = GenerateParams {
+            top_k: Some(3),
+            seed: Some(9),
+            ..GenerateParams::default()
+        };
+        let request = engine_request(&params, vec![1], &defaults).unwrap();
+        assert_eq!(request.max_tokens, 7);
+        assert_eq!(request.sampling.temperature, 0.0);
+        assert_eq!(request.sampling.top_k, 3);
+        assert_eq!(request.sampling.top_p, defaults.top_p);
+        assert_eq!(request.sampling.seed, 9);
+    }
+
+    #[test]
+    fn out_of_range_sampling_names_the_field() {
+        let defaults = GenerationConfig::default();
+        let cases = [
+            (
+                GenerateParams {
+                    top_p: Some(0.0),
+                    ..GenerateParams::default()
+                },
+                "top_p: ",
+            ),
+            (
+                GenerateParams {
+                    temperature: Some(-1.0),
+                    ..GenerateParams::default()
+                },
+                "temperature: ",
+            ),
+            (
+                GenerateParams {
+                    min_p: Some(1.5),
+                    ..GenerateParams::default()
+                },
+                "min_p: ",
+            ),
+            (
+                GenerateParams {
+                    repetition_penalty: Some(0.0),
+                    ..GenerateParams::default()
+                },
+                "repetition_penalty: ",
+            ),
+            (
+                GenerateParams {
+                    max_tokens: Some(0),
+                    ..GenerateParams::default()
+                },
+                "max_tokens: ",
+            ),
+        ];
+        for (params, field) in cases {
+            let error = engine_request(&params, vec![1], &defaults).unwrap_err();
+            assert_eq!(error.code, ErrorCode::InvalidParams);
+            assert!(error.message.starts_with(field), "{}", error.message);
+        }
+    }
+
+    #[tokio::test]
+    async fn cancelling_an_unknown_request_says_so() {
+        let params = map(&[("id", Value::from(42))]);
+        let result: CancelResult =
+            odmoe_protocol::from_value(call("cancel", params, &state()).await.unwrap()).unwrap();
+        assert!(!result.cancelled);
+    }
+
+    #[tokio::test]
+    async fn unknown_methods_are_not_found() {
+        let error = call("frobnicate", Value::Map(vec![]), &state())
+            .await
+            .unwrap_err();
         assert_eq!(error.code, ErrorCode::MethodNotFound);
         assert!(error.message.contains("`frobnicate`"));
     }
 
-    #[test]
-    fn shutdown_asks_the_server_to_stop() {
+    #[tokio::test]
+    async fn shutdown_asks_the_server_to_stop() {
         let state = state();
         assert!(!state.shutdown_was_requested());
         assert_eq!(
-            dispatch(&request("shutdown", Value::Map(vec![])), &state),
+            call("shutdown", Value::Map(vec![]), &state).await,
             Ok(Value::Nil)
         );
         assert!(state.shutdown_was_requested());

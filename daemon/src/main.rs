@@ -3,34 +3,48 @@
 //!
 //! ```text
 //! odmoed [--foreground] [--socket PATH] [--config FILE] [--model PATH]
+//!        [--expert-budget SIZE|PCT|auto]
 //! ```
 //!
 //! Without `--foreground` the daemon binds its socket, then detaches from the
 //! terminal and logs to `odmoed.log` beside the socket; start-up errors (bad
 //! config, a daemon already running) are still reported before it detaches.
 //! Under launchd or systemd, and in tests, run it with `--foreground`: logs go
-//! to stderr. SIGTERM, SIGINT or a `shutdown` request stop it gracefully and
-//! remove the socket.
+//! to stderr, or to the journal under systemd. A socket passed by systemd or
+//! launchd (socket activation) is used instead of binding one.
 //!
-//! This version answers `hello` and `shutdown`; the engine is not wired in
-//! yet, so the other methods answer `not_implemented`.
+//! The model loads before the first client is served and stays loaded across
+//! connections until `load` replaces it or `unload` drops it.
+//!
+//! Signals: SIGTERM and SIGINT stop accepting, cancel the generations in
+//! flight (they answer "cancelled"), remove the socket and exit; SIGHUP reads
+//! the config file again and applies what can change live (generation
+//! defaults, session limits, the expert budget, the log level).
 
+mod budget;
 mod connection;
 mod dispatch;
+mod logging;
+mod scheduler;
 mod server;
+mod settings;
 mod shutdown;
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use odmoe_config::{Config, LogLevel};
+use odmoe_config::Config;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
-use tracing_subscriber::EnvFilter;
+use tracing::{error, info, warn};
+
+use crate::budget::BudgetSpec;
+use crate::logging::LogControl;
+use crate::scheduler::Scheduler;
+use crate::server::State;
+use crate::settings::Settings;
 
 /// Serve Mixture-of-Experts models to local clients over a Unix socket.
 #[derive(Debug, Parser)]
@@ -49,6 +63,11 @@ struct Args {
     /// Serve this model instead of the configured one.
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
+    /// Memory for cached experts, instead of the configured `model.expert_budget`:
+    /// a size (8GiB), a percentage of all experts (25%) or auto. Experts load on
+    /// demand when the budget is below what all of them take.
+    #[arg(long, value_name = "SIZE|PCT|auto")]
+    expert_budget: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -63,14 +82,20 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let (config, config_file) = Config::load(args.config.as_deref())?;
-    init_logging(config.log.level, args.foreground);
+    let logs = logging::init(config.log.level, args.foreground);
     if let Some(file) = &config_file {
         info!(config = %file.display(), "configuration read");
     }
+    let flag_budget = args
+        .expert_budget
+        .as_deref()
+        .map(BudgetSpec::parse)
+        .transpose()
+        .map_err(|error| anyhow::anyhow!("--expert-budget: {error}"))?;
     // Paths from the command line are taken from the current directory, which
     // a detached daemon leaves.
-    let socket = std::path::absolute(args.socket.unwrap_or_else(|| config.socket_path()))?;
-    let model = match args.model.or(config.model.path) {
+    let socket = std::path::absolute(args.socket.clone().unwrap_or_else(|| config.socket_path()))?;
+    let model = match args.model.clone().or(config.model.path.clone()) {
         Some(model) => Some(std::path::absolute(&model)?),
         None => None,
     };
@@ -81,43 +106,135 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let max_message_bytes = usize::try_from(config.server.max_message_bytes)
         .context("server.max_message_bytes does not fit in memory")?;
-    let state = Arc::new(server::State::new(model, max_message_bytes));
     let max_connections = config.server.max_connections as usize;
+    let settings = Arc::new(RwLock::new(Settings::new(&config, flag_budget)));
 
+    // Before any thread starts: a socket from the service manager replaces ours.
+    let activated = server::activated()?;
     // A detached daemon binds before it forks, so that start-up errors reach
     // the terminal; in the foreground the signal handlers come first, so that
     // a SIGTERM sent as soon as the socket appears is handled.
-    let bound = if args.foreground {
-        None
-    } else {
-        let bound = server::bind(&socket)?;
-        detach(bound.path())?;
-        Some(bound)
+    let bound = match activated {
+        Some(bound) => Some(bound),
+        None if args.foreground => None,
+        None => {
+            let bound = server::bind(&socket)?;
+            detach(bound.path().unwrap_or(&socket))?;
+            Some(bound)
+        }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async {
-        let signal = shutdown_signal()?;
+        let mut signal = Box::pin(shutdown_signal()?);
+        let hangup = signal_stream(SignalKind::hangup(), "SIGHUP")?;
+        let scheduler =
+            Scheduler::start(Arc::clone(&settings)).context("cannot start the engine thread")?;
+        let state = Arc::new(State::new(scheduler, settings, max_message_bytes));
         let bound = match bound {
             Some(bound) => bound,
             None => server::bind(&socket)?,
         };
+        if let Some(model) = model {
+            let budget = state.settings().expert_budget;
+            tokio::select! {
+                loaded = state.scheduler.load(model.clone(), budget) => {
+                    loaded.map_err(|error| anyhow::anyhow!("{}", error.message))
+                        .with_context(|| format!("cannot serve {}", model.display()))?;
+                }
+                name = &mut signal => {
+                    info!(signal = name, "stopped while loading the model");
+                    state.scheduler.stop();
+                    return Ok(());
+                }
+            }
+        }
+        tokio::spawn(reload_on_hangup(
+            hangup,
+            args.config.clone(),
+            config,
+            Arc::clone(&state),
+            logs,
+        ));
         server::run(bound, state, max_connections, signal).await?;
         Ok(())
     })
 }
 
-/// Logs to stderr at `level`, unless `RUST_LOG` says otherwise.
-fn init_logging(level: LogLevel, foreground: bool) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.as_str()));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(foreground && std::io::stderr().is_terminal())
-        .init();
+/// Reloads the config file on every SIGHUP and applies the keys that can
+/// change live, logging each change; a config that no longer reads is
+/// reported and ignored.
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    explicit: Option<PathBuf>,
+    started_with: Config,
+    state: Arc<State>,
+    logs: LogControl,
+) {
+    while hangup.recv().await.is_some() {
+        let config = match Config::load(explicit.as_deref()) {
+            Ok((config, _)) => config,
+            Err(error) => {
+                error!("SIGHUP: the configuration was not reloaded: {error}");
+                continue;
+            }
+        };
+        apply(&config, &started_with, &state, &logs);
+    }
+}
+
+/// Applies `config`'s live keys to the running daemon.
+fn apply(config: &Config, started_with: &Config, state: &State, logs: &LogControl) {
+    let current = state.settings();
+    let (next, changes) = current.reloaded(config);
+    if next.log_level != current.log_level
+        && let Err(error) = logs.set_level(next.log_level)
+    {
+        warn!(%error, "cannot change the log level");
+    }
+    if next.expert_budget != current.expert_budget {
+        apply_budget(&next.expert_budget, state);
+    }
+    *state
+        .settings
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = next;
+    if config.server != started_with.server || config.model.path != started_with.model.path {
+        warn!("SIGHUP: [server] and model.path take effect at the next start");
+    }
+    if changes.is_empty() {
+        info!("SIGHUP: configuration reloaded, nothing changed");
+    }
+    for change in changes {
+        info!(%change, "SIGHUP: configuration changed");
+    }
+}
+
+/// Gives the loaded model's expert store the budget `budget` now.
+fn apply_budget(budget: &BudgetSpec, state: &State) {
+    let Some(served) = state.scheduler.served() else {
+        return;
+    };
+    let Some(store) = &served.store else {
+        info!(%budget, "experts are resident: the new expert budget applies at the next load");
+        return;
+    };
+    let total = served.info.total_expert_bytes;
+    match budget.resolve(total) {
+        Ok(bytes) => {
+            let bytes = bytes.unwrap_or(total);
+            store.set_budget(bytes);
+            info!(%budget, bytes, "expert budget changed");
+        }
+        Err(error) => warn!(%error, "the expert budget was not changed"),
+    }
+}
+
+/// A stream of `kind` signals, installed now.
+fn signal_stream(kind: SignalKind, name: &str) -> anyhow::Result<tokio::signal::unix::Signal> {
+    signal(kind).with_context(|| format!("cannot handle {name}"))
 }
 
 /// Completes with the signal's name on the first SIGTERM or SIGINT. The

@@ -3,16 +3,18 @@
 //! [`bind`] prepares the socket file: a private directory (created 0700 and
 //! refused if anyone else could enter it), no second daemon on the same path,
 //! a stale socket left by a killed daemon replaced, the socket itself 0600.
+//! [`activated`] takes the socket systemd or launchd passed instead.
 //! [`run`] accepts clients until a signal or a `shutdown` request, then stops
-//! accepting, removes the socket file and waits for every handler to finish.
+//! accepting, removes the socket file, cancels the generations in flight and
+//! waits (for a grace period) for every handler to write its last answers.
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::net::{UnixListener, UnixStream};
@@ -20,30 +22,51 @@ use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::connection;
+use crate::scheduler::Scheduler;
+use crate::settings::Settings;
 use crate::shutdown::Shutdown;
 
 /// What every connection handler shares.
 #[derive(Debug)]
 pub struct State {
-    /// The model path `hello` reports; the engine is not wired in yet.
-    pub model: Option<PathBuf>,
     /// Largest message accepted from a client, in bytes.
     pub max_message_bytes: usize,
     /// The daemon's effective uid: a peer must have it, or be root.
     pub uid: u32,
+    /// The engine thread: the model, the queue and the sessions.
+    pub scheduler: Scheduler,
+    /// The config keys that SIGHUP can change.
+    pub settings: Arc<RwLock<Settings>>,
+    /// When the daemon started, for `stats`.
+    pub started: Instant,
     /// Becomes true when a client asks the daemon to stop.
     shutdown: watch::Sender<bool>,
 }
 
 impl State {
-    /// State for a daemon serving `model` with messages up to `max_message_bytes`.
-    pub fn new(model: Option<PathBuf>, max_message_bytes: usize) -> State {
+    /// State for a daemon whose engine is `scheduler`, with messages up to
+    /// `max_message_bytes`.
+    pub fn new(
+        scheduler: Scheduler,
+        settings: Arc<RwLock<Settings>>,
+        max_message_bytes: usize,
+    ) -> State {
         State {
-            model,
             max_message_bytes,
             uid: nix::unistd::geteuid().as_raw(),
+            scheduler,
+            settings,
+            started: Instant::now(),
             shutdown: watch::Sender::new(false),
         }
+    }
+
+    /// The live settings as they are now.
+    pub fn settings(&self) -> Settings {
+        self.settings
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Asks the server to shut down gracefully.
@@ -65,20 +88,21 @@ impl State {
     }
 }
 
-/// A socket bound at a path, with the file that goes away with it.
+/// A socket bound at a path, with the file that goes away with it, or a
+/// socket handed over by the service manager.
 #[derive(Debug)]
 pub struct BoundSocket {
     /// The listening socket, not yet registered with a runtime (so it can be
     /// bound before the daemon detaches).
     listener: StdUnixListener,
-    /// The socket file, removed on drop.
-    file: SocketFile,
+    /// The socket file, removed on drop; `None` when the service manager owns it.
+    file: Option<SocketFile>,
 }
 
 impl BoundSocket {
-    /// The socket's path.
-    pub fn path(&self) -> &Path {
-        &self.file.path
+    /// The socket's path, when this daemon bound it.
+    pub fn path(&self) -> Option<&Path> {
+        self.file.as_ref().map(|file| file.path.as_path())
     }
 }
 
@@ -117,11 +141,77 @@ pub fn bind(path: &Path) -> anyhow::Result<BoundSocket> {
     let meta = fs::symlink_metadata(path)?;
     Ok(BoundSocket {
         listener,
-        file: SocketFile {
+        file: Some(SocketFile {
             path: path.to_owned(),
             id: (meta.dev(), meta.ino()),
-        },
+        }),
     })
+}
+
+/// The listening socket systemd or launchd passed to this process (socket
+/// activation), if any. Call it before any thread starts: on Linux it clears
+/// the `LISTEN_*` variables so that children do not take the socket for theirs.
+pub fn activated() -> anyhow::Result<Option<BoundSocket>> {
+    let listener = activated_listener()?;
+    Ok(listener.map(|listener| BoundSocket {
+        listener,
+        file: None,
+    }))
+}
+
+/// systemd: `LISTEN_PID` names this process and `LISTEN_FDS` counts the
+/// sockets passed from fd 3 (`SD_LISTEN_FDS_START`) on; the first is ours.
+#[cfg(target_os = "linux")]
+fn activated_listener() -> anyhow::Result<Option<StdUnixListener>> {
+    use std::os::fd::FromRawFd;
+    let var = |name| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+    if var("LISTEN_PID") != Some(std::process::id()) || var("LISTEN_FDS").unwrap_or(0) < 1 {
+        return Ok(None);
+    }
+    // SAFETY: called while the process is single-threaded (see `activated`).
+    unsafe {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    // SAFETY: systemd passes the listening socket as fd 3, and nothing else in
+    // this process owns it.
+    Ok(Some(unsafe { StdUnixListener::from_raw_fd(3) }))
+}
+
+/// launchd: the socket named `Listeners` in the job's plist.
+#[cfg(target_os = "macos")]
+fn activated_listener() -> anyhow::Result<Option<StdUnixListener>> {
+    use std::ffi::{c_char, c_int, c_void};
+    use std::os::fd::FromRawFd;
+    unsafe extern "C" {
+        fn launch_activate_socket(
+            name: *const c_char,
+            fds: *mut *mut c_int,
+            count: *mut usize,
+        ) -> c_int;
+        fn free(pointer: *mut c_void);
+    }
+    const ESRCH: c_int = 3;
+    let mut fds: *mut c_int = std::ptr::null_mut();
+    let mut count = 0usize;
+    // SAFETY: launchd fills `fds` with a malloc'ed array of `count` descriptors.
+    let status = unsafe { launch_activate_socket(c"Listeners".as_ptr(), &mut fds, &mut count) };
+    if status == ESRCH {
+        return Ok(None); // not started by launchd
+    }
+    if status != 0 {
+        bail!("launch_activate_socket(\"Listeners\") failed with error {status}");
+    }
+    // SAFETY: `fds` holds `count` descriptors that are now ours; the array is freed once read.
+    let first = (count > 0).then(|| unsafe { *fds });
+    unsafe { free(fds.cast()) };
+    Ok(first.map(|fd| unsafe { StdUnixListener::from_raw_fd(fd) }))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+fn activated_listener() -> anyhow::Result<Option<StdUnixListener>> {
+    Ok(None)
 }
 
 /// Creates `dir` (and missing parents) with mode 0700, or checks that the
@@ -198,8 +288,12 @@ struct Listener {
 /// Shortest and longest pause after a failed accept.
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 
+/// How long a graceful shutdown waits for connections to finish their answers.
+const GRACE: Duration = Duration::from_secs(10);
+
 /// Serves clients on `socket` until `signal` completes or a client calls
-/// `shutdown`, then stops gracefully. Must run inside a tokio runtime.
+/// `shutdown`, then stops gracefully: in-flight generations are cancelled and
+/// answered "cancelled". Must run inside a tokio runtime.
 pub async fn run(
     socket: BoundSocket,
     state: Arc<State>,
@@ -217,7 +311,13 @@ pub async fn run(
         shutdown_complete,
         state: Arc::clone(&state),
     };
-    info!(socket = %file.path.display(), pid = std::process::id(), "listening");
+    match &file {
+        Some(file) => info!(socket = %file.path.display(), pid = std::process::id(), "listening"),
+        None => info!(
+            pid = std::process::id(),
+            "listening on the socket of the service manager"
+        ),
+    }
 
     tokio::select! {
         () = server.accept_loop() => {}
@@ -226,7 +326,8 @@ pub async fn run(
     }
 
     // Stop accepting and remove the socket, so new clients learn at once that
-    // the daemon is gone, then let the handlers finish.
+    // the daemon is gone; cancel the generations, then let the handlers write
+    // their last answers.
     let Listener {
         listener,
         notify_shutdown,
@@ -235,9 +336,16 @@ pub async fn run(
     } = server;
     drop(listener);
     drop(file);
+    state.scheduler.stop();
     drop(notify_shutdown);
     drop(shutdown_complete);
-    let _ = all_done.recv().await;
+    if tokio::time::timeout(GRACE, all_done.recv()).await.is_err() {
+        warn!(grace = ?GRACE, "connections still busy after the grace period; leaving them");
+    }
+    let scheduler_stopped = tokio::task::spawn_blocking(move || state.scheduler.join(GRACE)).await;
+    if !matches!(scheduler_stopped, Ok(true)) {
+        warn!("the engine is still busy after the grace period; leaving it");
+    }
     info!("stopped");
     Ok(())
 }
@@ -255,7 +363,7 @@ impl Listener {
             let shutdown = Shutdown::new(self.notify_shutdown.subscribe());
             let done = self.shutdown_complete.clone();
             tokio::spawn(async move {
-                if let Err(error) = connection::serve(stream, &state, shutdown).await {
+                if let Err(error) = connection::serve(stream, state, shutdown).await {
                     warn!(%error, "connection failed");
                 }
                 drop(permit);

@@ -190,9 +190,20 @@ fn expect_rpc_error(result: Result<Value, ClientError>) -> RpcError {
     }
 }
 
+/// The smallest committed fixture model (the end-to-end tests' crate holds them).
+fn fixture_model() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/qwen3_moe")
+        .canonicalize()
+        .unwrap()
+        .display()
+        .to_string()
+}
+
 #[tokio::test]
 async fn hello_through_the_client() {
-    let daemon = Daemon::start(&["--model", env!("CARGO_MANIFEST_DIR")]).await;
+    let model = fixture_model();
+    let daemon = Daemon::start(&["--model", &model]).await;
     let mut client = daemon.client().await;
     let hello = timeout(LIMIT, client.hello()).await.unwrap().unwrap();
     assert_eq!(
@@ -200,9 +211,23 @@ async fn hello_through_the_client() {
         HelloResult {
             protocol_version: PROTOCOL_VERSION,
             server_version: env!("CARGO_PKG_VERSION").into(),
-            model: Some(env!("CARGO_MANIFEST_DIR").into()),
+            model: Some(model),
         }
     );
+}
+
+#[test]
+fn a_model_that_cannot_load_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = foreground(dir.path(), &dir.path().join("run").join("odmoed.sock"))
+        .arg("--model")
+        .arg(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot serve"), "{stderr}");
+    assert!(stderr.contains("config.json"), "{stderr}");
 }
 
 #[tokio::test]
@@ -230,7 +255,7 @@ async fn hello_as_raw_bytes_from_an_editor() {
 }
 
 #[tokio::test]
-async fn unknown_and_unimplemented_methods_answer_errors_and_keep_the_connection() {
+async fn unknown_methods_and_missing_models_answer_errors_and_keep_the_connection() {
     let daemon = Daemon::start(&[]).await;
     let mut client = daemon.client().await;
     let error = expect_rpc_error(
@@ -244,8 +269,8 @@ async fn unknown_and_unimplemented_methods_answer_errors_and_keep_the_connection
             .await
             .unwrap(),
     );
-    assert_eq!(error.code, ErrorCode::NotImplemented);
-    assert!(error.message.contains("generate"), "{}", error.message);
+    assert_eq!(error.code, ErrorCode::NoModel);
+    assert!(error.message.contains("load"), "{}", error.message);
     timeout(LIMIT, client.hello()).await.unwrap().unwrap();
 }
 

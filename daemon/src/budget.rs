@@ -1,0 +1,123 @@
+//! How much memory cached experts may hold, and whether they need a store at all.
+//!
+//! A budget is written as `auto`, a size (`8GiB`) or a percentage of all the
+//! model's experts (`25%`), the same as `odmoe run --expert-budget`. It becomes
+//! bytes only once the model is known, since a percentage and `auto` depend on
+//! the size of its experts.
+
+use odmoe_config::ExpertBudget;
+use odmoe_engine::format::size::parse_budget;
+
+/// An expert budget as configured, before the model's size is known.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BudgetSpec {
+    /// Decided from the machine's memory.
+    Auto,
+    /// A size or a percentage of all experts, in `parse_budget`'s syntax.
+    Text(String),
+}
+
+impl BudgetSpec {
+    /// Reads `auto`, a size or a percentage, checking the syntax now so that a
+    /// typo is reported at once rather than when a model loads.
+    pub fn parse(text: &str) -> Result<BudgetSpec, String> {
+        if text.trim().eq_ignore_ascii_case("auto") {
+            return Ok(BudgetSpec::Auto);
+        }
+        // Any whole will do to check the syntax; a large one keeps small
+        // percentages above zero bytes.
+        parse_budget(text, u64::MAX / 2).map_err(|error| error.to_string())?;
+        Ok(BudgetSpec::Text(text.trim().to_owned()))
+    }
+
+    /// The config file's `model.expert_budget`.
+    pub fn from_config(budget: ExpertBudget) -> BudgetSpec {
+        match budget {
+            ExpertBudget::Auto => BudgetSpec::Auto,
+            ExpertBudget::Bytes(bytes) => BudgetSpec::Text(bytes.to_string()),
+            ExpertBudget::Percent(percent) => BudgetSpec::Text(format!("{percent}%")),
+        }
+    }
+
+    /// Bytes for cached experts of a model whose experts take `total_expert_bytes`
+    /// in memory, or `None` when every expert fits and should stay resident.
+    ///
+    /// `auto` is, for now, every expert when they fit in half of the machine's
+    /// memory, else half of the machine's memory; a memory-pressure controller
+    /// is to refine it while the daemon runs.
+    pub fn resolve(&self, total_expert_bytes: u64) -> Result<Option<u64>, String> {
+        let bytes = match self {
+            BudgetSpec::Auto => match memory_total() {
+                Some(memory) => memory / 2,
+                None => return Ok(None),
+            },
+            BudgetSpec::Text(text) => {
+                parse_budget(text, total_expert_bytes).map_err(|error| error.to_string())?
+            }
+        };
+        Ok((bytes < total_expert_bytes).then_some(bytes))
+    }
+}
+
+impl std::fmt::Display for BudgetSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BudgetSpec::Auto => f.write_str("auto"),
+            BudgetSpec::Text(text) => f.write_str(text),
+        }
+    }
+}
+
+/// The machine's physical memory in bytes (MemTotal), when the system says.
+pub fn memory_total() -> Option<u64> {
+    use nix::unistd::{SysconfVar, sysconf};
+    let pages = sysconf(SysconfVar::_PHYS_PAGES).ok()??;
+    let page = sysconf(SysconfVar::PAGE_SIZE).ok()??;
+    u64::try_from(pages)
+        .ok()?
+        .checked_mul(u64::try_from(page).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_percentages_are_of_all_experts() {
+        let spec = BudgetSpec::parse("25%").unwrap();
+        assert_eq!(spec.resolve(1000).unwrap(), Some(250));
+        let spec = BudgetSpec::parse("1KiB").unwrap();
+        assert_eq!(spec.resolve(4096).unwrap(), Some(1024));
+    }
+
+    #[test]
+    fn a_budget_that_holds_every_expert_keeps_them_resident() {
+        assert_eq!(BudgetSpec::parse("100%").unwrap().resolve(1000), Ok(None));
+        assert_eq!(BudgetSpec::parse("8GiB").unwrap().resolve(1000), Ok(None));
+    }
+
+    #[test]
+    fn auto_keeps_small_models_resident_and_caps_large_ones_at_half_of_memory() {
+        let memory = memory_total().expect("the machine's memory");
+        assert_eq!(BudgetSpec::Auto.resolve(1 << 20), Ok(None));
+        assert_eq!(BudgetSpec::Auto.resolve(memory), Ok(Some(memory / 2)));
+    }
+
+    #[test]
+    fn nonsense_is_refused_at_once() {
+        assert!(BudgetSpec::parse("lots").unwrap_err().contains("lots"));
+        assert_eq!(BudgetSpec::parse(" AUTO "), Ok(BudgetSpec::Auto));
+    }
+
+    #[test]
+    fn the_config_file_spells_the_same_budgets() {
+        assert_eq!(
+            BudgetSpec::from_config(ExpertBudget::Percent(25.0)).resolve(1000),
+            Ok(Some(250))
+        );
+        assert_eq!(
+            BudgetSpec::from_config(ExpertBudget::Bytes(100)).resolve(1000),
+            Ok(Some(100))
+        );
+    }
+}

@@ -1,0 +1,738 @@
+//! The engine thread: the only place that touches the model.
+//!
+//! One `std::thread` owns the loaded model and the kept sessions. Connection
+//! tasks hand it [`Job`]s through a FIFO queue and hear back through channels:
+//! a generation sends [`Event`]s (text as it is produced, then the result) on
+//! its own tokio channel, so a slow client never stalls the engine. Each
+//! generation carries a [`CancelToken`] that the per-token callback checks, so
+//! a cancelled generation stops within one token step; a job still waiting is
+//! taken out of the queue at once.
+//!
+//! The engine loop pops one job at a time. Batching several sessions per step
+//! fits here later: the loop would pop every waiting generation and step them
+//! together, with nothing outside this module changing.
+//!
+//! Sessions are named conversations whose KV cache and tokens are kept between
+//! requests, so a follow-up turn prefills only what is new. At most
+//! `sessions.max_sessions` are kept (the least recently used goes first), and a
+//! session idle for `sessions.idle_expiry_secs` is dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use odmoe_engine::generate::{FinishReason, GenerateRequest, Generation, Session};
+use odmoe_engine::loader::{self, ExpertMode, LoadOptions, LoadedModel};
+use odmoe_engine::store::{ExpertStore, StoreConfig};
+use odmoe_engine::tokenizer::Tokenizer;
+use odmoe_protocol::{
+    ErrorCode, GenerateResult, ModelInfo, QueueStats, RpcError, SessionStats, Timings, Usage,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::budget::BudgetSpec;
+use crate::settings::Settings;
+
+/// Longest the engine thread sleeps without looking at idle sessions, so a
+/// changed `idle_expiry_secs` takes effect soon.
+const IDLE_CHECK: Duration = Duration::from_secs(30);
+
+/// Set to stop one generation; checked by the engine between tokens.
+#[derive(Debug, Default)]
+pub struct CancelToken(AtomicBool);
+
+impl CancelToken {
+    /// Asks the generation to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What a generation tells its requester.
+#[derive(Debug)]
+pub enum Event {
+    /// Text that became final with `token`.
+    Token { token: u32, text: String },
+    /// The end: the result, or why there is none.
+    Done(Result<GenerateResult, RpcError>),
+}
+
+/// A generation waiting for the engine.
+#[derive(Debug)]
+pub struct GenerateJob {
+    /// The model the prompt was tokenized for ([`Served::epoch`]); a job
+    /// outliving its model is refused rather than run with the wrong vocabulary.
+    pub epoch: u64,
+    /// Prompt tokens, sampling and stop conditions.
+    pub request: GenerateRequest,
+    /// The kept session to continue, if any.
+    pub session: Option<String>,
+    /// Set by `cancel`, a disconnect or shutdown.
+    pub cancel: Arc<CancelToken>,
+    /// Where text and the result go.
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// Work for the engine thread.
+#[derive(Debug)]
+enum Job {
+    Generate {
+        job: GenerateJob,
+        /// When the job was queued, for `timings.queue_ms`.
+        queued: Instant,
+    },
+    Load {
+        path: PathBuf,
+        budget: BudgetSpec,
+        reply: oneshot::Sender<Result<ModelInfo, RpcError>>,
+    },
+    Unload {
+        reply: oneshot::Sender<Result<bool, RpcError>>,
+    },
+}
+
+impl Job {
+    /// Answers the job without running it: the daemon is stopping or it was
+    /// cancelled while waiting.
+    fn cancel(self, why: &str) {
+        match self {
+            Job::Generate { job, queued } => {
+                let result = cancelled_before_start(&job, queued);
+                let _ = job.events.send(Event::Done(Ok(result)));
+            }
+            Job::Load { reply, .. } => {
+                let _ = reply.send(Err(RpcError::new(ErrorCode::Cancelled, why)));
+            }
+            Job::Unload { reply } => {
+                let _ = reply.send(Err(RpcError::new(ErrorCode::Cancelled, why)));
+            }
+        }
+    }
+}
+
+/// The loaded model as connection tasks see it: what they need to check and
+/// tokenize a request without waiting for the engine thread.
+pub struct Served {
+    /// Counts loads; jobs carry it to detect a model replaced while they waited.
+    pub epoch: u64,
+    /// What `models` and `stats` report (the budget as at load).
+    pub info: ModelInfo,
+    /// Token ids must be below this.
+    pub vocab_size: usize,
+    /// The model's tokenizer, when it has a `tokenizer.json`.
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// The expert store, when experts are loaded on demand.
+    pub store: Option<Arc<ExpertStore>>,
+}
+
+/// The queue and what the engine thread publishes, shared with every handle.
+struct Shared {
+    /// Jobs waiting, and whether one runs.
+    queue: Mutex<Queue>,
+    /// Wakes the engine thread when a job arrives or the daemon stops.
+    wake: Condvar,
+    /// The loaded model, replaced by the engine thread on load and unload.
+    served: RwLock<Option<Arc<Served>>>,
+    /// Kept sessions, as last published by the engine thread.
+    sessions: Mutex<SessionStats>,
+    /// Generations finished (in any way) since start.
+    requests: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// Jobs in arrival order.
+    waiting: VecDeque<Job>,
+    /// The cancel token of the generation running, or a placeholder for a
+    /// load or unload; `None` when the engine is idle.
+    running: Option<Arc<CancelToken>>,
+    /// Set once by [`Scheduler::stop`]; nothing is queued after it.
+    stopping: bool,
+}
+
+/// The handle to the engine thread, shared by every connection.
+pub struct Scheduler {
+    /// The queue and the published state.
+    shared: Arc<Shared>,
+    /// The engine thread, taken by [`Scheduler::join`].
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served")
+            .field("epoch", &self.epoch)
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("queue", &self.queue_stats())
+            .field("served", &self.served())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Locks `mutex`, ignoring poisoning: every critical section here leaves its
+/// data consistent, and the daemon must keep serving.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Scheduler {
+    /// Starts the engine thread, with no model loaded. `settings` gives the
+    /// session limits, read again at every job so that SIGHUP applies them.
+    pub fn start(settings: Arc<RwLock<Settings>>) -> std::io::Result<Scheduler> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            served: RwLock::new(None),
+            sessions: Mutex::new(SessionStats::default()),
+            requests: AtomicU64::new(0),
+        });
+        let engine = Engine {
+            shared: Arc::clone(&shared),
+            settings,
+            loaded: None,
+            sessions: Sessions::default(),
+            epoch: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || engine.run())?;
+        Ok(Scheduler {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The loaded model, if any.
+    pub fn served(&self) -> Option<Arc<Served>> {
+        self.shared
+            .served
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Queues a generation. Returns how many jobs are ahead of it (the running
+    /// one included), or the job back if the daemon is stopping.
+    pub fn submit(&self, job: GenerateJob) -> Result<u32, GenerateJob> {
+        let mut queue = lock(&self.shared.queue);
+        if queue.stopping {
+            return Err(job);
+        }
+        let ahead = queue.waiting.len() + usize::from(queue.running.is_some());
+        queue.waiting.push_back(Job::Generate {
+            job,
+            queued: Instant::now(),
+        });
+        self.shared.wake.notify_one();
+        Ok(u32::try_from(ahead).unwrap_or(u32::MAX))
+    }
+
+    /// Takes the generation cancelled by `cancel` out of the queue, answering it
+    /// "cancelled" at once. False if it is not waiting (it runs, or is done).
+    pub fn withdraw(&self, cancel: &Arc<CancelToken>) -> bool {
+        let job = {
+            let mut queue = lock(&self.shared.queue);
+            let at = queue.waiting.iter().position(
+                |job| matches!(job, Job::Generate { job, .. } if Arc::ptr_eq(&job.cancel, cancel)),
+            );
+            at.and_then(|at| queue.waiting.remove(at))
+        };
+        match job {
+            Some(job) => {
+                job.cancel("cancelled");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Loads the model at `path`, replacing the loaded one and dropping every
+    /// session. Waits behind the jobs already queued.
+    pub async fn load(&self, path: PathBuf, budget: BudgetSpec) -> Result<ModelInfo, RpcError> {
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(Job::Load {
+            path,
+            budget,
+            reply,
+        });
+        answer.await.unwrap_or_else(|_| Err(engine_gone()))
+    }
+
+    /// Drops the model and every session; true if a model was loaded.
+    pub async fn unload(&self) -> Result<bool, RpcError> {
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(Job::Unload { reply });
+        answer.await.unwrap_or_else(|_| Err(engine_gone()))
+    }
+
+    fn enqueue(&self, job: Job) {
+        let mut queue = lock(&self.shared.queue);
+        if queue.stopping {
+            drop(queue);
+            job.cancel("odmoed is shutting down");
+            return;
+        }
+        queue.waiting.push_back(job);
+        self.shared.wake.notify_one();
+    }
+
+    /// Jobs waiting and running.
+    pub fn queue_stats(&self) -> QueueStats {
+        let queue = lock(&self.shared.queue);
+        QueueStats {
+            waiting: u32::try_from(queue.waiting.len()).unwrap_or(u32::MAX),
+            running: u32::from(queue.running.is_some()),
+        }
+    }
+
+    /// Sessions kept and the bytes of their KV caches.
+    pub fn session_stats(&self) -> SessionStats {
+        lock(&self.shared.sessions).clone()
+    }
+
+    /// Generations finished since start.
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// Stops taking jobs, answers every waiting one "cancelled", and cancels
+    /// the running generation; the engine thread then exits.
+    pub fn stop(&self) {
+        let (waiting, running) = {
+            let mut queue = lock(&self.shared.queue);
+            queue.stopping = true;
+            (std::mem::take(&mut queue.waiting), queue.running.clone())
+        };
+        if let Some(running) = running {
+            running.cancel();
+        }
+        for job in waiting {
+            job.cancel("odmoed is shutting down");
+        }
+        self.shared.wake.notify_all();
+    }
+
+    /// Waits up to `grace` for the engine thread to exit after [`Scheduler::stop`];
+    /// false if it is still busy (a load cannot be interrupted).
+    pub fn join(&self, grace: Duration) -> bool {
+        let Some(thread) = lock(&self.thread).take() else {
+            return true;
+        };
+        let deadline = Instant::now() + grace;
+        while !thread.is_finished() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if thread.join().is_err() {
+            warn!("the engine thread panicked");
+        }
+        true
+    }
+}
+
+/// What the engine thread owns.
+struct Engine {
+    /// The queue it serves and where it publishes.
+    shared: Arc<Shared>,
+    /// Live session limits.
+    settings: Arc<RwLock<Settings>>,
+    /// The model and its tokenizer.
+    loaded: Option<(LoadedModel, Option<Arc<Tokenizer>>)>,
+    /// Named conversations of the loaded model.
+    sessions: Sessions,
+    /// Counts loads, see [`Served::epoch`].
+    epoch: u64,
+}
+
+/// What the engine loop does next.
+enum Next {
+    Run(Job),
+    /// Nothing arrived before the next session could expire.
+    Idle,
+    Stop,
+}
+
+impl Engine {
+    fn run(mut self) {
+        loop {
+            let idle = self.idle_expiry();
+            if self.sessions.expire(idle) > 0 {
+                self.publish_sessions();
+            }
+            match self.next(self.sessions.next_expiry(idle)) {
+                Next::Run(job) => {
+                    self.serve(job);
+                    lock(&self.shared.queue).running = None;
+                }
+                Next::Idle => {}
+                Next::Stop => break,
+            }
+        }
+        debug!("engine thread stopped");
+    }
+
+    fn idle_expiry(&self) -> Option<Duration> {
+        let settings = self
+            .settings
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let secs = settings.sessions.idle_expiry_secs;
+        (secs > 0).then(|| Duration::from_secs(secs))
+    }
+
+    fn max_sessions(&self) -> usize {
+        let settings = self
+            .settings
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        settings.sessions.max_sessions.max(1) as usize
+    }
+
+    /// Waits for a job until `until` (a session's expiry) at the latest.
+    fn next(&self, until: Option<Instant>) -> Next {
+        let mut queue = lock(&self.shared.queue);
+        loop {
+            if let Some(job) = queue.waiting.pop_front() {
+                queue.running = Some(match &job {
+                    Job::Generate { job, .. } => Arc::clone(&job.cancel),
+                    Job::Load { .. } | Job::Unload { .. } => Arc::default(),
+                });
+                return Next::Run(job);
+            }
+            if queue.stopping {
+                return Next::Stop;
+            }
+            let now = Instant::now();
+            let wait = until.map_or(IDLE_CHECK, |until| {
+                until.saturating_duration_since(now).min(IDLE_CHECK)
+            });
+            if wait.is_zero() {
+                return Next::Idle;
+            }
+            let (guard, timeout) = self
+                .shared
+                .wake
+                .wait_timeout(queue, wait)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            queue = guard;
+            if timeout.timed_out() && queue.waiting.is_empty() {
+                return Next::Idle;
+            }
+        }
+    }
+
+    fn serve(&mut self, job: Job) {
+        match job {
+            Job::Generate { job, queued } => {
+                let outcome = self.generate(&job, queued);
+                self.shared.requests.fetch_add(1, Ordering::Relaxed);
+                let _ = job.events.send(Event::Done(outcome));
+            }
+            Job::Load {
+                path,
+                budget,
+                reply,
+            } => {
+                let outcome = self.load(&path, &budget);
+                if let Err(error) = &outcome {
+                    warn!(model = %path.display(), %error, "load failed");
+                }
+                let _ = reply.send(outcome);
+            }
+            Job::Unload { reply } => {
+                let unloaded = self.unload();
+                if unloaded {
+                    info!("model unloaded");
+                }
+                let _ = reply.send(Ok(unloaded));
+            }
+        }
+    }
+
+    fn generate(&mut self, job: &GenerateJob, queued: Instant) -> Result<GenerateResult, RpcError> {
+        let queue_ms = queued.elapsed().as_secs_f64() * 1e3;
+        if job.cancel.is_cancelled() || job.events.is_closed() {
+            return Ok(cancelled_before_start(job, queued));
+        }
+        let Some((loaded, tokenizer)) = &self.loaded else {
+            return Err(no_model());
+        };
+        if job.epoch != self.epoch {
+            return Err(RpcError::new(
+                ErrorCode::Cancelled,
+                "the model was replaced while this request waited; send it again",
+            ));
+        }
+        let model = &loaded.model;
+        let mut session = job
+            .session
+            .as_ref()
+            .and_then(|name| self.sessions.take(name))
+            .unwrap_or_else(|| Session::new(model));
+        let outcome = session.generate(model, tokenizer.as_deref(), &job.request, |delta| {
+            // The text goes out even when cancelled, so that the events add up
+            // to the result's text.
+            let delivered = job
+                .events
+                .send(Event::Token {
+                    token: delta.token,
+                    text: delta.text.clone(),
+                })
+                .is_ok();
+            delivered && !job.cancel.is_cancelled()
+        });
+        if let Some(name) = &job.session {
+            self.sessions
+                .put(name.clone(), session, self.max_sessions());
+            self.publish_sessions();
+        }
+        let generation = outcome.map_err(engine_error)?;
+        Ok(result_of(generation, queue_ms))
+    }
+
+    fn load(&mut self, path: &Path, budget: &BudgetSpec) -> Result<ModelInfo, RpcError> {
+        let invalid = |error: String| RpcError::new(ErrorCode::InvalidParams, error);
+        let started = Instant::now();
+        // Everything that can be checked without the weights is checked before
+        // the loaded model is dropped, so a typo does not leave no model at all.
+        let (config, total) = loader::describe(path).map_err(|error| {
+            invalid(format!(
+                "cannot read the model at {}: {error}",
+                path.display()
+            ))
+        })?;
+        let budget_bytes = budget
+            .resolve(total)
+            .map_err(|error| invalid(format!("expert_budget: {error}")))?;
+        let tokenizer = if path.join("tokenizer.json").exists() {
+            let tokenizer =
+                Tokenizer::from_dir(path).map_err(|error| invalid(error.to_string()))?;
+            Some(Arc::new(tokenizer))
+        } else {
+            None
+        };
+        let device = odmoe_engine::default_device().map_err(engine_error)?;
+        let experts = match budget_bytes {
+            None => ExpertMode::Resident,
+            Some(budget_bytes) => ExpertMode::OnDemand(StoreConfig {
+                budget_bytes,
+                ..StoreConfig::default()
+            }),
+        };
+        let options = LoadOptions {
+            experts,
+            ..LoadOptions::default()
+        };
+        // Two models may not fit in memory together: the old one goes first.
+        self.unload();
+        let loaded = loader::load(path, &options, &device)
+            .map_err(|error| invalid(format!("cannot load {}: {error}", path.display())))?;
+        self.epoch += 1;
+        let info = ModelInfo {
+            path: path.display().to_string(),
+            architecture: config.architecture.model_type().to_owned(),
+            layers: config.num_layers as u32,
+            experts_per_layer: config.num_experts as u32,
+            experts_per_token: config.num_experts_per_token as u32,
+            expert_bytes: config.expert_f32_bytes() as u64,
+            total_expert_bytes: total,
+            mode: if budget_bytes.is_some() {
+                "on_demand"
+            } else {
+                "resident"
+            }
+            .to_owned(),
+            budget_bytes,
+        };
+        info!(
+            model = %path.display(),
+            architecture = %info.architecture,
+            mode = %info.mode,
+            budget = %budget,
+            budget_bytes = ?budget_bytes,
+            expert_bytes = total,
+            seconds = started.elapsed().as_secs_f64(),
+            "model loaded"
+        );
+        let served = Served {
+            epoch: self.epoch,
+            info: info.clone(),
+            vocab_size: config.vocab_size,
+            tokenizer: tokenizer.clone(),
+            store: loaded.store.clone(),
+        };
+        self.loaded = Some((loaded, tokenizer));
+        self.publish(Some(Arc::new(served)));
+        Ok(info)
+    }
+
+    /// Drops the model and its sessions; true if one was loaded.
+    fn unload(&mut self) -> bool {
+        self.publish(None);
+        self.sessions.clear();
+        self.publish_sessions();
+        self.loaded.take().is_some()
+    }
+
+    fn publish(&self, served: Option<Arc<Served>>) {
+        *self
+            .shared
+            .served
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = served;
+    }
+
+    fn publish_sessions(&self) {
+        *lock(&self.shared.sessions) = self.sessions.stats();
+    }
+}
+
+/// Kept sessions by name, with when each was last used.
+#[derive(Default)]
+struct Sessions {
+    kept: HashMap<String, (Session, Instant)>,
+}
+
+impl Sessions {
+    fn take(&mut self, name: &str) -> Option<Session> {
+        self.kept.remove(name).map(|(session, _)| session)
+    }
+
+    /// Keeps `session` as just used, dropping the least recently used ones
+    /// beyond `max`.
+    fn put(&mut self, name: String, session: Session, max: usize) {
+        self.kept.insert(name, (session, Instant::now()));
+        while self.kept.len() > max {
+            let oldest = self
+                .kept
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(name, _)| name.clone());
+            if let Some(oldest) = oldest {
+                debug!(session = %oldest, "session dropped: too many sessions");
+                self.kept.remove(&oldest);
+            }
+        }
+    }
+
+    /// Drops sessions unused for `idle`; returns how many.
+    fn expire(&mut self, idle: Option<Duration>) -> usize {
+        let Some(idle) = idle else { return 0 };
+        let before = self.kept.len();
+        self.kept.retain(|name, (_, used)| {
+            let keep = used.elapsed() < idle;
+            if !keep {
+                debug!(session = %name, "session dropped: idle");
+            }
+            keep
+        });
+        before - self.kept.len()
+    }
+
+    /// When the next session becomes idle for `idle`.
+    fn next_expiry(&self, idle: Option<Duration>) -> Option<Instant> {
+        let idle = idle?;
+        self.kept.values().map(|(_, used)| *used + idle).min()
+    }
+
+    fn clear(&mut self) {
+        self.kept.clear();
+    }
+
+    fn stats(&self) -> SessionStats {
+        SessionStats {
+            count: u32::try_from(self.kept.len()).unwrap_or(u32::MAX),
+            kv_bytes: self
+                .kept
+                .values()
+                .map(|(session, _)| session.cache_bytes() as u64)
+                .sum(),
+        }
+    }
+}
+
+/// The answer to a generation cancelled before it ran.
+fn cancelled_before_start(job: &GenerateJob, queued: Instant) -> GenerateResult {
+    GenerateResult {
+        text: String::new(),
+        tokens: Vec::new(),
+        finish_reason: "cancelled".into(),
+        usage: Usage {
+            prompt_tokens: u32::try_from(job.request.prompt.len()).unwrap_or(u32::MAX),
+            completion_tokens: 0,
+            cached_tokens: 0,
+        },
+        timings: Timings {
+            queue_ms: queued.elapsed().as_secs_f64() * 1e3,
+            prefill_ms: 0.0,
+            decode_ms: 0.0,
+        },
+    }
+}
+
+fn result_of(generation: Generation, queue_ms: f64) -> GenerateResult {
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    GenerateResult {
+        finish_reason: match generation.finish_reason {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+        .into(),
+        usage: Usage {
+            prompt_tokens: count(generation.prompt_tokens),
+            completion_tokens: count(generation.tokens.len()),
+            cached_tokens: count(generation.cached_tokens),
+        },
+        timings: Timings {
+            queue_ms,
+            prefill_ms: generation.timings.prefill_ms,
+            decode_ms: generation.timings.decode_ms,
+        },
+        text: generation.text,
+        tokens: generation.tokens,
+    }
+}
+
+/// The engine's error as an answer: the caller's fault for bad requests,
+/// the daemon's otherwise.
+fn engine_error(error: odmoe_engine::Error) -> RpcError {
+    match error {
+        odmoe_engine::Error::InvalidRequest(message) => {
+            RpcError::new(ErrorCode::InvalidParams, message)
+        }
+        other => RpcError::new(ErrorCode::Internal, other.to_string()),
+    }
+}
+
+/// The answer when no model is loaded.
+pub fn no_model() -> RpcError {
+    RpcError::new(
+        ErrorCode::NoModel,
+        "no model is loaded: start odmoed with --model PATH or call `load`",
+    )
+}
+
+fn engine_gone() -> RpcError {
+    RpcError::new(ErrorCode::Internal, "the engine thread has stopped")
+}
