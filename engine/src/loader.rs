@@ -1,5 +1,5 @@
-//! Opening a model from a Hugging Face checkpoint directory or an odmoe layout, with every expert
-//! resident or with experts on demand from an [`ExpertStore`].
+//! Opening a model from a Hugging Face checkpoint directory, an odmoe layout or a GGUF file, with
+//! every expert resident or with experts on demand from an [`ExpertStore`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,10 +7,12 @@ use std::sync::Arc;
 use candle_core::Device;
 
 use crate::error::{Error, Result};
+use crate::format::WeightSource;
+use crate::format::gguf::GgufFile;
 use crate::format::layout::{MANIFEST, Manifest, SOURCE};
 use crate::format::safetensors::HfWeights;
 use crate::model::{ExpertProvider, Model, ModelConfig, ResidentExperts};
-use crate::store::{ExpertSource, ExpertStore, HfSource, LayoutSource, StoreConfig};
+use crate::store::{ExpertSource, ExpertStore, GgufSource, HfSource, LayoutSource, StoreConfig};
 
 /// Where experts live while the model runs.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,37 +56,79 @@ pub fn is_layout(path: &Path) -> bool {
     path.join(MANIFEST).exists() || path.join(SOURCE).exists()
 }
 
-/// The model's architecture config and the in-memory bytes of all its experts, without loading it.
-pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
-    let config = if is_layout(path) {
-        Manifest::load(path)?.architecture
+/// The kinds of checkpoint the engine reads.
+enum Checkpoint {
+    HuggingFace,
+    Layout,
+    Gguf,
+}
+
+fn checkpoint_kind(path: &Path) -> Checkpoint {
+    if path.is_file() {
+        Checkpoint::Gguf
+    } else if is_layout(path) {
+        Checkpoint::Layout
     } else {
-        ModelConfig::from_file(&path.join("config.json"))?
+        Checkpoint::HuggingFace
+    }
+}
+
+/// The model's architecture config and the in-memory bytes of all its experts, without loading
+/// any weights.
+pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
+    let (config, expert_bytes) = match checkpoint_kind(path) {
+        Checkpoint::Gguf => {
+            let gguf = GgufFile::open(path, &Device::Cpu)?;
+            let config = gguf.model_config()?;
+            let bytes = GgufSource::new(&config, &gguf, false)?.expert_bytes();
+            (config, bytes)
+        }
+        Checkpoint::Layout => {
+            let config = Manifest::load(path)?.architecture;
+            let bytes = config.expert_f32_bytes() as u64;
+            (config, bytes)
+        }
+        Checkpoint::HuggingFace => {
+            let config = ModelConfig::from_file(&path.join("config.json"))?;
+            let bytes = config.expert_f32_bytes() as u64;
+            (config, bytes)
+        }
     };
-    let total = (config.num_layers * config.num_experts) as u64 * config.expert_f32_bytes() as u64;
+    let total = (config.num_layers * config.num_experts) as u64 * expert_bytes;
     Ok((config, total))
 }
 
+/// Opens the checkpoint at `path`: a GGUF file, an odmoe layout or a Hugging Face directory.
 pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<LoadedModel> {
-    let (config, base, source): (ModelConfig, HfWeights, Arc<dyn ExpertSource>) = if is_layout(path)
-    {
-        let manifest = Manifest::load(path)?;
-        let base_paths: Vec<PathBuf> = manifest.base_files.iter().map(|f| path.join(f)).collect();
-        let base = HfWeights::open_files(&path.display().to_string(), &base_paths, device)?;
-        let source = LayoutSource::new(
-            path,
-            &manifest,
-            options.verify_checksums,
-            options.bypass_page_cache,
-            device,
-        )?;
-        (manifest.architecture, base, Arc::new(source))
-    } else {
-        let config = ModelConfig::from_file(&path.join("config.json"))?;
-        let weights = HfWeights::open(path, device)?;
-        let source = HfSource::new(&config, &weights, options.bypass_page_cache, device)?;
-        (config, weights, Arc::new(source))
-    };
+    let (config, base, source): (ModelConfig, Box<dyn WeightSource>, Arc<dyn ExpertSource>) =
+        match checkpoint_kind(path) {
+            Checkpoint::Gguf => {
+                let gguf = GgufFile::open(path, device)?;
+                let config = gguf.model_config()?;
+                let source = GgufSource::new(&config, &gguf, options.bypass_page_cache)?;
+                (config, Box::new(gguf), Arc::new(source))
+            }
+            Checkpoint::Layout => {
+                let manifest = Manifest::load(path)?;
+                let base_paths: Vec<PathBuf> =
+                    manifest.base_files.iter().map(|f| path.join(f)).collect();
+                let base = HfWeights::open_files(&path.display().to_string(), &base_paths, device)?;
+                let source = LayoutSource::new(
+                    path,
+                    &manifest,
+                    options.verify_checksums,
+                    options.bypass_page_cache,
+                    device,
+                )?;
+                (manifest.architecture, Box::new(base), Arc::new(source))
+            }
+            Checkpoint::HuggingFace => {
+                let config = ModelConfig::from_file(&path.join("config.json"))?;
+                let weights = HfWeights::open(path, device)?;
+                let source = HfSource::new(&config, &weights, options.bypass_page_cache, device)?;
+                (config, Box::new(weights), Arc::new(source))
+            }
+        };
     let (provider, store): (Arc<dyn ExpertProvider>, _) = match &options.experts {
         ExpertMode::Resident => {
             let mut layers = Vec::with_capacity(config.num_layers);
@@ -110,7 +154,7 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
             (store.clone(), Some(store))
         }
     };
-    let model = Model::load_base(config, &base, provider)?;
+    let model = Model::load_base(config, base.as_ref(), provider)?;
     Ok(LoadedModel {
         model,
         store,

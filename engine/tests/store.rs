@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
-use candle_nn::Linear;
 use odmoe_engine::format::convert::convert;
 use odmoe_engine::generate::{GenerateRequest, Session};
 use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
@@ -160,15 +160,7 @@ impl ExpertSource for FakeSource {
             });
         }
         let w = Tensor::full((layer * 100 + expert) as f32, (1, 1), &Device::Cpu).unwrap();
-        let linear = || Linear::new(w.clone(), None);
-        Ok((
-            GluMlp {
-                gate: linear(),
-                up: linear(),
-                down: linear(),
-            },
-            12,
-        ))
+        Ok((GluMlp::from_f32(w.clone(), w.clone(), w), 12))
     }
 
     fn expert_bytes(&self) -> u64 {
@@ -215,13 +207,10 @@ fn the_budget_holds_under_concurrent_acquire_prefetch_and_release() {
                             // One expert per thread at a time: six threads fit a budget of six.
                             let held = store.acquire(layer, &[a]).unwrap();
                             store.check_invariants().unwrap();
-                            let value = held[0]
-                                .gate
-                                .weight()
-                                .flatten_all()
-                                .unwrap()
-                                .to_vec1::<f32>()
-                                .unwrap()[0];
+                            let QMatMul::Tensor(gate) = &held[0].gate else {
+                                panic!("fake experts are f32")
+                            };
+                            let value = gate.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
                             assert_eq!(value, (layer * 100 + a) as f32, "wrong expert returned");
                             drop(held);
                         }

@@ -1,6 +1,27 @@
 //! Checkpoint formats the engine reads.
 
 pub mod convert;
+pub mod gguf;
 pub mod layout;
 pub mod safetensors;
 pub mod size;
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+/// Dense weights by Hugging Face tensor name, whatever file format holds them.
+pub trait WeightSource {
+    /// Loads `name` as f32, checking that its shape is `shape`.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    fn contains(&self, name: &str) -> bool;
+}
+
+impl WeightSource for safetensors::HfWeights {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        safetensors::HfWeights::tensor(self, name, shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        safetensors::HfWeights::contains(self, name)
+    }
+}

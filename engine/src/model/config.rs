@@ -67,6 +67,10 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
+    /// Rotary pairs are adjacent dimensions (GGUF `llama` models, whose Q/K rows llama.cpp's
+    /// converter permuted) rather than the two halves of each head.
+    #[serde(default)]
+    pub rope_interleaved: bool,
 }
 
 /// `config.json` as found in the wild: every key optional, checked in [`ModelConfig::from_raw`].
@@ -230,6 +234,7 @@ impl ModelConfig {
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             eos_token_ids: raw.eos_token_id.map(TokenIds::into_vec).unwrap_or_default(),
             bos_token_id: raw.bos_token_id,
+            rope_interleaved: false,
         };
         if config.num_experts_per_token == 0 || config.num_experts_per_token > config.num_experts {
             return Err(Error::config(

@@ -1,15 +1,22 @@
 //! Layers shared by every architecture: RMSNorm, rotary embeddings, grouped-query attention with
 //! a KV cache, and the SwiGLU feed-forward used by experts.
 
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module};
 
 use super::config::ModelConfig;
 use crate::error::Result;
-use crate::format::safetensors::HfWeights;
+use crate::format::WeightSource;
 
 /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`) as a linear layer `in -> out`.
-pub fn linear(w: &HfWeights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+pub fn linear(
+    w: &dyn WeightSource,
+    prefix: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+) -> Result<Linear> {
     let weight = w.tensor(&format!("{prefix}.weight"), &[out, inp])?;
     let bias = if bias {
         Some(w.tensor(&format!("{prefix}.bias"), &[out])?)
@@ -26,7 +33,7 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn load(w: &HfWeights, name: &str, size: usize, eps: f64) -> Result<Self> {
+    pub fn load(w: &dyn WeightSource, name: &str, size: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: w.tensor(&format!("{name}.weight"), &[size])?,
             eps: eps as f32,
@@ -154,11 +161,12 @@ pub struct Attention {
     head_dim: usize,
     sliding_window: Option<usize>,
     rotary: Rotary,
+    rope_interleaved: bool,
 }
 
 impl Attention {
     /// Loads `{prefix}.{q,k,v,o}_proj` (and `q_norm`/`k_norm` when the config has them).
-    pub fn load(cfg: &ModelConfig, w: &HfWeights, prefix: &str) -> Result<Self> {
+    pub fn load(cfg: &ModelConfig, w: &dyn WeightSource, prefix: &str) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let p = prefix;
         let bias = cfg.attention_bias;
@@ -175,6 +183,7 @@ impl Attention {
             head_dim: d,
             sliding_window: cfg.sliding_window,
             rotary: Rotary::new(d, cfg.rope_theta),
+            rope_interleaved: cfg.rope_interleaved,
         })
     }
 
@@ -196,18 +205,17 @@ impl Attention {
             k = kn.forward(&k)?;
         }
         let (cos, sin) = self.rotary.tables(offset, t, x.device())?;
-        let q = candle_nn::rotary_emb::rope(
-            &q.transpose(0, 1)?.contiguous()?.unsqueeze(0)?,
-            &cos,
-            &sin,
-        )?
-        .squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope(
-            &k.transpose(0, 1)?.contiguous()?.unsqueeze(0)?,
-            &cos,
-            &sin,
-        )?
-        .squeeze(0)?;
+        let rotate = |x: Tensor| -> Result<Tensor> {
+            let x = x.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+            let rotated = if self.rope_interleaved {
+                candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+            } else {
+                candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+            };
+            Ok(rotated.squeeze(0)?)
+        };
+        let q = rotate(q)?;
+        let k = rotate(k)?;
         let v = v.transpose(0, 1)?.contiguous()?;
         let (k, v) = cache.append(layer, k, v)?;
         let s = k.dim(1)?;
@@ -255,26 +263,38 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
 }
 
 /// A SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`. Every routed expert is one.
+///
+/// Projections are `QMatMul`s: f32 matrices (from safetensors, or dequantized), or GGUF blocks
+/// that candle multiplies in their stored type.
 #[derive(Clone, Debug)]
 pub struct GluMlp {
-    pub gate: Linear,
-    pub up: Linear,
-    pub down: Linear,
+    pub gate: QMatMul,
+    pub up: QMatMul,
+    pub down: QMatMul,
 }
 
 impl GluMlp {
-    /// Loads the three projections named `{prefix}.{gate,up,down}.weight`.
+    /// An expert from three f32 weight matrices `[out, in]`.
+    pub fn from_f32(gate: Tensor, up: Tensor, down: Tensor) -> Self {
+        Self {
+            gate: QMatMul::Tensor(gate),
+            up: QMatMul::Tensor(up),
+            down: QMatMul::Tensor(down),
+        }
+    }
+
+    /// Loads the three projections named `{gate,up,down}.weight`.
     pub fn load(
-        w: &HfWeights,
+        w: &dyn WeightSource,
         [gate, up, down]: [&str; 3],
         hidden: usize,
         intermediate: usize,
     ) -> Result<Self> {
-        Ok(Self {
-            gate: linear(w, gate, intermediate, hidden, false)?,
-            up: linear(w, up, intermediate, hidden, false)?,
-            down: linear(w, down, hidden, intermediate, false)?,
-        })
+        Ok(Self::from_f32(
+            w.tensor(&format!("{gate}.weight"), &[intermediate, hidden])?,
+            w.tensor(&format!("{up}.weight"), &[intermediate, hidden])?,
+            w.tensor(&format!("{down}.weight"), &[hidden, intermediate])?,
+        ))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -283,11 +303,16 @@ impl GluMlp {
         Ok(self.down.forward(&(gate * up)?)?)
     }
 
-    /// Bytes held by the three weight matrices.
+    /// Bytes held by the three weight matrices, as stored in memory.
     pub fn bytes(&self) -> usize {
         [&self.gate, &self.up, &self.down]
             .iter()
-            .map(|l| l.weight().elem_count() * l.weight().dtype().size_in_bytes())
+            .map(|m| match m {
+                QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                    t.elem_count() * t.dtype().size_in_bytes()
+                }
+            })
             .sum()
     }
 }

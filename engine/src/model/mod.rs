@@ -17,7 +17,7 @@ pub use layers::KvCache;
 pub use moe::{ExpertHandle, ExpertProvider, ResidentExperts, Routing};
 
 use crate::error::{Error, Result};
-use crate::format::safetensors::HfWeights;
+use crate::format::WeightSource;
 use layers::{Attention, RmsNorm};
 use moe::MoeBlock;
 
@@ -66,7 +66,7 @@ impl Model {
     /// Loads everything but the routed experts, which come from `experts`.
     pub fn load_base(
         config: ModelConfig,
-        w: &HfWeights,
+        w: &dyn WeightSource,
         experts: Arc<dyn ExpertProvider>,
     ) -> Result<Self> {
         let (v, h) = (config.vocab_size, config.hidden_size);

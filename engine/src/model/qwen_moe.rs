@@ -8,9 +8,9 @@ use super::config::{Architecture, ModelConfig};
 use super::layers::{Attention, GluMlp, RmsNorm, linear};
 use super::moe::{MoeBlock, SharedExpert};
 use crate::error::Result;
-use crate::format::safetensors::HfWeights;
+use crate::format::WeightSource;
 
-pub fn load_layer(cfg: &ModelConfig, w: &HfWeights, i: usize) -> Result<DecoderLayer> {
+pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<DecoderLayer> {
     let p = format!("model.layers.{i}");
     let h = cfg.hidden_size;
     let attention = Attention::load(cfg, w, &format!("{p}.self_attn"))?;

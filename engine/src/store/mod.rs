@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 pub use budget::{BudgetCache, ExpertKey, NoRoom, PolicyKind};
-pub use source::{ExpertSource, HfSource, LayoutSource};
+pub use source::{ExpertSource, GgufSource, HfSource, LayoutSource};
 pub use stats::StoreStats;
 
 use crate::error::{Error, Result};

@@ -2,18 +2,19 @@
 //!
 //! - [`LayoutSource`]: the odmoe layout, one aligned read of one file per expert.
 //! - [`HfSource`]: a Hugging Face safetensors checkpoint read in place, by offsets from its headers.
+//! - [`GgufSource`]: a GGUF file read in place, one slice of each stacked expert tensor.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use candle_nn::Linear;
 use safetensors::tensor::Dtype;
 use sha2::{Digest, Sha256};
 
 use super::fetch;
 use crate::error::{Error, Result};
+use crate::format::gguf::{ExpertSlice, GgufFile, stacked_expert_names};
 use crate::format::layout::{ExpertLayout, Manifest, expert_path};
 use crate::format::safetensors::{HfWeights, TensorLocation, f32_tensor};
 use crate::model::layers::GluMlp;
@@ -126,17 +127,9 @@ impl ExpertSource for LayoutSource {
             let start = (self.layout.data_offset + t.offset) as usize;
             let bytes = &buf[start..start + t.bytes as usize];
             f32_tensor(bytes, self.dtype, &t.shape, &self.device)
-                .map(|w| Linear::new(w, None))
                 .map_err(|m| fail(format!("tensor {}: {m}", t.name)))
         });
-        Ok((
-            GluMlp {
-                gate: gate?,
-                up: up?,
-                down: down?,
-            },
-            len,
-        ))
+        Ok((GluMlp::from_f32(gate?, up?, down?), len))
     }
 
     fn expert_bytes(&self) -> u64 {
@@ -210,7 +203,7 @@ impl ExpertSource for HfSource {
             .and_then(|l| l.get(expert))
             .ok_or_else(|| Error::InvalidRequest(format!("no expert {expert} in layer {layer}")))?;
         let mut total = 0;
-        let mut read_one = |t: &TensorLocation| -> Result<Linear> {
+        let mut read_one = |t: &TensorLocation| -> Result<candle_core::Tensor> {
             let fail = |message: String| Error::Expert {
                 layer,
                 expert,
@@ -225,12 +218,90 @@ impl ExpertSource for HfSource {
             )
             .map_err(|e| fail(e.to_string()))?;
             total += t.bytes;
-            let w = f32_tensor(&bytes, t.dtype, &t.shape, &self.device).map_err(fail)?;
-            Ok(Linear::new(w, None))
+            f32_tensor(&bytes, t.dtype, &t.shape, &self.device).map_err(fail)
         };
         let gate = read_one(&located[0])?;
         let up = read_one(&located[1])?;
         let down = read_one(&located[2])?;
+        Ok((GluMlp::from_f32(gate, up, down), total))
+    }
+
+    fn expert_bytes(&self) -> u64 {
+        self.expert_bytes
+    }
+}
+
+/// Experts read in place from a GGUF file: one slice of each stacked tensor, kept in its stored
+/// type (quantized blocks are multiplied as they are).
+pub struct GgufSource {
+    /// `slices[layer][expert]`: gate, up, down.
+    slices: Vec<Vec<[ExpertSlice; 3]>>,
+    path: PathBuf,
+    file: File,
+    bypass_cache: bool,
+    expert_bytes: u64,
+    device: Device,
+}
+
+impl GgufSource {
+    pub fn new(config: &ModelConfig, gguf: &GgufFile, bypass_cache: bool) -> Result<Self> {
+        let (h, i) = (config.hidden_size, config.expert_intermediate_size);
+        let shapes = [[i, h], [i, h], [h, i]];
+        let mut slices = Vec::with_capacity(config.num_layers);
+        for layer in 0..config.num_layers {
+            let names = stacked_expert_names(layer);
+            let experts = (0..config.num_experts)
+                .map(|e| -> Result<[ExpertSlice; 3]> {
+                    Ok([
+                        gguf.expert_slice(&names[0], e, shapes[0])?,
+                        gguf.expert_slice(&names[1], e, shapes[1])?,
+                        gguf.expert_slice(&names[2], e, shapes[2])?,
+                    ])
+                })
+                .collect::<Result<Vec<_>>>()?;
+            slices.push(experts);
+        }
+        // Dense types are widened to f32 by QMatMul; quantized blocks stay as stored.
+        let expert_bytes = slices.first().and_then(|l| l.first()).map_or(0, |s| {
+            s.iter().map(ExpertSlice::bytes_in_memory).sum::<usize>() as u64
+        });
+        let path = gguf.path().to_path_buf();
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(Self {
+            slices,
+            path,
+            file,
+            bypass_cache,
+            expert_bytes,
+            device: gguf.device().clone(),
+        })
+    }
+}
+
+impl ExpertSource for GgufSource {
+    fn read(&self, layer: usize, expert: usize) -> Result<(GluMlp, u64)> {
+        let slices = self
+            .slices
+            .get(layer)
+            .and_then(|l| l.get(expert))
+            .ok_or_else(|| Error::InvalidRequest(format!("no expert {expert} in layer {layer}")))?;
+        let fail = |message: String| Error::Expert {
+            layer,
+            expert,
+            path: self.path.clone(),
+            message,
+        };
+        let mut total = 0;
+        let mut read_one = |s: &ExpertSlice| {
+            let bytes = fetch::read_at(&self.file, s.offset, s.bytes, self.bypass_cache)
+                .map_err(|e| fail(e.to_string()))?;
+            total += s.bytes as u64;
+            s.to_qmatmul(&bytes, &self.device)
+                .map_err(|e| fail(e.to_string()))
+        };
+        let gate = read_one(&slices[0])?;
+        let up = read_one(&slices[1])?;
+        let down = read_one(&slices[2])?;
         Ok((GluMlp { gate, up, down }, total))
     }
 

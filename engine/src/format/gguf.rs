@@ -1,0 +1,330 @@
+//! GGUF checkpoints read in place: metadata, tensor index, dense tensors dequantized to f32, and
+//! one expert's slice of a stacked expert tensor by offset.
+//!
+//! Names: the model files speak Hugging Face tensor names; [`gguf_name`] maps them to llama.cpp's.
+//! Expert tensors are stacked per layer (`blk.N.ffn_{gate,up,down}_exps.weight`, GGUF dims
+//! `[in, out, E]`), so expert e is one contiguous run of `out * in` quantized values.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::quantized::{GgmlDType, QMatMul, ggml_file::qtensor_from_ggml};
+use candle_core::{Device, Tensor};
+
+use super::WeightSource;
+use crate::error::{Error, Result};
+use crate::model::{Architecture, ModelConfig};
+
+/// An open GGUF file: its parsed header and where tensor data starts.
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    device: Device,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let content =
+            Content::read(&mut BufReader::new(file)).map_err(|e| Self::error_at(path, e))?;
+        let this = Self {
+            path: path.to_path_buf(),
+            content,
+            device: device.clone(),
+        };
+        // Refuse a truncated file now rather than at the first read of its last tensor.
+        for (name, info) in &this.content.tensor_infos {
+            let end = this.data_start(info) + tensor_bytes(info) as u64;
+            if end > len {
+                return Err(this.error(format!(
+                    "tensor {name:?} ends at byte {end} but the file has {len} bytes (truncated?)"
+                )));
+            }
+        }
+        Ok(this)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn error_at(path: &Path, message: impl std::fmt::Display) -> Error {
+        Error::Safetensors {
+            path: path.to_path_buf(),
+            message: format!("GGUF: {message}"),
+        }
+    }
+
+    fn error(&self, message: impl std::fmt::Display) -> Error {
+        Self::error_at(&self.path, message)
+    }
+
+    fn meta(&self, key: &str) -> Result<&Value> {
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| self.error(format!("missing metadata key {key:?}")))
+    }
+
+    /// An integer metadata value of any integer type.
+    pub fn meta_usize(&self, key: &str) -> Result<usize> {
+        let value = self.meta(key)?;
+        let n = match value {
+            Value::U8(v) => *v as i128,
+            Value::I8(v) => *v as i128,
+            Value::U16(v) => *v as i128,
+            Value::I16(v) => *v as i128,
+            Value::U32(v) => *v as i128,
+            Value::I32(v) => *v as i128,
+            Value::U64(v) => *v as i128,
+            Value::I64(v) => *v as i128,
+            _ => return Err(self.error(format!("metadata key {key:?} is not an integer"))),
+        };
+        usize::try_from(n).map_err(|_| self.error(format!("metadata key {key:?} is negative")))
+    }
+
+    pub fn meta_f64(&self, key: &str) -> Result<f64> {
+        match self.meta(key)? {
+            Value::F32(v) => Ok(*v as f64),
+            Value::F64(v) => Ok(*v),
+            _ => Err(self.error(format!("metadata key {key:?} is not a float"))),
+        }
+    }
+
+    pub fn meta_str(&self, key: &str) -> Result<&str> {
+        match self.meta(key)? {
+            Value::String(s) => Ok(s),
+            _ => Err(self.error(format!("metadata key {key:?} is not a string"))),
+        }
+    }
+
+    pub fn has_meta(&self, key: &str) -> bool {
+        self.content.metadata.contains_key(key)
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.to_string(),
+                location: self.path.display().to_string(),
+            })
+    }
+
+    fn data_start(&self, info: &TensorInfo) -> u64 {
+        self.content.tensor_data_offset + info.offset
+    }
+
+    /// The tensor `name` (a GGUF name) as f32, its shape checked (candle order: `[out, in]`).
+    pub fn dequantized(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let info = self.info(name)?;
+        if info.shape.dims() != shape && info.shape.elem_count() != shape.iter().product::<usize>()
+        {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                path: self.path.clone(),
+                actual: info.shape.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        let mut reader =
+            BufReader::new(File::open(&self.path).map_err(|e| Error::io(&self.path, e))?);
+        let qtensor = info
+            .read(&mut reader, self.content.tensor_data_offset, &self.device)
+            .map_err(|e| self.error(format!("tensor {name:?}: {e}")))?;
+        Ok(qtensor.dequantize(&self.device)?.reshape(shape)?)
+    }
+
+    /// Where expert `expert` of the stacked tensor `name` lies: absolute offset, bytes, type and
+    /// shape `[out, in]`.
+    pub fn expert_slice(
+        &self,
+        name: &str,
+        expert: usize,
+        shape: [usize; 2],
+    ) -> Result<ExpertSlice> {
+        let info = self.info(name)?;
+        let dims = info.shape.dims();
+        if dims.len() != 3 || dims[1..] != shape || expert >= dims[0] {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                path: self.path.clone(),
+                actual: dims.to_vec(),
+                expected: vec![expert + 1, shape[0], shape[1]],
+            });
+        }
+        let bytes = tensor_bytes(info) / dims[0];
+        Ok(ExpertSlice {
+            offset: self.data_start(info) + (expert * bytes) as u64,
+            bytes,
+            dtype: info.ggml_dtype,
+            shape,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The architecture config from GGUF metadata (`llama` with experts is Mixtral).
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        let arch = self.meta_str("general.architecture")?.to_string();
+        let key = |k: &str| format!("{arch}.{k}");
+        let architecture = match arch.as_str() {
+            "llama" if self.has_meta(&key("expert_count")) => Architecture::Mixtral,
+            "qwen2moe" => Architecture::Qwen2Moe,
+            "qwen3moe" => Architecture::Qwen3Moe,
+            other => {
+                return Err(Error::UnknownArchitecture {
+                    model_type: other.to_string(),
+                    path: self.path.clone(),
+                    supported: "GGUF llama with experts (Mixtral), qwen2moe, qwen3moe",
+                });
+            }
+        };
+        let hidden_size = self.meta_usize(&key("embedding_length"))?;
+        let num_heads = self.meta_usize(&key("attention.head_count"))?;
+        let head_dim = if self.has_meta(&key("attention.key_length")) {
+            self.meta_usize(&key("attention.key_length"))?
+        } else {
+            hidden_size / num_heads
+        };
+        let expert_width_key = match architecture {
+            Architecture::Mixtral => "feed_forward_length",
+            _ => "expert_feed_forward_length",
+        };
+        let vocab_size = self.info("token_embd.weight")?.shape.dims()[0];
+        let eos = self
+            .meta_usize("tokenizer.ggml.eos_token_id")
+            .ok()
+            .map(|v| v as u32);
+        Ok(ModelConfig {
+            architecture,
+            vocab_size,
+            hidden_size,
+            num_layers: self.meta_usize(&key("block_count"))?,
+            num_heads,
+            num_kv_heads: self
+                .meta_usize(&key("attention.head_count_kv"))
+                .unwrap_or(num_heads),
+            head_dim,
+            rms_norm_eps: self.meta_f64(&key("attention.layer_norm_rms_epsilon"))?,
+            rope_theta: self.meta_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
+            max_position_embeddings: self.meta_usize(&key("context_length")).unwrap_or(4096),
+            sliding_window: None,
+            attention_bias: self.has_tensor("blk.0.attn_q.bias"),
+            qk_norm: architecture == Architecture::Qwen3Moe,
+            num_experts: self.meta_usize(&key("expert_count"))?,
+            num_experts_per_token: self.meta_usize(&key("expert_used_count"))?,
+            expert_intermediate_size: self.meta_usize(&key(expert_width_key))?,
+            norm_topk_prob: architecture != Architecture::Qwen2Moe,
+            shared_expert_intermediate_size: match architecture {
+                Architecture::Qwen2Moe => {
+                    Some(self.meta_usize(&key("expert_shared_feed_forward_length"))?)
+                }
+                _ => None,
+            },
+            tie_word_embeddings: !self.has_tensor("output.weight"),
+            eos_token_ids: eos.into_iter().collect(),
+            bos_token_id: self
+                .meta_usize("tokenizer.ggml.bos_token_id")
+                .ok()
+                .map(|v| v as u32),
+            // llama.cpp's converter permutes Q/K rows of `llama` models for interleaved rotary
+            // pairs; the Qwen MoE models keep the rotate-half layout.
+            rope_interleaved: arch == "llama",
+        })
+    }
+}
+
+/// One expert's run of bytes inside a stacked GGUF tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertSlice {
+    pub offset: u64,
+    pub bytes: usize,
+    pub dtype: GgmlDType,
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+}
+
+impl ExpertSlice {
+    /// Bytes the slice takes once loaded: dense types are widened to f32 by `QMatMul`.
+    pub fn bytes_in_memory(&self) -> usize {
+        match self.dtype {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => self.shape[0] * self.shape[1] * 4,
+            _ => self.bytes,
+        }
+    }
+
+    /// The slice's bytes as a matrix candle multiplies in its stored type.
+    pub fn to_qmatmul(&self, bytes: &[u8], device: &Device) -> candle_core::Result<QMatMul> {
+        let qtensor = qtensor_from_ggml(self.dtype, bytes, self.shape.to_vec(), device)?;
+        QMatMul::from_qtensor(qtensor)
+    }
+}
+
+fn tensor_bytes(info: &TensorInfo) -> usize {
+    info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()
+}
+
+/// The llama.cpp name of a Hugging Face tensor name, for the tensors outside routed experts.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let top = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(name) = top {
+        return Some(name.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let mapped = match tail {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "mlp.gate.weight" | "block_sparse_moe.gate.weight" => "ffn_gate_inp.weight",
+        "mlp.shared_expert.gate_proj.weight" => "ffn_gate_shexp.weight",
+        "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp.weight",
+        "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp.weight",
+        "mlp.shared_expert_gate.weight" => "ffn_gate_inp_shexp.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{mapped}"))
+}
+
+/// The stacked GGUF tensors holding a layer's routed experts: gate, up, down.
+pub fn stacked_expert_names(layer: usize) -> [String; 3] {
+    ["gate", "up", "down"].map(|p| format!("blk.{layer}.ffn_{p}_exps.weight"))
+}
+
+impl WeightSource for GgufFile {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let gguf = gguf_name(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            location: format!("{} (no GGUF name for it)", self.path.display()),
+        })?;
+        self.dequantized(&gguf, shape)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|g| self.has_tensor(&g))
+    }
+}

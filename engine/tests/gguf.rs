@@ -1,0 +1,230 @@
+//! GGUF read in place: a qwen3_moe GGUF written here from the Hugging Face fixture (llama.cpp's
+//! tensor names and metadata keys, experts stacked per layer) must give the fixture's golden
+//! logits in f32, on demand exactly as resident in a quantized type, and broken files must give
+//! clear errors. llama.cpp-made files are checked against llama.cpp's own logits elsewhere.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use odmoe_engine::format::gguf::{gguf_name, stacked_expert_names};
+use odmoe_engine::format::safetensors::HfWeights;
+use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
+use odmoe_engine::model::{Logits, Model, ModelConfig, expert_tensor_names};
+use odmoe_engine::store::{PolicyKind, StoreConfig};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+fn golden(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name).join("golden.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// Writes the qwen3_moe fixture as GGUF with expert tensors in `expert_type`, skipping metadata
+/// keys in `omit`.
+fn write_qwen3_gguf(path: &Path, expert_type: GgmlDType, omit: &[&str]) {
+    let dir = fixture("qwen3_moe");
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = HfWeights::open(&dir, &Device::Cpu).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for name in weights.names() {
+        if name.contains(".mlp.experts.") {
+            continue;
+        }
+        let t = weights.tensor(name, weights.raw(name).unwrap().1).unwrap();
+        let gguf = gguf_name(name).unwrap_or_else(|| panic!("no GGUF name for {name}"));
+        tensors.push((gguf, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+    }
+    let (h, i) = (config.hidden_size, config.expert_intermediate_size);
+    for layer in 0..config.num_layers {
+        for (part, shape) in [[i, h], [i, h], [h, i]].into_iter().enumerate() {
+            let experts: Vec<Tensor> = (0..config.num_experts)
+                .map(|e| {
+                    let name = format!("{}.weight", expert_tensor_names(&config, layer, e)[part]);
+                    weights.tensor(&name, &shape).unwrap()
+                })
+                .collect();
+            let stacked = Tensor::stack(&experts, 0).unwrap();
+            let name = stacked_expert_names(layer)[part].clone();
+            tensors.push((name, QTensor::quantize(&stacked, expert_type).unwrap()));
+        }
+    }
+    let u = |v: usize| Value::U32(v as u32);
+    let metadata: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("qwen3moe".into())),
+        ("qwen3moe.block_count", u(config.num_layers)),
+        ("qwen3moe.embedding_length", u(h)),
+        ("qwen3moe.attention.head_count", u(config.num_heads)),
+        ("qwen3moe.attention.head_count_kv", u(config.num_kv_heads)),
+        ("qwen3moe.attention.key_length", u(config.head_dim)),
+        (
+            "qwen3moe.attention.layer_norm_rms_epsilon",
+            Value::F32(config.rms_norm_eps as f32),
+        ),
+        (
+            "qwen3moe.rope.freq_base",
+            Value::F32(config.rope_theta as f32),
+        ),
+        ("qwen3moe.context_length", u(config.max_position_embeddings)),
+        ("qwen3moe.expert_count", u(config.num_experts)),
+        (
+            "qwen3moe.expert_used_count",
+            u(config.num_experts_per_token),
+        ),
+        ("qwen3moe.expert_feed_forward_length", u(i)),
+        ("tokenizer.ggml.eos_token_id", u(2)),
+    ];
+    let metadata: Vec<(&str, &Value)> = metadata
+        .iter()
+        .filter(|(k, _)| !omit.contains(k))
+        .map(|(k, v)| (*k, v))
+        .collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut file = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+}
+
+fn logits(model: &Model, input: &[u32]) -> Tensor {
+    model
+        .forward(input, &mut model.new_cache(), Logits::All, None)
+        .unwrap()
+}
+
+fn input() -> Vec<u32> {
+    golden("qwen3_moe")["input_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
+#[test]
+fn f32_gguf_matches_the_transformers_golden() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    write_qwen3_gguf(&path, GgmlDType::F32, &[]);
+    let model = Model::load_resident(&path, &Device::Cpu).unwrap();
+    let diff = (logits(&model, &input()) - &golden("qwen3_moe")["logits"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff <= 1e-4, "max |logit diff| {diff}");
+}
+
+#[test]
+fn quantized_experts_on_demand_equal_resident() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    write_qwen3_gguf(&path, GgmlDType::Q8_0, &[]);
+    let resident = Model::load_resident(&path, &Device::Cpu).unwrap();
+    let expected = logits(&resident, &input())
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let (config, total) = loader::describe(&path).unwrap();
+    let expert = total / (config.num_layers * config.num_experts) as u64;
+    assert_eq!(
+        expert,
+        3 * 32 * 64 / 32 * 34,
+        "Q8_0 experts are counted in their stored size"
+    );
+    for budget in [3 * expert, total / 2, total] {
+        let options = LoadOptions {
+            experts: ExpertMode::OnDemand(StoreConfig {
+                budget_bytes: budget,
+                io_threads: 2,
+                policy: PolicyKind::Lru,
+            }),
+            ..LoadOptions::default()
+        };
+        let loaded = loader::load(&path, &options, &Device::Cpu).unwrap();
+        let got = logits(&loaded.model, &input())
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            got.iter()
+                .zip(&expected)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "budget {budget}"
+        );
+        loaded.store.unwrap().check_invariants().unwrap();
+    }
+    // Quantized experts stay close to the f32 model (Q8_0 weights, activations quantized too).
+    let golden = golden("qwen3_moe")["logits"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let diff = expected
+        .iter()
+        .zip(&golden)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 0.1, "Q8_0 max |logit diff| {diff}");
+}
+
+fn load_error(path: &Path) -> String {
+    match Model::load_resident(path, &Device::Cpu) {
+        Ok(_) => panic!("{} should not load", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn broken_gguf_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.gguf");
+    write_qwen3_gguf(&good, GgmlDType::F32, &[]);
+    let bytes = std::fs::read(&good).unwrap();
+
+    let magic = dir.path().join("magic.gguf");
+    std::fs::write(&magic, [b"XXXX".as_slice(), &bytes[4..]].concat()).unwrap();
+    let message = load_error(&magic);
+    assert!(message.contains("magic.gguf"), "{message}");
+
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
+    let message = load_error(&truncated);
+    assert!(
+        message.contains("truncated.gguf") && message.contains("truncated"),
+        "{message}"
+    );
+
+    let missing = dir.path().join("missing.gguf");
+    write_qwen3_gguf(&missing, GgmlDType::F32, &["qwen3moe.expert_count"]);
+    let message = load_error(&missing);
+    assert!(
+        message.contains("qwen3moe.expert_count") && message.contains("missing.gguf"),
+        "{message}"
+    );
+
+    // The first tensor's type field follows its name, dimension count and dimensions.
+    let unknown = dir.path().join("unknown.gguf");
+    let mut patched = bytes.clone();
+    let name = b"token_embd.weight";
+    let at = patched.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let dims = u32::from_le_bytes(patched[at..at + 4].try_into().unwrap()) as usize;
+    let type_at = at + 4 + 8 * dims;
+    patched[type_at..type_at + 4].copy_from_slice(&99u32.to_le_bytes());
+    std::fs::write(&unknown, &patched).unwrap();
+    let message = load_error(&unknown);
+    assert!(
+        message.contains("unknown.gguf") && message.contains("99"),
+        "{message}"
+    );
+}
