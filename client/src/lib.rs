@@ -15,17 +15,46 @@
 //!
 //! Requests are answered in turn: [`Client::request`] sends one request, then
 //! reads until the response with the same msgid arrives, keeping any
-//! notifications that come first (such as streamed tokens) for
-//! [`Client::take_notifications`].
+//! notifications that come first for [`Client::take_notifications`].
+//!
+//! Generation streams: [`Client::generate_streaming`] hands each token to a
+//! callback as it arrives and sends `cancel` when a future of the caller's
+//! completes first.
+//!
+//! ```no_run
+//! use odmoe_client::Client;
+//! use odmoe_protocol::{GenerateParams, Method};
+//!
+//! # async fn example() -> Result<(), odmoe_client::ClientError> {
+//! let mut client = Client::connect_default().await?;
+//! let params = GenerateParams {
+//!     prompt: Some("The quick brown fox".into()),
+//!     max_tokens: Some(32),
+//!     ..GenerateParams::default()
+//! };
+//! let ctrl_c = async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! };
+//! let result = client
+//!     .generate_streaming(Method::Generate, &params, |token| print!("{}", token.text), ctrl_c)
+//!     .await?;
+//! println!("\n({})", result.finish_reason);
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use odmoe_config::{Config, ConfigError};
 use odmoe_protocol::{
-    DEFAULT_MAX_MESSAGE_BYTES, EncodeError, HelloParams, HelloResult, Message, MessageReader,
-    Method, Notification, ReadError, Request, RpcError, Value, write_message,
+    CancelParams, DEFAULT_MAX_MESSAGE_BYTES, EncodeError, GenerateParams, GenerateResult,
+    HelloParams, HelloResult, LoadParams, Message, MessageReader, Method, ModelInfo, ModelsResult,
+    Notification, ReadError, Request, RpcError, StatsResult, TOKEN_NOTIFICATION, TokenEvent, Value,
+    write_message,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -136,6 +165,94 @@ impl Client {
         self.call(Method::Hello.name(), &params).await
     }
 
+    /// Calls `generate` or `chat` (`method`) and returns its result, calling
+    /// `on_token` for each `token` notification of this request as it arrives
+    /// (when `params.stream` is true, the default).
+    ///
+    /// If `cancel` completes before the result, a `cancel` request is sent and
+    /// reading goes on until the result, whose `finish_reason` is then
+    /// "cancelled". Pass `std::future::pending()` to never cancel.
+    pub async fn generate_streaming<F, C>(
+        &mut self,
+        method: Method,
+        params: &GenerateParams,
+        mut on_token: F,
+        cancel: C,
+    ) -> Result<GenerateResult, ClientError>
+    where
+        F: FnMut(&TokenEvent),
+        C: Future<Output = ()>,
+    {
+        let msgid = self.send_request(method.name(), params).await?;
+        let mut cancel = std::pin::pin!(cancel);
+        let mut cancel_sent = false;
+        loop {
+            let message = tokio::select! {
+                message = self.reader.read_message() => message?,
+                () = &mut cancel, if !cancel_sent => {
+                    cancel_sent = true;
+                    // Its answer is skipped like any response to another msgid.
+                    self.send_request(Method::Cancel.name(), &CancelParams { id: msgid })
+                        .await?;
+                    continue;
+                }
+            };
+            match message {
+                Some(Message::Response(response)) if response.msgid == msgid => {
+                    let result = response.outcome.map_err(ClientError::Rpc)?;
+                    return decode(method.name(), result);
+                }
+                Some(Message::Notification(notification))
+                    if notification.method == TOKEN_NOTIFICATION =>
+                {
+                    match odmoe_protocol::from_value::<TokenEvent>(notification.params.clone()) {
+                        Ok(event) if event.id == msgid => on_token(&event),
+                        _ => self.notifications.push_back(notification),
+                    }
+                }
+                other => self.keep_or_fail(other)?,
+            }
+        }
+    }
+
+    /// Calls `stats`: the daemon's telemetry.
+    pub async fn stats(&mut self) -> Result<StatsResult, ClientError> {
+        self.call(Method::Stats.name(), &()).await
+    }
+
+    /// Calls `models`: the model the daemon serves, if any.
+    pub async fn models(&mut self) -> Result<ModelsResult, ClientError> {
+        self.call(Method::Models.name(), &()).await
+    }
+
+    /// Calls `load`: replaces the daemon's model with the one at `path` (made
+    /// absolute here, since the daemon has its own working directory), with
+    /// `budget` ("auto", a size such as "8GiB", or a percentage of all experts)
+    /// or else the daemon's configured budget.
+    pub async fn load(
+        &mut self,
+        path: impl AsRef<Path>,
+        budget: Option<&str>,
+    ) -> Result<ModelInfo, ClientError> {
+        let params = LoadParams {
+            path: std::path::absolute(path.as_ref())?
+                .to_string_lossy()
+                .into_owned(),
+            expert_budget: budget.map(str::to_owned),
+        };
+        self.call(Method::Load.name(), &params).await
+    }
+
+    /// Calls `unload`: the daemon drops its model and sessions.
+    pub async fn unload(&mut self) -> Result<(), ClientError> {
+        self.request(Method::Unload.name(), &()).await.map(drop)
+    }
+
+    /// Calls `shutdown`: the daemon stops gracefully.
+    pub async fn shutdown(&mut self) -> Result<(), ClientError> {
+        self.request(Method::Shutdown.name(), &()).await.map(drop)
+    }
+
     /// Calls `method` and decodes its result into `R`.
     pub async fn call<P, R>(&mut self, method: &str, params: &P) -> Result<R, ClientError>
     where
@@ -143,10 +260,7 @@ impl Client {
         R: DeserializeOwned,
     {
         let result = self.request(method, params).await?;
-        odmoe_protocol::from_value(result).map_err(|source| ClientError::Decode {
-            method: method.to_owned(),
-            source,
-        })
+        decode(method, result)
     }
 
     /// Sends a request for `method` with `params` (a struct or map) and waits
@@ -161,27 +275,45 @@ impl Client {
         method: &str,
         params: &P,
     ) -> Result<Value, ClientError> {
-        let msgid = self.next_msgid;
-        self.next_msgid = self.next_msgid.checked_add(1).unwrap_or(1);
-        let request = Request::new(msgid, method, params)?;
-        write_message(&mut self.writer, &request.into()).await?;
+        let msgid = self.send_request(method, params).await?;
         loop {
             match self.reader.read_message().await? {
                 Some(Message::Response(response)) if response.msgid == msgid => {
                     return response.outcome.map_err(ClientError::Rpc);
                 }
-                // An error the daemon could not tie to a request ends the connection.
-                Some(Message::Response(response)) if response.msgid == 0 => {
-                    if let Err(error) = response.outcome {
-                        return Err(ClientError::Rpc(error));
-                    }
-                }
-                Some(Message::Response(_)) | Some(Message::Request(_)) => {}
-                Some(Message::Notification(notification)) => {
-                    self.notifications.push_back(notification);
-                }
-                None => return Err(ClientError::Closed),
+                other => self.keep_or_fail(other)?,
             }
+        }
+    }
+
+    /// Writes a request with a fresh msgid and returns the msgid.
+    async fn send_request<P: Serialize + ?Sized>(
+        &mut self,
+        method: &str,
+        params: &P,
+    ) -> Result<u32, ClientError> {
+        let msgid = self.next_msgid;
+        self.next_msgid = self.next_msgid.checked_add(1).unwrap_or(1);
+        let request = Request::new(msgid, method, params)?;
+        write_message(&mut self.writer, &request.into()).await?;
+        Ok(msgid)
+    }
+
+    /// Handles a message that is not the awaited response: notifications are
+    /// kept, responses to other requests skipped; an error the daemon could not
+    /// tie to a request, or the end of the stream, ends the wait.
+    fn keep_or_fail(&mut self, message: Option<Message>) -> Result<(), ClientError> {
+        match message {
+            Some(Message::Response(response)) if response.msgid == 0 => match response.outcome {
+                Err(error) => Err(ClientError::Rpc(error)),
+                Ok(_) => Ok(()),
+            },
+            Some(Message::Response(_)) | Some(Message::Request(_)) => Ok(()),
+            Some(Message::Notification(notification)) => {
+                self.notifications.push_back(notification);
+                Ok(())
+            }
+            None => Err(ClientError::Closed),
         }
     }
 
@@ -223,6 +355,58 @@ impl BlockingClient {
         self.runtime.block_on(self.client.hello())
     }
 
+    /// See [`Client::generate_streaming`]; here `cancel` is a flag, looked at
+    /// every few milliseconds (set it from a signal handler or another thread).
+    pub fn generate_streaming<F>(
+        &mut self,
+        method: Method,
+        params: &GenerateParams,
+        on_token: F,
+        cancel: &AtomicBool,
+    ) -> Result<GenerateResult, ClientError>
+    where
+        F: FnMut(&TokenEvent),
+    {
+        let cancelled = async {
+            while !cancel.load(Ordering::Relaxed) {
+                tokio::time::sleep(CANCEL_POLL).await;
+            }
+        };
+        self.runtime.block_on(
+            self.client
+                .generate_streaming(method, params, on_token, cancelled),
+        )
+    }
+
+    /// See [`Client::stats`].
+    pub fn stats(&mut self) -> Result<StatsResult, ClientError> {
+        self.runtime.block_on(self.client.stats())
+    }
+
+    /// See [`Client::models`].
+    pub fn models(&mut self) -> Result<ModelsResult, ClientError> {
+        self.runtime.block_on(self.client.models())
+    }
+
+    /// See [`Client::load`].
+    pub fn load(
+        &mut self,
+        path: impl AsRef<Path>,
+        budget: Option<&str>,
+    ) -> Result<ModelInfo, ClientError> {
+        self.runtime.block_on(self.client.load(path, budget))
+    }
+
+    /// See [`Client::unload`].
+    pub fn unload(&mut self) -> Result<(), ClientError> {
+        self.runtime.block_on(self.client.unload())
+    }
+
+    /// See [`Client::shutdown`].
+    pub fn shutdown(&mut self) -> Result<(), ClientError> {
+        self.runtime.block_on(self.client.shutdown())
+    }
+
     /// See [`Client::call`].
     pub fn call<P, R>(&mut self, method: &str, params: &P) -> Result<R, ClientError>
     where
@@ -245,6 +429,17 @@ impl BlockingClient {
     pub fn take_notifications(&mut self) -> Vec<Notification> {
         self.client.take_notifications()
     }
+}
+
+/// How often [`BlockingClient::generate_streaming`] looks at its cancel flag.
+const CANCEL_POLL: Duration = Duration::from_millis(10);
+
+/// `result` decoded as the result of `method`.
+fn decode<R: DeserializeOwned>(method: &str, result: Value) -> Result<R, ClientError> {
+    odmoe_protocol::from_value(result).map_err(|source| ClientError::Decode {
+        method: method.to_owned(),
+        source,
+    })
 }
 
 /// The socket the daemon listens on, by the user's config file.
@@ -386,6 +581,133 @@ mod tests {
         let mut client = Client::connect(&path).await.unwrap();
         let error = client.request("hello", &()).await.unwrap_err();
         assert!(matches!(error, ClientError::Closed), "{error}");
+    }
+
+    fn generated(text: &str, finish_reason: &str) -> GenerateResult {
+        GenerateResult {
+            text: text.into(),
+            tokens: vec![7; text.len()],
+            finish_reason: finish_reason.into(),
+            usage: odmoe_protocol::Usage::default(),
+            timings: odmoe_protocol::Timings::default(),
+        }
+    }
+
+    fn token(id: u32, text: &str) -> Message {
+        Notification::new(
+            TOKEN_NOTIFICATION,
+            &TokenEvent {
+                id,
+                text: text.into(),
+                token: 7,
+            },
+        )
+        .unwrap()
+        .into()
+    }
+
+    #[tokio::test]
+    async fn streamed_tokens_reach_the_callback_in_order() {
+        let (_dir, path) = serve(|request| {
+            assert_eq!(request.method, "generate");
+            let params: GenerateParams = request.parse_params().unwrap();
+            assert_eq!(params.prompt.as_deref(), Some("Hi"));
+            let id = request.msgid;
+            vec![
+                token(id, "a"),
+                // Another request's token is not this one's.
+                token(id + 50, "x"),
+                token(id, "b"),
+                Response::ok(id, to_value(&generated("ab", "length")).unwrap()).into(),
+            ]
+        });
+        let mut client = Client::connect(&path).await.unwrap();
+        let params = GenerateParams {
+            prompt: Some("Hi".into()),
+            ..GenerateParams::default()
+        };
+        let mut texts = Vec::new();
+        let result = client
+            .generate_streaming(
+                Method::Generate,
+                &params,
+                |event| texts.push(event.text.clone()),
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(texts, ["a", "b"]);
+        assert_eq!(result, generated("ab", "length"));
+        assert_eq!(client.take_notifications().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_completed_cancel_future_sends_cancel_and_waits_for_the_result() {
+        let generate_id = std::sync::Mutex::new(0);
+        let (_dir, path) = serve(move |request| match request.method.as_str() {
+            "chat" => {
+                *generate_id.lock().unwrap() = request.msgid;
+                vec![token(request.msgid, "a")]
+            }
+            "cancel" => {
+                let params: CancelParams = request.parse_params().unwrap();
+                let id = *generate_id.lock().unwrap();
+                assert_eq!(params.id, id);
+                vec![
+                    Response::ok(request.msgid, Value::Map(vec![])).into(),
+                    token(id, "b"),
+                    Response::ok(id, to_value(&generated("ab", "cancelled")).unwrap()).into(),
+                ]
+            }
+            other => panic!("unexpected {other}"),
+        });
+        let mut client = Client::connect(&path).await.unwrap();
+        let (first, first_seen) = tokio::sync::oneshot::channel();
+        let mut first = Some(first);
+        let mut texts = String::new();
+        let result = client
+            .generate_streaming(
+                Method::Chat,
+                &GenerateParams::default(),
+                |event| {
+                    texts.push_str(&event.text);
+                    if let Some(first) = first.take() {
+                        let _ = first.send(());
+                    }
+                },
+                async {
+                    let _ = first_seen.await;
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(result.finish_reason, "cancelled");
+        assert_eq!(texts, "ab");
+    }
+
+    #[test]
+    fn the_blocking_client_streams_and_cancels_with_a_flag() {
+        let (_dir, path) = serve(|request| match request.method.as_str() {
+            "generate" => vec![token(request.msgid, "a")],
+            "cancel" => {
+                let params: CancelParams = request.parse_params().unwrap();
+                vec![
+                    Response::ok(params.id, to_value(&generated("a", "cancelled")).unwrap()).into(),
+                ]
+            }
+            other => panic!("unexpected {other}"),
+        });
+        let mut client = BlockingClient::connect(&path).unwrap();
+        let cancel = AtomicBool::new(false);
+        let result = client
+            .generate_streaming(
+                Method::Generate,
+                &GenerateParams::default(),
+                |_| cancel.store(true, Ordering::Relaxed),
+                &cancel,
+            )
+            .unwrap();
+        assert_eq!(result.finish_reason, "cancelled");
     }
 
     #[test]
