@@ -94,7 +94,8 @@ pub enum ExpertBudget {
     Auto,
     /// A fixed number of bytes (`"8GiB"`).
     Bytes(u64),
-    /// A share of the machine's memory, in percent (`"25%"`).
+    /// A share of all the model's experts, in percent (`"25%"`), as
+    /// `odmoe run --expert-budget` reads it.
     Percent(f64),
 }
 
