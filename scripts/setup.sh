@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v npm >/dev/null || need_apt+=(npm)
+# The daemon's end-to-end tests drive it from a real third-party msgpack-RPC client.
+command -v nvim >/dev/null || need_apt+=(neovim)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing ${need_apt[*]}; install them (apt-get install ${need_apt[*]}) or run as root" >&2
@@ -16,5 +19,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup" >&2; exit 1; }
+
+# A small Python environment with msgpack, for the daemon tests' raw-socket client.
+testvenv="${ODMOE_TEST_VENV:-$HOME/.cache/odmoe/testvenv}"
+if ! "$testvenv/bin/python" -c 'import msgpack' 2>/dev/null; then
+  python3 -m venv "$testvenv"
+  "$testvenv/bin/pip" install --quiet "msgpack==1.*"
+fi
 
 scripts/fetch-tokenizers.sh
