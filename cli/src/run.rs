@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::{Result, bail};
 use clap::Args;
 use odmoe_engine::generate::{GenerateRequest, SamplingParams, Session};
-use odmoe_engine::tokenizer::{ChatMessage, Tokenizer};
+use odmoe_engine::tokenizer::ChatMessage;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -62,19 +62,14 @@ pub struct RunArgs {
 pub fn run(args: RunArgs) -> Result<()> {
     let loaded = args.model.load()?;
     let model = &loaded.model;
-    let tokenizer_path = args.model.model.join("tokenizer.json");
-    let tokenizer = if tokenizer_path.exists() {
-        Some(Tokenizer::from_dir(&args.model.model)?)
-    } else {
-        None
-    };
+    let tokenizer = odmoe_engine::loader::load_tokenizer(&args.model.model)?;
     let prompt = match (&args.tokens, &args.prompt) {
         (Some(ids), _) => ids.0.clone(),
         (None, Some(text)) => {
             let Some(tokenizer) = &tokenizer else {
                 bail!(
-                    "{} not found: use --tokens to give token ids",
-                    tokenizer_path.display()
+                    "{} has no tokenizer: use --tokens to give token ids",
+                    args.model.model.display()
                 );
             };
             if args.chat {

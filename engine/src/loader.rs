@@ -13,6 +13,7 @@ use crate::format::layout::{MANIFEST, Manifest, SOURCE};
 use crate::format::safetensors::HfWeights;
 use crate::model::{ExpertProvider, Model, ModelConfig, ResidentExperts};
 use crate::store::{ExpertSource, ExpertStore, GgufSource, HfSource, LayoutSource, StoreConfig};
+use crate::tokenizer::Tokenizer;
 
 /// Where experts live while the model runs.
 #[derive(Clone, Debug, PartialEq)]
@@ -70,6 +71,15 @@ fn checkpoint_kind(path: &Path) -> Checkpoint {
         Checkpoint::Layout
     } else {
         Checkpoint::HuggingFace
+    }
+}
+
+/// The tokenizer of the checkpoint at `path`, when it has one.
+pub fn load_tokenizer(path: &Path) -> Result<Option<Tokenizer>> {
+    match checkpoint_kind(path) {
+        Checkpoint::Gguf => Tokenizer::from_gguf(&GgufFile::open(path, &Device::Cpu)?).map(Some),
+        _ if path.join("tokenizer.json").exists() => Tokenizer::from_dir(path).map(Some),
+        _ => Ok(None),
     }
 }
 

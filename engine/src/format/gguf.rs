@@ -101,6 +101,33 @@ impl GgufFile {
         }
     }
 
+    /// An array metadata value.
+    pub fn meta_array(&self, key: &str) -> Result<&[Value]> {
+        match self.meta(key)? {
+            Value::Array(values) => Ok(values),
+            _ => Err(self.error(format!("metadata key {key:?} is not an array"))),
+        }
+    }
+
+    /// An array of strings (the vocabulary, the merges).
+    pub fn meta_strings(&self, key: &str) -> Result<Vec<&str>> {
+        self.meta_array(key)?
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.as_str()),
+                _ => Err(self.error(format!("metadata key {key:?} holds a non-string"))),
+            })
+            .collect()
+    }
+
+    /// A boolean metadata value, when present.
+    pub fn meta_bool(&self, key: &str) -> Option<bool> {
+        match self.content.metadata.get(key) {
+            Some(Value::Bool(b)) => Some(*b),
+            _ => None,
+        }
+    }
+
     pub fn has_meta(&self, key: &str) -> bool {
         self.content.metadata.contains_key(key)
     }
