@@ -2,11 +2,17 @@
 //! commands that talk to a running `odmoed` come through the client library.
 
 mod bench;
+mod chat;
+mod complete;
 mod convert;
+mod daemon;
 mod inspect;
 mod logits;
+mod manage;
 mod model_args;
 mod run;
+mod service;
+mod stats;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -18,7 +24,10 @@ use clap::{Parser, Subcommand};
     about = "Run Mixture-of-Experts language models larger than memory",
     long_about = "Run Mixture-of-Experts language models larger than memory.\n\n\
         `odmoe run` and `odmoe logits` load a model in this process; they are the hooks that \
-        reference checks and scripts use, and their flags are stable."
+        reference checks and scripts use, and their flags are stable.\n\n\
+        `chat`, `complete`, `stats`, `ps`, `load`, `unload` and `stop` talk to a running `odmoed` \
+        over its socket (--socket or $ODMOE_SOCKET, else the configured one); `odmoe service \
+        install` makes odmoed start when a client first connects."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,6 +49,23 @@ enum Command {
     /// Measure the expert store (reads, hits, decode at several budgets).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Chat with the daemon's model: interactive on a terminal, one reply for piped stdin.
+    Chat(chat::ChatArgs),
+    /// Complete a prompt (TEXT or stdin) with the daemon's model, streaming the text.
+    Complete(complete::CompleteArgs),
+    /// Show the daemon's model, expert budget, cache hit rate, reads, queue and sessions.
+    Stats(stats::StatsArgs),
+    /// Show what the daemon has loaded: model, expert memory against budget, sessions, queue.
+    Ps(stats::PsArgs),
+    /// Make the daemon serve another model.
+    Load(manage::LoadArgs),
+    /// Make the daemon let go of its model and the memory it holds.
+    Unload(manage::UnloadArgs),
+    /// Stop the daemon gracefully.
+    Stop(manage::StopArgs),
+    /// Run odmoed as a per-user service (systemd on Linux, launchd on macOS).
+    #[command(subcommand)]
+    Service(service::ServiceCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +77,14 @@ fn main() -> std::process::ExitCode {
         Command::Verify(args) => verify::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(command) => bench::run(command),
+        Command::Chat(args) => chat::run(args),
+        Command::Complete(args) => complete::run(args),
+        Command::Stats(args) => stats::run(args),
+        Command::Ps(args) => stats::ps(args),
+        Command::Load(args) => manage::load(args),
+        Command::Unload(args) => manage::unload(args),
+        Command::Stop(args) => manage::stop(args),
+        Command::Service(command) => service::run(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

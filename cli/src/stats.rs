@@ -1,0 +1,369 @@
+//! `odmoe stats` and `odmoe ps`: what the daemon holds and how its expert store is doing.
+
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::Args;
+use odmoe_protocol::StatsResult;
+use serde::Serialize;
+
+use crate::daemon::{self, SocketArgs, human_bytes};
+
+#[derive(Args)]
+#[command(
+    after_help = "Fields of --json are those of the `stats` method (see odmoe-protocol's \
+    StatsResult); their names are stable."
+)]
+pub struct StatsArgs {
+    /// Print the daemon's stats as JSON (one object; one line per refresh with --watch).
+    #[arg(long)]
+    json: bool,
+    /// Refresh every SECS seconds until interrupted.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+    watch: Option<f64>,
+    #[command(flatten)]
+    socket: SocketArgs,
+}
+
+#[derive(Args)]
+pub struct PsArgs {
+    /// Print {"model", "mode", "resident_bytes", "budget_bytes", "sessions", "queue"} as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    socket: SocketArgs,
+}
+
+/// Asks the daemon for its stats.
+pub async fn fetch(client: &mut odmoe_client::Client) -> Result<StatsResult> {
+    client.stats().await.map_err(daemon::explain)
+}
+
+pub fn run(args: StatsArgs) -> Result<()> {
+    let interval = match args.watch {
+        Some(secs) if !(secs.is_finite() && secs > 0.0) => {
+            bail!("--watch takes a number of seconds above 0, got {secs}")
+        }
+        watch => watch.map(Duration::from_secs_f64),
+    };
+    let runtime = daemon::runtime()?;
+    runtime.block_on(async {
+        let mut client = args.socket.connect().await?;
+        let clear = interval.is_some() && !args.json && std::io::stdout().is_terminal();
+        loop {
+            let stats = fetch(&mut client).await?;
+            let text = if args.json {
+                if interval.is_some() {
+                    serde_json::to_string(&stats)?
+                } else {
+                    serde_json::to_string_pretty(&stats)?
+                }
+            } else {
+                summary(&stats)
+            };
+            let mut stdout = std::io::stdout().lock();
+            if clear {
+                // Home the cursor and clear the screen, as `watch` does.
+                write!(stdout, "\x1b[H\x1b[2J")?;
+            }
+            writeln!(stdout, "{}", text.trim_end())?;
+            stdout.flush()?;
+            match interval {
+                None => return Ok(()),
+                Some(interval) => {
+                    if !clear && !args.json {
+                        writeln!(stdout)?;
+                    }
+                    drop(stdout);
+                    tokio::time::sleep(interval).await;
+                }
+            }
+        }
+    })
+}
+
+/// The stats as a few lines a person reads.
+pub fn summary(stats: &StatsResult) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "odmoed {}  pid {}  up {}  rss {}",
+        stats.server_version,
+        stats.pid,
+        duration(stats.uptime_s),
+        human_bytes(stats.rss_bytes)
+    );
+    match &stats.model {
+        None => {
+            let _ = writeln!(out, "model     none loaded (odmoe load PATH)");
+        }
+        Some(model) => {
+            let _ = writeln!(
+                out,
+                "model     {} ({}, {} layers x {} experts, {} per token)",
+                model.path,
+                model.architecture,
+                model.layers,
+                model.experts_per_layer,
+                model.experts_per_token
+            );
+            let _ = writeln!(
+                out,
+                "mode      {}, experts {} in all ({} each)",
+                model.mode,
+                human_bytes(model.total_expert_bytes),
+                human_bytes(model.expert_bytes)
+            );
+        }
+    }
+    if let Some(store) = &stats.store {
+        let budget_share = if store.budget_bytes > 0 {
+            format!(
+                " ({:.0}%)",
+                100.0 * store.resident_bytes as f64 / store.budget_bytes as f64
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "budget    {} resident of {}{}, {} experts",
+            human_bytes(store.resident_bytes),
+            human_bytes(store.budget_bytes),
+            budget_share,
+            store.resident_experts
+        );
+        let lookups = store.hits + store.misses;
+        let hit_rate = if lookups > 0 {
+            format!("{:.1}%", 100.0 * store.hits as f64 / lookups as f64)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            out,
+            "cache     hit rate {hit_rate} ({} hits, {} misses), {} evictions",
+            store.hits, store.misses, store.evictions
+        );
+        let _ = writeln!(
+            out,
+            "reads     {} in {} reads ({} failed), latency p50 {} p99 {}, stalled {}",
+            human_bytes(store.bytes_read),
+            store.reads,
+            store.read_errors,
+            micros(store.read_latency_p50_us),
+            micros(store.read_latency_p99_us),
+            micros(store.stall_us)
+        );
+        let _ = writeln!(
+            out,
+            "prefetch  {} issued, {} used, {} wasted, {} dropped",
+            store.prefetch_issued,
+            store.prefetch_used,
+            store.prefetch_wasted,
+            store.prefetch_dropped
+        );
+    }
+    let _ = writeln!(
+        out,
+        "queue     {} running, {} waiting; {} requests served",
+        stats.queue.running, stats.queue.waiting, stats.requests
+    );
+    let _ = writeln!(
+        out,
+        "sessions  {} (KV caches {})",
+        stats.sessions.count,
+        human_bytes(stats.sessions.kv_bytes)
+    );
+    out
+}
+
+/// What `ps --json` prints.
+#[derive(Serialize)]
+struct Ps<'a> {
+    model: Option<&'a str>,
+    mode: Option<&'a str>,
+    resident_bytes: Option<u64>,
+    budget_bytes: Option<u64>,
+    sessions: u32,
+    queue: &'a odmoe_protocol::QueueStats,
+}
+
+impl<'a> Ps<'a> {
+    fn new(stats: &'a StatsResult) -> Ps<'a> {
+        let model = stats.model.as_ref();
+        let store = stats.store.as_ref();
+        Ps {
+            model: model.map(|model| model.path.as_str()),
+            mode: model.map(|model| model.mode.as_str()),
+            resident_bytes: store
+                .map(|store| store.resident_bytes)
+                .or(model.map(|model| model.total_expert_bytes)),
+            budget_bytes: store
+                .map(|store| store.budget_bytes)
+                .or(model.and_then(|model| model.budget_bytes)),
+            sessions: stats.sessions.count,
+            queue: &stats.queue,
+        }
+    }
+}
+
+pub fn ps(args: PsArgs) -> Result<()> {
+    let runtime = daemon::runtime()?;
+    let stats = runtime.block_on(async {
+        let mut client = args.socket.connect().await?;
+        fetch(&mut client).await
+    })?;
+    let ps = Ps::new(&stats);
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&ps)?)?;
+    } else {
+        write!(stdout, "{}", ps_table(&ps))?;
+    }
+    Ok(())
+}
+
+/// `ps` as a table with a header row.
+fn ps_table(ps: &Ps<'_>) -> String {
+    let memory = match (ps.resident_bytes, ps.budget_bytes) {
+        (Some(resident), Some(budget)) => {
+            format!("{} / {}", human_bytes(resident), human_bytes(budget))
+        }
+        (Some(resident), None) => format!("{} (all)", human_bytes(resident)),
+        _ => "-".into(),
+    };
+    let rows = [
+        [
+            "MODEL".to_owned(),
+            "MODE".into(),
+            "EXPERTS / BUDGET".into(),
+            "SESSIONS".into(),
+            "QUEUE".into(),
+        ],
+        [
+            ps.model.unwrap_or("(none loaded)").to_owned(),
+            ps.mode.unwrap_or("-").to_owned(),
+            memory,
+            ps.sessions.to_string(),
+            format!("{} running, {} waiting", ps.queue.running, ps.queue.waiting),
+        ],
+    ];
+    let mut widths = [0; 5];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (cell, width) in row.iter().zip(widths) {
+            let _ = write!(line, "{cell:<width$}  ");
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
+/// Seconds as `1h 02m`, `3m 04s` or `5.0s`.
+fn duration(secs: f64) -> String {
+    let whole = secs.max(0.0) as u64;
+    match whole {
+        0..60 => format!("{secs:.1}s"),
+        60..3600 => format!("{}m {:02}s", whole / 60, whole % 60),
+        _ => format!("{}h {:02}m", whole / 3600, whole / 60 % 60),
+    }
+}
+
+/// Microseconds in the unit that reads best.
+fn micros(us: u64) -> String {
+    match us {
+        0..1000 => format!("{us} µs"),
+        1000..1_000_000 => format!("{:.1} ms", us as f64 / 1e3),
+        _ => format!("{:.1} s", us as f64 / 1e6),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use odmoe_protocol::{ModelInfo, QueueStats, SessionStats, StoreStats};
+
+    use super::*;
+
+    fn stats() -> StatsResult {
+        StatsResult {
+            server_version: "0.1.0".into(),
+            pid: 42,
+            uptime_s: 3725.0,
+            rss_bytes: 3 << 30,
+            model: Some(ModelInfo {
+                path: "/models/q.odmoe".into(),
+                architecture: "qwen3_moe".into(),
+                layers: 48,
+                experts_per_layer: 128,
+                experts_per_token: 8,
+                expert_bytes: 9 << 20,
+                total_expert_bytes: 54 << 30,
+                mode: "on_demand".into(),
+                budget_bytes: Some(8 << 30),
+            }),
+            store: Some(StoreStats {
+                hits: 900,
+                misses: 100,
+                evictions: 7,
+                read_latency_p50_us: 850,
+                read_latency_p99_us: 4200,
+                stall_us: 2_500_000,
+                resident_bytes: 6 << 30,
+                budget_bytes: 8 << 30,
+                ..StoreStats::default()
+            }),
+            queue: QueueStats {
+                waiting: 1,
+                running: 1,
+            },
+            sessions: SessionStats {
+                count: 2,
+                kv_bytes: 5 << 20,
+            },
+            requests: 12,
+        }
+    }
+
+    #[test]
+    fn the_summary_shows_what_matters() {
+        let text = summary(&stats());
+        for part in [
+            "pid 42",
+            "up 1h 02m",
+            "rss 3.0 GiB",
+            "/models/q.odmoe",
+            "on_demand",
+            "6.0 GiB resident of 8.0 GiB (75%)",
+            "hit rate 90.0% (900 hits, 100 misses), 7 evictions",
+            "p50 850 µs p99 4.2 ms, stalled 2.5 s",
+            "1 running, 1 waiting",
+            "sessions  2",
+        ] {
+            assert!(text.contains(part), "{part:?} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn ps_is_a_short_table() {
+        let stats = stats();
+        let table = ps_table(&Ps::new(&stats));
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2, "{table}");
+        assert!(lines[0].starts_with("MODEL"));
+        assert!(lines[1].contains("6.0 GiB / 8.0 GiB"), "{table}");
+        let idle = StatsResult {
+            model: None,
+            store: None,
+            ..stats
+        };
+        assert!(ps_table(&Ps::new(&idle)).contains("(none loaded)"));
+    }
+}
