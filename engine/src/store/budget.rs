@@ -5,7 +5,8 @@
 //! reserved before a read starts; eviction takes the least valuable unpinned, ready entry as the
 //! policy ranks them; a pinned entry is never evicted.
 
-use std::collections::{BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -126,6 +127,75 @@ impl EvictionPolicy for Lfuda {
     }
 }
 
+/// Belady's MIN, the offline optimum: evicts the entry whose next use lies farthest in the future
+/// (never-used-again entries first). It is given the exact sequence of accesses the cache will see
+/// (one per [`BudgetCache::pin`], in order), so it exists only in trace replay, where it bounds
+/// the hit rate of every online policy on the same trace.
+#[derive(Default)]
+pub struct Belady {
+    /// Index of the next access in the sequence.
+    cursor: usize,
+    /// Each key's remaining access positions, ascending.
+    future: HashMap<ExpertKey, VecDeque<usize>>,
+    /// Cached keys by next use, farthest first.
+    order: BTreeSet<(Reverse<usize>, ExpertKey)>,
+    next: HashMap<ExpertKey, usize>,
+}
+
+impl Belady {
+    pub fn new(accesses: impl IntoIterator<Item = ExpertKey>) -> Self {
+        let mut future: HashMap<ExpertKey, VecDeque<usize>> = HashMap::new();
+        for (i, key) in accesses.into_iter().enumerate() {
+            future.entry(key).or_default().push_back(i);
+        }
+        Self {
+            future,
+            ..Self::default()
+        }
+    }
+
+    fn next_use(&self, key: ExpertKey) -> usize {
+        self.future
+            .get(&key)
+            .and_then(|q| q.front().copied())
+            .unwrap_or(usize::MAX)
+    }
+
+    fn place(&mut self, key: ExpertKey) {
+        if let Some(old) = self.next.remove(&key) {
+            self.order.remove(&(Reverse(old), key));
+        }
+        let next = self.next_use(key);
+        self.next.insert(key, next);
+        self.order.insert((Reverse(next), key));
+    }
+}
+
+impl EvictionPolicy for Belady {
+    fn inserted(&mut self, key: ExpertKey) {
+        self.place(key);
+    }
+    fn accessed(&mut self, key: ExpertKey) {
+        if let Some(q) = self.future.get_mut(&key) {
+            while q.front().is_some_and(|&i| i <= self.cursor) {
+                q.pop_front();
+            }
+        }
+        self.cursor += 1;
+        if self.next.contains_key(&key) {
+            self.place(key);
+        }
+    }
+    fn removed(&mut self, key: ExpertKey) {
+        if let Some(old) = self.next.remove(&key) {
+            self.order.remove(&(Reverse(old), key));
+        }
+    }
+    fn victim(&mut self, evictable: &dyn Fn(ExpertKey) -> bool) -> Option<ExpertKey> {
+        self.order.iter().map(|&(_, k)| k).find(|&k| evictable(k))
+    }
+}
+
 /// What the cache knows of one entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryMeta {
@@ -157,11 +227,16 @@ pub struct BudgetCache {
 
 impl BudgetCache {
     pub fn new(budget: u64, policy: PolicyKind) -> Self {
+        Self::with_policy(budget, policy.build())
+    }
+
+    /// A cache ranked by any policy (trace replay passes [`Belady`]).
+    pub fn with_policy(budget: u64, policy: Box<dyn EvictionPolicy>) -> Self {
         Self {
             budget,
             used: 0,
             entries: HashMap::new(),
-            policy: policy.build(),
+            policy,
         }
     }
 
@@ -357,6 +432,38 @@ mod tests {
         assert!(c.reserve((1, 2), 10, true).is_err());
         // A demand read may evict it, and reports it as a wasted prefetch.
         assert_eq!(c.reserve((0, 5), 10, false).unwrap(), vec![((1, 0), true)]);
+    }
+
+    #[test]
+    fn belady_evicts_the_entry_used_farthest_ahead() {
+        let seq = [(0, 0), (0, 1), (0, 2), (0, 0), (0, 1), (0, 2)];
+        let mut c = BudgetCache::with_policy(20, Box::new(Belady::new(seq)));
+        let mut misses = 0;
+        for key in seq {
+            if c.get(key).is_none() {
+                misses += 1;
+                c.reserve(key, 10, false).unwrap();
+                c.mark_ready(key);
+            }
+            c.pin(key);
+            c.unpin(key);
+        }
+        // (0,2) evicts (0,1), used after (0,0); (0,1) then evicts (0,0), never used again.
+        assert_eq!(misses, 4);
+        let mut lru = cache(20, PolicyKind::Lru);
+        let lru_misses = seq
+            .iter()
+            .filter(|&&key| {
+                let miss = lru.get(key).is_none();
+                if miss {
+                    load(&mut lru, key);
+                }
+                lru.pin(key);
+                lru.unpin(key);
+                miss
+            })
+            .count();
+        assert_eq!(lru_misses, 6);
     }
 
     #[test]

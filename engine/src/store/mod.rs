@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-pub use budget::{BudgetCache, ExpertKey, NoRoom, PolicyKind};
+pub use budget::{Belady, BudgetCache, EvictionPolicy, ExpertKey, NoRoom, PolicyKind};
 pub use source::{ExpertSource, GgufSource, HfSource, LayoutSource};
-pub use stats::StoreStats;
+pub use stats::{PrefetchCounts, StoreStats};
 
 use crate::error::{Error, Result};
 use crate::model::layers::GluMlp;
@@ -92,7 +92,8 @@ struct State {
     cache: BudgetCache,
     slots: HashMap<ExpertKey, Slot>,
     demand: VecDeque<(ExpertKey, Arc<LoadSlot>)>,
-    prefetch: VecDeque<(ExpertKey, Arc<LoadSlot>)>,
+    /// Queued prefetches with their priority, lowest (needed soonest) first.
+    prefetch: VecDeque<(u64, ExpertKey, Arc<LoadSlot>)>,
     telemetry: stats::Telemetry,
     shutdown: bool,
 }
@@ -298,6 +299,13 @@ impl ExpertStore {
     /// Queues low-priority reads of `ids` of `layer`. A prefetch that would have to evict a pinned
     /// expert or an unused prefetch is dropped (and counted) instead.
     pub fn prefetch(&self, layer: usize, ids: &[usize]) {
+        self.prefetch_at(layer, ids, 0);
+    }
+
+    /// [`prefetch`](Self::prefetch) with a priority among queued prefetches: lower values are read
+    /// first, equal values in the order queued (the predictor passes the step at which the
+    /// expert is expected to be needed). Demand reads always go first.
+    pub fn prefetch_at(&self, layer: usize, ids: &[usize], priority: u64) {
         let mut state = self.shared.lock();
         let mut queued = false;
         for &expert in ids {
@@ -311,7 +319,8 @@ impl ExpertStore {
                     state.telemetry.prefetch_issued += 1;
                     let slot = LoadSlot::new();
                     state.slots.insert(key, Slot::Loading(slot.clone()));
-                    state.prefetch.push_back((key, slot));
+                    let at = state.prefetch.partition_point(|(p, _, _)| *p <= priority);
+                    state.prefetch.insert(at, (priority, key, slot));
                     queued = true;
                 }
                 Err(_) => state.telemetry.prefetch_dropped += 1,
@@ -334,6 +343,11 @@ impl ExpertStore {
         state
             .telemetry
             .snapshot(state.cache.used(), state.cache.budget(), state.cache.len())
+    }
+
+    /// The prefetch counters and stall time alone: cheap enough to read after every layer.
+    pub fn prefetch_counts(&self) -> PrefetchCounts {
+        self.shared.lock().telemetry.prefetch_counts()
     }
 
     /// Waits until no read is queued or running (for tests and benchmarks).
@@ -400,7 +414,7 @@ fn io_worker(shared: &Shared) {
                 let job = state
                     .demand
                     .pop_front()
-                    .or_else(|| state.prefetch.pop_front());
+                    .or_else(|| state.prefetch.pop_front().map(|(_, key, slot)| (key, slot)));
                 match job {
                     Some((key, slot)) if !slot.claimed.swap(true, Ordering::AcqRel) => {
                         break (key, slot);

@@ -36,6 +36,16 @@ pub struct StoreStats {
     pub resident_experts: usize,
 }
 
+/// What speculative reads achieved so far, and how long compute waited for reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefetchCounts {
+    pub issued: u64,
+    pub used: u64,
+    pub wasted: u64,
+    pub dropped: u64,
+    pub stall_us: u64,
+}
+
 /// The counters behind [`StoreStats`].
 #[derive(Debug, Default)]
 pub(crate) struct Telemetry {
@@ -66,6 +76,16 @@ impl Telemetry {
     pub fn record_evictions(&mut self, evicted: &[((usize, usize), bool)]) {
         self.evictions += evicted.len() as u64;
         self.prefetch_wasted += evicted.iter().filter(|(_, unused)| *unused).count() as u64;
+    }
+
+    pub fn prefetch_counts(&self) -> PrefetchCounts {
+        PrefetchCounts {
+            issued: self.prefetch_issued,
+            used: self.prefetch_used,
+            wasted: self.prefetch_wasted,
+            dropped: self.prefetch_dropped,
+            stall_us: self.stall.as_micros() as u64,
+        }
     }
 
     pub fn snapshot(
