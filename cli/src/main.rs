@@ -11,6 +11,7 @@ mod logits;
 mod manage;
 mod model_args;
 mod run;
+mod tokenize;
 mod service;
 mod stats;
 mod verify;
@@ -40,6 +41,8 @@ enum Command {
     Run(run::RunArgs),
     /// Write the logits (and optionally hidden states) of every position to a safetensors file.
     Logits(logits::LogitsArgs),
+    /// Encode text to token ids (or decode ids) with a model's tokenizer.
+    Tokenize(tokenize::TokenizeArgs),
     /// Convert a Hugging Face checkpoint into the odmoe layout (resumes an interrupted run).
     Convert(convert::ConvertArgs),
     /// Re-hash every file of an odmoe layout against its manifest; fails on any mismatch.
@@ -73,6 +76,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Logits(args) => logits::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Inspect(args) => inspect::run(args),

@@ -201,19 +201,23 @@ impl GgufFile {
         &self.device
     }
 
-    /// The architecture config from GGUF metadata (`llama` with experts is Mixtral).
+    /// The architecture config from GGUF metadata (`llama` with experts is Mixtral, without them
+    /// a dense Llama).
     pub fn model_config(&self) -> Result<ModelConfig> {
         let arch = self.meta_str("general.architecture")?.to_string();
         let key = |k: &str| format!("{arch}.{k}");
         let architecture = match arch.as_str() {
-            "llama" if self.has_meta(&key("expert_count")) => Architecture::Mixtral,
+            "llama" if self.meta_usize(&key("expert_count")).unwrap_or(0) > 0 => {
+                Architecture::Mixtral
+            }
+            "llama" => Architecture::Llama,
             "qwen2moe" => Architecture::Qwen2Moe,
             "qwen3moe" => Architecture::Qwen3Moe,
             other => {
                 return Err(Error::UnknownArchitecture {
                     model_type: other.to_string(),
                     path: self.path.clone(),
-                    supported: "GGUF llama with experts (Mixtral), qwen2moe, qwen3moe",
+                    supported: "GGUF llama (dense or with experts, as Mixtral), qwen2moe, qwen3moe",
                 });
             }
         };
@@ -224,9 +228,17 @@ impl GgufFile {
         } else {
             hidden_size / num_heads
         };
+        let dense = architecture == Architecture::Llama;
         let expert_width_key = match architecture {
             Architecture::Mixtral => "feed_forward_length",
             _ => "expert_feed_forward_length",
+        };
+        let moe_usize = |k: &str| {
+            if dense {
+                Ok(0)
+            } else {
+                self.meta_usize(&key(k))
+            }
         };
         let vocab_size = self.info("token_embd.weight")?.shape.dims()[0];
         let eos = self
@@ -249,9 +261,14 @@ impl GgufFile {
             sliding_window: None,
             attention_bias: self.has_tensor("blk.0.attn_q.bias"),
             qk_norm: architecture == Architecture::Qwen3Moe,
-            num_experts: self.meta_usize(&key("expert_count"))?,
-            num_experts_per_token: self.meta_usize(&key("expert_used_count"))?,
-            expert_intermediate_size: self.meta_usize(&key(expert_width_key))?,
+            num_experts: moe_usize("expert_count")?,
+            num_experts_per_token: moe_usize("expert_used_count")?,
+            expert_intermediate_size: moe_usize(expert_width_key)?,
+            dense_intermediate_size: if dense {
+                Some(self.meta_usize(&key("feed_forward_length"))?)
+            } else {
+                None
+            },
             norm_topk_prob: architecture != Architecture::Qwen2Moe,
             shared_expert_intermediate_size: match architecture {
                 Architecture::Qwen2Moe => {
@@ -328,6 +345,9 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.q_norm.weight" => "attn_q_norm.weight",
         "self_attn.k_norm.weight" => "attn_k_norm.weight",
         "mlp.gate.weight" | "block_sparse_moe.gate.weight" => "ffn_gate_inp.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
         "mlp.shared_expert.gate_proj.weight" => "ffn_gate_shexp.weight",
         "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp.weight",
         "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp.weight",

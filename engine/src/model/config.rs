@@ -16,16 +16,24 @@ pub enum Architecture {
     Qwen2Moe,
     Qwen3Moe,
     Mixtral,
+    /// A dense Llama: one SwiGLU feed-forward per layer, no experts.
+    Llama,
+    /// A dense Llama whose feed-forward neurons `odmoe convert --split-experts` partitioned into
+    /// experts: Mixtral's tensor names, and the chosen experts' outputs summed with weight one,
+    /// so that choosing every expert gives back the dense model.
+    SplitLlama,
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static str = "qwen2_moe, qwen3_moe, mixtral";
+    pub const SUPPORTED: &'static str = "qwen2_moe, qwen3_moe, mixtral, llama, odmoe_split_llama";
 
     fn from_model_type(model_type: &str) -> Option<Self> {
         match model_type {
             "qwen2_moe" => Some(Self::Qwen2Moe),
             "qwen3_moe" => Some(Self::Qwen3Moe),
             "mixtral" => Some(Self::Mixtral),
+            "llama" => Some(Self::Llama),
+            "odmoe_split_llama" => Some(Self::SplitLlama),
             _ => None,
         }
     }
@@ -35,6 +43,8 @@ impl Architecture {
             Self::Qwen2Moe => "qwen2_moe",
             Self::Qwen3Moe => "qwen3_moe",
             Self::Mixtral => "mixtral",
+            Self::Llama => "llama",
+            Self::SplitLlama => "odmoe_split_llama",
         }
     }
 }
@@ -62,6 +72,9 @@ pub struct ModelConfig {
     pub expert_intermediate_size: usize,
     /// Renormalise the top-k routing weights to sum to one.
     pub norm_topk_prob: bool,
+    /// Width of the dense feed-forward of models without experts (Llama).
+    #[serde(default)]
+    pub dense_intermediate_size: Option<usize>,
     /// Width of the always-on shared expert (Qwen2-MoE), gated by a sigmoid.
     pub shared_expert_intermediate_size: Option<usize>,
     pub tie_word_embeddings: bool,
@@ -175,11 +188,18 @@ impl ModelConfig {
         }
         let rope_theta = rope_theta(&raw, path)?;
         let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        let dense = architecture == Architecture::Llama;
         let expert_intermediate_size = match architecture {
-            Architecture::Mixtral => need(raw.intermediate_size, "intermediate_size")?,
+            Architecture::Llama => 0,
+            Architecture::Mixtral | Architecture::SplitLlama => {
+                need(raw.intermediate_size, "intermediate_size")?
+            }
             _ => need(raw.moe_intermediate_size, "moe_intermediate_size")?,
         };
-        if architecture != Architecture::Mixtral {
+        if matches!(
+            architecture,
+            Architecture::Qwen2Moe | Architecture::Qwen3Moe
+        ) {
             let step = raw.decoder_sparse_step.unwrap_or(1);
             let dense_layers = raw.mlp_only_layers.clone().unwrap_or_default();
             if step != 1 || !dense_layers.is_empty() {
@@ -190,7 +210,9 @@ impl ModelConfig {
             }
         }
         let sliding_window = match architecture {
-            Architecture::Mixtral => raw.sliding_window,
+            Architecture::Mixtral | Architecture::Llama | Architecture::SplitLlama => {
+                raw.sliding_window
+            }
             _ if raw.use_sliding_window == Some(true) => {
                 return Err(Error::config(
                     path,
@@ -216,11 +238,24 @@ impl ModelConfig {
                 _ => raw.attention_bias.unwrap_or(false),
             },
             qk_norm: architecture == Architecture::Qwen3Moe,
-            num_experts: need(raw.num_experts, "num_experts (or num_local_experts)")?,
-            num_experts_per_token: need(raw.num_experts_per_tok, "num_experts_per_tok")?,
+            num_experts: if dense {
+                0
+            } else {
+                need(raw.num_experts, "num_experts (or num_local_experts)")?
+            },
+            num_experts_per_token: if dense {
+                0
+            } else {
+                need(raw.num_experts_per_tok, "num_experts_per_tok")?
+            },
             expert_intermediate_size,
+            dense_intermediate_size: if dense {
+                Some(need(raw.intermediate_size, "intermediate_size")?)
+            } else {
+                None
+            },
             norm_topk_prob: match architecture {
-                Architecture::Mixtral => true,
+                Architecture::Mixtral | Architecture::Llama | Architecture::SplitLlama => true,
                 Architecture::Qwen2Moe => raw.norm_topk_prob.unwrap_or(false),
                 Architecture::Qwen3Moe => raw.norm_topk_prob.unwrap_or(true),
             },
@@ -236,7 +271,10 @@ impl ModelConfig {
             bos_token_id: raw.bos_token_id,
             rope_interleaved: false,
         };
-        if config.num_experts_per_token == 0 || config.num_experts_per_token > config.num_experts {
+        if !dense
+            && (config.num_experts_per_token == 0
+                || config.num_experts_per_token > config.num_experts)
+        {
             return Err(Error::config(
                 path,
                 format!(

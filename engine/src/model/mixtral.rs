@@ -1,10 +1,11 @@
 //! Mixtral: plain GQA attention (optionally windowed), softmax top-k routing always renormalised,
-//! experts named `w1` (gate), `w3` (up) and `w2` (down).
+//! experts named `w1` (gate), `w3` (up) and `w2` (down). Split Llama models (experts partitioned
+//! from a dense feed-forward) share the layout and sum their chosen experts with weight one.
 
-use super::DecoderLayer;
-use super::config::ModelConfig;
+use super::config::{Architecture, ModelConfig};
 use super::layers::{Attention, RmsNorm, linear};
 use super::moe::MoeBlock;
+use super::{DecoderLayer, FeedForward};
 use crate::error::Result;
 use crate::format::WeightSource;
 
@@ -21,7 +22,7 @@ pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<D
             h,
             cfg.rms_norm_eps,
         )?,
-        moe: MoeBlock {
+        ffn: FeedForward::Moe(MoeBlock {
             layer: i,
             router: linear(
                 w,
@@ -32,8 +33,9 @@ pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<D
             )?,
             top_k: cfg.num_experts_per_token,
             norm_topk_prob: true,
+            unit_weights: cfg.architecture == Architecture::SplitLlama,
             shared: None,
-        },
+        }),
     })
 }
 

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod layers;
+pub mod llama;
 pub mod mixtral;
 pub mod moe;
 pub mod qwen_moe;
@@ -18,7 +19,7 @@ pub use moe::{ExpertHandle, ExpertProvider, ResidentExperts, Routing};
 
 use crate::error::{Error, Result};
 use crate::format::WeightSource;
-use layers::{Attention, RmsNorm};
+use layers::{Attention, GluMlp, RmsNorm};
 use moe::MoeBlock;
 
 /// One transformer block: pre-norm attention, then a pre-norm sparse MoE, each with a residual.
@@ -27,7 +28,14 @@ pub struct DecoderLayer {
     pub input_norm: RmsNorm,
     pub attention: Attention,
     pub post_attention_norm: RmsNorm,
-    pub moe: MoeBlock,
+    pub ffn: FeedForward,
+}
+
+/// A layer's feed-forward: routed experts, or one dense SwiGLU (models without experts).
+#[derive(Clone, Debug)]
+pub enum FeedForward {
+    Moe(MoeBlock),
+    Dense(GluMlp),
 }
 
 /// Which positions to compute logits for: all (for scoring) or only the last (for generation).
@@ -47,6 +55,17 @@ pub struct ForwardTrace {
     pub routing: Vec<Routing>,
 }
 
+/// Watches a forward pass layer by layer without changing it: the expert prefetcher is one.
+///
+/// A hook only reads what it is given, so logits never depend on it. It runs on the thread that
+/// runs the model, between layers: it must be quick.
+pub trait ForwardHook: Send + Sync {
+    /// The hidden state `[T, hidden]` entering `layer`, before the layer runs.
+    fn layer_input(&self, layer: usize, hidden: &Tensor);
+    /// The experts `layer` routed its positions to.
+    fn layer_routing(&self, _layer: usize, _routing: &Routing) {}
+}
+
 /// A loaded model whose experts come from an [`ExpertProvider`].
 pub struct Model {
     pub config: ModelConfig,
@@ -55,6 +74,7 @@ pub struct Model {
     norm: RmsNorm,
     lm_head: Linear,
     experts: Arc<dyn ExpertProvider>,
+    hook: Option<Arc<dyn ForwardHook>>,
 }
 
 impl Model {
@@ -81,7 +101,10 @@ impl Model {
                 Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
                     qwen_moe::load_layer(&config, w, i)
                 }
-                Architecture::Mixtral => mixtral::load_layer(&config, w, i),
+                Architecture::Mixtral | Architecture::SplitLlama => {
+                    mixtral::load_layer(&config, w, i)
+                }
+                Architecture::Llama => llama::load_layer(&config, w, i),
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -90,8 +113,23 @@ impl Model {
             layers,
             lm_head,
             experts,
+            hook: None,
             config,
         })
+    }
+
+    /// The decoder layers (the predictor reads their norms and routers).
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// Installs (or, with `None`, removes) the hook every forward pass reports its layers to.
+    pub fn set_hook(&mut self, hook: Option<Arc<dyn ForwardHook>>) {
+        self.hook = hook;
+    }
+
+    pub fn hook(&self) -> Option<&Arc<dyn ForwardHook>> {
+        self.hook.as_ref()
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -130,15 +168,22 @@ impl Model {
             if let Some(trace) = trace.as_deref_mut() {
                 trace.hidden_states.push(x.clone());
             }
+            if let Some(hook) = &self.hook {
+                hook.layer_input(i, &x);
+            }
             let h = (&x
                 + layer
                     .attention
                     .forward(&layer.input_norm.forward(&x)?, i, offset, cache)?)?;
-            let (moe_out, routing) = layer.moe.forward(
-                &layer.post_attention_norm.forward(&h)?,
-                self.experts.as_ref(),
-            )?;
-            x = (h + moe_out)?;
+            let normed = layer.post_attention_norm.forward(&h)?;
+            let (ffn_out, routing) = match &layer.ffn {
+                FeedForward::Moe(moe) => moe.forward(&normed, self.experts.as_ref())?,
+                FeedForward::Dense(mlp) => (mlp.forward(&normed)?, Routing::default()),
+            };
+            x = (h + ffn_out)?;
+            if let Some(hook) = &self.hook {
+                hook.layer_routing(i, &routing);
+            }
             if let Some(trace) = trace.as_deref_mut() {
                 trace.routing.push(routing);
             }
@@ -159,6 +204,9 @@ pub fn expert_tensor_names(config: &ModelConfig, layer: usize, expert: usize) ->
         Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
             qwen_moe::expert_tensor_names(layer, expert)
         }
-        Architecture::Mixtral => mixtral::expert_tensor_names(layer, expert),
+        Architecture::Mixtral | Architecture::SplitLlama => {
+            mixtral::expert_tensor_names(layer, expert)
+        }
+        Architecture::Llama => unreachable!("a dense Llama has no routed experts"),
     }
 }

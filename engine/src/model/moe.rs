@@ -108,6 +108,8 @@ pub struct MoeBlock {
     pub router: Linear,
     pub top_k: usize,
     pub norm_topk_prob: bool,
+    /// Sum the chosen experts with weight one (experts split from a dense feed-forward).
+    pub unit_weights: bool,
     pub shared: Option<SharedExpert>,
 }
 
@@ -161,7 +163,9 @@ impl MoeBlock {
             order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
             order.truncate(self.top_k);
             let mut weights: Vec<f32> = order.iter().map(|&e| row[e]).collect();
-            if self.norm_topk_prob {
+            if self.unit_weights {
+                weights.iter_mut().for_each(|w| *w = 1.0);
+            } else if self.norm_topk_prob {
                 let sum: f32 = weights.iter().sum();
                 weights.iter_mut().for_each(|w| *w /= sum);
             }

@@ -3,10 +3,10 @@
 //! Qwen2-MoE: qkv bias, a shared expert behind a sigmoid gate, top-k weights not renormalised.
 //! Qwen3-MoE: RMSNorm on each head's query and key, no shared expert, renormalised top-k.
 
-use super::DecoderLayer;
 use super::config::{Architecture, ModelConfig};
 use super::layers::{Attention, GluMlp, RmsNorm, linear};
 use super::moe::{MoeBlock, SharedExpert};
+use super::{DecoderLayer, FeedForward};
 use crate::error::Result;
 use crate::format::WeightSource;
 
@@ -39,13 +39,14 @@ pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<D
             h,
             cfg.rms_norm_eps,
         )?,
-        moe: MoeBlock {
+        ffn: FeedForward::Moe(MoeBlock {
             layer: i,
             router: linear(w, &format!("{p}.mlp.gate"), cfg.num_experts, h, false)?,
             top_k: cfg.num_experts_per_token,
             norm_topk_prob: cfg.norm_topk_prob,
+            unit_weights: false,
             shared,
-        },
+        }),
     })
 }
 
