@@ -113,12 +113,12 @@ async fn generate(
     };
     let id = request.msgid;
     match state.scheduler.submit(job) {
-        Ok(0) => {}
-        Ok(position) => {
+        Some(0) => {}
+        Some(position) => {
             peer.notify(QUEUED_NOTIFICATION, &QueuedEvent { id, position })
                 .await;
         }
-        Err(_) => {
+        None => {
             return Err(RpcError::new(
                 ErrorCode::Cancelled,
                 "odmoed is shutting down",

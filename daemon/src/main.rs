@@ -201,6 +201,7 @@ fn apply(config: &Config, started_with: &Config, state: &State, logs: &LogContro
         .settings
         .write()
         .unwrap_or_else(|poisoned| poisoned.into_inner()) = next;
+    state.scheduler.settings_changed();
     if config.server != started_with.server || config.model.path != started_with.model.path {
         warn!("SIGHUP: [server] and model.path take effect at the next start");
     }

@@ -230,11 +230,11 @@ impl Scheduler {
     }
 
     /// Queues a generation. Returns how many jobs are ahead of it (the running
-    /// one included), or the job back if the daemon is stopping.
-    pub fn submit(&self, job: GenerateJob) -> Result<u32, GenerateJob> {
+    /// one included), or `None` if the daemon is stopping.
+    pub fn submit(&self, job: GenerateJob) -> Option<u32> {
         let mut queue = lock(&self.shared.queue);
         if queue.stopping {
-            return Err(job);
+            return None;
         }
         let ahead = queue.waiting.len() + usize::from(queue.running.is_some());
         queue.waiting.push_back(Job::Generate {
@@ -242,7 +242,7 @@ impl Scheduler {
             queued: Instant::now(),
         });
         self.shared.wake.notify_one();
-        Ok(u32::try_from(ahead).unwrap_or(u32::MAX))
+        Some(u32::try_from(ahead).unwrap_or(u32::MAX))
     }
 
     /// Takes the generation cancelled by `cancel` out of the queue, answering it
@@ -292,6 +292,12 @@ impl Scheduler {
         }
         queue.waiting.push_back(job);
         self.shared.wake.notify_one();
+    }
+
+    /// Makes the engine thread read the settings again (after SIGHUP), so a
+    /// shorter `idle_expiry_secs` applies at once.
+    pub fn settings_changed(&self) {
+        self.shared.wake.notify_all();
     }
 
     /// Jobs waiting and running.
@@ -367,7 +373,7 @@ struct Engine {
 /// What the engine loop does next.
 enum Next {
     Run(Job),
-    /// Nothing arrived before the next session could expire.
+    /// Nothing to run yet: look at the sessions and wait again.
     Idle,
     Stop,
 }
@@ -376,7 +382,8 @@ impl Engine {
     fn run(mut self) {
         loop {
             let idle = self.idle_expiry();
-            if self.sessions.expire(idle) > 0 {
+            let dropped = self.sessions.expire(idle) + self.sessions.trim(self.max_sessions());
+            if dropped > 0 {
                 self.publish_sessions();
             }
             match self.next(self.sessions.next_expiry(idle)) {
@@ -408,10 +415,11 @@ impl Engine {
         settings.sessions.max_sessions.max(1) as usize
     }
 
-    /// Waits for a job until `until` (a session's expiry) at the latest.
+    /// Waits for a job until `until` (a session's expiry) at the latest, or
+    /// until woken (settings changed).
     fn next(&self, until: Option<Instant>) -> Next {
         let mut queue = lock(&self.shared.queue);
-        loop {
+        for waited in [false, true] {
             if let Some(job) = queue.waiting.pop_front() {
                 queue.running = Some(match &job {
                     Job::Generate { job, .. } => Arc::clone(&job.cancel),
@@ -422,23 +430,25 @@ impl Engine {
             if queue.stopping {
                 return Next::Stop;
             }
-            let now = Instant::now();
+            if waited {
+                break;
+            }
             let wait = until.map_or(IDLE_CHECK, |until| {
-                until.saturating_duration_since(now).min(IDLE_CHECK)
+                until
+                    .saturating_duration_since(Instant::now())
+                    .min(IDLE_CHECK)
             });
             if wait.is_zero() {
-                return Next::Idle;
+                break;
             }
-            let (guard, timeout) = self
+            queue = self
                 .shared
                 .wake
                 .wait_timeout(queue, wait)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            queue = guard;
-            if timeout.timed_out() && queue.waiting.is_empty() {
-                return Next::Idle;
-            }
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
         }
+        Next::Idle
     }
 
     fn serve(&mut self, job: Job) {
@@ -622,6 +632,12 @@ impl Sessions {
     /// beyond `max`.
     fn put(&mut self, name: String, session: Session, max: usize) {
         self.kept.insert(name, (session, Instant::now()));
+        self.trim(max);
+    }
+
+    /// Drops the least recently used sessions beyond `max`; returns how many.
+    fn trim(&mut self, max: usize) -> usize {
+        let mut dropped = 0;
         while self.kept.len() > max {
             let oldest = self
                 .kept
@@ -631,8 +647,10 @@ impl Sessions {
             if let Some(oldest) = oldest {
                 debug!(session = %oldest, "session dropped: too many sessions");
                 self.kept.remove(&oldest);
+                dropped += 1;
             }
         }
+        dropped
     }
 
     /// Drops sessions unused for `idle`; returns how many.

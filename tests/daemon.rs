@@ -1,0 +1,941 @@
+//! `odmoed` serving the committed Qwen3-MoE fixture on a temporary socket, driven by
+//! `odmoe-client`, by raw bytes, by Neovim's own msgpack-RPC and by Python's msgpack.
+//!
+//! Every step is bounded by a timeout so that a hung daemon fails a test instead of hanging it;
+//! no test asserts how long anything took.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use odmoe_client::{Client, ClientError};
+use odmoe_e2e::{binary, fixture, odmoe_ok};
+use odmoe_protocol::{
+    ChatMessage, ErrorCode, GenerateParams, GenerateResult, Message, Method, QueuedEvent, RpcError,
+    StatsResult, TokenEvent, Value,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+
+/// How long any single step may take before the test fails instead of hanging.
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// Most tokens a generation can run on the fixture (4096 positions less the prompt): long
+/// enough that it is still running when the test cancels it.
+const LONG: u32 = 4000;
+
+/// A prompt the fixture's tokenizer reads.
+const PROMPT: &str = "The quick brown fox";
+
+/// The fixture model served.
+fn model() -> PathBuf {
+    fixture("qwen3_moe")
+}
+
+/// A running `odmoed --foreground` with its own directory; killed if a test ends early.
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    /// Serves the fixture with the default config.
+    async fn start() -> Daemon {
+        Daemon::start_with(None, &[]).await
+    }
+
+    /// Serves the fixture with `--config` naming a file holding `config` (when given) and
+    /// `args`, and waits until it answers `hello`.
+    async fn start_with(config: Option<&str>, args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("run").join("odmoed.sock");
+        let mut command = Command::new(binary("odmoed"));
+        command
+            .arg("--foreground")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--model")
+            .arg(model())
+            .args(args)
+            // Keep the developer's config and environment out.
+            .env("XDG_CONFIG_HOME", dir.path().join("config"))
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.path().join("stderr")).unwrap());
+        if let Some(config) = config {
+            let file = dir.path().join("odmoed.toml");
+            fs::write(&file, config).unwrap();
+            command.arg("--config").arg(file);
+        }
+        let child = command.spawn().unwrap();
+        let mut daemon = Daemon { child, dir, socket };
+        daemon.wait_until_serving().await;
+        daemon
+    }
+
+    async fn wait_until_serving(&mut self) {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Ok(Ok(mut client)) =
+                timeout(Duration::from_secs(1), Client::connect(&self.socket)).await
+                && let Ok(Ok(_)) = timeout(LIMIT, client.hello()).await
+            {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("odmoed exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "odmoed did not start:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn client(&self) -> Client {
+        timeout(LIMIT, Client::connect(&self.socket))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn raw(&self) -> UnixStream {
+        timeout(LIMIT, UnixStream::connect(&self.socket))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    fn config_file(&self) -> PathBuf {
+        self.dir.path().join("odmoed.toml")
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn wait_for_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "odmoed did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// Polls `stats` until `done` holds, failing after [`LIMIT`].
+    async fn stats_until(&self, what: &str, done: impl Fn(&StatsResult) -> bool) -> StatsResult {
+        let mut client = self.client().await;
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let stats = timeout(LIMIT, client.stats()).await.unwrap().unwrap();
+            if done(&stats) {
+                return stats;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {stats:?}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Greedy sampling of `max_tokens` after `prompt`, every sampling field given.
+fn greedy(prompt: &str, max_tokens: u32) -> GenerateParams {
+    GenerateParams {
+        prompt: Some(prompt.into()),
+        max_tokens: Some(max_tokens),
+        temperature: Some(0.0),
+        top_k: Some(0),
+        top_p: Some(1.0),
+        min_p: Some(0.0),
+        repetition_penalty: Some(1.0),
+        seed: Some(0),
+        ..GenerateParams::default()
+    }
+}
+
+/// A generation that runs until cancelled.
+fn long() -> GenerateParams {
+    GenerateParams {
+        ignore_eos: true,
+        ..greedy(PROMPT, LONG)
+    }
+}
+
+/// `generate` through the client, with the token events it streamed.
+async fn generate(
+    client: &mut Client,
+    params: &GenerateParams,
+) -> (GenerateResult, Vec<TokenEvent>) {
+    generate_or_error(client, params)
+        .await
+        .unwrap_or_else(|error| panic!("generate failed: {error}"))
+}
+
+async fn generate_or_error(
+    client: &mut Client,
+    params: &GenerateParams,
+) -> Result<(GenerateResult, Vec<TokenEvent>), ClientError> {
+    let mut events = Vec::new();
+    let result = timeout(
+        LIMIT,
+        client.generate_streaming(
+            Method::Generate,
+            params,
+            |event| events.push(event.clone()),
+            std::future::pending(),
+        ),
+    )
+    .await
+    .expect("the generation did not finish")?;
+    Ok((result, events))
+}
+
+/// The text of `events` in order.
+fn text_of(events: &[TokenEvent]) -> String {
+    events.iter().map(|event| event.text.as_str()).collect()
+}
+
+/// Starts a generation that runs until `cancel` fires, and waits for its first token.
+/// The task answers with the result and the events streamed.
+async fn start_long(
+    mut client: Client,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<(GenerateResult, Vec<TokenEvent>)>,
+) {
+    let (cancel, cancelled) = oneshot::channel::<()>();
+    let (first, first_seen) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut first = Some(first);
+        let mut events = Vec::new();
+        let result = client
+            .generate_streaming(
+                Method::Generate,
+                &long(),
+                |event| {
+                    events.push(event.clone());
+                    if let Some(first) = first.take() {
+                        let _ = first.send(());
+                    }
+                },
+                async {
+                    let _ = cancelled.await;
+                },
+            )
+            .await
+            .unwrap();
+        (result, events)
+    });
+    timeout(LIMIT, first_seen)
+        .await
+        .expect("no first token")
+        .unwrap();
+    (cancel, task)
+}
+
+fn expect_rpc_error<T: std::fmt::Debug>(result: Result<T, ClientError>) -> RpcError {
+    match result {
+        Err(ClientError::Rpc(error)) => error,
+        other => panic!("expected an error response, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_generation_equals_odmoe_run() {
+    let model = model();
+    let run: serde_json::Value = serde_json::from_str(&odmoe_ok(&[
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "24",
+        "--temp",
+        "0.9",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.95",
+        "--min-p",
+        "0.05",
+        "--repeat-penalty",
+        "1.1",
+        "--seed",
+        "11",
+        "--json",
+    ]))
+    .unwrap();
+
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let params = GenerateParams {
+        prompt: Some(PROMPT.into()),
+        max_tokens: Some(24),
+        temperature: Some(0.9),
+        top_k: Some(40),
+        top_p: Some(0.95),
+        min_p: Some(0.05),
+        repetition_penalty: Some(1.1),
+        seed: Some(11),
+        stream: true,
+        ..GenerateParams::default()
+    };
+    let (result, events) = generate(&mut client, &params).await;
+    let run_tokens: Vec<u32> = run["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    assert!(!run_tokens.is_empty());
+    assert_eq!(result.tokens, run_tokens);
+    assert_eq!(result.text, run["text"].as_str().unwrap());
+    assert_eq!(result.finish_reason, run["finish_reason"].as_str().unwrap());
+    assert_eq!(
+        u64::from(result.usage.prompt_tokens),
+        run["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(result.usage.completion_tokens as usize, run_tokens.len());
+    // The stream is the result, token by token.
+    assert_eq!(text_of(&events), result.text);
+    let streamed: Vec<u32> = events.iter().map(|e| e.token).collect();
+    assert_eq!(&streamed[..run_tokens.len()], &run_tokens[..]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thirty_two_clients_at_once_get_the_single_client_reply() {
+    let daemon = Daemon::start().await;
+    let params = greedy(PROMPT, 8);
+    let (expected, _) = generate(&mut daemon.client().await, &params).await;
+    assert!(!expected.tokens.is_empty());
+
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        let mut client = daemon.client().await;
+        let params = params.clone();
+        clients.push(tokio::spawn(
+            async move { generate(&mut client, &params).await },
+        ));
+    }
+    for client in clients {
+        let (result, events) = client.await.unwrap();
+        assert_eq!(result.tokens, expected.tokens);
+        assert_eq!(result.text, expected.text);
+        assert_eq!(result.finish_reason, expected.finish_reason);
+        assert_eq!(text_of(&events), expected.text);
+    }
+    let stats = daemon
+        .stats_until("the queue empties", |s| s.queue.running == 0)
+        .await;
+    assert_eq!(stats.queue.waiting, 0);
+    assert_eq!(
+        stats.sessions.count, 0,
+        "requests without a session keep none"
+    );
+    assert_eq!(stats.requests, 33);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_request_is_told_its_position() {
+    let daemon = Daemon::start().await;
+    let (cancel, running) = start_long(daemon.client().await).await;
+
+    let mut waiting = daemon.client().await;
+    let behind = tokio::spawn(async move {
+        let result = timeout(LIMIT, waiting.request("generate", &greedy(PROMPT, 4)))
+            .await
+            .unwrap()
+            .unwrap();
+        (result, waiting.take_notifications())
+    });
+    daemon
+        .stats_until("the second request waits", |s| s.queue.waiting == 1)
+        .await;
+    cancel.send(()).unwrap();
+    let (result, _) = timeout(LIMIT, running).await.unwrap().unwrap();
+    assert_eq!(result.finish_reason, "cancelled");
+
+    let (result, notifications) = timeout(LIMIT, behind).await.unwrap().unwrap();
+    let result: GenerateResult = odmoe_protocol::from_value(result).unwrap();
+    assert_eq!(result.finish_reason, "length");
+    let queued: Vec<QueuedEvent> = notifications
+        .iter()
+        .filter(|n| n.method == "queued")
+        .map(|n| odmoe_protocol::from_value(n.params.clone()).unwrap())
+        .collect();
+    assert_eq!(queued.len(), 1, "{notifications:?}");
+    assert_eq!(queued[0].position, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_disconnect_mid_stream_free_their_work() {
+    let daemon = Daemon::start().await;
+    // One generation runs; seven wait behind it, four of them in named sessions.
+    let (_cancel, running) = start_long(daemon.client().await).await;
+    let mut waiting = Vec::new();
+    for i in 0..7 {
+        let mut client = daemon.client().await;
+        let params = GenerateParams {
+            session: (i % 2 == 0).then(|| format!("conversation {i}")),
+            ..long()
+        };
+        waiting.push(tokio::spawn(async move {
+            let _ = client
+                .generate_streaming(Method::Generate, &params, |_| {}, std::future::pending())
+                .await;
+        }));
+    }
+    daemon
+        .stats_until("seven requests wait", |s| s.queue.waiting == 7)
+        .await;
+    // Every client goes away without a word.
+    running.abort();
+    for client in waiting {
+        client.abort();
+    }
+    let stats = daemon
+        .stats_until("the work is freed", |s| {
+            s.queue.waiting == 0 && s.queue.running == 0
+        })
+        .await;
+    // The named sessions never ran, so none was kept.
+    assert_eq!(stats.sessions.count, 0, "{stats:?}");
+    // The daemon still serves.
+    let (result, _) = generate(&mut daemon.client().await, &greedy(PROMPT, 4)).await;
+    assert_eq!(result.finish_reason, "length");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_stops_a_generation_within_a_token_step() {
+    let daemon = Daemon::start().await;
+    let (cancel, running) = start_long(daemon.client().await).await;
+    cancel.send(()).unwrap();
+    let (result, events) = timeout(LIMIT, running).await.unwrap().unwrap();
+    assert_eq!(result.finish_reason, "cancelled");
+    assert!(result.usage.completion_tokens >= 1);
+    assert!(
+        result.usage.completion_tokens < LONG / 2,
+        "{} tokens",
+        result.usage.completion_tokens
+    );
+    assert_eq!(result.tokens.len(), result.usage.completion_tokens as usize);
+    assert_eq!(text_of(&events), result.text);
+    let stats = daemon
+        .stats_until("the engine is idle", |s| s.queue.running == 0)
+        .await;
+    assert_eq!(stats.queue.waiting, 0);
+
+    // Cancelling what is not running says so.
+    let mut client = daemon.client().await;
+    let answer: odmoe_protocol::CancelResult = client
+        .call("cancel", &odmoe_protocol::CancelParams { id: 1 })
+        .await
+        .unwrap();
+    assert!(!answer.cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_errors_and_the_daemon_keeps_serving() {
+    let daemon = Daemon::start_with(Some("[server]\nmax_message_bytes = \"4KiB\"\n"), &[]).await;
+    let mut bystander = daemon.client().await;
+
+    // Malformed msgpack: parse_error, then the connection closes.
+    let mut stream = daemon.raw().await;
+    stream
+        .write_all(&[0x94, 0x00, 0x01, 0xc1, 0x00])
+        .await
+        .unwrap();
+    let (msgid, error) = response_error(&read_until_closed(&mut stream).await);
+    assert_eq!((msgid, error.code), (0, ErrorCode::ParseError));
+
+    // Over the size limit: message_too_large, then the connection closes.
+    let mut stream = daemon.raw().await;
+    let request = Message::Request(odmoe_protocol::Request {
+        msgid: 1,
+        method: "generate".into(),
+        params: Value::Map(vec![(
+            Value::from("prompt"),
+            Value::from("x".repeat(8 << 10)),
+        )]),
+    });
+    let _ = stream.write_all(&odmoe_protocol::encode(&request)).await;
+    let (_, error) = response_error(&read_until_closed(&mut stream).await);
+    assert_eq!(error.code, ErrorCode::MessageTooLarge);
+
+    // Wrong types, unknown methods and values out of range answer errors on a connection
+    // that stays open.
+    let mut client = daemon.client().await;
+    let field = |name: &str, value: Value| {
+        Value::Map(vec![
+            (Value::from("prompt"), Value::from(PROMPT)),
+            (Value::from(name), value),
+        ])
+    };
+    let error = expect_rpc_error(
+        client
+            .request("generate", &field("max_tokens", Value::from("ten")))
+            .await,
+    );
+    assert_eq!(error.code, ErrorCode::InvalidParams);
+    assert!(error.message.contains("max_tokens"), "{}", error.message);
+    let error = expect_rpc_error(client.request("frobnicate", &()).await);
+    assert_eq!(error.code, ErrorCode::MethodNotFound);
+    let out_of_range = [
+        (field("top_p", Value::from(0.0)), "top_p"),
+        (field("temperature", Value::from(-1.0)), "temperature"),
+        (field("max_tokens", Value::from(0)), "max_tokens"),
+        (
+            Value::Map(vec![(
+                Value::from("tokens"),
+                Value::Array(vec![Value::from(1), Value::from(100_000)]),
+            )]),
+            "tokens",
+        ),
+        (
+            Value::Map(vec![(Value::from("prompt"), Value::from(""))]),
+            "prompt",
+        ),
+        (Value::Map(vec![]), "neither"),
+    ];
+    for (params, named) in out_of_range {
+        let error = expect_rpc_error(client.request("generate", &params).await);
+        assert_eq!(error.code, ErrorCode::InvalidParams, "{params}");
+        assert!(error.message.contains(named), "{params}: {}", error.message);
+    }
+    let error = expect_rpc_error(
+        client
+            .request(
+                "chat",
+                &Value::Map(vec![(Value::from("messages"), Value::Array(vec![]))]),
+            )
+            .await,
+    );
+    assert_eq!(error.code, ErrorCode::InvalidParams);
+
+    // Everyone is still served.
+    let (result, _) = generate(&mut client, &greedy(PROMPT, 4)).await;
+    assert_eq!(result.usage.completion_tokens, 4);
+    generate(&mut bystander, &greedy(PROMPT, 4)).await;
+    generate(&mut daemon.client().await, &greedy(PROMPT, 4)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_turn_in_a_session_prefills_only_the_new_tokens() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client().await;
+    let first_prompt: Vec<u32> = vec![10, 20, 30, 40, 50, 60];
+    let turn = |tokens: Vec<u32>, session: Option<&str>| GenerateParams {
+        prompt: None,
+        tokens: Some(tokens),
+        session: session.map(str::to_owned),
+        ignore_eos: true,
+        ..greedy("", 5)
+    };
+    let (first, _) = generate(&mut client, &turn(first_prompt.clone(), Some("chat"))).await;
+    assert_eq!(first.usage.cached_tokens, 0);
+    assert_eq!(first.tokens.len(), 5);
+
+    let mut second_prompt = first_prompt.clone();
+    second_prompt.extend(&first.tokens);
+    second_prompt.extend([70, 80, 90]);
+    let (second, _) = generate(&mut client, &turn(second_prompt.clone(), Some("chat"))).await;
+    // The session holds the first prompt and the reply except its last token, which was
+    // sampled but never run through the model.
+    let kept = first_prompt.len() + first.tokens.len() - 1;
+    assert_eq!(second.usage.cached_tokens as usize, kept);
+    assert_eq!(second.usage.prompt_tokens as usize, second_prompt.len());
+
+    // Without the session the same prompt is computed from scratch, to the same reply.
+    let (fresh, _) = generate(&mut client, &turn(second_prompt, None)).await;
+    assert_eq!(fresh.usage.cached_tokens, 0);
+    assert_eq!(fresh.tokens, second.tokens);
+
+    // Chat turns: the second rendering starts with the first, reply included.
+    let user = |content: &str| ChatMessage {
+        role: "user".into(),
+        content: content.into(),
+    };
+    let mut chat = GenerateParams {
+        prompt: None,
+        messages: Some(vec![user("Hello there")]),
+        session: Some("talk".into()),
+        ..greedy("", 6)
+    };
+    let first = timeout(
+        LIMIT,
+        client.generate_streaming(Method::Chat, &chat, |_| {}, std::future::pending()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    chat.messages.as_mut().unwrap().extend([
+        ChatMessage {
+            role: "assistant".into(),
+            content: first.text.clone(),
+        },
+        user("And then?"),
+    ]);
+    let second = timeout(
+        LIMIT,
+        client.generate_streaming(Method::Chat, &chat, |_| {}, std::future::pending()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        second.usage.cached_tokens >= first.usage.prompt_tokens,
+        "{:?} after {:?}",
+        second.usage,
+        first.usage
+    );
+    let stats = timeout(LIMIT, client.stats()).await.unwrap().unwrap();
+    assert_eq!(stats.sessions.count, 2);
+    assert!(stats.sessions.kv_bytes > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_beyond_the_limit_and_idle_ones_are_dropped() {
+    let config = "[sessions]\nmax_sessions = 2\nidle_expiry_secs = 0\n";
+    let daemon = Daemon::start_with(Some(config), &[]).await;
+    let mut client = daemon.client().await;
+    let turn = |session: &str| GenerateParams {
+        prompt: None,
+        tokens: Some(vec![10, 20, 30, 40]),
+        session: Some(session.into()),
+        ..greedy("", 2)
+    };
+    for session in ["first", "second", "third"] {
+        let (result, _) = generate(&mut client, &turn(session)).await;
+        assert_eq!(result.usage.cached_tokens, 0, "{session}");
+    }
+    let stats = timeout(LIMIT, client.stats()).await.unwrap().unwrap();
+    assert_eq!(stats.sessions.count, 2);
+    // The least recently used went; the others still hold their prompt.
+    let (third, _) = generate(&mut client, &turn("third")).await;
+    assert_eq!(third.usage.cached_tokens, 3);
+    let (first, _) = generate(&mut client, &turn("first")).await;
+    assert_eq!(first.usage.cached_tokens, 0);
+
+    // Idle sessions expire once the reloaded config says so.
+    fs::write(
+        daemon.config_file(),
+        "[sessions]\nmax_sessions = 2\nidle_expiry_secs = 1\n",
+    )
+    .unwrap();
+    kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    daemon
+        .stats_until("idle sessions expire", |s| s.sessions.count == 0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_cancels_generations_removes_the_socket_and_exits_0() {
+    let mut daemon = Daemon::start().await;
+    let (_cancel, running) = start_long(daemon.client().await).await;
+    kill(daemon.pid(), Signal::SIGTERM).unwrap();
+    let (result, _) = timeout(LIMIT, running).await.unwrap().unwrap();
+    assert_eq!(result.finish_reason, "cancelled");
+    let status = daemon.wait_for_exit();
+    assert!(status.success(), "{status}\n{}", daemon.log());
+    assert!(!daemon.socket.exists(), "the socket is still there");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_applies_a_changed_sampling_default() {
+    let before = "[generation]\ntemperature = 0.0\nmax_tokens = 3\n";
+    let daemon = Daemon::start_with(Some(before), &[]).await;
+    let mut client = daemon.client().await;
+    let params = GenerateParams {
+        prompt: Some(PROMPT.into()),
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let (result, _) = generate(&mut client, &params).await;
+    assert_eq!(result.usage.completion_tokens, 3);
+
+    fs::write(
+        daemon.config_file(),
+        "[generation]\ntemperature = 0.0\nmax_tokens = 5\n",
+    )
+    .unwrap();
+    kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let (changed, _) = generate(&mut client, &params).await;
+        if changed.usage.completion_tokens == 5 {
+            // Greedy: the first three tokens are the ones before.
+            assert_eq!(&changed.tokens[..3], &result.tokens[..]);
+            break;
+        }
+        assert_eq!(changed.usage.completion_tokens, 3);
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP not applied:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        daemon.log().contains("generation.max_tokens: 3 -> 5"),
+        "{}",
+        daemon.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn experts_on_demand_give_the_same_reply_and_load_unload_work() {
+    let resident = Daemon::start().await;
+    let params = greedy(PROMPT, 8);
+    let (expected, _) = generate(&mut resident.client().await, &params).await;
+    drop(resident);
+
+    let daemon = Daemon::start_with(None, &["--expert-budget", "50%"]).await;
+    let mut client = daemon.client().await;
+    let models = client.models().await.unwrap().models;
+    assert_eq!(models.len(), 1);
+    assert_eq!(models[0].mode, "on_demand");
+    assert_eq!(models[0].architecture, "qwen3_moe");
+    assert_eq!(
+        models[0].budget_bytes,
+        Some(models[0].total_expert_bytes / 2)
+    );
+    let (result, _) = generate(&mut client, &params).await;
+    assert_eq!(result.tokens, expected.tokens);
+    let stats = client.stats().await.unwrap();
+    let store = stats
+        .store
+        .expect("store stats when experts load on demand");
+    assert!(store.misses > 0 && store.bytes_read > 0, "{store:?}");
+    assert_eq!(store.budget_bytes, models[0].total_expert_bytes / 2);
+    assert_eq!(stats.pid, daemon.child.id());
+    assert!(stats.rss_bytes > 0);
+
+    // Unload: nothing to generate with, and it says so.
+    client.unload().await.unwrap();
+    assert!(client.models().await.unwrap().models.is_empty());
+    let error = expect_rpc_error(generate_or_error(&mut client, &params).await);
+    assert_eq!(error.code, ErrorCode::NoModel);
+    // Load again, every expert resident this time.
+    let info = client.load(model(), Some("100%")).await.unwrap();
+    assert_eq!(info.mode, "resident");
+    let (result, _) = generate(&mut client, &params).await;
+    assert_eq!(result.tokens, expected.tokens);
+    let error = expect_rpc_error(client.load("/nonexistent/model", None).await);
+    assert_eq!(error.code, ErrorCode::InvalidParams);
+    // A failed load keeps the model.
+    assert_eq!(client.models().await.unwrap().models.len(), 1);
+}
+
+/// The Python interpreter of the test venv that `scripts/setup.sh` makes.
+fn test_python() -> PathBuf {
+    let venv = std::env::var_os("ODMOE_TEST_VENV").map_or_else(
+        || {
+            let home = std::env::var_os("HOME").expect("HOME");
+            Path::new(&home).join(".cache/odmoe/testvenv")
+        },
+        PathBuf::from,
+    );
+    let python = venv.join("bin/python");
+    let has_msgpack = Command::new(&python)
+        .args(["-c", "import msgpack"])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    assert!(
+        has_msgpack,
+        "{} with msgpack not found: run scripts/setup.sh",
+        python.display()
+    );
+    python
+}
+
+/// `nvim`, which `scripts/setup.sh` installs.
+fn nvim() -> &'static str {
+    let found = Command::new("nvim")
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    assert!(found, "nvim not found: run scripts/setup.sh");
+    "nvim"
+}
+
+/// Waits for `child`, killing it after [`LIMIT`].
+fn wait_bounded(mut child: Child, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("{what} did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn neovim_rpcrequest_gets_the_clients_reply() {
+    let nvim = nvim();
+    let daemon = Daemon::start().await;
+    let params = GenerateParams {
+        stream: false,
+        ..greedy(PROMPT, 8)
+    };
+    let (expected, events) = generate(&mut daemon.client().await, &params).await;
+    assert!(events.is_empty(), "stream = false sends no tokens");
+    assert!(!expected.text.is_empty());
+
+    let out = daemon.dir.path().join("nvim.out");
+    let script = daemon.dir.path().join("generate.lua");
+    let lua = format!(
+        r#"
+local ok, result = pcall(function()
+  local ch = vim.fn.sockconnect('pipe', {socket:?}, {{rpc = true}})
+  return vim.rpcrequest(ch, 'generate', {{prompt = {prompt:?}, max_tokens = 8, temperature = 0, stream = false}})
+end)
+local file = io.open({out:?}, 'w')
+if ok then file:write(result.text) else file:write('ERROR: ' .. tostring(result)) end
+file:close()
+vim.cmd(ok and 'qall!' or 'cquit! 1')
+"#,
+        socket = daemon.socket.to_str().unwrap(),
+        prompt = PROMPT,
+        out = out.to_str().unwrap(),
+    );
+    fs::write(&script, lua).unwrap();
+    let child = Command::new(nvim)
+        .args(["--headless", "-u", "NONE", "-i", "NONE", "-n", "-c"])
+        .arg(format!("luafile {}", script.display()))
+        .env("HOME", daemon.dir.path())
+        .env("XDG_CONFIG_HOME", daemon.dir.path().join("config"))
+        .env("XDG_DATA_HOME", daemon.dir.path().join("data"))
+        .env("XDG_STATE_HOME", daemon.dir.path().join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || wait_bounded(child, "nvim"))
+        .await
+        .unwrap();
+    let written = fs::read_to_string(&out).unwrap_or_default();
+    assert!(status.success(), "nvim: {status}: {written}");
+    assert_eq!(written, expected.text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_msgpack_client_reads_tokens_then_the_response() {
+    let python = test_python();
+    let daemon = Daemon::start().await;
+    let (expected, _) = generate(&mut daemon.client().await, &greedy(PROMPT, 8)).await;
+
+    let script = r#"
+import json, socket, sys
+import msgpack
+
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(60)
+sock.connect(sys.argv[1])
+params = {"prompt": sys.argv[2], "max_tokens": 8, "temperature": 0, "stream": True}
+sock.sendall(msgpack.packb([0, 7, "generate", [params]]))
+unpacker = msgpack.Unpacker(raw=False)
+events = []
+while True:
+    data = sock.recv(65536)
+    if not data:
+        sys.exit("connection closed before the response")
+    unpacker.feed(data)
+    for message in unpacker:
+        if message[0] == 2:
+            assert message[1] == "token", message
+            events.append(message[2][0])
+        elif message[0] == 1:
+            assert message[1] == 7 and message[2] is None, message
+            print(json.dumps({"events": events, "result": message[3]}))
+            sys.exit(0)
+"#;
+    let child = Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(&daemon.socket)
+        .arg(PROMPT)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let result: GenerateResult = serde_json::from_value(reply["result"].clone()).unwrap();
+    assert_eq!(result.tokens, expected.tokens);
+    assert_eq!(result.text, expected.text);
+    let events: Vec<TokenEvent> = serde_json::from_value(reply["events"].clone()).unwrap();
+    assert!(events.len() >= result.tokens.len());
+    assert!(events.iter().all(|event| event.id == 7));
+    assert_eq!(text_of(&events), result.text);
+}
+
+/// Reads until the daemon closes `stream`, returning what came before.
+async fn read_until_closed(stream: &mut UnixStream) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match timeout(LIMIT, stream.read(&mut chunk))
+            .await
+            .expect("the daemon kept the connection open")
+        {
+            Ok(0) | Err(_) => return bytes,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The error in a response read from raw bytes, as `(msgid, error)`.
+fn response_error(bytes: &[u8]) -> (u32, RpcError) {
+    match odmoe_protocol::decode(bytes, 1 << 20).unwrap() {
+        Some((Message::Response(response), _)) => (response.msgid, response.outcome.unwrap_err()),
+        other => panic!("expected an error response, got {other:?}"),
+    }
+}
