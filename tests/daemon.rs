@@ -403,7 +403,7 @@ async fn a_queued_request_is_told_its_position() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn clients_that_disconnect_mid_stream_free_their_work() {
-    let daemon = Daemon::start().await;
+    let daemon = Daemon::start_with(Some("[sessions]\nmax_sessions = 2\n"), &[]).await;
     // One generation runs; seven wait behind it, four of them in named sessions.
     let (_cancel, running) = start_long(daemon.client().await).await;
     let mut waiting = Vec::new();
@@ -432,8 +432,9 @@ async fn clients_that_disconnect_mid_stream_free_their_work() {
             s.queue.waiting == 0 && s.queue.running == 0
         })
         .await;
-    // The named sessions never ran, so none was kept.
-    assert_eq!(stats.sessions.count, 0, "{stats:?}");
+    // A named session the engine started before its client's departure was seen
+    // is kept for a later turn, within the limit; nothing else is.
+    assert!(stats.sessions.count <= 2, "{stats:?}");
     // The daemon still serves.
     let (result, _) = generate(&mut daemon.client().await, &greedy(PROMPT, 4)).await;
     assert_eq!(result.finish_reason, "length");
@@ -758,6 +759,86 @@ async fn experts_on_demand_give_the_same_reply_and_load_unload_work() {
     assert_eq!(error.code, ErrorCode::InvalidParams);
     // A failed load keeps the model.
     assert_eq!(client.models().await.unwrap().models.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_changes_the_expert_budget_of_the_running_store() {
+    let config = |budget: &str| format!("[model]\nexpert_budget = \"{budget}\"\n");
+    let daemon = Daemon::start_with(Some(&config("50%")), &[]).await;
+    let mut client = daemon.client().await;
+    let total = client.models().await.unwrap().models[0].total_expert_bytes;
+    let stats = client.stats().await.unwrap();
+    assert_eq!(stats.store.unwrap().budget_bytes, total / 2);
+
+    fs::write(daemon.config_file(), config("25%")).unwrap();
+    kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    daemon
+        .stats_until("the budget shrinks", |s| {
+            s.store
+                .as_ref()
+                .is_some_and(|store| store.budget_bytes == total / 4)
+        })
+        .await;
+    let models = client.models().await.unwrap().models;
+    assert_eq!(models[0].budget_bytes, Some(total / 4));
+    let (result, _) = generate(&mut client, &greedy(PROMPT, 4)).await;
+    assert_eq!(result.usage.completion_tokens, 4);
+    let store = client.stats().await.unwrap().store.unwrap();
+    assert!(store.resident_bytes <= total / 4, "{store:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_socket_passed_by_systemd_is_served_and_left_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    // The shell moves the listener from stdin to fd 3, names itself in LISTEN_PID
+    // and becomes odmoed, as systemd would start it.
+    let script = r#"exec 3<&0 0</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@""#;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(binary("odmoed"))
+        .arg("--foreground")
+        .arg("--model")
+        .arg(model())
+        .env("XDG_CONFIG_HOME", dir.path().join("config"))
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
+    let mut client = timeout(LIMIT, Client::connect(&socket))
+        .await
+        .unwrap()
+        .unwrap();
+    let hello = timeout(LIMIT, client.hello()).await.unwrap();
+    assert!(hello.is_ok(), "{hello:?}\n{}", log());
+    let (result, _) = generate(&mut client, &greedy(PROMPT, 4)).await;
+    assert_eq!(result.usage.completion_tokens, 4);
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("odmoed did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status}\n{}", log());
+    assert!(socket.exists(), "the service manager's socket was removed");
+    assert!(log().contains("service manager"), "{}", log());
 }
 
 /// The Python interpreter of the test venv that `scripts/setup.sh` makes.
