@@ -19,13 +19,53 @@ pub struct ConvertArgs {
     /// the same checkpoint finishes it; over a complete one it changes nothing.
     #[arg(value_name = "OUT")]
     out: PathBuf,
+    /// Turn a dense Llama (GGUF file or Hugging Face directory) into an MoE first: partition each
+    /// layer's feed-forward neurons into E experts of equal size. With --top-k E the result
+    /// computes the dense model exactly.
+    #[arg(long, value_name = "E", requires = "top_k")]
+    split_experts: Option<usize>,
+    /// Experts chosen per token for --split-experts.
+    #[arg(long, value_name = "K", requires = "split_experts")]
+    top_k: Option<usize>,
 }
 
 /// Test hook, not a user option: sleep this many milliseconds at every progress step, so that
 /// end-to-end tests can interrupt the conversion of a tiny fixture part-way through.
 const THROTTLE_ENV: &str = "ODMOE_CONVERT_THROTTLE_MS";
 
-pub fn run(args: ConvertArgs) -> Result<()> {
+pub fn run(mut args: ConvertArgs) -> Result<()> {
+    // The split model is written as a Hugging Face directory beside OUT, then laid out like any
+    // other checkpoint; it is removed once the layout is complete.
+    let split_dir = args.out.with_extension("split-src");
+    if let (Some(experts), Some(top_k)) = (args.split_experts, args.top_k) {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("splitting {bar:30} layer {pos}/{len}")
+                .expect("valid template"),
+        );
+        odmoe_engine::format::split::split_dense_llama(
+            &args.src,
+            &split_dir,
+            experts,
+            top_k,
+            |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        )
+        .with_context(|| format!("splitting {} into {experts} experts", args.src.display()))?;
+        bar.finish_and_clear();
+        args.src = split_dir.clone();
+    }
+    let result = convert_layout(&args);
+    if args.split_experts.is_some() && result.is_ok() {
+        std::fs::remove_dir_all(&split_dir)
+            .with_context(|| format!("removing {}", split_dir.display()))?;
+    }
+    result
+}
+
+fn convert_layout(args: &ConvertArgs) -> Result<()> {
     let throttle = std::env::var(THROTTLE_ENV)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())

@@ -10,6 +10,7 @@ mod inspect;
 mod logits;
 mod manage;
 mod model_args;
+mod perplexity;
 mod run;
 mod tokenize;
 mod service;
@@ -43,6 +44,8 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Encode text to token ids (or decode ids) with a model's tokenizer.
     Tokenize(tokenize::TokenizeArgs),
+    /// Perplexity of a model on a text file (compare variants of one model).
+    Perplexity(perplexity::PerplexityArgs),
     /// Convert a Hugging Face checkpoint into the odmoe layout (resumes an interrupted run).
     Convert(convert::ConvertArgs),
     /// Re-hash every file of an odmoe layout against its manifest; fails on any mismatch.
@@ -77,6 +80,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Inspect(args) => inspect::run(args),

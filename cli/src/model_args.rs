@@ -29,6 +29,10 @@ pub struct ModelArgs {
     /// Check each expert file's sha256 against the manifest as it is read (odmoe layout).
     #[arg(long)]
     pub verify_checksums: bool,
+    /// Route each token to K experts instead of the model's own number (quality/speed trade-off,
+    /// e.g. for split models).
+    #[arg(long, value_name = "K")]
+    pub experts_per_token: Option<usize>,
     /// Let expert reads go through the page cache (by default they bypass it, so the budget is
     /// the only copy in memory).
     #[arg(long)]
@@ -52,6 +56,7 @@ impl ModelArgs {
             experts,
             verify_checksums: self.verify_checksums,
             bypass_page_cache: !self.page_cache,
+            experts_per_token: self.experts_per_token,
         };
         let device = odmoe_engine::default_device()?;
         loader::load(&self.model, &options, &device)

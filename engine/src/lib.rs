@@ -24,6 +24,7 @@
 //! ```
 
 pub mod error;
+pub mod eval;
 pub mod format;
 pub mod generate;
 pub mod loader;

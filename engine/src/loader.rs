@@ -31,6 +31,8 @@ pub struct LoadOptions {
     pub verify_checksums: bool,
     /// Keep expert reads out of the page cache, so the store holds the only copy.
     pub bypass_page_cache: bool,
+    /// Route each token to this many experts instead of the model's own number.
+    pub experts_per_token: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -39,6 +41,7 @@ impl Default for LoadOptions {
             experts: ExpertMode::Resident,
             verify_checksums: false,
             bypass_page_cache: true,
+            experts_per_token: None,
         }
     }
 }
@@ -139,6 +142,16 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
                 (config, Box::new(weights), Arc::new(source))
             }
         };
+    let mut config = config;
+    if let Some(k) = options.experts_per_token {
+        if k == 0 || k > config.num_experts {
+            return Err(Error::InvalidRequest(format!(
+                "{k} experts per token: the model has {} experts per layer",
+                config.num_experts
+            )));
+        }
+        config.num_experts_per_token = k;
+    }
     let (provider, store): (Arc<dyn ExpertProvider>, _) = match &options.experts {
         ExpertMode::Resident => {
             let mut layers = Vec::with_capacity(config.num_layers);

@@ -184,6 +184,16 @@ impl Tokenizer {
         &self.eos_token_ids
     }
 
+    /// The tokenizer as a Hugging Face `tokenizer.json` document.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(|e| self.error(e))
+    }
+
+    /// The special tokens the chat template is rendered with (`bos_token`, `eos_token`, ...).
+    pub fn special_tokens(&self) -> Option<&Map<String, Value>> {
+        self.chat_template.as_ref().map(|t| &t.special_tokens)
+    }
+
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
     }

@@ -171,6 +171,12 @@ impl Plan {
             ));
         }
         let config = ModelConfig::from_file(&config_path)?;
+        if config.num_experts == 0 {
+            return Err(Error::config(
+                &config_path,
+                "a dense model has no experts to lay out: add --split-experts E --top-k K",
+            ));
+        }
         let weights = HfWeights::open(src, &Device::Cpu)?;
         let mut copies = Vec::new();
         for name in COPIED_FILES {
@@ -290,8 +296,10 @@ fn base_group(config: &ModelConfig, name: &str) -> Option<usize> {
     {
         Some(2)
     } else if (qwen && rest.starts_with("mlp.gate."))
-        || (config.architecture == Architecture::Mixtral
-            && rest.starts_with("block_sparse_moe.gate."))
+        || (matches!(
+            config.architecture,
+            Architecture::Mixtral | Architecture::SplitLlama
+        ) && rest.starts_with("block_sparse_moe.gate."))
     {
         Some(3)
     } else if config.shared_expert_intermediate_size.is_some()
@@ -314,7 +322,9 @@ fn required_base_tensors(config: &ModelConfig) -> Vec<String> {
     }
     for layer in 0..config.num_layers {
         names.push(match config.architecture {
-            Architecture::Mixtral => format!("model.layers.{layer}.block_sparse_moe.gate.weight"),
+            Architecture::Mixtral | Architecture::SplitLlama => {
+                format!("model.layers.{layer}.block_sparse_moe.gate.weight")
+            }
             _ => format!("model.layers.{layer}.mlp.gate.weight"),
         });
     }

@@ -4,6 +4,7 @@ pub mod convert;
 pub mod gguf;
 pub mod layout;
 pub mod safetensors;
+pub mod split;
 pub mod size;
 
 use candle_core::Tensor;

@@ -1,0 +1,271 @@
+//! `odmoe convert --split-experts E --top-k K`: turns a dense Llama into a split-Llama MoE by
+//! partitioning each layer's feed-forward neurons into E experts of equal size.
+//!
+//! A SwiGLU feed-forward is a sum over its neurons, so the experts' outputs add up to the dense
+//! output exactly; choosing all E experts (K = E) gives back the dense model. Neurons are grouped
+//! by balanced k-means on their normalised gate rows (neurons whose gates point the same way fire
+//! together), and each expert's router row is the mean of its neurons' gate rows, so the router
+//! scores an expert by its neurons' average gate pre-activation.
+//!
+//! The result is written as a Hugging Face style directory (f32 `model.safetensors`, config with
+//! `model_type = "odmoe_split_llama"`, tokenizer files), which `convert` then lays out.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{D, Device, Tensor};
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::format::WeightSource;
+use crate::format::gguf::GgufFile;
+use crate::format::safetensors::HfWeights;
+use crate::model::llama::dense_mlp_names;
+use crate::model::{Architecture, ModelConfig};
+use crate::tokenizer::Tokenizer;
+
+/// Rounds of balanced k-means per layer: assignments settle within a few.
+const KMEANS_ROUNDS: usize = 8;
+
+/// Writes the split model of the dense Llama at `src` (GGUF file or Hugging Face directory) into
+/// the directory `out` as a Hugging Face style checkpoint.
+pub fn split_dense_llama(
+    src: &Path,
+    out: &Path,
+    experts: usize,
+    top_k: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<ModelConfig> {
+    let device = Device::Cpu;
+    let (config, weights, tokenizer): (ModelConfig, Box<dyn WeightSource>, Option<Tokenizer>) =
+        if src.is_file() {
+            let gguf = GgufFile::open(src, &device)?;
+            let tokenizer = Tokenizer::from_gguf(&gguf).ok();
+            (gguf.model_config()?, Box::new(gguf), tokenizer)
+        } else {
+            let config = ModelConfig::from_file(&src.join("config.json"))?;
+            let tokenizer = Tokenizer::from_dir(src).ok();
+            (config, Box::new(HfWeights::open(src, &device)?), tokenizer)
+        };
+    if config.architecture != Architecture::Llama {
+        return Err(Error::config(
+            src,
+            format!(
+                "--split-experts needs a dense Llama; this is {}",
+                config.architecture.model_type()
+            ),
+        ));
+    }
+    let width = config.dense_intermediate_size.unwrap_or(0);
+    if experts < 2 || top_k == 0 || top_k > experts || width % experts != 0 {
+        return Err(Error::InvalidRequest(format!(
+            "--split-experts {experts} --top-k {top_k}: the feed-forward width {width} must divide \
+             into at least 2 experts of equal size, and 1 <= K <= E"
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let (h, v) = (config.hidden_size, config.vocab_size);
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut copy = |name: &str, shape: &[usize]| -> Result<()> {
+        tensors.insert(name.to_string(), weights.tensor(name, shape)?);
+        Ok(())
+    };
+    copy("model.embed_tokens.weight", &[v, h])?;
+    copy("model.norm.weight", &[h])?;
+    let tied = config.tie_word_embeddings && !weights.contains("lm_head.weight");
+    if !tied {
+        copy("lm_head.weight", &[v, h])?;
+    }
+    let (q_rows, kv_rows) = (
+        config.num_heads * config.head_dim,
+        config.num_kv_heads * config.head_dim,
+    );
+    for layer in 0..config.num_layers {
+        progress(layer, config.num_layers);
+        let p = format!("model.layers.{layer}");
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            let name = format!("{p}.{norm}.weight");
+            tensors.insert(name.clone(), weights.tensor(&name, &[h])?);
+        }
+        for (proj, rows, heads) in [
+            ("q_proj", q_rows, config.num_heads),
+            ("k_proj", kv_rows, config.num_kv_heads),
+            ("v_proj", kv_rows, 0),
+            ("o_proj", h, 0),
+        ] {
+            let name = format!("{p}.self_attn.{proj}.weight");
+            let cols = if proj == "o_proj" { q_rows } else { h };
+            let mut w = weights.tensor(&name, &[rows, cols])?;
+            if config.rope_interleaved && heads > 0 {
+                w = unpermute_rotary_rows(&w, heads)?;
+            }
+            tensors.insert(name, w);
+        }
+        let [gate_name, up_name, down_name] = dense_mlp_names(layer);
+        let gate = weights.tensor(&format!("{gate_name}.weight"), &[width, h])?;
+        let up = weights.tensor(&format!("{up_name}.weight"), &[width, h])?;
+        let down = weights.tensor(&format!("{down_name}.weight"), &[h, width])?;
+        let clusters = balanced_clusters(&gate, experts)?;
+        let mut router_rows = Vec::with_capacity(experts);
+        for (e, neurons) in clusters.iter().enumerate() {
+            let index = Tensor::new(neurons.as_slice(), &device)?;
+            let expert_gate = gate.index_select(&index, 0)?;
+            router_rows.push(expert_gate.mean(0)?);
+            let prefix = format!("{p}.block_sparse_moe.experts.{e}");
+            tensors.insert(format!("{prefix}.w1.weight"), expert_gate);
+            tensors.insert(format!("{prefix}.w3.weight"), up.index_select(&index, 0)?);
+            tensors.insert(
+                format!("{prefix}.w2.weight"),
+                down.index_select(&index, 1)?.contiguous()?,
+            );
+        }
+        tensors.insert(
+            format!("{p}.block_sparse_moe.gate.weight"),
+            Tensor::stack(&router_rows, 0)?,
+        );
+    }
+    progress(config.num_layers, config.num_layers);
+
+    let weights_path = out.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &weights_path)?;
+    let config_json = json!({
+        "model_type": Architecture::SplitLlama.model_type(),
+        "architectures": ["OdmoeSplitLlamaForCausalLM"],
+        "vocab_size": v,
+        "hidden_size": h,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "max_position_embeddings": config.max_position_embeddings,
+        "hidden_act": "silu",
+        "intermediate_size": width / experts,
+        "num_local_experts": experts,
+        "num_experts_per_tok": top_k,
+        "tie_word_embeddings": tied,
+        "eos_token_id": config.eos_token_ids,
+        "bos_token_id": config.bos_token_id,
+        "odmoe_split": {"dense_intermediate_size": width, "method": "balanced k-means on gate rows; router = mean gate row"},
+    });
+    write_json(&out.join("config.json"), &config_json)?;
+    if let Some(tokenizer) = tokenizer {
+        let path = out.join("tokenizer.json");
+        std::fs::write(&path, tokenizer.to_json()?).map_err(|e| Error::io(&path, e))?;
+        let mut tokenizer_config = serde_json::Map::new();
+        if let Some(template) = tokenizer.chat_template() {
+            tokenizer_config.insert("chat_template".into(), json!(template.source()));
+        }
+        for (key, value) in tokenizer.special_tokens().into_iter().flatten() {
+            tokenizer_config.insert(key.clone(), value.clone());
+        }
+        write_json(
+            &out.join("tokenizer_config.json"),
+            &serde_json::Value::Object(tokenizer_config),
+        )?;
+        write_json(
+            &out.join("generation_config.json"),
+            &json!({"eos_token_id": tokenizer.eos_token_ids()}),
+        )?;
+    }
+    ModelConfig::from_file(&out.join("config.json"))
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// Undoes llama.cpp's Q/K row permutation (pairs interleaved per head) back to the two-halves
+/// layout that Hugging Face rotary embeddings expect.
+fn unpermute_rotary_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let half = rows / heads / 2;
+    Ok(w.reshape((heads, half, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+/// Partitions the rows of `gate` (one per neuron) into `k` groups of equal size by balanced
+/// k-means on the normalised rows: each round assigns (neuron, cluster) pairs from the most
+/// similar down, filling each cluster to its capacity. Deterministic.
+fn balanced_clusters(gate: &Tensor, k: usize) -> Result<Vec<Vec<u32>>> {
+    let n = gate.dim(0)?;
+    let capacity = n / k;
+    let norms = gate
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    let points = gate.broadcast_div(&norms)?;
+    // Start from evenly spaced neurons.
+    let seeds: Vec<u32> = (0..k).map(|c| (c * capacity) as u32).collect();
+    let mut centroids = points.index_select(&Tensor::new(seeds.as_slice(), gate.device())?, 0)?;
+    let mut clusters: Vec<Vec<u32>> = Vec::new();
+    for _ in 0..KMEANS_ROUNDS {
+        let similarity = points.matmul(&centroids.t()?)?.to_vec2::<f32>()?;
+        let mut pairs: Vec<(f32, u32, u32)> = Vec::with_capacity(n * k);
+        for (i, row) in similarity.iter().enumerate() {
+            for (c, &s) in row.iter().enumerate() {
+                pairs.push((s, i as u32, c as u32));
+            }
+        }
+        pairs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let mut assigned = vec![false; n];
+        clusters = vec![Vec::with_capacity(capacity); k];
+        for (_, i, c) in pairs {
+            if !assigned[i as usize] && clusters[c as usize].len() < capacity {
+                assigned[i as usize] = true;
+                clusters[c as usize].push(i);
+            }
+        }
+        let mut next = Vec::with_capacity(k);
+        for members in &mut clusters {
+            members.sort_unstable();
+            let index = Tensor::new(members.as_slice(), gate.device())?;
+            let mean = points.index_select(&index, 0)?.mean(0)?;
+            let norm = mean.sqr()?.sum_all()?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+            next.push(mean.broadcast_div(&norm)?);
+        }
+        centroids = Tensor::stack(&next, 0)?;
+    }
+    Ok(clusters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clusters_are_balanced_and_cover_every_neuron() {
+        let gate = Tensor::randn(0f32, 1.0, (64, 16), &Device::Cpu).unwrap();
+        let clusters = balanced_clusters(&gate, 4).unwrap();
+        assert!(clusters.iter().all(|c| c.len() == 16));
+        let mut all: Vec<u32> = clusters.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..64).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn unpermuting_inverts_llama_cpp_permutation() {
+        // llama.cpp: reshape(heads, 2, half, cols).swapaxes(1, 2).
+        let (heads, rows, cols) = (2, 8, 3);
+        let w = Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap();
+        let permuted = w
+            .reshape((heads, 2, rows / heads / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap();
+        let back = unpermute_rotary_rows(&permuted, heads).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+    }
+}
