@@ -579,7 +579,7 @@ impl Engine {
             architecture = %info.architecture,
             mode = %info.mode,
             budget = %budget,
-            budget_bytes = ?budget_bytes,
+            budget_bytes = budget_bytes.unwrap_or(total),
             expert_bytes = total,
             seconds = started.elapsed().as_secs_f64(),
             "model loaded"
