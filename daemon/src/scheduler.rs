@@ -32,7 +32,7 @@ use odmoe_protocol::{
     ErrorCode, GenerateResult, ModelInfo, QueueStats, RpcError, SessionStats, Timings, Usage,
 };
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::budget::BudgetSpec;
 use crate::settings::Settings;
@@ -388,7 +388,15 @@ impl Engine {
             }
             match self.next(self.sessions.next_expiry(idle)) {
                 Next::Run(job) => {
-                    self.serve(job);
+                    // A panic in the engine fails this job only: its channels
+                    // close, so its requester hears of it, and the thread goes on.
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.serve(job);
+                    }));
+                    if served.is_err() {
+                        error!("the engine panicked; the request failed");
+                        self.publish_sessions();
+                    }
                     lock(&self.shared.queue).running = None;
                 }
                 Next::Idle => {}
