@@ -841,6 +841,55 @@ async fn a_socket_passed_by_systemd_is_served_and_left_in_place() {
     assert!(log().contains("service manager"), "{}", log());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_without_a_chat_template_says_so() {
+    let daemon = Daemon::start().await;
+    // The fixture without its chat template.
+    let copy = daemon.dir.path().join("no_template");
+    fs::create_dir(&copy).unwrap();
+    for entry in fs::read_dir(model()).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    let config_path = copy.join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&config_path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("chat_template");
+    fs::write(&config_path, config.to_string()).unwrap();
+
+    let mut client = daemon.client().await;
+    let chat = GenerateParams {
+        prompt: None,
+        messages: Some(vec![ChatMessage {
+            role: "user".into(),
+            content: "Hello".into(),
+        }]),
+        ..greedy("", 4)
+    };
+    let with_template = timeout(
+        LIMIT,
+        client.generate_streaming(Method::Chat, &chat, |_| {}, std::future::pending()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(with_template.usage.completion_tokens, 4);
+
+    client.load(&copy, None).await.unwrap();
+    let error = expect_rpc_error(
+        timeout(
+            LIMIT,
+            client.generate_streaming(Method::Chat, &chat, |_| {}, std::future::pending()),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(error.code, ErrorCode::InvalidParams);
+    assert!(error.message.contains("chat_template"), "{}", error.message);
+    // Plain prompts still work.
+    generate(&mut client, &greedy(PROMPT, 4)).await;
+}
+
 /// The Python interpreter of the test venv that `scripts/setup.sh` makes.
 fn test_python() -> PathBuf {
     let venv = std::env::var_os("ODMOE_TEST_VENV").map_or_else(
