@@ -11,10 +11,12 @@ mod logits;
 mod manage;
 mod model_args;
 mod perplexity;
+mod predictor;
 mod run;
 mod tokenize;
 mod service;
 mod stats;
+mod trace;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -55,6 +57,12 @@ enum Command {
     /// Measure the expert store (reads, hits, decode at several budgets).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Record routing traces; replay them through the expert store's cache against Belady.
+    #[command(subcommand)]
+    Trace(trace::TraceCommand),
+    /// Train the shadow expert predictor; measure recall, latency and live prefetch.
+    #[command(subcommand)]
+    Predictor(predictor::PredictorCommand),
     /// Chat with the daemon's model: interactive on a terminal, one reply for piped stdin.
     Chat(chat::ChatArgs),
     /// Complete a prompt (TEXT or stdin) with the daemon's model, streaming the text.
@@ -85,6 +93,8 @@ fn main() -> std::process::ExitCode {
         Command::Verify(args) => verify::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(command) => bench::run(command),
+        Command::Trace(command) => trace::run(command),
+        Command::Predictor(command) => predictor::run(command),
         Command::Chat(args) => chat::run(args),
         Command::Complete(args) => complete::run(args),
         Command::Stats(args) => stats::run(args),

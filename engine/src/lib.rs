@@ -6,6 +6,8 @@
 //!   block gets its experts through [`model::ExpertProvider`].
 //! - [`tokenizer`] encodes, decodes incrementally and renders chat templates.
 //! - [`generate`] runs prefill and decode with sampling and stop conditions.
+//! - [`predict`] guesses the next layers' experts so the store can prefetch them, and records and
+//!   replays routing traces.
 //!
 //! The engine never touches a socket: the daemon drives it through these types.
 //!
@@ -29,6 +31,7 @@ pub mod format;
 pub mod generate;
 pub mod loader;
 pub mod model;
+pub mod predict;
 pub mod store;
 mod time;
 pub mod tokenizer;

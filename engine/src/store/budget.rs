@@ -133,8 +133,6 @@ impl EvictionPolicy for Lfuda {
 /// the hit rate of every online policy on the same trace.
 #[derive(Default)]
 pub struct Belady {
-    /// Index of the next access in the sequence.
-    cursor: usize,
     /// Each key's remaining access positions, ascending.
     future: HashMap<ExpertKey, VecDeque<usize>>,
     /// Cached keys by next use, farthest first.
@@ -176,12 +174,11 @@ impl EvictionPolicy for Belady {
         self.place(key);
     }
     fn accessed(&mut self, key: ExpertKey) {
+        // An access consumes the key's earliest remaining position, so accesses reordered within a
+        // batch (present experts are pinned before misses) keep every key's future exact.
         if let Some(q) = self.future.get_mut(&key) {
-            while q.front().is_some_and(|&i| i <= self.cursor) {
-                q.pop_front();
-            }
+            q.pop_front();
         }
-        self.cursor += 1;
         if self.next.contains_key(&key) {
             self.place(key);
         }

@@ -99,6 +99,26 @@ struct State {
 }
 
 impl State {
+    /// Pins `key` if it is ready or being read, counting a hit (and a used prefetch); a queued
+    /// prefetch that is needed now becomes a demand read, ahead of other prefetches.
+    fn pin_present(&mut self, key: ExpertKey, queued: &mut bool) -> Option<Slot> {
+        let slot = match self.slots.get(&key)? {
+            Slot::Ready(weights) => Slot::Ready(weights.clone()),
+            Slot::Loading(slot) => Slot::Loading(slot.clone()),
+        };
+        self.telemetry.hits += 1;
+        if self.cache.pin(key) {
+            self.telemetry.prefetch_used += 1;
+        }
+        if let Slot::Loading(slot) = &slot {
+            if !slot.claimed.load(Ordering::Acquire) {
+                self.demand.push_front((key, slot.clone()));
+                *queued = true;
+            }
+        }
+        Some(slot)
+    }
+
     fn forget(&mut self, evicted: &[(ExpertKey, bool)]) {
         for (key, _) in evicted {
             self.slots.remove(key);
@@ -179,77 +199,68 @@ impl ExpertStore {
 
     /// Returns `ids` of `layer`, pinned, reading misses; waits until all are loaded.
     pub fn acquire(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>> {
-        let mut pinned: Vec<(ExpertKey, Slot)> = Vec::new();
+        let mut pinned: Vec<Option<(ExpertKey, Slot)>> = Vec::with_capacity(ids.len());
         let mut state = self.shared.lock();
         let mut queued = false;
+        // Experts already present are pinned first, so that this call's misses cannot evict them.
         for &expert in ids {
             let key = (layer, expert);
+            pinned.push(state.pin_present(key, &mut queued).map(|slot| (key, slot)));
+        }
+        for (i, &expert) in ids.iter().enumerate() {
+            if pinned[i].is_some() {
+                continue;
+            }
+            let key = (layer, expert);
             loop {
-                match state.slots.get(&key) {
-                    Some(Slot::Ready(weights)) => {
-                        let weights = weights.clone();
-                        state.telemetry.hits += 1;
-                        if state.cache.pin(key) {
-                            state.telemetry.prefetch_used += 1;
-                        }
-                        pinned.push((key, Slot::Ready(weights)));
-                    }
-                    Some(Slot::Loading(slot)) => {
-                        let slot = slot.clone();
-                        state.telemetry.hits += 1;
-                        if state.cache.pin(key) {
-                            state.telemetry.prefetch_used += 1;
-                        }
-                        if !slot.claimed.load(Ordering::Acquire) {
-                            // A queued prefetch is needed now: read it before other prefetches.
-                            state.demand.push_front((key, slot.clone()));
-                            queued = true;
-                        }
-                        pinned.push((key, Slot::Loading(slot)));
-                    }
-                    None => match state.cache.reserve(key, self.shared.expert_bytes, false) {
-                        Ok(evicted) => {
-                            state.forget(&evicted);
-                            state.telemetry.misses += 1;
-                            state.cache.pin(key);
-                            let slot = LoadSlot::new();
-                            state.slots.insert(key, Slot::Loading(slot.clone()));
-                            state.demand.push_back((key, slot.clone()));
-                            queued = true;
-                            pinned.push((key, Slot::Loading(slot)));
-                        }
-                        Err(NoRoom::Full {
-                            needed,
-                            budget,
-                            pinned_or_loading,
-                        }) => {
-                            let unpinned_loads = state.slots.iter().any(|(k, s)| {
-                                matches!(s, Slot::Loading(_))
-                                    && state.cache.get(*k).is_some_and(|e| e.pins == 0)
-                            });
-                            if unpinned_loads {
-                                // Prefetches in flight hold the room; once read they can be evicted.
-                                if queued {
-                                    self.shared.work.notify_all();
-                                    queued = false;
-                                }
-                                state = self.shared.progress.wait(state).unwrap();
-                                continue;
-                            }
-                            for (key, _) in &pinned {
-                                state.cache.unpin(*key);
-                            }
-                            return Err(Error::Budget(format!(
-                                "no room for expert {expert} of layer {layer}: it needs {needed} bytes, \
-                                 the budget is {budget} and {pinned_or_loading} are pinned or loading; \
-                                 raise the expert budget to at least one layer's experts"
-                            )));
-                        }
-                    },
+                // Another acquirer may have started the read while this one waited for room.
+                if let Some(slot) = state.pin_present(key, &mut queued) {
+                    pinned[i] = Some((key, slot));
+                    break;
                 }
-                break;
+                match state.cache.reserve(key, self.shared.expert_bytes, false) {
+                    Ok(evicted) => {
+                        state.forget(&evicted);
+                        state.telemetry.misses += 1;
+                        state.cache.pin(key);
+                        let slot = LoadSlot::new();
+                        state.slots.insert(key, Slot::Loading(slot.clone()));
+                        state.demand.push_back((key, slot.clone()));
+                        queued = true;
+                        pinned[i] = Some((key, Slot::Loading(slot)));
+                        break;
+                    }
+                    Err(NoRoom::Full {
+                        needed,
+                        budget,
+                        pinned_or_loading,
+                    }) => {
+                        let unpinned_loads = state.slots.iter().any(|(k, s)| {
+                            matches!(s, Slot::Loading(_))
+                                && state.cache.get(*k).is_some_and(|e| e.pins == 0)
+                        });
+                        if unpinned_loads {
+                            // Prefetches in flight hold the room; once read they can be evicted.
+                            if queued {
+                                self.shared.work.notify_all();
+                                queued = false;
+                            }
+                            state = self.shared.progress.wait(state).unwrap();
+                            continue;
+                        }
+                        for (key, _) in pinned.iter().flatten() {
+                            state.cache.unpin(*key);
+                        }
+                        return Err(Error::Budget(format!(
+                            "no room for expert {expert} of layer {layer}: it needs {needed} bytes, \
+                             the budget is {budget} and {pinned_or_loading} are pinned or loading; \
+                             raise the expert budget to at least one layer's experts"
+                        )));
+                    }
+                }
             }
         }
+        let pinned: Vec<(ExpertKey, Slot)> = pinned.into_iter().flatten().collect();
         if queued {
             self.shared.work.notify_all();
         }

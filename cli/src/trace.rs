@@ -1,0 +1,400 @@
+//! `odmoe trace record` and `odmoe trace replay`: routing traces, and the store's own cache
+//! bookkeeping replayed over them to compare eviction policies and predictors with the Belady
+//! bound.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::DType;
+use clap::{Args, Subcommand};
+use odmoe_engine::format::size::{format_bytes, parse_budget};
+use odmoe_engine::loader::{self, ExpertMode, LoadOptions, LoadedModel};
+use odmoe_engine::predict::replay::{Prefetch, ReplayOptions, ReplayPolicy, ReplayReport, replay};
+use odmoe_engine::predict::trace::{RecordOptions, Trace};
+use odmoe_engine::predict::{Predictor, PredictorKind, lookahead::Lookahead, shadow::Shadow};
+use odmoe_engine::store::{PolicyKind, StoreConfig};
+use serde_json::json;
+
+#[derive(Subcommand)]
+pub enum TraceCommand {
+    /// Run prompts (one per line) and record each token's experts, weights and hidden states.
+    Record(RecordArgs),
+    /// Replay a trace through the store's cache: hit rate, reads, prefetch and stall estimates.
+    Replay(ReplayArgs),
+}
+
+#[derive(Args)]
+pub struct RecordArgs {
+    #[command(flatten)]
+    model: crate::model_args::ModelArgs,
+    /// Prompts, one per line (empty lines are skipped).
+    #[arg(long, value_name = "FILE")]
+    prompts: PathBuf,
+    /// Trace file to write (safetensors).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Also record the hidden state entering every layer (needed to train and replay predictors).
+    #[arg(long)]
+    hidden: bool,
+    /// How hidden states are stored.
+    #[arg(long, default_value = "f16", value_name = "f16|f32", value_parser = parse_dtype)]
+    hidden_dtype: DType,
+    /// Greedy tokens generated after each prompt, so decode routing is recorded too.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    max_tokens: usize,
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f16" => Ok(DType::F16),
+        "f32" => Ok(DType::F32),
+        other => Err(format!("{other:?}: expected f16 or f32")),
+    }
+}
+
+#[derive(Args)]
+pub struct ReplayArgs {
+    /// Trace recorded by `odmoe trace record`.
+    trace: PathBuf,
+    /// Expert budget: bytes (64MiB) or a percentage of all experts (25%). Required unless
+    /// --sweep is given.
+    #[arg(long, value_name = "SIZE|PCT", required_unless_present = "sweep")]
+    budget: Option<String>,
+    /// Eviction policies (comma separated): lru, lfuda, belady (the offline optimum).
+    #[arg(
+        long,
+        default_value = "lru",
+        value_delimiter = ',',
+        value_name = "POLICY"
+    )]
+    policy: Vec<ReplayPolicy>,
+    /// Where prefetches come from: none, lookahead (needs --model), shadow (needs --weights), or
+    /// oracle (the trace's own future: the bound for any predictor). Comma separated to compare.
+    #[arg(
+        long,
+        default_value = "none",
+        value_delimiter = ',',
+        value_name = "KIND"
+    )]
+    prefetch: Vec<PrefetchArg>,
+    /// Layers ahead to prefetch.
+    #[arg(long, default_value_t = 1, value_name = "D")]
+    depth: usize,
+    /// The model the trace was recorded from (for the lookahead predictor's routers).
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// Shadow predictor weights from `odmoe predictor train`.
+    #[arg(long, value_name = "FILE")]
+    weights: Option<PathBuf>,
+    /// Keep prefetching even while it wastes more than it saves.
+    #[arg(long)]
+    no_adaptive: bool,
+    /// Disk read rate of the stall model, GB/s.
+    #[arg(long, default_value_t = 2.0, value_name = "X")]
+    disk_gbps: f64,
+    /// Compute time of one layer for one token in the stall model, ms.
+    #[arg(long, default_value_t = 0.4, value_name = "Y")]
+    compute_ms: f64,
+    /// Replay at each of these budgets (sizes or percentages) and print a hit-rate table.
+    #[arg(long, value_delimiter = ',', value_name = "B1,B2,..")]
+    sweep: Vec<String>,
+    /// Print JSON (one object per replay, in an array) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A prefetch source named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefetchArg {
+    Predictor(PredictorKind),
+    Oracle,
+}
+
+impl std::str::FromStr for PrefetchArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "oracle" => Ok(Self::Oracle),
+            other => other.parse().map(Self::Predictor),
+        }
+    }
+}
+
+pub fn run(command: TraceCommand) -> Result<()> {
+    match command {
+        TraceCommand::Record(args) => record(args),
+        TraceCommand::Replay(args) => replay_command(args),
+    }
+}
+
+/// Non-empty lines of a prompts file.
+pub(crate) fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect();
+    if prompts.is_empty() {
+        bail!("{} has no prompts (one per line)", path.display());
+    }
+    Ok(prompts)
+}
+
+/// Bytes one expert takes in the store's budget.
+pub(crate) fn expert_bytes(path: &Path) -> Result<u64> {
+    let (config, total) = loader::describe(path)?;
+    Ok(total / (config.num_layers * config.num_experts).max(1) as u64)
+}
+
+/// The model without its experts resident (a store with the smallest budget): enough for the
+/// routers and hidden states.
+pub(crate) fn load_base(path: &Path) -> Result<LoadedModel> {
+    let (config, _) = loader::describe(path)?;
+    let options = LoadOptions {
+        experts: ExpertMode::OnDemand(StoreConfig {
+            budget_bytes: config.num_experts_per_token as u64 * expert_bytes(path)?,
+            io_threads: 1,
+            policy: PolicyKind::Lru,
+        }),
+        ..LoadOptions::default()
+    };
+    loader::load(path, &options, &odmoe_engine::default_device()?)
+        .with_context(|| format!("loading model from {}", path.display()))
+}
+
+fn record(args: RecordArgs) -> Result<()> {
+    let path = &args.model.model;
+    let tokenizer = loader::load_tokenizer(path)?
+        .with_context(|| format!("{} has no tokenizer to encode the prompts", path.display()))?;
+    let prompts = read_prompts(&args.prompts)?
+        .iter()
+        .map(|p| tokenizer.encode(p, true).map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    let loaded = args.model.load()?;
+    let model = &loaded.model;
+    let mut stop_ids = model.config.eos_token_ids.clone();
+    stop_ids.extend_from_slice(tokenizer.eos_token_ids());
+    let options = RecordOptions {
+        max_tokens: args.max_tokens,
+        hidden: args.hidden,
+        stop_ids,
+        expert_bytes: match &loaded.store {
+            Some(store) => store.expert_bytes(),
+            None => expert_bytes(path)?,
+        },
+        model: path.display().to_string(),
+    };
+    let count = prompts.len();
+    let trace = Trace::record(model, &prompts, &options, |p| {
+        eprint!("\rrecorded {}/{count} prompts", p + 1);
+    })?;
+    eprintln!();
+    let partial = args.out.with_extension("safetensors.partial");
+    trace
+        .save(&partial, args.hidden_dtype)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, &args.out)
+        .with_context(|| format!("renaming {} to {}", partial.display(), args.out.display()))?;
+    let forwards = trace.forwards();
+    eprintln!(
+        "{}: {} tokens ({} prompts, {} decode steps), {} layers, {} experts of {} each{}",
+        args.out.display(),
+        trace.num_tokens(),
+        count,
+        forwards.iter().filter(|(_, prefill)| !prefill).count(),
+        trace.num_layers(),
+        trace.num_experts(),
+        format_bytes(trace.expert_bytes),
+        if args.hidden {
+            ", with hidden states"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// The predictor a replay or an evaluation asks for.
+pub(crate) fn predictor(
+    kind: PredictorKind,
+    trace: &Trace,
+    depth: usize,
+    model: Option<&Path>,
+    weights: Option<&Path>,
+) -> Result<Option<Box<dyn Predictor>>> {
+    Ok(match kind {
+        PredictorKind::None => None,
+        PredictorKind::Lookahead => {
+            let model = model.context("the lookahead predictor needs --model (its routers)")?;
+            let loaded = load_base(model)?;
+            if loaded.model.config != trace.config {
+                bail!(
+                    "{} is not the model the trace was recorded from",
+                    model.display()
+                );
+            }
+            Some(Box::new(Lookahead::new(&loaded.model, depth)?))
+        }
+        PredictorKind::Shadow => {
+            let weights =
+                weights.context("the shadow predictor needs --weights (odmoe predictor train)")?;
+            let shadow = Shadow::load(weights, &trace.config)?;
+            if shadow.depth() < depth {
+                bail!(
+                    "{} predicts {} layers ahead, not {depth}",
+                    weights.display(),
+                    shadow.depth()
+                );
+            }
+            Some(Box::new(shadow.truncated(depth)))
+        }
+    })
+}
+
+fn replay_command(args: ReplayArgs) -> Result<()> {
+    let trace = Trace::load(&args.trace)?;
+    let total = trace.total_expert_bytes();
+    let budgets: Vec<(String, u64)> = if args.sweep.is_empty() {
+        let text = args.budget.clone().unwrap_or_default();
+        vec![(text.clone(), parse_budget(&text, total)?)]
+    } else {
+        args.sweep
+            .iter()
+            .map(|b| {
+                let text = if b.trim().ends_with('%') || b.contains(|c: char| c.is_alphabetic()) {
+                    b.trim().to_string()
+                } else {
+                    format!("{}%", b.trim())
+                };
+                Ok((text.clone(), parse_budget(&text, total)?))
+            })
+            .collect::<Result<_>>()?
+    };
+    let minimum = trace.top_k() as u64 * trace.expert_bytes;
+    let mut predictors: Vec<(PrefetchArg, Option<Box<dyn Predictor>>)> = Vec::new();
+    for &p in &args.prefetch {
+        let built = match p {
+            PrefetchArg::Predictor(kind) => predictor(
+                kind,
+                &trace,
+                args.depth,
+                args.model.as_deref(),
+                args.weights.as_deref(),
+            )?,
+            PrefetchArg::Oracle => None,
+        };
+        predictors.push((p, built));
+    }
+    let mut reports: Vec<(String, ReplayReport, f64)> = Vec::new();
+    for (text, budget) in &budgets {
+        let budget = (*budget).max(minimum);
+        let belady = replay(
+            &trace,
+            &ReplayOptions::new(budget, ReplayPolicy::Belady, &trace),
+            Prefetch::None,
+        )?
+        .hit_rate;
+        for &policy in &args.policy {
+            for (arg, built) in &predictors {
+                let prefetch = match (arg, built) {
+                    (PrefetchArg::Oracle, _) => Prefetch::Oracle,
+                    (_, Some(p)) => Prefetch::Predictor(p.as_ref()),
+                    (_, None) => Prefetch::None,
+                };
+                let options = ReplayOptions {
+                    depth: args.depth,
+                    adaptive: !args.no_adaptive,
+                    disk_gbps: args.disk_gbps,
+                    compute_ms: args.compute_ms,
+                    ..ReplayOptions::new(budget, policy, &trace)
+                };
+                let report = replay(&trace, &options, prefetch)?;
+                reports.push((text.clone(), report, belady));
+            }
+        }
+    }
+    if args.json {
+        let out: Vec<_> = reports
+            .iter()
+            .map(|(text, r, belady)| {
+                let mut v = serde_json::to_value(r).expect("reports serialise");
+                v["budget"] = json!(text);
+                v["belady_hit_rate"] = json!(belady);
+                v["of_belady"] = if *belady > 0.0 {
+                    json!(r.hit_rate / belady)
+                } else {
+                    serde_json::Value::Null
+                };
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{}: {} tokens ({} decode), {} layers x {} experts of {}; stall model: {} GB/s, {} ms per layer-token",
+        args.trace.display(),
+        trace.num_tokens(),
+        reports.first().map_or(0, |r| r.1.decode_tokens),
+        trace.num_layers(),
+        trace.num_experts(),
+        format_bytes(trace.expert_bytes),
+        args.disk_gbps,
+        args.compute_ms
+    )?;
+    writeln!(
+        out,
+        "| budget | experts | policy | prefetch | hit rate | of Belady | read | prefetch issued/used/wasted | recall | stall ms | decode tok/s (model) |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+    for (text, r, belady) in &reports {
+        let recall: Vec<String> = r
+            .recall
+            .iter()
+            .map(|x| x.map_or("-".into(), |x| format!("{:.2}", x)))
+            .collect();
+        writeln!(
+            out,
+            "| {text} | {} | {} | {}{} | {:.1}% | {} | {} | {}/{}/{} | {} | {:.1} | {:.1} |",
+            r.budget_experts,
+            r.policy,
+            r.prefetch,
+            if r.depth > 0 {
+                format!(" d={}", r.depth)
+            } else {
+                String::new()
+            },
+            r.hit_rate * 100.0,
+            if *belady > 0.0 {
+                format!("{:.3}", r.hit_rate / belady)
+            } else {
+                "-".into()
+            },
+            format_bytes(r.bytes_read),
+            r.prefetch_issued,
+            r.prefetch_used,
+            r.prefetch_wasted,
+            if recall.is_empty() {
+                "-".into()
+            } else {
+                recall.join(" ")
+            },
+            r.stall_ms,
+            r.est_decode_tok_s,
+        )?;
+    }
+    if let Some((_, r, _)) = reports.iter().find(|(_, r, _)| r.predict_p50_us > 0.0) {
+        writeln!(
+            out,
+            "{} predictor latency per layer: p50 {:.0} us, p99 {:.0} us",
+            r.prefetch, r.predict_p50_us, r.predict_p99_us
+        )?;
+    }
+    Ok(())
+}

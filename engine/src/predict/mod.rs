@@ -1,0 +1,572 @@
+//! Expert prediction: guess which experts the next layers will route to, so the store reads them
+//! while the current layers compute.
+//!
+//! - [`Predictor`] is the one interface: given the hidden state entering layer `l`, score the
+//!   experts of the `depth` layers that run next. Depth counts layers in execution order: past the
+//!   last layer it continues with the next token's first layers, so a depth larger than the
+//!   model's layer count is meaningful in decode.
+//! - [`lookahead::Lookahead`] applies the real routers of the next layers to the current hidden
+//!   state (no training); [`shadow::Shadow`] is a small MLP per target layer trained from routing
+//!   traces.
+//! - [`Prefetcher`] is the live side: a [`ForwardHook`] that asks the predictor at every layer and
+//!   queues low-priority prefetches in the [`ExpertStore`], measures recall, and switches itself
+//!   off while its prefetches waste more reads than they save ([`PrefetchGate`]).
+//! - [`trace`] records routing traces, [`replay`] runs the store's own [`BudgetCache`] over them
+//!   to compare policies and predictors against the Belady bound.
+//!
+//! Nothing here changes what the model computes: a hook only reads the hidden state, and the
+//! store returns the same weights whether an expert was prefetched or read on demand.
+//!
+//! [`BudgetCache`]: crate::store::BudgetCache
+
+pub mod lookahead;
+pub mod replay;
+pub mod shadow;
+pub mod trace;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{ForwardHook, Model, Routing};
+use crate::store::{ExpertStore, PrefetchCounts};
+
+/// One guess: `expert` of `layer`, `depth` layers after the one the hidden state entered.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Guess {
+    pub depth: usize,
+    pub layer: usize,
+    pub expert: usize,
+    /// Higher is more likely (a routing probability or a sigmoid output).
+    pub score: f32,
+}
+
+/// Which predictor, as the command line and the config name them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PredictorKind {
+    /// No prediction, no prefetch.
+    #[default]
+    None,
+    /// The next layers' routers applied to the current hidden state.
+    Lookahead,
+    /// A trained MLP per target layer.
+    Shadow,
+}
+
+impl std::str::FromStr for PredictorKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" | "off" => Ok(Self::None),
+            "lookahead" => Ok(Self::Lookahead),
+            "shadow" => Ok(Self::Shadow),
+            other => Err(format!(
+                "unknown predictor {other:?} (none, lookahead, shadow)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for PredictorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Lookahead => "lookahead",
+            Self::Shadow => "shadow",
+        })
+    }
+}
+
+/// Scores the experts of the layers that run next.
+pub trait Predictor: Send + Sync {
+    fn kind(&self) -> PredictorKind;
+    /// How many layers ahead it predicts.
+    fn depth(&self) -> usize;
+    fn num_layers(&self) -> usize;
+    /// Experts each position routes to.
+    fn top_k(&self) -> usize;
+
+    /// Scores `[T, experts]` for depth 1..=[`depth`](Self::depth) (entry d-1 is layer
+    /// `(layer + d) % num_layers`), given the hidden state `[T, hidden]` entering `layer`.
+    fn scores(&self, layer: usize, hidden: &Tensor) -> Result<Vec<Tensor>>;
+
+    /// The guesses `(layer, expert, score)` for layers `layer+1 ..= layer+depth`: each position's
+    /// top-k, merged (an expert's score is its best). Targets past the last layer belong to the
+    /// next token, which follows only the last position, so only its row counts for them.
+    fn predict(&self, layer: usize, hidden: &Tensor) -> Result<Vec<Guess>> {
+        let scores = self.scores(layer, hidden)?;
+        let num_layers = self.num_layers();
+        let mut guesses = Vec::new();
+        for (i, s) in scores.iter().enumerate() {
+            let depth = i + 1;
+            let rows = s.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let rows = if layer + depth >= num_layers {
+                &rows[rows.len().saturating_sub(1)..]
+            } else {
+                &rows[..]
+            };
+            let mut best: BTreeMap<usize, f32> = BTreeMap::new();
+            for row in rows {
+                for e in top_k(row, self.top_k()) {
+                    let score = best.entry(e).or_insert(f32::NEG_INFINITY);
+                    *score = score.max(row[e]);
+                }
+            }
+            let mut merged: Vec<(usize, f32)> = best.into_iter().collect();
+            merged.sort_by(|a, b| b.1.total_cmp(&a.1));
+            guesses.extend(merged.into_iter().map(|(expert, score)| Guess {
+                depth,
+                layer: (layer + depth) % num_layers,
+                expert,
+                score,
+            }));
+        }
+        Ok(guesses)
+    }
+}
+
+/// The indices of the `k` largest values, largest first; ties keep index order (as routing does).
+pub fn top_k(row: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    order.truncate(k);
+    order
+}
+
+/// Recall@top-k of `predictor` on a trace with hidden states, by depth 1..=D: for every token and
+/// layer, the share of the experts routed to `d` layers later that the predictor's top-k for that
+/// token named. Targets past the last layer are the next token's (same prompt).
+pub fn recall_on_trace(predictor: &dyn Predictor, trace: &trace::Trace) -> Result<Vec<f64>> {
+    let depth = predictor.depth();
+    let (n, k) = (trace.num_tokens(), trace.top_k());
+    let (mut found, mut routed) = (vec![0u64; depth], vec![0u64; depth]);
+    for layer in 0..trace.num_layers() {
+        let hidden = trace.hidden_rows(0..n, layer)?;
+        for (i, scores) in predictor.scores(layer, &hidden)?.iter().enumerate() {
+            let rows = scores.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (t, row) in rows.iter().enumerate() {
+                let Some((t2, j)) = trace.step_after(t, layer, i + 1) else {
+                    continue;
+                };
+                let truth = trace.ids(t2, j);
+                found[i] += top_k(row, k)
+                    .iter()
+                    .filter(|&&e| truth.contains(&(e as u32)))
+                    .count() as u64;
+                routed[i] += truth.len() as u64;
+            }
+        }
+    }
+    Ok(found
+        .iter()
+        .zip(&routed)
+        .map(|(&f, &r)| f as f64 / r.max(1) as f64)
+        .collect())
+}
+
+/// Builds the predictor `kind` for `model`: lookahead from its routers, shadow from `weights`.
+pub fn build(
+    kind: PredictorKind,
+    model: &Model,
+    depth: usize,
+    weights: Option<&std::path::Path>,
+) -> Result<Option<Box<dyn Predictor>>> {
+    Ok(match kind {
+        PredictorKind::None => None,
+        PredictorKind::Lookahead => Some(Box::new(lookahead::Lookahead::new(model, depth)?)),
+        PredictorKind::Shadow => {
+            let path = weights.ok_or_else(|| {
+                Error::InvalidRequest(
+                    "the shadow predictor needs its weights (odmoe predictor train)".into(),
+                )
+            })?;
+            let shadow = shadow::Shadow::load(path, &model.config)?;
+            if depth > shadow.depth() {
+                return Err(Error::InvalidRequest(format!(
+                    "{} was trained for depth {}, not {depth}",
+                    path.display(),
+                    shadow.depth()
+                )));
+            }
+            Some(Box::new(shadow.truncated(depth)))
+        }
+    })
+}
+
+/// Recall of predictions against what routing did, by depth: the share of the experts a step
+/// routed to that the predictions made `d` steps before had named.
+#[derive(Debug, Default)]
+pub struct RecallMeter {
+    /// Step -> (depth, predicted experts).
+    pending: BTreeMap<u64, Vec<(usize, Vec<usize>)>>,
+    found: Vec<u64>,
+    routed: Vec<u64>,
+}
+
+impl RecallMeter {
+    pub fn new(depth: usize) -> Self {
+        Self {
+            found: vec![0; depth],
+            routed: vec![0; depth],
+            ..Self::default()
+        }
+    }
+
+    /// Remembers that `experts` are predicted for `step`, `depth` steps ahead.
+    pub fn expect(&mut self, step: u64, depth: usize, experts: Vec<usize>) {
+        self.pending.entry(step).or_default().push((depth, experts));
+    }
+
+    /// Scores the predictions for `step` against the experts it routed to.
+    pub fn observe(&mut self, step: u64, routed: &[usize]) {
+        // Predictions for steps that never reported routing (a failed pass) are dropped.
+        let later = self.pending.split_off(&step);
+        self.pending = later;
+        let Some(predicted) = self.pending.remove(&step) else {
+            return;
+        };
+        for (depth, experts) in predicted {
+            let Some(i) = depth.checked_sub(1).filter(|&i| i < self.found.len()) else {
+                continue;
+            };
+            self.found[i] += routed.iter().filter(|e| experts.contains(e)).count() as u64;
+            self.routed[i] += routed.len() as u64;
+        }
+    }
+
+    /// Recall at each depth 1..=D (`None` where nothing was measured).
+    pub fn recall(&self) -> Vec<Option<f64>> {
+        self.found
+            .iter()
+            .zip(&self.routed)
+            .map(|(&f, &r)| (r > 0).then(|| f as f64 / r as f64))
+            .collect()
+    }
+}
+
+/// When the [`PrefetchGate`] decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateConfig {
+    /// Steps (layers run) the used/wasted balance is summed over.
+    pub window: usize,
+    /// Resolved prefetches (used or wasted) needed in the window before deciding.
+    pub min_events: u64,
+    /// Steps prefetch stays off before it is tried again.
+    pub probe_after: usize,
+}
+
+impl GateConfig {
+    /// Windows scaled to the model: 16 tokens' layers to judge, 64 tokens' layers off.
+    pub fn for_layers(num_layers: usize) -> Self {
+        Self {
+            window: 16 * num_layers.max(1),
+            min_events: 8,
+            probe_after: 64 * num_layers.max(1),
+        }
+    }
+}
+
+/// Switches prefetch off while, over a sliding window, more prefetches are wasted (evicted
+/// unused) than used, and back on for a probe after a while; the probe stays on if it pays.
+#[derive(Clone, Debug)]
+pub struct PrefetchGate {
+    config: GateConfig,
+    enabled: bool,
+    window: VecDeque<(u64, u64)>,
+    used: u64,
+    wasted: u64,
+    off_steps: usize,
+    pub switched_off: u64,
+    pub switched_on: u64,
+}
+
+impl PrefetchGate {
+    pub fn new(config: GateConfig) -> Self {
+        Self {
+            config,
+            enabled: true,
+            window: VecDeque::new(),
+            used: 0,
+            wasted: 0,
+            off_steps: 0,
+            switched_off: 0,
+            switched_on: 0,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Advances one step with the prefetches resolved since the last one; returns whether
+    /// prefetch is on for this step.
+    pub fn step(&mut self, used: u64, wasted: u64) -> bool {
+        if self.enabled {
+            self.window.push_back((used, wasted));
+            self.used += used;
+            self.wasted += wasted;
+            while self.window.len() > self.config.window {
+                let (u, w) = self.window.pop_front().unwrap();
+                self.used -= u;
+                self.wasted -= w;
+            }
+            if self.used + self.wasted >= self.config.min_events && self.wasted > self.used {
+                self.enabled = false;
+                self.off_steps = 0;
+                self.switched_off += 1;
+                self.clear();
+            }
+        } else {
+            self.off_steps += 1;
+            if self.off_steps >= self.config.probe_after {
+                self.enabled = true;
+                self.switched_on += 1;
+                self.clear();
+            }
+        }
+        self.enabled
+    }
+
+    fn clear(&mut self) {
+        self.window.clear();
+        self.used = 0;
+        self.wasted = 0;
+    }
+}
+
+/// How the live prefetcher behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrefetchOptions {
+    /// Layers ahead to prefetch (at most the predictor's depth).
+    pub depth: usize,
+    /// Switch off while wasteful (see [`PrefetchGate`]); off means always on.
+    pub adaptive: bool,
+    pub gate: GateConfig,
+}
+
+impl PrefetchOptions {
+    pub fn new(depth: usize, num_layers: usize) -> Self {
+        Self {
+            depth,
+            adaptive: true,
+            gate: GateConfig::for_layers(num_layers),
+        }
+    }
+}
+
+/// Nearest-rank percentiles of a latency window, in microseconds.
+pub(crate) fn percentile_us(samples: &VecDeque<f64>, p: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    let mut sorted: Vec<f64> = samples.iter().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+const LATENCY_WINDOW: usize = 4096;
+
+/// What the live prefetcher did, with the store's prefetch counters.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrefetchStats {
+    pub predictor: PredictorKind,
+    pub depth: usize,
+    /// Whether prefetch is on now.
+    pub enabled: bool,
+    pub switched_off: u64,
+    pub switched_on: u64,
+    /// Layers run since installed.
+    pub steps: u64,
+    /// Layers at which the predictor ran.
+    pub predictions: u64,
+    /// Recall at depth 1..=D of the predictions that were made.
+    pub recall: Vec<Option<f64>>,
+    pub predict_p50_us: f64,
+    pub predict_p99_us: f64,
+    pub issued: u64,
+    pub used: u64,
+    pub wasted: u64,
+    pub dropped: u64,
+    /// Time compute waited for expert reads.
+    pub stall_us: u64,
+}
+
+struct LiveState {
+    gate: PrefetchGate,
+    step: u64,
+    seen: PrefetchCounts,
+    recall: RecallMeter,
+    predictions: u64,
+    latencies_us: VecDeque<f64>,
+}
+
+/// The live prefetcher: after each layer, asks the predictor about the next layers and queues
+/// their experts in the store at low priority (needed-soonest first). The store's reads overlap
+/// the next layers' compute; prefetches never evict a pinned expert or an unused prefetch.
+pub struct Prefetcher {
+    predictor: Box<dyn Predictor>,
+    store: Arc<ExpertStore>,
+    options: PrefetchOptions,
+    state: Mutex<LiveState>,
+}
+
+impl Prefetcher {
+    pub fn new(
+        predictor: Box<dyn Predictor>,
+        store: Arc<ExpertStore>,
+        options: PrefetchOptions,
+    ) -> Self {
+        let depth = options.depth.min(predictor.depth());
+        let options = PrefetchOptions { depth, ..options };
+        Self {
+            state: Mutex::new(LiveState {
+                gate: PrefetchGate::new(options.gate),
+                step: 0,
+                seen: store.prefetch_counts(),
+                recall: RecallMeter::new(depth),
+                predictions: 0,
+                latencies_us: VecDeque::new(),
+            }),
+            predictor,
+            store,
+            options,
+        }
+    }
+
+    /// Installs a prefetcher as `model`'s forward hook and returns it (for its stats).
+    pub fn install(
+        model: &mut Model,
+        predictor: Box<dyn Predictor>,
+        store: Arc<ExpertStore>,
+        options: PrefetchOptions,
+    ) -> Arc<Prefetcher> {
+        let prefetcher = Arc::new(Self::new(predictor, store, options));
+        model.set_hook(Some(prefetcher.clone()));
+        prefetcher
+    }
+
+    pub fn stats(&self) -> PrefetchStats {
+        let state = self.state.lock().unwrap();
+        let counts = self.store.prefetch_counts();
+        PrefetchStats {
+            predictor: self.predictor.kind(),
+            depth: self.options.depth,
+            enabled: state.gate.enabled(),
+            switched_off: state.gate.switched_off,
+            switched_on: state.gate.switched_on,
+            steps: state.step,
+            predictions: state.predictions,
+            recall: state.recall.recall(),
+            predict_p50_us: percentile_us(&state.latencies_us, 50.0),
+            predict_p99_us: percentile_us(&state.latencies_us, 99.0),
+            issued: counts.issued,
+            used: counts.used,
+            wasted: counts.wasted,
+            dropped: counts.dropped,
+            stall_us: counts.stall_us,
+        }
+    }
+}
+
+impl ForwardHook for Prefetcher {
+    fn layer_input(&self, layer: usize, hidden: &Tensor) {
+        let mut state = self.state.lock().unwrap();
+        state.step += 1;
+        let step = state.step;
+        let counts = self.store.prefetch_counts();
+        let (used, wasted) = (
+            counts.used - state.seen.used,
+            counts.wasted - state.seen.wasted,
+        );
+        state.seen = counts;
+        if self.options.adaptive && !state.gate.step(used, wasted) {
+            return;
+        }
+        let started = Instant::now();
+        let guesses = match self.predictor.predict(layer, hidden) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!("expert prediction failed at layer {layer}: {e}");
+                return;
+            }
+        };
+        if state.latencies_us.len() == LATENCY_WINDOW {
+            state.latencies_us.pop_front();
+        }
+        state
+            .latencies_us
+            .push_back(started.elapsed().as_secs_f64() * 1e6);
+        state.predictions += 1;
+        for depth in 1..=self.options.depth {
+            let ids: Vec<usize> = guesses
+                .iter()
+                .filter(|g| g.depth == depth)
+                .map(|g| g.expert)
+                .collect();
+            let Some(first) = guesses.iter().find(|g| g.depth == depth) else {
+                continue;
+            };
+            let target = step + depth as u64;
+            self.store.prefetch_at(first.layer, &ids, target);
+            state.recall.expect(target, depth, ids);
+        }
+    }
+
+    fn layer_routing(&self, _layer: usize, routing: &Routing) {
+        let mut state = self.state.lock().unwrap();
+        let step = state.step;
+        state.recall.observe(step, &routed_experts(routing));
+    }
+}
+
+/// The distinct experts a layer routed its positions to, ascending.
+pub fn routed_experts(routing: &Routing) -> Vec<usize> {
+    let mut ids: Vec<usize> = routing.ids.iter().flatten().copied().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_breaks_ties_by_index() {
+        assert_eq!(top_k(&[0.1, 0.5, 0.5, 0.2], 3), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn the_gate_switches_off_when_wasteful_and_probes_back() {
+        let mut gate = PrefetchGate::new(GateConfig {
+            window: 4,
+            min_events: 4,
+            probe_after: 3,
+        });
+        assert!(gate.step(1, 1));
+        assert!(gate.step(0, 1)); // 1 used, 2 wasted: too few events yet
+        assert!(!gate.step(0, 1)); // 1 used, 3 wasted: off
+        assert!(!gate.step(5, 0)); // resolutions while off do not count
+        assert!(!gate.step(0, 0));
+        assert!(gate.step(0, 0)); // probe
+        assert!(gate.step(3, 1)); // pays: stays on
+        assert!(gate.step(0, 1));
+        assert_eq!((gate.switched_off, gate.switched_on), (1, 1));
+    }
+
+    #[test]
+    fn recall_counts_routed_experts_that_were_predicted() {
+        let mut m = RecallMeter::new(2);
+        m.expect(3, 1, vec![1, 2]);
+        m.expect(3, 2, vec![4, 5]);
+        m.expect(2, 1, vec![0]); // never observed: dropped
+        m.observe(3, &[1, 5]);
+        assert_eq!(m.recall(), vec![Some(0.5), Some(0.5)]);
+    }
+}

@@ -1,0 +1,398 @@
+//! Prediction and replay on the committed fixtures (tiny random models): traces round-trip; replay
+//! reproduces the live store's hits and misses exactly; Belady bounds LRU and LFU-DA on every
+//! trace; both predictors beat chance on held-out prompts; prefetch never changes logits.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use odmoe_engine::generate::{GenerateRequest, Session};
+use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
+use odmoe_engine::model::{Logits, Model};
+use odmoe_engine::predict::replay::{Prefetch, ReplayOptions, ReplayPolicy, replay};
+use odmoe_engine::predict::shadow::{Shadow, TrainOptions, train};
+use odmoe_engine::predict::trace::{RecordOptions, Trace};
+use odmoe_engine::predict::{
+    GateConfig, Predictor, PrefetchOptions, Prefetcher, lookahead::Lookahead, recall_on_trace,
+};
+use odmoe_engine::store::{PolicyKind, StoreConfig};
+use odmoe_engine::tokenizer::Tokenizer;
+
+const FIXTURES: [&str; 3] = ["qwen2_moe", "qwen3_moe", "mixtral"];
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// Short English prompts: the first 16 train, the last 8 are held out.
+const PROMPTS: [&str; 24] = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time there was a small village by the sea.",
+    "Rust is a systems programming language focused on safety.",
+    "The weather today is sunny with a light breeze from the west.",
+    "She opened the door and found a letter on the floor.",
+    "Mixture of experts models route each token to a few experts.",
+    "In the morning the market is full of fresh fruit and bread.",
+    "He wrote the report late at night and sent it before dawn.",
+    "A library keeps books, maps and old newspapers for everyone.",
+    "The train to the city leaves every hour from platform two.",
+    "Water boils at one hundred degrees at sea level.",
+    "They planted tomatoes, beans and herbs in the garden.",
+    "The museum opens at nine and closes at five on weekdays.",
+    "Birds fly south in the autumn to find warmer weather.",
+    "Please remember to bring your notebook to the meeting.",
+    "The river flows through the valley and into the lake.",
+    "Our team finished the project two days ahead of schedule.",
+    "The cat slept on the warm windowsill all afternoon.",
+    "Light travels faster than sound through the air.",
+    "The chef added salt, pepper and a little lemon juice.",
+    "Mountains were covered in snow long into the spring.",
+    "The children built a sandcastle near the water.",
+    "A new bridge will connect the two sides of the town.",
+    "Reading before bed helps many people fall asleep.",
+];
+
+fn prompts(name: &str, range: std::ops::Range<usize>) -> Vec<Vec<u32>> {
+    let tokenizer = Tokenizer::from_dir(&fixture(name)).unwrap();
+    PROMPTS[range]
+        .iter()
+        .map(|p| tokenizer.encode(p, false).unwrap())
+        .collect()
+}
+
+fn record(model: &Model, prompts: &[Vec<u32>], max_tokens: usize, hidden: bool) -> Trace {
+    let options = RecordOptions {
+        max_tokens,
+        hidden,
+        stop_ids: model.config.eos_token_ids.clone(),
+        expert_bytes: model.config.expert_f32_bytes() as u64,
+        model: "fixture".into(),
+    };
+    Trace::record(model, prompts, &options, |_| {}).unwrap()
+}
+
+fn on_demand(budget_bytes: u64, policy: PolicyKind) -> LoadOptions {
+    LoadOptions {
+        experts: ExpertMode::OnDemand(StoreConfig {
+            budget_bytes,
+            io_threads: 2,
+            policy,
+        }),
+        ..LoadOptions::default()
+    }
+}
+
+/// Budgets from the smallest the store accepts to all experts.
+fn budgets(trace: &Trace) -> Vec<u64> {
+    let expert = trace.expert_bytes;
+    let minimum = trace.top_k() as u64 * expert;
+    let total = trace.total_expert_bytes();
+    let mut out: Vec<u64> = (trace.top_k() as u64..=(total / expert))
+        .map(|n| n * expert)
+        .collect();
+    out.retain(|&b| b >= minimum);
+    out
+}
+
+#[test]
+fn traces_round_trip_through_their_file() {
+    let model = Model::load_resident(&fixture("qwen3_moe"), &Device::Cpu).unwrap();
+    let trace = record(&model, &prompts("qwen3_moe", 0..3), 5, true);
+    let (n, l, k) = (trace.num_tokens(), trace.num_layers(), trace.top_k());
+    assert!(n > 15 && trace.ids.len() == n * l * k);
+    // Each prompt: one prefill, then a pass per generated token but the last.
+    assert_eq!(trace.forwards().iter().filter(|(_, p)| !p).count(), 3 * 4);
+    let dir = tempfile::tempdir().unwrap();
+    for dtype in [DType::F32, DType::F16] {
+        let path = dir.path().join("t.safetensors");
+        trace.save(&path, dtype).unwrap();
+        let back = Trace::load(&path).unwrap();
+        assert_eq!(back.ids, trace.ids);
+        assert_eq!(back.weights, trace.weights);
+        assert_eq!(back.prompt_index, trace.prompt_index);
+        assert_eq!(back.forward, trace.forward);
+        assert_eq!(back.config, trace.config);
+        assert_eq!(back.expert_bytes, trace.expert_bytes);
+        let (a, b) = (
+            trace.hidden_rows(0..n, 1).unwrap(),
+            back.hidden_rows(0..n, 1).unwrap(),
+        );
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff <= if dtype == DType::F32 { 0.0 } else { 1e-2 },
+            "{diff}"
+        );
+    }
+    std::fs::write(dir.path().join("bad.safetensors"), b"nonsense").unwrap();
+    assert!(Trace::load(&dir.path().join("bad.safetensors")).is_err());
+}
+
+/// The replay of a trace at the live run's budget and policy, without prefetch, counts the live
+/// store's hits and misses exactly.
+#[test]
+fn replay_reproduces_the_live_store_exactly() {
+    for name in FIXTURES {
+        let resident = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
+        let prompts = prompts(name, 0..4);
+        let max_tokens = 6;
+        let trace = record(&resident, &prompts, max_tokens, false);
+        let mut checked = 0;
+        for budget in budgets(&trace).into_iter().step_by(3) {
+            for policy in [PolicyKind::Lru, PolicyKind::Lfuda] {
+                let loaded =
+                    loader::load(&fixture(name), &on_demand(budget, policy), &Device::Cpu).unwrap();
+                let store = loaded.store.clone().unwrap();
+                assert_eq!(store.expert_bytes(), trace.expert_bytes);
+                for prompt in &prompts {
+                    let request = GenerateRequest {
+                        prompt: prompt.clone(),
+                        max_tokens,
+                        ..Default::default()
+                    };
+                    let model = &loaded.model;
+                    Session::new(model)
+                        .generate(model, None, &request, |_| true)
+                        .unwrap();
+                }
+                let live = store.stats();
+                let options = ReplayOptions::new(budget, policy.into(), &trace);
+                let replayed = replay(&trace, &options, Prefetch::None).unwrap();
+                assert_eq!(
+                    (replayed.hits, replayed.misses, replayed.evictions),
+                    (live.hits, live.misses, live.evictions),
+                    "{name} at {budget} bytes with {policy:?}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 4, "{name}: {checked} budgets");
+    }
+}
+
+/// Belady's MIN is the offline optimum: no online policy beats it on any trace or budget.
+#[test]
+fn belady_bounds_lru_and_lfuda_on_every_trace() {
+    for name in FIXTURES {
+        let model = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
+        for (range, max_tokens) in [(0..8, 12), (8..16, 4), (16..24, 20)] {
+            let trace = record(&model, &prompts(name, range), max_tokens, false);
+            for budget in budgets(&trace) {
+                let hits = |policy| {
+                    let options = ReplayOptions::new(budget, policy, &trace);
+                    replay(&trace, &options, Prefetch::None).unwrap().hits
+                };
+                let (belady, lru, lfuda) = (
+                    hits(ReplayPolicy::Belady),
+                    hits(ReplayPolicy::Lru),
+                    hits(ReplayPolicy::Lfuda),
+                );
+                assert!(
+                    belady >= lru && belady >= lfuda,
+                    "{name} at {budget}: belady {belady}, lru {lru}, lfuda {lfuda}"
+                );
+            }
+        }
+    }
+}
+
+/// Recall@top-k at depth 1..4 on prompts the shadow predictor never saw, against chance (k/E).
+#[test]
+fn both_predictors_beat_chance_on_held_out_prompts() {
+    for name in FIXTURES {
+        let model = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
+        let train_trace = record(&model, &prompts(name, 0..16), 16, true);
+        let held_out = record(&model, &prompts(name, 16..24), 16, true);
+        let chance = model.config.num_experts_per_token as f64 / model.config.num_experts as f64;
+        let lookahead = Lookahead::new(&model, 4).unwrap();
+        let options = TrainOptions {
+            depth: 4,
+            epochs: 30,
+            ..TrainOptions::default()
+        };
+        let shadow = train(&train_trace, &options, &mut |_, _, _| {}).unwrap();
+        let look = recall_on_trace(&lookahead, &held_out).unwrap();
+        let shad = recall_on_trace(&shadow, &held_out).unwrap();
+        eprintln!("{name}: chance {chance:.3} lookahead {look:.3?} shadow {shad:.3?}");
+        assert_eq!((look.len(), shad.len()), (4, 4));
+        // Several standard errors above chance at depth 1 (about a thousand routed experts).
+        assert!(look[0] > chance + 0.05, "{name} lookahead {look:?}");
+        assert!(shad[0] > chance + 0.05, "{name} shadow {shad:?}");
+        // Saved and loaded, the shadow predictor predicts the same.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shadow.safetensors");
+        shadow.save(&path).unwrap();
+        let loaded = Shadow::load(&path, &model.config).unwrap();
+        assert_eq!(recall_on_trace(&loaded, &held_out).unwrap(), shad);
+    }
+}
+
+/// With prefetch at every layer (never switched off), logits and greedy tokens are bit for bit
+/// those of the all-resident model, and prefetches were issued and used.
+#[test]
+fn prefetch_never_changes_logits() {
+    for name in FIXTURES {
+        let resident = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
+        let input = prompts(name, 0..1).remove(0);
+        let run = |model: &Model| {
+            let mut cache = model.new_cache();
+            let logits = model
+                .forward(&input, &mut cache, Logits::All, None)
+                .unwrap();
+            let bits: Vec<u32> = logits
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            let request = GenerateRequest {
+                prompt: input.clone(),
+                max_tokens: 24,
+                ignore_eos: true,
+                ..Default::default()
+            };
+            let tokens = Session::new(model)
+                .generate(model, None, &request, |_| true)
+                .unwrap()
+                .tokens;
+            (bits, tokens)
+        };
+        let expected = run(&resident);
+        let (config, total) = loader::describe(&fixture(name)).unwrap();
+        let minimum = config.num_experts_per_token as u64 * config.expert_f32_bytes() as u64;
+        for budget in [minimum, total / 2, total] {
+            let mut loaded = loader::load(
+                &fixture(name),
+                &on_demand(budget, PolicyKind::Lru),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let store = loaded.store.clone().unwrap();
+            let predictor: Box<dyn Predictor> = Box::new(Lookahead::new(&loaded.model, 2).unwrap());
+            let options = PrefetchOptions {
+                adaptive: false,
+                ..PrefetchOptions::new(2, config.num_layers)
+            };
+            let prefetcher =
+                Prefetcher::install(&mut loaded.model, predictor, store.clone(), options);
+            let got = run(&loaded.model);
+            assert!(
+                got == expected,
+                "{name} at {budget}: prefetch changed the output"
+            );
+            store.wait_idle();
+            store.check_invariants().unwrap();
+            let stats = prefetcher.stats();
+            assert!(stats.predictions > 0 && stats.recall[0].is_some());
+            if budget == total / 2 {
+                assert!(stats.issued > 0 && stats.used > 0, "{name}: {stats:?}");
+            }
+        }
+    }
+}
+
+/// A prefetcher whose guesses are all wrong switches itself off, and probes again later.
+#[test]
+fn a_wasteful_prefetcher_switches_itself_off() {
+    struct Wrong(usize, usize);
+    impl Predictor for Wrong {
+        fn kind(&self) -> odmoe_engine::predict::PredictorKind {
+            odmoe_engine::predict::PredictorKind::Lookahead
+        }
+        fn depth(&self) -> usize {
+            1
+        }
+        fn num_layers(&self) -> usize {
+            self.0
+        }
+        fn top_k(&self) -> usize {
+            self.1
+        }
+        fn scores(
+            &self,
+            _layer: usize,
+            hidden: &candle_core::Tensor,
+        ) -> odmoe_engine::Result<Vec<candle_core::Tensor>> {
+            Ok(vec![candle_core::Tensor::zeros(
+                (hidden.dim(0)?, 8),
+                DType::F32,
+                hidden.device(),
+            )?])
+        }
+    }
+    let name = "qwen3_moe";
+    let (config, total) = loader::describe(&fixture(name)).unwrap();
+    let mut loaded = loader::load(
+        &fixture(name),
+        &on_demand(total / 2, PolicyKind::Lru),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let store = loaded.store.clone().unwrap();
+    // Always guesses experts 0..k, whatever routing does.
+    let wrong: Box<dyn Predictor> =
+        Box::new(Wrong(config.num_layers, config.num_experts_per_token));
+    let gate = GateConfig {
+        window: 12,
+        min_events: 4,
+        probe_after: 30,
+    };
+    let options = PrefetchOptions {
+        depth: 1,
+        adaptive: true,
+        gate,
+    };
+    let prefetcher = Prefetcher::install(&mut loaded.model, wrong, store.clone(), options);
+    let request = GenerateRequest {
+        prompt: prompts(name, 0..1).remove(0),
+        max_tokens: 64,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let model = &loaded.model;
+    Session::new(model)
+        .generate(model, None, &request, |_| true)
+        .unwrap();
+    let stats = prefetcher.stats();
+    eprintln!("{stats:?}");
+    assert!(stats.switched_off >= 1, "{stats:?}");
+    assert!(stats.predictions < stats.steps, "{stats:?}");
+    let _ = Arc::strong_count(&store);
+}
+
+/// An acquire pins the experts it finds before reading the ones it misses, so its misses never
+/// evict an expert it is about to use (the replay does the same, see above).
+#[test]
+fn an_acquire_pins_its_hits_before_its_misses_evict() {
+    let name = "qwen3_moe";
+    let (config, _) = loader::describe(&fixture(name)).unwrap();
+    let expert = config.expert_f32_bytes() as u64;
+    let loaded = loader::load(
+        &fixture(name),
+        &on_demand(3 * expert, PolicyKind::Lru),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let store = loaded.store.unwrap();
+    for e in [3, 1, 2] {
+        drop(store.acquire(0, &[e]).unwrap());
+    }
+    // Expert 3 is the least recent: the miss of 0, asked first, must not evict it.
+    let handles = store.acquire(0, &[0, 3]).unwrap();
+    assert_eq!(handles.len(), 2);
+    drop(handles);
+    let stats = store.stats();
+    assert_eq!((stats.hits, stats.misses), (1, 4));
+    drop(store.acquire(0, &[3]).unwrap());
+    assert_eq!(store.stats().hits, 2, "3 stayed, 1 was evicted instead");
+}
