@@ -28,3 +28,4 @@ if ! "$testvenv/bin/python" -c 'import msgpack' 2>/dev/null; then
 fi
 
 scripts/fetch-tokenizers.sh
+scripts/fetch-demo-model.sh >/dev/null

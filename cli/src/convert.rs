@@ -27,6 +27,11 @@ pub struct ConvertArgs {
     /// Experts chosen per token for --split-experts.
     #[arg(long, value_name = "K", requires = "split_experts")]
     top_k: Option<usize>,
+    /// Text to calibrate --split-experts on: neurons that matter on the same tokens become one
+    /// expert, and the router learns which experts matter. Without it, neurons are grouped by
+    /// their gate weights alone (much worse below K = E).
+    #[arg(long, value_name = "FILE", requires = "split_experts")]
+    calibration: Option<PathBuf>,
 }
 
 /// Test hook, not a user option: sleep this many milliseconds at every progress step, so that
@@ -43,11 +48,19 @@ pub fn run(mut args: ConvertArgs) -> Result<()> {
             ProgressStyle::with_template("splitting {bar:30} layer {pos}/{len}")
                 .expect("valid template"),
         );
+        let calibration = match &args.calibration {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            ),
+            None => None,
+        };
         odmoe_engine::format::split::split_dense_llama(
             &args.src,
             &split_dir,
             experts,
             top_k,
+            calibration.as_deref(),
             |done, total| {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);

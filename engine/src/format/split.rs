@@ -2,10 +2,15 @@
 //! partitioning each layer's feed-forward neurons into E experts of equal size.
 //!
 //! A SwiGLU feed-forward is a sum over its neurons, so the experts' outputs add up to the dense
-//! output exactly; choosing all E experts (K = E) gives back the dense model. Neurons are grouped
-//! by balanced k-means on their normalised gate rows (neurons whose gates point the same way fire
-//! together), and each expert's router row is the mean of its neurons' gate rows, so the router
-//! scores an expert by its neurons' average gate pre-activation.
+//! output exactly; choosing all E experts (K = E) gives back the dense model.
+//!
+//! With calibration text (the better choice), the dense model runs over it first, and each
+//! neuron's importance on each token is |its activation| x |its down-projection column|. Neurons
+//! that matter on the same tokens are grouped by balanced k-means on those importance profiles
+//! (co-activation clustering), and each expert's router row is the least-squares fit (ridge) of
+//! its neurons' summed importance from the router's input, so the router predicts which experts
+//! matter most for a token. Without calibration text, neurons are grouped by their normalised gate
+//! rows and the router row is the mean gate row.
 //!
 //! The result is written as a Hugging Face style directory (f32 `model.safetensors`, config with
 //! `model_type = "odmoe_split_llama"`, tokenizer files), which `convert` then lays out.
@@ -34,6 +39,7 @@ pub fn split_dense_llama(
     out: &Path,
     experts: usize,
     top_k: usize,
+    calibration: Option<&str>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<ModelConfig> {
     let device = Device::Cpu;
@@ -63,6 +69,17 @@ pub fn split_dense_llama(
              into at least 2 experts of equal size, and 1 <= K <= E"
         )));
     }
+    let ffn_inputs = match (calibration, &tokenizer) {
+        (Some(text), Some(tokenizer)) => {
+            Some(calibration_inputs(src, &tokenizer.encode(text, false)?)?)
+        }
+        (Some(_), None) => {
+            return Err(Error::InvalidRequest(
+                "calibration text needs the model's tokenizer, and none was found".into(),
+            ));
+        }
+        (None, _) => None,
+    };
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let (h, v) = (config.hidden_size, config.vocab_size);
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -105,12 +122,23 @@ pub fn split_dense_llama(
         let gate = weights.tensor(&format!("{gate_name}.weight"), &[width, h])?;
         let up = weights.tensor(&format!("{up_name}.weight"), &[width, h])?;
         let down = weights.tensor(&format!("{down_name}.weight"), &[h, width])?;
-        let clusters = balanced_clusters(&gate, experts)?;
-        let mut router_rows = Vec::with_capacity(experts);
+        let (clusters, router) = match &ffn_inputs {
+            Some(inputs) => calibrated_split(&inputs[layer], &gate, &up, &down, experts)?,
+            None => {
+                let clusters = balanced_clusters(&gate, experts)?;
+                let rows = clusters
+                    .iter()
+                    .map(|c| {
+                        gate.index_select(&Tensor::new(c.as_slice(), &device)?, 0)?
+                            .mean(0)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                (clusters, Tensor::stack(&rows, 0)?)
+            }
+        };
         for (e, neurons) in clusters.iter().enumerate() {
             let index = Tensor::new(neurons.as_slice(), &device)?;
             let expert_gate = gate.index_select(&index, 0)?;
-            router_rows.push(expert_gate.mean(0)?);
             let prefix = format!("{p}.block_sparse_moe.experts.{e}");
             tensors.insert(format!("{prefix}.w1.weight"), expert_gate);
             tensors.insert(format!("{prefix}.w3.weight"), up.index_select(&index, 0)?);
@@ -119,10 +147,7 @@ pub fn split_dense_llama(
                 down.index_select(&index, 1)?.contiguous()?,
             );
         }
-        tensors.insert(
-            format!("{p}.block_sparse_moe.gate.weight"),
-            Tensor::stack(&router_rows, 0)?,
-        );
+        tensors.insert(format!("{p}.block_sparse_moe.gate.weight"), router);
     }
     progress(config.num_layers, config.num_layers);
 
@@ -147,7 +172,14 @@ pub fn split_dense_llama(
         "tie_word_embeddings": tied,
         "eos_token_id": config.eos_token_ids,
         "bos_token_id": config.bos_token_id,
-        "odmoe_split": {"dense_intermediate_size": width, "method": "balanced k-means on gate rows; router = mean gate row"},
+        "odmoe_split": {
+            "dense_intermediate_size": width,
+            "method": if calibration.is_some() {
+                "co-activation clustering on calibration text; least-squares router"
+            } else {
+                "balanced k-means on gate rows; router = mean gate row"
+            },
+        },
     });
     write_json(&out.join("config.json"), &config_json)?;
     if let Some(tokenizer) = tokenizer {
@@ -175,6 +207,102 @@ pub fn split_dense_llama(
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// The normed input of every layer's feed-forward over the calibration tokens: `[N, hidden]`.
+fn calibration_inputs(src: &Path, tokens: &[u32]) -> Result<Vec<Tensor>> {
+    const WINDOW: usize = 256;
+    let model = crate::model::Model::load_resident(src, &Device::Cpu)?;
+    let mut per_layer: Vec<Vec<Tensor>> = vec![Vec::new(); model.config.num_layers];
+    for chunk in tokens.chunks(WINDOW) {
+        let mut trace = crate::model::ForwardTrace::default();
+        model.forward(
+            chunk,
+            &mut model.new_cache(),
+            crate::model::Logits::Last,
+            Some(&mut trace),
+        )?;
+        for (layer, input) in trace.ffn_inputs.into_iter().enumerate() {
+            per_layer[layer].push(input);
+        }
+    }
+    per_layer
+        .iter()
+        .map(|inputs| Ok(Tensor::cat(inputs, 0)?))
+        .collect()
+}
+
+/// Co-activation clusters and a least-squares router for one layer, from its feed-forward
+/// inputs `x` `[N, hidden]` on calibration text.
+fn calibrated_split(
+    x: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    down: &Tensor,
+    experts: usize,
+) -> Result<(Vec<Vec<u32>>, Tensor)> {
+    let activation = (candle_nn::ops::silu(&x.matmul(&gate.t()?)?)? * x.matmul(&up.t()?)?)?;
+    let down_norms = down.sqr()?.sum_keepdim(0)?.sqrt()?; // [1, width]
+    let importance = activation.abs()?.broadcast_mul(&down_norms)?; // [N, width]
+    let clusters = balanced_clusters(&importance.t()?.contiguous()?, experts)?;
+    let targets = clusters
+        .iter()
+        .map(|c| {
+            importance
+                .index_select(&Tensor::new(c.as_slice(), x.device())?, 1)?
+                .sum_keepdim(1)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let targets = Tensor::cat(&targets, 1)?; // [N, experts]
+    let router = ridge_regression(x, &targets)?; // [hidden, experts]
+    Ok((clusters, router.t()?.contiguous()?))
+}
+
+/// Solves min ||x w - y||^2 + lambda ||w||^2 for w `[hidden, outputs]`, in f64 by Cholesky.
+fn ridge_regression(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let xt = x.t()?;
+    let gram = xt
+        .matmul(x)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec2::<f64>()?;
+    let rhs = xt
+        .matmul(y)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec2::<f64>()?;
+    let n = gram.len();
+    let lambda = 1e-3 * (0..n).map(|i| gram[i][i]).sum::<f64>() / n as f64 + 1e-9;
+    // Cholesky factor L of (gram + lambda I).
+    let mut l = vec![vec![0f64; n]; n];
+    for i in 0..n {
+        for j in 0..=i {
+            let mut sum = gram[i][j] + if i == j { lambda } else { 0.0 };
+            for k in 0..j {
+                sum -= l[i][k] * l[j][k];
+            }
+            l[i][j] = if i == j {
+                sum.max(1e-12).sqrt()
+            } else {
+                sum / l[j][j]
+            };
+        }
+    }
+    let outputs = rhs[0].len();
+    let mut w = vec![0f32; n * outputs];
+    for o in 0..outputs {
+        // Forward then back substitution for column o.
+        let mut z = vec![0f64; n];
+        for i in 0..n {
+            let s: f64 = (0..i).map(|k| l[i][k] * z[k]).sum();
+            z[i] = (rhs[i][o] - s) / l[i][i];
+        }
+        for i in (0..n).rev() {
+            let s: f64 = (i + 1..n)
+                .map(|k| l[k][i] * w[k * outputs + o] as f64)
+                .sum();
+            w[i * outputs + o] = ((z[i] - s) / l[i][i]) as f32;
+        }
+    }
+    Ok(Tensor::from_vec(w, (n, outputs), x.device())?)
 }
 
 /// Undoes llama.cpp's Q/K row permutation (pairs interleaved per head) back to the two-halves
@@ -246,6 +374,23 @@ mod tests {
         let mut all: Vec<u32> = clusters.concat();
         all.sort_unstable();
         assert_eq!(all, (0..64).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn ridge_regression_recovers_a_linear_map() {
+        let x = Tensor::randn(0f32, 1.0, (200, 6), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (6, 3), &Device::Cpu).unwrap();
+        let y = x.matmul(&w).unwrap();
+        let fit = ridge_regression(&x, &y).unwrap();
+        let err = (fit - &w)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err < 1e-2, "{err}");
     }
 
     #[test]

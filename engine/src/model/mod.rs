@@ -53,6 +53,8 @@ pub struct ForwardTrace {
     pub hidden_states: Vec<Tensor>,
     /// The routing decision of every layer.
     pub routing: Vec<Routing>,
+    /// The normed state `[T, hidden]` entering each layer's feed-forward (what its router sees).
+    pub ffn_inputs: Vec<Tensor>,
 }
 
 /// Watches a forward pass layer by layer without changing it: the expert prefetcher is one.
@@ -176,6 +178,9 @@ impl Model {
                     .attention
                     .forward(&layer.input_norm.forward(&x)?, i, offset, cache)?)?;
             let normed = layer.post_attention_norm.forward(&h)?;
+            if let Some(trace) = trace.as_deref_mut() {
+                trace.ffn_inputs.push(normed.clone());
+            }
             let (ffn_out, routing) = match &layer.ffn {
                 FeedForward::Moe(moe) => moe.forward(&normed, self.experts.as_ref())?,
                 FeedForward::Dense(mlp) => (mlp.forward(&normed)?, Routing::default()),
