@@ -275,10 +275,8 @@ fn ridge_regression(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let mut l = vec![vec![0f64; n]; n];
     for i in 0..n {
         for j in 0..=i {
-            let mut sum = gram[i][j] + if i == j { lambda } else { 0.0 };
-            for k in 0..j {
-                sum -= l[i][k] * l[j][k];
-            }
+            let dot: f64 = l[i][..j].iter().zip(&l[j][..j]).map(|(a, b)| a * b).sum();
+            let sum = gram[i][j] + if i == j { lambda } else { 0.0 } - dot;
             l[i][j] = if i == j {
                 sum.max(1e-12).sqrt()
             } else {
