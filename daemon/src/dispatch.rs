@@ -15,11 +15,11 @@ use odmoe_engine::tokenizer::ChatMessage;
 use odmoe_protocol::{
     CancelParams, CancelResult, ErrorCode, GenerateParams, HelloParams, HelloResult, LoadParams,
     Method, ModelInfo, ModelsResult, PROTOCOL_VERSION, QUEUED_NOTIFICATION, QueuedEvent, Request,
-    RpcError, StatsResult, StoreStats, TOKEN_NOTIFICATION, TokenEvent, Value, to_value,
+    RpcError, StatsResult, TOKEN_NOTIFICATION, TokenEvent, Value, to_value,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::budget::BudgetSpec;
 use crate::connection::Peer;
@@ -314,13 +314,7 @@ fn stats(state: &State) -> StatsResult {
     let store = served
         .as_ref()
         .and_then(|served| served.store.as_ref())
-        .and_then(|store| {
-            // The engine's telemetry has the protocol's field names.
-            let value = to_value(&store.stats()).ok()?;
-            odmoe_protocol::from_value::<StoreStats>(value)
-                .inspect_err(|error| warn!(%error, "store stats do not convert"))
-                .ok()
-        });
+        .map(|store| store.stats());
     StatsResult {
         server_version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),

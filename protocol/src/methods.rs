@@ -260,14 +260,19 @@ pub struct LoadParams {
     pub expert_budget: Option<String>,
 }
 
-/// The expert store's telemetry (see the engine's `StoreStats`).
+/// The expert store's telemetry, as the engine's store reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreStats {
+    /// Experts found ready or already loading when acquired.
     pub hits: u64,
+    /// Experts that had to be read when acquired.
     pub misses: u64,
     pub prefetch_issued: u64,
+    /// Prefetched experts acquired before being evicted.
     pub prefetch_used: u64,
+    /// Prefetched experts evicted before any use.
     pub prefetch_wasted: u64,
+    /// Prefetches not issued because the budget was full of more valuable entries.
     pub prefetch_dropped: u64,
     pub evictions: u64,
     pub reads: u64,
@@ -276,7 +281,9 @@ pub struct StoreStats {
     pub read_latency_p50_us: u64,
     pub read_latency_p90_us: u64,
     pub read_latency_p99_us: u64,
+    /// Total time acquires waited for reads.
     pub stall_us: u64,
+    /// Bytes reserved by cached and loading experts.
     pub resident_bytes: u64,
     pub budget_bytes: u64,
     pub resident_experts: u64,

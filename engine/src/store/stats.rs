@@ -8,33 +8,8 @@ use serde::{Deserialize, Serialize};
 /// How many recent read latencies the percentiles are computed over.
 const LATENCY_WINDOW: usize = 4096;
 
-/// A point-in-time view of the store, as `stats` reports it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct StoreStats {
-    /// Experts found ready or already loading when acquired.
-    pub hits: u64,
-    /// Experts that had to be read when acquired.
-    pub misses: u64,
-    pub prefetch_issued: u64,
-    /// Prefetched experts acquired before being evicted.
-    pub prefetch_used: u64,
-    /// Prefetched experts evicted before any use.
-    pub prefetch_wasted: u64,
-    /// Prefetches not issued because the budget was full of more valuable entries.
-    pub prefetch_dropped: u64,
-    pub evictions: u64,
-    pub reads: u64,
-    pub read_errors: u64,
-    pub bytes_read: u64,
-    pub read_latency_p50_us: u64,
-    pub read_latency_p90_us: u64,
-    pub read_latency_p99_us: u64,
-    /// Total time acquires waited for reads.
-    pub stall_us: u64,
-    pub resident_bytes: u64,
-    pub budget_bytes: u64,
-    pub resident_experts: usize,
-}
+/// A point-in-time view of the store: the protocol's type, so `stats` reports it as it is.
+pub use odmoe_protocol::StoreStats;
 
 /// What speculative reads achieved so far, and how long compute waited for reads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,7 +95,7 @@ impl Telemetry {
             stall_us: self.stall.as_micros() as u64,
             resident_bytes,
             budget_bytes,
-            resident_experts,
+            resident_experts: resident_experts as u64,
         }
     }
 }
