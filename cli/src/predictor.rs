@@ -95,6 +95,10 @@ pub struct BenchArgs {
     /// Keep prefetching even while it wastes more than it saves.
     #[arg(long)]
     no_adaptive: bool,
+    /// Prefetch only guesses scoring at least this (a routing probability for lookahead, a
+    /// sigmoid for shadow); 0 prefetches every top-k guess.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    min_score: f32,
     /// Runs of each mode, interleaved so that drift hits all alike.
     #[arg(long, default_value_t = 3, value_name = "N")]
     rounds: usize,
@@ -273,6 +277,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                 Some(predictor) => {
                     let options = PrefetchOptions {
                         adaptive: !args.no_adaptive,
+                        min_score: args.min_score,
                         ..PrefetchOptions::new(args.depth, loaded.model.config.num_layers)
                     };
                     Some(Prefetcher::install(

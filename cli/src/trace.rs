@@ -90,6 +90,10 @@ pub struct ReplayArgs {
     /// Keep prefetching even while it wastes more than it saves.
     #[arg(long)]
     no_adaptive: bool,
+    /// Prefetch only guesses scoring at least this (a routing probability for lookahead, a
+    /// sigmoid for shadow); 0 prefetches every top-k guess.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    min_score: f32,
     /// Disk read rate of the stall model, GB/s.
     #[arg(long, default_value_t = 2.0, value_name = "X")]
     disk_gbps: f64,
@@ -308,6 +312,7 @@ fn replay_command(args: ReplayArgs) -> Result<()> {
                 let options = ReplayOptions {
                     depth: args.depth,
                     adaptive: !args.no_adaptive,
+                    min_score: args.min_score,
                     disk_gbps: args.disk_gbps,
                     compute_ms: args.compute_ms,
                     ..ReplayOptions::new(budget, policy, &trace)

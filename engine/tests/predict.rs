@@ -348,9 +348,8 @@ fn a_wasteful_prefetcher_switches_itself_off() {
         probe_after: 30,
     };
     let options = PrefetchOptions {
-        depth: 1,
-        adaptive: true,
         gate,
+        ..PrefetchOptions::new(1, config.num_layers)
     };
     let prefetcher = Prefetcher::install(&mut loaded.model, wrong, store.clone(), options);
     let request = GenerateRequest {

@@ -46,6 +46,11 @@ pub struct Guess {
 }
 
 /// Which predictor, as the command line and the config name them.
+///
+/// The default is [`None`](Self::None): measured on the committed fixtures in one run (README,
+/// "Expert prediction"), prefetching with either predictor did not make decode faster than the
+/// store alone, and the replays show why: with recall near 0.5, a wrong prefetch costs a read and
+/// evicts an expert that would have hit. Turn it on where `odmoe predictor bench` shows it pays.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PredictorKind {
@@ -128,6 +133,21 @@ pub trait Predictor: Send + Sync {
         }
         Ok(guesses)
     }
+}
+
+/// What to prefetch from `guesses`: for each depth 1..=`depth` that has guesses scoring at least
+/// `min_score`, (depth, target layer, experts best first).
+pub fn plan(guesses: &[Guess], depth: usize, min_score: f32) -> Vec<(usize, usize, Vec<usize>)> {
+    (1..=depth)
+        .filter_map(|d| {
+            let chosen: Vec<&Guess> = guesses
+                .iter()
+                .filter(|g| g.depth == d && g.score >= min_score)
+                .collect();
+            let layer = chosen.first()?.layer;
+            Some((d, layer, chosen.iter().map(|g| g.expert).collect()))
+        })
+        .collect()
 }
 
 /// The indices of the `k` largest values, largest first; ties keep index order (as routing does).
@@ -347,6 +367,9 @@ pub struct PrefetchOptions {
     /// Switch off while wasteful (see [`PrefetchGate`]); off means always on.
     pub adaptive: bool,
     pub gate: GateConfig,
+    /// Guesses scoring below this are not prefetched (0 prefetches every top-k guess).
+    #[serde(default)]
+    pub min_score: f32,
 }
 
 impl PrefetchOptions {
@@ -355,6 +378,7 @@ impl PrefetchOptions {
             depth,
             adaptive: true,
             gate: GateConfig::for_layers(num_layers),
+            min_score: 0.0,
         }
     }
 }
@@ -503,17 +527,9 @@ impl ForwardHook for Prefetcher {
             .latencies_us
             .push_back(started.elapsed().as_secs_f64() * 1e6);
         state.predictions += 1;
-        for depth in 1..=self.options.depth {
-            let ids: Vec<usize> = guesses
-                .iter()
-                .filter(|g| g.depth == depth)
-                .map(|g| g.expert)
-                .collect();
-            let Some(first) = guesses.iter().find(|g| g.depth == depth) else {
-                continue;
-            };
+        for (depth, layer, ids) in plan(&guesses, self.options.depth, self.options.min_score) {
             let target = step + depth as u64;
-            self.store.prefetch_at(first.layer, &ids, target);
+            self.store.prefetch_at(layer, &ids, target);
             state.recall.expect(target, depth, ids);
         }
     }
@@ -540,6 +556,25 @@ mod tests {
     #[test]
     fn top_k_breaks_ties_by_index() {
         assert_eq!(top_k(&[0.1, 0.5, 0.5, 0.2], 3), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn plans_keep_confident_guesses_by_depth() {
+        let g = |depth, expert, score| Guess {
+            depth,
+            layer: depth % 3,
+            expert,
+            score,
+        };
+        let guesses = [g(1, 4, 0.9), g(1, 2, 0.3), g(2, 7, 0.2), g(3, 1, 0.8)];
+        assert_eq!(
+            plan(&guesses, 2, 0.0),
+            vec![(1, 1, vec![4, 2]), (2, 2, vec![7])]
+        );
+        assert_eq!(
+            plan(&guesses, 3, 0.5),
+            vec![(1, 1, vec![4]), (3, 0, vec![1])]
+        );
     }
 
     #[test]

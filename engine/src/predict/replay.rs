@@ -19,7 +19,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::trace::Trace;
-use super::{GateConfig, Predictor, PrefetchGate, RecallMeter, percentile_us};
+use super::{GateConfig, Predictor, PrefetchGate, RecallMeter, percentile_us, plan};
 use crate::error::{Error, Result};
 use crate::store::{Belady, BudgetCache, ExpertKey, PolicyKind};
 
@@ -97,6 +97,8 @@ pub struct ReplayOptions {
     pub depth: usize,
     /// Switch prefetch off while wasteful, as the live prefetcher does.
     pub adaptive: bool,
+    /// Guesses scoring below this are not prefetched.
+    pub min_score: f32,
     pub gate: GateConfig,
     /// Disk read rate for the stall estimate, GB/s.
     pub disk_gbps: f64,
@@ -111,6 +113,7 @@ impl ReplayOptions {
             policy,
             depth: 1,
             adaptive: true,
+            min_score: 0.0,
             gate: GateConfig::for_layers(trace.num_layers()),
             disk_gbps: 2.0,
             compute_ms: 0.5,
@@ -494,17 +497,7 @@ pub fn replay(
                     let guesses = p.predict(step.layer, &hidden)?;
                     predict_s = started.elapsed().as_secs_f64();
                     latencies.push_back(predict_s * 1e6);
-                    (1..=depth)
-                        .filter_map(|d| {
-                            let ids: Vec<usize> = guesses
-                                .iter()
-                                .filter(|g| g.depth == d)
-                                .map(|g| g.expert)
-                                .collect();
-                            let layer = guesses.iter().find(|g| g.depth == d)?.layer;
-                            Some((d, layer, ids))
-                        })
-                        .collect()
+                    plan(&guesses, depth, options.min_score)
                 }
             };
             for (d, layer, ids) in planned {
