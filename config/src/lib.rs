@@ -57,6 +57,8 @@ pub struct Config {
     pub sessions: SessionsConfig,
     /// `[log]`: what the daemon logs.
     pub log: LogConfig,
+    /// `[memory]`: how the expert budget follows the memory left on the machine.
+    pub memory: MemoryConfig,
 }
 
 /// `[server]`.
@@ -137,6 +139,88 @@ pub struct LogConfig {
     /// Least severe level logged: error, warn, info, debug or trace. Default
     /// info. `RUST_LOG`, when set, overrides it.
     pub level: LogLevel,
+}
+
+/// `[memory]`: the automatic expert budget and how it follows memory pressure.
+///
+/// With `model.expert_budget = "auto"` the budget starts at `auto_fraction` of
+/// the memory the daemon may use (the machine's, or its cgroup's limit when
+/// lower), less the model's other weights and `kv_reserve`. Whatever the start,
+/// memory pressure shrinks it at once and a quiet period lets it grow back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Shrink the expert budget under memory pressure and grow it back when it
+    /// passes. Default true.
+    pub adapt: bool,
+    /// Share of the memory (the machine's, or the cgroup limit when lower) that
+    /// the daemon takes in all with an `auto` budget, in (0, 1]. Default 0.7.
+    pub auto_fraction: f64,
+    /// Memory set aside for KV caches and activations when sizing an `auto`
+    /// budget. Default 512 MiB.
+    #[serde(deserialize_with = "bytes", serialize_with = "size_text")]
+    pub kv_reserve: u64,
+    /// The budget never grows above this: a size, or a share of all the
+    /// model's experts. Default: none (the configured budget is the maximum).
+    #[serde(
+        default,
+        deserialize_with = "optional_size",
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "optional_size_text"
+    )]
+    pub max_budget: Option<Size>,
+    /// Share of the budget given up when a warning is confirmed, in (0, 1).
+    /// Default 0.2.
+    pub shrink_step: f64,
+    /// Share of the budget given up at once under critical pressure, in
+    /// (0, 1). Default 0.4.
+    pub critical_step: f64,
+    /// Share of the largest budget given back per step once pressure has
+    /// passed, in (0, 1]. Default 0.1.
+    pub grow_step: f64,
+    /// Seconds without pressure before the budget grows back. Default 180.
+    pub quiet_secs: u64,
+    /// Seconds between two growth steps. Default 30.
+    pub grow_interval_secs: u64,
+    /// Memory left below which pressure is a warning: a size, or a share of
+    /// the memory limit. Default 10%.
+    #[serde(deserialize_with = "size", serialize_with = "size_spec_text")]
+    pub warn_headroom: Size,
+    /// Memory left below which pressure is critical. Default 5%.
+    #[serde(deserialize_with = "size", serialize_with = "size_spec_text")]
+    pub critical_headroom: Size,
+    /// Milliseconds between two readings of the memory left, at least 10.
+    /// Default 1000.
+    pub interval_ms: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            adapt: true,
+            auto_fraction: 0.7,
+            kv_reserve: 512 << 20,
+            max_budget: None,
+            shrink_step: 0.2,
+            critical_step: 0.4,
+            grow_step: 0.1,
+            quiet_secs: 180,
+            grow_interval_secs: 30,
+            warn_headroom: Size::Percent(10.0),
+            critical_headroom: Size::Percent(5.0),
+            interval_ms: 1000,
+        }
+    }
+}
+
+impl Size {
+    /// The bytes of this size, a percentage being of `whole`.
+    pub fn of(self, whole: u64) -> u64 {
+        match self {
+            Size::Bytes(bytes) => bytes,
+            Size::Percent(percent) => (whole as f64 * percent / 100.0) as u64,
+        }
+    }
 }
 
 /// Severity levels, as `tracing` names them.
@@ -338,7 +422,9 @@ impl Config {
     fn check(&self) -> Result<(), (&'static str, String)> {
         let server = &self.server;
         let generation = &self.generation;
-        let rules: [(&'static str, bool, String); 10] = [
+        let memory = &self.memory;
+        let share = |value: f64| value > 0.0 && value < 1.0;
+        let rules: [(&'static str, bool, String); 17] = [
             (
                 "server.max_message_bytes",
                 server.max_message_bytes >= 1024,
@@ -396,6 +482,51 @@ impl Config {
                     .is_none_or(|path| !path.as_os_str().is_empty()),
                 "must not be empty".into(),
             ),
+            (
+                "memory.auto_fraction",
+                memory.auto_fraction > 0.0 && memory.auto_fraction <= 1.0,
+                format!("must be in (0, 1], got {}", memory.auto_fraction),
+            ),
+            (
+                "memory.shrink_step",
+                share(memory.shrink_step),
+                format!("must be in (0, 1), got {}", memory.shrink_step),
+            ),
+            (
+                "memory.critical_step",
+                share(memory.critical_step),
+                format!("must be in (0, 1), got {}", memory.critical_step),
+            ),
+            (
+                "memory.grow_step",
+                memory.grow_step > 0.0 && memory.grow_step <= 1.0,
+                format!("must be in (0, 1], got {}", memory.grow_step),
+            ),
+            (
+                "memory.interval_ms",
+                memory.interval_ms >= 10,
+                format!("must be at least 10, got {}", memory.interval_ms),
+            ),
+            (
+                "memory.max_budget",
+                memory.max_budget.is_none_or(|max| match max {
+                    Size::Bytes(bytes) => bytes > 0,
+                    Size::Percent(percent) => percent > 0.0,
+                }),
+                "must be more than 0".into(),
+            ),
+            (
+                "memory.critical_headroom",
+                match (memory.critical_headroom, memory.warn_headroom) {
+                    (Size::Bytes(critical), Size::Bytes(warn)) => critical <= warn,
+                    (Size::Percent(critical), Size::Percent(warn)) => critical <= warn,
+                    _ => true,
+                },
+                format!(
+                    "must not be above memory.warn_headroom ({})",
+                    size_spec(memory.warn_headroom)
+                ),
+            ),
         ];
         match rules.into_iter().find(|(_, ok, _)| !ok) {
             Some((key, _, message)) => Err((key, message)),
@@ -427,6 +558,37 @@ fn bytes<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
 
 fn size_text<S: Serializer>(bytes: &u64, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.collect_str(&format_size(*bytes))
+}
+
+fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Size, D::Error> {
+    size::deserialize_size(deserializer, false)?
+        .ok_or_else(|| serde::de::Error::custom("must be a size or a percentage"))
+}
+
+fn optional_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Size>, D::Error> {
+    size(deserializer).map(Some)
+}
+
+fn size_spec_text<S: Serializer>(size: &Size, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&size_spec(*size))
+}
+
+fn optional_size_text<S: Serializer>(
+    size: &Option<Size>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match size {
+        Some(size) => size_spec_text(size, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// A size as the config file writes it: `"16MiB"` or `"25%"`.
+pub fn size_spec(size: Size) -> String {
+    match size {
+        Size::Bytes(bytes) => format_size(bytes),
+        Size::Percent(percent) => format!("{percent}%"),
+    }
 }
 
 /// `bytes` in the largest binary unit that divides it exactly, e.g. `"16MiB"`.
@@ -488,10 +650,15 @@ mod tests {
             }
         }
         // Keys without a default value are shown commented out.
-        keys.extend(["server.socket".into(), "model.path".into()]);
+        keys.extend([
+            "server.socket".into(),
+            "model.path".into(),
+            "memory.max_budget".into(),
+        ]);
         let uncommented = EXAMPLE
             .replace("# socket = ", "socket = ")
-            .replace("# path = ", "path = ");
+            .replace("# path = ", "path = ")
+            .replace("# max_budget = ", "max_budget = ");
         Config::from_toml(&uncommented, None).unwrap();
         for key in keys {
             assert!(
@@ -593,6 +760,29 @@ mod tests {
                 2,
                 "model.expert_budget",
             ),
+            ("[memory]\nauto_fraction = 0\n", 2, "memory.auto_fraction"),
+            (
+                "[memory]\nadapt = true\nauto_fraction = 1.5\n",
+                3,
+                "memory.auto_fraction",
+            ),
+            ("[memory]\nshrink_step = 1.0\n", 2, "memory.shrink_step"),
+            ("[memory]\ncritical_step = 0\n", 2, "memory.critical_step"),
+            ("[memory]\ngrow_step = 0\n", 2, "memory.grow_step"),
+            ("[memory]\ninterval_ms = 5\n", 2, "memory.interval_ms"),
+            ("[memory]\nmax_budget = \"0%\"\n", 2, "memory.max_budget"),
+            (
+                "[memory]\nwarn_headroom = \"1GiB\"\ncritical_headroom = \"2GiB\"\n",
+                3,
+                "memory.critical_headroom",
+            ),
+            ("[memory]\nkv_reserve = \"10%\"\n", 2, "memory.kv_reserve"),
+            (
+                "[memory]\nwarn_headroom = \"lots\"\n",
+                2,
+                "memory.warn_headroom",
+            ),
+            ("[memory]\nquiet_secs = -1\n", 2, "memory.quiet_secs"),
         ];
         for (text, line, key) in cases {
             let error = invalid(text);
@@ -623,6 +813,24 @@ mod tests {
         assert_eq!(config.server.max_message_bytes, 1_500_000);
         let config = Config::from_toml("[model]\nexpert_budget = \"AUTO\"\n", None).unwrap();
         assert_eq!(config.model.expert_budget, ExpertBudget::Auto);
+    }
+
+    #[test]
+    fn the_memory_section_reads_sizes_and_shares() {
+        let text = "[memory]\nkv_reserve = \"64MiB\"\nmax_budget = \"50%\"\n\
+                    warn_headroom = \"1GiB\"\ncritical_headroom = \"256MiB\"\nquiet_secs = 2\n";
+        let memory = Config::from_toml(text, None).unwrap().memory;
+        assert_eq!(memory.kv_reserve, 64 << 20);
+        assert_eq!(memory.max_budget, Some(Size::Percent(50.0)));
+        assert_eq!(memory.warn_headroom, Size::Bytes(1 << 30));
+        assert_eq!(memory.critical_headroom, Size::Bytes(256 << 20));
+        assert_eq!(memory.quiet_secs, 2);
+        assert_eq!(memory.shrink_step, MemoryConfig::default().shrink_step);
+        assert_eq!(Size::Percent(10.0).of(1000), 100);
+        assert_eq!(Size::Bytes(7).of(1000), 7);
+        // Shares and sizes mixed are not compared.
+        let text = "[memory]\nwarn_headroom = \"1%\"\ncritical_headroom = \"1GiB\"\n";
+        assert!(Config::from_toml(text, None).is_ok());
     }
 
     #[test]
