@@ -331,7 +331,7 @@ fn decode_at_budgets(fixtures: &Path) -> Result<Vec<serde_json::Value>> {
                 experts: ExpertMode::OnDemand(StoreConfig {
                     budget_bytes: budget,
                     io_threads: 4,
-                    policy: PolicyKind::Lru,
+                    policy: PolicyKind::default(),
                 }),
                 ..LoadOptions::default()
             };

@@ -23,8 +23,9 @@ pub struct ModelArgs {
     /// Threads reading experts (with --expert-budget).
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub io_threads: usize,
-    /// Eviction policy (with --expert-budget).
-    #[arg(long, default_value = "lru", value_name = "lru|lfuda")]
+    /// Eviction policy (with --expert-budget): cycle evicts the expert whose layer comes round
+    /// last, lru the least recently used, lfuda the least frequently used with aging.
+    #[arg(long, default_value = "cycle", value_name = "cycle|lru|lfuda")]
     pub policy: PolicyKind,
     /// Check each expert file's sha256 against the manifest as it is read (odmoe layout).
     #[arg(long)]

@@ -147,7 +147,7 @@ fn replay_reproduces_the_live_store_exactly() {
         let trace = record(&resident, &prompts, max_tokens, false);
         let mut checked = 0;
         for budget in budgets(&trace).into_iter().step_by(3) {
-            for policy in [PolicyKind::Lru, PolicyKind::Lfuda] {
+            for policy in [PolicyKind::Lru, PolicyKind::Lfuda, PolicyKind::Cycle] {
                 let loaded =
                     loader::load(&fixture(name), &on_demand(budget, policy), &Device::Cpu).unwrap();
                 let store = loaded.store.clone().unwrap();
@@ -190,14 +190,15 @@ fn belady_bounds_lru_and_lfuda_on_every_trace() {
                     let options = ReplayOptions::new(budget, policy, &trace);
                     replay(&trace, &options, Prefetch::None).unwrap().hits
                 };
-                let (belady, lru, lfuda) = (
+                let (belady, lru, lfuda, cycle) = (
                     hits(ReplayPolicy::Belady),
                     hits(ReplayPolicy::Lru),
                     hits(ReplayPolicy::Lfuda),
+                    hits(ReplayPolicy::Cycle),
                 );
                 assert!(
-                    belady >= lru && belady >= lfuda,
-                    "{name} at {budget}: belady {belady}, lru {lru}, lfuda {lfuda}"
+                    belady >= lru && belady >= lfuda && belady >= cycle,
+                    "{name} at {budget}: belady {belady}, lru {lru}, lfuda {lfuda}, cycle {cycle}"
                 );
             }
         }

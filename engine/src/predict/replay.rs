@@ -29,11 +29,12 @@ use crate::store::{Belady, BudgetCache, ExpertKey, PolicyKind};
 pub enum ReplayPolicy {
     Lru,
     Lfuda,
+    Cycle,
     Belady,
 }
 
 impl ReplayPolicy {
-    pub const ALL: [ReplayPolicy; 3] = [Self::Lru, Self::Lfuda, Self::Belady];
+    pub const ALL: [ReplayPolicy; 4] = [Self::Lru, Self::Lfuda, Self::Cycle, Self::Belady];
 }
 
 impl From<PolicyKind> for ReplayPolicy {
@@ -41,6 +42,7 @@ impl From<PolicyKind> for ReplayPolicy {
         match p {
             PolicyKind::Lru => Self::Lru,
             PolicyKind::Lfuda => Self::Lfuda,
+            PolicyKind::Cycle => Self::Cycle,
         }
     }
 }
@@ -51,9 +53,10 @@ impl std::str::FromStr for ReplayPolicy {
         match s {
             "lru" => Ok(Self::Lru),
             "lfuda" => Ok(Self::Lfuda),
+            "cycle" => Ok(Self::Cycle),
             "belady" => Ok(Self::Belady),
             other => Err(format!(
-                "unknown eviction policy {other:?} (lru, lfuda, belady)"
+                "unknown eviction policy {other:?} (lru, lfuda, cycle, belady)"
             )),
         }
     }
@@ -64,6 +67,7 @@ impl std::fmt::Display for ReplayPolicy {
         f.write_str(match self {
             Self::Lru => "lru",
             Self::Lfuda => "lfuda",
+            Self::Cycle => "cycle",
             Self::Belady => "belady",
         })
     }
@@ -426,6 +430,7 @@ pub fn replay(
     let policy = match options.policy {
         ReplayPolicy::Lru => PolicyKind::Lru.build(),
         ReplayPolicy::Lfuda => PolicyKind::Lfuda.build(),
+        ReplayPolicy::Cycle => PolicyKind::Cycle.build(),
         ReplayPolicy::Belady => Box::new(Belady::new(access_sequence(trace))),
     };
     if options.disk_gbps <= 0.0 || options.compute_ms < 0.0 {

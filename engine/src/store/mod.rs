@@ -44,7 +44,7 @@ impl Default for StoreConfig {
         Self {
             budget_bytes: 0,
             io_threads: 4,
-            policy: PolicyKind::Lru,
+            policy: PolicyKind::default(),
         }
     }
 }
