@@ -163,3 +163,46 @@ fn quantized_experts_read_in_place_on_demand_equal_resident() {
         }
     }
 }
+
+#[test]
+fn gguf_tokenizers_match_the_tokenizer_json_reference() {
+    use odmoe_engine::format::gguf::GgufFile;
+    use odmoe_engine::tokenizer::Tokenizer;
+    let reference = Tokenizer::from_dir(&dir().join("../qwen3_moe")).unwrap();
+    let refs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir().join("../tokenizer_refs.json")).unwrap(),
+    )
+    .unwrap();
+    let mut texts: Vec<String> = refs["tokenizers"]["qwen3"]["encode"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| case["text"].as_str().unwrap().to_string())
+        .collect();
+    texts.push("<|im_start|>user\nHello<|im_end|>\n".into());
+    for arch in ["qwen2_moe", "qwen3_moe", "mixtral"] {
+        for suffix in ["f32", "k-q4_k_m"] {
+            let path = dir().join(format!("{arch}-{suffix}.gguf"));
+            let gguf = GgufFile::open(&path, &Device::Cpu).unwrap();
+            let tokenizer = Tokenizer::from_gguf(&gguf).unwrap();
+            for text in &texts {
+                let expected = reference.encode(text, false).unwrap();
+                assert_eq!(
+                    tokenizer.encode(text, false).unwrap(),
+                    expected,
+                    "{arch}-{suffix}: {text:?}"
+                );
+                assert_eq!(
+                    tokenizer.decode(&expected, false).unwrap(),
+                    reference.decode(&expected, false).unwrap()
+                );
+            }
+            assert_eq!(tokenizer.eos_token_ids(), &[2]);
+            let chat = [odmoe_engine::tokenizer::ChatMessage::new("user", "Hi")];
+            assert_eq!(
+                tokenizer.apply_chat_template(&chat, true).unwrap(),
+                reference.apply_chat_template(&chat, true).unwrap()
+            );
+        }
+    }
+}
