@@ -136,6 +136,7 @@ fn stats_json_has_the_stable_keys() {
     assert_eq!(
         keys(&stats),
         [
+            "memory",
             "model",
             "pid",
             "queue",
@@ -150,6 +151,26 @@ fn stats_json_has_the_stable_keys() {
     assert_eq!(stats["pid"], daemon.child.id());
     assert_eq!(keys(&stats["queue"]), ["running", "waiting"]);
     assert_eq!(keys(&stats["sessions"]), ["count", "kv_bytes"]);
+    assert_eq!(
+        keys(&stats["memory"]),
+        [
+            "adapt",
+            "adjustments",
+            "base_bytes",
+            "budget_bytes",
+            "ceiling_bytes",
+            "floor_bytes",
+            "grow_in_s",
+            "headroom_bytes",
+            "kv_reserve_bytes",
+            "level",
+            "limit_bytes",
+            "reason",
+            "simulated",
+            "source",
+            "target_bytes",
+        ]
+    );
     let model = &stats["model"];
     assert_eq!(model["architecture"], "qwen3_moe", "{stats}");
     assert_eq!(model["layers"], 3);
@@ -172,9 +193,12 @@ fn ps_shows_the_loaded_model() {
             "budget_bytes",
             "mode",
             "model",
+            "pressure",
             "queue",
             "resident_bytes",
-            "sessions"
+            "sessions",
+            "simulated",
+            "target_bytes"
         ]
     );
     assert!(ps["model"].as_str().unwrap().ends_with("qwen3_moe"), "{ps}");

@@ -12,10 +12,11 @@ mod manage;
 mod model_args;
 mod perplexity;
 mod predictor;
+mod pressure;
 mod run;
-mod tokenize;
 mod service;
 mod stats;
+mod tokenize;
 mod trace;
 mod verify;
 
@@ -29,7 +30,8 @@ use clap::{Parser, Subcommand};
     long_about = "Run Mixture-of-Experts language models larger than memory.\n\n\
         `odmoe run` and `odmoe logits` load a model in this process; they are the hooks that \
         reference checks and scripts use, and their flags are stable.\n\n\
-        `chat`, `complete`, `stats`, `ps`, `load`, `unload` and `stop` talk to a running `odmoed` \
+        `chat`, `complete`, `stats`, `ps`, `load`, `unload`, `stop` and `pressure` talk to a \
+        running `odmoed` \
         over its socket (--socket or $ODMOE_SOCKET, else the configured one); `odmoe service \
         install` makes odmoed start when a client first connects."
 )]
@@ -77,6 +79,9 @@ enum Command {
     Unload(manage::UnloadArgs),
     /// Stop the daemon gracefully.
     Stop(manage::StopArgs),
+    /// Show the daemon's memory pressure, or simulate it (the expert budget follows).
+    #[command(subcommand)]
+    Pressure(pressure::PressureCommand),
     /// Run odmoed as a per-user service (systemd on Linux, launchd on macOS).
     #[command(subcommand)]
     Service(service::ServiceCommand),
@@ -102,6 +107,7 @@ fn main() -> std::process::ExitCode {
         Command::Load(args) => manage::load(args),
         Command::Unload(args) => manage::unload(args),
         Command::Stop(args) => manage::stop(args),
+        Command::Pressure(command) => pressure::run(command),
         Command::Service(command) => service::run(command),
     };
     match result {

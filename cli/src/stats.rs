@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use odmoe_protocol::StatsResult;
+use odmoe_protocol::{MemoryStats, StatsResult};
 use serde::Serialize;
 
 use crate::daemon::{self, SocketArgs, human_bytes};
@@ -29,7 +29,8 @@ pub struct StatsArgs {
 
 #[derive(Args)]
 pub struct PsArgs {
-    /// Print {"model", "mode", "resident_bytes", "budget_bytes", "sessions", "queue"} as JSON.
+    /// Print {"model", "mode", "resident_bytes", "budget_bytes", "pressure", "simulated",
+    /// "target_bytes", "sessions", "queue"} as JSON.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -176,6 +177,67 @@ pub fn summary(stats: &StatsResult) -> String {
         stats.sessions.count,
         human_bytes(stats.sessions.kv_bytes)
     );
+    if let Some(memory) = &stats.memory {
+        out.push_str(&memory_summary(memory, stats.uptime_s, 3));
+    }
+    out
+}
+
+/// The memory-pressure section: level, budget against its bounds, and the
+/// last `adjustments` changes of the budget (timed against `uptime_s`).
+pub fn memory_summary(memory: &MemoryStats, uptime_s: f64, adjustments: usize) -> String {
+    let mut out = String::new();
+    let simulated = if memory.simulated { " (simulated)" } else { "" };
+    let _ = writeln!(
+        out,
+        "memory    {}{simulated}: {}",
+        memory.level, memory.reason
+    );
+    if let (Some(target), Some(floor), Some(ceiling)) = (
+        memory.target_bytes,
+        memory.floor_bytes,
+        memory.ceiling_bytes,
+    ) {
+        let budget = memory.budget_bytes.map_or("-".into(), human_bytes);
+        let growth = match memory.grow_in_s {
+            Some(secs) if secs > 0.0 => format!(", grows back in {}", duration(secs)),
+            Some(_) => ", growing back".to_owned(),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "          expert budget {budget}, target {} (floor {}, ceiling {}){growth}{}",
+            human_bytes(target),
+            human_bytes(floor),
+            human_bytes(ceiling),
+            if memory.adapt {
+                ""
+            } else {
+                "; fixed (memory.adapt = false)"
+            }
+        );
+    }
+    let base = memory
+        .base_bytes
+        .map(|base| format!("model base {}, ", human_bytes(base)))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "          {base}KV reserve {}; watching {}",
+        human_bytes(memory.kv_reserve_bytes),
+        memory.source
+    );
+    let recent = memory.adjustments.len().saturating_sub(adjustments);
+    for adjustment in &memory.adjustments[recent..] {
+        let _ = writeln!(
+            out,
+            "adjusted  {} ago: {} -> {}, {}",
+            duration(uptime_s - adjustment.at_s),
+            human_bytes(adjustment.from_bytes),
+            human_bytes(adjustment.to_bytes),
+            adjustment.reason
+        );
+    }
     out
 }
 
@@ -186,6 +248,11 @@ struct Ps<'a> {
     mode: Option<&'a str>,
     resident_bytes: Option<u64>,
     budget_bytes: Option<u64>,
+    /// The memory-pressure level, and whether it is simulated.
+    pressure: Option<&'a str>,
+    simulated: bool,
+    /// The budget the memory controller is moving to.
+    target_bytes: Option<u64>,
     sessions: u32,
     queue: &'a odmoe_protocol::QueueStats,
 }
@@ -203,6 +270,9 @@ impl<'a> Ps<'a> {
             budget_bytes: store
                 .map(|store| store.budget_bytes)
                 .or(model.and_then(|model| model.budget_bytes)),
+            pressure: stats.memory.as_ref().map(|memory| memory.level.as_str()),
+            simulated: stats.memory.as_ref().is_some_and(|memory| memory.simulated),
+            target_bytes: stats.memory.as_ref().and_then(|memory| memory.target_bytes),
             sessions: stats.sessions.count,
             queue: &stats.queue,
         }
@@ -234,11 +304,19 @@ fn ps_table(ps: &Ps<'_>) -> String {
         (Some(resident), None) => format!("{} (all)", human_bytes(resident)),
         _ => "-".into(),
     };
+    let pressure = match (ps.pressure, ps.target_bytes, ps.budget_bytes) {
+        (Some(level), Some(target), Some(budget)) if target != budget => {
+            format!("{level}, budget -> {}", human_bytes(target))
+        }
+        (Some(level), ..) => level.to_owned(),
+        (None, ..) => "-".into(),
+    } + if ps.simulated { " (simulated)" } else { "" };
     let rows = [
         [
             "MODEL".to_owned(),
             "MODE".into(),
             "EXPERTS / BUDGET".into(),
+            "PRESSURE".into(),
             "SESSIONS".into(),
             "QUEUE".into(),
         ],
@@ -246,11 +324,12 @@ fn ps_table(ps: &Ps<'_>) -> String {
             ps.model.unwrap_or("(none loaded)").to_owned(),
             ps.mode.unwrap_or("-").to_owned(),
             memory,
+            pressure,
             ps.sessions.to_string(),
             format!("{} running, {} waiting", ps.queue.running, ps.queue.waiting),
         ],
     ];
-    let mut widths = [0; 5];
+    let mut widths = [0; 6];
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
@@ -268,7 +347,7 @@ fn ps_table(ps: &Ps<'_>) -> String {
 }
 
 /// Seconds as `1h 02m`, `3m 04s` or `5.0s`.
-fn duration(secs: f64) -> String {
+pub fn duration(secs: f64) -> String {
     let whole = secs.max(0.0) as u64;
     match whole {
         0..60 => format!("{secs:.1}s"),
@@ -288,7 +367,7 @@ fn micros(us: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use odmoe_protocol::{ModelInfo, QueueStats, SessionStats, StoreStats};
+    use odmoe_protocol::{BudgetAdjustment, ModelInfo, QueueStats, SessionStats, StoreStats};
 
     use super::*;
 
@@ -329,6 +408,28 @@ mod tests {
                 kv_bytes: 5 << 20,
             },
             requests: 12,
+            memory: Some(MemoryStats {
+                level: "warn".into(),
+                reason: "1.0 GiB left of the machine (16.0 GiB limit), below 1.6 GiB".into(),
+                source: "PSI triggers (some 150ms/1s) on /proc/pressure/memory".into(),
+                simulated: false,
+                adapt: true,
+                headroom_bytes: Some(1 << 30),
+                limit_bytes: Some(16 << 30),
+                budget_bytes: Some(8 << 30),
+                target_bytes: Some(6 << 30),
+                floor_bytes: Some(144 << 20),
+                ceiling_bytes: Some(8 << 30),
+                base_bytes: Some(2 << 30),
+                kv_reserve_bytes: 512 << 20,
+                grow_in_s: Some(125.0),
+                adjustments: vec![BudgetAdjustment {
+                    at_s: 3715.0,
+                    from_bytes: 8 << 30,
+                    to_bytes: 6 << 30,
+                    reason: "memory pressure (warn): PSI some 150ms/1s".into(),
+                }],
+            }),
         }
     }
 
@@ -346,6 +447,11 @@ mod tests {
             "p50 850 µs p99 4.2 ms, stalled 2.5 s",
             "1 running, 1 waiting",
             "sessions  2",
+            "memory    warn: 1.0 GiB left of the machine",
+            "expert budget 8.0 GiB, target 6.0 GiB (floor 144.0 MiB, ceiling 8.0 GiB), \
+             grows back in 2m 05s",
+            "model base 2.0 GiB, KV reserve 512.0 MiB; watching PSI triggers",
+            "adjusted  10.0s ago: 8.0 GiB -> 6.0 GiB, memory pressure (warn)",
         ] {
             assert!(text.contains(part), "{part:?} missing from\n{text}");
         }
@@ -359,6 +465,8 @@ mod tests {
         assert_eq!(lines.len(), 2, "{table}");
         assert!(lines[0].starts_with("MODEL"));
         assert!(lines[1].contains("6.0 GiB / 8.0 GiB"), "{table}");
+        assert!(lines[0].contains("PRESSURE"), "{table}");
+        assert!(lines[1].contains("warn, budget -> 6.0 GiB"), "{table}");
         let idle = StatsResult {
             model: None,
             store: None,

@@ -52,9 +52,9 @@ use std::time::Duration;
 use odmoe_config::{Config, ConfigError};
 use odmoe_protocol::{
     CancelParams, DEFAULT_MAX_MESSAGE_BYTES, EncodeError, GenerateParams, GenerateResult,
-    HelloParams, HelloResult, LoadParams, Message, MessageReader, Method, ModelInfo, ModelsResult,
-    Notification, ReadError, Request, RpcError, StatsResult, TOKEN_NOTIFICATION, TokenEvent, Value,
-    write_message,
+    HelloParams, HelloResult, LoadParams, MemoryStats, Message, MessageReader, Method, ModelInfo,
+    ModelsResult, Notification, PressureParams, ReadError, Request, RpcError, StatsResult,
+    TOKEN_NOTIFICATION, TokenEvent, Value, write_message,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -253,6 +253,27 @@ impl Client {
         self.request(Method::Shutdown.name(), &()).await.map(drop)
     }
 
+    /// Calls `pressure {level}`: the daemon takes `level` ("normal", "warn" or
+    /// "critical") as its memory-pressure level until released, and answers
+    /// with its memory stats.
+    pub async fn simulate_pressure(&mut self, level: &str) -> Result<MemoryStats, ClientError> {
+        let params = PressureParams {
+            level: Some(level.to_owned()),
+            release: false,
+        };
+        self.call(Method::Pressure.name(), &params).await
+    }
+
+    /// Calls `pressure {release: true}`: the daemon goes back to the real
+    /// memory-pressure level.
+    pub async fn release_pressure(&mut self) -> Result<MemoryStats, ClientError> {
+        let params = PressureParams {
+            level: None,
+            release: true,
+        };
+        self.call(Method::Pressure.name(), &params).await
+    }
+
     /// Calls `method` and decodes its result into `R`.
     pub async fn call<P, R>(&mut self, method: &str, params: &P) -> Result<R, ClientError>
     where
@@ -407,6 +428,16 @@ impl BlockingClient {
         self.runtime.block_on(self.client.shutdown())
     }
 
+    /// See [`Client::simulate_pressure`].
+    pub fn simulate_pressure(&mut self, level: &str) -> Result<MemoryStats, ClientError> {
+        self.runtime.block_on(self.client.simulate_pressure(level))
+    }
+
+    /// See [`Client::release_pressure`].
+    pub fn release_pressure(&mut self) -> Result<MemoryStats, ClientError> {
+        self.runtime.block_on(self.client.release_pressure())
+    }
+
     /// See [`Client::call`].
     pub fn call<P, R>(&mut self, method: &str, params: &P) -> Result<R, ClientError>
     where
@@ -547,6 +578,28 @@ mod tests {
         assert_eq!(notifications.len(), 2);
         assert_eq!(notifications[0].params["text"].as_str(), Some("a"));
         assert!(client.take_notifications().is_empty());
+    }
+
+    #[tokio::test]
+    async fn pressure_is_simulated_then_released() {
+        let (_dir, path) = serve(|request| {
+            assert_eq!(request.method, "pressure");
+            let params: PressureParams = request.parse_params().unwrap();
+            let memory = MemoryStats {
+                level: params.level.clone().unwrap_or_else(|| "normal".into()),
+                simulated: !params.release,
+                ..MemoryStats::default()
+            };
+            vec![Response::ok(request.msgid, to_value(&memory).unwrap()).into()]
+        });
+        let mut client = Client::connect(&path).await.unwrap();
+        let memory = client.simulate_pressure("critical").await.unwrap();
+        assert_eq!(
+            (memory.level.as_str(), memory.simulated),
+            ("critical", true)
+        );
+        let memory = client.release_pressure().await.unwrap();
+        assert_eq!((memory.level.as_str(), memory.simulated), ("normal", false));
     }
 
     #[tokio::test]

@@ -3,10 +3,23 @@
 //! A budget is written as `auto`, a size (`8GiB`) or a percentage of all the
 //! model's experts (`25%`), the same as `odmoe run --expert-budget`. It becomes
 //! bytes only once the model is known, since a percentage and `auto` depend on
-//! the size of its experts.
+//! the size of its experts; `auto` also depends on the model's other weights,
+//! measured once it is loaded (see [`crate::pressure`]).
 
 use odmoe_config::ExpertBudget;
 use odmoe_engine::format::size::parse_budget;
+
+use crate::pressure::BudgetKind;
+
+/// Where a model's experts live, once its size is known.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Placement {
+    /// Every expert read at load and kept: the budget holds them all.
+    Resident,
+    /// Experts read on demand into a store with this budget, which follows
+    /// memory pressure.
+    OnDemand(BudgetKind),
+}
 
 /// An expert budget as configured, before the model's size is known.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,23 +52,25 @@ impl BudgetSpec {
         }
     }
 
-    /// Bytes for cached experts of a model whose experts take `total_expert_bytes`
-    /// in memory, or `None` when every expert fits and should stay resident.
+    /// Where the experts of a model whose experts take `total_expert_bytes`
+    /// live: resident when a size or percentage holds them all, else on demand.
     ///
-    /// `auto` is, for now, every expert when they fit in half of the machine's
-    /// memory, else half of the machine's memory; a memory-pressure controller
-    /// is to refine it while the daemon runs.
-    pub fn resolve(&self, total_expert_bytes: u64) -> Result<Option<u64>, String> {
-        let bytes = match self {
-            BudgetSpec::Auto => match memory_total() {
-                Some(memory) => memory / 2,
-                None => return Ok(None),
-            },
+    /// `auto` is always on demand, so that memory pressure can shrink the
+    /// budget; sized from the machine's memory, it holds every expert when
+    /// they fit, read once on first use.
+    pub fn resolve(&self, total_expert_bytes: u64) -> Result<Placement, String> {
+        match self {
+            BudgetSpec::Auto => Ok(Placement::OnDemand(BudgetKind::Auto)),
             BudgetSpec::Text(text) => {
-                parse_budget(text, total_expert_bytes).map_err(|error| error.to_string())?
+                let bytes =
+                    parse_budget(text, total_expert_bytes).map_err(|error| error.to_string())?;
+                Ok(if bytes < total_expert_bytes {
+                    Placement::OnDemand(BudgetKind::Fixed(bytes))
+                } else {
+                    Placement::Resident
+                })
             }
-        };
-        Ok((bytes < total_expert_bytes).then_some(bytes))
+        }
     }
 }
 
@@ -82,25 +97,32 @@ pub fn memory_total() -> Option<u64> {
 mod tests {
     use super::*;
 
+    fn fixed(bytes: u64) -> Result<Placement, String> {
+        Ok(Placement::OnDemand(BudgetKind::Fixed(bytes)))
+    }
+
     #[test]
     fn sizes_and_percentages_are_of_all_experts() {
-        let spec = BudgetSpec::parse("25%").unwrap();
-        assert_eq!(spec.resolve(1000).unwrap(), Some(250));
-        let spec = BudgetSpec::parse("1KiB").unwrap();
-        assert_eq!(spec.resolve(4096).unwrap(), Some(1024));
+        assert_eq!(BudgetSpec::parse("25%").unwrap().resolve(1000), fixed(250));
+        assert_eq!(
+            BudgetSpec::parse("1KiB").unwrap().resolve(4096),
+            fixed(1024)
+        );
     }
 
     #[test]
     fn a_budget_that_holds_every_expert_keeps_them_resident() {
-        assert_eq!(BudgetSpec::parse("100%").unwrap().resolve(1000), Ok(None));
-        assert_eq!(BudgetSpec::parse("8GiB").unwrap().resolve(1000), Ok(None));
+        let resident = Ok(Placement::Resident);
+        assert_eq!(BudgetSpec::parse("100%").unwrap().resolve(1000), resident);
+        assert_eq!(BudgetSpec::parse("8GiB").unwrap().resolve(1000), resident);
     }
 
     #[test]
-    fn auto_keeps_small_models_resident_and_caps_large_ones_at_half_of_memory() {
-        let memory = memory_total().expect("the machine's memory");
-        assert_eq!(BudgetSpec::Auto.resolve(1 << 20), Ok(None));
-        assert_eq!(BudgetSpec::Auto.resolve(memory), Ok(Some(memory / 2)));
+    fn auto_is_always_on_demand() {
+        let auto = Ok(Placement::OnDemand(BudgetKind::Auto));
+        assert_eq!(BudgetSpec::Auto.resolve(1 << 20), auto);
+        assert_eq!(BudgetSpec::Auto.resolve(u64::MAX), auto);
+        assert!(memory_total().expect("the machine's memory") > 0);
     }
 
     #[test]
@@ -113,11 +135,11 @@ mod tests {
     fn the_config_file_spells_the_same_budgets() {
         assert_eq!(
             BudgetSpec::from_config(ExpertBudget::Percent(25.0)).resolve(1000),
-            Ok(Some(250))
+            fixed(250)
         );
         assert_eq!(
             BudgetSpec::from_config(ExpertBudget::Bytes(100)).resolve(1000),
-            Ok(Some(100))
+            fixed(100)
         );
     }
 }

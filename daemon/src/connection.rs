@@ -37,13 +37,17 @@ pub struct Peer {
     out: mpsc::Sender<Message>,
     /// The generations in flight, by msgid, so `cancel` and a disconnect can stop them.
     in_flight: Mutex<HashMap<u32, Arc<CancelToken>>>,
+    /// The client's uid, from the kernel, for methods that check it again.
+    pub uid: u32,
 }
 
 impl Peer {
-    pub fn new(out: mpsc::Sender<Message>) -> Peer {
+    /// A client running as `uid` whose messages go to `out`.
+    pub fn new(out: mpsc::Sender<Message>, uid: u32) -> Peer {
         Peer {
             out,
             in_flight: Mutex::new(HashMap::new()),
+            uid,
         }
     }
 
@@ -153,7 +157,7 @@ pub async fn serve(
     let mut reader = MessageReader::new(read, state.max_message_bytes);
     let (out, outgoing) = mpsc::channel(OUTGOING);
     let writer = tokio::spawn(write_messages(write, outgoing));
-    let peer = Arc::new(Peer::new(out));
+    let peer = Arc::new(Peer::new(out, uid));
     let mut tasks = JoinSet::new();
 
     let end = loop {

@@ -14,15 +14,17 @@ use odmoe_engine::generate::{GenerateRequest, SamplingParams};
 use odmoe_engine::tokenizer::ChatMessage;
 use odmoe_protocol::{
     CancelParams, CancelResult, ErrorCode, GenerateParams, HelloParams, HelloResult, LoadParams,
-    Method, ModelInfo, ModelsResult, PROTOCOL_VERSION, QUEUED_NOTIFICATION, QueuedEvent, Request,
-    RpcError, StatsResult, TOKEN_NOTIFICATION, TokenEvent, Value, to_value,
+    MemoryStats, Method, ModelInfo, ModelsResult, PROTOCOL_VERSION, PressureParams,
+    QUEUED_NOTIFICATION, QueuedEvent, Request, RpcError, StatsResult, TOKEN_NOTIFICATION,
+    TokenEvent, Value, to_value,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use crate::budget::BudgetSpec;
-use crate::connection::Peer;
+use crate::connection::{Peer, peer_allowed};
+use crate::pressure::{self, Level};
 use crate::scheduler::{CancelToken, Event, GenerateJob, Served, no_model};
 use crate::server::State;
 
@@ -55,6 +57,7 @@ pub async fn dispatch(
             Ok(Value::Nil)
         }
         Some(Method::Shutdown) => shutdown(state),
+        Some(Method::Pressure) => pressure(request, state, peer),
         None => Err(RpcError::new(
             ErrorCode::MethodNotFound,
             format!(
@@ -319,21 +322,56 @@ fn stats(state: &State) -> StatsResult {
         server_version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
         uptime_s: state.started.elapsed().as_secs_f64(),
-        rss_bytes: resident_bytes().unwrap_or(0),
+        rss_bytes: pressure::resident_bytes().unwrap_or(0),
         model: served.as_deref().map(live_info),
         store,
         queue: state.scheduler.queue_stats(),
         sessions: state.scheduler.session_stats(),
         requests: state.scheduler.requests(),
+        memory: Some(memory(state)),
     }
 }
 
-/// The daemon's resident set size, from `/proc/self/statm` (pages).
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
-    Some(pages * u64::try_from(page).ok()?)
+/// The memory section of `stats`, with the store's budget as it is now.
+fn memory(state: &State) -> MemoryStats {
+    let budget = state.scheduler.served().and_then(|served| {
+        served
+            .store
+            .as_ref()
+            .map(|store| store.stats().budget_bytes)
+    });
+    state.pressure.stats(budget)
+}
+
+/// `pressure {level}` simulates a memory-pressure level; `{release: true}`
+/// goes back to the real one. Only the daemon's own user (or root) may: the
+/// connection checked it, and so does this, should that rule ever loosen.
+fn pressure(request: &Request, state: &State, peer: &Peer) -> Result<Value, RpcError> {
+    if !peer_allowed(peer.uid, state.uid) {
+        return Err(RpcError::new(
+            ErrorCode::Unauthorized,
+            "only the user running odmoed may simulate memory pressure",
+        ));
+    }
+    let params: PressureParams = request.parse_params()?;
+    match (&params.level, params.release) {
+        (Some(_), true) => return Err(invalid("give `level` or `release`, not both")),
+        (None, false) => {
+            return Err(invalid(
+                "give `level` (normal, warn or critical) to simulate, or `release: true`",
+            ));
+        }
+        (Some(text), false) => {
+            let level = Level::parse(text).ok_or_else(|| {
+                invalid(format!(
+                    "level: {text:?} is not one of normal, warn, critical"
+                ))
+            })?;
+            state.pressure.simulate(Some(level));
+        }
+        (None, true) => state.pressure.simulate(None),
+    }
+    encode(&memory(state))
 }
 
 /// `load {path, expert_budget}`: replaces the model, dropping every session.
@@ -374,6 +412,7 @@ mod tests {
     use odmoe_config::Config;
 
     use super::*;
+    use crate::pressure::Pressure;
     use crate::scheduler::Scheduler;
     use crate::settings::Settings;
 
@@ -386,14 +425,30 @@ mod tests {
     }
 
     fn state() -> State {
-        let settings = Arc::new(RwLock::new(Settings::new(&Config::default(), None)));
-        let scheduler = Scheduler::start(Arc::clone(&settings)).unwrap();
-        State::new(scheduler, settings, 1 << 20)
+        let config = Config::default();
+        let settings = Arc::new(RwLock::new(Settings::new(&config, None)));
+        let pressure = Arc::new(Pressure::new(
+            &config.memory,
+            pressure::platform_source(),
+            std::time::Instant::now(),
+        ));
+        let scheduler = Scheduler::start(Arc::clone(&settings), Arc::clone(&pressure)).unwrap();
+        pressure.direct_to(scheduler.director());
+        State::new(scheduler, settings, pressure, 1 << 20)
     }
 
     async fn call(method: &str, params: Value, state: &State) -> Result<Value, RpcError> {
+        call_as(state.uid, method, params, state).await
+    }
+
+    async fn call_as(
+        uid: u32,
+        method: &str,
+        params: Value,
+        state: &State,
+    ) -> Result<Value, RpcError> {
         let (out, _outgoing) = mpsc::channel(16);
-        let peer = Peer::new(out);
+        let peer = Peer::new(out, uid);
         dispatch(&request(method, params), state, &peer, None).await
     }
 
@@ -550,6 +605,47 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.code, ErrorCode::MethodNotFound);
         assert!(error.message.contains("`frobnicate`"));
+    }
+
+    #[tokio::test]
+    async fn pressure_simulates_a_level_until_released() {
+        let state = state();
+        let simulate = map(&[("level", Value::from("warn"))]);
+        let memory: MemoryStats =
+            odmoe_protocol::from_value(call("pressure", simulate, &state).await.unwrap()).unwrap();
+        assert_eq!(memory.level, "warn");
+        assert!(memory.simulated);
+        let stats: StatsResult =
+            odmoe_protocol::from_value(call("stats", Value::Map(vec![]), &state).await.unwrap())
+                .unwrap();
+        assert!(stats.memory.unwrap().simulated);
+        let release = map(&[("release", Value::from(true))]);
+        let memory: MemoryStats =
+            odmoe_protocol::from_value(call("pressure", release, &state).await.unwrap()).unwrap();
+        assert!(!memory.simulated);
+
+        let cases = [
+            (map(&[("level", Value::from("high"))]), "level: "),
+            (map(&[]), "give `level`"),
+            (
+                map(&[
+                    ("level", Value::from("warn")),
+                    ("release", Value::from(true)),
+                ]),
+                "not both",
+            ),
+        ];
+        for (params, expected) in cases {
+            let error = call("pressure", params, &state).await.unwrap_err();
+            assert_eq!(error.code, ErrorCode::InvalidParams);
+            assert!(error.message.contains(expected), "{}", error.message);
+        }
+        let other = state.uid.wrapping_add(1).max(1);
+        let params = map(&[("level", Value::from("critical"))]);
+        let error = call_as(other, "pressure", params, &state)
+            .await
+            .unwrap_err();
+        assert_eq!(error.code, ErrorCode::Unauthorized);
     }
 
     #[tokio::test]

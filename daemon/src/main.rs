@@ -20,11 +20,15 @@
 //! flight (they answer "cancelled"), remove the socket and exit; SIGHUP reads
 //! the config file again and applies what can change live (generation
 //! defaults, session limits, the expert budget, the log level).
+//!
+//! Memory pressure shrinks the expert budget and a quiet period lets it grow
+//! back (see the `pressure` module and the config's `[memory]`).
 
 mod budget;
 mod connection;
 mod dispatch;
 mod logging;
+mod pressure;
 mod scheduler;
 mod server;
 mod settings;
@@ -40,8 +44,9 @@ use odmoe_config::Config;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::budget::BudgetSpec;
+use crate::budget::{BudgetSpec, Placement};
 use crate::logging::LogControl;
+use crate::pressure::Pressure;
 use crate::scheduler::Scheduler;
 use crate::server::State;
 use crate::settings::Settings;
@@ -130,9 +135,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     runtime.block_on(async {
         let mut signal = Box::pin(shutdown_signal()?);
         let hangup = signal_stream(SignalKind::hangup(), "SIGHUP")?;
-        let scheduler =
-            Scheduler::start(Arc::clone(&settings)).context("cannot start the engine thread")?;
-        let state = Arc::new(State::new(scheduler, settings, max_message_bytes));
+        let pressure = Arc::new(Pressure::new(
+            &config.memory,
+            pressure::platform_source(),
+            std::time::Instant::now(),
+        ));
+        let scheduler = Scheduler::start(Arc::clone(&settings), Arc::clone(&pressure))
+            .context("cannot start the engine thread")?;
+        pressure.direct_to(scheduler.director());
+        pressure
+            .start_monitor()
+            .context("cannot start the memory-pressure monitor")?;
+        let state = Arc::new(State::new(scheduler, settings, pressure, max_message_bytes));
         let bound = match bound {
             Some(bound) => bound,
             None => server::bind(&socket)?,
@@ -202,8 +216,11 @@ fn apply(config: &Config, started_with: &Config, state: &State, logs: &LogContro
         .write()
         .unwrap_or_else(|poisoned| poisoned.into_inner()) = next;
     state.scheduler.settings_changed();
-    if config.server != started_with.server || config.model.path != started_with.model.path {
-        warn!("SIGHUP: [server] and model.path take effect at the next start");
+    if config.server != started_with.server
+        || config.model.path != started_with.model.path
+        || config.memory != started_with.memory
+    {
+        warn!("SIGHUP: [server], [memory] and model.path take effect at the next start");
     }
     if changes.is_empty() {
         info!("SIGHUP: configuration reloaded, nothing changed");
@@ -213,21 +230,34 @@ fn apply(config: &Config, started_with: &Config, state: &State, logs: &LogContro
     }
 }
 
-/// Gives the loaded model's expert store the budget `budget` now.
+/// Gives the loaded model's expert store the budget `budget`: the memory
+/// controller starts over from it, and the engine applies it between tokens.
 fn apply_budget(budget: &BudgetSpec, state: &State) {
     let Some(served) = state.scheduler.served() else {
         return;
     };
-    let Some(store) = &served.store else {
+    if served.store.is_none() {
         info!(%budget, "experts are resident: the new expert budget applies at the next load");
         return;
-    };
-    let total = served.info.total_expert_bytes;
-    match budget.resolve(total) {
-        Ok(bytes) => {
-            let bytes = bytes.unwrap_or(total);
-            store.set_budget(bytes);
-            info!(%budget, bytes, "expert budget changed");
+    }
+    match budget.resolve(served.info.total_expert_bytes) {
+        Ok(Placement::OnDemand(kind)) => {
+            let why = format!("configuration reloaded: model.expert_budget = {budget}");
+            if let Some(bytes) = state.pressure.rebudget(kind, &why) {
+                info!(%budget, bytes, "expert budget changed");
+            }
+        }
+        Ok(Placement::Resident) => {
+            let total = served.info.total_expert_bytes;
+            let why = format!(
+                "configuration reloaded: model.expert_budget = {budget} holds every expert"
+            );
+            if let Some(bytes) = state
+                .pressure
+                .rebudget(pressure::BudgetKind::Fixed(total), &why)
+            {
+                info!(%budget, bytes, "expert budget changed; experts stay on demand until the next load");
+            }
         }
         Err(error) => warn!(%error, "the expert budget was not changed"),
     }

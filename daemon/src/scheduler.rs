@@ -16,6 +16,12 @@
 //! requests, so a follow-up turn prefills only what is new. At most
 //! `sessions.max_sessions` are kept (the least recently used goes first), and a
 //! session idle for `sessions.idle_expiry_secs` is dropped.
+//!
+//! The memory-pressure controller ([`crate::pressure`]) steers the expert
+//! budget through [`Directive`]s that this thread applies between two tokens
+//! or two jobs, never in the middle of a layer: the store evicts unpinned
+//! experts down to the new budget, and under critical pressure the kept
+//! sessions' KV caches are dropped and freed memory is given back.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -34,7 +40,8 @@ use odmoe_protocol::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::budget::BudgetSpec;
+use crate::budget::{BudgetSpec, Placement};
+use crate::pressure::{self, Directive, ModelMemory, Pressure};
 use crate::settings::Settings;
 
 /// Longest the engine thread sleeps without looking at idle sessions, so a
@@ -157,6 +164,8 @@ struct Queue {
     running: Option<Arc<CancelToken>>,
     /// Set once by [`Scheduler::stop`]; nothing is queued after it.
     stopping: bool,
+    /// The latest budget directive not yet applied; a newer one replaces it.
+    directive: Option<Directive>,
 }
 
 /// The handle to the engine thread, shared by every connection.
@@ -195,8 +204,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Scheduler {
     /// Starts the engine thread, with no model loaded. `settings` gives the
-    /// session limits, read again at every job so that SIGHUP applies them.
-    pub fn start(settings: Arc<RwLock<Settings>>) -> std::io::Result<Scheduler> {
+    /// session limits, read again at every job so that SIGHUP applies them;
+    /// `pressure` sizes the expert budget of each model loaded, and its
+    /// directives reach this thread through [`Scheduler::director`].
+    pub fn start(
+        settings: Arc<RwLock<Settings>>,
+        pressure: Arc<Pressure>,
+    ) -> std::io::Result<Scheduler> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
@@ -210,6 +224,7 @@ impl Scheduler {
             loaded: None,
             sessions: Sessions::default(),
             epoch: 0,
+            pressure,
         };
         let thread = std::thread::Builder::new()
             .name("engine".into())
@@ -218,6 +233,16 @@ impl Scheduler {
             shared,
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// Hands budget directives to the engine thread, which applies the latest
+    /// one between two tokens, or at once when idle.
+    pub fn director(&self) -> impl Fn(Directive) + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move |directive| {
+            lock(&shared.queue).directive = Some(directive);
+            shared.wake.notify_all();
+        }
     }
 
     /// The loaded model, if any.
@@ -368,11 +393,15 @@ struct Engine {
     sessions: Sessions,
     /// Counts loads, see [`Served::epoch`].
     epoch: u64,
+    /// Sizes the budget of each model loaded.
+    pressure: Arc<Pressure>,
 }
 
 /// What the engine loop does next.
 enum Next {
     Run(Job),
+    /// Give the store a new budget.
+    Apply(Directive),
     /// Nothing to run yet: look at the sessions and wait again.
     Idle,
     Stop,
@@ -399,6 +428,7 @@ impl Engine {
                     }
                     lock(&self.shared.queue).running = None;
                 }
+                Next::Apply(directive) => self.apply(directive),
                 Next::Idle => {}
                 Next::Stop => break,
             }
@@ -428,6 +458,9 @@ impl Engine {
     fn next(&self, until: Option<Instant>) -> Next {
         let mut queue = lock(&self.shared.queue);
         for waited in [false, true] {
+            if let Some(directive) = queue.directive.take() {
+                return Next::Apply(directive);
+            }
             if let Some(job) = queue.waiting.pop_front() {
                 queue.running = Some(match &job {
                     Job::Generate { job, .. } => Arc::clone(&job.cancel),
@@ -502,12 +535,24 @@ impl Engine {
             ));
         }
         let model = &loaded.model;
+        let store = loaded.store.clone();
         let mut session = job
             .session
             .as_ref()
             .and_then(|name| self.sessions.take(name))
             .unwrap_or_else(|| Session::new(model));
+        let (shared, epoch) = (&self.shared, self.epoch);
+        let mut relieve = false;
         let outcome = session.generate(model, tokenizer.as_deref(), &job.request, |delta| {
+            // Between two tokens no expert is pinned: the budget can change.
+            let directive = lock(&shared.queue).directive.take();
+            if let Some(directive) = directive.filter(|d| d.epoch == epoch) {
+                if let Some(store) = &store {
+                    set_budget(store, &directive);
+                }
+                // The sessions kept are dropped once this one is done with.
+                relieve |= directive.relieve;
+            }
             // The text goes out even when cancelled, so that the events add up
             // to the result's text.
             let delivered = job
@@ -519,6 +564,9 @@ impl Engine {
                 .is_ok();
             delivered && !job.cancel.is_cancelled()
         });
+        if relieve {
+            self.relieve();
+        }
         if let Some(name) = &job.session {
             self.sessions
                 .put(name.clone(), session, self.max_sessions());
@@ -539,7 +587,7 @@ impl Engine {
                 path.display()
             ))
         })?;
-        let budget_bytes = budget
+        let placement = budget
             .resolve(total)
             .map_err(|error| invalid(format!("expert_budget: {error}")))?;
         let tokenizer = if path.join("tokenizer.json").exists() {
@@ -550,10 +598,12 @@ impl Engine {
             None
         };
         let device = odmoe_engine::default_device().map_err(engine_error)?;
-        let experts = match budget_bytes {
-            None => ExpertMode::Resident,
-            Some(budget_bytes) => ExpertMode::OnDemand(StoreConfig {
-                budget_bytes,
+        // The store reads nothing until the first token, so the whole of the
+        // experts will do as a budget until the real one is known.
+        let experts = match placement {
+            Placement::Resident => ExpertMode::Resident,
+            Placement::OnDemand(_) => ExpertMode::OnDemand(StoreConfig {
+                budget_bytes: total,
                 ..StoreConfig::default()
             }),
         };
@@ -561,11 +611,29 @@ impl Engine {
             experts,
             ..LoadOptions::default()
         };
-        // Two models may not fit in memory together: the old one goes first.
+        // Two models may not fit in memory together: the old one goes first,
+        // and its memory back to the system before the new one is measured.
         self.unload();
+        pressure::return_freed_memory();
         let loaded = loader::load(path, &options, &device)
             .map_err(|error| invalid(format!("cannot load {}: {error}", path.display())))?;
         self.epoch += 1;
+        let budget_bytes = match (placement, &loaded.store) {
+            (Placement::OnDemand(kind), Some(store)) => {
+                let start = self.pressure.model_loaded(ModelMemory {
+                    epoch: self.epoch,
+                    total_expert_bytes: total,
+                    expert_bytes: store.expert_bytes(),
+                    experts_per_token: config.num_experts_per_token as u64,
+                    layers: config.num_layers as u64,
+                    base_bytes: pressure::resident_bytes().unwrap_or(0),
+                    budget: kind,
+                });
+                store.set_budget(start);
+                Some(start)
+            }
+            _ => None,
+        };
         let info = ModelInfo {
             path: path.display().to_string(),
             architecture: config.architecture.model_type().to_owned(),
@@ -604,8 +672,43 @@ impl Engine {
         Ok(info)
     }
 
+    /// Gives the loaded store the directive's budget; under critical pressure,
+    /// drops the kept sessions too.
+    fn apply(&mut self, directive: Directive) {
+        if directive.epoch != self.epoch {
+            return;
+        }
+        if let Some(store) = self
+            .loaded
+            .as_ref()
+            .and_then(|(loaded, _)| loaded.store.as_ref())
+        {
+            set_budget(store, &directive);
+        }
+        if directive.relieve {
+            self.relieve();
+        }
+    }
+
+    /// Critical memory pressure: drops every kept (idle) session's KV cache
+    /// and gives the freed memory back.
+    fn relieve(&mut self) {
+        let stats = self.sessions.stats();
+        if stats.count > 0 {
+            self.sessions.clear();
+            self.publish_sessions();
+            info!(
+                sessions = stats.count,
+                kv_bytes = stats.kv_bytes,
+                "critical memory pressure: idle sessions dropped"
+            );
+        }
+        pressure::return_freed_memory();
+    }
+
     /// Drops the model and its sessions; true if one was loaded.
     fn unload(&mut self) -> bool {
+        self.pressure.model_unloaded();
         self.publish(None);
         self.sessions.clear();
         self.publish_sessions();
@@ -622,6 +725,21 @@ impl Engine {
 
     fn publish_sessions(&self) {
         *lock(&self.shared.sessions) = self.sessions.stats();
+    }
+}
+
+/// Gives `store` the directive's budget; a smaller one evicts unpinned
+/// experts at once, and the memory they held goes back to the system.
+fn set_budget(store: &ExpertStore, directive: &Directive) {
+    let before = store.stats().budget_bytes;
+    store.set_budget(directive.budget);
+    debug!(
+        from = before,
+        to = directive.budget,
+        "expert budget applied"
+    );
+    if directive.budget < before {
+        pressure::return_freed_memory();
     }
 }
 

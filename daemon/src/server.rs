@@ -22,6 +22,7 @@ use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::connection;
+use crate::pressure::Pressure;
 use crate::scheduler::Scheduler;
 use crate::settings::Settings;
 use crate::shutdown::Shutdown;
@@ -37,6 +38,8 @@ pub struct State {
     pub scheduler: Scheduler,
     /// The config keys that SIGHUP can change.
     pub settings: Arc<RwLock<Settings>>,
+    /// The memory-pressure controller: the expert budget and what moved it.
+    pub pressure: Arc<Pressure>,
     /// When the daemon started, for `stats`.
     pub started: Instant,
     /// Becomes true when a client asks the daemon to stop.
@@ -49,6 +52,7 @@ impl State {
     pub fn new(
         scheduler: Scheduler,
         settings: Arc<RwLock<Settings>>,
+        pressure: Arc<Pressure>,
         max_message_bytes: usize,
     ) -> State {
         State {
@@ -56,7 +60,8 @@ impl State {
             uid: nix::unistd::geteuid().as_raw(),
             scheduler,
             settings,
-            started: Instant::now(),
+            started: pressure.started(),
+            pressure,
             shutdown: watch::Sender::new(false),
         }
     }

@@ -49,9 +49,9 @@ pub use message::{
     to_value,
 };
 pub use methods::{
-    CancelParams, CancelResult, ChatMessage, GenerateParams, GenerateResult, HelloParams,
-    HelloResult, LoadParams, Method, ModelInfo, ModelsResult, PROTOCOL_VERSION,
-    QUEUED_NOTIFICATION, QueueStats, QueuedEvent, SessionStats, StatsResult, StoreStats,
-    TOKEN_NOTIFICATION, Timings, TokenEvent, Usage,
+    BudgetAdjustment, CancelParams, CancelResult, ChatMessage, GenerateParams, GenerateResult,
+    HelloParams, HelloResult, LoadParams, MemoryStats, Method, ModelInfo, ModelsResult,
+    PROTOCOL_VERSION, PressureParams, QUEUED_NOTIFICATION, QueueStats, QueuedEvent, SessionStats,
+    StatsResult, StoreStats, TOKEN_NOTIFICATION, Timings, TokenEvent, Usage,
 };
 pub use rmpv::Value;

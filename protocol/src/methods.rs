@@ -29,11 +29,13 @@ pub enum Method {
     Unload,
     /// Stop the server gracefully.
     Shutdown,
+    /// Simulate a memory-pressure level, or go back to the real one.
+    Pressure,
 }
 
 impl Method {
     /// All methods, in the order the protocol lists them.
-    pub const ALL: [Method; 9] = [
+    pub const ALL: [Method; 10] = [
         Method::Hello,
         Method::Generate,
         Method::Chat,
@@ -43,6 +45,7 @@ impl Method {
         Method::Load,
         Method::Unload,
         Method::Shutdown,
+        Method::Pressure,
     ];
 
     /// The method's name on the wire.
@@ -57,6 +60,7 @@ impl Method {
             Method::Load => "load",
             Method::Unload => "unload",
             Method::Shutdown => "shutdown",
+            Method::Pressure => "pressure",
         }
     }
 
@@ -318,6 +322,78 @@ pub struct StatsResult {
     pub sessions: SessionStats,
     /// Requests served since start.
     pub requests: u64,
+    /// Memory pressure and the expert budget that follows it.
+    #[serde(default)]
+    pub memory: Option<MemoryStats>,
+}
+
+/// Params of `pressure`: `{level}` simulates that memory-pressure level until
+/// `{release: true}` goes back to the real one. Only the daemon's own user (or
+/// root) may call it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PressureParams {
+    /// "normal", "warn" or "critical".
+    #[serde(default)]
+    pub level: Option<String>,
+    /// Stop simulating.
+    #[serde(default)]
+    pub release: bool,
+}
+
+/// Memory pressure and the expert budget that follows it: the `memory` section
+/// of `stats`, and the result of `pressure`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryStats {
+    /// "normal", "warn" or "critical": the level of the last reading.
+    pub level: String,
+    /// Why that level: what fired or what was measured.
+    pub reason: String,
+    /// What is watched, e.g. "PSI triggers on /proc/pressure/memory".
+    pub source: String,
+    /// True while `pressure` simulates the level.
+    pub simulated: bool,
+    /// Whether the budget follows pressure (`memory.adapt`).
+    pub adapt: bool,
+    /// Memory that can still be taken before the tightest limit.
+    #[serde(default)]
+    pub headroom_bytes: Option<u64>,
+    /// That limit: the machine's memory or the cgroup's limit, whichever is lower.
+    #[serde(default)]
+    pub limit_bytes: Option<u64>,
+    /// The expert budget the store has now (applied between tokens).
+    #[serde(default)]
+    pub budget_bytes: Option<u64>,
+    /// The budget the controller wants.
+    #[serde(default)]
+    pub target_bytes: Option<u64>,
+    /// The budget never goes below this: two layers' routed experts.
+    #[serde(default)]
+    pub floor_bytes: Option<u64>,
+    /// Nor above this: the configured budget (or `memory.max_budget`).
+    #[serde(default)]
+    pub ceiling_bytes: Option<u64>,
+    /// The daemon's resident memory once the model was loaded, before any expert.
+    #[serde(default)]
+    pub base_bytes: Option<u64>,
+    /// Memory kept aside for KV caches and activations (`memory.kv_reserve`).
+    pub kv_reserve_bytes: u64,
+    /// Seconds until the budget may grow back, when it is below its ceiling.
+    #[serde(default)]
+    pub grow_in_s: Option<f64>,
+    /// The latest changes of the budget, oldest first.
+    #[serde(default)]
+    pub adjustments: Vec<BudgetAdjustment>,
+}
+
+/// One change of the expert budget.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BudgetAdjustment {
+    /// When, as the daemon's uptime in seconds (compare with `uptime_s`).
+    pub at_s: f64,
+    pub from_bytes: u64,
+    pub to_bytes: u64,
+    /// Why, e.g. "critical pressure: 3.1 MiB left of cgroup /x, below 11.2 MiB".
+    pub reason: String,
 }
 
 #[cfg(test)]
@@ -331,6 +407,60 @@ mod tests {
         }
         assert_eq!(Method::from_name("Hello"), None);
         assert_eq!(Method::from_name("frobnicate"), None);
+    }
+
+    #[test]
+    fn pressure_params_take_a_level_or_a_release() {
+        let value = rmpv::Value::Map(vec![(
+            rmpv::Value::from("level"),
+            rmpv::Value::from("critical"),
+        )]);
+        let params: PressureParams = rmpv::ext::from_value(value).unwrap();
+        assert_eq!(params.level.as_deref(), Some("critical"));
+        assert!(!params.release);
+        let value = rmpv::Value::Map(vec![(
+            rmpv::Value::from("release"),
+            rmpv::Value::from(true),
+        )]);
+        let params: PressureParams = rmpv::ext::from_value(value).unwrap();
+        assert_eq!((params.level, params.release), (None, true));
+    }
+
+    #[test]
+    fn memory_stats_round_trip_and_may_be_absent() {
+        let memory = MemoryStats {
+            level: "warn".into(),
+            budget_bytes: Some(1 << 20),
+            adjustments: vec![BudgetAdjustment {
+                at_s: 1.5,
+                from_bytes: 2 << 20,
+                to_bytes: 1 << 20,
+                reason: "critical pressure".into(),
+            }],
+            ..MemoryStats::default()
+        };
+        let value = rmpv::ext::to_value(&memory).unwrap();
+        assert_eq!(rmpv::ext::from_value::<MemoryStats>(value).unwrap(), memory);
+        // A daemon without the section still gives readable stats.
+        let stats = rmpv::Value::Map(
+            [
+                ("server_version", rmpv::Value::from("0.1.0")),
+                ("pid", rmpv::Value::from(1)),
+                ("uptime_s", rmpv::Value::from(1.0)),
+                ("rss_bytes", rmpv::Value::from(1)),
+                ("queue", rmpv::ext::to_value(QueueStats::default()).unwrap()),
+                (
+                    "sessions",
+                    rmpv::ext::to_value(SessionStats::default()).unwrap(),
+                ),
+                ("requests", rmpv::Value::from(0)),
+            ]
+            .into_iter()
+            .map(|(key, value)| (rmpv::Value::from(key), value))
+            .collect(),
+        );
+        let stats: StatsResult = rmpv::ext::from_value(stats).unwrap();
+        assert_eq!(stats.memory, None);
     }
 
     #[test]

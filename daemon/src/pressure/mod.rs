@@ -1,0 +1,751 @@
+//! Memory pressure: where it is read, and the controller that makes the
+//! expert budget follow it.
+//!
+//! A [`PressureSource`] (PSI triggers and the memory left on the machine and
+//! in the daemon's cgroups on Linux, the memory-pressure dispatch source on
+//! macOS) is read by a monitor thread every `memory.interval_ms`, or at once
+//! when it fires. The [`Pressure`] controller makes each reading a level (the
+//! worse of the source's event and of the headroom against
+//! `memory.warn_headroom` and `memory.critical_headroom`), feeds it to the
+//! [`BudgetPolicy`](policy::BudgetPolicy), logs every change of the budget
+//! with its reason, and hands the engine thread a [`Directive`]: the budget to
+//! give the expert store between two tokens (never within a layer, and the
+//! store never evicts a pinned expert), and under critical pressure, to drop
+//! the KV caches of idle sessions and give freed memory back to the system.
+//!
+//! The `pressure` method puts a simulated level in place of the source's
+//! until it is released; the simulated readings take the same path.
+
+#[cfg(target_os = "linux")]
+mod linux;
+#[cfg(target_os = "macos")]
+mod macos;
+pub mod policy;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use odmoe_config::MemoryConfig;
+use odmoe_protocol::{BudgetAdjustment, MemoryStats};
+use tracing::{info, warn};
+
+pub use policy::Level;
+use policy::{BudgetPolicy, Direction, Observation, PolicyParams, SHRINK_SPACING};
+
+/// How many budget changes `stats` keeps.
+const KEPT_ADJUSTMENTS: usize = 16;
+
+/// Memory the daemon can still take before the tightest limit it lives under.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Headroom {
+    /// Bytes still available.
+    pub available: u64,
+    /// The smallest limit: the machine's memory or a cgroup's limit.
+    pub limit: u64,
+    /// Where `available` was least, e.g. "the machine" or "cgroup /sys/...".
+    pub scope: String,
+}
+
+/// Where memory pressure is read: the system's own signal, and the headroom.
+pub trait PressureSource: Send + Sync {
+    /// What is watched, for the log and `stats`.
+    fn describe(&self) -> String;
+    /// Waits up to `timeout` for the system's pressure signal; the level it
+    /// reports and what fired, or `None` when nothing did.
+    fn wait(&self, timeout: Duration) -> Option<(Level, String)>;
+    /// The memory left now, when the platform says.
+    fn headroom(&self) -> Option<Headroom>;
+}
+
+/// The platform's source.
+pub fn platform_source() -> Box<dyn PressureSource> {
+    #[cfg(target_os = "linux")]
+    return Box::new(linux::LinuxSource::open());
+    #[cfg(target_os = "macos")]
+    return Box::new(macos::MacSource::open());
+    #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+    return Box::new(NoSource);
+}
+
+/// A platform without a pressure signal: readings are always normal.
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+struct NoSource;
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+impl PressureSource for NoSource {
+    fn describe(&self) -> String {
+        "nothing (no memory-pressure signal on this platform)".to_owned()
+    }
+    fn wait(&self, timeout: Duration) -> Option<(Level, String)> {
+        std::thread::sleep(timeout);
+        None
+    }
+    fn headroom(&self) -> Option<Headroom> {
+        None
+    }
+}
+
+/// What the engine thread is to do between two tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Directive {
+    /// The model it is meant for ([`crate::scheduler::Served::epoch`]).
+    pub epoch: u64,
+    /// The expert budget to set.
+    pub budget: u64,
+    /// Critical pressure: drop idle sessions' KV caches too.
+    pub relieve: bool,
+}
+
+/// How the budget of a model was asked for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BudgetKind {
+    /// A size: the budget starts there and never grows above it.
+    Fixed(u64),
+    /// Sized from the memory limit (see `memory.auto_fraction`).
+    Auto,
+}
+
+/// A model whose experts load on demand, as the controller needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelMemory {
+    pub epoch: u64,
+    /// Bytes of all experts in memory.
+    pub total_expert_bytes: u64,
+    /// Bytes of one expert in memory.
+    pub expert_bytes: u64,
+    pub experts_per_token: u64,
+    pub layers: u64,
+    /// The daemon's resident memory with the model loaded and no expert.
+    pub base_bytes: u64,
+    pub budget: BudgetKind,
+}
+
+impl ModelMemory {
+    /// Two layers' routed experts: the least a token is computed with while
+    /// the next layer's experts arrive.
+    fn floor(&self) -> u64 {
+        self.layers.min(2) * self.experts_per_token * self.expert_bytes
+    }
+}
+
+/// The model under control.
+struct Managed {
+    model: ModelMemory,
+    policy: BudgetPolicy,
+}
+
+/// What the controller knows; behind one lock.
+struct Inner {
+    level: Level,
+    reason: String,
+    headroom: Option<Headroom>,
+    /// The level `pressure` simulates, if any.
+    simulated: Option<Level>,
+    model: Option<Managed>,
+    adjustments: VecDeque<BudgetAdjustment>,
+    /// When idle sessions were last dropped for critical pressure.
+    last_relief: Option<Duration>,
+}
+
+/// Gives a directive to the engine thread.
+type Director = Box<dyn Fn(Directive) + Send + Sync>;
+
+/// The memory-pressure controller, shared by the monitor thread, the engine
+/// thread (loads) and the connections (`stats`, `pressure`).
+pub struct Pressure {
+    config: MemoryConfig,
+    params: PolicyParams,
+    source: Box<dyn PressureSource>,
+    /// Policy time and `BudgetAdjustment::at_s` count from here.
+    started: Instant,
+    inner: Mutex<Inner>,
+    /// Wakes the monitor when the simulated level changes.
+    simulation: Condvar,
+    /// Set once the engine thread exists.
+    director: OnceLock<Director>,
+}
+
+impl std::fmt::Debug for Pressure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pressure")
+            .field("source", &self.source.describe())
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pressure {
+    /// A controller reading `source`, with `config`'s steps and thresholds;
+    /// `started` is the daemon's start, which adjustments are timed from.
+    pub fn new(
+        config: &MemoryConfig,
+        source: Box<dyn PressureSource>,
+        started: Instant,
+    ) -> Pressure {
+        let params = PolicyParams {
+            shrink_step: config.shrink_step,
+            critical_step: config.critical_step,
+            grow_step: config.grow_step,
+            quiet: Duration::from_secs(config.quiet_secs),
+            grow_interval: Duration::from_secs(config.grow_interval_secs),
+        };
+        let headroom = source.headroom();
+        Pressure {
+            config: config.clone(),
+            params,
+            source,
+            started,
+            inner: Mutex::new(Inner {
+                level: Level::Normal,
+                reason: "no reading yet".to_owned(),
+                headroom,
+                simulated: None,
+                model: None,
+                adjustments: VecDeque::new(),
+                last_relief: None,
+            }),
+            simulation: Condvar::new(),
+            director: OnceLock::new(),
+        }
+    }
+
+    /// When the daemon started, as given to [`Pressure::new`].
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Where directives go: the engine thread.
+    pub fn direct_to(&self, director: impl Fn(Directive) + Send + Sync + 'static) {
+        let _ = self.director.set(Box::new(director));
+    }
+
+    /// Starts the monitor thread, which reads the source for the rest of the
+    /// process's life.
+    pub fn start_monitor(self: &Arc<Self>) -> std::io::Result<()> {
+        let pressure = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("pressure".into())
+            .spawn(move || pressure.monitor())?;
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The memory the daemon lives under: the machine's, or its cgroup's
+    /// limit when lower.
+    fn memory_limit(&self) -> Option<u64> {
+        self.source
+            .headroom()
+            .map(|headroom| headroom.limit)
+            .or_else(crate::budget::memory_total)
+    }
+
+    /// Takes control of a loaded model's budget; returns the budget to start with.
+    pub fn model_loaded(&self, model: ModelMemory) -> u64 {
+        let (start, ceiling) = self.bounds(&model);
+        let policy = BudgetPolicy::new(self.params.clone(), model.floor(), ceiling, start);
+        let start = policy.target();
+        info!(
+            budget = %bytes(start),
+            floor = %bytes(policy.floor()),
+            ceiling = %bytes(policy.ceiling()),
+            base = %bytes(model.base_bytes),
+            adapt = self.config.adapt,
+            "expert budget set"
+        );
+        let mut inner = self.lock();
+        inner.model = Some(Managed { model, policy });
+        inner.adjustments.clear();
+        start
+    }
+
+    /// The start and the ceiling of `model`'s budget.
+    fn bounds(&self, model: &ModelMemory) -> (u64, u64) {
+        let total = model.total_expert_bytes;
+        let max = self.config.max_budget.map_or(total, |max| max.of(total));
+        match model.budget {
+            BudgetKind::Fixed(bytes) => {
+                let ceiling = bytes.min(max);
+                (ceiling, ceiling)
+            }
+            BudgetKind::Auto => {
+                let ceiling = total.min(max);
+                let limit = self.memory_limit().unwrap_or(u64::MAX);
+                let auto = auto_budget(
+                    limit,
+                    self.config.auto_fraction,
+                    model.base_bytes,
+                    self.config.kv_reserve,
+                );
+                if auto < model.floor() {
+                    warn!(
+                        limit = %bytes(limit),
+                        base = %bytes(model.base_bytes),
+                        floor = %bytes(model.floor()),
+                        "memory is short for this model: the expert budget starts at its floor"
+                    );
+                }
+                (auto.min(ceiling), ceiling)
+            }
+        }
+    }
+
+    /// The model is gone: nothing to steer until the next load.
+    pub fn model_unloaded(&self) {
+        self.lock().model = None;
+    }
+
+    /// A new budget for the loaded model (SIGHUP changed it); returns the
+    /// budget it starts at, or `None` without a model under control.
+    pub fn rebudget(&self, budget: BudgetKind, why: &str) -> Option<u64> {
+        let mut inner = self.lock();
+        let managed = inner.model.as_mut()?;
+        managed.model.budget = budget;
+        let (start, ceiling) = self.bounds(&managed.model);
+        let from = managed.policy.target();
+        managed
+            .policy
+            .rebound(managed.model.floor(), ceiling, start);
+        let to = managed.policy.target();
+        let epoch = managed.model.epoch;
+        if from != to {
+            self.record(&mut inner, from, to, why.to_owned());
+        }
+        self.direct(Directive {
+            epoch,
+            budget: to,
+            relieve: false,
+        });
+        Some(to)
+    }
+
+    /// Simulates `level` until called with `None`, which goes back to the
+    /// source. The first simulated reading is taken at once.
+    pub fn simulate(&self, level: Option<Level>) {
+        self.lock().simulated = level;
+        self.simulation.notify_all();
+        match level {
+            Some(level) => {
+                info!(%level, "simulating memory pressure");
+                self.observe(Some((level, simulated_reason(level))), true);
+            }
+            None => {
+                info!("memory pressure simulation released");
+                self.observe(None, false);
+            }
+        }
+    }
+
+    /// Reads the source until the process ends.
+    fn monitor(&self) {
+        let interval = Duration::from_millis(self.config.interval_ms);
+        loop {
+            let simulated = self.lock().simulated;
+            match simulated {
+                Some(level) => {
+                    let inner = self.lock();
+                    let (inner, _) = self
+                        .simulation
+                        .wait_timeout(inner, interval)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    // A changed simulation was read when it was set.
+                    if inner.simulated == Some(level) {
+                        drop(inner);
+                        self.observe(Some((level, simulated_reason(level))), true);
+                    }
+                }
+                None => {
+                    let event = self.source.wait(interval);
+                    if self.lock().simulated.is_none() {
+                        self.observe(event, false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes one reading: `event` from the source (or the simulated level,
+    /// which then stands alone) and the headroom measured now.
+    fn observe(&self, event: Option<(Level, String)>, simulated: bool) {
+        let headroom = self.source.headroom();
+        let (headroom_level, spare, headroom_reason) = match &headroom {
+            Some(headroom) => self.headroom_level(headroom),
+            None => (
+                Level::Normal,
+                None,
+                "the memory left is not measured".into(),
+            ),
+        };
+        let (level, reason) = match event {
+            Some((level, reason)) if simulated || level >= headroom_level => (level, reason),
+            _ => (headroom_level, headroom_reason),
+        };
+        let now = self.now();
+        let mut inner = self.lock();
+        if level != inner.level {
+            if level > inner.level {
+                warn!(%level, %reason, "memory pressure");
+            } else {
+                info!(%level, %reason, "memory pressure eased");
+            }
+        }
+        inner.level = level;
+        inner.reason.clone_from(&reason);
+        inner.headroom = headroom;
+        if !self.config.adapt {
+            return;
+        }
+        let relieve = level == Level::Critical
+            && inner
+                .last_relief
+                .is_none_or(|last| now.saturating_sub(last) >= SHRINK_SPACING);
+        let Some(managed) = inner.model.as_mut() else {
+            return;
+        };
+        let epoch = managed.model.epoch;
+        let change = managed.policy.observe(now, &Observation { level, spare });
+        let target = managed.policy.target();
+        if let Some(change) = &change {
+            let why = format!("{}: {reason}", change.why);
+            match change.direction {
+                Direction::Shrink => {
+                    info!(from = %bytes(change.from), to = %bytes(change.to), reason = %why, "expert budget shrunk");
+                }
+                Direction::Grow => {
+                    info!(from = %bytes(change.from), to = %bytes(change.to), reason = %why, "expert budget grown");
+                }
+            }
+            self.record(&mut inner, change.from, change.to, why);
+        }
+        if relieve {
+            inner.last_relief = Some(now);
+        }
+        if change.is_some() || relieve {
+            // Given while locked, so directives reach the engine in order.
+            self.direct(Directive {
+                epoch,
+                budget: target,
+                relieve,
+            });
+        }
+    }
+
+    /// The level of `headroom` against the configured thresholds, the bytes
+    /// above the warn line, and why.
+    fn headroom_level(&self, headroom: &Headroom) -> (Level, Option<u64>, String) {
+        let warn_at = self.config.warn_headroom.of(headroom.limit);
+        let critical_at = self.config.critical_headroom.of(headroom.limit);
+        let left = format!(
+            "{} left of {} ({} limit)",
+            bytes(headroom.available),
+            headroom.scope,
+            bytes(headroom.limit)
+        );
+        let (level, reason) = if headroom.available < critical_at {
+            (
+                Level::Critical,
+                format!("{left}, below {}", bytes(critical_at)),
+            )
+        } else if headroom.available < warn_at {
+            (Level::Warn, format!("{left}, below {}", bytes(warn_at)))
+        } else {
+            (Level::Normal, left)
+        };
+        (
+            level,
+            Some(headroom.available.saturating_sub(warn_at)),
+            reason,
+        )
+    }
+
+    fn record(&self, inner: &mut Inner, from: u64, to: u64, reason: String) {
+        if inner.adjustments.len() == KEPT_ADJUSTMENTS {
+            inner.adjustments.pop_front();
+        }
+        inner.adjustments.push_back(BudgetAdjustment {
+            at_s: self.now().as_secs_f64(),
+            from_bytes: from,
+            to_bytes: to,
+            reason,
+        });
+    }
+
+    fn direct(&self, directive: Directive) {
+        if let Some(director) = self.director.get() {
+            director(directive);
+        }
+    }
+
+    /// The `memory` section of `stats`; `store_budget` is the budget the
+    /// store has now.
+    pub fn stats(&self, store_budget: Option<u64>) -> MemoryStats {
+        let now = self.now();
+        let inner = self.lock();
+        let managed = inner.model.as_ref();
+        MemoryStats {
+            level: inner.level.as_str().to_owned(),
+            reason: inner.reason.clone(),
+            source: self.source.describe(),
+            simulated: inner.simulated.is_some(),
+            adapt: self.config.adapt,
+            headroom_bytes: inner.headroom.as_ref().map(|h| h.available),
+            limit_bytes: inner.headroom.as_ref().map(|h| h.limit),
+            budget_bytes: store_budget,
+            target_bytes: managed.map(|m| m.policy.target()),
+            floor_bytes: managed.map(|m| m.policy.floor()),
+            ceiling_bytes: managed.map(|m| m.policy.ceiling()),
+            base_bytes: managed.map(|m| m.model.base_bytes),
+            kv_reserve_bytes: self.config.kv_reserve,
+            grow_in_s: managed
+                .filter(|_| self.config.adapt)
+                .and_then(|m| m.policy.growth_due(now))
+                .map(|due| due.as_secs_f64()),
+            adjustments: inner.adjustments.iter().cloned().collect(),
+        }
+    }
+}
+
+/// What a simulated reading says.
+fn simulated_reason(level: Level) -> String {
+    format!("simulated {level} (odmoe pressure simulate)")
+}
+
+/// The `auto` expert budget: `fraction` of `limit`, less the model's other
+/// memory and the KV reserve.
+pub fn auto_budget(limit: u64, fraction: f64, base: u64, kv_reserve: u64) -> u64 {
+    ((limit as f64 * fraction) as u64)
+        .saturating_sub(base)
+        .saturating_sub(kv_reserve)
+}
+
+/// The daemon's resident set size, from `/proc/self/statm` (pages).
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+/// Gives memory freed by evicted experts and dropped sessions back to the
+/// system: glibc keeps freed heap memory for reuse until trimmed.
+pub fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}
+
+/// Bytes as a person reads them: `1.5 GiB`, `320 KiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use odmoe_config::Size;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A source whose headroom the test sets.
+    struct Fixed(Arc<Mutex<Option<Headroom>>>);
+
+    impl PressureSource for Fixed {
+        fn describe(&self) -> String {
+            "a test".into()
+        }
+        fn wait(&self, _: Duration) -> Option<(Level, String)> {
+            None
+        }
+        fn headroom(&self) -> Option<Headroom> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    fn headroom(available: u64) -> Option<Headroom> {
+        Some(Headroom {
+            available,
+            limit: 1000 * MIB,
+            scope: "cgroup /test".into(),
+        })
+    }
+
+    fn model(budget: BudgetKind) -> ModelMemory {
+        ModelMemory {
+            epoch: 1,
+            total_expert_bytes: 48 * MIB,
+            expert_bytes: MIB,
+            experts_per_token: 2,
+            layers: 4,
+            base_bytes: 100 * MIB,
+            budget,
+        }
+    }
+
+    type Directives = Arc<Mutex<Vec<Directive>>>;
+
+    /// A controller with 900 MiB of 1000 MiB left, the headroom's handle and
+    /// the directives it gives.
+    fn controller_with_headroom(
+        config: MemoryConfig,
+    ) -> (Arc<Pressure>, Arc<Mutex<Option<Headroom>>>, Directives) {
+        let left = Arc::new(Mutex::new(headroom(900 * MIB)));
+        let source = Fixed(Arc::clone(&left));
+        let pressure = Arc::new(Pressure::new(&config, Box::new(source), Instant::now()));
+        let directives = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&directives);
+        pressure.direct_to(move |directive| sink.lock().unwrap().push(directive));
+        (pressure, left, directives)
+    }
+
+    fn controller(config: MemoryConfig) -> (Arc<Pressure>, Directives) {
+        let (pressure, _, directives) = controller_with_headroom(config);
+        (pressure, directives)
+    }
+
+    #[test]
+    fn auto_is_a_share_of_the_limit_less_the_base_and_the_reserve() {
+        assert_eq!(auto_budget(1000, 0.7, 300, 100), 300);
+        assert_eq!(auto_budget(1000, 0.5, 600, 100), 0);
+        let config = MemoryConfig {
+            auto_fraction: 0.2,
+            kv_reserve: 64 * MIB,
+            ..MemoryConfig::default()
+        };
+        let (pressure, _) = controller(config.clone());
+        // 200 MiB of a 1000 MiB limit, less 100 MiB base and 64 MiB reserve.
+        assert_eq!(pressure.model_loaded(model(BudgetKind::Auto)), 36 * MIB);
+        // Never more than every expert, nor above max_budget.
+        let (pressure, _) = controller(MemoryConfig {
+            auto_fraction: 1.0,
+            max_budget: Some(Size::Percent(50.0)),
+            ..config.clone()
+        });
+        assert_eq!(pressure.model_loaded(model(BudgetKind::Auto)), 24 * MIB);
+        // Never below two layers' routed experts.
+        let (pressure, _) = controller(MemoryConfig {
+            auto_fraction: 0.01,
+            ..config
+        });
+        assert_eq!(pressure.model_loaded(model(BudgetKind::Auto)), 4 * MIB);
+        let stats = pressure.stats(Some(4 * MIB));
+        assert_eq!(stats.floor_bytes, Some(4 * MIB));
+        assert_eq!(stats.ceiling_bytes, Some(48 * MIB));
+        assert_eq!(stats.base_bytes, Some(100 * MIB));
+    }
+
+    #[test]
+    fn a_fixed_budget_is_the_start_and_the_ceiling() {
+        let (pressure, _) = controller(MemoryConfig::default());
+        assert_eq!(
+            pressure.model_loaded(model(BudgetKind::Fixed(10 * MIB))),
+            10 * MIB
+        );
+        assert_eq!(pressure.stats(None).ceiling_bytes, Some(10 * MIB));
+    }
+
+    #[test]
+    fn simulated_critical_shrinks_at_once_and_relieves() {
+        let (pressure, directives) = controller(MemoryConfig::default());
+        pressure.model_loaded(model(BudgetKind::Fixed(40 * MIB)));
+        pressure.simulate(Some(Level::Critical));
+        assert_eq!(
+            *directives.lock().unwrap(),
+            [Directive {
+                epoch: 1,
+                budget: 24 * MIB,
+                relieve: true
+            }]
+        );
+        let stats = pressure.stats(Some(24 * MIB));
+        assert_eq!(stats.level, "critical");
+        assert!(stats.simulated);
+        assert_eq!(stats.adjustments.len(), 1);
+        let adjustment = &stats.adjustments[0];
+        assert_eq!(
+            (adjustment.from_bytes, adjustment.to_bytes),
+            (40 * MIB, 24 * MIB)
+        );
+        assert!(
+            adjustment
+                .reason
+                .starts_with("critical pressure: simulated critical"),
+            "{}",
+            adjustment.reason
+        );
+        pressure.simulate(None);
+        let stats = pressure.stats(None);
+        assert!(!stats.simulated);
+        assert_eq!(stats.level, "normal");
+    }
+
+    #[test]
+    fn the_headroom_sets_the_level() {
+        let (pressure, left, directives) = controller_with_headroom(MemoryConfig {
+            warn_headroom: Size::Bytes(200 * MIB),
+            critical_headroom: Size::Percent(5.0),
+            ..MemoryConfig::default()
+        });
+        pressure.model_loaded(model(BudgetKind::Fixed(40 * MIB)));
+        let set = |available: u64| *left.lock().unwrap() = headroom(available);
+        set(150 * MIB);
+        pressure.observe(None, false);
+        assert_eq!(pressure.stats(None).level, "warn");
+        assert!(
+            directives.lock().unwrap().is_empty(),
+            "one warning is not confirmed"
+        );
+        set(30 * MIB);
+        pressure.observe(None, false);
+        let stats = pressure.stats(None);
+        assert_eq!(stats.level, "critical");
+        assert!(stats.reason.contains("below 50.0 MiB"), "{}", stats.reason);
+        assert_eq!(directives.lock().unwrap().len(), 1);
+        // A PSI event is worse than the headroom: it wins.
+        set(900 * MIB);
+        std::thread::sleep(SHRINK_SPACING);
+        pressure.observe(Some((Level::Critical, "PSI full".into())), false);
+        assert_eq!(pressure.stats(None).reason, "PSI full");
+        assert_eq!(directives.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn without_adapt_the_budget_stays() {
+        let (pressure, directives) = controller(MemoryConfig {
+            adapt: false,
+            ..MemoryConfig::default()
+        });
+        pressure.model_loaded(model(BudgetKind::Fixed(40 * MIB)));
+        pressure.simulate(Some(Level::Critical));
+        assert!(directives.lock().unwrap().is_empty());
+        assert_eq!(pressure.stats(None).level, "critical");
+    }
+
+    #[test]
+    fn bytes_read_well() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(3 << 30), "3.0 GiB");
+    }
+}
