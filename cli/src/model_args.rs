@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use odmoe_engine::format::size::parse_budget;
 use odmoe_engine::loader::{self, ExpertMode, LoadOptions, LoadedModel};
+use odmoe_engine::predict::PredictorKind;
 use odmoe_engine::store::{PolicyKind, StoreConfig};
 
 #[derive(Args, Debug)]
@@ -34,6 +35,10 @@ pub struct ModelArgs {
     /// e.g. for split models).
     #[arg(long, value_name = "K")]
     pub experts_per_token: Option<usize>,
+    /// With --expert-budget, read the experts a predictor expects one layer ahead while the
+    /// current layer computes (none or lookahead; it switches itself off while wasteful).
+    #[arg(long, default_value = "lookahead", value_name = "none|lookahead")]
+    pub prefetch_experts: PredictorKind,
     /// Let expert reads go through the page cache (by default they bypass it, so the budget is
     /// the only copy in memory).
     #[arg(long)]
@@ -42,6 +47,11 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
+        self.load_with(self.prefetch_experts)
+    }
+
+    /// Loads with `prefetch` instead of the flag's choice (for comparisons that install their own).
+    pub fn load_with(&self, prefetch: PredictorKind) -> Result<LoadedModel> {
         let experts = match &self.expert_budget {
             None => ExpertMode::Resident,
             Some(text) => {
@@ -58,6 +68,7 @@ impl ModelArgs {
             verify_checksums: self.verify_checksums,
             bypass_page_cache: !self.page_cache,
             experts_per_token: self.experts_per_token,
+            prefetch,
         };
         let device = odmoe_engine::default_device()?;
         loader::load(&self.model, &options, &device)

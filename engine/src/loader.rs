@@ -12,6 +12,7 @@ use crate::format::gguf::GgufFile;
 use crate::format::layout::{MANIFEST, Manifest, SOURCE};
 use crate::format::safetensors::HfWeights;
 use crate::model::{ExpertProvider, Model, ModelConfig, ResidentExperts};
+use crate::predict::{PredictorKind, PrefetchOptions, Prefetcher};
 use crate::store::{ExpertSource, ExpertStore, GgufSource, HfSource, LayoutSource, StoreConfig};
 use crate::tokenizer::Tokenizer;
 
@@ -33,6 +34,10 @@ pub struct LoadOptions {
     pub bypass_page_cache: bool,
     /// Route each token to this many experts instead of the model's own number.
     pub experts_per_token: Option<usize>,
+    /// With experts on demand, read the experts a predictor expects one layer ahead while the
+    /// current layer computes. Lookahead by default: on the demo model from cold storage it made
+    /// decode 1.45x faster (odmoe predictor bench), and its gate switches it off while wasteful.
+    pub prefetch: PredictorKind,
 }
 
 impl Default for LoadOptions {
@@ -42,14 +47,16 @@ impl Default for LoadOptions {
             verify_checksums: false,
             bypass_page_cache: true,
             experts_per_token: None,
+            prefetch: PredictorKind::Lookahead,
         }
     }
 }
 
-/// A model, and its expert store when experts come on demand.
+/// A model, and its expert store (and prefetcher) when experts come on demand.
 pub struct LoadedModel {
     pub model: Model,
     pub store: Option<Arc<ExpertStore>>,
+    pub prefetcher: Option<Arc<Prefetcher>>,
     /// The directory the model was read from.
     pub path: PathBuf,
 }
@@ -177,10 +184,18 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
             (store.clone(), Some(store))
         }
     };
-    let model = Model::load_base(config, base.as_ref(), provider)?;
+    let mut model = Model::load_base(config, base.as_ref(), provider)?;
+    let prefetcher = match &store {
+        Some(store) => crate::predict::build(options.prefetch, &model, 1, None)?.map(|predictor| {
+            let options = PrefetchOptions::new(1, model.config.num_layers);
+            Prefetcher::install(&mut model, predictor, store.clone(), options)
+        }),
+        None => None,
+    };
     Ok(LoadedModel {
         model,
         store,
+        prefetcher,
         path: path.to_path_buf(),
     })
 }

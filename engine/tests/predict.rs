@@ -13,7 +13,8 @@ use odmoe_engine::predict::replay::{Prefetch, ReplayOptions, ReplayPolicy, repla
 use odmoe_engine::predict::shadow::{Shadow, TrainOptions, train};
 use odmoe_engine::predict::trace::{RecordOptions, Trace};
 use odmoe_engine::predict::{
-    GateConfig, Predictor, PrefetchOptions, Prefetcher, lookahead::Lookahead, recall_on_trace,
+    GateConfig, Predictor, PredictorKind, PrefetchOptions, Prefetcher, lookahead::Lookahead,
+    recall_on_trace,
 };
 use odmoe_engine::store::{PolicyKind, StoreConfig};
 use odmoe_engine::tokenizer::Tokenizer;
@@ -80,6 +81,7 @@ fn on_demand(budget_bytes: u64, policy: PolicyKind) -> LoadOptions {
             io_threads: 2,
             policy,
         }),
+        prefetch: PredictorKind::None,
         ..LoadOptions::default()
     }
 }
