@@ -4,8 +4,8 @@ pub mod convert;
 pub mod gguf;
 pub mod layout;
 pub mod safetensors;
-pub mod split;
 pub mod size;
+pub mod split;
 
 use candle_core::Tensor;
 
