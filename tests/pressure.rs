@@ -82,12 +82,12 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.path().join("stderr")).unwrap());
         let child = command.spawn().unwrap();
-        let daemon = Daemon { child, dir, socket };
+        let mut daemon = Daemon { child, dir, socket };
         daemon.wait_until_serving().await;
         daemon
     }
 
-    async fn wait_until_serving(&self) {
+    async fn wait_until_serving(&mut self) {
         let deadline = Instant::now() + LIMIT;
         loop {
             if let Ok(Ok(mut client)) =
@@ -95,6 +95,9 @@ impl Daemon {
                 && let Ok(Ok(_)) = timeout(LIMIT, client.hello()).await
             {
                 return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("odmoed exited with {status}:\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,

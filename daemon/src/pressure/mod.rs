@@ -36,6 +36,12 @@ use policy::{BudgetPolicy, Direction, Observation, PolicyParams, SHRINK_SPACING}
 /// How many budget changes `stats` keeps.
 const KEPT_ADJUSTMENTS: usize = 16;
 
+/// How long a warn or critical reading stands in `stats` and the log after it
+/// was last seen: PSI triggers fire at most once per window (up to 2 s), so
+/// lasting pressure reads as events between quiet readings, which should not
+/// show as pressure coming and going. The policy sees every reading as it is.
+const LEVEL_HOLD: Duration = Duration::from_secs(5);
+
 /// Memory the daemon can still take before the tightest limit it lives under.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Headroom {
@@ -137,8 +143,11 @@ struct Managed {
 
 /// What the controller knows; behind one lock.
 struct Inner {
+    /// The level shown: the last reading's, or a worse one seen within [`LEVEL_HOLD`].
     level: Level,
     reason: String,
+    /// The last warn or critical reading, with why and when.
+    held: Option<(Level, String, Duration)>,
     headroom: Option<Headroom>,
     /// The level `pressure` simulates, if any.
     simulated: Option<Level>,
@@ -199,6 +208,7 @@ impl Pressure {
             inner: Mutex::new(Inner {
                 level: Level::Normal,
                 reason: "no reading yet".to_owned(),
+                held: None,
                 headroom,
                 simulated: None,
                 model: None,
@@ -331,7 +341,12 @@ impl Pressure {
     /// Simulates `level` until called with `None`, which goes back to the
     /// source. The first simulated reading is taken at once.
     pub fn simulate(&self, level: Option<Level>) {
-        self.lock().simulated = level;
+        {
+            let mut inner = self.lock();
+            inner.simulated = level;
+            // A level set by hand replaces what was seen, at once.
+            inner.held = None;
+        }
         self.simulation.notify_all();
         match level {
             Some(level) => {
@@ -391,15 +406,29 @@ impl Pressure {
         };
         let now = self.now();
         let mut inner = self.lock();
-        if level != inner.level {
-            if level > inner.level {
-                warn!(%level, %reason, "memory pressure");
+        let (shown, shown_reason) = if level != Level::Normal {
+            inner.held = Some((level, reason.clone(), now));
+            (level, reason.clone())
+        } else {
+            match inner.held.take() {
+                Some((held, why, at)) if now.saturating_sub(at) < LEVEL_HOLD => {
+                    let ago = now.saturating_sub(at).as_secs_f64();
+                    let shown = (held, format!("{why} ({ago:.1}s ago)"));
+                    inner.held = Some((held, why, at));
+                    shown
+                }
+                _ => (level, reason.clone()),
+            }
+        };
+        if shown != inner.level {
+            if shown > inner.level {
+                warn!(level = %shown, reason = %shown_reason, "memory pressure");
             } else {
-                info!(%level, %reason, "memory pressure eased");
+                info!(level = %shown, reason = %shown_reason, "memory pressure eased");
             }
         }
-        inner.level = level;
-        inner.reason.clone_from(&reason);
+        inner.level = shown;
+        inner.reason = shown_reason;
         inner.headroom = headroom;
         if !self.config.adapt {
             return;
@@ -728,6 +757,20 @@ mod tests {
         pressure.observe(Some((Level::Critical, "PSI full".into())), false);
         assert_eq!(pressure.stats(None).reason, "PSI full");
         assert_eq!(directives.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_pressure_event_stands_between_quiet_readings() {
+        let (pressure, _) = controller(MemoryConfig::default());
+        pressure.observe(Some((Level::Warn, "PSI some".into())), false);
+        pressure.observe(None, false);
+        let stats = pressure.stats(None);
+        assert_eq!(stats.level, "warn");
+        assert!(stats.reason.starts_with("PSI some ("), "{}", stats.reason);
+        // A released simulation is normal at once.
+        pressure.simulate(Some(Level::Critical));
+        pressure.simulate(None);
+        assert_eq!(pressure.stats(None).level, "normal");
     }
 
     #[test]
