@@ -2,56 +2,45 @@
 //! committed Qwen3-MoE fixture.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
-use odmoe_e2e::{binary, fixture, odmoe_ok};
+use odmoe_e2e::{Daemon, binary, fixture, isolate, odmoe_ok};
 use serde_json::Value;
 
 fn s(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
-/// An `odmoed --foreground` serving the qwen3_moe fixture, its config and home in a temporary
-/// directory, killed on drop if it is still running.
-struct Daemon {
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    child: Child,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("run/s.sock");
-        let log = std::fs::File::create(dir.path().join("odmoed.log")).unwrap();
-        let mut child = isolated(Command::new(binary("odmoed")), dir.path())
-            .args(["--foreground", "--socket", s(&socket), "--model"])
-            .arg(fixture("qwen3_moe"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn odmoed");
-        // Bounded so that a daemon that never listens fails the test instead of hanging it.
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            if let Some(status) = child.try_wait().unwrap() {
-                let log = std::fs::read_to_string(dir.path().join("odmoed.log")).unwrap();
-                panic!("odmoed exited ({status}) before listening:\n{log}");
-            }
-            assert!(Instant::now() < deadline, "odmoed never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon { dir, socket, child }
-    }
+/// What these tests add to the shared [`Daemon`].
+trait DaemonExt {
+    /// An `odmoed --foreground` serving the qwen3_moe fixture, its config and home in a
+    /// temporary directory, listening.
+    fn start() -> Self;
 
     /// `odmoe ARGS --socket SOCKET` with `stdin`.
+    fn odmoe_with_input(&self, args: &[&str], stdin: &str) -> Output;
+
+    /// `odmoe ARGS --socket SOCKET`, which must succeed; its stdout.
+    fn odmoe_ok(&self, args: &[&str]) -> String;
+}
+
+impl DaemonExt for Daemon {
+    fn start() -> Daemon {
+        // Bounded so that a daemon that never listens fails the test instead of hanging it.
+        let mut daemon = Daemon::builder()
+            .model(fixture("qwen3_moe"))
+            .limit(Duration::from_secs(300))
+            .spawn();
+        daemon.wait_until_listening();
+        daemon
+    }
+
     fn odmoe_with_input(&self, args: &[&str], stdin: &str) -> Output {
-        let mut child = isolated(Command::new(binary("odmoe")), self.dir.path())
+        let mut child = isolated(Command::new(binary("odmoe")), self.dir())
             .args(args)
-            .args(["--socket", s(&self.socket)])
+            .args(["--socket", s(self.socket())])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -69,7 +58,6 @@ impl Daemon {
         output
     }
 
-    /// `odmoe ARGS --socket SOCKET`, which must succeed; its stdout.
     fn odmoe_ok(&self, args: &[&str]) -> String {
         let output = self.odmoe_with_input(args, "");
         assert!(
@@ -80,29 +68,11 @@ impl Daemon {
         );
         String::from_utf8(output.stdout).unwrap()
     }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("odmoed.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// `command` with the user's config, history and socket kept out of the way.
 fn isolated(mut command: Command, home: &Path) -> Command {
-    command
-        .env("HOME", home)
-        .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("XDG_STATE_HOME", home.join("state"))
-        .env("XDG_RUNTIME_DIR", home.join("runtime"))
-        .env_remove("ODMOE_SOCKET");
+    isolate(&mut command, home);
     command
 }
 
@@ -148,7 +118,7 @@ fn stats_json_has_the_stable_keys() {
             "uptime_s",
         ]
     );
-    assert_eq!(stats["pid"], daemon.child.id());
+    assert_eq!(stats["pid"], daemon.pid());
     assert_eq!(keys(&stats["queue"]), ["running", "waiting"]);
     assert_eq!(keys(&stats["sessions"]), ["count", "kv_bytes"]);
     assert_eq!(
@@ -275,7 +245,7 @@ fn chat_with_piped_stdin_prints_the_reply() {
 #[test]
 fn interrupting_a_completion_cancels_it() {
     let daemon = Daemon::start();
-    let mut child = isolated(Command::new(binary("odmoe")), daemon.dir.path())
+    let mut child = isolated(Command::new(binary("odmoe")), daemon.dir())
         .args([
             "complete",
             "Once upon a time",
@@ -283,7 +253,7 @@ fn interrupting_a_completion_cancels_it() {
             "--max-tokens",
             "3500",
             "--socket",
-            s(&daemon.socket),
+            s(daemon.socket()),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -329,9 +299,9 @@ fn stop_makes_the_daemon_exit_cleanly() {
     let mut daemon = Daemon::start();
     let out = daemon.odmoe_ok(&["stop"]);
     assert_eq!(out, "odmoed stopped\n");
-    let status = daemon.child.wait().unwrap();
+    let status = daemon.wait_for_exit();
     assert!(status.success(), "odmoed exited with {status}");
-    assert!(!daemon.socket.exists());
+    assert!(!daemon.socket().exists());
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use odmoe_client::{Client, ClientError};
-use odmoe_e2e::{binary, fixture, odmoe_ok};
+use odmoe_e2e::{Daemon, binary, fixture, odmoe_ok};
 use odmoe_protocol::{
     ChatMessage, ErrorCode, GenerateParams, GenerateResult, Message, Method, QueuedEvent, RpcError,
     StatsResult, TokenEvent, Value,
@@ -37,115 +37,34 @@ fn model() -> PathBuf {
     fixture("qwen3_moe")
 }
 
-/// A running `odmoed --foreground` with its own directory; killed if a test ends early.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
+/// What these tests add to the shared [`Daemon`].
+trait DaemonExt: Sized {
+    /// Serves the fixture with the default config.
+    async fn start() -> Self;
+
+    /// Serves the fixture with `--config` naming a file holding `config` (when given) and
+    /// `args`, and waits until it answers `hello`.
+    async fn start_with(config: Option<&str>, args: &[&str]) -> Self;
+
+    /// Polls `stats` until `done` holds, failing after [`LIMIT`].
+    async fn stats_until(&self, what: &str, done: impl Fn(&StatsResult) -> bool) -> StatsResult;
 }
 
-impl Daemon {
-    /// Serves the fixture with the default config.
+impl DaemonExt for Daemon {
     async fn start() -> Daemon {
         Daemon::start_with(None, &[]).await
     }
 
-    /// Serves the fixture with `--config` naming a file holding `config` (when given) and
-    /// `args`, and waits until it answers `hello`.
     async fn start_with(config: Option<&str>, args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("run").join("odmoed.sock");
-        let mut command = Command::new(binary("odmoed"));
-        command
-            .arg("--foreground")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--model")
-            .arg(model())
-            .args(args)
-            // Keep the developer's config and environment out.
-            .env("XDG_CONFIG_HOME", dir.path().join("config"))
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.path().join("stderr")).unwrap());
+        let mut builder = Daemon::builder().model(model()).args(args).limit(LIMIT);
         if let Some(config) = config {
-            let file = dir.path().join("odmoed.toml");
-            fs::write(&file, config).unwrap();
-            command.arg("--config").arg(file);
+            builder = builder.config(config);
         }
-        let child = command.spawn().unwrap();
-        let mut daemon = Daemon { child, dir, socket };
+        let mut daemon = builder.spawn();
         daemon.wait_until_serving().await;
         daemon
     }
 
-    async fn wait_until_serving(&mut self) {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if let Ok(Ok(mut client)) =
-                timeout(Duration::from_secs(1), Client::connect(&self.socket)).await
-                && let Ok(Ok(_)) = timeout(LIMIT, client.hello()).await
-            {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("odmoed exited with {status}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "odmoed did not start:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn client(&self) -> Client {
-        timeout(LIMIT, Client::connect(&self.socket))
-            .await
-            .unwrap()
-            .unwrap()
-    }
-
-    async fn raw(&self) -> UnixStream {
-        timeout(LIMIT, UnixStream::connect(&self.socket))
-            .await
-            .unwrap()
-            .unwrap()
-    }
-
-    fn config_file(&self) -> PathBuf {
-        self.dir.path().join("odmoed.toml")
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-
-    fn wait_for_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "odmoed did not exit:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
-    }
-
-    /// Polls `stats` until `done` holds, failing after [`LIMIT`].
     async fn stats_until(&self, what: &str, done: impl Fn(&StatsResult) -> bool) -> StatsResult {
         let mut client = self.client().await;
         let deadline = Instant::now() + LIMIT;
@@ -161,13 +80,6 @@ impl Daemon {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -657,7 +569,7 @@ async fn sessions_beyond_the_limit_and_idle_ones_are_dropped() {
         "[sessions]\nmax_sessions = 2\nidle_expiry_secs = 1\n",
     )
     .unwrap();
-    kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    daemon.signal(Signal::SIGHUP);
     daemon
         .stats_until("idle sessions expire", |s| s.sessions.count == 0)
         .await;
@@ -667,12 +579,12 @@ async fn sessions_beyond_the_limit_and_idle_ones_are_dropped() {
 async fn sigterm_cancels_generations_removes_the_socket_and_exits_0() {
     let mut daemon = Daemon::start().await;
     let (_cancel, running) = start_long(daemon.client().await).await;
-    kill(daemon.pid(), Signal::SIGTERM).unwrap();
+    daemon.signal(Signal::SIGTERM);
     let (result, _) = timeout(LIMIT, running).await.unwrap().unwrap();
     assert_eq!(result.finish_reason, "cancelled");
     let status = daemon.wait_for_exit();
     assert!(status.success(), "{status}\n{}", daemon.log());
-    assert!(!daemon.socket.exists(), "the socket is still there");
+    assert!(!daemon.socket().exists(), "the socket is still there");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -693,7 +605,7 @@ async fn sighup_applies_a_changed_sampling_default() {
         "[generation]\ntemperature = 0.0\nmax_tokens = 5\n",
     )
     .unwrap();
-    kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    daemon.signal(Signal::SIGHUP);
     let deadline = Instant::now() + LIMIT;
     loop {
         let (changed, _) = generate(&mut client, &params).await;
@@ -742,7 +654,7 @@ async fn experts_on_demand_give_the_same_reply_and_load_unload_work() {
         .expect("store stats when experts load on demand");
     assert!(store.misses > 0 && store.bytes_read > 0, "{store:?}");
     assert_eq!(store.budget_bytes, models[0].total_expert_bytes / 2);
-    assert_eq!(stats.pid, daemon.child.id());
+    assert_eq!(stats.pid, daemon.pid());
     assert!(stats.rss_bytes > 0);
 
     // Unload: nothing to generate with, and it says so.
@@ -771,7 +683,7 @@ async fn sighup_changes_the_expert_budget_of_the_running_store() {
     assert_eq!(stats.store.unwrap().budget_bytes, total / 2);
 
     fs::write(daemon.config_file(), config("25%")).unwrap();
-    kill(daemon.pid(), Signal::SIGHUP).unwrap();
+    daemon.signal(Signal::SIGHUP);
     daemon
         .stats_until("the budget shrinks", |s| {
             s.store
@@ -845,7 +757,7 @@ async fn a_socket_passed_by_systemd_is_served_and_left_in_place() {
 async fn chat_without_a_chat_template_says_so() {
     let daemon = Daemon::start().await;
     // The fixture without its chat template.
-    let copy = daemon.dir.path().join("no_template");
+    let copy = daemon.dir().join("no_template");
     fs::create_dir(&copy).unwrap();
     for entry in fs::read_dir(model()).unwrap() {
         let entry = entry.unwrap();
@@ -949,8 +861,8 @@ async fn neovim_rpcrequest_gets_the_clients_reply() {
     assert!(events.is_empty(), "stream = false sends no tokens");
     assert!(!expected.text.is_empty());
 
-    let out = daemon.dir.path().join("nvim.out");
-    let script = daemon.dir.path().join("generate.lua");
+    let out = daemon.dir().join("nvim.out");
+    let script = daemon.dir().join("generate.lua");
     let lua = format!(
         r#"
 local ok, result = pcall(function()
@@ -962,7 +874,7 @@ if ok then file:write(result.text) else file:write('ERROR: ' .. tostring(result)
 file:close()
 vim.cmd(ok and 'qall!' or 'cquit! 1')
 "#,
-        socket = daemon.socket.to_str().unwrap(),
+        socket = daemon.socket().to_str().unwrap(),
         prompt = PROMPT,
         out = out.to_str().unwrap(),
     );
@@ -970,10 +882,10 @@ vim.cmd(ok and 'qall!' or 'cquit! 1')
     let child = Command::new(nvim)
         .args(["--headless", "-u", "NONE", "-i", "NONE", "-n", "-c"])
         .arg(format!("luafile {}", script.display()))
-        .env("HOME", daemon.dir.path())
-        .env("XDG_CONFIG_HOME", daemon.dir.path().join("config"))
-        .env("XDG_DATA_HOME", daemon.dir.path().join("data"))
-        .env("XDG_STATE_HOME", daemon.dir.path().join("state"))
+        .env("HOME", daemon.dir())
+        .env("XDG_CONFIG_HOME", daemon.dir().join("config"))
+        .env("XDG_DATA_HOME", daemon.dir().join("data"))
+        .env("XDG_STATE_HOME", daemon.dir().join("state"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -1021,7 +933,7 @@ while True:
     let child = Command::new(&python)
         .arg("-c")
         .arg(script)
-        .arg(&daemon.socket)
+        .arg(daemon.socket())
         .arg(PROMPT)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

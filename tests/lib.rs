@@ -2,9 +2,20 @@
 //!
 //! The binaries come from the same `cargo build`/`cargo test` of the workspace (`scripts/test.sh`
 //! builds them first); a missing one is reported with the command that builds it.
+//!
+//! [`Daemon`] runs `odmoed --foreground` on a temporary socket for the tests that talk to one.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use odmoe_client::Client;
+use tokio::net::UnixStream;
+use tokio::time::timeout;
 
 /// A committed fixture directory under `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -49,4 +60,274 @@ pub fn odmoe_ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).expect("utf-8 stdout")
+}
+
+/// A running `odmoed --foreground` with its own temporary directory (config home, socket, log),
+/// killed and reaped when dropped, so that a test ending early leaves nothing behind.
+///
+/// Every end-to-end test that needs a daemon starts it here, so that a fix to how one is started,
+/// waited for or stopped reaches all of them.
+pub struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    limit: Duration,
+    spec: DaemonBuilder,
+}
+
+/// How an `odmoed --foreground` is started; see [`Daemon::builder`].
+#[derive(Clone, Debug)]
+pub struct DaemonBuilder {
+    program: Option<PathBuf>,
+    model: Option<PathBuf>,
+    config: Option<String>,
+    args: Vec<OsString>,
+    wrapper: Option<String>,
+    limit: Duration,
+}
+
+impl Daemon {
+    /// How long a step of the daemon's life (starting, answering, exiting) may take unless
+    /// [`DaemonBuilder::limit`] says otherwise.
+    pub const LIMIT: Duration = Duration::from_secs(120);
+
+    /// An `odmoed` serving no model, with the default config, started directly.
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder {
+            program: None,
+            model: None,
+            config: None,
+            args: Vec::new(),
+            wrapper: None,
+            limit: Daemon::LIMIT,
+        }
+    }
+
+    /// The socket it listens on, `<dir>/run/odmoed.sock`.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Its temporary directory, removed when it is dropped.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The file `--config` names when a config was given.
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.path().join("odmoed.toml")
+    }
+
+    /// The process id of the child: odmoed itself, or the wrapper until it `exec`s odmoed.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to [`Daemon::pid`].
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).unwrap();
+    }
+
+    /// What it wrote to stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// Whether it is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for it to exit, failing with its log after the limit.
+    pub fn wait_for_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + self.limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "odmoed did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until it answers `hello`, failing with its log if it exits first or takes longer
+    /// than the limit.
+    pub async fn wait_until_serving(&mut self) {
+        let deadline = Instant::now() + self.limit;
+        loop {
+            if let Ok(Ok(mut client)) =
+                timeout(Duration::from_secs(1), Client::connect(&self.socket)).await
+                && let Ok(Ok(_)) = timeout(self.limit, client.hello()).await
+            {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("odmoed exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "odmoed did not start:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Blocks until its socket accepts connections, failing with its log if it exits first or
+    /// takes longer than the limit; for tests without an async runtime.
+    pub fn wait_until_listening(&mut self) {
+        let deadline = Instant::now() + self.limit;
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("odmoed exited ({status}) before listening:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "odmoed never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A client connected to it.
+    pub async fn client(&self) -> Client {
+        timeout(self.limit, Client::connect(&self.socket))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// A plain connection to it, for bytes no client would send.
+    pub async fn raw(&self) -> UnixStream {
+        timeout(self.limit, UnixStream::connect(&self.socket))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Starts it again as it was first started, on the same socket and logging to a fresh
+    /// file, once the previous process has exited; does not wait for it.
+    pub fn respawn(&mut self) {
+        self.child = self
+            .spec
+            .command(self.dir.path(), &self.socket)
+            .spawn()
+            .unwrap();
+    }
+}
+
+impl DaemonBuilder {
+    /// Runs `program` instead of the `odmoed` built beside the test executable.
+    pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.program = Some(program.into());
+        self
+    }
+
+    /// Serves the model at `path` (`--model`).
+    pub fn model(mut self, path: impl Into<PathBuf>) -> Self {
+        self.model = Some(path.into());
+        self
+    }
+
+    /// Reads `text` as its config (`--config`, naming [`Daemon::config_file`]).
+    pub fn config(mut self, text: impl Into<String>) -> Self {
+        self.config = Some(text.into());
+        self
+    }
+
+    /// Passes `args` after the others.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|arg| arg.as_ref().to_owned()));
+        self
+    }
+
+    /// Starts it through `script`, a shell command line run with `$0` = `odmoed` that ends by
+    /// running `"$@"` (the odmoed command line).
+    pub fn wrapper(mut self, script: impl Into<String>) -> Self {
+        self.wrapper = Some(script.into());
+        self
+    }
+
+    /// How long starting, each request of [`Daemon::client`] and [`Daemon::raw`], and exiting
+    /// may take; [`Daemon::LIMIT`] unless set.
+    pub fn limit(mut self, limit: Duration) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Starts it in a new temporary directory, without waiting for it to serve.
+    pub fn spawn(self) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("run").join("odmoed.sock");
+        let child = self.command(dir.path(), &socket).spawn().unwrap();
+        Daemon {
+            child,
+            dir,
+            socket,
+            limit: self.limit,
+            spec: self,
+        }
+    }
+
+    /// The command line, with the config file written into `dir` and stderr going to
+    /// `dir/stderr`.
+    fn command(&self, dir: &Path, socket: &Path) -> Command {
+        let program = match &self.program {
+            Some(program) => program.clone(),
+            None => binary("odmoed"),
+        };
+        let mut command = match &self.wrapper {
+            Some(script) => {
+                let mut command = Command::new("sh");
+                command.arg("-c").arg(script).arg("odmoed").arg(program);
+                command
+            }
+            None => Command::new(program),
+        };
+        command.arg("--foreground").arg("--socket").arg(socket);
+        if let Some(model) = &self.model {
+            command.arg("--model").arg(model);
+        }
+        if let Some(config) = &self.config {
+            let file = dir.join("odmoed.toml");
+            fs::write(&file, config).unwrap();
+            command.arg("--config").arg(file);
+        }
+        command.args(&self.args);
+        isolate(&mut command, dir);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("stderr")).unwrap());
+        command
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Points `command`'s home, config, state and runtime directories into `home` and drops the
+/// variables that would change where it logs, which socket it uses or what it was passed, so
+/// that the developer's own setup cannot leak in.
+pub fn isolate(command: &mut Command, home: &Path) {
+    command
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_STATE_HOME", home.join("state"))
+        .env("XDG_RUNTIME_DIR", home.join("runtime"))
+        .env_remove("ODMOE_SOCKET")
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS");
 }

@@ -17,8 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use odmoe_client::Client;
-use odmoe_e2e::{binary, fixture, odmoe_ok};
+use odmoe_e2e::{Daemon, fixture, odmoe_ok};
 use odmoe_protocol::{GenerateParams, GenerateResult, MemoryStats, Method, StatsResult};
 use tokio::time::timeout;
 
@@ -41,94 +40,40 @@ fn report(text: &str) {
     let _ = writeln!(std::io::stderr(), "{text}");
 }
 
-/// A running `odmoed --foreground` with its own directory; killed if the test ends early.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl Daemon {
+/// What these tests add to the shared [`Daemon`].
+trait DaemonExt: Sized {
     /// Serves the fixture with `config`, started through `wrapper` (a shell command line that
     /// ends by running `"$@"`), or directly.
+    async fn start(config: &str, wrapper: Option<&str>) -> Self;
+
+    /// Its socket, as a command-line argument.
+    fn socket_arg(&self) -> &str;
+
+    async fn stats(&self) -> StatsResult;
+
+    /// Polls `stats` until `done` holds, failing after [`LIMIT`].
+    async fn stats_until(&self, what: &str, done: impl Fn(&StatsResult) -> bool) -> StatsResult;
+
+    /// Greedy tokens after [`PROMPT`], optionally kept in `session`.
+    async fn generate(&self, session: Option<&str>) -> GenerateResult;
+}
+
+impl DaemonExt for Daemon {
     async fn start(config: &str, wrapper: Option<&str>) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("run").join("odmoed.sock");
-        let file = dir.path().join("odmoed.toml");
-        fs::write(&file, config).unwrap();
-        let mut command = match wrapper {
-            Some(script) => {
-                let mut command = Command::new("sh");
-                command.arg("-c").arg(script).arg("odmoed");
-                command.arg(binary("odmoed"));
-                command
-            }
-            None => Command::new(binary("odmoed")),
-        };
-        command
-            .arg("--foreground")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--config")
-            .arg(&file)
-            .arg("--model")
-            .arg(fixture("qwen3_moe"))
-            .env("XDG_CONFIG_HOME", dir.path().join("config"))
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.path().join("stderr")).unwrap());
-        let child = command.spawn().unwrap();
-        let mut daemon = Daemon { child, dir, socket };
+        let mut builder = Daemon::builder()
+            .model(fixture("qwen3_moe"))
+            .config(config)
+            .limit(LIMIT);
+        if let Some(script) = wrapper {
+            builder = builder.wrapper(script);
+        }
+        let mut daemon = builder.spawn();
         daemon.wait_until_serving().await;
         daemon
     }
 
-    async fn wait_until_serving(&mut self) {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if let Ok(Ok(mut client)) =
-                timeout(Duration::from_secs(1), Client::connect(&self.socket)).await
-                && let Ok(Ok(_)) = timeout(LIMIT, client.hello()).await
-            {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("odmoed exited with {status}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "odmoed did not start:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn client(&self) -> Client {
-        timeout(LIMIT, Client::connect(&self.socket))
-            .await
-            .unwrap()
-            .unwrap()
-    }
-
-    fn socket(&self) -> &str {
-        self.socket.to_str().unwrap()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    fn socket_arg(&self) -> &str {
+        self.socket().to_str().unwrap()
     }
 
     async fn stats(&self) -> StatsResult {
@@ -136,7 +81,6 @@ impl Daemon {
         timeout(LIMIT, client.stats()).await.unwrap().unwrap()
     }
 
-    /// Polls `stats` until `done` holds, failing after [`LIMIT`].
     async fn stats_until(&self, what: &str, done: impl Fn(&StatsResult) -> bool) -> StatsResult {
         let deadline = Instant::now() + LIMIT;
         loop {
@@ -154,7 +98,6 @@ impl Daemon {
         }
     }
 
-    /// Greedy tokens after [`PROMPT`], optionally kept in `session`.
     async fn generate(&self, session: Option<&str>) -> GenerateResult {
         let params = GenerateParams {
             prompt: Some(PROMPT.into()),
@@ -175,13 +118,6 @@ impl Daemon {
         let result = timeout(LIMIT, generated).await.unwrap().unwrap();
         assert_eq!(result.tokens.len(), TOKENS as usize);
         result
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -218,7 +154,7 @@ async fn simulated_critical_pressure_shrinks_the_budget_at_once_and_it_grows_bac
         "critical",
         "--json",
         "--socket",
-        daemon.socket(),
+        daemon.socket_arg(),
     ]);
     let answer: MemoryStats = serde_json::from_str(&output).unwrap();
     assert!(answer.simulated && answer.level == "critical", "{answer:?}");
@@ -250,7 +186,7 @@ async fn simulated_critical_pressure_shrinks_the_budget_at_once_and_it_grows_bac
     let under_pressure = daemon.generate(None).await;
     assert_eq!(under_pressure.tokens, expected.tokens);
 
-    let output = odmoe_ok(&["pressure", "release", "--socket", daemon.socket()]);
+    let output = odmoe_ok(&["pressure", "release", "--socket", daemon.socket_arg()]);
     assert!(output.starts_with("memory    normal"), "{output}");
     let stats = daemon
         .stats_until("the budget grows back", |stats| budget(stats) == total)
@@ -269,9 +205,9 @@ async fn simulated_critical_pressure_shrinks_the_budget_at_once_and_it_grows_bac
     let log = daemon.log();
     assert!(log.contains("expert budget shrunk"), "{log}");
     assert!(log.contains("expert budget grown"), "{log}");
-    let status = odmoe_ok(&["pressure", "status", "--socket", daemon.socket()]);
+    let status = odmoe_ok(&["pressure", "status", "--socket", daemon.socket_arg()]);
     assert!(status.contains("adjusted"), "{status}");
-    let ps = odmoe_ok(&["ps", "--socket", daemon.socket()]);
+    let ps = odmoe_ok(&["ps", "--socket", daemon.socket_arg()]);
     assert!(ps.contains("PRESSURE") && ps.contains("normal"), "{ps}");
 }
 

@@ -4,13 +4,13 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use odmoe_client::{Client, ClientError};
+use odmoe_e2e::Daemon;
 use odmoe_protocol::{ErrorCode, HelloResult, Message, PROTOCOL_VERSION, RpcError, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -19,102 +19,40 @@ use tokio::time::timeout;
 /// How long any single step may take before the test fails instead of hanging.
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// A running `odmoed` with its own directory; killed if a test ends early.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl Daemon {
+/// What these tests add to the shared [`Daemon`].
+trait DaemonExt: Sized {
     /// Starts `odmoed --foreground` on `<tmp>/run/odmoed.sock` with `args`, and
     /// waits until it answers.
+    async fn start(args: &[&str]) -> Self;
+
+    /// Like [`DaemonExt::start`], with `--config` naming a file holding `config`.
+    async fn start_with_config(config: Option<&str>, args: &[&str]) -> Self;
+
+    /// Starts a new daemon, as the first was started, on the same socket.
+    async fn restart(&mut self);
+}
+
+impl DaemonExt for Daemon {
     async fn start(args: &[&str]) -> Daemon {
         Daemon::start_with_config(None, args).await
     }
 
-    /// Like [`Daemon::start`], with `--config` naming a file holding `config`.
     async fn start_with_config(config: Option<&str>, args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("run").join("odmoed.sock");
-        let mut command = foreground(dir.path(), &socket);
+        let mut builder = Daemon::builder()
+            .program(env!("CARGO_BIN_EXE_odmoed"))
+            .args(args)
+            .limit(LIMIT);
         if let Some(config) = config {
-            let file = dir.path().join("odmoed.toml");
-            fs::write(&file, config).unwrap();
-            command.arg("--config").arg(file);
+            builder = builder.config(config);
         }
-        command.args(args);
-        let child = spawn(command, dir.path());
-        let mut daemon = Daemon { child, dir, socket };
+        let mut daemon = builder.spawn();
         daemon.wait_until_serving().await;
         daemon
     }
 
-    /// Starts a new daemon (without the original's extra arguments) on the
-    /// same socket, logging to the same file.
     async fn restart(&mut self) {
-        let command = foreground(self.dir.path(), &self.socket);
-        self.child = spawn(command, self.dir.path());
+        self.respawn();
         self.wait_until_serving().await;
-    }
-
-    async fn wait_until_serving(&mut self) {
-        let deadline = Instant::now() + LIMIT;
-        while UnixStream::connect(&self.socket).await.is_err() {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("odmoed exited with {status}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "odmoed did not start:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn client(&self) -> Client {
-        timeout(LIMIT, Client::connect(&self.socket))
-            .await
-            .unwrap()
-            .unwrap()
-    }
-
-    async fn raw(&self) -> UnixStream {
-        timeout(LIMIT, UnixStream::connect(&self.socket))
-            .await
-            .unwrap()
-            .unwrap()
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-
-    fn wait_for_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "odmoed did not exit:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -123,12 +61,6 @@ fn foreground(dir: &Path, socket: &Path) -> Command {
     let mut command = odmoed(dir);
     command.arg("--foreground").arg("--socket").arg(socket);
     command
-}
-
-/// Runs `command` with its stderr in `dir/stderr`.
-fn spawn(mut command: Command, dir: &Path) -> Child {
-    let log = fs::File::create(dir.join("stderr")).unwrap();
-    command.stderr(Stdio::from(log)).spawn().unwrap()
 }
 
 /// `odmoed`, with the config directory pointed into `dir` so that the
@@ -334,8 +266,8 @@ async fn an_oversized_message_closes_that_connection_only() {
 async fn the_socket_is_private() {
     let daemon = Daemon::start(&[]).await;
     let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(&daemon.socket), 0o600);
-    assert_eq!(mode(daemon.socket.parent().unwrap()), 0o700);
+    assert_eq!(mode(daemon.socket()), 0o600);
+    assert_eq!(mode(daemon.socket().parent().unwrap()), 0o700);
 }
 
 #[tokio::test]
@@ -343,11 +275,11 @@ async fn sigterm_stops_the_daemon_and_removes_the_socket() {
     for signal in [Signal::SIGTERM, Signal::SIGINT] {
         let mut daemon = Daemon::start(&[]).await;
         let _idle_client = daemon.client().await;
-        kill(daemon.pid(), signal).unwrap();
+        daemon.signal(signal);
         let status = daemon.wait_for_exit();
         assert!(status.success(), "{signal}: {status}\n{}", daemon.log());
         assert!(
-            !daemon.socket.exists(),
+            !daemon.socket().exists(),
             "{signal}: the socket is still there"
         );
     }
@@ -365,7 +297,7 @@ async fn the_shutdown_method_stops_the_daemon() {
     assert_eq!(result, Value::Nil);
     let status = daemon.wait_for_exit();
     assert!(status.success(), "{status}\n{}", daemon.log());
-    assert!(!daemon.socket.exists());
+    assert!(!daemon.socket().exists());
     // Connections still open were closed.
     assert!(timeout(LIMIT, other.hello()).await.unwrap().is_err());
 }
@@ -373,9 +305,7 @@ async fn the_shutdown_method_stops_the_daemon() {
 #[tokio::test]
 async fn a_second_daemon_on_the_same_socket_is_refused() {
     let daemon = Daemon::start(&[]).await;
-    let output = foreground(daemon.dir.path(), &daemon.socket)
-        .output()
-        .unwrap();
+    let output = foreground(daemon.dir(), daemon.socket()).output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("already running"), "{stderr}");
@@ -389,14 +319,14 @@ async fn a_second_daemon_on_the_same_socket_is_refused() {
 #[tokio::test]
 async fn a_stale_socket_is_replaced() {
     let mut daemon = Daemon::start(&[]).await;
-    kill(daemon.pid(), Signal::SIGKILL).unwrap();
+    daemon.signal(Signal::SIGKILL);
     daemon.wait_for_exit();
     assert!(
-        daemon.socket.exists(),
+        daemon.socket().exists(),
         "a killed daemon leaves its socket behind"
     );
     assert!(matches!(
-        Client::connect(&daemon.socket).await,
+        Client::connect(daemon.socket()).await,
         Err(ClientError::Refused { .. })
     ));
 
@@ -456,12 +386,12 @@ async fn another_user_is_refused() {
     // Open the path to everyone, so that only the peer check stands in the way.
     let open =
         |path: &Path, mode| fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
-    open(daemon.dir.path(), 0o711);
-    open(daemon.socket.parent().unwrap(), 0o711);
-    open(&daemon.socket, 0o666);
+    open(daemon.dir(), 0o711);
+    open(daemon.socket().parent().unwrap(), 0o711);
+    open(daemon.socket(), 0o666);
     let helper = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "connect_as_another_user_helper", "--nocapture"])
-        .env(PEER_SOCKET_VAR, &daemon.socket)
+        .env(PEER_SOCKET_VAR, daemon.socket())
         .uid(65534)
         .gid(65534)
         .output();
