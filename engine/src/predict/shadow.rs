@@ -21,7 +21,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use super::trace::{Trace, read_safetensors, write_safetensors};
+use super::trace::{Trace, check_format, read_safetensors, write_safetensors};
 use super::{Predictor, PredictorKind};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
@@ -147,17 +147,7 @@ impl Shadow {
             path: path.to_path_buf(),
             message,
         };
-        if metadata.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(bad(format!(
-                "not shadow predictor weights (format {FORMAT:?} missing)"
-            )));
-        }
-        if metadata.get("version").map(String::as_str) != Some(VERSION) {
-            return Err(bad(format!(
-                "shadow predictor version {:?}, this build reads {VERSION}",
-                metadata.get("version")
-            )));
-        }
+        check_format(path, &metadata, FORMAT, VERSION, "shadow predictor weights")?;
         let number = |key: &str| -> Result<usize> {
             metadata
                 .get(key)

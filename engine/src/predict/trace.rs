@@ -283,17 +283,7 @@ impl Trace {
             path: path.to_path_buf(),
             message,
         };
-        if metadata.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(bad(format!(
-                "not a routing trace (format {FORMAT:?} missing)"
-            )));
-        }
-        if metadata.get("version").map(String::as_str) != Some(VERSION) {
-            return Err(bad(format!(
-                "trace version {:?}, this build reads {VERSION}",
-                metadata.get("version")
-            )));
-        }
+        check_format(path, &metadata, FORMAT, VERSION, "a routing trace")?;
         let config: ModelConfig = serde_json::from_str(
             metadata
                 .get("config")
@@ -369,6 +359,30 @@ pub(crate) fn write_safetensors(
         path: path.to_path_buf(),
         message: e.to_string(),
     })
+}
+
+/// Checks the `format` and `version` metadata of a file that should be `what`.
+pub(crate) fn check_format(
+    path: &Path,
+    metadata: &HashMap<String, String>,
+    format: &str,
+    version: &str,
+    what: &str,
+) -> Result<()> {
+    let bad = |message: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        message,
+    };
+    if metadata.get("format").map(String::as_str) != Some(format) {
+        return Err(bad(format!("not {what} (format {format:?} missing)")));
+    }
+    if metadata.get("version").map(String::as_str) != Some(version) {
+        return Err(bad(format!(
+            "{what}: version {:?}, this build reads {version}",
+            metadata.get("version")
+        )));
+    }
+    Ok(())
 }
 
 /// Reads every tensor (to the CPU) and the string metadata of a safetensors file.
