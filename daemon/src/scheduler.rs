@@ -640,7 +640,8 @@ impl Engine {
             layers: config.num_layers as u32,
             experts_per_layer: config.num_experts as u32,
             experts_per_token: config.num_experts_per_token as u32,
-            expert_bytes: config.expert_f32_bytes() as u64,
+            // As the store counts them: GGUF experts at their stored size, others in f32.
+            expert_bytes: total / (config.num_layers * config.num_experts).max(1) as u64,
             total_expert_bytes: total,
             mode: if budget_bytes.is_some() {
                 "on_demand"
