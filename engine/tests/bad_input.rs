@@ -1,16 +1,14 @@
 //! Broken checkpoints give errors that name the file or tensor at fault, never a panic.
 
+mod common;
+
+use common::fixture;
+
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Device;
 use odmoe_engine::model::Model;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
 
 /// A writable copy of a fixture.
 fn copy_fixture(name: &str) -> tempfile::TempDir {

@@ -1,6 +1,10 @@
 //! `convert` and `verify` on the committed fixtures: every byte lands where the layout says, a
 //! re-run or a resumed run gives the same layout, and damage is reported by file, layer and expert.
 
+mod common;
+
+use common::fixture;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -17,12 +21,6 @@ use safetensors::SafeTensors;
 use sha2::{Digest, Sha256};
 
 const FIXTURES: [&str; 3] = ["qwen2_moe", "qwen3_moe", "mixtral"];
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
 
 fn convert_quietly(src: &Path, out: &Path) -> Manifest {
     convert(src, out, |_| {}).unwrap_or_else(|e| panic!("converting {}: {e}", src.display()))

@@ -3,8 +3,11 @@
 //! logits in f32, on demand exactly as resident in a quantized type, and broken files must give
 //! clear errors. llama.cpp-made files are checked against llama.cpp's own logits elsewhere.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{fixture, golden};
+
+use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -14,16 +17,6 @@ use odmoe_engine::format::safetensors::HfWeights;
 use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
 use odmoe_engine::model::{Logits, Model, ModelConfig, expert_tensor_names};
 use odmoe_engine::store::{PolicyKind, StoreConfig};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-fn golden(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(name).join("golden.safetensors"), &Device::Cpu).unwrap()
-}
 
 /// Writes the qwen3_moe fixture as GGUF with expert tensors in `expert_type`, skipping metadata
 /// keys in `omit`.

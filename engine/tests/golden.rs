@@ -2,46 +2,15 @@
 //! f32 compute from bf16 weights, every position's logits, per-layer hidden states and routing, and
 //! 16 greedy tokens through the KV cache.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
+
+use common::{fixture, golden, ids, max_abs_diff};
 
 use candle_core::{Device, Tensor};
 use odmoe_engine::generate::{GenerateRequest, Session};
 use odmoe_engine::model::{ForwardTrace, KvCache, Logits, Model};
 
 const LOGITS_TOLERANCE: f32 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-fn golden(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(name).join("golden.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn check_fixture(name: &str) {
     let model = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();

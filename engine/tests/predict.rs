@@ -2,13 +2,16 @@
 //! reproduces the live store's hits and misses exactly; Belady bounds LRU and LFU-DA on every
 //! trace; both predictors beat chance on held-out prompts; prefetch never changes logits.
 
-use std::path::PathBuf;
+mod common;
+
+use common::{fixture, logit_bits_and_greedy};
+
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use odmoe_engine::generate::{GenerateRequest, Session};
 use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
-use odmoe_engine::model::{Logits, Model};
+use odmoe_engine::model::Model;
 use odmoe_engine::predict::replay::{Prefetch, ReplayOptions, ReplayPolicy, replay};
 use odmoe_engine::predict::shadow::{Shadow, TrainOptions, train};
 use odmoe_engine::predict::trace::{RecordOptions, Trace};
@@ -20,12 +23,6 @@ use odmoe_engine::store::{PolicyKind, StoreConfig};
 use odmoe_engine::tokenizer::Tokenizer;
 
 const FIXTURES: [&str; 3] = ["qwen2_moe", "qwen3_moe", "mixtral"];
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
 
 /// Short English prompts: the first 16 train, the last 8 are held out.
 const PROMPTS: [&str; 24] = [
@@ -245,31 +242,7 @@ fn prefetch_never_changes_logits() {
     for name in FIXTURES {
         let resident = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
         let input = prompts(name, 0..1).remove(0);
-        let run = |model: &Model| {
-            let mut cache = model.new_cache();
-            let logits = model
-                .forward(&input, &mut cache, Logits::All, None)
-                .unwrap();
-            let bits: Vec<u32> = logits
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect();
-            let request = GenerateRequest {
-                prompt: input.clone(),
-                max_tokens: 24,
-                ignore_eos: true,
-                ..Default::default()
-            };
-            let tokens = Session::new(model)
-                .generate(model, None, &request, |_| true)
-                .unwrap()
-                .tokens;
-            (bits, tokens)
-        };
+        let run = |model: &Model| logit_bits_and_greedy(model, &input, 24);
         let expected = run(&resident);
         let (config, total) = loader::describe(&fixture(name)).unwrap();
         let minimum = config.num_experts_per_token as u64 * config.expert_f32_bytes() as u64;

@@ -2,6 +2,10 @@
 //! and from Hugging Face files in place; the budget invariant under concurrent load; shared reads;
 //! exact telemetry; clear errors for broken expert files.
 
+mod common;
+
+use common::{fixture, golden, ids, logit_bits_and_greedy};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -10,28 +14,10 @@ use std::time::Duration;
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
 use odmoe_engine::format::convert::convert;
-use odmoe_engine::generate::{GenerateRequest, Session};
 use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
+use odmoe_engine::model::Model;
 use odmoe_engine::model::layers::GluMlp;
-use odmoe_engine::model::{Logits, Model};
 use odmoe_engine::store::{ExpertSource, ExpertStore, PolicyKind, StoreConfig};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-fn golden_input(name: &str) -> Vec<u32> {
-    let g = candle_core::safetensors::load(fixture(name).join("golden.safetensors"), &Device::Cpu)
-        .unwrap();
-    g["input_ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
-}
 
 fn on_demand(budget_bytes: u64, policy: PolicyKind) -> LoadOptions {
     LoadOptions {
@@ -44,40 +30,15 @@ fn on_demand(budget_bytes: u64, policy: PolicyKind) -> LoadOptions {
     }
 }
 
-/// Every position's logits and 16 greedy tokens, as raw f32 bits.
-fn outputs(model: &Model, input: &[u32]) -> (Vec<u32>, Vec<u32>) {
-    let mut cache = model.new_cache();
-    let logits = model.forward(input, &mut cache, Logits::All, None).unwrap();
-    let bits = logits
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect();
-    let request = GenerateRequest {
-        prompt: input.to_vec(),
-        max_tokens: 16,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    let tokens = Session::new(model)
-        .generate(model, None, &request, |_| true)
-        .unwrap()
-        .tokens;
-    (bits, tokens)
-}
-
 #[test]
 fn on_demand_is_bit_identical_to_resident_at_every_budget() {
     for name in ["qwen2_moe", "qwen3_moe", "mixtral"] {
         let out = tempfile::tempdir().unwrap();
         let layout = out.path().join("model.odmoe");
         convert(&fixture(name), &layout, |_| {}).unwrap();
-        let input = golden_input(name);
+        let input = ids(&golden(name)["input_ids"]);
         let resident = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
-        let expected = outputs(&resident, &input);
+        let expected = logit_bits_and_greedy(&resident, &input, 16);
         let (config, total) = loader::describe(&fixture(name)).unwrap();
         let expert = config.expert_f32_bytes() as u64;
         let minimum = config.num_experts_per_token as u64 * expert;
@@ -86,7 +47,7 @@ fn on_demand_is_bit_identical_to_resident_at_every_budget() {
                 for policy in [PolicyKind::Lru, PolicyKind::Lfuda] {
                     let loaded =
                         loader::load(&source, &on_demand(budget, policy), &Device::Cpu).unwrap();
-                    let got = outputs(&loaded.model, &input);
+                    let got = logit_bits_and_greedy(&loaded.model, &input, 16);
                     assert!(
                         got == expected,
                         "{name} from {} at budget {budget} ({policy:?}) differs",
@@ -113,15 +74,10 @@ fn layout_resident_mode_matches_the_checkpoint() {
     let out = tempfile::tempdir().unwrap();
     let layout = out.path().join("m.odmoe");
     convert(&fixture("qwen2_moe"), &layout, |_| {}).unwrap();
-    let input = golden_input("qwen2_moe");
-    let a = outputs(
-        &Model::load_resident(&fixture("qwen2_moe"), &Device::Cpu).unwrap(),
-        &input,
-    );
-    let b = outputs(
-        &Model::load_resident(&layout, &Device::Cpu).unwrap(),
-        &input,
-    );
+    let input = ids(&golden("qwen2_moe")["input_ids"]);
+    let resident = |path: &std::path::Path| Model::load_resident(path, &Device::Cpu).unwrap();
+    let a = logit_bits_and_greedy(&resident(&fixture("qwen2_moe")), &input, 16);
+    let b = logit_bits_and_greedy(&resident(&layout), &input, 16);
     assert!(a == b);
 }
 

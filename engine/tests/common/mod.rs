@@ -1,0 +1,76 @@
+//! Helpers shared by the engine's integration tests: fixture paths, goldens, comparisons.
+// Each test binary uses its own subset of these.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use odmoe_engine::generate::{GenerateRequest, Session};
+use odmoe_engine::model::{Logits, Model};
+
+/// A committed fixture under `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// The goldens of a Hugging Face fixture.
+pub fn golden(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name).join("golden.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// Token ids stored as an I64 tensor.
+pub fn ids(t: &Tensor) -> Vec<u32> {
+    t.to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Every position's logits for `input` as raw f32 bits, and `max_tokens` greedy tokens after it:
+/// what must not change, bit for bit, however experts are provided.
+pub fn logit_bits_and_greedy(
+    model: &Model,
+    input: &[u32],
+    max_tokens: usize,
+) -> (Vec<u32>, Vec<u32>) {
+    let logits = model
+        .forward(input, &mut model.new_cache(), Logits::All, None)
+        .unwrap();
+    let bits = logits
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
+    let request = GenerateRequest {
+        prompt: input.to_vec(),
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let tokens = Session::new(model)
+        .generate(model, None, &request, |_| true)
+        .unwrap()
+        .tokens;
+    (bits, tokens)
+}
