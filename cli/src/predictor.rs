@@ -89,16 +89,8 @@ pub struct BenchArgs {
         value_name = "KIND"
     )]
     prefetch: Vec<PredictorKind>,
-    /// Shadow predictor weights (for --prefetch shadow).
-    #[arg(long, value_name = "FILE")]
-    weights: Option<PathBuf>,
-    /// Keep prefetching even while it wastes more than it saves.
-    #[arg(long)]
-    no_adaptive: bool,
-    /// Prefetch only guesses scoring at least this (a routing probability for lookahead, a
-    /// sigmoid for shadow); 0 prefetches every top-k guess.
-    #[arg(long, default_value_t = 0.0, value_name = "P")]
-    min_score: f32,
+    #[command(flatten)]
+    tuning: crate::predictor::PrefetchTuning,
     /// Runs of each mode, interleaved so that drift hits all alike.
     #[arg(long, default_value_t = 3, value_name = "N")]
     rounds: usize,
@@ -272,12 +264,12 @@ fn bench(args: BenchArgs) -> Result<()> {
                 *mode,
                 &loaded.model,
                 args.depth,
-                args.weights.as_deref(),
+                args.tuning.weights.as_deref(),
             )? {
                 Some(predictor) => {
                     let options = PrefetchOptions {
-                        adaptive: !args.no_adaptive,
-                        min_score: args.min_score,
+                        adaptive: !args.tuning.no_adaptive,
+                        min_score: args.tuning.min_score,
                         ..PrefetchOptions::new(args.depth, loaded.model.config.num_layers)
                     };
                     Some(Prefetcher::install(
@@ -400,4 +392,19 @@ fn bench(args: BenchArgs) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// How prefetching is tuned, shared by `trace replay` and `predictor bench`.
+#[derive(Args)]
+pub struct PrefetchTuning {
+    /// Shadow predictor weights from `odmoe predictor train` (for the shadow predictor).
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+    /// Keep prefetching even while it wastes more than it saves.
+    #[arg(long)]
+    pub no_adaptive: bool,
+    /// Prefetch only guesses scoring at least this (a routing probability for lookahead, a
+    /// sigmoid for shadow); 0 prefetches every top-k guess.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub min_score: f32,
 }

@@ -84,16 +84,8 @@ pub struct ReplayArgs {
     /// The model the trace was recorded from (for the lookahead predictor's routers).
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
-    /// Shadow predictor weights from `odmoe predictor train`.
-    #[arg(long, value_name = "FILE")]
-    weights: Option<PathBuf>,
-    /// Keep prefetching even while it wastes more than it saves.
-    #[arg(long)]
-    no_adaptive: bool,
-    /// Prefetch only guesses scoring at least this (a routing probability for lookahead, a
-    /// sigmoid for shadow); 0 prefetches every top-k guess.
-    #[arg(long, default_value_t = 0.0, value_name = "P")]
-    min_score: f32,
+    #[command(flatten)]
+    tuning: crate::predictor::PrefetchTuning,
     /// Disk read rate of the stall model, GB/s.
     #[arg(long, default_value_t = 2.0, value_name = "X")]
     disk_gbps: f64,
@@ -287,7 +279,7 @@ fn replay_command(args: ReplayArgs) -> Result<()> {
                 &trace,
                 args.depth,
                 args.model.as_deref(),
-                args.weights.as_deref(),
+                args.tuning.weights.as_deref(),
             )?,
             PrefetchArg::Oracle => None,
         };
@@ -311,8 +303,8 @@ fn replay_command(args: ReplayArgs) -> Result<()> {
                 };
                 let options = ReplayOptions {
                     depth: args.depth,
-                    adaptive: !args.no_adaptive,
-                    min_score: args.min_score,
+                    adaptive: !args.tuning.no_adaptive,
+                    min_score: args.tuning.min_score,
                     disk_gbps: args.disk_gbps,
                     compute_ms: args.compute_ms,
                     ..ReplayOptions::new(budget, policy, &trace)
