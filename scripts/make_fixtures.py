@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Build the tiny Mixture-of-Experts reference checkpoints and their golden outputs.
 
-For each of three architectures (Qwen2-MoE, Qwen3-MoE, Mixtral) this script creates a
-small, randomly initialised Hugging Face checkpoint in ``tests/fixtures/<name>/`` together
-with ``golden.safetensors``, the outputs of the Hugging Face transformers reference
-implementation that the Rust engine is tested against:
+For each architecture (Qwen2-MoE, Qwen3-MoE, Mixtral, DeepSeek-V3, and Kimi-K2 as a DeepSeek-V3
+with Kimi's routing and YaRN values) this script creates a small, randomly initialised Hugging
+Face checkpoint in ``tests/fixtures/<name>/`` together with ``golden.safetensors``, the outputs
+of the Hugging Face transformers reference implementation that the Rust engine is tested
+against:
 
     tests/fixtures/<name>/
-        config.json                      model config (qwen3_moe: rewritten in hub spelling)
+        config.json                      model config (qwen3_moe, kimi_k2: rewritten in hub
+                                         spelling, rope_theta + rope_scaling)
         generation_config.json           eos_token_id = id of <|im_end|>
         model.safetensors                bf16 weights; mixtral is sharded instead:
                                          model-0000i-of-00003.safetensors + model.safetensors.index.json
@@ -24,10 +26,15 @@ Golden tensors (float32 unless noted), T = 12 prompt tokens, L layers, H hidden,
                                     (entry 0 = token embeddings); entry L: output of the
                                     last decoder layer, before the final norm
     routing_ids      I64 [L, T, k]  experts chosen per layer/position, in torch.topk order
-                                    (descending routing probability)
+                                    (descending routing probability; DeepSeek: descending
+                                    weight); -1 for the dense layers of DeepSeek models
     routing_weights  F32 [L, T, k]  the weights the model applies to those experts:
                                     softmax over all experts, top-k, renormalised to sum 1
-                                    only for qwen3_moe (norm_topk_prob) and mixtral
+                                    only for qwen3_moe (norm_topk_prob) and mixtral;
+                                    DeepSeek: sigmoid scores of the experts chosen by
+                                    score + e_score_correction_bias inside the best groups,
+                                    renormalised, times routed_scaling_factor; 0 for dense
+                                    layers
     greedy_tokens    I64 [16]       16 greedy tokens after input_ids (KV cache, no eos stop)
     prompt_ids       I64 [n]        tokenizer encoding of "The quick brown fox", no specials
     chat_ids         I64 [m]        tokenizer encoding of the chat template rendered for
@@ -36,9 +43,13 @@ Golden tensors (float32 unless noted), T = 12 prompt tokens, L layers, H hidden,
 Weights are drawn with numpy (PCG64) from a per-fixture seed, rounded to bfloat16 (that is
 what is saved) and every golden is computed in float32 from the rounded weights, with eager
 attention. Seeds are tried in order until the fixture is numerically safe: every routing
-decision on the prompt has a gap >= 2e-3 between the k-th and (k+1)-th expert probability,
-and every greedy step has a top-1 vs top-2 logit margin >= 1e-2 (checked by full recompute);
-the greedy continuation must also not contain the eos token <|im_end|>.
+decision on the prompt has a gap >= 2e-3 between the k-th and (k+1)-th expert probability
+(DeepSeek: between biased scores inside the kept groups, and between the last kept and the
+first dropped group), and every greedy step has a top-1 vs top-2 logit margin >= 1e-2 (checked
+by full recompute); the greedy continuation must also not contain the eos token <|im_end|>.
+For DeepSeek fixtures the seed must also make the correction bias (and, with several groups,
+the group limit) change at least one routing decision on the prompt, so that an engine ignoring
+either fails.
 
 Run by hand with the reference venv (see scripts/setup-reference-venv.sh):
 
@@ -212,6 +223,100 @@ SPECS = {
         shard_size="150KB",
         hub_spelling=False,
     ),
+    # DeepSeek-V3 in small: MLA with a query bottleneck, four groups of two experts of which two
+    # are kept, YaRN with mscale != mscale_all_dim (so both the cos/sin scale and the softmax
+    # scale differ from 1), one dense layer first.
+    "deepseek_v3": dict(
+        config_class="DeepseekV3Config",
+        model_class="DeepseekV3ForCausalLM",
+        config=dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=48,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=16,
+            v_head_dim=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            num_experts_per_tok=3,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            rope_interleave=True,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 4096,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.8,
+            },
+            max_position_embeddings=16384,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            num_mtp_layers=0,
+        ),
+        top_k=3,
+        shard_size=None,
+        hub_spelling=False,
+    ),
+    # Kimi-K2's values on the DeepSeek-V3 architecture (transformers has no kimi_k2 model type):
+    # one group, top-8 of 16 experts, routed_scaling_factor 2.827, rope_theta 50000, YaRN factor
+    # 32 with beta_fast = beta_slow = 1 and mscale = mscale_all_dim = 1, one dense layer first.
+    "kimi_k2": dict(
+        config_class="DeepseekV3Config",
+        model_class="DeepseekV3ForCausalLM",
+        config=dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=16,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=48,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=16,
+            v_head_dim=16,
+            n_routed_experts=16,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.827,
+            rope_interleave=True,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 50000.0,
+                "factor": 32.0,
+                "original_max_position_embeddings": 4096,
+                "beta_fast": 1.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            num_mtp_layers=0,
+        ),
+        top_k=8,
+        shard_size=None,
+        hub_spelling=True,
+    ),
 }
 
 # Initialisation scales (std of a normal distribution).
@@ -220,6 +325,7 @@ LINEAR_STD = 0.15  # attention and expert projections (fan-in 32..128)
 BIAS_STD = 0.1
 ROUTER_STD = 0.25  # router logits std ~ 2: mixed weights, safe top-k gaps
 NORM_STD = 0.1  # RMSNorm weights 1 + 0.1 * N(0, 1)
+CORRECTION_BIAS_STD = 0.15  # DeepSeek's e_score_correction_bias, against sigmoid scores in (0, 1)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -290,7 +396,12 @@ def make_config(name, special_ids):
 
 
 def is_router(module):
-    return type(module).__name__.endswith("TopKRouter")
+    # Qwen and Mixtral spell it TopKRouter, DeepSeek-V3 TopkRouter.
+    return type(module).__name__.endswith(("TopKRouter", "TopkRouter"))
+
+
+def is_deepseek(name):
+    return SPECS[name]["model_class"] == "DeepseekV3ForCausalLM"
 
 
 def init_weights(model, seed):
@@ -312,6 +423,12 @@ def init_weights(model, seed):
             else:
                 val = LINEAR_STD * z
             p.copy_(val)
+        # DeepSeek's routing bias is a buffer, drawn after every parameter (the other fixtures
+        # have none, so their weights are unchanged).
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):
+                z = torch.from_numpy(rng.standard_normal(tuple(b.shape), dtype=np.float32))
+                b.copy_(CORRECTION_BIAS_STD * z)
 
 
 def build_model(name, seed, special_ids):
@@ -330,6 +447,9 @@ def build_model(name, seed, special_ids):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).float())
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):  # saved as bf16 like the weights
+                b.copy_(b.to(torch.bfloat16).float())
     f32 = model.eval()
     bf16 = copy.deepcopy(model).to(torch.bfloat16).eval()
     return bf16, f32
@@ -352,12 +472,60 @@ def routers(model):
     return [m for m in model.modules() if is_router(m)]
 
 
+def layer_router(layer):
+    """The router of a decoder layer, or None for a dense layer (DeepSeek's first ones)."""
+    return next((m for m in layer.modules() if is_router(m)), None)
+
+
+def deepseek_routing(r, x, top_k):
+    """Independent recomputation of DeepSeek-V3 routing for router `r` on inputs `x` [T, H].
+
+    Returns ids and weights ordered by descending weight, the smallest decision margin (k-th vs
+    (k+1)-th biased score inside the kept groups, and last kept vs first dropped group), and
+    how many positions would choose other experts without the bias or without the group limit.
+    """
+    scores = torch.sigmoid(x.float() @ r.weight.float().t())
+    t, e = scores.shape
+    g, size = r.num_group, e // r.num_group
+
+    def choose(choice, limit_groups):
+        group_scores = choice.view(t, g, size).topk(2, dim=-1).values.sum(-1)
+        ranked = group_scores.sort(dim=-1, descending=True, stable=True)
+        masked = choice
+        if limit_groups:
+            keep = torch.zeros(t, g, dtype=torch.bool)
+            keep.scatter_(1, ranked.indices[:, : r.topk_group], True)
+            masked = choice.masked_fill(~keep.repeat_interleave(size, dim=1), float("-inf"))
+        return masked, ranked.values, masked.topk(top_k, dim=-1).indices
+
+    choice = scores + r.e_score_correction_bias.float()
+    masked, group_values, idx = choose(choice, True)
+    w = scores.gather(1, idx)
+    if r.norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * r.routed_scaling_factor
+    order = w.argsort(dim=-1, descending=True, stable=True)
+    idx, w = idx.gather(1, order), w.gather(1, order)
+
+    ranked = masked.sort(dim=-1, descending=True).values
+    margin = (ranked[:, top_k - 1] - ranked[:, top_k]).min().item() if top_k < e else float("inf")
+    if r.topk_group < g:
+        margin = min(margin, (group_values[:, r.topk_group - 1] - group_values[:, r.topk_group]).min().item())
+
+    def changed(other):
+        return sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(idx, other))
+
+    bias_changes = changed(choose(scores, True)[2])
+    group_changes = changed(choose(choice, False)[2])
+    return idx, w, margin, bias_changes, group_changes
+
+
 @torch.no_grad()
 def forward_capture(model, ids, top_k, norm_topk):
     """One forward pass; returns logits, hidden states and routing, plus routing margins."""
     layers = decoder_layers(model)
-    rs = routers(model)
-    assert len(rs) == len(layers)
+    rs = [layer_router(layer) for layer in layers]
+    assert sum(r is not None for r in rs) == len(routers(model))
     entering = [None] * len(layers)
     last_out = [None]
     routed = [None] * len(rs)
@@ -385,7 +553,8 @@ def forward_capture(model, ids, top_k, norm_topk):
         hooks.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
     hooks.append(layers[-1].register_forward_hook(post_hook, with_kwargs=True))
     for i, r in enumerate(rs):
-        hooks.append(r.register_forward_hook(router_hook(i)))
+        if r is not None:
+            hooks.append(r.register_forward_hook(router_hook(i)))
     try:
         out = model(input_ids=ids[None], use_cache=False)
     finally:
@@ -396,9 +565,26 @@ def forward_capture(model, ids, top_k, norm_topk):
     hidden = torch.stack([e[0] for e in entering] + [last_out[0][0]]).float()
 
     r_ids, r_w, margins = [], [], []
+    bias_changes = group_changes = 0
     for i, r in enumerate(rs):
+        if r is None:  # a dense layer routes nothing
+            r_ids.append(torch.full((ids.shape[0], top_k), -1, dtype=torch.int64))
+            r_w.append(torch.zeros(ids.shape[0], top_k))
+            continue
         x, (m_logits, m_scores, m_idx) = routed[i]
         x = x.reshape(-1, x.shape[-1])
+        if hasattr(r, "e_score_correction_bias"):
+            d_idx, d_w, margin, bias_c, group_c = deepseek_routing(r, x, top_k)
+            # The model lists its choice unsorted: compare in weight order.
+            order = m_scores.float().argsort(dim=-1, descending=True, stable=True)
+            assert torch.equal(m_idx.gather(1, order), d_idx), f"router {i}: expert choice differs"
+            assert torch.allclose(m_scores.float().gather(1, order), d_w, atol=1e-6, rtol=0), f"router {i}: weights differ"
+            margins.append(margin)
+            bias_changes += bias_c
+            group_changes += group_c
+            r_ids.append(d_idx.to(torch.int64))
+            r_w.append(m_scores.float().gather(1, order))
+            continue
         # Independent recomputation of the routing decision.
         lg = x.float() @ r.weight.float().t()
         probs = torch.softmax(lg, dim=-1)
@@ -426,6 +612,8 @@ def forward_capture(model, ids, top_k, norm_topk):
         routing_ids=torch.stack(r_ids).contiguous(),
         routing_weights=torch.stack(r_w).contiguous(),
         routing_margin=min(margins),
+        bias_changes=bias_changes,
+        group_changes=group_changes,
     )
 
 
@@ -474,6 +662,13 @@ def search_seed(name, special_ids, start=0):
         g = forward_capture(f32, ids, SPECS[name]["top_k"], norm_topk)
         if g["routing_margin"] < MIN_ROUTING_GAP:
             continue
+        if is_deepseek(name):
+            # The bias and the group limit must each decide something, or a test could not
+            # tell an engine that ignores them.
+            if g["bias_changes"] == 0:
+                continue
+            if f32.config.n_group > 1 and g["group_changes"] == 0:
+                continue
         new, gm = greedy(f32, ids)
         if gm < MIN_GREEDY_MARGIN:
             continue
@@ -494,12 +689,12 @@ def write_json(path, obj):
 
 def rewrite_hub_spelling(cfg_path):
     """transformers 5 writes rope_parameters / num_local_experts; hub checkpoints say
-    rope_theta (+ rope_scaling) / num_experts."""
+    rope_theta (+ rope_scaling, with "type" for scaled RoPE) / num_experts."""
     cfg = json.loads(Path(cfg_path).read_text())
-    rp = cfg.pop("rope_parameters")
-    assert rp.get("rope_type", "default") == "default", rp
-    cfg["rope_theta"] = rp["rope_theta"]
-    cfg["rope_scaling"] = None
+    rp = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    kind = rp.pop("rope_type", "default")
+    cfg["rope_scaling"] = None if kind == "default" else {"type": kind, **rp}
     if "num_local_experts" in cfg:
         cfg["num_experts"] = cfg.pop("num_local_experts")
     write_json(cfg_path, cfg)
@@ -594,7 +789,9 @@ def build(names):
                 "num_attention_heads": cfg.num_attention_heads,
                 "num_key_value_heads": cfg.num_key_value_heads,
                 "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-                "num_experts": spec["config"].get("num_experts", spec["config"].get("num_local_experts")),
+                "num_experts": spec["config"].get(
+                    "num_experts", spec["config"].get("num_local_experts", spec["config"].get("n_routed_experts"))
+                ),
                 "num_experts_per_tok": spec["top_k"],
                 "expert_intermediate_size": spec["config"].get("moe_intermediate_size", spec["config"].get("intermediate_size")),
                 "shared_expert_intermediate_size": spec["config"].get("shared_expert_intermediate_size"),

@@ -114,7 +114,7 @@ pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
             (config, bytes)
         }
     };
-    let total = (config.num_layers * config.num_experts) as u64 * expert_bytes;
+    let total = (config.moe_layers().count() * config.num_experts) as u64 * expert_bytes;
     Ok((config, total))
 }
 
@@ -163,7 +163,13 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
         ExpertMode::Resident => {
             let mut layers = Vec::with_capacity(config.num_layers);
             for layer in 0..config.num_layers {
-                let experts = (0..config.num_experts)
+                // Dense layers (DeepSeek's first ones) have no experts to read.
+                let count = if config.is_moe_layer(layer) {
+                    config.num_experts
+                } else {
+                    0
+                };
+                let experts = (0..count)
                     .map(|e| source.read(layer, e).map(|(w, _)| Arc::new(w)))
                     .collect::<Result<Vec<_>>>()?;
                 layers.push(experts);

@@ -23,6 +23,10 @@ fn check_fixture(name: &str) {
         .forward(&input, &mut cache, Logits::All, Some(&mut trace))
         .unwrap();
     let diff = max_abs_diff(&logits, &g["logits"]);
+    println!(
+        "{name}: max |logit diff| {diff:.2e} over {} positions",
+        input.len()
+    );
     assert!(diff <= LOGITS_TOLERANCE, "{name}: max |logit diff| {diff}");
 
     let hidden = Tensor::stack(&trace.hidden_states, 0).unwrap();
@@ -31,7 +35,22 @@ fn check_fixture(name: &str) {
 
     let golden_ids = g["routing_ids"].to_vec3::<i64>().unwrap();
     let golden_weights = g["routing_weights"].to_vec3::<f32>().unwrap();
+    assert_eq!(
+        trace.routing.len(),
+        golden_ids.len(),
+        "{name}: layers routed"
+    );
     for (layer, routing) in trace.routing.iter().enumerate() {
+        // The golden marks dense layers (DeepSeek's first ones) with -1: nothing is routed there.
+        if golden_ids[layer].iter().flatten().all(|&e| e == -1) {
+            assert!(routing.ids.is_empty(), "{name}: dense layer {layer} routed");
+            continue;
+        }
+        assert_eq!(
+            routing.ids.len(),
+            input.len(),
+            "{name}: layer {layer} positions"
+        );
         for (t, chosen) in routing.ids.iter().enumerate() {
             let expected: Vec<usize> = golden_ids[layer][t].iter().map(|&e| e as usize).collect();
             assert_eq!(
@@ -46,7 +65,7 @@ fn check_fixture(name: &str) {
 
     let mut session = Session::new(&model);
     let request = GenerateRequest {
-        prompt: input,
+        prompt: input.clone(),
         max_tokens: 16,
         ignore_eos: true,
         ..GenerateRequest::default()
@@ -72,4 +91,14 @@ fn qwen3_moe_matches_transformers() {
 #[test]
 fn mixtral_matches_transformers() {
     check_fixture("mixtral");
+}
+
+#[test]
+fn deepseek_v3_matches_transformers() {
+    check_fixture("deepseek_v3");
+}
+
+#[test]
+fn kimi_k2_matches_transformers() {
+    check_fixture("kimi_k2");
 }

@@ -32,7 +32,13 @@ fn on_demand(budget_bytes: u64, policy: PolicyKind) -> LoadOptions {
 
 #[test]
 fn on_demand_is_bit_identical_to_resident_at_every_budget() {
-    for name in ["qwen2_moe", "qwen3_moe", "mixtral"] {
+    for name in [
+        "qwen2_moe",
+        "qwen3_moe",
+        "mixtral",
+        "deepseek_v3",
+        "kimi_k2",
+    ] {
         let out = tempfile::tempdir().unwrap();
         let layout = out.path().join("model.odmoe");
         convert(&fixture(name), &layout, |_| {}).unwrap();

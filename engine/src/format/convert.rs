@@ -116,7 +116,7 @@ pub fn convert(
         })?;
     }
     let layout = &plan.expert;
-    for layer in 0..plan.config.num_layers {
+    for layer in plan.config.moe_layers() {
         for expert in 0..plan.config.num_experts {
             let rel = expert_path(layer, expert);
             let names = plan.expert_names(layer, expert);
@@ -191,7 +191,7 @@ impl Plan {
 
         let (expert, expert_dtype) = expert_layout(&config, &weights, &config_path)?;
         let mut expert_names = HashSet::new();
-        for layer in 0..config.num_layers {
+        for layer in config.moe_layers() {
             for e in 0..config.num_experts {
                 expert_names.extend(expert_weight_names(&config, layer, e));
             }
@@ -290,12 +290,13 @@ fn base_group(config: &ModelConfig, name: &str) -> Option<usize> {
         config.architecture,
         Architecture::Qwen2Moe | Architecture::Qwen3Moe
     );
+    let deepseek = config.architecture == Architecture::DeepseekV3;
     if rest.starts_with("self_attn.") {
         Some(1)
     } else if rest.starts_with("input_layernorm.") || rest.starts_with("post_attention_layernorm.")
     {
         Some(2)
-    } else if (qwen && rest.starts_with("mlp.gate."))
+    } else if ((qwen || deepseek) && rest.starts_with("mlp.gate."))
         || (matches!(
             config.architecture,
             Architecture::Mixtral | Architecture::SplitLlama
@@ -305,6 +306,14 @@ fn base_group(config: &ModelConfig, name: &str) -> Option<usize> {
     } else if config.shared_expert_intermediate_size.is_some()
         && (rest.starts_with("mlp.shared_expert.") || rest.starts_with("mlp.shared_expert_gate."))
     {
+        Some(4)
+    } else if deepseek
+        && (rest.starts_with("mlp.shared_experts.")
+            || ["mlp.gate_proj.", "mlp.up_proj.", "mlp.down_proj."]
+                .iter()
+                .any(|p| rest.starts_with(p)))
+    {
+        // Feed-forwards that always run: shared experts, and the dense first layers.
         Some(4)
     } else {
         None
@@ -320,7 +329,7 @@ fn required_base_tensors(config: &ModelConfig) -> Vec<String> {
     if !config.tie_word_embeddings {
         names.push("lm_head.weight".into());
     }
-    for layer in 0..config.num_layers {
+    for layer in config.moe_layers() {
         names.push(match config.architecture {
             Architecture::Mixtral | Architecture::SplitLlama => {
                 format!("model.layers.{layer}.block_sparse_moe.gate.weight")
@@ -340,7 +349,7 @@ fn expert_layout(
     let (h, i) = (config.hidden_size, config.expert_intermediate_size);
     let shapes = [[i, h], [i, h], [h, i]];
     let mut dtype = None;
-    for layer in 0..config.num_layers {
+    for layer in config.moe_layers() {
         for e in 0..config.num_experts {
             for (name, shape) in expert_weight_names(config, layer, e).iter().zip(shapes) {
                 let (found, actual, _) = weights.raw(name)?;
@@ -407,7 +416,7 @@ fn expert_layout(
     // The data offset must hold the longest header of any expert file (their metadata differ
     // only in the layer and expert numbers).
     let mut longest = 0;
-    for layer in 0..config.num_layers {
+    for layer in config.moe_layers() {
         for e in 0..config.num_experts {
             longest = longest.max(expert_header_json(&layout, dtype, layer, e).len());
         }
@@ -604,7 +613,7 @@ impl Counts {
 
 impl<'p> Writer<'p> {
     fn new(out: &Path, plan: &Plan, progress: &'p mut dyn FnMut(&ConvertProgress)) -> Self {
-        let experts = (plan.config.num_layers * plan.config.num_experts) as u64;
+        let experts = (plan.config.moe_layers().count() * plan.config.num_experts) as u64;
         let copied: u64 = plan.copies.iter().map(|&(_, bytes)| bytes).sum();
         let counts = Counts {
             files_total: 1 + plan.copies.len() + plan.base.len() + experts as usize,

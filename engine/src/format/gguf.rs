@@ -285,6 +285,7 @@ impl GgufFile {
             // llama.cpp's converter permutes Q/K rows of `llama` models for interleaved rotary
             // pairs; the Qwen MoE models keep the rotate-half layout.
             rope_interleaved: arch == "llama",
+            deepseek: None,
         })
     }
 }

@@ -241,10 +241,12 @@ impl Manifest {
         text
     }
 
-    /// Every expert file as (layer, expert, relative path), layer by layer.
+    /// Every expert file as (layer, expert, relative path), layer by layer (dense layers have
+    /// none).
     pub fn expert_files(&self) -> impl Iterator<Item = (usize, usize, String)> + '_ {
         let experts = self.architecture.num_experts;
-        (0..self.architecture.num_layers)
+        self.architecture
+            .moe_layers()
             .flat_map(move |l| (0..experts).map(move |e| (l, e, expert_path(l, e))))
     }
 

@@ -22,10 +22,14 @@ pub enum Architecture {
     /// experts: Mixtral's tensor names, and the chosen experts' outputs summed with weight one,
     /// so that choosing every expert gives back the dense model.
     SplitLlama,
+    /// DeepSeek-V3 and models built on it (Kimi-K2): multi-head latent attention, sigmoid
+    /// group-limited routing, shared experts, and dense feed-forwards in the first layers.
+    DeepseekV3,
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static str = "qwen2_moe, qwen3_moe, mixtral, llama, odmoe_split_llama";
+    pub const SUPPORTED: &'static str =
+        "qwen2_moe, qwen3_moe, mixtral, llama, odmoe_split_llama, deepseek_v3, kimi_k2";
 
     fn from_model_type(model_type: &str) -> Option<Self> {
         match model_type {
@@ -34,6 +38,8 @@ impl Architecture {
             "mixtral" => Some(Self::Mixtral),
             "llama" => Some(Self::Llama),
             "odmoe_split_llama" => Some(Self::SplitLlama),
+            // Kimi-K2 is the DeepSeek-V3 architecture with its own sizes and routing values.
+            "deepseek_v3" | "kimi_k2" => Some(Self::DeepseekV3),
             _ => None,
         }
     }
@@ -45,6 +51,7 @@ impl Architecture {
             Self::Mixtral => "mixtral",
             Self::Llama => "llama",
             Self::SplitLlama => "odmoe_split_llama",
+            Self::DeepseekV3 => "deepseek_v3",
         }
     }
 }
@@ -84,6 +91,63 @@ pub struct ModelConfig {
     /// converter permuted) rather than the two halves of each head.
     #[serde(default)]
     pub rope_interleaved: bool,
+    /// The parts only DeepSeek-V3-style models have (latent attention, YaRN, group-limited
+    /// sigmoid routing, leading dense layers).
+    #[serde(default)]
+    pub deepseek: Option<DeepseekConfig>,
+}
+
+/// What a DeepSeek-V3-architecture model adds to [`ModelConfig`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeepseekConfig {
+    pub attention: LatentAttentionConfig,
+    /// YaRN scaling of the rotary part of queries and keys, when configured.
+    pub yarn: Option<YarnScaling>,
+    pub routing: GroupLimitedRouting,
+    /// The first this many layers have one dense feed-forward (of `dense_intermediate_size`)
+    /// instead of experts (`first_k_dense_replace`).
+    pub first_dense_layers: usize,
+}
+
+/// Multi-head latent attention: every head's key and value are expanded from one shared latent
+/// per token, plus one shared rotary key part.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LatentAttentionConfig {
+    /// Rank of the query's low-rank compression; `None` projects queries directly (V2-Lite).
+    pub q_lora_rank: Option<usize>,
+    /// Width of the compressed key-value latent.
+    pub kv_lora_rank: usize,
+    /// Per-head query/key width without positions.
+    pub qk_nope_head_dim: usize,
+    /// Width of the rotary query/key part (one key part shared by all heads).
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+}
+
+/// YaRN rotary scaling (the `rope_scaling` / `rope_parameters` of type "yarn").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct YarnScaling {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    /// Rotations bounding the extrapolated (fast) and interpolated (slow) frequency bands.
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+    /// Scale of cos and sin; derived from `factor`, `mscale` and `mscale_all_dim` when absent.
+    pub attention_factor: Option<f64>,
+    /// Round the correction range outwards to whole dimensions.
+    pub truncate: bool,
+}
+
+/// DeepSeek-V3 routing: sigmoid scores; experts chosen by score plus a per-expert correction
+/// bias, only inside the `topk_group` best of `n_group` groups; weights are the plain scores,
+/// optionally renormalised, times `routed_scaling_factor`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupLimitedRouting {
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub routed_scaling_factor: f64,
 }
 
 /// `config.json` as found in the wild: every key optional, checked in [`ModelConfig::from_raw`].
@@ -105,7 +169,7 @@ struct RawConfig {
     use_sliding_window: Option<bool>,
     attention_bias: Option<bool>,
     qkv_bias: Option<bool>,
-    #[serde(alias = "num_local_experts")]
+    #[serde(alias = "num_local_experts", alias = "n_routed_experts")]
     num_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
     moe_intermediate_size: Option<usize>,
@@ -118,6 +182,29 @@ struct RawConfig {
     eos_token_id: Option<TokenIds>,
     bos_token_id: Option<u32>,
     hidden_act: Option<String>,
+    /// Kept as JSON to tell an explicit `null` (no query compression) from a missing key.
+    #[serde(default, deserialize_with = "present")]
+    q_lora_rank: Option<serde_json::Value>,
+    kv_lora_rank: Option<usize>,
+    qk_nope_head_dim: Option<usize>,
+    qk_rope_head_dim: Option<usize>,
+    v_head_dim: Option<usize>,
+    n_group: Option<usize>,
+    topk_group: Option<usize>,
+    routed_scaling_factor: Option<f64>,
+    first_k_dense_replace: Option<usize>,
+    n_shared_experts: Option<usize>,
+    moe_layer_freq: Option<usize>,
+    scoring_func: Option<String>,
+    topk_method: Option<String>,
+    rope_interleave: Option<bool>,
+}
+
+/// `Some` for any value that is present, `null` included (serde maps `null` to `None` otherwise).
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(deserializer).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -186,9 +273,13 @@ impl ModelConfig {
                 format!("hidden_act {act:?} is not supported (only \"silu\")"),
             ));
         }
-        let rope_theta = rope_theta(&raw, path)?;
+        let rope_theta = rope_theta(&raw, path, architecture)?;
         let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
         let dense = architecture == Architecture::Llama;
+        let deepseek = match architecture {
+            Architecture::DeepseekV3 => Some(deepseek_config(&raw, path)?),
+            _ => None,
+        };
         let expert_intermediate_size = match architecture {
             Architecture::Llama => 0,
             Architecture::Mixtral | Architecture::SplitLlama => {
@@ -228,7 +319,10 @@ impl ModelConfig {
             num_layers,
             num_heads,
             num_kv_heads,
-            head_dim: raw.head_dim.unwrap_or(hidden_size / num_heads),
+            head_dim: match &deepseek {
+                Some(d) => d.attention.qk_nope_head_dim + d.attention.qk_rope_head_dim,
+                None => raw.head_dim.unwrap_or(hidden_size / num_heads),
+            },
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(32768),
@@ -249,7 +343,9 @@ impl ModelConfig {
                 need(raw.num_experts_per_tok, "num_experts_per_tok")?
             },
             expert_intermediate_size,
-            dense_intermediate_size: if dense {
+            dense_intermediate_size: if dense
+                || deepseek.as_ref().is_some_and(|d| d.first_dense_layers > 0)
+            {
                 Some(need(raw.intermediate_size, "intermediate_size")?)
             } else {
                 None
@@ -257,19 +353,29 @@ impl ModelConfig {
             norm_topk_prob: match architecture {
                 Architecture::Mixtral | Architecture::Llama | Architecture::SplitLlama => true,
                 Architecture::Qwen2Moe => raw.norm_topk_prob.unwrap_or(false),
-                Architecture::Qwen3Moe => raw.norm_topk_prob.unwrap_or(true),
+                Architecture::Qwen3Moe | Architecture::DeepseekV3 => {
+                    raw.norm_topk_prob.unwrap_or(true)
+                }
             },
             shared_expert_intermediate_size: match architecture {
                 Architecture::Qwen2Moe => Some(need(
                     raw.shared_expert_intermediate_size,
                     "shared_expert_intermediate_size",
                 )?),
+                // DeepSeek's shared experts run as one feed-forward of their summed width.
+                Architecture::DeepseekV3 => match raw.n_shared_experts.unwrap_or(1) {
+                    0 => None,
+                    n => Some(n * expert_intermediate_size),
+                },
                 _ => None,
             },
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             eos_token_ids: raw.eos_token_id.map(TokenIds::into_vec).unwrap_or_default(),
             bos_token_id: raw.bos_token_id,
-            rope_interleaved: false,
+            // DeepSeek checkpoints pair adjacent rotary dimensions unless `rope_interleave` is
+            // false (transformers' default is true).
+            rope_interleaved: deepseek.is_some() && raw.rope_interleave.unwrap_or(true),
+            deepseek,
         };
         if !dense
             && (config.num_experts_per_token == 0
@@ -286,27 +392,62 @@ impl ModelConfig {
         Ok(config)
     }
 
+    /// Whether `layer` has routed experts (DeepSeek's first layers are dense).
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        self.num_experts > 0
+            && layer < self.num_layers
+            && self
+                .deepseek
+                .as_ref()
+                .is_none_or(|d| layer >= d.first_dense_layers)
+    }
+
+    /// The layers with routed experts, in order.
+    pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.num_layers).filter(|&l| self.is_moe_layer(l))
+    }
+
+    /// Bytes the KV cache holds per token with elements of `elem_bytes` bytes: keys and values of
+    /// every KV head, or with latent attention the compressed latent and the shared rotary key.
+    pub fn kv_cache_bytes_per_token(&self, elem_bytes: usize) -> usize {
+        let per_layer = match &self.deepseek {
+            Some(d) => d.attention.kv_lora_rank + d.attention.qk_rope_head_dim,
+            None => 2 * self.num_kv_heads * self.head_dim,
+        };
+        self.num_layers * per_layer * elem_bytes
+    }
+
     /// Bytes of one routed expert's weights in f32 (gate, up and down projections).
     pub fn expert_f32_bytes(&self) -> usize {
         3 * self.hidden_size * self.expert_intermediate_size * 4
     }
 }
 
-/// The RoPE base frequency; only plain (unscaled) RoPE is implemented for these architectures.
-fn rope_theta(raw: &RawConfig, path: &Path) -> Result<f64> {
-    let scaling = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
-    if let Some(serde_json::Value::Object(map)) = scaling {
-        let kind = map
-            .get("rope_type")
-            .or_else(|| map.get("type"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("default");
-        if kind != "default" {
-            return Err(Error::config(
-                path,
-                format!("rope scaling type {kind:?} is not supported for this architecture"),
-            ));
-        }
+/// The rotary scaling parameters, from `rope_parameters` (transformers 5) or `rope_scaling`.
+fn rope_scaling(raw: &RawConfig) -> Option<&serde_json::Map<String, serde_json::Value>> {
+    raw.rope_parameters
+        .as_ref()
+        .or(raw.rope_scaling.as_ref())
+        .and_then(|v| v.as_object())
+}
+
+/// The rotary scaling type ("default" when unscaled).
+fn rope_type(raw: &RawConfig) -> &str {
+    rope_scaling(raw)
+        .and_then(|map| map.get("rope_type").or_else(|| map.get("type")))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default")
+}
+
+/// The RoPE base frequency. Plain RoPE everywhere; YaRN too for DeepSeek-V3 models.
+fn rope_theta(raw: &RawConfig, path: &Path, architecture: Architecture) -> Result<f64> {
+    let kind = rope_type(raw);
+    let yarn_allowed = architecture == Architecture::DeepseekV3 && kind == "yarn";
+    if kind != "default" && !yarn_allowed {
+        return Err(Error::config(
+            path,
+            format!("rope scaling type {kind:?} is not supported for this architecture"),
+        ));
     }
     let nested = raw
         .rope_parameters
@@ -318,6 +459,141 @@ fn rope_theta(raw: &RawConfig, path: &Path) -> Result<f64> {
             path,
             "missing key \"rope_theta\" (or rope_parameters.rope_theta)",
         )
+    })
+}
+
+/// The DeepSeek-V3 parts of a config, checked. Keys transformers would silently default are
+/// required, so that a config missing them fails here rather than computing something else.
+fn deepseek_config(raw: &RawConfig, path: &Path) -> Result<DeepseekConfig> {
+    let need = |value: Option<usize>, key: &str| {
+        value.ok_or_else(|| Error::config(path, format!("missing key {key:?}")))
+    };
+    let q_lora_rank = match &raw.q_lora_rank {
+        None => {
+            return Err(Error::config(
+                path,
+                "missing key \"q_lora_rank\" (null for none)",
+            ));
+        }
+        Some(serde_json::Value::Null) => None,
+        Some(value) => Some(
+            value
+                .as_u64()
+                .ok_or_else(|| Error::config(path, format!("q_lora_rank {value} is not a size")))?
+                as usize,
+        ),
+    };
+    let attention = LatentAttentionConfig {
+        q_lora_rank,
+        kv_lora_rank: need(raw.kv_lora_rank, "kv_lora_rank")?,
+        qk_nope_head_dim: need(raw.qk_nope_head_dim, "qk_nope_head_dim")?,
+        qk_rope_head_dim: need(raw.qk_rope_head_dim, "qk_rope_head_dim")?,
+        v_head_dim: need(raw.v_head_dim, "v_head_dim")?,
+    };
+    if attention.qk_rope_head_dim % 2 != 0 {
+        return Err(Error::config(
+            path,
+            format!(
+                "qk_rope_head_dim ({}) must be even",
+                attention.qk_rope_head_dim
+            ),
+        ));
+    }
+    let routing = GroupLimitedRouting {
+        n_group: need(raw.n_group, "n_group")?,
+        topk_group: need(raw.topk_group, "topk_group")?,
+        routed_scaling_factor: raw
+            .routed_scaling_factor
+            .ok_or_else(|| Error::config(path, "missing key \"routed_scaling_factor\""))?,
+    };
+    let experts = need(raw.num_experts, "n_routed_experts")?;
+    let top_k = need(raw.num_experts_per_tok, "num_experts_per_tok")?;
+    let GroupLimitedRouting {
+        n_group,
+        topk_group,
+        ..
+    } = routing;
+    // Groups are ranked by the sum of their two best scores, so each needs two experts.
+    if n_group == 0 || experts % n_group != 0 || experts / n_group < 2 {
+        return Err(Error::config(
+            path,
+            format!("n_group ({n_group}) must split {experts} experts into groups of at least 2"),
+        ));
+    }
+    if topk_group == 0 || topk_group > n_group || top_k > topk_group * (experts / n_group) {
+        return Err(Error::config(
+            path,
+            format!(
+                "topk_group ({topk_group}) must be 1..={n_group} and its groups must hold the \
+                 {top_k} experts chosen per token"
+            ),
+        ));
+    }
+    if let Some(scoring) = raw.scoring_func.as_deref()
+        && scoring != "sigmoid"
+    {
+        return Err(Error::config(
+            path,
+            format!("scoring_func {scoring:?} is not supported (only \"sigmoid\")"),
+        ));
+    }
+    if let Some(method) = raw.topk_method.as_deref()
+        && method != "noaux_tc"
+    {
+        return Err(Error::config(
+            path,
+            format!("topk_method {method:?} is not supported (only \"noaux_tc\")"),
+        ));
+    }
+    if raw.moe_layer_freq.is_some_and(|f| f != 1) {
+        return Err(Error::config(
+            path,
+            "moe_layer_freq other than 1 is not supported",
+        ));
+    }
+    let yarn = match rope_type(raw) {
+        "yarn" => Some(yarn_scaling(raw, path)?),
+        _ => None,
+    };
+    Ok(DeepseekConfig {
+        attention,
+        yarn,
+        routing,
+        first_dense_layers: need(raw.first_k_dense_replace, "first_k_dense_replace")?,
+    })
+}
+
+/// YaRN parameters with transformers' defaults: `beta_fast` 32, `beta_slow` 1 (also for 0),
+/// `original_max_position_embeddings` = `max_position_embeddings`, `truncate` true.
+fn yarn_scaling(raw: &RawConfig, path: &Path) -> Result<YarnScaling> {
+    let map = rope_scaling(raw).expect("a yarn rope type comes from a map");
+    let number = |key: &str| map.get(key).and_then(|v| v.as_f64());
+    let original = map
+        .get("original_max_position_embeddings")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .or(raw.max_position_embeddings)
+        .ok_or_else(|| Error::config(path, "yarn needs original_max_position_embeddings"))?;
+    let factor = match number("factor") {
+        Some(f) => f,
+        None => match raw.max_position_embeddings {
+            Some(max) => max as f64 / original as f64,
+            None => return Err(Error::config(path, "yarn needs a factor")),
+        },
+    };
+    let nonzero = |v: Option<f64>| v.filter(|&v| v != 0.0);
+    Ok(YarnScaling {
+        factor,
+        original_max_position_embeddings: original,
+        beta_fast: nonzero(number("beta_fast")).unwrap_or(32.0),
+        beta_slow: nonzero(number("beta_slow")).unwrap_or(1.0),
+        mscale: number("mscale"),
+        mscale_all_dim: number("mscale_all_dim"),
+        attention_factor: number("attention_factor"),
+        truncate: map
+            .get("truncate")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true),
     })
 }
 

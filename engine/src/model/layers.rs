@@ -66,8 +66,18 @@ impl Rotary {
         Self { inv_freq }
     }
 
+    /// Rotary embedding with precomputed inverse frequencies (scaled RoPE variants).
+    pub fn from_inv_freq(inv_freq: Vec<f32>) -> Self {
+        Self { inv_freq }
+    }
+
     /// cos and sin tables `[len, head_dim / 2]` for positions `offset..offset + len`.
-    fn tables(&self, offset: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn tables(
+        &self,
+        offset: usize,
+        len: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
@@ -88,7 +98,9 @@ impl Rotary {
 /// Keys and values of every layer for the positions seen so far.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
-    /// Per layer: keys and values shaped `[kv_heads, positions, head_dim]`.
+    /// Per layer: keys and values shaped `[kv_heads, positions, head_dim]`; with latent
+    /// attention, the compressed latent `[1, positions, kv_lora_rank]` and the rotary key
+    /// `[1, positions, qk_rope_head_dim]` instead.
     layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
@@ -137,7 +149,13 @@ impl KvCache {
             .sum()
     }
 
-    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    /// Appends `k` and `v` (positions on dimension 1) to `layer`, returning everything cached.
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor,
+        v: Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let merged = match self.layers[layer].take() {
             None => (k, v),
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
@@ -224,31 +242,38 @@ impl Attention {
         let v = repeat_kv(&v, rep)?;
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = scores.broadcast_add(&self.mask(t, s, offset, x.device())?)?;
+        let mask = causal_mask(t, s, offset, self.sliding_window, x.device())?;
+        let scores = scores.broadcast_add(&mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // [nh, T, d]
         let out = out.transpose(0, 1)?.reshape((t, nh * d))?;
         Ok(self.o.forward(&out)?)
     }
+}
 
-    /// Additive mask `[T, S]`: query i (at position offset + i) sees key j when j <= offset + i,
-    /// and within the sliding window when there is one.
-    fn mask(&self, t: usize, s: usize, offset: usize, device: &Device) -> Result<Tensor> {
-        let mut mask = Vec::with_capacity(t * s);
-        for i in 0..t {
-            let position = offset + i;
-            for j in 0..s {
-                let future = j > position;
-                let too_old = self.sliding_window.is_some_and(|w| position >= w + j);
-                mask.push(if future || too_old {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                });
-            }
+/// Additive mask `[T, S]`: query i (at position offset + i) sees key j when j <= offset + i,
+/// and within the sliding window when there is one.
+pub(crate) fn causal_mask(
+    t: usize,
+    s: usize,
+    offset: usize,
+    sliding_window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut mask = Vec::with_capacity(t * s);
+    for i in 0..t {
+        let position = offset + i;
+        for j in 0..s {
+            let future = j > position;
+            let too_old = sliding_window.is_some_and(|w| position >= w + j);
+            mask.push(if future || too_old {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            });
         }
-        Ok(Tensor::from_vec(mask, (t, s), device)?)
     }
+    Ok(Tensor::from_vec(mask, (t, s), device)?)
 }
 
 /// Repeats each key/value head `rep` times so grouped heads line up with query heads.

@@ -3,7 +3,7 @@
 
 use super::config::ModelConfig;
 use super::layers::{Attention, GluMlp, RmsNorm};
-use super::{DecoderLayer, FeedForward};
+use super::{DecoderLayer, FeedForward, SelfAttention};
 use crate::error::{Error, Result};
 use crate::format::WeightSource;
 
@@ -15,7 +15,7 @@ pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<D
         .ok_or_else(|| Error::InvalidRequest("a dense Llama needs intermediate_size".into()))?;
     Ok(DecoderLayer {
         input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, cfg.rms_norm_eps)?,
-        attention: Attention::load(cfg, w, &format!("{p}.self_attn"))?,
+        attention: SelfAttention::Grouped(Attention::load(cfg, w, &format!("{p}.self_attn"))?),
         post_attention_norm: RmsNorm::load(
             w,
             &format!("{p}.post_attention_layernorm"),

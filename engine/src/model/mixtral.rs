@@ -4,15 +4,15 @@
 
 use super::config::{Architecture, ModelConfig};
 use super::layers::{Attention, RmsNorm, linear};
-use super::moe::MoeBlock;
-use super::{DecoderLayer, FeedForward};
+use super::moe::{MoeBlock, Scoring};
+use super::{DecoderLayer, FeedForward, SelfAttention};
 use crate::error::Result;
 use crate::format::WeightSource;
 
 pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<DecoderLayer> {
     let p = format!("model.layers.{i}");
     let h = cfg.hidden_size;
-    let attention = Attention::load(cfg, w, &format!("{p}.self_attn"))?;
+    let attention = SelfAttention::Grouped(Attention::load(cfg, w, &format!("{p}.self_attn"))?);
     Ok(DecoderLayer {
         input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, cfg.rms_norm_eps)?,
         attention,
@@ -31,6 +31,7 @@ pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<D
                 h,
                 false,
             )?,
+            scoring: Scoring::Softmax,
             top_k: cfg.num_experts_per_token,
             norm_topk_prob: true,
             unit_weights: cfg.architecture == Architecture::SplitLlama,

@@ -1,6 +1,7 @@
 //! Model definitions: shared layers, the MoE block, and one compact file per architecture.
 
 pub mod config;
+pub mod deepseek;
 pub mod layers;
 pub mod llama;
 pub mod mixtral;
@@ -14,11 +15,13 @@ use candle_core::{Device, Tensor};
 use candle_nn::{Linear, Module};
 
 pub use config::{Architecture, ModelConfig};
+pub use deepseek::LatentForm;
 pub use layers::KvCache;
 pub use moe::{ExpertHandle, ExpertProvider, ResidentExperts, Routing};
 
 use crate::error::{Error, Result};
 use crate::format::WeightSource;
+use deepseek::LatentAttention;
 use layers::{Attention, GluMlp, RmsNorm};
 use moe::MoeBlock;
 
@@ -26,12 +29,37 @@ use moe::MoeBlock;
 #[derive(Clone, Debug)]
 pub struct DecoderLayer {
     pub input_norm: RmsNorm,
-    pub attention: Attention,
+    pub attention: SelfAttention,
     pub post_attention_norm: RmsNorm,
     pub ffn: FeedForward,
 }
 
-/// A layer's feed-forward: routed experts, or one dense SwiGLU (models without experts).
+/// A layer's attention: grouped-query with a key-value cache, or latent (DeepSeek-V3) with a
+/// cache of compressed latents.
+#[derive(Clone, Debug)]
+pub enum SelfAttention {
+    Grouped(Attention),
+    Latent(LatentAttention),
+}
+
+impl SelfAttention {
+    /// Attends `x` `[T, hidden]` at positions `offset..` to itself and the cached past.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        offset: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Grouped(attention) => attention.forward(x, layer, offset, cache),
+            Self::Latent(attention) => attention.forward(x, layer, offset, cache),
+        }
+    }
+}
+
+/// A layer's feed-forward: routed experts, or one dense SwiGLU (models without experts, and
+/// DeepSeek's first layers).
 #[derive(Clone, Debug)]
 pub enum FeedForward {
     Moe(MoeBlock),
@@ -107,6 +135,7 @@ impl Model {
                     mixtral::load_layer(&config, w, i)
                 }
                 Architecture::Llama => llama::load_layer(&config, w, i),
+                Architecture::DeepseekV3 => deepseek::load_layer(&config, w, i),
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -132,6 +161,15 @@ impl Model {
 
     pub fn hook(&self) -> Option<&Arc<dyn ForwardHook>> {
         self.hook.as_ref()
+    }
+
+    /// Chooses how latent attention layers compute (no effect on other attention).
+    pub fn set_latent_form(&mut self, form: LatentForm) {
+        for layer in &mut self.layers {
+            if let SelfAttention::Latent(attention) = &mut layer.attention {
+                attention.form = form;
+            }
+        }
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -206,7 +244,8 @@ impl Model {
 /// Names of the gate, up and down projections of one routed expert.
 pub fn expert_tensor_names(config: &ModelConfig, layer: usize, expert: usize) -> [String; 3] {
     match config.architecture {
-        Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
+        // DeepSeek-V3 names its experts as Qwen does.
+        Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::DeepseekV3 => {
             qwen_moe::expert_tensor_names(layer, expert)
         }
         Architecture::Mixtral | Architecture::SplitLlama => {

@@ -5,15 +5,15 @@
 
 use super::config::{Architecture, ModelConfig};
 use super::layers::{Attention, GluMlp, RmsNorm, linear};
-use super::moe::{MoeBlock, SharedExpert};
-use super::{DecoderLayer, FeedForward};
+use super::moe::{MoeBlock, Scoring, SharedExpert};
+use super::{DecoderLayer, FeedForward, SelfAttention};
 use crate::error::Result;
 use crate::format::WeightSource;
 
 pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<DecoderLayer> {
     let p = format!("model.layers.{i}");
     let h = cfg.hidden_size;
-    let attention = Attention::load(cfg, w, &format!("{p}.self_attn"))?;
+    let attention = SelfAttention::Grouped(Attention::load(cfg, w, &format!("{p}.self_attn"))?);
     let shared = match (cfg.architecture, cfg.shared_expert_intermediate_size) {
         (Architecture::Qwen2Moe, Some(width)) => Some(SharedExpert {
             mlp: GluMlp::load(
@@ -26,7 +26,13 @@ pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<D
                 h,
                 width,
             )?,
-            gate: linear(w, &format!("{p}.mlp.shared_expert_gate"), 1, h, false)?,
+            gate: Some(linear(
+                w,
+                &format!("{p}.mlp.shared_expert_gate"),
+                1,
+                h,
+                false,
+            )?),
         }),
         _ => None,
     };
@@ -42,6 +48,7 @@ pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<D
         ffn: FeedForward::Moe(MoeBlock {
             layer: i,
             router: linear(w, &format!("{p}.mlp.gate"), cfg.num_experts, h, false)?,
+            scoring: Scoring::Softmax,
             top_k: cfg.num_experts_per_token,
             norm_topk_prob: cfg.norm_topk_prob,
             unit_weights: false,

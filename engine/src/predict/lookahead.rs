@@ -3,19 +3,21 @@
 //!
 //! No training: it relies on the residual stream changing little from one layer to the next. The
 //! layers a hidden state has not gone through yet (their attention and experts) are what it
-//! misses, so its recall falls with depth.
+//! misses, so its recall falls with depth. Each router ranks experts as its layer chooses them
+//! (for DeepSeek's group-limited routing, biased scores inside the chosen groups); dense layers
+//! have no experts to score.
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Linear, Module};
 
 use super::{Predictor, PredictorKind};
 use crate::error::{Error, Result};
 use crate::model::layers::RmsNorm;
+use crate::model::moe::MoeBlock;
 use crate::model::{FeedForward, Model};
 
 pub struct Lookahead {
-    /// Each layer's post-attention norm and router.
-    routers: Vec<(RmsNorm, Linear)>,
+    /// Each layer's post-attention norm and MoE block (`None` for dense layers).
+    routers: Vec<Option<(RmsNorm, MoeBlock)>>,
     depth: usize,
     top_k: usize,
 }
@@ -27,17 +29,19 @@ impl Lookahead {
                 "prediction depth must be at least 1".into(),
             ));
         }
-        let routers = model
+        let routers: Vec<_> = model
             .layers()
             .iter()
-            .enumerate()
-            .map(|(i, l)| match &l.ffn {
-                FeedForward::Moe(moe) => Ok((l.post_attention_norm.clone(), moe.router.clone())),
-                FeedForward::Dense(_) => Err(Error::InvalidRequest(format!(
-                    "layer {i} has no experts to predict"
-                ))),
+            .map(|l| match &l.ffn {
+                FeedForward::Moe(moe) => Some((l.post_attention_norm.clone(), moe.clone())),
+                FeedForward::Dense(_) => None,
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
+        if routers.iter().all(Option::is_none) {
+            return Err(Error::InvalidRequest(
+                "the model has no experts to predict".into(),
+            ));
+        }
         Ok(Self {
             routers,
             depth,
@@ -66,10 +70,13 @@ impl Predictor for Lookahead {
     fn scores(&self, layer: usize, hidden: &Tensor) -> Result<Vec<Tensor>> {
         let hidden = hidden.to_dtype(DType::F32)?;
         (1..=self.depth)
-            .map(|d| {
-                let (norm, router) = &self.routers[(layer + d) % self.routers.len()];
-                let logits = router.forward(&norm.forward(&hidden)?)?;
-                Ok(candle_nn::ops::softmax_last_dim(&logits)?)
+            .map(|d| match &self.routers[(layer + d) % self.routers.len()] {
+                Some((norm, moe)) => moe.choice_scores(&norm.forward(&hidden)?),
+                None => Ok(Tensor::zeros(
+                    (hidden.dim(0)?, 0),
+                    DType::F32,
+                    hidden.device(),
+                )?),
             })
             .collect()
     }

@@ -160,7 +160,13 @@ impl HfSource {
         let mut locations = Vec::with_capacity(config.num_layers);
         for layer in 0..config.num_layers {
             let mut experts = Vec::with_capacity(config.num_experts);
-            for expert in 0..config.num_experts {
+            // Dense layers keep an empty list: a read there is refused as for any unknown expert.
+            let count = if config.is_moe_layer(layer) {
+                config.num_experts
+            } else {
+                0
+            };
+            for expert in 0..count {
                 let names = expert_tensor_names(config, layer, expert);
                 let mut located = Vec::with_capacity(3);
                 for (name, shape) in names.iter().zip(shapes) {
