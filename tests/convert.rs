@@ -242,3 +242,28 @@ fn inspect_json_gives_exact_numbers_for_checkpoints_and_layouts() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("12 parsecs"));
 }
+
+#[test]
+fn inspect_gives_kv_bytes_per_token_from_a_config_json() {
+    // The public config.json of DeepSeek-V3 and Kimi-K2: 61 layers cache a latent of 512 and a
+    // rotary key of 64 per token, 70,272 bytes in f16.
+    for (name, moe_layers, experts) in [("deepseek_v3", 58, 256), ("kimi_k2", 60, 384)] {
+        let config = fixture(&format!("configs/{name}.json"));
+        let stdout = odmoe_ok(&["inspect", s(&config), "--json"]);
+        let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(r["architecture"], "deepseek_v3", "{name}");
+        assert_eq!(r["layers"], 61, "{name}");
+        assert_eq!(r["moe_layers"], moe_layers, "{name}");
+        assert_eq!(r["experts_per_layer"], experts, "{name}");
+        assert_eq!(r["total_experts"], moe_layers * experts, "{name}");
+        assert_eq!(r["expert_bytes_f32"], 3 * 7168 * 2048 * 4, "{name}");
+        assert_eq!(r["kv_lora_rank"], 512, "{name}");
+        assert_eq!(r["kv_cache_bytes_per_token_f16"], 70_272, "{name}");
+        assert_eq!(r["kv_cache_bytes_per_token_f32"], 140_544, "{name}");
+        let text = odmoe_ok(&["inspect", s(&config)]);
+        assert!(
+            text.contains("70272 bytes per token in f16"),
+            "{name}: {text}"
+        );
+    }
+}

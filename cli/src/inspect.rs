@@ -1,5 +1,6 @@
-//! `odmoe inspect`: a model's shape, its expert sizes, and the memory it needs with an expert
-//! budget. Works on a Hugging Face checkpoint directory and on an odmoe layout.
+//! `odmoe inspect`: a model's shape, its expert sizes, its KV cache per token, and the memory it
+//! needs with an expert budget. Works on a Hugging Face checkpoint directory, on an odmoe layout,
+//! and on a bare `config.json` (sizes computed from the config alone, no weights read).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use serde::Serialize;
 
 #[derive(Args)]
 pub struct InspectArgs {
-    /// A Hugging Face checkpoint directory or an odmoe layout (MODEL.odmoe).
+    /// A Hugging Face checkpoint directory, an odmoe layout (MODEL.odmoe), or a config.json.
     #[arg(value_name = "MODEL")]
     model: PathBuf,
     /// Expert budget: bytes with a unit (64MiB, 1.5GB, 8G) or a percentage of all experts' f32
@@ -59,9 +60,49 @@ pub struct Inspection {
     /// base_bytes_f32 plus the budget (or all experts without one); the KV cache and
     /// activations come on top.
     pub memory_needed_bytes: u64,
+    /// KV cache bytes per token as the engine holds it (f32).
+    pub kv_cache_bytes_per_token: u64,
+}
+
+/// What `inspect` reports from a config.json alone: shapes and sizes that follow from it.
+#[derive(Debug, Serialize)]
+pub struct ConfigInspection {
+    pub path: String,
+    pub architecture: &'static str,
+    pub layers: usize,
+    /// Layers with routed experts (DeepSeek's first layers are dense).
+    pub moe_layers: usize,
+    pub experts_per_layer: usize,
+    pub top_k: usize,
+    pub hidden_size: usize,
+    pub expert_intermediate_size: usize,
+    pub total_experts: usize,
+    /// One expert's weights in f32 and in 16-bit floats.
+    pub expert_bytes_f32: u64,
+    pub expert_bytes_f16: u64,
+    /// Latent attention: the width of the cached latent and of the shared rotary key.
+    pub kv_lora_rank: Option<usize>,
+    pub qk_rope_head_dim: Option<usize>,
+    /// KV cache bytes per token with 16-bit elements (the usual serving size) and with f32 (as
+    /// this engine holds it).
+    pub kv_cache_bytes_per_token_f16: u64,
+    pub kv_cache_bytes_per_token_f32: u64,
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
+    if args.model.is_file() {
+        if args.budget.is_some() {
+            bail!("--budget needs a checkpoint or layout, not a config.json alone");
+        }
+        let report = inspect_config(&args.model)
+            .with_context(|| format!("inspecting {}", args.model.display()))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print_config(&report);
+        }
+        return Ok(());
+    }
     let mut report =
         inspect(&args.model).with_context(|| format!("inspecting {}", args.model.display()))?;
     if let Some(text) = &args.budget {
@@ -109,6 +150,10 @@ pub fn run(args: InspectArgs) -> Result<()> {
         format_bytes(r.base_bytes_on_disk),
         format_bytes(r.base_bytes_f32)
     );
+    println!(
+        "KV cache      {} bytes per token (f32)",
+        r.kv_cache_bytes_per_token
+    );
     match r.budget_bytes {
         Some(budget) => {
             println!(
@@ -131,6 +176,67 @@ pub fn run(args: InspectArgs) -> Result<()> {
     Ok(())
 }
 
+/// The sizes that follow from the config.json at `path`.
+pub fn inspect_config(path: &Path) -> Result<ConfigInspection> {
+    let config = ModelConfig::from_file(path)?;
+    let expert_bytes_f32 = config.expert_f32_bytes() as u64;
+    let latent = config.deepseek.as_ref().map(|d| &d.attention);
+    let moe_layers = config.moe_layers().count();
+    Ok(ConfigInspection {
+        path: path.display().to_string(),
+        architecture: config.architecture.model_type(),
+        layers: config.num_layers,
+        moe_layers,
+        experts_per_layer: config.num_experts,
+        top_k: config.num_experts_per_token,
+        hidden_size: config.hidden_size,
+        expert_intermediate_size: config.expert_intermediate_size,
+        total_experts: moe_layers * config.num_experts,
+        expert_bytes_f32,
+        expert_bytes_f16: expert_bytes_f32 / 2,
+        kv_lora_rank: latent.map(|a| a.kv_lora_rank),
+        qk_rope_head_dim: latent.map(|a| a.qk_rope_head_dim),
+        kv_cache_bytes_per_token_f16: config.kv_cache_bytes_per_token(2) as u64,
+        kv_cache_bytes_per_token_f32: config.kv_cache_bytes_per_token(4) as u64,
+    })
+}
+
+fn print_config(r: &ConfigInspection) {
+    println!("config        {} (no weights read)", r.path);
+    println!(
+        "architecture  {}: {} layers ({} with experts), {} experts per layer, top-{}, hidden {}, \
+         expert width {}",
+        r.architecture,
+        r.layers,
+        r.moe_layers,
+        r.experts_per_layer,
+        r.top_k,
+        r.hidden_size,
+        r.expert_intermediate_size
+    );
+    println!(
+        "one expert    {} in f16/bf16, {} in memory (f32)",
+        format_bytes(r.expert_bytes_f16),
+        format_bytes(r.expert_bytes_f32)
+    );
+    println!(
+        "all experts   {} x: {} in f16/bf16, {} in memory (f32)",
+        r.total_experts,
+        format_bytes(r.total_experts as u64 * r.expert_bytes_f16),
+        format_bytes(r.total_experts as u64 * r.expert_bytes_f32)
+    );
+    let what = match (r.kv_lora_rank, r.qk_rope_head_dim) {
+        (Some(rank), Some(rope)) => {
+            format!("latent {rank} + rotary key {rope} per layer")
+        }
+        _ => "keys and values of every KV head per layer".into(),
+    };
+    println!(
+        "KV cache      {} bytes per token in f16 ({} in f32): {what}",
+        r.kv_cache_bytes_per_token_f16, r.kv_cache_bytes_per_token_f32
+    );
+}
+
 /// The numbers for `dir`, without a budget (memory needed keeps every expert).
 pub fn inspect(dir: &Path) -> Result<Inspection> {
     let device = Device::Cpu;
@@ -140,7 +246,7 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
         let base = HfWeights::open_files(&dir.display().to_string(), &paths, &device)?;
         let (base_disk, base_f32) = tensor_bytes(&base, &base.names())?;
         let config = &manifest.architecture;
-        let experts = config.num_layers * config.num_experts;
+        let experts = config.moe_layers().count() * config.num_experts;
         Ok(summary(
             dir,
             "odmoe",
@@ -156,7 +262,7 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
         let weights = HfWeights::open(dir, &device)?;
         let mut expert_names = HashSet::new();
         let mut total_disk = 0;
-        for layer in 0..config.num_layers {
+        for layer in config.moe_layers() {
             for expert in 0..config.num_experts {
                 for name in expert_tensor_names(&config, layer, expert) {
                     let name = format!("{name}.weight");
@@ -165,7 +271,11 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
                 }
             }
         }
-        let names = expert_tensor_names(&config, 0, 0).map(|n| format!("{n}.weight"));
+        let first = config
+            .moe_layers()
+            .next()
+            .context("the model has no routed experts")?;
+        let names = expert_tensor_names(&config, first, 0).map(|n| format!("{n}.weight"));
         let dtype = weights.raw(&names[0])?.0.to_string();
         let (one_disk, _) = tensor_bytes(
             &weights,
@@ -206,7 +316,7 @@ fn summary(
     total_expert_bytes_on_disk: u64,
     (base_bytes_on_disk, base_bytes_f32): (u64, u64),
 ) -> Inspection {
-    let total_experts = config.num_layers * config.num_experts;
+    let total_experts = config.moe_layers().count() * config.num_experts;
     let expert_bytes_f32 = config.expert_f32_bytes() as u64;
     let total_expert_bytes_f32 = total_experts as u64 * expert_bytes_f32;
     Inspection {
@@ -229,6 +339,7 @@ fn summary(
         base_bytes_f32,
         budget_bytes: None,
         memory_needed_bytes: base_bytes_f32 + total_expert_bytes_f32,
+        kv_cache_bytes_per_token: config.kv_cache_bytes_per_token(4) as u64,
     }
 }
 

@@ -644,6 +644,105 @@ mod tests {
         assert!(err.to_string().contains("yarn"), "{err}");
     }
 
+    /// The public config.json of DeepSeek-V3 and Kimi-K2 (also read by `odmoe inspect` tests).
+    const DEEPSEEK_V3: &str = include_str!("../../../tests/fixtures/configs/deepseek_v3.json");
+    const KIMI_K2: &str = include_str!("../../../tests/fixtures/configs/kimi_k2.json");
+
+    #[test]
+    fn real_deepseek_configs_parse() {
+        let v3 = ModelConfig::from_json(DEEPSEEK_V3, Path::new("v3.json")).unwrap();
+        let kimi = ModelConfig::from_json(KIMI_K2, Path::new("k2.json")).unwrap();
+        for (config, experts, dense, groups, kept, heads) in
+            [(&v3, 256, 3, 8, 4, 128), (&kimi, 384, 1, 1, 1, 64)]
+        {
+            let ds = config.deepseek.as_ref().unwrap();
+            assert_eq!(config.architecture, Architecture::DeepseekV3);
+            assert_eq!((config.num_layers, config.num_experts), (61, experts));
+            assert_eq!((config.num_heads, config.num_experts_per_token), (heads, 8));
+            assert_eq!(config.expert_intermediate_size, 2048);
+            assert_eq!(config.shared_expert_intermediate_size, Some(2048));
+            assert_eq!(config.dense_intermediate_size, Some(18432));
+            assert_eq!(ds.first_dense_layers, dense);
+            assert_eq!(config.moe_layers().count(), 61 - dense);
+            assert!(!config.is_moe_layer(dense - 1) && config.is_moe_layer(dense));
+            assert_eq!((ds.routing.n_group, ds.routing.topk_group), (groups, kept));
+            assert_eq!(ds.attention.q_lora_rank, Some(1536));
+            assert_eq!(
+                (ds.attention.kv_lora_rank, ds.attention.qk_rope_head_dim),
+                (512, 64)
+            );
+            assert!(config.rope_interleaved && config.norm_topk_prob);
+        }
+        let yarn = |c: &ModelConfig| c.deepseek.as_ref().unwrap().yarn.clone().unwrap();
+        assert_eq!(
+            (yarn(&v3).factor, yarn(&v3).beta_fast, yarn(&v3).beta_slow),
+            (40.0, 32.0, 1.0)
+        );
+        assert_eq!(
+            (
+                yarn(&kimi).factor,
+                yarn(&kimi).beta_fast,
+                yarn(&kimi).beta_slow
+            ),
+            (32.0, 1.0, 1.0)
+        );
+        assert_eq!(kimi.rope_theta, 50000.0);
+        assert_eq!(
+            kimi.deepseek
+                .as_ref()
+                .unwrap()
+                .routing
+                .routed_scaling_factor,
+            2.827
+        );
+    }
+
+    #[test]
+    fn latent_kv_cache_bytes_per_token() {
+        // 61 layers x (kv_lora_rank 512 + qk_rope_head_dim 64) x 2 bytes in f16.
+        for text in [DEEPSEEK_V3, KIMI_K2] {
+            let config = ModelConfig::from_json(text, Path::new("c.json")).unwrap();
+            assert_eq!(config.kv_cache_bytes_per_token(2), 70_272);
+            assert_eq!(config.kv_cache_bytes_per_token(4), 140_544);
+        }
+        // Grouped-query attention caches keys and values of every KV head.
+        let qwen = ModelConfig::from_json(QWEN3_HUB, Path::new("c.json")).unwrap();
+        assert_eq!(qwen.kv_cache_bytes_per_token(4), 2 * 2 * 2 * 32 * 4);
+    }
+
+    #[test]
+    fn deepseek_query_rank_must_be_explicit() {
+        let direct = KIMI_K2.replace("\"q_lora_rank\": 1536", "\"q_lora_rank\": null");
+        let config = ModelConfig::from_json(&direct, Path::new("c.json")).unwrap();
+        assert_eq!(config.deepseek.unwrap().attention.q_lora_rank, None);
+        let missing = KIMI_K2.replace("\"q_lora_rank\": 1536,", "");
+        let err = ModelConfig::from_json(&missing, Path::new("c.json")).unwrap_err();
+        assert!(err.to_string().contains("q_lora_rank"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_deepseek_routing_is_refused() {
+        for (from, to, named) in [
+            (
+                "\"scoring_func\": \"sigmoid\"",
+                "\"scoring_func\": \"softmax\"",
+                "softmax",
+            ),
+            (
+                "\"topk_method\": \"noaux_tc\"",
+                "\"topk_method\": \"greedy\"",
+                "greedy",
+            ),
+            ("\"n_group\": 8", "\"n_group\": 3", "n_group"),
+            ("\"topk_group\": 4", "\"topk_group\": 9", "topk_group"),
+        ] {
+            let text = DEEPSEEK_V3.replace(from, to);
+            assert_ne!(text, DEEPSEEK_V3, "{from}");
+            let err = ModelConfig::from_json(&text, Path::new("c.json")).unwrap_err();
+            assert!(err.to_string().contains(named), "{err}");
+        }
+    }
+
     #[test]
     fn missing_key_is_named() {
         let text = QWEN3_HUB.replace("\"hidden_size\":64,", "");
