@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing odmoe needs on a fresh Debian machine, then fetches the real
-# tokenizers the tests compare against. Idempotent; safe to run on every test run.
+# tokenizers and llama.cpp's vocabulary test vectors the tests compare against. Idempotent; safe to
+# run on every test run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,4 +29,5 @@ if ! "$testvenv/bin/python" -c 'import msgpack' 2>/dev/null; then
 fi
 
 scripts/fetch-tokenizers.sh
+scripts/fetch-llama-vocabs.sh
 scripts/fetch-demo-model.sh >/dev/null

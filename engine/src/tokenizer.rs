@@ -10,6 +10,8 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 use crate::format::gguf::GgufFile;
 
+mod gguf;
+
 /// A chat message; `role` and `content` cover plain conversations, and templates that read more
 /// keys (tool calls, reasoning) get them through [`ChatTemplate::render`]'s JSON messages.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -34,6 +36,9 @@ pub struct Tokenizer {
     chat_template: Option<ChatTemplate>,
     /// Token ids that end a generation (from `generation_config.json` or the eos token).
     eos_token_ids: Vec<u32>,
+    /// Decoding drops one leading space unless the first token is a special one: the space a
+    /// SentencePiece vocabulary prepends when encoding (llama.cpp's `add_space_prefix`).
+    strip_leading_space: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -93,59 +98,27 @@ impl Tokenizer {
             path: path.to_path_buf(),
             chat_template: None,
             eos_token_ids: Vec::new(),
+            strip_leading_space: false,
         })
     }
 
     /// The tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata, with its chat
-    /// template. BPE vocabularies (`gpt2` model) are rebuilt as a Hugging Face BPE tokenizer with
-    /// llama.cpp's pre-tokenizer expressions for the file's `tokenizer.ggml.pre`.
+    /// template: byte-level BPE (`gpt2`) or SentencePiece (`llama`) vocabularies, encoding and
+    /// decoding as llama.cpp does (see [`gguf`]).
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let path = gguf.path().to_path_buf();
         let error = |message: String| Error::Tokenizer {
             path: path.clone(),
             message,
         };
-        let model = gguf.meta_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(error(format!(
-                "tokenizer.ggml.model {model:?} is not supported yet (only \"gpt2\" BPE vocabularies)"
-            )));
-        }
-        let tokens = gguf.meta_strings("tokenizer.ggml.tokens")?;
-        let merges = gguf.meta_strings("tokenizer.ggml.merges")?;
-        let types: Vec<usize> = match gguf.meta_array("tokenizer.ggml.token_type") {
-            Ok(values) => values
-                .iter()
-                .map(|v| v.to_i32().map(|t| t as usize).unwrap_or(1))
-                .collect(),
-            Err(_) => vec![1; tokens.len()],
-        };
-        let pre = gguf.meta_str("tokenizer.ggml.pre").unwrap_or("default");
-        let expressions = bpe_pre_tokenizer(pre).ok_or_else(|| {
-            error(format!(
-                "pre-tokenizer {pre:?} (tokenizer.ggml.pre) is not supported yet"
-            ))
-        })?;
-        let token_id = |key: &str| gguf.meta_usize(key).ok();
-        let bos = token_id("tokenizer.ggml.bos_token_id");
-        let eos = token_id("tokenizer.ggml.eos_token_id");
-        let add_bos = gguf
-            .meta_bool("tokenizer.ggml.add_bos_token")
-            .unwrap_or(false);
-        let json = bpe_tokenizer_json(
-            &tokens,
-            &merges,
-            &types,
-            &expressions,
-            add_bos.then_some(bos).flatten(),
-        );
-        let inner = tokenizers::Tokenizer::from_bytes(json.to_string())
+        let vocab = gguf::read(gguf).map_err(error)?;
+        let inner = tokenizers::Tokenizer::from_bytes(vocab.json.to_string())
             .map_err(|e| error(e.to_string()))?;
-        let token_text = |id: Option<usize>| id.and_then(|i| tokens.get(i)).map(|t| t.to_string());
+        let token_text = |id: Option<usize>| id.map(|i| vocab.tokens[i].clone());
         let chat_template = match gguf.meta_str("tokenizer.chat_template") {
             Ok(source) => {
                 let mut special = Map::new();
-                for (key, id) in [("bos_token", bos), ("eos_token", eos)] {
+                for (key, id) in [("bos_token", vocab.bos), ("eos_token", vocab.eos)] {
                     if let Some(text) = token_text(id) {
                         special.insert(key.into(), Value::String(text));
                     }
@@ -158,7 +131,8 @@ impl Tokenizer {
             inner,
             path,
             chat_template,
-            eos_token_ids: eos.map(|e| e as u32).into_iter().collect(),
+            eos_token_ids: vocab.eos.map(|e| e as u32).into_iter().collect(),
+            strip_leading_space: vocab.strip_leading_space,
         })
     }
 
@@ -171,9 +145,23 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
+        let mut text = self
+            .inner
             .decode(ids, skip_special_tokens)
-            .map_err(|e| self.error(e))
+            .map_err(|e| self.error(e))?;
+        if self.strip_leading_space
+            && text.starts_with(' ')
+            && ids.first().is_some_and(|&id| !self.is_special(id))
+        {
+            text.remove(0);
+        }
+        Ok(text)
+    }
+
+    fn is_special(&self, id: u32) -> bool {
+        self.inner
+            .id_to_token(id)
+            .is_some_and(|token| self.inner.get_added_vocabulary().is_special_token(&token))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -613,79 +601,4 @@ impl<'a> DecodeStream<'a> {
         self.tokenizer
             .decode(&self.ids[from..to], self.skip_special_tokens)
     }
-}
-
-/// llama.cpp's pre-tokenizer expressions for a GGUF `tokenizer.ggml.pre`, applied one after the
-/// other, each splitting the pieces of the previous (as `unicode_regex_split` does).
-fn bpe_pre_tokenizer(pre: &str) -> Option<Vec<&'static str>> {
-    const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
-    const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    Some(match pre {
-        "gpt-2" | "gpt2" | "mpt" | "olmo" | "jais" => vec![GPT2],
-        "llama3" | "llama-v3" | "llama-bpe" | "dbrx" | "smaug-bpe" => vec![LLAMA3],
-        "qwen2" | "stablelm2" | "hunyuan" => vec![QWEN2],
-        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" => {
-            vec![r"\p{N}", GPT2]
-        }
-        "default" => vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
-        _ => return None,
-    })
-}
-
-/// A Hugging Face `tokenizer.json` for a byte-level BPE vocabulary. Control tokens (type 3) and
-/// user-defined tokens (type 4) are matched whole before pre-tokenization, as llama.cpp does.
-fn bpe_tokenizer_json(
-    tokens: &[&str],
-    merges: &[&str],
-    types: &[usize],
-    expressions: &[&str],
-    bos: Option<usize>,
-) -> Value {
-    let vocab: Map<String, Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(id, t)| (t.to_string(), Value::from(id)))
-        .collect();
-    let added: Vec<Value> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(id, _)| matches!(types.get(*id), Some(3) | Some(4)))
-        .map(|(id, t)| {
-            serde_json::json!({
-                "id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                "normalized": false, "special": types[id] == 3,
-            })
-        })
-        .collect();
-    let mut pre: Vec<Value> = expressions
-        .iter()
-        .map(|e| serde_json::json!({"type": "Split", "pattern": {"Regex": e}, "behavior": "Isolated", "invert": false}))
-        .collect();
-    pre.push(serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
-    let post = bos.map(|id| {
-        let token = tokens[id];
-        serde_json::json!({
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": token, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {token: {"id": token, "ids": [id], "tokens": [token]}},
-        })
-    });
-    serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre},
-        "post_processor": post,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-            "ignore_merges": false, "vocab": vocab, "merges": merges,
-        },
-    })
 }
