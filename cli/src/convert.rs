@@ -1,4 +1,5 @@
-//! `odmoe convert`: a Hugging Face checkpoint to the odmoe layout, with a progress bar.
+//! `odmoe convert`: a Hugging Face checkpoint or a GGUF file to the odmoe layout, with a progress
+//! bar.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -11,8 +12,9 @@ use odmoe_engine::format::size::format_bytes;
 
 #[derive(Args)]
 pub struct ConvertArgs {
-    /// Hugging Face checkpoint directory: config.json with model.safetensors, or shards listed
-    /// by model.safetensors.index.json.
+    /// Hugging Face checkpoint directory (config.json with model.safetensors, or shards listed
+    /// by model.safetensors.index.json), or a GGUF file, whose experts keep their quantized
+    /// blocks as stored.
     #[arg(value_name = "SRC")]
     src: PathBuf,
     /// Output directory, by convention MODEL.odmoe. Re-running over an interrupted conversion of

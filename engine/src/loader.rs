@@ -104,9 +104,11 @@ pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
             (config, bytes)
         }
         Checkpoint::Layout => {
-            let config = Manifest::load(path)?.architecture;
-            let bytes = config.expert_f32_bytes() as u64;
-            (config, bytes)
+            let manifest = Manifest::load(path)?;
+            // Dense experts are widened to f32, GGUF blocks stay as stored: the source knows.
+            let bytes =
+                LayoutSource::new(path, &manifest, false, false, &Device::Cpu)?.expert_bytes();
+            (manifest.architecture, bytes)
         }
         Checkpoint::HuggingFace => {
             let config = ModelConfig::from_file(&path.join("config.json"))?;

@@ -172,9 +172,47 @@ impl Tokenizer {
         &self.eos_token_ids
     }
 
-    /// The tokenizer as a Hugging Face `tokenizer.json` document.
+    /// The tokenizer as a Hugging Face `tokenizer.json` document. A leading space that
+    /// [`Tokenizer::decode`] drops becomes the `Strip` decoder Hugging Face's Llama tokenizers
+    /// use, which drops it even after a skipped special token.
     pub fn to_json(&self) -> Result<String> {
-        self.inner.to_string(false).map_err(|e| self.error(e))
+        let json = self.inner.to_string(false).map_err(|e| self.error(e))?;
+        if !self.strip_leading_space {
+            return Ok(json);
+        }
+        let mut value: Value = serde_json::from_str(&json).map_err(|e| self.error(e))?;
+        let strip = serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0});
+        match value["decoder"]["decoders"].as_array_mut() {
+            Some(decoders) => decoders.push(strip),
+            None => value["decoder"] = serde_json::json!({"type": "Sequence", "decoders": [strip]}),
+        }
+        Ok(value.to_string())
+    }
+
+    /// The Hugging Face files that describe this tokenizer: `tokenizer.json`,
+    /// `tokenizer_config.json` (chat template and special tokens) and `generation_config.json`
+    /// (end-of-sequence ids), as (file name, contents).
+    pub fn hf_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        let mut config = Map::new();
+        if let Some(template) = &self.chat_template {
+            config.insert("chat_template".into(), Value::from(template.source()));
+            for (key, value) in &template.special_tokens {
+                config.insert(key.clone(), value.clone());
+            }
+        }
+        let pretty = |value: &Value| {
+            serde_json::to_string_pretty(value)
+                .expect("JSON values serialise")
+                .into_bytes()
+        };
+        Ok(vec![
+            ("tokenizer.json", self.to_json()?.into_bytes()),
+            ("tokenizer_config.json", pretty(&Value::Object(config))),
+            (
+                "generation_config.json",
+                pretty(&serde_json::json!({"eos_token_id": self.eos_token_ids})),
+            ),
+        ])
     }
 
     /// The special tokens the chat template is rendered with (`bos_token`, `eos_token`, ...).

@@ -130,6 +130,7 @@ fn write_layout(dir: &Path, config: &ModelConfig) -> usize {
     }
     let expert = ExpertLayout {
         dtype: "F32".into(),
+        ggml_types: None,
         file_bytes: ALIGN + offset,
         data_offset: ALIGN,
         tensors: tensors.try_into().unwrap(),

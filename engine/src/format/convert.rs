@@ -1,10 +1,17 @@
-//! `odmoe convert`: a Hugging Face checkpoint directory to the odmoe layout of [`super::layout`].
+//! `odmoe convert`: a Hugging Face checkpoint directory or a GGUF file to the odmoe layout of
+//! [`super::layout`].
 //!
 //! Everything but the routed experts goes to a few safetensors files under `base_model/`, with the
 //! original tensor names and dtypes; every routed expert gets a file of its own whose `gate`, `up`
 //! and `down` tensors sit at [`ALIGN`]ed offsets, so that one aligned read fetches it. Every
 //! source tensor lands in exactly one place: a tensor the layout has no place for is an error,
 //! never dropped.
+//!
+//! From a GGUF file, experts keep their quantized blocks as they are (U8 tensors, the ggml type of
+//! each layer's gate, up and down in the manifest), so that the layout computes exactly what the
+//! GGUF read in place computes; the base tensors are written as the f32 values the engine
+//! dequantizes them to, under their Hugging Face names, and the tokenizer files are rebuilt from
+//! the GGUF vocabulary.
 //!
 //! Crash safety: each file is written as `NAME.partial`, fsync'd, then renamed to `NAME`, so a file
 //! under its final name is complete. A re-run keeps the complete files (re-hashing them for the
@@ -13,23 +20,31 @@
 //! checkpoint, so that a re-run never mixes files of two different checkpoints. Output bytes
 //! depend only on the input: converting twice gives identical files and manifests.
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use safetensors::tensor::Dtype;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use super::WeightSource;
+use super::gguf::{GgufFile, ggml_bytes, ggml_type_name, gguf_name, stacked_expert_names};
 use super::layout::{
-    self, ExpertLayout, ExpertTensor, FORMAT_VERSION, FileEntry, MANIFEST, Manifest, SOURCE,
-    expert_path,
+    self, ExpertLayout, ExpertTensor, FORMAT_VERSION, FileEntry, GGUF_DTYPE, MANIFEST, Manifest,
+    SOURCE, expert_path,
 };
 use super::safetensors::HfWeights;
 use crate::error::{Error, Result};
-use crate::model::{Architecture, ModelConfig, expert_tensor_names};
+use crate::model::moe::ResidentExperts;
+use crate::model::{Architecture, Model, ModelConfig, expert_tensor_names};
+use crate::tokenizer::Tokenizer;
 
 /// Base-model files, in the order they are written (each only when it has tensors).
 pub const EMBEDDINGS: &str = "base_model/embeddings.safetensors";
@@ -78,15 +93,19 @@ pub struct ConvertProgress<'a> {
     pub bytes_total: u64,
 }
 
-/// Converts the Hugging Face checkpoint in `src` into an odmoe layout in `out`, resuming an
-/// interrupted conversion of the same checkpoint. The source is checked completely before
-/// anything is written, so a bad source leaves `out` untouched.
+/// Converts the checkpoint at `src` (a Hugging Face directory or a GGUF file) into an odmoe layout
+/// in `out`, resuming an interrupted conversion of the same checkpoint. The source is checked
+/// completely before anything is written, so a bad source leaves `out` untouched.
 pub fn convert(
     src: &Path,
     out: &Path,
     mut progress: impl FnMut(&ConvertProgress),
 ) -> Result<Manifest> {
-    let plan = Plan::new(src)?;
+    let plan = if src.is_file() {
+        Plan::from_gguf(src)?
+    } else {
+        Plan::new(src)?
+    };
     let mut writer = Writer::new(out, &plan, &mut progress);
     writer.start(&plan.source_json)?;
     for &(name, bytes) in &plan.copies {
@@ -104,12 +123,15 @@ pub fn convert(
             }
         })?;
     }
+    for (name, bytes) in &plan.generated {
+        writer.produce(name, bytes.len() as u64, 0, |sink| sink.write(bytes))?;
+    }
     for base in &plan.base {
         writer.produce(base.rel, base.file_bytes, base.names.len(), |sink| {
             sink.write(&base.header)?;
             for name in &base.names {
-                let (_, _, bytes) = plan.weights.raw(name)?;
-                sink.write(bytes)?;
+                let bytes = plan.weights.base_bytes(name)?;
+                sink.write(&bytes)?;
                 sink.tensor_done(bytes.len() as u64);
             }
             Ok(())
@@ -119,16 +141,15 @@ pub fn convert(
     for layer in plan.config.moe_layers() {
         for expert in 0..plan.config.num_experts {
             let rel = expert_path(layer, expert);
-            let names = plan.expert_names(layer, expert);
             writer.produce(&rel, layout.file_bytes, 3, |sink| {
                 sink.write(&plan.expert_header(layer, expert)?)?;
                 let mut at = 0;
-                for (tensor, name) in layout.tensors.iter().zip(&names) {
+                let tensors = plan.weights.expert_bytes(&plan.config, layer, expert)?;
+                for (tensor, bytes) in layout.tensors.iter().zip(tensors) {
                     sink.zeros(tensor.offset - at)?;
-                    let (_, _, bytes) = plan.weights.raw(name)?;
-                    sink.write(bytes)?;
+                    sink.write(&bytes)?;
                     sink.tensor_done(bytes.len() as u64);
-                    at = tensor.offset + tensor.bytes;
+                    at = tensor.offset + bytes.len() as u64;
                 }
                 sink.zeros(layout.read_bytes() - at)
             })?;
@@ -140,9 +161,11 @@ pub fn convert(
 /// A checked source checkpoint and everything about the output that can be known in advance.
 struct Plan {
     config: ModelConfig,
-    weights: HfWeights,
+    weights: SourceWeights,
     /// Files copied from the source, with their lengths.
     copies: Vec<(&'static str, u64)>,
+    /// Files made from the source (a GGUF file's tokenizer), with their contents.
+    generated: Vec<(&'static str, Vec<u8>)>,
     base: Vec<BaseFile>,
     expert: ExpertLayout,
     expert_dtype: Dtype,
@@ -228,15 +251,21 @@ impl Plan {
             .into_iter()
             .zip(groups)
             .filter(|(_, names)| !names.is_empty())
-            .map(|(rel, names)| base_file(&weights, rel, names))
+            .map(|(rel, names)| {
+                base_file(rel, names, |name| {
+                    let (dtype, shape, bytes) = weights.raw(name)?;
+                    Ok((dtype, shape.to_vec(), bytes.len() as u64))
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
 
         let plan = Self {
             source_json: source_json(src, &weights)?,
             tensors_total: weights.names().len(),
             config,
-            weights,
+            weights: SourceWeights::Hf(weights),
             copies,
+            generated: Vec::new(),
             base,
             expert,
             expert_dtype,
@@ -244,8 +273,88 @@ impl Plan {
         Ok(plan)
     }
 
-    fn expert_names(&self, layer: usize, expert: usize) -> [String; 3] {
-        expert_weight_names(&self.config, layer, expert)
+    /// The plan for a GGUF file. The base tensors are the ones the model loads (recorded by
+    /// loading it), every other tensor of the file must be a routed expert's.
+    fn from_gguf(src: &Path) -> Result<Self> {
+        let gguf = GgufFile::open(src, &Device::Cpu)?;
+        let config = gguf.model_config()?;
+        if config.num_experts == 0 {
+            return Err(Error::config(
+                src,
+                "a dense model has no experts to lay out: add --split-experts E --top-k K",
+            ));
+        }
+        if config.moe_layers().count() != config.num_layers {
+            return Err(Error::config(
+                src,
+                "GGUF models with dense layers between MoE layers are not supported by convert",
+            ));
+        }
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let recorder = RecordingWeights {
+            gguf: &gguf,
+            shapes: RefCell::new(BTreeMap::new()),
+        };
+        Model::load_base(
+            config.clone(),
+            &recorder,
+            Arc::new(ResidentExperts::default()),
+        )?;
+        let base_shapes = recorder.shapes.into_inner();
+
+        let mut placed: HashSet<String> =
+            config.moe_layers().flat_map(stacked_expert_names).collect();
+        let mut groups: [Vec<String>; 5] = Default::default();
+        for name in base_shapes.keys() {
+            let group = base_group(&config, name).ok_or_else(|| {
+                Error::config(
+                    src,
+                    format!("tensor {name:?} has no place in the odmoe layout"),
+                )
+            })?;
+            groups[group].push(name.clone());
+            placed.extend(gguf_name(name));
+        }
+        if let Some(unplaced) = gguf.tensor_names().find(|n| !placed.contains(*n)) {
+            return Err(Error::config(
+                src,
+                format!(
+                    "GGUF tensor {unplaced:?} has no place in the odmoe layout: the {} model \
+                     does not load it and it is no routed expert's",
+                    config.architecture.model_type()
+                ),
+            ));
+        }
+        let base = BASE_FILES
+            .into_iter()
+            .zip(groups)
+            .filter(|(_, names)| !names.is_empty())
+            .map(|(rel, names)| {
+                base_file(rel, names, |name| {
+                    let shape = base_shapes[name].clone();
+                    let bytes = shape.iter().product::<usize>() as u64 * 4;
+                    Ok((Dtype::F32, shape, bytes))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let expert = gguf_expert_layout(&config, &gguf)?;
+        let reader = File::open(src).map_err(|e| Error::io(src, e))?;
+        let experts = config.moe_layers().count() * config.num_experts;
+        Ok(Self {
+            source_json: gguf_source_json(src)?,
+            tensors_total: base_shapes.len() + 3 * experts,
+            generated: tokenizer.hf_files()?,
+            copies: Vec::new(),
+            weights: SourceWeights::Gguf {
+                gguf,
+                base_shapes,
+                reader,
+            },
+            config,
+            base,
+            expert,
+            expert_dtype: Dtype::U8,
+        })
     }
 
     /// The length prefix and JSON header of one expert file, padded with spaces so that data
@@ -265,6 +374,137 @@ impl Plan {
         }
         Ok(padded_header(json, room))
     }
+}
+
+/// Where the tensors come from.
+enum SourceWeights {
+    Hf(HfWeights),
+    /// A GGUF file, with the Hugging Face names and shapes the model loads its base tensors by
+    /// and the file open for reading experts' blocks.
+    Gguf {
+        gguf: GgufFile,
+        base_shapes: BTreeMap<String, Vec<usize>>,
+        reader: File,
+    },
+}
+
+impl SourceWeights {
+    /// The stored bytes of a base tensor: as in the checkpoint, or the f32 values a GGUF tensor
+    /// dequantizes to (exactly what the engine computes with when reading the file in place).
+    fn base_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
+        match self {
+            Self::Hf(weights) => Ok(Cow::Borrowed(weights.raw(name)?.2)),
+            Self::Gguf {
+                gguf, base_shapes, ..
+            } => {
+                let values = gguf
+                    .tensor(name, &base_shapes[name])?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                Ok(Cow::Owned(
+                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ))
+            }
+        }
+    }
+
+    /// The stored bytes of one expert's gate, up and down.
+    fn expert_bytes(
+        &self,
+        config: &ModelConfig,
+        layer: usize,
+        expert: usize,
+    ) -> Result<[Cow<'_, [u8]>; 3]> {
+        let read = |k: usize| -> Result<Cow<'_, [u8]>> {
+            match self {
+                Self::Hf(weights) => {
+                    let name = &expert_weight_names(config, layer, expert)[k];
+                    Ok(Cow::Borrowed(weights.raw(name)?.2))
+                }
+                Self::Gguf { gguf, reader, .. } => {
+                    let slice = gguf.expert_slice(
+                        &stacked_expert_names(layer)[k],
+                        expert,
+                        expert_shapes(config)[k],
+                    )?;
+                    let mut bytes = vec![0u8; slice.bytes];
+                    reader
+                        .read_exact_at(&mut bytes, slice.offset)
+                        .map_err(|e| Error::io(gguf.path(), e))?;
+                    Ok(Cow::Owned(bytes))
+                }
+            }
+        };
+        Ok([read(0)?, read(1)?, read(2)?])
+    }
+}
+
+/// Records the name and shape of every tensor a model loads from a GGUF file.
+struct RecordingWeights<'a> {
+    gguf: &'a GgufFile,
+    shapes: RefCell<BTreeMap<String, Vec<usize>>>,
+}
+
+impl WeightSource for RecordingWeights<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let tensor = self.gguf.tensor(name, shape)?;
+        self.shapes
+            .borrow_mut()
+            .insert(name.to_string(), shape.to_vec());
+        Ok(tensor)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.gguf.contains(name)
+    }
+}
+
+/// `[out, in]` of an expert's gate, up and down.
+fn expert_shapes(config: &ModelConfig) -> [[usize; 2]; 3] {
+    let (h, i) = (config.hidden_size, config.expert_intermediate_size);
+    [[i, h], [i, h], [h, i]]
+}
+
+/// The layout of experts kept as GGUF blocks: each tensor's slot holds its largest type over the
+/// layers, and the manifest records every layer's types.
+fn gguf_expert_layout(config: &ModelConfig, gguf: &GgufFile) -> Result<ExpertLayout> {
+    let shapes = expert_shapes(config);
+    let mut slot_bytes = [0u64; 3];
+    let mut ggml_types = Vec::with_capacity(config.num_layers);
+    for layer in 0..config.num_layers {
+        let names = stacked_expert_names(layer);
+        let mut types = Vec::with_capacity(3);
+        for k in 0..3 {
+            let slice = gguf.expert_slice(&names[k], 0, shapes[k])?;
+            slot_bytes[k] = slot_bytes[k].max(slice.bytes as u64);
+            types.push(ggml_type_name(slice.dtype).to_string());
+        }
+        ggml_types.push(types.try_into().expect("three types"));
+    }
+    let mut tensors = Vec::with_capacity(3);
+    let mut end = 0;
+    for ((name, shape), bytes) in ["gate", "up", "down"]
+        .into_iter()
+        .zip(shapes)
+        .zip(slot_bytes)
+    {
+        let offset = layout::align_up(end);
+        tensors.push(ExpertTensor {
+            name: name.into(),
+            offset,
+            bytes,
+            shape,
+        });
+        end = offset + bytes;
+    }
+    let layout = ExpertLayout {
+        dtype: GGUF_DTYPE.into(),
+        ggml_types: Some(ggml_types),
+        file_bytes: 0,
+        data_offset: 0,
+        tensors: tensors.try_into().expect("three tensors"),
+    };
+    finish_expert_layout(layout, config, Dtype::U8)
 }
 
 /// Names of one expert's gate, up and down weights in the source checkpoint.
@@ -406,32 +646,44 @@ fn expert_layout(
         });
         end = offset + bytes;
     }
-    let data_bytes = layout::align_up(end);
-    let mut layout = ExpertLayout {
+    let layout = ExpertLayout {
         dtype: dtype.to_string(),
+        ggml_types: None,
         file_bytes: 0,
         data_offset: 0,
         tensors: tensors.try_into().expect("three tensors"),
     };
+    Ok((finish_expert_layout(layout, config, dtype)?, dtype))
+}
+
+/// Sizes the header room and the files of `layout`, whose tensors are placed, and checks it.
+fn finish_expert_layout(
+    mut layout: ExpertLayout,
+    config: &ModelConfig,
+    dtype: Dtype,
+) -> Result<ExpertLayout> {
     // The data offset must hold the longest header of any expert file (their metadata differ
-    // only in the layer and expert numbers).
+    // only in the layer and expert numbers, and for GGUF blocks in the tensors' lengths).
     let mut longest = 0;
     for layer in config.moe_layers() {
         for e in 0..config.num_experts {
             longest = longest.max(expert_header_json(&layout, dtype, layer, e).len());
         }
     }
+    let last = &layout.tensors[2];
     layout.data_offset = layout::align_up(8 + longest as u64);
-    layout.file_bytes = layout.data_offset + data_bytes;
+    layout.file_bytes = layout.data_offset + layout::align_up(last.offset + last.bytes);
     layout
         .check(config)
         .map_err(|m| Error::config("experts", m))?;
-    Ok((layout, dtype))
+    Ok(layout)
 }
 
 /// The JSON header of one expert file (unpadded): gate, up, down and the `_pad_N` U8 tensors
-/// that fill the gaps between them and up to the end of the file, in offset order.
+/// that fill the gaps between them and up to the end of the file, in offset order. Experts kept as
+/// GGUF blocks are U8 tensors of their layer's length.
 fn expert_header_json(layout: &ExpertLayout, dtype: Dtype, layer: usize, expert: usize) -> String {
+    let ggml_types = layout.ggml_types(layer);
     let mut json = format!(
         "{{\"__metadata__\":{{\"format\":\"odmoe\",\"layer\":\"{layer}\",\"expert\":\"{expert}\"}}"
     );
@@ -449,18 +701,26 @@ fn expert_header_json(layout: &ExpertLayout, dtype: Dtype, layer: usize, expert:
             pads += 1;
         }
     };
-    for tensor in &layout.tensors {
+    for (k, tensor) in layout.tensors.iter().enumerate() {
         pad(&mut json, at, tensor.offset);
+        let stored = ggml_types.map(|types| {
+            ggml_bytes(types[k], tensor.shape[0] * tensor.shape[1]).unwrap_or(0) as u64
+        });
+        let (dtype, shape, bytes) = match stored {
+            Some(bytes) => (Dtype::U8, vec![bytes as usize], bytes),
+            None => (dtype, tensor.shape.to_vec(), tensor.bytes),
+        };
         json.push_str(&tensor_json(
             &tensor.name,
             dtype,
-            &tensor.shape,
+            &shape,
             tensor.offset,
-            tensor.offset + tensor.bytes,
+            tensor.offset + bytes,
         ));
-        at = tensor.offset + tensor.bytes;
+        at = tensor.offset + bytes;
     }
-    pad(&mut json, at, layout::align_up(at));
+    let last = &layout.tensors[2];
+    pad(&mut json, at, layout::align_up(last.offset + last.bytes));
     json.push('}');
     json
 }
@@ -485,14 +745,18 @@ fn padded_header(json: String, room: usize) -> Vec<u8> {
 }
 
 /// A base file: its tensors in name order, the header padded to a multiple of 8 bytes as the
-/// safetensors library writes it.
-fn base_file(weights: &HfWeights, rel: &'static str, names: Vec<String>) -> Result<BaseFile> {
+/// safetensors library writes it. `stored` gives a tensor's dtype, shape and length as written.
+fn base_file(
+    rel: &'static str,
+    names: Vec<String>,
+    stored: impl Fn(&str) -> Result<(Dtype, Vec<usize>, u64)>,
+) -> Result<BaseFile> {
     let mut json = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
     let mut at = 0u64;
     for name in &names {
-        let (dtype, shape, bytes) = weights.raw(name)?;
-        let end = at + bytes.len() as u64;
-        json.push_str(&tensor_json(name, dtype, shape, at, end));
+        let (dtype, shape, bytes) = stored(name)?;
+        let end = at + bytes;
+        json.push_str(&tensor_json(name, dtype, &shape, at, end));
         at = end;
     }
     json.push('}');
@@ -550,6 +814,26 @@ fn source_json(src: &Path, weights: &HfWeights) -> Result<Vec<u8>> {
     Ok(text.into_bytes())
 }
 
+/// `source.json` of a GGUF file: its name, length and sampled SHA-256 (see [`source_json`]).
+fn gguf_source_json(src: &Path) -> Result<Vec<u8>> {
+    let (bytes, sampled_sha256) = sampled_sha256(src)?;
+    let source = serde_json::json!({
+        "format": "odmoe-source",
+        "format_version": FORMAT_VERSION,
+        "gguf": {
+            "file": src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            "bytes": bytes,
+            "sampled_sha256": sampled_sha256,
+        },
+    });
+    let mut text = serde_json::to_string_pretty(&source).expect("serialises");
+    text.push('\n');
+    Ok(text.into_bytes())
+}
+
+/// A file's length and the SHA-256 of its start (a safetensors header, or the first 16 MiB of
+/// anything else, which holds a GGUF file's metadata) and 16 evenly spaced 64 KiB samples; of the
+/// whole file when it is small.
 fn sampled_sha256(path: &Path) -> Result<(u64, String)> {
     const SAMPLES: u64 = 16;
     const SAMPLE: u64 = 64 << 10;
@@ -567,9 +851,15 @@ fn sampled_sha256(path: &Path) -> Result<(u64, String)> {
     if len <= SAMPLES * SAMPLE * 2 {
         read_at(&mut file, 0, len)?;
     } else {
+        const START: u64 = 16 << 20;
         let mut prefix = [0u8; 8];
         file.read_exact(&mut prefix).map_err(io)?;
-        let header = (8 + u64::from_le_bytes(prefix)).min(len);
+        let header = if &prefix[..4] == b"GGUF" {
+            START
+        } else {
+            8 + u64::from_le_bytes(prefix)
+        }
+        .min(len);
         read_at(&mut file, 0, header)?;
         for k in 0..SAMPLES {
             read_at(&mut file, k * (len - SAMPLE) / (SAMPLES - 1), SAMPLE)?;
@@ -771,7 +1061,9 @@ impl<'p> Writer<'p> {
             tokenizer: plan
                 .copies
                 .iter()
-                .any(|&(name, _)| name == "tokenizer.json")
+                .map(|&(name, _)| name)
+                .chain(plan.generated.iter().map(|&(name, _)| name))
+                .any(|name| name == "tokenizer.json")
                 .then(|| "tokenizer.json".to_string()),
             base_files: plan.base.iter().map(|b| b.rel.to_string()).collect(),
             expert: plan.expert.clone(),
@@ -851,6 +1143,7 @@ mod tests {
     fn expert_header_covers_the_file_without_holes() {
         let layout = ExpertLayout {
             dtype: "BF16".into(),
+            ggml_types: None,
             file_bytes: 4096 * 5,
             data_offset: 4096,
             tensors: [

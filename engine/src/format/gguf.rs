@@ -132,6 +132,11 @@ impl GgufFile {
         self.content.metadata.contains_key(key)
     }
 
+    /// Every tensor's GGUF name, in no particular order.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.content.tensor_infos.keys().map(String::as_str)
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
@@ -315,6 +320,46 @@ impl ExpertSlice {
         QMatMul::from_qtensor(qtensor)
     }
 }
+
+/// llama.cpp's name of a ggml type ("Q4_K", "F16", ...), as layouts record it.
+pub fn ggml_type_name(dtype: GgmlDType) -> &'static str {
+    GGML_TYPE_NAMES
+        .iter()
+        .find(|(_, t)| *t == dtype)
+        .map(|(name, _)| *name)
+        .expect("every ggml type is named")
+}
+
+/// The ggml type of a name written by [`ggml_type_name`].
+pub fn parse_ggml_type(name: &str) -> Option<GgmlDType> {
+    GGML_TYPE_NAMES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+}
+
+/// Bytes of `elements` values stored as `dtype`, when they fill whole blocks.
+pub fn ggml_bytes(dtype: GgmlDType, elements: usize) -> Option<usize> {
+    (elements % dtype.block_size() == 0).then(|| elements / dtype.block_size() * dtype.type_size())
+}
+
+const GGML_TYPE_NAMES: [(&str, GgmlDType); 15] = [
+    ("F32", GgmlDType::F32),
+    ("F16", GgmlDType::F16),
+    ("BF16", GgmlDType::BF16),
+    ("Q4_0", GgmlDType::Q4_0),
+    ("Q4_1", GgmlDType::Q4_1),
+    ("Q5_0", GgmlDType::Q5_0),
+    ("Q5_1", GgmlDType::Q5_1),
+    ("Q8_0", GgmlDType::Q8_0),
+    ("Q8_1", GgmlDType::Q8_1),
+    ("Q2_K", GgmlDType::Q2K),
+    ("Q3_K", GgmlDType::Q3K),
+    ("Q4_K", GgmlDType::Q4K),
+    ("Q5_K", GgmlDType::Q5K),
+    ("Q6_K", GgmlDType::Q6K),
+    ("Q8_K", GgmlDType::Q8K),
+];
 
 fn tensor_bytes(info: &TensorInfo) -> usize {
     info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()

@@ -21,9 +21,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use candle_core::quantized::GgmlDType;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::format::gguf::{ggml_bytes, ggml_type_name, parse_ggml_type};
 use crate::model::ModelConfig;
 
 /// Version of the layout this code reads and writes.
@@ -57,8 +59,14 @@ pub struct FileEntry {
 /// Where the three tensors sit inside every expert file (all expert files are alike).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExpertLayout {
-    /// Stored dtype of the expert tensors: "F32", "F16" or "BF16".
+    /// Stored dtype of the expert tensors: "F32", "F16" or "BF16", or [`GGUF_DTYPE`] for
+    /// experts kept as the GGUF blocks they were converted from.
     pub dtype: String,
+    /// For [`GGUF_DTYPE`] experts: the ggml type ("Q4_K", "Q6_K", "F16", ...) of gate, up and
+    /// down in each layer (by layer index), since quantization mixtures vary them by layer. Each
+    /// tensor's slot then holds the largest of its types; a layer's tensor fills the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ggml_types: Option<Vec<[String; 3]>>,
     /// Length of each expert file; a multiple of ALIGN.
     pub file_bytes: u64,
     /// Offset of the first tensor byte in each file; a multiple of ALIGN.
@@ -77,6 +85,9 @@ pub struct ExpertTensor {
     /// `[out, in]`, as a linear layer's weight.
     pub shape: [usize; 2],
 }
+
+/// [`ExpertLayout::dtype`] of experts stored as raw GGUF blocks, U8 tensors in their files.
+pub const GGUF_DTYPE: &str = "GGUF";
 
 /// Path of one expert's file relative to the layout directory.
 pub fn expert_path(layer: usize, expert: usize) -> String {
@@ -126,14 +137,36 @@ impl ExpertLayout {
         self.tensors.iter().map(|t| t.bytes).sum()
     }
 
+    /// The ggml types of `layer`'s gate, up and down, for [`GGUF_DTYPE`] experts.
+    pub fn ggml_types(&self, layer: usize) -> Option<[GgmlDType; 3]> {
+        let names = self.ggml_types.as_ref()?.get(layer)?;
+        let [gate, up, down] = names.each_ref().map(|n| parse_ggml_type(n));
+        Some([gate?, up?, down?])
+    }
+
     /// Checks the alignment and size invariants, and the shapes against `config`.
     pub fn check(&self, config: &ModelConfig) -> std::result::Result<(), String> {
-        let elem = dtype_bytes(&self.dtype).ok_or_else(|| {
-            format!(
-                "expert dtype {:?} is not supported (F32, F16, BF16)",
-                self.dtype
-            )
-        })?;
+        let gguf = self.dtype == GGUF_DTYPE;
+        let elem = match (dtype_bytes(&self.dtype), &self.ggml_types) {
+            (Some(elem), None) => elem,
+            (None, Some(types)) if gguf => {
+                if types.len() != config.num_layers {
+                    return Err(format!(
+                        "ggml_types lists {} layers, the model has {}",
+                        types.len(),
+                        config.num_layers
+                    ));
+                }
+                0
+            }
+            _ => {
+                return Err(format!(
+                    "expert dtype {:?} is not supported (F32, F16, BF16, or {GGUF_DTYPE:?} with \
+                     ggml_types)",
+                    self.dtype
+                ));
+            }
+        };
         if self.data_offset % ALIGN != 0 || self.file_bytes % ALIGN != 0 {
             return Err(format!(
                 "expert data offset {} and file length {} must be multiples of {ALIGN}",
@@ -159,7 +192,26 @@ impl ExpertLayout {
                     tensor.offset
                 ));
             }
-            if tensor.bytes != (shape[0] * shape[1]) as u64 * elem {
+            if gguf {
+                for layer in config.moe_layers() {
+                    let types = self.ggml_types(layer).ok_or_else(|| {
+                        format!("layer {layer} has unknown ggml types in ggml_types")
+                    })?;
+                    let k = ["gate", "up", "down"].iter().position(|n| *n == name);
+                    let dtype = types[k.expect("one of the three")];
+                    match ggml_bytes(dtype, shape[0] * shape[1]) {
+                        Some(bytes) if bytes as u64 <= tensor.bytes => {}
+                        _ => {
+                            return Err(format!(
+                                "expert tensor {name:?} {shape:?} of layer {layer} as {} does not \
+                                 fill whole blocks within its {} bytes",
+                                ggml_type_name(dtype),
+                                tensor.bytes
+                            ));
+                        }
+                    }
+                }
+            } else if tensor.bytes != (shape[0] * shape[1]) as u64 * elem {
                 return Err(format!(
                     "expert tensor {name:?} has {} bytes, but {shape:?} {} takes {}",
                     tensor.bytes,

@@ -182,24 +182,14 @@ pub fn split_dense_llama(
         },
     });
     write_json(&out.join("config.json"), &config_json)?;
-    if let Some(tokenizer) = tokenizer {
-        let path = out.join("tokenizer.json");
-        std::fs::write(&path, tokenizer.to_json()?).map_err(|e| Error::io(&path, e))?;
-        let mut tokenizer_config = serde_json::Map::new();
-        if let Some(template) = tokenizer.chat_template() {
-            tokenizer_config.insert("chat_template".into(), json!(template.source()));
-        }
-        for (key, value) in tokenizer.special_tokens().into_iter().flatten() {
-            tokenizer_config.insert(key.clone(), value.clone());
-        }
-        write_json(
-            &out.join("tokenizer_config.json"),
-            &serde_json::Value::Object(tokenizer_config),
-        )?;
-        write_json(
-            &out.join("generation_config.json"),
-            &json!({"eos_token_id": tokenizer.eos_token_ids()}),
-        )?;
+    for (name, bytes) in tokenizer
+        .map(|t| t.hf_files())
+        .transpose()?
+        .into_iter()
+        .flatten()
+    {
+        let path = out.join(name);
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
     }
     ModelConfig::from_file(&out.join("config.json"))
 }

@@ -1,6 +1,7 @@
 //! Cold-tier readers: where experts come from when they are not in the working set.
 //!
-//! - [`LayoutSource`]: the odmoe layout, one aligned read of one file per expert.
+//! - [`LayoutSource`]: the odmoe layout, one aligned read of one file per expert (dense values, or
+//!   GGUF blocks multiplied as they are, exactly as [`GgufSource`] does).
 //! - [`HfSource`]: a Hugging Face safetensors checkpoint read in place, by offsets from its headers.
 //! - [`GgufSource`]: a GGUF file read in place, one slice of each stacked expert tensor.
 
@@ -9,13 +10,14 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use candle_core::quantized::GgmlDType;
 use safetensors::tensor::Dtype;
 use sha2::{Digest, Sha256};
 
 use super::fetch;
 use crate::error::{Error, Result};
-use crate::format::gguf::{ExpertSlice, GgufFile, stacked_expert_names};
-use crate::format::layout::{ExpertLayout, Manifest, expert_path};
+use crate::format::gguf::{ExpertSlice, GgufFile, ggml_bytes, stacked_expert_names};
+use crate::format::layout::{ExpertLayout, GGUF_DTYPE, Manifest, expert_path};
 use crate::format::safetensors::{HfWeights, TensorLocation, f32_tensor};
 use crate::model::layers::GluMlp;
 use crate::model::{ModelConfig, expert_tensor_names};
@@ -42,11 +44,19 @@ fn parse_dtype(name: &str) -> Option<Dtype> {
     }
 }
 
+/// How a layout stores its expert tensors.
+enum ExpertEncoding {
+    /// Dense values, widened to f32 when read.
+    Dense(Dtype),
+    /// GGUF blocks, by layer: the ggml types of gate, up and down.
+    Ggml(Vec<[GgmlDType; 3]>),
+}
+
 /// Experts of an odmoe layout: `experts/layer_LL_expert_EEE.safetensors`.
 pub struct LayoutSource {
     dir: PathBuf,
     layout: ExpertLayout,
-    dtype: Dtype,
+    encoding: ExpertEncoding,
     /// sha256 of each expert file by relative path, when reads are verified.
     checksums: Option<HashMap<String, String>>,
     bypass_cache: bool,
@@ -63,12 +73,28 @@ impl LayoutSource {
         device: &Device,
     ) -> Result<Self> {
         let layout = manifest.expert.clone();
-        let dtype = parse_dtype(&layout.dtype).ok_or_else(|| {
-            Error::config(
-                dir.join("manifest.json"),
-                format!("unsupported expert dtype {:?}", layout.dtype),
-            )
-        })?;
+        let unsupported = |what: String| Error::config(dir.join("manifest.json"), what);
+        let encoding = if layout.dtype == GGUF_DTYPE {
+            let types = (0..manifest.architecture.num_layers)
+                .map(|layer| {
+                    layout.ggml_types(layer).ok_or_else(|| {
+                        unsupported(format!("no known ggml types for layer {layer}"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            ExpertEncoding::Ggml(types)
+        } else {
+            ExpertEncoding::Dense(parse_dtype(&layout.dtype).ok_or_else(|| {
+                unsupported(format!("unsupported expert dtype {:?}", layout.dtype))
+            })?)
+        };
+        let expert_bytes = match &encoding {
+            ExpertEncoding::Dense(_) => f32_expert_bytes(&manifest.architecture),
+            // As GgufSource counts them: the first layer's slices as they sit in memory.
+            ExpertEncoding::Ggml(types) => (0..3)
+                .map(|k| ggml_slice(&layout, types, 0, k).bytes_in_memory() as u64)
+                .sum(),
+        };
         let checksums = verify.then(|| {
             manifest
                 .files
@@ -80,12 +106,30 @@ impl LayoutSource {
         Ok(Self {
             dir: dir.to_path_buf(),
             layout,
-            dtype,
+            encoding,
             checksums,
             bypass_cache,
-            expert_bytes: f32_expert_bytes(&manifest.architecture),
+            expert_bytes,
             device: device.clone(),
         })
+    }
+}
+
+/// Where tensor `k` of a `layer` expert stored as GGUF blocks sits in its file.
+fn ggml_slice(
+    layout: &ExpertLayout,
+    types: &[[GgmlDType; 3]],
+    layer: usize,
+    k: usize,
+) -> ExpertSlice {
+    let tensor = &layout.tensors[k];
+    let dtype = types[layer][k];
+    ExpertSlice {
+        offset: layout.data_offset + tensor.offset,
+        bytes: ggml_bytes(dtype, tensor.shape[0] * tensor.shape[1])
+            .expect("the manifest check found whole blocks"),
+        dtype,
+        shape: tensor.shape,
     }
 }
 
@@ -123,13 +167,32 @@ impl ExpertSource for LayoutSource {
                 None => return Err(fail("file is not listed in the manifest".into())),
             }
         }
-        let [gate, up, down] = self.layout.tensors.each_ref().map(|t| {
-            let start = (self.layout.data_offset + t.offset) as usize;
-            let bytes = &buf[start..start + t.bytes as usize];
-            f32_tensor(bytes, self.dtype, &t.shape, &self.device)
-                .map_err(|m| fail(format!("tensor {}: {m}", t.name)))
-        });
-        Ok((GluMlp::from_f32(gate?, up?, down?), len))
+        let mlp = match &self.encoding {
+            ExpertEncoding::Dense(dtype) => {
+                let [gate, up, down] = self.layout.tensors.each_ref().map(|t| {
+                    let start = (self.layout.data_offset + t.offset) as usize;
+                    let bytes = &buf[start..start + t.bytes as usize];
+                    f32_tensor(bytes, *dtype, &t.shape, &self.device)
+                        .map_err(|m| fail(format!("tensor {}: {m}", t.name)))
+                });
+                GluMlp::from_f32(gate?, up?, down?)
+            }
+            ExpertEncoding::Ggml(types) => {
+                let [gate, up, down] = [0, 1, 2].map(|k| {
+                    let slice = ggml_slice(&self.layout, types, layer, k);
+                    let start = slice.offset as usize;
+                    slice
+                        .to_qmatmul(&buf[start..start + slice.bytes], &self.device)
+                        .map_err(|e| fail(format!("tensor {}: {e}", self.layout.tensors[k].name)))
+                });
+                GluMlp {
+                    gate: gate?,
+                    up: up?,
+                    down: down?,
+                }
+            }
+        };
+        Ok((mlp, len))
     }
 
     fn expert_bytes(&self) -> u64 {
@@ -256,7 +319,13 @@ impl GgufSource {
         let mut slices = Vec::with_capacity(config.num_layers);
         for layer in 0..config.num_layers {
             let names = stacked_expert_names(layer);
-            let experts = (0..config.num_experts)
+            // Dense layers keep an empty list: a read there is refused as for any unknown expert.
+            let count = if config.is_moe_layer(layer) {
+                config.num_experts
+            } else {
+                0
+            };
+            let experts = (0..count)
                 .map(|e| -> Result<[ExpertSlice; 3]> {
                     Ok([
                         gguf.expert_slice(&names[0], e, shapes[0])?,
@@ -268,7 +337,7 @@ impl GgufSource {
             slices.push(experts);
         }
         // Dense types are widened to f32 by QMatMul; quantized blocks stay as stored.
-        let expert_bytes = slices.first().and_then(|l| l.first()).map_or(0, |s| {
+        let expert_bytes = slices.iter().find_map(|l| l.first()).map_or(0, |s| {
             s.iter().map(ExpertSlice::bytes_in_memory).sum::<usize>() as u64
         });
         let path = gguf.path().to_path_buf();
