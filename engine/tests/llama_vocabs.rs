@@ -224,3 +224,33 @@ vocab_tests! {
     refact => "refact",
     starcoder => "starcoder",
 }
+
+/// Decoding the SentencePiece vectors gives their texts back (byte fallback reassembles what the
+/// vocabulary lacks, and the prepended space is dropped), and after a BOS token the space stays,
+/// as llama.cpp's `detokenize` keeps it.
+#[test]
+fn committed_llama_spm_decodes_as_llama_cpp() {
+    let vocab = committed_dir().join("ggml-vocab-llama-spm.gguf");
+    let tokenizer = load(&vocab).unwrap();
+    let mut failures = Vec::new();
+    let vectors = read_vectors(&vocab);
+    for (text, ids) in &vectors {
+        match tokenizer.decode(ids, false) {
+            Ok(decoded) if &decoded == text => {}
+            Ok(decoded) => failures.push(format!("  {text:?}: decoded {decoded:?}")),
+            Err(e) => failures.push(format!("  {text:?}: {e}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} texts decode differently:\n{}",
+        failures.len(),
+        vectors.len(),
+        failures.join("\n")
+    );
+    let ids = tokenizer.encode("Hello world", true).unwrap();
+    assert_eq!(ids[0], 1, "BOS first: {ids:?}");
+    assert_eq!(tokenizer.decode(&ids, true).unwrap(), " Hello world");
+    assert_eq!(tokenizer.decode(&ids, false).unwrap(), "<s> Hello world");
+    assert_eq!(tokenizer.decode(&ids[1..], true).unwrap(), "Hello world");
+}

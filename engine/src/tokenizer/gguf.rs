@@ -169,7 +169,9 @@ const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|
 const DEEPSEEK_CJK: &str = r"[一-龥ࠀ-一가-퟿]+";
 
 /// llama.cpp's expressions for a `tokenizer.ggml.pre` value (llama-vocab.cpp, `llama_vocab::impl::
-/// load` for the names, `llm_tokenizer_bpe` for the expressions), copied unchanged. Families with
+/// load` for the names, `llm_tokenizer_bpe` for the expressions), copied byte for byte: some
+/// ranges end in characters that Unicode normalization would rewrite (U+1F7D to U+03CE, leaving
+/// an empty range), so this file must not be normalized. Families with
 /// custom splitting code in llama.cpp (kimi-k2, afmoe, ...) or special handling beyond these
 /// (chatglm, gemma4, ...) are not listed.
 fn bpe_pre_tokenizer(pre: &str) -> Option<BpePreTokenizer> {
