@@ -15,6 +15,9 @@ use candle_core::{Device, Tensor};
 
 use super::WeightSource;
 use crate::error::{Error, Result};
+use crate::model::config::{
+    DeepseekConfig, GroupLimitedRouting, LatentAttentionConfig, YarnScaling,
+};
 use crate::model::{Architecture, ModelConfig};
 
 /// An open GGUF file: its parsed header and where tensor data starts.
@@ -210,6 +213,9 @@ impl GgufFile {
     /// a dense Llama).
     pub fn model_config(&self) -> Result<ModelConfig> {
         let arch = self.meta_str("general.architecture")?.to_string();
+        if arch == "deepseek2" {
+            return self.deepseek2_config();
+        }
         let key = |k: &str| format!("{arch}.{k}");
         let architecture = match arch.as_str() {
             "llama" if self.meta_usize(&key("expert_count")).unwrap_or(0) > 0 => {
@@ -222,7 +228,8 @@ impl GgufFile {
                 return Err(Error::UnknownArchitecture {
                     model_type: other.to_string(),
                     path: self.path.clone(),
-                    supported: "GGUF llama (dense or with experts, as Mixtral), qwen2moe, qwen3moe",
+                    supported: "GGUF llama (dense or with experts, as Mixtral), qwen2moe, qwen3moe, \
+                                deepseek2 (DeepSeek-V3, Kimi-K2)",
                 });
             }
         };
@@ -291,6 +298,181 @@ impl GgufFile {
             // pairs; the Qwen MoE models keep the rotate-half layout.
             rope_interleaved: arch == "llama",
             deepseek: None,
+        })
+    }
+}
+
+impl GgufFile {
+    /// A DeepSeek-V3 / Kimi-K2 config from llama.cpp's `deepseek2` metadata.
+    ///
+    /// llama.cpp stores latent attention as MQA with one KV head whose key is the latent plus
+    /// the rotary part (`attention.key_length` = `kv_lora_rank + qk_rope_head_dim`); the per-head
+    /// widths are `attention.key_length_mla` / `value_length_mla` (older files: `key_length` /
+    /// `value_length` themselves). Routing must be sigmoid (`expert_gating_func` 2) with the
+    /// `exp_probs_b` bias: a file without `expert_gating_func` is DeepSeek-V2's softmax routing,
+    /// which llama.cpp assumes for it and this engine does not run.
+    fn deepseek2_config(&self) -> Result<ModelConfig> {
+        let key = |k: &str| format!("deepseek2.{k}");
+        let opt_usize = |k: &str| -> Result<Option<usize>> {
+            match self.has_meta(&key(k)) {
+                true => self.meta_usize(&key(k)).map(Some),
+                false => Ok(None),
+            }
+        };
+        let opt_f64 = |k: &str| -> Result<Option<f64>> {
+            match self.has_meta(&key(k)) {
+                true => self.meta_f64(&key(k)).map(Some),
+                false => Ok(None),
+            }
+        };
+        const SIGMOID: usize = 2;
+        match opt_usize("expert_gating_func")? {
+            Some(SIGMOID) => {}
+            other => {
+                return Err(self.error(format!(
+                    "deepseek2 expert_gating_func {other:?}: only sigmoid routing (2, \
+                     DeepSeek-V3 / Kimi-K2) is supported; without the key llama.cpp routes with \
+                     softmax (DeepSeek-V2)"
+                )));
+            }
+        }
+        let hidden_size = self.meta_usize(&key("embedding_length"))?;
+        let num_heads = self.meta_usize(&key("attention.head_count"))?;
+        let rope_dim = self.meta_usize(&key("rope.dimension_count"))?;
+        let key_width = match opt_usize("attention.key_length_mla")? {
+            Some(w) => w,
+            None => self.meta_usize(&key("attention.key_length"))?,
+        };
+        let v_head_dim = match opt_usize("attention.value_length_mla")? {
+            Some(w) => w,
+            None => self.meta_usize(&key("attention.value_length"))?,
+        };
+        if key_width <= rope_dim || rope_dim % 2 != 0 {
+            return Err(self.error(format!(
+                "deepseek2 key width {key_width} must exceed the even rotary width {rope_dim}"
+            )));
+        }
+        let attention = LatentAttentionConfig {
+            q_lora_rank: opt_usize("attention.q_lora_rank")?,
+            kv_lora_rank: self.meta_usize(&key("attention.kv_lora_rank"))?,
+            qk_nope_head_dim: key_width - rope_dim,
+            qk_rope_head_dim: rope_dim,
+            v_head_dim,
+        };
+        let num_experts = self.meta_usize(&key("expert_count"))?;
+        let top_k = self.meta_usize(&key("expert_used_count"))?;
+        let routing = GroupLimitedRouting {
+            n_group: opt_usize("expert_group_count")?.unwrap_or(1),
+            topk_group: opt_usize("expert_group_used_count")?.unwrap_or(1),
+            // llama.cpp skips the scaling when the key is absent.
+            routed_scaling_factor: opt_f64("expert_weights_scale")?.unwrap_or(1.0),
+        };
+        routing
+            .check(num_experts, top_k)
+            .map_err(|m| self.error(format!("deepseek2: {m}")))?;
+        if top_k == 0 {
+            return Err(self.error("deepseek2 expert_used_count is 0"));
+        }
+        let first_dense_layers = opt_usize("leading_dense_block_count")?.unwrap_or(0);
+        let expert_width = self.meta_usize(&key("expert_feed_forward_length"))?;
+        let yarn = match self.has_meta(&key("rope.scaling.type")) {
+            true => match self.meta_str(&key("rope.scaling.type"))? {
+                "yarn" => Some(self.deepseek2_yarn()?),
+                "none" => None,
+                other => {
+                    return Err(self.error(format!(
+                        "deepseek2 rope scaling {other:?} is not supported (only yarn)"
+                    )));
+                }
+            },
+            false => None,
+        };
+        let shared = self.meta_usize(&key("expert_shared_count"))?;
+        let eos = self
+            .meta_usize("tokenizer.ggml.eos_token_id")
+            .ok()
+            .map(|v| v as u32);
+        Ok(ModelConfig {
+            architecture: Architecture::DeepseekV3,
+            vocab_size: self.info("token_embd.weight")?.shape.dims()[0],
+            hidden_size,
+            num_layers: self.meta_usize(&key("block_count"))?,
+            num_heads,
+            // `head_count_kv` is 1 (the latent, shared by all heads); expanded, every head has
+            // its own key and value, as `num_key_value_heads` says in config.json.
+            num_kv_heads: num_heads,
+            head_dim: key_width,
+            rms_norm_eps: self.meta_f64(&key("attention.layer_norm_rms_epsilon"))?,
+            rope_theta: opt_f64("rope.freq_base")?.unwrap_or(10_000.0),
+            max_position_embeddings: opt_usize("context_length")?.unwrap_or(4096),
+            sliding_window: None,
+            attention_bias: self.has_tensor("blk.0.attn_kv_a_mqa.bias"),
+            qk_norm: false,
+            num_experts,
+            num_experts_per_token: top_k,
+            expert_intermediate_size: expert_width,
+            dense_intermediate_size: match first_dense_layers {
+                0 => None,
+                _ => Some(self.meta_usize(&key("feed_forward_length"))?),
+            },
+            norm_topk_prob: self.meta_bool(&key("expert_weights_norm")).unwrap_or(false),
+            // The shared experts run as one feed-forward of their summed width.
+            shared_expert_intermediate_size: (shared > 0).then_some(shared * expert_width),
+            tie_word_embeddings: !self.has_tensor("output.weight"),
+            eos_token_ids: eos.into_iter().collect(),
+            bos_token_id: self
+                .meta_usize("tokenizer.ggml.bos_token_id")
+                .ok()
+                .map(|v| v as u32),
+            // llama.cpp ropes deepseek2 in adjacent pairs on unpermuted rows, as DeepSeek does.
+            rope_interleaved: true,
+            deepseek: Some(DeepseekConfig {
+                attention,
+                yarn,
+                routing,
+                first_dense_layers,
+            }),
+        })
+    }
+
+    /// YaRN from `rope.scaling.*`. The converter writes `yarn_log_multiplier` = 0.1 *
+    /// `mscale_all_dim` and drops `mscale`; llama.cpp then scales cos and sin by 1, which is
+    /// transformers' answer when `mscale` equals `mscale_all_dim` (true of every DeepSeek-V3 and
+    /// Kimi-K2 config), so `mscale` is taken to be `mscale_all_dim`.
+    ///
+    /// `yarn_beta_fast` / `yarn_beta_slow` are taken from the file when present, else 32 / 1.
+    /// llama.cpp ignores the keys for deepseek2 and always uses 32 / 1 unless told otherwise at
+    /// run time; the converter writes the checkpoint's own values, which are what the model was
+    /// trained with (Kimi-K2: 1 / 1), so this reader follows the checkpoint, as transformers
+    /// does. 32 / 1 are both llama.cpp's and transformers' defaults.
+    fn deepseek2_yarn(&self) -> Result<YarnScaling> {
+        let key = |k: &str| format!("deepseek2.rope.scaling.{k}");
+        let optional = |k: &str| -> Result<Option<f64>> {
+            match self.has_meta(&key(k)) {
+                true => self.meta_f64(&key(k)).map(Some),
+                false => Ok(None),
+            }
+        };
+        if let Some(factor) = optional("yarn_attn_factor")?.filter(|&f| f != 1.0) {
+            return Err(self.error(format!(
+                "deepseek2 rope.scaling.yarn_attn_factor {factor} is not supported (only 1)"
+            )));
+        }
+        if let Some(ext) = optional("yarn_ext_factor")?.filter(|&f| f != 1.0) {
+            return Err(self.error(format!(
+                "deepseek2 rope.scaling.yarn_ext_factor {ext} is not supported (only 1)"
+            )));
+        }
+        let mscale_all_dim = optional("yarn_log_multiplier")?.map(|m| m / 0.1);
+        Ok(YarnScaling {
+            factor: self.meta_f64(&key("factor"))?,
+            original_max_position_embeddings: self.meta_usize(&key("original_context_length"))?,
+            beta_fast: optional("yarn_beta_fast")?.unwrap_or(32.0),
+            beta_slow: optional("yarn_beta_slow")?.unwrap_or(1.0),
+            mscale: mscale_all_dim,
+            mscale_all_dim,
+            attention_factor: None,
+            truncate: true,
         })
     }
 }
@@ -398,6 +580,18 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp.weight",
         "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp.weight",
         "mlp.shared_expert_gate.weight" => "ffn_gate_inp_shexp.weight",
+        // DeepSeek-V3 (`deepseek2`); `kv_b_proj` is split in two, see `WeightSource::tensor`.
+        "self_attn.q_a_proj.weight" => "attn_q_a.weight",
+        "self_attn.q_a_proj.bias" => "attn_q_a.bias",
+        "self_attn.q_a_layernorm.weight" => "attn_q_a_norm.weight",
+        "self_attn.q_b_proj.weight" => "attn_q_b.weight",
+        "self_attn.kv_a_proj_with_mqa.weight" => "attn_kv_a_mqa.weight",
+        "self_attn.kv_a_proj_with_mqa.bias" => "attn_kv_a_mqa.bias",
+        "self_attn.kv_a_layernorm.weight" => "attn_kv_a_norm.weight",
+        "mlp.gate.e_score_correction_bias" => "exp_probs_b.bias",
+        "mlp.shared_experts.gate_proj.weight" => "ffn_gate_shexp.weight",
+        "mlp.shared_experts.up_proj.weight" => "ffn_up_shexp.weight",
+        "mlp.shared_experts.down_proj.weight" => "ffn_down_shexp.weight",
         _ => return None,
     };
     Some(format!("blk.{layer}.{mapped}"))
@@ -408,8 +602,46 @@ pub fn stacked_expert_names(layer: usize) -> [String; 3] {
     ["gate", "up", "down"].map(|p| format!("blk.{layer}.ffn_{p}_exps.weight"))
 }
 
+/// The two GGUF tensors llama.cpp splits a DeepSeek `kv_b_proj` into, when `hf` names one.
+fn split_kv_b_names(hf: &str) -> Option<[String; 2]> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let layer = rest.strip_suffix(".self_attn.kv_b_proj.weight")?;
+    Some(["attn_k_b", "attn_v_b"].map(|t| format!("blk.{layer}.{t}.weight")))
+}
+
+impl GgufFile {
+    /// `kv_b_proj` `[heads * (nope + v), rank]` rebuilt from llama.cpp's `attn_k_b` (per head
+    /// the key rows transposed: numpy `[heads, rank, nope]`) and `attn_v_b` (`[heads, v, rank]`).
+    fn joined_kv_b(&self, names: &[String; 2], hf: &str, shape: &[usize]) -> Result<Tensor> {
+        let dims =
+            |name: &str| -> Result<Vec<usize>> { Ok(self.info(name)?.shape.dims().to_vec()) };
+        let (k, v) = (dims(&names[0])?, dims(&names[1])?);
+        let fits = k.len() == 3
+            && v.len() == 3
+            && k[0] == v[0]
+            && k[1] == v[2]
+            && shape == [k[0] * (k[2] + v[1]), k[1]];
+        if !fits {
+            return Err(Error::TensorShape {
+                name: hf.to_string(),
+                path: self.path.clone(),
+                actual: [k, v].concat(),
+                expected: shape.to_vec(),
+            });
+        }
+        let k_b = self.dequantized(&names[0], &k)?.transpose(1, 2)?;
+        let v_b = self.dequantized(&names[1], &v)?;
+        Ok(Tensor::cat(&[&k_b, &v_b], 1)?.reshape(shape)?)
+    }
+}
+
 impl WeightSource for GgufFile {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(names) = split_kv_b_names(name)
+            && self.has_tensor(&names[0])
+        {
+            return self.joined_kv_b(&names, name, shape);
+        }
         let gguf = gguf_name(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             location: format!("{} (no GGUF name for it)", self.path.display()),
@@ -418,6 +650,9 @@ impl WeightSource for GgufFile {
     }
 
     fn contains(&self, name: &str) -> bool {
+        if let Some(names) = split_kv_b_names(name) {
+            return names.iter().all(|n| self.has_tensor(n));
+        }
         gguf_name(name).is_some_and(|g| self.has_tensor(&g))
     }
 }

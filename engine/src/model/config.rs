@@ -150,6 +150,30 @@ pub struct GroupLimitedRouting {
     pub routed_scaling_factor: f64,
 }
 
+impl GroupLimitedRouting {
+    /// Whether the groups fit `experts` experts with `top_k` chosen per token.
+    pub fn check(&self, experts: usize, top_k: usize) -> std::result::Result<(), String> {
+        let Self {
+            n_group,
+            topk_group,
+            ..
+        } = *self;
+        // Groups are ranked by the sum of their two best scores, so each needs two experts.
+        if n_group == 0 || experts % n_group != 0 || experts / n_group < 2 {
+            return Err(format!(
+                "n_group ({n_group}) must split {experts} experts into groups of at least 2"
+            ));
+        }
+        if topk_group == 0 || topk_group > n_group || top_k > topk_group * (experts / n_group) {
+            return Err(format!(
+                "topk_group ({topk_group}) must be 1..={n_group} and its groups must hold the \
+                 {top_k} experts chosen per token"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `config.json` as found in the wild: every key optional, checked in [`ModelConfig::from_raw`].
 #[derive(Deserialize)]
 struct RawConfig {
@@ -508,27 +532,9 @@ fn deepseek_config(raw: &RawConfig, path: &Path) -> Result<DeepseekConfig> {
     };
     let experts = need(raw.num_experts, "n_routed_experts")?;
     let top_k = need(raw.num_experts_per_tok, "num_experts_per_tok")?;
-    let GroupLimitedRouting {
-        n_group,
-        topk_group,
-        ..
-    } = routing;
-    // Groups are ranked by the sum of their two best scores, so each needs two experts.
-    if n_group == 0 || experts % n_group != 0 || experts / n_group < 2 {
-        return Err(Error::config(
-            path,
-            format!("n_group ({n_group}) must split {experts} experts into groups of at least 2"),
-        ));
-    }
-    if topk_group == 0 || topk_group > n_group || top_k > topk_group * (experts / n_group) {
-        return Err(Error::config(
-            path,
-            format!(
-                "topk_group ({topk_group}) must be 1..={n_group} and its groups must hold the \
-                 {top_k} experts chosen per token"
-            ),
-        ));
-    }
+    routing
+        .check(experts, top_k)
+        .map_err(|message| Error::config(path, message))?;
     if let Some(scoring) = raw.scoring_func.as_deref()
         && scoring != "sigmoid"
     {

@@ -1,0 +1,151 @@
+//! A DeepSeek-V3 GGUF made by llama.cpp's converter (arch `deepseek2`, BF16; built from
+//! tests/fixtures/deepseek_v3 by scripts/make_gguf_deepseek_fixture.py) read in place: latent
+//! attention rebuilt from `attn_k_b` / `attn_v_b`, YaRN and sigmoid group routing from
+//! `deepseek2.*` metadata, dense first layer, shared experts, stacked routed experts.
+//!
+//! The BF16 weights are the checkpoint's exactly, so the logits must match transformers'
+//! (`hf_logits`, computed with mscale = mscale_all_dim as the GGUF can only say) within 1e-4, and
+//! llama.cpp's own logits on the same weights (f32, f32 KV cache) as closely.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use common::{fixture, ids, logit_bits_and_greedy, max_abs_diff};
+use odmoe_engine::format::gguf::GgufFile;
+use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
+use odmoe_engine::model::{ForwardTrace, Logits, Model, ModelConfig};
+use odmoe_engine::store::StoreConfig;
+
+const NAME: &str = "deepseek_v3-bf16";
+
+fn path() -> PathBuf {
+    fixture("gguf").join(format!("{NAME}.gguf"))
+}
+
+fn golden() -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        fixture("gguf").join(format!("{NAME}.golden.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn logits_routing_and_greedy_match_transformers_and_llama_cpp() {
+    let g = golden();
+    let model = Model::load_resident(&path(), &Device::Cpu).unwrap();
+    let input = ids(&g["input_ids"]);
+    let mut trace = ForwardTrace::default();
+    let logits = model
+        .forward(
+            &input,
+            &mut model.new_cache(),
+            Logits::All,
+            Some(&mut trace),
+        )
+        .unwrap();
+    let to_hf = max_abs_diff(&logits, &g["hf_logits"]);
+    let to_llama = max_abs_diff(&logits, &g["llama_logits"]);
+    println!("{NAME}: max |diff| to transformers {to_hf:.2e}, to llama.cpp {to_llama:.2e}");
+    assert!(to_hf <= 1e-4, "max |logit diff| to transformers {to_hf}");
+    assert!(to_llama <= 1e-4, "max |logit diff| to llama.cpp {to_llama}");
+
+    let golden_ids = g["hf_routing_ids"].to_vec3::<i64>().unwrap();
+    assert_eq!(trace.routing.len(), golden_ids.len());
+    for (layer, routing) in trace.routing.iter().enumerate() {
+        if golden_ids[layer].iter().flatten().all(|&e| e == -1) {
+            assert!(routing.ids.is_empty(), "dense layer {layer} routed");
+            continue;
+        }
+        for (t, chosen) in routing.ids.iter().enumerate() {
+            let expected: Vec<usize> = golden_ids[layer][t].iter().map(|&e| e as usize).collect();
+            assert_eq!(chosen, &expected, "layer {layer} position {t}");
+        }
+    }
+    let (_, greedy) = logit_bits_and_greedy(&model, &input, 16);
+    assert_eq!(greedy, ids(&g["hf_greedy"]), "greedy");
+    assert_eq!(greedy, ids(&g["llama_greedy"]), "llama.cpp greedy");
+}
+
+#[test]
+fn config_from_metadata_equals_the_checkpoints() {
+    let gguf = GgufFile::open(&path(), &Device::Cpu).unwrap();
+    let from_gguf = gguf.model_config().unwrap();
+    let from_hf = ModelConfig::from_file(&fixture("deepseek_v3").join("config.json")).unwrap();
+    let mut expected = from_hf.clone();
+    let ds = expected.deepseek.as_mut().unwrap();
+    let yarn = ds.yarn.as_mut().unwrap();
+    // What the GGUF cannot say or says in f32: mscale is taken to be mscale_all_dim, which is
+    // stored as 0.1 * mscale_all_dim; the epsilon is an f32.
+    let got = from_gguf.deepseek.as_ref().unwrap().yarn.as_ref().unwrap();
+    let all_dim = got.mscale_all_dim.unwrap();
+    assert!((all_dim - 0.8).abs() < 1e-6, "mscale_all_dim {all_dim}");
+    (yarn.mscale, yarn.mscale_all_dim) = (Some(all_dim), Some(all_dim));
+    expected.rms_norm_eps = from_gguf.rms_norm_eps;
+    assert!((from_gguf.rms_norm_eps - from_hf.rms_norm_eps).abs() < 1e-12);
+    assert_eq!(from_gguf, expected);
+}
+
+/// A copy of the fixture with one metadata key renamed (same length, so offsets stay valid).
+fn with_key_renamed(dir: &Path, from: &str, to: &str) -> PathBuf {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = std::fs::read(path()).unwrap();
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from.as_bytes())
+        .unwrap();
+    bytes[at..at + to.len()].copy_from_slice(to.as_bytes());
+    let out = dir.join(format!("{NAME}-edited.gguf"));
+    std::fs::write(&out, bytes).unwrap();
+    out
+}
+
+#[test]
+fn softmax_routing_and_missing_latent_tensors_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // Without expert_gating_func llama.cpp routes deepseek2 with softmax (DeepSeek-V2).
+    let edited = with_key_renamed(dir.path(), "expert_gating_func", "expert_gating_fund");
+    let err = GgufFile::open(&edited, &Device::Cpu)
+        .unwrap()
+        .model_config()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("sigmoid"), "{err}");
+    let edited = with_key_renamed(dir.path(), "blk.1.attn_v_b.weight", "blk.1.attn_v_x.weight");
+    let err = Model::load_resident(&edited, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("attn_v_b"), "{err}");
+}
+
+#[test]
+fn experts_read_in_place_on_demand_equal_resident() {
+    let input = ids(&golden()["input_ids"]);
+    let expected = logit_bits_and_greedy(
+        &Model::load_resident(&path(), &Device::Cpu).unwrap(),
+        &input,
+        8,
+    );
+    let (config, total) = loader::describe(&path()).unwrap();
+    let expert = total / (config.moe_layers().count() * config.num_experts) as u64;
+    for budget in [config.num_experts_per_token as u64 * expert, total / 2] {
+        let options = LoadOptions {
+            experts: ExpertMode::OnDemand(StoreConfig {
+                budget_bytes: budget,
+                ..StoreConfig::default()
+            }),
+            ..LoadOptions::default()
+        };
+        let loaded = loader::load(&path(), &options, &Device::Cpu).unwrap();
+        assert!(
+            logit_bits_and_greedy(&loaded.model, &input, 8) == expected,
+            "budget {budget}"
+        );
+        let stats = loaded.store.unwrap().stats();
+        assert!(stats.misses > 0);
+    }
+}
