@@ -43,6 +43,10 @@ pub struct ModelArgs {
     /// the only copy in memory).
     #[arg(long)]
     pub page_cache: bool,
+    /// Widen a GGUF file's quantized attention, embedding and output matrices to f32 (exact
+    /// dequantized math, at four times the memory of Q8_0) instead of computing in their type.
+    #[arg(long)]
+    pub f32_base: bool,
 }
 
 impl ModelArgs {
@@ -69,6 +73,7 @@ impl ModelArgs {
             bypass_page_cache: !self.page_cache,
             experts_per_token: self.experts_per_token,
             prefetch,
+            quantized_base: !self.f32_base,
         };
         let device = odmoe_engine::default_device()?;
         loader::load(&self.model, &options, &device)

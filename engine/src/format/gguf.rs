@@ -25,6 +25,8 @@ pub struct GgufFile {
     path: PathBuf,
     content: Content,
     device: Device,
+    /// Hand out quantized matrices in their stored type rather than widened to f32.
+    keep_quantized: bool,
 }
 
 impl GgufFile {
@@ -37,6 +39,7 @@ impl GgufFile {
             path: path.to_path_buf(),
             content,
             device: device.clone(),
+            keep_quantized: false,
         };
         // Refuse a truncated file now rather than at the first read of its last tensor.
         for (name, info) in &this.content.tensor_infos {
@@ -52,6 +55,12 @@ impl GgufFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Makes [`WeightSource::matrix`] keep quantized tensors in their stored type.
+    pub fn keep_quantized(mut self, keep: bool) -> Self {
+        self.keep_quantized = keep;
+        self
     }
 
     fn error_at(path: &Path, message: impl std::fmt::Display) -> Error {
@@ -490,9 +499,10 @@ pub struct ExpertSlice {
 impl ExpertSlice {
     /// Bytes the slice takes once loaded: dense types are widened to f32 by `QMatMul`.
     pub fn bytes_in_memory(&self) -> usize {
-        match self.dtype {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => self.shape[0] * self.shape[1] * 4,
-            _ => self.bytes,
+        if is_dense(self.dtype) {
+            self.shape[0] * self.shape[1] * 4
+        } else {
+            self.bytes
         }
     }
 
@@ -655,4 +665,35 @@ impl WeightSource for GgufFile {
         }
         gguf_name(name).is_some_and(|g| self.has_tensor(&g))
     }
+
+    fn matrix(&self, name: &str, shape: &[usize]) -> Result<QMatMul> {
+        let gguf = gguf_name(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            location: format!("{} (no GGUF name for it)", self.path.display()),
+        })?;
+        let info = self.info(&gguf)?;
+        if !self.keep_quantized || is_dense(info.ggml_dtype) {
+            return Ok(QMatMul::Tensor(self.dequantized(&gguf, shape)?));
+        }
+        // GGUF dims are `[in, out]`, which candle reads as the `[out, in]` asked for.
+        if info.shape.dims() != shape {
+            return Err(Error::TensorShape {
+                name: gguf,
+                path: self.path.clone(),
+                actual: info.shape.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        let mut reader =
+            BufReader::new(File::open(&self.path).map_err(|e| Error::io(&self.path, e))?);
+        let qtensor = info
+            .read(&mut reader, self.content.tensor_data_offset, &self.device)
+            .map_err(|e| self.error(format!("tensor {gguf:?}: {e}")))?;
+        Ok(QMatMul::from_qtensor(qtensor)?)
+    }
+}
+
+/// Types candle widens to f32 rather than multiplying in place.
+fn is_dense(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }

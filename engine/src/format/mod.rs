@@ -8,6 +8,7 @@ pub mod size;
 pub mod split;
 
 use candle_core::Tensor;
+use candle_core::quantized::QMatMul;
 
 use crate::error::Result;
 
@@ -16,6 +17,12 @@ pub trait WeightSource {
     /// Loads `name` as f32, checking that its shape is `shape`.
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
     fn contains(&self, name: &str) -> bool;
+
+    /// Loads the matrix `name` for multiplying: f32 unless the source keeps it in a quantized
+    /// type it was stored in.
+    fn matrix(&self, name: &str, shape: &[usize]) -> Result<QMatMul> {
+        Ok(QMatMul::Tensor(self.tensor(name, shape)?))
+    }
 }
 
 impl WeightSource for safetensors::HfWeights {

@@ -26,6 +26,46 @@ pub fn linear(
     Ok(Linear::new(weight, bias))
 }
 
+/// A projection `x W^T (+ b)` whose weight is f32 or, from a GGUF file, its stored quantized
+/// type: attention and the output head of a large quantized model then take a quarter of the
+/// memory and compute from fewer bytes.
+#[derive(Clone, Debug)]
+pub struct Projection {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Projection {
+    pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`) as a projection `in -> out`.
+    pub fn load(
+        w: &dyn WeightSource,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = w.matrix(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(w.tensor(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
     weight: Tensor,
@@ -168,10 +208,10 @@ impl KvCache {
 /// Grouped-query attention with rotary positions, optional qkv bias and optional q/k norms.
 #[derive(Clone, Debug)]
 pub struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+    o: Projection,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     num_heads: usize,
@@ -190,10 +230,10 @@ impl Attention {
         let bias = cfg.attention_bias;
         let norm = |n: &str| RmsNorm::load(w, &format!("{p}.{n}"), d, cfg.rms_norm_eps);
         Ok(Self {
-            q: linear(w, &format!("{p}.q_proj"), cfg.num_heads * d, h, bias)?,
-            k: linear(w, &format!("{p}.k_proj"), cfg.num_kv_heads * d, h, bias)?,
-            v: linear(w, &format!("{p}.v_proj"), cfg.num_kv_heads * d, h, bias)?,
-            o: linear(w, &format!("{p}.o_proj"), h, cfg.num_heads * d, false)?,
+            q: Projection::load(w, &format!("{p}.q_proj"), cfg.num_heads * d, h, bias)?,
+            k: Projection::load(w, &format!("{p}.k_proj"), cfg.num_kv_heads * d, h, bias)?,
+            v: Projection::load(w, &format!("{p}.v_proj"), cfg.num_kv_heads * d, h, bias)?,
+            o: Projection::load(w, &format!("{p}.o_proj"), h, cfg.num_heads * d, false)?,
             q_norm: cfg.qk_norm.then(|| norm("q_norm")).transpose()?,
             k_norm: cfg.qk_norm.then(|| norm("k_norm")).transpose()?,
             num_heads: cfg.num_heads,
@@ -247,7 +287,7 @@ impl Attention {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // [nh, T, d]
         let out = out.transpose(0, 1)?.reshape((t, nh * d))?;
-        Ok(self.o.forward(&out)?)
+        self.o.forward(&out)
     }
 }
 

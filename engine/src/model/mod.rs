@@ -11,8 +11,8 @@ pub mod qwen_moe;
 use std::path::Path;
 use std::sync::Arc;
 
+use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
-use candle_nn::{Linear, Module};
 
 pub use config::{Architecture, ModelConfig};
 pub use deepseek::LatentForm;
@@ -22,7 +22,7 @@ pub use moe::{ExpertHandle, ExpertProvider, ResidentExperts, Routing};
 use crate::error::{Error, Result};
 use crate::format::WeightSource;
 use deepseek::LatentAttention;
-use layers::{Attention, GluMlp, RmsNorm};
+use layers::{Attention, GluMlp, Projection, RmsNorm};
 use moe::MoeBlock;
 
 /// One transformer block: pre-norm attention, then a pre-norm sparse MoE, each with a residual.
@@ -99,12 +99,14 @@ pub trait ForwardHook: Send + Sync {
 /// A loaded model whose experts come from an [`ExpertProvider`].
 pub struct Model {
     pub config: ModelConfig,
-    embed: Tensor,
+    /// `[vocab, hidden]`, f32 or in a GGUF file's quantized type (rows dequantized as looked up).
+    embed: QMatMul,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Projection,
     experts: Arc<dyn ExpertProvider>,
     hook: Option<Arc<dyn ForwardHook>>,
+    device: Device,
 }
 
 impl Model {
@@ -120,11 +122,15 @@ impl Model {
         experts: Arc<dyn ExpertProvider>,
     ) -> Result<Self> {
         let (v, h) = (config.vocab_size, config.hidden_size);
-        let embed = w.tensor("model.embed_tokens.weight", &[v, h])?;
+        let embed = w.matrix("model.embed_tokens.weight", &[v, h])?;
         let lm_head = if config.tie_word_embeddings && !w.contains("lm_head.weight") {
-            Linear::new(embed.clone(), None)
+            Projection::new(embed.clone(), None)
         } else {
-            layers::linear(w, "lm_head", v, h, false)?
+            Projection::load(w, "lm_head", v, h, false)?
+        };
+        let device = match &embed {
+            QMatMul::QTensor(q) => q.device(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
         };
         let layers = (0..config.num_layers)
             .map(|i| match config.architecture {
@@ -145,6 +151,7 @@ impl Model {
             lm_head,
             experts,
             hook: None,
+            device,
             config,
         })
     }
@@ -177,7 +184,7 @@ impl Model {
     }
 
     pub fn device(&self) -> &Device {
-        self.embed.device()
+        &self.device
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appending them to `cache`, and returns f32
@@ -203,7 +210,7 @@ impl Model {
         }
         let offset = cache.len();
         let ids = Tensor::new(tokens, self.device())?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed.embedding(&ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(trace) = trace.as_deref_mut() {
                 trace.hidden_states.push(x.clone());
@@ -237,7 +244,7 @@ impl Model {
         if logits == Logits::Last {
             x = x.narrow(0, tokens.len() - 1, 1)?;
         }
-        Ok(self.lm_head.forward(&self.norm.forward(&x)?)?)
+        self.lm_head.forward(&self.norm.forward(&x)?)
     }
 }
 
