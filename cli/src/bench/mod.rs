@@ -1,4 +1,4 @@
-//! `odmoe bench store`: expert-store figures measured in one run and reported as ratios.
+//! `odmoe bench`: figures measured in one run and reported as ratios. `store`:
 //!
 //! - Cold expert reads (page cache dropped before each pass) with 1, 2, 4 and 8 reads in flight,
 //!   against `dd iflag=direct` over the same bytes in one file and against mmap + copy.
@@ -22,12 +22,17 @@ use odmoe_engine::store::fetch::{DIRECT_ALIGN, read_aligned};
 use odmoe_engine::store::{PolicyKind, StoreConfig};
 use serde_json::json;
 
+mod decode;
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Cold read throughput, warm hit latency and decode speed at several budgets.
     Store(StoreBenchArgs),
     /// Expert matvec speed with weights in f32 against bf16 and f16 (why experts compute in f32).
     Dtype,
+    /// One engine run of the llama.cpp comparison (bench/compare.py): time to first token,
+    /// decode tok/s, bytes read, peak memory, hit rate against Belady's.
+    Decode(decode::DecodeBenchArgs),
 }
 
 #[derive(Args)]
@@ -53,6 +58,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Store(args) => store(args),
         BenchCommand::Dtype => dtype(),
+        BenchCommand::Decode(args) => decode::run(args),
     }
 }
 

@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""odmoe against llama.cpp on one GGUF, warm and under memory limits, in one run.
+
+For each condition and engine it drops the page cache (except warm), starts the engine in a fresh
+memory cgroup (v1 or v2, created and removed here), prefills the same fixed-seed random prompt
+and decodes the same tokens: fixed-seed random ids (routing varies as in real text) and greedy.
+llama.cpp runs through llama-cpp-python (2 threads, mmap) at the block device's default readahead
+and again with readahead lowered to 128 KB (restored afterwards). odmoe runs `odmoe bench decode`
+with experts on demand under a budget of the limit minus what its base model and runtime take.
+
+Prints a markdown table (and writes every raw result as JSON with --out). Needs root.
+
+Usage: bench/compare.py [--model M.gguf] [--limits 4,3,2] [--tokens 24] [--out results.json]
+"""
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = Path("/var/tmp/odmoe-model/qwen3moe-bench-q8_0.gguf")
+GB = 1_000_000_000
+# What odmoe holds besides experts on this model: Q8_0 attention, embeddings and output head,
+# the KV cache, I/O buffers and the binary (peak RSS 1.6 GB at a 1 GiB budget), plus slack for
+# the page cache the cgroup charges while base weights are read.
+ODMOE_RESERVE = 640 * 2**20
+READAHEAD_TUNED_KB = 128
+
+
+def sh(*cmd, check=True):
+    return subprocess.run(cmd, check=check, capture_output=True, text=True).stdout.strip()
+
+
+def drop_page_cache():
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def readahead_file(path):
+    """The sysfs readahead setting (KB) of the disk holding `path`, which mmap faults inherit."""
+    number = sh("findmnt", "-n", "-o", "MAJ:MIN", "--target", str(path))
+    device = Path("/sys/dev/block") / number.strip()
+    if not (device / "queue").exists():  # a partition: the setting is its disk's
+        device = device.resolve().parent
+    return device / "queue/read_ahead_kb"
+
+
+class Cgroup:
+    """A memory cgroup limited to `limit` bytes (None: unlimited), v2 where mounted, else v1."""
+
+    def __init__(self, name, limit):
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+        base = Path("/sys/fs/cgroup") if v2 else Path("/sys/fs/cgroup/memory")
+        self.v2 = v2
+        self.path = base / name
+        self.path.mkdir()
+        if limit is not None:
+            (self.path / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(limit))
+
+    def wrap(self, cmd):
+        procs = self.path / "cgroup.procs"
+        return ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *cmd]
+
+    def report(self):
+        if self.v2:
+            peak = self.path / "memory.peak"
+            events = (self.path / "memory.events").read_text()
+            oom = int(dict(l.split() for l in events.splitlines()).get("oom_kill", 0))
+            return {"cgroup_peak_bytes": int(peak.read_text()) if peak.exists() else None, "oom_kills": oom}
+        control = dict(l.split() for l in (self.path / "memory.oom_control").read_text().splitlines())
+        return {
+            "cgroup_peak_bytes": int((self.path / "memory.max_usage_in_bytes").read_text()),
+            "oom_kills": int(control.get("oom_kill", 0)),
+        }
+
+    def remove(self):
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def run_engine(name, cmd, limit, warm):
+    if not warm:
+        drop_page_cache()
+    group = Cgroup(f"odmoe-bench-{os.getpid()}-{name}", limit)
+    try:
+        started = time.perf_counter()
+        proc = subprocess.run(group.wrap(cmd), capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        report = group.report()
+    finally:
+        group.remove()
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        return {"engine": name, "failed": f"exit {proc.returncode}: {' / '.join(tail)}", **report}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(report, wall_s=wall, runner=name)
+    return result
+
+
+def fmt_bytes(n):
+    return "-" if n is None else f"{n / GB:.2f} GB"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--odmoe", type=Path, default=ROOT / "target/release/odmoe")
+    parser.add_argument("--python", default=sys.executable, help="a Python with llama-cpp-python")
+    parser.add_argument("--limits", default="4,3,2", help="memory limits in GB (10^9 bytes), comma separated")
+    parser.add_argument("--tokens", type=int, default=24, help="decode steps per run")
+    parser.add_argument("--prompt-tokens", type=int, default=40)
+    parser.add_argument("--feeds", default="random,greedy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    if os.geteuid() != 0:
+        sys.exit("compare.py needs root: it drops the page cache, creates cgroups and sets readahead")
+    if not args.model.exists():
+        sys.exit(f"{args.model} is missing: make it with bench/make_model.py {args.model}")
+    if not args.odmoe.exists():
+        sys.exit(f"{args.odmoe} is missing: cargo build --release")
+
+    vocab = 32000 - 3  # the generator's vocabulary without its special tokens
+    rng = random.Random(args.seed)
+    prompt = [rng.randrange(vocab) for _ in range(args.prompt_tokens)]
+    feed = [rng.randrange(vocab) for _ in range(args.tokens)]
+    readahead = readahead_file(args.model)
+    default_ra = int(readahead.read_text())
+
+    def odmoe_cmd(limit, feed_ids):
+        cmd = [str(args.odmoe), "bench", "decode", "--model", str(args.model), "--json",
+               "--prompt-ids", ",".join(map(str, prompt)), "--tokens", str(args.tokens)]
+        cmd += ["--resident"] if limit is None else ["--expert-budget", str(limit - ODMOE_RESERVE)]
+        if feed_ids:
+            cmd += ["--feed-ids", ",".join(map(str, feed_ids))]
+        return cmd
+
+    def llama_cmd(feed_ids):
+        cmd = [args.python, str(ROOT / "bench/llama_cpp_decode.py"), str(args.model),
+               "--prompt-ids", ",".join(map(str, prompt)), "--tokens", str(args.tokens)]
+        if feed_ids:
+            cmd += ["--feed-ids", ",".join(map(str, feed_ids))]
+        return cmd
+
+    limits = [None] + [int(float(x) * GB) for x in args.limits.split(",") if x]
+    results = []
+    try:
+        for feed_kind in args.feeds.split(","):
+            feed_ids = feed if feed_kind == "random" else None
+            for limit in limits:
+                condition = "warm, no limit" if limit is None else f"{limit / GB:g} GB limit"
+                runs = []
+                if limit is None:
+                    # Warm: the file in the page cache for llama.cpp, every expert loaded for odmoe.
+                    sh("sh", "-c", f"cat {args.model} > /dev/null")
+                    runs.append(("llama.cpp", llama_cmd(feed_ids), default_ra))
+                else:
+                    runs.append(("llama.cpp", llama_cmd(feed_ids), default_ra))
+                    runs.append(("llama.cpp ra=128K", llama_cmd(feed_ids), READAHEAD_TUNED_KB))
+                runs.append(("odmoe", odmoe_cmd(limit, feed_ids), default_ra))
+                for name, cmd, ra in runs:
+                    readahead.write_text(str(ra))
+                    print(f"{feed_kind} / {condition} / {name} ...", file=sys.stderr, flush=True)
+                    r = run_engine(name.replace(" ", "_"), cmd, limit, warm=limit is None)
+                    r.update(condition=condition, feed=feed_kind, limit=limit, readahead_kb=ra, name=name)
+                    results.append(r)
+    finally:
+        readahead.write_text(str(default_ra))
+
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    print_table(results)
+
+
+def print_table(results):
+    print("| feed | condition | engine | TTFT s | decode tok/s | odmoe/this decode | read/token | peak RSS | cgroup peak | odmoe hit rate (Belady) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "failed" in r:
+            print(f"| {r['feed']} | {r['condition']} | {r['name']} | failed: {r['failed']} |||||||")
+            continue
+        ours = next((o for o in results if o["engine"] == "odmoe" and o.get("condition") == r["condition"]
+                     and o.get("feed") == r["feed"] and "failed" not in o), None)
+        ratio = f"{ours['decode_tok_s'] / r['decode_tok_s']:.1f}x" if ours and r["engine"] != "odmoe" else ""
+        hits = ""
+        if r["engine"] == "odmoe" and r.get("hit_rate") is not None:
+            hits = f"{r['hit_rate']:.2f} ({r['belady_hit_rate']:.2f})"
+        print(f"| {r['feed']} | {r['condition']} | {r['name']} | {r['ttft_s']:.2f} | {r['decode_tok_s']:.2f} | {ratio} "
+              f"| {fmt_bytes(r['decode_bytes_read_per_token'])} | {fmt_bytes(r['peak_rss_bytes'])} "
+              f"| {fmt_bytes(r.get('cgroup_peak_bytes'))} | {hits} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""llama.cpp's run of the comparison benchmark: the same measurements as `odmoe bench decode`.
+
+Loads the GGUF with llama-cpp-python (mmap, 2 threads), prefills the prompt ids, then decodes
+feeding the given ids or the greedy choice, and prints one JSON object: time to first token,
+decode tok/s, bytes read from storage (/proc/self/io, which counts page-fault reads and
+readahead) and peak resident memory (VmHWM, which counts mapped file pages).
+
+Usage: llama_cpp_decode.py MODEL --prompt-ids 1,2,3 --tokens 24 [--feed-ids 4,5,...] [--threads 2]
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+import llama_cpp
+
+
+def proc_field(path, key):
+    with open(path) as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise KeyError(f"{key} not in {path}")
+
+
+def ids(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--prompt-ids", type=ids, required=True)
+    parser.add_argument("--feed-ids", type=ids)
+    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    llm = llama_cpp.Llama(
+        args.model,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_ctx=512,
+        n_batch=512,
+        use_mmap=True,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - started
+    read_at_start = proc_field("/proc/self/io", "read_bytes:")
+
+    started = time.perf_counter()
+    llm.eval(args.prompt_ids)
+    ttft_s = time.perf_counter() - started
+    read_after_prefill = proc_field("/proc/self/io", "read_bytes:")
+
+    generated = []
+    started = time.perf_counter()
+    for step in range(args.tokens):
+        if args.feed_ids:
+            token = args.feed_ids[step]
+        else:
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        generated.append(token)
+        llm.eval([token])
+    decode_s = time.perf_counter() - started
+    read_at_end = proc_field("/proc/self/io", "read_bytes:")
+
+    print(json.dumps({
+        "engine": "llama.cpp",
+        "model": args.model,
+        "load_s": load_s,
+        "prompt_tokens": len(args.prompt_ids),
+        "ttft_s": ttft_s,
+        "decode_tokens": args.tokens,
+        "decode_s": decode_s,
+        "decode_tok_s": args.tokens / decode_s,
+        "bytes_read": read_at_end - read_at_start,
+        "decode_bytes_read_per_token": (read_at_end - read_after_prefill) / max(args.tokens, 1),
+        "peak_rss_bytes": proc_field("/proc/self/status", "VmHWM:") * 1024,
+        "generated": generated,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Writes a large synthetic qwen3moe GGUF with real-model dimensions, for the comparison benchmark.
+
+The shapes are those of a Qwen3-30B-A3B-class layer (hidden 2048, 64 experts of width 768, top-8,
+16 query heads and 4 KV heads of 128), with fewer layers and a 32k vocabulary so the file is about
+6 GB. Weights are random Q8_0 blocks written straight from random int8 quants (no float round
+trip), scaled so activations keep unit size and routing depends on the token: router logits have a
+standard deviation of about 2, so different tokens choose different experts. Random weights route
+nearly uniformly, which is the hard case for an expert cache.
+
+The vocabulary is a byte-level BPE one (256 byte tokens, a few merges, filler tokens): benchmarks
+feed token ids, not text, but both engines need a loadable tokenizer.
+
+Usage: make_model.py OUT.gguf [--layers 18] [--seed 0]
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as Q
+
+HIDDEN = 2048
+HEADS = 16
+KV_HEADS = 4
+HEAD_DIM = 128
+EXPERTS = 64
+TOP_K = 8
+EXPERT_WIDTH = 768
+VOCAB = 32000
+ROUTER_STD = 0.05  # logits std ~ 0.05 * sqrt(2048) = 2.3 on a unit-rms hidden state
+Q8_BLOCK = 32
+Q8_BYTES = 34  # f16 scale + 32 int8
+
+
+def byte_level_chars():
+    """GPT-2's byte-to-unicode table: the 256 single-byte tokens of a byte-level BPE vocabulary."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def vocabulary():
+    tokens = byte_level_chars()
+    merges = []
+    for word in ["Ġt", "Ġa", "he", "in", "re", "on"]:
+        merges.append(f"{word[0]} {word[1]}")
+        tokens.append(word)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    filler = VOCAB - len(tokens) - len(specials)
+    tokens += [f"<filler_{i}>" for i in range(filler)] + specials
+    types = [gguf.TokenType.NORMAL] * (VOCAB - len(specials)) + [gguf.TokenType.CONTROL] * len(specials)
+    return tokens, merges, types
+
+
+def q8_0(rng, rows, cols, std):
+    """Random Q8_0 blocks for a `[rows, cols]` matrix whose values have standard deviation `std`."""
+    blocks = cols // Q8_BLOCK
+    out = np.empty((rows, blocks, Q8_BYTES), dtype=np.uint8)
+    # Uniform int8 in [-127, 127] has a standard deviation of 73.6.
+    scale = np.float16(std / 73.6)
+    out[:, :, :2] = np.frombuffer(scale.tobytes(), dtype=np.uint8)
+    out[:, :, 2:] = rng.integers(-127, 128, size=(rows, blocks, Q8_BLOCK), dtype=np.int8).view(np.uint8)
+    return out.reshape(rows, blocks * Q8_BYTES)
+
+
+def tensors(layers):
+    """(name, GGUF-order shape, kind, std) in file order; shapes are numpy order (outer first)."""
+    out = [("token_embd.weight", (VOCAB, HIDDEN), Q.Q8_0, 1.0)]
+    for l in range(layers):
+        p = f"blk.{l}."
+        out += [
+            (p + "attn_norm.weight", (HIDDEN,), Q.F32, None),
+            (p + "attn_q.weight", (HEADS * HEAD_DIM, HIDDEN), Q.Q8_0, HIDDEN ** -0.5),
+            (p + "attn_k.weight", (KV_HEADS * HEAD_DIM, HIDDEN), Q.Q8_0, HIDDEN ** -0.5),
+            (p + "attn_v.weight", (KV_HEADS * HEAD_DIM, HIDDEN), Q.Q8_0, HIDDEN ** -0.5),
+            (p + "attn_output.weight", (HIDDEN, HEADS * HEAD_DIM), Q.Q8_0, (HEADS * HEAD_DIM) ** -0.5),
+            (p + "attn_q_norm.weight", (HEAD_DIM,), Q.F32, None),
+            (p + "attn_k_norm.weight", (HEAD_DIM,), Q.F32, None),
+            (p + "ffn_norm.weight", (HIDDEN,), Q.F32, None),
+            (p + "ffn_gate_inp.weight", (EXPERTS, HIDDEN), Q.F32, ROUTER_STD),
+            (p + "ffn_gate_exps.weight", (EXPERTS, EXPERT_WIDTH, HIDDEN), Q.Q8_0, HIDDEN ** -0.5),
+            (p + "ffn_up_exps.weight", (EXPERTS, EXPERT_WIDTH, HIDDEN), Q.Q8_0, HIDDEN ** -0.5),
+            (p + "ffn_down_exps.weight", (EXPERTS, HIDDEN, EXPERT_WIDTH), Q.Q8_0, EXPERT_WIDTH ** -0.5),
+        ]
+    out += [
+        ("output_norm.weight", (HIDDEN,), Q.F32, None),
+        ("output.weight", (VOCAB, HIDDEN), Q.Q8_0, HIDDEN ** -0.5),
+    ]
+    return out
+
+
+def data(rng, shape, kind, std):
+    if kind == Q.F32:
+        if std is None:  # norm weights
+            return np.ones(shape, dtype=np.float32)
+        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
+    rows = int(np.prod(shape[:-1]))
+    return q8_0(rng, rows, shape[-1], std).reshape(*shape[:-1], -1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out")
+    parser.add_argument("--layers", type=int, default=18)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    tmp = args.out + ".partial"
+    writer = gguf.GGUFWriter(tmp, "qwen3moe")
+    writer.add_name("odmoe-bench-qwen3moe")
+    writer.add_context_length(4096)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(args.layers)
+    writer.add_feed_forward_length(EXPERT_WIDTH)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_key_length(HEAD_DIM)
+    writer.add_value_length(HEAD_DIM)
+    writer.add_rope_freq_base(1_000_000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_expert_count(EXPERTS)
+    writer.add_expert_used_count(TOP_K)
+    writer.add_expert_feed_forward_length(EXPERT_WIDTH)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    tokens, merges, types = vocabulary()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(VOCAB - 3)
+    writer.add_eos_token_id(VOCAB - 1)
+    writer.add_add_bos_token(False)
+
+    plan = tensors(args.layers)
+    for name, shape, kind, _ in plan:
+        if kind == Q.F32:
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+        else:
+            nbytes = int(np.prod(shape)) // Q8_BLOCK * Q8_BYTES
+            byte_shape = (*shape[:-1], shape[-1] // Q8_BLOCK * Q8_BYTES)
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+
+    rng = np.random.default_rng(args.seed)
+    total = sum(int(np.prod(s)) * (4 if k == Q.F32 else Q8_BYTES / Q8_BLOCK) for _, s, k, _ in plan)
+    done = 0
+    for name, shape, kind, std in plan:
+        array = data(rng, shape, kind, std)
+        writer.write_tensor_data(array)
+        done += array.nbytes
+        print(f"\r{done / 1e9:5.2f} / {total / 1e9:.2f} GB", end="", file=sys.stderr, flush=True)
+    writer.close()
+    print(file=sys.stderr)
+    os.rename(tmp, args.out)
+    print(f"wrote {args.out}: {os.path.getsize(args.out) / 1e9:.2f} GB, {args.layers} layers")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+//! `odmoe bench decode`: one engine's run of the comparison benchmark (`bench/compare.py`).
+//!
+//! Prefills a prompt of token ids, then decodes, feeding either given token ids (so routing varies
+//! as in real text, identically for every engine) or the greedy choice. It prints the time to
+//! first token, decode speed, bytes read from disk, peak resident memory and the store's hit rate
+//! next to Belady's (the offline optimum) on the same routing.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use odmoe_engine::model::{ForwardTrace, Logits, layers::argmax};
+use odmoe_engine::predict::replay::{Prefetch, ReplayOptions, ReplayPolicy, replay};
+use odmoe_engine::predict::trace::Trace;
+use serde_json::json;
+
+use crate::model_args::ModelArgs;
+
+#[derive(Args)]
+pub struct DecodeBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt token ids.
+    #[arg(long, value_delimiter = ',', required = true, value_name = "IDS")]
+    prompt_ids: Vec<u32>,
+    /// Decode steps.
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Token ids fed during decode instead of the greedy choice (at least --tokens of them).
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    feed_ids: Option<Vec<u32>>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Bytes this process has read from storage, and its peak resident set.
+fn process_io() -> Result<(u64, u64)> {
+    let field = |text: &str, key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    };
+    let io = std::fs::read_to_string("/proc/self/io").context("reading /proc/self/io")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let read = field(&io, "read_bytes:").context("no read_bytes in /proc/self/io")?;
+    let peak_kib = field(&status, "VmHWM:").context("no VmHWM in /proc/self/status")?;
+    Ok((read, peak_kib * 1024))
+}
+
+pub fn run(args: DecodeBenchArgs) -> Result<()> {
+    if let Some(feed) = &args.feed_ids
+        && feed.len() < args.tokens
+    {
+        bail!(
+            "--feed-ids has {} ids, fewer than --tokens {}",
+            feed.len(),
+            args.tokens
+        );
+    }
+    let started = Instant::now();
+    let loaded = args.model.load()?;
+    let load_s = started.elapsed().as_secs_f64();
+    let model = &loaded.model;
+    let (read_at_start, _) = process_io()?;
+
+    let mut trace = Trace {
+        config: model.config.clone(),
+        expert_bytes: loaded.store.as_ref().map_or(0, |s| s.expert_bytes()),
+        ids: Vec::new(),
+        weights: Vec::new(),
+        prompt_index: Vec::new(),
+        forward: Vec::new(),
+        hidden: None,
+        model: args.model.model.display().to_string(),
+    };
+    let mut cache = model.new_cache();
+    let mut forward = |tokens: &[u32], trace: &mut Trace| -> Result<u32> {
+        let mut seen = ForwardTrace::default();
+        let logits = model.forward(tokens, &mut cache, Logits::Last, Some(&mut seen))?;
+        let index = trace.forward.last().map_or(0, |f| f + 1);
+        for t in 0..tokens.len() {
+            for routing in &seen.routing {
+                trace.ids.extend(routing.ids[t].iter().map(|&e| e as u32));
+                trace.weights.extend_from_slice(&routing.weights[t]);
+            }
+            trace.prompt_index.push(0);
+            trace.forward.push(index);
+        }
+        Ok(argmax(&logits.squeeze(0)?.to_vec1::<f32>()?) as u32)
+    };
+
+    let prefill_started = Instant::now();
+    let mut next = forward(&args.prompt_ids, &mut trace)?;
+    let ttft_s = prefill_started.elapsed().as_secs_f64();
+    let (read_after_prefill, _) = process_io()?;
+    let decode_started = Instant::now();
+    let mut generated = Vec::with_capacity(args.tokens);
+    for step in 0..args.tokens {
+        let token = match &args.feed_ids {
+            Some(feed) => feed[step],
+            None => next,
+        };
+        generated.push(token);
+        next = forward(&[token], &mut trace)?;
+    }
+    let decode_s = decode_started.elapsed().as_secs_f64();
+    let (read_at_end, peak_rss) = process_io()?;
+
+    let store = loaded.store.as_ref().map(|s| {
+        s.wait_idle();
+        s.stats()
+    });
+    let (hit_rate, belady) = match &store {
+        Some(stats) => {
+            let options = ReplayOptions::new(stats.budget_bytes, ReplayPolicy::Belady, &trace);
+            let belady = replay(&trace, &options, Prefetch::None)?;
+            let accesses = stats.hits + stats.misses;
+            (
+                Some(stats.hits as f64 / accesses.max(1) as f64),
+                Some(belady),
+            )
+        }
+        None => (None, None),
+    };
+    let decode_read = read_at_end - read_after_prefill;
+    let report = json!({
+        "engine": "odmoe",
+        "model": args.model.model.display().to_string(),
+        "load_s": load_s,
+        "prompt_tokens": args.prompt_ids.len(),
+        "ttft_s": ttft_s,
+        "decode_tokens": args.tokens,
+        "decode_s": decode_s,
+        "decode_tok_s": args.tokens as f64 / decode_s,
+        "bytes_read": read_at_end - read_at_start,
+        "decode_bytes_read_per_token": decode_read as f64 / args.tokens.max(1) as f64,
+        "peak_rss_bytes": peak_rss,
+        "hit_rate": hit_rate,
+        "belady_hit_rate": belady.as_ref().map(|b| b.hit_rate),
+        "min_bytes_read": store.as_ref().map(|s| s.misses * trace.expert_bytes),
+        "belady_bytes_read": belady.as_ref().map(|b| b.bytes_read),
+        "store": store,
+        "generated": generated,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
