@@ -1,6 +1,6 @@
 //! `odmoe convert` from a GGUF file: experts keep their quantized blocks, so the layout gives
-//! logits bit-identical to the GGUF read in place, resident and on demand, and a second run keeps
-//! every file.
+//! logits bit-identical to the GGUF read in place with its base matrices widened to f32 (as the
+//! layout stores them), resident and on demand, and a second run keeps every file.
 
 mod common;
 
@@ -85,7 +85,11 @@ fn converted_gguf_equals_gguf_in_place_bit_for_bit() {
             "{name}"
         );
 
-        let in_place = Model::load_resident(&src, &Device::Cpu).unwrap();
+        let f32_base = LoadOptions {
+            quantized_base: false,
+            ..LoadOptions::default()
+        };
+        let in_place = loader::load(&src, &f32_base, &Device::Cpu).unwrap().model;
         let expected = common::logit_bits_and_greedy(&in_place, &input, 8);
         let converted = Model::load_resident(&out, &Device::Cpu).unwrap();
         assert!(
