@@ -261,6 +261,48 @@ fn a_prefetch_that_cannot_fit_is_dropped_and_pinned_experts_stay() {
     store.check_invariants().unwrap();
 }
 
+/// Reads that block until the test lets them through.
+struct GatedSource(Mutex<std::sync::mpsc::Receiver<()>>);
+
+impl ExpertSource for GatedSource {
+    fn read(&self, layer: usize, expert: usize) -> odmoe_engine::Result<(GluMlp, u64)> {
+        self.0.lock().unwrap().recv().unwrap();
+        let w = Tensor::full((layer * 100 + expert) as f32, (1, 1), &Device::Cpu).unwrap();
+        Ok((GluMlp::from_f32(w.clone(), w.clone(), w), 12))
+    }
+
+    fn expert_bytes(&self) -> u64 {
+        100
+    }
+}
+
+#[test]
+fn requests_return_before_their_reads_and_unwaited_ones_release_their_pins() {
+    let (open, gate) = std::sync::mpsc::channel();
+    let config = StoreConfig {
+        budget_bytes: 200,
+        io_threads: 2,
+        policy: PolicyKind::Lru,
+    };
+    let store = ExpertStore::new(Arc::new(GatedSource(Mutex::new(gate))), &config);
+    // No read can finish yet: returning at all shows request does not wait for them.
+    let mut pending = store.request(0, &[0, 1]).unwrap();
+    assert_eq!(store.stats().reads, 0);
+    open.send(()).unwrap();
+    open.send(()).unwrap();
+    let second = pending.pop().unwrap();
+    let first = pending.pop().unwrap().wait().unwrap();
+    assert!(
+        store.acquire(0, &[2]).is_err(),
+        "both experts are pinned, waited for or not"
+    );
+    drop(second);
+    drop(first);
+    open.send(()).unwrap();
+    drop(store.acquire(0, &[2]).unwrap());
+    store.check_invariants().unwrap();
+}
+
 #[test]
 fn a_failed_read_is_reported_and_the_store_stays_usable() {
     let mut source = FakeSource::new(Duration::ZERO);

@@ -44,10 +44,41 @@ impl Deref for ExpertHandle {
     }
 }
 
+/// An expert asked for and pinned, whose read may still be in flight.
+///
+/// Dropping it unwaited releases the pin.
+pub struct PendingExpert(Box<dyn FnOnce() -> Result<ExpertHandle> + Send>);
+
+impl PendingExpert {
+    /// `wait` finishes the read (its captures hold the pin until then).
+    pub fn new(wait: impl FnOnce() -> Result<ExpertHandle> + Send + 'static) -> Self {
+        Self(Box::new(wait))
+    }
+
+    pub fn ready(handle: ExpertHandle) -> Self {
+        Self::new(move || Ok(handle))
+    }
+
+    /// Blocks until the expert is loaded.
+    pub fn wait(self) -> Result<ExpertHandle> {
+        (self.0)()
+    }
+}
+
 /// Where the MoE block gets its experts from.
 pub trait ExpertProvider: Send + Sync {
     /// The weights of experts `ids` of `layer`, in the order asked.
     fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>>;
+
+    /// Experts `ids` of `layer`, returned once their reads are queued rather than done, so the
+    /// caller computes with the first while the rest are read.
+    fn request(&self, layer: usize, ids: &[usize]) -> Result<Vec<PendingExpert>> {
+        Ok(self
+            .experts(layer, ids)?
+            .into_iter()
+            .map(PendingExpert::ready)
+            .collect())
+    }
 
     /// How many experts one call may ask for (a store cannot pin more than its budget holds).
     fn max_batch(&self) -> usize {
@@ -151,10 +182,13 @@ impl MoeBlock {
         let routed: Vec<_> = by_expert.into_iter().collect();
         let mut out = x.zeros_like()?;
         // In batches the provider can hold at once; accumulation stays in ascending expert order.
+        // Each expert is waited for only when its turn comes: computing one overlaps reading the
+        // next, and its pin is released as soon as it has been applied.
         for batch in routed.chunks(experts.max_batch().max(1)) {
             let ids: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
-            let handles = experts.experts(self.layer, &ids)?;
-            for (handle, (_, (tokens, weights))) in handles.iter().zip(batch) {
+            let pending = experts.request(self.layer, &ids)?;
+            for (pending, (_, (tokens, weights))) in pending.into_iter().zip(batch) {
+                let handle = pending.wait()?;
                 let n = tokens.len();
                 let index = Tensor::from_vec(tokens.clone(), n, x.device())?;
                 let weights =

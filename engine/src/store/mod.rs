@@ -27,6 +27,7 @@ pub use stats::{PrefetchCounts, StoreStats};
 
 use crate::error::{Error, Result};
 use crate::model::layers::GluMlp;
+use crate::model::moe::PendingExpert;
 use crate::model::{ExpertHandle, ExpertProvider};
 
 /// How the store behaves.
@@ -199,6 +200,14 @@ impl ExpertStore {
 
     /// Returns `ids` of `layer`, pinned, reading misses; waits until all are loaded.
     pub fn acquire(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>> {
+        self.request(layer, ids)?
+            .into_iter()
+            .map(PendingExpert::wait)
+            .collect()
+    }
+
+    /// Pins `ids` of `layer` and queues the reads of misses, returning without waiting for them.
+    pub fn request(&self, layer: usize, ids: &[usize]) -> Result<Vec<PendingExpert>> {
         let mut pinned: Vec<Option<(ExpertKey, Slot)>> = Vec::with_capacity(ids.len());
         let mut state = self.shared.lock();
         let mut queued = false;
@@ -260,49 +269,31 @@ impl ExpertStore {
                 }
             }
         }
-        let pinned: Vec<(ExpertKey, Slot)> = pinned.into_iter().flatten().collect();
         if queued {
             self.shared.work.notify_all();
         }
         drop(state);
-
-        let started = Instant::now();
-        let mut waited = false;
-        let mut failure = None;
-        let mut loaded = Vec::with_capacity(pinned.len());
-        for (key, slot) in &pinned {
-            let weights = match slot {
-                Slot::Ready(w) => Ok(w.clone()),
-                Slot::Loading(slot) => {
-                    waited = true;
-                    slot.wait()
-                }
-            };
-            match weights {
-                Ok(w) => loaded.push((*key, w)),
-                Err(e) => failure = failure.or(Some(e)),
-            }
-        }
-        let mut state = self.shared.lock();
-        if waited {
-            state.telemetry.stall += started.elapsed();
-        }
-        if let Some(error) = failure {
-            // Failed reads left the cache with their pins; unpin the experts that did load.
-            for (key, _) in &loaded {
-                state.cache.unpin(*key);
-            }
-            return Err(Error::Shared(error));
-        }
-        drop(state);
-        Ok(loaded
+        Ok(pinned
             .into_iter()
-            .map(|(key, weights)| {
+            .flatten()
+            .map(|(key, slot)| {
                 let pin = Pin {
                     shared: self.shared.clone(),
                     key,
                 };
-                ExpertHandle::pinned(weights, Box::new(pin))
+                PendingExpert::new(move || {
+                    let weights = match slot {
+                        Slot::Ready(w) => w,
+                        Slot::Loading(load) => {
+                            let started = Instant::now();
+                            let loaded = load.wait();
+                            pin.shared.lock().telemetry.stall += started.elapsed();
+                            // A failed read removed its entry, so dropping the pin unpins nothing.
+                            loaded.map_err(Error::Shared)?
+                        }
+                    };
+                    Ok(ExpertHandle::pinned(weights, Box::new(pin)))
+                })
             })
             .collect())
     }
@@ -395,6 +386,10 @@ impl ExpertStore {
 impl ExpertProvider for ExpertStore {
     fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>> {
         self.acquire(layer, ids)
+    }
+
+    fn request(&self, layer: usize, ids: &[usize]) -> Result<Vec<PendingExpert>> {
+        ExpertStore::request(self, layer, ids)
     }
 
     fn max_batch(&self) -> usize {
