@@ -121,7 +121,11 @@ def main():
     parser.add_argument("--feeds", default="random,greedy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--table", type=Path, help="print the table of an earlier run's --out file")
     args = parser.parse_args()
+    if args.table:
+        print_table(json.loads(args.table.read_text()))
+        return
 
     if os.geteuid() != 0:
         sys.exit("compare.py needs root: it drops the page cache, creates cgroups and sets readahead")
@@ -183,7 +187,7 @@ def main():
 
 
 def print_table(results):
-    print("| feed | condition | engine | TTFT s | decode tok/s | odmoe/this decode | read/token | peak RSS | cgroup peak | odmoe hit rate (Belady) |")
+    print("| feed | condition | engine | TTFT s | decode tok/s | odmoe/this decode | read/token (misses x size) | peak RSS | cgroup peak | odmoe hits: store, no read (Belady) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "failed" in r:
@@ -193,10 +197,12 @@ def print_table(results):
                      and o.get("feed") == r["feed"] and "failed" not in o), None)
         ratio = f"{ours['decode_tok_s'] / r['decode_tok_s']:.1f}x" if ours and r["engine"] != "odmoe" else ""
         hits = ""
+        read = fmt_bytes(r["decode_bytes_read_per_token"])
         if r["engine"] == "odmoe" and r.get("hit_rate") is not None:
-            hits = f"{r['hit_rate']:.2f} ({r['belady_hit_rate']:.2f})"
+            hits = f"{r['hit_rate']:.2f}, {r['read_free_rate']:.2f} ({r['belady_hit_rate']:.2f})"
+            read += f" ({fmt_bytes(r['decode_miss_bytes_per_token'])})"
         print(f"| {r['feed']} | {r['condition']} | {r['name']} | {r['ttft_s']:.2f} | {r['decode_tok_s']:.2f} | {ratio} "
-              f"| {fmt_bytes(r['decode_bytes_read_per_token'])} | {fmt_bytes(r['peak_rss_bytes'])} "
+              f"| {read} | {fmt_bytes(r['peak_rss_bytes'])} "
               f"| {fmt_bytes(r.get('cgroup_peak_bytes'))} | {hits} |")
 
 
