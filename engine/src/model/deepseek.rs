@@ -155,6 +155,16 @@ pub struct LatentAttention {
     /// Multiplies query-key products: 1/sqrt(query head width), times YaRN's mscale squared.
     softmax_scale: f64,
     pub form: LatentForm,
+    /// The type computed in from the cached latents to each head's attended value (the
+    /// `kv_b_proj` products, scores, softmax and sums); the cache stays in the model's type.
+    ///
+    /// f32 by default. The two forms associate the same sums differently, which in f32 moved the
+    /// DeepSeek-V3 fixture's logits by up to 2.1e-5 over 64 decode steps (f32 expanded is itself
+    /// 1.5e-5 from the f64 answer); in f64 they agree to the last f32 bit, which is how the test
+    /// proves the absorbed algebra exact. f64 is not the default because widening `kv_b_proj`
+    /// every step made a decode step's attention 4x slower at DeepSeek-V3 widths (106 against
+    /// 26 ms at 1024 cached tokens, 2 cores), and a kept f64 copy would double its memory.
+    pub accumulate: DType,
 }
 
 impl LatentAttention {
@@ -218,7 +228,13 @@ impl LatentAttention {
             rope_interleaved: cfg.rope_interleaved,
             softmax_scale,
             form: LatentForm::Auto,
+            accumulate: DType::F32,
         })
+    }
+
+    /// Widens `x` to the type attention sums in.
+    fn wide(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.to_dtype(self.accumulate)?)
     }
 
     /// Attends `x` `[T, hidden]` at positions `offset..` to itself and the cached past, caching
@@ -312,11 +328,15 @@ impl LatentAttention {
         let (nh, nope, rope) = (self.num_heads, self.nope_dim, self.rope_dim);
         let s = latents.dim(0)?;
         let dtype = q_nope.dtype();
-        let (q_nope, q_rot, latents, rot_keys) =
-            (wide(q_nope)?, wide(q_rot)?, wide(latents)?, wide(rot_keys)?);
+        let (q_nope, q_rot, latents, rot_keys) = (
+            self.wide(q_nope)?,
+            self.wide(q_rot)?,
+            self.wide(latents)?,
+            self.wide(rot_keys)?,
+        );
         let per_head = |up: &Tensor, width: usize| -> Result<Tensor> {
             Ok(latents
-                .matmul(&wide(up)?.t()?)?
+                .matmul(&self.wide(up)?.t()?)?
                 .reshape((s, nh, width))?
                 .transpose(0, 1)?
                 .contiguous()?)
@@ -342,37 +362,21 @@ impl LatentAttention {
     ) -> Result<Tensor> {
         let (nh, rank) = (self.num_heads, self.kv_lora_rank);
         let (t, s) = (q_nope.dim(1)?, latents.dim(0)?);
-        let k_up = wide(&self.k_up)?.reshape((nh, self.nope_dim, rank))?;
-        let q_latent = wide(q_nope)?.matmul(&k_up)?.reshape((nh * t, rank))?;
-        let latents = wide(latents)?;
-        let q_rot = wide(&q_rot.reshape((nh * t, self.rope_dim))?)?;
-        let scores = (q_latent.matmul(&latents.t()?)? + q_rot.matmul(&wide(rot_keys)?.t()?)?)?
-            .reshape((nh, t, s))?;
+        let k_up = self.wide(&self.k_up)?.reshape((nh, self.nope_dim, rank))?;
+        let q_latent = self.wide(q_nope)?.matmul(&k_up)?.reshape((nh * t, rank))?;
+        let latents = self.wide(latents)?;
+        let q_rot = self.wide(&q_rot.reshape((nh * t, self.rope_dim))?)?;
+        let scores = (q_latent.matmul(&latents.t()?)?
+            + q_rot.matmul(&self.wide(rot_keys)?.t()?)?)?
+        .reshape((nh, t, s))?;
         let probs = self.softmax(scores, mask)?;
         let attended = probs
             .reshape((nh * t, s))?
             .matmul(&latents)?
             .reshape((nh, t, rank))?;
-        let v_up = wide(&self.v_up)?.reshape((nh, self.v_dim, rank))?;
+        let v_up = self.wide(&self.v_up)?.reshape((nh, self.v_dim, rank))?;
         Ok(attended.matmul(&v_up.t()?)?.to_dtype(q_nope.dtype())?)
     }
-}
-
-/// The type latent attention computes in, from the cached latents to each head's attended
-/// value: the `kv_b_proj` products, scores, softmax and weighted sums. The two forms associate
-/// the same sums differently; in f32 that alone moved the DeepSeek-V3 fixture's logits by 2.1e-5
-/// over 64 decode steps (f32 expanded is itself 1.5e-5 from the f64 answer, and f64 absorbed
-/// against f32 expanded still differs by that much, so both forms must widen). In f64 they agree
-/// to the last f32 bit there. The cache stays compressed in the model's type; queries, latents
-/// and the `kv_b_proj` rows are widened per call and the result narrowed back.
-///
-/// Cost, measured at DeepSeek-V3 widths (128 heads, rank 512, hidden 2048, 2 cores): a decode
-/// step's attention takes 106 ms (S = 1024) and 163 ms (S = 4096) against 26 ms in f32, mostly
-/// widening `kv_b_proj` each step; a 512-token prefill chunk about 1.7 times the f32 time.
-const ACCUMULATE: DType = DType::F64;
-
-fn wide(x: &Tensor) -> Result<Tensor> {
-    Ok(x.to_dtype(ACCUMULATE)?)
 }
 
 /// YaRN's attention magnitude correction for a context `scale` times the original.

@@ -179,6 +179,16 @@ impl Model {
         }
     }
 
+    /// Chooses the type latent attention layers sum in (f32 by default; see
+    /// `LatentAttention::accumulate`).
+    pub fn set_latent_precision(&mut self, accumulate: candle_core::DType) {
+        for layer in &mut self.layers {
+            if let SelfAttention::Latent(attention) = &mut layer.attention {
+                attention.accumulate = accumulate;
+            }
+        }
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.num_layers)
     }
