@@ -62,7 +62,9 @@ def main():
         if args.feed_ids:
             token = args.feed_ids[step]
         else:
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            # Llama.scores stays zero unless every position's logits are kept; read the last one.
+            last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+            token = int(np.argmax(np.ctypeslib.as_array(last, shape=(llm.n_vocab(),))))
         generated.append(token)
         llm.eval([token])
     decode_s = time.perf_counter() - started
