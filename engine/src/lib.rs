@@ -38,26 +38,21 @@ pub mod tokenizer;
 
 pub use error::{Error, Result};
 
-/// Settles how candle computes on the CPU. Candle reads these settings from the environment when
+/// Settles how candle computes on the CPU. Candle reads its settings from the environment when
 /// its thread pool starts, so this runs first thing in `main`; a variable the user set wins.
 ///
-/// - One compute thread (`CANDLE_NUM_THREADS`): a decode step is hundreds of small matrix-vector
-///   products, and after each one candle's pool makes the caller spin until its workers finish.
-///   On 2 cores one thread decoded a 6 GB Q8_0 MoE 4x faster than two (6.9 against 1.7 tok/s,
-///   `odmoe bench decode --resident`), and it leaves the other core to expert reads.
-/// - No retiled copies of Q8_0 weights (`MISTRALRS_FORCE_AVX2`, candle's switch): on AVX512-VNNI
-///   CPUs candle keeps a retiled copy beside every Q8_0 matrix on first use, which doubles what an
-///   expert really holds against the store's budget and repacks every expert read from disk, for
-///   no gain at batch 1 (7.0 against 6.9 tok/s) and a 2.6x slower prefill.
+/// No retiled copies of Q8_0 weights (`MISTRALRS_FORCE_AVX2`, candle's switch): on AVX512-VNNI
+/// CPUs candle keeps a retiled copy beside every Q8_0 matrix on first use. That doubles what an
+/// expert really holds against the store's budget (a 6 GB Q8_0 model took 11 GB resident) and
+/// repacks every expert read from disk; and it was slower here, 13.2 against 17.2 tok/s decode and
+/// 12.1 against 1.8 s to the first token (`odmoe bench decode --resident`, 2 threads).
 ///
 /// # Safety
 /// Changes the process environment: call it before any other thread starts.
 pub unsafe fn configure_cpu_compute() {
-    for (key, value) in [("CANDLE_NUM_THREADS", "1"), ("MISTRALRS_FORCE_AVX2", "1")] {
-        if std::env::var_os(key).is_none() {
-            // SAFETY: the caller guarantees no other thread runs yet.
-            unsafe { std::env::set_var(key, value) };
-        }
+    if std::env::var_os("MISTRALRS_FORCE_AVX2").is_none() {
+        // SAFETY: the caller guarantees no other thread runs yet.
+        unsafe { std::env::set_var("MISTRALRS_FORCE_AVX2", "1") };
     }
 }
 
