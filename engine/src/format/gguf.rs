@@ -10,7 +10,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
-use candle_core::quantized::{GgmlDType, QMatMul, ggml_file::qtensor_from_ggml};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{Device, Tensor};
 
 use super::WeightSource;
@@ -179,12 +179,18 @@ impl GgufFile {
                 expected: shape.to_vec(),
             });
         }
+        Ok(self
+            .qtensor(name, info)?
+            .dequantize(&self.device)?
+            .reshape(shape)?)
+    }
+
+    /// Reads the tensor `name` in its stored type.
+    fn qtensor(&self, name: &str, info: &TensorInfo) -> Result<QTensor> {
         let mut reader =
             BufReader::new(File::open(&self.path).map_err(|e| Error::io(&self.path, e))?);
-        let qtensor = info
-            .read(&mut reader, self.content.tensor_data_offset, &self.device)
-            .map_err(|e| self.error(format!("tensor {name:?}: {e}")))?;
-        Ok(qtensor.dequantize(&self.device)?.reshape(shape)?)
+        info.read(&mut reader, self.content.tensor_data_offset, &self.device)
+            .map_err(|e| self.error(format!("tensor {name:?}: {e}")))
     }
 
     /// Where expert `expert` of the stacked tensor `name` lies: absolute offset, bytes, type and
@@ -684,12 +690,7 @@ impl WeightSource for GgufFile {
                 expected: shape.to_vec(),
             });
         }
-        let mut reader =
-            BufReader::new(File::open(&self.path).map_err(|e| Error::io(&self.path, e))?);
-        let qtensor = info
-            .read(&mut reader, self.content.tensor_data_offset, &self.device)
-            .map_err(|e| self.error(format!("tensor {gguf:?}: {e}")))?;
-        Ok(QMatMul::from_qtensor(qtensor)?)
+        Ok(QMatMul::from_qtensor(self.qtensor(&gguf, info)?)?)
     }
 }
 

@@ -18,12 +18,13 @@ pub fn linear(
     bias: bool,
 ) -> Result<Linear> {
     let weight = w.tensor(&format!("{prefix}.weight"), &[out, inp])?;
-    let bias = if bias {
-        Some(w.tensor(&format!("{prefix}.bias"), &[out])?)
-    } else {
-        None
-    };
-    Ok(Linear::new(weight, bias))
+    Ok(Linear::new(weight, load_bias(w, prefix, out, bias)?))
+}
+
+/// `{prefix}.bias` of length `out`, when the layer has one.
+fn load_bias(w: &dyn WeightSource, prefix: &str, out: usize, bias: bool) -> Result<Option<Tensor>> {
+    bias.then(|| w.tensor(&format!("{prefix}.bias"), &[out]))
+        .transpose()
 }
 
 /// A projection `x W^T (+ b)` whose weight is f32 or, from a GGUF file, its stored quantized
@@ -48,13 +49,10 @@ impl Projection {
         inp: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = w.matrix(&format!("{prefix}.weight"), &[out, inp])?;
-        let bias = if bias {
-            Some(w.tensor(&format!("{prefix}.bias"), &[out])?)
-        } else {
-            None
-        };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight: w.matrix(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: load_bias(w, prefix, out, bias)?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
