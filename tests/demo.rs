@@ -84,10 +84,13 @@ fn the_demo_model_answers_paris_dense_exact_and_split() {
     let tokens = "504,3575,282,4649,314,7042,30,1073,3575,282,7042,314";
     let dense = out.path().join("dense.safetensors");
     let split = out.path().join("split.safetensors");
+    // The split layout keeps base weights dequantized to f32, so the dense file widens its Q4_1
+    // matrices too.
     odmoe_ok(&[
         "logits",
         "--model",
         gguf,
+        "--f32-base",
         "--tokens",
         tokens,
         "--out",
