@@ -75,6 +75,54 @@ pub fn read_aligned(
     Ok(buf)
 }
 
+/// Opens `path` for [`read_range`]: with O_DIRECT when `bypass_cache` asks and the filesystem
+/// allows; says whether it is direct.
+pub fn open_for_ranges(path: &Path, bypass_cache: bool) -> std::io::Result<(File, bool)> {
+    platform::open(path, bypass_cache)
+}
+
+/// Reads `len` bytes at any `offset` of a file from [`open_for_ranges`]. A direct file is read
+/// over the aligned blocks around the range (at most two blocks more); otherwise the read is
+/// buffered and, with `bypass_cache`, dropped from the page cache after. Returns the buffer and
+/// where the range starts in it.
+pub fn read_range(
+    file: &File,
+    direct: bool,
+    offset: u64,
+    len: usize,
+    bypass_cache: bool,
+) -> std::io::Result<(AlignedBuf, usize)> {
+    if !direct {
+        let mut buf = AlignedBuf::zeroed(len);
+        read_exact_at(file, &mut buf, offset)?;
+        if bypass_cache {
+            platform::drop_cached(file, offset, len as u64);
+        }
+        return Ok((buf, 0));
+    }
+    let align = DIRECT_ALIGN as u64;
+    let start = offset / align * align;
+    let end = (offset + len as u64).next_multiple_of(align);
+    let mut buf = AlignedBuf::zeroed((end - start) as usize);
+    // The last block may run past the end of the file: a short read there is expected.
+    let mut filled = 0;
+    while filled < buf.len() {
+        use std::os::unix::fs::FileExt;
+        match file.read_at(&mut buf[filled..], start + filled as u64)? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    let skip = (offset - start) as usize;
+    if filled < skip + len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("{len} bytes at {offset}: the file ends first"),
+        ));
+    }
+    Ok((buf, skip))
+}
+
 /// Reads `len` bytes at `offset` (no alignment needed) and drops them from the page cache after.
 pub fn read_at(
     file: &File,
@@ -172,5 +220,36 @@ mod tests {
             read_aligned(&path, 0, 4 * DIRECT_ALIGN, false).is_err(),
             "short file must fail"
         );
+    }
+
+    #[test]
+    fn ranges_at_any_offset_return_the_file_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        // Not a whole number of blocks, so the last range's block runs past the end.
+        let data: Vec<u8> = (0..3 * DIRECT_ALIGN + 100)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        for bypass in [false, true] {
+            let (file, direct) = open_for_ranges(&path, bypass).unwrap();
+            for (offset, len) in [
+                (0, 10),
+                (17, DIRECT_ALIGN),
+                (4000, 200),
+                (5000, data.len() - 5000),
+            ] {
+                let (buf, at) = read_range(&file, direct, offset as u64, len, bypass).unwrap();
+                assert_eq!(
+                    &buf[at..at + len],
+                    &data[offset..offset + len],
+                    "{offset} {len}"
+                );
+            }
+            assert!(
+                read_range(&file, direct, 5000, data.len(), bypass).is_err(),
+                "a range past the end must fail"
+            );
+        }
     }
 }

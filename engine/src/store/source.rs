@@ -306,7 +306,9 @@ pub struct GgufSource {
     /// `slices[layer][expert]`: gate, up, down.
     slices: Vec<Vec<[ExpertSlice; 3]>>,
     path: PathBuf,
+    /// Opened with O_DIRECT when bypassing the page cache and the filesystem allows it.
     file: File,
+    direct: bool,
     bypass_cache: bool,
     expert_bytes: u64,
     device: Device,
@@ -341,11 +343,13 @@ impl GgufSource {
             s.iter().map(ExpertSlice::bytes_in_memory).sum::<usize>() as u64
         });
         let path = gguf.path().to_path_buf();
-        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let (file, direct) =
+            fetch::open_for_ranges(&path, bypass_cache).map_err(|e| Error::io(&path, e))?;
         Ok(Self {
             slices,
             path,
             file,
+            direct,
             bypass_cache,
             expert_bytes,
             device: gguf.device().clone(),
@@ -366,18 +370,40 @@ impl ExpertSource for GgufSource {
             path: self.path.clone(),
             message,
         };
-        let mut total = 0;
-        let mut read_one = |s: &ExpertSlice| {
-            let bytes = fetch::read_at(&self.file, s.offset, s.bytes, self.bypass_cache)
-                .map_err(|e| fail(e.to_string()))?;
-            total += s.bytes as u64;
-            s.to_qmatmul(&bytes, &self.device)
+        let read_one = |s: &ExpertSlice| {
+            let (buf, at) = fetch::read_range(
+                &self.file,
+                self.direct,
+                s.offset,
+                s.bytes,
+                self.bypass_cache,
+            )
+            .map_err(|e| fail(e.to_string()))?;
+            s.to_qmatmul(&buf[at..at + s.bytes], &self.device)
                 .map_err(|e| fail(e.to_string()))
         };
-        let gate = read_one(&slices[0])?;
-        let up = read_one(&slices[1])?;
-        let down = read_one(&slices[2])?;
-        Ok((GluMlp { gate, up, down }, total))
+        // The three projections lie in three stacked tensors: reading them at once keeps three
+        // times as many reads in flight, which this disk needs to approach its rate (1.3 GB/s at
+        // 4-8 reads of 1.7 MB in flight, 1.6 GB/s at 16).
+        let [gate, up, down] = std::thread::scope(|scope| {
+            let up = scope.spawn(|| read_one(&slices[1]));
+            let down = scope.spawn(|| read_one(&slices[2]));
+            let gate = read_one(&slices[0]);
+            [
+                gate,
+                up.join().expect("expert read panicked"),
+                down.join().expect("expert read panicked"),
+            ]
+        });
+        let total = slices.iter().map(|s| s.bytes as u64).sum();
+        Ok((
+            GluMlp {
+                gate: gate?,
+                up: up?,
+                down: down?,
+            },
+            total,
+        ))
     }
 
     fn expert_bytes(&self) -> u64 {
