@@ -28,7 +28,7 @@ GB = 1_000_000_000
 # What odmoe holds besides experts on this model: Q8_0 attention, embeddings and output head,
 # the KV cache, I/O buffers and the binary (peak RSS 1.6 GB at a 1 GiB budget), plus slack for
 # the page cache the cgroup charges while base weights are read.
-ODMOE_RESERVE = 640 * 2**20
+ODMOE_RESERVE = 768 * 2**20
 READAHEAD_TUNED_KB = 128
 
 
