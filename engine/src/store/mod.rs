@@ -107,9 +107,9 @@ impl State {
             Slot::Ready(weights) => Slot::Ready(weights.clone()),
             Slot::Loading(slot) => Slot::Loading(slot.clone()),
         };
-        self.telemetry.hits += 1;
+        self.telemetry.counts.hits += 1;
         if self.cache.pin(key) {
-            self.telemetry.prefetch_used += 1;
+            self.telemetry.counts.prefetch_used += 1;
         }
         if let Slot::Loading(slot) = &slot {
             if !slot.claimed.load(Ordering::Acquire) {
@@ -230,7 +230,7 @@ impl ExpertStore {
                 match state.cache.reserve(key, self.shared.expert_bytes, false) {
                     Ok(evicted) => {
                         state.forget(&evicted);
-                        state.telemetry.misses += 1;
+                        state.telemetry.counts.misses += 1;
                         state.cache.pin(key);
                         let slot = LoadSlot::new();
                         state.slots.insert(key, Slot::Loading(slot.clone()));
@@ -318,14 +318,14 @@ impl ExpertStore {
             match state.cache.reserve(key, self.shared.expert_bytes, true) {
                 Ok(evicted) => {
                     state.forget(&evicted);
-                    state.telemetry.prefetch_issued += 1;
+                    state.telemetry.counts.prefetch_issued += 1;
                     let slot = LoadSlot::new();
                     state.slots.insert(key, Slot::Loading(slot.clone()));
                     let at = state.prefetch.partition_point(|(p, _, _)| *p <= priority);
                     state.prefetch.insert(at, (priority, key, slot));
                     queued = true;
                 }
-                Err(_) => state.telemetry.prefetch_dropped += 1,
+                Err(_) => state.telemetry.counts.prefetch_dropped += 1,
             }
         }
         if queued {
@@ -447,7 +447,7 @@ fn io_worker(shared: &Shared) {
                 Ok(weights)
             }
             Err(error) => {
-                state.telemetry.read_errors += 1;
+                state.telemetry.counts.read_errors += 1;
                 if current {
                     state.slots.remove(&key);
                     state.cache.remove(key);

@@ -21,27 +21,20 @@ pub struct PrefetchCounts {
     pub stall_us: u64,
 }
 
-/// The counters behind [`StoreStats`].
+/// The counters behind [`StoreStats`]: its counting fields live in `counts`; stall time,
+/// latency percentiles and the resident and budget figures are filled in by [`Self::snapshot`].
 #[derive(Debug, Default)]
 pub(crate) struct Telemetry {
-    pub hits: u64,
-    pub misses: u64,
-    pub prefetch_issued: u64,
-    pub prefetch_used: u64,
-    pub prefetch_wasted: u64,
-    pub prefetch_dropped: u64,
-    pub evictions: u64,
-    pub reads: u64,
-    pub read_errors: u64,
-    pub bytes_read: u64,
+    pub counts: StoreStats,
+    /// Summed at full precision; reported in whole microseconds.
     pub stall: Duration,
     latencies_us: VecDeque<u64>,
 }
 
 impl Telemetry {
     pub fn record_read(&mut self, bytes: u64, latency: Duration) {
-        self.reads += 1;
-        self.bytes_read += bytes;
+        self.counts.reads += 1;
+        self.counts.bytes_read += bytes;
         if self.latencies_us.len() == LATENCY_WINDOW {
             self.latencies_us.pop_front();
         }
@@ -49,16 +42,16 @@ impl Telemetry {
     }
 
     pub fn record_evictions(&mut self, evicted: &[((usize, usize), bool)]) {
-        self.evictions += evicted.len() as u64;
-        self.prefetch_wasted += evicted.iter().filter(|(_, unused)| *unused).count() as u64;
+        self.counts.evictions += evicted.len() as u64;
+        self.counts.prefetch_wasted += evicted.iter().filter(|(_, unused)| *unused).count() as u64;
     }
 
     pub fn prefetch_counts(&self) -> PrefetchCounts {
         PrefetchCounts {
-            issued: self.prefetch_issued,
-            used: self.prefetch_used,
-            wasted: self.prefetch_wasted,
-            dropped: self.prefetch_dropped,
+            issued: self.counts.prefetch_issued,
+            used: self.counts.prefetch_used,
+            wasted: self.counts.prefetch_wasted,
+            dropped: self.counts.prefetch_dropped,
             stall_us: self.stall.as_micros() as u64,
         }
     }
@@ -79,16 +72,6 @@ impl Telemetry {
             sorted[rank.clamp(1, sorted.len()) - 1]
         };
         StoreStats {
-            hits: self.hits,
-            misses: self.misses,
-            prefetch_issued: self.prefetch_issued,
-            prefetch_used: self.prefetch_used,
-            prefetch_wasted: self.prefetch_wasted,
-            prefetch_dropped: self.prefetch_dropped,
-            evictions: self.evictions,
-            reads: self.reads,
-            read_errors: self.read_errors,
-            bytes_read: self.bytes_read,
             read_latency_p50_us: percentile(50.0),
             read_latency_p90_us: percentile(90.0),
             read_latency_p99_us: percentile(99.0),
@@ -96,6 +79,7 @@ impl Telemetry {
             resident_bytes,
             budget_bytes,
             resident_experts: resident_experts as u64,
+            ..self.counts.clone()
         }
     }
 }
