@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{fixture, golden};
+use common::{fixture, golden, ids, max_abs_diff};
 
 use std::path::Path;
 
@@ -89,12 +89,7 @@ fn logits(model: &Model, input: &[u32]) -> Tensor {
 }
 
 fn input() -> Vec<u32> {
-    golden("qwen3_moe")["input_ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
+    ids(&golden("qwen3_moe")["input_ids"])
 }
 
 #[test]
@@ -103,16 +98,7 @@ fn f32_gguf_matches_the_transformers_golden() {
     let path = dir.path().join("m.gguf");
     write_qwen3_gguf(&path, GgmlDType::F32, &[]);
     let model = Model::load_resident(&path, &Device::Cpu).unwrap();
-    let diff = (logits(&model, &input()) - &golden("qwen3_moe")["logits"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&logits(&model, &input()), &golden("qwen3_moe")["logits"]);
     assert!(diff <= 1e-4, "max |logit diff| {diff}");
 }
 

@@ -11,6 +11,10 @@
 //! files agree with it to under 5e-4). The bounds sit just above those, far under the logits'
 //! spread (std about 2).
 
+mod common;
+
+use common::{ids, max_abs_diff};
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -30,27 +34,6 @@ fn golden(name: &str) -> HashMap<String, Tensor> {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Our logits for the golden's prompt, with the trace and 16 greedy tokens; base matrices in their
@@ -94,9 +77,9 @@ fn f32_files_match_the_exact_golden() {
     for arch in ["qwen2_moe", "qwen3_moe", "mixtral"] {
         let name = format!("{arch}-f32");
         let (logits, trace, greedy, g) = run(&name, true);
-        let diff = max_diff(&logits, &g["dequant_logits"]);
+        let diff = max_abs_diff(&logits, &g["dequant_logits"]);
         assert!(diff <= 1e-4, "{name}: max |logit diff| {diff}");
-        let llama = max_diff(&logits, &g["llama_logits"]);
+        let llama = max_abs_diff(&logits, &g["llama_logits"]);
         assert!(llama <= 1e-4, "{name}: max |diff| to llama.cpp {llama}");
         let routing = g["dequant_routing_ids"].to_vec3::<i64>().unwrap();
         for (layer, r) in trace.routing.iter().enumerate() {
@@ -114,8 +97,8 @@ fn f32_files_match_the_exact_golden() {
 fn max_diffs(name: &str, quantized_base: bool) -> (f32, f32) {
     let (logits, _, _, g) = run(name, quantized_base);
     (
-        max_diff(&logits, &g["llama_logits"]),
-        max_diff(&logits, &g["dequant_logits"]),
+        max_abs_diff(&logits, &g["llama_logits"]),
+        max_abs_diff(&logits, &g["dequant_logits"]),
     )
 }
 
