@@ -57,6 +57,14 @@ impl GgufFile {
         &self.path
     }
 
+    /// The llama.cpp name of the Hugging Face tensor `name`, or an error naming it.
+    fn gguf_name_of(&self, name: &str) -> Result<String> {
+        gguf_name(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            location: format!("{} (no GGUF name for it)", self.path.display()),
+        })
+    }
+
     /// Makes [`WeightSource::matrix`] keep quantized tensors in their stored type.
     pub fn keep_quantized(mut self, keep: bool) -> Self {
         self.keep_quantized = keep;
@@ -658,10 +666,7 @@ impl WeightSource for GgufFile {
         {
             return self.joined_kv_b(&names, name, shape);
         }
-        let gguf = gguf_name(name).ok_or_else(|| Error::MissingTensor {
-            name: name.to_string(),
-            location: format!("{} (no GGUF name for it)", self.path.display()),
-        })?;
+        let gguf = self.gguf_name_of(name)?;
         self.dequantized(&gguf, shape)
     }
 
@@ -673,10 +678,7 @@ impl WeightSource for GgufFile {
     }
 
     fn matrix(&self, name: &str, shape: &[usize]) -> Result<QMatMul> {
-        let gguf = gguf_name(name).ok_or_else(|| Error::MissingTensor {
-            name: name.to_string(),
-            location: format!("{} (no GGUF name for it)", self.path.display()),
-        })?;
+        let gguf = self.gguf_name_of(name)?;
         let info = self.info(&gguf)?;
         if !self.keep_quantized || is_dense(info.ggml_dtype) {
             return Ok(QMatMul::Tensor(self.dequantized(&gguf, shape)?));
