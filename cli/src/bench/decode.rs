@@ -65,29 +65,16 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
     let model = &loaded.model;
     let (read_at_start, _) = process_io()?;
 
-    let mut trace = Trace {
-        config: model.config.clone(),
-        expert_bytes: loaded.store.as_ref().map_or(0, |s| s.expert_bytes()),
-        ids: Vec::new(),
-        weights: Vec::new(),
-        prompt_index: Vec::new(),
-        forward: Vec::new(),
-        hidden: None,
-        model: args.model.model.display().to_string(),
-    };
+    let mut trace = Trace::new(
+        model.config.clone(),
+        loaded.store.as_ref().map_or(0, |s| s.expert_bytes()),
+        args.model.model.display().to_string(),
+    );
     let mut cache = model.new_cache();
     let mut forward = |tokens: &[u32], trace: &mut Trace| -> Result<u32> {
         let mut seen = ForwardTrace::default();
         let logits = model.forward(tokens, &mut cache, Logits::Last, Some(&mut seen))?;
-        let index = trace.forward.last().map_or(0, |f| f + 1);
-        for t in 0..tokens.len() {
-            for routing in &seen.routing {
-                trace.ids.extend(routing.ids[t].iter().map(|&e| e as u32));
-                trace.weights.extend_from_slice(&routing.weights[t]);
-            }
-            trace.prompt_index.push(0);
-            trace.forward.push(index);
-        }
+        trace.push_forward(&seen, tokens.len(), 0)?;
         Ok(argmax(&logits.squeeze(0)?.to_vec1::<f32>()?) as u32)
     };
 

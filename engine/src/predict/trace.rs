@@ -165,6 +165,46 @@ impl Trace {
         })
     }
 
+    /// An empty trace of a model's routing, experts counted at `expert_bytes` each.
+    pub fn new(config: ModelConfig, expert_bytes: u64, model: String) -> Self {
+        Self {
+            config,
+            expert_bytes,
+            ids: Vec::new(),
+            weights: Vec::new(),
+            prompt_index: Vec::new(),
+            forward: Vec::new(),
+            hidden: None,
+            model,
+        }
+    }
+
+    /// Appends the routing `seen` in one forward pass over `positions` tokens of prompt `prompt`.
+    pub fn push_forward(
+        &mut self,
+        seen: &ForwardTrace,
+        positions: usize,
+        prompt: u32,
+    ) -> Result<()> {
+        let k = self.config.num_experts_per_token;
+        let forward = self.forward.last().map_or(0, |f| f + 1);
+        for t in 0..positions {
+            for routing in &seen.routing {
+                let chosen = routing.ids.get(t).map_or(0, Vec::len);
+                if chosen != k {
+                    return Err(Error::InvalidRequest(format!(
+                        "routing chose {chosen} experts, the config says {k}"
+                    )));
+                }
+                self.ids.extend(routing.ids[t].iter().map(|&e| e as u32));
+                self.weights.extend_from_slice(&routing.weights[t]);
+            }
+            self.prompt_index.push(prompt);
+            self.forward.push(forward);
+        }
+        Ok(())
+    }
+
     /// Runs every prompt through `model` (prefill, then greedy decoding of up to
     /// `options.max_tokens` tokens) and records its routing; calls `progress` after each prompt.
     pub fn record(
@@ -173,20 +213,13 @@ impl Trace {
         options: &RecordOptions,
         mut progress: impl FnMut(usize),
     ) -> Result<Trace> {
-        let config = model.config.clone();
-        let (l, k) = (config.num_layers, config.num_experts_per_token);
-        let mut trace = Trace {
-            config,
-            expert_bytes: options.expert_bytes,
-            ids: Vec::new(),
-            weights: Vec::new(),
-            prompt_index: Vec::new(),
-            forward: Vec::new(),
-            hidden: None,
-            model: options.model.clone(),
-        };
+        let l = model.config.num_layers;
+        let mut trace = Trace::new(
+            model.config.clone(),
+            options.expert_bytes,
+            options.model.clone(),
+        );
         let mut hidden: Vec<Tensor> = Vec::new();
-        let mut forward = 0u32;
         for (p, prompt) in prompts.iter().enumerate() {
             if prompt.is_empty() {
                 return Err(Error::InvalidRequest(format!("prompt {p} is empty")));
@@ -197,26 +230,12 @@ impl Trace {
             loop {
                 let mut seen = ForwardTrace::default();
                 let logits = model.forward(&run, &mut cache, Logits::Last, Some(&mut seen))?;
-                for t in 0..run.len() {
-                    for routing in &seen.routing {
-                        if routing.ids[t].len() != k {
-                            return Err(Error::InvalidRequest(format!(
-                                "routing chose {} experts, the config says {k}",
-                                routing.ids[t].len()
-                            )));
-                        }
-                        trace.ids.extend(routing.ids[t].iter().map(|&e| e as u32));
-                        trace.weights.extend_from_slice(&routing.weights[t]);
-                    }
-                    trace.prompt_index.push(p as u32);
-                    trace.forward.push(forward);
-                }
+                trace.push_forward(&seen, run.len(), p as u32)?;
                 if options.hidden {
                     // [T, L, H]: the hidden states entering each layer, per token.
                     hidden
                         .push(Tensor::stack(&seen.hidden_states[..l], 1)?.to_device(&Device::Cpu)?);
                 }
-                forward += 1;
                 // As Session::generate: the last token is sampled but not run.
                 let logits = logits.squeeze(0)?.to_vec1::<f32>()?;
                 let next = crate::model::layers::argmax(&logits) as u32;
