@@ -235,3 +235,72 @@ fn an_unfinished_conversion_is_reported_as_such() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("conversion incomplete"), "{stderr}");
 }
+
+#[test]
+fn bench_decode_reports_one_run_and_on_demand_decodes_as_resident() {
+    let name = "qwen3_moe";
+    let g = golden(name);
+    let dir = fixture(name);
+    let prompt = joined(&id_list(&g["input_ids"]));
+    let decode = |placement: &[&str], feed: Option<&str>| -> serde_json::Value {
+        let mut args = vec![
+            "bench",
+            "decode",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &prompt,
+            "--tokens",
+            "8",
+            "--json",
+        ];
+        args.extend_from_slice(placement);
+        if let Some(feed) = feed {
+            args.extend_from_slice(&["--feed-ids", feed]);
+        }
+        serde_json::from_str(&odmoe_ok(&args)).unwrap()
+    };
+    let greedy = |out: &serde_json::Value| -> Vec<u64> {
+        out["generated"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    let resident = decode(&["--resident"], None);
+    let on_demand = decode(&["--expert-budget", "25%"], None);
+    assert_eq!(greedy(&on_demand), greedy(&resident));
+    assert_eq!(
+        greedy(&resident),
+        id_list(&g["greedy_tokens"])[..8].to_vec(),
+        "bench decode's greedy tokens are the golden's"
+    );
+    assert!(resident["hit_rate"].is_null(), "no store when resident");
+    for rate in ["hit_rate", "read_free_rate", "belady_hit_rate"] {
+        let r = on_demand[rate].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&r), "{rate} {r}");
+    }
+    assert_eq!(on_demand["decode_tokens"], 8);
+
+    let fed = decode(&["--expert-budget", "25%"], Some("5,6,7,8,9,10,11,12"));
+    assert_eq!(greedy(&fed), vec![5, 6, 7, 8, 9, 10, 11, 12]);
+    assert!(
+        odmoe(&[
+            "bench",
+            "decode",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &prompt,
+            "--tokens",
+            "8",
+            "--feed-ids",
+            "5,6",
+        ])
+        .status
+        .code()
+            != Some(0),
+        "too few fed ids must fail"
+    );
+}
