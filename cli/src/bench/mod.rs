@@ -194,7 +194,7 @@ fn store(args: StoreBenchArgs) -> Result<()> {
 /// Synthetic expert files of `bytes` each (a multiple of the O_DIRECT alignment), reused when
 /// already present at the right size.
 fn write_experts(dir: &Path, count: usize, bytes: usize) -> Result<Vec<PathBuf>> {
-    if bytes % DIRECT_ALIGN != 0 {
+    if !bytes.is_multiple_of(DIRECT_ALIGN) {
         bail!("expert size must be a multiple of {DIRECT_ALIGN} bytes");
     }
     let mut block = vec![0u8; bytes];

@@ -546,7 +546,9 @@ pub fn parse_ggml_type(name: &str) -> Option<GgmlDType> {
 
 /// Bytes of `elements` values stored as `dtype`, when they fill whole blocks.
 pub fn ggml_bytes(dtype: GgmlDType, elements: usize) -> Option<usize> {
-    (elements % dtype.block_size() == 0).then(|| elements / dtype.block_size() * dtype.type_size())
+    elements
+        .is_multiple_of(dtype.block_size())
+        .then(|| elements / dtype.block_size() * dtype.type_size())
 }
 
 const GGML_TYPE_NAMES: [(&str, GgmlDType); 15] = [

@@ -167,7 +167,7 @@ impl ExpertLayout {
                 ));
             }
         };
-        if self.data_offset % ALIGN != 0 || self.file_bytes % ALIGN != 0 {
+        if !self.data_offset.is_multiple_of(ALIGN) || !self.file_bytes.is_multiple_of(ALIGN) {
             return Err(format!(
                 "expert data offset {} and file length {} must be multiples of {ALIGN}",
                 self.data_offset, self.file_bytes

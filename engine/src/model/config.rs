@@ -159,7 +159,7 @@ impl GroupLimitedRouting {
             ..
         } = *self;
         // Groups are ranked by the sum of their two best scores, so each needs two experts.
-        if n_group == 0 || experts % n_group != 0 || experts / n_group < 2 {
+        if n_group == 0 || !experts.is_multiple_of(n_group) || experts / n_group < 2 {
             return Err(format!(
                 "n_group ({n_group}) must split {experts} experts into groups of at least 2"
             ));
@@ -514,7 +514,7 @@ fn deepseek_config(raw: &RawConfig, path: &Path) -> Result<DeepseekConfig> {
         qk_rope_head_dim: need(raw.qk_rope_head_dim, "qk_rope_head_dim")?,
         v_head_dim: need(raw.v_head_dim, "v_head_dim")?,
     };
-    if attention.qk_rope_head_dim % 2 != 0 {
+    if !attention.qk_rope_head_dim.is_multiple_of(2) {
         return Err(Error::config(
             path,
             format!(

@@ -111,11 +111,11 @@ impl State {
         if self.cache.pin(key) {
             self.telemetry.counts.prefetch_used += 1;
         }
-        if let Slot::Loading(slot) = &slot {
-            if !slot.claimed.load(Ordering::Acquire) {
-                self.demand.push_front((key, slot.clone()));
-                *queued = true;
-            }
+        if let Slot::Loading(slot) = &slot
+            && !slot.claimed.load(Ordering::Acquire)
+        {
+            self.demand.push_front((key, slot.clone()));
+            *queued = true;
         }
         Some(slot)
     }
