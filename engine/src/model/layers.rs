@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module};
 
 use super::config::ModelConfig;
+use super::q8_0;
 use crate::error::Result;
 use crate::format::WeightSource;
 
@@ -56,11 +57,33 @@ impl Projection {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        Ok(Self::forward_all(&[self], x)?.remove(0))
+    }
+
+    /// Each projection of `all` applied to the same `x`: when all are Q8_0 the kernel quantizes
+    /// `x` once and computes them together.
+    pub fn forward_all(all: &[&Self], x: &Tensor) -> Result<Vec<Tensor>> {
+        let products = match all
+            .iter()
+            .map(|p| q8_0::eligible(&p.weight, x))
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(weights) => q8_0::forward(&weights, x)?,
+            None => all
+                .iter()
+                .map(|p| p.weight.forward(x))
+                .collect::<candle_core::Result<_>>()?,
+        };
+        products
+            .into_iter()
+            .zip(all)
+            .map(|(y, p)| {
+                Ok(match &p.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            })
+            .collect()
     }
 }
 
@@ -253,9 +276,12 @@ impl Attention {
     ) -> Result<Tensor> {
         let t = x.dim(0)?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut q = self.q.forward(x)?.reshape((t, nh, d))?;
-        let mut k = self.k.forward(x)?.reshape((t, nkv, d))?;
-        let v = self.v.forward(x)?.reshape((t, nkv, d))?;
+        let [q, k, v]: [Tensor; 3] = Projection::forward_all(&[&self.q, &self.k, &self.v], x)?
+            .try_into()
+            .expect("three projections");
+        let mut q = q.reshape((t, nh, d))?;
+        let mut k = k.reshape((t, nkv, d))?;
+        let v = v.reshape((t, nkv, d))?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
@@ -361,9 +387,27 @@ impl GluMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(weights) = self.q8_0(x) {
+            let hidden = *x
+                .dims()
+                .last()
+                .expect("a matrix input has a last dimension");
+            let input = q8_0::Activations::quantize(&x.flatten_all()?.to_vec1()?, hidden);
+            let out = q8_0::glu(&[(weights, &input)])?.remove(0);
+            return Ok(Tensor::from_vec(out, x.dims(), x.device())?);
+        }
         let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
         let up = self.up.forward(x)?;
         Ok(self.down.forward(&(gate * up)?)?)
+    }
+
+    /// The three projections when the Q8_0 kernel takes `x` through them all.
+    pub fn q8_0(&self, x: &Tensor) -> Option<q8_0::GluWeights<'_>> {
+        Some(q8_0::GluWeights {
+            gate: q8_0::eligible(&self.gate, x)?,
+            up: q8_0::eligible(&self.up, x)?,
+            down: q8_0::eligible(&self.down, x)?,
+        })
     }
 
     /// Bytes held by the three weight matrices, as stored in memory.

@@ -6,6 +6,7 @@ pub mod layers;
 pub mod llama;
 pub mod mixtral;
 pub mod moe;
+pub mod q8_0;
 pub mod qwen_moe;
 
 use std::path::Path;

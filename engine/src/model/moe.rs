@@ -11,6 +11,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module};
 
 use super::layers::GluMlp;
+use super::q8_0;
 use crate::error::{Error, Result};
 
 /// One routed expert's weights, kept alive (and, for a store, pinned) while the handle lives.
@@ -179,16 +180,34 @@ impl MoeBlock {
                 entry.1.push(w);
             }
         }
-        let routed: Vec<_> = by_expert.into_iter().collect();
+        let routed: Vec<Assignment> = by_expert.into_iter().collect();
         let mut out = x.zeros_like()?;
         // In batches the provider can hold at once; accumulation stays in ascending expert order.
         // Each expert is waited for only when its turn comes: computing one overlaps reading the
         // next, and its pin is released as soon as it has been applied.
         for batch in routed.chunks(experts.max_batch().max(1)) {
             let ids: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
-            let pending = experts.request(self.layer, &ids)?;
-            for (pending, (_, (tokens, weights))) in pending.into_iter().zip(batch) {
-                let handle = pending.wait()?;
+            let mut pending = experts.request(self.layer, &ids)?.into_iter();
+            let Some(first) = pending.next() else {
+                continue;
+            };
+            let first = first.wait()?;
+            if first.q8_0(x).is_some() {
+                // The Q8_0 kernel computes the batch's experts together, in two passes over
+                // the thread pool instead of two per expert; that waits for the whole batch,
+                // whose reads were all queued at once.
+                let mut handles = vec![first];
+                for expert in pending {
+                    handles.push(expert.wait()?);
+                }
+                out = mix_q8_0(out, x, &handles, batch)?;
+                continue;
+            }
+            let rest = pending.map(|p| p.wait());
+            for (handle, (_, (tokens, weights))) in
+                std::iter::once(Ok(first)).chain(rest).zip(batch)
+            {
+                let handle = handle?;
                 let n = tokens.len();
                 let index = Tensor::from_vec(tokens.clone(), n, x.device())?;
                 let weights =
@@ -292,6 +311,51 @@ impl MoeBlock {
         }
         routing
     }
+}
+
+/// An expert, the positions routed to it, and their routing weights.
+type Assignment = (usize, (Vec<u32>, Vec<f32>));
+
+/// `out` plus each expert's output on its tokens times its routing weight, added in the order of
+/// `batch` (ascending expert ids) as the candle path adds them.
+fn mix_q8_0(
+    out: Tensor,
+    x: &Tensor,
+    handles: &[ExpertHandle],
+    batch: &[Assignment],
+) -> Result<Tensor> {
+    let (_, hidden) = x.dims2()?;
+    let rows = x.to_vec2::<f32>()?;
+    let inputs: Vec<q8_0::Activations> = batch
+        .iter()
+        .map(|(_, (tokens, _))| {
+            let gathered: Vec<f32> = tokens
+                .iter()
+                .flat_map(|&t| rows[t as usize].iter().copied())
+                .collect();
+            q8_0::Activations::quantize(&gathered, hidden)
+        })
+        .collect();
+    let experts: Vec<_> = handles
+        .iter()
+        .zip(&inputs)
+        .map(|(h, input)| Ok((h.q8_0(x).ok_or_else(mixed_types)?, input)))
+        .collect::<Result<_>>()?;
+    let outputs = q8_0::glu(&experts)?;
+    let mut sum = out.flatten_all()?.to_vec1::<f32>()?;
+    for (y, (_, (tokens, weights))) in outputs.iter().zip(batch) {
+        for ((&t, &w), y) in tokens.iter().zip(weights).zip(y.chunks_exact(hidden)) {
+            let row = &mut sum[t as usize * hidden..(t as usize + 1) * hidden];
+            for (acc, v) in row.iter_mut().zip(y) {
+                *acc += v * w;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(sum, out.shape(), out.device())?)
+}
+
+fn mixed_types() -> Error {
+    Error::InvalidRequest("a layer's experts mix Q8_0 with other weight types".into())
 }
 
 /// Indices of the `k` largest values, largest first; equal values keep index order, as

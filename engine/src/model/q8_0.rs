@@ -1,0 +1,567 @@
+//! Q8_0 matrix products on x86-64 CPUs with AVX-512 VNNI, computed from GGUF's block layout as
+//! the file stores it.
+//!
+//! Why not candle's: its AVX2 loop converts each block's f16 scales through a function call and
+//! widens products in two steps, so decode runs at about half the memory bandwidth; its VNNI path
+//! keeps a repacked second copy of every matrix, which a byte-budgeted expert store cannot
+//! afford. Here activations are quantized once per call (once for gate and up together), two
+//! blocks go through one `vpdpbusd`, and rows are shared out over candle's own thread pool.
+//!
+//! Every output element is one row's dot product with one activation row, summed in the same
+//! order whichever thread computes it, so results do not depend on the thread count: experts
+//! read on demand give the bits resident ones give.
+
+use std::sync::OnceLock;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
+
+const BLOCK: usize = 32;
+/// An f16 scale, then 32 signed quants.
+const BLOCK_BYTES: usize = 34;
+
+/// Whether this CPU runs the kernel (checked once).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// The Q8_0 weight the kernel takes `x` through, if it can: a CPU tensor of f32 rows, on a CPU
+/// that has the instructions.
+pub fn eligible<'a>(w: &'a QMatMul, x: &Tensor) -> Option<&'a QTensor> {
+    match w {
+        QMatMul::QTensor(q)
+            if q.dtype() == GgmlDType::Q8_0
+                && x.device().is_cpu()
+                && x.dtype() == DType::F32
+                && q.shape().dims().len() == 2
+                && available() =>
+        {
+            Some(q)
+        }
+        _ => None,
+    }
+}
+
+/// `x W^T` for each Q8_0 `w` of `weights` (`[rows, cols]`, from [`eligible`]) and `x`
+/// `[.., cols]`: `x` is quantized once and every product shares one pass over the pool.
+pub fn forward(weights: &[&QTensor], x: &Tensor) -> Result<Vec<Tensor>> {
+    let cols = *x
+        .dims()
+        .last()
+        .expect("a matrix input has a last dimension");
+    let input = x.flatten_all()?.to_vec1::<f32>()?;
+    let activations = Activations::quantize(&input, cols);
+    let data = weights
+        .iter()
+        .map(|w| w.data())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut outputs: Vec<Vec<f32>> = weights
+        .iter()
+        .map(|w| vec![0f32; activations.len() * w.shape().dims()[0]])
+        .collect();
+    let mut jobs: Vec<Job> = data
+        .iter()
+        .zip(&mut outputs)
+        .map(|(weights, out)| Job {
+            weights,
+            x: &activations,
+            out,
+        })
+        .collect();
+    matmul(&mut jobs);
+    outputs
+        .into_iter()
+        .zip(weights)
+        .map(|(out, w)| {
+            let mut dims = x.dims().to_vec();
+            *dims.last_mut().expect("checked above") = w.shape().dims()[0];
+            Ok(Tensor::from_vec(out, dims, x.device())?)
+        })
+        .collect()
+}
+
+/// An expert's gate, up and down projections, all Q8_0 and in reach of the kernel.
+#[derive(Clone, Copy)]
+pub struct GluWeights<'a> {
+    pub gate: &'a QTensor,
+    pub up: &'a QTensor,
+    pub down: &'a QTensor,
+}
+
+/// `down(silu(gate(x)) * up(x))` of each expert for its own activations `[tokens, hidden]`,
+/// as `[tokens, hidden]` rows: all gates and ups in one pass over the pool, then all downs.
+pub fn glu(experts: &[(GluWeights, &Activations)]) -> Result<Vec<Vec<f32>>> {
+    let mut width = Vec::with_capacity(experts.len());
+    let mut data = Vec::with_capacity(2 * experts.len());
+    for (w, _) in experts {
+        width.push(w.gate.shape().dims2()?.0);
+        data.push((w.gate.data()?, w.up.data()?));
+    }
+    let mut gated: Vec<Vec<f32>> = Vec::with_capacity(experts.len());
+    let mut lifted: Vec<Vec<f32>> = Vec::with_capacity(experts.len());
+    for ((_, x), &width) in experts.iter().zip(&width) {
+        gated.push(vec![0f32; x.len() * width]);
+        lifted.push(vec![0f32; x.len() * width]);
+    }
+    let mut jobs = Vec::with_capacity(2 * experts.len());
+    for (((gate, up), (_, x)), (g, u)) in data
+        .iter()
+        .zip(experts)
+        .zip(gated.iter_mut().zip(&mut lifted))
+    {
+        jobs.push(Job {
+            weights: gate,
+            x,
+            out: g,
+        });
+        jobs.push(Job {
+            weights: up,
+            x,
+            out: u,
+        });
+    }
+    matmul(&mut jobs);
+    let mut mids = Vec::with_capacity(experts.len());
+    for ((g, u), &width) in gated.iter_mut().zip(&lifted).zip(&width) {
+        for (g, u) in g.iter_mut().zip(u) {
+            // SiLU as candle computes it.
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+        mids.push(Activations::quantize(g, width));
+    }
+    let downs = experts
+        .iter()
+        .map(|(w, _)| w.down.data())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut outputs: Vec<Vec<f32>> = experts
+        .iter()
+        .map(|(w, x)| vec![0f32; x.len() * w.down.shape().dims()[0]])
+        .collect();
+    let mut jobs: Vec<Job> = downs
+        .iter()
+        .zip(&mids)
+        .zip(&mut outputs)
+        .map(|((weights, x), out)| Job { weights, x, out })
+        .collect();
+    matmul(&mut jobs);
+    Ok(outputs)
+}
+
+/// Activation rows quantized to Q8_0 as llama.cpp does it: per block of 32, the scale
+/// `max|x| / 127` rounded through f16, and `x / scale` rounded to the nearest integer.
+pub struct Activations {
+    quants: Vec<i8>,
+    scales: Vec<f32>,
+    cols: usize,
+}
+
+impl Activations {
+    /// Quantizes `x`, rows of `cols` values; `cols` is a multiple of 32.
+    pub fn quantize(x: &[f32], cols: usize) -> Self {
+        assert!(
+            cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols),
+            "Q8_0 rows of {cols} values"
+        );
+        assert!(available(), "the Q8_0 kernel needs AVX-512 VNNI and F16C");
+        let mut quants = vec![0i8; x.len()];
+        let mut scales = Vec::with_capacity(x.len() / BLOCK);
+        for (block, out) in x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `available` checked the instructions; both blocks hold 32 values.
+            scales.push(unsafe { avx512::quantize_block(block, out) });
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (block, out);
+        }
+        Self {
+            quants,
+            scales,
+            cols,
+        }
+    }
+
+    /// The number of rows.
+    pub fn len(&self) -> usize {
+        self.quants.len() / self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.quants.is_empty()
+    }
+}
+
+/// One product for [`matmul`]: a Q8_0 matrix `[rows, x.cols]` (its blocks) by the rows of `x`,
+/// into `out` `[x.len(), rows]`.
+pub struct Job<'a> {
+    pub weights: &'a [u8],
+    pub x: &'a Activations,
+    pub out: &'a mut [f32],
+}
+
+/// Computes every job in one pass over the thread pool.
+pub fn matmul(jobs: &mut [Job]) {
+    // The rows of all jobs in one numbering, so a thread's range may span several matrices.
+    let mut starts = Vec::with_capacity(jobs.len() + 1);
+    let mut total = 0;
+    for job in jobs.iter() {
+        let row_bytes = job.x.cols / BLOCK * BLOCK_BYTES;
+        assert!(
+            job.weights.len().is_multiple_of(row_bytes),
+            "Q8_0 matrix of {} bytes, not rows of {} values",
+            job.weights.len(),
+            job.x.cols
+        );
+        let rows = job.weights.len() / row_bytes;
+        assert_eq!(
+            job.out.len(),
+            job.x.len() * rows,
+            "output of {rows} columns"
+        );
+        starts.push(total);
+        total += rows;
+    }
+    starts.push(total);
+    let outputs: Vec<usize> = jobs
+        .iter_mut()
+        .map(|j| j.out.as_mut_ptr() as usize)
+        .collect();
+    let jobs = &*jobs;
+    let run = |range: std::ops::Range<usize>| {
+        let mut row = range.start;
+        let mut index = starts.partition_point(|&s| s <= row) - 1;
+        while row < range.end {
+            let job = &jobs[index];
+            let (first, rows) = (starts[index], starts[index + 1] - starts[index]);
+            let row_bytes = job.weights.len() / rows;
+            let end = range.end.min(first + rows);
+            for local in row - first..end - first {
+                let weights = &job.weights[local * row_bytes..(local + 1) * row_bytes];
+                for t in 0..job.x.len() {
+                    let value = dot(weights, job.x, t);
+                    // SAFETY: each (job, token, row) element is written by exactly one range
+                    // item, and the outputs outlive the pool call.
+                    unsafe { *(outputs[index] as *mut f32).add(t * rows + local) = value };
+                }
+            }
+            row = end;
+            index += 1;
+        }
+    };
+    candle_core::utils::barrier_pool().execute_chunked(total, run);
+}
+
+/// One weight row's dot product with activation row `t`.
+fn dot(weights: &[u8], x: &Activations, t: usize) -> f32 {
+    let blocks = x.cols / BLOCK;
+    let quants = &x.quants[t * x.cols..(t + 1) * x.cols];
+    let scales = &x.scales[t * blocks..(t + 1) * blocks];
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `matmul` runs only where `available` found the instructions, and the slices
+        // hold `blocks` blocks each.
+        unsafe { avx512::dot(weights, quants, scales) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (weights, quants, scales);
+        unreachable!("the Q8_0 kernel is only offered on x86-64")
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, BLOCK_BYTES};
+
+    /// Quantizes 32 values into `out` and returns their scale, `max|x| / 127` rounded through
+    /// f16; quants round half to even, as llama.cpp's vector code rounds them.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW and F16C; both slices hold 32 values.
+    #[target_feature(enable = "avx512f,avx512bw,f16c")]
+    pub(super) unsafe fn quantize_block(block: &[f32], out: &mut [i8]) -> f32 {
+        debug_assert!(block.len() == BLOCK && out.len() == BLOCK);
+        // SAFETY: the caller's.
+        unsafe {
+            let low = _mm512_loadu_ps(block.as_ptr());
+            let high = _mm512_loadu_ps(block.as_ptr().add(16));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+            let scale = amax / 127.0;
+            let inverse = _mm512_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+            for (half, values) in [low, high].into_iter().enumerate() {
+                let rounded = _mm512_cvtps_epi32(_mm512_mul_ps(values, inverse));
+                _mm_storeu_si128(
+                    out.as_mut_ptr().add(16 * half) as *mut __m128i,
+                    _mm512_cvtsepi32_epi8(rounded),
+                );
+            }
+            let half = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(scale));
+            _mm_cvtss_f32(_mm_cvtph_ps(half))
+        }
+    }
+
+    /// `sum over blocks of (weight scale * activation scale) * (integer dot of the quants)`, two
+    /// blocks to a 512-bit register and four blocks a step into two accumulators.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VNNI and F16C; `weights` holds `scales.len()` blocks and `quants`
+    /// 32 quants for each.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    pub(super) unsafe fn dot(weights: &[u8], quants: &[i8], scales: &[f32]) -> f32 {
+        let blocks = scales.len();
+        debug_assert!(weights.len() >= blocks * BLOCK_BYTES && quants.len() >= blocks * BLOCK);
+        let w = weights.as_ptr();
+        let a = quants.as_ptr();
+        // Spread scales 0 and 1 (or 2 and 3) over lanes 0-7 and 8-15.
+        let first = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let second = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let mut b = 0;
+        // SAFETY (all blocks below): block b + 3, or b in the tail, is inside both slices.
+        while b + 4 <= blocks {
+            unsafe {
+                let block = w.add(b * BLOCK_BYTES);
+                let bits = (0..4).fold(0i64, |bits, i| {
+                    bits | (scale_bits(block.add(i * BLOCK_BYTES)) << (16 * i))
+                });
+                let both = _mm_mul_ps(
+                    _mm_cvtph_ps(_mm_cvtsi64_si128(bits)),
+                    _mm_loadu_ps(scales.as_ptr().add(b)),
+                );
+                let both = _mm512_castps128_ps512(both);
+                for (half, lanes) in [first, second].into_iter().enumerate() {
+                    let pair = block.add(2 * half * BLOCK_BYTES);
+                    let quants = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(block_quants(pair)),
+                        block_quants(pair.add(BLOCK_BYTES)),
+                    );
+                    let sums = integer_dots(
+                        quants,
+                        _mm512_loadu_si512(a.add((b + 2 * half) * BLOCK) as *const __m512i),
+                    );
+                    acc[half] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(sums),
+                        _mm512_permutexvar_ps(lanes, both),
+                        acc[half],
+                    );
+                }
+            }
+            b += 4;
+        }
+        while b < blocks {
+            unsafe {
+                let block = w.add(b * BLOCK_BYTES);
+                let scale = _mm_mul_ss(
+                    _mm_cvtph_ps(_mm_cvtsi64_si128(scale_bits(block))),
+                    _mm_set_ss(*scales.get_unchecked(b)),
+                );
+                // The upper half stays zero.
+                let sums = integer_dots(
+                    _mm512_zextsi256_si512(block_quants(block)),
+                    _mm512_zextsi256_si512(_mm256_loadu_si256(a.add(b * BLOCK) as *const __m256i)),
+                );
+                acc[0] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(sums),
+                    _mm512_permutexvar_ps(first, _mm512_castps128_ps512(scale)),
+                    acc[0],
+                );
+            }
+            b += 1;
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+    }
+
+    /// The f16 scale that opens the block at `block`.
+    ///
+    /// # Safety
+    /// `block` points at a whole block.
+    #[inline]
+    unsafe fn scale_bits(block: *const u8) -> i64 {
+        // SAFETY: the caller's.
+        unsafe { (block as *const u16).read_unaligned() as i64 }
+    }
+
+    /// The 32 quants of the block at `block`.
+    ///
+    /// # Safety
+    /// `block` points at a whole block.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_quants(block: *const u8) -> __m256i {
+        // SAFETY: the caller's.
+        unsafe { _mm256_loadu_si256(block.add(2) as *const __m256i) }
+    }
+
+    /// Per-lane sums of four products of signed bytes. vpdpbusd multiplies unsigned by signed
+    /// bytes, so each weight's sign moves onto its activation and the weight gives its magnitude.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    fn integer_dots(weights: __m512i, activations: __m512i) -> __m512i {
+        let negative = _mm512_movepi8_mask(weights);
+        let signed =
+            _mm512_mask_sub_epi8(activations, negative, _mm512_setzero_si512(), activations);
+        _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(weights), signed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// A Q8_0 matrix `[rows, cols]` of values in [-1, 1) and activations `[tokens, cols]`.
+    fn case(rows: usize, cols: usize, tokens: usize, seed: u64) -> (QTensor, Tensor) {
+        let (w, x) = f32_case(rows, cols, tokens, seed);
+        (QTensor::quantize(&w, GgmlDType::Q8_0).unwrap(), x)
+    }
+
+    fn f32_case(rows: usize, cols: usize, tokens: usize, seed: u64) -> (Tensor, Tensor) {
+        let device = Device::Cpu;
+        let w = Tensor::rand(-1f32, 1f32, (rows, cols), &device).unwrap();
+        let w = (w * (1.0 + seed as f64)).unwrap();
+        (
+            w,
+            Tensor::rand(-2f32, 2f32, (tokens, cols), &device).unwrap(),
+        )
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Block counts that take the four-block loop, its tail, or both; one and several tokens.
+    /// The kernel's sum is the dequantized matrix times the dequantized activations, up to f32
+    /// rounding.
+    #[test]
+    fn multiplies_the_dequantized_operands() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+            return;
+        }
+        for (i, (rows, cols, tokens)) in [(7, 32, 1), (5, 96, 3), (33, 160, 1), (64, 2048, 2)]
+            .into_iter()
+            .enumerate()
+        {
+            let (w, x) = case(rows, cols, tokens, i as u64);
+            let ours = forward(&[&w], &x).unwrap().remove(0);
+            assert_eq!(ours.dims(), &[tokens, rows]);
+            let q = Activations::quantize(&x.flatten_all().unwrap().to_vec1().unwrap(), cols);
+            let dequantized: Vec<f32> = q
+                .quants
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| v as f32 * q.scales[i / BLOCK])
+                .collect();
+            let x = Tensor::from_vec(dequantized, (tokens, cols), &Device::Cpu).unwrap();
+            let w = w.dequantize(&Device::Cpu).unwrap();
+            let exact = x.matmul(&w.t().unwrap()).unwrap();
+            let bound = 1e-6 * cols as f32 * 2.0 * (1.0 + i as f32);
+            let diff = max_abs_diff(&ours, &exact);
+            assert!(diff < bound, "{rows}x{cols}: {diff}");
+        }
+    }
+
+    /// An element does not depend on what else is computed with it: the split of rows over
+    /// threads, other tokens, or other matrices in the same pass.
+    #[test]
+    fn each_element_is_independent_of_the_batch() {
+        if !available() {
+            return;
+        }
+        let (a, x) = case(37, 256, 4, 1);
+        let (b, _) = case(19, 256, 4, 2);
+        let together = forward(&[&a, &b], &x).unwrap();
+        for t in 0..4 {
+            let row = x.narrow(0, t, 1).unwrap();
+            for (w, all) in [(&a, &together[0]), (&b, &together[1])] {
+                let alone = forward(&[w], &row).unwrap().remove(0);
+                let same = all.narrow(0, t, 1).unwrap();
+                assert_eq!(
+                    alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    same.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn glu_is_down_of_silu_gate_times_up() {
+        if !available() {
+            return;
+        }
+        let (gate, x) = case(96, 64, 3, 1);
+        let (up, _) = case(96, 64, 3, 2);
+        let (down, _) = case(64, 96, 3, 3);
+        let weights = GluWeights {
+            gate: &gate,
+            up: &up,
+            down: &down,
+        };
+        let input = Activations::quantize(&x.flatten_all().unwrap().to_vec1().unwrap(), 64);
+        let ours = glu(&[(weights, &input)]).unwrap().remove(0);
+        let ours = Tensor::from_vec(ours, (3, 64), &Device::Cpu).unwrap();
+        let g = forward(&[&gate], &x).unwrap().remove(0);
+        let u = forward(&[&up], &x).unwrap().remove(0);
+        let mid = (candle_nn::ops::silu(&g).unwrap() * u).unwrap();
+        let expected = forward(&[&down], &mid).unwrap().remove(0);
+        assert!(max_abs_diff(&ours, &expected) < 1e-3);
+    }
+
+    #[test]
+    fn quantizes_as_llama_cpp() {
+        if !available() {
+            return;
+        }
+        let mut values: Vec<f32> = (0..32).map(|i| i as f32 * 0.37 - 6.0).collect();
+        let q = Activations::quantize(&values, 32);
+        let scale = 6.0f32 / 127.0;
+        assert_eq!(q.scales, vec![half_round(scale)]);
+        for (v, q) in values.iter().zip(&q.quants) {
+            assert_eq!(*q as f32, (v * (1.0 / scale)).round_ties_even(), "{v}");
+        }
+        // With a scale of one, halves are ties and go to the even neighbour.
+        values[0] = 127.0;
+        values[1] = 2.5;
+        values[2] = -3.5;
+        let q = Activations::quantize(&values, 32);
+        assert_eq!((q.scales[0], &q.quants[..3]), (1.0, &[127i8, 2, -4][..]));
+        let zeros = Activations::quantize(&[0.0; 64], 32);
+        assert_eq!((zeros.len(), zeros.scales), (2, vec![0.0, 0.0]));
+        assert!(zeros.quants.iter().all(|&q| q == 0));
+    }
+
+    fn half_round(v: f32) -> f32 {
+        let t = Tensor::new(&[v], &Device::Cpu).unwrap();
+        t.to_dtype(DType::F16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap()[0]
+    }
+}
