@@ -302,14 +302,15 @@ impl Attention {
         let (k, v) = cache.append(layer, k, v)?;
         let s = k.dim(1)?;
         let rep = nh / nkv;
-        let k = repeat_kv(&k, rep)?;
-        let v = repeat_kv(&v, rep)?;
+        // Query heads kv*rep..(kv+1)*rep share key head kv: stacking their rows multiplies each
+        // key head once, where repeating the keys per query head would copy the cache.
+        let q = q.reshape((nkv, rep * t, d))?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((nh, t, s))?;
         let mask = causal_mask(t, s, offset, self.sliding_window, x.device())?;
         let scores = scores.broadcast_add(&mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?; // [nh, T, d]
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, rep * t, s))?;
+        let out = probs.matmul(&v)?.reshape((nh, t, d))?;
         let out = out.transpose(0, 1)?.reshape((t, nh * d))?;
         self.o.forward(&out)
     }
@@ -338,17 +339,6 @@ pub(crate) fn causal_mask(
         }
     }
     Ok(Tensor::from_vec(mask, (t, s), device)?)
-}
-
-/// Repeats each key/value head `rep` times so grouped heads line up with query heads.
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (nkv, s, d) = x.dims3()?;
-    Ok(x.unsqueeze(1)?
-        .expand((nkv, rep, s, d))?
-        .reshape((nkv * rep, s, d))?)
 }
 
 /// A SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`. Every routed expert is one.
