@@ -47,12 +47,24 @@ pub use error::{Error, Result};
 /// repacks every expert read from disk; and it was slower here, 13.2 against 17.2 tok/s decode and
 /// 12.1 against 1.8 s to the first token (`odmoe bench decode --resident`, 2 threads).
 ///
+/// Q8_0 itself goes through odmoe's own kernel (`model::q8_0`) where the CPU has AVX-512 VNNI;
+/// the switch still matters for other quantized types.
+///
+/// The thread count fixed once (`RAYON_NUM_THREADS`, to the count candle would choose): unset,
+/// candle counts physical cores by reading `/proc/cpuinfo` on every f32 matrix product, which
+/// took 2% of decode time.
+///
 /// # Safety
 /// Changes the process environment: call it before any other thread starts.
 pub unsafe fn configure_cpu_compute() {
     if std::env::var_os("MISTRALRS_FORCE_AVX2").is_none() {
         // SAFETY: the caller guarantees no other thread runs yet.
         unsafe { std::env::set_var("MISTRALRS_FORCE_AVX2", "1") };
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads().to_string();
+        // SAFETY: as above.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads) };
     }
 }
 
