@@ -193,14 +193,18 @@ impl MoeBlock {
             };
             let first = first.wait()?;
             if first.q8_0(x).is_some() {
-                // The Q8_0 kernel computes the batch's experts together, in two passes over
-                // the thread pool instead of two per expert; that waits for the whole batch,
-                // whose reads were all queued at once.
-                let mut handles = vec![first];
-                for expert in pending {
-                    handles.push(expert.wait()?);
+                // The Q8_0 kernel takes experts a group at a time, in two passes over the thread
+                // pool instead of two per expert. A group is a decode step's experts; in a
+                // prompt, computing one group overlaps reading the next.
+                let mut pending = std::iter::once(PendingExpert::ready(first)).chain(pending);
+                for group in batch.chunks(Q8_0_GROUP) {
+                    let handles = pending
+                        .by_ref()
+                        .take(group.len())
+                        .map(PendingExpert::wait)
+                        .collect::<Result<Vec<_>>>()?;
+                    out = mix_q8_0(out, x, &handles, group)?;
                 }
-                out = mix_q8_0(out, x, &handles, batch)?;
                 continue;
             }
             let rest = pending.map(|p| p.wait());
@@ -312,6 +316,9 @@ impl MoeBlock {
         routing
     }
 }
+
+/// Experts the Q8_0 kernel computes together: the top-k of the architectures served.
+const Q8_0_GROUP: usize = 8;
 
 /// An expert, the positions routed to it, and their routing weights.
 type Assignment = (usize, (Vec<u32>, Vec<f32>));

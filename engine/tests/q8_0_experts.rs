@@ -1,0 +1,137 @@
+//! A MoE layer of Q8_0 experts through the Q8_0 kernel: experts read on demand in batches the
+//! budget allows, computed in groups, give the bits resident experts give, and the mix is the
+//! routed experts' weighted sum.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Tensor};
+use candle_nn::Linear;
+use odmoe_engine::model::layers::GluMlp;
+use odmoe_engine::model::moe::{MoeBlock, ResidentExperts, Scoring};
+use odmoe_engine::model::q8_0;
+use odmoe_engine::store::{ExpertSource, ExpertStore, PolicyKind, StoreConfig};
+
+const HIDDEN: usize = 64;
+const WIDTH: usize = 96;
+const EXPERTS: usize = 24;
+const TOP_K: usize = 4;
+const TOKENS: usize = 10;
+
+fn q8_0_matrix(rows: usize, cols: usize) -> QMatMul {
+    let w = Tensor::randn(0f32, 0.2, (rows, cols), &Device::Cpu).unwrap();
+    QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap()
+}
+
+fn experts() -> Vec<Arc<GluMlp>> {
+    (0..EXPERTS)
+        .map(|_| {
+            Arc::new(GluMlp {
+                gate: q8_0_matrix(WIDTH, HIDDEN),
+                up: q8_0_matrix(WIDTH, HIDDEN),
+                down: q8_0_matrix(HIDDEN, WIDTH),
+            })
+        })
+        .collect()
+}
+
+struct InMemory(Vec<Arc<GluMlp>>);
+
+impl ExpertSource for InMemory {
+    fn read(&self, _layer: usize, expert: usize) -> odmoe_engine::Result<(GluMlp, u64)> {
+        Ok(((*self.0[expert]).clone(), 1))
+    }
+
+    fn expert_bytes(&self) -> u64 {
+        1
+    }
+}
+
+fn block() -> MoeBlock {
+    let router = Tensor::randn(0f32, 1.0, (EXPERTS, HIDDEN), &Device::Cpu).unwrap();
+    MoeBlock {
+        layer: 0,
+        router: Linear::new(router, None),
+        scoring: Scoring::Softmax,
+        top_k: TOP_K,
+        norm_topk_prob: true,
+        unit_weights: false,
+        shared: None,
+    }
+}
+
+fn dequantized(m: &QMatMul) -> Tensor {
+    match m {
+        QMatMul::QTensor(q) => q.dequantize(&Device::Cpu).unwrap(),
+        _ => unreachable!("Q8_0 matrices"),
+    }
+}
+
+#[test]
+fn q8_0_experts_on_demand_match_resident_and_the_weighted_sum() {
+    if !q8_0::available() {
+        eprintln!("skipped: this CPU lacks AVX-512 VNNI, so candle computes Q8_0");
+        return;
+    }
+    let weights = experts();
+    let block = block();
+    let x = Tensor::randn(0f32, 1.0, (TOKENS, HIDDEN), &Device::Cpu).unwrap();
+
+    let resident = ResidentExperts {
+        layers: vec![weights.clone()],
+    };
+    let (expected, routing) = block.forward(&x, &resident).unwrap();
+    let used: std::collections::BTreeSet<usize> = routing.ids.iter().flatten().copied().collect();
+    assert!(
+        used.len() > 8,
+        "only {} experts routed: one group",
+        used.len()
+    );
+
+    // A budget of 12 experts: batches of 12, computed in groups of 8 and 4.
+    let store = ExpertStore::new(
+        Arc::new(InMemory(weights.clone())),
+        &StoreConfig {
+            budget_bytes: 12,
+            io_threads: 2,
+            policy: PolicyKind::Lru,
+        },
+    );
+    let (on_demand, same_routing) = block.forward(&x, &store).unwrap();
+    assert_eq!(routing, same_routing);
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values.iter().map(|v| v.to_bits()).collect()
+    };
+    assert_eq!(bits(&expected), bits(&on_demand));
+
+    // The mix in f32 with dequantized weights: the kernel differs only by quantizing activations.
+    let rows = x.to_vec2::<f32>().unwrap();
+    let mut reference = vec![vec![0f32; HIDDEN]; TOKENS];
+    for (t, (ids, ws)) in routing.ids.iter().zip(&routing.weights).enumerate() {
+        let row = Tensor::new(rows[t].as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        for (&e, &w) in ids.iter().zip(ws) {
+            let mlp = &weights[e];
+            let gate = row.matmul(&dequantized(&mlp.gate).t().unwrap()).unwrap();
+            let up = row.matmul(&dequantized(&mlp.up).t().unwrap()).unwrap();
+            let mid = (candle_nn::ops::silu(&gate).unwrap() * up).unwrap();
+            let y = mid.matmul(&dequantized(&mlp.down).t().unwrap()).unwrap();
+            for (acc, v) in reference[t]
+                .iter_mut()
+                .zip(y.squeeze(0).unwrap().to_vec1::<f32>().unwrap())
+            {
+                *acc += w * v;
+            }
+        }
+    }
+    let ours = expected.to_vec2::<f32>().unwrap();
+    for (ours, reference) in ours.iter().zip(&reference) {
+        let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (a, b) in ours.iter().zip(reference) {
+            assert!((a - b).abs() < 0.02 * scale, "{a} against {b}");
+        }
+    }
+}
