@@ -10,7 +10,8 @@ with experts on demand under a budget of the limit minus what its base model and
 
 Prints a markdown table (and writes every raw result as JSON with --out). Needs root.
 
-Usage: bench/compare.py [--model M.gguf] [--limits 4,3,2] [--tokens 24] [--out results.json]
+Usage: bench/compare.py [--model M.gguf] [--limits 4,3,2] [--tokens 24] [--warm-repeats 3]
+                        [--out results.json]
 """
 
 import argparse
@@ -106,6 +107,14 @@ def run_engine(name, cmd, limit, warm):
     return result
 
 
+def median_run(runs):
+    """The run with the median decode speed (a failed run, if any failed)."""
+    failed = [r for r in runs if "failed" in r]
+    if failed:
+        return failed[0]
+    return sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2]
+
+
 def fmt_bytes(n):
     return "-" if n is None else f"{n / GB:.2f} GB"
 
@@ -120,6 +129,8 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=40)
     parser.add_argument("--feeds", default="random,greedy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm-repeats", type=int, default=3,
+                        help="runs of each engine in the warm condition; the median is reported")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--table", type=Path, help="print the table of an earlier run's --out file")
     args = parser.parse_args()
@@ -163,7 +174,8 @@ def main():
         for feed_kind in args.feeds.split(","):
             feed_ids = feed if feed_kind == "random" else None
             for limit in limits:
-                condition = "warm, no limit" if limit is None else f"{limit / GB:g} GB limit"
+                condition = (f"warm, no limit (median of {args.warm_repeats})" if limit is None
+                             else f"{limit / GB:g} GB limit")
                 runs = []
                 if limit is None:
                     # Warm: the file in the page cache for llama.cpp, every expert loaded for odmoe.
@@ -177,11 +189,20 @@ def main():
                     # Lookahead prefetch is the default; on this model's near-uniform routing its
                     # wrong guesses evict experts that would have been hits, so show it off too.
                     runs.append(("odmoe, no prefetch", odmoe_cmd(limit, feed_ids, "none"), default_ra))
-                for name, cmd, ra in runs:
-                    readahead.write_text(str(ra))
-                    print(f"{feed_kind} / {condition} / {name} ...", file=sys.stderr, flush=True)
-                    r = run_engine(name.replace(" ", "_"), cmd, limit, warm=limit is None)
-                    r.update(condition=condition, feed=feed_kind, limit=limit, readahead_kb=ra, name=name)
+                # Warm runs take seconds and vary with what the machine's neighbours do: repeat
+                # them, the engines taking turns, and keep each engine's median run.
+                rounds = args.warm_repeats if limit is None else 1
+                tries = {name: [] for name, _, _ in runs}
+                for round_ in range(rounds):
+                    for name, cmd, ra in runs:
+                        readahead.write_text(str(ra))
+                        print(f"{feed_kind} / {condition} / {name} ({round_ + 1}/{rounds}) ...",
+                              file=sys.stderr, flush=True)
+                        tries[name].append(run_engine(name.replace(" ", "_"), cmd, limit, warm=limit is None))
+                for name, _, ra in runs:
+                    r = median_run(tries[name])
+                    r.update(condition=condition, feed=feed_kind, limit=limit, readahead_kb=ra, name=name,
+                             decode_tok_s_runs=[t.get("decode_tok_s") for t in tries[name]])
                     results.append(r)
     finally:
         readahead.write_text(str(default_ra))
