@@ -157,18 +157,63 @@ impl Rotary {
 }
 
 /// Keys and values of every layer for the positions seen so far.
-#[derive(Clone, Debug, Default)]
+///
+/// Not `Clone`: appending writes into buffers in place, which a copy would share.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    /// Per layer: keys and values shaped `[kv_heads, positions, head_dim]`; with latent
-    /// attention, the compressed latent `[1, positions, kv_lora_rank]` and the rotary key
-    /// `[1, positions, qk_rope_head_dim]` instead.
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+}
+
+/// One layer's cache: keys and values shaped `[kv_heads, capacity, head_dim]`, or with latent
+/// attention the compressed latent `[1, capacity, kv_lora_rank]` and the rotary key
+/// `[1, capacity, qk_rope_head_dim]`, of which the first `len` positions are filled.
+///
+/// A step writes only its own positions; the buffers double when full. Concatenating instead
+/// copied the whole cache at every step and layer, which grows with the conversation.
+#[derive(Debug)]
+struct LayerCache {
+    keys: Tensor,
+    values: Tensor,
+    len: usize,
+}
+
+/// Positions a layer's buffers first hold.
+const INITIAL_POSITIONS: usize = 256;
+
+impl LayerCache {
+    fn filled(&self) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.keys.narrow(1, 0, self.len)?,
+            self.values.narrow(1, 0, self.len)?,
+        ))
+    }
+
+    /// Buffers for `capacity` positions, shaped like `k` and `v`, holding the filled positions of
+    /// `old`, if any.
+    fn with_capacity(old: Option<&Self>, k: &Tensor, v: &Tensor, capacity: usize) -> Result<Self> {
+        let buffer = |t: &Tensor| -> Result<Tensor> {
+            let mut dims = t.dims().to_vec();
+            dims[1] = capacity;
+            Ok(Tensor::zeros(dims, t.dtype(), t.device())?)
+        };
+        let grown = Self {
+            keys: buffer(k)?,
+            values: buffer(v)?,
+            len: old.map_or(0, |o| o.len),
+        };
+        if let Some(old) = old {
+            let (keys, values) = old.filled()?;
+            grown.keys.slice_set(&keys.contiguous()?, 1, 0)?;
+            grown.values.slice_set(&values.contiguous()?, 1, 0)?;
+        }
+        Ok(grown)
+    }
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
         }
     }
 
@@ -177,7 +222,7 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(1).unwrap_or(0))
+            .map_or(0, |l| l.len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -186,27 +231,27 @@ impl KvCache {
 
     /// Keeps only the first `len` positions, so a conversation can continue from a shared prefix.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if len >= self.len() {
-            return Ok(());
-        }
         for layer in &mut self.layers {
-            if let Some((k, v)) = layer {
-                if len == 0 {
-                    *layer = None;
-                } else {
-                    *layer = Some((k.narrow(1, 0, len)?, v.narrow(1, 0, len)?));
-                }
+            if len == 0 {
+                *layer = None;
+            } else if let Some(cache) = layer {
+                cache.len = cache.len.min(len);
             }
         }
         Ok(())
     }
 
-    /// Bytes held by cached keys and values.
+    /// Bytes of the cached positions' keys and values (the buffers hold up to twice that while
+    /// they grow).
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
             .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .map(|l| {
+                let per_position = (l.keys.elem_count() + l.values.elem_count())
+                    / l.keys.dim(1).unwrap_or(1).max(1);
+                l.len * per_position * l.keys.dtype().size_in_bytes()
+            })
             .sum()
     }
 
@@ -217,12 +262,20 @@ impl KvCache {
         k: Tensor,
         v: Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let merged = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
-        };
-        self.layers[layer] = Some(merged.clone());
-        Ok(merged)
+        let new = k.dim(1)?;
+        let slot = &mut self.layers[layer];
+        let (len, capacity) = slot
+            .as_ref()
+            .map_or((0, 0), |l| (l.len, l.keys.dim(1).unwrap_or(0)));
+        if len + new > capacity {
+            let capacity = (len + new).max(2 * capacity).max(INITIAL_POSITIONS);
+            *slot = Some(LayerCache::with_capacity(slot.as_ref(), &k, &v, capacity)?);
+        }
+        let cache = slot.as_mut().expect("allocated above");
+        cache.keys.slice_set(&k.contiguous()?, 1, cache.len)?;
+        cache.values.slice_set(&v.contiguous()?, 1, cache.len)?;
+        cache.len += new;
+        cache.filled()
     }
 }
 
@@ -428,4 +481,59 @@ pub fn argmax(row: &[f32]) -> usize {
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Appends across the buffers' growth, a truncation and appends after it return exactly the
+    /// concatenation of what was appended.
+    #[test]
+    fn the_cache_returns_what_was_appended_across_growth_and_truncation() {
+        let device = Device::Cpu;
+        let mut cache = KvCache::new(2);
+        let mut expected: Vec<Option<(Tensor, Tensor)>> = vec![None, None];
+        let append = |cache: &mut KvCache, expected: &mut Vec<Option<(Tensor, Tensor)>>, n| {
+            for (layer, slot) in expected.iter_mut().enumerate() {
+                let k = Tensor::randn(0f32, 1.0, (4, n, 8), &device).unwrap();
+                let v = Tensor::randn(0f32, 1.0, (4, n, 8), &device).unwrap();
+                let (ck, cv) = cache.append(layer, k.clone(), v.clone()).unwrap();
+                let merged = match slot.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (
+                        Tensor::cat(&[&pk, &k], 1).unwrap(),
+                        Tensor::cat(&[&pv, &v], 1).unwrap(),
+                    ),
+                };
+                assert_eq!(values(&ck), values(&merged.0));
+                assert_eq!(values(&cv), values(&merged.1));
+                *slot = Some(merged);
+            }
+        };
+        append(&mut cache, &mut expected, 100);
+        for _ in 0..200 {
+            append(&mut cache, &mut expected, 1);
+        }
+        append(&mut cache, &mut expected, 300);
+        assert_eq!(cache.len(), 600);
+        assert_eq!(cache.bytes(), 2 * 2 * 600 * 4 * 8 * 4);
+
+        cache.truncate(250).unwrap();
+        for slot in expected.iter_mut() {
+            let (k, v) = slot.take().unwrap();
+            *slot = Some((k.narrow(1, 0, 250).unwrap(), v.narrow(1, 0, 250).unwrap()));
+        }
+        assert_eq!(cache.len(), 250);
+        append(&mut cache, &mut expected, 3);
+
+        cache.truncate(0).unwrap();
+        assert!(cache.is_empty());
+        expected = vec![None, None];
+        append(&mut cache, &mut expected, 5);
+    }
 }
