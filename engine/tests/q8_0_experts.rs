@@ -70,7 +70,7 @@ fn dequantized(m: &QMatMul) -> Tensor {
 #[test]
 fn q8_0_experts_on_demand_match_resident_and_the_weighted_sum() {
     if !q8_0::available() {
-        eprintln!("skipped: this CPU lacks AVX-512 VNNI, so candle computes Q8_0");
+        eprintln!("skipped: this CPU lacks AVX2, so candle computes Q8_0");
         return;
     }
     let weights = experts();

@@ -109,7 +109,7 @@ fn dtype() -> Result<()> {
     let kernel_name = if odmoe_engine::model::q8_0::available() {
         "Q8_0, odmoe kernel"
     } else {
-        "Q8_0, odmoe (no AVX-512 VNNI: candle)"
+        "Q8_0, odmoe (no AVX2: candle)"
     };
     rows.push((kernel_name.into(), q8_0_bytes, kernel));
 

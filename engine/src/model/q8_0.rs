@@ -1,11 +1,12 @@
-//! Q8_0 matrix products on x86-64 CPUs with AVX-512 VNNI, computed from GGUF's block layout as
-//! the file stores it.
+//! Q8_0 matrix products on x86-64 CPUs (with AVX-512 VNNI, else AVX2), computed from GGUF's block
+//! layout as the file stores it.
 //!
 //! Why not candle's: its AVX2 loop converts each block's f16 scales through a function call and
 //! widens products in two steps, so decode runs at about half the memory bandwidth; its VNNI path
 //! keeps a repacked second copy of every matrix, which a byte-budgeted expert store cannot
-//! afford. Here activations are quantized once per call (once for gate and up together), two
-//! blocks go through one `vpdpbusd`, and rows are shared out over candle's own thread pool.
+//! afford. Here activations are quantized once per call (once for gate and up together), scales
+//! are converted four at a time, two blocks go through one `vpdpbusd` (or one block through
+//! maddubs/madd on AVX2), and rows are shared out over candle's own thread pool.
 //!
 //! Every output element is one row's dot product with one activation row, summed in the same
 //! order whichever thread computes it, so results do not depend on the thread count: experts
@@ -22,22 +23,41 @@ const BLOCK: usize = 32;
 /// An f16 scale, then 32 signed quants.
 const BLOCK_BYTES: usize = 34;
 
-/// Whether this CPU runs the kernel (checked once).
-pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
+/// The instructions the kernel runs on: AVX-512 VNNI where the CPU has it, else AVX2 (with FMA
+/// and F16C). A process keeps to one, so its results never mix the two.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Avx512Vnni,
+    Avx2,
+}
+
+fn isa() -> Option<Isa> {
+    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+    *ISA.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            is_x86_feature_detected!("avx512f")
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let avx512 = is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("f16c")
+                && is_x86_feature_detected!("avx512vnni");
+            match (avx2, avx512) {
+                (true, true) => Some(Isa::Avx512Vnni),
+                (true, false) => Some(Isa::Avx2),
+                (false, _) => None,
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            false
+            None
         }
     })
+}
+
+/// Whether this CPU runs the kernel (checked once).
+pub fn available() -> bool {
+    isa().is_some()
 }
 
 /// The Q8_0 weight the kernel takes `x` through, if it can: a CPU tensor of f32 rows, on a CPU
@@ -177,15 +197,20 @@ impl Activations {
             cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols),
             "Q8_0 rows of {cols} values"
         );
-        assert!(available(), "the Q8_0 kernel needs AVX-512 VNNI and F16C");
+        let isa = isa().expect("the Q8_0 kernel needs AVX2 with FMA and F16C");
         let mut quants = vec![0i8; x.len()];
         let mut scales = Vec::with_capacity(x.len() / BLOCK);
         for (block, out) in x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)) {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `available` checked the instructions; both blocks hold 32 values.
-            scales.push(unsafe { avx512::quantize_block(block, out) });
+            // SAFETY: `isa` checked the instructions; both blocks hold 32 values.
+            scales.push(unsafe {
+                match isa {
+                    Isa::Avx512Vnni => avx512::quantize_block(block, out),
+                    Isa::Avx2 => avx2::quantize_block(block, out),
+                }
+            });
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (block, out);
+            let _ = (isa, block, out);
         }
         Self {
             quants,
@@ -271,9 +296,14 @@ fn dot(weights: &[u8], x: &Activations, t: usize) -> f32 {
     let scales = &x.scales[t * blocks..(t + 1) * blocks];
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: `matmul` runs only where `available` found the instructions, and the slices
+        // SAFETY: activations exist only where `isa` found the instructions, and the slices
         // hold `blocks` blocks each.
-        unsafe { avx512::dot(weights, quants, scales) }
+        unsafe {
+            match isa() {
+                Some(Isa::Avx512Vnni) => avx512::dot(weights, quants, scales),
+                _ => avx2::dot(weights, quants, scales),
+            }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -286,6 +316,7 @@ fn dot(weights: &[u8], x: &Activations, t: usize) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::avx2::{block_quants, round_through_f16, scale_bits};
     use super::{BLOCK, BLOCK_BYTES};
 
     /// Quantizes 32 values into `out` and returns their scale, `max|x| / 127` rounded through
@@ -310,8 +341,7 @@ mod avx512 {
                     _mm512_cvtsepi32_epi8(rounded),
                 );
             }
-            let half = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(scale));
-            _mm_cvtss_f32(_mm_cvtph_ps(half))
+            round_through_f16(scale)
         }
     }
 
@@ -321,7 +351,7 @@ mod avx512 {
     /// # Safety
     /// The CPU has AVX-512 F/BW/VNNI and F16C; `weights` holds `scales.len()` blocks and `quants`
     /// 32 quants for each.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,f16c")]
     pub(super) unsafe fn dot(weights: &[u8], quants: &[i8], scales: &[f32]) -> f32 {
         let blocks = scales.len();
         debug_assert!(weights.len() >= blocks * BLOCK_BYTES && quants.len() >= blocks * BLOCK);
@@ -386,12 +416,107 @@ mod avx512 {
         _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
     }
 
+    /// Per-lane sums of four products of signed bytes. vpdpbusd multiplies unsigned by signed
+    /// bytes, so each weight's sign moves onto its activation and the weight gives its magnitude.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    fn integer_dots(weights: __m512i, activations: __m512i) -> __m512i {
+        let negative = _mm512_movepi8_mask(weights);
+        let signed =
+            _mm512_mask_sub_epi8(activations, negative, _mm512_setzero_si512(), activations);
+        _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(weights), signed)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, BLOCK_BYTES};
+
+    /// `sum over blocks of (weight scale * activation scale) * (integer dot of the quants)`, a
+    /// block to a 256-bit register and four blocks a step into two accumulators.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `weights` holds `scales.len()` blocks and `quants` 32
+    /// quants for each.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot(weights: &[u8], quants: &[i8], scales: &[f32]) -> f32 {
+        let blocks = scales.len();
+        debug_assert!(weights.len() >= blocks * BLOCK_BYTES && quants.len() >= blocks * BLOCK);
+        let w = weights.as_ptr();
+        let a = quants.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut b = 0;
+        // SAFETY (all blocks below): block b + 3, or b in the tail, is inside both slices.
+        while b + 4 <= blocks {
+            unsafe {
+                let block = w.add(b * BLOCK_BYTES);
+                let bits = (0..4).fold(0i64, |bits, i| {
+                    bits | (scale_bits(block.add(i * BLOCK_BYTES)) << (16 * i))
+                });
+                let four = _mm256_castps128_ps256(_mm_mul_ps(
+                    _mm_cvtph_ps(_mm_cvtsi64_si128(bits)),
+                    _mm_loadu_ps(scales.as_ptr().add(b)),
+                ));
+                for i in 0..4 {
+                    let sums = integer_dots(
+                        block_quants(block.add(i * BLOCK_BYTES)),
+                        _mm256_loadu_si256(a.add((b + i) * BLOCK) as *const __m256i),
+                    );
+                    let scale = _mm256_permutevar8x32_ps(four, _mm256_set1_epi32(i as i32));
+                    acc[i % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[i % 2]);
+                }
+            }
+            b += 4;
+        }
+        while b < blocks {
+            unsafe {
+                let block = w.add(b * BLOCK_BYTES);
+                let scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi64_si128(scale_bits(block))))
+                    * *scales.get_unchecked(b);
+                let sums = integer_dots(
+                    block_quants(block),
+                    _mm256_loadu_si256(a.add(b * BLOCK) as *const __m256i),
+                );
+                acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc[0]);
+            }
+            b += 1;
+        }
+        let sum = _mm256_add_ps(acc[0], acc[1]);
+        let sum = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+        let sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+        _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehdup_ps(sum)))
+    }
+
+    /// Quantizes 32 values into `out` and returns their scale, as `avx512::quantize_block` does
+    /// (the same bits: both round half to even and saturate).
+    ///
+    /// # Safety
+    /// The CPU has F16C; both slices hold 32 values.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn quantize_block(block: &[f32], out: &mut [i8]) -> f32 {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+        for (q, v) in out.iter_mut().zip(block) {
+            *q = (v * inverse).round_ties_even() as i8;
+        }
+        round_through_f16(scale)
+    }
+
+    #[target_feature(enable = "f16c")]
+    pub(super) fn round_through_f16(value: f32) -> f32 {
+        let half = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(value));
+        _mm_cvtss_f32(_mm_cvtph_ps(half))
+    }
+
     /// The f16 scale that opens the block at `block`.
     ///
     /// # Safety
     /// `block` points at a whole block.
     #[inline]
-    unsafe fn scale_bits(block: *const u8) -> i64 {
+    pub(super) unsafe fn scale_bits(block: *const u8) -> i64 {
         // SAFETY: the caller's.
         unsafe { (block as *const u16).read_unaligned() as i64 }
     }
@@ -402,20 +527,23 @@ mod avx512 {
     /// `block` points at a whole block.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn block_quants(block: *const u8) -> __m256i {
+    pub(super) unsafe fn block_quants(block: *const u8) -> __m256i {
         // SAFETY: the caller's.
         unsafe { _mm256_loadu_si256(block.add(2) as *const __m256i) }
     }
 
-    /// Per-lane sums of four products of signed bytes. vpdpbusd multiplies unsigned by signed
-    /// bytes, so each weight's sign moves onto its activation and the weight gives its magnitude.
+    /// Per-lane sums of four products of signed bytes: maddubs multiplies unsigned by signed
+    /// bytes, so each weight's sign moves onto its activation. Pairs of products stay within
+    /// i16 (at most 2 x 128 x 127).
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    fn integer_dots(weights: __m512i, activations: __m512i) -> __m512i {
-        let negative = _mm512_movepi8_mask(weights);
-        let signed =
-            _mm512_mask_sub_epi8(activations, negative, _mm512_setzero_si512(), activations);
-        _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(weights), signed)
+    #[target_feature(enable = "avx2")]
+    fn integer_dots(weights: __m256i, activations: __m256i) -> __m256i {
+        let magnitude = _mm256_sign_epi8(weights, weights);
+        let signed = _mm256_sign_epi8(activations, weights);
+        _mm256_madd_epi16(
+            _mm256_maddubs_epi16(magnitude, signed),
+            _mm256_set1_epi16(1),
+        )
     }
 }
 
@@ -456,7 +584,7 @@ mod tests {
     #[test]
     fn multiplies_the_dequantized_operands() {
         if !available() {
-            eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+            eprintln!("skipped: this CPU lacks AVX2");
             return;
         }
         for (i, (rows, cols, tokens)) in [(7, 32, 1), (5, 96, 3), (33, 160, 1), (64, 2048, 2)]
@@ -523,6 +651,83 @@ mod tests {
         let mid = (candle_nn::ops::silu(&g).unwrap() * u).unwrap();
         let expected = forward(&[&down], &mid).unwrap().remove(0);
         assert!(max_abs_diff(&ours, &expected) < 1e-3);
+    }
+
+    /// Both instruction sets give the exact block sums, up to f32 rounding, including the -128
+    /// a file may hold and the tail after the last four blocks; and they quantize alike.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_and_avx512_agree_with_exact_sums() {
+        let Some(isa) = isa() else {
+            eprintln!("skipped: this CPU lacks AVX2");
+            return;
+        };
+        let blocks = 7;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut weights = vec![0u8; blocks * BLOCK_BYTES];
+        let mut exact = 0f64;
+        let x: Vec<f32> = (0..blocks * BLOCK)
+            .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
+            .collect();
+        let activations = Activations::quantize(&x, blocks * BLOCK);
+        for b in 0..blocks {
+            // SAFETY: `isa` found F16C.
+            let scale = unsafe { avx2::round_through_f16(0.01 + (next() % 100) as f32 / 1000.0) };
+            let block = &mut weights[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
+            block[..2].copy_from_slice(&f16_bits(scale).to_le_bytes());
+            let mut sum = 0i64;
+            for i in 0..BLOCK {
+                let q = if i == 5 {
+                    -128
+                } else {
+                    (next() % 255) as i64 - 127
+                };
+                block[2 + i] = q as i8 as u8;
+                sum += q * activations.quants[b * BLOCK + i] as i64;
+            }
+            exact += scale as f64 * activations.scales[b] as f64 * sum as f64;
+        }
+        let quants = &activations.quants;
+        let scales = &activations.scales;
+        // SAFETY: `isa` found AVX2, FMA and F16C; the slices hold `blocks` blocks.
+        let avx2 = unsafe { avx2::dot(&weights, quants, scales) };
+        assert!(
+            (avx2 as f64 - exact).abs() < 1e-4 * exact.abs().max(1.0),
+            "{avx2} {exact}"
+        );
+        if isa == Isa::Avx512Vnni {
+            // SAFETY: as above, and `isa` found AVX-512 VNNI.
+            let avx512 = unsafe { avx512::dot(&weights, quants, scales) };
+            assert!((avx512 as f64 - exact).abs() < 1e-4 * exact.abs().max(1.0));
+            for block in x.chunks_exact(BLOCK) {
+                let (mut a, mut b) = ([0i8; BLOCK], [0i8; BLOCK]);
+                // SAFETY: as above.
+                let scales = unsafe {
+                    (
+                        avx2::quantize_block(block, &mut a),
+                        avx512::quantize_block(block, &mut b),
+                    )
+                };
+                assert_eq!((scales.0.to_bits(), a), (scales.1.to_bits(), b));
+            }
+        }
+    }
+
+    /// The f16 nearest to `value`, as bits.
+    #[cfg(target_arch = "x86_64")]
+    fn f16_bits(value: f32) -> u16 {
+        use std::arch::x86_64::*;
+        // SAFETY: only called where `isa` found F16C.
+        unsafe {
+            let half = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(value));
+            _mm_extract_epi16::<0>(half) as u16
+        }
     }
 
     #[test]
