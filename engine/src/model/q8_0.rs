@@ -316,7 +316,7 @@ fn dot(weights: &[u8], x: &Activations, t: usize) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::avx2::{block_quants, round_through_f16, scale_bits};
+    use super::avx2::{block_quants, four_scales, round_through_f16, scale_bits};
     use super::{BLOCK, BLOCK_BYTES};
 
     /// Quantizes 32 values into `out` and returns their scale, `max|x| / 127` rounded through
@@ -366,14 +366,7 @@ mod avx512 {
         while b + 4 <= blocks {
             unsafe {
                 let block = w.add(b * BLOCK_BYTES);
-                let bits = (0..4).fold(0i64, |bits, i| {
-                    bits | (scale_bits(block.add(i * BLOCK_BYTES)) << (16 * i))
-                });
-                let both = _mm_mul_ps(
-                    _mm_cvtph_ps(_mm_cvtsi64_si128(bits)),
-                    _mm_loadu_ps(scales.as_ptr().add(b)),
-                );
-                let both = _mm512_castps128_ps512(both);
+                let both = _mm512_castps128_ps512(four_scales(block, scales.as_ptr().add(b)));
                 for (half, lanes) in [first, second].into_iter().enumerate() {
                     let pair = block.add(2 * half * BLOCK_BYTES);
                     let quants = _mm512_inserti64x4::<1>(
@@ -452,13 +445,7 @@ mod avx2 {
         while b + 4 <= blocks {
             unsafe {
                 let block = w.add(b * BLOCK_BYTES);
-                let bits = (0..4).fold(0i64, |bits, i| {
-                    bits | (scale_bits(block.add(i * BLOCK_BYTES)) << (16 * i))
-                });
-                let four = _mm256_castps128_ps256(_mm_mul_ps(
-                    _mm_cvtph_ps(_mm_cvtsi64_si128(bits)),
-                    _mm_loadu_ps(scales.as_ptr().add(b)),
-                ));
+                let four = _mm256_castps128_ps256(four_scales(block, scales.as_ptr().add(b)));
                 for i in 0..4 {
                     let sums = integer_dots(
                         block_quants(block.add(i * BLOCK_BYTES)),
@@ -509,6 +496,26 @@ mod avx2 {
     pub(super) fn round_through_f16(value: f32) -> f32 {
         let half = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(value));
         _mm_cvtss_f32(_mm_cvtph_ps(half))
+    }
+
+    /// The four blocks' scales from `block` on, each times its activation block's scale from
+    /// `activation` on.
+    ///
+    /// # Safety
+    /// `block` points at four whole blocks and `activation` at four scales.
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    pub(super) unsafe fn four_scales(block: *const u8, activation: *const f32) -> __m128 {
+        // SAFETY: the caller's.
+        unsafe {
+            let bits = (0..4).fold(0i64, |bits, i| {
+                bits | (scale_bits(block.add(i * BLOCK_BYTES)) << (16 * i))
+            });
+            _mm_mul_ps(
+                _mm_cvtph_ps(_mm_cvtsi64_si128(bits)),
+                _mm_loadu_ps(activation),
+            )
+        }
     }
 
     /// The f16 scale that opens the block at `block`.
