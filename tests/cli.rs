@@ -242,18 +242,19 @@ fn bench_decode_reports_one_run_and_on_demand_decodes_as_resident() {
     let g = golden(name);
     let dir = fixture(name);
     let prompt = joined(&id_list(&g["input_ids"]));
+    let run_args = vec![
+        "bench",
+        "decode",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &prompt,
+        "--tokens",
+        "8",
+    ];
     let decode = |placement: &[&str], feed: Option<&str>| -> serde_json::Value {
-        let mut args = vec![
-            "bench",
-            "decode",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt-ids",
-            &prompt,
-            "--tokens",
-            "8",
-            "--json",
-        ];
+        let mut args = run_args.clone();
+        args.push("--json");
         args.extend_from_slice(placement);
         if let Some(feed) = feed {
             args.extend_from_slice(&["--feed-ids", feed]);
@@ -286,20 +287,9 @@ fn bench_decode_reports_one_run_and_on_demand_decodes_as_resident() {
     let fed = decode(&["--expert-budget", "25%"], Some("5,6,7,8,9,10,11,12"));
     assert_eq!(greedy(&fed), vec![5, 6, 7, 8, 9, 10, 11, 12]);
     assert!(
-        odmoe(&[
-            "bench",
-            "decode",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt-ids",
-            &prompt,
-            "--tokens",
-            "8",
-            "--feed-ids",
-            "5,6",
-        ])
-        .status
-        .code()
+        odmoe(&[run_args.as_slice(), &["--feed-ids", "5,6"]].concat())
+            .status
+            .code()
             != Some(0),
         "too few fed ids must fail"
     );
