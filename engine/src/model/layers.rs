@@ -431,11 +431,7 @@ impl GluMlp {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(weights) = self.q8_0(x) {
-            let hidden = *x
-                .dims()
-                .last()
-                .expect("a matrix input has a last dimension");
-            let input = q8_0::Activations::quantize(&x.flatten_all()?.to_vec1()?, hidden);
+            let input = q8_0::Activations::of(x)?;
             let out = q8_0::glu(&[(weights, &input)])?.remove(0);
             return Ok(Tensor::from_vec(out, x.dims(), x.device())?);
         }

@@ -80,12 +80,7 @@ pub fn eligible<'a>(w: &'a QMatMul, x: &Tensor) -> Option<&'a QTensor> {
 /// `x W^T` for each Q8_0 `w` of `weights` (`[rows, cols]`, from [`eligible`]) and `x`
 /// `[.., cols]`: `x` is quantized once and every product shares one pass over the pool.
 pub fn forward(weights: &[&QTensor], x: &Tensor) -> Result<Vec<Tensor>> {
-    let cols = *x
-        .dims()
-        .last()
-        .expect("a matrix input has a last dimension");
-    let input = x.flatten_all()?.to_vec1::<f32>()?;
-    let activations = Activations::quantize(&input, cols);
+    let activations = Activations::of(x)?;
     let data = weights
         .iter()
         .map(|w| w.data())
@@ -109,7 +104,9 @@ pub fn forward(weights: &[&QTensor], x: &Tensor) -> Result<Vec<Tensor>> {
         .zip(weights)
         .map(|(out, w)| {
             let mut dims = x.dims().to_vec();
-            *dims.last_mut().expect("checked above") = w.shape().dims()[0];
+            *dims
+                .last_mut()
+                .expect("a matrix input has a last dimension") = w.shape().dims()[0];
             Ok(Tensor::from_vec(out, dims, x.device())?)
         })
         .collect()
@@ -191,6 +188,15 @@ pub struct Activations {
 }
 
 impl Activations {
+    /// The rows of `x` `[.., cols]` (f32), quantized.
+    pub fn of(x: &Tensor) -> Result<Self> {
+        let cols = *x
+            .dims()
+            .last()
+            .expect("a matrix input has a last dimension");
+        Ok(Self::quantize(&x.flatten_all()?.to_vec1()?, cols))
+    }
+
     /// Quantizes `x`, rows of `cols` values; `cols` is a multiple of 32.
     pub fn quantize(x: &[f32], cols: usize) -> Self {
         assert!(
@@ -601,7 +607,7 @@ mod tests {
             let (w, x) = case(rows, cols, tokens, i as u64);
             let ours = forward(&[&w], &x).unwrap().remove(0);
             assert_eq!(ours.dims(), &[tokens, rows]);
-            let q = Activations::quantize(&x.flatten_all().unwrap().to_vec1().unwrap(), cols);
+            let q = Activations::of(&x).unwrap();
             let dequantized: Vec<f32> = q
                 .quants
                 .iter()
@@ -650,7 +656,7 @@ mod tests {
             up: &up,
             down: &down,
         };
-        let input = Activations::quantize(&x.flatten_all().unwrap().to_vec1().unwrap(), 64);
+        let input = Activations::of(&x).unwrap();
         let ours = glu(&[(weights, &input)]).unwrap().remove(0);
         let ours = Tensor::from_vec(ours, (3, 64), &Device::Cpu).unwrap();
         let g = forward(&[&gate], &x).unwrap().remove(0);
