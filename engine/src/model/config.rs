@@ -1,11 +1,14 @@
 //! The architecture config, read from a checkpoint's `config.json`.
 //!
 //! Real checkpoints and transformers 5 spell some keys differently (`rope_theta` vs
-//! `rope_parameters.rope_theta`, `num_experts` vs `num_local_experts`); both are accepted.
+//! `rope_parameters.rope_theta`, `num_experts` vs `num_local_experts`); both are accepted, and so
+//! is a key written under two spellings with one value (transformers 5.24 writes Qwen3-MoE's
+//! expert count as both `num_experts` and `num_local_experts`).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
@@ -186,14 +189,14 @@ struct RawConfig {
     head_dim: Option<usize>,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
-    rope_scaling: Option<serde_json::Value>,
-    rope_parameters: Option<serde_json::Value>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
     max_position_embeddings: Option<usize>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     attention_bias: Option<bool>,
     qkv_bias: Option<bool>,
-    #[serde(alias = "num_local_experts", alias = "n_routed_experts")]
+    /// Also read as `num_local_experts` or `n_routed_experts` (see [`KEY_SPELLINGS`]).
     num_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
     moe_intermediate_size: Option<usize>,
@@ -208,7 +211,7 @@ struct RawConfig {
     hidden_act: Option<String>,
     /// Kept as JSON to tell an explicit `null` (no query compression) from a missing key.
     #[serde(default, deserialize_with = "present")]
-    q_lora_rank: Option<serde_json::Value>,
+    q_lora_rank: Option<Value>,
     kv_lora_rank: Option<usize>,
     qk_nope_head_dim: Option<usize>,
     qk_rope_head_dim: Option<usize>,
@@ -224,11 +227,47 @@ struct RawConfig {
     rope_interleave: Option<bool>,
 }
 
+/// Keys that checkpoints spell in several ways; the first spelling of each group is the field
+/// [`RawConfig`] reads. serde's `alias` would refuse a config holding two spellings even with equal
+/// values, so [`merge_spellings`] folds them into the first one before deserialising.
+const KEY_SPELLINGS: &[&[&str]] = &[&["num_experts", "num_local_experts", "n_routed_experts"]];
+
+/// Folds every group of [`KEY_SPELLINGS`] present in `object` into the group's first spelling.
+/// Spellings that agree are one setting written twice; spellings that differ leave the model's
+/// shape unknown, so they are refused with both keys and values named.
+fn merge_spellings(object: &mut Map<String, Value>, path: &Path) -> Result<()> {
+    for spellings in KEY_SPELLINGS {
+        let mut kept: Option<(&str, Value)> = None;
+        for &key in *spellings {
+            let Some(value) = object.remove(key) else {
+                continue;
+            };
+            match &kept {
+                None => kept = Some((key, value)),
+                Some((first_key, first_value)) if *first_value != value => {
+                    return Err(Error::config(
+                        path,
+                        format!(
+                            "{first_key} ({first_value}) and {key} ({value}) disagree; they are \
+                             two spellings of one setting"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some((_, value)) = kept {
+            object.insert(spellings[0].to_string(), value);
+        }
+    }
+    Ok(())
+}
+
 /// `Some` for any value that is present, `null` included (serde maps `null` to `None` otherwise).
 fn present<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
-) -> std::result::Result<Option<serde_json::Value>, D::Error> {
-    serde_json::Value::deserialize(deserializer).map(Some)
+) -> std::result::Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -256,10 +295,15 @@ impl ModelConfig {
 
     /// Parses `text`, naming `path` in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|error| Error::Json {
+        let json_error = |error| Error::Json {
             path: path.to_path_buf(),
             error,
-        })?;
+        };
+        let mut object: Map<String, Value> = serde_json::from_str(text).map_err(json_error)?;
+        merge_spellings(&mut object, path)?;
+        let config = Value::Object(object);
+        let raw = RawConfig::deserialize(&config)
+            .map_err(|error| wrong_value(&config, path).unwrap_or_else(|| json_error(error)))?;
         Self::from_raw(raw, path)
     }
 
@@ -447,8 +491,19 @@ impl ModelConfig {
     }
 }
 
+/// The first key of the `config` object whose value [`RawConfig`] cannot take, as an error naming
+/// it: deserialising an already parsed object, serde's own message has no line to point at.
+fn wrong_value(config: &Value, path: &Path) -> Option<Error> {
+    config.as_object()?.iter().find_map(|(key, value)| {
+        let alone = Value::Object(Map::from_iter([(key.clone(), value.clone())]));
+        RawConfig::deserialize(&alone)
+            .err()
+            .map(|error| Error::config(path, format!("{key}: {error}")))
+    })
+}
+
 /// The rotary scaling parameters, from `rope_parameters` (transformers 5) or `rope_scaling`.
-fn rope_scaling(raw: &RawConfig) -> Option<&serde_json::Map<String, serde_json::Value>> {
+fn rope_scaling(raw: &RawConfig) -> Option<&Map<String, Value>> {
     raw.rope_parameters
         .as_ref()
         .or(raw.rope_scaling.as_ref())
@@ -499,7 +554,7 @@ fn deepseek_config(raw: &RawConfig, path: &Path) -> Result<DeepseekConfig> {
                 "missing key \"q_lora_rank\" (null for none)",
             ));
         }
-        Some(serde_json::Value::Null) => None,
+        Some(Value::Null) => None,
         Some(value) => Some(
             value
                 .as_u64()
@@ -627,6 +682,108 @@ mod tests {
         assert_eq!(hub.num_experts, 8);
         assert_eq!(hub.eos_token_ids, vec![2, 3]);
         assert!(hub.norm_topk_prob && hub.qk_norm);
+    }
+
+    #[test]
+    fn a_key_under_two_spellings_with_one_value_is_one_setting() {
+        let both = QWEN3_HUB.replace(
+            "\"num_experts\":8,",
+            "\"num_experts\":8,\"num_local_experts\":8,",
+        );
+        let all_three = both.replace(
+            "\"num_local_experts\":8,",
+            "\"num_local_experts\":8,\"n_routed_experts\":8,",
+        );
+        let hub = ModelConfig::from_json(QWEN3_HUB, Path::new("c.json")).unwrap();
+        for text in [both, all_three] {
+            let config = ModelConfig::from_json(&text, Path::new("c.json")).unwrap();
+            assert_eq!(config.num_experts, 8);
+            assert_eq!(config, hub);
+        }
+    }
+
+    #[test]
+    fn spellings_that_disagree_are_refused_with_both_named() {
+        let text = QWEN3_HUB.replace(
+            "\"num_experts\":8,",
+            "\"num_experts\":8,\"num_local_experts\":16,",
+        );
+        let err = ModelConfig::from_json(&text, Path::new("/m/config.json")).unwrap_err();
+        let message = err.to_string();
+        for part in [
+            "/m/config.json",
+            "num_experts (8)",
+            "num_local_experts (16)",
+        ] {
+            assert!(message.contains(part), "{part:?} missing from {message}");
+        }
+    }
+
+    /// Qwen3-30B-A3B's config.json as transformers 5.24 saves it: `num_experts` and
+    /// `num_local_experts` both written, `rope_parameters` instead of `rope_theta`.
+    const QWEN3_TRANSFORMERS_5_24: &str = r#"{
+  "architectures": ["Qwen3MoeForCausalLM"],
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "bos_token_id": 151643,
+  "decoder_sparse_step": 1,
+  "dtype": "bfloat16",
+  "eos_token_id": 151645,
+  "head_dim": 128,
+  "hidden_act": "silu",
+  "hidden_size": 2048,
+  "initializer_range": 0.02,
+  "intermediate_size": 6144,
+  "max_position_embeddings": 40960,
+  "max_window_layers": 48,
+  "mlp_only_layers": [],
+  "model_type": "qwen3_moe",
+  "moe_intermediate_size": 768,
+  "norm_topk_prob": true,
+  "num_attention_heads": 32,
+  "num_experts": 128,
+  "num_experts_per_tok": 8,
+  "num_hidden_layers": 48,
+  "num_key_value_heads": 4,
+  "num_local_experts": 128,
+  "output_router_logits": false,
+  "pad_token_id": null,
+  "rms_norm_eps": 1e-06,
+  "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+  "router_aux_loss_coef": 0.001,
+  "sliding_window": null,
+  "tie_word_embeddings": false,
+  "transformers_version": "5.24.0",
+  "use_cache": true,
+  "use_sliding_window": false,
+  "vocab_size": 151936
+}"#;
+
+    #[test]
+    fn a_transformers_5_24_qwen3_moe_config_loads_from_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, QWEN3_TRANSFORMERS_5_24).unwrap();
+        let config = ModelConfig::from_file(&path).unwrap();
+        assert_eq!(config.architecture, Architecture::Qwen3Moe);
+        assert_eq!((config.num_experts, config.num_experts_per_token), (128, 8));
+        assert_eq!(
+            (config.num_layers, config.expert_intermediate_size),
+            (48, 768)
+        );
+        assert_eq!(config.rope_theta, 1e6);
+        assert_eq!(config.eos_token_ids, vec![151645]);
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_key() {
+        let text = QWEN3_HUB.replace("\"hidden_size\":64", "\"hidden_size\":\"64\"");
+        let err = ModelConfig::from_json(&text, Path::new("c.json")).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("hidden_size") && message.contains("c.json"),
+            "{message}"
+        );
     }
 
     #[test]
