@@ -27,6 +27,8 @@ pub enum Error {
     },
     #[error("{path}: not a readable safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
+    #[error("{path}: not a readable GGUF file: {message}")]
+    Gguf { path: PathBuf, message: String },
     #[error("tensor {name:?} not found in {location}")]
     MissingTensor { name: String, location: String },
     #[error("tensor {name:?} in {path} has shape {actual:?}, expected {expected:?}")]
@@ -51,7 +53,12 @@ pub enum Error {
     Budget(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    #[error(transparent)]
+    /// The prompt, or the prompt with the tokens asked for, does not fit the context.
+    #[error("{0}")]
+    ContextLengthExceeded(String),
+    /// Shown without the backtrace candle attaches under `RUST_BACKTRACE`: messages reach
+    /// people and clients, backtraces belong in a debugger.
+    #[error("{}", without_backtrace(.0))]
     Tensor(#[from] candle_core::Error),
     /// One failure reported to several waiters (concurrent acquires that shared a read).
     #[error(transparent)]
@@ -59,6 +66,20 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The message of a candle error, with the backtraces inside it left out.
+pub(crate) fn without_backtrace(error: &candle_core::Error) -> String {
+    match error {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(inner),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", without_backtrace(inner))
+        }
+        candle_core::Error::WithPath { inner, path } => {
+            format!("{}: {}", path.display(), without_backtrace(inner))
+        }
+        other => other.to_string(),
+    }
+}
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -73,5 +94,21 @@ impl Error {
             path: path.into(),
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_backtraces_stay_out_of_messages() {
+        let inner = candle_core::Error::Msg("bad magic".into());
+        let traced = candle_core::Error::WithBacktrace {
+            inner: Box::new(inner),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let message = Error::from(traced.with_path("/m.gguf")).to_string();
+        assert_eq!(message, "/m.gguf: bad magic");
     }
 }

@@ -168,6 +168,29 @@ impl Default for GenerateRequest {
     }
 }
 
+/// Refuses a prompt of `prompt_tokens` that, with `max_tokens` generated after it, would not
+/// fit a context of `context_length` positions; checked before any compute.
+pub fn check_context(context_length: usize, prompt_tokens: usize, max_tokens: usize) -> Result<()> {
+    if prompt_tokens.saturating_add(max_tokens) <= context_length {
+        return Ok(());
+    }
+    Err(Error::ContextLengthExceeded(
+        if prompt_tokens >= context_length {
+            format!(
+                "the prompt has {prompt_tokens} tokens: the context length is {context_length} tokens"
+            )
+        } else {
+            format!(
+                "the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: together \
+             {} tokens, past the context length of {context_length}; lower max_tokens to at \
+             most {}",
+                prompt_tokens + max_tokens,
+                context_length - prompt_tokens
+            )
+        },
+    ))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
@@ -290,6 +313,11 @@ impl Session {
                 "stop strings need a tokenizer".into(),
             ));
         }
+        check_context(
+            model.context_length(),
+            request.prompt.len(),
+            request.max_tokens,
+        )?;
         let started = Instant::now();
         let (mut logits, cached_tokens) = self.prefill(model, &request.prompt)?;
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -427,6 +455,19 @@ impl<'a> StopMatcher<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prompts_past_the_context_are_refused_with_the_numbers() {
+        assert!(check_context(64, 60, 4).is_ok());
+        let long = check_context(64, 64, 1).unwrap_err().to_string();
+        assert!(long.contains("64 tokens"), "{long}");
+        let with_reply = check_context(64, 60, 5).unwrap_err().to_string();
+        assert!(with_reply.contains("at most 4"), "{with_reply}");
+        assert!(matches!(
+            check_context(8, usize::MAX, usize::MAX),
+            Err(Error::ContextLengthExceeded(_))
+        ));
+    }
 
     #[test]
     fn stop_strings_are_never_emitted_even_across_pieces() {

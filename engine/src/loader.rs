@@ -11,6 +11,7 @@ use crate::format::WeightSource;
 use crate::format::gguf::GgufFile;
 use crate::format::layout::{MANIFEST, Manifest, SOURCE};
 use crate::format::safetensors::HfWeights;
+use crate::format::size::format_bytes;
 use crate::model::{ExpertProvider, Model, ModelConfig, ResidentExperts};
 use crate::predict::{PredictorKind, PrefetchOptions, Prefetcher};
 use crate::store::{ExpertSource, ExpertStore, GgufSource, HfSource, LayoutSource, StoreConfig};
@@ -42,6 +43,8 @@ pub struct LoadOptions {
     /// type, as llama.cpp does, instead of widening them to f32 (exact dequantized math, four
     /// times the memory for Q8_0). Routers and norms are f32 either way.
     pub quantized_base: bool,
+    /// Lower the context length below the model's maximum positions.
+    pub context_length: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -53,15 +56,20 @@ impl Default for LoadOptions {
             experts_per_token: None,
             prefetch: PredictorKind::Lookahead,
             quantized_base: true,
+            context_length: None,
         }
     }
 }
 
-/// A model, and its expert store (and prefetcher) when experts come on demand.
+/// A model, its tokenizer when it has one, and its expert store (and prefetcher) when experts
+/// come on demand.
 pub struct LoadedModel {
     pub model: Model,
     pub store: Option<Arc<ExpertStore>>,
     pub prefetcher: Option<Arc<Prefetcher>>,
+    /// From `tokenizer.json` (with the chat template of `tokenizer_config.json`) or from a GGUF
+    /// file's vocabulary and `tokenizer.chat_template`.
+    pub tokenizer: Option<Arc<Tokenizer>>,
     /// The directory the model was read from.
     pub path: PathBuf,
 }
@@ -79,29 +87,97 @@ enum Checkpoint {
     Gguf,
 }
 
-fn checkpoint_kind(path: &Path) -> Checkpoint {
-    if path.is_file() {
-        Checkpoint::Gguf
-    } else if is_layout(path) {
-        Checkpoint::Layout
+/// What a path holds, told from the bytes and files there rather than from its name, so that a
+/// typo or a stray file gets an error a person can act on instead of a parser's.
+fn checkpoint_kind(path: &Path) -> Result<Checkpoint> {
+    let not_a_model = || {
+        Error::config(
+            path,
+            "not a model: expected a Hugging Face directory (config.json and safetensors), \
+             an odmoe layout (manifest.json) or a .gguf file",
+        )
+    };
+    let metadata = std::fs::metadata(path).map_err(|error| match error.kind() {
+        std::io::ErrorKind::NotFound => Error::config(path, "does not exist"),
+        _ => Error::io(path, error),
+    })?;
+    if metadata.is_file() {
+        let mut magic = [0u8; 4];
+        let read = std::fs::File::open(path)
+            .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic));
+        return match read {
+            Ok(()) if &magic == GGUF_MAGIC => Ok(Checkpoint::Gguf),
+            Ok(()) => Err(not_a_model()),
+            Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => Err(not_a_model()),
+            Err(error) => Err(Error::io(path, error)),
+        };
+    }
+    if is_layout(path) {
+        Ok(Checkpoint::Layout)
+    } else if path.join("config.json").exists() {
+        Ok(Checkpoint::HuggingFace)
     } else {
-        Checkpoint::HuggingFace
+        Err(not_a_model())
     }
 }
 
+/// The first bytes of every GGUF file.
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
 /// The tokenizer of the checkpoint at `path`, when it has one.
 pub fn load_tokenizer(path: &Path) -> Result<Option<Tokenizer>> {
-    match checkpoint_kind(path) {
+    match checkpoint_kind(path)? {
         Checkpoint::Gguf => Tokenizer::from_gguf(&GgufFile::open(path, &Device::Cpu)?).map(Some),
-        _ if path.join("tokenizer.json").exists() => Tokenizer::from_dir(path).map(Some),
-        _ => Ok(None),
+        _ => tokenizer_in_dir(path),
     }
+}
+
+/// The tokenizer of a Hugging Face directory or odmoe layout, when it has a `tokenizer.json`.
+fn tokenizer_in_dir(dir: &Path) -> Result<Option<Tokenizer>> {
+    if dir.join("tokenizer.json").exists() {
+        Tokenizer::from_dir(dir).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Whether a model has no experts at all (a dense Llama): it loads resident whatever the budget.
+pub fn is_dense(config: &ModelConfig) -> bool {
+    config.moe_layers().next().is_none()
+}
+
+/// The smallest expert budget a model can run with: one layer's routed experts, all pinned at
+/// once while the layer computes. `total_expert_bytes` is all experts' bytes, as [`describe`]
+/// gives it.
+pub fn budget_floor(config: &ModelConfig, total_expert_bytes: u64) -> u64 {
+    let experts = (config.moe_layers().count() * config.num_experts).max(1) as u64;
+    config.num_experts_per_token as u64 * (total_expert_bytes / experts)
+}
+
+/// Refuses an expert budget below [`budget_floor`], with the one message every entry point gives.
+pub fn check_budget(
+    config: &ModelConfig,
+    total_expert_bytes: u64,
+    budget_bytes: u64,
+) -> Result<()> {
+    let floor = budget_floor(config, total_expert_bytes);
+    if budget_bytes >= floor {
+        return Ok(());
+    }
+    let per_expert = floor / config.num_experts_per_token.max(1) as u64;
+    Err(Error::Budget(format!(
+        "{} is below the minimum of {} (one layer's {} routed experts of {} each)",
+        format_bytes(budget_bytes),
+        format_bytes(floor),
+        config.num_experts_per_token,
+        format_bytes(per_expert),
+    )))
 }
 
 /// The model's architecture config and the in-memory bytes of all its experts, without loading
 /// any weights.
 pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
-    let (config, expert_bytes) = match checkpoint_kind(path) {
+    let (config, expert_bytes) = match checkpoint_kind(path)? {
         Checkpoint::Gguf => {
             let gguf = GgufFile::open(path, &Device::Cpu)?;
             let config = gguf.model_config()?;
@@ -127,35 +203,47 @@ pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
 
 /// Opens the checkpoint at `path`: a GGUF file, an odmoe layout or a Hugging Face directory.
 pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<LoadedModel> {
-    let (config, base, source): (ModelConfig, Box<dyn WeightSource>, Arc<dyn ExpertSource>) =
-        match checkpoint_kind(path) {
-            Checkpoint::Gguf => {
-                let gguf = GgufFile::open(path, device)?.keep_quantized(options.quantized_base);
-                let config = gguf.model_config()?;
-                let source = GgufSource::new(&config, &gguf, options.bypass_page_cache)?;
-                (config, Box::new(gguf), Arc::new(source))
-            }
-            Checkpoint::Layout => {
-                let manifest = Manifest::load(path)?;
-                let base_paths: Vec<PathBuf> =
-                    manifest.base_files.iter().map(|f| path.join(f)).collect();
-                let base = HfWeights::open_files(&path.display().to_string(), &base_paths, device)?;
-                let source = LayoutSource::new(
-                    path,
-                    &manifest,
-                    options.verify_checksums,
-                    options.bypass_page_cache,
-                    device,
-                )?;
-                (manifest.architecture, Box::new(base), Arc::new(source))
-            }
-            Checkpoint::HuggingFace => {
-                let config = ModelConfig::from_file(&path.join("config.json"))?;
-                let weights = HfWeights::open(path, device)?;
-                let source = HfSource::new(&config, &weights, options.bypass_page_cache, device)?;
-                (config, Box::new(weights), Arc::new(source))
-            }
-        };
+    let (config, base, source, tokenizer): (
+        ModelConfig,
+        Box<dyn WeightSource>,
+        Arc<dyn ExpertSource>,
+        Option<Tokenizer>,
+    ) = match checkpoint_kind(path)? {
+        Checkpoint::Gguf => {
+            let gguf = GgufFile::open(path, device)?.keep_quantized(options.quantized_base);
+            let config = gguf.model_config()?;
+            let source = GgufSource::new(&config, &gguf, options.bypass_page_cache)?;
+            let tokenizer = Tokenizer::from_gguf(&gguf)?;
+            (config, Box::new(gguf), Arc::new(source), Some(tokenizer))
+        }
+        Checkpoint::Layout => {
+            let manifest = Manifest::load(path)?;
+            let base_paths: Vec<PathBuf> =
+                manifest.base_files.iter().map(|f| path.join(f)).collect();
+            let base = HfWeights::open_files(&path.display().to_string(), &base_paths, device)?;
+            let source = LayoutSource::new(
+                path,
+                &manifest,
+                options.verify_checksums,
+                options.bypass_page_cache,
+                device,
+            )?;
+            let tokenizer = tokenizer_in_dir(path)?;
+            (
+                manifest.architecture,
+                Box::new(base),
+                Arc::new(source),
+                tokenizer,
+            )
+        }
+        Checkpoint::HuggingFace => {
+            let config = ModelConfig::from_file(&path.join("config.json"))?;
+            let weights = HfWeights::open(path, device)?;
+            let source = HfSource::new(&config, &weights, options.bypass_page_cache, device)?;
+            let tokenizer = tokenizer_in_dir(path)?;
+            (config, Box::new(weights), Arc::new(source), tokenizer)
+        }
+    };
     let mut config = config;
     if let Some(k) = options.experts_per_token {
         if k == 0 || k > config.num_experts {
@@ -166,7 +254,12 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
         }
         config.num_experts_per_token = k;
     }
-    let (provider, store): (Arc<dyn ExpertProvider>, _) = match &options.experts {
+    // A dense model has no experts to put on demand: it is resident whatever was asked.
+    let experts = match &options.experts {
+        ExpertMode::OnDemand(_) if is_dense(&config) => &ExpertMode::Resident,
+        experts => experts,
+    };
+    let (provider, store): (Arc<dyn ExpertProvider>, _) = match experts {
         ExpertMode::Resident => {
             let mut layers = Vec::with_capacity(config.num_layers);
             for layer in 0..config.num_layers {
@@ -184,20 +277,17 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
             (Arc::new(ResidentExperts { layers }), None)
         }
         ExpertMode::OnDemand(store_config) => {
-            let minimum = config.num_experts_per_token as u64 * source.expert_bytes();
-            if store_config.budget_bytes < minimum {
-                return Err(Error::Budget(format!(
-                    "{} bytes is below the minimum of {minimum} (one layer's {} routed experts of {} bytes each)",
-                    store_config.budget_bytes,
-                    config.num_experts_per_token,
-                    source.expert_bytes()
-                )));
-            }
+            let total =
+                (config.moe_layers().count() * config.num_experts) as u64 * source.expert_bytes();
+            check_budget(&config, total, store_config.budget_bytes)?;
             let store = Arc::new(ExpertStore::new(source, store_config));
             (store.clone(), Some(store))
         }
     };
     let mut model = Model::load_base(config, base.as_ref(), provider)?;
+    if let Some(tokens) = options.context_length {
+        model.set_context_length(tokens)?;
+    }
     let prefetcher = match &store {
         Some(store) => crate::predict::build(options.prefetch, &model, 1, None)?.map(|predictor| {
             let options = PrefetchOptions::new(1, model.config.num_layers);
@@ -209,6 +299,7 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
         model,
         store,
         prefetcher,
+        tokenizer: tokenizer.map(Arc::new),
         path: path.to_path_buf(),
     })
 }

@@ -224,6 +224,13 @@ impl Tokenizer {
         self.chat_template.as_ref()
     }
 
+    /// The prompt of a conversation: `messages` rendered with the chat template, opening the
+    /// assistant's turn, encoded without adding special tokens (the template writes its own).
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let rendered = self.apply_chat_template(messages, true)?;
+        self.encode(&rendered, false)
+    }
+
     /// Renders `messages` with the model's chat template.
     pub fn apply_chat_template(
         &self,

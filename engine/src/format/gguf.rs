@@ -33,8 +33,8 @@ impl GgufFile {
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let content =
-            Content::read(&mut BufReader::new(file)).map_err(|e| Self::error_at(path, e))?;
+        let content = Content::read(&mut BufReader::new(file))
+            .map_err(|e| Self::error_at(path, crate::error::without_backtrace(&e)))?;
         let this = Self {
             path: path.to_path_buf(),
             content,
@@ -72,9 +72,9 @@ impl GgufFile {
     }
 
     fn error_at(path: &Path, message: impl std::fmt::Display) -> Error {
-        Error::Safetensors {
+        Error::Gguf {
             path: path.to_path_buf(),
-            message: format!("GGUF: {message}"),
+            message: message.to_string(),
         }
     }
 

@@ -5,22 +5,44 @@ use odmoe_config::{Size, parse_size};
 
 use crate::error::{Error, Result};
 
-/// Parses an expert budget: a byte count with an optional unit, or a percentage of `total_bytes`
-/// (the in-memory size of all experts).
+/// Reads an expert budget as written, before the model's size is known: a byte count with a
+/// unit, or a percentage of all experts.
 ///
 /// Units are case-insensitive: `B`; decimal `KB`, `MB`, `GB`, `TB` (powers of 1000); binary
 /// `KiB`, `MiB`, `GiB`, `TiB` and the bare `K`, `M`, `G`, `T` (powers of 1024). Fractions are
-/// allowed (`1.5GB`) and rounded down to whole bytes. The budget must be positive, and a
-/// percentage at most 100.
-pub fn parse_budget(text: &str, total_bytes: u64) -> Result<u64> {
+/// allowed (`1.5GB`) and rounded down to whole bytes. A bare number is refused: `1.5` meant as
+/// gigabytes or as a share would otherwise become one byte.
+pub fn parse_budget_size(text: &str) -> Result<Size> {
     let bad = |why: &dyn std::fmt::Display| Error::Budget(format!("{text:?}: {why}"));
     // One parser for sizes everywhere: the config file's.
-    let bytes = match parse_size(text).map_err(|e| bad(&e))? {
+    let size = parse_size(text).map_err(|e| bad(&e))?;
+    let has_unit = text
+        .trim_end()
+        .ends_with(|c: char| c.is_ascii_alphabetic() || c == '%');
+    if !has_unit {
+        return Err(bad(
+            &"a budget needs a unit (64MiB, 8GiB, 1.5GB) or a percentage of all experts (25%)",
+        ));
+    }
+    Ok(size)
+}
+
+/// The bytes `size` stands for when all experts take `total_bytes`.
+pub fn budget_bytes(size: Size, total_bytes: u64) -> u64 {
+    match size {
         Size::Bytes(bytes) => bytes,
         Size::Percent(percent) => (total_bytes as f64 * percent / 100.0).floor() as u64,
-    };
+    }
+}
+
+/// Parses an expert budget ([`parse_budget_size`]) into bytes, a percentage being of
+/// `total_bytes` (the in-memory size of all experts). The budget must be positive.
+pub fn parse_budget(text: &str, total_bytes: u64) -> Result<u64> {
+    let bytes = budget_bytes(parse_budget_size(text)?, total_bytes);
     if bytes == 0 {
-        return Err(bad(&"the budget must be larger than zero bytes"));
+        return Err(Error::Budget(format!(
+            "{text:?}: the budget must be larger than zero bytes"
+        )));
     }
     Ok(bytes)
 }
@@ -53,7 +75,6 @@ mod tests {
         assert_eq!(parse_budget("1.5GB", TOTAL).unwrap(), 1_500_000_000);
         assert_eq!(parse_budget("8G", TOTAL).unwrap(), 8 << 30);
         assert_eq!(parse_budget(" 512 KiB ", TOTAL).unwrap(), 512 << 10);
-        assert_eq!(parse_budget("4096", TOTAL).unwrap(), 4096);
         assert_eq!(parse_budget("100B", TOTAL).unwrap(), 100);
         assert_eq!(parse_budget("2kb", TOTAL).unwrap(), 2000);
         assert_eq!(parse_budget("0.5K", TOTAL).unwrap(), 512);
@@ -72,12 +93,18 @@ mod tests {
     #[test]
     fn nonsense_is_refused_and_named() {
         for text in [
-            "", "abc", "64XB", "-5MiB", "1.2.3G", "0", "0%", "101%", "0.1%", "1e9",
+            "", "abc", "64XB", "-5MiB", "1.2.3G", "0", "0%", "101%", "0.1%", "1e9", "1.5", "4096",
         ] {
             let total = if text == "0.1%" { 100 } else { TOTAL };
             let err = parse_budget(text, total).unwrap_err().to_string();
             assert!(err.contains(&format!("{text:?}")), "{text:?}: {err}");
         }
+        assert!(
+            parse_budget("1.5", TOTAL)
+                .unwrap_err()
+                .to_string()
+                .contains("needs a unit")
+        );
     }
 
     #[test]

@@ -108,6 +108,8 @@ pub struct Model {
     experts: Arc<dyn ExpertProvider>,
     hook: Option<Arc<dyn ForwardHook>>,
     device: Device,
+    /// Most positions a sequence may hold: the model's own maximum, or less when lowered.
+    context_length: usize,
 }
 
 impl Model {
@@ -153,8 +155,26 @@ impl Model {
             experts,
             hook: None,
             device,
+            context_length: config.max_position_embeddings,
             config,
         })
+    }
+
+    /// Most positions a sequence may hold (prompt and generated tokens together).
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// Lowers the context length below the model's maximum positions, which it may not exceed.
+    pub fn set_context_length(&mut self, tokens: usize) -> Result<()> {
+        let most = self.config.max_position_embeddings;
+        if tokens == 0 || tokens > most {
+            return Err(Error::InvalidRequest(format!(
+                "context length {tokens}: must be between 1 and the model's {most} positions"
+            )));
+        }
+        self.context_length = tokens;
+        Ok(())
     }
 
     /// The decoder layers (the predictor reads their norms and routers).
