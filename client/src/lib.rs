@@ -316,8 +316,25 @@ impl Client {
         let msgid = self.next_msgid;
         self.next_msgid = self.next_msgid.checked_add(1).unwrap_or(1);
         let request = Request::new(msgid, method, params)?;
-        write_message(&mut self.writer, &request.into()).await?;
+        if let Err(error) = write_message(&mut self.writer, &request.into()).await {
+            return Err(self.why_write_failed(error).await);
+        }
         Ok(msgid)
+    }
+
+    /// The daemon hangs up on a message it refuses (one over its size limit)
+    /// after saying why: that answer, still readable, explains a broken pipe
+    /// better than the pipe does.
+    async fn why_write_failed(&mut self, error: io::Error) -> ClientError {
+        use io::ErrorKind::{BrokenPipe, ConnectionReset};
+        if matches!(error.kind(), BrokenPipe | ConnectionReset)
+            && let Ok(Some(Message::Response(response))) = self.reader.read_message().await
+            && response.msgid == 0
+            && let Err(refusal) = response.outcome
+        {
+            return ClientError::Rpc(refusal);
+        }
+        ClientError::Io(error)
     }
 
     /// Handles a message that is not the awaited response: notifications are

@@ -86,6 +86,9 @@ pub struct ModelConfig {
     pub path: Option<PathBuf>,
     /// Memory for cached experts. Default `"auto"`.
     pub expert_budget: ExpertBudget,
+    /// Most positions a sequence may hold (prompt and reply together), to
+    /// lower the model's own maximum; 0 keeps the model's. Default 0.
+    pub context_length: u32,
 }
 
 /// How much memory cached experts may hold.

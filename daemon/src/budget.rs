@@ -6,8 +6,8 @@
 //! the size of its experts; `auto` also depends on the model's other weights,
 //! measured once it is loaded (see [`crate::pressure`]).
 
-use odmoe_config::ExpertBudget;
-use odmoe_engine::format::size::parse_budget;
+use odmoe_config::{ExpertBudget, Size};
+use odmoe_engine::format::size::{budget_bytes, format_bytes, parse_budget_size};
 
 use crate::pressure::BudgetKind;
 
@@ -26,29 +26,28 @@ pub enum Placement {
 pub enum BudgetSpec {
     /// Decided from the machine's memory.
     Auto,
-    /// A size or a percentage of all experts, in `parse_budget`'s syntax.
-    Text(String),
+    /// A number of bytes or a percentage of all experts.
+    Size(Size),
 }
 
 impl BudgetSpec {
-    /// Reads `auto`, a size or a percentage, checking the syntax now so that a
-    /// typo is reported at once rather than when a model loads.
+    /// Reads `auto`, a size with its unit or a percentage, checking it now so
+    /// that a typo is reported at once rather than when a model loads.
     pub fn parse(text: &str) -> Result<BudgetSpec, String> {
         if text.trim().eq_ignore_ascii_case("auto") {
             return Ok(BudgetSpec::Auto);
         }
-        // Any whole will do to check the syntax; a large one keeps small
-        // percentages above zero bytes.
-        parse_budget(text, u64::MAX / 2).map_err(|error| error.to_string())?;
-        Ok(BudgetSpec::Text(text.trim().to_owned()))
+        parse_budget_size(text)
+            .map(BudgetSpec::Size)
+            .map_err(|error| error.to_string())
     }
 
     /// The config file's `model.expert_budget`.
     pub fn from_config(budget: ExpertBudget) -> BudgetSpec {
         match budget {
             ExpertBudget::Auto => BudgetSpec::Auto,
-            ExpertBudget::Bytes(bytes) => BudgetSpec::Text(bytes.to_string()),
-            ExpertBudget::Percent(percent) => BudgetSpec::Text(format!("{percent}%")),
+            ExpertBudget::Bytes(bytes) => BudgetSpec::Size(Size::Bytes(bytes)),
+            ExpertBudget::Percent(percent) => BudgetSpec::Size(Size::Percent(percent)),
         }
     }
 
@@ -61,9 +60,8 @@ impl BudgetSpec {
     pub fn resolve(&self, total_expert_bytes: u64) -> Result<Placement, String> {
         match self {
             BudgetSpec::Auto => Ok(Placement::OnDemand(BudgetKind::Auto)),
-            BudgetSpec::Text(text) => {
-                let bytes =
-                    parse_budget(text, total_expert_bytes).map_err(|error| error.to_string())?;
+            BudgetSpec::Size(size) => {
+                let bytes = budget_bytes(*size, total_expert_bytes);
                 Ok(if bytes < total_expert_bytes {
                     Placement::OnDemand(BudgetKind::Fixed(bytes))
                 } else {
@@ -78,7 +76,8 @@ impl std::fmt::Display for BudgetSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BudgetSpec::Auto => f.write_str("auto"),
-            BudgetSpec::Text(text) => f.write_str(text),
+            BudgetSpec::Size(Size::Bytes(bytes)) => f.write_str(&format_bytes(*bytes)),
+            BudgetSpec::Size(Size::Percent(percent)) => write!(f, "{percent}%"),
         }
     }
 }
@@ -128,6 +127,11 @@ mod tests {
     #[test]
     fn nonsense_is_refused_at_once() {
         assert!(BudgetSpec::parse("lots").unwrap_err().contains("lots"));
+        assert!(
+            BudgetSpec::parse("1.5")
+                .unwrap_err()
+                .contains("needs a unit")
+        );
         assert_eq!(BudgetSpec::parse(" AUTO "), Ok(BudgetSpec::Auto));
     }
 

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use odmoe_config::GenerationConfig;
-use odmoe_engine::generate::{GenerateRequest, SamplingParams};
+use odmoe_engine::generate::{GenerateRequest, SamplingParams, check_context};
 use odmoe_engine::tokenizer::ChatMessage;
 use odmoe_protocol::{
     CancelParams, CancelResult, ErrorCode, GenerateParams, HelloParams, HelloResult, LoadParams,
@@ -25,7 +25,7 @@ use tracing::{debug, info};
 use crate::budget::BudgetSpec;
 use crate::connection::{Peer, peer_allowed};
 use crate::pressure::{self, Level};
-use crate::scheduler::{CancelToken, Event, GenerateJob, Served, no_model};
+use crate::scheduler::{CancelToken, ChatTurn, Event, GenerateJob, Served, engine_error, no_model};
 use crate::server::State;
 
 /// The result of `request`, or the error to answer it with. `cancel` is the
@@ -104,12 +104,35 @@ async fn generate(
 ) -> Result<Value, RpcError> {
     let params: GenerateParams = request.parse_params()?;
     let served = state.scheduler.served().ok_or_else(no_model)?;
-    let prompt = prompt_tokens(method, &params, &served)?;
-    let job_request = engine_request(&params, prompt, &state.settings().generation)?;
+    let (prompt, turn) = match (method, &params.session) {
+        // The session's conversation is on the engine thread, which renders
+        // the turn after it.
+        (Method::Chat, Some(_)) => {
+            let messages = chat_messages(&params)?;
+            served
+                .tokenizer
+                .as_deref()
+                .ok_or_else(|| no_tokenizer(&served))?;
+            let turn = ChatTurn {
+                messages,
+                new_conversation: params.new_conversation,
+                fit_max_tokens: params.max_tokens.is_none(),
+            };
+            (Vec::new(), Some(turn))
+        }
+        _ => (prompt_tokens(method, &params, &served)?, None),
+    };
+    let job_request = engine_request(
+        &params,
+        prompt,
+        &state.settings().generation,
+        served.context_length,
+    )?;
     let (events, mut receiver) = mpsc::unbounded_channel();
     let job = GenerateJob {
         epoch: served.epoch,
         request: job_request,
+        turn,
         session: params.session.clone(),
         cancel,
         events,
@@ -145,6 +168,30 @@ async fn generate(
     ))
 }
 
+/// The answer when text needs a tokenizer the model does not have.
+fn no_tokenizer(served: &Served) -> RpcError {
+    invalid(format!(
+        "the model at {} has no tokenizer: send `tokens` instead of text",
+        served.info.path
+    ))
+}
+
+/// The messages of a `chat` request, checked.
+fn chat_messages(params: &GenerateParams) -> Result<Vec<ChatMessage>, RpcError> {
+    if params.prompt.is_some() || params.tokens.is_some() {
+        return Err(invalid(
+            "`chat` takes `messages`; send `prompt` or `tokens` to `generate`",
+        ));
+    }
+    match &params.messages {
+        Some(messages) if !messages.is_empty() => Ok(messages
+            .iter()
+            .map(|m| ChatMessage::new(&m.role, &m.content))
+            .collect()),
+        _ => Err(invalid("messages: must hold at least one message")),
+    }
+}
+
 /// The prompt as token ids: `tokens` as given, `prompt` encoded, or `messages`
 /// rendered with the chat template and encoded.
 fn prompt_tokens(
@@ -153,33 +200,15 @@ fn prompt_tokens(
     served: &Served,
 ) -> Result<Vec<u32>, RpcError> {
     let tokenizer = || {
-        served.tokenizer.as_deref().ok_or_else(|| {
-            invalid(format!(
-                "the model at {} has no tokenizer.json: send `tokens` instead of text",
-                served.info.path
-            ))
-        })
+        served
+            .tokenizer
+            .as_deref()
+            .ok_or_else(|| no_tokenizer(served))
     };
     let tokens = if method == Method::Chat {
-        if params.prompt.is_some() || params.tokens.is_some() {
-            return Err(invalid(
-                "`chat` takes `messages`; send `prompt` or `tokens` to `generate`",
-            ));
-        }
-        let messages = match &params.messages {
-            Some(messages) if !messages.is_empty() => messages,
-            _ => return Err(invalid("messages: must hold at least one message")),
-        };
-        let tokenizer = tokenizer()?;
-        let messages: Vec<ChatMessage> = messages
-            .iter()
-            .map(|m| ChatMessage::new(&m.role, &m.content))
-            .collect();
-        let rendered = tokenizer
-            .apply_chat_template(&messages, true)
-            .map_err(|error| invalid(format!("messages: {error}")))?;
-        tokenizer
-            .encode(&rendered, false)
+        let messages = chat_messages(params)?;
+        tokenizer()?
+            .encode_chat(&messages)
             .map_err(|error| invalid(format!("messages: {error}")))?
     } else {
         if params.messages.is_some() {
@@ -225,11 +254,15 @@ fn prompt_tokens(
 }
 
 /// The engine's request: the client's fields, the configured defaults for the
-/// rest, each checked and named when out of range.
+/// rest, each checked and named when out of range. The prompt must fit in
+/// `context_length` with the `max_tokens` asked for; the configured default is
+/// lowered to what fits instead, as a request that did not ask for a length
+/// should not fail for it.
 fn engine_request(
     params: &GenerateParams,
     prompt: Vec<u32>,
     defaults: &GenerationConfig,
+    context_length: usize,
 ) -> Result<GenerateRequest, RpcError> {
     let temperature = params.temperature.unwrap_or(defaults.temperature);
     let top_p = params.top_p.unwrap_or(defaults.top_p);
@@ -268,9 +301,15 @@ fn engine_request(
     if let Some((field, _, why)) = checks.into_iter().find(|(_, ok, _)| !ok) {
         return Err(invalid(format!("{field}: {why}")));
     }
+    let room = context_length.saturating_sub(prompt.len());
+    let max_tokens = match params.max_tokens {
+        Some(asked) => asked as usize,
+        None => (max_tokens as usize).min(room.max(1)),
+    };
+    check_context(context_length, prompt.len(), max_tokens).map_err(engine_error)?;
     Ok(GenerateRequest {
         prompt,
-        max_tokens: max_tokens as usize,
+        max_tokens,
         sampling: SamplingParams {
             temperature,
             top_k: params.top_k.unwrap_or(defaults.top_k) as usize,
@@ -535,12 +574,29 @@ mod tests {
             seed: Some(9),
             ..GenerateParams::default()
         };
-        let request = engine_request(&params, vec![1], &defaults).unwrap();
+        let request = engine_request(&params, vec![1], &defaults, 4096).unwrap();
         assert_eq!(request.max_tokens, 7);
         assert_eq!(request.sampling.temperature, 0.0);
         assert_eq!(request.sampling.top_k, 3);
         assert_eq!(request.sampling.top_p, defaults.top_p);
         assert_eq!(request.sampling.seed, 9);
+    }
+
+    #[test]
+    fn prompts_must_fit_the_context_and_the_default_length_shrinks_to_fit() {
+        let defaults = GenerationConfig::default();
+        let fitted = engine_request(&GenerateParams::default(), vec![1; 60], &defaults, 64);
+        assert_eq!(fitted.unwrap().max_tokens, 4);
+        let asked = GenerateParams {
+            max_tokens: Some(5),
+            ..GenerateParams::default()
+        };
+        let error = engine_request(&asked, vec![1; 60], &defaults, 64).unwrap_err();
+        assert_eq!(error.code, ErrorCode::ContextLengthExceeded);
+        let error =
+            engine_request(&GenerateParams::default(), vec![1; 64], &defaults, 64).unwrap_err();
+        assert_eq!(error.code, ErrorCode::ContextLengthExceeded);
+        assert!(error.message.contains("64 tokens"), "{}", error.message);
     }
 
     #[test]
@@ -584,7 +640,7 @@ mod tests {
             ),
         ];
         for (params, field) in cases {
-            let error = engine_request(&params, vec![1], &defaults).unwrap_err();
+            let error = engine_request(&params, vec![1], &defaults, 4096).unwrap_err();
             assert_eq!(error.code, ErrorCode::InvalidParams);
             assert!(error.message.starts_with(field), "{}", error.message);
         }

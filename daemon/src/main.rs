@@ -33,6 +33,7 @@ mod scheduler;
 mod server;
 mod settings;
 mod shutdown;
+mod startup;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -73,6 +74,11 @@ struct Args {
     /// demand when the budget is below what all of them take.
     #[arg(long, value_name = "SIZE|PCT|auto")]
     expert_budget: Option<String>,
+    /// Most tokens one sequence may hold (prompt and reply together), below the
+    /// model's own maximum positions, instead of the configured
+    /// `model.context_length`.
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
+    context_length: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -82,6 +88,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("odmoed: {error:#}");
+            startup::failed(&format!("{error:#}"));
             ExitCode::FAILURE
         }
     }
@@ -114,7 +121,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     let max_message_bytes = usize::try_from(config.server.max_message_bytes)
         .context("server.max_message_bytes does not fit in memory")?;
     let max_connections = config.server.max_connections as usize;
-    let settings = Arc::new(RwLock::new(Settings::new(&config, flag_budget)));
+    let mut settings = Settings::new(&config, flag_budget);
+    if let Some(tokens) = args.context_length {
+        settings.context_length = Some(tokens as usize);
+    }
+    let settings = Arc::new(RwLock::new(settings));
 
     // Before any thread starts: a socket from the service manager replaces ours.
     let activated = server::activated()?;
@@ -174,6 +185,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             Arc::clone(&state),
             logs,
         ));
+        startup::ready();
         server::run(bound, state, max_connections, signal).await?;
         Ok(())
     })
@@ -220,9 +232,12 @@ fn apply(config: &Config, started_with: &Config, state: &State, logs: &LogContro
     state.scheduler.settings_changed();
     if config.server != started_with.server
         || config.model.path != started_with.model.path
+        || config.model.context_length != started_with.model.context_length
         || config.memory != started_with.memory
     {
-        warn!("SIGHUP: [server], [memory] and model.path take effect at the next start");
+        warn!(
+            "SIGHUP: [server], [memory], model.path and model.context_length take effect at the next start"
+        );
     }
     if changes.is_empty() {
         info!("SIGHUP: configuration reloaded, nothing changed");
@@ -283,9 +298,10 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = &'static str>> {
     })
 }
 
-/// Leaves the terminal: the parent exits at once (the socket already accepts
-/// connections), the child starts a new session with stdin and stdout on
-/// /dev/null and stderr appended to `odmoed.log` beside `socket`.
+/// Leaves the terminal: the child starts a new session with stdin and stdout
+/// on /dev/null and stderr appended to `odmoed.log` beside `socket`; the
+/// parent waits until the child serves (its model loaded) and exits 0, or
+/// exits 1 with the child's error on stderr (see [`startup`]).
 ///
 /// Must be called before any thread is started.
 fn detach(socket: &Path) -> anyhow::Result<()> {
@@ -302,15 +318,29 @@ fn detach(socket: &Path) -> anyhow::Result<()> {
     .with_context(|| format!("cannot open log file {}", log.display()))?;
     let null = open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
         .context("cannot open /dev/null")?;
+    let (report_read, report_write) =
+        nix::unistd::pipe().context("cannot make the start-up pipe")?;
     // SAFETY: no other thread exists yet (the runtime is built after this), so
     // the child starts from a consistent copy of the process.
     match unsafe { fork() }.context("cannot fork")? {
         ForkResult::Parent { child } => {
-            info!(pid = child.as_raw(), log = %log.display(), "detached");
+            drop(report_write);
             // Leave without running destructors: the child owns the socket now.
-            std::process::exit(0);
+            match startup::wait_for_child(report_read, &log) {
+                Ok(()) => {
+                    info!(pid = child.as_raw(), log = %log.display(), "detached");
+                    std::process::exit(0);
+                }
+                Err(error) => {
+                    eprintln!("odmoed: {error}");
+                    std::process::exit(1);
+                }
+            }
         }
-        ForkResult::Child => {}
+        ForkResult::Child => {
+            drop(report_read);
+            startup::report_to(report_write);
+        }
     }
     setsid().context("cannot start a new session")?;
     std::env::set_current_dir("/")?;

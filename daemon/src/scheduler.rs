@@ -23,6 +23,7 @@
 //! experts down to the new budget, and under critical pressure the kept
 //! sessions' KV caches are dropped and freed memory is given back.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,7 +34,7 @@ use std::time::{Duration, Instant};
 use odmoe_engine::generate::{FinishReason, GenerateRequest, Generation, Session};
 use odmoe_engine::loader::{self, ExpertMode, LoadOptions, LoadedModel};
 use odmoe_engine::store::{ExpertStore, StoreConfig};
-use odmoe_engine::tokenizer::Tokenizer;
+use odmoe_engine::tokenizer::{ChatMessage, Tokenizer};
 use odmoe_protocol::{
     ErrorCode, GenerateResult, ModelInfo, QueueStats, RpcError, SessionStats, Timings, Usage,
 };
@@ -41,7 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::budget::{BudgetSpec, Placement};
-use crate::pressure::{self, Directive, ModelMemory, Pressure};
+use crate::pressure::{self, BudgetKind, Directive, ModelMemory, Pressure};
 use crate::settings::Settings;
 
 /// Longest the engine thread sleeps without looking at idle sessions, so a
@@ -79,14 +80,29 @@ pub struct GenerateJob {
     /// The model the prompt was tokenized for ([`Served::epoch`]); a job
     /// outliving its model is refused rather than run with the wrong vocabulary.
     pub epoch: u64,
-    /// Prompt tokens, sampling and stop conditions.
+    /// Prompt tokens, sampling and stop conditions. With a `turn`, the prompt
+    /// is made on the engine thread.
     pub request: GenerateRequest,
+    /// A `chat` turn in a session: rendered after the session's conversation.
+    pub turn: Option<ChatTurn>,
     /// The kept session to continue, if any.
     pub session: Option<String>,
     /// Set by `cancel`, a disconnect or shutdown.
     pub cancel: Arc<CancelToken>,
     /// Where text and the result go.
     pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// A `chat` turn that continues a session's conversation.
+#[derive(Debug)]
+pub struct ChatTurn {
+    /// The messages new in this turn.
+    pub messages: Vec<ChatMessage>,
+    /// Forget the conversation kept so far first.
+    pub new_conversation: bool,
+    /// The client left `max_tokens` to the default, which shrinks to what
+    /// fits in the context after the conversation.
+    pub fit_max_tokens: bool,
 }
 
 /// Work for the engine thread.
@@ -135,7 +151,9 @@ pub struct Served {
     pub info: ModelInfo,
     /// Token ids must be below this.
     pub vocab_size: usize,
-    /// The model's tokenizer, when it has a `tokenizer.json`.
+    /// Most positions a sequence may hold: prompt and reply must fit.
+    pub context_length: usize,
+    /// The model's tokenizer: its `tokenizer.json` or its GGUF vocabulary.
     pub tokenizer: Option<Arc<Tokenizer>>,
     /// The expert store, when experts are loaded on demand.
     pub store: Option<Arc<ExpertStore>>,
@@ -387,8 +405,8 @@ struct Engine {
     shared: Arc<Shared>,
     /// Live session limits.
     settings: Arc<RwLock<Settings>>,
-    /// The model and its tokenizer.
-    loaded: Option<(LoadedModel, Option<Arc<Tokenizer>>)>,
+    /// The model, its tokenizer and its expert store.
+    loaded: Option<LoadedModel>,
     /// Named conversations of the loaded model.
     sessions: Sessions,
     /// Counts loads, see [`Served::epoch`].
@@ -414,6 +432,8 @@ impl Engine {
             let dropped = self.sessions.expire(idle) + self.sessions.trim(self.max_sessions());
             if dropped > 0 {
                 self.publish_sessions();
+                // A dropped KV cache is freed memory the allocator would keep.
+                pressure::return_freed_memory();
             }
             match self.next(self.sessions.next_expiry(idle)) {
                 Next::Run(job) => {
@@ -443,6 +463,13 @@ impl Engine {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let secs = settings.sessions.idle_expiry_secs;
         (secs > 0).then(|| Duration::from_secs(secs))
+    }
+
+    fn context_length(&self) -> Option<usize> {
+        self.settings
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .context_length
     }
 
     fn max_sessions(&self) -> usize {
@@ -525,7 +552,7 @@ impl Engine {
         if job.cancel.is_cancelled() || job.events.is_closed() {
             return Ok(cancelled_before_start(job, queued));
         }
-        let Some((loaded, tokenizer)) = &self.loaded else {
+        let Some(loaded) = &self.loaded else {
             return Err(no_model());
         };
         if job.epoch != self.epoch {
@@ -536,14 +563,37 @@ impl Engine {
         }
         let model = &loaded.model;
         let store = loaded.store.clone();
-        let mut session = job
+        let (mut session, mut conversation) = job
             .session
             .as_ref()
             .and_then(|name| self.sessions.take(name))
-            .unwrap_or_else(|| Session::new(model));
+            .unwrap_or_else(|| (Session::new(model), Vec::new()));
+        if job.turn.as_ref().is_some_and(|turn| turn.new_conversation) {
+            conversation.clear();
+        }
+        // A turn that fails is not kept: the conversation stays as it was.
+        let before_turn = conversation.len();
+        let request = match &job.turn {
+            Some(turn) => {
+                conversation.extend(turn.messages.iter().cloned());
+                let prompt = render_turn(loaded, &conversation, turn, &job.request);
+                match prompt {
+                    Ok(request) => Cow::Owned(request),
+                    Err(error) => {
+                        conversation.truncate(before_turn);
+                        if let Some(name) = &job.session {
+                            let max = self.max_sessions();
+                            self.sessions.put(name.clone(), session, conversation, max);
+                        }
+                        return Err(error);
+                    }
+                }
+            }
+            None => Cow::Borrowed(&job.request),
+        };
         let (shared, epoch) = (&self.shared, self.epoch);
         let mut relieve = false;
-        let outcome = session.generate(model, tokenizer.as_deref(), &job.request, |delta| {
+        let outcome = session.generate(model, loaded.tokenizer.as_deref(), &request, |delta| {
             // Between two tokens no expert is pinned: the budget can change.
             let directive = lock(&shared.queue).directive.take();
             if let Some(directive) = directive.filter(|d| d.epoch == epoch) {
@@ -567,9 +617,17 @@ impl Engine {
         if relieve {
             self.relieve();
         }
+        if job.turn.is_some() {
+            match &outcome {
+                Ok(generation) => {
+                    conversation.push(ChatMessage::new("assistant", &generation.text));
+                }
+                Err(_) => conversation.truncate(before_turn),
+            }
+        }
         if let Some(name) = &job.session {
-            self.sessions
-                .put(name.clone(), session, self.max_sessions());
+            let max = self.max_sessions();
+            self.sessions.put(name.clone(), session, conversation, max);
             self.publish_sessions();
         }
         let generation = outcome.map_err(engine_error)?;
@@ -581,22 +639,22 @@ impl Engine {
         let started = Instant::now();
         // Everything that can be checked without the weights is checked before
         // the loaded model is dropped, so a typo does not leave no model at all.
-        let (config, total) = loader::describe(path).map_err(|error| {
-            invalid(format!(
-                "cannot read the model at {}: {error}",
-                path.display()
-            ))
-        })?;
-        let placement = budget
-            .resolve(total)
-            .map_err(|error| invalid(format!("expert_budget: {error}")))?;
-        let tokenizer = if path.join("tokenizer.json").exists() {
-            let tokenizer =
-                Tokenizer::from_dir(path).map_err(|error| invalid(error.to_string()))?;
-            Some(Arc::new(tokenizer))
+        let (config, total) = loader::describe(path).map_err(|error| invalid(error.to_string()))?;
+        let dense = loader::is_dense(&config);
+        let placement = if dense {
+            Placement::Resident
         } else {
-            None
+            budget
+                .resolve(total)
+                .map_err(|error| invalid(format!("expert_budget: {error}")))?
         };
+        if let Placement::OnDemand(BudgetKind::Fixed(bytes)) = placement {
+            loader::check_budget(&config, total, bytes)
+                .map_err(|error| invalid(format!("expert_budget: {error}")))?;
+        }
+        if dense {
+            info!(model = %path.display(), "dense model: every weight resident, the expert budget does not apply");
+        }
         let device = odmoe_engine::default_device().map_err(engine_error)?;
         // The store reads nothing until the first token, so the whole of the
         // experts will do as a budget until the real one is known.
@@ -609,12 +667,12 @@ impl Engine {
         };
         let options = LoadOptions {
             experts,
+            context_length: self.context_length(),
             ..LoadOptions::default()
         };
         // Two models may not fit in memory together: the old one goes first,
         // and its memory back to the system before the new one is measured.
         self.unload();
-        pressure::return_freed_memory();
         let loaded = loader::load(path, &options, &device)
             .map_err(|error| invalid(format!("cannot load {}: {error}", path.display())))?;
         self.epoch += 1;
@@ -643,7 +701,9 @@ impl Engine {
             // As the store counts them: GGUF experts at their stored size, others in f32.
             expert_bytes: total / (config.num_layers * config.num_experts).max(1) as u64,
             total_expert_bytes: total,
-            mode: if budget_bytes.is_some() {
+            mode: if dense {
+                "dense"
+            } else if budget_bytes.is_some() {
                 "on_demand"
             } else {
                 "resident"
@@ -665,10 +725,11 @@ impl Engine {
             epoch: self.epoch,
             info: info.clone(),
             vocab_size: config.vocab_size,
-            tokenizer: tokenizer.clone(),
+            context_length: loaded.model.context_length(),
+            tokenizer: loaded.tokenizer.clone(),
             store: loaded.store.clone(),
         };
-        self.loaded = Some((loaded, tokenizer));
+        self.loaded = Some(loaded);
         self.publish(Some(Arc::new(served)));
         Ok(info)
     }
@@ -682,7 +743,7 @@ impl Engine {
         if let Some(store) = self
             .loaded
             .as_ref()
-            .and_then(|(loaded, _)| loaded.store.as_ref())
+            .and_then(|loaded| loaded.store.as_ref())
         {
             set_budget(store, &directive);
         }
@@ -707,13 +768,16 @@ impl Engine {
         pressure::return_freed_memory();
     }
 
-    /// Drops the model and its sessions; true if one was loaded.
+    /// Drops the model and its sessions, giving their memory back to the
+    /// system; true if one was loaded.
     fn unload(&mut self) -> bool {
         self.pressure.model_unloaded();
         self.publish(None);
         self.sessions.clear();
         self.publish_sessions();
-        self.loaded.take().is_some()
+        let unloaded = self.loaded.take().is_some();
+        pressure::return_freed_memory();
+        unloaded
     }
 
     fn publish(&self, served: Option<Arc<Served>>) {
@@ -744,21 +808,61 @@ fn set_budget(store: &ExpertStore, directive: &Directive) {
     }
 }
 
-/// Kept sessions by name, with when each was last used.
+/// The prompt of a `chat` turn: the whole `conversation` rendered with the
+/// chat template, and the request's length fitted to the context when the
+/// client left it to the default.
+fn render_turn(
+    loaded: &LoadedModel,
+    conversation: &[ChatMessage],
+    turn: &ChatTurn,
+    request: &GenerateRequest,
+) -> Result<GenerateRequest, RpcError> {
+    let tokenizer = loaded
+        .tokenizer
+        .as_deref()
+        .ok_or_else(|| RpcError::new(ErrorCode::InvalidParams, "the model has no tokenizer"))?;
+    let prompt = tokenizer
+        .encode_chat(conversation)
+        .map_err(|error| RpcError::new(ErrorCode::InvalidParams, format!("messages: {error}")))?;
+    let mut request = request.clone();
+    if turn.fit_max_tokens {
+        let room = loaded.model.context_length().saturating_sub(prompt.len());
+        request.max_tokens = request.max_tokens.min(room.max(1));
+    }
+    request.prompt = prompt;
+    Ok(request)
+}
+
+/// A named conversation: its KV cache and tokens, the chat messages it holds
+/// (for `chat`), and when it was last used.
+struct Kept {
+    session: Session,
+    conversation: Vec<ChatMessage>,
+    used: Instant,
+}
+
+/// Kept sessions by name.
 #[derive(Default)]
 struct Sessions {
-    kept: HashMap<String, (Session, Instant)>,
+    kept: HashMap<String, Kept>,
 }
 
 impl Sessions {
-    fn take(&mut self, name: &str) -> Option<Session> {
-        self.kept.remove(name).map(|(session, _)| session)
+    fn take(&mut self, name: &str) -> Option<(Session, Vec<ChatMessage>)> {
+        self.kept
+            .remove(name)
+            .map(|kept| (kept.session, kept.conversation))
     }
 
     /// Keeps `session` as just used, dropping the least recently used ones
     /// beyond `max`.
-    fn put(&mut self, name: String, session: Session, max: usize) {
-        self.kept.insert(name, (session, Instant::now()));
+    fn put(&mut self, name: String, session: Session, conversation: Vec<ChatMessage>, max: usize) {
+        let kept = Kept {
+            session,
+            conversation,
+            used: Instant::now(),
+        };
+        self.kept.insert(name, kept);
         self.trim(max);
     }
 
@@ -769,7 +873,7 @@ impl Sessions {
             let oldest = self
                 .kept
                 .iter()
-                .min_by_key(|(_, (_, used))| *used)
+                .min_by_key(|(_, kept)| kept.used)
                 .map(|(name, _)| name.clone());
             if let Some(oldest) = oldest {
                 debug!(session = %oldest, "session dropped: too many sessions");
@@ -784,8 +888,8 @@ impl Sessions {
     fn expire(&mut self, idle: Option<Duration>) -> usize {
         let Some(idle) = idle else { return 0 };
         let before = self.kept.len();
-        self.kept.retain(|name, (_, used)| {
-            let keep = used.elapsed() < idle;
+        self.kept.retain(|name, kept| {
+            let keep = kept.used.elapsed() < idle;
             if !keep {
                 debug!(session = %name, "session dropped: idle");
             }
@@ -797,7 +901,7 @@ impl Sessions {
     /// When the next session becomes idle for `idle`.
     fn next_expiry(&self, idle: Option<Duration>) -> Option<Instant> {
         let idle = idle?;
-        self.kept.values().map(|(_, used)| *used + idle).min()
+        self.kept.values().map(|kept| kept.used + idle).min()
     }
 
     fn clear(&mut self) {
@@ -810,7 +914,7 @@ impl Sessions {
             kv_bytes: self
                 .kept
                 .values()
-                .map(|(session, _)| session.cache_bytes() as u64)
+                .map(|kept| kept.session.cache_bytes() as u64)
                 .sum(),
         }
     }
@@ -861,10 +965,13 @@ fn result_of(generation: Generation, queue_ms: f64) -> GenerateResult {
 
 /// The engine's error as an answer: the caller's fault for bad requests,
 /// the daemon's otherwise.
-fn engine_error(error: odmoe_engine::Error) -> RpcError {
+pub fn engine_error(error: odmoe_engine::Error) -> RpcError {
     match error {
         odmoe_engine::Error::InvalidRequest(message) => {
             RpcError::new(ErrorCode::InvalidParams, message)
+        }
+        odmoe_engine::Error::ContextLengthExceeded(message) => {
+            RpcError::new(ErrorCode::ContextLengthExceeded, message)
         }
         other => RpcError::new(ErrorCode::Internal, other.to_string()),
     }

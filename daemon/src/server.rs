@@ -241,11 +241,16 @@ fn private_dir(dir: &Path) -> anyhow::Result<()> {
     }
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
+        // Never suggest changing the mode: the directory may be shared (/tmp),
+        // and closing it would break everyone else's use of it.
         bail!(
-            "socket directory {} has mode {mode:03o}: other users can enter it; \
-             `chmod 700 {}` or choose another --socket",
+            "socket directory {} has mode {mode:03o}: other users can enter it, and the \
+             socket must live in a directory only you can enter; give --socket a path in a \
+             new directory, such as {}, which odmoed creates with mode 700",
             dir.display(),
-            dir.display()
+            dir.join(format!("odmoe-{uid}"))
+                .join("odmoed.sock")
+                .display()
         );
     }
     Ok(())

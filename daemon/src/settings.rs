@@ -19,6 +19,10 @@ pub struct Settings {
     pub budget_from_flag: bool,
     /// The configured log level (`RUST_LOG`, when set, wins).
     pub log_level: LogLevel,
+    /// Most positions a sequence may hold, below the model's own maximum:
+    /// `--context-length`, else `model.context_length` when not 0. Read at
+    /// each load; a reloaded config does not change it.
+    pub context_length: Option<usize>,
 }
 
 impl Settings {
@@ -32,6 +36,8 @@ impl Settings {
                 .unwrap_or_else(|| BudgetSpec::from_config(config.model.expert_budget)),
             budget_from_flag,
             log_level: config.log.level,
+            context_length: (config.model.context_length > 0)
+                .then_some(config.model.context_length as usize),
         }
     }
 
@@ -121,7 +127,7 @@ mod tests {
         .unwrap();
         let (next, changes) = settings.reloaded(&config);
         assert_eq!(next.generation.max_tokens, 7);
-        assert_eq!(next.expert_budget, BudgetSpec::Text("25%".into()));
+        assert_eq!(next.expert_budget, BudgetSpec::parse("25%").unwrap());
         assert_eq!(next.log_level, LogLevel::Debug);
         assert_eq!(
             changes,

@@ -31,6 +31,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// The method needs a model and none is loaded.
     NoModel,
+    /// The prompt, with the tokens asked for, does not fit the model's context.
+    ContextLengthExceeded,
     /// A code this version does not know, kept verbatim.
     Other(String),
 }
@@ -49,6 +51,7 @@ impl ErrorCode {
             ErrorCode::NotImplemented => "not_implemented",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NoModel => "no_model",
+            ErrorCode::ContextLengthExceeded => "context_length_exceeded",
             ErrorCode::Other(code) => code,
         }
     }
@@ -66,6 +69,7 @@ impl ErrorCode {
             "not_implemented" => ErrorCode::NotImplemented,
             "unauthorized" => ErrorCode::Unauthorized,
             "no_model" => ErrorCode::NoModel,
+            "context_length_exceeded" => ErrorCode::ContextLengthExceeded,
             other => ErrorCode::Other(other.to_owned()),
         }
     }
@@ -140,6 +144,7 @@ mod tests {
             ErrorCode::NotImplemented,
             ErrorCode::Unauthorized,
             ErrorCode::NoModel,
+            ErrorCode::ContextLengthExceeded,
         ];
         for code in codes {
             assert_eq!(ErrorCode::from_name(code.as_str()), code);

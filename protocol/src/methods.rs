@@ -135,8 +135,16 @@ pub struct GenerateParams {
     pub stream: bool,
     /// Keep this conversation's KV cache under this name, so the next turn prefills only what is
     /// new (longest common prefix).
+    ///
+    /// With `chat`, the session also keeps the conversation: each request's
+    /// `messages` are the new turn, added after the messages and replies
+    /// already kept, so a client sends only what is new.
     #[serde(default)]
     pub session: Option<String>,
+    /// With `chat` and `session`: forget the session's conversation and start
+    /// a new one with this request's `messages`.
+    #[serde(default)]
+    pub new_conversation: bool,
     /// Keep generating past end-of-sequence tokens.
     #[serde(default)]
     pub ignore_eos: bool,
@@ -158,6 +166,7 @@ impl Default for GenerateParams {
             stop: Vec::new(),
             stream: true,
             session: None,
+            new_conversation: false,
             ignore_eos: false,
         }
     }
@@ -242,7 +251,7 @@ pub struct ModelInfo {
     pub expert_bytes: u64,
     /// Bytes of all experts in memory.
     pub total_expert_bytes: u64,
-    /// "resident" or "on_demand".
+    /// "resident", "on_demand" or "dense" (a model without experts).
     pub mode: String,
     /// The expert budget when on demand.
     #[serde(default)]
