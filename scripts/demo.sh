@@ -33,7 +33,16 @@ socket="$run/odmoed.sock"
 "$bin/odmoed" --foreground --socket "$socket" --model "$layout" --expert-budget 60% \
   2> "$run/odmoed.log" &
 daemon=$!
-trap 'kill "$daemon" 2>/dev/null; wait "$daemon" 2>/dev/null; rm -rf "$run"' EXIT
+# The daemon may be gone already (`odmoe stop` below): the clean-up must not
+# turn a run that worked into a failure, nor hide one that failed.
+cleanup() {
+  local status=$?
+  kill "$daemon" 2>/dev/null || true
+  wait "$daemon" 2>/dev/null || true
+  rm -rf "$run"
+  exit "$status"
+}
+trap cleanup EXIT
 for _ in $(seq 100); do
   [ -S "$socket" ] && break
   kill -0 "$daemon" 2>/dev/null || { cat "$run/odmoed.log" >&2; exit 1; }

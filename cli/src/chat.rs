@@ -2,8 +2,9 @@
 //!
 //! On a terminal it is interactive: a line editor with history, replies streamed as they are
 //! generated, and a few slash commands. Otherwise the whole of stdin is one user message and the
-//! reply goes to stdout, for scripts. Every turn sends the whole conversation under one daemon
-//! session, so the daemon prefills only what is new since the last turn.
+//! reply goes to stdout, for scripts. The conversation lives in one daemon session: each turn
+//! sends only its new message, and the daemon prefills only what is new since the last turn. A
+//! named session (`--session NAME`) goes on across runs, piped or interactive.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -30,8 +31,8 @@ pub struct ChatArgs {
     /// System message that opens the conversation.
     #[arg(long, value_name = "TEXT")]
     system: Option<String>,
-    /// Name of the daemon session that keeps this conversation's KV cache [default: one new
-    /// name per chat].
+    /// Name of the daemon session that keeps this conversation (its messages and KV cache), to go
+    /// on with it in a later run; with --system it starts over [default: a new conversation].
     #[arg(long, value_name = "NAME")]
     session: Option<String>,
     #[command(flatten)]
@@ -43,9 +44,13 @@ pub struct ChatArgs {
 /// The conversation so far and how to continue it.
 struct Chat {
     system: Option<String>,
-    /// User and assistant turns, oldest first.
+    /// User and assistant turns of this run, oldest first, sent again when the conversation
+    /// starts over under a new system message.
     turns: Vec<ChatMessage>,
     session: String,
+    /// The next request starts the daemon's conversation over: the system message and this
+    /// run's turns, then the new message.
+    restart: bool,
     sampling: SamplingArgs,
 }
 
@@ -61,29 +66,45 @@ impl Chat {
             system: args.system.clone(),
             turns: Vec::new(),
             session,
+            restart: args.session.is_none() || args.system.is_some(),
             sampling: args.sampling.clone(),
         }
     }
 
     /// The request for the next reply, after the user's `text`.
     fn request(&self, text: &str) -> GenerateParams {
-        let mut messages = Vec::with_capacity(self.turns.len() + 2);
-        if let Some(system) = &self.system {
-            messages.push(message("system", system));
+        let mut messages = Vec::new();
+        if self.restart {
+            messages.extend(self.system.iter().map(|system| message("system", system)));
+            messages.extend(self.turns.iter().cloned());
         }
-        messages.extend(self.turns.iter().cloned());
         messages.push(message("user", text));
         GenerateParams {
             messages: Some(messages),
             session: Some(self.session.clone()),
+            new_conversation: self.restart,
             ..self.sampling.params()
         }
     }
 
-    /// Keeps a finished turn. A cancelled reply is kept as far as it went, as it was shown.
+    /// Keeps a finished turn, which the daemon kept too. A cancelled reply is kept as far as it
+    /// went, as it was shown.
     fn record(&mut self, text: &str, reply: &GenerateResult) {
         self.turns.push(message("user", text));
         self.turns.push(message("assistant", &reply.text));
+        self.restart = false;
+    }
+
+    /// Starts a new conversation at the next turn.
+    fn reset(&mut self) {
+        self.turns.clear();
+        self.restart = true;
+    }
+
+    /// Sets the system message; the conversation so far is sent again under it.
+    fn set_system(&mut self, system: &str) {
+        self.system = Some(system.to_owned());
+        self.restart = true;
     }
 }
 
@@ -110,7 +131,7 @@ fn one_shot(args: &ChatArgs) -> Result<()> {
         bail!("stdin is empty: nothing to say");
     }
     let mut params = Chat::new(args).request(text);
-    // One turn needs no cache kept after it, unless the session is named.
+    // One turn needs nothing kept after it, unless the session is named.
     params.session = args.session.clone();
     let runtime = daemon::runtime()?;
     let reply = runtime.block_on(async {
@@ -203,7 +224,7 @@ fn interactive(args: &ChatArgs) -> Result<()> {
                 "exit" | "quit" | "bye" => break,
                 "help" | "?" => println!("{HELP}"),
                 "reset" | "clear" => {
-                    chat.turns.clear();
+                    chat.reset();
                     println!("(new conversation)");
                 }
                 "system" if rest.is_empty() => match &chat.system {
@@ -211,7 +232,7 @@ fn interactive(args: &ChatArgs) -> Result<()> {
                     None => println!("(no system message)"),
                 },
                 "system" => {
-                    chat.system = Some(rest.to_owned());
+                    chat.set_system(rest);
                     println!("(system message set)");
                 }
                 "stats" => {
@@ -305,37 +326,67 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn every_turn_sends_the_whole_conversation_under_one_session() {
-        let args = ChatArgs {
-            system: Some("Be brief.".into()),
-            session: None,
+    fn args(system: Option<&str>, session: Option<&str>) -> ChatArgs {
+        ChatArgs {
+            system: system.map(str::to_owned),
+            session: session.map(str::to_owned),
             sampling: SamplingArgs {
                 max_tokens: Some(5),
                 ..SamplingArgs::default()
             },
             socket: SocketArgs { socket: None },
-        };
-        let mut chat = Chat::new(&args);
-        let first = chat.request("Hi");
-        let roles = |params: &GenerateParams| -> Vec<String> {
-            let messages = params.messages.as_ref().unwrap();
-            messages.iter().map(|m| m.role.clone()).collect()
-        };
-        assert_eq!(roles(&first), ["system", "user"]);
-        assert_eq!(first.max_tokens, Some(5));
-        let reply = GenerateResult {
-            text: "Hello.".into(),
+        }
+    }
+
+    fn roles(params: &GenerateParams) -> Vec<String> {
+        let messages = params.messages.as_ref().unwrap();
+        messages.iter().map(|m| m.role.clone()).collect()
+    }
+
+    fn reply(text: &str) -> GenerateResult {
+        GenerateResult {
+            text: text.into(),
             tokens: vec![1, 2],
             finish_reason: "stop".into(),
             usage: Usage::default(),
             timings: Timings::default(),
-        };
-        chat.record("Hi", &reply);
+        }
+    }
+
+    #[test]
+    fn each_turn_sends_only_what_is_new_to_the_session() {
+        let mut chat = Chat::new(&args(Some("Be brief."), None));
+        let first = chat.request("Hi");
+        assert_eq!(roles(&first), ["system", "user"]);
+        assert!(first.new_conversation);
+        assert_eq!(first.max_tokens, Some(5));
+        chat.record("Hi", &reply("Hello."));
         let second = chat.request("And?");
-        assert_eq!(roles(&second), ["system", "user", "assistant", "user"]);
-        assert_eq!(second.messages.as_ref().unwrap()[2].content, "Hello.");
+        assert_eq!(roles(&second), ["user"]);
+        assert!(!second.new_conversation);
         assert_eq!(first.session, second.session);
         assert!(first.session.as_ref().unwrap().starts_with("chat-"));
+    }
+
+    #[test]
+    fn a_new_system_message_starts_over_with_the_turns_so_far() {
+        let mut chat = Chat::new(&args(None, None));
+        chat.record("Hi", &reply("Hello."));
+        chat.set_system("Be brief.");
+        let next = chat.request("And?");
+        assert_eq!(roles(&next), ["system", "user", "assistant", "user"]);
+        assert_eq!(next.messages.as_ref().unwrap()[2].content, "Hello.");
+        assert!(next.new_conversation);
+        chat.reset();
+        assert_eq!(roles(&chat.request("Again")), ["system", "user"]);
+    }
+
+    #[test]
+    fn a_named_session_goes_on_unless_a_system_message_is_given() {
+        let going_on = Chat::new(&args(None, Some("bob"))).request("Hi");
+        assert!(!going_on.new_conversation);
+        assert_eq!(going_on.session.as_deref(), Some("bob"));
+        let over = Chat::new(&args(Some("Be brief."), Some("bob"))).request("Hi");
+        assert!(over.new_conversation);
     }
 }

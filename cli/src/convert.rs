@@ -1,13 +1,14 @@
 //! `odmoe convert`: a Hugging Face checkpoint or a GGUF file to the odmoe layout, with a progress
 //! bar.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use odmoe_engine::format::convert::{ConvertEvent, convert};
+use odmoe_engine::format::layout::Manifest;
 use odmoe_engine::format::size::format_bytes;
 
 #[derive(Args)]
@@ -40,10 +41,13 @@ pub struct ConvertArgs {
 /// end-to-end tests can interrupt the conversion of a tiny fixture part-way through.
 const THROTTLE_ENV: &str = "ODMOE_CONVERT_THROTTLE_MS";
 
-pub fn run(mut args: ConvertArgs) -> Result<()> {
+pub fn run(args: ConvertArgs) -> Result<()> {
+    // Timed from here, so that the time reported includes splitting.
+    let started = Instant::now();
     // The split model is written as a Hugging Face directory beside OUT, then laid out like any
     // other checkpoint; it is removed once the layout is complete.
     let split_dir = args.out.with_extension("split-src");
+    let mut layout_src = args.src.clone();
     if let (Some(experts), Some(top_k)) = (args.split_experts, args.top_k) {
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
         bar.set_style(
@@ -70,25 +74,47 @@ pub fn run(mut args: ConvertArgs) -> Result<()> {
         )
         .with_context(|| format!("splitting {} into {experts} experts", args.src.display()))?;
         bar.finish_and_clear();
-        args.src = split_dir.clone();
+        layout_src = split_dir.clone();
     }
-    let result = convert_layout(&args);
-    if args.split_experts.is_some() && result.is_ok() {
+    let (manifest, counts) = convert_layout(&layout_src, &args.out).with_context(|| {
+        format!(
+            "converting {} into {}",
+            args.src.display(),
+            args.out.display()
+        )
+    })?;
+    if args.split_experts.is_some() {
         std::fs::remove_dir_all(&split_dir)
             .with_context(|| format!("removing {}", split_dir.display()))?;
     }
-    result
+    // Named as the user named them: the split model's directory is gone by now.
+    println!(
+        "converted {} -> {} in {:.1} s",
+        args.src.display(),
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    print_summary(&manifest, &counts);
+    Ok(())
 }
 
-fn convert_layout(args: &ConvertArgs) -> Result<()> {
+/// What a conversion did, counted from its progress events.
+#[derive(Default)]
+struct Counts {
+    written: usize,
+    kept: usize,
+    tensors: usize,
+}
+
+/// Lays out the checkpoint at `src` in `out`, with a progress bar.
+fn convert_layout(src: &Path, out: &Path) -> Result<(Manifest, Counts)> {
     let throttle = std::env::var(THROTTLE_ENV)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis);
     let bar = bytes_bar();
-    let started = Instant::now();
-    let (mut written, mut kept, mut tensors) = (0usize, 0usize, 0usize);
-    let manifest = convert(&args.src, &args.out, |p| {
+    let mut counts = Counts::default();
+    let manifest = convert(src, out, |p| {
         if bar.length() != Some(p.bytes_total) {
             bar.set_length(p.bytes_total);
         }
@@ -98,36 +124,27 @@ fn convert_layout(args: &ConvertArgs) -> Result<()> {
             p.tensors_done, p.tensors_total, p.files_done, p.files_total, p.file
         ));
         match p.event {
-            ConvertEvent::Written => written += 1,
-            ConvertEvent::Kept => kept += 1,
+            ConvertEvent::Written => counts.written += 1,
+            ConvertEvent::Kept => counts.kept += 1,
             ConvertEvent::Tensor | ConvertEvent::Rehash => {}
         }
-        tensors = p.tensors_done;
+        counts.tensors = p.tensors_done;
         if let Some(pause) = throttle
             && p.event != ConvertEvent::Rehash
         {
             std::thread::sleep(pause);
         }
-    })
-    .with_context(|| {
-        format!(
-            "converting {} into {}",
-            args.src.display(),
-            args.out.display()
-        )
     })?;
     bar.finish_and_clear();
+    Ok((manifest, counts))
+}
 
+/// The layout's shape and sizes, after the line naming source and output.
+fn print_summary(manifest: &Manifest, counts: &Counts) {
     let config = &manifest.architecture;
-    let experts = config.num_layers * config.num_experts;
+    let experts = config.moe_layers().count() * config.num_experts;
     let expert_bytes = experts as u64 * manifest.expert.file_bytes;
     let bytes: u64 = manifest.files.values().map(|f| f.bytes).sum();
-    println!(
-        "converted {} -> {} in {:.1} s",
-        args.src.display(),
-        args.out.display(),
-        started.elapsed().as_secs_f64()
-    );
     println!(
         "  {}: {} layers x {} experts (top-{}), {} {} expert files of {}",
         config.architecture.model_type(),
@@ -141,15 +158,17 @@ fn convert_layout(args: &ConvertArgs) -> Result<()> {
     println!(
         "  {} files and the manifest, {} tensors, {}: experts {}, the rest {}",
         manifest.files.len(),
-        tensors,
+        counts.tensors,
         format_bytes(bytes),
         format_bytes(expert_bytes),
         format_bytes(bytes.saturating_sub(expert_bytes))
     );
-    if kept > 0 {
-        println!("  {written} files written, {kept} kept from an earlier run");
+    if counts.kept > 0 {
+        println!(
+            "  {} files written, {} kept from an earlier run",
+            counts.written, counts.kept
+        );
     }
-    Ok(())
 }
 
 /// A progress bar over bytes on stderr, hidden when stderr is not a terminal.

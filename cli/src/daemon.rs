@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use odmoe_client::{Client, ClientError};
-use odmoe_protocol::{GenerateParams, GenerateResult, Method, TokenEvent};
+use odmoe_protocol::{ErrorCode, GenerateParams, GenerateResult, Method, TokenEvent};
 
 /// What to do when the daemon is not there.
 pub const START_HINT: &str = "start it with `odmoed` or `odmoe service install`";
@@ -44,6 +44,11 @@ pub fn explain(error: ClientError) -> anyhow::Error {
         ClientError::NotRunning { .. } | ClientError::Refused { .. } => {
             anyhow!("{error}; {START_HINT}")
         }
+        ClientError::Rpc(refusal) if refusal.code == ErrorCode::MessageTooLarge => anyhow!(
+            "the request is too large for odmoed: {}; the daemon's `server.max_message_bytes` \
+             sets the limit",
+            refusal.message
+        ),
         other => anyhow::Error::new(other),
     }
 }

@@ -1,27 +1,34 @@
 //! `odmoe inspect`: a model's shape, its expert sizes, its KV cache per token, and the memory it
-//! needs with an expert budget. Works on a Hugging Face checkpoint directory, on an odmoe layout,
-//! and on a bare `config.json` (sizes computed from the config alone, no weights read).
+//! needs with an expert budget. Works on a Hugging Face checkpoint directory, an odmoe layout and
+//! a GGUF file, and on a bare `config.json` (sizes computed from the config alone, no weights
+//! read).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
+use std::fs::File;
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use candle_core::Device;
+use candle_core::quantized::gguf_file;
 use clap::Args;
-use odmoe_engine::format::layout::{MANIFEST, Manifest, SOURCE};
+use odmoe_engine::format::gguf::{ggml_bytes, ggml_type_name, stacked_expert_names};
+use odmoe_engine::format::layout::{GGUF_DTYPE, Manifest};
 use odmoe_engine::format::safetensors::HfWeights;
 use odmoe_engine::format::size::{format_bytes, parse_budget};
+use odmoe_engine::loader;
 use odmoe_engine::model::{ModelConfig, expert_tensor_names};
 use safetensors::Dtype;
 use serde::Serialize;
 
 #[derive(Args)]
 pub struct InspectArgs {
-    /// A Hugging Face checkpoint directory, an odmoe layout (MODEL.odmoe), or a config.json.
+    /// A Hugging Face checkpoint directory, an odmoe layout (MODEL.odmoe), a GGUF file, or a
+    /// config.json (any file named *.json: sizes from the config alone).
     #[arg(value_name = "MODEL")]
     model: PathBuf,
-    /// Expert budget: bytes with a unit (64MiB, 1.5GB, 8G) or a percentage of all experts' f32
-    /// size (25%). Without it, the memory shown keeps every expert resident.
+    /// Expert budget: bytes with a unit (64MiB, 1.5GB, 8G) or a percentage of all experts as
+    /// held in memory (25%). Without it, the memory shown keeps every expert resident.
     #[arg(long, value_name = "SIZE|PCT")]
     budget: Option<String>,
     /// Print the numbers as JSON on stdout.
@@ -29,36 +36,44 @@ pub struct InspectArgs {
     json: bool,
 }
 
-/// What `inspect` reports; byte counts are exact.
+/// What `inspect` reports; byte counts are exact. "In memory" is as the engine holds weights:
+/// dense types widened to f32, GGUF quantized blocks kept as stored.
 #[derive(Debug, Serialize)]
 pub struct Inspection {
     pub path: String,
-    /// "huggingface" or "odmoe".
+    /// "huggingface", "odmoe" or "gguf".
     pub format: &'static str,
     pub architecture: &'static str,
     pub layers: usize,
+    /// Layers with routed experts: none in a dense model, not the first few in DeepSeek's.
+    pub moe_layers: usize,
     pub experts_per_layer: usize,
     pub top_k: usize,
     pub hidden_size: usize,
     pub expert_intermediate_size: usize,
-    /// Stored dtype of the expert weights.
-    pub expert_dtype: String,
-    /// One expert's gate, up and down weights as stored.
+    /// Stored type of the expert weights ("Q4_K+Q6_K" when a GGUF mixture varies it); none in a
+    /// dense model.
+    pub expert_dtype: Option<String>,
+    /// One expert's gate, up and down weights as stored (in the first layer with experts).
     pub expert_bytes_on_disk: u64,
     /// One expert file of an odmoe layout, padding included (what one read fetches).
     pub expert_file_bytes: Option<u64>,
-    /// One expert's weights in memory, as f32.
+    /// One expert's weights widened to f32.
     pub expert_bytes_f32: u64,
+    /// One expert in memory: the unit of the expert budget.
+    pub expert_bytes_in_memory: u64,
     pub total_experts: usize,
     pub total_expert_bytes_on_disk: u64,
     pub total_expert_bytes_f32: u64,
-    /// Everything but the routed experts, as stored and as f32 in memory.
+    pub total_expert_bytes_in_memory: u64,
+    /// Everything but the routed experts: as stored, widened to f32, and in memory.
     pub base_bytes_on_disk: u64,
     pub base_bytes_f32: u64,
-    /// The parsed budget, when one was given.
+    pub base_bytes_in_memory: u64,
+    /// The parsed budget, when one was given (and the model has experts).
     pub budget_bytes: Option<u64>,
-    /// base_bytes_f32 plus the budget (or all experts without one); the KV cache and
-    /// activations come on top.
+    /// base_bytes_in_memory plus the budget (or all experts in memory without one); the KV cache
+    /// and activations come on top.
     pub memory_needed_bytes: u64,
     /// KV cache bytes per token as the engine holds it (f32).
     pub kv_cache_bytes_per_token: u64,
@@ -90,9 +105,9 @@ pub struct ConfigInspection {
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
-    if args.model.is_file() {
+    if is_config_json(&args.model) {
         if args.budget.is_some() {
-            bail!("--budget needs a checkpoint or layout, not a config.json alone");
+            anyhow::bail!("--budget needs a checkpoint or layout, not a config.json alone");
         }
         let report = inspect_config(&args.model)
             .with_context(|| format!("inspecting {}", args.model.display()))?;
@@ -106,22 +121,57 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let mut report =
         inspect(&args.model).with_context(|| format!("inspecting {}", args.model.display()))?;
     if let Some(text) = &args.budget {
-        let budget = parse_budget(text, report.total_expert_bytes_f32)?;
-        report.budget_bytes = Some(budget);
-        report.memory_needed_bytes = report.base_bytes_f32 + budget;
+        if report.total_experts == 0 {
+            eprintln!(
+                "note: {} is a dense model (no experts): --budget does not apply",
+                args.model.display()
+            );
+        } else {
+            let budget = parse_budget(text, report.total_expert_bytes_in_memory)?;
+            report.budget_bytes = Some(budget);
+            report.memory_needed_bytes = report.base_bytes_in_memory + budget;
+        }
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+    } else {
+        print_inspection(&report);
     }
-    let r = &report;
+    Ok(())
+}
+
+/// Whether `path` is a bare config rather than a checkpoint: checkpoints are directories or GGUF
+/// files, whose kind [`loader::describe`] tells from their bytes.
+fn is_config_json(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|ext| ext == "json")
+}
+
+fn print_inspection(r: &Inspection) {
     let kind = match r.format {
         "odmoe" => "odmoe layout",
+        "gguf" => "GGUF file",
         _ => "Hugging Face checkpoint",
     };
     println!("model         {} ({kind})", r.path);
+    let Some(dtype) = &r.expert_dtype else {
+        println!(
+            "architecture  {}: {} layers, dense: no experts, hidden {}",
+            r.architecture, r.layers, r.hidden_size
+        );
+        print_base_and_kv_cache(r);
+        println!(
+            "memory        {} = base, plus KV cache and activations",
+            format_bytes(r.memory_needed_bytes)
+        );
+        return;
+    };
+    let dense_layers = match r.layers - r.moe_layers {
+        0 => String::new(),
+        n => format!(" ({n} dense)"),
+    };
     println!(
-        "architecture  {}: {} layers, {} experts per layer, top-{}, hidden {}, expert width {}",
+        "architecture  {}: {} layers{dense_layers}, {} experts per layer, top-{}, hidden {}, \
+         expert width {}",
         r.architecture,
         r.layers,
         r.experts_per_layer,
@@ -134,46 +184,62 @@ pub fn run(args: InspectArgs) -> Result<()> {
         .map(|b| format!(", {} per file", format_bytes(b)))
         .unwrap_or_default();
     println!(
-        "one expert    {} on disk ({}){file}, {} in memory (f32)",
+        "one expert    {} on disk ({dtype}){file}, {}",
         format_bytes(r.expert_bytes_on_disk),
-        r.expert_dtype,
-        format_bytes(r.expert_bytes_f32)
+        in_memory(r.expert_bytes_in_memory, r.expert_bytes_f32)
     );
     println!(
-        "all experts   {} x: {} on disk, {} in memory (f32)",
+        "all experts   {} x: {} on disk, {}",
         r.total_experts,
         format_bytes(r.total_expert_bytes_on_disk),
-        format_bytes(r.total_expert_bytes_f32)
+        in_memory(r.total_expert_bytes_in_memory, r.total_expert_bytes_f32)
     );
-    println!(
-        "base model    {} on disk, {} in memory (f32)",
-        format_bytes(r.base_bytes_on_disk),
-        format_bytes(r.base_bytes_f32)
-    );
-    println!(
-        "KV cache      {} bytes per token (f32)",
-        r.kv_cache_bytes_per_token
-    );
+    print_base_and_kv_cache(r);
     match r.budget_bytes {
         Some(budget) => {
             println!(
                 "budget        {} ({:.1}% of all experts, about {} experts)",
                 format_bytes(budget),
-                100.0 * budget as f64 / r.total_expert_bytes_f32 as f64,
-                budget / r.expert_bytes_f32.max(1)
+                100.0 * budget as f64 / r.total_expert_bytes_in_memory.max(1) as f64,
+                budget / r.expert_bytes_in_memory.max(1)
             );
             println!(
-                "memory        {} = base (f32) + budget, plus KV cache and activations",
+                "memory        {} = base + budget, plus KV cache and activations",
                 format_bytes(r.memory_needed_bytes)
             );
         }
         None => println!(
-            "memory        {} = base (f32) + all experts (f32), plus KV cache and activations; \
-             --budget gives less",
+            "memory        {} = base + all experts, plus KV cache and activations; --budget \
+             gives less",
             format_bytes(r.memory_needed_bytes)
         ),
     }
-    Ok(())
+}
+
+/// The lines every model has: the base model's size and the KV cache per token.
+fn print_base_and_kv_cache(r: &Inspection) {
+    println!(
+        "base model    {} on disk, {}",
+        format_bytes(r.base_bytes_on_disk),
+        in_memory(r.base_bytes_in_memory, r.base_bytes_f32)
+    );
+    println!(
+        "KV cache      {} bytes per token (f32)",
+        r.kv_cache_bytes_per_token
+    );
+}
+
+/// "N in memory (f32)" for widened weights; quantized weights also say what f32 would take.
+fn in_memory(bytes: u64, f32_bytes: u64) -> String {
+    if bytes == f32_bytes {
+        format!("{} in memory (f32)", format_bytes(bytes))
+    } else {
+        format!(
+            "{} in memory (quantized as stored; {} in f32)",
+            format_bytes(bytes),
+            format_bytes(f32_bytes)
+        )
+    }
 }
 
 /// The sizes that follow from the config.json at `path`.
@@ -237,124 +303,225 @@ fn print_config(r: &ConfigInspection) {
     );
 }
 
-/// The numbers for `dir`, without a budget (memory needed keeps every expert).
-pub fn inspect(dir: &Path) -> Result<Inspection> {
-    let device = Device::Cpu;
-    if dir.join(MANIFEST).exists() || dir.join(SOURCE).exists() {
-        let manifest = Manifest::load(dir)?;
-        let paths: Vec<PathBuf> = manifest.base_files.iter().map(|f| dir.join(f)).collect();
-        let base = HfWeights::open_files(&dir.display().to_string(), &paths, &device)?;
-        let (base_disk, base_f32) = tensor_bytes(&base, &base.names())?;
-        let config = &manifest.architecture;
-        let experts = config.moe_layers().count() * config.num_experts;
-        Ok(summary(
-            dir,
-            "odmoe",
-            config,
-            manifest.expert.dtype.clone(),
-            manifest.expert.weight_bytes(),
-            Some(manifest.expert.file_bytes),
-            experts as u64 * manifest.expert.weight_bytes(),
-            (base_disk, base_f32),
-        ))
-    } else if dir.join("config.json").exists() {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let weights = HfWeights::open(dir, &device)?;
-        let mut expert_names = HashSet::new();
-        let mut total_disk = 0;
-        for layer in config.moe_layers() {
-            for expert in 0..config.num_experts {
-                for name in expert_tensor_names(&config, layer, expert) {
-                    let name = format!("{name}.weight");
-                    total_disk += weights.raw(&name)?.2.len() as u64;
-                    expert_names.insert(name);
-                }
-            }
-        }
-        let first = config
-            .moe_layers()
-            .next()
-            .context("the model has no routed experts")?;
-        let names = expert_tensor_names(&config, first, 0).map(|n| format!("{n}.weight"));
-        let dtype = weights.raw(&names[0])?.0.to_string();
-        let (one_disk, _) = tensor_bytes(
-            &weights,
-            &names.iter().map(String::as_str).collect::<Vec<_>>(),
-        )?;
-        let base_names: Vec<&str> = weights
-            .names()
-            .into_iter()
-            .filter(|n| !expert_names.contains(*n))
-            .collect();
-        let base = tensor_bytes(&weights, &base_names)?;
-        Ok(summary(
-            dir,
-            "huggingface",
-            &config,
-            dtype,
-            one_disk,
-            None,
-            total_disk,
-            base,
-        ))
+/// The numbers for the checkpoint at `path`, without a budget (memory needed keeps every expert).
+pub fn inspect(path: &Path) -> Result<Inspection> {
+    // The experts' bytes in memory come from the engine itself, so that a percentage budget
+    // means here what it means to `odmoe run --expert-budget`.
+    let (config, total_expert_bytes_in_memory) = loader::describe(path)?;
+    let stored = if path.is_file() {
+        gguf_contents(path, &config)?
+    } else if loader::is_layout(path) {
+        layout_contents(path)?
     } else {
-        bail!(
-            "{}: neither a Hugging Face checkpoint (no config.json) nor an odmoe layout (no {MANIFEST})",
-            dir.display()
-        )
-    }
+        huggingface_contents(path, &config)?
+    };
+    Ok(summary(path, &config, stored, total_expert_bytes_in_memory))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn summary(
-    dir: &Path,
+/// What a checkpoint stores, in its own format's terms.
+struct Contents {
     format: &'static str,
-    config: &ModelConfig,
-    expert_dtype: String,
+    /// `None` for a dense model.
+    expert_dtype: Option<String>,
+    /// One expert of the first layer with experts.
     expert_bytes_on_disk: u64,
     expert_file_bytes: Option<u64>,
     total_expert_bytes_on_disk: u64,
-    (base_bytes_on_disk, base_bytes_f32): (u64, u64),
+    base: Bytes,
+}
+
+/// Bytes of some tensors: as stored, widened to f32, and in memory.
+#[derive(Clone, Copy, Default)]
+struct Bytes {
+    on_disk: u64,
+    f32: u64,
+    in_memory: u64,
+}
+
+impl Bytes {
+    /// A tensor stored in `stored` bytes that takes `f32` bytes widened to f32; the engine holds
+    /// it widened when `held_widened`.
+    fn add(&mut self, stored: u64, f32: u64, held_widened: bool) {
+        self.on_disk += stored;
+        self.f32 += f32;
+        self.in_memory += if held_widened { f32 } else { stored };
+    }
+}
+
+/// Distinct type names, as "Q4_K+Q6_K"; `None` when there are none (a dense model).
+fn type_mix<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let names: BTreeSet<&str> = names.into_iter().collect();
+    (!names.is_empty()).then(|| names.into_iter().collect::<Vec<_>>().join("+"))
+}
+
+/// A GGUF file's tensors from its header: the stacked expert tensors of the layers with experts,
+/// and the rest.
+fn gguf_contents(path: &Path, config: &ModelConfig) -> Result<Contents> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let content = gguf_file::Content::read(&mut BufReader::new(file))
+        .with_context(|| format!("reading the GGUF header of {}", path.display()))?;
+    let expert_names: HashSet<String> =
+        config.moe_layers().flat_map(stacked_expert_names).collect();
+    let first_layer_names = config.moe_layers().next().map(stacked_expert_names);
+    let mut expert_types = Vec::new();
+    let (mut total_expert_bytes, mut first_layer_bytes) = (0u64, 0u64);
+    let mut base = Bytes::default();
+    for (name, info) in &content.tensor_infos {
+        let elements = info.shape.elem_count();
+        let stored = ggml_bytes(info.ggml_dtype, elements).with_context(|| {
+            format!(
+                "{}: tensor {name:?} of {elements} values does not fill whole {} blocks",
+                path.display(),
+                ggml_type_name(info.ggml_dtype)
+            )
+        })? as u64;
+        if expert_names.contains(name) {
+            expert_types.push(ggml_type_name(info.ggml_dtype));
+            total_expert_bytes += stored;
+            if first_layer_names.as_ref().is_some_and(|n| n.contains(name)) {
+                first_layer_bytes += stored;
+            }
+        } else {
+            // Types of one value per block (F32, F16, BF16) are widened; quantized matrices stay.
+            base.add(
+                stored,
+                elements as u64 * 4,
+                info.ggml_dtype.block_size() == 1,
+            );
+        }
+    }
+    Ok(Contents {
+        format: "gguf",
+        expert_dtype: type_mix(expert_types),
+        expert_bytes_on_disk: first_layer_bytes
+            .checked_div(config.num_experts as u64)
+            .unwrap_or(0),
+        expert_file_bytes: None,
+        total_expert_bytes_on_disk: total_expert_bytes,
+        base,
+    })
+}
+
+/// An odmoe layout's manifest and base files.
+fn layout_contents(dir: &Path) -> Result<Contents> {
+    let manifest = Manifest::load(dir)?;
+    let paths: Vec<PathBuf> = manifest.base_files.iter().map(|f| dir.join(f)).collect();
+    let base = HfWeights::open_files(&dir.display().to_string(), &paths, &Device::Cpu)?;
+    let config = &manifest.architecture;
+    let experts = config.moe_layers().count() * config.num_experts;
+    let expert = &manifest.expert;
+    let expert_dtype = if expert.dtype == GGUF_DTYPE {
+        // Experts kept as GGUF blocks: the ggml types their layers use.
+        type_mix(
+            config
+                .moe_layers()
+                .filter_map(|layer| expert.ggml_types.as_ref()?.get(layer))
+                .flatten()
+                .map(String::as_str),
+        )
+    } else {
+        (experts > 0).then(|| expert.dtype.clone())
+    };
+    Ok(Contents {
+        format: "odmoe",
+        expert_dtype,
+        expert_bytes_on_disk: expert.weight_bytes(),
+        expert_file_bytes: Some(expert.file_bytes),
+        total_expert_bytes_on_disk: experts as u64 * expert.weight_bytes(),
+        base: tensor_bytes(&base, &base.names())?,
+    })
+}
+
+/// A Hugging Face checkpoint's safetensors headers: the expert tensors and the rest.
+fn huggingface_contents(dir: &Path, config: &ModelConfig) -> Result<Contents> {
+    let weights = HfWeights::open(dir, &Device::Cpu)?;
+    let mut expert_names = HashSet::new();
+    let mut total_disk = 0;
+    for layer in config.moe_layers() {
+        for expert in 0..config.num_experts {
+            for name in expert_tensor_names(config, layer, expert) {
+                let name = format!("{name}.weight");
+                total_disk += weights.raw(&name)?.2.len() as u64;
+                expert_names.insert(name);
+            }
+        }
+    }
+    let (expert_dtype, expert_bytes_on_disk) = match config.moe_layers().next() {
+        Some(first) => {
+            let names = expert_tensor_names(config, first, 0).map(|n| format!("{n}.weight"));
+            let dtype = weights.raw(&names[0])?.0.to_string();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            (Some(dtype), tensor_bytes(&weights, &names)?.on_disk)
+        }
+        None => (None, 0),
+    };
+    let base_names: Vec<&str> = weights
+        .names()
+        .into_iter()
+        .filter(|n| !expert_names.contains(*n))
+        .collect();
+    Ok(Contents {
+        format: "huggingface",
+        expert_dtype,
+        expert_bytes_on_disk,
+        expert_file_bytes: None,
+        total_expert_bytes_on_disk: total_disk,
+        base: tensor_bytes(&weights, &base_names)?,
+    })
+}
+
+fn summary(
+    path: &Path,
+    config: &ModelConfig,
+    contents: Contents,
+    total_expert_bytes_in_memory: u64,
 ) -> Inspection {
-    let total_experts = config.moe_layers().count() * config.num_experts;
+    let moe_layers = config.moe_layers().count();
+    let total_experts = moe_layers * config.num_experts;
     let expert_bytes_f32 = config.expert_f32_bytes() as u64;
-    let total_expert_bytes_f32 = total_experts as u64 * expert_bytes_f32;
+    let base = contents.base;
     Inspection {
-        path: dir.display().to_string(),
-        format,
+        path: path.display().to_string(),
+        format: contents.format,
         architecture: config.architecture.model_type(),
         layers: config.num_layers,
+        moe_layers,
         experts_per_layer: config.num_experts,
         top_k: config.num_experts_per_token,
         hidden_size: config.hidden_size,
         expert_intermediate_size: config.expert_intermediate_size,
-        expert_dtype,
-        expert_bytes_on_disk,
-        expert_file_bytes,
+        expert_dtype: contents.expert_dtype,
+        expert_bytes_on_disk: contents.expert_bytes_on_disk,
+        expert_file_bytes: contents.expert_file_bytes,
         expert_bytes_f32,
+        expert_bytes_in_memory: total_expert_bytes_in_memory
+            .checked_div(total_experts as u64)
+            .unwrap_or(0),
         total_experts,
-        total_expert_bytes_on_disk,
-        total_expert_bytes_f32,
-        base_bytes_on_disk,
-        base_bytes_f32,
+        total_expert_bytes_on_disk: contents.total_expert_bytes_on_disk,
+        total_expert_bytes_f32: total_experts as u64 * expert_bytes_f32,
+        total_expert_bytes_in_memory,
+        base_bytes_on_disk: base.on_disk,
+        base_bytes_f32: base.f32,
+        base_bytes_in_memory: base.in_memory,
         budget_bytes: None,
-        memory_needed_bytes: base_bytes_f32 + total_expert_bytes_f32,
+        memory_needed_bytes: base.in_memory + total_expert_bytes_in_memory,
         kv_cache_bytes_per_token: config.kv_cache_bytes_per_token(4) as u64,
     }
 }
 
-/// Stored bytes and in-memory bytes of `names`: float tensors widen to f32, others stay as is.
-fn tensor_bytes(weights: &HfWeights, names: &[&str]) -> Result<(u64, u64)> {
-    let (mut disk, mut memory) = (0u64, 0u64);
+/// Bytes of the safetensors tensors `names`: float tensors widen to f32, others stay as stored.
+fn tensor_bytes(weights: &HfWeights, names: &[&str]) -> Result<Bytes> {
+    let mut bytes = Bytes::default();
     for name in names {
-        let (dtype, shape, bytes) = weights.raw(name)?;
-        disk += bytes.len() as u64;
-        memory += match dtype {
+        let (dtype, shape, data) = weights.raw(name)?;
+        let stored = data.len() as u64;
+        match dtype {
             Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64 => {
-                shape.iter().product::<usize>() as u64 * 4
+                bytes.add(stored, shape.iter().product::<usize>() as u64 * 4, true)
             }
-            _ => bytes.len() as u64,
-        };
+            _ => bytes.add(stored, stored, false),
+        }
     }
-    Ok((disk, memory))
+    Ok(bytes)
 }

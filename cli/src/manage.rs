@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use odmoe_config::parse_size;
+use odmoe_engine::format::size::parse_budget_size;
 
 use crate::daemon::{self, SocketArgs, human_bytes};
 
 #[derive(Args)]
 pub struct LoadArgs {
-    /// The model: an odmoe layout (MODEL.odmoe) or a Hugging Face checkpoint directory.
+    /// The model: a GGUF file, an odmoe layout (MODEL.odmoe) or a Hugging Face checkpoint
+    /// directory.
     #[arg(value_name = "PATH")]
     path: PathBuf,
     /// Memory for cached experts: `auto`, bytes (8GiB, 1.5GB) or a percentage (25%)
@@ -46,7 +47,7 @@ pub fn parse_budget(text: &str) -> Result<String, String> {
     if text.eq_ignore_ascii_case("auto") {
         return Ok("auto".into());
     }
-    parse_size(text)
+    parse_budget_size(text)
         .map(|_| text.to_owned())
         .map_err(|error| error.to_string())
 }
@@ -150,5 +151,6 @@ mod tests {
         assert_eq!(parse_budget("8GiB").unwrap(), "8GiB");
         assert_eq!(parse_budget("25%").unwrap(), "25%");
         assert!(parse_budget("lots").is_err());
+        assert!(parse_budget("1.5").unwrap_err().contains("needs a unit"));
     }
 }

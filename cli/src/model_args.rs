@@ -11,11 +11,12 @@ use odmoe_engine::store::{PolicyKind, StoreConfig};
 
 #[derive(Args, Debug)]
 pub struct ModelArgs {
-    /// Model: a Hugging Face checkpoint directory or an odmoe layout (MODEL.odmoe).
+    /// Model: a Hugging Face checkpoint directory, an odmoe layout (MODEL.odmoe) or a GGUF file.
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
-    /// Read experts on demand under this budget: bytes (64MiB, 1.5GB) or a percentage of all
-    /// experts (25%). Without it (or with --resident) every expert is loaded up front.
+    /// Read experts on demand under this budget: a size with its unit (64MiB, 1.5GB) or a
+    /// percentage of all experts (25%). Without it (or with --resident) every expert is loaded up
+    /// front; a dense model (no experts) is always loaded whole.
     #[arg(long, value_name = "SIZE|PCT", conflicts_with = "resident")]
     pub expert_budget: Option<String>,
     /// Load every expert up front (the default unless --expert-budget is given).
@@ -47,6 +48,10 @@ pub struct ModelArgs {
     /// dequantized math, at four times the memory of Q8_0) instead of computing in their type.
     #[arg(long)]
     pub f32_base: bool,
+    /// Most tokens one sequence may hold (prompt and reply together), below the model's own
+    /// maximum positions [default: the model's].
+    #[arg(long, value_name = "TOKENS")]
+    pub context_length: Option<usize>,
 }
 
 impl ModelArgs {
@@ -59,12 +64,21 @@ impl ModelArgs {
         let experts = match &self.expert_budget {
             None => ExpertMode::Resident,
             Some(text) => {
-                let (_, total) = loader::describe(&self.model)?;
-                ExpertMode::OnDemand(StoreConfig {
-                    budget_bytes: parse_budget(text, total)?,
-                    io_threads: self.io_threads,
-                    policy: self.policy,
-                })
+                let (config, total) = loader::describe(&self.model)?;
+                if loader::is_dense(&config) {
+                    eprintln!(
+                        "note: {} is a dense model (no experts): it loads whole and \
+                         --expert-budget does not apply",
+                        self.model.display()
+                    );
+                    ExpertMode::Resident
+                } else {
+                    ExpertMode::OnDemand(StoreConfig {
+                        budget_bytes: parse_budget(text, total)?,
+                        io_threads: self.io_threads,
+                        policy: self.policy,
+                    })
+                }
             }
         };
         let options = LoadOptions {
@@ -74,6 +88,7 @@ impl ModelArgs {
             experts_per_token: self.experts_per_token,
             prefetch,
             quantized_base: !self.f32_base,
+            context_length: self.context_length,
         };
         let device = odmoe_engine::default_device()?;
         loader::load(&self.model, &options, &device)

@@ -62,11 +62,11 @@ pub struct RunArgs {
 pub fn run(args: RunArgs) -> Result<()> {
     let loaded = args.model.load()?;
     let model = &loaded.model;
-    let tokenizer = odmoe_engine::loader::load_tokenizer(&args.model.model)?;
+    let tokenizer = loaded.tokenizer.as_deref();
     let prompt = match (&args.tokens, &args.prompt) {
         (Some(ids), _) => ids.0.clone(),
         (None, Some(text)) => {
-            let Some(tokenizer) = &tokenizer else {
+            let Some(tokenizer) = tokenizer else {
                 bail!(
                     "{} has no tokenizer: use --tokens to give token ids",
                     args.model.model.display()
@@ -78,8 +78,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                     messages.push(ChatMessage::new("system", system));
                 }
                 messages.push(ChatMessage::new("user", text));
-                let rendered = tokenizer.apply_chat_template(&messages, true)?;
-                tokenizer.encode(&rendered, false)?
+                tokenizer.encode_chat(&messages)?
             } else {
                 tokenizer.encode(text, true)?
             }
@@ -103,7 +102,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let mut session = Session::new(model);
     let mut stdout = std::io::stdout().lock();
-    let generation = session.generate(model, tokenizer.as_ref(), &request, |delta| {
+    let generation = session.generate(model, tokenizer, &request, |delta| {
         if !args.json && !delta.text.is_empty() {
             // A closed stdout (e.g. piped into `head`) ends the generation.
             return write!(stdout, "{}", delta.text)

@@ -64,22 +64,24 @@ pub fn run(args: StatsArgs) -> Result<()> {
             } else {
                 summary(&stats)
             };
-            let mut stdout = std::io::stdout().lock();
-            if clear {
-                // Home the cursor and clear the screen, as `watch` does.
-                write!(stdout, "\x1b[H\x1b[2J")?;
+            let refresh = |out: &mut dyn Write| -> std::io::Result<()> {
+                if clear {
+                    // Home the cursor and clear the screen, as `watch` does.
+                    write!(out, "\x1b[H\x1b[2J")?;
+                }
+                writeln!(out, "{}", text.trim_end())?;
+                // Watched summaries are set apart by a blank line when not redrawn in place.
+                if interval.is_some() && !clear && !args.json {
+                    writeln!(out)?;
+                }
+                Ok(())
+            };
+            if !print_to_stdout(refresh)? {
+                return Ok(());
             }
-            writeln!(stdout, "{}", text.trim_end())?;
-            stdout.flush()?;
             match interval {
                 None => return Ok(()),
-                Some(interval) => {
-                    if !clear && !args.json {
-                        writeln!(stdout)?;
-                    }
-                    drop(stdout);
-                    tokio::time::sleep(interval).await;
-                }
+                Some(interval) => tokio::time::sleep(interval).await,
             }
         }
     })
@@ -286,13 +288,31 @@ pub fn ps(args: PsArgs) -> Result<()> {
         fetch(&mut client).await
     })?;
     let ps = Ps::new(&stats);
-    let mut stdout = std::io::stdout().lock();
-    if args.json {
-        writeln!(stdout, "{}", serde_json::to_string_pretty(&ps)?)?;
+    let text = if args.json {
+        serde_json::to_string_pretty(&ps)? + "\n"
     } else {
-        write!(stdout, "{}", ps_table(&ps))?;
-    }
+        ps_table(&ps)
+    };
+    print_to_stdout(|out| out.write_all(text.as_bytes()))?;
     Ok(())
+}
+
+/// Runs `write` on stdout and flushes it. `Ok(false)` when stdout was closed (piped into `head`,
+/// say): the reader has what it wanted, so the command ends quietly, as `odmoe run` does.
+fn print_to_stdout(write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<bool> {
+    write_or_closed(&mut std::io::stdout().lock(), write)
+}
+
+/// [`print_to_stdout`] on any writer.
+fn write_or_closed(
+    out: &mut dyn Write,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<bool> {
+    match write(out).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(error) => Err(anyhow::Error::new(error).context("writing to stdout")),
+    }
 }
 
 /// `ps` as a table with a header row.
@@ -455,6 +475,34 @@ mod tests {
         ] {
             assert!(text.contains(part), "{part:?} missing from\n{text}");
         }
+    }
+
+    /// A stdout whose reader has gone, or that fails otherwise.
+    struct Failing(std::io::ErrorKind);
+
+    impl Write for Failing {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(self.0.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_stdout_ends_printing_quietly() {
+        let print = |out: &mut dyn Write| writeln!(out, "{}", summary(&stats()));
+        let mut shown = Vec::new();
+        assert!(write_or_closed(&mut shown, print).unwrap());
+        assert!(String::from_utf8(shown).unwrap().contains("pid 42"));
+        let closed = &mut Failing(std::io::ErrorKind::BrokenPipe);
+        assert!(!write_or_closed(closed, print).unwrap());
+        let full = &mut Failing(std::io::ErrorKind::StorageFull);
+        let error = write_or_closed(full, print).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("writing to stdout"),
+            "{error:#}"
+        );
     }
 
     #[test]

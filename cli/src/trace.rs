@@ -2,7 +2,7 @@
 //! bookkeeping replayed over them to compare eviction policies and predictors with the Belady
 //! bound.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -10,6 +10,7 @@ use candle_core::DType;
 use clap::{Args, Subcommand};
 use odmoe_engine::format::size::{format_bytes, parse_budget};
 use odmoe_engine::loader::{self, ExpertMode, LoadOptions, LoadedModel};
+use odmoe_engine::model::ModelConfig;
 use odmoe_engine::predict::replay::{Prefetch, ReplayOptions, ReplayPolicy, ReplayReport, replay};
 use odmoe_engine::predict::trace::{RecordOptions, Trace};
 use odmoe_engine::predict::{Predictor, PredictorKind, lookahead::Lookahead, shadow::Shadow};
@@ -61,10 +62,12 @@ pub struct ReplayArgs {
     /// --sweep is given.
     #[arg(long, value_name = "SIZE|PCT", required_unless_present = "sweep")]
     budget: Option<String>,
-    /// Eviction policies (comma separated): lru, lfuda, belady (the offline optimum).
+    /// Eviction policies (comma separated): cycle (the expert store's default: evicts the expert
+    /// whose layer comes round last), lru (least recently used), lfuda (least frequently used
+    /// with aging), belady (the offline optimum).
     #[arg(
         long,
-        default_value = "lru",
+        default_values_t = [ReplayPolicy::from(PolicyKind::default())],
         value_delimiter = ',',
         value_name = "POLICY"
     )]
@@ -143,16 +146,22 @@ pub(crate) fn read_prompts(path: &Path) -> Result<Vec<String>> {
 /// Bytes one expert takes in the store's budget.
 pub(crate) fn expert_bytes(path: &Path) -> Result<u64> {
     let (config, total) = loader::describe(path)?;
-    Ok(total / (config.num_layers * config.num_experts).max(1) as u64)
+    Ok(one_expert(&config, total))
+}
+
+/// One expert's share of `total`, the bytes of all experts (of the layers that have them: not
+/// DeepSeek's first, dense, layers).
+fn one_expert(config: &ModelConfig, total: u64) -> u64 {
+    total / (config.moe_layers().count() * config.num_experts).max(1) as u64
 }
 
 /// The model without its experts resident (a store with the smallest budget): enough for the
 /// routers and hidden states.
 pub(crate) fn load_base(path: &Path) -> Result<LoadedModel> {
-    let (config, _) = loader::describe(path)?;
+    let (config, total) = loader::describe(path)?;
     let options = LoadOptions {
         experts: ExpertMode::OnDemand(StoreConfig {
-            budget_bytes: config.num_experts_per_token as u64 * expert_bytes(path)?,
+            budget_bytes: config.num_experts_per_token as u64 * one_expert(&config, total),
             io_threads: 1,
             policy: PolicyKind::Lru,
         }),
@@ -185,10 +194,11 @@ fn record(args: RecordArgs) -> Result<()> {
         model: path.display().to_string(),
     };
     let count = prompts.len();
+    let mut progress = ProgressLines::on_stderr();
     let trace = Trace::record(model, &prompts, &options, |p| {
-        eprint!("\rrecorded {}/{count} prompts", p + 1);
+        progress.update(&format!("recorded {}/{count} prompts", p + 1));
     })?;
-    eprintln!();
+    progress.finish();
     let partial = args.out.with_extension("safetensors.partial");
     trace
         .save(&partial, args.hidden_dtype)
@@ -212,6 +222,39 @@ fn record(args: RecordArgs) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// Progress as one line: rewritten in place (`\r`) on a terminal, one line per update elsewhere,
+/// so that a log or a pipe gets whole lines. A progress line that cannot be shown is no reason
+/// to stop the work, so write errors are ignored.
+struct ProgressLines<W: Write> {
+    out: W,
+    in_place: bool,
+}
+
+impl ProgressLines<std::io::Stderr> {
+    fn on_stderr() -> Self {
+        let out = std::io::stderr();
+        let in_place = out.is_terminal();
+        Self { out, in_place }
+    }
+}
+
+impl<W: Write> ProgressLines<W> {
+    fn update(&mut self, text: &str) {
+        let _ = if self.in_place {
+            write!(self.out, "\r{text}").and_then(|()| self.out.flush())
+        } else {
+            writeln!(self.out, "{text}")
+        };
+    }
+
+    /// Ends the line that in-place updates leave open.
+    fn finish(&mut self) {
+        if self.in_place {
+            let _ = writeln!(self.out);
+        }
+    }
 }
 
 /// The predictor a replay or an evaluation asks for.
@@ -394,4 +437,60 @@ fn replay_command(args: ReplayArgs) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Replay {
+        #[command(flatten)]
+        args: ReplayArgs,
+    }
+
+    #[test]
+    fn replay_defaults_to_the_stores_policy_and_lists_every_policy() {
+        let parsed =
+            Replay::try_parse_from(["replay", "t.safetensors", "--budget", "25%"]).unwrap();
+        assert_eq!(parsed.args.policy, [ReplayPolicy::Cycle]);
+        let help = Replay::command().render_long_help().to_string();
+        for policy in ReplayPolicy::ALL {
+            assert!(
+                help.contains(&policy.to_string()),
+                "{policy} missing from\n{help}"
+            );
+        }
+        assert!(help.contains("[default: cycle]"), "{help}");
+    }
+
+    #[test]
+    fn an_expert_is_its_share_of_the_layers_with_experts() {
+        // DeepSeek-V3's first layer is dense: its experts are spread over the other two.
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/deepseek_v3");
+        let (config, _) = loader::describe(&fixture).unwrap();
+        assert!(config.moe_layers().count() < config.num_layers);
+        assert_eq!(
+            expert_bytes(&fixture).unwrap(),
+            config.expert_f32_bytes() as u64
+        );
+    }
+
+    #[test]
+    fn progress_is_whole_lines_off_a_terminal_and_in_place_on_one() {
+        let show = |in_place| {
+            let mut progress = ProgressLines {
+                out: Vec::new(),
+                in_place,
+            };
+            progress.update("recorded 1/2 prompts");
+            progress.update("recorded 2/2 prompts");
+            progress.finish();
+            String::from_utf8(progress.out).unwrap()
+        };
+        assert_eq!(show(false), "recorded 1/2 prompts\nrecorded 2/2 prompts\n");
+        assert_eq!(show(true), "\rrecorded 1/2 prompts\rrecorded 2/2 prompts\n");
+    }
 }
