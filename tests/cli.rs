@@ -119,7 +119,22 @@ fn bad_input_fails_cleanly() {
     assert!(!missing.status.success());
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(
-        stderr.contains("/nonexistent/model/config.json"),
+        stderr.contains("/nonexistent/model: does not exist"),
+        "{stderr}"
+    );
+    let text = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(text.path(), "just some notes\n").unwrap();
+    let not_a_model = odmoe(&[
+        "run",
+        "--model",
+        text.path().to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    let stderr = String::from_utf8_lossy(&not_a_model.stderr);
+    assert!(!not_a_model.status.success());
+    assert!(
+        stderr.contains("not a model: expected a Hugging Face directory"),
         "{stderr}"
     );
 

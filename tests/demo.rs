@@ -5,20 +5,7 @@
 use std::path::PathBuf;
 
 use candle_core::Device;
-use odmoe_e2e::odmoe_ok;
-
-fn demo_gguf() -> PathBuf {
-    let dir = std::env::var_os("ODMOE_DEMO_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/odmoe/demo"));
-    let gguf = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        gguf.is_file(),
-        "{} is missing: run scripts/setup.sh (it fetches the demo model)",
-        gguf.display()
-    );
-    gguf
-}
+use odmoe_e2e::{demo_gguf, odmoe_ok};
 
 fn calibration() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/calibration.txt")

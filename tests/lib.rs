@@ -24,6 +24,21 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The demo model, SmolLM2-135M-Instruct as a Q4_1 GGUF (a real dense Llama), fetched by
+/// scripts/setup.sh into `$ODMOE_DEMO_DIR` (default `~/.cache/odmoe/demo`).
+pub fn demo_gguf() -> PathBuf {
+    let dir = std::env::var_os("ODMOE_DEMO_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/odmoe/demo"));
+    let gguf = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        gguf.is_file(),
+        "{} is missing: run scripts/setup.sh (it fetches the demo model)",
+        gguf.display()
+    );
+    gguf
+}
+
 /// A workspace binary built beside this test executable (`target/<profile>/<name>`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
