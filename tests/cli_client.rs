@@ -168,10 +168,13 @@ fn ps_shows_the_loaded_model() {
             "resident_bytes",
             "sessions",
             "simulated",
-            "target_bytes"
+            "target_bytes",
+            "unloads_in_s"
         ]
     );
     assert!(ps["model"].as_str().unwrap().ends_with("qwen3_moe"), "{ps}");
+    // The default keep_alive keeps the model loaded.
+    assert!(ps["unloads_in_s"].is_null(), "{ps}");
     let table = daemon.odmoe_ok(&["ps"]);
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 2, "{table}");

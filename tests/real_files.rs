@@ -419,3 +419,158 @@ async fn unload_gives_the_memory_back() {
         mib(fresh)
     );
 }
+
+/// `odmoe ARGS --socket SOCKET` for `daemon`; its output, whatever the status.
+fn odmoe_at(daemon: &Daemon, args: &[&str]) -> Output {
+    let mut command = Command::new(binary("odmoe"));
+    isolate(&mut command, daemon.dir());
+    command
+        .args(args)
+        .args(["--socket", s(daemon.socket())])
+        .stdin(Stdio::null());
+    timeout_output(command)
+}
+
+fn json_of(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Waits until the daemon has no model loaded.
+async fn until_unloaded(client: &mut Client) {
+    for _ in 0..200 {
+        if client.stats().await.unwrap().model.is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the model was not unloaded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
+    let models = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        gguf_fixture("qwen3_moe-q8_0.gguf"),
+        models.path().join("qwen3.gguf"),
+    )
+    .unwrap();
+    std::fs::write(models.path().join("notes.txt"), "not a model").unwrap();
+    let config = format!("[model]\nmodels_dir = {:?}\n", s(models.path()));
+    let mut daemon = Daemon::builder().config(config).limit(LIMIT).spawn();
+    daemon.wait_until_serving().await;
+
+    let listed = json_of(&odmoe_at(&daemon, &["models", "--json"]));
+    let available = listed["available"].as_array().unwrap();
+    assert_eq!(available.len(), 1, "{listed}");
+    assert_eq!(available[0]["name"], "qwen3.gguf");
+    assert_eq!(available[0]["format"], "gguf");
+    assert_eq!(available[0]["architecture"], "qwen3_moe");
+    assert!(available[0]["experts_per_layer"].as_u64().unwrap() > 1);
+    let loaded = odmoe_at(&daemon, &["load", "qwen3"]);
+    assert!(loaded.status.success(), "{loaded:?}");
+
+    // keep_alive per request: the idle model goes once it elapses, and ps says when.
+    let mut client = daemon.client().await;
+    let mut brief = greedy(Some("Hello"), &[], None);
+    brief.keep_alive = Some(odmoe_protocol::KeepAliveParam::Text("2s".into()));
+    call(&mut client, Method::Generate, &brief).await.unwrap();
+    let ps = json_of(&odmoe_at(&daemon, &["ps", "--json"]));
+    let left = ps["unloads_in_s"].as_f64().expect("ps says when");
+    assert!(left > 0.0 && left <= 2.0, "{ps}");
+    until_unloaded(&mut client).await;
+
+    // keep_alive 0 from the CLI: unloaded right after the reply.
+    assert!(odmoe_at(&daemon, &["load", "qwen3"]).status.success());
+    let once = odmoe_at(
+        &daemon,
+        &["complete", "Hi", "--max-tokens", "2", "--keep-alive", "0"],
+    );
+    assert!(once.status.success(), "{once:?}");
+    until_unloaded(&mut client).await;
+
+    // A request behind another is told its place.
+    assert!(odmoe_at(&daemon, &["load", "qwen3"]).status.success());
+    let mut long = greedy(Some("Once upon a time"), &[], None);
+    long.max_tokens = Some(3000);
+    long.ignore_eos = true;
+    let mut busy = daemon.client().await;
+    let running = tokio::spawn(async move {
+        let _ = call(&mut busy, Method::Generate, &long).await;
+    });
+    for _ in 0..200 {
+        if client.stats().await.unwrap().queue.running == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let socket = daemon.socket().to_owned();
+    let home = daemon.dir().to_owned();
+    let behind = tokio::task::spawn_blocking(move || {
+        let mut command = Command::new(binary("odmoe"));
+        isolate(&mut command, &home);
+        command
+            .args([
+                "complete",
+                "Hi",
+                "--max-tokens",
+                "2",
+                "--socket",
+                s(&socket),
+            ])
+            .stdin(Stdio::null());
+        timeout_output(command)
+    });
+    for _ in 0..200 {
+        if client.stats().await.unwrap().queue.waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    running.abort();
+    let behind = behind.await.unwrap();
+    let stderr = String::from_utf8_lossy(&behind.stderr);
+    assert!(behind.status.success(), "{stderr}");
+    assert!(stderr.contains("queued (position 1)"), "{stderr}");
+}
+
+#[test]
+fn a_request_over_the_size_limit_is_explained_by_the_client() {
+    let mut daemon = Daemon::builder()
+        .model(fixture("qwen3_moe"))
+        .limit(LIMIT)
+        .spawn();
+    daemon.wait_until_listening();
+    let mut command = Command::new(binary("odmoe"));
+    isolate(&mut command, daemon.dir());
+    let mut child = command
+        .args([
+            "complete",
+            "--max-tokens",
+            "1",
+            "--socket",
+            s(daemon.socket()),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        // The client may stop reading once it has its answer.
+        let _ = stdin.write_all(&vec![b'a'; 18 << 20]);
+    });
+    let output = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("max_message_bytes"), "{stderr}");
+    assert!(stderr.contains("16777216"), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+}

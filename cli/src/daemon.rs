@@ -2,12 +2,16 @@
 //! an error that says how to start the daemon, the sampling flags and streamed generation.
 
 use std::future::Future;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
-use odmoe_client::{Client, ClientError};
-use odmoe_protocol::{ErrorCode, GenerateParams, GenerateResult, Method, TokenEvent};
+use odmoe_client::{Client, ClientError, GenerateEvent};
+use odmoe_config::KeepAlive;
+use odmoe_protocol::{
+    ErrorCode, GenerateParams, GenerateResult, KeepAliveParam, Method, TokenEvent,
+};
 
 /// What to do when the daemon is not there.
 pub const START_HINT: &str = "start it with `odmoed` or `odmoe service install`";
@@ -95,6 +99,17 @@ pub struct SamplingArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// How long the model stays loaded after this reply: a duration (5m, 1h), 0 to unload it
+    /// after the reply, -1 to keep it [default: the daemon's `model.keep_alive`].
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true, value_parser = keep_alive)]
+    pub keep_alive: Option<String>,
+}
+
+/// Checks a keep_alive here, so a typo is not a round trip to the daemon.
+fn keep_alive(text: &str) -> Result<String, String> {
+    KeepAlive::parse(text)
+        .map(|_| text.to_owned())
+        .map_err(|error| error.to_string())
 }
 
 impl SamplingArgs {
@@ -114,6 +129,7 @@ impl SamplingArgs {
             seed: self.seed,
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
+            keep_alive: self.keep_alive.clone().map(KeepAliveParam::Text),
             ..GenerateParams::default()
         }
     }
@@ -121,23 +137,50 @@ impl SamplingArgs {
 
 /// Runs `generate` or `chat`, calling `on_token` for each streamed token. When `cancel`
 /// completes first the request is cancelled and its final result (finish reason "cancelled")
-/// returned.
+/// returned. While the request waits in the daemon's queue stderr says so, and on a terminal a
+/// long prompt shows that it is being computed until the first token.
 pub async fn generate<F, C>(
     client: &mut Client,
     method: Method,
     params: &GenerateParams,
-    on_token: F,
+    mut on_token: F,
     cancel: C,
 ) -> Result<GenerateResult>
 where
     F: FnMut(&TokenEvent),
     C: Future<Output = ()>,
 {
-    client
-        .generate_streaming(method, params, on_token, cancel)
+    let terminal = std::io::stderr().is_terminal();
+    let mut prefill_shown = false;
+    let on_event = |event: GenerateEvent<'_>| match event {
+        GenerateEvent::Queued { position } => eprintln!("queued (position {position})"),
+        GenerateEvent::Started { prompt_tokens } => {
+            if terminal && prompt_tokens >= LONG_PROMPT_TOKENS {
+                eprint!("computing a prompt of {prompt_tokens} tokens...");
+                prefill_shown = true;
+            }
+        }
+        GenerateEvent::Token(token) => {
+            if prefill_shown {
+                // Clear the line before the reply goes on.
+                eprint!("\r\x1b[2K");
+                prefill_shown = false;
+            }
+            on_token(token);
+        }
+    };
+    let result = client
+        .generate_with_events(method, params, on_event, cancel)
         .await
-        .map_err(explain)
+        .map_err(explain);
+    if prefill_shown {
+        eprint!("\r\x1b[2K");
+    }
+    result
 }
+
+/// Prompts at least this long are worth a word on a terminal while they compute.
+const LONG_PROMPT_TOKENS: u32 = 512;
 
 /// Completes on Ctrl-C (SIGINT). While it is alive, Ctrl-C no longer ends the process.
 pub async fn ctrl_c() {

@@ -10,6 +10,7 @@ mod inspect;
 mod logits;
 mod manage;
 mod model_args;
+mod models;
 mod perplexity;
 mod predictor;
 mod pressure;
@@ -30,7 +31,8 @@ use clap::{Parser, Subcommand};
     long_about = "Run Mixture-of-Experts language models larger than memory.\n\n\
         `odmoe run` and `odmoe logits` load a model in this process; they are the hooks that \
         reference checks and scripts use, and their flags are stable.\n\n\
-        `chat`, `complete`, `stats`, `ps`, `load`, `unload`, `stop` and `pressure` talk to a \
+        `chat`, `complete`, `stats`, `ps`, `models`, `load`, `unload`, `stop` and `pressure` \
+        talk to a \
         running `odmoed` \
         over its socket (--socket or $ODMOE_SOCKET, else the configured one); `odmoe service \
         install` makes odmoed start when a client first connects."
@@ -73,7 +75,9 @@ enum Command {
     Stats(stats::StatsArgs),
     /// Show what the daemon has loaded: model, expert memory against budget, sessions, queue.
     Ps(stats::PsArgs),
-    /// Make the daemon serve another model.
+    /// List the models in the daemon's models folder (`model.models_dir`) and the one loaded.
+    Models(models::ModelsArgs),
+    /// Make the daemon serve another model, by path or by its name in the models folder.
     Load(manage::LoadArgs),
     /// Make the daemon let go of its model and the memory it holds.
     Unload(manage::UnloadArgs),
@@ -106,6 +110,7 @@ fn main() -> std::process::ExitCode {
         Command::Complete(args) => complete::run(args),
         Command::Stats(args) => stats::run(args),
         Command::Ps(args) => stats::ps(args),
+        Command::Models(args) => models::run(args),
         Command::Load(args) => manage::load(args),
         Command::Unload(args) => manage::unload(args),
         Command::Stop(args) => manage::stop(args),

@@ -7,14 +7,15 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use odmoe_engine::format::size::parse_budget_size;
+use odmoe_protocol::{LoadParams, Method, ModelInfo};
 
 use crate::daemon::{self, SocketArgs, human_bytes};
 
 #[derive(Args)]
 pub struct LoadArgs {
     /// The model: a GGUF file, an odmoe layout (MODEL.odmoe) or a Hugging Face checkpoint
-    /// directory.
-    #[arg(value_name = "PATH")]
+    /// directory, or the name of one in the daemon's `model.models_dir` (`odmoe models`).
+    #[arg(value_name = "PATH|NAME")]
     path: PathBuf,
     /// Memory for cached experts: `auto`, bytes (8GiB, 1.5GB) or a percentage (25%)
     /// [default: the daemon's `model.expert_budget`].
@@ -53,17 +54,16 @@ pub fn parse_budget(text: &str) -> Result<String, String> {
 }
 
 pub fn load(args: LoadArgs) -> Result<()> {
-    // The daemon may run in another directory.
-    let path = std::path::absolute(&args.path)
-        .with_context(|| format!("cannot resolve {}", args.path.display()))?;
-    if !path.exists() {
-        bail!("model {} does not exist", path.display());
-    }
+    let target = load_target(&args.path)?;
     let runtime = daemon::runtime()?;
     let model = runtime.block_on(async {
         let mut client = args.socket.connect().await?;
+        let params = LoadParams {
+            path: target,
+            expert_budget: args.expert_budget.clone(),
+        };
         client
-            .load(&path, args.expert_budget.as_deref())
+            .call::<_, ModelInfo>(Method::Load.name(), &params)
             .await
             .map_err(daemon::explain)
     })?;
@@ -82,6 +82,21 @@ pub fn load(args: LoadArgs) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// What `load` sends for `arg`: an existing path made absolute (the daemon runs in another
+/// directory), or a bare name for the daemon to find in its `models_dir`.
+fn load_target(arg: &Path) -> Result<String> {
+    if arg.exists() {
+        let path = std::path::absolute(arg)
+            .with_context(|| format!("cannot resolve {}", arg.display()))?;
+        return Ok(path.to_string_lossy().into_owned());
+    }
+    let text = arg.to_string_lossy();
+    if arg.components().count() == 1 && !text.contains('/') {
+        return Ok(text.into_owned());
+    }
+    bail!("model {} does not exist", arg.display())
 }
 
 pub fn unload(args: UnloadArgs) -> Result<()> {

@@ -257,6 +257,8 @@ struct Ps<'a> {
     target_bytes: Option<u64>,
     sessions: u32,
     queue: &'a odmoe_protocol::QueueStats,
+    /// Seconds until the idle model is unloaded (its keep_alive); null while it stays.
+    unloads_in_s: Option<f64>,
 }
 
 impl<'a> Ps<'a> {
@@ -277,6 +279,7 @@ impl<'a> Ps<'a> {
             target_bytes: stats.memory.as_ref().and_then(|memory| memory.target_bytes),
             sessions: stats.sessions.count,
             queue: &stats.queue,
+            unloads_in_s: model.and_then(|model| model.unloads_in_s),
         }
     }
 }
@@ -321,8 +324,14 @@ fn ps_table(ps: &Ps<'_>) -> String {
         (Some(resident), Some(budget)) => {
             format!("{} / {}", human_bytes(resident), human_bytes(budget))
         }
+        _ if ps.mode == Some("dense") => "none (dense)".into(),
         (Some(resident), None) => format!("{} (all)", human_bytes(resident)),
         _ => "-".into(),
+    };
+    let until = match (ps.model, ps.unloads_in_s) {
+        (None, _) => "-".to_owned(),
+        (Some(_), None) => "loaded".to_owned(),
+        (Some(_), Some(left)) => format!("unloads in {}", duration(left)),
     };
     let pressure = match (ps.pressure, ps.target_bytes, ps.budget_bytes) {
         (Some(level), Some(target), Some(budget)) if target != budget => {
@@ -339,6 +348,7 @@ fn ps_table(ps: &Ps<'_>) -> String {
             "PRESSURE".into(),
             "SESSIONS".into(),
             "QUEUE".into(),
+            "UNTIL".into(),
         ],
         [
             ps.model.unwrap_or("(none loaded)").to_owned(),
@@ -347,9 +357,10 @@ fn ps_table(ps: &Ps<'_>) -> String {
             pressure,
             ps.sessions.to_string(),
             format!("{} running, {} waiting", ps.queue.running, ps.queue.waiting),
+            until,
         ],
     ];
-    let mut widths = [0; 6];
+    let mut widths = [0; 7];
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
@@ -407,6 +418,7 @@ mod tests {
                 total_expert_bytes: 54 << 30,
                 mode: "on_demand".into(),
                 budget_bytes: Some(8 << 30),
+                unloads_in_s: None,
             }),
             store: Some(StoreStats {
                 hits: 900,

@@ -53,8 +53,9 @@ use odmoe_config::{Config, ConfigError};
 use odmoe_protocol::{
     CancelParams, DEFAULT_MAX_MESSAGE_BYTES, EncodeError, GenerateParams, GenerateResult,
     HelloParams, HelloResult, LoadParams, MemoryStats, Message, MessageReader, Method, ModelInfo,
-    ModelsResult, Notification, PressureParams, ReadError, Request, RpcError, StatsResult,
-    TOKEN_NOTIFICATION, TokenEvent, Value, write_message,
+    ModelsResult, Notification, PressureParams, QUEUED_NOTIFICATION, QueuedEvent, ReadError,
+    Request, RpcError, STARTED_NOTIFICATION, StartedEvent, StatsResult, TOKEN_NOTIFICATION,
+    TokenEvent, Value, write_message,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -89,6 +90,24 @@ pub enum ClientError {
         path: PathBuf,
         /// What the system said.
         source: io::Error,
+    },
+    /// The process listening at the socket runs as another user: it may be
+    /// posing as odmoed (whoever can swap a link or directory on the socket
+    /// path can listen there), so nothing was sent to it. Even root's client
+    /// talks only to root's daemon.
+    #[error(
+        "refusing to use {}: the process listening there runs as uid {daemon_uid}, not as this \
+         user (uid {client_uid}), so it may be another user's program posing as odmoed; nothing \
+         was sent. Use the socket of an odmoed you started yourself",
+        path.display()
+    )]
+    OtherUser {
+        /// The socket path tried.
+        path: PathBuf,
+        /// The user the listening process runs as.
+        daemon_uid: u32,
+        /// The effective user of this process.
+        client_uid: u32,
     },
     /// The config that names the socket could not be read.
     #[error(transparent)]
@@ -135,13 +154,56 @@ pub struct Client {
     notifications: VecDeque<Notification>,
 }
 
+/// What happens to a generation before its result, as the daemon tells it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GenerateEvent<'a> {
+    /// It waits behind `position` others.
+    Queued { position: u32 },
+    /// It left the queue: its prompt of this many tokens is computed now.
+    Started { prompt_tokens: u32 },
+    /// Text generated.
+    Token(&'a TokenEvent),
+}
+
+/// Hands `notification` to `on_event` when it is about request `msgid`; false
+/// when it is not (it is kept for [`Client::take_notifications`]).
+fn notify_event(
+    msgid: u32,
+    notification: &Notification,
+    on_event: &mut impl FnMut(GenerateEvent<'_>),
+) -> bool {
+    let params = || notification.params.clone();
+    match notification.method.as_str() {
+        TOKEN_NOTIFICATION => match odmoe_protocol::from_value::<TokenEvent>(params()) {
+            Ok(token) if token.id == msgid => on_event(GenerateEvent::Token(&token)),
+            _ => return false,
+        },
+        QUEUED_NOTIFICATION => match odmoe_protocol::from_value::<QueuedEvent>(params()) {
+            Ok(queued) if queued.id == msgid => on_event(GenerateEvent::Queued {
+                position: queued.position,
+            }),
+            _ => return false,
+        },
+        STARTED_NOTIFICATION => match odmoe_protocol::from_value::<StartedEvent>(params()) {
+            Ok(started) if started.id == msgid => on_event(GenerateEvent::Started {
+                prompt_tokens: started.prompt_tokens,
+            }),
+            _ => return false,
+        },
+        _ => return false,
+    }
+    true
+}
+
 impl Client {
-    /// Connects to the daemon listening at `path`.
+    /// Connects to the daemon listening at `path`, which must run as this
+    /// process's effective user ([`ClientError::OtherUser`] otherwise).
     pub async fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
         let path = path.as_ref();
         let stream = UnixStream::connect(path)
             .await
             .map_err(|source| connect_error(path, source))?;
+        ensure_same_user(&stream, path)?;
         let (read, writer) = stream.into_split();
         Ok(Client {
             reader: MessageReader::new(read, DEFAULT_MAX_MESSAGE_BYTES),
@@ -183,6 +245,28 @@ impl Client {
         F: FnMut(&TokenEvent),
         C: Future<Output = ()>,
     {
+        let on_event = |event: GenerateEvent<'_>| {
+            if let GenerateEvent::Token(token) = event {
+                on_token(token);
+            }
+        };
+        self.generate_with_events(method, params, on_event, cancel)
+            .await
+    }
+
+    /// [`Client::generate_streaming`], telling `on_event` also when the
+    /// request waits in the queue and when its prompt starts computing.
+    pub async fn generate_with_events<F, C>(
+        &mut self,
+        method: Method,
+        params: &GenerateParams,
+        mut on_event: F,
+        cancel: C,
+    ) -> Result<GenerateResult, ClientError>
+    where
+        F: FnMut(GenerateEvent<'_>),
+        C: Future<Output = ()>,
+    {
         let msgid = self.send_request(method.name(), params).await?;
         let mut cancel = std::pin::pin!(cancel);
         let mut cancel_sent = false;
@@ -202,12 +286,9 @@ impl Client {
                     let result = response.outcome.map_err(ClientError::Rpc)?;
                     return decode(method.name(), result);
                 }
-                Some(Message::Notification(notification))
-                    if notification.method == TOKEN_NOTIFICATION =>
-                {
-                    match odmoe_protocol::from_value::<TokenEvent>(notification.params.clone()) {
-                        Ok(event) if event.id == msgid => on_token(&event),
-                        _ => self.notifications.push_back(notification),
+                Some(Message::Notification(notification)) => {
+                    if !notify_event(msgid, &notification, &mut on_event) {
+                        self.notifications.push_back(notification);
                     }
                 }
                 other => self.keep_or_fail(other)?,
@@ -502,6 +583,28 @@ fn connect_error(path: &Path, source: io::Error) -> ClientError {
         io::ErrorKind::ConnectionRefused => ClientError::Refused { path },
         _ => ClientError::Connect { path, source },
     }
+}
+
+/// Refuses the connection, before anything is sent on it, unless the process
+/// that listens on it (as the kernel reports) runs as this process's effective
+/// user: the prompts are for the user's own daemon only.
+fn ensure_same_user(stream: &UnixStream, path: &Path) -> Result<(), ClientError> {
+    let daemon_uid = stream
+        .peer_cred()
+        .map_err(|source| ClientError::Connect {
+            path: path.to_owned(),
+            source,
+        })?
+        .uid();
+    let client_uid = nix::unistd::geteuid().as_raw();
+    if daemon_uid != client_uid {
+        return Err(ClientError::OtherUser {
+            path: path.to_owned(),
+            daemon_uid,
+            client_uid,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@
 //! Paths in the file may start with `~/`; relative paths are taken from the
 //! directory holding the file.
 
+mod keep_alive;
 mod locate;
 mod paths;
 mod size;
@@ -40,6 +41,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use keep_alive::{KeepAlive, KeepAliveError};
 pub use paths::{config_path_from, default_config_path, default_socket_path, socket_path_from};
 pub use size::{Size, SizeError, parse_size};
 
@@ -72,8 +74,19 @@ pub struct ServerConfig {
     /// the connection. An integer or a size such as `"16MiB"`. Default 16 MiB.
     #[serde(deserialize_with = "bytes", serialize_with = "size_text")]
     pub max_message_bytes: u64,
-    /// Clients served at once; more wait to be accepted. Default 64.
+    /// Clients served at once; a client beyond them is told the daemon is
+    /// busy and disconnected. Default 64.
     pub max_connections: u32,
+    /// Requests one connection may have in flight; past them the daemon reads
+    /// nothing more from it until replies are written. Default 32.
+    pub max_requests_per_connection: u32,
+    /// Seconds a connection may sit without a request in flight or a message
+    /// arriving before it is closed; 0 never closes it. Default 600.
+    pub idle_timeout_secs: u64,
+    /// Seconds a message may take to arrive once it has begun, and a new
+    /// connection to send its first message; slower ones are dropped.
+    /// Default 10.
+    pub message_timeout_secs: u64,
 }
 
 /// `[model]`.
@@ -89,6 +102,14 @@ pub struct ModelConfig {
     /// Most positions a sequence may hold (prompt and reply together), to
     /// lower the model's own maximum; 0 keeps the model's. Default 0.
     pub context_length: u32,
+    /// How long the model stays loaded after its last request: a duration
+    /// ("5m"), 0 to unload after each reply, -1 to keep it. Requests may set
+    /// their own. Default -1.
+    pub keep_alive: KeepAlive,
+    /// Where `odmoe models` looks for models and `load NAME` finds them.
+    /// Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub models_dir: Option<PathBuf>,
 }
 
 /// How much memory cached experts may hold.
@@ -265,6 +286,9 @@ impl Default for ServerConfig {
             socket: None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_connections: 64,
+            max_requests_per_connection: 32,
+            idle_timeout_secs: 600,
+            message_timeout_secs: 10,
         }
     }
 }
@@ -392,9 +416,13 @@ impl Config {
         }
         let home = paths::home_from(&|name| std::env::var_os(name)).ok();
         let base = path.and_then(Path::parent);
-        for file in [&mut config.server.socket, &mut config.model.path]
-            .into_iter()
-            .flatten()
+        for file in [
+            &mut config.server.socket,
+            &mut config.model.path,
+            &mut config.model.models_dir,
+        ]
+        .into_iter()
+        .flatten()
         {
             *file = resolve(file, home.as_deref(), base);
         }
@@ -427,7 +455,7 @@ impl Config {
         let generation = &self.generation;
         let memory = &self.memory;
         let share = |value: f64| value > 0.0 && value < 1.0;
-        let rules: [(&'static str, bool, String); 17] = [
+        let rules: [(&'static str, bool, String); 19] = [
             (
                 "server.max_message_bytes",
                 server.max_message_bytes >= 1024,
@@ -436,6 +464,16 @@ impl Config {
             (
                 "server.max_connections",
                 server.max_connections >= 1,
+                "must be at least 1".into(),
+            ),
+            (
+                "server.max_requests_per_connection",
+                server.max_requests_per_connection >= 1,
+                "must be at least 1".into(),
+            ),
+            (
+                "server.message_timeout_secs",
+                server.message_timeout_secs >= 1,
                 "must be at least 1".into(),
             ),
             (
@@ -656,11 +694,13 @@ mod tests {
         keys.extend([
             "server.socket".into(),
             "model.path".into(),
+            "model.models_dir".into(),
             "memory.max_budget".into(),
         ]);
         let uncommented = EXAMPLE
             .replace("# socket = ", "socket = ")
             .replace("# path = ", "path = ")
+            .replace("# models_dir = ", "models_dir = ")
             .replace("# max_budget = ", "max_budget = ");
         Config::from_toml(&uncommented, None).unwrap();
         for key in keys {

@@ -9,20 +9,22 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use odmoe_protocol::{
     ErrorCode, Message, MessageReader, Method, Notification, ReadError, Request, Response,
     RpcError, encode,
 };
 use serde::Serialize;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWriteExt, BufWriter, Interest};
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::mpsc;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use crate::dispatch::dispatch;
+use crate::logging::untrusted;
 use crate::scheduler::CancelToken;
 use crate::server::State;
 use crate::shutdown::Shutdown;
@@ -108,11 +110,77 @@ impl Peer {
 
 /// Why the read loop ended.
 enum End {
-    /// The client left, or its stream broke: its work is abandoned.
+    /// The client left, or its stream broke, or it was too slow: its work is
+    /// abandoned.
     Gone,
+    /// The client closed its writing side: it waits for its answers.
+    DoneSending,
     /// The daemon is stopping: answers in flight are still written.
     Shutdown,
 }
+
+/// What one client may hold of the daemon, from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Requests in flight before reading pauses.
+    pub max_in_flight: usize,
+    /// How long a connection may idle; `None` forever.
+    pub idle: Option<Duration>,
+    /// How long a begun message, or a new connection's first one, may take.
+    pub message: Duration,
+}
+
+/// A connection's claim on the daemon's capacity. It starts pending (its
+/// `pending` permit counts against how many connections may be waiting for
+/// their first message) and becomes one of the `max_connections` clients
+/// served with its first complete message, so stalled connections that never
+/// finish a message cannot lock the others out.
+#[derive(Debug)]
+pub struct Admission {
+    /// Held until the first message is complete.
+    pub pending: Option<OwnedSemaphorePermit>,
+    /// The clients served at once.
+    pub slots: Arc<Semaphore>,
+    /// Held from the first message on.
+    pub slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Admission {
+    /// Takes a place among the clients served; false when all are taken.
+    fn admit(&mut self) -> bool {
+        if self.slot.is_none() {
+            match Arc::clone(&self.slots).try_acquire_owned() {
+                Ok(slot) => self.slot = Some(slot),
+                Err(_) => return false,
+            }
+            self.pending = None;
+        }
+        true
+    }
+}
+
+/// The answer to a client the daemon has no room for, before it hangs up.
+pub fn busy() -> Message {
+    connection_error(RpcError::new(
+        ErrorCode::Busy,
+        "odmoed serves as many clients as it may (server.max_connections); try again later",
+    ))
+}
+
+impl ConnectionLimits {
+    /// The limits `[server]` sets.
+    pub fn from_config(server: &odmoe_config::ServerConfig) -> ConnectionLimits {
+        ConnectionLimits {
+            max_in_flight: server.max_requests_per_connection.max(1) as usize,
+            idle: (server.idle_timeout_secs > 0)
+                .then(|| Duration::from_secs(server.idle_timeout_secs)),
+            message: Duration::from_secs(server.message_timeout_secs.max(1)),
+        }
+    }
+}
+
+/// How often a connection looks at its timeouts.
+const TIMEOUT_CHECK: Duration = Duration::from_secs(1);
 
 /// Whether a peer running as `peer_uid` may use a daemon running as `daemon_uid`:
 /// the same user, or root.
@@ -139,46 +207,101 @@ pub async fn serve(
     stream: UnixStream,
     state: Arc<State>,
     mut shutdown: Shutdown,
+    mut admission: Admission,
 ) -> io::Result<()> {
     let uid = peer_uid(&stream).map_err(io::Error::from)?;
-    let (read, write) = stream.into_split();
     if !peer_allowed(uid, state.uid) {
         warn!(peer_uid = uid, "refused a connection from another user");
         let error = RpcError::new(
             ErrorCode::Unauthorized,
             "this odmoed serves only the user that started it",
         );
-        let (out, outgoing) = mpsc::channel(1);
-        let _ = out.send(connection_error(error)).await;
-        drop(out);
-        return write_messages(write, outgoing).await;
+        return refuse(stream, connection_error(error)).await;
     }
+    let (read, write) = stream.into_split();
     debug!(peer_uid = uid, "client connected");
+    let limits = state.limits;
     let mut reader = MessageReader::new(read, state.max_message_bytes);
     let (out, outgoing) = mpsc::channel(OUTGOING);
     let writer = tokio::spawn(write_messages(write, outgoing));
     let peer = Arc::new(Peer::new(out, uid));
     let mut tasks = JoinSet::new();
+    let connected = Instant::now();
+    // Last time a message arrived or a request finished.
+    let mut active = connected;
+    // When the message being read began to arrive.
+    let mut partial_since = None;
+    let mut ticker = tokio::time::interval(TIMEOUT_CHECK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let end = loop {
         let message = tokio::select! {
             biased;
             () = shutdown.recv() => break End::Shutdown,
-            Some(_) = tasks.join_next() => continue,
-            message = reader.read_message() => message,
+            Some(_) = tasks.join_next() => {
+                active = Instant::now();
+                continue;
+            }
+            _ = ticker.tick() => {
+                let now = Instant::now();
+                partial_since = match (reader.has_partial_message(), partial_since) {
+                    (false, _) => None,
+                    (true, None) => Some(now),
+                    (true, since) => since,
+                };
+                let first_late = admission.slot.is_none()
+                    && now.duration_since(connected) >= limits.message;
+                let message_late =
+                    partial_since.is_some_and(|since| now.duration_since(since) >= limits.message);
+                if first_late || message_late {
+                    debug!(timeout = ?limits.message, "closing a connection whose message is late");
+                    break End::Gone;
+                }
+                let idle = tasks.is_empty() && !reader.has_partial_message();
+                if idle && limits.idle.is_some_and(|limit| now.duration_since(active) >= limit) {
+                    debug!("closing an idle connection");
+                    break End::Gone;
+                }
+                continue;
+            }
+            // At the cap of requests in flight, nothing more is read until
+            // answers are written: a client that never reads its replies
+            // cannot pile up work and memory.
+            message = reader.read_message(), if tasks.len() < limits.max_in_flight => message,
         };
         match message {
             Ok(None) => {
-                debug!("client disconnected");
+                debug!("client finished sending");
+                break End::DoneSending;
+            }
+            Ok(Some(message)) if !admission.admit() => {
+                drop(message);
+                warn!("refused a client: every connection is taken");
+                peer.send(busy()).await;
                 break End::Gone;
             }
             Ok(Some(Message::Request(request))) => {
-                debug!(msgid = request.msgid, method = %request.method, "request");
-                let cancel = matches!(
+                active = Instant::now();
+                partial_since = None;
+                debug!(msgid = request.msgid, method = %untrusted(&request.method), "request");
+                let generates = matches!(
                     Method::from_name(&request.method),
                     Some(Method::Generate | Method::Chat)
-                )
-                .then(|| peer.start(request.msgid));
+                );
+                if generates && peer.in_flight(request.msgid).is_some() {
+                    // A second generation under a msgid in flight could not
+                    // be told apart by `cancel` or by its notifications.
+                    let error = RpcError::new(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "msgid {} is already used by a generation in flight",
+                            request.msgid
+                        ),
+                    );
+                    peer.send(Response::error(request.msgid, error)).await;
+                    continue;
+                }
+                let cancel = generates.then(|| peer.start(request.msgid));
                 tasks.spawn(answer(
                     request,
                     Arc::clone(&state),
@@ -187,16 +310,18 @@ pub async fn serve(
                 ));
             }
             Ok(Some(Message::Notification(notification))) => {
-                debug!(method = %notification.method, "ignoring a notification");
+                active = Instant::now();
+                debug!(method = %untrusted(&notification.method), "ignoring a notification");
             }
             Ok(Some(Message::Response(response))) => {
+                active = Instant::now();
                 debug!(
                     msgid = response.msgid,
                     "ignoring a response: odmoed sends no requests"
                 );
             }
             Err(ReadError::Invalid(invalid)) => {
-                warn!(error = %invalid, "invalid message");
+                warn!(error = %untrusted(&invalid.to_string()), "invalid message");
                 let msgid = invalid.msgid.unwrap_or(0);
                 peer.send(Response::error(msgid, invalid.error)).await;
             }
@@ -224,6 +349,23 @@ pub async fn serve(
             peer.cancel_all(&state);
             tasks.shutdown().await;
         }
+        End::DoneSending => {
+            // A client that only closed its writing side (`shutdown(SHUT_WR)`)
+            // still reads its answers; one that is gone altogether cannot, and
+            // its work stops as soon as that shows.
+            let gone = client_gone(reader.get_ref(), &peer);
+            tokio::pin!(gone);
+            loop {
+                tokio::select! {
+                    next = tasks.join_next() => if next.is_none() { break },
+                    () = &mut gone => {
+                        peer.cancel_all(&state);
+                        tasks.shutdown().await;
+                        break;
+                    }
+                }
+            }
+        }
         End::Shutdown => {
             // The scheduler has cancelled the generations; their tasks write
             // the "cancelled" answers, then the writer drains.
@@ -232,6 +374,34 @@ pub async fn serve(
     }
     drop(peer);
     writer.await.map_err(io::Error::other)?
+}
+
+/// Completes when the client has closed both directions (its socket reports
+/// a hang-up, not just the end of what it sends) or its answers can no longer
+/// be written.
+async fn client_gone(read: &OwnedReadHalf, peer: &Peer) {
+    let hung_up = async {
+        loop {
+            match read.ready(Interest::WRITABLE).await {
+                Ok(ready) if ready.is_write_closed() => return,
+                Ok(_) => tokio::time::sleep(TIMEOUT_CHECK).await,
+                Err(_) => return,
+            }
+        }
+    };
+    tokio::select! {
+        () = hung_up => {}
+        () = peer.out.closed() => {}
+    }
+}
+
+/// Tells a client why it is not served, then hangs up.
+pub async fn refuse(stream: UnixStream, why: Message) -> io::Result<()> {
+    let (_, write) = stream.into_split();
+    let (out, outgoing) = mpsc::channel(1);
+    let _ = out.send(why).await;
+    drop(out);
+    write_messages(write, outgoing).await
 }
 
 /// Answers one request; runs as its own task.

@@ -9,14 +9,14 @@ use std::hash::{BuildHasher, RandomState};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use odmoe_config::GenerationConfig;
+use odmoe_config::{GenerationConfig, KeepAlive};
 use odmoe_engine::generate::{GenerateRequest, SamplingParams, check_context};
 use odmoe_engine::tokenizer::ChatMessage;
 use odmoe_protocol::{
-    CancelParams, CancelResult, ErrorCode, GenerateParams, HelloParams, HelloResult, LoadParams,
-    MemoryStats, Method, ModelInfo, ModelsResult, PROTOCOL_VERSION, PressureParams,
-    QUEUED_NOTIFICATION, QueuedEvent, Request, RpcError, StatsResult, TOKEN_NOTIFICATION,
-    TokenEvent, Value, to_value,
+    CancelParams, CancelResult, ErrorCode, GenerateParams, HelloParams, HelloResult,
+    KeepAliveParam, LoadParams, MemoryStats, Method, ModelInfo, ModelsResult, PROTOCOL_VERSION,
+    PressureParams, QUEUED_NOTIFICATION, QueuedEvent, Request, RpcError, STARTED_NOTIFICATION,
+    StartedEvent, StatsResult, TOKEN_NOTIFICATION, TokenEvent, Value, to_value,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -24,6 +24,8 @@ use tracing::{debug, info};
 
 use crate::budget::BudgetSpec;
 use crate::connection::{Peer, peer_allowed};
+use crate::logging::untrusted;
+use crate::models_dir;
 use crate::pressure::{self, Level};
 use crate::scheduler::{CancelToken, ChatTurn, Event, GenerateJob, Served, engine_error, no_model};
 use crate::server::State;
@@ -43,14 +45,7 @@ pub async fn dispatch(
         }
         Some(Method::Cancel) => cancel(request, state, peer),
         Some(Method::Stats) => encode(&stats(state)),
-        Some(Method::Models) => encode(&ModelsResult {
-            models: state
-                .scheduler
-                .served()
-                .map(|served| live_info(&served))
-                .into_iter()
-                .collect(),
-        }),
+        Some(Method::Models) => models(state).await,
         Some(Method::Load) => load(request, state).await,
         Some(Method::Unload) => {
             state.scheduler.unload().await?;
@@ -62,7 +57,7 @@ pub async fn dispatch(
             ErrorCode::MethodNotFound,
             format!(
                 "no method `{}`; the methods are {}",
-                request.method,
+                untrusted(&request.method),
                 Method::ALL.map(Method::name).join(", ")
             ),
         )),
@@ -80,7 +75,7 @@ fn invalid(message: impl Into<String>) -> RpcError {
 fn hello(request: &Request, state: &State) -> Result<Value, RpcError> {
     let params: HelloParams = request.parse_params()?;
     debug!(
-        client = params.client.as_deref().unwrap_or("unnamed"),
+        client = %untrusted(params.client.as_deref().unwrap_or("unnamed")),
         "hello"
     );
     encode(&HelloResult {
@@ -104,9 +99,20 @@ async fn generate(
 ) -> Result<Value, RpcError> {
     let params: GenerateParams = request.parse_params()?;
     let served = state.scheduler.served().ok_or_else(no_model)?;
-    let (prompt, turn) = match (method, &params.session) {
+    // Cheap checks first: a bad field is refused before any tokenizing.
+    let checked = checked_request(&params, &state.settings().generation)?;
+    let keep_alive = params
+        .keep_alive
+        .as_ref()
+        .map(|keep| match keep {
+            KeepAliveParam::Seconds(seconds) => Ok(KeepAlive::seconds(*seconds)),
+            KeepAliveParam::Text(text) => KeepAlive::parse(text),
+        })
+        .transpose()
+        .map_err(|error| invalid(format!("keep_alive: {error}")))?;
+    let (job_request, turn) = match (method, &params.session) {
         // The session's conversation is on the engine thread, which renders
-        // the turn after it.
+        // the turn after it and fits it to the context.
         (Method::Chat, Some(_)) => {
             let messages = chat_messages(&params)?;
             served
@@ -118,22 +124,28 @@ async fn generate(
                 new_conversation: params.new_conversation,
                 fit_max_tokens: params.max_tokens.is_none(),
             };
-            (Vec::new(), Some(turn))
+            (checked, Some(turn))
         }
-        _ => (prompt_tokens(method, &params, &served)?, None),
+        _ => {
+            // Tokenizing a long prompt is CPU work: off the async runtime, so
+            // other clients are not kept waiting.
+            let (owned, tokenizing) = (params.clone(), Arc::clone(&served));
+            let prompt =
+                tokio::task::spawn_blocking(move || prompt_tokens(method, &owned, &tokenizing))
+                    .await
+                    .map_err(|error| RpcError::new(ErrorCode::Internal, error.to_string()))??;
+            let length_given = params.max_tokens.is_some();
+            let request = with_prompt(checked, prompt, length_given, served.context_length)?;
+            (request, None)
+        }
     };
-    let job_request = engine_request(
-        &params,
-        prompt,
-        &state.settings().generation,
-        served.context_length,
-    )?;
     let (events, mut receiver) = mpsc::unbounded_channel();
     let job = GenerateJob {
         epoch: served.epoch,
         request: job_request,
         turn,
         session: params.session.clone(),
+        keep_alive,
         cancel,
         events,
     };
@@ -153,6 +165,11 @@ async fn generate(
     }
     while let Some(event) = receiver.recv().await {
         match event {
+            Event::Started { prompt_tokens } => {
+                let prompt_tokens = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
+                peer.notify(STARTED_NOTIFICATION, &StartedEvent { id, prompt_tokens })
+                    .await;
+            }
             Event::Token { token, text } => {
                 if params.stream {
                     peer.notify(TOKEN_NOTIFICATION, &TokenEvent { id, text, token })
@@ -253,78 +270,58 @@ fn prompt_tokens(
     Ok(tokens)
 }
 
-/// The engine's request: the client's fields, the configured defaults for the
-/// rest, each checked and named when out of range. The prompt must fit in
-/// `context_length` with the `max_tokens` asked for; the configured default is
-/// lowered to what fits instead, as a request that did not ask for a length
-/// should not fail for it.
-fn engine_request(
+/// The engine's request without its prompt: the client's fields, the
+/// configured defaults for the rest, each checked and named when out of range.
+/// Cheap, so it runs before the prompt is tokenized.
+fn checked_request(
     params: &GenerateParams,
-    prompt: Vec<u32>,
     defaults: &GenerationConfig,
-    context_length: usize,
 ) -> Result<GenerateRequest, RpcError> {
-    let temperature = params.temperature.unwrap_or(defaults.temperature);
-    let top_p = params.top_p.unwrap_or(defaults.top_p);
-    let min_p = params.min_p.unwrap_or(defaults.min_p);
-    let repetition_penalty = params
-        .repetition_penalty
-        .unwrap_or(defaults.repetition_penalty);
-    let max_tokens = params.max_tokens.unwrap_or(defaults.max_tokens);
-    let checks = [
-        (
-            "temperature",
-            temperature.is_finite() && temperature >= 0.0,
-            format!("must be 0 or more, got {temperature}"),
-        ),
-        (
-            "top_p",
-            top_p > 0.0 && top_p <= 1.0,
-            format!("must be in (0, 1], got {top_p}"),
-        ),
-        (
-            "min_p",
-            (0.0..=1.0).contains(&min_p),
-            format!("must be in [0, 1], got {min_p}"),
-        ),
-        (
-            "repetition_penalty",
-            repetition_penalty.is_finite() && repetition_penalty > 0.0,
-            format!("must be more than 0, got {repetition_penalty}"),
-        ),
-        (
-            "max_tokens",
-            max_tokens >= 1,
-            "must be at least 1".to_owned(),
-        ),
-    ];
-    if let Some((field, _, why)) = checks.into_iter().find(|(_, ok, _)| !ok) {
-        return Err(invalid(format!("{field}: {why}")));
-    }
-    let room = context_length.saturating_sub(prompt.len());
-    let max_tokens = match params.max_tokens {
-        Some(asked) => asked as usize,
-        None => (max_tokens as usize).min(room.max(1)),
+    let sampling = SamplingParams {
+        temperature: params.temperature.unwrap_or(defaults.temperature),
+        top_k: params.top_k.unwrap_or(defaults.top_k) as usize,
+        top_p: params.top_p.unwrap_or(defaults.top_p),
+        min_p: params.min_p.unwrap_or(defaults.min_p),
+        repetition_penalty: params
+            .repetition_penalty
+            .unwrap_or(defaults.repetition_penalty),
+        // Unseeded requests differ from one another, as people expect.
+        seed: params
+            .seed
+            .unwrap_or_else(|| RandomState::new().hash_one(std::time::SystemTime::now())),
     };
-    check_context(context_length, prompt.len(), max_tokens).map_err(engine_error)?;
+    sampling.validate().map_err(engine_error)?;
+    let max_tokens = params.max_tokens.unwrap_or(defaults.max_tokens);
+    if max_tokens < 1 {
+        return Err(invalid("max_tokens: must be at least 1"));
+    }
     Ok(GenerateRequest {
-        prompt,
-        max_tokens,
-        sampling: SamplingParams {
-            temperature,
-            top_k: params.top_k.unwrap_or(defaults.top_k) as usize,
-            top_p,
-            min_p,
-            repetition_penalty,
-            // Unseeded requests differ from one another, as people expect.
-            seed: params
-                .seed
-                .unwrap_or_else(|| RandomState::new().hash_one(std::time::SystemTime::now())),
-        },
+        prompt: Vec::new(),
+        max_tokens: max_tokens as usize,
+        sampling,
         stop: params.stop.clone(),
         stop_token_ids: Vec::new(),
         ignore_eos: params.ignore_eos,
     })
+}
+
+/// `request` with its `prompt`, which must fit in `context_length` with the
+/// `max_tokens` asked for; a `max_tokens` left to the default (`length_given`
+/// false) is lowered to what fits instead, as a request that did not ask for
+/// a length should not fail for it.
+fn with_prompt(
+    mut request: GenerateRequest,
+    prompt: Vec<u32>,
+    length_given: bool,
+    context_length: usize,
+) -> Result<GenerateRequest, RpcError> {
+    if !length_given {
+        let room = context_length.saturating_sub(prompt.len());
+        request.max_tokens = request.max_tokens.min(room.max(1));
+    }
+    check_context(context_length, prompt.len(), request.max_tokens).map_err(engine_error)?;
+    request.prompt = prompt;
+    Ok(request)
 }
 
 /// `cancel {id}`: stops a generation this connection started.
@@ -342,12 +339,14 @@ fn cancel(request: &Request, state: &State, peer: &Peer) -> Result<Value, RpcErr
     encode(&CancelResult { cancelled })
 }
 
-/// `ModelInfo` with the store's budget as it is now (SIGHUP may change it).
-fn live_info(served: &Served) -> ModelInfo {
+/// `ModelInfo` with the store's budget as it is now (SIGHUP may change it)
+/// and the time left before its keep_alive unloads it.
+fn live_info(served: &Served, state: &State) -> ModelInfo {
     let mut info = served.info.clone();
     if let Some(store) = &served.store {
         info.budget_bytes = Some(store.stats().budget_bytes);
     }
+    info.unloads_in_s = state.scheduler.unloads_in().map(|left| left.as_secs_f64());
     info
 }
 
@@ -362,7 +361,7 @@ fn stats(state: &State) -> StatsResult {
         pid: std::process::id(),
         uptime_s: state.started.elapsed().as_secs_f64(),
         rss_bytes: pressure::resident_bytes().unwrap_or(0),
-        model: served.as_deref().map(live_info),
+        model: served.as_deref().map(|served| live_info(served, state)),
         store,
         queue: state.scheduler.queue_stats(),
         sessions: state.scheduler.session_stats(),
@@ -413,13 +412,47 @@ fn pressure(request: &Request, state: &State, peer: &Peer) -> Result<Value, RpcE
     encode(&memory(state))
 }
 
+/// `models`: the model loaded, and those in `models_dir` (read off the
+/// async runtime: describing a model reads its files).
+async fn models(state: &State) -> Result<Value, RpcError> {
+    let models_dir = state.settings().models_dir;
+    let available = match models_dir.clone() {
+        Some(dir) => tokio::task::spawn_blocking(move || models_dir::list(&dir))
+            .await
+            .map_err(|error| RpcError::new(ErrorCode::Internal, error.to_string()))?
+            .map_err(|error| {
+                RpcError::new(
+                    ErrorCode::Internal,
+                    format!("model.models_dir: cannot list it: {error}"),
+                )
+            })?,
+        None => Vec::new(),
+    };
+    encode(&ModelsResult {
+        models: state
+            .scheduler
+            .served()
+            .map(|served| live_info(&served, state))
+            .into_iter()
+            .collect(),
+        models_dir: models_dir.map(|dir| dir.display().to_string()),
+        available,
+    })
+}
+
 /// `load {path, expert_budget}`: replaces the model, dropping every session.
+/// `path` is absolute, or the name of a model in `models_dir`.
 async fn load(request: &Request, state: &State) -> Result<Value, RpcError> {
     let params: LoadParams = request.parse_params()?;
-    let path = PathBuf::from(&params.path);
+    let named = state
+        .settings()
+        .models_dir
+        .and_then(|dir| models_dir::resolve(&dir, &params.path));
+    let path = named.unwrap_or_else(|| PathBuf::from(&params.path));
     if !path.is_absolute() {
         return Err(invalid(format!(
-            "path: {} is relative; odmoed needs an absolute path",
+            "path: {} is neither an absolute path nor the name of a model in model.models_dir \
+             (`odmoe models` lists them)",
             params.path
         )));
     }
@@ -432,7 +465,7 @@ async fn load(request: &Request, state: &State) -> Result<Value, RpcError> {
         }
         None => state.settings().expert_budget,
     };
-    info!(model = %path.display(), %budget, "loading on request");
+    info!(model = %untrusted(&path.display().to_string()), %budget, "loading on request");
     encode(&state.scheduler.load(path, budget).await?)
 }
 
@@ -473,7 +506,8 @@ mod tests {
         ));
         let scheduler = Scheduler::start(Arc::clone(&settings), Arc::clone(&pressure)).unwrap();
         pressure.direct_to(scheduler.director());
-        State::new(scheduler, settings, pressure, 1 << 20)
+        let limits = crate::connection::ConnectionLimits::from_config(&config.server);
+        State::new(scheduler, settings, pressure, 1 << 20, limits)
     }
 
     async fn call(method: &str, params: Value, state: &State) -> Result<Value, RpcError> {
@@ -562,6 +596,17 @@ mod tests {
         }
     }
 
+    /// What `generate` makes of `params` with a prompt of `prompt`.
+    fn request_for(
+        params: &GenerateParams,
+        prompt: Vec<u32>,
+        defaults: &GenerationConfig,
+        context_length: usize,
+    ) -> Result<GenerateRequest, RpcError> {
+        let checked = checked_request(params, defaults)?;
+        with_prompt(checked, prompt, params.max_tokens.is_some(), context_length)
+    }
+
     #[test]
     fn sampling_fields_left_out_take_the_configured_defaults() {
         let defaults = GenerationConfig {
@@ -574,7 +619,7 @@ mod tests {
             seed: Some(9),
             ..GenerateParams::default()
         };
-        let request = engine_request(&params, vec![1], &defaults, 4096).unwrap();
+        let request = request_for(&params, vec![1], &defaults, 4096).unwrap();
         assert_eq!(request.max_tokens, 7);
         assert_eq!(request.sampling.temperature, 0.0);
         assert_eq!(request.sampling.top_k, 3);
@@ -585,16 +630,16 @@ mod tests {
     #[test]
     fn prompts_must_fit_the_context_and_the_default_length_shrinks_to_fit() {
         let defaults = GenerationConfig::default();
-        let fitted = engine_request(&GenerateParams::default(), vec![1; 60], &defaults, 64);
+        let fitted = request_for(&GenerateParams::default(), vec![1; 60], &defaults, 64);
         assert_eq!(fitted.unwrap().max_tokens, 4);
         let asked = GenerateParams {
             max_tokens: Some(5),
             ..GenerateParams::default()
         };
-        let error = engine_request(&asked, vec![1; 60], &defaults, 64).unwrap_err();
+        let error = request_for(&asked, vec![1; 60], &defaults, 64).unwrap_err();
         assert_eq!(error.code, ErrorCode::ContextLengthExceeded);
         let error =
-            engine_request(&GenerateParams::default(), vec![1; 64], &defaults, 64).unwrap_err();
+            request_for(&GenerateParams::default(), vec![1; 64], &defaults, 64).unwrap_err();
         assert_eq!(error.code, ErrorCode::ContextLengthExceeded);
         assert!(error.message.contains("64 tokens"), "{}", error.message);
     }
@@ -640,7 +685,7 @@ mod tests {
             ),
         ];
         for (params, field) in cases {
-            let error = engine_request(&params, vec![1], &defaults, 4096).unwrap_err();
+            let error = request_for(&params, vec![1], &defaults, 4096).unwrap_err();
             assert_eq!(error.code, ErrorCode::InvalidParams);
             assert!(error.message.starts_with(field), "{}", error.message);
         }

@@ -52,3 +52,37 @@ pub fn init(level: LogLevel, foreground: bool) -> LogControl {
         .init();
     LogControl { handle, from_env }
 }
+
+/// Longest piece of client-sent text written into a log line.
+const UNTRUSTED_CHARS: usize = 64;
+
+/// Text a client sent (a method name, a client name, a path), made safe to
+/// log: control characters escaped so it cannot forge log lines, and cut to
+/// a few dozen characters so it cannot flood the log.
+pub fn untrusted(text: &str) -> String {
+    let mut shown: String = text
+        .chars()
+        .take(UNTRUSTED_CHARS)
+        .flat_map(char::escape_debug)
+        .collect();
+    let total = text.chars().count();
+    if total > UNTRUSTED_CHARS {
+        shown.push_str(&format!("... ({} bytes)", text.len()));
+    }
+    shown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_text_cannot_forge_or_flood_log_lines() {
+        assert_eq!(untrusted("generate"), "generate");
+        let forged = untrusted("x\n2026-12-03T00:00:00Z  INFO odmoed: shutdown\r");
+        assert!(!forged.contains('\n') && !forged.contains('\r'), "{forged}");
+        let flood = untrusted(&"a".repeat(15 << 20));
+        assert!(flood.len() < 120, "{}", flood.len());
+        assert!(flood.ends_with("(15728640 bytes)"), "{flood}");
+    }
+}

@@ -28,11 +28,13 @@ mod budget;
 mod connection;
 mod dispatch;
 mod logging;
+mod models_dir;
 mod pressure;
 mod scheduler;
 mod server;
 mod settings;
 mod shutdown;
+mod socket;
 mod startup;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +48,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::budget::{BudgetSpec, Placement};
+use crate::connection::ConnectionLimits;
 use crate::logging::LogControl;
 use crate::pressure::Pressure;
 use crate::scheduler::Scheduler;
@@ -159,7 +162,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         pressure
             .start_monitor()
             .context("cannot start the memory-pressure monitor")?;
-        let state = Arc::new(State::new(scheduler, settings, pressure, max_message_bytes));
+        let limits = ConnectionLimits::from_config(&config.server);
+        let state = Arc::new(State::new(
+            scheduler,
+            settings,
+            pressure,
+            max_message_bytes,
+            limits,
+        ));
         let bound = match bound {
             Some(bound) => bound,
             None => server::bind(&socket)?,

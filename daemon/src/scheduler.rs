@@ -31,6 +31,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use odmoe_config::KeepAlive;
 use odmoe_engine::generate::{FinishReason, GenerateRequest, Generation, Session};
 use odmoe_engine::loader::{self, ExpertMode, LoadOptions, LoadedModel};
 use odmoe_engine::store::{ExpertStore, StoreConfig};
@@ -68,6 +69,8 @@ impl CancelToken {
 /// What a generation tells its requester.
 #[derive(Debug)]
 pub enum Event {
+    /// The job left the queue; its prompt of this many tokens is computed next.
+    Started { prompt_tokens: usize },
     /// Text that became final with `token`.
     Token { token: u32, text: String },
     /// The end: the result, or why there is none.
@@ -87,6 +90,8 @@ pub struct GenerateJob {
     pub turn: Option<ChatTurn>,
     /// The kept session to continue, if any.
     pub session: Option<String>,
+    /// How long the model stays loaded after this job; `None`: the configured.
+    pub keep_alive: Option<KeepAlive>,
     /// Set by `cancel`, a disconnect or shutdown.
     pub cancel: Arc<CancelToken>,
     /// Where text and the result go.
@@ -171,6 +176,8 @@ struct Shared {
     sessions: Mutex<SessionStats>,
     /// Generations finished (in any way) since start.
     requests: AtomicU64,
+    /// When the idle model is unloaded (its keep_alive), if it is to be.
+    unload_at: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug, Default)]
@@ -235,11 +242,13 @@ impl Scheduler {
             served: RwLock::new(None),
             sessions: Mutex::new(SessionStats::default()),
             requests: AtomicU64::new(0),
+            unload_at: Mutex::new(None),
         });
         let engine = Engine {
             shared: Arc::clone(&shared),
             settings,
             loaded: None,
+            unload_at: None,
             sessions: Sessions::default(),
             epoch: 0,
             pressure,
@@ -357,6 +366,11 @@ impl Scheduler {
         lock(&self.shared.sessions).clone()
     }
 
+    /// How long until the idle model is unloaded; `None` while it stays.
+    pub fn unloads_in(&self) -> Option<Duration> {
+        lock(&self.shared.unload_at).map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
     /// Generations finished since start.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::Relaxed)
@@ -407,6 +421,8 @@ struct Engine {
     settings: Arc<RwLock<Settings>>,
     /// The model, its tokenizer and its expert store.
     loaded: Option<LoadedModel>,
+    /// When the model, idle, is unloaded (keep_alive); `None` keeps it.
+    unload_at: Option<Instant>,
     /// Named conversations of the loaded model.
     sessions: Sessions,
     /// Counts loads, see [`Served::epoch`].
@@ -417,7 +433,8 @@ struct Engine {
 
 /// What the engine loop does next.
 enum Next {
-    Run(Job),
+    /// Boxed: a job is large beside the other variants.
+    Run(Box<Job>),
     /// Give the store a new budget.
     Apply(Directive),
     /// Nothing to run yet: look at the sessions and wait again.
@@ -435,8 +452,20 @@ impl Engine {
                 // A dropped KV cache is freed memory the allocator would keep.
                 pressure::return_freed_memory();
             }
-            match self.next(self.sessions.next_expiry(idle)) {
+            // Only an idle model goes: a request waiting would find none.
+            if self.unload_at.is_some_and(|at| at <= Instant::now())
+                && lock(&self.shared.queue).waiting.is_empty()
+            {
+                self.unload();
+                info!("keep_alive elapsed: model unloaded");
+            }
+            let wake = [self.sessions.next_expiry(idle), self.unload_at]
+                .into_iter()
+                .flatten()
+                .min();
+            match self.next(wake) {
                 Next::Run(job) => {
+                    let job = *job;
                     // A panic in the engine fails this job only: its channels
                     // close, so its requester hears of it, and the thread goes on.
                     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -493,7 +522,7 @@ impl Engine {
                     Job::Generate { job, .. } => Arc::clone(&job.cancel),
                     Job::Load { .. } | Job::Unload { .. } => Arc::default(),
                 });
-                return Next::Run(job);
+                return Next::Run(Box::new(job));
             }
             if queue.stopping {
                 return Next::Stop;
@@ -525,6 +554,9 @@ impl Engine {
                 let outcome = self.generate(&job, queued);
                 self.shared.requests.fetch_add(1, Ordering::Relaxed);
                 let _ = job.events.send(Event::Done(outcome));
+                if self.loaded.is_some() {
+                    self.keep_alive(job.keep_alive);
+                }
             }
             Job::Load {
                 path,
@@ -593,6 +625,9 @@ impl Engine {
         };
         let (shared, epoch) = (&self.shared, self.epoch);
         let mut relieve = false;
+        let _ = job.events.send(Event::Started {
+            prompt_tokens: request.prompt.len(),
+        });
         let outcome = session.generate(model, loaded.tokenizer.as_deref(), &request, |delta| {
             // Between two tokens no expert is pinned: the budget can change.
             let directive = lock(&shared.queue).directive.take();
@@ -710,6 +745,7 @@ impl Engine {
             }
             .to_owned(),
             budget_bytes,
+            unloads_in_s: None,
         };
         info!(
             model = %path.display(),
@@ -731,7 +767,24 @@ impl Engine {
         };
         self.loaded = Some(loaded);
         self.publish(Some(Arc::new(served)));
+        self.keep_alive(None);
         Ok(info)
+    }
+
+    /// Starts the loaded model's idle time: it is unloaded after `keep_alive`,
+    /// else after the configured `model.keep_alive`.
+    fn keep_alive(&mut self, keep_alive: Option<KeepAlive>) {
+        let keep_alive = keep_alive.unwrap_or_else(|| {
+            self.settings
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .keep_alive
+        });
+        self.unload_at = match keep_alive {
+            KeepAlive::Forever => None,
+            KeepAlive::For(idle) => Some(Instant::now() + idle),
+        };
+        *lock(&self.shared.unload_at) = self.unload_at;
     }
 
     /// Gives the loaded store the directive's budget; under critical pressure,
@@ -776,6 +829,8 @@ impl Engine {
         self.sessions.clear();
         self.publish_sessions();
         let unloaded = self.loaded.take().is_some();
+        self.unload_at = None;
+        *lock(&self.shared.unload_at) = None;
         pressure::return_freed_memory();
         unloaded
     }

@@ -1,8 +1,9 @@
 //! The listening socket, the accept loop and graceful shutdown.
 //!
-//! [`bind`] prepares the socket file: a private directory (created 0700 and
-//! refused if anyone else could enter it), no second daemon on the same path,
-//! a stale socket left by a killed daemon replaced, the socket itself 0600.
+//! [`bind`] prepares the socket file: a private directory that no other user
+//! can enter or swap for their own (see [`socket::private_dir`]), no second
+//! daemon on the same path, a stale socket left by a killed daemon replaced,
+//! the socket itself 0600.
 //! [`activated`] takes the socket systemd or launchd passed instead.
 //! [`run`] accepts clients until a signal or a `shutdown` request, then stops
 //! accepting, removes the socket file, cancels the generations in flight and
@@ -10,7 +11,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -21,17 +22,20 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::connection;
+use crate::connection::{self, Admission, ConnectionLimits, busy};
 use crate::pressure::Pressure;
 use crate::scheduler::Scheduler;
 use crate::settings::Settings;
 use crate::shutdown::Shutdown;
+use crate::socket;
 
 /// What every connection handler shares.
 #[derive(Debug)]
 pub struct State {
     /// Largest message accepted from a client, in bytes.
     pub max_message_bytes: usize,
+    /// What one client may hold: requests in flight, idle and message time.
+    pub limits: ConnectionLimits,
     /// The daemon's effective uid: a peer must have it, or be root.
     pub uid: u32,
     /// The engine thread: the model, the queue and the sessions.
@@ -54,9 +58,11 @@ impl State {
         settings: Arc<RwLock<Settings>>,
         pressure: Arc<Pressure>,
         max_message_bytes: usize,
+        limits: ConnectionLimits,
     ) -> State {
         State {
             max_message_bytes,
+            limits,
             uid: nix::unistd::geteuid().as_raw(),
             scheduler,
             settings,
@@ -137,7 +143,7 @@ pub fn bind(path: &Path) -> anyhow::Result<BoundSocket> {
         .parent()
         .filter(|dir| !dir.as_os_str().is_empty())
         .with_context(|| format!("socket path {} has no directory", path.display()))?;
-    private_dir(dir)?;
+    socket::private_dir(dir)?;
     remove_stale_socket(path)?;
     let listener = StdUnixListener::bind(path)
         .with_context(|| format!("cannot listen on {}", path.display()))?;
@@ -219,43 +225,6 @@ fn activated_listener() -> anyhow::Result<Option<StdUnixListener>> {
     Ok(None)
 }
 
-/// Creates `dir` (and missing parents) with mode 0700, or checks that the
-/// existing `dir` is ours and closed to everyone else.
-fn private_dir(dir: &Path) -> anyhow::Result<()> {
-    match fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-    {
-        Ok(()) => {}
-        Err(error) => bail!("cannot create socket directory {}: {error}", dir.display()),
-    }
-    let meta = fs::metadata(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
-    let uid = nix::unistd::geteuid().as_raw();
-    if meta.uid() != uid {
-        bail!(
-            "socket directory {} belongs to uid {}, not to this user (uid {uid}); choose another --socket",
-            dir.display(),
-            meta.uid()
-        );
-    }
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        // Never suggest changing the mode: the directory may be shared (/tmp),
-        // and closing it would break everyone else's use of it.
-        bail!(
-            "socket directory {} has mode {mode:03o}: other users can enter it, and the \
-             socket must live in a directory only you can enter; give --socket a path in a \
-             new directory, such as {}, which odmoed creates with mode 700",
-            dir.display(),
-            dir.join(format!("odmoe-{uid}"))
-                .join("odmoed.sock")
-                .display()
-        );
-    }
-    Ok(())
-}
-
 /// Refuses to start when a daemon already answers at `path`; removes a socket
 /// file nobody listens on (left by a daemon that was killed).
 fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
@@ -285,8 +254,12 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
 struct Listener {
     /// The socket clients connect to.
     listener: UnixListener,
-    /// Limits clients served at once; accepting waits for a free permit.
+    /// The clients served at once (`max_connections`): a connection takes a
+    /// permit with its first complete message.
     limit_connections: Arc<Semaphore>,
+    /// Connections still waiting for their first message; bounded so that
+    /// stalled connections cannot take every file descriptor.
+    limit_pending: Arc<Semaphore>,
     /// Dropped to tell every handler to finish.
     notify_shutdown: broadcast::Sender<()>,
     /// Cloned into every handler; when all clones are gone, all handlers are done.
@@ -297,6 +270,9 @@ struct Listener {
 
 /// Shortest and longest pause after a failed accept.
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
+/// Connections that may wait for their first message, per client served.
+const PENDING_PER_CONNECTION: usize = 8;
 
 /// How long a graceful shutdown waits for connections to finish their answers.
 const GRACE: Duration = Duration::from_secs(10);
@@ -317,6 +293,7 @@ pub async fn run(
     let mut server = Listener {
         listener: UnixListener::from_std(listener)?,
         limit_connections: Arc::new(Semaphore::new(max_connections)),
+        limit_pending: Arc::new(Semaphore::new(max_connections * PENDING_PER_CONNECTION)),
         notify_shutdown,
         shutdown_complete,
         state: Arc::clone(&state),
@@ -361,22 +338,36 @@ pub async fn run(
 }
 
 impl Listener {
-    /// Accepts clients forever, each served by its own task.
+    /// Accepts clients forever, each served by its own task. Never waits for
+    /// room: a client beyond the limits is told at once that the daemon is
+    /// busy, and disconnected.
     async fn accept_loop(&mut self) {
         loop {
-            let permit = Arc::clone(&self.limit_connections)
-                .acquire_owned()
-                .await
-                .expect("the connection semaphore is never closed");
             let stream = self.accept().await;
             let state = Arc::clone(&self.state);
             let shutdown = Shutdown::new(self.notify_shutdown.subscribe());
             let done = self.shutdown_complete.clone();
+            let room = self.limit_connections.available_permits() > 0;
+            let pending = Arc::clone(&self.limit_pending).try_acquire_owned();
+            let admission = match pending {
+                Ok(pending) if room => Some(Admission {
+                    pending: Some(pending),
+                    slots: Arc::clone(&self.limit_connections),
+                    slot: None,
+                }),
+                _ => None,
+            };
             tokio::spawn(async move {
-                if let Err(error) = connection::serve(stream, state, shutdown).await {
+                let served = match admission {
+                    Some(admission) => connection::serve(stream, state, shutdown, admission).await,
+                    None => {
+                        warn!("refused a client: every connection is taken");
+                        connection::refuse(stream, busy()).await
+                    }
+                };
+                if let Err(error) = served {
                     warn!(%error, "connection failed");
                 }
-                drop(permit);
                 drop(done);
             });
         }

@@ -1,7 +1,9 @@
 //! The config keys that can change while the daemon runs, and applying a
 //! reloaded config file to them (SIGHUP).
 
-use odmoe_config::{Config, GenerationConfig, LogLevel, SessionsConfig};
+use std::path::PathBuf;
+
+use odmoe_config::{Config, GenerationConfig, KeepAlive, LogLevel, SessionsConfig};
 
 use crate::budget::BudgetSpec;
 
@@ -19,6 +21,10 @@ pub struct Settings {
     pub budget_from_flag: bool,
     /// The configured log level (`RUST_LOG`, when set, wins).
     pub log_level: LogLevel,
+    /// How long the model stays loaded after a request that does not say.
+    pub keep_alive: KeepAlive,
+    /// Where `models` lists models and `load NAME` finds them.
+    pub models_dir: Option<PathBuf>,
     /// Most positions a sequence may hold, below the model's own maximum:
     /// `--context-length`, else `model.context_length` when not 0. Read at
     /// each load; a reloaded config does not change it.
@@ -36,6 +42,8 @@ impl Settings {
                 .unwrap_or_else(|| BudgetSpec::from_config(config.model.expert_budget)),
             budget_from_flag,
             log_level: config.log.level,
+            keep_alive: config.model.keep_alive,
+            models_dir: config.model.models_dir.clone(),
             context_length: (config.model.context_length > 0)
                 .then_some(config.model.context_length as usize),
         }
@@ -103,6 +111,22 @@ impl Settings {
             );
             next.expert_budget = budget;
         }
+        note(
+            "model.keep_alive",
+            self.keep_alive.to_string(),
+            config.model.keep_alive.to_string(),
+        );
+        next.keep_alive = config.model.keep_alive;
+        let shown = |dir: &Option<PathBuf>| {
+            dir.as_ref()
+                .map_or("none".to_owned(), |dir| dir.display().to_string())
+        };
+        note(
+            "model.models_dir",
+            shown(&self.models_dir),
+            shown(&config.model.models_dir),
+        );
+        next.models_dir = config.model.models_dir.clone();
         note(
             "log.level",
             self.log_level.as_str().to_owned(),

@@ -45,17 +45,23 @@ impl Default for SamplingParams {
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(Error::InvalidRequest(what.to_string()));
-        if self.temperature.is_nan() || self.temperature < 0.0 {
-            return bad("temperature must be >= 0");
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad(&format!(
+                "temperature: must be 0 or more, got {}",
+                self.temperature
+            ));
         }
         if self.top_p.is_nan() || self.top_p <= 0.0 || self.top_p > 1.0 {
-            return bad("top_p must be in (0, 1]");
+            return bad(&format!("top_p: must be in (0, 1], got {}", self.top_p));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return bad("min_p must be in [0, 1]");
+            return bad(&format!("min_p: must be in [0, 1], got {}", self.min_p));
         }
-        if self.repetition_penalty.is_nan() || self.repetition_penalty <= 0.0 {
-            return bad("repetition_penalty must be > 0");
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return bad(&format!(
+                "repetition_penalty: must be more than 0, got {}",
+                self.repetition_penalty
+            ));
         }
         Ok(())
     }
@@ -98,14 +104,19 @@ impl Sampler {
         let mut candidates: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
-            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .map(|(i, &l)| (i as u32, l))
             .collect();
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
         if p.top_k > 0 {
             candidates.truncate(p.top_k);
         }
+        // The largest logit is taken off before dividing by the temperature: a tiny temperature
+        // then sends the others to -inf (probability 0) instead of overflowing to inf - inf.
         let max = candidates[0].1;
-        let mut probs: Vec<f32> = candidates.iter().map(|&(_, l)| (l - max).exp()).collect();
+        let mut probs: Vec<f32> = candidates
+            .iter()
+            .map(|&(_, l)| ((l - max) / p.temperature).exp())
+            .collect();
         normalise(&mut probs);
         if p.top_p < 1.0 {
             let mut cumulative = 0.0;
@@ -455,6 +466,24 @@ impl<'a> StopMatcher<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tiny_temperature_samples_the_most_likely_token() {
+        let logits = [0.5, 3.0, 2.9, -1.0, 1.0];
+        for temperature in [1e-40, 1e-20, 1e-6] {
+            let mut sampler = Sampler::new(SamplingParams {
+                temperature,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                ..SamplingParams::default()
+            })
+            .unwrap();
+            for _ in 0..20 {
+                assert_eq!(sampler.sample(&logits, &[]), 1, "temperature {temperature}");
+            }
+        }
+    }
 
     #[test]
     fn prompts_past_the_context_are_refused_with_the_numbers() {

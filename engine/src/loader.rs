@@ -87,6 +87,16 @@ enum Checkpoint {
     Gguf,
 }
 
+/// What kind of model `path` holds: `"gguf"`, `"odmoe"` (a layout) or `"huggingface"`; an error
+/// saying why when it is none of them.
+pub fn checkpoint_format(path: &Path) -> Result<&'static str> {
+    Ok(match checkpoint_kind(path)? {
+        Checkpoint::Gguf => "gguf",
+        Checkpoint::Layout => "odmoe",
+        Checkpoint::HuggingFace => "huggingface",
+    })
+}
+
 /// What a path holds, told from the bytes and files there rather than from its name, so that a
 /// typo or a stray file gets an error a person can act on instead of a parser's.
 fn checkpoint_kind(path: &Path) -> Result<Checkpoint> {

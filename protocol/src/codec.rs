@@ -281,6 +281,11 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
         }
     }
 
+    /// Whether part of a message has arrived and the rest has not.
+    pub fn has_partial_message(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
     /// The underlying stream.
     pub fn get_ref(&self) -> &R {
         &self.inner

@@ -33,6 +33,8 @@ pub enum ErrorCode {
     NoModel,
     /// The prompt, with the tokens asked for, does not fit the model's context.
     ContextLengthExceeded,
+    /// The daemon serves as many clients as it may; try again later.
+    Busy,
     /// A code this version does not know, kept verbatim.
     Other(String),
 }
@@ -52,6 +54,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NoModel => "no_model",
             ErrorCode::ContextLengthExceeded => "context_length_exceeded",
+            ErrorCode::Busy => "busy",
             ErrorCode::Other(code) => code,
         }
     }
@@ -70,6 +73,7 @@ impl ErrorCode {
             "unauthorized" => ErrorCode::Unauthorized,
             "no_model" => ErrorCode::NoModel,
             "context_length_exceeded" => ErrorCode::ContextLengthExceeded,
+            "busy" => ErrorCode::Busy,
             other => ErrorCode::Other(other.to_owned()),
         }
     }
@@ -145,6 +149,7 @@ mod tests {
             ErrorCode::Unauthorized,
             ErrorCode::NoModel,
             ErrorCode::ContextLengthExceeded,
+            ErrorCode::Busy,
         ];
         for code in codes {
             assert_eq!(ErrorCode::from_name(code.as_str()), code);

@@ -49,9 +49,10 @@ pub use message::{
     to_value,
 };
 pub use methods::{
-    BudgetAdjustment, CancelParams, CancelResult, ChatMessage, GenerateParams, GenerateResult,
-    HelloParams, HelloResult, LoadParams, MemoryStats, Method, ModelInfo, ModelsResult,
-    PROTOCOL_VERSION, PressureParams, QUEUED_NOTIFICATION, QueueStats, QueuedEvent, SessionStats,
-    StatsResult, StoreStats, TOKEN_NOTIFICATION, Timings, TokenEvent, Usage,
+    AvailableModel, BudgetAdjustment, CancelParams, CancelResult, ChatMessage, GenerateParams,
+    GenerateResult, HelloParams, HelloResult, KeepAliveParam, LoadParams, MemoryStats, Method,
+    ModelInfo, ModelsResult, PROTOCOL_VERSION, PressureParams, QUEUED_NOTIFICATION, QueueStats,
+    QueuedEvent, STARTED_NOTIFICATION, SessionStats, StartedEvent, StatsResult, StoreStats,
+    TOKEN_NOTIFICATION, Timings, TokenEvent, Usage,
 };
 pub use rmpv::Value;

@@ -145,6 +145,11 @@ pub struct GenerateParams {
     /// a new one with this request's `messages`.
     #[serde(default)]
     pub new_conversation: bool,
+    /// How long the model stays loaded after this request, as Ollama's
+    /// `keep_alive`: a duration ("5m"), a number of seconds, 0 to unload after
+    /// the reply, -1 to keep it; absent, the daemon's `model.keep_alive`.
+    #[serde(default)]
+    pub keep_alive: Option<KeepAliveParam>,
     /// Keep generating past end-of-sequence tokens.
     #[serde(default)]
     pub ignore_eos: bool,
@@ -167,13 +172,25 @@ impl Default for GenerateParams {
             stream: true,
             session: None,
             new_conversation: false,
+            keep_alive: None,
             ignore_eos: false,
         }
     }
 }
 
+/// A `keep_alive` as a client writes it: text or a number of seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum KeepAliveParam {
+    Seconds(i64),
+    Text(String),
+}
+
 /// Name of the notification carrying one generated token.
 pub const TOKEN_NOTIFICATION: &str = "token";
+/// Name of the notification telling that a request left the queue and its
+/// prompt is being computed (prefill), with its length.
+pub const STARTED_NOTIFICATION: &str = "started";
 /// Name of the notification telling a queued request its place.
 pub const QUEUED_NOTIFICATION: &str = "queued";
 
@@ -198,6 +215,14 @@ pub struct TokenEvent {
 pub struct QueuedEvent {
     pub id: u32,
     pub position: u32,
+}
+
+/// Params of the `started` notification: request `id` runs, computing a
+/// prompt of `prompt_tokens` tokens before its first token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartedEvent {
+    pub id: u32,
+    pub prompt_tokens: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,12 +281,43 @@ pub struct ModelInfo {
     /// The expert budget when on demand.
     #[serde(default)]
     pub budget_bytes: Option<u64>,
+    /// Seconds until the idle model is unloaded (its keep_alive); absent while
+    /// it stays loaded or a request runs.
+    #[serde(default)]
+    pub unloads_in_s: Option<f64>,
 }
 
 /// Result of `models`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelsResult {
+    /// The model loaded, if any.
     pub models: Vec<ModelInfo>,
+    /// The configured `model.models_dir`, if any.
+    #[serde(default)]
+    pub models_dir: Option<String>,
+    /// The models found in `models_dir`, by name; `load` takes these names.
+    #[serde(default)]
+    pub available: Vec<AvailableModel>,
+}
+
+/// A model in the daemon's `models_dir`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AvailableModel {
+    /// The file or directory name, which `load` accepts in place of a path.
+    pub name: String,
+    pub path: String,
+    /// "gguf", "odmoe" or "huggingface".
+    pub format: String,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+    pub architecture: String,
+    pub layers: u32,
+    /// 0 for a dense model.
+    pub experts_per_layer: u32,
+    pub experts_per_token: u32,
+    /// Why the entry could not be read as a model, when it could not.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Params of `load`: replaces the loaded model.

@@ -1,0 +1,342 @@
+//! The socket's directory, created or checked without following links that
+//! another user could re-point.
+//!
+//! Clients find the daemon by path, so nobody else may be able to change what
+//! that path leads to, or they could listen in the daemon's place and read the
+//! prompts. [`private_dir`] therefore walks the path from `/` one entry at a
+//! time, never letting the system follow a link for it, and requires:
+//! - every directory on the way belongs to root or to this user (an owner can
+//!   always rename what their directory holds);
+//! - a directory that others can write is sticky, like /tmp, so that only the
+//!   owner of an entry may rename or remove it, and the entry taken in it
+//!   belongs to root or to this user;
+//! - a link on the way passes the same checks (then only root or this user can
+//!   re-point it) and is followed by hand: macOS reaches /tmp and $TMPDIR
+//!   through such links (/tmp -> private/tmp, /var -> private/var);
+//! - the socket's own directory is a real directory, not a link, belongs to
+//!   this user and is closed to everyone else (mode 700).
+//!
+//! Once the whole path passes, only root or this user can change it, so the
+//! socket bound by path afterwards lands in the directory that was checked.
+
+use std::collections::VecDeque;
+use std::fs::{self, Metadata};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+/// Most links followed on the way to the socket directory: Linux's own limit
+/// before it gives up with ELOOP.
+const MAX_LINKS: usize = 40;
+
+/// Permission bits that let the group or others add, remove and rename entries.
+const WRITABLE_BY_OTHERS: u32 = 0o022;
+
+/// Sticky bit: only an entry's owner (or the directory's, or root) may remove
+/// or rename it.
+const STICKY: u32 = 0o1000;
+
+/// Creates `dir` and its missing parents with mode 700, or checks the existing
+/// ones, as the module documentation says. The errors name the path and what
+/// is wrong with it.
+pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    let uid = nix::unistd::geteuid().as_raw();
+    let dir = std::path::absolute(dir)
+        .with_context(|| format!("cannot make socket directory {} absolute", dir.display()))?;
+    let mut at = Checked::root(uid)?;
+    let mut ahead: VecDeque<Step> = steps(&dir).collect();
+    let mut links = 0;
+    while let Some(step) = ahead.pop_front() {
+        let name = match step {
+            Step::Root => {
+                at = Checked::root(uid)?;
+                continue;
+            }
+            Step::Up => {
+                at = at.parent()?;
+                continue;
+            }
+            Step::Down(name) => name,
+        };
+        let path = at.path.join(&name);
+        at.ensure_entries_stay(&path)?;
+        let meta = existing_or_created(&path)?;
+        let kind = meta.file_type();
+        if kind.is_symlink() && ahead.is_empty() {
+            bail!(
+                "socket directory {} is a symbolic link: odmoed takes only a real directory, \
+                 since the link could be re-pointed at another user's directory after it \
+                 starts; give --socket a path in the directory the link leads to, or another \
+                 one",
+                path.display()
+            );
+        }
+        ensure_trusted_owner(&path, &meta, uid)?;
+        if kind.is_symlink() {
+            links += 1;
+            if links > MAX_LINKS {
+                bail!(
+                    "too many symbolic links on the way to socket directory {}",
+                    dir.display()
+                );
+            }
+            let target =
+                fs::read_link(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            // A relative target goes on from the link's directory, `at`.
+            for step in steps(&target).rev() {
+                ahead.push_front(step);
+            }
+        } else if kind.is_dir() {
+            at = Checked { path, meta };
+        } else {
+            bail!(
+                "{} is not a directory, so the socket cannot go in it; choose another --socket",
+                path.display()
+            );
+        }
+    }
+    at.ensure_private(uid)
+}
+
+/// One move of the walk down a path.
+enum Step {
+    /// Back to `/` (an absolute link target).
+    Root,
+    /// To the parent directory (`..`).
+    Up,
+    /// Into the entry with this name.
+    Down(std::ffi::OsString),
+}
+
+/// The moves that `path` makes.
+fn steps(path: &Path) -> impl DoubleEndedIterator<Item = Step> + '_ {
+    path.components().filter_map(|component| match component {
+        Component::RootDir => Some(Step::Root),
+        Component::ParentDir => Some(Step::Up),
+        Component::Normal(name) => Some(Step::Down(name.to_owned())),
+        // Only a Windows path has a prefix; `.` changes nothing.
+        Component::Prefix(_) | Component::CurDir => None,
+    })
+}
+
+/// A directory on the way that passed the checks, reached without links:
+/// each of its ancestors passed them too.
+struct Checked {
+    /// Its path, free of links and of `..`.
+    path: PathBuf,
+    /// Its own metadata (not a link's).
+    meta: Metadata,
+}
+
+impl Checked {
+    /// `/`.
+    fn root(uid: u32) -> anyhow::Result<Checked> {
+        let path = PathBuf::from("/");
+        let meta = lstat(&path)?;
+        ensure_trusted_owner(&path, &meta, uid)?;
+        Ok(Checked { path, meta })
+    }
+
+    /// The directory holding this one: checked on the way down, since a
+    /// checked path holds no links.
+    fn parent(mut self) -> anyhow::Result<Checked> {
+        if self.path.pop() {
+            self.meta = lstat(&self.path)?;
+        }
+        Ok(self)
+    }
+
+    /// Refuses to go on to `entry` when others can write this directory and it
+    /// is not sticky: any of them could rename `entry` and put their own in
+    /// its place.
+    fn ensure_entries_stay(&self, entry: &Path) -> anyhow::Result<()> {
+        if others_can_replace_entries(&self.meta) {
+            bail!(
+                "{} can be written by other users and is not sticky, so any of them could \
+                 replace {} with their own; give --socket a path whose directories only you or \
+                 root can write (a sticky one such as /tmp will do)",
+                self.path.display(),
+                entry.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Refuses the socket directory unless it belongs to this user and nobody
+    /// else may enter it.
+    fn ensure_private(&self, uid: u32) -> anyhow::Result<()> {
+        let dir = self.path.display();
+        let owner = self.meta.uid();
+        if owner != uid {
+            bail!(
+                "socket directory {dir} belongs to uid {owner}, not to this user (uid {uid}); \
+                 choose another --socket"
+            );
+        }
+        let mode = self.meta.mode() & 0o777;
+        if mode & 0o077 != 0 {
+            // Never suggest changing the mode: the directory may be shared,
+            // and closing it would break everyone else's use of it.
+            let advice = if others_can_replace_entries(&self.meta) {
+                "a path in a directory only you can write".to_owned()
+            } else {
+                format!(
+                    "a path in a new directory, such as {}, which odmoed creates with mode 700",
+                    self.path
+                        .join(format!("odmoe-{uid}"))
+                        .join("odmoed.sock")
+                        .display()
+                )
+            };
+            bail!(
+                "socket directory {dir} has mode {mode:03o}: other users can enter it, and the \
+                 socket must live in a directory only you can enter; give --socket {advice}"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Whether users other than the owner may rename or remove any entry of the
+/// directory `meta` describes.
+fn others_can_replace_entries(meta: &Metadata) -> bool {
+    meta.mode() & WRITABLE_BY_OTHERS != 0 && meta.mode() & STICKY == 0
+}
+
+/// Refuses `path` unless root or this user owns it: its owner could move
+/// whatever it holds, or re-point it if it is a link.
+fn ensure_trusted_owner(path: &Path, meta: &Metadata, uid: u32) -> anyhow::Result<()> {
+    let owner = meta.uid();
+    if owner != 0 && owner != uid {
+        bail!(
+            "{} belongs to uid {owner}, who could put their own socket where clients look for \
+             odmoed's; every directory on the socket path must belong to root or to this user \
+             (uid {uid}); choose another --socket",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The metadata of `path` itself (a link's own, not its target's), creating
+/// `path` as a directory with mode 700 when it does not exist.
+fn existing_or_created(path: &Path) -> anyhow::Result<Metadata> {
+    match fs::symlink_metadata(path) {
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            match fs::DirBuilder::new().mode(0o700).create(path) {
+                // Someone else created it meanwhile: it is checked like any other.
+                Err(error) if error.kind() != io::ErrorKind::AlreadyExists => {
+                    bail!("cannot create socket directory {}: {error}", path.display())
+                }
+                _ => lstat(path),
+            }
+        }
+        other => other.with_context(|| format!("cannot inspect {}", path.display())),
+    }
+}
+
+/// The metadata of `path` itself, never of a link's target.
+fn lstat(path: &Path) -> anyhow::Result<Metadata> {
+    fs::symlink_metadata(path).with_context(|| format!("cannot inspect {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn refusal(dir: &Path) -> String {
+        format!("{:#}", private_dir(dir).unwrap_err())
+    }
+
+    #[test]
+    fn missing_directories_are_created_closed() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("a/b");
+        private_dir(&dir).unwrap();
+        assert_eq!(mode(&temp.path().join("a")), 0o700);
+        assert_eq!(mode(&dir), 0o700);
+        // Checking it again finds it as it was made.
+        private_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_link_as_the_socket_directory_is_refused() {
+        let temp = tempfile::tempdir().unwrap();
+        let real = temp.path().join("real");
+        fs::DirBuilder::new().mode(0o700).create(&real).unwrap();
+        let link = temp.path().join("link");
+        symlink(&real, &link).unwrap();
+        let error = refusal(&link);
+        assert!(error.contains("is a symbolic link"), "{error}");
+        assert!(error.contains(&link.display().to_string()), "{error}");
+    }
+
+    #[test]
+    fn links_on_the_way_are_followed_when_nobody_else_can_change_them() {
+        let temp = tempfile::tempdir().unwrap();
+        fs::create_dir(temp.path().join("real")).unwrap();
+        symlink("real", temp.path().join("relative")).unwrap();
+        symlink(temp.path().join("real"), temp.path().join("absolute")).unwrap();
+        private_dir(&temp.path().join("relative/run")).unwrap();
+        private_dir(&temp.path().join("absolute/run")).unwrap();
+        private_dir(&temp.path().join("real/../relative/other")).unwrap();
+        assert_eq!(mode(&temp.path().join("real/run")), 0o700);
+        assert_eq!(mode(&temp.path().join("real/other")), 0o700);
+    }
+
+    #[test]
+    fn a_directory_others_can_write_must_be_sticky() {
+        let temp = tempfile::tempdir().unwrap();
+        let shared = temp.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        set_mode(&shared, 0o777);
+        let error = refusal(&shared.join("sub"));
+        assert!(
+            error.contains(&format!(
+                "{} can be written by other users",
+                shared.display()
+            )),
+            "{error}"
+        );
+        assert!(!shared.join("sub").exists(), "nothing is created there");
+        // Like /tmp: entries stay with their owners.
+        set_mode(&shared, 0o1777);
+        private_dir(&shared.join("sub")).unwrap();
+    }
+
+    #[test]
+    fn an_existing_directory_others_can_enter_is_refused() {
+        let temp = tempfile::tempdir().unwrap();
+        let open = temp.path().join("open");
+        fs::create_dir(&open).unwrap();
+        set_mode(&open, 0o755);
+        let error = refusal(&open);
+        assert!(error.contains("has mode 755"), "{error}");
+        assert!(error.contains("open/odmoe-"), "{error}");
+        // A shared directory is never to be closed, nor offered for a new one.
+        set_mode(&open, 0o777);
+        let error = refusal(&open);
+        assert!(error.contains("a directory only you can write"), "{error}");
+    }
+
+    #[test]
+    fn a_file_on_the_way_is_refused() {
+        let temp = tempfile::tempdir().unwrap();
+        let file = temp.path().join("file");
+        fs::write(&file, "").unwrap();
+        let error = refusal(&file.join("run"));
+        assert!(error.contains("is not a directory"), "{error}");
+    }
+}
