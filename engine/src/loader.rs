@@ -29,7 +29,8 @@ pub enum ExpertMode {
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoadOptions {
     pub experts: ExpertMode,
-    /// Check each expert file's sha256 against the manifest when it is read (odmoe layout only).
+    /// Also check each expert file's sha256 against the manifest when it is read (odmoe layout
+    /// only), beyond the xxh3-64 checksum every expert read is checked against.
     pub verify_checksums: bool,
     /// Keep expert reads out of the page cache, so the store holds the only copy.
     pub bypass_page_cache: bool,
@@ -191,14 +192,13 @@ pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
         Checkpoint::Gguf => {
             let gguf = GgufFile::open(path, &Device::Cpu)?;
             let config = gguf.model_config()?;
-            let bytes = GgufSource::new(&config, &gguf, false)?.expert_bytes();
+            let bytes = GgufSource::expert_bytes_of(&config, &gguf)?;
             (config, bytes)
         }
         Checkpoint::Layout => {
             let manifest = Manifest::load(path)?;
             // Dense experts are widened to f32, GGUF blocks stay as stored: the source knows.
-            let bytes =
-                LayoutSource::new(path, &manifest, false, false, &Device::Cpu)?.expert_bytes();
+            let bytes = LayoutSource::expert_bytes_of(path, &manifest)?;
             (manifest.architecture, bytes)
         }
         Checkpoint::HuggingFace => {
@@ -249,7 +249,7 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
         Checkpoint::HuggingFace => {
             let config = ModelConfig::from_file(&path.join("config.json"))?;
             let weights = HfWeights::open(path, device)?;
-            let source = HfSource::new(&config, &weights, options.bypass_page_cache, device)?;
+            let source = HfSource::new(path, &config, &weights, options.bypass_page_cache, device)?;
             let tokenizer = tokenizer_in_dir(path)?;
             (config, Box::new(weights), Arc::new(source), tokenizer)
         }

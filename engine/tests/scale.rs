@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use odmoe_engine::format::layout::{
     ALIGN, ExpertLayout, ExpertTensor, FORMAT_VERSION, FileEntry, MANIFEST, Manifest, align_up,
-    expert_path, sha256_file,
+    expert_path, hash_file,
 };
 use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
 use odmoe_engine::model::{Logits, ModelConfig};
@@ -108,7 +108,7 @@ fn base_tensors(config: &ModelConfig) -> HashMap<String, Tensor> {
 }
 
 /// Writes the layout: real base weights, and expert files of the right length that are holes
-/// (zeros, taking no disk), all listed with their sha256 in the manifest.
+/// (zeros, taking no disk), all listed with their checksums in the manifest.
 fn write_layout(dir: &Path, config: &ModelConfig) -> usize {
     fs::create_dir_all(dir.join("base_model")).unwrap();
     fs::create_dir_all(dir.join("experts")).unwrap();
@@ -136,10 +136,7 @@ fn write_layout(dir: &Path, config: &ModelConfig) -> usize {
         tensors: tensors.try_into().unwrap(),
     };
     let mut files = BTreeMap::new();
-    let entry = |path: &Path| {
-        let (sha256, bytes) = sha256_file(path, |_| {}).unwrap();
-        FileEntry { sha256, bytes }
-    };
+    let entry = |path: &Path| -> FileEntry { hash_file(path, |_| {}).unwrap() };
     files.insert(base.to_string(), entry(&dir.join(base)));
     let mut expert_entry = None;
     let mut count = 0;

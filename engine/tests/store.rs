@@ -1,6 +1,7 @@
 //! The expert store: bit-exact logits against resident mode at every budget, from the odmoe layout
 //! and from Hugging Face files in place; the budget invariant under concurrent load; shared reads;
-//! exact telemetry; clear errors for broken expert files.
+//! exact telemetry; broken expert files refused at load or by their checksum at read, named, and
+//! quarantined, from a layout, a GGUF file or a Hugging Face checkpoint.
 
 mod common;
 
@@ -14,9 +15,12 @@ use std::time::Duration;
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
 use odmoe_engine::format::convert::convert;
+use odmoe_engine::format::gguf::{GgufFile, stacked_expert_names};
+use odmoe_engine::format::layout::{MANIFEST, Manifest};
+use odmoe_engine::format::safetensors::HfWeights;
 use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
-use odmoe_engine::model::Model;
 use odmoe_engine::model::layers::GluMlp;
+use odmoe_engine::model::{Logits, Model, ModelConfig, expert_tensor_names};
 use odmoe_engine::store::{ExpertSource, ExpertStore, PolicyKind, StoreConfig};
 
 fn on_demand(budget_bytes: u64, policy: PolicyKind) -> LoadOptions {
@@ -328,12 +332,84 @@ fn a_failed_read_is_reported_and_the_store_stays_usable() {
     assert_eq!(store.stats().resident_bytes, 0);
 }
 
+/// The expert the broken-file tests break: expert 4 of layer 1.
+const BROKEN: &str = "experts/layer_01_expert_004.safetensors";
+
 fn layout_with_broken_expert(break_it: impl Fn(&Path)) -> (tempfile::TempDir, PathBuf) {
     let out = tempfile::tempdir().unwrap();
     let layout = out.path().join("m.odmoe");
     convert(&fixture("qwen3_moe"), &layout, |_| {}).unwrap();
-    break_it(&layout.join("experts/layer_01_expert_004.safetensors"));
+    break_it(&layout.join(BROKEN));
     (out, layout)
+}
+
+/// Overwrites `bytes.len()` bytes of the file at `path` from `offset`, in place.
+fn overwrite(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(bytes, offset).unwrap();
+}
+
+/// Flips bit `k % 8` of eight bytes spread over `[offset, offset + len)` of the file at `path`.
+fn flip_eight_bits(path: &Path, offset: u64, len: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    for k in 0..8 {
+        let at = offset + k * (len / 8) + 3;
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, at).unwrap();
+        byte[0] ^= 1 << k;
+        file.write_all_at(&byte, at).unwrap();
+    }
+}
+
+/// Where the expert tensors of a layout's files start.
+fn expert_data_offset(layout: &Path) -> u64 {
+    Manifest::load(layout).unwrap().expert.data_offset
+}
+
+/// Expert 4 of layer 1 of the loaded model is broken: its acquire fails, and a second one fails
+/// at once with the same error without reading it again; other experts and the store keep
+/// working. Returns the error.
+fn broken_expert_error_of(store: &ExpertStore) -> String {
+    drop(store.acquire(1, &[3, 5]).unwrap()); // other experts are fine
+    let err = store
+        .acquire(1, &[4])
+        .err()
+        .expect("expert 4 of layer 1 is broken")
+        .to_string();
+    let after_first = store.stats();
+    assert_eq!(after_first.read_errors, 1, "the failed read is counted");
+    let again = store
+        .acquire(1, &[5, 4])
+        .err()
+        .expect("a quarantined expert fails again")
+        .to_string();
+    assert_eq!(again, err, "the same error");
+    let after_second = store.stats();
+    assert_eq!(
+        (
+            after_second.read_errors,
+            after_second.misses,
+            after_second.reads
+        ),
+        (1, after_first.misses, after_first.reads),
+        "the quarantined expert is not read again"
+    );
+    store.prefetch(1, &[4]);
+    assert_eq!(
+        store.stats().prefetch_issued,
+        after_second.prefetch_issued,
+        "nor prefetched"
+    );
+    drop(store.acquire(0, &[4]).unwrap()); // and the store stays usable
+    drop(store.acquire(1, &[5]).unwrap());
+    store.check_invariants().unwrap();
+    err
 }
 
 fn broken_expert_error(layout: &Path, verify: bool) -> String {
@@ -342,25 +418,67 @@ fn broken_expert_error(layout: &Path, verify: bool) -> String {
         ..on_demand(1 << 30, PolicyKind::Lru)
     };
     let loaded = loader::load(layout, &options, &Device::Cpu).unwrap();
-    let store = loaded.store.unwrap();
-    drop(store.acquire(1, &[3, 5]).unwrap()); // other experts are fine
-    let err = store
-        .acquire(1, &[4])
+    broken_expert_error_of(&loaded.store.unwrap())
+}
+
+fn load_error(path: &Path) -> String {
+    loader::load(path, &on_demand(1 << 30, PolicyKind::Lru), &Device::Cpu)
         .err()
-        .expect("expert 4 of layer 1 is broken")
-        .to_string();
-    drop(store.acquire(0, &[4]).unwrap()); // and the store stays usable
-    store.check_invariants().unwrap();
-    err
+        .expect("the model must not load")
+        .to_string()
 }
 
 #[test]
-fn broken_expert_files_are_named() {
+fn four_kib_of_0xff_in_an_expert_file_fail_its_checksum() {
     let (_keep, layout) = layout_with_broken_expert(|p| {
-        let bytes = std::fs::read(p).unwrap();
-        std::fs::write(p, &bytes[..bytes.len() - 4096]).unwrap();
+        let data = expert_data_offset(p.parent().unwrap().parent().unwrap());
+        overwrite(p, data, &[0xFF; 4096]);
+    });
+    for verify_sha256 in [false, true] {
+        let err = broken_expert_error(&layout, verify_sha256);
+        assert!(
+            err.contains("layer_01_expert_004")
+                && err.contains("expert 4 of layer 1")
+                && err.contains("checksum mismatch"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn eight_flipped_bits_in_an_expert_file_fail_its_checksum() {
+    let (_keep, layout) = layout_with_broken_expert(|p| {
+        let data = expert_data_offset(p.parent().unwrap().parent().unwrap());
+        let len = std::fs::metadata(p).unwrap().len();
+        flip_eight_bits(p, data, len - data);
     });
     let err = broken_expert_error(&layout, false);
+    assert!(
+        err.contains("layer_01_expert_004") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_resident_load_refuses_a_corrupt_expert() {
+    let (_keep, layout) = layout_with_broken_expert(|p| overwrite(p, 5000, &[0xFF; 16]));
+    let err = loader::load(&layout, &LoadOptions::default(), &Device::Cpu)
+        .err()
+        .expect("a corrupt expert must not load")
+        .to_string();
+    assert!(
+        err.contains("layer_01_expert_004") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_or_missing_expert_files_are_refused_at_load() {
+    let (_keep, layout) = layout_with_broken_expert(|p| {
+        let file = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        file.set_len(file.metadata().unwrap().len() - 4096).unwrap();
+    });
+    let err = load_error(&layout);
     assert!(
         err.contains("layer_01_expert_004")
             && err.contains("expert 4 of layer 1")
@@ -368,22 +486,172 @@ fn broken_expert_files_are_named() {
         "{err}"
     );
 
-    let (_keep, layout) = layout_with_broken_expert(|p| {
-        let mut bytes = std::fs::read(p).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x40;
-        std::fs::write(p, &bytes).unwrap();
-    });
-    let err = broken_expert_error(&layout, true);
+    let (_keep, layout) = layout_with_broken_expert(|p| std::fs::remove_file(p).unwrap());
+    let err = load_error(&layout);
+    assert!(
+        err.contains("layer_01_expert_004") && err.contains("expert 4 of layer 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_expert_file_broken_after_load_is_named() {
+    let (_keep, layout) = layout_with_broken_expert(|_| {});
+    let loaded = loader::load(&layout, &on_demand(1 << 30, PolicyKind::Lru), &Device::Cpu).unwrap();
+    let broken = layout.join(BROKEN);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&broken)
+        .unwrap();
+    file.set_len(file.metadata().unwrap().len() - 4096).unwrap();
+    let err = broken_expert_error_of(loaded.store.as_ref().unwrap());
+    assert!(
+        err.contains("layer_01_expert_004") && err.contains("truncated"),
+        "{err}"
+    );
+}
+
+/// Removes the expert files' xxh3 from a layout's manifest, as layouts written before it was
+/// recorded have none.
+fn strip_xxh3(layout: &Path) {
+    let mut manifest = Manifest::load(layout).unwrap();
+    for entry in manifest.files.values_mut() {
+        entry.xxh3_64 = None;
+    }
+    std::fs::write(layout.join(MANIFEST), manifest.to_json()).unwrap();
+}
+
+#[test]
+fn a_layout_without_xxh3_gets_an_index_from_files_that_match_their_sha256() {
+    let name = "qwen3_moe";
+    let input = ids(&golden(name)["input_ids"]);
+    let expected = logit_bits_and_greedy(
+        &Model::load_resident(&fixture(name), &Device::Cpu).unwrap(),
+        &input,
+        8,
+    );
+    let (_keep, layout) = layout_with_broken_expert(|_| {});
+    strip_xxh3(&layout);
+    let loaded = loader::load(&layout, &on_demand(1 << 30, PolicyKind::Lru), &Device::Cpu).unwrap();
+    assert!(layout.join("experts.odmoe-checksums").is_file());
+    assert!(logit_bits_and_greedy(&loaded.model, &input, 8) == expected);
+
+    // The index guards later reads as the manifest's xxh3 would.
+    let store = loaded.store.unwrap();
+    store.set_budget(0);
+    flip_eight_bits(&layout.join(BROKEN), 4096, 4096);
+    store.set_budget(1 << 30);
+    let err = broken_expert_error_of(&store);
+    assert!(
+        err.contains("layer_01_expert_004")
+            && err.contains("checksum mismatch")
+            && err.contains("experts.odmoe-checksums"),
+        "{err}"
+    );
+
+    // A file already corrupt when the index would be computed is refused by its sha256.
+    let (_keep, layout) = layout_with_broken_expert(|p| flip_eight_bits(p, 4096, 4096));
+    strip_xxh3(&layout);
+    let err = load_error(&layout);
     assert!(
         err.contains("layer_01_expert_004") && err.contains("sha256 mismatch"),
         "{err}"
     );
+}
 
-    let (_keep, layout) = layout_with_broken_expert(|p| std::fs::remove_file(p).unwrap());
-    let err = broken_expert_error(&layout, false);
+/// Flips eight bits of `[offset, offset + len)` of the file at `path`, keeping its modification
+/// time, as bit rot on the disk would: an index kept from an earlier load still applies.
+fn rot_bits(path: &Path, offset: u64, len: u64) {
+    let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+    flip_eight_bits(path, offset, len);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+}
+
+#[test]
+fn a_gguf_expert_changed_after_its_index_was_built_is_refused_never_computed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qwen3_moe-q8_0.gguf");
+    std::fs::copy(fixture("gguf").join("qwen3_moe-q8_0.gguf"), &path).unwrap();
+    let gguf = GgufFile::open(&path, &Device::Cpu).unwrap();
+    let config = gguf.model_config().unwrap();
+    let (h, i) = (config.hidden_size, config.expert_intermediate_size);
+    let gate = gguf
+        .expert_slice(&stacked_expert_names(1)[0], 4, [i, h])
+        .unwrap();
+    drop(gguf);
+
+    // Loading computes the index and keeps it beside the file.
+    let loaded = loader::load(&path, &on_demand(1 << 30, PolicyKind::Lru), &Device::Cpu).unwrap();
     assert!(
-        err.contains("layer_01_expert_004") && err.contains("expert 4 of layer 1"),
+        dir.path()
+            .join("qwen3_moe-q8_0.gguf.odmoe-checksums")
+            .is_file()
+    );
+    rot_bits(&path, gate.offset, gate.bytes as u64);
+    let err = broken_expert_error_of(loaded.store.as_ref().unwrap());
+    assert!(
+        err.contains("qwen3_moe-q8_0.gguf")
+            && err.contains("expert 4 of layer 1")
+            && err.contains("gate slice")
+            && err.contains("checksum mismatch"),
+        "{err}"
+    );
+    drop(loaded);
+
+    // The next load keeps the index (same path, length and time): a forward pass over enough
+    // tokens that some route to the expert fails rather than computing with its bytes.
+    let tokens: Vec<u32> = (0..config.vocab_size.min(64) as u32).collect();
+    for options in [on_demand(1 << 30, PolicyKind::Lru), LoadOptions::default()] {
+        let result = loader::load(&path, &options, &Device::Cpu).and_then(|loaded| {
+            loaded
+                .model
+                .forward(&tokens, &mut loaded.model.new_cache(), Logits::Last, None)
+        });
+        let err = result
+            .expect_err("expert 4 of layer 1 is corrupt")
+            .to_string();
+        assert!(
+            err.contains("expert 4 of layer 1") && err.contains("checksum mismatch"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_hugging_face_expert_changed_after_its_index_was_built_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("qwen3_moe")).unwrap() {
+        let from = entry.unwrap().path();
+        // Not an index kept beside the fixture: this copy must compute its own.
+        if !from.to_string_lossy().ends_with(".odmoe-checksums") {
+            std::fs::copy(&from, dir.path().join(from.file_name().unwrap())).unwrap();
+        }
+    }
+    let config = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+    let name = format!("{}.weight", expert_tensor_names(&config, 1, 4)[2]);
+    let down = HfWeights::open(dir.path(), &Device::Cpu)
+        .unwrap()
+        .location(&name)
+        .unwrap();
+    let loaded = loader::load(
+        dir.path(),
+        &on_demand(1 << 30, PolicyKind::Lru),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(dir.path().join("experts.odmoe-checksums").is_file());
+    rot_bits(&down.path, down.offset, down.bytes);
+    let err = broken_expert_error_of(loaded.store.as_ref().unwrap());
+    assert!(
+        err.contains("model.safetensors")
+            && err.contains("expert 4 of layer 1")
+            && err.contains("down tensor")
+            && err.contains("checksum mismatch"),
         "{err}"
     );
 }

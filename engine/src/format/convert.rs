@@ -37,8 +37,8 @@ use sha2::{Digest, Sha256};
 use super::WeightSource;
 use super::gguf::{GgufFile, ggml_bytes, ggml_type_name, gguf_name, stacked_expert_names};
 use super::layout::{
-    self, ExpertLayout, ExpertTensor, FORMAT_VERSION, FileEntry, GGUF_DTYPE, MANIFEST, Manifest,
-    SOURCE, expert_path,
+    self, ExpertLayout, ExpertTensor, FORMAT_VERSION, FileEntry, FileHasher, GGUF_DTYPE, MANIFEST,
+    Manifest, SOURCE, expert_path,
 };
 use super::safetensors::HfWeights;
 use crate::error::{Error, Result};
@@ -991,41 +991,43 @@ impl<'p> Writer<'p> {
         };
         let entry = if kept {
             let (counts, progress) = (&mut self.counts, &mut *self.progress);
-            let (sha256, bytes) = layout::sha256_file(&path, |n| {
+            let entry = layout::hash_file(&path, |n| {
                 counts.bytes_done += n;
                 counts.report(rel, ConvertEvent::Rehash, progress);
             })?;
             self.counts.tensors_done += tensors;
-            FileEntry { sha256, bytes }
+            entry
         } else {
             let partial = self.out.join(format!("{rel}{PARTIAL}"));
             let file = File::create(&partial).map_err(|e| Error::io(&partial, e))?;
             let mut sink = Sink {
                 out: BufWriter::with_capacity(1 << 20, file),
-                hasher: Sha256::new(),
-                bytes: 0,
+                hasher: FileHasher::default(),
                 path: &partial,
                 rel,
                 counts: &mut self.counts,
                 progress: &mut *self.progress,
             };
             write(&mut sink)?;
-            let (sha256, bytes) = (layout::hex(&sink.hasher.finalize_reset()), sink.bytes);
+            let entry = sink.hasher.finish();
             let file = sink
                 .out
                 .into_inner()
                 .map_err(|e| Error::io(&partial, e.into_error()))?;
-            if bytes != expected {
+            if entry.bytes != expected {
                 return Err(Error::config(
                     &partial,
-                    format!("wrote {bytes} bytes where the layout needs {expected}"),
+                    format!(
+                        "wrote {} bytes where the layout needs {expected}",
+                        entry.bytes
+                    ),
                 ));
             }
             file.sync_all().map_err(|e| Error::io(&partial, e))?;
             drop(file);
             fs::rename(&partial, &path).map_err(|e| Error::io(&path, e))?;
             sync_dir(path.parent().unwrap_or(&self.out))?;
-            FileEntry { sha256, bytes }
+            entry
         };
         self.counts.bytes_done = start + expected;
         self.counts.files_done += 1;
@@ -1098,8 +1100,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// The open `.partial` file a producer writes into, hashing as it goes.
 struct Sink<'a> {
     out: BufWriter<File>,
-    hasher: Sha256,
-    bytes: u64,
+    hasher: FileHasher,
     path: &'a Path,
     rel: &'a str,
     counts: &'a mut Counts,
@@ -1112,7 +1113,6 @@ impl Sink<'_> {
             .write_all(bytes)
             .map_err(|e| Error::io(self.path, e))?;
         self.hasher.update(bytes);
-        self.bytes += bytes.len() as u64;
         Ok(())
     }
 

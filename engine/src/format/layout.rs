@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! MODEL.odmoe/
-//!   manifest.json      format version, architecture config, expert layout, sha256 of every file
+//!   manifest.json      format version, architecture config, expert layout, sha256 and xxh3-64
+//!                      of every file (the expert store checks each expert read against the xxh3)
 //!   source.json        which checkpoint this was converted from (config hash, weight files)
 //!   config.json, tokenizer.json, tokenizer_config.json, generation_config.json (copied)
 //!   base_model/        embeddings.safetensors, attention_layers.safetensors, norms.safetensors,
@@ -54,6 +55,23 @@ pub struct Manifest {
 pub struct FileEntry {
     pub sha256: String,
     pub bytes: u64,
+    /// xxh3-64 of the whole file as 16 lowercase hex digits: fast enough for the expert store to
+    /// check on every read of an expert file (SHA-256 would cost more than the read). Absent in
+    /// layouts written before it was recorded; the store then computes its own index once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xxh3_64: Option<String>,
+}
+
+/// `hash` as a manifest or checksum index records an xxh3-64: 16 lowercase hex digits.
+pub fn xxh3_hex(hash: u64) -> String {
+    format!("{hash:016x}")
+}
+
+/// The value of an xxh3-64 written by [`xxh3_hex`].
+pub fn parse_xxh3_hex(text: &str) -> Option<u64> {
+    (text.len() == 16 && text.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| u64::from_str_radix(text, 16).ok())
+        .flatten()
 }
 
 /// Where the three tensors sit inside every expert file (all expert files are alike).
@@ -327,23 +345,29 @@ impl Manifest {
                 ));
             }
         }
-        for rel in self.files.keys() {
+        for (rel, entry) in &self.files {
             if rel.starts_with('/') || rel.split('/').any(|part| part == ".." || part.is_empty()) {
                 return Err(format!("file path {rel:?} leaves the layout directory"));
+            }
+            if let Some(xxh3) = &entry.xxh3_64
+                && parse_xxh3_hex(xxh3).is_none()
+            {
+                return Err(format!(
+                    "{rel} has xxh3_64 {xxh3:?}, which is not 16 hex digits"
+                ));
             }
         }
         Ok(())
     }
 }
 
-/// Lowercase hex SHA-256 of a file, with `progress(bytes)` called as it is read.
-pub fn sha256_file(path: &Path, mut progress: impl FnMut(u64)) -> Result<(String, u64)> {
-    use sha2::Digest;
+/// A file's manifest entry: its SHA-256, length and xxh3-64, with `progress(bytes)` called as it
+/// is read.
+pub fn hash_file(path: &Path, mut progress: impl FnMut(u64)) -> Result<FileEntry> {
     use std::io::Read;
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut hasher = sha2::Sha256::new();
+    let mut hasher = FileHasher::default();
     let mut buffer = vec![0u8; 1 << 20];
-    let mut total = 0u64;
     loop {
         let n = match file.read(&mut buffer) {
             Ok(0) => break,
@@ -352,10 +376,35 @@ pub fn sha256_file(path: &Path, mut progress: impl FnMut(u64)) -> Result<(String
             Err(e) => return Err(Error::io(path, e)),
         };
         hasher.update(&buffer[..n]);
-        total += n as u64;
         progress(n as u64);
     }
-    Ok((hex(&hasher.finalize()), total))
+    Ok(hasher.finish())
+}
+
+/// Computes a [`FileEntry`] from a file's bytes as they stream past (read or written).
+#[derive(Default)]
+pub struct FileHasher {
+    sha256: sha2::Sha256,
+    xxh3: xxhash_rust::xxh3::Xxh3Default,
+    bytes: u64,
+}
+
+impl FileHasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        use sha2::Digest;
+        self.sha256.update(bytes);
+        self.xxh3.update(bytes);
+        self.bytes += bytes.len() as u64;
+    }
+
+    pub fn finish(self) -> FileEntry {
+        use sha2::Digest;
+        FileEntry {
+            sha256: hex(&self.sha256.finalize()),
+            bytes: self.bytes,
+            xxh3_64: Some(xxh3_hex(self.xxh3.digest())),
+        }
+    }
 }
 
 /// Lowercase hex of `bytes`.
@@ -384,9 +433,23 @@ pub struct VerifyProblem {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Problem {
     Missing,
-    Size { expected: u64, actual: u64 },
-    Checksum { expected: String, actual: String },
-    Unreadable { message: String },
+    Size {
+        expected: u64,
+        actual: u64,
+    },
+    Checksum {
+        expected: String,
+        actual: String,
+    },
+    /// The SHA-256 matches but the xxh3-64 the expert store checks every read against does not:
+    /// the manifest is inconsistent, and the store would refuse the file.
+    Xxh3 {
+        expected: String,
+        actual: String,
+    },
+    Unreadable {
+        message: String,
+    },
 }
 
 impl std::fmt::Display for VerifyProblem {
@@ -403,6 +466,10 @@ impl std::fmt::Display for VerifyProblem {
             Problem::Checksum { expected, actual } => {
                 write!(f, ": sha256 mismatch: expected {expected}, found {actual}")
             }
+            Problem::Xxh3 { expected, actual } => write!(
+                f,
+                ": xxh3_64 mismatch (the sha256 matches): expected {expected}, found {actual}"
+            ),
             Problem::Unreadable { message } => write!(f, ": unreadable: {message}"),
         }
     }
@@ -432,8 +499,8 @@ pub struct VerifyProgress<'a> {
     pub bytes_total: u64,
 }
 
-/// Re-reads every file the manifest of `dir` lists and compares its length and SHA-256. A broken
-/// manifest is an `Err`; broken files are the report's problems.
+/// Re-reads every file the manifest of `dir` lists and compares its length, SHA-256 and (where
+/// recorded) xxh3-64. A broken manifest is an `Err`; broken files are the report's problems.
 pub fn verify(dir: &Path, mut progress: impl FnMut(&VerifyProgress)) -> Result<VerifyReport> {
     let manifest = Manifest::load(dir)?;
     let files_total = manifest.files.len();
@@ -470,7 +537,7 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(&VerifyProgress)) -> Result<V
             Some(_) => {
                 let start = bytes_done;
                 let mut done = 0;
-                let hashed = sha256_file(&path, |n| {
+                let hashed = hash_file(&path, |n| {
                     done += n;
                     progress(&VerifyProgress {
                         file: rel,
@@ -481,12 +548,20 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(&VerifyProgress)) -> Result<V
                     });
                 });
                 match hashed {
-                    Ok((sha, bytes)) => {
-                        report.bytes_checked += bytes;
-                        if sha != entry.sha256 {
+                    Ok(found) => {
+                        report.bytes_checked += found.bytes;
+                        if found.sha256 != entry.sha256 {
                             report.problems.push(problem(Problem::Checksum {
                                 expected: entry.sha256.clone(),
-                                actual: sha,
+                                actual: found.sha256,
+                            }));
+                        } else if let (Some(expected), Some(actual)) =
+                            (&entry.xxh3_64, found.xxh3_64)
+                            && *expected != actual
+                        {
+                            report.problems.push(problem(Problem::Xxh3 {
+                                expected: expected.clone(),
+                                actual,
                             }));
                         }
                     }

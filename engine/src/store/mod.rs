@@ -7,8 +7,14 @@
 //!
 //! Locking: one mutex guards the bookkeeping; it is never held across a read. Each read has a
 //! [`LoadSlot`] that every acquirer of that expert waits on, so concurrent requests share one read.
+//!
+//! A failed read (the bytes do not match the expert's checksum, the file is unreadable or gone)
+//! quarantines its expert: later requests for it fail at once with the same error instead of
+//! reading it again every time the router picks it, while every other expert keeps working.
+//! Loading the model again, after the file is repaired, starts with an empty quarantine.
 
 pub mod budget;
+pub mod checksum;
 pub mod fetch;
 pub mod source;
 pub mod stats;
@@ -95,6 +101,8 @@ struct State {
     demand: VecDeque<(ExpertKey, Arc<LoadSlot>)>,
     /// Queued prefetches with their priority, lowest (needed soonest) first.
     prefetch: VecDeque<(u64, ExpertKey, Arc<LoadSlot>)>,
+    /// Experts whose read failed, with the error every later request for them gets.
+    quarantined: HashMap<ExpertKey, Arc<Error>>,
     telemetry: stats::Telemetry,
     shutdown: bool,
 }
@@ -175,6 +183,7 @@ impl ExpertStore {
                 slots: HashMap::new(),
                 demand: VecDeque::new(),
                 prefetch: VecDeque::new(),
+                quarantined: HashMap::new(),
                 telemetry: Default::default(),
                 shutdown: false,
             }),
@@ -210,6 +219,12 @@ impl ExpertStore {
     pub fn request(&self, layer: usize, ids: &[usize]) -> Result<Vec<PendingExpert>> {
         let mut pinned: Vec<Option<(ExpertKey, Slot)>> = Vec::with_capacity(ids.len());
         let mut state = self.shared.lock();
+        if let Some(error) = ids
+            .iter()
+            .find_map(|&expert| state.quarantined.get(&(layer, expert)))
+        {
+            return Err(Error::Shared(error.clone()));
+        }
         let mut queued = false;
         // Experts already present are pinned first, so that this call's misses cannot evict them.
         for &expert in ids {
@@ -312,7 +327,7 @@ impl ExpertStore {
         let mut queued = false;
         for &expert in ids {
             let key = (layer, expert);
-            if state.slots.contains_key(&key) {
+            if state.slots.contains_key(&key) || state.quarantined.contains_key(&key) {
                 continue;
             }
             match state.cache.reserve(key, self.shared.expert_bytes, true) {
@@ -447,12 +462,17 @@ fn io_worker(shared: &Shared) {
                 Ok(weights)
             }
             Err(error) => {
+                tracing::error!(
+                    "{error}; the expert is quarantined until the model is loaded again"
+                );
                 state.telemetry.counts.read_errors += 1;
                 if current {
                     state.slots.remove(&key);
                     state.cache.remove(key);
                 }
-                Err(Arc::new(error))
+                let error = Arc::new(error);
+                state.quarantined.insert(key, error.clone());
+                Err(error)
             }
         };
         drop(state);

@@ -4,6 +4,9 @@
 //!   GGUF blocks multiplied as they are, exactly as [`GgufSource`] does).
 //! - [`HfSource`]: a Hugging Face safetensors checkpoint read in place, by offsets from its headers.
 //! - [`GgufSource`]: a GGUF file read in place, one slice of each stacked expert tensor.
+//!
+//! Every source checks the bytes it read against the expert's checksums (see [`super::checksum`])
+//! before they become weights.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,10 +17,13 @@ use candle_core::quantized::GgmlDType;
 use safetensors::tensor::Dtype;
 use sha2::{Digest, Sha256};
 
+use super::checksum::{self, ByteRange, ExpertChecksums, ReadPlan};
 use super::fetch;
 use crate::error::{Error, Result};
 use crate::format::gguf::{ExpertSlice, GgufFile, ggml_bytes, stacked_expert_names};
-use crate::format::layout::{ExpertLayout, GGUF_DTYPE, Manifest, expert_path};
+use crate::format::layout::{
+    self, ExpertLayout, GGUF_DTYPE, MANIFEST, Manifest, expert_path, parse_xxh3_hex,
+};
 use crate::format::safetensors::{HfWeights, TensorLocation, f32_tensor};
 use crate::model::layers::GluMlp;
 use crate::model::{ModelConfig, expert_tensor_names};
@@ -57,45 +63,34 @@ pub struct LayoutSource {
     dir: PathBuf,
     layout: ExpertLayout,
     encoding: ExpertEncoding,
-    /// sha256 of each expert file by relative path, when reads are verified.
-    checksums: Option<HashMap<String, String>>,
+    /// xxh3-64 of each expert file, checked on every read.
+    checksums: ExpertChecksums,
+    /// sha256 of each expert file by relative path, when reads are verified against it too.
+    sha256: Option<HashMap<String, String>>,
     bypass_cache: bool,
     expert_bytes: u64,
     device: Device,
 }
 
 impl LayoutSource {
+    /// Opens the experts of the layout in `dir`. A missing or wrongly sized expert file is refused
+    /// now rather than at its first read. Each file's xxh3-64 comes from the manifest, or, for a
+    /// layout written before the manifest recorded it, from an index computed on the first load
+    /// (see [`checksum::load_or_build`]) from files checked against the manifest's SHA-256.
     pub fn new(
         dir: &Path,
         manifest: &Manifest,
-        verify: bool,
+        verify_sha256: bool,
         bypass_cache: bool,
         device: &Device,
     ) -> Result<Self> {
-        let layout = manifest.expert.clone();
-        let unsupported = |what: String| Error::config(dir.join("manifest.json"), what);
-        let encoding = if layout.dtype == GGUF_DTYPE {
-            let types = (0..manifest.architecture.num_layers)
-                .map(|layer| {
-                    layout.ggml_types(layer).ok_or_else(|| {
-                        unsupported(format!("no known ggml types for layer {layer}"))
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            ExpertEncoding::Ggml(types)
-        } else {
-            ExpertEncoding::Dense(parse_dtype(&layout.dtype).ok_or_else(|| {
-                unsupported(format!("unsupported expert dtype {:?}", layout.dtype))
-            })?)
+        let encoding = expert_encoding(dir, manifest)?;
+        check_expert_files(dir, manifest)?;
+        let checksums = match checksums_in_manifest(dir, manifest) {
+            Some(checksums) => checksums,
+            None => checksums_by_index(dir, manifest, bypass_cache)?,
         };
-        let expert_bytes = match &encoding {
-            ExpertEncoding::Dense(_) => f32_expert_bytes(&manifest.architecture),
-            // As GgufSource counts them: the first layer's slices as they sit in memory.
-            ExpertEncoding::Ggml(types) => (0..3)
-                .map(|k| ggml_slice(&layout, types, 0, k).bytes_in_memory() as u64)
-                .sum(),
-        };
-        let checksums = verify.then(|| {
+        let sha256 = verify_sha256.then(|| {
             manifest
                 .files
                 .iter()
@@ -105,13 +100,149 @@ impl LayoutSource {
         });
         Ok(Self {
             dir: dir.to_path_buf(),
-            layout,
+            layout: manifest.expert.clone(),
+            expert_bytes: layout_expert_bytes(manifest, &encoding),
             encoding,
             checksums,
+            sha256,
             bypass_cache,
-            expert_bytes,
             device: device.clone(),
         })
+    }
+
+    /// Bytes one expert of the layout in `dir` holds in memory once read, without opening any
+    /// expert file.
+    pub fn expert_bytes_of(dir: &Path, manifest: &Manifest) -> Result<u64> {
+        Ok(layout_expert_bytes(
+            manifest,
+            &expert_encoding(dir, manifest)?,
+        ))
+    }
+}
+
+fn expert_encoding(dir: &Path, manifest: &Manifest) -> Result<ExpertEncoding> {
+    let layout = &manifest.expert;
+    let unsupported = |what: String| Error::config(dir.join(MANIFEST), what);
+    Ok(if layout.dtype == GGUF_DTYPE {
+        let types = (0..manifest.architecture.num_layers)
+            .map(|layer| {
+                layout
+                    .ggml_types(layer)
+                    .ok_or_else(|| unsupported(format!("no known ggml types for layer {layer}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        ExpertEncoding::Ggml(types)
+    } else {
+        ExpertEncoding::Dense(
+            parse_dtype(&layout.dtype).ok_or_else(|| {
+                unsupported(format!("unsupported expert dtype {:?}", layout.dtype))
+            })?,
+        )
+    })
+}
+
+fn layout_expert_bytes(manifest: &Manifest, encoding: &ExpertEncoding) -> u64 {
+    match encoding {
+        ExpertEncoding::Dense(_) => f32_expert_bytes(&manifest.architecture),
+        // As GgufSource counts them: the first layer's slices as they sit in memory.
+        ExpertEncoding::Ggml(types) => (0..3)
+            .map(|k| ggml_slice(&manifest.expert, types, 0, k).bytes_in_memory() as u64)
+            .sum(),
+    }
+}
+
+/// What is wrong with the expert file at `path` of a layout whose expert files have `expected`
+/// bytes, if anything.
+fn expert_file_problem(path: &Path, expected: u64) -> Option<String> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.len() == expected => None,
+        Ok(meta) => Some(format!(
+            "file is {} bytes, expected {expected} (truncated or not from this conversion)",
+            meta.len()
+        )),
+        Err(error) => Some(error.to_string()),
+    }
+}
+
+/// Refuses a layout with a missing or wrongly sized expert file, naming the first and counting
+/// the others.
+fn check_expert_files(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let mut broken = manifest
+        .expert_files()
+        .filter_map(|(layer, expert, relative)| {
+            let path = dir.join(relative);
+            expert_file_problem(&path, manifest.expert.file_bytes)
+                .map(|problem| (layer, expert, path, problem))
+        });
+    let Some((layer, expert, path, problem)) = broken.next() else {
+        return Ok(());
+    };
+    let others = match broken.count() {
+        0 => String::new(),
+        n => format!("; {n} more expert files are broken"),
+    };
+    Err(Error::Expert {
+        layer,
+        expert,
+        path,
+        message: format!(
+            "{problem}{others}: the model cannot load; `odmoe verify` lists every broken file"
+        ),
+    })
+}
+
+/// Each expert file's xxh3-64 from the manifest, when it records them all.
+fn checksums_in_manifest(dir: &Path, manifest: &Manifest) -> Option<ExpertChecksums> {
+    let mut sums = vec![Vec::new(); manifest.architecture.num_layers];
+    // Expert files come layer by layer in expert order, so each lands at its index.
+    for (layer, _, relative) in manifest.expert_files() {
+        let recorded = manifest.files.get(&relative)?.xxh3_64.as_deref()?;
+        sums[layer].push(vec![parse_xxh3_hex(recorded)?]);
+    }
+    Some(ExpertChecksums::new(
+        sums,
+        dir.join(MANIFEST).display().to_string(),
+    ))
+}
+
+/// Each expert file's xxh3-64 for a layout whose manifest records only SHA-256: from an index,
+/// computed once from files whose SHA-256 matches the manifest.
+fn checksums_by_index(
+    dir: &Path,
+    manifest: &Manifest,
+    bypass_cache: bool,
+) -> Result<ExpertChecksums> {
+    let mut plan = ReadPlan {
+        files: Vec::new(),
+        experts: vec![Vec::new(); manifest.architecture.num_layers],
+    };
+    let mut sha256 = Vec::new();
+    for (layer, _, relative) in manifest.expert_files() {
+        plan.experts[layer].push(vec![ByteRange {
+            file: plan.files.len(),
+            offset: 0,
+            len: manifest.expert.file_bytes,
+        }]);
+        plan.files.push(dir.join(&relative));
+        sha256.push(manifest.files[&relative].sha256.as_str());
+    }
+    checksum::load_or_build(
+        dir,
+        &plan,
+        bypass_cache,
+        Some(&|range: &ByteRange, bytes: &[u8]| check_sha256(bytes, sha256[range.file])),
+    )
+}
+
+/// Compares the SHA-256 of a whole expert file with the manifest's.
+fn check_sha256(bytes: &[u8], expected: &str) -> std::result::Result<(), String> {
+    let actual = layout::hex(&Sha256::digest(bytes));
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(format!(
+            "sha256 mismatch: file has {actual}, manifest says {expected}"
+        ))
     }
 }
 
@@ -143,29 +274,22 @@ impl ExpertSource for LayoutSource {
             path: path.clone(),
             message,
         };
-        let len = std::fs::metadata(&path)
-            .map_err(|e| fail(e.to_string()))?
-            .len();
-        if len != self.layout.file_bytes {
-            return Err(fail(format!(
-                "file is {len} bytes, expected {} (truncated or not from this conversion)",
-                self.layout.file_bytes
-            )));
+        let len = self.layout.file_bytes;
+        // Checked at load too; a file truncated since gets this message rather than a short read.
+        if let Some(problem) = expert_file_problem(&path, len) {
+            return Err(fail(problem));
         }
         // One read of the whole file: the header is a few KiB and lets the checksum cover it all.
         let buf = fetch::read_aligned(&path, 0, len as usize, self.bypass_cache)
             .map_err(|e| fail(e.to_string()))?;
-        if let Some(sums) = &self.checksums {
-            let actual = format!("{:x}", Sha256::digest(&buf[..]));
-            match sums.get(&relative) {
-                Some(expected) if *expected == actual => {}
-                Some(expected) => {
-                    return Err(fail(format!(
-                        "sha256 mismatch: file has {actual}, manifest says {expected}"
-                    )));
-                }
-                None => return Err(fail("file is not listed in the manifest".into())),
-            }
+        self.checksums
+            .check(layer, expert, 0, &buf)
+            .map_err(&fail)?;
+        if let Some(sums) = &self.sha256 {
+            let expected = sums
+                .get(&relative)
+                .ok_or_else(|| fail("file is not listed in the manifest".into()))?;
+            check_sha256(&buf, expected).map_err(&fail)?;
         }
         let mlp = match &self.encoding {
             ExpertEncoding::Dense(dtype) => {
@@ -200,18 +324,54 @@ impl ExpertSource for LayoutSource {
     }
 }
 
+/// Names of an expert's three projections, in the order sources read and check them.
+const PROJECTIONS: [&str; 3] = ["gate", "up", "down"];
+
+/// The read plan of a source that reads each expert as three ranges (gate, up, down), where
+/// `locate` says the file, offset and length of each.
+fn three_range_plan<'a, T>(
+    experts: &'a [Vec<[T; 3]>],
+    locate: impl Fn(&'a T) -> (&'a Path, u64, u64),
+) -> ReadPlan {
+    let mut files = Vec::new();
+    let mut file_index: HashMap<PathBuf, usize> = HashMap::new();
+    let mut range = |t: &'a T| {
+        let (path, offset, len) = locate(t);
+        let file = *file_index.entry(path.to_path_buf()).or_insert_with(|| {
+            files.push(path.to_path_buf());
+            files.len() - 1
+        });
+        ByteRange { file, offset, len }
+    };
+    let experts = experts
+        .iter()
+        .map(|layer| {
+            layer
+                .iter()
+                .map(|tensors| tensors.iter().map(&mut range).collect())
+                .collect()
+        })
+        .collect();
+    ReadPlan { files, experts }
+}
+
 /// Experts read in place from a Hugging Face checkpoint's safetensors files.
 pub struct HfSource {
     /// `locations[layer][expert]`: gate, up, down.
     locations: Vec<Vec<[TensorLocation; 3]>>,
     files: HashMap<PathBuf, File>,
+    /// xxh3-64 of each tensor of each expert, checked on every read.
+    checksums: ExpertChecksums,
     bypass_cache: bool,
     expert_bytes: u64,
     device: Device,
 }
 
 impl HfSource {
+    /// Opens the experts of the checkpoint in `dir`, with the checksum index of every expert
+    /// tensor (kept from an earlier load, or computed now: see [`checksum::load_or_build`]).
     pub fn new(
+        dir: &Path,
         config: &ModelConfig,
         weights: &HfWeights,
         bypass_cache: bool,
@@ -254,9 +414,12 @@ impl HfSource {
             }
             locations.push(experts);
         }
+        let plan = three_range_plan(&locations, |t| (&t.path, t.offset, t.bytes));
+        let checksums = checksum::load_or_build(dir, &plan, bypass_cache, None)?;
         Ok(Self {
             locations,
             files,
+            checksums,
             bypass_cache,
             expert_bytes: f32_expert_bytes(config),
             device: device.clone(),
@@ -272,7 +435,8 @@ impl ExpertSource for HfSource {
             .and_then(|l| l.get(expert))
             .ok_or_else(|| Error::InvalidRequest(format!("no expert {expert} in layer {layer}")))?;
         let mut total = 0;
-        let mut read_one = |t: &TensorLocation| -> Result<candle_core::Tensor> {
+        let mut read_one = |k: usize| -> Result<candle_core::Tensor> {
+            let t = &located[k];
             let fail = |message: String| Error::Expert {
                 layer,
                 expert,
@@ -286,12 +450,20 @@ impl ExpertSource for HfSource {
                 self.bypass_cache,
             )
             .map_err(|e| fail(e.to_string()))?;
+            self.checksums
+                .check(layer, expert, k, &bytes)
+                .map_err(|m| {
+                    fail(format!(
+                        "{} tensor at offset {}: {m}",
+                        PROJECTIONS[k], t.offset
+                    ))
+                })?;
             total += t.bytes;
             f32_tensor(&bytes, t.dtype, &t.shape, &self.device).map_err(fail)
         };
-        let gate = read_one(&located[0])?;
-        let up = read_one(&located[1])?;
-        let down = read_one(&located[2])?;
+        let gate = read_one(0)?;
+        let up = read_one(1)?;
+        let down = read_one(2)?;
         Ok((GluMlp::from_f32(gate, up, down), total))
     }
 
@@ -309,17 +481,47 @@ pub struct GgufSource {
     /// Opened with O_DIRECT when bypassing the page cache and the filesystem allows it.
     file: File,
     direct: bool,
+    /// xxh3-64 of each slice of each expert, checked on every read.
+    checksums: ExpertChecksums,
     bypass_cache: bool,
     expert_bytes: u64,
     device: Device,
 }
 
 impl GgufSource {
+    /// Opens the experts of `gguf`, with the checksum index of every expert slice (kept from an
+    /// earlier load, or computed now: see [`checksum::load_or_build`]).
     pub fn new(config: &ModelConfig, gguf: &GgufFile, bypass_cache: bool) -> Result<Self> {
-        let (h, i) = (config.hidden_size, config.expert_intermediate_size);
-        let shapes = [[i, h], [i, h], [h, i]];
-        let mut slices = Vec::with_capacity(config.num_layers);
-        for layer in 0..config.num_layers {
+        let slices = gguf_expert_slices(config, gguf)?;
+        let path = gguf.path().to_path_buf();
+        let plan = three_range_plan(&slices, |s| (&path, s.offset, s.bytes as u64));
+        let checksums = checksum::load_or_build(&path, &plan, bypass_cache, None)?;
+        let (file, direct) =
+            fetch::open_for_ranges(&path, bypass_cache).map_err(|e| Error::io(&path, e))?;
+        Ok(Self {
+            expert_bytes: gguf_expert_bytes(&slices),
+            slices,
+            path,
+            file,
+            direct,
+            checksums,
+            bypass_cache,
+            device: gguf.device().clone(),
+        })
+    }
+
+    /// Bytes one expert of `gguf` holds in memory once read, without reading any.
+    pub fn expert_bytes_of(config: &ModelConfig, gguf: &GgufFile) -> Result<u64> {
+        Ok(gguf_expert_bytes(&gguf_expert_slices(config, gguf)?))
+    }
+}
+
+/// Where each expert's gate, up and down lie in a GGUF file, by layer and expert.
+fn gguf_expert_slices(config: &ModelConfig, gguf: &GgufFile) -> Result<Vec<Vec<[ExpertSlice; 3]>>> {
+    let (h, i) = (config.hidden_size, config.expert_intermediate_size);
+    let shapes = [[i, h], [i, h], [h, i]];
+    (0..config.num_layers)
+        .map(|layer| {
             let names = stacked_expert_names(layer);
             // Dense layers keep an empty list: a read there is refused as for any unknown expert.
             let count = if config.is_moe_layer(layer) {
@@ -327,7 +529,7 @@ impl GgufSource {
             } else {
                 0
             };
-            let experts = (0..count)
+            (0..count)
                 .map(|e| -> Result<[ExpertSlice; 3]> {
                     Ok([
                         gguf.expert_slice(&names[0], e, shapes[0])?,
@@ -335,26 +537,16 @@ impl GgufSource {
                         gguf.expert_slice(&names[2], e, shapes[2])?,
                     ])
                 })
-                .collect::<Result<Vec<_>>>()?;
-            slices.push(experts);
-        }
-        // Dense types are widened to f32 by QMatMul; quantized blocks stay as stored.
-        let expert_bytes = slices.iter().find_map(|l| l.first()).map_or(0, |s| {
-            s.iter().map(ExpertSlice::bytes_in_memory).sum::<usize>() as u64
-        });
-        let path = gguf.path().to_path_buf();
-        let (file, direct) =
-            fetch::open_for_ranges(&path, bypass_cache).map_err(|e| Error::io(&path, e))?;
-        Ok(Self {
-            slices,
-            path,
-            file,
-            direct,
-            bypass_cache,
-            expert_bytes,
-            device: gguf.device().clone(),
+                .collect()
         })
-    }
+        .collect()
+}
+
+/// Dense types are widened to f32 by QMatMul; quantized blocks stay as stored.
+fn gguf_expert_bytes(slices: &[Vec<[ExpertSlice; 3]>]) -> u64 {
+    slices.iter().find_map(|l| l.first()).map_or(0, |s| {
+        s.iter().map(ExpertSlice::bytes_in_memory).sum::<usize>() as u64
+    })
 }
 
 impl ExpertSource for GgufSource {
@@ -370,7 +562,8 @@ impl ExpertSource for GgufSource {
             path: self.path.clone(),
             message,
         };
-        let read_one = |s: &ExpertSlice| {
+        let read_one = |k: usize| {
+            let s = &slices[k];
             let (buf, at) = fetch::read_range(
                 &self.file,
                 self.direct,
@@ -379,16 +572,23 @@ impl ExpertSource for GgufSource {
                 self.bypass_cache,
             )
             .map_err(|e| fail(e.to_string()))?;
-            s.to_qmatmul(&buf[at..at + s.bytes], &self.device)
+            let bytes = &buf[at..at + s.bytes];
+            self.checksums.check(layer, expert, k, bytes).map_err(|m| {
+                fail(format!(
+                    "{} slice at offset {}: {m}",
+                    PROJECTIONS[k], s.offset
+                ))
+            })?;
+            s.to_qmatmul(bytes, &self.device)
                 .map_err(|e| fail(e.to_string()))
         };
         // The three projections lie in three stacked tensors: reading them at once keeps three
         // times as many reads in flight, which this disk needs to approach its rate (1.3 GB/s at
         // 4-8 reads of 1.7 MB in flight, 1.6 GB/s at 16).
         let [gate, up, down] = std::thread::scope(|scope| {
-            let up = scope.spawn(|| read_one(&slices[1]));
-            let down = scope.spawn(|| read_one(&slices[2]));
-            let gate = read_one(&slices[0]);
+            let up = scope.spawn(|| read_one(1));
+            let down = scope.spawn(|| read_one(2));
+            let gate = read_one(0);
             [
                 gate,
                 up.join().expect("expert read panicked"),
