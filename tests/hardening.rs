@@ -132,7 +132,9 @@ fn a_client_beyond_the_limit_is_told_the_daemon_is_busy() {
         idle.push(stream);
     }
     let mut fifth = connect(&daemon);
-    send(&mut fifth, 1, "hello", &serde_json::json!({}));
+    // The daemon may have said no and hung up before this is written.
+    let hello = Request::new(1, "hello", &serde_json::json!({})).unwrap();
+    let _ = fifth.write_all(&encode(&hello.into()));
     let refused = response(&mut fifth, &mut Vec::new()).expect("a refusal");
     let error = refused.outcome.unwrap_err();
     assert_eq!(error.code, ErrorCode::Busy, "{error:?}");
@@ -305,5 +307,21 @@ fn degenerate_sampling_and_files_that_are_not_models_get_clear_answers() {
     assert_eq!(
         result_of(response(&mut stream, &mut buffer).unwrap()).tokens,
         greedy_tokens
+    );
+}
+
+#[test]
+fn a_client_may_connect_long_before_its_first_request() {
+    // As an editor does at start-up: silent past the message timeout, with room to spare.
+    let mut daemon = Daemon::builder().config(LIMITED).limit(LIMIT).spawn();
+    daemon.wait_until_listening();
+    let mut early = connect(&daemon);
+    std::thread::sleep(Duration::from_secs(4));
+    send(&mut early, 1, "hello", &serde_json::json!({}));
+    assert!(
+        response(&mut early, &mut Vec::new())
+            .unwrap()
+            .outcome
+            .is_ok()
     );
 }

@@ -5,6 +5,8 @@
 //!
 //! [`Daemon`] runs `odmoed --foreground` on a temporary socket for the tests that talk to one.
 
+pub mod cgroup;
+
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -11,12 +11,13 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use odmoe_e2e::cgroup::{Cgroup, Version};
 use odmoe_e2e::{Daemon, fixture, odmoe_ok};
 use odmoe_protocol::{GenerateParams, GenerateResult, MemoryStats, Method, StatsResult};
 use tokio::time::timeout;
@@ -216,138 +217,6 @@ async fn simulated_critical_pressure_shrinks_the_budget_at_once_and_it_grows_bac
     assert!(ps.contains("PRESSURE") && ps.contains("normal"), "{ps}");
 }
 
-/// Memory cgroups this test can create: v2 when /sys/fs/cgroup is the unified hierarchy with
-/// the memory controller, else the v1 memory controller.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Version {
-    V1,
-    V2,
-}
-
-impl Version {
-    fn root(self) -> &'static Path {
-        match self {
-            Version::V1 => Path::new("/sys/fs/cgroup/memory"),
-            Version::V2 => Path::new("/sys/fs/cgroup"),
-        }
-    }
-
-    fn limit_file(self) -> &'static str {
-        match self {
-            Version::V1 => "memory.limit_in_bytes",
-            Version::V2 => "memory.max",
-        }
-    }
-
-    fn usage_file(self) -> &'static str {
-        match self {
-            Version::V1 => "memory.usage_in_bytes",
-            Version::V2 => "memory.current",
-        }
-    }
-
-    /// The memory.stat keys of inactive page cache and of all page cache.
-    fn stat_keys(self) -> (&'static str, &'static str) {
-        match self {
-            Version::V1 => ("total_inactive_file", "total_cache"),
-            Version::V2 => ("inactive_file", "file"),
-        }
-    }
-
-    fn detect() -> Option<Version> {
-        let v2 = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
-            .is_ok_and(|controllers| controllers.split_whitespace().any(|c| c == "memory"));
-        if v2 {
-            Some(Version::V2)
-        } else if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
-            Some(Version::V1)
-        } else {
-            None
-        }
-    }
-}
-
-/// A memory cgroup made for this test, with two children: `daemon` and `hog`. Removed on drop,
-/// after killing whatever is left in it.
-struct Cgroup {
-    version: Version,
-    dir: PathBuf,
-}
-
-impl Cgroup {
-    /// Creates the cgroup with a memory limit of `limit` bytes, or says why it cannot.
-    fn create(version: Version, limit: u64) -> Result<Cgroup, String> {
-        let dir = version
-            .root()
-            .join(format!("odmoe-pressure-{}", std::process::id()));
-        fs::create_dir(&dir).map_err(|error| format!("mkdir {}: {error}", dir.display()))?;
-        let cgroup = Cgroup { version, dir };
-        let write = |path: PathBuf, text: &str| {
-            fs::write(&path, text).map_err(|error| format!("{}: {error}", path.display()))
-        };
-        if version == Version::V2 {
-            write(cgroup.dir.join("cgroup.subtree_control"), "+memory")?;
-        }
-        write(cgroup.dir.join(version.limit_file()), &limit.to_string())?;
-        for child in ["daemon", "hog"] {
-            fs::create_dir(cgroup.dir.join(child))
-                .map_err(|error| format!("mkdir {child}: {error}"))?;
-        }
-        Ok(cgroup)
-    }
-
-    /// A shell command line that moves itself into `child`, then runs `"$@"`.
-    fn wrapper(&self, child: &str) -> String {
-        format!(
-            "echo $$ > '{}' && exec \"$@\"",
-            self.dir.join(child).join("cgroup.procs").display()
-        )
-    }
-
-    fn read(&self, child: Option<&str>, file: &str) -> String {
-        let dir = child.map_or(self.dir.clone(), |child| self.dir.join(child));
-        fs::read_to_string(dir.join(file)).unwrap_or_default()
-    }
-
-    /// OOM kills in the cgroup (v1 `memory.oom_control`, v2 `memory.events`).
-    fn oom_kills(&self) -> u64 {
-        let file = match self.version {
-            Version::V1 => "memory.oom_control",
-            Version::V2 => "memory.events",
-        };
-        self.read(None, file)
-            .lines()
-            .find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        for child in ["daemon", "hog"] {
-            let dir = self.dir.join(child);
-            for _ in 0..100 {
-                let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                let pids: Vec<i32> = procs.lines().filter_map(|p| p.parse().ok()).collect();
-                if pids.is_empty() {
-                    break;
-                }
-                for pid in pids {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = fs::remove_dir(&dir);
-        }
-        if let Err(error) = fs::remove_dir(&self.dir) {
-            report(&format!("cannot remove {}: {error}", self.dir.display()));
-        }
-    }
-}
-
 /// The memory hog: takes 1 MiB at a time (touching every page) until the memory left under
 /// the cgroup's limit falls below `stop_at` bytes, prints how much it took, and holds it until
 /// its stdin closes. Memory left is the limit less usage less inactive page cache, as odmoed
@@ -531,7 +400,7 @@ async fn a_memory_hog_in_the_daemons_cgroup_shrinks_the_budget_and_it_grows_back
     // Room for the daemon and 32 MiB more, of which the hog (the interpreter included) takes
     // all it can: the daemon and the hog together would want more than the limit.
     let limit = rss + (32 << 20);
-    let cgroup = match Cgroup::create(version, limit) {
+    let cgroup = match Cgroup::create(version, "pressure", limit) {
         Ok(cgroup) => cgroup,
         Err(why) => return skipped(&format!("cgroups are not writable here ({why})")),
     };

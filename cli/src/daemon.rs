@@ -130,6 +130,8 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
             keep_alive: self.keep_alive.clone().map(KeepAliveParam::Text),
+            // The CLI shows a long prompt being computed.
+            progress: true,
             ..GenerateParams::default()
         }
     }
@@ -213,7 +215,13 @@ mod tests {
     #[test]
     fn flags_left_out_are_left_out_of_the_request() {
         let params = SamplingArgs::default().params();
-        assert_eq!(params, GenerateParams::default());
+        assert_eq!(
+            params,
+            GenerateParams {
+                progress: true,
+                ..GenerateParams::default()
+            }
+        );
         let greedy = SamplingArgs {
             greedy: true,
             max_tokens: Some(8),

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -143,6 +144,9 @@ pub struct Admission {
     pub slots: Arc<Semaphore>,
     /// Held from the first message on.
     pub slot: Option<OwnedSemaphorePermit>,
+    /// Set while a new connection waits for a pending place: connections that
+    /// have said nothing for a while then give theirs up.
+    pub room_wanted: Arc<AtomicBool>,
 }
 
 impl Admission {
@@ -249,11 +253,16 @@ pub async fn serve(
                     (true, None) => Some(now),
                     (true, since) => since,
                 };
-                let first_late = admission.slot.is_none()
-                    && now.duration_since(connected) >= limits.message;
+                // A client may connect long before its first request (an
+                // editor at start-up): a silent one only makes way when a new
+                // connection needs its place. A begun message must finish.
+                let silent_too_long = admission.slot.is_none()
+                    && partial_since.is_none()
+                    && now.duration_since(connected) >= limits.message
+                    && admission.room_wanted.load(Ordering::Relaxed);
                 let message_late =
                     partial_since.is_some_and(|since| now.duration_since(since) >= limits.message);
-                if first_late || message_late {
+                if silent_too_long || message_late {
                     debug!(timeout = ?limits.message, "closing a connection whose message is late");
                     break End::Gone;
                 }

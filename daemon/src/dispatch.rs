@@ -166,9 +166,11 @@ async fn generate(
     while let Some(event) = receiver.recv().await {
         match event {
             Event::Started { prompt_tokens } => {
-                let prompt_tokens = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
-                peer.notify(STARTED_NOTIFICATION, &StartedEvent { id, prompt_tokens })
-                    .await;
+                if params.progress {
+                    let prompt_tokens = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
+                    peer.notify(STARTED_NOTIFICATION, &StartedEvent { id, prompt_tokens })
+                        .await;
+                }
             }
             Event::Token { token, text } => {
                 if params.stream {

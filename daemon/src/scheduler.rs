@@ -604,13 +604,16 @@ impl Engine {
             conversation.clear();
         }
         // A turn that fails is not kept: the conversation stays as it was.
-        let before_turn = conversation.len();
+        let mut before_turn = conversation.len();
         let request = match &job.turn {
             Some(turn) => {
                 conversation.extend(turn.messages.iter().cloned());
-                let prompt = render_turn(loaded, &conversation, turn, &job.request);
+                let prompt = render_turn(loaded, &mut conversation, turn, &job.request);
                 match prompt {
-                    Ok(request) => Cow::Owned(request),
+                    Ok((request, dropped)) => {
+                        before_turn -= dropped;
+                        Cow::Owned(request)
+                    }
                     Err(error) => {
                         conversation.truncate(before_turn);
                         if let Some(name) = &job.session {
@@ -866,26 +869,52 @@ fn set_budget(store: &ExpertStore, directive: &Directive) {
 /// The prompt of a `chat` turn: the whole `conversation` rendered with the
 /// chat template, and the request's length fitted to the context when the
 /// client left it to the default.
+///
+/// A conversation that has outgrown the context drops its oldest turns (the
+/// system message stays) until the prompt fits with room for the reply, as a
+/// chat that goes on for long would otherwise fail at every turn; the turn
+/// being asked is never dropped. Returns how many messages went.
 fn render_turn(
     loaded: &LoadedModel,
-    conversation: &[ChatMessage],
+    conversation: &mut Vec<ChatMessage>,
     turn: &ChatTurn,
     request: &GenerateRequest,
-) -> Result<GenerateRequest, RpcError> {
+) -> Result<(GenerateRequest, usize), RpcError> {
     let tokenizer = loaded
         .tokenizer
         .as_deref()
         .ok_or_else(|| RpcError::new(ErrorCode::InvalidParams, "the model has no tokenizer"))?;
-    let prompt = tokenizer
-        .encode_chat(conversation)
-        .map_err(|error| RpcError::new(ErrorCode::InvalidParams, format!("messages: {error}")))?;
+    let context = loaded.model.context_length();
+    // The reply needs room too: what was asked, or with the default a quarter
+    // of the context at most.
+    let reply = if turn.fit_max_tokens {
+        request.max_tokens.min(context / 4).max(1)
+    } else {
+        request.max_tokens
+    };
+    let encode = |conversation: &[ChatMessage]| {
+        tokenizer
+            .encode_chat(conversation)
+            .map_err(|error| RpcError::new(ErrorCode::InvalidParams, format!("messages: {error}")))
+    };
+    let mut prompt = encode(conversation)?;
+    let mut dropped = 0;
+    let kept_first = usize::from(conversation.first().is_some_and(|m| m.role == "system"));
+    while prompt.len() + reply > context && conversation.len() > kept_first + turn.messages.len() {
+        conversation.remove(kept_first);
+        dropped += 1;
+        prompt = encode(conversation)?;
+    }
+    if dropped > 0 {
+        debug!(dropped, "conversation trimmed to fit the context");
+    }
     let mut request = request.clone();
     if turn.fit_max_tokens {
-        let room = loaded.model.context_length().saturating_sub(prompt.len());
+        let room = context.saturating_sub(prompt.len());
         request.max_tokens = request.max_tokens.min(room.max(1));
     }
     request.prompt = prompt;
-    Ok(request)
+    Ok((request, dropped))
 }
 
 /// A named conversation: its KV cache and tokens, the chat messages it holds

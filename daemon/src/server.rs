@@ -14,12 +14,13 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, broadcast, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::connection::{self, Admission, ConnectionLimits, busy};
@@ -260,6 +261,8 @@ struct Listener {
     /// Connections still waiting for their first message; bounded so that
     /// stalled connections cannot take every file descriptor.
     limit_pending: Arc<Semaphore>,
+    /// Tells silent pending connections to make way for a new one.
+    room_wanted: Arc<AtomicBool>,
     /// Dropped to tell every handler to finish.
     notify_shutdown: broadcast::Sender<()>,
     /// Cloned into every handler; when all clones are gone, all handlers are done.
@@ -273,6 +276,10 @@ const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duratio
 
 /// Connections that may wait for their first message, per client served.
 const PENDING_PER_CONNECTION: usize = 8;
+
+/// How long a new connection waits for silent ones to make way: a little
+/// more than the pause between two looks a connection takes at its timers.
+const MAKE_WAY: Duration = Duration::from_millis(1500);
 
 /// How long a graceful shutdown waits for connections to finish their answers.
 const GRACE: Duration = Duration::from_secs(10);
@@ -294,6 +301,7 @@ pub async fn run(
         listener: UnixListener::from_std(listener)?,
         limit_connections: Arc::new(Semaphore::new(max_connections)),
         limit_pending: Arc::new(Semaphore::new(max_connections * PENDING_PER_CONNECTION)),
+        room_wanted: Arc::new(AtomicBool::new(false)),
         notify_shutdown,
         shutdown_complete,
         state: Arc::clone(&state),
@@ -348,15 +356,16 @@ impl Listener {
             let shutdown = Shutdown::new(self.notify_shutdown.subscribe());
             let done = self.shutdown_complete.clone();
             let room = self.limit_connections.available_permits() > 0;
-            let pending = Arc::clone(&self.limit_pending).try_acquire_owned();
-            let admission = match pending {
-                Ok(pending) if room => Some(Admission {
-                    pending: Some(pending),
-                    slots: Arc::clone(&self.limit_connections),
-                    slot: None,
-                }),
-                _ => None,
+            let pending = match room {
+                true => self.pending_place().await,
+                false => None,
             };
+            let admission = pending.map(|pending| Admission {
+                pending: Some(pending),
+                slots: Arc::clone(&self.limit_connections),
+                slot: None,
+                room_wanted: Arc::clone(&self.room_wanted),
+            });
             tokio::spawn(async move {
                 let served = match admission {
                     Some(admission) => connection::serve(stream, state, shutdown, admission).await,
@@ -371,6 +380,20 @@ impl Listener {
                 drop(done);
             });
         }
+    }
+
+    /// A place among the connections waiting for their first message. When
+    /// none is free, connections that have said nothing for a while are asked
+    /// to make way, and their places are waited for briefly.
+    async fn pending_place(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(place) = Arc::clone(&self.limit_pending).try_acquire_owned() {
+            return Some(place);
+        }
+        self.room_wanted.store(true, Ordering::Relaxed);
+        let place = Arc::clone(&self.limit_pending).acquire_owned();
+        let place = tokio::time::timeout(MAKE_WAY, place).await;
+        self.room_wanted.store(false, Ordering::Relaxed);
+        place.ok().and_then(Result::ok)
     }
 
     /// The next client. Failures (such as running out of file descriptors)

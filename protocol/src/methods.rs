@@ -133,6 +133,11 @@ pub struct GenerateParams {
     /// Send `token` notifications while generating (default true).
     #[serde(default = "yes")]
     pub stream: bool,
+    /// Send a `started` notification when the request leaves the queue and
+    /// its prompt starts computing (default false: clients that do not expect
+    /// it, such as Neovim's rpcrequest, are not sent it).
+    #[serde(default)]
+    pub progress: bool,
     /// Keep this conversation's KV cache under this name, so the next turn prefills only what is
     /// new (longest common prefix).
     ///
@@ -170,6 +175,7 @@ impl Default for GenerateParams {
             seed: None,
             stop: Vec::new(),
             stream: true,
+            progress: false,
             session: None,
             new_conversation: false,
             keep_alive: None,
