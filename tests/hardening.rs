@@ -325,3 +325,132 @@ fn a_client_may_connect_long_before_its_first_request() {
             .is_ok()
     );
 }
+
+#[test]
+fn a_corrupt_expert_is_an_error_naming_its_file_never_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("qwen3.odmoe");
+    odmoe_e2e::odmoe_ok(&[
+        "convert",
+        fixture("qwen3_moe").to_str().unwrap(),
+        layout.to_str().unwrap(),
+    ]);
+    let mut experts: Vec<_> = std::fs::read_dir(layout.join("experts"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    experts.sort();
+    // Every expert of the first MoE layer, so that any prompt meets one.
+    let broken: Vec<_> = experts
+        .iter()
+        .filter(|path| path.to_string_lossy().contains("layer_00_"))
+        .collect();
+    assert!(!broken.is_empty(), "{experts:?}");
+    for path in &broken {
+        let mut bytes = std::fs::read(path).unwrap();
+        let middle = bytes.len() / 2;
+        let end = (middle + 4096).min(bytes.len());
+        bytes[middle..end].fill(0xFF);
+        std::fs::write(path, bytes).unwrap();
+    }
+    let mut daemon = Daemon::builder()
+        .model(&layout)
+        .args(["--expert-budget", "50%"])
+        .limit(LIMIT)
+        .spawn();
+    daemon.wait_until_listening();
+    let mut stream = connect(&daemon);
+    let mut buffer = Vec::new();
+    send(&mut stream, 1, "generate", &greedy("Hello", 8));
+    let error = response(&mut stream, &mut buffer)
+        .unwrap()
+        .outcome
+        .expect_err("a corrupt expert gives an error, not output");
+    assert!(
+        error.message.contains("checksum mismatch"),
+        "{}",
+        error.message
+    );
+    assert!(error.message.contains("layer_00_"), "{}", error.message);
+    // Quarantined: asked again, the same error without a new read; the daemon serves on.
+    send(&mut stream, 2, "generate", &greedy("Hello", 8));
+    let again = response(&mut stream, &mut buffer).unwrap().outcome;
+    assert!(again.is_err());
+    send(&mut stream, 3, "stats", &serde_json::json!({}));
+    let stats: odmoe_protocol::StatsResult =
+        odmoe_protocol::from_value(response(&mut stream, &mut buffer).unwrap().outcome.unwrap())
+            .unwrap();
+    let store = stats.store.expect("experts on demand");
+    assert!(store.read_errors >= 1, "{store:?}");
+    assert!(daemon.alive());
+}
+
+/// CPU seconds the process has used (user and system), from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at its closing parenthesis.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as f64;
+    ticks / per_second
+}
+
+#[test]
+fn a_bad_field_is_refused_before_a_long_prompt_is_tokenized() {
+    let mut daemon = Daemon::builder()
+        .model(fixture("qwen3_moe"))
+        .limit(LIMIT)
+        .spawn();
+    daemon.wait_until_listening();
+    let mut stream = connect(&daemon);
+    let mut buffer = Vec::new();
+    let huge = "the quick brown fox jumps over the lazy dog ".repeat(340_000);
+    let mut bad = greedy(&huge, 8);
+    bad.temperature = Some(-1.0);
+    let before = cpu_seconds(daemon.pid());
+    send(&mut stream, 1, "generate", &bad);
+    let error = response(&mut stream, &mut buffer)
+        .unwrap()
+        .outcome
+        .unwrap_err();
+    let spent = cpu_seconds(daemon.pid()) - before;
+    assert!(
+        error.message.starts_with("temperature: "),
+        "{}",
+        error.message
+    );
+    // Tokenizing 15 MB takes seconds of CPU; reading and checking it, a small part of one.
+    println!("refusing a 15 MB prompt's bad temperature took {spent:.2} CPU seconds");
+    assert!(
+        spent < 1.0,
+        "{spent:.2} CPU seconds: the prompt was tokenized first"
+    );
+
+    // While a long prompt is tokenized, another client is answered.
+    let mut long = greedy(&huge, 8);
+    long.max_tokens = Some(1);
+    send(&mut stream, 2, "generate", &long);
+    let mut other = connect(&daemon);
+    send(&mut other, 1, "hello", &serde_json::json!({}));
+    assert!(
+        response(&mut other, &mut Vec::new())
+            .unwrap()
+            .outcome
+            .is_ok()
+    );
+    stream.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let still_working = matches!(
+        stream.read(&mut byte),
+        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock
+    );
+    println!("hello answered while the long prompt was still being tokenized: {still_working}");
+    stream.set_nonblocking(false).unwrap();
+    let refused = response(&mut stream, &mut buffer)
+        .unwrap()
+        .outcome
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::ContextLengthExceeded);
+}

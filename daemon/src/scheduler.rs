@@ -874,6 +874,10 @@ fn set_budget(store: &ExpertStore, directive: &Directive) {
 /// system message stays) until the prompt fits with room for the reply, as a
 /// chat that goes on for long would otherwise fail at every turn; the turn
 /// being asked is never dropped. Returns how many messages went.
+///
+/// A prompt computed again after trimming costs the whole prompt's attention
+/// at once until long-context prefill lands, hence trimming to well below the
+/// limit rather than to just under it.
 fn render_turn(
     loaded: &LoadedModel,
     conversation: &mut Vec<ChatMessage>,
@@ -900,7 +904,15 @@ fn render_turn(
     let mut prompt = encode(conversation)?;
     let mut dropped = 0;
     let kept_first = usize::from(conversation.first().is_some_and(|m| m.role == "system"));
-    while prompt.len() + reply > context && conversation.len() > kept_first + turn.messages.len() {
+    // Once it must trim, it trims to three quarters of the context: the prompt
+    // is then computed again from the first changed token, and that should not
+    // happen at every turn.
+    let target = if prompt.len() + reply > context {
+        context * 3 / 4
+    } else {
+        context
+    };
+    while prompt.len() + reply > target && conversation.len() > kept_first + turn.messages.len() {
         conversation.remove(kept_first);
         dropped += 1;
         prompt = encode(conversation)?;

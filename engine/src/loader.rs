@@ -138,9 +138,18 @@ const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 /// The tokenizer of the checkpoint at `path`, when it has one.
 pub fn load_tokenizer(path: &Path) -> Result<Option<Tokenizer>> {
     match checkpoint_kind(path)? {
-        Checkpoint::Gguf => Tokenizer::from_gguf(&GgufFile::open(path, &Device::Cpu)?).map(Some),
+        Checkpoint::Gguf => gguf_tokenizer(&GgufFile::open(path, &Device::Cpu)?),
         _ => tokenizer_in_dir(path),
     }
+}
+
+/// The tokenizer a GGUF file's metadata describes, when it has one (files written without a
+/// vocabulary, such as test models, are served by token ids).
+fn gguf_tokenizer(gguf: &GgufFile) -> Result<Option<Tokenizer>> {
+    if gguf.meta_str("tokenizer.ggml.model").is_err() {
+        return Ok(None);
+    }
+    Tokenizer::from_gguf(gguf).map(Some)
 }
 
 /// The tokenizer of a Hugging Face directory or odmoe layout, when it has a `tokenizer.json`.
@@ -223,8 +232,8 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
             let gguf = GgufFile::open(path, device)?.keep_quantized(options.quantized_base);
             let config = gguf.model_config()?;
             let source = GgufSource::new(&config, &gguf, options.bypass_page_cache)?;
-            let tokenizer = Tokenizer::from_gguf(&gguf)?;
-            (config, Box::new(gguf), Arc::new(source), Some(tokenizer))
+            let tokenizer = gguf_tokenizer(&gguf)?;
+            (config, Box::new(gguf), Arc::new(source), tokenizer)
         }
         Checkpoint::Layout => {
             let manifest = Manifest::load(path)?;
