@@ -38,9 +38,8 @@ impl DaemonExt for Daemon {
     }
 
     fn odmoe_with_input(&self, args: &[&str], stdin: &str) -> Output {
-        let mut child = isolated(Command::new(binary("odmoe")), self.dir())
-            .args(args)
-            .args(["--socket", s(self.socket())])
+        let mut child = self
+            .odmoe_command(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -248,15 +247,13 @@ fn chat_with_piped_stdin_prints_the_reply() {
 #[test]
 fn interrupting_a_completion_cancels_it() {
     let daemon = Daemon::start();
-    let mut child = isolated(Command::new(binary("odmoe")), daemon.dir())
-        .args([
+    let mut child = daemon
+        .odmoe_command(&[
             "complete",
             "Once upon a time",
             "--ignore-eos",
             "--max-tokens",
             "3500",
-            "--socket",
-            s(daemon.socket()),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -58,6 +58,13 @@ fn closed_within(stream: &mut UnixStream, wait: Duration) -> bool {
     closed
 }
 
+/// Says `hello` on `stream` and asserts that it is answered.
+fn assert_hello(stream: &mut UnixStream) {
+    send(stream, 1, "hello", &serde_json::json!({}));
+    let answer = response(stream, &mut Vec::new()).expect("an answer");
+    assert!(answer.outcome.is_ok(), "{answer:?}");
+}
+
 fn greedy(prompt: &str, max_tokens: u32) -> GenerateParams {
     GenerateParams {
         prompt: Some(prompt.into()),
@@ -99,9 +106,7 @@ fn stalled_connections_cannot_lock_out_a_client_and_are_dropped() {
         .collect();
     let started = Instant::now();
     let mut client = connect(&daemon);
-    send(&mut client, 1, "hello", &serde_json::json!({}));
-    let answered = response(&mut client, &mut Vec::new()).expect("an answer");
-    assert!(answered.outcome.is_ok(), "{answered:?}");
+    assert_hello(&mut client);
     println!(
         "answered after {:?} beside 200 stalled connections",
         started.elapsed()
@@ -120,15 +125,9 @@ fn a_client_beyond_the_limit_is_told_the_daemon_is_busy() {
     let mut daemon = Daemon::builder().config(LIMITED).limit(LIMIT).spawn();
     daemon.wait_until_listening();
     let mut idle: Vec<UnixStream> = Vec::new();
-    for msgid in 0..4 {
+    for _ in 0..4 {
         let mut stream = connect(&daemon);
-        send(&mut stream, msgid + 1, "hello", &serde_json::json!({}));
-        assert!(
-            response(&mut stream, &mut Vec::new())
-                .unwrap()
-                .outcome
-                .is_ok()
-        );
+        assert_hello(&mut stream);
         idle.push(stream);
     }
     let mut fifth = connect(&daemon);
@@ -143,13 +142,7 @@ fn a_client_beyond_the_limit_is_told_the_daemon_is_busy() {
     drop(idle.pop());
     std::thread::sleep(Duration::from_millis(200));
     let mut next = connect(&daemon);
-    send(&mut next, 1, "hello", &serde_json::json!({}));
-    assert!(
-        response(&mut next, &mut Vec::new())
-            .unwrap()
-            .outcome
-            .is_ok()
-    );
+    assert_hello(&mut next);
 }
 
 #[test]
@@ -317,13 +310,7 @@ fn a_client_may_connect_long_before_its_first_request() {
     daemon.wait_until_listening();
     let mut early = connect(&daemon);
     std::thread::sleep(Duration::from_secs(4));
-    send(&mut early, 1, "hello", &serde_json::json!({}));
-    assert!(
-        response(&mut early, &mut Vec::new())
-            .unwrap()
-            .outcome
-            .is_ok()
-    );
+    assert_hello(&mut early);
 }
 
 #[test]
@@ -433,13 +420,7 @@ fn a_bad_field_is_refused_before_a_long_prompt_is_tokenized() {
     long.max_tokens = Some(1);
     send(&mut stream, 2, "generate", &long);
     let mut other = connect(&daemon);
-    send(&mut other, 1, "hello", &serde_json::json!({}));
-    assert!(
-        response(&mut other, &mut Vec::new())
-            .unwrap()
-            .outcome
-            .is_ok()
-    );
+    assert_hello(&mut other);
     stream.set_nonblocking(true).unwrap();
     let mut byte = [0u8; 1];
     let still_working = matches!(

@@ -207,6 +207,15 @@ impl Daemon {
         }
     }
 
+    /// `odmoe ARGS --socket SOCKET` for it, with its home in the daemon's directory (see
+    /// [`isolate`]), not yet started.
+    pub fn odmoe_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(binary("odmoe"));
+        isolate(&mut command, self.dir());
+        command.args(args).arg("--socket").arg(&self.socket);
+        command
+    }
+
     /// A client connected to it.
     pub async fn client(&self) -> Client {
         timeout(self.limit, Client::connect(&self.socket))

@@ -1,7 +1,6 @@
 //! `odmoe models`: what the daemon has loaded and the models in its `models_dir`, which
 //! `odmoe load NAME` takes by name.
 
-use std::fmt::Write as _;
 use std::io::Write;
 
 use anyhow::Result;
@@ -76,21 +75,7 @@ fn table(models: &ModelsResult) -> String {
             experts,
         ]);
     }
-    let mut widths = [0; 5];
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let mut line = String::new();
-        for (cell, width) in row.iter().zip(widths) {
-            let _ = write!(line, "{cell:<width$}  ");
-        }
-        let _ = writeln!(out, "{}", line.trim_end());
-    }
-    out
+    crate::stats::aligned(&rows)
 }
 
 #[cfg(test)]

@@ -360,14 +360,19 @@ fn ps_table(ps: &Ps<'_>) -> String {
             until,
         ],
     ];
-    let mut widths = [0; 7];
-    for row in &rows {
+    aligned(&rows)
+}
+
+/// Rows of cells as text, each column as wide as its widest cell.
+pub fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0; N];
+    for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    for row in &rows {
+    for row in rows {
         let mut line = String::new();
         for (cell, width) in row.iter().zip(widths) {
             let _ = write!(line, "{cell:<width$}  ");
