@@ -20,7 +20,7 @@ for target in decode_message params; do
   mkdir -p "$corpus"
   echo "fuzz: $target, $runs executions"
   (cd fuzz && cargo +nightly fuzz run "$target" "corpus/$target" -- \
-    -runs="$runs" -max_len=4096 -print_final_stats=1 2>&1) | grep -E "stat::number_of_executed_units|Done|ERROR|panicked" || true
+    -runs="$runs" -max_len=4096 -rss_limit_mb=4096 -print_final_stats=1 2>&1) | grep -E "stat::number_of_executed_units|Done|ERROR|panicked" || true
   [ -z "$(ls -A fuzz/artifacts/"$target" 2>/dev/null)" ] || {
     echo "fuzz: $target found crashes in fuzz/artifacts/$target" >&2
     exit 1
