@@ -192,22 +192,6 @@ pub async fn ctrl_c() {
     }
 }
 
-/// `bytes` with one decimal in the largest binary unit below it, e.g. `"3.1 GiB"`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,12 +232,5 @@ mod tests {
                 .to_string()
                 .contains("start it")
         );
-    }
-
-    #[test]
-    fn sizes_read_as_people_read_them() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 }

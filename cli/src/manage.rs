@@ -9,7 +9,8 @@ use clap::Args;
 use odmoe_engine::format::size::parse_budget_size;
 use odmoe_protocol::{LoadParams, Method, ModelInfo};
 
-use crate::daemon::{self, SocketArgs, human_bytes};
+use crate::daemon::{self, SocketArgs};
+use odmoe_engine::format::size::format_bytes;
 
 #[derive(Args)]
 pub struct LoadArgs {
@@ -72,7 +73,7 @@ pub fn load(args: LoadArgs) -> Result<()> {
         writeln!(stdout, "{}", serde_json::to_string_pretty(&model)?)?;
     } else {
         let budget = match model.budget_bytes {
-            Some(budget) => format!(", expert budget {}", human_bytes(budget)),
+            Some(budget) => format!(", expert budget {}", format_bytes(budget)),
             None => String::new(),
         };
         writeln!(

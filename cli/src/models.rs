@@ -7,7 +7,8 @@ use anyhow::Result;
 use clap::Args;
 use odmoe_protocol::ModelsResult;
 
-use crate::daemon::{self, SocketArgs, human_bytes};
+use crate::daemon::{self, SocketArgs};
+use odmoe_engine::format::size::format_bytes;
 
 #[derive(Args)]
 pub struct ModelsArgs {
@@ -70,7 +71,7 @@ fn table(models: &ModelsResult) -> String {
         rows.push([
             format!("{}{mark}", model.name),
             model.format.clone(),
-            human_bytes(model.size_bytes),
+            format_bytes(model.size_bytes),
             model.architecture.clone(),
             experts,
         ]);

@@ -9,7 +9,8 @@ use clap::Args;
 use odmoe_protocol::{MemoryStats, StatsResult};
 use serde::Serialize;
 
-use crate::daemon::{self, SocketArgs, human_bytes};
+use crate::daemon::{self, SocketArgs};
+use odmoe_engine::format::size::format_bytes;
 
 #[derive(Args)]
 #[command(
@@ -96,7 +97,7 @@ pub fn summary(stats: &StatsResult) -> String {
         stats.server_version,
         stats.pid,
         duration(stats.uptime_s),
-        human_bytes(stats.rss_bytes)
+        format_bytes(stats.rss_bytes)
     );
     match &stats.model {
         None => {
@@ -116,8 +117,8 @@ pub fn summary(stats: &StatsResult) -> String {
                 out,
                 "mode      {}, experts {} in all ({} each)",
                 model.mode,
-                human_bytes(model.total_expert_bytes),
-                human_bytes(model.expert_bytes)
+                format_bytes(model.total_expert_bytes),
+                format_bytes(model.expert_bytes)
             );
         }
     }
@@ -133,8 +134,8 @@ pub fn summary(stats: &StatsResult) -> String {
         let _ = writeln!(
             out,
             "budget    {} resident of {}{}, {} experts",
-            human_bytes(store.resident_bytes),
-            human_bytes(store.budget_bytes),
+            format_bytes(store.resident_bytes),
+            format_bytes(store.budget_bytes),
             budget_share,
             store.resident_experts
         );
@@ -152,7 +153,7 @@ pub fn summary(stats: &StatsResult) -> String {
         let _ = writeln!(
             out,
             "reads     {} in {} reads ({} failed), latency p50 {} p99 {}, stalled {}",
-            human_bytes(store.bytes_read),
+            format_bytes(store.bytes_read),
             store.reads,
             store.read_errors,
             micros(store.read_latency_p50_us),
@@ -177,7 +178,7 @@ pub fn summary(stats: &StatsResult) -> String {
         out,
         "sessions  {} (KV caches {})",
         stats.sessions.count,
-        human_bytes(stats.sessions.kv_bytes)
+        format_bytes(stats.sessions.kv_bytes)
     );
     if let Some(memory) = &stats.memory {
         out.push_str(&memory_summary(memory, stats.uptime_s, 3));
@@ -200,7 +201,7 @@ pub fn memory_summary(memory: &MemoryStats, uptime_s: f64, adjustments: usize) -
         memory.floor_bytes,
         memory.ceiling_bytes,
     ) {
-        let budget = memory.budget_bytes.map_or("-".into(), human_bytes);
+        let budget = memory.budget_bytes.map_or("-".into(), format_bytes);
         let growth = match memory.grow_in_s {
             Some(secs) if secs > 0.0 => format!(", grows back in {}", duration(secs)),
             Some(_) => ", growing back".to_owned(),
@@ -209,9 +210,9 @@ pub fn memory_summary(memory: &MemoryStats, uptime_s: f64, adjustments: usize) -
         let _ = writeln!(
             out,
             "          expert budget {budget}, target {} (floor {}, ceiling {}){growth}{}",
-            human_bytes(target),
-            human_bytes(floor),
-            human_bytes(ceiling),
+            format_bytes(target),
+            format_bytes(floor),
+            format_bytes(ceiling),
             if memory.adapt {
                 ""
             } else {
@@ -221,12 +222,12 @@ pub fn memory_summary(memory: &MemoryStats, uptime_s: f64, adjustments: usize) -
     }
     let base = memory
         .base_bytes
-        .map(|base| format!("model base {}, ", human_bytes(base)))
+        .map(|base| format!("model base {}, ", format_bytes(base)))
         .unwrap_or_default();
     let _ = writeln!(
         out,
         "          {base}KV reserve {}; watching {}",
-        human_bytes(memory.kv_reserve_bytes),
+        format_bytes(memory.kv_reserve_bytes),
         memory.source
     );
     let recent = memory.adjustments.len().saturating_sub(adjustments);
@@ -235,8 +236,8 @@ pub fn memory_summary(memory: &MemoryStats, uptime_s: f64, adjustments: usize) -
             out,
             "adjusted  {} ago: {} -> {}, {}",
             duration(uptime_s - adjustment.at_s),
-            human_bytes(adjustment.from_bytes),
-            human_bytes(adjustment.to_bytes),
+            format_bytes(adjustment.from_bytes),
+            format_bytes(adjustment.to_bytes),
             adjustment.reason
         );
     }
@@ -322,10 +323,10 @@ fn write_or_closed(
 fn ps_table(ps: &Ps<'_>) -> String {
     let memory = match (ps.resident_bytes, ps.budget_bytes) {
         (Some(resident), Some(budget)) => {
-            format!("{} / {}", human_bytes(resident), human_bytes(budget))
+            format!("{} / {}", format_bytes(resident), format_bytes(budget))
         }
         _ if ps.mode == Some("dense") => "none (dense)".into(),
-        (Some(resident), None) => format!("{} (all)", human_bytes(resident)),
+        (Some(resident), None) => format!("{} (all)", format_bytes(resident)),
         _ => "-".into(),
     };
     let until = match (ps.model, ps.unloads_in_s) {
@@ -335,7 +336,7 @@ fn ps_table(ps: &Ps<'_>) -> String {
     };
     let pressure = match (ps.pressure, ps.target_bytes, ps.budget_bytes) {
         (Some(level), Some(target), Some(budget)) if target != budget => {
-            format!("{level}, budget -> {}", human_bytes(target))
+            format!("{level}, budget -> {}", format_bytes(target))
         }
         (Some(level), ..) => level.to_owned(),
         (None, ..) => "-".into(),

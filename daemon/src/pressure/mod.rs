@@ -27,6 +27,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use odmoe_config::MemoryConfig;
+use odmoe_engine::format::size::format_bytes;
 use odmoe_protocol::{BudgetAdjustment, MemoryStats};
 use tracing::{info, warn};
 
@@ -265,10 +266,10 @@ impl Pressure {
         let policy = BudgetPolicy::new(self.params.clone(), model.floor(), ceiling, start);
         let start = policy.target();
         info!(
-            budget = %bytes(start),
-            floor = %bytes(policy.floor()),
-            ceiling = %bytes(policy.ceiling()),
-            base = %bytes(model.base_bytes),
+            budget = %format_bytes(start),
+            floor = %format_bytes(policy.floor()),
+            ceiling = %format_bytes(policy.ceiling()),
+            base = %format_bytes(model.base_bytes),
             adapt = self.config.adapt,
             "expert budget set"
         );
@@ -298,9 +299,9 @@ impl Pressure {
                 );
                 if auto < model.floor() {
                     warn!(
-                        limit = %bytes(limit),
-                        base = %bytes(model.base_bytes),
-                        floor = %bytes(model.floor()),
+                        limit = %format_bytes(limit),
+                        base = %format_bytes(model.base_bytes),
+                        floor = %format_bytes(model.floor()),
                         "memory is short for this model: the expert budget starts at its floor"
                     );
                 }
@@ -447,10 +448,10 @@ impl Pressure {
             let why = format!("{}: {reason}", change.why);
             match change.direction {
                 Direction::Shrink => {
-                    info!(from = %bytes(change.from), to = %bytes(change.to), reason = %why, "expert budget shrunk");
+                    info!(from = %format_bytes(change.from), to = %format_bytes(change.to), reason = %why, "expert budget shrunk");
                 }
                 Direction::Grow => {
-                    info!(from = %bytes(change.from), to = %bytes(change.to), reason = %why, "expert budget grown");
+                    info!(from = %format_bytes(change.from), to = %format_bytes(change.to), reason = %why, "expert budget grown");
                 }
             }
             self.record(&mut inner, change.from, change.to, why);
@@ -475,17 +476,20 @@ impl Pressure {
         let critical_at = self.config.critical_headroom.of(headroom.limit);
         let left = format!(
             "{} left of {} ({} limit)",
-            bytes(headroom.available),
+            format_bytes(headroom.available),
             headroom.scope,
-            bytes(headroom.limit)
+            format_bytes(headroom.limit)
         );
         let (level, reason) = if headroom.available < critical_at {
             (
                 Level::Critical,
-                format!("{left}, below {}", bytes(critical_at)),
+                format!("{left}, below {}", format_bytes(critical_at)),
             )
         } else if headroom.available < warn_at {
-            (Level::Warn, format!("{left}, below {}", bytes(warn_at)))
+            (
+                Level::Warn,
+                format!("{left}, below {}", format_bytes(warn_at)),
+            )
         } else {
             (Level::Normal, left)
         };
@@ -571,22 +575,6 @@ pub fn return_freed_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
         nix::libc::malloc_trim(0);
-    }
-}
-
-/// Bytes as a person reads them: `1.5 GiB`, `320 KiB`.
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
     }
 }
 
@@ -783,12 +771,5 @@ mod tests {
         pressure.simulate(Some(Level::Critical));
         assert!(directives.lock().unwrap().is_empty());
         assert_eq!(pressure.stats(None).level, "critical");
-    }
-
-    #[test]
-    fn bytes_read_well() {
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(1536), "1.5 KiB");
-        assert_eq!(bytes(3 << 30), "3.0 GiB");
     }
 }
