@@ -573,3 +573,28 @@ fn a_request_over_the_size_limit_is_explained_by_the_client() {
     assert!(stderr.contains("16777216"), "{stderr}");
     assert!(!stderr.contains("Broken pipe"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_chat_session_forgets_its_oldest_turns_instead_of_failing() {
+    let mut daemon = Daemon::builder()
+        .model(fixture("qwen3_moe"))
+        .args(["--context-length", "128"])
+        .limit(LIMIT)
+        .spawn();
+    daemon.wait_until_serving().await;
+    let mut client = daemon.client().await;
+    let mut prompt_tokens = Vec::new();
+    for turn in 0..20 {
+        let text = format!("This is turn number {turn} of a long conversation.");
+        let params = greedy(None, &[("user", text.as_str())], Some("long"));
+        let result = call(&mut client, Method::Chat, &params)
+            .await
+            .unwrap_or_else(|error| panic!("turn {turn}: {error}"));
+        assert!(result.usage.prompt_tokens + result.usage.completion_tokens <= 128);
+        prompt_tokens.push(result.usage.prompt_tokens);
+    }
+    // The conversation grew past three quarters of the context, and was trimmed back.
+    assert!(prompt_tokens.iter().any(|&n| n > 96), "{prompt_tokens:?}");
+    let trimmed = prompt_tokens.windows(2).any(|pair| pair[1] < pair[0]);
+    assert!(trimmed, "{prompt_tokens:?}");
+}
