@@ -226,7 +226,11 @@ async fn an_hour_of_clients_under_a_memory_limit() {
         .filter(|(at, _)| *at >= seconds / 10)
         .map(|(_, rss)| *rss)
         .collect();
-    assert!(warm.len() >= 12, "too short a soak to judge: {} samples", warm.len());
+    assert!(
+        warm.len() >= 12,
+        "too short a soak to judge: {} samples",
+        warm.len()
+    );
     let median = |xs: &[u64]| {
         let mut xs = xs.to_vec();
         xs.sort_unstable();

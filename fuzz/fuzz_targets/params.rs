@@ -7,10 +7,19 @@ use libfuzzer_sys::fuzz_target;
 use odmoe_config::{KeepAlive, parse_size};
 use odmoe_protocol::{
     CancelParams, GenerateParams, HelloParams, LoadParams, PressureParams, Request, Value,
+    frame_len,
 };
 
+/// The daemon's message limit is larger; a small one keeps the fuzzer's inputs cheap.
+const LIMIT: usize = 4096;
+
 fuzz_target!(|bytes: &[u8]| {
-    let Ok(value) = rmpv::decode::read_value(&mut &bytes[..]) else {
+    // As the daemon does: a value is decoded only once its frame is known to fit the limit (a
+    // declared length is never trusted for an allocation).
+    let Ok(Some(len)) = frame_len(bytes, LIMIT) else {
+        return;
+    };
+    let Ok(value) = rmpv::decode::read_value(&mut &bytes[..len]) else {
         return;
     };
     let request = |params: Value| Request {
