@@ -58,6 +58,16 @@ fn closed_within(stream: &mut UnixStream, wait: Duration) -> bool {
     closed
 }
 
+/// An `odmoed` serving the Qwen3-MoE fixture, listening.
+fn serving_fixture() -> Daemon {
+    let mut daemon = Daemon::builder()
+        .model(fixture("qwen3_moe"))
+        .limit(LIMIT)
+        .spawn();
+    daemon.wait_until_listening();
+    daemon
+}
+
 /// Says `hello` on `stream` and asserts that it is answered.
 fn assert_hello(stream: &mut UnixStream) {
     send(stream, 1, "hello", &serde_json::json!({}));
@@ -187,11 +197,7 @@ fn requests_pipelined_without_reading_do_not_grow_the_daemon() {
 
 #[test]
 fn a_half_closed_client_still_gets_its_answers() {
-    let mut daemon = Daemon::builder()
-        .model(fixture("qwen3_moe"))
-        .limit(LIMIT)
-        .spawn();
-    daemon.wait_until_listening();
+    let daemon = serving_fixture();
     for _ in 0..5 {
         let mut stream = connect(&daemon);
         send(&mut stream, 1, "hello", &serde_json::json!({}));
@@ -212,11 +218,7 @@ fn a_half_closed_client_still_gets_its_answers() {
 
 #[test]
 fn a_msgid_in_flight_is_not_reused_and_cancel_reaches_its_generation() {
-    let mut daemon = Daemon::builder()
-        .model(fixture("qwen3_moe"))
-        .limit(LIMIT)
-        .spawn();
-    daemon.wait_until_listening();
+    let daemon = serving_fixture();
     let mut stream = connect(&daemon);
     let mut long = greedy("Once upon a time", 3000);
     long.ignore_eos = true;
@@ -386,11 +388,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 #[test]
 fn a_bad_field_is_refused_before_a_long_prompt_is_tokenized() {
-    let mut daemon = Daemon::builder()
-        .model(fixture("qwen3_moe"))
-        .limit(LIMIT)
-        .spawn();
-    daemon.wait_until_listening();
+    let daemon = serving_fixture();
     let mut stream = connect(&daemon);
     let mut buffer = Vec::new();
     let huge = "the quick brown fox jumps over the lazy dog ".repeat(340_000);
