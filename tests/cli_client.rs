@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use odmoe_e2e::{Daemon, binary, fixture, isolate, odmoe_ok};
@@ -19,9 +19,6 @@ trait DaemonExt {
     /// temporary directory, listening.
     fn start() -> Self;
 
-    /// `odmoe ARGS --socket SOCKET` with `stdin`.
-    fn odmoe_with_input(&self, args: &[&str], stdin: &str) -> Output;
-
     /// `odmoe ARGS --socket SOCKET`, which must succeed; its stdout.
     fn odmoe_ok(&self, args: &[&str]) -> String;
 }
@@ -35,26 +32,6 @@ impl DaemonExt for Daemon {
             .spawn();
         daemon.wait_until_listening();
         daemon
-    }
-
-    fn odmoe_with_input(&self, args: &[&str], stdin: &str) -> Output {
-        let mut child = self
-            .odmoe_command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn odmoe");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let output = child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!stderr.contains("panicked"), "odmoe panicked: {stderr}");
-        output
     }
 
     fn odmoe_ok(&self, args: &[&str]) -> String {

@@ -9,6 +9,7 @@ pub mod cgroup;
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -214,6 +215,28 @@ impl Daemon {
         isolate(&mut command, self.dir());
         command.args(args).arg("--socket").arg(&self.socket);
         command
+    }
+
+    /// `odmoe ARGS --socket SOCKET` for it with `stdin`; its output, whatever the status,
+    /// failing if odmoe panicked.
+    pub fn odmoe_with_input(&self, args: &[&str], stdin: &str) -> Output {
+        let mut child = self
+            .odmoe_command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn odmoe");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("panicked"), "odmoe panicked: {stderr}");
+        output
     }
 
     /// A client connected to it.

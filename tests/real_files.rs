@@ -138,24 +138,7 @@ async fn call(
 
 /// `odmoe ARGS --socket SOCKET` with `stdin`, which must succeed; its stdout.
 fn odmoe_piped(daemon: &Daemon, args: &[&str], stdin: &str) -> String {
-    use std::io::Write;
-    let mut command = Command::new(binary("odmoe"));
-    isolate(&mut command, daemon.dir());
-    let mut child = command
-        .args(args)
-        .args(["--socket", s(daemon.socket())])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = daemon.odmoe_with_input(args, stdin);
     assert!(
         output.status.success(),
         "odmoe {args:?}: {}",
