@@ -27,8 +27,10 @@
 
 pub mod error;
 pub mod eval;
+pub mod expert;
 pub mod format;
 pub mod generate;
+pub mod kernels;
 pub mod loader;
 pub mod model;
 pub mod predict;

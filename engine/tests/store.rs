@@ -19,7 +19,7 @@ use odmoe_engine::format::gguf::{GgufFile, stacked_expert_names};
 use odmoe_engine::format::layout::{MANIFEST, Manifest};
 use odmoe_engine::format::safetensors::HfWeights;
 use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
-use odmoe_engine::model::layers::GluMlp;
+use odmoe_engine::expert::GluMlp;
 use odmoe_engine::model::{Logits, Model, ModelConfig, expert_tensor_names};
 use odmoe_engine::store::{ExpertSource, ExpertStore, PolicyKind, StoreConfig};
 

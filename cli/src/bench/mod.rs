@@ -70,7 +70,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
 fn dtype() -> Result<()> {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{DType, Device, Module, Tensor};
-    use odmoe_engine::model::layers::Projection;
+    use odmoe_engine::kernels::Projection;
 
     let device = Device::Cpu;
     let weight = Tensor::randn(0f32, 0.1, (768, 2048), &device)?;
@@ -106,7 +106,7 @@ fn dtype() -> Result<()> {
         kernel.push(Box::new(move |x| Ok(p.forward(x)?)));
     }
     rows.push(("Q8_0, candle".into(), q8_0_bytes, candle));
-    let kernel_name = if odmoe_engine::model::q8_0::available() {
+    let kernel_name = if odmoe_engine::kernels::q8_0::available() {
         "Q8_0, odmoe kernel"
     } else {
         "Q8_0, odmoe (no AVX2: candle)"

@@ -42,7 +42,7 @@ use super::layout::{
 };
 use super::safetensors::HfWeights;
 use crate::error::{Error, Result};
-use crate::model::moe::ResidentExperts;
+use crate::expert::ResidentExperts;
 use crate::model::{Architecture, Model, ModelConfig, expert_tensor_names};
 use crate::tokenizer::Tokenizer;
 

@@ -16,7 +16,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module};
 
 use super::config::{DeepseekConfig, ModelConfig, YarnScaling};
-use super::layers::{GluMlp, KvCache, RmsNorm, Rotary, causal_mask, linear};
+use super::layers::{KvCache, RmsNorm, Rotary, causal_mask, glu_mlp, linear};
 use super::moe::{MoeBlock, Scoring, SharedExpert};
 use super::{DecoderLayer, FeedForward, SelfAttention, llama};
 use crate::error::{Error, Result};
@@ -33,7 +33,7 @@ pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<D
     let ffn = if cfg.is_moe_layer(i) {
         let shared = match cfg.shared_expert_intermediate_size {
             Some(width) => Some(SharedExpert {
-                mlp: GluMlp::load(
+                mlp: glu_mlp(
                     w,
                     ["gate_proj", "up_proj", "down_proj"]
                         .map(|n| format!("{p}.mlp.shared_experts.{n}"))
@@ -70,7 +70,7 @@ pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<D
         let width = cfg.dense_intermediate_size.ok_or_else(|| {
             Error::InvalidRequest("dense DeepSeek layers need intermediate_size".into())
         })?;
-        FeedForward::Dense(GluMlp::load(
+        FeedForward::Dense(glu_mlp(
             w,
             llama::dense_mlp_names(i).each_ref().map(String::as_str),
             h,

@@ -1,12 +1,12 @@
 //! Layers shared by every architecture: RMSNorm, rotary embeddings, grouped-query attention with
-//! a KV cache, and the SwiGLU feed-forward used by experts.
+//! a KV cache, and loading projections and feed-forwards from a checkpoint.
 
-use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Linear, Module};
+use candle_nn::Linear;
 
 use super::config::ModelConfig;
-use super::q8_0;
+use crate::expert::GluMlp;
+use crate::kernels::Projection;
 use crate::error::Result;
 use crate::format::WeightSource;
 
@@ -28,63 +28,19 @@ fn load_bias(w: &dyn WeightSource, prefix: &str, out: usize, bias: bool) -> Resu
         .transpose()
 }
 
-/// A projection `x W^T (+ b)` whose weight is f32 or, from a GGUF file, its stored quantized
-/// type: attention and the output head of a large quantized model then take a quarter of the
-/// memory and compute from fewer bytes.
-#[derive(Clone, Debug)]
-pub struct Projection {
-    weight: QMatMul,
-    bias: Option<Tensor>,
-}
-
-impl Projection {
-    pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
-    }
-
-    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`) as a projection `in -> out`.
-    pub fn load(
-        w: &dyn WeightSource,
-        prefix: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-    ) -> Result<Self> {
-        Ok(Self {
-            weight: w.matrix(&format!("{prefix}.weight"), &[out, inp])?,
-            bias: load_bias(w, prefix, out, bias)?,
-        })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(Self::forward_all(&[self], x)?.remove(0))
-    }
-
-    /// Each projection of `all` applied to the same `x`: when all are Q8_0 the kernel quantizes
-    /// `x` once and computes them together.
-    pub fn forward_all(all: &[&Self], x: &Tensor) -> Result<Vec<Tensor>> {
-        let products = match all
-            .iter()
-            .map(|p| q8_0::eligible(&p.weight, x))
-            .collect::<Option<Vec<_>>>()
-        {
-            Some(weights) => q8_0::forward(&weights, x)?,
-            None => all
-                .iter()
-                .map(|p| p.weight.forward(x))
-                .collect::<candle_core::Result<_>>()?,
-        };
-        products
-            .into_iter()
-            .zip(all)
-            .map(|(y, p)| {
-                Ok(match &p.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                })
-            })
-            .collect()
-    }
+/// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`) as a projection `in -> out`, in the
+/// weights' stored type.
+pub fn projection(
+    w: &dyn WeightSource,
+    prefix: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+) -> Result<Projection> {
+    Ok(Projection::new(
+        w.matrix(&format!("{prefix}.weight"), &[out, inp])?,
+        load_bias(w, prefix, out, bias)?,
+    ))
 }
 
 #[derive(Clone, Debug)]
@@ -304,10 +260,10 @@ impl Attention {
         let bias = cfg.attention_bias;
         let norm = |n: &str| RmsNorm::load(w, &format!("{p}.{n}"), d, cfg.rms_norm_eps);
         Ok(Self {
-            q: Projection::load(w, &format!("{p}.q_proj"), cfg.num_heads * d, h, bias)?,
-            k: Projection::load(w, &format!("{p}.k_proj"), cfg.num_kv_heads * d, h, bias)?,
-            v: Projection::load(w, &format!("{p}.v_proj"), cfg.num_kv_heads * d, h, bias)?,
-            o: Projection::load(w, &format!("{p}.o_proj"), h, cfg.num_heads * d, false)?,
+            q: projection(w, &format!("{p}.q_proj"), cfg.num_heads * d, h, bias)?,
+            k: projection(w, &format!("{p}.k_proj"), cfg.num_kv_heads * d, h, bias)?,
+            v: projection(w, &format!("{p}.v_proj"), cfg.num_kv_heads * d, h, bias)?,
+            o: projection(w, &format!("{p}.o_proj"), h, cfg.num_heads * d, false)?,
             q_norm: cfg.qk_norm.then(|| norm("q_norm")).transpose()?,
             k_norm: cfg.qk_norm.then(|| norm("k_norm")).transpose()?,
             num_heads: cfg.num_heads,
@@ -394,73 +350,19 @@ pub(crate) fn causal_mask(
     Ok(Tensor::from_vec(mask, (t, s), device)?)
 }
 
-/// A SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`. Every routed expert is one.
-///
-/// Projections are `QMatMul`s: f32 matrices (from safetensors, or dequantized), or GGUF blocks
-/// that candle multiplies in their stored type.
-#[derive(Clone, Debug)]
-pub struct GluMlp {
-    pub gate: QMatMul,
-    pub up: QMatMul,
-    pub down: QMatMul,
-}
-
-impl GluMlp {
-    /// An expert from three f32 weight matrices `[out, in]`.
-    pub fn from_f32(gate: Tensor, up: Tensor, down: Tensor) -> Self {
-        Self {
-            gate: QMatMul::Tensor(gate),
-            up: QMatMul::Tensor(up),
-            down: QMatMul::Tensor(down),
-        }
-    }
-
-    /// Loads the three projections named `{gate,up,down}.weight`.
-    pub fn load(
-        w: &dyn WeightSource,
-        [gate, up, down]: [&str; 3],
-        hidden: usize,
-        intermediate: usize,
-    ) -> Result<Self> {
-        Ok(Self::from_f32(
-            w.tensor(&format!("{gate}.weight"), &[intermediate, hidden])?,
-            w.tensor(&format!("{up}.weight"), &[intermediate, hidden])?,
-            w.tensor(&format!("{down}.weight"), &[hidden, intermediate])?,
-        ))
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(weights) = self.q8_0(x) {
-            let input = q8_0::Activations::of(x)?;
-            let out = q8_0::glu(&[(weights, &input)])?.remove(0);
-            return Ok(Tensor::from_vec(out, x.dims(), x.device())?);
-        }
-        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        let up = self.up.forward(x)?;
-        Ok(self.down.forward(&(gate * up)?)?)
-    }
-
-    /// The three projections when the Q8_0 kernel takes `x` through them all.
-    pub fn q8_0(&self, x: &Tensor) -> Option<q8_0::GluWeights<'_>> {
-        Some(q8_0::GluWeights {
-            gate: q8_0::eligible(&self.gate, x)?,
-            up: q8_0::eligible(&self.up, x)?,
-            down: q8_0::eligible(&self.down, x)?,
-        })
-    }
-
-    /// Bytes held by the three weight matrices, as stored in memory.
-    pub fn bytes(&self) -> usize {
-        [&self.gate, &self.up, &self.down]
-            .iter()
-            .map(|m| match m {
-                QMatMul::QTensor(q) => q.storage_size_in_bytes(),
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
-                    t.elem_count() * t.dtype().size_in_bytes()
-                }
-            })
-            .sum()
-    }
+/// Loads a SwiGLU feed-forward from the three projections named `{gate,up,down}.weight`, in f32
+/// (shared experts and dense feed-forwards).
+pub fn glu_mlp(
+    w: &dyn WeightSource,
+    [gate, up, down]: [&str; 3],
+    hidden: usize,
+    intermediate: usize,
+) -> Result<GluMlp> {
+    Ok(GluMlp::from_f32(
+        w.tensor(&format!("{gate}.weight"), &[intermediate, hidden])?,
+        w.tensor(&format!("{up}.weight"), &[intermediate, hidden])?,
+        w.tensor(&format!("{down}.weight"), &[hidden, intermediate])?,
+    ))
 }
 
 /// Converts logits or hidden states to plain f32 rows for sampling and inspection.

@@ -2,7 +2,7 @@
 //! split-expert models, and the reference they must reproduce when every expert is chosen.
 
 use super::config::ModelConfig;
-use super::layers::{Attention, GluMlp, RmsNorm};
+use super::layers::{Attention, RmsNorm, glu_mlp};
 use super::{DecoderLayer, FeedForward, SelfAttention};
 use crate::error::{Error, Result};
 use crate::format::WeightSource;
@@ -22,7 +22,7 @@ pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<D
             h,
             cfg.rms_norm_eps,
         )?,
-        ffn: FeedForward::Dense(GluMlp::load(
+        ffn: FeedForward::Dense(glu_mlp(
             w,
             dense_mlp_names(i).each_ref().map(String::as_str),
             h,

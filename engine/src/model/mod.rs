@@ -6,7 +6,6 @@ pub mod layers;
 pub mod llama;
 pub mod mixtral;
 pub mod moe;
-pub mod q8_0;
 pub mod qwen_moe;
 
 use std::path::Path;
@@ -18,12 +17,14 @@ use candle_core::{Device, Tensor};
 pub use config::{Architecture, ModelConfig};
 pub use deepseek::LatentForm;
 pub use layers::KvCache;
-pub use moe::{ExpertHandle, ExpertProvider, ResidentExperts, Routing};
+pub use moe::Routing;
 
 use crate::error::{Error, Result};
 use crate::format::WeightSource;
 use deepseek::LatentAttention;
-use layers::{Attention, GluMlp, Projection, RmsNorm};
+use crate::expert::{ExpertProvider, GluMlp};
+use crate::kernels::Projection;
+use layers::{Attention, RmsNorm, projection};
 use moe::MoeBlock;
 
 /// One transformer block: pre-norm attention, then a pre-norm sparse MoE, each with a residual.
@@ -129,7 +130,7 @@ impl Model {
         let lm_head = if config.tie_word_embeddings && !w.contains("lm_head.weight") {
             Projection::new(embed.clone(), None)
         } else {
-            Projection::load(w, "lm_head", v, h, false)?
+            projection(w, "lm_head", v, h, false)?
         };
         let device = match &embed {
             QMatMul::QTensor(q) => q.device(),

@@ -1,123 +1,15 @@
-//! The sparse MoE block: router, scores (softmax, or DeepSeek's sigmoid with group-limited choice),
-//! top-k, optional renormalisation, experts, weighted sum, shared experts.
+//! The sparse MoE block's routing: router, scores (softmax, or DeepSeek's sigmoid with
+//! group-limited choice), top-k, optional renormalisation; then the chosen experts (applied by
+//! [`expert::apply`]) and the shared experts.
 //!
 //! Experts reach the block only through [`ExpertProvider`], so where they live (all resident, or
 //! read on demand into a byte-budgeted store) never shows in the model files.
 
-use std::ops::Deref;
-use std::sync::Arc;
-
 use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module};
 
-use super::layers::GluMlp;
-use super::q8_0;
-use crate::error::{Error, Result};
-
-/// One routed expert's weights, kept alive (and, for a store, pinned) while the handle lives.
-pub struct ExpertHandle {
-    weights: Arc<GluMlp>,
-    /// Released when the handle drops: a store unpins the expert then.
-    _pin: Option<Box<dyn Send + Sync>>,
-}
-
-impl ExpertHandle {
-    pub fn new(weights: Arc<GluMlp>) -> Self {
-        Self {
-            weights,
-            _pin: None,
-        }
-    }
-
-    /// A handle that holds `pin` (whose drop unpins the expert) as long as it lives.
-    pub fn pinned(weights: Arc<GluMlp>, pin: Box<dyn Send + Sync>) -> Self {
-        Self {
-            weights,
-            _pin: Some(pin),
-        }
-    }
-}
-
-impl Deref for ExpertHandle {
-    type Target = GluMlp;
-    fn deref(&self) -> &GluMlp {
-        &self.weights
-    }
-}
-
-/// An expert asked for and pinned, whose read may still be in flight.
-///
-/// Dropping it unwaited releases the pin.
-pub struct PendingExpert(Box<dyn FnOnce() -> Result<ExpertHandle> + Send>);
-
-impl PendingExpert {
-    /// `wait` finishes the read (its captures hold the pin until then).
-    pub fn new(wait: impl FnOnce() -> Result<ExpertHandle> + Send + 'static) -> Self {
-        Self(Box::new(wait))
-    }
-
-    pub fn ready(handle: ExpertHandle) -> Self {
-        Self::new(move || Ok(handle))
-    }
-
-    /// Blocks until the expert is loaded.
-    pub fn wait(self) -> Result<ExpertHandle> {
-        (self.0)()
-    }
-}
-
-/// Where the MoE block gets its experts from.
-pub trait ExpertProvider: Send + Sync {
-    /// The weights of experts `ids` of `layer`, in the order asked.
-    fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>>;
-
-    /// Experts `ids` of `layer`, returned once their reads are queued rather than done, so the
-    /// caller computes with the first while the rest are read.
-    fn request(&self, layer: usize, ids: &[usize]) -> Result<Vec<PendingExpert>> {
-        Ok(self
-            .experts(layer, ids)?
-            .into_iter()
-            .map(PendingExpert::ready)
-            .collect())
-    }
-
-    /// How many experts one call may ask for (a store cannot pin more than its budget holds).
-    fn max_batch(&self) -> usize {
-        usize::MAX
-    }
-}
-
-/// Every expert loaded up front.
-#[derive(Debug, Default)]
-pub struct ResidentExperts {
-    /// `layers[layer][expert]`.
-    pub layers: Vec<Vec<Arc<GluMlp>>>,
-}
-
-impl ResidentExperts {
-    pub fn bytes(&self) -> usize {
-        self.layers.iter().flatten().map(|e| e.bytes()).sum()
-    }
-}
-
-impl ExpertProvider for ResidentExperts {
-    fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>> {
-        let experts = self
-            .layers
-            .get(layer)
-            .ok_or_else(|| Error::InvalidRequest(format!("no MoE layer {layer}")))?;
-        ids.iter()
-            .map(|&id| {
-                experts
-                    .get(id)
-                    .map(|e| ExpertHandle::new(e.clone()))
-                    .ok_or_else(|| {
-                        Error::InvalidRequest(format!("no expert {id} in layer {layer}"))
-                    })
-            })
-            .collect()
-    }
-}
+use crate::error::Result;
+use crate::expert::{self, ExpertProvider, GluMlp};
 
 /// The experts chosen for each position of one layer.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -170,58 +62,7 @@ impl MoeBlock {
     pub fn forward(&self, x: &Tensor, experts: &dyn ExpertProvider) -> Result<(Tensor, Routing)> {
         let routing = self.route(&self.scores(x)?.to_vec2::<f32>()?);
 
-        // Tokens per expert, experts in ascending order as the reference accumulates them.
-        let mut by_expert: std::collections::BTreeMap<usize, (Vec<u32>, Vec<f32>)> =
-            Default::default();
-        for (t, (ids, weights)) in routing.ids.iter().zip(&routing.weights).enumerate() {
-            for (&e, &w) in ids.iter().zip(weights) {
-                let entry = by_expert.entry(e).or_default();
-                entry.0.push(t as u32);
-                entry.1.push(w);
-            }
-        }
-        let routed: Vec<Assignment> = by_expert.into_iter().collect();
-        let mut out = x.zeros_like()?;
-        // In batches the provider can hold at once; accumulation stays in ascending expert order.
-        // Each expert is waited for only when its turn comes: computing one overlaps reading the
-        // next, and its pin is released as soon as it has been applied.
-        for batch in routed.chunks(experts.max_batch().max(1)) {
-            let ids: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
-            let mut pending = experts.request(self.layer, &ids)?.into_iter();
-            let Some(first) = pending.next() else {
-                continue;
-            };
-            let first = first.wait()?;
-            if first.q8_0(x).is_some() {
-                // The Q8_0 kernel takes experts a group at a time, in two passes over the thread
-                // pool instead of two per expert. A group is a decode step's experts; in a
-                // prompt, computing one group overlaps reading the next.
-                let mut pending = std::iter::once(PendingExpert::ready(first)).chain(pending);
-                for group in batch.chunks(Q8_0_GROUP) {
-                    let handles = pending
-                        .by_ref()
-                        .take(group.len())
-                        .map(PendingExpert::wait)
-                        .collect::<Result<Vec<_>>>()?;
-                    out = mix_q8_0(out, x, &handles, group)?;
-                }
-                continue;
-            }
-            let rest = pending.map(|p| p.wait());
-            for (handle, (_, (tokens, weights))) in
-                std::iter::once(Ok(first)).chain(rest).zip(batch)
-            {
-                let handle = handle?;
-                let n = tokens.len();
-                let index = Tensor::from_vec(tokens.clone(), n, x.device())?;
-                let weights =
-                    Tensor::from_vec(weights.clone(), (n, 1), x.device())?.to_dtype(x.dtype())?;
-                let y = handle
-                    .forward(&x.index_select(&index, 0)?)?
-                    .broadcast_mul(&weights)?;
-                out = out.index_add(&index, &y, 0)?;
-            }
-        }
+        let mut out = expert::apply(experts, self.layer, x, &routing.ids, &routing.weights)?;
         if let Some(shared) = &self.shared {
             let y = shared.mlp.forward(x)?;
             let y = match &shared.gate {
@@ -315,54 +156,6 @@ impl MoeBlock {
         }
         routing
     }
-}
-
-/// Experts the Q8_0 kernel computes together: the top-k of the architectures served.
-const Q8_0_GROUP: usize = 8;
-
-/// An expert, the positions routed to it, and their routing weights.
-type Assignment = (usize, (Vec<u32>, Vec<f32>));
-
-/// `out` plus each expert's output on its tokens times its routing weight, added in the order of
-/// `batch` (ascending expert ids) as the candle path adds them.
-fn mix_q8_0(
-    out: Tensor,
-    x: &Tensor,
-    handles: &[ExpertHandle],
-    batch: &[Assignment],
-) -> Result<Tensor> {
-    let (_, hidden) = x.dims2()?;
-    let rows = x.to_vec2::<f32>()?;
-    let inputs: Vec<q8_0::Activations> = batch
-        .iter()
-        .map(|(_, (tokens, _))| {
-            let gathered: Vec<f32> = tokens
-                .iter()
-                .flat_map(|&t| rows[t as usize].iter().copied())
-                .collect();
-            q8_0::Activations::quantize(&gathered, hidden)
-        })
-        .collect();
-    let experts: Vec<_> = handles
-        .iter()
-        .zip(&inputs)
-        .map(|(h, input)| Ok((h.q8_0(x).ok_or_else(mixed_types)?, input)))
-        .collect::<Result<_>>()?;
-    let outputs = q8_0::glu(&experts)?;
-    let mut sum = out.flatten_all()?.to_vec1::<f32>()?;
-    for (y, (_, (tokens, weights))) in outputs.iter().zip(batch) {
-        for ((&t, &w), y) in tokens.iter().zip(weights).zip(y.chunks_exact(hidden)) {
-            let row = &mut sum[t as usize * hidden..(t as usize + 1) * hidden];
-            for (acc, v) in row.iter_mut().zip(y) {
-                *acc += v * w;
-            }
-        }
-    }
-    Ok(Tensor::from_vec(sum, out.shape(), out.device())?)
-}
-
-fn mixed_types() -> Error {
-    Error::InvalidRequest("a layer's experts mix Q8_0 with other weight types".into())
 }
 
 /// Indices of the `k` largest values, largest first; equal values keep index order, as

@@ -4,7 +4,7 @@
 //! Qwen3-MoE: RMSNorm on each head's query and key, no shared expert, renormalised top-k.
 
 use super::config::{Architecture, ModelConfig};
-use super::layers::{Attention, GluMlp, RmsNorm, linear};
+use super::layers::{Attention, RmsNorm, glu_mlp, linear};
 use super::moe::{MoeBlock, Scoring, SharedExpert};
 use super::{DecoderLayer, FeedForward, SelfAttention};
 use crate::error::Result;
@@ -16,7 +16,7 @@ pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<D
     let attention = SelfAttention::Grouped(Attention::load(cfg, w, &format!("{p}.self_attn"))?);
     let shared = match (cfg.architecture, cfg.shared_expert_intermediate_size) {
         (Architecture::Qwen2Moe, Some(width)) => Some(SharedExpert {
-            mlp: GluMlp::load(
+            mlp: glu_mlp(
                 w,
                 [
                     &format!("{p}.mlp.shared_expert.gate_proj"),

@@ -32,9 +32,7 @@ pub use source::{ExpertSource, GgufSource, HfSource, LayoutSource};
 pub use stats::{PrefetchCounts, StoreStats};
 
 use crate::error::{Error, Result};
-use crate::model::layers::GluMlp;
-use crate::model::moe::PendingExpert;
-use crate::model::{ExpertHandle, ExpertProvider};
+use crate::expert::{ExpertHandle, ExpertProvider, GluMlp, PendingExpert};
 
 /// How the store behaves.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -25,7 +25,7 @@ use crate::format::layout::{
     self, ExpertLayout, GGUF_DTYPE, MANIFEST, Manifest, expert_path, parse_xxh3_hex,
 };
 use crate::format::safetensors::{HfWeights, TensorLocation, f32_tensor};
-use crate::model::layers::GluMlp;
+use crate::expert::GluMlp;
 use crate::model::{ModelConfig, expert_tensor_names};
 
 /// Reads experts from cold storage.

@@ -1,0 +1,287 @@
+//! The expert contract shared by the store and the models (odmoe's SwitchGLU): an expert's
+//! weights, the handles that keep them pinned while in use, reads still in flight, the provider
+//! trait the store and the all-resident set implement, and applying chosen experts to tokens.
+//!
+//! The store knows experts only through this module, so it never needs the models; the models
+//! get experts only through [`ExpertProvider`], so where experts live never shows in them.
+
+use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Module, Tensor};
+
+use crate::error::{Error, Result};
+use crate::kernels::q8_0;
+
+/// A SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`. Every routed expert is one.
+///
+/// Projections are `QMatMul`s: f32 matrices (from safetensors, or dequantized), or GGUF blocks
+/// that candle multiplies in their stored type.
+#[derive(Clone, Debug)]
+pub struct GluMlp {
+    pub gate: QMatMul,
+    pub up: QMatMul,
+    pub down: QMatMul,
+}
+
+impl GluMlp {
+    /// An expert from three f32 weight matrices `[out, in]`.
+    pub fn from_f32(gate: Tensor, up: Tensor, down: Tensor) -> Self {
+        Self {
+            gate: QMatMul::Tensor(gate),
+            up: QMatMul::Tensor(up),
+            down: QMatMul::Tensor(down),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(weights) = self.q8_0(x) {
+            let input = q8_0::Activations::of(x)?;
+            let out = q8_0::glu(&[(weights, &input)])?.remove(0);
+            return Ok(Tensor::from_vec(out, x.dims(), x.device())?);
+        }
+        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        let up = self.up.forward(x)?;
+        Ok(self.down.forward(&(gate * up)?)?)
+    }
+
+    /// The three projections when the Q8_0 kernel takes `x` through them all.
+    pub fn q8_0(&self, x: &Tensor) -> Option<q8_0::GluWeights<'_>> {
+        Some(q8_0::GluWeights {
+            gate: q8_0::eligible(&self.gate, x)?,
+            up: q8_0::eligible(&self.up, x)?,
+            down: q8_0::eligible(&self.down, x)?,
+        })
+    }
+
+    /// Bytes held by the three weight matrices, as stored in memory.
+    pub fn bytes(&self) -> usize {
+        [&self.gate, &self.up, &self.down]
+            .iter()
+            .map(|m| match m {
+                QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                    t.elem_count() * t.dtype().size_in_bytes()
+                }
+            })
+            .sum()
+    }
+}
+
+/// One routed expert's weights, kept alive (and, for a store, pinned) while the handle lives.
+pub struct ExpertHandle {
+    weights: Arc<GluMlp>,
+    /// Released when the handle drops: a store unpins the expert then.
+    _pin: Option<Box<dyn Send + Sync>>,
+}
+
+impl ExpertHandle {
+    pub fn new(weights: Arc<GluMlp>) -> Self {
+        Self {
+            weights,
+            _pin: None,
+        }
+    }
+
+    /// A handle that holds `pin` (whose drop unpins the expert) as long as it lives.
+    pub fn pinned(weights: Arc<GluMlp>, pin: Box<dyn Send + Sync>) -> Self {
+        Self {
+            weights,
+            _pin: Some(pin),
+        }
+    }
+}
+
+impl Deref for ExpertHandle {
+    type Target = GluMlp;
+    fn deref(&self) -> &GluMlp {
+        &self.weights
+    }
+}
+
+/// An expert asked for and pinned, whose read may still be in flight.
+///
+/// Dropping it unwaited releases the pin.
+pub struct PendingExpert(Box<dyn FnOnce() -> Result<ExpertHandle> + Send>);
+
+impl PendingExpert {
+    /// `wait` finishes the read (its captures hold the pin until then).
+    pub fn new(wait: impl FnOnce() -> Result<ExpertHandle> + Send + 'static) -> Self {
+        Self(Box::new(wait))
+    }
+
+    pub fn ready(handle: ExpertHandle) -> Self {
+        Self::new(move || Ok(handle))
+    }
+
+    /// Blocks until the expert is loaded.
+    pub fn wait(self) -> Result<ExpertHandle> {
+        (self.0)()
+    }
+}
+
+/// Where the MoE block gets its experts from.
+pub trait ExpertProvider: Send + Sync {
+    /// The weights of experts `ids` of `layer`, in the order asked.
+    fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>>;
+
+    /// Experts `ids` of `layer`, returned once their reads are queued rather than done, so the
+    /// caller computes with the first while the rest are read.
+    fn request(&self, layer: usize, ids: &[usize]) -> Result<Vec<PendingExpert>> {
+        Ok(self
+            .experts(layer, ids)?
+            .into_iter()
+            .map(PendingExpert::ready)
+            .collect())
+    }
+
+    /// How many experts one call may ask for (a store cannot pin more than its budget holds).
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
+}
+
+/// Every expert loaded up front.
+#[derive(Debug, Default)]
+pub struct ResidentExperts {
+    /// `layers[layer][expert]`.
+    pub layers: Vec<Vec<Arc<GluMlp>>>,
+}
+
+impl ResidentExperts {
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().flatten().map(|e| e.bytes()).sum()
+    }
+}
+
+impl ExpertProvider for ResidentExperts {
+    fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>> {
+        let experts = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::InvalidRequest(format!("no MoE layer {layer}")))?;
+        ids.iter()
+            .map(|&id| {
+                experts
+                    .get(id)
+                    .map(|e| ExpertHandle::new(e.clone()))
+                    .ok_or_else(|| {
+                        Error::InvalidRequest(format!("no expert {id} in layer {layer}"))
+                    })
+            })
+            .collect()
+    }
+}
+
+/// Each position of `x` `[T, hidden]` through the experts of `layer` it was routed to: `ids[t]`
+/// with weights `weights[t]`, summed in ascending expert order as the reference sums them.
+pub fn apply(
+    experts: &dyn ExpertProvider,
+    layer: usize,
+    x: &Tensor,
+    ids: &[Vec<usize>],
+    weights: &[Vec<f32>],
+) -> Result<Tensor> {
+    // Tokens per expert, experts in ascending order as the reference accumulates them.
+    let mut by_expert: BTreeMap<usize, (Vec<u32>, Vec<f32>)> = BTreeMap::new();
+    for (t, (ids, weights)) in ids.iter().zip(weights).enumerate() {
+        for (&e, &w) in ids.iter().zip(weights) {
+            let entry = by_expert.entry(e).or_default();
+            entry.0.push(t as u32);
+            entry.1.push(w);
+        }
+    }
+    let routed: Vec<Assignment> = by_expert.into_iter().collect();
+    let mut out = x.zeros_like()?;
+    // In batches the provider can hold at once; accumulation stays in ascending expert order.
+    // Each expert is waited for only when its turn comes: computing one overlaps reading the
+    // next, and its pin is released as soon as it has been applied.
+    for batch in routed.chunks(experts.max_batch().max(1)) {
+        let ids: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
+        let mut pending = experts.request(layer, &ids)?.into_iter();
+        let Some(first) = pending.next() else {
+            continue;
+        };
+        let first = first.wait()?;
+        if first.q8_0(x).is_some() {
+            // The Q8_0 kernel takes experts a group at a time, in two passes over the thread
+            // pool instead of two per expert. A group is a decode step's experts; in a
+            // prompt, computing one group overlaps reading the next.
+            let mut pending = std::iter::once(PendingExpert::ready(first)).chain(pending);
+            for group in batch.chunks(Q8_0_GROUP) {
+                let handles = pending
+                    .by_ref()
+                    .take(group.len())
+                    .map(PendingExpert::wait)
+                    .collect::<Result<Vec<_>>>()?;
+                out = mix_q8_0(out, x, &handles, group)?;
+            }
+            continue;
+        }
+        let rest = pending.map(|p| p.wait());
+        for (handle, (_, (tokens, weights))) in
+            std::iter::once(Ok(first)).chain(rest).zip(batch)
+        {
+            let handle = handle?;
+            let n = tokens.len();
+            let index = Tensor::from_vec(tokens.clone(), n, x.device())?;
+            let weights =
+                Tensor::from_vec(weights.clone(), (n, 1), x.device())?.to_dtype(x.dtype())?;
+            let y = handle
+                .forward(&x.index_select(&index, 0)?)?
+                .broadcast_mul(&weights)?;
+            out = out.index_add(&index, &y, 0)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Experts the Q8_0 kernel computes together: the top-k of the architectures served.
+const Q8_0_GROUP: usize = 8;
+
+/// An expert, the positions routed to it, and their routing weights.
+type Assignment = (usize, (Vec<u32>, Vec<f32>));
+
+/// `out` plus each expert's output on its tokens times its routing weight, added in the order of
+/// `batch` (ascending expert ids) as the candle path adds them.
+fn mix_q8_0(
+    out: Tensor,
+    x: &Tensor,
+    handles: &[ExpertHandle],
+    batch: &[Assignment],
+) -> Result<Tensor> {
+    let (_, hidden) = x.dims2()?;
+    let rows = x.to_vec2::<f32>()?;
+    let inputs: Vec<q8_0::Activations> = batch
+        .iter()
+        .map(|(_, (tokens, _))| {
+            let gathered: Vec<f32> = tokens
+                .iter()
+                .flat_map(|&t| rows[t as usize].iter().copied())
+                .collect();
+            q8_0::Activations::quantize(&gathered, hidden)
+        })
+        .collect();
+    let experts: Vec<_> = handles
+        .iter()
+        .zip(&inputs)
+        .map(|(h, input)| Ok((h.q8_0(x).ok_or_else(mixed_types)?, input)))
+        .collect::<Result<_>>()?;
+    let outputs = q8_0::glu(&experts)?;
+    let mut sum = out.flatten_all()?.to_vec1::<f32>()?;
+    for (y, (_, (tokens, weights))) in outputs.iter().zip(batch) {
+        for ((&t, &w), y) in tokens.iter().zip(weights).zip(y.chunks_exact(hidden)) {
+            let row = &mut sum[t as usize * hidden..(t as usize + 1) * hidden];
+            for (acc, v) in row.iter_mut().zip(y) {
+                *acc += v * w;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(sum, out.shape(), out.device())?)
+}
+
+fn mixed_types() -> Error {
+    Error::InvalidRequest("a layer's experts mix Q8_0 with other weight types".into())
+}

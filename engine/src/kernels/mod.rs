@@ -1,0 +1,55 @@
+//! Matrix products in the weights' stored type: candle's, or odmoe's own kernels where they are
+//! faster (Q8_0 on x86-64). Kernels sit below the models: they know tensors and blocks, never
+//! layers or architectures.
+
+pub mod q8_0;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Module, Tensor};
+
+use crate::error::Result;
+
+/// A projection `x W^T (+ b)` whose weight is f32 or, from a GGUF file, its stored quantized
+/// type: attention and the output head of a large quantized model then take a quarter of the
+/// memory and compute from fewer bytes.
+#[derive(Clone, Debug)]
+pub struct Projection {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Projection {
+    pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(Self::forward_all(&[self], x)?.remove(0))
+    }
+
+    /// Each projection of `all` applied to the same `x`: when all are Q8_0 the kernel quantizes
+    /// `x` once and computes them together.
+    pub fn forward_all(all: &[&Self], x: &Tensor) -> Result<Vec<Tensor>> {
+        let products = match all
+            .iter()
+            .map(|p| q8_0::eligible(&p.weight, x))
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(weights) => q8_0::forward(&weights, x)?,
+            None => all
+                .iter()
+                .map(|p| p.weight.forward(x))
+                .collect::<candle_core::Result<_>>()?,
+        };
+        products
+            .into_iter()
+            .zip(all)
+            .map(|(y, p)| {
+                Ok(match &p.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            })
+            .collect()
+    }
+}
