@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use odmoe_engine::format::convert::{ConvertEvent, convert};
+use odmoe_config::format_bytes;
+use odmoe_engine::convert::{ConvertEvent, convert};
 use odmoe_engine::format::layout::Manifest;
-use odmoe_engine::format::size::format_bytes;
 
 #[derive(Args)]
 pub struct ConvertArgs {
@@ -61,7 +61,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
             ),
             None => None,
         };
-        odmoe_engine::format::split::split_dense_llama(
+        odmoe_engine::convert::split::split_dense_llama(
             &args.src,
             &split_dir,
             experts,
@@ -147,7 +147,7 @@ fn print_summary(manifest: &Manifest, counts: &Counts) {
     let bytes: u64 = manifest.files.values().map(|f| f.bytes).sum();
     println!(
         "  {}: {} layers x {} experts (top-{}), {} {} expert files of {}",
-        config.architecture.model_type(),
+        odmoe_engine::model::model_type(config.architecture),
         config.num_layers,
         config.num_experts,
         config.num_experts_per_token,

@@ -12,12 +12,14 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use candle_core::quantized::gguf_file;
 use clap::Args;
+use odmoe_config::format_bytes;
+use odmoe_engine::config::ModelConfig;
 use odmoe_engine::format::gguf::{ggml_bytes, ggml_type_name, stacked_expert_names};
 use odmoe_engine::format::layout::{GGUF_DTYPE, Manifest};
 use odmoe_engine::format::safetensors::HfWeights;
-use odmoe_engine::format::size::{format_bytes, parse_budget};
-use odmoe_engine::loader;
-use odmoe_engine::model::{ModelConfig, expert_tensor_names};
+use odmoe_engine::model::expert_tensor_names;
+use odmoe_engine::open;
+use odmoe_engine::store::budget::parse_budget;
 use safetensors::Dtype;
 use serde::Serialize;
 
@@ -141,7 +143,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
 }
 
 /// Whether `path` is a bare config rather than a checkpoint: checkpoints are directories or GGUF
-/// files, whose kind [`loader::describe`] tells from their bytes.
+/// files, whose kind [`open::describe`] tells from their bytes.
 fn is_config_json(path: &Path) -> bool {
     path.is_file() && path.extension().is_some_and(|ext| ext == "json")
 }
@@ -244,13 +246,13 @@ fn in_memory(bytes: u64, f32_bytes: u64) -> String {
 
 /// The sizes that follow from the config.json at `path`.
 pub fn inspect_config(path: &Path) -> Result<ConfigInspection> {
-    let config = ModelConfig::from_file(path)?;
+    let config = odmoe_engine::model::config_from_hf_file(path)?;
     let expert_bytes_f32 = config.expert_f32_bytes() as u64;
     let latent = config.deepseek.as_ref().map(|d| &d.attention);
     let moe_layers = config.moe_layers().count();
     Ok(ConfigInspection {
         path: path.display().to_string(),
-        architecture: config.architecture.model_type(),
+        architecture: odmoe_engine::model::model_type(config.architecture),
         layers: config.num_layers,
         moe_layers,
         experts_per_layer: config.num_experts,
@@ -307,10 +309,10 @@ fn print_config(r: &ConfigInspection) {
 pub fn inspect(path: &Path) -> Result<Inspection> {
     // The experts' bytes in memory come from the engine itself, so that a percentage budget
     // means here what it means to `odmoe run --expert-budget`.
-    let (config, total_expert_bytes_in_memory) = loader::describe(path)?;
+    let (config, total_expert_bytes_in_memory) = open::describe(path)?;
     let stored = if path.is_file() {
         gguf_contents(path, &config)?
-    } else if loader::is_layout(path) {
+    } else if open::is_layout(path) {
         layout_contents(path)?
     } else {
         huggingface_contents(path, &config)?
@@ -483,7 +485,7 @@ fn summary(
     Inspection {
         path: path.display().to_string(),
         format: contents.format,
-        architecture: config.architecture.model_type(),
+        architecture: odmoe_engine::model::model_type(config.architecture),
         layers: config.num_layers,
         moe_layers,
         experts_per_layer: config.num_experts,

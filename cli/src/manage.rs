@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use odmoe_engine::format::size::parse_budget_size;
+use odmoe_engine::store::budget::parse_budget_size;
 use odmoe_protocol::{LoadParams, Method, ModelInfo};
 
 use crate::daemon::{self, SocketArgs};
-use odmoe_engine::format::size::format_bytes;
+use odmoe_config::format_bytes;
 
 #[derive(Args)]
 pub struct LoadArgs {

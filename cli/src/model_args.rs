@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use odmoe_engine::format::size::parse_budget;
-use odmoe_engine::loader::{self, ExpertMode, LoadOptions, LoadedModel};
+use odmoe_engine::open::{self, ExpertMode, LoadOptions, LoadedModel};
 use odmoe_engine::predict::PredictorKind;
+use odmoe_engine::store::budget::parse_budget;
 use odmoe_engine::store::{PolicyKind, StoreConfig};
 
 #[derive(Args, Debug)]
@@ -64,8 +64,8 @@ impl ModelArgs {
         let experts = match &self.expert_budget {
             None => ExpertMode::Resident,
             Some(text) => {
-                let (config, total) = loader::describe(&self.model)?;
-                if loader::is_dense(&config) {
+                let (config, total) = open::describe(&self.model)?;
+                if open::is_dense(&config) {
                     eprintln!(
                         "note: {} is a dense model (no experts): it loads whole and \
                          --expert-budget does not apply",
@@ -91,7 +91,7 @@ impl ModelArgs {
             context_length: self.context_length,
         };
         let device = odmoe_engine::default_device()?;
-        loader::load(&self.model, &options, &device)
+        open::load(&self.model, &options, &device)
             .with_context(|| format!("loading model from {}", self.model.display()))
     }
 }

@@ -8,7 +8,7 @@ use clap::Args;
 use odmoe_protocol::ModelsResult;
 
 use crate::daemon::{self, SocketArgs};
-use odmoe_engine::format::size::format_bytes;
+use odmoe_config::format_bytes;
 
 #[derive(Args)]
 pub struct ModelsArgs {

@@ -23,7 +23,7 @@ pub struct PerplexityArgs {
 pub fn run(args: PerplexityArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading {}", args.text.display()))?;
-    let tokenizer = odmoe_engine::loader::load_tokenizer(&args.model.model)?
+    let tokenizer = odmoe_engine::open::load_tokenizer(&args.model.model)?
         .with_context(|| format!("{} has no tokenizer", args.model.model.display()))?;
     let tokens = tokenizer.encode(&text, false)?;
     let loaded = args.model.load()?;

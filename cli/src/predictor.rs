@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use odmoe_engine::generate::{GenerateRequest, Session};
-use odmoe_engine::loader;
+use odmoe_engine::open;
 use odmoe_engine::predict::shadow::{TrainOptions, train};
 use odmoe_engine::predict::trace::Trace;
 use odmoe_engine::predict::{
@@ -240,7 +240,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         bail!("give --expert-budget: prefetch matters only when experts are read on demand");
     }
     let path = args.model.model.clone();
-    let tokenizer = loader::load_tokenizer(&path)?
+    let tokenizer = open::load_tokenizer(&path)?
         .with_context(|| format!("{} has no tokenizer", path.display()))?;
     let texts = match &args.prompts {
         Some(file) => crate::trace::read_prompts(file)?,

@@ -148,7 +148,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                 s.hits,
                 s.misses,
                 s.evictions,
-                odmoe_engine::format::size::format_bytes(s.bytes_read),
+                odmoe_config::format_bytes(s.bytes_read),
                 s.stall_us as f64 / 1e3,
             );
         }

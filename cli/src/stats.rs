@@ -10,7 +10,7 @@ use odmoe_protocol::{MemoryStats, StatsResult};
 use serde::Serialize;
 
 use crate::daemon::{self, SocketArgs};
-use odmoe_engine::format::size::format_bytes;
+use odmoe_config::format_bytes;
 
 #[derive(Args)]
 #[command(

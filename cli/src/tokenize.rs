@@ -27,7 +27,7 @@ pub struct TokenizeArgs {
 }
 
 pub fn run(args: TokenizeArgs) -> Result<()> {
-    let tokenizer = odmoe_engine::loader::load_tokenizer(&args.model)?
+    let tokenizer = odmoe_engine::open::load_tokenizer(&args.model)?
         .with_context(|| format!("{} has no tokenizer", args.model.display()))?;
     if let Some(ids) = &args.decode {
         let text = tokenizer.decode(&ids.0, false)?;

@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::DType;
 use clap::{Args, Subcommand};
-use odmoe_engine::format::size::{format_bytes, parse_budget};
-use odmoe_engine::loader::{self, ExpertMode, LoadOptions, LoadedModel};
-use odmoe_engine::model::ModelConfig;
+use odmoe_config::format_bytes;
+use odmoe_engine::config::ModelConfig;
+use odmoe_engine::open::{self, ExpertMode, LoadOptions, LoadedModel};
 use odmoe_engine::predict::replay::{Prefetch, ReplayOptions, ReplayPolicy, ReplayReport, replay};
 use odmoe_engine::predict::trace::{RecordOptions, Trace};
 use odmoe_engine::predict::{Predictor, PredictorKind, lookahead::Lookahead, shadow::Shadow};
+use odmoe_engine::store::budget::parse_budget;
 use odmoe_engine::store::{PolicyKind, StoreConfig};
 use serde_json::json;
 
@@ -145,7 +146,7 @@ pub(crate) fn read_prompts(path: &Path) -> Result<Vec<String>> {
 
 /// Bytes one expert takes in the store's budget.
 pub(crate) fn expert_bytes(path: &Path) -> Result<u64> {
-    let (config, total) = loader::describe(path)?;
+    let (config, total) = open::describe(path)?;
     Ok(one_expert(&config, total))
 }
 
@@ -158,7 +159,7 @@ fn one_expert(config: &ModelConfig, total: u64) -> u64 {
 /// The model without its experts resident (a store with the smallest budget): enough for the
 /// routers and hidden states.
 pub(crate) fn load_base(path: &Path) -> Result<LoadedModel> {
-    let (config, total) = loader::describe(path)?;
+    let (config, total) = open::describe(path)?;
     let options = LoadOptions {
         experts: ExpertMode::OnDemand(StoreConfig {
             budget_bytes: config.num_experts_per_token as u64 * one_expert(&config, total),
@@ -167,13 +168,13 @@ pub(crate) fn load_base(path: &Path) -> Result<LoadedModel> {
         }),
         ..LoadOptions::default()
     };
-    loader::load(path, &options, &odmoe_engine::default_device()?)
+    open::load(path, &options, &odmoe_engine::default_device()?)
         .with_context(|| format!("loading model from {}", path.display()))
 }
 
 fn record(args: RecordArgs) -> Result<()> {
     let path = &args.model.model;
-    let tokenizer = loader::load_tokenizer(path)?
+    let tokenizer = open::load_tokenizer(path)?
         .with_context(|| format!("{} has no tokenizer to encode the prompts", path.display()))?;
     let prompts = read_prompts(&args.prompts)?
         .iter()
@@ -470,7 +471,7 @@ mod tests {
     fn an_expert_is_its_share_of_the_layers_with_experts() {
         // DeepSeek-V3's first layer is dense: its experts are spread over the other two.
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/deepseek_v3");
-        let (config, _) = loader::describe(&fixture).unwrap();
+        let (config, _) = open::describe(&fixture).unwrap();
         assert!(config.moe_layers().count() < config.num_layers);
         assert_eq!(
             expert_bytes(&fixture).unwrap(),

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use odmoe_config::format_bytes;
 use odmoe_engine::format::layout::verify;
-use odmoe_engine::format::size::format_bytes;
 
 #[derive(Args)]
 pub struct VerifyArgs {

@@ -43,7 +43,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use keep_alive::{KeepAlive, KeepAliveError};
 pub use paths::{config_path_from, default_config_path, default_socket_path, socket_path_from};
-pub use size::{Size, SizeError, parse_size};
+pub use size::{Size, SizeError, format_bytes, parse_size};
 
 /// The whole config file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -1,4 +1,5 @@
-//! Sizes written by people: `"64MiB"`, `"1.5GB"`, `"123"`, `"25%"`.
+//! Sizes written by people (`"64MiB"`, `"1.5GB"`, `"123"`, `"25%"`), and bytes written for them
+//! (`1.5 GiB`).
 
 use std::fmt;
 
@@ -147,9 +148,32 @@ pub(crate) fn deserialize_size<'de, D: Deserializer<'de>>(
     deserializer.deserialize_any(SizeVisitor { auto })
 }
 
+/// `bytes` in binary units with one decimal (`1.5 GiB`), or exact below 1 KiB (`512 B`).
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readable_sizes() {
+        assert_eq!(format_bytes(512), "512 B");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
+        assert_eq!(format_bytes(64 << 20), "64.0 MiB");
+        assert_eq!(format_bytes(3 << 40), "3.0 TiB");
+    }
 
     #[test]
     fn binary_and_decimal_units() {

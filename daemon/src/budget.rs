@@ -6,8 +6,9 @@
 //! the size of its experts; `auto` also depends on the model's other weights,
 //! measured once it is loaded (see [`crate::pressure`]).
 
+use odmoe_config::format_bytes;
 use odmoe_config::{ExpertBudget, Size};
-use odmoe_engine::format::size::{budget_bytes, format_bytes, parse_budget_size};
+use odmoe_engine::store::budget::{budget_bytes, parse_budget_size};
 
 use crate::pressure::BudgetKind;
 

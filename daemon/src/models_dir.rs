@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use odmoe_engine::loader;
+use odmoe_engine::open;
 use odmoe_protocol::AvailableModel;
 
 /// The models in `dir`, by name: every GGUF file, odmoe layout and Hugging
@@ -20,7 +20,7 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<AvailableModel>> {
         if name.starts_with('.') {
             continue;
         }
-        let Ok(format) = loader::checkpoint_format(&path) else {
+        let Ok(format) = open::checkpoint_format(&path) else {
             continue;
         };
         let mut model = AvailableModel {
@@ -34,10 +34,11 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<AvailableModel>> {
             experts_per_token: 0,
             error: None,
         };
-        match loader::describe(&path) {
+        match open::describe(&path) {
             Ok((config, _)) => {
-                let dense = loader::is_dense(&config);
-                model.architecture = config.architecture.model_type().to_owned();
+                let dense = open::is_dense(&config);
+                model.architecture =
+                    odmoe_engine::model::model_type(config.architecture).to_owned();
                 model.layers = config.num_layers as u32;
                 if !dense {
                     model.experts_per_layer = config.num_experts as u32;

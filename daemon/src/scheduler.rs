@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use odmoe_config::KeepAlive;
 use odmoe_engine::generate::{FinishReason, GenerateRequest, Generation, Session};
-use odmoe_engine::loader::{self, ExpertMode, LoadOptions, LoadedModel};
+use odmoe_engine::open::{self, ExpertMode, LoadOptions, LoadedModel};
 use odmoe_engine::store::{ExpertStore, StoreConfig};
 use odmoe_engine::tokenizer::{ChatMessage, Tokenizer};
 use odmoe_protocol::{
@@ -677,8 +677,8 @@ impl Engine {
         let started = Instant::now();
         // Everything that can be checked without the weights is checked before
         // the loaded model is dropped, so a typo does not leave no model at all.
-        let (config, total) = loader::describe(path).map_err(|error| invalid(error.to_string()))?;
-        let dense = loader::is_dense(&config);
+        let (config, total) = open::describe(path).map_err(|error| invalid(error.to_string()))?;
+        let dense = open::is_dense(&config);
         let placement = if dense {
             Placement::Resident
         } else {
@@ -687,7 +687,7 @@ impl Engine {
                 .map_err(|error| invalid(format!("expert_budget: {error}")))?
         };
         if let Placement::OnDemand(BudgetKind::Fixed(bytes)) = placement {
-            loader::check_budget(&config, total, bytes)
+            open::check_budget(&config, total, bytes)
                 .map_err(|error| invalid(format!("expert_budget: {error}")))?;
         }
         if dense {
@@ -711,7 +711,7 @@ impl Engine {
         // Two models may not fit in memory together: the old one goes first,
         // and its memory back to the system before the new one is measured.
         self.unload();
-        let loaded = loader::load(path, &options, &device)
+        let loaded = open::load(path, &options, &device)
             .map_err(|error| invalid(format!("cannot load {}: {error}", path.display())))?;
         self.epoch += 1;
         let budget_bytes = match (placement, &loaded.store) {
@@ -732,7 +732,7 @@ impl Engine {
         };
         let info = ModelInfo {
             path: path.display().to_string(),
-            architecture: config.architecture.model_type().to_owned(),
+            architecture: odmoe_engine::model::model_type(config.architecture).to_owned(),
             layers: config.num_layers as u32,
             experts_per_layer: config.num_experts as u32,
             experts_per_token: config.num_experts_per_token as u32,

@@ -23,7 +23,7 @@ pub enum Error {
     UnknownArchitecture {
         model_type: String,
         path: PathBuf,
-        supported: &'static str,
+        supported: String,
     },
     #[error("{path}: not a readable safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
@@ -53,6 +53,10 @@ pub enum Error {
     Budget(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The model's own weights or config cannot make the layer asked for: a fault of the
+    /// checkpoint, not of the request.
+    #[error("model: {0}")]
+    InvalidModel(String),
     /// The prompt, or the prompt with the tokens asked for, does not fit the context.
     #[error("{0}")]
     ContextLengthExceeded(String),

@@ -221,9 +221,7 @@ pub fn apply(
             continue;
         }
         let rest = pending.map(|p| p.wait());
-        for (handle, (_, (tokens, weights))) in
-            std::iter::once(Ok(first)).chain(rest).zip(batch)
-        {
+        for (handle, (_, (tokens, weights))) in std::iter::once(Ok(first)).chain(rest).zip(batch) {
             let handle = handle?;
             let n = tokens.len();
             let index = Tensor::from_vec(tokens.clone(), n, x.device())?;

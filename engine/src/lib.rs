@@ -15,7 +15,7 @@
 //! # fn main() -> odmoe_engine::Result<()> {
 //! use odmoe_engine::{generate::{GenerateRequest, Session}, model::Model, tokenizer::Tokenizer};
 //! let dir = std::path::Path::new("tests/fixtures/qwen3_moe");
-//! let model = Model::load_resident(dir, &odmoe_engine::default_device()?)?;
+//! let model = odmoe_engine::open::resident(dir, &odmoe_engine::default_device()?)?;
 //! let tokenizer = Tokenizer::from_dir(dir)?;
 //! let prompt = tokenizer.encode("The quick brown fox", false)?;
 //! let mut session = Session::new(&model);
@@ -25,14 +25,16 @@
 //! # Ok(()) }
 //! ```
 
+pub mod config;
+pub mod convert;
 pub mod error;
 pub mod eval;
 pub mod expert;
 pub mod format;
 pub mod generate;
 pub mod kernels;
-pub mod loader;
 pub mod model;
+pub mod open;
 pub mod predict;
 pub mod store;
 mod time;

@@ -8,7 +8,6 @@ use std::fs;
 use std::path::Path;
 
 use candle_core::Device;
-use odmoe_engine::model::Model;
 
 /// A writable copy of a fixture.
 fn copy_fixture(name: &str) -> tempfile::TempDir {
@@ -21,7 +20,7 @@ fn copy_fixture(name: &str) -> tempfile::TempDir {
 }
 
 fn load_error(dir: &Path) -> String {
-    match Model::load_resident(dir, &Device::Cpu) {
+    match odmoe_engine::open::resident(dir, &Device::Cpu) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(e) => e.to_string(),
     }

@@ -11,12 +11,13 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use odmoe_engine::format::convert::{ConvertEvent, convert};
+use odmoe_engine::config::ModelConfig;
+use odmoe_engine::convert::{ConvertEvent, convert};
 use odmoe_engine::format::layout::{
     ALIGN, FORMAT_VERSION, MANIFEST, Manifest, Problem, expert_path, verify,
 };
 use odmoe_engine::format::safetensors::HfWeights;
-use odmoe_engine::model::{ModelConfig, expert_tensor_names};
+use odmoe_engine::model::expert_tensor_names;
 use safetensors::SafeTensors;
 use sha2::{Digest, Sha256};
 
@@ -63,7 +64,7 @@ fn every_fixture_converts_byte_for_byte() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("model.odmoe");
         let manifest = convert_quietly(&src, &out);
-        let config = ModelConfig::from_file(&src.join("config.json")).unwrap();
+        let config = odmoe_engine::model::config_from_hf_file(&src.join("config.json")).unwrap();
         let source = HfWeights::open(&src, &Device::Cpu).unwrap();
 
         // Manifest fields.

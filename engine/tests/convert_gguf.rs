@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
-use odmoe_engine::format::convert::{ConvertEvent, convert};
+use odmoe_engine::convert::{ConvertEvent, convert};
 use odmoe_engine::format::gguf::{GgufFile, ggml_type_name, stacked_expert_names};
 use odmoe_engine::format::layout::{GGUF_DTYPE, Manifest};
-use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
-use odmoe_engine::model::Model;
+use odmoe_engine::open::{self, ExpertMode, LoadOptions};
+
 use odmoe_engine::store::StoreConfig;
 use odmoe_engine::tokenizer::Tokenizer;
 
@@ -43,7 +43,7 @@ fn convert_quietly(src: &Path, out: &Path) -> (Manifest, usize) {
 /// The ggml types of `layer`'s stacked expert tensors in the GGUF file itself.
 fn file_types(
     gguf: &GgufFile,
-    config: &odmoe_engine::model::ModelConfig,
+    config: &odmoe_engine::config::ModelConfig,
     layer: usize,
 ) -> [String; 3] {
     let (h, i) = (config.hidden_size, config.expert_intermediate_size);
@@ -67,7 +67,7 @@ fn converted_gguf_equals_gguf_in_place_bit_for_bit() {
 
         // The manifest records every layer's types as the file has them.
         let gguf = GgufFile::open(&src, &Device::Cpu).unwrap();
-        let config = gguf.model_config().unwrap();
+        let config = odmoe_engine::model::config_from_gguf(&gguf).unwrap();
         assert_eq!(manifest.expert.dtype, GGUF_DTYPE, "{name}");
         let types = manifest.expert.ggml_types.clone().unwrap();
         assert_eq!(types.len(), config.num_layers, "{name}");
@@ -89,19 +89,19 @@ fn converted_gguf_equals_gguf_in_place_bit_for_bit() {
             quantized_base: false,
             ..LoadOptions::default()
         };
-        let in_place = loader::load(&src, &f32_base, &Device::Cpu).unwrap().model;
+        let in_place = open::load(&src, &f32_base, &Device::Cpu).unwrap().model;
         let expected = common::logit_bits_and_greedy(&in_place, &input, 8);
-        let converted = Model::load_resident(&out, &Device::Cpu).unwrap();
+        let converted = odmoe_engine::open::resident(&out, &Device::Cpu).unwrap();
         assert!(
             common::logit_bits_and_greedy(&converted, &input, 8) == expected,
             "{name}: resident layout differs from the GGUF in place"
         );
 
         // On demand through the store, with room for one layer's experts only.
-        let (described, total) = loader::describe(&out).unwrap();
+        let (described, total) = open::describe(&out).unwrap();
         assert_eq!(
             (described, total),
-            loader::describe(&src).unwrap(),
+            open::describe(&src).unwrap(),
             "{name}: expert bytes as the store counts them"
         );
         let options = LoadOptions {
@@ -112,7 +112,7 @@ fn converted_gguf_equals_gguf_in_place_bit_for_bit() {
             }),
             ..LoadOptions::default()
         };
-        let loaded = loader::load(&out, &options, &Device::Cpu).unwrap();
+        let loaded = open::load(&out, &options, &Device::Cpu).unwrap();
         assert!(
             common::logit_bits_and_greedy(&loaded.model, &input, 8) == expected,
             "{name}: on-demand layout differs from the GGUF in place"
@@ -121,7 +121,7 @@ fn converted_gguf_equals_gguf_in_place_bit_for_bit() {
 
         // The tokenizer files rebuilt from the GGUF vocabulary encode and render alike.
         let from_gguf = Tokenizer::from_gguf(&gguf).unwrap();
-        let from_layout = loader::load_tokenizer(&out).unwrap().unwrap();
+        let from_layout = open::load_tokenizer(&out).unwrap().unwrap();
         let text = "Hello, world! <|im_start|>user\n1234 ünïcödé";
         assert_eq!(
             from_layout.encode(text, false).unwrap(),
@@ -158,10 +158,10 @@ fn converting_an_f32_gguf_keeps_f32_blocks() {
     assert!(types.iter().flatten().all(|t| t == "F32"), "{types:?}");
     let input = [1, 2, 3, 4];
     let expected = common::logit_bits_and_greedy(
-        &Model::load_resident(&src, &Device::Cpu).unwrap(),
+        &odmoe_engine::open::resident(&src, &Device::Cpu).unwrap(),
         &input,
         4,
     );
-    let converted = Model::load_resident(&out, &Device::Cpu).unwrap();
+    let converted = odmoe_engine::open::resident(&out, &Device::Cpu).unwrap();
     assert!(common::logit_bits_and_greedy(&converted, &input, 4) == expected);
 }

@@ -14,15 +14,15 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use odmoe_engine::format::gguf::{gguf_name, stacked_expert_names};
 use odmoe_engine::format::safetensors::HfWeights;
-use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
-use odmoe_engine::model::{Logits, Model, ModelConfig, expert_tensor_names};
+use odmoe_engine::model::{Logits, Model, expert_tensor_names};
+use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::store::{PolicyKind, StoreConfig};
 
 /// Writes the qwen3_moe fixture as GGUF with expert tensors in `expert_type`, skipping metadata
 /// keys in `omit`.
 fn write_qwen3_gguf(path: &Path, expert_type: GgmlDType, omit: &[&str]) {
     let dir = fixture("qwen3_moe");
-    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let config = odmoe_engine::model::config_from_hf_file(&dir.join("config.json")).unwrap();
     let weights = HfWeights::open(&dir, &Device::Cpu).unwrap();
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for name in weights.names() {
@@ -97,7 +97,7 @@ fn f32_gguf_matches_the_transformers_golden() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     write_qwen3_gguf(&path, GgmlDType::F32, &[]);
-    let model = Model::load_resident(&path, &Device::Cpu).unwrap();
+    let model = odmoe_engine::open::resident(&path, &Device::Cpu).unwrap();
     let diff = max_abs_diff(&logits(&model, &input()), &golden("qwen3_moe")["logits"]);
     assert!(diff <= 1e-4, "max |logit diff| {diff}");
 }
@@ -107,13 +107,13 @@ fn quantized_experts_on_demand_equal_resident() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     write_qwen3_gguf(&path, GgmlDType::Q8_0, &[]);
-    let resident = Model::load_resident(&path, &Device::Cpu).unwrap();
+    let resident = odmoe_engine::open::resident(&path, &Device::Cpu).unwrap();
     let expected = logits(&resident, &input())
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    let (config, total) = loader::describe(&path).unwrap();
+    let (config, total) = open::describe(&path).unwrap();
     let expert = total / (config.num_layers * config.num_experts) as u64;
     assert_eq!(
         expert,
@@ -129,7 +129,7 @@ fn quantized_experts_on_demand_equal_resident() {
             }),
             ..LoadOptions::default()
         };
-        let loaded = loader::load(&path, &options, &Device::Cpu).unwrap();
+        let loaded = open::load(&path, &options, &Device::Cpu).unwrap();
         let got = logits(&loaded.model, &input())
             .flatten_all()
             .unwrap()
@@ -158,7 +158,7 @@ fn quantized_experts_on_demand_equal_resident() {
 }
 
 fn load_error(path: &Path) -> String {
-    match Model::load_resident(path, &Device::Cpu) {
+    match odmoe_engine::open::resident(path, &Device::Cpu) {
         Ok(_) => panic!("{} should not load", path.display()),
         Err(e) => e.to_string(),
     }

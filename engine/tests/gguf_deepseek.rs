@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use common::{fixture, ids, logit_bits_and_greedy, max_abs_diff};
 use odmoe_engine::format::gguf::GgufFile;
-use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
-use odmoe_engine::model::{ForwardTrace, Logits, Model, ModelConfig};
+use odmoe_engine::model::{ForwardTrace, Logits};
+use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::store::StoreConfig;
 
 const NAME: &str = "deepseek_v3-bf16";
@@ -35,7 +35,7 @@ fn golden() -> std::collections::HashMap<String, Tensor> {
 #[test]
 fn logits_routing_and_greedy_match_transformers_and_llama_cpp() {
     let g = golden();
-    let model = Model::load_resident(&path(), &Device::Cpu).unwrap();
+    let model = odmoe_engine::open::resident(&path(), &Device::Cpu).unwrap();
     let input = ids(&g["input_ids"]);
     let mut trace = ForwardTrace::default();
     let logits = model
@@ -72,8 +72,10 @@ fn logits_routing_and_greedy_match_transformers_and_llama_cpp() {
 #[test]
 fn config_from_metadata_equals_the_checkpoints() {
     let gguf = GgufFile::open(&path(), &Device::Cpu).unwrap();
-    let from_gguf = gguf.model_config().unwrap();
-    let from_hf = ModelConfig::from_file(&fixture("deepseek_v3").join("config.json")).unwrap();
+    let from_gguf = odmoe_engine::model::config_from_gguf(&gguf).unwrap();
+    let from_hf =
+        odmoe_engine::model::config_from_hf_file(&fixture("deepseek_v3").join("config.json"))
+            .unwrap();
     let mut expected = from_hf.clone();
     let ds = expected.deepseek.as_mut().unwrap();
     let yarn = ds.yarn.as_mut().unwrap();
@@ -107,15 +109,14 @@ fn softmax_routing_and_missing_latent_tensors_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     // Without expert_gating_func llama.cpp routes deepseek2 with softmax (DeepSeek-V2).
     let edited = with_key_renamed(dir.path(), "expert_gating_func", "expert_gating_fund");
-    let err = GgufFile::open(&edited, &Device::Cpu)
-        .unwrap()
-        .model_config()
-        .err()
-        .unwrap()
-        .to_string();
+    let err =
+        odmoe_engine::model::config_from_gguf(&GgufFile::open(&edited, &Device::Cpu).unwrap())
+            .err()
+            .unwrap()
+            .to_string();
     assert!(err.contains("sigmoid"), "{err}");
     let edited = with_key_renamed(dir.path(), "blk.1.attn_v_b.weight", "blk.1.attn_v_x.weight");
-    let err = Model::load_resident(&edited, &Device::Cpu)
+    let err = odmoe_engine::open::resident(&edited, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();
@@ -126,11 +127,11 @@ fn softmax_routing_and_missing_latent_tensors_are_refused() {
 fn experts_read_in_place_on_demand_equal_resident() {
     let input = ids(&golden()["input_ids"]);
     let expected = logit_bits_and_greedy(
-        &Model::load_resident(&path(), &Device::Cpu).unwrap(),
+        &odmoe_engine::open::resident(&path(), &Device::Cpu).unwrap(),
         &input,
         8,
     );
-    let (config, total) = loader::describe(&path()).unwrap();
+    let (config, total) = open::describe(&path()).unwrap();
     let expert = total / (config.moe_layers().count() * config.num_experts) as u64;
     for budget in [config.num_experts_per_token as u64 * expert, total / 2] {
         let options = LoadOptions {
@@ -140,7 +141,7 @@ fn experts_read_in_place_on_demand_equal_resident() {
             }),
             ..LoadOptions::default()
         };
-        let loaded = loader::load(&path(), &options, &Device::Cpu).unwrap();
+        let loaded = open::load(&path(), &options, &Device::Cpu).unwrap();
         assert!(
             logit_bits_and_greedy(&loaded.model, &input, 8) == expected,
             "budget {budget}"

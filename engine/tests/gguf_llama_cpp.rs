@@ -20,8 +20,8 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use odmoe_engine::generate::{GenerateRequest, Session};
-use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
 use odmoe_engine::model::{ForwardTrace, Logits, Model};
+use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::store::StoreConfig;
 
 fn dir() -> PathBuf {
@@ -48,7 +48,7 @@ fn run(
         ..LoadOptions::default()
     };
     let path = dir().join(format!("{name}.gguf"));
-    let model = loader::load(&path, &options, &Device::Cpu).unwrap().model;
+    let model = open::load(&path, &options, &Device::Cpu).unwrap().model;
     let input = ids(&g["input_ids"]);
     let mut trace = ForwardTrace::default();
     let logits = model
@@ -146,8 +146,8 @@ fn quantized_experts_read_in_place_on_demand_equal_resident() {
                 .map(|x| x.to_bits())
                 .collect()
         };
-        let expected = logits(&Model::load_resident(&path, &Device::Cpu).unwrap());
-        let (config, total) = loader::describe(&path).unwrap();
+        let expected = logits(&odmoe_engine::open::resident(&path, &Device::Cpu).unwrap());
+        let (config, total) = open::describe(&path).unwrap();
         let expert = total / (config.num_layers * config.num_experts) as u64;
         for budget in [config.num_experts_per_token as u64 * expert, total / 2] {
             let options = LoadOptions {
@@ -157,7 +157,7 @@ fn quantized_experts_read_in_place_on_demand_equal_resident() {
                 }),
                 ..LoadOptions::default()
             };
-            let loaded = loader::load(&path, &options, &Device::Cpu).unwrap();
+            let loaded = open::load(&path, &options, &Device::Cpu).unwrap();
             assert!(
                 logits(&loaded.model) == expected,
                 "{name} at budget {budget}"
@@ -217,10 +217,9 @@ fn base_matrices_keep_their_stored_type_unless_widened() {
     use odmoe_engine::format::gguf::GgufFile;
 
     let path = dir().join("mixtral-q8_0.gguf");
-    let config = GgufFile::open(&path, &Device::Cpu)
-        .unwrap()
-        .model_config()
-        .unwrap();
+    let config =
+        odmoe_engine::model::config_from_gguf(&GgufFile::open(&path, &Device::Cpu).unwrap())
+            .unwrap();
     let name = "model.layers.0.self_attn.q_proj.weight";
     let shape = [config.num_heads * config.head_dim, config.hidden_size];
     for keep in [true, false] {

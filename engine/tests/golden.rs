@@ -8,12 +8,12 @@ use common::{fixture, golden, ids, max_abs_diff};
 
 use candle_core::{Device, Tensor};
 use odmoe_engine::generate::{GenerateRequest, Session};
-use odmoe_engine::model::{ForwardTrace, KvCache, Logits, Model};
+use odmoe_engine::model::{ForwardTrace, KvCache, Logits};
 
 const LOGITS_TOLERANCE: f32 = 1e-4;
 
 fn check_fixture(name: &str) {
-    let model = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
+    let model = odmoe_engine::open::resident(&fixture(name), &Device::Cpu).unwrap();
     let g = golden(name);
     let input = ids(&g["input_ids"]);
 

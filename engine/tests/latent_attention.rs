@@ -18,7 +18,7 @@ use odmoe_engine::model::{LatentForm, Logits, Model};
 const STEPS: usize = 64;
 
 fn model(name: &str, form: LatentForm, accumulate: DType) -> Model {
-    let mut model = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
+    let mut model = odmoe_engine::open::resident(&fixture(name), &Device::Cpu).unwrap();
     model.set_latent_form(form);
     model.set_latent_precision(accumulate);
     model

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use odmoe_engine::generate::{GenerateRequest, Session};
-use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
 use odmoe_engine::model::Model;
+use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::predict::replay::{Prefetch, ReplayOptions, ReplayPolicy, replay};
 use odmoe_engine::predict::shadow::{Shadow, TrainOptions, train};
 use odmoe_engine::predict::trace::{RecordOptions, Trace};
@@ -97,7 +97,7 @@ fn budgets(trace: &Trace) -> Vec<u64> {
 
 #[test]
 fn traces_round_trip_through_their_file() {
-    let model = Model::load_resident(&fixture("qwen3_moe"), &Device::Cpu).unwrap();
+    let model = odmoe_engine::open::resident(&fixture("qwen3_moe"), &Device::Cpu).unwrap();
     let trace = record(&model, &prompts("qwen3_moe", 0..3), 5, true);
     let (n, l, k) = (trace.num_tokens(), trace.num_layers(), trace.top_k());
     assert!(n > 15 && trace.ids.len() == n * l * k);
@@ -140,7 +140,7 @@ fn traces_round_trip_through_their_file() {
 #[test]
 fn replay_reproduces_the_live_store_exactly() {
     for name in FIXTURES {
-        let resident = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
+        let resident = odmoe_engine::open::resident(&fixture(name), &Device::Cpu).unwrap();
         let prompts = prompts(name, 0..4);
         let max_tokens = 6;
         let trace = record(&resident, &prompts, max_tokens, false);
@@ -148,7 +148,7 @@ fn replay_reproduces_the_live_store_exactly() {
         for budget in budgets(&trace).into_iter().step_by(3) {
             for policy in [PolicyKind::Lru, PolicyKind::Lfuda, PolicyKind::Cycle] {
                 let loaded =
-                    loader::load(&fixture(name), &on_demand(budget, policy), &Device::Cpu).unwrap();
+                    open::load(&fixture(name), &on_demand(budget, policy), &Device::Cpu).unwrap();
                 let store = loaded.store.clone().unwrap();
                 assert_eq!(store.expert_bytes(), trace.expert_bytes);
                 for prompt in &prompts {
@@ -181,7 +181,7 @@ fn replay_reproduces_the_live_store_exactly() {
 #[test]
 fn belady_bounds_lru_and_lfuda_on_every_trace() {
     for name in FIXTURES {
-        let model = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
+        let model = odmoe_engine::open::resident(&fixture(name), &Device::Cpu).unwrap();
         for (range, max_tokens) in [(0..8, 12), (8..16, 4), (16..24, 20)] {
             let trace = record(&model, &prompts(name, range), max_tokens, false);
             for budget in budgets(&trace) {
@@ -208,7 +208,7 @@ fn belady_bounds_lru_and_lfuda_on_every_trace() {
 #[test]
 fn both_predictors_beat_chance_on_held_out_prompts() {
     for name in FIXTURES {
-        let model = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
+        let model = odmoe_engine::open::resident(&fixture(name), &Device::Cpu).unwrap();
         let train_trace = record(&model, &prompts(name, 0..16), 16, true);
         let held_out = record(&model, &prompts(name, 16..24), 16, true);
         let chance = model.config.num_experts_per_token as f64 / model.config.num_experts as f64;
@@ -240,14 +240,14 @@ fn both_predictors_beat_chance_on_held_out_prompts() {
 #[test]
 fn prefetch_never_changes_logits() {
     for name in FIXTURES {
-        let resident = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
+        let resident = odmoe_engine::open::resident(&fixture(name), &Device::Cpu).unwrap();
         let input = prompts(name, 0..1).remove(0);
         let run = |model: &Model| logit_bits_and_greedy(model, &input, 24);
         let expected = run(&resident);
-        let (config, total) = loader::describe(&fixture(name)).unwrap();
+        let (config, total) = open::describe(&fixture(name)).unwrap();
         let minimum = config.num_experts_per_token as u64 * config.expert_f32_bytes() as u64;
         for budget in [minimum, total / 2, total] {
-            let mut loaded = loader::load(
+            let mut loaded = open::load(
                 &fixture(name),
                 &on_demand(budget, PolicyKind::Lru),
                 &Device::Cpu,
@@ -307,8 +307,8 @@ fn a_wasteful_prefetcher_switches_itself_off() {
         }
     }
     let name = "qwen3_moe";
-    let (config, total) = loader::describe(&fixture(name)).unwrap();
-    let mut loaded = loader::load(
+    let (config, total) = open::describe(&fixture(name)).unwrap();
+    let mut loaded = open::load(
         &fixture(name),
         &on_demand(total / 2, PolicyKind::Lru),
         &Device::Cpu,
@@ -350,9 +350,9 @@ fn a_wasteful_prefetcher_switches_itself_off() {
 #[test]
 fn an_acquire_pins_its_hits_before_its_misses_evict() {
     let name = "qwen3_moe";
-    let (config, _) = loader::describe(&fixture(name)).unwrap();
+    let (config, _) = open::describe(&fixture(name)).unwrap();
     let expert = config.expert_f32_bytes() as u64;
-    let loaded = loader::load(
+    let loaded = open::load(
         &fixture(name),
         &on_demand(3 * expert, PolicyKind::Lru),
         &Device::Cpu,

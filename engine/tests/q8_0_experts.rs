@@ -8,8 +8,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 use candle_nn::Linear;
 use odmoe_engine::expert::{GluMlp, ResidentExperts};
-use odmoe_engine::model::moe::{MoeBlock, Scoring};
 use odmoe_engine::kernels::q8_0;
+use odmoe_engine::model::moe::{MoeBlock, Scoring};
 use odmoe_engine::store::{ExpertSource, ExpertStore, PolicyKind, StoreConfig};
 
 const HIDDEN: usize = 64;

@@ -8,12 +8,13 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use odmoe_engine::config::ModelConfig;
 use odmoe_engine::format::layout::{
     ALIGN, ExpertLayout, ExpertTensor, FORMAT_VERSION, FileEntry, MANIFEST, Manifest, align_up,
     expert_path, hash_file,
 };
-use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
-use odmoe_engine::model::{Logits, ModelConfig};
+use odmoe_engine::model::Logits;
+use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::store::{PolicyKind, StoreConfig};
 
 const KIMI_K2: &str = include_str!("../../tests/fixtures/configs/kimi_k2.json");
@@ -39,7 +40,7 @@ fn tiny_kimi_config() -> ModelConfig {
         assert!(text.contains(&key), "{key}");
         text = text.replace(&key, &value);
     }
-    ModelConfig::from_json(&text, Path::new("tiny_kimi.json")).unwrap()
+    odmoe_engine::model::config_from_hf_json(&text, Path::new("tiny_kimi.json")).unwrap()
 }
 
 /// Deterministic values in [-0.5, 0.5) (xorshift), so the model routes like a real one would.
@@ -204,7 +205,7 @@ fn a_kimi_k2_shaped_layout_loads_fast_and_decodes_within_a_tiny_budget() {
     };
     let descriptors = open_descriptors();
     let started = Instant::now();
-    let loaded = loader::load(&dir, &options, &Device::Cpu).unwrap();
+    let loaded = open::load(&dir, &options, &Device::Cpu).unwrap();
     println!(
         "opened on demand in {:.1} ms",
         started.elapsed().as_secs_f64() * 1e3

@@ -14,13 +14,13 @@ use std::time::Duration;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
-use odmoe_engine::format::convert::convert;
+use odmoe_engine::convert::convert;
+use odmoe_engine::expert::GluMlp;
 use odmoe_engine::format::gguf::{GgufFile, stacked_expert_names};
 use odmoe_engine::format::layout::{MANIFEST, Manifest};
 use odmoe_engine::format::safetensors::HfWeights;
-use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
-use odmoe_engine::expert::GluMlp;
-use odmoe_engine::model::{Logits, Model, ModelConfig, expert_tensor_names};
+use odmoe_engine::model::{Logits, expert_tensor_names};
+use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::store::{ExpertSource, ExpertStore, PolicyKind, StoreConfig};
 
 fn on_demand(budget_bytes: u64, policy: PolicyKind) -> LoadOptions {
@@ -47,16 +47,16 @@ fn on_demand_is_bit_identical_to_resident_at_every_budget() {
         let layout = out.path().join("model.odmoe");
         convert(&fixture(name), &layout, |_| {}).unwrap();
         let input = ids(&golden(name)["input_ids"]);
-        let resident = Model::load_resident(&fixture(name), &Device::Cpu).unwrap();
+        let resident = odmoe_engine::open::resident(&fixture(name), &Device::Cpu).unwrap();
         let expected = logit_bits_and_greedy(&resident, &input, 16);
-        let (config, total) = loader::describe(&fixture(name)).unwrap();
+        let (config, total) = open::describe(&fixture(name)).unwrap();
         let expert = config.expert_f32_bytes() as u64;
         let minimum = config.num_experts_per_token as u64 * expert;
         for source in [fixture(name), layout.clone()] {
             for budget in [minimum, minimum + expert, total / 4, total / 2, total] {
                 for policy in [PolicyKind::Lru, PolicyKind::Lfuda] {
                     let loaded =
-                        loader::load(&source, &on_demand(budget, policy), &Device::Cpu).unwrap();
+                        open::load(&source, &on_demand(budget, policy), &Device::Cpu).unwrap();
                     let got = logit_bits_and_greedy(&loaded.model, &input, 16);
                     assert!(
                         got == expected,
@@ -85,7 +85,8 @@ fn layout_resident_mode_matches_the_checkpoint() {
     let layout = out.path().join("m.odmoe");
     convert(&fixture("qwen2_moe"), &layout, |_| {}).unwrap();
     let input = ids(&golden("qwen2_moe")["input_ids"]);
-    let resident = |path: &std::path::Path| Model::load_resident(path, &Device::Cpu).unwrap();
+    let resident =
+        |path: &std::path::Path| odmoe_engine::open::resident(path, &Device::Cpu).unwrap();
     let a = logit_bits_and_greedy(&resident(&fixture("qwen2_moe")), &input, 16);
     let b = logit_bits_and_greedy(&resident(&layout), &input, 16);
     assert!(a == b);
@@ -417,12 +418,12 @@ fn broken_expert_error(layout: &Path, verify: bool) -> String {
         verify_checksums: verify,
         ..on_demand(1 << 30, PolicyKind::Lru)
     };
-    let loaded = loader::load(layout, &options, &Device::Cpu).unwrap();
+    let loaded = open::load(layout, &options, &Device::Cpu).unwrap();
     broken_expert_error_of(&loaded.store.unwrap())
 }
 
 fn load_error(path: &Path) -> String {
-    loader::load(path, &on_demand(1 << 30, PolicyKind::Lru), &Device::Cpu)
+    open::load(path, &on_demand(1 << 30, PolicyKind::Lru), &Device::Cpu)
         .err()
         .expect("the model must not load")
         .to_string()
@@ -462,7 +463,7 @@ fn eight_flipped_bits_in_an_expert_file_fail_its_checksum() {
 #[test]
 fn a_resident_load_refuses_a_corrupt_expert() {
     let (_keep, layout) = layout_with_broken_expert(|p| overwrite(p, 5000, &[0xFF; 16]));
-    let err = loader::load(&layout, &LoadOptions::default(), &Device::Cpu)
+    let err = open::load(&layout, &LoadOptions::default(), &Device::Cpu)
         .err()
         .expect("a corrupt expert must not load")
         .to_string();
@@ -497,7 +498,7 @@ fn truncated_or_missing_expert_files_are_refused_at_load() {
 #[test]
 fn an_expert_file_broken_after_load_is_named() {
     let (_keep, layout) = layout_with_broken_expert(|_| {});
-    let loaded = loader::load(&layout, &on_demand(1 << 30, PolicyKind::Lru), &Device::Cpu).unwrap();
+    let loaded = open::load(&layout, &on_demand(1 << 30, PolicyKind::Lru), &Device::Cpu).unwrap();
     let broken = layout.join(BROKEN);
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -526,13 +527,13 @@ fn a_layout_without_xxh3_gets_an_index_from_files_that_match_their_sha256() {
     let name = "qwen3_moe";
     let input = ids(&golden(name)["input_ids"]);
     let expected = logit_bits_and_greedy(
-        &Model::load_resident(&fixture(name), &Device::Cpu).unwrap(),
+        &odmoe_engine::open::resident(&fixture(name), &Device::Cpu).unwrap(),
         &input,
         8,
     );
     let (_keep, layout) = layout_with_broken_expert(|_| {});
     strip_xxh3(&layout);
-    let loaded = loader::load(&layout, &on_demand(1 << 30, PolicyKind::Lru), &Device::Cpu).unwrap();
+    let loaded = open::load(&layout, &on_demand(1 << 30, PolicyKind::Lru), &Device::Cpu).unwrap();
     assert!(layout.join("experts.odmoe-checksums").is_file());
     assert!(logit_bits_and_greedy(&loaded.model, &input, 8) == expected);
 
@@ -578,7 +579,7 @@ fn a_gguf_expert_changed_after_its_index_was_built_is_refused_never_computed() {
     let path = dir.path().join("qwen3_moe-q8_0.gguf");
     std::fs::copy(fixture("gguf").join("qwen3_moe-q8_0.gguf"), &path).unwrap();
     let gguf = GgufFile::open(&path, &Device::Cpu).unwrap();
-    let config = gguf.model_config().unwrap();
+    let config = odmoe_engine::model::config_from_gguf(&gguf).unwrap();
     let (h, i) = (config.hidden_size, config.expert_intermediate_size);
     let gate = gguf
         .expert_slice(&stacked_expert_names(1)[0], 4, [i, h])
@@ -586,7 +587,7 @@ fn a_gguf_expert_changed_after_its_index_was_built_is_refused_never_computed() {
     drop(gguf);
 
     // Loading computes the index and keeps it beside the file.
-    let loaded = loader::load(&path, &on_demand(1 << 30, PolicyKind::Lru), &Device::Cpu).unwrap();
+    let loaded = open::load(&path, &on_demand(1 << 30, PolicyKind::Lru), &Device::Cpu).unwrap();
     assert!(
         dir.path()
             .join("qwen3_moe-q8_0.gguf.odmoe-checksums")
@@ -607,7 +608,7 @@ fn a_gguf_expert_changed_after_its_index_was_built_is_refused_never_computed() {
     // tokens that some route to the expert fails rather than computing with its bytes.
     let tokens: Vec<u32> = (0..config.vocab_size.min(64) as u32).collect();
     for options in [on_demand(1 << 30, PolicyKind::Lru), LoadOptions::default()] {
-        let result = loader::load(&path, &options, &Device::Cpu).and_then(|loaded| {
+        let result = open::load(&path, &options, &Device::Cpu).and_then(|loaded| {
             loaded
                 .model
                 .forward(&tokens, &mut loaded.model.new_cache(), Logits::Last, None)
@@ -632,13 +633,13 @@ fn a_hugging_face_expert_changed_after_its_index_was_built_is_refused() {
             std::fs::copy(&from, dir.path().join(from.file_name().unwrap())).unwrap();
         }
     }
-    let config = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+    let config = odmoe_engine::model::config_from_hf_file(&dir.path().join("config.json")).unwrap();
     let name = format!("{}.weight", expert_tensor_names(&config, 1, 4)[2]);
     let down = HfWeights::open(dir.path(), &Device::Cpu)
         .unwrap()
         .location(&name)
         .unwrap();
-    let loaded = loader::load(
+    let loaded = open::load(
         dir.path(),
         &on_demand(1 << 30, PolicyKind::Lru),
         &Device::Cpu,
@@ -658,7 +659,7 @@ fn a_hugging_face_expert_changed_after_its_index_was_built_is_refused() {
 
 #[test]
 fn reads_are_counted_in_bytes_from_disk() {
-    let loaded = loader::load(
+    let loaded = open::load(
         &fixture("mixtral"),
         &on_demand(1 << 30, PolicyKind::Lru),
         &Device::Cpu,

@@ -14,10 +14,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use odmoe_engine::format::convert::convert;
-use odmoe_engine::format::size::format_bytes;
+use odmoe_config::format_bytes;
+use odmoe_engine::convert::convert;
 use odmoe_engine::generate::{GenerateRequest, Session};
-use odmoe_engine::loader::{self, ExpertMode, LoadOptions};
+use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::store::fetch::{DIRECT_ALIGN, read_aligned};
 use odmoe_engine::store::{PolicyKind, StoreConfig};
 use serde_json::json;
@@ -352,7 +352,7 @@ fn warm_hit_ns(fixtures: &Path) -> Result<f64> {
         }),
         ..LoadOptions::default()
     };
-    let loaded = loader::load(&layout, &options, &candle_core::Device::Cpu)?;
+    let loaded = open::load(&layout, &options, &candle_core::Device::Cpu)?;
     let store = loaded.store.context("on-demand load has a store")?;
     let resident = [0, 1, 2, 3];
     drop(store.acquire(0, &resident)?);
@@ -371,7 +371,7 @@ fn decode_at_budgets(fixtures: &Path) -> Result<Vec<serde_json::Value>> {
     let mut rows = Vec::new();
     for name in ["qwen2_moe", "qwen3_moe", "mixtral"] {
         let layout = fixture_layout(fixtures, name, tmp.path())?;
-        let (config, total) = loader::describe(&layout)?;
+        let (config, total) = open::describe(&layout)?;
         let minimum = config.num_experts_per_token as u64 * config.expert_f32_bytes() as u64;
         let mut full_tok_s = None;
         for percent in [100u64, 50, 25, 10] {
@@ -384,7 +384,7 @@ fn decode_at_budgets(fixtures: &Path) -> Result<Vec<serde_json::Value>> {
                 }),
                 ..LoadOptions::default()
             };
-            let loaded = loader::load(&layout, &options, &candle_core::Device::Cpu)?;
+            let loaded = open::load(&layout, &options, &candle_core::Device::Cpu)?;
             let request = GenerateRequest {
                 prompt: vec![5, 6, 7, 8],
                 max_tokens: 64,

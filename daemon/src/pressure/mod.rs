@@ -27,7 +27,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use odmoe_config::MemoryConfig;
-use odmoe_engine::format::size::format_bytes;
+use odmoe_config::format_bytes;
 use odmoe_protocol::{BudgetAdjustment, MemoryStats};
 use tracing::{info, warn};
 

@@ -15,10 +15,6 @@ use candle_core::{Device, Tensor};
 
 use super::WeightSource;
 use crate::error::{Error, Result};
-use crate::model::config::{
-    DeepseekConfig, GroupLimitedRouting, LatentAttentionConfig, YarnScaling,
-};
-use crate::model::{Architecture, ModelConfig};
 
 /// An open GGUF file: its parsed header and where tensor data starts.
 pub struct GgufFile {
@@ -78,7 +74,8 @@ impl GgufFile {
         }
     }
 
-    fn error(&self, message: impl std::fmt::Display) -> Error {
+    /// An error about this file.
+    pub fn error(&self, message: impl std::fmt::Display) -> Error {
         Self::error_at(&self.path, message)
     }
 
@@ -171,6 +168,11 @@ impl GgufFile {
             })
     }
 
+    /// The shape of tensor `name` (a GGUF name), in candle's order (`[out, in]`).
+    pub fn tensor_shape(&self, name: &str) -> Result<&[usize]> {
+        Ok(self.info(name)?.shape.dims())
+    }
+
     fn data_start(&self, info: &TensorInfo) -> u64 {
         self.content.tensor_data_offset + info.offset
     }
@@ -230,273 +232,6 @@ impl GgufFile {
 
     pub fn device(&self) -> &Device {
         &self.device
-    }
-
-    /// The architecture config from GGUF metadata (`llama` with experts is Mixtral, without them
-    /// a dense Llama).
-    pub fn model_config(&self) -> Result<ModelConfig> {
-        let arch = self.meta_str("general.architecture")?.to_string();
-        if arch == "deepseek2" {
-            return self.deepseek2_config();
-        }
-        let key = |k: &str| format!("{arch}.{k}");
-        let architecture = match arch.as_str() {
-            "llama" if self.meta_usize(&key("expert_count")).unwrap_or(0) > 0 => {
-                Architecture::Mixtral
-            }
-            "llama" => Architecture::Llama,
-            "qwen2moe" => Architecture::Qwen2Moe,
-            "qwen3moe" => Architecture::Qwen3Moe,
-            other => {
-                return Err(Error::UnknownArchitecture {
-                    model_type: other.to_string(),
-                    path: self.path.clone(),
-                    supported: "GGUF llama (dense or with experts, as Mixtral), qwen2moe, qwen3moe, \
-                                deepseek2 (DeepSeek-V3, Kimi-K2)",
-                });
-            }
-        };
-        let hidden_size = self.meta_usize(&key("embedding_length"))?;
-        let num_heads = self.meta_usize(&key("attention.head_count"))?;
-        let head_dim = if self.has_meta(&key("attention.key_length")) {
-            self.meta_usize(&key("attention.key_length"))?
-        } else {
-            hidden_size / num_heads
-        };
-        let dense = architecture == Architecture::Llama;
-        let expert_width_key = match architecture {
-            Architecture::Mixtral => "feed_forward_length",
-            _ => "expert_feed_forward_length",
-        };
-        let moe_usize = |k: &str| {
-            if dense {
-                Ok(0)
-            } else {
-                self.meta_usize(&key(k))
-            }
-        };
-        let vocab_size = self.info("token_embd.weight")?.shape.dims()[0];
-        let eos = self
-            .meta_usize("tokenizer.ggml.eos_token_id")
-            .ok()
-            .map(|v| v as u32);
-        Ok(ModelConfig {
-            architecture,
-            vocab_size,
-            hidden_size,
-            num_layers: self.meta_usize(&key("block_count"))?,
-            num_heads,
-            num_kv_heads: self
-                .meta_usize(&key("attention.head_count_kv"))
-                .unwrap_or(num_heads),
-            head_dim,
-            rms_norm_eps: self.meta_f64(&key("attention.layer_norm_rms_epsilon"))?,
-            rope_theta: self.meta_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
-            max_position_embeddings: self.meta_usize(&key("context_length")).unwrap_or(4096),
-            sliding_window: None,
-            attention_bias: self.has_tensor("blk.0.attn_q.bias"),
-            qk_norm: architecture == Architecture::Qwen3Moe,
-            num_experts: moe_usize("expert_count")?,
-            num_experts_per_token: moe_usize("expert_used_count")?,
-            expert_intermediate_size: moe_usize(expert_width_key)?,
-            dense_intermediate_size: if dense {
-                Some(self.meta_usize(&key("feed_forward_length"))?)
-            } else {
-                None
-            },
-            norm_topk_prob: architecture != Architecture::Qwen2Moe,
-            shared_expert_intermediate_size: match architecture {
-                Architecture::Qwen2Moe => {
-                    Some(self.meta_usize(&key("expert_shared_feed_forward_length"))?)
-                }
-                _ => None,
-            },
-            tie_word_embeddings: !self.has_tensor("output.weight"),
-            eos_token_ids: eos.into_iter().collect(),
-            bos_token_id: self
-                .meta_usize("tokenizer.ggml.bos_token_id")
-                .ok()
-                .map(|v| v as u32),
-            // llama.cpp's converter permutes Q/K rows of `llama` models for interleaved rotary
-            // pairs; the Qwen MoE models keep the rotate-half layout.
-            rope_interleaved: arch == "llama",
-            deepseek: None,
-        })
-    }
-}
-
-impl GgufFile {
-    /// A DeepSeek-V3 / Kimi-K2 config from llama.cpp's `deepseek2` metadata.
-    ///
-    /// llama.cpp stores latent attention as MQA with one KV head whose key is the latent plus
-    /// the rotary part (`attention.key_length` = `kv_lora_rank + qk_rope_head_dim`); the per-head
-    /// widths are `attention.key_length_mla` / `value_length_mla` (older files: `key_length` /
-    /// `value_length` themselves). Routing must be sigmoid (`expert_gating_func` 2) with the
-    /// `exp_probs_b` bias: a file without `expert_gating_func` is DeepSeek-V2's softmax routing,
-    /// which llama.cpp assumes for it and this engine does not run.
-    fn deepseek2_config(&self) -> Result<ModelConfig> {
-        let key = |k: &str| format!("deepseek2.{k}");
-        let opt_usize = |k: &str| -> Result<Option<usize>> {
-            match self.has_meta(&key(k)) {
-                true => self.meta_usize(&key(k)).map(Some),
-                false => Ok(None),
-            }
-        };
-        let opt_f64 = |k: &str| -> Result<Option<f64>> {
-            match self.has_meta(&key(k)) {
-                true => self.meta_f64(&key(k)).map(Some),
-                false => Ok(None),
-            }
-        };
-        const SIGMOID: usize = 2;
-        match opt_usize("expert_gating_func")? {
-            Some(SIGMOID) => {}
-            other => {
-                return Err(self.error(format!(
-                    "deepseek2 expert_gating_func {other:?}: only sigmoid routing (2, \
-                     DeepSeek-V3 / Kimi-K2) is supported; without the key llama.cpp routes with \
-                     softmax (DeepSeek-V2)"
-                )));
-            }
-        }
-        let hidden_size = self.meta_usize(&key("embedding_length"))?;
-        let num_heads = self.meta_usize(&key("attention.head_count"))?;
-        let rope_dim = self.meta_usize(&key("rope.dimension_count"))?;
-        let key_width = match opt_usize("attention.key_length_mla")? {
-            Some(w) => w,
-            None => self.meta_usize(&key("attention.key_length"))?,
-        };
-        let v_head_dim = match opt_usize("attention.value_length_mla")? {
-            Some(w) => w,
-            None => self.meta_usize(&key("attention.value_length"))?,
-        };
-        if key_width <= rope_dim || rope_dim % 2 != 0 {
-            return Err(self.error(format!(
-                "deepseek2 key width {key_width} must exceed the even rotary width {rope_dim}"
-            )));
-        }
-        let attention = LatentAttentionConfig {
-            q_lora_rank: opt_usize("attention.q_lora_rank")?,
-            kv_lora_rank: self.meta_usize(&key("attention.kv_lora_rank"))?,
-            qk_nope_head_dim: key_width - rope_dim,
-            qk_rope_head_dim: rope_dim,
-            v_head_dim,
-        };
-        let num_experts = self.meta_usize(&key("expert_count"))?;
-        let top_k = self.meta_usize(&key("expert_used_count"))?;
-        let routing = GroupLimitedRouting {
-            n_group: opt_usize("expert_group_count")?.unwrap_or(1),
-            topk_group: opt_usize("expert_group_used_count")?.unwrap_or(1),
-            // llama.cpp skips the scaling when the key is absent.
-            routed_scaling_factor: opt_f64("expert_weights_scale")?.unwrap_or(1.0),
-        };
-        routing
-            .check(num_experts, top_k)
-            .map_err(|m| self.error(format!("deepseek2: {m}")))?;
-        if top_k == 0 {
-            return Err(self.error("deepseek2 expert_used_count is 0"));
-        }
-        let first_dense_layers = opt_usize("leading_dense_block_count")?.unwrap_or(0);
-        let expert_width = self.meta_usize(&key("expert_feed_forward_length"))?;
-        let yarn = match self.has_meta(&key("rope.scaling.type")) {
-            true => match self.meta_str(&key("rope.scaling.type"))? {
-                "yarn" => Some(self.deepseek2_yarn()?),
-                "none" => None,
-                other => {
-                    return Err(self.error(format!(
-                        "deepseek2 rope scaling {other:?} is not supported (only yarn)"
-                    )));
-                }
-            },
-            false => None,
-        };
-        let shared = self.meta_usize(&key("expert_shared_count"))?;
-        let eos = self
-            .meta_usize("tokenizer.ggml.eos_token_id")
-            .ok()
-            .map(|v| v as u32);
-        Ok(ModelConfig {
-            architecture: Architecture::DeepseekV3,
-            vocab_size: self.info("token_embd.weight")?.shape.dims()[0],
-            hidden_size,
-            num_layers: self.meta_usize(&key("block_count"))?,
-            num_heads,
-            // `head_count_kv` is 1 (the latent, shared by all heads); expanded, every head has
-            // its own key and value, as `num_key_value_heads` says in config.json.
-            num_kv_heads: num_heads,
-            head_dim: key_width,
-            rms_norm_eps: self.meta_f64(&key("attention.layer_norm_rms_epsilon"))?,
-            rope_theta: opt_f64("rope.freq_base")?.unwrap_or(10_000.0),
-            max_position_embeddings: opt_usize("context_length")?.unwrap_or(4096),
-            sliding_window: None,
-            attention_bias: self.has_tensor("blk.0.attn_kv_a_mqa.bias"),
-            qk_norm: false,
-            num_experts,
-            num_experts_per_token: top_k,
-            expert_intermediate_size: expert_width,
-            dense_intermediate_size: match first_dense_layers {
-                0 => None,
-                _ => Some(self.meta_usize(&key("feed_forward_length"))?),
-            },
-            norm_topk_prob: self.meta_bool(&key("expert_weights_norm")).unwrap_or(false),
-            // The shared experts run as one feed-forward of their summed width.
-            shared_expert_intermediate_size: (shared > 0).then_some(shared * expert_width),
-            tie_word_embeddings: !self.has_tensor("output.weight"),
-            eos_token_ids: eos.into_iter().collect(),
-            bos_token_id: self
-                .meta_usize("tokenizer.ggml.bos_token_id")
-                .ok()
-                .map(|v| v as u32),
-            // llama.cpp ropes deepseek2 in adjacent pairs on unpermuted rows, as DeepSeek does.
-            rope_interleaved: true,
-            deepseek: Some(DeepseekConfig {
-                attention,
-                yarn,
-                routing,
-                first_dense_layers,
-            }),
-        })
-    }
-
-    /// YaRN from `rope.scaling.*`. The converter writes `yarn_log_multiplier` = 0.1 *
-    /// `mscale_all_dim` and drops `mscale`; llama.cpp then scales cos and sin by 1, which is
-    /// transformers' answer when `mscale` equals `mscale_all_dim` (true of every DeepSeek-V3 and
-    /// Kimi-K2 config), so `mscale` is taken to be `mscale_all_dim`.
-    ///
-    /// `yarn_beta_fast` / `yarn_beta_slow` are taken from the file when present, else 32 / 1.
-    /// llama.cpp ignores the keys for deepseek2 and always uses 32 / 1 unless told otherwise at
-    /// run time; the converter writes the checkpoint's own values, which are what the model was
-    /// trained with (Kimi-K2: 1 / 1), so this reader follows the checkpoint, as transformers
-    /// does. 32 / 1 are both llama.cpp's and transformers' defaults.
-    fn deepseek2_yarn(&self) -> Result<YarnScaling> {
-        let key = |k: &str| format!("deepseek2.rope.scaling.{k}");
-        let optional = |k: &str| -> Result<Option<f64>> {
-            match self.has_meta(&key(k)) {
-                true => self.meta_f64(&key(k)).map(Some),
-                false => Ok(None),
-            }
-        };
-        if let Some(factor) = optional("yarn_attn_factor")?.filter(|&f| f != 1.0) {
-            return Err(self.error(format!(
-                "deepseek2 rope.scaling.yarn_attn_factor {factor} is not supported (only 1)"
-            )));
-        }
-        if let Some(ext) = optional("yarn_ext_factor")?.filter(|&f| f != 1.0) {
-            return Err(self.error(format!(
-                "deepseek2 rope.scaling.yarn_ext_factor {ext} is not supported (only 1)"
-            )));
-        }
-        let mscale_all_dim = optional("yarn_log_multiplier")?.map(|m| m / 0.1);
-        Ok(YarnScaling {
-            factor: self.meta_f64(&key("factor"))?,
-            original_max_position_embeddings: self.meta_usize(&key("original_context_length"))?,
-            beta_fast: optional("yarn_beta_fast")?.unwrap_or(32.0),
-            beta_slow: optional("yarn_beta_slow")?.unwrap_or(1.0),
-            mscale: mscale_all_dim,
-            mscale_all_dim,
-            attention_factor: None,
-            truncate: true,
-        })
     }
 }
 

@@ -25,9 +25,9 @@ use std::path::Path;
 use candle_core::quantized::GgmlDType;
 use serde::{Deserialize, Serialize};
 
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::format::gguf::{ggml_bytes, ggml_type_name, parse_ggml_type};
-use crate::model::ModelConfig;
 
 /// Version of the layout this code reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -113,7 +113,7 @@ pub fn expert_path(layer: usize, expert: usize) -> String {
 }
 
 /// Name of the file recording which checkpoint a layout was converted from (see
-/// [`crate::format::convert`]); listed in the manifest like every other file.
+/// [`crate::convert`]); listed in the manifest like every other file.
 pub const SOURCE: &str = "source.json";
 
 /// `n` rounded up to the next multiple of [`ALIGN`].

@@ -1,11 +1,8 @@
 //! Checkpoint formats the engine reads.
 
-pub mod convert;
 pub mod gguf;
 pub mod layout;
 pub mod safetensors;
-pub mod size;
-pub mod split;
 
 use candle_core::Tensor;
 use candle_core::quantized::QMatMul;

@@ -1,33 +1,282 @@
 //! DeepSeek-V3 and Kimi-K2 (the same architecture with other sizes and routing values).
 //!
-//! - Multi-head latent attention (MLA): each token's keys and values are expanded from one
-//!   latent of `kv_lora_rank` by `kv_b_proj`; a `qk_rope_head_dim` rotary key part is shared by
-//!   all heads. Queries come straight from the hidden state or through a low-rank `q_lora_rank`
-//!   bottleneck. The rotary part uses YaRN when configured, in DeepSeek's interleaved pair
-//!   layout unless `rope_interleave` is false.
-//! - The KV cache holds only the latent and the rotary key. Long prompts expand them into
-//!   per-head keys and values as transformers does; short steps (decode) use the absorbed form,
-//!   folding `kv_b_proj` into the query and the output so the cache is read without expanding.
+//! - Multi-head latent attention ([`LatentAttention`]) with its rotary part in DeepSeek's
+//!   interleaved pair layout unless `rope_interleave` is false, YaRN when configured.
 //! - Routing: sigmoid scores, a per-expert bias that only chooses, group-limited top-k,
 //!   renormalised weights times `routed_scaling_factor` (see [`Scoring::GroupLimitedSigmoid`]).
 //!   Shared experts are resident; the first `first_k_dense_replace` layers are dense.
+//! - Experts are named as Qwen names them; GGUF files are llama.cpp's `deepseek2`.
 
-use candle_core::{DType, Tensor};
-use candle_nn::{Linear, Module};
+use std::path::Path;
 
-use super::config::{DeepseekConfig, ModelConfig, YarnScaling};
-use super::layers::{KvCache, RmsNorm, Rotary, causal_mask, glu_mlp, linear};
+use serde_json::Value;
+
+use super::gguf_config::GgufConfig;
+use super::hf_config::{HfConfig, RopeScalings};
+use super::latent_attention::{LatentAttention, latent_config};
+use super::layers::{glu_mlp, linear};
 use super::moe::{MoeBlock, Scoring, SharedExpert};
-use super::{DecoderLayer, FeedForward, SelfAttention, llama};
+use super::{
+    BaseGroup, DecoderLayer, Family, FeedForward, GgufMatch, SelfAttention, llama, qwen_moe,
+};
+use crate::config::{
+    Architecture, DeepseekConfig, GroupLimitedRouting, LatentAttentionConfig, ModelConfig,
+    YarnScaling,
+};
 use crate::error::{Error, Result};
 use crate::format::WeightSource;
 
-/// The epsilon of the query and latent norms inside MLA: transformers builds them with the
-/// RMSNorm default, not the config's `rms_norm_eps`.
-const LATENT_NORM_EPS: f64 = 1e-6;
+pub const DEEPSEEK_V3: Family = Family {
+    architecture: Architecture::DeepseekV3,
+    // Kimi-K2 is the DeepSeek-V3 architecture with its own sizes and routing values.
+    model_types: &["deepseek_v3", "kimi_k2"],
+    gguf: Some(GgufMatch {
+        architecture: "deepseek2",
+        with_experts: None,
+    }),
+    from_hf,
+    from_gguf,
+    load_layer,
+    expert_names: Some(qwen_moe::expert_tensor_names),
+    router: qwen_moe::router_name,
+    feed_forward_group,
+};
 
-pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<DecoderLayer> {
-    let ds = deepseek(cfg)?;
+fn from_hf(hf: &HfConfig) -> Result<ModelConfig> {
+    let mut config = hf.common(Architecture::DeepseekV3, RopeScalings::PlainOrYarn)?;
+    hf.refuse_sliding_window()?;
+    let deepseek = deepseek_config(hf, &hf.path)?;
+    hf.set_experts(
+        &mut config,
+        hf.moe_intermediate_size,
+        "moe_intermediate_size",
+    )?;
+    config.head_dim = deepseek.attention.qk_nope_head_dim + deepseek.attention.qk_rope_head_dim;
+    if deepseek.first_dense_layers > 0 {
+        config.dense_intermediate_size = Some(hf.need(hf.intermediate_size, "intermediate_size")?);
+    }
+    config.norm_topk_prob = hf.norm_topk_prob.unwrap_or(true);
+    // The shared experts run as one feed-forward of their summed width.
+    config.shared_expert_intermediate_size = match hf.n_shared_experts.unwrap_or(1) {
+        0 => None,
+        n => Some(n * config.expert_intermediate_size),
+    };
+    // DeepSeek checkpoints pair adjacent rotary dimensions unless `rope_interleave` is false
+    // (transformers' default is true).
+    config.rope_interleaved = hf.rope_interleave.unwrap_or(true);
+    config.deepseek = Some(deepseek);
+    Ok(config)
+}
+
+/// The DeepSeek-V3 parts of a config, checked. Keys transformers would silently default are
+/// required, so that a config missing them fails here rather than computing something else.
+fn deepseek_config(raw: &HfConfig, path: &Path) -> Result<DeepseekConfig> {
+    let need = |value: Option<usize>, key: &str| {
+        value.ok_or_else(|| Error::config(path, format!("missing key {key:?}")))
+    };
+    let q_lora_rank = match &raw.q_lora_rank {
+        None => {
+            return Err(Error::config(
+                path,
+                "missing key \"q_lora_rank\" (null for none)",
+            ));
+        }
+        Some(Value::Null) => None,
+        Some(value) => Some(
+            value
+                .as_u64()
+                .ok_or_else(|| Error::config(path, format!("q_lora_rank {value} is not a size")))?
+                as usize,
+        ),
+    };
+    let attention = LatentAttentionConfig {
+        q_lora_rank,
+        kv_lora_rank: need(raw.kv_lora_rank, "kv_lora_rank")?,
+        qk_nope_head_dim: need(raw.qk_nope_head_dim, "qk_nope_head_dim")?,
+        qk_rope_head_dim: need(raw.qk_rope_head_dim, "qk_rope_head_dim")?,
+        v_head_dim: need(raw.v_head_dim, "v_head_dim")?,
+    };
+    if !attention.qk_rope_head_dim.is_multiple_of(2) {
+        return Err(Error::config(
+            path,
+            format!(
+                "qk_rope_head_dim ({}) must be even",
+                attention.qk_rope_head_dim
+            ),
+        ));
+    }
+    let routing = GroupLimitedRouting {
+        n_group: need(raw.n_group, "n_group")?,
+        topk_group: need(raw.topk_group, "topk_group")?,
+        routed_scaling_factor: raw
+            .routed_scaling_factor
+            .ok_or_else(|| Error::config(path, "missing key \"routed_scaling_factor\""))?,
+    };
+    let experts = need(raw.num_experts, "n_routed_experts")?;
+    let top_k = need(raw.num_experts_per_tok, "num_experts_per_tok")?;
+    routing
+        .check(experts, top_k)
+        .map_err(|message| Error::config(path, message))?;
+    if let Some(scoring) = raw.scoring_func.as_deref()
+        && scoring != "sigmoid"
+    {
+        return Err(Error::config(
+            path,
+            format!("scoring_func {scoring:?} is not supported (only \"sigmoid\")"),
+        ));
+    }
+    if let Some(method) = raw.topk_method.as_deref()
+        && method != "noaux_tc"
+    {
+        return Err(Error::config(
+            path,
+            format!("topk_method {method:?} is not supported (only \"noaux_tc\")"),
+        ));
+    }
+    if raw.moe_layer_freq.is_some_and(|f| f != 1) {
+        return Err(Error::config(
+            path,
+            "moe_layer_freq other than 1 is not supported",
+        ));
+    }
+    let yarn = raw.yarn()?;
+    Ok(DeepseekConfig {
+        attention,
+        yarn,
+        routing,
+        first_dense_layers: need(raw.first_k_dense_replace, "first_k_dense_replace")?,
+    })
+}
+
+/// A DeepSeek-V3 / Kimi-K2 config from llama.cpp's `deepseek2` metadata.
+///
+/// llama.cpp stores latent attention as MQA with one KV head whose key is the latent plus the
+/// rotary part (`attention.key_length` = `kv_lora_rank + qk_rope_head_dim`); the per-head widths
+/// are `attention.key_length_mla` / `value_length_mla` (older files: `key_length` /
+/// `value_length` themselves). Routing must be sigmoid (`expert_gating_func` 2) with the
+/// `exp_probs_b` bias: a file without `expert_gating_func` is DeepSeek-V2's softmax routing,
+/// which llama.cpp assumes for it and this engine does not run.
+fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
+    const SIGMOID: usize = 2;
+    match meta.opt_usize("expert_gating_func")? {
+        Some(SIGMOID) => {}
+        other => {
+            return Err(meta.error(format!(
+                "deepseek2 expert_gating_func {other:?}: only sigmoid routing (2, \
+                 DeepSeek-V3 / Kimi-K2) is supported; without the key llama.cpp routes with \
+                 softmax (DeepSeek-V2)"
+            )));
+        }
+    }
+    let rope_dim = meta.usize("rope.dimension_count")?;
+    let key_width = match meta.opt_usize("attention.key_length_mla")? {
+        Some(w) => w,
+        None => meta.usize("attention.key_length")?,
+    };
+    let v_head_dim = match meta.opt_usize("attention.value_length_mla")? {
+        Some(w) => w,
+        None => meta.usize("attention.value_length")?,
+    };
+    if key_width <= rope_dim || rope_dim % 2 != 0 {
+        return Err(meta.error(format!(
+            "deepseek2 key width {key_width} must exceed the even rotary width {rope_dim}"
+        )));
+    }
+    let attention = LatentAttentionConfig {
+        q_lora_rank: meta.opt_usize("attention.q_lora_rank")?,
+        kv_lora_rank: meta.usize("attention.kv_lora_rank")?,
+        qk_nope_head_dim: key_width - rope_dim,
+        qk_rope_head_dim: rope_dim,
+        v_head_dim,
+    };
+    let mut config = meta.common(Architecture::DeepseekV3)?;
+    meta.set_experts(&mut config, "expert_feed_forward_length")?;
+    let routing = GroupLimitedRouting {
+        n_group: meta.opt_usize("expert_group_count")?.unwrap_or(1),
+        topk_group: meta.opt_usize("expert_group_used_count")?.unwrap_or(1),
+        // llama.cpp skips the scaling when the key is absent.
+        routed_scaling_factor: meta.opt_f64("expert_weights_scale")?.unwrap_or(1.0),
+    };
+    routing
+        .check(config.num_experts, config.num_experts_per_token)
+        .map_err(|m| meta.error(format!("deepseek2: {m}")))?;
+    if config.num_experts_per_token == 0 {
+        return Err(meta.error("deepseek2 expert_used_count is 0"));
+    }
+    let first_dense_layers = meta.opt_usize("leading_dense_block_count")?.unwrap_or(0);
+    let yarn = match meta.has("rope.scaling.type") {
+        true => match meta.str("rope.scaling.type")? {
+            "yarn" => Some(gguf_yarn(meta)?),
+            "none" => None,
+            other => {
+                return Err(meta.error(format!(
+                    "deepseek2 rope scaling {other:?} is not supported (only yarn)"
+                )));
+            }
+        },
+        false => None,
+    };
+    let shared = meta.usize("expert_shared_count")?;
+    // `head_count_kv` is 1 (the latent, shared by all heads); expanded, every head has its own
+    // key and value, as `num_key_value_heads` says in config.json.
+    config.num_kv_heads = config.num_heads;
+    config.head_dim = key_width;
+    config.attention_bias = meta.gguf.has_tensor("blk.0.attn_kv_a_mqa.bias");
+    if first_dense_layers > 0 {
+        config.dense_intermediate_size = Some(meta.usize("feed_forward_length")?);
+    }
+    config.norm_topk_prob = meta.bool("expert_weights_norm").unwrap_or(false);
+    // The shared experts run as one feed-forward of their summed width.
+    config.shared_expert_intermediate_size =
+        (shared > 0).then_some(shared * config.expert_intermediate_size);
+    // llama.cpp ropes deepseek2 in adjacent pairs on unpermuted rows, as DeepSeek does.
+    config.rope_interleaved = true;
+    config.deepseek = Some(DeepseekConfig {
+        attention,
+        yarn,
+        routing,
+        first_dense_layers,
+    });
+    Ok(config)
+}
+
+/// YaRN from `rope.scaling.*`. The converter writes `yarn_log_multiplier` = 0.1 *
+/// `mscale_all_dim` and drops `mscale`; llama.cpp then scales cos and sin by 1, which is
+/// transformers' answer when `mscale` equals `mscale_all_dim` (true of every DeepSeek-V3 and
+/// Kimi-K2 config), so `mscale` is taken to be `mscale_all_dim`.
+///
+/// `yarn_beta_fast` / `yarn_beta_slow` are taken from the file when present, else 32 / 1.
+/// llama.cpp ignores the keys for deepseek2 and always uses 32 / 1 unless told otherwise at run
+/// time; the converter writes the checkpoint's own values, which are what the model was trained
+/// with (Kimi-K2: 1 / 1), so this reader follows the checkpoint, as transformers does. 32 / 1 are
+/// both llama.cpp's and transformers' defaults.
+fn gguf_yarn(meta: &GgufConfig) -> Result<YarnScaling> {
+    let optional = |k: &str| meta.opt_f64(&format!("rope.scaling.{k}"));
+    if let Some(factor) = optional("yarn_attn_factor")?.filter(|&f| f != 1.0) {
+        return Err(meta.error(format!(
+            "deepseek2 rope.scaling.yarn_attn_factor {factor} is not supported (only 1)"
+        )));
+    }
+    if let Some(ext) = optional("yarn_ext_factor")?.filter(|&f| f != 1.0) {
+        return Err(meta.error(format!(
+            "deepseek2 rope.scaling.yarn_ext_factor {ext} is not supported (only 1)"
+        )));
+    }
+    let mscale_all_dim = optional("yarn_log_multiplier")?.map(|m| m / 0.1);
+    Ok(YarnScaling {
+        factor: meta.f64("rope.scaling.factor")?,
+        original_max_position_embeddings: meta.usize("rope.scaling.original_context_length")?,
+        beta_fast: optional("yarn_beta_fast")?.unwrap_or(32.0),
+        beta_slow: optional("yarn_beta_slow")?.unwrap_or(1.0),
+        mscale: mscale_all_dim,
+        mscale_all_dim,
+        attention_factor: None,
+        truncate: true,
+    })
+}
+
+fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<DecoderLayer> {
+    let ds = latent_config(cfg)?;
     let p = format!("model.layers.{i}");
     let h = cfg.hidden_size;
     let ffn = if cfg.is_moe_layer(i) {
@@ -68,7 +317,7 @@ pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<D
         })
     } else {
         let width = cfg.dense_intermediate_size.ok_or_else(|| {
-            Error::InvalidRequest("dense DeepSeek layers need intermediate_size".into())
+            Error::InvalidModel("dense DeepSeek layers need intermediate_size".into())
         })?;
         FeedForward::Dense(glu_mlp(
             w,
@@ -77,356 +326,22 @@ pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<D
             width,
         )?)
     };
-    Ok(DecoderLayer {
-        input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, cfg.rms_norm_eps)?,
-        attention: SelfAttention::Latent(LatentAttention::load(cfg, w, &format!("{p}.self_attn"))?),
-        post_attention_norm: RmsNorm::load(
-            w,
-            &format!("{p}.post_attention_layernorm"),
-            h,
-            cfg.rms_norm_eps,
-        )?,
-        ffn,
-    })
+    let attention =
+        SelfAttention::Latent(LatentAttention::load(cfg, w, &format!("{p}.self_attn"))?);
+    DecoderLayer::with_norms(cfg, w, i, attention, ffn)
 }
 
-fn deepseek(cfg: &ModelConfig) -> Result<&DeepseekConfig> {
-    cfg.deepseek.as_ref().ok_or_else(|| {
-        Error::InvalidRequest("a DeepSeek-V3 model needs its latent attention config".into())
-    })
-}
-
-/// Which form of latent attention a forward pass computes; both give the same result up to
-/// rounding.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LatentForm {
-    /// Whichever costs fewer multiplications for the step (absorbed for decode, expanded for
-    /// long prompts).
-    #[default]
-    Auto,
-    /// Expand the cached latents into per-head keys and values (what transformers computes).
-    Expanded,
-    /// Fold `kv_b_proj` into the query and output and attend over the latents directly.
-    Absorbed,
-}
-
-/// How queries are projected: directly, or through a normed low-rank bottleneck.
-#[derive(Clone, Debug)]
-enum QueryProjection {
-    Direct(Linear),
-    LowRank {
-        down: Linear,
-        norm: RmsNorm,
-        up: Linear,
-    },
-}
-
-impl QueryProjection {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Self::Direct(q) => q.forward(x)?,
-            Self::LowRank { down, norm, up } => up.forward(&norm.forward(&down.forward(x)?)?)?,
-        })
-    }
-}
-
-/// Multi-head latent attention with a latent KV cache.
-#[derive(Clone, Debug)]
-pub struct LatentAttention {
-    query: QueryProjection,
-    /// hidden -> latent (`kv_lora_rank`) and rotary key (`qk_rope_head_dim`).
-    kv_down: Linear,
-    latent_norm: RmsNorm,
-    /// The rows of `kv_b_proj` that make keys without positions, head by head:
-    /// `[heads * qk_nope_head_dim, kv_lora_rank]`.
-    k_up: Tensor,
-    /// The rows of `kv_b_proj` that make values, head by head: `[heads * v_head_dim, kv_lora_rank]`.
-    v_up: Tensor,
-    o: Linear,
-    num_heads: usize,
-    nope_dim: usize,
-    rope_dim: usize,
-    v_dim: usize,
-    kv_lora_rank: usize,
-    rotary: Rotary,
-    /// YaRN's scale of cos and sin (1 without YaRN).
-    rotary_scale: f64,
-    rope_interleaved: bool,
-    /// Multiplies query-key products: 1/sqrt(query head width), times YaRN's mscale squared.
-    softmax_scale: f64,
-    pub form: LatentForm,
-    /// The type computed in from the cached latents to each head's attended value (the
-    /// `kv_b_proj` products, scores, softmax and sums); the cache stays in the model's type.
-    ///
-    /// f32 by default. The two forms associate the same sums differently, which in f32 moved the
-    /// DeepSeek-V3 fixture's logits by up to 2.1e-5 over 64 decode steps (f32 expanded is itself
-    /// 1.5e-5 from the f64 answer); in f64 they agree to the last f32 bit, which is how the test
-    /// proves the absorbed algebra exact. f64 is not the default because widening `kv_b_proj`
-    /// every step made a decode step's attention 4x slower at DeepSeek-V3 widths (106 against
-    /// 26 ms at 1024 cached tokens, 2 cores), and a kept f64 copy would double its memory.
-    pub accumulate: DType,
-}
-
-impl LatentAttention {
-    pub fn load(cfg: &ModelConfig, w: &dyn WeightSource, prefix: &str) -> Result<Self> {
-        let ds = deepseek(cfg)?;
-        let a = &ds.attention;
-        let (h, nh, p) = (cfg.hidden_size, cfg.num_heads, prefix);
-        let (nope, rope, v, rank) = (
-            a.qk_nope_head_dim,
-            a.qk_rope_head_dim,
-            a.v_head_dim,
-            a.kv_lora_rank,
-        );
-        let bias = cfg.attention_bias;
-        let q_width = nh * (nope + rope);
-        let query = match a.q_lora_rank {
-            None => QueryProjection::Direct(linear(w, &format!("{p}.q_proj"), q_width, h, false)?),
-            Some(q_rank) => QueryProjection::LowRank {
-                down: linear(w, &format!("{p}.q_a_proj"), q_rank, h, bias)?,
-                norm: RmsNorm::load(w, &format!("{p}.q_a_layernorm"), q_rank, LATENT_NORM_EPS)?,
-                up: linear(w, &format!("{p}.q_b_proj"), q_width, q_rank, false)?,
-            },
-        };
-        let kv_up = w
-            .tensor(&format!("{p}.kv_b_proj.weight"), &[nh * (nope + v), rank])?
-            .reshape((nh, nope + v, rank))?;
-        let (rotary, rotary_scale) = match &ds.yarn {
-            Some(yarn) => {
-                let (inv_freq, scale) = yarn_frequencies(rope, cfg.rope_theta, yarn);
-                (Rotary::from_inv_freq(inv_freq), scale)
-            }
-            None => (Rotary::new(rope, cfg.rope_theta), 1.0),
-        };
-        let mut softmax_scale = 1.0 / ((nope + rope) as f64).sqrt();
-        if let Some(yarn) = &ds.yarn
-            && let Some(all_dim) = yarn.mscale_all_dim.filter(|&m| m != 0.0)
-        {
-            let m = yarn_mscale(yarn.factor, all_dim);
-            softmax_scale *= m * m;
-        }
-        Ok(Self {
-            query,
-            kv_down: linear(w, &format!("{p}.kv_a_proj_with_mqa"), rank + rope, h, bias)?,
-            latent_norm: RmsNorm::load(w, &format!("{p}.kv_a_layernorm"), rank, LATENT_NORM_EPS)?,
-            k_up: kv_up
-                .narrow(1, 0, nope)?
-                .contiguous()?
-                .reshape((nh * nope, rank))?,
-            v_up: kv_up
-                .narrow(1, nope, v)?
-                .contiguous()?
-                .reshape((nh * v, rank))?,
-            o: linear(w, &format!("{p}.o_proj"), h, nh * v, bias)?,
-            num_heads: nh,
-            nope_dim: nope,
-            rope_dim: rope,
-            v_dim: v,
-            kv_lora_rank: rank,
-            rotary,
-            rotary_scale,
-            rope_interleaved: cfg.rope_interleaved,
-            softmax_scale,
-            form: LatentForm::Auto,
-            accumulate: DType::F32,
-        })
-    }
-
-    /// Widens `x` to the type attention sums in.
-    fn wide(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.to_dtype(self.accumulate)?)
-    }
-
-    /// Attends `x` `[T, hidden]` at positions `offset..` to itself and the cached past, caching
-    /// its latents.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        layer: usize,
-        offset: usize,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
-        let t = x.dim(0)?;
-        let (nh, nope, rope) = (self.num_heads, self.nope_dim, self.rope_dim);
-        let q = self
-            .query
-            .forward(x)?
-            .reshape((t, nh, nope + rope))?
-            .transpose(0, 1)?; // [nh, T, nope + rope]
-        let q_nope = q.narrow(2, 0, nope)?.contiguous()?;
-        let compressed = self.kv_down.forward(x)?;
-        let latent = self
-            .latent_norm
-            .forward(&compressed.narrow(1, 0, self.kv_lora_rank)?)?;
-        let k_rot = compressed.narrow(1, self.kv_lora_rank, rope)?;
-
-        let (cos, sin) = self.rotary.tables(offset, t, x.device())?;
-        let (cos, sin) = (
-            cos.affine(self.rotary_scale, 0.0)?,
-            sin.affine(self.rotary_scale, 0.0)?,
-        );
-        let rotate = |x: &Tensor| -> Result<Tensor> {
-            let x = x.contiguous()?.unsqueeze(0)?;
-            let rotated = if self.rope_interleaved {
-                candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
-            } else {
-                candle_nn::rotary_emb::rope(&x, &cos, &sin)?
-            };
-            Ok(rotated.squeeze(0)?)
-        };
-        // Interleaved pairs stay interleaved here (transformers lists the rotated pairs' first
-        // halves, then their second halves): queries and keys share the order, so their products
-        // are the same.
-        let q_rot = rotate(&q.narrow(2, nope, rope)?)?; // [nh, T, rope]
-        let k_rot = rotate(&k_rot.unsqueeze(0)?)?; // [1, T, rope]
-
-        let (latents, rot_keys) = cache.append(layer, latent.unsqueeze(0)?, k_rot)?;
-        let (latents, rot_keys) = (latents.squeeze(0)?, rot_keys.squeeze(0)?); // [S, rank], [S, rope]
-        let s = latents.dim(0)?;
-        let mask = (t > 1)
-            .then(|| causal_mask(t, s, offset, None, x.device()))
-            .transpose()?;
-        let absorbed = match self.form {
-            LatentForm::Absorbed => true,
-            LatentForm::Expanded => false,
-            LatentForm::Auto => self.absorbed_is_cheaper(t, s),
-        };
-        let out = if absorbed {
-            self.attend_absorbed(&q_nope, &q_rot, &latents, &rot_keys, mask.as_ref())?
-        } else {
-            self.attend_expanded(&q_nope, &q_rot, &latents, &rot_keys, mask.as_ref())?
-        }; // [nh, T, v]
-        let out = out.transpose(0, 1)?.reshape((t, nh * self.v_dim))?;
-        Ok(self.o.forward(&out)?)
-    }
-
-    /// Multiplications of each form for `t` queries over `s` cached positions, per head.
-    fn absorbed_is_cheaper(&self, t: usize, s: usize) -> bool {
-        let (rank, nope, rope, v) = (self.kv_lora_rank, self.nope_dim, self.rope_dim, self.v_dim);
-        let expanded = s * rank * (nope + v) + t * s * (nope + rope + v);
-        let absorbed = t * rank * (nope + v) + t * s * (2 * rank + rope);
-        absorbed < expanded
-    }
-
-    fn softmax(&self, scores: Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let mut scores = scores.affine(self.softmax_scale, 0.0)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-        }
-        Ok(candle_nn::ops::softmax_last_dim(&scores)?)
-    }
-
-    /// Per-head keys and values expanded from every cached latent, then plain attention.
-    fn attend_expanded(
-        &self,
-        q_nope: &Tensor,
-        q_rot: &Tensor,
-        latents: &Tensor,
-        rot_keys: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (nh, nope, rope) = (self.num_heads, self.nope_dim, self.rope_dim);
-        let s = latents.dim(0)?;
-        let dtype = q_nope.dtype();
-        let (q_nope, q_rot, latents, rot_keys) = (
-            self.wide(q_nope)?,
-            self.wide(q_rot)?,
-            self.wide(latents)?,
-            self.wide(rot_keys)?,
-        );
-        let per_head = |up: &Tensor, width: usize| -> Result<Tensor> {
-            Ok(latents
-                .matmul(&self.wide(up)?.t()?)?
-                .reshape((s, nh, width))?
-                .transpose(0, 1)?
-                .contiguous()?)
-        };
-        let k_nope = per_head(&self.k_up, nope)?;
-        let values = per_head(&self.v_up, self.v_dim)?;
-        let k_rot = rot_keys.unsqueeze(0)?.broadcast_as((nh, s, rope))?;
-        let keys = Tensor::cat(&[&k_nope, &k_rot], 2)?;
-        let queries = Tensor::cat(&[&q_nope, &q_rot], 2)?;
-        let probs = self.softmax(queries.matmul(&keys.t()?)?, mask)?;
-        Ok(probs.matmul(&values)?.to_dtype(dtype)?)
-    }
-
-    /// Attention over the latents themselves: each head's query is carried into latent space
-    /// by its key rows of `kv_b_proj`, and the attended latent out of it by its value rows.
-    fn attend_absorbed(
-        &self,
-        q_nope: &Tensor,
-        q_rot: &Tensor,
-        latents: &Tensor,
-        rot_keys: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (nh, rank) = (self.num_heads, self.kv_lora_rank);
-        let (t, s) = (q_nope.dim(1)?, latents.dim(0)?);
-        let k_up = self.wide(&self.k_up)?.reshape((nh, self.nope_dim, rank))?;
-        let q_latent = self.wide(q_nope)?.matmul(&k_up)?.reshape((nh * t, rank))?;
-        let latents = self.wide(latents)?;
-        let q_rot = self.wide(&q_rot.reshape((nh * t, self.rope_dim))?)?;
-        let scores = (q_latent.matmul(&latents.t()?)?
-            + q_rot.matmul(&self.wide(rot_keys)?.t()?)?)?
-        .reshape((nh, t, s))?;
-        let probs = self.softmax(scores, mask)?;
-        let attended = probs
-            .reshape((nh * t, s))?
-            .matmul(&latents)?
-            .reshape((nh, t, rank))?;
-        let v_up = self.wide(&self.v_up)?.reshape((nh, self.v_dim, rank))?;
-        Ok(attended.matmul(&v_up.t()?)?.to_dtype(q_nope.dtype())?)
-    }
-}
-
-/// YaRN's attention magnitude correction for a context `scale` times the original.
-fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
-    if scale <= 1.0 {
-        1.0
+/// Routers, shared experts, and the dense feed-forwards of the first layers (these always run).
+fn feed_forward_group(_config: &ModelConfig, tensor: &str) -> Option<BaseGroup> {
+    if tensor.starts_with("mlp.gate.") {
+        Some(BaseGroup::Routers)
+    } else if tensor.starts_with("mlp.shared_experts.")
+        || ["mlp.gate_proj.", "mlp.up_proj.", "mlp.down_proj."]
+            .iter()
+            .any(|p| tensor.starts_with(p))
+    {
+        Some(BaseGroup::AlwaysOn)
     } else {
-        0.1 * mscale * scale.ln() + 1.0
+        None
     }
-}
-
-/// YaRN inverse frequencies for a rotary width of `dim`, and the scale of cos and sin, computed
-/// in the same precision and order as transformers (f32 tensors, f64 scalars): frequencies that
-/// turn fewer than `beta_slow` times over the original context are interpolated by `factor`,
-/// those turning more than `beta_fast` times are kept, with a linear ramp between.
-fn yarn_frequencies(dim: usize, theta: f64, yarn: &YarnScaling) -> (Vec<f32>, f64) {
-    let correction_dim = |rotations: f64| {
-        let original = yarn.original_max_position_embeddings as f64;
-        dim as f64 * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
-    };
-    let (mut low, mut high) = (
-        correction_dim(yarn.beta_fast),
-        correction_dim(yarn.beta_slow),
-    );
-    if yarn.truncate {
-        (low, high) = (low.floor(), high.ceil());
-    }
-    let (low, mut high) = (low.max(0.0), high.min(dim as f64 - 1.0));
-    if low == high {
-        high += 0.001; // as transformers does, against a zero-width ramp
-    }
-    let (base, factor) = (theta as f32, yarn.factor as f32);
-    let inv_freq = (0..dim / 2)
-        .map(|i| {
-            let ramp = ((i as f32 - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
-            let extrapolation_weight = 1.0 - ramp;
-            let frequency = base.powf((2 * i) as f32 / dim as f32);
-            let extrapolated = 1.0 / frequency;
-            let interpolated = 1.0 / (factor * frequency);
-            interpolated * (1.0 - extrapolation_weight) + extrapolated * extrapolation_weight
-        })
-        .collect();
-    let scale = yarn.attention_factor.unwrap_or_else(|| {
-        match (
-            yarn.mscale.filter(|&m| m != 0.0),
-            yarn.mscale_all_dim.filter(|&m| m != 0.0),
-        ) {
-            (Some(m), Some(all)) => yarn_mscale(yarn.factor, m) / yarn_mscale(yarn.factor, all),
-            _ => yarn_mscale(yarn.factor, 1.0),
-        }
-    });
-    (inv_freq, scale)
 }

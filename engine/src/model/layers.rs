@@ -4,11 +4,11 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 
-use super::config::ModelConfig;
-use crate::expert::GluMlp;
-use crate::kernels::Projection;
+use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::expert::GluMlp;
 use crate::format::WeightSource;
+use crate::kernels::Projection;
 
 /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`) as a linear layer `in -> out`.
 pub fn linear(

@@ -1,46 +1,84 @@
 //! Mixtral: plain GQA attention (optionally windowed), softmax top-k routing always renormalised,
 //! experts named `w1` (gate), `w3` (up) and `w2` (down). Split Llama models (experts partitioned
-//! from a dense feed-forward) share the layout and sum their chosen experts with weight one.
+//! from a dense feed-forward by `odmoe convert --split-experts`) share the layout and sum their
+//! chosen experts with weight one.
 
-use super::config::{Architecture, ModelConfig};
-use super::layers::{Attention, RmsNorm, linear};
+use super::gguf_config::GgufConfig;
+use super::hf_config::{HfConfig, RopeScalings};
+use super::layers::linear;
 use super::moe::{MoeBlock, Scoring};
-use super::{DecoderLayer, FeedForward, SelfAttention};
+use super::{BaseGroup, DecoderLayer, Family, FeedForward, GgufMatch, SelfAttention};
+use crate::config::{Architecture, ModelConfig};
 use crate::error::Result;
 use crate::format::WeightSource;
 
-pub fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<DecoderLayer> {
-    let p = format!("model.layers.{i}");
-    let h = cfg.hidden_size;
-    let attention = SelfAttention::Grouped(Attention::load(cfg, w, &format!("{p}.self_attn"))?);
-    Ok(DecoderLayer {
-        input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, cfg.rms_norm_eps)?,
-        attention,
-        post_attention_norm: RmsNorm::load(
-            w,
-            &format!("{p}.post_attention_layernorm"),
-            h,
-            cfg.rms_norm_eps,
-        )?,
-        ffn: FeedForward::Moe(MoeBlock {
-            layer: i,
-            router: linear(
-                w,
-                &format!("{p}.block_sparse_moe.gate"),
-                cfg.num_experts,
-                h,
-                false,
-            )?,
-            scoring: Scoring::Softmax,
-            top_k: cfg.num_experts_per_token,
-            norm_topk_prob: true,
-            unit_weights: cfg.architecture == Architecture::SplitLlama,
-            shared: None,
-        }),
-    })
+pub const MIXTRAL: Family = Family {
+    architecture: Architecture::Mixtral,
+    model_types: &["mixtral"],
+    // llama.cpp writes Mixtral as `llama` with experts.
+    gguf: Some(GgufMatch {
+        architecture: "llama",
+        with_experts: Some(true),
+    }),
+    from_hf: |hf| from_hf(hf, Architecture::Mixtral),
+    from_gguf,
+    load_layer,
+    expert_names: Some(expert_tensor_names),
+    router: router_name,
+    feed_forward_group,
+};
+
+pub const SPLIT_LLAMA: Family = Family {
+    architecture: Architecture::SplitLlama,
+    model_types: &["odmoe_split_llama"],
+    gguf: None,
+    from_hf: |hf| from_hf(hf, Architecture::SplitLlama),
+    from_gguf: |meta| Err(meta.error("a split Llama is written as a Hugging Face checkpoint")),
+    load_layer,
+    expert_names: Some(expert_tensor_names),
+    router: router_name,
+    feed_forward_group,
+};
+
+fn from_hf(hf: &HfConfig, architecture: Architecture) -> Result<ModelConfig> {
+    let mut config = hf.common(architecture, RopeScalings::Plain)?;
+    config.sliding_window = hf.sliding_window;
+    hf.set_experts(&mut config, hf.intermediate_size, "intermediate_size")?;
+    Ok(config)
 }
 
-pub fn expert_tensor_names(layer: usize, expert: usize) -> [String; 3] {
+fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
+    let mut config = meta.common(Architecture::Mixtral)?;
+    meta.set_experts(&mut config, "feed_forward_length")?;
+    // llama.cpp's converter permutes Q/K rows of `llama` models for interleaved rotary pairs.
+    config.rope_interleaved = true;
+    Ok(config)
+}
+
+fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<DecoderLayer> {
+    let ffn = FeedForward::Moe(MoeBlock {
+        layer: i,
+        router: linear(w, &router_name(i), cfg.num_experts, cfg.hidden_size, false)?,
+        scoring: Scoring::Softmax,
+        top_k: cfg.num_experts_per_token,
+        norm_topk_prob: true,
+        unit_weights: cfg.architecture == Architecture::SplitLlama,
+        shared: None,
+    });
+    DecoderLayer::with_norms(cfg, w, i, SelfAttention::grouped(cfg, w, i)?, ffn)
+}
+
+fn expert_tensor_names(layer: usize, expert: usize) -> [String; 3] {
     let p = format!("model.layers.{layer}.block_sparse_moe.experts.{expert}");
     [format!("{p}.w1"), format!("{p}.w3"), format!("{p}.w2")]
+}
+
+fn router_name(layer: usize) -> String {
+    format!("model.layers.{layer}.block_sparse_moe.gate")
+}
+
+fn feed_forward_group(_config: &ModelConfig, tensor: &str) -> Option<BaseGroup> {
+    tensor
+        .starts_with("block_sparse_moe.gate.")
+        .then_some(BaseGroup::Routers)
 }

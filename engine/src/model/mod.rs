@@ -1,7 +1,12 @@
-//! Model definitions: shared layers, the MoE block, and one compact file per architecture.
+//! The models: the architecture registry, the decoder stack and its forward pass, the shared
+//! layers, the MoE block's routing, and one file per architecture (its config defaults, tensor
+//! names, base tensor groups and layer construction). Adding an architecture is a file here, a
+//! line in [`FAMILIES`] and a variant of [`Architecture`].
 
-pub mod config;
 pub mod deepseek;
+mod gguf_config;
+mod hf_config;
+pub mod latent_attention;
 pub mod layers;
 pub mod llama;
 pub mod mixtral;
@@ -14,18 +19,189 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
 
-pub use config::{Architecture, ModelConfig};
-pub use deepseek::LatentForm;
+pub use gguf_config::GgufConfig;
+pub use hf_config::HfConfig;
+pub use latent_attention::{LatentAttention, LatentForm};
 pub use layers::KvCache;
 pub use moe::Routing;
 
+use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
-use crate::format::WeightSource;
-use deepseek::LatentAttention;
 use crate::expert::{ExpertProvider, GluMlp};
+use crate::format::WeightSource;
+use crate::format::gguf::GgufFile;
 use crate::kernels::Projection;
 use layers::{Attention, RmsNorm, projection};
 use moe::MoeBlock;
+
+/// What the engine knows of one architecture, declared in its model file.
+pub struct Family {
+    pub architecture: Architecture,
+    /// The `model_type` values of `config.json` that name it; the first is the one written.
+    pub model_types: &'static [&'static str],
+    /// The GGUF files it reads, when llama.cpp has a name for it.
+    pub gguf: Option<GgufMatch>,
+    /// Its config from `config.json`, with its own keys and defaults.
+    pub from_hf: fn(&HfConfig) -> Result<ModelConfig>,
+    /// Its config from GGUF metadata.
+    pub from_gguf: fn(&GgufConfig) -> Result<ModelConfig>,
+    /// Decoder layer `i`, loaded from a checkpoint.
+    pub load_layer: fn(&ModelConfig, &dyn WeightSource, usize) -> Result<DecoderLayer>,
+    /// Names of routed expert `expert` of `layer`: gate, up, down (without `.weight`); `None`
+    /// for an architecture without experts.
+    pub expert_names: Option<fn(usize, usize) -> [String; 3]>,
+    /// The name of `layer`'s router (without `.weight`).
+    pub router: fn(usize) -> String,
+    /// Which base group a feed-forward tensor of a layer belongs to, named after
+    /// `model.layers.N.`; `None` when the architecture has no such tensor.
+    pub feed_forward_group: fn(&ModelConfig, &str) -> Option<BaseGroup>,
+}
+
+/// Which GGUF files an architecture reads: llama.cpp's `general.architecture`, and whether the
+/// file must (or must not) have experts, when one llama.cpp name covers two architectures.
+#[derive(Clone, Copy)]
+pub struct GgufMatch {
+    pub architecture: &'static str,
+    pub with_experts: Option<bool>,
+}
+
+/// Every architecture the engine runs.
+pub const FAMILIES: &[&Family] = &[
+    &qwen_moe::QWEN2_MOE,
+    &qwen_moe::QWEN3_MOE,
+    &mixtral::MIXTRAL,
+    &mixtral::SPLIT_LLAMA,
+    &llama::LLAMA,
+    &deepseek::DEEPSEEK_V3,
+];
+
+/// The family of `architecture`.
+pub fn family(architecture: Architecture) -> &'static Family {
+    FAMILIES
+        .iter()
+        .find(|f| f.architecture == architecture)
+        .expect("every architecture has a family")
+}
+
+/// The `model_type` `config.json` names `architecture` by.
+pub fn model_type(architecture: Architecture) -> &'static str {
+    family(architecture).model_types[0]
+}
+
+/// Reads and validates a checkpoint's `config.json`.
+pub fn config_from_hf_file(path: &Path) -> Result<ModelConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    config_from_hf_json(&text, path)
+}
+
+/// Parses `config.json` text, naming `path` in errors.
+pub fn config_from_hf_json(text: &str, path: &Path) -> Result<ModelConfig> {
+    let hf = HfConfig::parse(text, path)?;
+    let model_type = hf.need(hf.model_type.clone(), "model_type")?;
+    let family = FAMILIES
+        .iter()
+        .find(|f| f.model_types.contains(&model_type.as_str()))
+        .ok_or_else(|| Error::UnknownArchitecture {
+            model_type,
+            path: path.to_path_buf(),
+            supported: FAMILIES
+                .iter()
+                .flat_map(|f| f.model_types)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    (family.from_hf)(&hf)
+}
+
+/// The architecture config from a GGUF file's metadata.
+pub fn config_from_gguf(gguf: &GgufFile) -> Result<ModelConfig> {
+    let meta = GgufConfig::new(gguf)?;
+    let has_experts = meta.has_experts();
+    let family = FAMILIES
+        .iter()
+        .find(|f| {
+            f.gguf.is_some_and(|g| {
+                g.architecture == meta.architecture()
+                    && g.with_experts.is_none_or(|e| e == has_experts)
+            })
+        })
+        .ok_or_else(|| {
+            let mut names: Vec<&str> = FAMILIES
+                .iter()
+                .filter_map(|f| Some(f.gguf?.architecture))
+                .collect();
+            names.dedup();
+            Error::UnknownArchitecture {
+                model_type: meta.architecture().to_string(),
+                path: gguf.path().to_path_buf(),
+                supported: format!("GGUF {}", names.join(", ")),
+            }
+        })?;
+    (family.from_gguf)(&meta)
+}
+
+/// Names of the gate, up and down projections of one routed expert (without `.weight`).
+pub fn expert_tensor_names(config: &ModelConfig, layer: usize, expert: usize) -> [String; 3] {
+    let names = family(config.architecture)
+        .expert_names
+        .expect("only a model with routed experts names them");
+    names(layer, expert)
+}
+
+/// Where the tensors outside the routed experts go in an odmoe layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BaseGroup {
+    /// Embeddings, the output head and the final norm.
+    Embeddings,
+    Attention,
+    Norms,
+    Routers,
+    /// Feed-forwards that run for every token: shared experts and dense layers.
+    AlwaysOn,
+}
+
+/// The base group of the non-expert tensor `name`, or `None` when the model has no place for it
+/// (another architecture's name, a layer beyond the model's, a non-canonical layer number).
+pub fn base_group(config: &ModelConfig, name: &str) -> Option<BaseGroup> {
+    match name {
+        "model.embed_tokens.weight" | "lm_head.weight" | "model.norm.weight" => {
+            return Some(BaseGroup::Embeddings);
+        }
+        _ => {}
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, tensor) = rest.split_once('.')?;
+    let canonical = !layer.is_empty()
+        && layer.bytes().all(|b| b.is_ascii_digit())
+        && (layer == "0" || !layer.starts_with('0'));
+    if !canonical || layer.parse::<usize>().ok()? >= config.num_layers {
+        return None;
+    }
+    if tensor.starts_with("self_attn.") {
+        Some(BaseGroup::Attention)
+    } else if tensor.starts_with("input_layernorm.")
+        || tensor.starts_with("post_attention_layernorm.")
+    {
+        Some(BaseGroup::Norms)
+    } else {
+        (family(config.architecture).feed_forward_group)(config, tensor)
+    }
+}
+
+/// Tensors without which a model cannot run, for checking a source before converting it.
+pub fn required_base_tensors(config: &ModelConfig) -> Vec<String> {
+    let mut names = vec![
+        "model.embed_tokens.weight".to_string(),
+        "model.norm.weight".to_string(),
+    ];
+    if !config.tie_word_embeddings {
+        names.push("lm_head.weight".into());
+    }
+    let router = family(config.architecture).router;
+    names.extend(config.moe_layers().map(|l| format!("{}.weight", router(l))));
+    names
+}
 
 /// One transformer block: pre-norm attention, then a pre-norm sparse MoE, each with a residual.
 #[derive(Clone, Debug)]
@@ -34,6 +210,32 @@ pub struct DecoderLayer {
     pub attention: SelfAttention,
     pub post_attention_norm: RmsNorm,
     pub ffn: FeedForward,
+}
+
+impl DecoderLayer {
+    /// Layer `i` of `attention` and `ffn`, with its two norms loaded by their usual names.
+    pub fn with_norms(
+        cfg: &ModelConfig,
+        w: &dyn WeightSource,
+        i: usize,
+        attention: SelfAttention,
+        ffn: FeedForward,
+    ) -> Result<Self> {
+        let norm = |name: &str| {
+            RmsNorm::load(
+                w,
+                &format!("model.layers.{i}.{name}"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )
+        };
+        Ok(Self {
+            input_norm: norm("input_layernorm")?,
+            attention,
+            post_attention_norm: norm("post_attention_layernorm")?,
+            ffn,
+        })
+    }
 }
 
 /// A layer's attention: grouped-query with a key-value cache, or latent (DeepSeek-V3) with a
@@ -45,6 +247,15 @@ pub enum SelfAttention {
 }
 
 impl SelfAttention {
+    /// Layer `i`'s grouped-query attention, by its usual names.
+    pub fn grouped(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<Self> {
+        Ok(Self::Grouped(Attention::load(
+            cfg,
+            w,
+            &format!("model.layers.{i}.self_attn"),
+        )?))
+    }
+
     /// Attends `x` `[T, hidden]` at positions `offset..` to itself and the cached past.
     pub fn forward(
         &self,
@@ -114,11 +325,6 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a checkpoint (Hugging Face directory or odmoe layout) with every expert resident.
-    pub fn load_resident(path: &Path, device: &Device) -> Result<Self> {
-        crate::loader::load(path, &crate::loader::LoadOptions::default(), device).map(|l| l.model)
-    }
-
     /// Loads everything but the routed experts, which come from `experts`.
     pub fn load_base(
         config: ModelConfig,
@@ -137,16 +343,7 @@ impl Model {
             QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
         };
         let layers = (0..config.num_layers)
-            .map(|i| match config.architecture {
-                Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
-                    qwen_moe::load_layer(&config, w, i)
-                }
-                Architecture::Mixtral | Architecture::SplitLlama => {
-                    mixtral::load_layer(&config, w, i)
-                }
-                Architecture::Llama => llama::load_layer(&config, w, i),
-                Architecture::DeepseekV3 => deepseek::load_layer(&config, w, i),
-            })
+            .map(|i| (family(config.architecture).load_layer)(&config, w, i))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: RmsNorm::load(w, "model.norm", h, config.rms_norm_eps)?,
@@ -280,16 +477,46 @@ impl Model {
     }
 }
 
-/// Names of the gate, up and down projections of one routed expert.
-pub fn expert_tensor_names(config: &ModelConfig, layer: usize, expert: usize) -> [String; 3] {
-    match config.architecture {
-        // DeepSeek-V3 names its experts as Qwen does.
-        Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::DeepseekV3 => {
-            qwen_moe::expert_tensor_names(layer, expert)
-        }
-        Architecture::Mixtral | Architecture::SplitLlama => {
-            mixtral::expert_tensor_names(layer, expert)
-        }
-        Architecture::Llama => unreachable!("a dense Llama has no routed experts"),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_are_placed_by_name() {
+        let config = config_from_hf_json(
+            r#"{"model_type":"qwen2_moe","vocab_size":16,"hidden_size":8,"num_hidden_layers":2,
+            "num_attention_heads":2,"rope_theta":1e4,"num_experts":4,"num_experts_per_tok":2,
+            "moe_intermediate_size":4,"shared_expert_intermediate_size":8}"#,
+            Path::new("config.json"),
+        )
+        .unwrap();
+        let group = |name| base_group(&config, name);
+        assert_eq!(group("lm_head.weight"), Some(BaseGroup::Embeddings));
+        assert_eq!(
+            group("model.layers.1.self_attn.q_proj.bias"),
+            Some(BaseGroup::Attention)
+        );
+        assert_eq!(
+            group("model.layers.0.post_attention_layernorm.weight"),
+            Some(BaseGroup::Norms)
+        );
+        assert_eq!(
+            group("model.layers.1.mlp.gate.weight"),
+            Some(BaseGroup::Routers)
+        );
+        assert_eq!(
+            group("model.layers.1.mlp.shared_expert_gate.weight"),
+            Some(BaseGroup::AlwaysOn)
+        );
+        assert_eq!(
+            group("model.layers.1.mlp.shared_expert.up_proj.weight"),
+            Some(BaseGroup::AlwaysOn)
+        );
+        // Beyond the configured layers, other architectures' names, or unknown: no place.
+        assert_eq!(group("model.layers.2.self_attn.q_proj.weight"), None);
+        assert_eq!(group("model.layers.01.self_attn.q_proj.weight"), None);
+        assert_eq!(group("model.layers.0.block_sparse_moe.gate.weight"), None);
+        assert_eq!(group("model.layers.0.mlp.gate_proj.weight"), None);
+        assert_eq!(group("model.vision_tower.weight"), None);
     }
 }

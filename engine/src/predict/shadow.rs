@@ -23,8 +23,8 @@ use rand::{Rng, SeedableRng};
 
 use super::trace::{Trace, check_format, read_safetensors, write_safetensors};
 use super::{Predictor, PredictorKind};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::ModelConfig;
 
 pub const FORMAT: &str = "odmoe-shadow";
 pub const VERSION: &str = "1";
@@ -394,7 +394,7 @@ pub fn train(trace: &Trace, options: &TrainOptions, progress: Progress<'_>) -> R
         top_k: trace.top_k(),
         hidden_size: h,
         num_experts: e,
-        model_type: trace.config.architecture.model_type().to_string(),
+        model_type: crate::model::model_type(trace.config.architecture).to_string(),
         mlps,
     })
 }

@@ -32,8 +32,9 @@ use std::path::Path;
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::{ForwardTrace, Logits, Model, ModelConfig};
+use crate::model::{ForwardTrace, Logits, Model};
 
 pub const FORMAT: &str = "odmoe-trace";
 pub const VERSION: &str = "1";

@@ -31,7 +31,7 @@ use xxhash_rust::xxh3::{Xxh3Default, xxh3_64};
 use super::fetch;
 use crate::error::{Error, Result};
 use crate::format::layout::{parse_xxh3_hex, xxh3_hex};
-use crate::format::size::format_bytes;
+use odmoe_config::format_bytes;
 
 /// One byte range a source reads for an expert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -16,6 +16,7 @@
 pub mod budget;
 pub mod checksum;
 pub mod fetch;
+pub mod policy;
 pub mod source;
 pub mod stats;
 
@@ -27,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-pub use budget::{Belady, BudgetCache, EvictionPolicy, ExpertKey, NoRoom, PolicyKind};
+pub use budget::{BudgetCache, ExpertKey, NoRoom};
+pub use policy::{Belady, EvictionPolicy, PolicyKind};
 pub use source::{ExpertSource, GgufSource, HfSource, LayoutSource};
 pub use stats::{PrefetchCounts, StoreStats};
 

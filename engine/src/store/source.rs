@@ -19,14 +19,15 @@ use sha2::{Digest, Sha256};
 
 use super::checksum::{self, ByteRange, ExpertChecksums, ReadPlan};
 use super::fetch;
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::expert::GluMlp;
 use crate::format::gguf::{ExpertSlice, GgufFile, ggml_bytes, stacked_expert_names};
 use crate::format::layout::{
     self, ExpertLayout, GGUF_DTYPE, MANIFEST, Manifest, expert_path, parse_xxh3_hex,
 };
 use crate::format::safetensors::{HfWeights, TensorLocation, f32_tensor};
-use crate::expert::GluMlp;
-use crate::model::{ModelConfig, expert_tensor_names};
+use crate::model::expert_tensor_names;
 
 /// Reads experts from cold storage.
 pub trait ExpertSource: Send + Sync {

@@ -101,7 +101,6 @@ pub(super) unsafe fn dot(weights: &[u8], quants: &[i8], scales: &[f32]) -> f32 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 fn integer_dots(weights: __m512i, activations: __m512i) -> __m512i {
     let negative = _mm512_movepi8_mask(weights);
-    let signed =
-        _mm512_mask_sub_epi8(activations, negative, _mm512_setzero_si512(), activations);
+    let signed = _mm512_mask_sub_epi8(activations, negative, _mm512_setzero_si512(), activations);
     _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(weights), signed)
 }

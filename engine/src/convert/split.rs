@@ -21,12 +21,13 @@ use std::path::Path;
 use candle_core::{D, Device, Tensor};
 use serde_json::json;
 
+use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::format::WeightSource;
 use crate::format::gguf::GgufFile;
 use crate::format::safetensors::HfWeights;
 use crate::model::llama::dense_mlp_names;
-use crate::model::{Architecture, ModelConfig};
+use crate::open::LoadOptions;
 use crate::tokenizer::Tokenizer;
 
 /// Rounds of balanced k-means per layer: assignments settle within a few.
@@ -47,9 +48,13 @@ pub fn split_dense_llama(
         if src.is_file() {
             let gguf = GgufFile::open(src, &device)?;
             let tokenizer = Tokenizer::from_gguf(&gguf).ok();
-            (gguf.model_config()?, Box::new(gguf), tokenizer)
+            (
+                crate::model::config_from_gguf(&gguf)?,
+                Box::new(gguf),
+                tokenizer,
+            )
         } else {
-            let config = ModelConfig::from_file(&src.join("config.json"))?;
+            let config = crate::model::config_from_hf_file(&src.join("config.json"))?;
             let tokenizer = Tokenizer::from_dir(src).ok();
             (config, Box::new(HfWeights::open(src, &device)?), tokenizer)
         };
@@ -58,7 +63,7 @@ pub fn split_dense_llama(
             src,
             format!(
                 "--split-experts needs a dense Llama; this is {}",
-                config.architecture.model_type()
+                crate::model::model_type(config.architecture)
             ),
         ));
     }
@@ -154,7 +159,7 @@ pub fn split_dense_llama(
     let weights_path = out.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &weights_path)?;
     let config_json = json!({
-        "model_type": Architecture::SplitLlama.model_type(),
+        "model_type": crate::model::model_type(Architecture::SplitLlama),
         "architectures": ["OdmoeSplitLlamaForCausalLM"],
         "vocab_size": v,
         "hidden_size": h,
@@ -191,7 +196,7 @@ pub fn split_dense_llama(
         let path = out.join(name);
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
     }
-    ModelConfig::from_file(&out.join("config.json"))
+    crate::model::config_from_hf_file(&out.join("config.json"))
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
@@ -202,7 +207,7 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 /// The normed input of every layer's feed-forward over the calibration tokens: `[N, hidden]`.
 fn calibration_inputs(src: &Path, tokens: &[u32]) -> Result<Vec<Tensor>> {
     const WINDOW: usize = 256;
-    let model = crate::model::Model::load_resident(src, &Device::Cpu)?;
+    let model = crate::open::load(src, &LoadOptions::default(), &Device::Cpu)?.model;
     let mut per_layer: Vec<Vec<Tensor>> = vec![Vec::new(); model.config.num_layers];
     for chunk in tokens.chunks(WINDOW) {
         let mut trace = crate::model::ForwardTrace::default();

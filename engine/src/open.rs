@@ -6,17 +6,18 @@ use std::sync::Arc;
 
 use candle_core::Device;
 
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::expert::{ExpertProvider, ResidentExperts};
 use crate::format::WeightSource;
 use crate::format::gguf::GgufFile;
 use crate::format::layout::{MANIFEST, Manifest, SOURCE};
 use crate::format::safetensors::HfWeights;
-use crate::format::size::format_bytes;
-use crate::expert::{ExpertProvider, ResidentExperts};
-use crate::model::{Model, ModelConfig};
+use crate::model::Model;
 use crate::predict::{PredictorKind, PrefetchOptions, Prefetcher};
 use crate::store::{ExpertSource, ExpertStore, GgufSource, HfSource, LayoutSource, StoreConfig};
 use crate::tokenizer::Tokenizer;
+use odmoe_config::format_bytes;
 
 /// Where experts live while the model runs.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,8 +39,7 @@ pub struct LoadOptions {
     /// Route each token to this many experts instead of the model's own number.
     pub experts_per_token: Option<usize>,
     /// With experts on demand, read the experts a predictor expects one layer ahead while the
-    /// current layer computes. Lookahead by default: on the demo model from cold storage it made
-    /// decode 1.45x faster (odmoe predictor bench), and its gate switches it off while wasteful.
+    /// current layer computes ([`PredictorKind`]'s default unless chosen).
     pub prefetch: PredictorKind,
     /// Keep a GGUF file's quantized attention, embedding and output matrices in their stored
     /// type, as llama.cpp does, instead of widening them to f32 (exact dequantized math, four
@@ -56,7 +56,7 @@ impl Default for LoadOptions {
             verify_checksums: false,
             bypass_page_cache: true,
             experts_per_token: None,
-            prefetch: PredictorKind::Lookahead,
+            prefetch: PredictorKind::default(),
             quantized_base: true,
             context_length: None,
         }
@@ -201,7 +201,7 @@ pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
     let (config, expert_bytes) = match checkpoint_kind(path)? {
         Checkpoint::Gguf => {
             let gguf = GgufFile::open(path, &Device::Cpu)?;
-            let config = gguf.model_config()?;
+            let config = crate::model::config_from_gguf(&gguf)?;
             let bytes = GgufSource::expert_bytes_of(&config, &gguf)?;
             (config, bytes)
         }
@@ -212,7 +212,7 @@ pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
             (manifest.architecture, bytes)
         }
         Checkpoint::HuggingFace => {
-            let config = ModelConfig::from_file(&path.join("config.json"))?;
+            let config = crate::model::config_from_hf_file(&path.join("config.json"))?;
             let bytes = config.expert_f32_bytes() as u64;
             (config, bytes)
         }
@@ -231,7 +231,7 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
     ) = match checkpoint_kind(path)? {
         Checkpoint::Gguf => {
             let gguf = GgufFile::open(path, device)?.keep_quantized(options.quantized_base);
-            let config = gguf.model_config()?;
+            let config = crate::model::config_from_gguf(&gguf)?;
             let source = GgufSource::new(&config, &gguf, options.bypass_page_cache)?;
             let tokenizer = gguf_tokenizer(&gguf)?;
             (config, Box::new(gguf), Arc::new(source), tokenizer)
@@ -257,7 +257,7 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
             )
         }
         Checkpoint::HuggingFace => {
-            let config = ModelConfig::from_file(&path.join("config.json"))?;
+            let config = crate::model::config_from_hf_file(&path.join("config.json"))?;
             let weights = HfWeights::open(path, device)?;
             let source = HfSource::new(path, &config, &weights, options.bypass_page_cache, device)?;
             let tokenizer = tokenizer_in_dir(path)?;
@@ -322,4 +322,10 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
         tokenizer: tokenizer.map(Arc::new),
         path: path.to_path_buf(),
     })
+}
+
+/// Opens the checkpoint at `path` with every expert resident, for tools and tests that need only
+/// the model.
+pub fn resident(path: &Path, device: &Device) -> Result<Model> {
+    load(path, &LoadOptions::default(), device).map(|loaded| loaded.model)
 }

@@ -1,0 +1,118 @@
+//! GGUF metadata read as an architecture config: the keys every architecture reads alike
+//! ([`GgufConfig::common`]); each architecture's own keys are read in its model file.
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{Error, Result};
+use crate::format::gguf::GgufFile;
+
+/// A GGUF file's metadata, with keys under its `general.architecture` prefix.
+pub struct GgufConfig<'a> {
+    pub(crate) gguf: &'a GgufFile,
+    prefix: String,
+}
+
+impl<'a> GgufConfig<'a> {
+    pub(crate) fn new(gguf: &'a GgufFile) -> Result<Self> {
+        Ok(Self {
+            prefix: gguf.meta_str("general.architecture")?.to_string(),
+            gguf,
+        })
+    }
+
+    /// llama.cpp's architecture name (`llama`, `qwen3moe`, `deepseek2`, ...).
+    pub(crate) fn architecture(&self) -> &str {
+        &self.prefix
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}.{key}", self.prefix)
+    }
+
+    pub(crate) fn error(&self, message: impl std::fmt::Display) -> Error {
+        self.gguf.error(message)
+    }
+
+    pub(crate) fn usize(&self, key: &str) -> Result<usize> {
+        self.gguf.meta_usize(&self.key(key))
+    }
+
+    pub(crate) fn f64(&self, key: &str) -> Result<f64> {
+        self.gguf.meta_f64(&self.key(key))
+    }
+
+    pub(crate) fn str(&self, key: &str) -> Result<&str> {
+        self.gguf.meta_str(&self.key(key))
+    }
+
+    pub(crate) fn bool(&self, key: &str) -> Option<bool> {
+        self.gguf.meta_bool(&self.key(key))
+    }
+
+    pub(crate) fn has(&self, key: &str) -> bool {
+        self.gguf.has_meta(&self.key(key))
+    }
+
+    /// An integer that may be absent, refused when present with another type.
+    pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        self.has(key).then(|| self.usize(key)).transpose()
+    }
+
+    /// A float that may be absent, refused when present with another type.
+    pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        self.has(key).then(|| self.f64(key)).transpose()
+    }
+
+    /// Whether the file says its layers have routed experts.
+    pub(crate) fn has_experts(&self) -> bool {
+        self.usize("expert_count").unwrap_or(0) > 0
+    }
+
+    /// The fields every architecture reads alike. The rest start as a dense model without
+    /// experts, shared experts, query-key norms or interleaved rotary pairs, for the
+    /// architecture to fill in.
+    pub(crate) fn common(&self, architecture: Architecture) -> Result<ModelConfig> {
+        let hidden_size = self.usize("embedding_length")?;
+        let num_heads = self.usize("attention.head_count")?;
+        let head_dim = match self.has("attention.key_length") {
+            true => self.usize("attention.key_length")?,
+            false => hidden_size / num_heads,
+        };
+        let token_id = |key: &str| self.gguf.meta_usize(key).ok().map(|v| v as u32);
+        Ok(ModelConfig {
+            architecture,
+            vocab_size: self.gguf.tensor_shape("token_embd.weight")?[0],
+            hidden_size,
+            num_layers: self.usize("block_count")?,
+            num_heads,
+            num_kv_heads: self.usize("attention.head_count_kv").unwrap_or(num_heads),
+            head_dim,
+            rms_norm_eps: self.f64("attention.layer_norm_rms_epsilon")?,
+            rope_theta: self.opt_f64("rope.freq_base")?.unwrap_or(10_000.0),
+            max_position_embeddings: self.opt_usize("context_length")?.unwrap_or(4096),
+            sliding_window: None,
+            attention_bias: self.gguf.has_tensor("blk.0.attn_q.bias"),
+            qk_norm: false,
+            num_experts: 0,
+            num_experts_per_token: 0,
+            expert_intermediate_size: 0,
+            norm_topk_prob: true,
+            dense_intermediate_size: None,
+            shared_expert_intermediate_size: None,
+            tie_word_embeddings: !self.gguf.has_tensor("output.weight"),
+            eos_token_ids: token_id("tokenizer.ggml.eos_token_id")
+                .into_iter()
+                .collect(),
+            bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
+            rope_interleaved: false,
+            deepseek: None,
+        })
+    }
+
+    /// Sets the routed experts: count, choices per token and the width under `width_key`.
+    pub(crate) fn set_experts(&self, config: &mut ModelConfig, width_key: &str) -> Result<()> {
+        config.num_experts = self.usize("expert_count")?;
+        config.num_experts_per_token = self.usize("expert_used_count")?;
+        config.expert_intermediate_size = self.usize(width_key)?;
+        Ok(())
+    }
+}
