@@ -1,19 +1,31 @@
 //! odmoe-engine: exact inference for Mixture-of-Experts language models whose experts need not all
 //! be in memory.
 //!
-//! - [`format`] reads checkpoints (Hugging Face safetensors directories).
-//! - [`model`] holds the architectures (Qwen2-MoE, Qwen3-MoE, Mixtral) on shared layers; the MoE
-//!   block gets its experts through [`model::ExpertProvider`].
-//! - [`tokenizer`] encodes, decodes incrementally and renders chat templates.
-//! - [`generate`] runs prefill and decode with sampling and stop conditions.
+//! Imports run one way (README, "Layout"; checked by `tests/layering.rs`):
+//!
+//! - [`open`] is the composition root: it opens a Hugging Face directory, an odmoe layout or a
+//!   GGUF file with every expert resident or on demand, with its predictor and tokenizer.
+//! - [`convert`] writes the odmoe layout (and splits dense models into experts).
+//! - [`generate`] runs prefill and decode with sampling and stop conditions; [`eval`] scores text.
 //! - [`predict`] guesses the next layers' experts so the store can prefetch them, and records and
-//!   replays routing traces.
+//!   replays routing traces against the offline optimum.
+//! - [`model`] holds the architecture registry ([`model::FAMILIES`]) and the forward pass on
+//!   shared layers; one file per architecture (Qwen2-MoE, Qwen3-MoE, Mixtral, Llama and its
+//!   split form, DeepSeek-V3).
+//! - [`tokenizer`] encodes, decodes incrementally and renders chat templates.
+//! - [`store`] keeps a byte-budgeted working set of experts read on demand, with eviction
+//!   policies, page-cache bypass, checksums and telemetry.
+//! - [`expert`] is the contract between store and models: an expert's weights, pinned handles,
+//!   reads in flight, [`expert::ExpertProvider`], and applying experts to tokens.
+//! - [`kernels`] multiply in the weights' stored type (odmoe's Q8_0 kernel, else candle's).
+//! - [`format`] reads safetensors, GGUF and the odmoe layout; [`config`] is the normalised
+//!   architecture config.
 //!
 //! The engine never touches a socket: the daemon drives it through these types.
 //!
 //! ```no_run
 //! # fn main() -> odmoe_engine::Result<()> {
-//! use odmoe_engine::{generate::{GenerateRequest, Session}, model::Model, tokenizer::Tokenizer};
+//! use odmoe_engine::{generate::{GenerateRequest, Session}, tokenizer::Tokenizer};
 //! let dir = std::path::Path::new("tests/fixtures/qwen3_moe");
 //! let model = odmoe_engine::open::resident(dir, &odmoe_engine::default_device()?)?;
 //! let tokenizer = Tokenizer::from_dir(dir)?;

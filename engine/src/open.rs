@@ -259,7 +259,15 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
         Checkpoint::HuggingFace => {
             let config = crate::model::config_from_hf_file(&path.join("config.json"))?;
             let weights = HfWeights::open(path, device)?;
-            let source = HfSource::new(path, &config, &weights, options.bypass_page_cache, device)?;
+            let names = |layer, expert| crate::model::expert_tensor_names(&config, layer, expert);
+            let source = HfSource::new(
+                path,
+                &config,
+                names,
+                &weights,
+                options.bypass_page_cache,
+                device,
+            )?;
             let tokenizer = tokenizer_in_dir(path)?;
             (config, Box::new(weights), Arc::new(source), tokenizer)
         }

@@ -477,7 +477,7 @@ impl Prefetcher {
     }
 
     pub fn stats(&self) -> PrefetchStats {
-        let state = self.state.lock().unwrap();
+        let state = crate::store::recover(self.state.lock());
         let counts = self.store.prefetch_counts();
         PrefetchStats {
             predictor: self.predictor.kind(),
@@ -501,7 +501,7 @@ impl Prefetcher {
 
 impl ForwardHook for Prefetcher {
     fn layer_input(&self, layer: usize, hidden: &Tensor) {
-        let mut state = self.state.lock().unwrap();
+        let mut state = crate::store::recover(self.state.lock());
         state.step += 1;
         let step = state.step;
         let counts = self.store.prefetch_counts();
@@ -536,7 +536,7 @@ impl ForwardHook for Prefetcher {
     }
 
     fn layer_routing(&self, _layer: usize, routing: &Routing) {
-        let mut state = self.state.lock().unwrap();
+        let mut state = crate::store::recover(self.state.lock());
         let step = state.step;
         state.recall.observe(step, &routed_experts(routing));
     }

@@ -75,17 +75,17 @@ impl LoadSlot {
     }
 
     fn finish(&self, result: Result<Arc<GluMlp>, Arc<Error>>) {
-        *self.result.lock().unwrap() = Some(result);
+        *recover(self.result.lock()) = Some(result);
         self.done.notify_all();
     }
 
     fn wait(&self) -> Result<Arc<GluMlp>, Arc<Error>> {
-        let mut result = self.result.lock().unwrap();
+        let mut result = recover(self.result.lock());
         loop {
             if let Some(r) = result.as_ref() {
                 return r.clone();
             }
-            result = self.done.wait(result).unwrap();
+            result = recover(self.done.wait(result));
         }
     }
 }
@@ -148,8 +148,16 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap()
+        recover(self.state.lock())
     }
+}
+
+/// A lock's guard, even when a thread panicked holding it. One policy across the engine and the
+/// daemon: a panic is a bug to report, but it must not turn every later request into a second
+/// panic. The store's sections change the cache's books only through `BudgetCache`, whose every
+/// method leaves them consistent before returning, so a guard a panic left behind is still valid.
+pub(crate) fn recover<G>(result: std::sync::LockResult<G>) -> G {
+    result.unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Keeps one expert pinned while alive.
@@ -269,7 +277,7 @@ impl ExpertStore {
                                 self.shared.work.notify_all();
                                 queued = false;
                             }
-                            state = self.shared.progress.wait(state).unwrap();
+                            state = recover(self.shared.progress.wait(state));
                             continue;
                         }
                         for (key, _) in pinned.iter().flatten() {
@@ -441,7 +449,7 @@ fn io_worker(shared: &Shared) {
                         break (key, slot);
                     }
                     Some(_) => continue, // already read through its other queue entry
-                    None => state = shared.work.wait(state).unwrap(),
+                    None => state = recover(shared.work.wait(state)),
                 }
             }
         };

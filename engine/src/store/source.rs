@@ -27,7 +27,6 @@ use crate::format::layout::{
     self, ExpertLayout, GGUF_DTYPE, MANIFEST, Manifest, expert_path, parse_xxh3_hex,
 };
 use crate::format::safetensors::{HfWeights, TensorLocation, f32_tensor};
-use crate::model::expert_tensor_names;
 
 /// Reads experts from cold storage.
 pub trait ExpertSource: Send + Sync {
@@ -371,15 +370,17 @@ pub struct HfSource {
 impl HfSource {
     /// Opens the experts of the checkpoint in `dir`, with the checksum index of every expert
     /// tensor (kept from an earlier load, or computed now: see [`checksum::load_or_build`]).
+    /// `names` gives an expert's gate, up and down tensor names (without `.weight`), as its
+    /// architecture names them.
     pub fn new(
         dir: &Path,
         config: &ModelConfig,
+        names: impl Fn(usize, usize) -> [String; 3],
         weights: &HfWeights,
         bypass_cache: bool,
         device: &Device,
     ) -> Result<Self> {
-        let (h, i) = (config.hidden_size, config.expert_intermediate_size);
-        let shapes = [[i, h], [i, h], [h, i]];
+        let shapes = config.expert_shapes();
         let mut files = HashMap::new();
         let mut locations = Vec::with_capacity(config.num_layers);
         for layer in 0..config.num_layers {
@@ -391,7 +392,7 @@ impl HfSource {
                 0
             };
             for expert in 0..count {
-                let names = expert_tensor_names(config, layer, expert);
+                let names = names(layer, expert);
                 let mut located = Vec::with_capacity(3);
                 for (name, shape) in names.iter().zip(shapes) {
                     let name = format!("{name}.weight");
