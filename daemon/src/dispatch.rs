@@ -25,6 +25,7 @@ use tracing::{debug, info};
 use crate::budget::BudgetSpec;
 use crate::connection::{Peer, peer_allowed};
 use crate::logging::untrusted;
+use crate::memory::resident_bytes;
 use crate::models_dir;
 use crate::pressure::{self, Level};
 use crate::scheduler::{CancelToken, ChatTurn, Event, GenerateJob, Served, engine_error, no_model};
@@ -362,7 +363,7 @@ fn stats(state: &State) -> StatsResult {
         server_version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
         uptime_s: state.started.elapsed().as_secs_f64(),
-        rss_bytes: pressure::resident_bytes().unwrap_or(0),
+        rss_bytes: resident_bytes().unwrap_or(0),
         model: served.as_deref().map(|served| live_info(served, state)),
         store,
         queue: state.scheduler.queue_stats(),

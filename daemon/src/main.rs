@@ -28,6 +28,7 @@ mod budget;
 mod connection;
 mod dispatch;
 mod logging;
+mod memory;
 mod models_dir;
 mod pressure;
 mod scheduler;
@@ -47,7 +48,7 @@ use odmoe_config::Config;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::budget::{BudgetSpec, Placement};
+use crate::budget::{BudgetKind, BudgetSpec, Placement};
 use crate::connection::ConnectionLimits;
 use crate::logging::LogControl;
 use crate::pressure::Pressure;
@@ -268,25 +269,21 @@ fn apply_budget(budget: &BudgetSpec, state: &State) {
         return;
     }
     match budget.resolve(served.info.total_expert_bytes) {
-        Ok(Placement::OnDemand(kind)) => {
+        Placement::OnDemand(kind) => {
             let why = format!("configuration reloaded: model.expert_budget = {budget}");
             if let Some(bytes) = state.pressure.rebudget(kind, &why) {
                 info!(%budget, bytes, "expert budget changed");
             }
         }
-        Ok(Placement::Resident) => {
+        Placement::Resident => {
             let total = served.info.total_expert_bytes;
             let why = format!(
                 "configuration reloaded: model.expert_budget = {budget} holds every expert"
             );
-            if let Some(bytes) = state
-                .pressure
-                .rebudget(pressure::BudgetKind::Fixed(total), &why)
-            {
+            if let Some(bytes) = state.pressure.rebudget(BudgetKind::Fixed(total), &why) {
                 info!(%budget, bytes, "expert budget changed; experts stay on demand until the next load");
             }
         }
-        Err(error) => warn!(%error, "the expert budget was not changed"),
     }
 }
 

@@ -42,8 +42,9 @@ use odmoe_protocol::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::budget::{BudgetSpec, Placement};
-use crate::pressure::{self, BudgetKind, Directive, ModelMemory, Pressure};
+use crate::budget::{BudgetKind, BudgetSpec, Placement};
+use crate::memory::{resident_bytes, return_freed_memory};
+use crate::pressure::{Directive, ModelMemory, Pressure};
 use crate::settings::Settings;
 
 /// Longest the engine thread sleeps without looking at idle sessions, so a
@@ -450,7 +451,7 @@ impl Engine {
             if dropped > 0 {
                 self.publish_sessions();
                 // A dropped KV cache is freed memory the allocator would keep.
-                pressure::return_freed_memory();
+                return_freed_memory();
             }
             // Only an idle model goes: a request waiting would find none.
             if self.unload_at.is_some_and(|at| at <= Instant::now())
@@ -682,9 +683,7 @@ impl Engine {
         let placement = if dense {
             Placement::Resident
         } else {
-            budget
-                .resolve(total)
-                .map_err(|error| invalid(format!("expert_budget: {error}")))?
+            budget.resolve(total)
         };
         if let Placement::OnDemand(BudgetKind::Fixed(bytes)) = placement {
             loader::check_budget(&config, total, bytes)
@@ -722,7 +721,7 @@ impl Engine {
                     expert_bytes: store.expert_bytes(),
                     experts_per_token: config.num_experts_per_token as u64,
                     layers: config.num_layers as u64,
-                    base_bytes: pressure::resident_bytes().unwrap_or(0),
+                    base_bytes: resident_bytes().unwrap_or(0),
                     budget: kind,
                 });
                 store.set_budget(start);
@@ -821,7 +820,7 @@ impl Engine {
                 "critical memory pressure: idle sessions dropped"
             );
         }
-        pressure::return_freed_memory();
+        return_freed_memory();
     }
 
     /// Drops the model and its sessions, giving their memory back to the
@@ -834,7 +833,7 @@ impl Engine {
         let unloaded = self.loaded.take().is_some();
         self.unload_at = None;
         *lock(&self.shared.unload_at) = None;
-        pressure::return_freed_memory();
+        return_freed_memory();
         unloaded
     }
 
@@ -862,7 +861,7 @@ fn set_budget(store: &ExpertStore, directive: &Directive) {
         "expert budget applied"
     );
     if directive.budget < before {
-        pressure::return_freed_memory();
+        return_freed_memory();
     }
 }
 

@@ -31,6 +31,8 @@ use odmoe_engine::format::size::format_bytes;
 use odmoe_protocol::{BudgetAdjustment, MemoryStats};
 use tracing::{info, warn};
 
+use crate::budget::BudgetKind;
+use crate::memory::memory_total;
 pub use policy::Level;
 use policy::{BudgetPolicy, Direction, Observation, PolicyParams, SHRINK_SPACING};
 
@@ -102,15 +104,6 @@ pub struct Directive {
     pub budget: u64,
     /// Critical pressure: drop idle sessions' KV caches too.
     pub relieve: bool,
-}
-
-/// How the budget of a model was asked for.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum BudgetKind {
-    /// A size: the budget starts there and never grows above it.
-    Fixed(u64),
-    /// Sized from the memory limit (see `memory.auto_fraction`).
-    Auto,
 }
 
 /// A model whose experts load on demand, as the controller needs it.
@@ -257,7 +250,7 @@ impl Pressure {
         self.source
             .headroom()
             .map(|headroom| headroom.limit)
-            .or_else(crate::budget::memory_total)
+            .or_else(memory_total)
     }
 
     /// Takes control of a loaded model's budget; returns the budget to start with.
@@ -558,24 +551,6 @@ pub fn auto_budget(limit: u64, fraction: f64, base: u64, kv_reserve: u64) -> u64
     ((limit as f64 * fraction) as u64)
         .saturating_sub(base)
         .saturating_sub(kv_reserve)
-}
-
-/// The daemon's resident set size, from `/proc/self/statm` (pages).
-pub fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
-    Some(pages * u64::try_from(page).ok()?)
-}
-
-/// Gives memory freed by evicted experts and dropped sessions back to the
-/// system: glibc keeps freed heap memory for reuse until trimmed.
-pub fn return_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        nix::libc::malloc_trim(0);
-    }
 }
 
 #[cfg(test)]
