@@ -15,25 +15,44 @@ use odmoe_engine::tokenizer::ChatMessage;
 use odmoe_protocol::{
     CancelParams, CancelResult, ErrorCode, GenerateParams, HelloParams, HelloResult,
     KeepAliveParam, LoadParams, MemoryStats, Method, ModelInfo, ModelsResult, PROTOCOL_VERSION,
-    PressureParams, QUEUED_NOTIFICATION, QueuedEvent, Request, RpcError, STARTED_NOTIFICATION,
-    StartedEvent, StatsResult, TOKEN_NOTIFICATION, TokenEvent, Value, to_value,
+    PressureParams, QUEUED_NOTIFICATION, QueuedEvent, Request, Response, RpcError,
+    STARTED_NOTIFICATION, StartedEvent, StatsResult, TOKEN_NOTIFICATION, TokenEvent, Value,
+    to_value,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use crate::budget::BudgetSpec;
-use crate::connection::{Peer, peer_allowed};
 use crate::logging::untrusted;
 use crate::memory::resident_bytes;
 use crate::models_dir;
+use crate::peer::{Peer, peer_allowed};
 use crate::pressure::{self, Level};
 use crate::scheduler::{CancelToken, ChatTurn, Event, GenerateJob, Served, engine_error, no_model};
-use crate::server::State;
+use crate::state::State;
+
+/// Answers one request; runs as its own task.
+pub async fn answer(
+    request: Request,
+    state: Arc<State>,
+    peer: Arc<Peer>,
+    cancel: Option<Arc<CancelToken>>,
+) {
+    let outcome = dispatch(&request, &state, &peer, cancel.clone()).await;
+    if let Some(token) = &cancel {
+        peer.finish(request.msgid, token);
+    }
+    peer.send(Response {
+        msgid: request.msgid,
+        outcome,
+    })
+    .await;
+}
 
 /// The result of `request`, or the error to answer it with. `cancel` is the
 /// token registered for a `generate` or `chat`.
-pub async fn dispatch(
+async fn dispatch(
     request: &Request,
     state: &State,
     peer: &Peer,
@@ -509,7 +528,7 @@ mod tests {
         ));
         let scheduler = Scheduler::start(Arc::clone(&settings), Arc::clone(&pressure)).unwrap();
         pressure.direct_to(scheduler.director());
-        let limits = crate::connection::ConnectionLimits::from_config(&config.server);
+        let limits = crate::state::ConnectionLimits::from_config(&config.server);
         State::new(scheduler, settings, pressure, 1 << 20, limits)
     }
 

@@ -30,6 +30,7 @@ mod dispatch;
 mod logging;
 mod memory;
 mod models_dir;
+mod peer;
 mod pressure;
 mod scheduler;
 mod server;
@@ -37,6 +38,7 @@ mod settings;
 mod shutdown;
 mod socket;
 mod startup;
+mod state;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -49,12 +51,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::budget::{BudgetKind, BudgetSpec, Placement};
-use crate::connection::ConnectionLimits;
 use crate::logging::LogControl;
 use crate::pressure::Pressure;
 use crate::scheduler::Scheduler;
-use crate::server::State;
 use crate::settings::Settings;
+use crate::state::{ConnectionLimits, State};
 
 /// Serve Mixture-of-Experts models to local clients over a Unix socket.
 #[derive(Debug, Parser)]
@@ -132,7 +133,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let settings = Arc::new(RwLock::new(settings));
 
     // Before any thread starts: a socket from the service manager replaces ours.
-    let activated = server::activated()?;
+    let activated = socket::activated()?;
     // A detached daemon binds before it forks, so that start-up errors reach
     // the terminal; in the foreground the signal handlers come first, so that
     // a SIGTERM sent as soon as the socket appears is handled.
@@ -140,7 +141,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(bound) => Some(bound),
         None if args.foreground => None,
         None => {
-            let bound = server::bind(&socket)?;
+            let bound = socket::bind(&socket)?;
             detach(bound.path().unwrap_or(&socket))?;
             Some(bound)
         }
@@ -173,7 +174,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         ));
         let bound = match bound {
             Some(bound) => bound,
-            None => server::bind(&socket)?,
+            None => socket::bind(&socket)?,
         };
         if let Some(model) = model {
             let budget = state.settings().expert_budget;
