@@ -180,7 +180,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             let budget = state.settings().expert_budget;
             tokio::select! {
                 loaded = state.scheduler.load(model.clone(), budget) => {
-                    loaded.map_err(|error| anyhow::anyhow!("{}", error.message))
+                    loaded.map_err(|error| anyhow::anyhow!("{error}"))
                         .with_context(|| format!("cannot serve {}", model.display()))?;
                 }
                 name = &mut signal => {
