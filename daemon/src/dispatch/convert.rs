@@ -1,12 +1,16 @@
-//! What the scheduler and the engine answer, as protocol values: results,
-//! model descriptions, counts and errors. The layers below dispatch never see
+//! What the scheduler, the memory controller and the engine answer, as
+//! protocol values: results, model descriptions, the models folder, counts,
+//! memory and errors. The layers below dispatch never see
 //! a protocol type.
 
 use odmoe_engine::generate::FinishReason;
 use odmoe_protocol::{
-    ErrorCode, GenerateResult, ModelInfo, QueueStats, RpcError, SessionStats, Timings, Usage,
+    AvailableModel, BudgetAdjustment, ErrorCode, GenerateResult, MemoryStats, ModelInfo,
+    QueueStats, RpcError, SessionStats, Timings, Usage,
 };
 
+use crate::models_dir;
+use crate::pressure::MemoryReport;
 use crate::scheduler::{Finished, ModelDescription, QueueLength, SchedulerError, SessionsKept};
 
 /// A count on the wire, saturating.
@@ -98,5 +102,50 @@ pub fn session_stats(sessions: SessionsKept) -> SessionStats {
     SessionStats {
         count: count(sessions.count),
         kv_bytes: sessions.kv_bytes,
+    }
+}
+
+/// The `memory` section of `stats`, and the answer to `pressure`.
+pub fn memory_stats(report: MemoryReport) -> MemoryStats {
+    MemoryStats {
+        level: report.level.as_str().to_owned(),
+        reason: report.reason,
+        source: report.source,
+        simulated: report.simulated,
+        adapt: report.adapt,
+        headroom_bytes: report.headroom.as_ref().map(|h| h.available),
+        limit_bytes: report.headroom.as_ref().map(|h| h.limit),
+        budget_bytes: report.budget_bytes,
+        target_bytes: report.target_bytes,
+        floor_bytes: report.floor_bytes,
+        ceiling_bytes: report.ceiling_bytes,
+        base_bytes: report.base_bytes,
+        kv_reserve_bytes: report.kv_reserve_bytes,
+        grow_in_s: report.grow_in.map(|due| due.as_secs_f64()),
+        adjustments: report
+            .adjustments
+            .into_iter()
+            .map(|adjustment| BudgetAdjustment {
+                at_s: adjustment.at.as_secs_f64(),
+                from_bytes: adjustment.from_bytes,
+                to_bytes: adjustment.to_bytes,
+                reason: adjustment.reason,
+            })
+            .collect(),
+    }
+}
+
+/// A model of the models folder, for `models`.
+pub fn available_model(entry: models_dir::Entry) -> AvailableModel {
+    AvailableModel {
+        name: entry.name,
+        path: entry.path.display().to_string(),
+        format: entry.format,
+        size_bytes: entry.size_bytes,
+        architecture: entry.architecture,
+        layers: count(entry.layers),
+        experts_per_layer: count(entry.experts_per_layer),
+        experts_per_token: count(entry.experts_per_token),
+        error: entry.error,
     }
 }

@@ -20,7 +20,7 @@ use odmoe_protocol::{
 use serde::Serialize;
 use tracing::{debug, info};
 
-use self::convert::{model_info, queue_stats, session_stats};
+use self::convert::{available_model, memory_stats, model_info, queue_stats, session_stats};
 use crate::budget::BudgetSpec;
 use crate::logging::untrusted;
 use crate::memory::resident_bytes;
@@ -160,7 +160,7 @@ fn memory(state: &State) -> MemoryStats {
             .as_ref()
             .map(|store| store.stats().budget_bytes)
     });
-    state.pressure.stats(budget)
+    memory_stats(state.pressure.stats(budget))
 }
 
 /// `pressure {level}` simulates a memory-pressure level; `{release: true}`
@@ -218,7 +218,7 @@ async fn models(state: &State) -> Result<Value, RpcError> {
             .into_iter()
             .collect(),
         models_dir: models_dir.map(|dir| dir.display().to_string()),
-        available,
+        available: available.into_iter().map(available_model).collect(),
     })
 }
 
