@@ -24,6 +24,40 @@ use std::path::{Path, PathBuf};
 /// Each top-level module with what it may import; `::name` is the outside crate `name`.
 type Table<'a> = &'a [(&'a str, &'a [&'a str])];
 
+/// `odmoed`: main -> server -> connection -> dispatch -> scheduler, and protocol types stop at
+/// dispatch (see DESIGN.md, "Daemon layout"). Below the scheduler: what it shares with the
+/// others (settings, the memory controller, the budget, memory figures); beside the chain:
+/// leaves any layer may use.
+#[rustfmt::skip]
+const DAEMON: Table = &[
+    ("main",       &["server", "socket", "state", "scheduler", "pressure", "settings", "budget",
+                     "logging", "startup"]),
+    ("server",     &["connection", "state", "socket", "shutdown"]),
+    ("connection", &["dispatch", "peer", "state", "shutdown", "logging", "::odmoe_protocol"]),
+    ("dispatch",   &["peer", "state", "scheduler", "pressure", "budget", "memory", "models_dir",
+                     "logging", "::odmoe_protocol"]),
+    ("peer",       &["scheduler", "::odmoe_protocol"]),
+    ("state",      &["scheduler", "pressure", "settings"]),
+    ("scheduler",  &["pressure", "settings", "budget", "memory"]),
+    ("settings",   &["budget"]),
+    ("pressure",   &["budget", "memory"]),
+    ("budget",     &[]),
+    ("memory",     &[]),
+    ("models_dir", &[]),
+    ("socket",     &[]),
+    ("shutdown",   &[]),
+    ("startup",    &[]),
+    ("logging",    &[]),
+];
+
+#[test]
+fn daemon_imports_run_one_way() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemon/src");
+    if let Err(problems) = check_layers(&src, DAEMON) {
+        panic!("daemon/src:\n{}", problems.join("\n"));
+    }
+}
+
 /// Checks the crate whose sources are in `src` against `table`; every problem found, one line
 /// each, naming the file and line.
 pub fn check_layers(src: &Path, table: Table) -> Result<(), Vec<String>> {
