@@ -50,11 +50,28 @@ const DAEMON: Table = &[
     ("logging",    &[]),
 ];
 
+/// The crates whose modules have no table yet: at least none of them may import another in a
+/// circle.
+const WITHOUT_TABLE: [&str; 3] = ["cli", "client", "config"];
+
 #[test]
 fn daemon_imports_run_one_way() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemon/src");
     if let Err(problems) = check_layers(&src, DAEMON) {
         panic!("daemon/src:\n{}", problems.join("\n"));
+    }
+}
+
+#[test]
+fn no_modules_import_each_other_in_a_circle() {
+    for krate in WITHOUT_TABLE {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(krate)
+            .join("src");
+        if let Err(problems) = check_acyclic(&src) {
+            panic!("{krate}/src:\n{}", problems.join("\n"));
+        }
     }
 }
 
@@ -65,6 +82,18 @@ pub fn check_layers(src: &Path, table: Table) -> Result<(), Vec<String>> {
     read_sources(src, src, &mut files)
         .map_err(|error| vec![format!("{}: {error}", src.display())])?;
     check_files(&files, table)
+}
+
+/// Checks that no modules of the crate whose sources are in `src` import each other in a circle,
+/// whatever the direction.
+pub fn check_acyclic(src: &Path) -> Result<(), Vec<String>> {
+    let mut files = Vec::new();
+    read_sources(src, src, &mut files)
+        .map_err(|error| vec![format!("{}: {error}", src.display())])?;
+    let modules: BTreeSet<String> = files.iter().map(|(path, _)| top_module(path)).collect();
+    let names: Vec<&str> = modules.iter().map(String::as_str).collect();
+    let table: Vec<(&str, &[&str])> = names.iter().map(|&name| (name, &names[..])).collect();
+    check_files(&files, &table)
 }
 
 /// The `.rs` files under `dir`, with their paths relative to `src`.
@@ -716,6 +745,20 @@ mod tests {
             "use crate::top::Thing;\n".into(),
         ));
         assert_eq!(check_files(&sources, LAYERS), Ok(()));
+    }
+
+    #[test]
+    fn without_a_table_only_circles_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path();
+        fs::write(src.join("lib.rs"), "mod a;\nmod b;\n").unwrap();
+        fs::write(src.join("a.rs"), "use crate::b::B;\n").unwrap();
+        fs::write(src.join("b.rs"), "pub struct B;\n").unwrap();
+        assert_eq!(check_acyclic(src), Ok(()));
+        fs::write(src.join("b.rs"), "use super::a;\n").unwrap();
+        let problems = check_acyclic(src).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("modules import each other in a circle: a -> b"));
     }
 
     #[test]
