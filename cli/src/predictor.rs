@@ -90,7 +90,7 @@ pub struct BenchArgs {
     )]
     prefetch: Vec<PredictorKind>,
     #[command(flatten)]
-    tuning: crate::predictor::PrefetchTuning,
+    tuning: crate::trace::PrefetchTuning,
     /// Runs of each mode, interleaved so that drift hits all alike.
     #[arg(long, default_value_t = 3, value_name = "N")]
     rounds: usize,
@@ -392,19 +392,4 @@ fn bench(args: BenchArgs) -> Result<()> {
         )?;
     }
     Ok(())
-}
-
-/// How prefetching is tuned, shared by `trace replay` and `predictor bench`.
-#[derive(Args)]
-pub struct PrefetchTuning {
-    /// Shadow predictor weights from `odmoe predictor train` (for the shadow predictor).
-    #[arg(long, value_name = "FILE")]
-    pub weights: Option<PathBuf>,
-    /// Keep prefetching even while it wastes more than it saves.
-    #[arg(long)]
-    pub no_adaptive: bool,
-    /// Prefetch only guesses scoring at least this (a routing probability for lookahead, a
-    /// sigmoid for shadow); 0 prefetches every top-k guess.
-    #[arg(long, default_value_t = 0.0, value_name = "P")]
-    pub min_score: f32,
 }

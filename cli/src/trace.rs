@@ -89,7 +89,7 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
     #[command(flatten)]
-    tuning: crate::predictor::PrefetchTuning,
+    tuning: PrefetchTuning,
     /// Disk read rate of the stall model, GB/s.
     #[arg(long, default_value_t = 2.0, value_name = "X")]
     disk_gbps: f64,
@@ -256,6 +256,22 @@ impl<W: Write> ProgressLines<W> {
             let _ = writeln!(self.out);
         }
     }
+}
+
+/// How prefetching is tuned, shared by `trace replay` and `predictor bench`: the
+/// predictor's weights go to [`predictor`], the rest to the prefetcher.
+#[derive(Args)]
+pub struct PrefetchTuning {
+    /// Shadow predictor weights from `odmoe predictor train` (for the shadow predictor).
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+    /// Keep prefetching even while it wastes more than it saves.
+    #[arg(long)]
+    pub no_adaptive: bool,
+    /// Prefetch only guesses scoring at least this (a routing probability for lookahead, a
+    /// sigmoid for shadow); 0 prefetches every top-k guess.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub min_score: f32,
 }
 
 /// The predictor a replay or an evaluation asks for.

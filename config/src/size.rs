@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use serde::Serializer;
 use serde::de::{self, Deserializer, Visitor};
 
 /// A size as written in the config: a number of bytes or a share of something.
@@ -163,6 +164,78 @@ pub fn format_bytes(bytes: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
+impl Size {
+    /// The bytes of this size, a percentage being of `whole`.
+    pub fn of(self, whole: u64) -> u64 {
+        match self {
+            Size::Bytes(bytes) => bytes,
+            Size::Percent(percent) => (whole as f64 * percent / 100.0) as u64,
+        }
+    }
+}
+
+/// A number of bytes: an integer or a size, not a percentage.
+pub(crate) fn bytes<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    match deserialize_size(deserializer, false)? {
+        Some(Size::Bytes(bytes)) => Ok(bytes),
+        _ => Err(serde::de::Error::custom(
+            "must be a number of bytes, not a percentage",
+        )),
+    }
+}
+
+/// Bytes written as the config file writes them.
+pub(crate) fn size_text<S: Serializer>(bytes: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&format_size(*bytes))
+}
+
+/// A size or a percentage.
+pub(crate) fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Size, D::Error> {
+    deserialize_size(deserializer, false)?
+        .ok_or_else(|| serde::de::Error::custom("must be a size or a percentage"))
+}
+
+/// A size or a percentage, when given.
+pub(crate) fn optional_size<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Size>, D::Error> {
+    size(deserializer).map(Some)
+}
+
+/// A size or a percentage written as the config file writes it.
+pub(crate) fn size_spec_text<S: Serializer>(size: &Size, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&size_spec(*size))
+}
+
+/// [`size_spec_text`], when given.
+pub(crate) fn optional_size_text<S: Serializer>(
+    size: &Option<Size>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match size {
+        Some(size) => size_spec_text(size, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// A size as the config file writes it: `"16MiB"` or `"25%"`.
+pub fn size_spec(size: Size) -> String {
+    match size {
+        Size::Bytes(bytes) => format_size(bytes),
+        Size::Percent(percent) => format!("{percent}%"),
+    }
+}
+
+/// `bytes` in the largest binary unit that divides it exactly, e.g. `"16MiB"`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+    UNITS
+        .iter()
+        .find(|&&(_, shift)| bytes != 0 && bytes.trailing_zeros() >= shift)
+        .map(|&(unit, shift)| format!("{}{unit}", bytes >> shift))
+        .unwrap_or_else(|| bytes.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,5 +302,13 @@ mod tests {
             assert!(error.to_string().contains(&format!("`{text}`")));
         }
         assert_eq!(parse_size("16777216TiB").unwrap_err().reason, "too large");
+    }
+
+    #[test]
+    fn sizes_print_in_the_largest_exact_binary_unit() {
+        assert_eq!(format_size(16 << 20), "16MiB");
+        assert_eq!(format_size(3 << 29), "1536MiB");
+        assert_eq!(format_size(1000), "1000");
+        assert_eq!(format_size(0), "0");
     }
 }

@@ -4,13 +4,19 @@
 //! model's experts (`25%`), the same as `odmoe run --expert-budget`. It becomes
 //! bytes only once the model is known, since a percentage and `auto` depend on
 //! the size of its experts; `auto` also depends on the model's other weights,
-//! measured once it is loaded (see [`crate::pressure`]).
+//! measured once it is loaded (the memory-pressure controller sizes it).
 
-use odmoe_config::format_bytes;
-use odmoe_config::{ExpertBudget, Size};
-use odmoe_engine::store::budget::{budget_bytes, parse_budget_size};
+use odmoe_config::{ExpertBudget, Size, format_bytes};
+use odmoe_engine::store::budget::parse_budget_size;
 
-use crate::pressure::BudgetKind;
+/// How the budget of a model was asked for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BudgetKind {
+    /// A size: the budget starts there and never grows above it.
+    Fixed(u64),
+    /// Sized from the memory limit (see `memory.auto_fraction`).
+    Auto,
+}
 
 /// Where a model's experts live, once its size is known.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,16 +64,16 @@ impl BudgetSpec {
     /// `auto` is always on demand, so that memory pressure can shrink the
     /// budget; sized from the machine's memory, it holds every expert when
     /// they fit, read once on first use.
-    pub fn resolve(&self, total_expert_bytes: u64) -> Result<Placement, String> {
+    pub fn resolve(&self, total_expert_bytes: u64) -> Placement {
         match self {
-            BudgetSpec::Auto => Ok(Placement::OnDemand(BudgetKind::Auto)),
+            BudgetSpec::Auto => Placement::OnDemand(BudgetKind::Auto),
             BudgetSpec::Size(size) => {
-                let bytes = budget_bytes(*size, total_expert_bytes);
-                Ok(if bytes < total_expert_bytes {
+                let bytes = size.of(total_expert_bytes);
+                if bytes < total_expert_bytes {
                     Placement::OnDemand(BudgetKind::Fixed(bytes))
                 } else {
                     Placement::Resident
-                })
+                }
             }
         }
     }
@@ -83,22 +89,12 @@ impl std::fmt::Display for BudgetSpec {
     }
 }
 
-/// The machine's physical memory in bytes (MemTotal), when the system says.
-pub fn memory_total() -> Option<u64> {
-    use nix::unistd::{SysconfVar, sysconf};
-    let pages = sysconf(SysconfVar::_PHYS_PAGES).ok()??;
-    let page = sysconf(SysconfVar::PAGE_SIZE).ok()??;
-    u64::try_from(pages)
-        .ok()?
-        .checked_mul(u64::try_from(page).ok()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn fixed(bytes: u64) -> Result<Placement, String> {
-        Ok(Placement::OnDemand(BudgetKind::Fixed(bytes)))
+    fn fixed(bytes: u64) -> Placement {
+        Placement::OnDemand(BudgetKind::Fixed(bytes))
     }
 
     #[test]
@@ -112,17 +108,16 @@ mod tests {
 
     #[test]
     fn a_budget_that_holds_every_expert_keeps_them_resident() {
-        let resident = Ok(Placement::Resident);
+        let resident = Placement::Resident;
         assert_eq!(BudgetSpec::parse("100%").unwrap().resolve(1000), resident);
         assert_eq!(BudgetSpec::parse("8GiB").unwrap().resolve(1000), resident);
     }
 
     #[test]
     fn auto_is_always_on_demand() {
-        let auto = Ok(Placement::OnDemand(BudgetKind::Auto));
+        let auto = Placement::OnDemand(BudgetKind::Auto);
         assert_eq!(BudgetSpec::Auto.resolve(1 << 20), auto);
         assert_eq!(BudgetSpec::Auto.resolve(u64::MAX), auto);
-        assert!(memory_total().expect("the machine's memory") > 0);
     }
 
     #[test]

@@ -6,17 +6,14 @@
 //! goes through one channel to one writer task, which alone writes the socket.
 //! A client that leaves cancels its generations, queued or running.
 
-use std::collections::HashMap;
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use odmoe_protocol::{
-    ErrorCode, Message, MessageReader, Method, Notification, ReadError, Request, Response,
-    RpcError, encode,
+    ErrorCode, Message, MessageReader, Method, ReadError, Response, RpcError, encode,
 };
-use serde::Serialize;
 use tokio::io::{AsyncWriteExt, BufWriter, Interest};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -24,90 +21,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
-use crate::dispatch::dispatch;
+use crate::dispatch;
 use crate::logging::untrusted;
-use crate::scheduler::CancelToken;
-use crate::server::State;
+use crate::peer::{Peer, peer_allowed, peer_uid};
 use crate::shutdown::Shutdown;
+use crate::state::State;
 
 /// Messages waiting for the writer; requests that produce more wait for room.
 const OUTGOING: usize = 256;
-
-/// What the request tasks of one connection share.
-#[derive(Debug)]
-pub struct Peer {
-    /// Feeds the writer task.
-    out: mpsc::Sender<Message>,
-    /// The generations in flight, by msgid, so `cancel` and a disconnect can stop them.
-    in_flight: Mutex<HashMap<u32, Arc<CancelToken>>>,
-    /// The client's uid, from the kernel, for methods that check it again.
-    pub uid: u32,
-}
-
-impl Peer {
-    /// A client running as `uid` whose messages go to `out`.
-    pub fn new(out: mpsc::Sender<Message>, uid: u32) -> Peer {
-        Peer {
-            out,
-            in_flight: Mutex::new(HashMap::new()),
-            uid,
-        }
-    }
-
-    /// Queues `message` for the client; false if the client is gone.
-    pub async fn send(&self, message: impl Into<Message>) -> bool {
-        self.out.send(message.into()).await.is_ok()
-    }
-
-    /// Queues a notification for the client; false if the client is gone.
-    pub async fn notify<T: Serialize>(&self, method: &str, params: &T) -> bool {
-        match Notification::new(method, params) {
-            Ok(notification) => self.send(notification).await,
-            Err(error) => {
-                warn!(%error, method, "cannot encode a notification");
-                true
-            }
-        }
-    }
-
-    /// The cancel token of the generation `msgid`, if it is in flight.
-    pub fn in_flight(&self, msgid: u32) -> Option<Arc<CancelToken>> {
-        self.lock().get(&msgid).cloned()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<CancelToken>>> {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Registers a generation before its task starts, so that a `cancel` read
-    /// right after it finds it.
-    fn start(&self, msgid: u32) -> Arc<CancelToken> {
-        let token = Arc::new(CancelToken::default());
-        self.lock().insert(msgid, Arc::clone(&token));
-        token
-    }
-
-    fn finish(&self, msgid: u32, token: &Arc<CancelToken>) {
-        let mut in_flight = self.lock();
-        if in_flight
-            .get(&msgid)
-            .is_some_and(|current| Arc::ptr_eq(current, token))
-        {
-            in_flight.remove(&msgid);
-        }
-    }
-
-    /// Cancels every generation of this client.
-    fn cancel_all(&self, state: &State) {
-        let tokens: Vec<_> = self.lock().values().cloned().collect();
-        for token in tokens {
-            token.cancel();
-            state.scheduler.withdraw(&token);
-        }
-    }
-}
 
 /// Why the read loop ended.
 enum End {
@@ -118,17 +39,6 @@ enum End {
     DoneSending,
     /// The daemon is stopping: answers in flight are still written.
     Shutdown,
-}
-
-/// What one client may hold of the daemon, from `[server]`.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
-    /// Requests in flight before reading pauses.
-    pub max_in_flight: usize,
-    /// How long a connection may idle; `None` forever.
-    pub idle: Option<Duration>,
-    /// How long a begun message, or a new connection's first one, may take.
-    pub message: Duration,
 }
 
 /// A connection's claim on the daemon's capacity. It starts pending (its
@@ -171,39 +81,8 @@ pub fn busy() -> Message {
     ))
 }
 
-impl ConnectionLimits {
-    /// The limits `[server]` sets.
-    pub fn from_config(server: &odmoe_config::ServerConfig) -> ConnectionLimits {
-        ConnectionLimits {
-            max_in_flight: server.max_requests_per_connection.max(1) as usize,
-            idle: (server.idle_timeout_secs > 0)
-                .then(|| Duration::from_secs(server.idle_timeout_secs)),
-            message: Duration::from_secs(server.message_timeout_secs.max(1)),
-        }
-    }
-}
-
 /// How often a connection looks at its timeouts.
 const TIMEOUT_CHECK: Duration = Duration::from_secs(1);
-
-/// Whether a peer running as `peer_uid` may use a daemon running as `daemon_uid`:
-/// the same user, or root.
-pub fn peer_allowed(peer_uid: u32, daemon_uid: u32) -> bool {
-    peer_uid == daemon_uid || peer_uid == 0
-}
-
-/// The uid of the process at the other end of `stream`, from the kernel.
-fn peer_uid(stream: &UnixStream) -> nix::Result<u32> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-        getsockopt(stream, PeerCredentials).map(|credentials| credentials.uid())
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    {
-        nix::unistd::getpeereid(stream).map(|(uid, _)| uid.as_raw())
-    }
-}
 
 /// Serves one client until it disconnects, sends something unreadable, or the
 /// daemon shuts down. Errors end only this connection.
@@ -311,7 +190,7 @@ pub async fn serve(
                     continue;
                 }
                 let cancel = generates.then(|| peer.start(request.msgid));
-                tasks.spawn(answer(
+                tasks.spawn(dispatch::answer(
                     request,
                     Arc::clone(&state),
                     Arc::clone(&peer),
@@ -355,7 +234,7 @@ pub async fn serve(
     match end {
         End::Gone => {
             // Nobody will read the answers: stop the work now.
-            peer.cancel_all(&state);
+            peer.cancel_all(&state.scheduler);
             tasks.shutdown().await;
         }
         End::DoneSending => {
@@ -368,7 +247,7 @@ pub async fn serve(
                 tokio::select! {
                     next = tasks.join_next() => if next.is_none() { break },
                     () = &mut gone => {
-                        peer.cancel_all(&state);
+                        peer.cancel_all(&state.scheduler);
                         tasks.shutdown().await;
                         break;
                     }
@@ -400,7 +279,7 @@ async fn client_gone(read: &OwnedReadHalf, peer: &Peer) {
     };
     tokio::select! {
         () = hung_up => {}
-        () = peer.out.closed() => {}
+        () = peer.closed() => {}
     }
 }
 
@@ -411,24 +290,6 @@ pub async fn refuse(stream: UnixStream, why: Message) -> io::Result<()> {
     let _ = out.send(why).await;
     drop(out);
     write_messages(write, outgoing).await
-}
-
-/// Answers one request; runs as its own task.
-async fn answer(
-    request: Request,
-    state: Arc<State>,
-    peer: Arc<Peer>,
-    cancel: Option<Arc<CancelToken>>,
-) {
-    let outcome = dispatch(&request, &state, &peer, cancel.clone()).await;
-    if let Some(token) = &cancel {
-        peer.finish(request.msgid, token);
-    }
-    peer.send(Response {
-        msgid: request.msgid,
-        outcome,
-    })
-    .await;
 }
 
 /// An error that no request can be tied to: msgid 0, as Neovim does.
@@ -460,18 +321,4 @@ async fn write_messages(
     writer.flush().await?;
     let _ = writer.shutdown().await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_same_user_or_root_may_connect() {
-        assert!(peer_allowed(1000, 1000));
-        assert!(peer_allowed(0, 1000));
-        assert!(!peer_allowed(1001, 1000));
-        assert!(peer_allowed(0, 0));
-        assert!(!peer_allowed(1000, 0));
-    }
 }

@@ -28,7 +28,9 @@ mod budget;
 mod connection;
 mod dispatch;
 mod logging;
+mod memory;
 mod models_dir;
+mod peer;
 mod pressure;
 mod scheduler;
 mod server;
@@ -36,6 +38,7 @@ mod settings;
 mod shutdown;
 mod socket;
 mod startup;
+mod state;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -47,13 +50,12 @@ use odmoe_config::Config;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::budget::{BudgetSpec, Placement};
-use crate::connection::ConnectionLimits;
+use crate::budget::{BudgetKind, BudgetSpec, Placement};
 use crate::logging::LogControl;
 use crate::pressure::Pressure;
 use crate::scheduler::Scheduler;
-use crate::server::State;
 use crate::settings::Settings;
+use crate::state::{ConnectionLimits, State};
 
 /// Serve Mixture-of-Experts models to local clients over a Unix socket.
 #[derive(Debug, Parser)]
@@ -131,7 +133,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let settings = Arc::new(RwLock::new(settings));
 
     // Before any thread starts: a socket from the service manager replaces ours.
-    let activated = server::activated()?;
+    let activated = socket::activated()?;
     // A detached daemon binds before it forks, so that start-up errors reach
     // the terminal; in the foreground the signal handlers come first, so that
     // a SIGTERM sent as soon as the socket appears is handled.
@@ -139,7 +141,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(bound) => Some(bound),
         None if args.foreground => None,
         None => {
-            let bound = server::bind(&socket)?;
+            let bound = socket::bind(&socket)?;
             detach(bound.path().unwrap_or(&socket))?;
             Some(bound)
         }
@@ -172,13 +174,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         ));
         let bound = match bound {
             Some(bound) => bound,
-            None => server::bind(&socket)?,
+            None => socket::bind(&socket)?,
         };
         if let Some(model) = model {
             let budget = state.settings().expert_budget;
             tokio::select! {
                 loaded = state.scheduler.load(model.clone(), budget) => {
-                    loaded.map_err(|error| anyhow::anyhow!("{}", error.message))
+                    loaded.map_err(|error| anyhow::anyhow!("{error}"))
                         .with_context(|| format!("cannot serve {}", model.display()))?;
                 }
                 name = &mut signal => {
@@ -268,25 +270,21 @@ fn apply_budget(budget: &BudgetSpec, state: &State) {
         return;
     }
     match budget.resolve(served.info.total_expert_bytes) {
-        Ok(Placement::OnDemand(kind)) => {
+        Placement::OnDemand(kind) => {
             let why = format!("configuration reloaded: model.expert_budget = {budget}");
             if let Some(bytes) = state.pressure.rebudget(kind, &why) {
                 info!(%budget, bytes, "expert budget changed");
             }
         }
-        Ok(Placement::Resident) => {
+        Placement::Resident => {
             let total = served.info.total_expert_bytes;
             let why = format!(
                 "configuration reloaded: model.expert_budget = {budget} holds every expert"
             );
-            if let Some(bytes) = state
-                .pressure
-                .rebudget(pressure::BudgetKind::Fixed(total), &why)
-            {
+            if let Some(bytes) = state.pressure.rebudget(BudgetKind::Fixed(total), &why) {
                 info!(%budget, bytes, "expert budget changed; experts stay on demand until the next load");
             }
         }
-        Err(error) => warn!(%error, "the expert budget was not changed"),
     }
 }
 

@@ -4,12 +4,34 @@
 use std::path::{Path, PathBuf};
 
 use odmoe_engine::open;
-use odmoe_protocol::AvailableModel;
+
+/// A model found in the folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The file or directory name, which `load` accepts in place of a path.
+    pub name: String,
+    /// Where it is.
+    pub path: PathBuf,
+    /// "gguf", "odmoe" or "huggingface".
+    pub format: String,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+    /// Its `model_type`; empty when it cannot be read.
+    pub architecture: String,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Experts in each MoE layer; 0 for a dense model.
+    pub experts_per_layer: usize,
+    /// Experts routed per token; 0 for a dense model.
+    pub experts_per_token: usize,
+    /// Why the entry could not be read as a model, when it could not.
+    pub error: Option<String>,
+}
 
 /// The models in `dir`, by name: every GGUF file, odmoe layout and Hugging
 /// Face directory, with their shape; entries that are not models are left
 /// out, and models that cannot be read are listed with the reason.
-pub fn list(dir: &Path) -> std::io::Result<Vec<AvailableModel>> {
+pub fn list(dir: &Path) -> std::io::Result<Vec<Entry>> {
     let mut models = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -23,9 +45,9 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<AvailableModel>> {
         let Ok(format) = open::checkpoint_format(&path) else {
             continue;
         };
-        let mut model = AvailableModel {
+        let mut model = Entry {
             name,
-            path: path.display().to_string(),
+            path: path.clone(),
             format: format.to_owned(),
             size_bytes: disk_bytes(&path),
             architecture: String::new(),
@@ -39,10 +61,10 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<AvailableModel>> {
                 let dense = open::is_dense(&config);
                 model.architecture =
                     odmoe_engine::model::model_type(config.architecture).to_owned();
-                model.layers = config.num_layers as u32;
+                model.layers = config.num_layers;
                 if !dense {
-                    model.experts_per_layer = config.num_experts as u32;
-                    model.experts_per_token = config.num_experts_per_token as u32;
+                    model.experts_per_layer = config.num_experts;
+                    model.experts_per_token = config.num_experts_per_token;
                 }
             }
             Err(error) => model.error = Some(error.to_string()),

@@ -206,18 +206,10 @@ pub fn parse_budget_size(text: &str) -> Result<Size> {
     Ok(size)
 }
 
-/// The bytes `size` stands for when all experts take `total_bytes`.
-pub fn budget_bytes(size: Size, total_bytes: u64) -> u64 {
-    match size {
-        Size::Bytes(bytes) => bytes,
-        Size::Percent(percent) => (total_bytes as f64 * percent / 100.0).floor() as u64,
-    }
-}
-
 /// Parses an expert budget ([`parse_budget_size`]) into bytes, a percentage being of
 /// `total_bytes` (the in-memory size of all experts). The budget must be positive.
 pub fn parse_budget(text: &str, total_bytes: u64) -> Result<u64> {
-    let bytes = budget_bytes(parse_budget_size(text)?, total_bytes);
+    let bytes = parse_budget_size(text)?.of(total_bytes);
     if bytes == 0 {
         return Err(Error::Budget(format!(
             "{text:?}: the budget must be larger than zero bytes"

@@ -1,0 +1,65 @@
+//! `[model]`: what to serve, how much memory its experts may use, how long
+//! it stays loaded.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::KeepAlive;
+use crate::size::{Size, deserialize_size, format_size};
+
+/// `[model]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// The model to serve (an `.odmoe` directory, a GGUF file or a Hugging Face
+    /// checkpoint directory). Default: none, load one later.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Memory for cached experts. Default `"auto"`.
+    pub expert_budget: ExpertBudget,
+    /// Most positions a sequence may hold (prompt and reply together), to
+    /// lower the model's own maximum; 0 keeps the model's. Default 0.
+    pub context_length: u32,
+    /// How long the model stays loaded after its last request: a duration
+    /// ("5m"), 0 to unload after each reply, -1 to keep it. Requests may set
+    /// their own. Default -1.
+    pub keep_alive: KeepAlive,
+    /// Where `odmoe models` looks for models and `load NAME` finds them.
+    /// Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub models_dir: Option<PathBuf>,
+}
+
+/// How much memory cached experts may hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum ExpertBudget {
+    /// Decided from the machine's memory and adapted to memory pressure.
+    #[default]
+    Auto,
+    /// A fixed number of bytes (`"8GiB"`).
+    Bytes(u64),
+    /// A share of all the model's experts, in percent (`"25%"`), as
+    /// `odmoe run --expert-budget` reads it.
+    Percent(f64),
+}
+
+impl<'de> Deserialize<'de> for ExpertBudget {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match deserialize_size(deserializer, true)? {
+            None => ExpertBudget::Auto,
+            Some(Size::Bytes(bytes)) => ExpertBudget::Bytes(bytes),
+            Some(Size::Percent(percent)) => ExpertBudget::Percent(percent),
+        })
+    }
+}
+
+impl Serialize for ExpertBudget {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ExpertBudget::Auto => serializer.serialize_str("auto"),
+            ExpertBudget::Bytes(bytes) => serializer.collect_str(&format_size(*bytes)),
+            ExpertBudget::Percent(percent) => serializer.collect_str(&format_args!("{percent}%")),
+        }
+    }
+}
