@@ -6,13 +6,14 @@
 use serde::{Deserialize, Serialize};
 
 /// The model families the engine implements.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Architecture {
     Qwen2Moe,
     Qwen3Moe,
     Mixtral,
     /// A dense Llama: one SwiGLU feed-forward per layer, no experts.
+    #[default]
     Llama,
     /// A dense Llama whose feed-forward neurons `odmoe convert --split-experts` partitioned into
     /// experts: Mixtral's tensor names, and the chosen experts' outputs summed with weight one,
@@ -24,7 +25,11 @@ pub enum Architecture {
 }
 
 /// Everything the engine needs to know about a model's shape, normalised across spellings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// The default is no model at all (every size zero); config readers fill in what their file
+/// states and take the rest from it: a dense decoder with full attention, no experts, shared
+/// experts, query-key norms or interleaved rotary pairs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub architecture: Architecture,
     pub vocab_size: usize,

@@ -60,6 +60,14 @@ fn block() -> MoeBlock {
     }
 }
 
+/// `row` `[1, n]` as the kernel multiplies it: quantized to Q8_0 blocks and back.
+fn through_q8_0(row: &Tensor) -> Tensor {
+    QTensor::quantize(row, GgmlDType::Q8_0)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap()
+}
+
 fn dequantized(m: &QMatMul) -> Tensor {
     match m {
         QMatMul::QTensor(q) => q.dequantize(&Device::Cpu).unwrap(),
@@ -105,19 +113,23 @@ fn q8_0_experts_on_demand_match_resident_and_the_weighted_sum() {
     };
     assert_eq!(bits(&expected), bits(&on_demand));
 
-    // The mix in f32 with dequantized weights: the kernel differs only by quantizing activations.
+    // The mix in f32 with dequantized weights and activations rounded through Q8_0 as the kernel
+    // rounds them (the gate and up input, and the down input): what is left is the order of
+    // summation and the rare activation that rounds the other way.
     let rows = x.to_vec2::<f32>().unwrap();
     let mut reference = vec![vec![0f32; HIDDEN]; TOKENS];
     for (t, (ids, ws)) in routing.ids.iter().zip(&routing.weights).enumerate() {
-        let row = Tensor::new(rows[t].as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let row = through_q8_0(
+            &Tensor::new(rows[t].as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        );
         for (&e, &w) in ids.iter().zip(ws) {
             let mlp = &weights[e];
             let gate = row.matmul(&dequantized(&mlp.gate).t().unwrap()).unwrap();
             let up = row.matmul(&dequantized(&mlp.up).t().unwrap()).unwrap();
-            let mid = (candle_nn::ops::silu(&gate).unwrap() * up).unwrap();
+            let mid = through_q8_0(&(candle_nn::ops::silu(&gate).unwrap() * up).unwrap());
             let y = mid.matmul(&dequantized(&mlp.down).t().unwrap()).unwrap();
             for (acc, v) in reference[t]
                 .iter_mut()
@@ -131,7 +143,7 @@ fn q8_0_experts_on_demand_match_resident_and_the_weighted_sum() {
     for (ours, reference) in ours.iter().zip(&reference) {
         let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
         for (a, b) in ours.iter().zip(reference) {
-            assert!((a - b).abs() < 0.02 * scale, "{a} against {b}");
+            assert!((a - b).abs() < 2e-3 * scale, "{a} against {b}");
         }
     }
 }

@@ -67,9 +67,8 @@ impl<'a> GgufConfig<'a> {
         self.usize("expert_count").unwrap_or(0) > 0
     }
 
-    /// The fields every architecture reads alike. The rest start as a dense model without
-    /// experts, shared experts, query-key norms or interleaved rotary pairs, for the
-    /// architecture to fill in.
+    /// The fields every architecture reads alike; the rest as [`ModelConfig`]'s default has
+    /// them, for the architecture to fill in.
     pub(crate) fn common(&self, architecture: Architecture) -> Result<ModelConfig> {
         let hidden_size = self.usize("embedding_length")?;
         let num_heads = self.usize("attention.head_count")?;
@@ -89,22 +88,14 @@ impl<'a> GgufConfig<'a> {
             rms_norm_eps: self.f64("attention.layer_norm_rms_epsilon")?,
             rope_theta: self.opt_f64("rope.freq_base")?.unwrap_or(10_000.0),
             max_position_embeddings: self.opt_usize("context_length")?.unwrap_or(4096),
-            sliding_window: None,
             attention_bias: self.gguf.has_tensor("blk.0.attn_q.bias"),
-            qk_norm: false,
-            num_experts: 0,
-            num_experts_per_token: 0,
-            expert_intermediate_size: 0,
             norm_topk_prob: true,
-            dense_intermediate_size: None,
-            shared_expert_intermediate_size: None,
             tie_word_embeddings: !self.gguf.has_tensor("output.weight"),
             eos_token_ids: token_id("tokenizer.ggml.eos_token_id")
                 .into_iter()
                 .collect(),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-            rope_interleaved: false,
-            deepseek: None,
+            ..ModelConfig::default()
         })
     }
 

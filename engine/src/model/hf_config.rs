@@ -162,9 +162,8 @@ impl HfConfig {
         value.ok_or_else(|| self.error(format!("missing key {key:?}")))
     }
 
-    /// The fields every architecture reads alike. The rest start as a dense model without
-    /// experts, shared experts, sliding window, query-key norms or interleaved rotary pairs,
-    /// for the architecture to fill in.
+    /// The fields every architecture reads alike; the rest as [`ModelConfig`]'s default has
+    /// them, for the architecture to fill in.
     pub(crate) fn common(
         &self,
         architecture: Architecture,
@@ -196,15 +195,8 @@ impl HfConfig {
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: rope_theta(self, scalings)?,
             max_position_embeddings: self.max_position_embeddings.unwrap_or(32768),
-            sliding_window: None,
             attention_bias: self.attention_bias.unwrap_or(false),
-            qk_norm: false,
-            num_experts: 0,
-            num_experts_per_token: 0,
-            expert_intermediate_size: 0,
             norm_topk_prob: true,
-            dense_intermediate_size: None,
-            shared_expert_intermediate_size: None,
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
             eos_token_ids: self
                 .eos_token_id
@@ -212,8 +204,7 @@ impl HfConfig {
                 .map(TokenIds::into_vec)
                 .unwrap_or_default(),
             bos_token_id: self.bos_token_id,
-            rope_interleaved: false,
-            deepseek: None,
+            ..ModelConfig::default()
         })
     }
 
