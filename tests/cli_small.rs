@@ -273,3 +273,26 @@ fn trace_record_progress_is_whole_lines_off_a_terminal() {
     );
     assert!(!stderr.contains('\r'), "{stderr:?}");
 }
+
+#[test]
+fn bench_decode_runs_a_dense_model() {
+    // A dense model routes nothing: the routing trace the bench records must hold no experts
+    // rather than fail on the first position.
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("dense.gguf");
+    write_dense_llama_gguf(&gguf);
+    let r = json(&odmoe_ok(&[
+        "bench",
+        "decode",
+        "--model",
+        s(&gguf),
+        "--prompt-ids",
+        "1,2,3",
+        "--tokens",
+        "4",
+        "--json",
+    ]));
+    assert_eq!(r["prompt_tokens"], 3);
+    assert_eq!(r["decode_tokens"], 4);
+    assert_eq!(r["bytes_read"], 0);
+}

@@ -191,14 +191,17 @@ impl Trace {
         let forward = self.forward.last().map_or(0, |f| f + 1);
         for t in 0..positions {
             for routing in &seen.routing {
-                let chosen = routing.ids.get(t).map_or(0, Vec::len);
-                if chosen != k {
+                // A dense model routes nothing: no position has a row.
+                let ids = routing.ids.get(t).map_or(&[][..], Vec::as_slice);
+                let weights = routing.weights.get(t).map_or(&[][..], Vec::as_slice);
+                if ids.len() != k || weights.len() != k {
                     return Err(Error::InvalidRequest(format!(
-                        "routing chose {chosen} experts, the config says {k}"
+                        "routing chose {} experts, the config says {k}",
+                        ids.len()
                     )));
                 }
-                self.ids.extend(routing.ids[t].iter().map(|&e| e as u32));
-                self.weights.extend_from_slice(&routing.weights[t]);
+                self.ids.extend(ids.iter().map(|&e| e as u32));
+                self.weights.extend_from_slice(weights);
             }
             self.prompt_index.push(prompt);
             self.forward.push(forward);
