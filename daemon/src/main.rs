@@ -23,6 +23,16 @@
 //!
 //! Memory pressure shrinks the expert budget and a quiet period lets it grow
 //! back (see the `pressure` module and the config's `[memory]`).
+//!
+//! Modules import one way, main -> server -> connection -> dispatch ->
+//! scheduler (`tests/layering.rs` holds the table): `socket` finds, checks
+//! and binds the socket (or takes an activated one); `server` accepts and
+//! caps connections; `connection` frames one client's messages with limits
+//! and timeouts; `peer` says who the client is and what it may do;
+//! `dispatch` turns methods into scheduler requests and results into
+//! protocol values, the last module that sees the protocol; `scheduler` is
+//! the engine thread (queue, model loading, sessions) in its own types;
+//! `pressure`, `budget` and `memory` size the expert budget.
 
 mod budget;
 mod connection;

@@ -161,15 +161,13 @@ impl ExpertProvider for ResidentExperts {
         let experts = self
             .layers
             .get(layer)
-            .ok_or_else(|| Error::InvalidRequest(format!("no MoE layer {layer}")))?;
+            .ok_or_else(|| Error::InvalidModel(format!("no MoE layer {layer}")))?;
         ids.iter()
             .map(|&id| {
                 experts
                     .get(id)
                     .map(|e| ExpertHandle::new(e.clone()))
-                    .ok_or_else(|| {
-                        Error::InvalidRequest(format!("no expert {id} in layer {layer}"))
-                    })
+                    .ok_or_else(|| Error::InvalidModel(format!("no expert {id} in layer {layer}")))
             })
             .collect()
     }
@@ -281,5 +279,5 @@ fn mix_q8_0(
 }
 
 fn mixed_types() -> Error {
-    Error::InvalidRequest("a layer's experts mix Q8_0 with other weight types".into())
+    Error::InvalidModel("a layer's experts mix Q8_0 with other weight types".into())
 }

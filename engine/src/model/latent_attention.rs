@@ -214,7 +214,7 @@ impl LatentAttention {
         let (latents, rot_keys) = (latents.squeeze(0)?, rot_keys.squeeze(0)?); // [S, rank], [S, rope]
         let s = latents.dim(0)?;
         let mask = (t > 1)
-            .then(|| causal_mask(t, s, offset, None, x.device()))
+            .then(|| causal_mask(t, offset, 0, s, None, x.device()))
             .transpose()?;
         let absorbed = match self.form {
             LatentForm::Absorbed => true,

@@ -309,37 +309,75 @@ impl Attention {
         let k = rotate(k)?;
         let v = v.transpose(0, 1)?.contiguous()?;
         let (k, v) = cache.append(layer, k, v)?;
-        let s = k.dim(1)?;
-        let rep = nh / nkv;
-        // Query heads kv*rep..(kv+1)*rep share key head kv: stacking their rows multiplies each
-        // key head once, where repeating the keys per query head would copy the cache.
-        let q = q.reshape((nkv, rep * t, d))?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((nh, t, s))?;
-        let mask = causal_mask(t, s, offset, self.sliding_window, x.device())?;
-        let scores = scores.broadcast_add(&mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, rep * t, s))?;
-        let out = probs.matmul(&v)?.reshape((nh, t, d))?;
+        let window = self.sliding_window;
+        let out = attend(&q, &k, &v, offset, window, scale, QUERY_TILE)?;
         let out = out.transpose(0, 1)?.reshape((t, nh * d))?;
         self.o.forward(&out)
     }
 }
 
-/// Additive mask `[T, S]`: query i (at position offset + i) sees key j when j <= offset + i,
-/// and within the sliding window when there is one.
-pub(crate) fn causal_mask(
-    t: usize,
-    s: usize,
+/// Queries attend in tiles of this many positions: scores and masks are `[heads, tile, keys]`
+/// rather than `[heads, T, S]`, so a long prompt's attention takes memory linear in its length,
+/// and each tile multiplies only the keys it can see (about half of a prompt's, causally).
+const QUERY_TILE: usize = 256;
+
+/// Grouped-query attention of `q` `[heads, T, d]` at positions `offset..` over `k` and `v`
+/// `[kv_heads, S, d]` (positions `0..S`), causal and within `window` when there is one, in tiles
+/// of `tile` queries; returns `[heads, T, d]`. A prompt of at most `tile` tokens is one tile.
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
     offset: usize,
+    window: Option<usize>,
+    scale: f64,
+    tile: usize,
+) -> Result<Tensor> {
+    let (nh, t, d) = q.dims3()?;
+    let nkv = k.dim(0)?;
+    let rep = nh / nkv;
+    // Query heads kv*rep..(kv+1)*rep share key head kv: stacking their rows multiplies each key
+    // head once, where repeating the keys per query head would copy the cache.
+    let q = q.reshape((nkv, rep, t, d))?;
+    let mut tiles = Vec::with_capacity(t.div_ceil(tile));
+    for start in (0..t).step_by(tile) {
+        let len = tile.min(t - start);
+        let first = offset + start;
+        // The keys some query of the tile sees: none after its last position, none before the
+        // window of its first.
+        let key_start = window.map_or(0, |w| (first + 1).saturating_sub(w));
+        let keys = first + len - key_start;
+        let q = q
+            .narrow(2, start, len)?
+            .contiguous()?
+            .reshape((nkv, rep * len, d))?;
+        let (k, v) = (k.narrow(1, key_start, keys)?, v.narrow(1, key_start, keys)?);
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((nh, len, keys))?;
+        let mask = causal_mask(len, first, key_start, keys, window, q.device())?;
+        let scores = scores.broadcast_add(&mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, rep * len, keys))?;
+        tiles.push(probs.matmul(&v)?.reshape((nh, len, d))?);
+    }
+    Ok(Tensor::cat(&tiles, 1)?)
+}
+
+/// Additive mask `[queries, keys]` for queries at positions `first..` and keys at positions
+/// `key_start..`: a query sees a key at or before its position, and within the sliding window
+/// when there is one.
+pub(crate) fn causal_mask(
+    queries: usize,
+    first: usize,
+    key_start: usize,
+    keys: usize,
     sliding_window: Option<usize>,
     device: &Device,
 ) -> Result<Tensor> {
-    let mut mask = Vec::with_capacity(t * s);
-    for i in 0..t {
-        let position = offset + i;
-        for j in 0..s {
-            let future = j > position;
-            let too_old = sliding_window.is_some_and(|w| position >= w + j);
+    let mut mask = Vec::with_capacity(queries * keys);
+    for position in first..first + queries {
+        for key in key_start..key_start + keys {
+            let future = key > position;
+            let too_old = sliding_window.is_some_and(|w| position >= w + key);
             mask.push(if future || too_old {
                 f32::NEG_INFINITY
             } else {
@@ -347,7 +385,7 @@ pub(crate) fn causal_mask(
             });
         }
     }
-    Ok(Tensor::from_vec(mask, (t, s), device)?)
+    Ok(Tensor::from_vec(mask, (queries, keys), device)?)
 }
 
 /// Loads a SwiGLU feed-forward from the three projections named `{gate,up,down}.weight`, in f32
@@ -387,6 +425,29 @@ mod tests {
 
     fn values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Attention in tiles equals attention in one piece: the same keys seen, causally and in
+    /// the window, whichever tile a query falls in.
+    #[test]
+    fn tiled_attention_equals_one_piece() {
+        let device = Device::Cpu;
+        let (nh, nkv, d, t, offset) = (6, 2, 16, 300, 37);
+        let s = offset + t;
+        let q = Tensor::randn(0f32, 1.0, (nh, t, d), &device).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (nkv, s, d), &device).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (nkv, s, d), &device).unwrap();
+        for window in [None, Some(50), Some(1)] {
+            let whole = attend(&q, &k, &v, offset, window, 0.25, usize::MAX).unwrap();
+            for tile in [1, 64, 128, 299] {
+                let tiled = attend(&q, &k, &v, offset, window, 0.25, tile).unwrap();
+                let diff = values(&tiled)
+                    .iter()
+                    .zip(values(&whole))
+                    .fold(0f32, |most, (a, b)| most.max((a - b).abs()));
+                assert!(diff < 1e-5, "window {window:?}, tile {tile}: {diff}");
+            }
+        }
     }
 
     /// Appends across the buffers' growth, a truncation and appends after it return exactly the
