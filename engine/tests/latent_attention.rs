@@ -5,7 +5,8 @@
 //! The two forms associate the same sums differently. Summed in f64 (which proves the algebra)
 //! they must agree within 1e-5 absolute (measured: 0, to the last f32 bit on both fixtures). In
 //! f32, the default for speed, they moved the logits by up to 2.1e-5 over these 64 steps (f32
-//! expanded is itself 1.5e-5 from the f64 answer); that is bounded at 5e-5.
+//! expanded is itself 1.5e-5 from the f64 answer); that is bounded at 5e-5. A prompt longer
+//! than a tile of queries checks the expanded form's tiles against the absorbed form's one piece.
 
 mod common;
 
@@ -68,6 +69,31 @@ fn absorbed_decode_equals_expanded_over_64_steps() {
                 "{name}, {accumulate:?} sums: max |absorbed - expanded| over {STEPS} steps: {worst:.2e}"
             );
         }
+    }
+}
+
+/// A prompt longer than one tile of queries: the expanded form (in tiles) and the absorbed form
+/// (in one piece, with a whole `[T, S]` mask) agree at every position, summed in f64.
+#[test]
+fn a_long_prompt_in_tiles_equals_one_piece() {
+    for name in ["deepseek_v3", "kimi_k2"] {
+        let expanded = model(name, LatentForm::Expanded, DType::F64);
+        let absorbed = model(name, LatentForm::Absorbed, DType::F64);
+        let vocab = expanded.config.vocab_size as u32;
+        let prompt: Vec<u32> = (0..600u32).map(|i| (i * 7919 + 13) % vocab).collect();
+        // The first 100 positions, then 500 more after them: tiles at an offset into the cache.
+        let all = |m: &Model| {
+            let mut cache = m.new_cache();
+            m.forward(&prompt[..100], &mut cache, Logits::All, None)
+                .unwrap();
+            m.forward(&prompt[100..], &mut cache, Logits::All, None)
+                .unwrap()
+        };
+        let diff = max_abs_diff(&all(&expanded), &all(&absorbed));
+        assert!(
+            diff <= 1e-5,
+            "{name}: tiled and whole attention differ by {diff}"
+        );
     }
 }
 

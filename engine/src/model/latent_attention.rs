@@ -10,7 +10,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module};
 
-use super::layers::{KvCache, RmsNorm, Rotary, causal_mask, linear};
+use super::layers::{KvCache, QUERY_TILE, RmsNorm, Rotary, attend, causal_mask, linear};
 use crate::config::{DeepseekConfig, ModelConfig, YarnScaling};
 use crate::error::{Error, Result};
 use crate::format::WeightSource;
@@ -213,18 +213,18 @@ impl LatentAttention {
         let (latents, rot_keys) = cache.append(layer, latent.unsqueeze(0)?, k_rot)?;
         let (latents, rot_keys) = (latents.squeeze(0)?, rot_keys.squeeze(0)?); // [S, rank], [S, rope]
         let s = latents.dim(0)?;
-        let mask = (t > 1)
-            .then(|| causal_mask(t, offset, 0, s, None, x.device()))
-            .transpose()?;
         let absorbed = match self.form {
             LatentForm::Absorbed => true,
             LatentForm::Expanded => false,
             LatentForm::Auto => self.absorbed_is_cheaper(t, s),
         };
         let out = if absorbed {
+            let mask = (t > 1)
+                .then(|| causal_mask(t, offset, 0, s, None, x.device()))
+                .transpose()?;
             self.attend_absorbed(&q_nope, &q_rot, &latents, &rot_keys, mask.as_ref())?
         } else {
-            self.attend_expanded(&q_nope, &q_rot, &latents, &rot_keys, mask.as_ref())?
+            self.attend_expanded(&q_nope, &q_rot, &latents, &rot_keys, offset)?
         }; // [nh, T, v]
         let out = out.transpose(0, 1)?.reshape((t, nh * self.v_dim))?;
         Ok(self.o.forward(&out)?)
@@ -246,14 +246,15 @@ impl LatentAttention {
         Ok(candle_nn::ops::softmax_last_dim(&scores)?)
     }
 
-    /// Per-head keys and values expanded from every cached latent, then plain attention.
+    /// Per-head keys and values expanded from every cached latent, then plain attention in
+    /// tiles of queries (the form long prompts take).
     fn attend_expanded(
         &self,
         q_nope: &Tensor,
         q_rot: &Tensor,
         latents: &Tensor,
         rot_keys: &Tensor,
-        mask: Option<&Tensor>,
+        offset: usize,
     ) -> Result<Tensor> {
         let (nh, nope, rope) = (self.num_heads, self.nope_dim, self.rope_dim);
         let s = latents.dim(0)?;
@@ -276,8 +277,9 @@ impl LatentAttention {
         let k_rot = rot_keys.unsqueeze(0)?.broadcast_as((nh, s, rope))?;
         let keys = Tensor::cat(&[&k_nope, &k_rot], 2)?;
         let queries = Tensor::cat(&[&q_nope, &q_rot], 2)?;
-        let probs = self.softmax(queries.matmul(&keys.t()?)?, mask)?;
-        Ok(probs.matmul(&values)?.to_dtype(dtype)?)
+        let scale = self.softmax_scale;
+        let out = attend(&queries, &keys, &values, offset, None, scale, QUERY_TILE)?;
+        Ok(out.to_dtype(dtype)?)
     }
 
     /// Attention over the latents themselves: each head's query is carried into latent space

@@ -320,12 +320,13 @@ impl Attention {
 /// Queries attend in tiles of this many positions: scores and masks are `[heads, tile, keys]`
 /// rather than `[heads, T, S]`, so a long prompt's attention takes memory linear in its length,
 /// and each tile multiplies only the keys it can see (about half of a prompt's, causally).
-const QUERY_TILE: usize = 256;
+pub(crate) const QUERY_TILE: usize = 256;
 
 /// Grouped-query attention of `q` `[heads, T, d]` at positions `offset..` over `k` and `v`
-/// `[kv_heads, S, d]` (positions `0..S`), causal and within `window` when there is one, in tiles
-/// of `tile` queries; returns `[heads, T, d]`. A prompt of at most `tile` tokens is one tile.
-fn attend(
+/// `[kv_heads, S, dv]` (positions `0..S`), causal and within `window` when there is one, in
+/// tiles of `tile` queries; returns `[heads, T, dv]` in the type of the scores. A prompt of at
+/// most `tile` tokens is one tile.
+pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -335,7 +336,7 @@ fn attend(
     tile: usize,
 ) -> Result<Tensor> {
     let (nh, t, d) = q.dims3()?;
-    let nkv = k.dim(0)?;
+    let (nkv, dv) = (k.dim(0)?, v.dim(2)?);
     let rep = nh / nkv;
     // Query heads kv*rep..(kv+1)*rep share key head kv: stacking their rows multiplies each key
     // head once, where repeating the keys per query head would copy the cache.
@@ -355,9 +356,9 @@ fn attend(
         let (k, v) = (k.narrow(1, key_start, keys)?, v.narrow(1, key_start, keys)?);
         let scores = (q.matmul(&k.t()?)? * scale)?.reshape((nh, len, keys))?;
         let mask = causal_mask(len, first, key_start, keys, window, q.device())?;
-        let scores = scores.broadcast_add(&mask)?;
+        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, rep * len, keys))?;
-        tiles.push(probs.matmul(&v)?.reshape((nh, len, d))?);
+        tiles.push(probs.matmul(&v)?.reshape((nh, len, dv))?);
     }
     Ok(Tensor::cat(&tiles, 1)?)
 }
