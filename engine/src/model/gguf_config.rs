@@ -67,7 +67,8 @@ impl<'a> GgufConfig<'a> {
         self.usize("expert_count").unwrap_or(0) > 0
     }
 
-    /// The fields every architecture reads alike; the rest as [`ModelConfig`]'s default has
+    /// The fields every architecture reads alike (and how llama.cpp laid out rotary rows); the
+    /// rest as [`ModelConfig`]'s default has
     /// them, for the architecture to fill in.
     pub(crate) fn common(&self, architecture: Architecture) -> Result<ModelConfig> {
         let hidden_size = self.usize("embedding_length")?;
@@ -95,6 +96,9 @@ impl<'a> GgufConfig<'a> {
                 .into_iter()
                 .collect(),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
+            // llama.cpp's converter permutes the Q/K rows of `llama` files (dense or with
+            // experts) for interleaved rotary pairs; its other architectures keep rotate-half.
+            rope_interleaved: self.prefix == "llama",
             ..ModelConfig::default()
         })
     }

@@ -34,8 +34,6 @@ fn from_hf(hf: &HfConfig) -> Result<ModelConfig> {
 fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
     let mut config = meta.common(Architecture::Llama)?;
     config.dense_intermediate_size = Some(meta.usize("feed_forward_length")?);
-    // llama.cpp's converter permutes Q/K rows of `llama` models for interleaved rotary pairs.
-    config.rope_interleaved = true;
     Ok(config)
 }
 

@@ -50,8 +50,6 @@ fn from_hf(hf: &HfConfig, architecture: Architecture) -> Result<ModelConfig> {
 fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
     let mut config = meta.common(Architecture::Mixtral)?;
     meta.set_experts(&mut config, "feed_forward_length")?;
-    // llama.cpp's converter permutes Q/K rows of `llama` models for interleaved rotary pairs.
-    config.rope_interleaved = true;
     Ok(config)
 }
 
