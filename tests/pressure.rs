@@ -192,8 +192,18 @@ async fn simulated_critical_pressure_shrinks_the_budget_at_once_and_it_grows_bac
     let under_pressure = daemon.generate(None).await;
     assert_eq!(under_pressure.tokens, expected.tokens);
 
-    let output = odmoe_ok(&["pressure", "release", "--socket", daemon.socket_arg()]);
-    assert!(output.starts_with("memory    normal"), "{output}");
+    // Back to the machine's real level. PSI is system-wide, so a busy machine may itself be
+    // under pressure for a moment: the release must end the simulation, and the budget must
+    // grow back once the machine is quiet, however long that takes within the limit.
+    let output = odmoe_ok(&[
+        "pressure",
+        "release",
+        "--json",
+        "--socket",
+        daemon.socket_arg(),
+    ]);
+    let released: MemoryStats = serde_json::from_str(&output).unwrap();
+    assert!(!released.simulated, "{released:?}");
     let stats = daemon
         .stats_until("the budget grows back", |stats| budget(stats) == total)
         .await;
@@ -214,7 +224,7 @@ async fn simulated_critical_pressure_shrinks_the_budget_at_once_and_it_grows_bac
     let status = odmoe_ok(&["pressure", "status", "--socket", daemon.socket_arg()]);
     assert!(status.contains("adjusted"), "{status}");
     let ps = odmoe_ok(&["ps", "--socket", daemon.socket_arg()]);
-    assert!(ps.contains("PRESSURE") && ps.contains("normal"), "{ps}");
+    assert!(ps.contains("PRESSURE"), "{ps}");
 }
 
 /// The memory hog: takes 1 MiB at a time (touching every page) until the memory left under
