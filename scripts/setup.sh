@@ -11,6 +11,8 @@ command -v npm >/dev/null || need_apt+=(npm)
 # The daemon's end-to-end tests drive it from a real third-party msgpack-RPC client.
 command -v nvim >/dev/null || need_apt+=(neovim)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# scripts/check-status-page.sh renders the daemon's status page in headless Chromium.
+command -v chromium >/dev/null || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing ${need_apt[*]}; install them (apt-get install ${need_apt[*]}) or run as root" >&2

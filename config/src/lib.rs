@@ -33,6 +33,7 @@
 mod check;
 mod error;
 mod generation;
+mod http;
 mod keep_alive;
 mod locate;
 mod log;
@@ -49,11 +50,15 @@ use serde::{Deserialize, Serialize};
 
 pub use error::{ConfigError, Invalid};
 pub use generation::GenerationConfig;
+pub use http::HttpConfig;
 pub use keep_alive::{KeepAlive, KeepAliveError};
 pub use log::{LogConfig, LogLevel};
 pub use memory::MemoryConfig;
 pub use model::{ExpertBudget, ModelConfig};
-pub use paths::{config_path_from, default_config_path, default_socket_path, socket_path_from};
+pub use paths::{
+    config_path_from, default_config_path, default_http_key_path, default_socket_path,
+    socket_path_from,
+};
 pub use server::{DEFAULT_MAX_MESSAGE_BYTES, ServerConfig};
 pub use sessions::SessionsConfig;
 pub use size::{Size, SizeError, format_bytes, format_size, parse_size, size_spec};
@@ -74,6 +79,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[memory]`: how the expert budget follows the memory left on the machine.
     pub memory: MemoryConfig,
+    /// `[http]`: OpenAI's and Anthropic's APIs and the status page over HTTP.
+    pub http: HttpConfig,
 }
 
 impl Config {
@@ -134,6 +141,7 @@ impl Config {
             &mut config.server.socket,
             &mut config.model.path,
             &mut config.model.models_dir,
+            &mut config.http.key_file,
         ]
         .into_iter()
         .flatten()

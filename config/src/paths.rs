@@ -19,10 +19,17 @@ const APP_DIR: &str = "odmoe";
 const CONFIG_FILE: &str = "odmoed.toml";
 /// File name of the socket.
 const SOCKET_FILE: &str = "odmoed.sock";
+/// File name of the HTTP API key, beside the config file.
+const HTTP_KEY_FILE: &str = "http-key";
 
 /// The default config file path for this user.
 pub fn default_config_path() -> Result<PathBuf, ConfigError> {
     config_path_from(|name| std::env::var_os(name))
+}
+
+/// The default HTTP API key file for this user: `http-key` beside the config file.
+pub fn default_http_key_path() -> Result<PathBuf, ConfigError> {
+    Ok(default_config_path()?.with_file_name(HTTP_KEY_FILE))
 }
 
 /// The default socket path for this user.

@@ -11,6 +11,14 @@ pub struct SessionsConfig {
     /// Seconds without use before a session is dropped; 0 keeps sessions until
     /// `max_sessions` forces one out. Default 1800.
     pub idle_expiry_secs: u64,
+    /// Bytes of KV caches kept for requests without a session, keyed by their tokens, so a
+    /// request that extends an earlier one (a stateless API re-sending a conversation)
+    /// computes only what is new; 0 keeps none. Default 1 GiB.
+    #[serde(
+        deserialize_with = "crate::size::bytes",
+        serialize_with = "crate::size::size_text"
+    )]
+    pub prefix_cache_bytes: u64,
 }
 
 impl Default for SessionsConfig {
@@ -18,6 +26,7 @@ impl Default for SessionsConfig {
         SessionsConfig {
             max_sessions: 8,
             idle_expiry_secs: 1800,
+            prefix_cache_bytes: 1 << 30,
         }
     }
 }

@@ -37,6 +37,7 @@
 mod budget;
 mod connection;
 mod dispatch;
+mod http;
 mod logging;
 mod memory;
 mod models_dir;
@@ -94,6 +95,11 @@ struct Args {
     /// `model.context_length`.
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
     context_length: Option<u32>,
+    /// Also serve OpenAI's and Anthropic's HTTP APIs and the status page on
+    /// this address (such as 127.0.0.1:11535), instead of the configured
+    /// `http.listen`. Requests need the key `odmoe http-key` prints.
+    #[arg(long, value_name = "ADDR:PORT")]
+    http: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -186,6 +192,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             Some(bound) => bound,
             None => socket::bind(&socket)?,
         };
+        let http_listener = match args.http.as_deref().or(config.http.listen.as_deref()) {
+            Some(address) => Some(http::Listener::bind(address, &config.http).await?),
+            None => None,
+        };
         if let Some(model) = model {
             let budget = state.settings().expert_budget;
             tokio::select! {
@@ -207,6 +217,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             Arc::clone(&state),
             logs,
         ));
+        if let Some(listener) = http_listener {
+            let state = Arc::clone(&state);
+            tokio::spawn(async move {
+                if let Err(error) = http::serve(listener, state, max_connections).await {
+                    error!(%error, "the HTTP listener failed");
+                }
+            });
+        }
         startup::ready();
         server::run(bound, state, max_connections, signal).await?;
         Ok(())

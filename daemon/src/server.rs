@@ -87,6 +87,8 @@ pub async fn run(
         name = signal => info!(signal = name, "shutting down"),
         () = state.shutdown_requested() => info!("shutting down on request"),
     }
+    // The HTTP listener stops with the socket's.
+    state.request_shutdown();
 
     // Stop accepting and remove the socket, so new clients learn at once that
     // the daemon is gone; cancel the generations, then let the handlers write

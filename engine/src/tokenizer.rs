@@ -237,17 +237,35 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| serde_json::to_value(m).expect("a chat message serializes"))
+            .collect();
+        self.render_chat(&messages, None, add_generation_prompt)
+    }
+
+    /// The prompt of a conversation given as JSON messages (with tool calls, tool results and
+    /// whatever else the template reads) and the tools the model may call, rendered with the
+    /// chat template opening the assistant's turn and encoded.
+    pub fn encode_chat_json(&self, messages: &[Value], tools: Option<&Value>) -> Result<Vec<u32>> {
+        let rendered = self.render_chat(messages, tools, true)?;
+        self.encode(&rendered, false)
+    }
+
+    /// Renders JSON `messages` and `tools` with the model's chat template.
+    pub fn render_chat(
+        &self,
+        messages: &[Value],
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
             Error::ChatTemplate(format!(
                 "the model has no chat_template (looked in tokenizer_config.json beside {})",
                 self.path.display()
             ))
         })?;
-        let messages: Vec<Value> = messages
-            .iter()
-            .map(|m| serde_json::to_value(m).expect("a chat message serializes"))
-            .collect();
-        template.render(&messages, None, add_generation_prompt, &Map::new())
+        template.render(messages, tools, add_generation_prompt, &Map::new())
     }
 
     fn error(&self, e: impl std::fmt::Display) -> Error {

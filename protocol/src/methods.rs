@@ -375,6 +375,12 @@ pub struct SessionStats {
     pub count: u32,
     /// Bytes of all kept KV caches.
     pub kv_bytes: u64,
+    /// KV caches kept by their tokens for requests without a session.
+    #[serde(default)]
+    pub prefixes: u32,
+    /// Their bytes.
+    #[serde(default)]
+    pub prefix_bytes: u64,
 }
 
 /// Result of `stats`.

@@ -102,6 +102,8 @@ pub fn session_stats(sessions: SessionsKept) -> SessionStats {
     SessionStats {
         count: count(sessions.count),
         kv_bytes: sessions.kv_bytes,
+        prefixes: count(sessions.prefixes),
+        prefix_bytes: sessions.prefix_bytes,
     }
 }
 

@@ -29,6 +29,60 @@ pub(super) async fn generate(
     cancel: Arc<CancelToken>,
 ) -> Result<Value, RpcError> {
     let params: GenerateParams = request.parse_params()?;
+    let Queued {
+        position,
+        mut events,
+    } = queue(&params, method, state, cancel).await?;
+    let id = request.msgid;
+    if position > 0 {
+        peer.notify(QUEUED_NOTIFICATION, &QueuedEvent { id, position })
+            .await;
+    }
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Started { prompt_tokens } => {
+                if params.progress {
+                    let prompt_tokens = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
+                    peer.notify(STARTED_NOTIFICATION, &StartedEvent { id, prompt_tokens })
+                        .await;
+                }
+            }
+            Event::Token { token, text } => {
+                if params.stream {
+                    peer.notify(TOKEN_NOTIFICATION, &TokenEvent { id, text, token })
+                        .await;
+                }
+            }
+            Event::Done(outcome) => return encode(&generate_result(outcome?)),
+        }
+    }
+    Err(dropped_without_answer())
+}
+
+/// A generation queued for the engine thread: how many jobs wait before it,
+/// and its events, which end with [`Event::Done`]. Dropping `events` cancels it.
+pub struct Queued {
+    pub position: u32,
+    pub events: mpsc::UnboundedReceiver<Event>,
+}
+
+/// The error when the engine ends a request's events without its result.
+pub fn dropped_without_answer() -> RpcError {
+    RpcError::new(
+        ErrorCode::Internal,
+        "the engine dropped the request without an answer",
+    )
+}
+
+/// Checks `params` as `method` (`generate` or `chat`), tokenizes its prompt off
+/// the async runtime and queues it for the engine thread; every client of the
+/// daemon, socket or HTTP, goes through here.
+pub async fn queue(
+    params: &GenerateParams,
+    method: Method,
+    state: &State,
+    cancel: Arc<CancelToken>,
+) -> Result<Queued, RpcError> {
     let served = state.scheduler.served().ok_or(SchedulerError::NoModel)?;
     // Cheap checks first: a bad field is refused before any tokenizing.
     let checked = checked_request(&params, &state.settings().generation)?;
@@ -70,7 +124,7 @@ pub(super) async fn generate(
             (request, None)
         }
     };
-    let (events, mut receiver) = mpsc::unbounded_channel();
+    let (events, receiver) = mpsc::unbounded_channel();
     let job = GenerateJob {
         epoch: served.epoch,
         request: job_request,
@@ -80,42 +134,16 @@ pub(super) async fn generate(
         cancel,
         events,
     };
-    let id = request.msgid;
     match state.scheduler.submit(job) {
-        Some(0) => {}
-        Some(position) => {
-            peer.notify(QUEUED_NOTIFICATION, &QueuedEvent { id, position })
-                .await;
-        }
-        None => {
-            return Err(RpcError::new(
-                ErrorCode::Cancelled,
-                "odmoed is shutting down",
-            ));
-        }
+        Some(position) => Ok(Queued {
+            position,
+            events: receiver,
+        }),
+        None => Err(RpcError::new(
+            ErrorCode::Cancelled,
+            "odmoed is shutting down",
+        )),
     }
-    while let Some(event) = receiver.recv().await {
-        match event {
-            Event::Started { prompt_tokens } => {
-                if params.progress {
-                    let prompt_tokens = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
-                    peer.notify(STARTED_NOTIFICATION, &StartedEvent { id, prompt_tokens })
-                        .await;
-                }
-            }
-            Event::Token { token, text } => {
-                if params.stream {
-                    peer.notify(TOKEN_NOTIFICATION, &TokenEvent { id, text, token })
-                        .await;
-                }
-            }
-            Event::Done(outcome) => return encode(&generate_result(outcome?)),
-        }
-    }
-    Err(RpcError::new(
-        ErrorCode::Internal,
-        "the engine dropped the request without an answer",
-    ))
 }
 
 /// The answer when text needs a tokenizer the model does not have.

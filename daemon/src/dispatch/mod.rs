@@ -9,6 +9,9 @@
 mod convert;
 mod generate;
 
+pub use self::convert::generate_result;
+pub use self::generate::{Queued, dropped_without_answer, queue};
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -132,7 +135,8 @@ fn live_info(served: &Served, state: &State) -> ModelInfo {
     info
 }
 
-fn stats(state: &State) -> StatsResult {
+/// What `stats` answers; the HTTP status page shows it too.
+pub fn stats(state: &State) -> StatsResult {
     let served = state.scheduler.served();
     let store = served
         .as_ref()

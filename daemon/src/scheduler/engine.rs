@@ -16,9 +16,11 @@ use odmoe_engine::tokenizer::ChatMessage;
 use tracing::{debug, error, info, warn};
 
 use super::job::{Job, cancelled_before_start};
+use super::prefixes::Prefixes;
 use super::sessions::{Sessions, render_turn};
 use super::{
-    Event, Finished, GenerateJob, ModelDescription, ModelMode, SchedulerError, Served, Shared, lock,
+    Event, Finished, GenerateJob, ModelDescription, ModelMode, SchedulerError, Served, SessionsKept,
+    Shared, lock,
 };
 use crate::budget::{BudgetKind, BudgetSpec, Placement};
 use crate::memory::{resident_bytes, return_freed_memory};
@@ -41,6 +43,8 @@ pub(super) struct Engine {
     unload_at: Option<Instant>,
     /// Named conversations of the loaded model.
     sessions: Sessions,
+    /// KV caches of requests without a session, by their tokens.
+    prefixes: Prefixes,
     /// Counts loads, see [`Served::epoch`].
     epoch: u64,
     /// Sizes the budget of each model loaded.
@@ -71,6 +75,7 @@ impl Engine {
             loaded: None,
             unload_at: None,
             sessions: Sessions::default(),
+            prefixes: Prefixes::default(),
             epoch: 0,
             pressure,
         }
@@ -133,6 +138,14 @@ impl Engine {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .context_length
+    }
+
+    fn prefix_cache_bytes(&self) -> u64 {
+        self.settings
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .sessions
+            .prefix_cache_bytes
     }
 
     fn max_sessions(&self) -> usize {
@@ -228,11 +241,18 @@ impl Engine {
         }
         let model = &loaded.model;
         let store = loaded.store.clone();
-        let (mut session, mut conversation) = job
-            .session
-            .as_ref()
-            .and_then(|name| self.sessions.take(name))
-            .unwrap_or_else(|| (Session::new(model), Vec::new()));
+        let kept = match &job.session {
+            Some(name) => self.sessions.take(name),
+            // A chat turn without a session renders its prompt on this
+            // thread: it is known only then, and goes without the cache.
+            None if job.turn.is_none() => self
+                .prefixes
+                .take(&job.request.prompt)
+                .map(|session| (session, Vec::new())),
+            None => None,
+        };
+        let (mut session, mut conversation) =
+            kept.unwrap_or_else(|| (Session::new(model), Vec::new()));
         if job.turn.as_ref().is_some_and(|turn| turn.new_conversation) {
             conversation.clear();
         }
@@ -296,11 +316,14 @@ impl Engine {
                 Err(_) => conversation.truncate(before_turn),
             }
         }
-        if let Some(name) = &job.session {
-            let max = self.max_sessions();
-            self.sessions.put(name.clone(), session, conversation, max);
-            self.publish_sessions();
+        match &job.session {
+            Some(name) => {
+                let max = self.max_sessions();
+                self.sessions.put(name.clone(), session, conversation, max);
+            }
+            None => self.prefixes.put(session, self.prefix_cache_bytes()),
         }
+        self.publish_sessions();
         Ok(Finished {
             generation: outcome?,
             queue_ms,
@@ -446,14 +469,17 @@ impl Engine {
     /// Critical memory pressure: drops every kept (idle) session's KV cache
     /// and gives the freed memory back.
     fn relieve(&mut self) {
-        let stats = self.sessions.stats();
-        if stats.count > 0 {
+        let stats = self.sessions_kept();
+        if stats.count + stats.prefixes > 0 {
             self.sessions.clear();
+            self.prefixes.clear();
             self.publish_sessions();
             info!(
                 sessions = stats.count,
                 kv_bytes = stats.kv_bytes,
-                "critical memory pressure: idle sessions dropped"
+                prefixes = stats.prefixes,
+                prefix_bytes = stats.prefix_bytes,
+                "critical memory pressure: idle sessions and the prefix cache dropped"
             );
         }
         return_freed_memory();
@@ -465,6 +491,7 @@ impl Engine {
         self.pressure.model_unloaded();
         self.publish(None);
         self.sessions.clear();
+        self.prefixes.clear();
         self.publish_sessions();
         let unloaded = self.loaded.take().is_some();
         self.unload_at = None;
@@ -482,7 +509,15 @@ impl Engine {
     }
 
     fn publish_sessions(&self) {
-        *lock(&self.shared.sessions) = self.sessions.stats();
+        *lock(&self.shared.sessions) = self.sessions_kept();
+    }
+
+    fn sessions_kept(&self) -> SessionsKept {
+        SessionsKept {
+            prefixes: self.prefixes.count(),
+            prefix_bytes: self.prefixes.bytes(),
+            ..self.sessions.stats()
+        }
     }
 }
 

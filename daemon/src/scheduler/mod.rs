@@ -29,6 +29,7 @@
 
 mod engine;
 mod job;
+mod prefixes;
 mod sessions;
 
 use std::collections::VecDeque;
@@ -129,6 +130,10 @@ pub struct SessionsKept {
     pub count: usize,
     /// The bytes of their KV caches.
     pub kv_bytes: u64,
+    /// KV caches in the prefix cache (requests without a session).
+    pub prefixes: usize,
+    /// Their bytes.
+    pub prefix_bytes: u64,
 }
 
 /// The queue and what the engine thread publishes, shared with every handle.

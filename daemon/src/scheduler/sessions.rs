@@ -100,6 +100,7 @@ impl Sessions {
                 .values()
                 .map(|kept| kept.session.cache_bytes() as u64)
                 .sum(),
+            ..SessionsKept::default()
         }
     }
 }

@@ -56,6 +56,15 @@ impl Default for StoreConfig {
     }
 }
 
+/// Where the experts are, from [`ExpertStore::residency`].
+#[derive(Clone, Debug, Default)]
+pub struct Residency {
+    /// Experts in memory (`false`) or being read (`true`).
+    pub present: Vec<(ExpertKey, bool)>,
+    /// Hits per expert since the store was made.
+    pub hits: HashMap<ExpertKey, u64>,
+}
+
 /// One read in progress, waited on by every acquirer of its expert.
 struct LoadSlot {
     /// Set by the I/O thread that performs the read, so a job queued twice (a prefetch promoted
@@ -103,6 +112,8 @@ struct State {
     prefetch: VecDeque<(u64, ExpertKey, Arc<LoadSlot>)>,
     /// Experts whose read failed, with the error every later request for them gets.
     quarantined: HashMap<ExpertKey, Arc<Error>>,
+    /// Hits per expert since the store was made, for a picture of where the hits go.
+    hits: HashMap<ExpertKey, u64>,
     telemetry: stats::Telemetry,
     shutdown: bool,
 }
@@ -116,6 +127,7 @@ impl State {
             Slot::Loading(slot) => Slot::Loading(slot.clone()),
         };
         self.telemetry.counts.hits += 1;
+        *self.hits.entry(key).or_default() += 1;
         if self.cache.pin(key) {
             self.telemetry.counts.prefetch_used += 1;
         }
@@ -192,6 +204,7 @@ impl ExpertStore {
                 demand: VecDeque::new(),
                 prefetch: VecDeque::new(),
                 quarantined: HashMap::new(),
+                hits: HashMap::new(),
                 telemetry: Default::default(),
                 shutdown: false,
             }),
@@ -368,6 +381,20 @@ impl ExpertStore {
         state
             .telemetry
             .snapshot(state.cache.used(), state.cache.budget(), state.cache.len())
+    }
+
+    /// Every expert in memory or being read, and the hits of every expert hit so far: what a
+    /// picture of the store shows.
+    pub fn residency(&self) -> Residency {
+        let state = self.shared.lock();
+        Residency {
+            present: state
+                .slots
+                .iter()
+                .map(|(&key, slot)| (key, matches!(slot, Slot::Loading(_))))
+                .collect(),
+            hits: state.hits.clone(),
+        }
     }
 
     /// The prefetch counters and stall time alone: cheap enough to read after every layer.
