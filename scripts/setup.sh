@@ -23,11 +23,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup" >&2; exit 1; }
 
-# A small Python environment with msgpack, for the daemon tests' raw-socket client.
+# A small Python environment for the daemon tests' third-party clients: msgpack for the
+# raw-socket client, and the official openai and anthropic packages for the HTTP APIs.
 testvenv="${ODMOE_TEST_VENV:-$HOME/.cache/odmoe/testvenv}"
-if ! "$testvenv/bin/python" -c 'import msgpack' 2>/dev/null; then
+if ! "$testvenv/bin/python" -c 'import msgpack, openai, anthropic' 2>/dev/null; then
   python3 -m venv "$testvenv"
-  "$testvenv/bin/pip" install --quiet "msgpack==1.*"
+  "$testvenv/bin/pip" install --quiet "msgpack==1.*" "openai==3.*" "anthropic==2.*"
 fi
 
 scripts/fetch-tokenizers.sh

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use odmoe_client::{Client, ClientError};
-use odmoe_e2e::{Daemon, DaemonBuilder, binary, fixture, isolate, odmoe_ok};
+use odmoe_e2e::{Daemon, DaemonBuilder, binary, fixture, isolate, odmoe_ok, test_python};
 use odmoe_protocol::{
     ChatMessage, ErrorCode, GenerateParams, GenerateResult, HelloResult, Message, Method,
     PROTOCOL_VERSION, QueuedEvent, RpcError, StatsResult, TokenEvent, Value,
@@ -1219,28 +1219,6 @@ async fn chat_without_a_chat_template_says_so() {
     generate(&mut client, &greedy(PROMPT, 4)).await;
 }
 
-/// The Python interpreter of the test venv that `scripts/setup.sh` makes.
-fn test_python() -> PathBuf {
-    let venv = std::env::var_os("ODMOE_TEST_VENV").map_or_else(
-        || {
-            let home = std::env::var_os("HOME").expect("HOME");
-            Path::new(&home).join(".cache/odmoe/testvenv")
-        },
-        PathBuf::from,
-    );
-    let python = venv.join("bin/python");
-    let has_msgpack = Command::new(&python)
-        .args(["-c", "import msgpack"])
-        .output()
-        .is_ok_and(|output| output.status.success());
-    assert!(
-        has_msgpack,
-        "{} with msgpack not found: run scripts/setup.sh",
-        python.display()
-    );
-    python
-}
-
 /// `nvim`, which `scripts/setup.sh` installs.
 fn nvim() -> &'static str {
     let found = Command::new("nvim")
@@ -1318,7 +1296,7 @@ vim.cmd(ok and 'qall!' or 'cquit! 1')
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_python_msgpack_client_reads_tokens_then_the_response() {
-    let python = test_python();
+    let python = test_python(&["msgpack"]);
     let daemon = Daemon::start().await;
     let (expected, _) = generate(&mut daemon.client().await, &greedy(PROMPT, 8)).await;
 

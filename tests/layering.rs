@@ -25,13 +25,15 @@ use std::path::{Path, PathBuf};
 type Table<'a> = &'a [(&'a str, &'a [&'a str])];
 
 /// `odmoed`: main -> server -> connection -> dispatch -> scheduler, and protocol types stop at
-/// dispatch (see DESIGN.md, "Daemon layout"). Below the scheduler: what it shares with the
+/// dispatch (see DESIGN.md, "Daemon layout"); `http` beside the socket's chain, queueing
+/// through dispatch so that both doors check requests alike. Below the scheduler: what it shares with the
 /// others (settings, the memory controller, the budget, memory figures); beside the chain:
 /// leaves any layer may use.
 #[rustfmt::skip]
 const DAEMON: Table = &[
-    ("main",       &["server", "socket", "state", "scheduler", "pressure", "settings", "budget",
-                     "logging", "startup"]),
+    ("main",       &["server", "http", "socket", "state", "scheduler", "pressure", "settings",
+                     "budget", "logging", "startup"]),
+    ("http",       &["dispatch", "state", "scheduler", "logging", "::odmoe_protocol"]),
     ("server",     &["connection", "state", "socket", "shutdown"]),
     ("connection", &["dispatch", "peer", "state", "shutdown", "logging", "::odmoe_protocol"]),
     ("dispatch",   &["peer", "state", "scheduler", "pressure", "budget", "memory", "models_dir",

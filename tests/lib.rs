@@ -58,6 +58,30 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The Python of the test environment `scripts/setup.sh` makes (`$ODMOE_TEST_VENV`, default
+/// `~/.cache/odmoe/testvenv`), checked to import `modules`.
+pub fn test_python(modules: &[&str]) -> PathBuf {
+    let venv = std::env::var_os("ODMOE_TEST_VENV").map_or_else(
+        || {
+            let home = std::env::var_os("HOME").expect("HOME");
+            Path::new(&home).join(".cache/odmoe/testvenv")
+        },
+        PathBuf::from,
+    );
+    let python = venv.join("bin/python");
+    let imports = Command::new(&python)
+        .args(["-c", &format!("import {}", modules.join(", "))])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    assert!(
+        imports,
+        "{} with {} not found: run scripts/setup.sh",
+        python.display(),
+        modules.join(", ")
+    );
+    python
+}
+
 /// Runs `odmoe` with `args`; panics (with stderr) if it fails or panics.
 pub fn odmoe(args: &[&str]) -> Output {
     let output = Command::new(binary("odmoe"))

@@ -6,6 +6,7 @@ mod chat;
 mod complete;
 mod convert;
 mod daemon;
+mod http_key;
 mod inspect;
 mod logits;
 mod manage;
@@ -89,6 +90,8 @@ enum Command {
     /// Run odmoed as a per-user service (systemd on Linux, launchd on macOS).
     #[command(subcommand)]
     Service(service::ServiceCommand),
+    /// Print the key OpenAI- and Anthropic-compatible clients send to odmoed's HTTP APIs.
+    HttpKey(http_key::HttpKeyArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -116,6 +119,7 @@ fn main() -> std::process::ExitCode {
         Command::Stop(args) => manage::stop(args),
         Command::Pressure(command) => pressure::run(command),
         Command::Service(command) => service::run(command),
+        Command::HttpKey(args) => http_key::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

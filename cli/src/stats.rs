@@ -176,9 +176,11 @@ pub fn summary(stats: &StatsResult) -> String {
     );
     let _ = writeln!(
         out,
-        "sessions  {} (KV caches {})",
+        "sessions  {} (KV caches {}); prefix cache {} ({})",
         stats.sessions.count,
-        format_bytes(stats.sessions.kv_bytes)
+        format_bytes(stats.sessions.kv_bytes),
+        stats.sessions.prefixes,
+        format_bytes(stats.sessions.prefix_bytes)
     );
     if let Some(memory) = &stats.memory {
         out.push_str(&memory_summary(memory, stats.uptime_s, 3));
@@ -444,6 +446,8 @@ mod tests {
             sessions: SessionStats {
                 count: 2,
                 kv_bytes: 5 << 20,
+                prefixes: 1,
+                prefix_bytes: 1 << 20,
             },
             requests: 12,
             memory: Some(MemoryStats {

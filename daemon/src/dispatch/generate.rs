@@ -85,7 +85,7 @@ pub async fn queue(
 ) -> Result<Queued, RpcError> {
     let served = state.scheduler.served().ok_or(SchedulerError::NoModel)?;
     // Cheap checks first: a bad field is refused before any tokenizing.
-    let checked = checked_request(&params, &state.settings().generation)?;
+    let checked = checked_request(params, &state.settings().generation)?;
     let keep_alive = params
         .keep_alive
         .as_ref()
@@ -99,7 +99,7 @@ pub async fn queue(
         // The session's conversation is on the engine thread, which renders
         // the turn after it and fits it to the context.
         (Method::Chat, Some(_)) => {
-            let messages = chat_messages(&params)?;
+            let messages = chat_messages(params)?;
             served
                 .tokenizer
                 .as_deref()

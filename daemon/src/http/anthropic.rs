@@ -68,9 +68,9 @@ pub async fn messages(
         .and_then(Value::as_str)
         == Some("none");
     let offered = match request.tools.filter(|tools| !tools.is_empty() && !declined) {
-        Some(tools) => Some(
-            messages::anthropic_tools(&tools).map_err(|e| ApiError::bad_request(DIALECT, e))?,
-        ),
+        Some(tools) => {
+            Some(messages::anthropic_tools(&tools).map_err(|e| ApiError::bad_request(DIALECT, e))?)
+        }
         None => None,
     };
     let syntax = match &offered {
@@ -170,7 +170,11 @@ impl Message {
                     .as_deref()
                     .and_then(|tokenizer| tokenizer.decode(&result.tokens, true).ok())
                     .unwrap_or_default();
-                match self.stops.iter().find(|stop| generated.contains(stop.as_str())) {
+                match self
+                    .stops
+                    .iter()
+                    .find(|stop| generated.contains(stop.as_str()))
+                {
                     Some(stop) => ("stop_sequence", Value::String(stop.clone())),
                     None => ("end_turn", Value::Null),
                 }

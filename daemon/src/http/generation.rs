@@ -113,7 +113,13 @@ pub async fn chat_prompt(
             .map_err(|error| format!("messages: {error}"))
     })
     .await
-    .map_err(|error| ApiError::new(dialect, StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+    .map_err(|error| {
+        ApiError::new(
+            dialect,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            error.to_string(),
+        )
+    })?;
     rendered.map_err(|message| ApiError::bad_request(dialect, message))
 }
 
@@ -144,14 +150,10 @@ impl Generation {
             .try_acquire_owned()
             .map_err(|_| ApiError::busy(dialect))?;
         let cancel = Arc::new(CancelToken::default());
-        let Queued { events, .. } = dispatch::queue(
-            &params,
-            Method::Generate,
-            &http.state,
-            Arc::clone(&cancel),
-        )
-        .await
-        .map_err(|error| ApiError::from_rpc(dialect, error))?;
+        let Queued { events, .. } =
+            dispatch::queue(&params, Method::Generate, &http.state, Arc::clone(&cancel))
+                .await
+                .map_err(|error| ApiError::from_rpc(dialect, error))?;
         Ok(Generation {
             events,
             dialect,

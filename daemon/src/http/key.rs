@@ -89,7 +89,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config/http-key");
         let key = load_or_create(&path).unwrap();
-        assert!(key.starts_with(PREFIX) && key.len() == PREFIX.len() + 48, "{key}");
+        assert!(
+            key.starts_with(PREFIX) && key.len() == PREFIX.len() + 48,
+            "{key}"
+        );
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(load_or_create(&path).unwrap(), key);

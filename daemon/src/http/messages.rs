@@ -29,7 +29,8 @@ pub fn from_openai(messages: Vec<Value>) -> Result<Vec<Value>, String> {
                     if let Some(arguments) = call.pointer_mut("/function/arguments")
                         && let Value::String(text) = arguments
                     {
-                        *arguments = serde_json::from_str(text).unwrap_or(Value::Object(Map::new()));
+                        *arguments =
+                            serde_json::from_str(text).unwrap_or(Value::Object(Map::new()));
                     }
                 }
             }
@@ -95,7 +96,9 @@ pub fn from_anthropic(system: Option<Value>, messages: Vec<Value>) -> Result<Vec
         for (at, block) in blocks.iter().enumerate() {
             let place = format!("messages[{index}].content[{at}]");
             match block.get("type").and_then(Value::as_str) {
-                Some("text") => text.push_str(block.get("text").and_then(Value::as_str).unwrap_or("")),
+                Some("text") => {
+                    text.push_str(block.get("text").and_then(Value::as_str).unwrap_or(""))
+                }
                 Some("tool_use") => calls.push(json!({
                     "id": block.get("id").cloned().unwrap_or(Value::Null),
                     "type": "function",
@@ -106,7 +109,8 @@ pub fn from_anthropic(system: Option<Value>, messages: Vec<Value>) -> Result<Vec
                 })),
                 Some("tool_result") => {
                     let result = block.get("content").unwrap_or(&Value::Null);
-                    let result = anthropic_text(result).map_err(|e| format!("{place}.content: {e}"))?;
+                    let result =
+                        anthropic_text(result).map_err(|e| format!("{place}.content: {e}"))?;
                     conversation.push(json!({
                         "role": "tool",
                         "tool_call_id": block.get("tool_use_id").cloned().unwrap_or(Value::Null),
@@ -194,10 +198,19 @@ mod tests {
         .unwrap();
         assert_eq!(messages[0]["content"], "ab");
         assert_eq!(messages[1]["content"], "");
-        assert_eq!(messages[1]["tool_calls"][0]["function"]["arguments"], json!({"x": 1}));
+        assert_eq!(
+            messages[1]["tool_calls"][0]["function"]["arguments"],
+            json!({"x": 1})
+        );
         assert_eq!(messages[2]["role"], "tool");
-        let error = from_openai(vec![json!({"role": "user", "content": [{"type": "image_url"}]})]);
-        assert!(error.unwrap_err().contains("messages[0].content: `image_url`"));
+        let error = from_openai(vec![
+            json!({"role": "user", "content": [{"type": "image_url"}]}),
+        ]);
+        assert!(
+            error
+                .unwrap_err()
+                .contains("messages[0].content: `image_url`")
+        );
     }
 
     #[test]
@@ -216,9 +229,15 @@ mod tests {
             ],
         )
         .unwrap();
-        let roles: Vec<_> = messages.iter().map(|m| m["role"].as_str().unwrap()).collect();
+        let roles: Vec<_> = messages
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
         assert_eq!(roles, ["system", "user", "assistant", "tool"]);
-        assert_eq!(messages[2]["tool_calls"][0]["function"]["arguments"]["city"], "Paris");
+        assert_eq!(
+            messages[2]["tool_calls"][0]["function"]["arguments"]["city"],
+            "Paris"
+        );
         assert_eq!(messages[3]["content"], "sunny");
         assert_eq!(messages[3]["tool_call_id"], "t1");
     }

@@ -159,7 +159,11 @@ pub async fn chat_completions(
     let mut answer = answer;
     let mut text = String::new();
     for (token, piece) in pieces {
-        text.push_str(&answer.reply.push(token, &piece, answer.tokenizer.as_deref()));
+        text.push_str(
+            &answer
+                .reply
+                .push(token, &piece, answer.tokenizer.as_deref()),
+        );
     }
     let result = outcome?;
     let tokenizer = answer.tokenizer.clone();

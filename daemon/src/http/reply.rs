@@ -67,13 +67,10 @@ impl Reply {
     /// Ends the reply: the calls, parsed from the reply with special tokens, and the shown text
     /// still held back (all of it when no call parses).
     pub fn finish(&mut self, tokenizer: Option<&Tokenizer>) -> Ending {
-        let calls = self
-            .syntax
-            .zip(tokenizer)
-            .and_then(|(syntax, tokenizer)| {
-                let raw = tokenizer.decode(&self.tokens, false).ok()?;
-                syntax.parse(&raw).map(|(_, calls)| (syntax, calls))
-            });
+        let calls = self.syntax.zip(tokenizer).and_then(|(syntax, tokenizer)| {
+            let raw = tokenizer.decode(&self.tokens, false).ok()?;
+            syntax.parse(&raw).map(|(_, calls)| (syntax, calls))
+        });
         match calls {
             Some((syntax, calls)) => {
                 let end = syntax.start(&self.text).unwrap_or(self.text.len());
@@ -124,6 +121,33 @@ mod tests {
         // Without a tokenizer the calls cannot be read back: what was held comes out as text.
         let ending = reply.finish(None);
         assert_eq!(ending.text, "<tool_call>{\"name\": \"f\"}</tool_call>");
+    }
+
+    #[test]
+    fn a_generated_call_is_read_back_from_its_tokens() {
+        use odmoe_engine::tokenizer::DecodeStream;
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3_moe");
+        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+        let generated = "Checking.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let tokens = tokenizer.encode(generated, false).unwrap();
+        let mut stream = DecodeStream::new(&tokenizer, true);
+        let mut reply = Reply::new(Some(ToolSyntax::Hermes));
+        let mut shown = String::new();
+        for &token in &tokens {
+            let piece = stream.step(token).unwrap().unwrap_or_default();
+            shown.push_str(&reply.push(token, &piece, Some(&tokenizer)));
+        }
+        let ending = reply.finish(Some(&tokenizer));
+        shown.push_str(&ending.text);
+        assert_eq!(shown.trim_end(), "Checking.");
+        assert_eq!(
+            ending.calls,
+            vec![ToolCall {
+                name: "get_weather".into(),
+                arguments: serde_json::json!({"city": "Paris"}),
+            }]
+        );
     }
 
     #[test]

@@ -22,7 +22,11 @@ pub async fn page() -> Html<&'static str> {
 /// `GET /api/status`: `{"stats": ..., "experts": ...}`.
 pub async fn json(Extract(http): Extract<Http>) -> Json<Value> {
     let stats = dispatch::stats(&http.state);
-    let experts = http.state.scheduler.served().and_then(|served| experts(&served));
+    let experts = http
+        .state
+        .scheduler
+        .served()
+        .and_then(|served| experts(&served));
     Json(json!({"stats": stats, "experts": experts}))
 }
 

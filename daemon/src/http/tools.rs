@@ -84,7 +84,10 @@ impl ToolSyntax {
         let opening = self.opening();
         (1..opening.len().min(reply.len() + 1))
             .rev()
-            .find(|&n| reply.is_char_boundary(reply.len() - n) && opening.starts_with(&reply[reply.len() - n..]))
+            .find(|&n| {
+                reply.is_char_boundary(reply.len() - n)
+                    && opening.starts_with(&reply[reply.len() - n..])
+            })
             .unwrap_or(0)
     }
 
@@ -293,7 +296,10 @@ mod tests {
     fn several_calls_and_string_arguments() {
         let reply = "<tool_call>{\"name\": \"a\", \"arguments\": \"{\\\"x\\\": 1}\"}</tool_call>\n<tool_call>{\"name\": \"b\", \"arguments\": {}}</tool_call>";
         let (_, calls) = ToolSyntax::Hermes.parse(reply).unwrap();
-        assert_eq!(calls, vec![call("a", json!({"x": 1})), call("b", json!({}))]);
+        assert_eq!(
+            calls,
+            vec![call("a", json!({"x": 1})), call("b", json!({}))]
+        );
     }
 
     #[test]

@@ -19,8 +19,8 @@ use super::job::{Job, cancelled_before_start};
 use super::prefixes::Prefixes;
 use super::sessions::{Sessions, render_turn};
 use super::{
-    Event, Finished, GenerateJob, ModelDescription, ModelMode, SchedulerError, Served, SessionsKept,
-    Shared, lock,
+    Event, Finished, GenerateJob, ModelDescription, ModelMode, SchedulerError, Served,
+    SessionsKept, Shared, lock,
 };
 use crate::budget::{BudgetKind, BudgetSpec, Placement};
 use crate::memory::{resident_bytes, return_freed_memory};
@@ -315,6 +315,15 @@ impl Engine {
                 }
                 Err(_) => conversation.truncate(before_turn),
             }
+        }
+        if let Ok(generation) = &outcome {
+            info!(
+                prompt_tokens = generation.prompt_tokens,
+                cached_tokens = generation.cached_tokens,
+                tokens = generation.tokens.len(),
+                finish = ?generation.finish_reason,
+                "generation done"
+            );
         }
         match &job.session {
             Some(name) => {

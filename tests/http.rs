@@ -1,0 +1,354 @@
+//! odmoed's HTTP APIs driven by the official `openai` and `anthropic` Python packages
+//! (`tests/python/http_clients.py`, in the venv `scripts/setup.sh` makes), against the Qwen3-MoE
+//! fixture with Qwen3's own chat template (so tools render) and against the demo model; the
+//! status page rendered by headless Chromium (`scripts/check-status-page.sh`).
+//!
+//! Every step is bounded by a timeout; no test asserts how long anything took.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use odmoe_e2e::{Daemon, binary, demo_gguf, fixture, isolate, test_python};
+use odmoe_engine::tokenizer::Tokenizer;
+use odmoe_protocol::{GenerateParams, GenerateResult, StatsResult};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// How long any single step may take before the test fails instead of hanging.
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// A daemon with HTTP on a port of its choosing, the address it reports, and its key.
+struct HttpDaemon {
+    daemon: Daemon,
+    base: String,
+    key: String,
+}
+
+impl HttpDaemon {
+    /// Serves `model` with HTTP on, bodies up to 64 KiB and `extra` config.
+    async fn start(model: &Path, extra: &str) -> HttpDaemon {
+        let config = format!(
+            "[server]\nmax_message_bytes = \"64KiB\"\n\n[http]\nlisten = \"127.0.0.1:0\"\n\n{extra}"
+        );
+        let mut daemon = Daemon::builder().model(model).config(config).spawn();
+        daemon.wait_until_serving().await;
+        let log = daemon.log();
+        let address = log
+            .lines()
+            .find(|line| line.contains("serving HTTP"))
+            .and_then(|line| line.split("address=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no HTTP address in the log:\n{log}"))
+            .to_owned();
+        let mut command = Command::new(binary("odmoe"));
+        isolate(&mut command, daemon.dir());
+        let output = command
+            .args(["http-key", "--config"])
+            .arg(daemon.config_file())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+        assert!(key.starts_with("odmoe-"), "{key}");
+        HttpDaemon {
+            daemon,
+            base: format!("http://{address}"),
+            key,
+        }
+    }
+
+    /// Runs `phase` of the Python clients against this daemon; the JSON it reports.
+    fn clients(&self, phase: &str, model: &str, uncached: Option<&HttpDaemon>) -> Value {
+        let python = test_python(&["openai", "anthropic"]);
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/http_clients.py");
+        let mut command = Command::new(python);
+        command
+            .arg(script)
+            .args([phase, &self.base, &self.key, model])
+            .args(
+                uncached
+                    .into_iter()
+                    .flat_map(|other| [&other.base, &other.key]),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = command.spawn().unwrap();
+        let output = wait_bounded(child, phase);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{phase}: {}\n{stdout}\n{}\nodmoed:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            self.daemon.log()
+        );
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap()
+    }
+
+    async fn stats(&self) -> StatsResult {
+        self.daemon.client().await.stats().await.unwrap()
+    }
+
+    /// Polls `stats` until `done` holds, failing after [`LIMIT`].
+    async fn stats_until(&self, what: &str, done: impl Fn(&StatsResult) -> bool) -> StatsResult {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let stats = self.stats().await;
+            if done(&stats) {
+                return stats;
+            }
+            assert!(Instant::now() < deadline, "{what}: {stats:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Waits for `child`'s output, killing it after [`LIMIT`].
+fn wait_bounded(mut child: std::process::Child, what: &str) -> std::process::Output {
+    let deadline = Instant::now() + LIMIT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("{what} did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The Qwen3-MoE fixture with the chat template of the real Qwen3 (which renders tools and
+/// tool results), fetched by `scripts/setup.sh`: its files linked, its tokenizer config
+/// rewritten.
+fn fixture_with_qwen3_template() -> TempDir {
+    let tokenizers = std::env::var_os("ODMOE_TOKENIZERS_DIR").map_or_else(
+        || PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/odmoe/tokenizers"),
+        PathBuf::from,
+    );
+    let qwen3 = tokenizers.join("qwen3/tokenizer_config.json");
+    let qwen3: Value = serde_json::from_str(
+        &fs::read_to_string(&qwen3)
+            .unwrap_or_else(|_| panic!("{} is missing: run scripts/setup.sh", qwen3.display())),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixture("qwen3_moe");
+    for entry in fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "tokenizer_config.json" {
+            symlink(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let config = source.join("tokenizer_config.json");
+    let mut config: Value = serde_json::from_str(&fs::read_to_string(config).unwrap()).unwrap();
+    config["chat_template"] = qwen3["chat_template"].clone();
+    fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_and_anthropic_clients_chat_complete_stream_and_call_tools() {
+    let model = fixture_with_qwen3_template();
+    let daemon = HttpDaemon::start(model.path(), "").await;
+    let name = model.path().file_name().unwrap().to_str().unwrap();
+    let report = daemon.clients("apis", name, None);
+
+    // The tools went through the template: the daemon's prompt is the template rendered with
+    // the conversation and the tools, as the engine's tokenizer renders it here.
+    let tokenizer = Tokenizer::from_dir(model.path()).unwrap();
+    let conversation = [
+        json!({"role": "user", "content": "What is the weather in Paris?"}),
+        json!({"role": "assistant", "content": "", "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}),
+        json!({"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}),
+    ];
+    let tools = json!([{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]);
+    let rendered = tokenizer
+        .render_chat(&conversation, Some(&tools), true)
+        .unwrap();
+    assert!(
+        rendered.contains("get_weather") && rendered.contains("<tools>"),
+        "{rendered}"
+    );
+    let expected = tokenizer
+        .encode_chat_json(&conversation, Some(&tools))
+        .unwrap()
+        .len();
+    assert_eq!(report["tools_prompt_tokens"], json!(expected), "{report}");
+    assert_eq!(
+        report["anthropic_tools_prompt_tokens"],
+        json!(expected),
+        "{report}"
+    );
+    let without = tokenizer
+        .encode_chat_json(&conversation, None)
+        .unwrap()
+        .len();
+    assert_eq!(report["no_tools_prompt_tokens"], json!(without), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_model_answers_both_apis() {
+    let demo = demo_gguf();
+    let daemon = HttpDaemon::start(&demo, "").await;
+    let name = demo.file_name().unwrap().to_str().unwrap();
+    let report = daemon.clients("apis_without_tools", name, None);
+    assert!(
+        !report["chat"]["text"].as_str().unwrap().is_empty(),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_conversation_sent_again_one_turn_longer_computes_only_the_new_turn() {
+    let model = fixture_with_qwen3_template();
+    let daemon = HttpDaemon::start(model.path(), "").await;
+    let uncached = HttpDaemon::start(model.path(), "[sessions]\nprefix_cache_bytes = 0\n").await;
+    let name = model.path().file_name().unwrap().to_str().unwrap();
+    let report = daemon.clients("prefix", name, Some(&uncached));
+    let (prompt, cached) = (
+        report["prompt_tokens"].as_u64().unwrap(),
+        report["cached_tokens"].as_u64().unwrap(),
+    );
+    assert!(
+        cached * 10 >= prompt * 9,
+        "{cached} of {prompt} cached: {report}"
+    );
+    let stats = daemon.stats().await;
+    assert!(
+        stats.sessions.prefixes >= 1 && stats.sessions.prefix_bytes > 0,
+        "{stats:?}"
+    );
+    assert_eq!(uncached.stats().await.sessions.prefixes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_disconnects_mid_stream_cancels_its_generation() {
+    let model = fixture_with_qwen3_template();
+    let daemon = HttpDaemon::start(model.path(), "").await;
+    let name = model.path().file_name().unwrap().to_str().unwrap();
+    let report = daemon.clients("cancel", name, None);
+    assert_eq!(report["chunks"], json!(4), "{report}");
+    daemon
+        .stats_until("the generation ends", |stats| {
+            stats.requests >= 1 && stats.queue.running == 0
+        })
+        .await;
+    let log = daemon.daemon.log();
+    let done = log
+        .lines()
+        .find(|line| line.contains("generation done"))
+        .unwrap_or_else(|| panic!("no generation in the log:\n{log}"));
+    assert!(done.contains("finish=Cancelled"), "{done}");
+    let tokens: usize = done
+        .split("tokens=")
+        .nth(2)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{done}"));
+    assert!(tokens < 3000, "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_http_clients_and_socket_clients_at_once_are_all_answered() {
+    let model = fixture_with_qwen3_template();
+    let daemon = HttpDaemon::start(model.path(), "").await;
+    let name = model
+        .path()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let fds = || {
+        fs::read_dir(format!("/proc/{}/fd", daemon.daemon.pid()))
+            .unwrap()
+            .count()
+    };
+    // One request first, so the runtime's and the engine's lasting descriptors exist.
+    daemon.clients("concurrent", &name, None);
+    let before = fds();
+
+    let socket_clients: Vec<_> = (0..4)
+        .map(|index| {
+            let socket = daemon.daemon.socket().to_owned();
+            tokio::spawn(async move {
+                let mut client = odmoe_client::Client::connect(&socket).await.unwrap();
+                let params = GenerateParams {
+                    prompt: Some(format!("Socket client {index}")),
+                    max_tokens: Some(8),
+                    temperature: Some(0.0),
+                    stream: false,
+                    ..GenerateParams::default()
+                };
+                let result: GenerateResult = client.call("generate", &params).await.unwrap();
+                result.tokens.len()
+            })
+        })
+        .collect();
+    let report = tokio::task::block_in_place(|| daemon.clients("concurrent", &name, None));
+    assert_eq!(report["answered"], json!(16), "{report}");
+    for client in socket_clients {
+        assert!(client.await.unwrap() >= 1);
+    }
+    let stats = daemon
+        .stats_until("every request is done", |stats| {
+            stats.requests == 36 && stats.queue.running == 0 && stats.queue.waiting == 0
+        })
+        .await;
+    assert!(stats.sessions.prefix_bytes <= 1 << 30, "{stats:?}");
+    // Every connection closed: no descriptor is left behind.
+    let deadline = Instant::now() + LIMIT;
+    while fds() > before {
+        assert!(
+            Instant::now() < deadline,
+            "{} descriptors, {before} before",
+            fds()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_page_shows_one_cell_per_expert_and_the_values_of_its_json() {
+    let chromium = Command::new("chromium").arg("--version").output();
+    assert!(
+        chromium.is_ok_and(|output| output.status.success()),
+        "chromium not found: run scripts/setup.sh"
+    );
+    let model = fixture_with_qwen3_template();
+    let daemon = HttpDaemon::start(model.path(), "").await;
+    let name = model.path().file_name().unwrap().to_str().unwrap();
+    // Some hits and reads to show.
+    daemon.clients("concurrent", name, None);
+    let screenshot = daemon.daemon.dir().join("status.png");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check-status-page.sh");
+    let child = Command::new("bash")
+        .arg(script)
+        .arg(&daemon.base)
+        .arg(&screenshot)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = wait_bounded(child, "check-status-page.sh");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{said}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(said.contains("24 cells = 3 layers x 8 experts"), "{said}");
+    assert!(fs::metadata(&screenshot).unwrap().len() > 0);
+}
