@@ -96,7 +96,10 @@ fn stats_json_has_the_stable_keys() {
     );
     assert_eq!(stats["pid"], daemon.pid());
     assert_eq!(keys(&stats["queue"]), ["running", "waiting"]);
-    assert_eq!(keys(&stats["sessions"]), ["count", "kv_bytes"]);
+    assert_eq!(
+        keys(&stats["sessions"]),
+        ["count", "kv_bytes", "prefix_bytes", "prefixes"]
+    );
     assert_eq!(
         keys(&stats["memory"]),
         [

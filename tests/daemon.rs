@@ -1294,6 +1294,116 @@ vim.cmd(ok and 'qall!' or 'cquit! 1')
     assert_eq!(written, expected.text);
 }
 
+/// Runs the Lua file `script` in a headless Neovim with the plugin of `editors/nvim` on its
+/// runtime path, isolated in `home`; fails if it does not exit 0 within the limit.
+fn run_headless_nvim(home: &Path, script: &Path) -> ExitStatus {
+    let plugin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../editors/nvim");
+    let child = Command::new(nvim())
+        .args(["--headless", "-u", "NONE", "-i", "NONE", "-n", "--cmd"])
+        .arg(format!("set rtp^={}", plugin.display()))
+        .arg("-c")
+        .arg("runtime plugin/odmoe.lua")
+        .arg("-c")
+        .arg(format!("luafile {}", script.display()))
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_DATA_HOME", home.join("data"))
+        .env("XDG_STATE_HOME", home.join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_bounded(child, "nvim")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_neovim_plugin_streams_a_reply_into_a_buffer_and_stops_on_ctrl_c() {
+    let daemon = Daemon::start().await;
+    let chat = GenerateParams {
+        prompt: None,
+        messages: Some(vec![ChatMessage {
+            role: "user".into(),
+            content: PROMPT.into(),
+        }]),
+        stream: false,
+        ..greedy(PROMPT, 8)
+    };
+    let expected: GenerateResult = daemon.client().await.call("chat", &chat).await.unwrap();
+    assert!(!expected.text.is_empty());
+
+    let out = daemon.dir().join("nvim.out");
+    let script = daemon.dir().join("plugin.lua");
+    let lua = format!(
+        r#"
+local out = io.open({out:?}, 'w')
+local ran, failure = pcall(function()
+local odmoe = require('odmoe')
+local function wait_idle() return vim.wait(60000, function() return not odmoe.busy() end, 10) end
+vim.g.odmoe_socket = {socket:?}
+vim.g.odmoe_options = {{temperature = 0, top_k = 0, top_p = 1, min_p = 0, repetition_penalty = 1, seed = 0, max_tokens = 8}}
+vim.cmd('Odmoe ' .. {prompt:?})
+local reply = vim.api.nvim_get_current_buf()
+local idle = wait_idle()
+out:write(('reply idle=%s finish=%s\n'):format(idle, vim.b[reply].odmoe_finish))
+out:write(vim.fn.json_encode(table.concat(vim.api.nvim_buf_get_lines(reply, 0, -1, false), '\n')) .. '\n')
+
+vim.g.odmoe_options = {{temperature = 0, max_tokens = 3000}}
+vim.cmd('Odmoe Count to a thousand')
+local long = vim.api.nvim_get_current_buf()
+vim.wait(60000, function() return vim.api.nvim_buf_get_lines(long, 0, 1, false)[1] ~= '' end, 10)
+vim.api.nvim_feedkeys(vim.api.nvim_replace_termcodes('<C-c>', true, false, true), 'x', false)
+idle = wait_idle()
+out:write(('cancel idle=%s finish=%s\n'):format(idle, vim.b[long].odmoe_finish))
+
+vim.g.odmoe_options = {{temperature = -1}}
+vim.cmd('Odmoe Hello')
+local refused = vim.api.nvim_get_current_buf()
+idle = wait_idle()
+out:write(('refused idle=%s %s\n'):format(idle, table.concat(vim.api.nvim_buf_get_lines(refused, 0, -1, false), ' ')))
+
+vim.cmd('checkhealth odmoe')
+out:write(table.concat(vim.api.nvim_buf_get_lines(0, 0, -1, false), '\n') .. '\n')
+end)
+if not ran then out:write('ERROR: ' .. tostring(failure)) end
+out:close()
+vim.cmd(ran and 'qall!' or 'cquit! 1')
+"#,
+        socket = daemon.socket().to_str().unwrap(),
+        prompt = PROMPT,
+        out = out.to_str().unwrap(),
+    );
+    fs::write(&script, lua).unwrap();
+    let home = daemon.dir().to_owned();
+    let status = tokio::task::spawn_blocking(move || run_headless_nvim(&home, &script))
+        .await
+        .unwrap();
+    let written = fs::read_to_string(&out).unwrap_or_default();
+    assert!(
+        status.success(),
+        "nvim: {status}: {written}\n{}",
+        daemon.log()
+    );
+    let mut lines = written.lines();
+    assert_eq!(
+        lines.next(),
+        Some("reply idle=true finish=length"),
+        "{written}"
+    );
+    let reply: String = serde_json::from_str(lines.next().unwrap_or("")).unwrap();
+    assert_eq!(reply, expected.text, "{written}");
+    assert!(
+        written.contains("cancel idle=true finish=cancelled"),
+        "{written}"
+    );
+    assert!(
+        written.contains("refused idle=true  [odmoe: temperature: "),
+        "{written}"
+    );
+    assert!(written.contains("OK: odmoed 0.1.0 answers at"), "{written}");
+    assert!(written.contains("OK: model:"), "{written}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_python_msgpack_client_reads_tokens_then_the_response() {
     let python = test_python(&["msgpack"]);

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use odmoe_protocol::{
-    ErrorCode, Message, MessageReader, Method, ReadError, Response, RpcError, encode,
+    ErrorCode, Message, MessageReader, Method, ReadError, Request, Response, RpcError, encode,
 };
 use tokio::io::{AsyncWriteExt, BufWriter, Interest};
 use tokio::net::UnixStream;
@@ -172,34 +172,19 @@ pub async fn serve(
                 active = Instant::now();
                 partial_since = None;
                 debug!(msgid = request.msgid, method = %untrusted(&request.method), "request");
-                let generates = matches!(
-                    Method::from_name(&request.method),
-                    Some(Method::Generate | Method::Chat)
-                );
-                if generates && peer.in_flight(request.msgid).is_some() {
-                    // A second generation under a msgid in flight could not
-                    // be told apart by `cancel` or by its notifications.
-                    let error = RpcError::new(
-                        ErrorCode::InvalidRequest,
-                        format!(
-                            "msgid {} is already used by a generation in flight",
-                            request.msgid
-                        ),
-                    );
-                    peer.send(Response::error(request.msgid, error)).await;
-                    continue;
-                }
-                let cancel = generates.then(|| peer.start(request.msgid));
-                tasks.spawn(dispatch::answer(
-                    request,
-                    Arc::clone(&state),
-                    Arc::clone(&peer),
-                    cancel,
-                ));
+                start(&mut tasks, request, Answer::Response, &state, &peer).await;
             }
             Ok(Some(Message::Notification(notification))) => {
                 active = Instant::now();
-                debug!(method = %untrusted(&notification.method), "ignoring a notification");
+                partial_since = None;
+                let method = untrusted(&notification.method);
+                match dispatch::relayed_request(notification) {
+                    Some(request) => {
+                        debug!(id = request.msgid, %method, "relayed request");
+                        start(&mut tasks, request, Answer::Relayed, &state, &peer).await;
+                    }
+                    None => debug!(%method, "ignoring a notification"),
+                }
             }
             Ok(Some(Message::Response(response))) => {
                 active = Instant::now();
@@ -290,6 +275,53 @@ pub async fn refuse(stream: UnixStream, why: Message) -> io::Result<()> {
     let _ = out.send(why).await;
     drop(out);
     write_messages(write, outgoing).await
+}
+
+/// How a request is answered: with a response, or through its relay (it came as a
+/// notification; see `odmoe_protocol::Relay`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Response,
+    Relayed,
+}
+
+/// Starts answering `request` on its own task, registering a generation so that `cancel` and
+/// a disconnect can stop it.
+async fn start(
+    tasks: &mut JoinSet<()>,
+    request: Request,
+    answer: Answer,
+    state: &Arc<State>,
+    peer: &Arc<Peer>,
+) {
+    let generates = matches!(
+        Method::from_name(&request.method),
+        Some(Method::Generate | Method::Chat)
+    );
+    if generates && peer.in_flight(request.msgid).is_some() {
+        // A second generation under a msgid in flight could not be told apart by `cancel` or
+        // by its notifications.
+        let error = RpcError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "msgid {} is already used by a generation in flight",
+                request.msgid
+            ),
+        );
+        match answer {
+            Answer::Response => {
+                peer.send(Response::error(request.msgid, error)).await;
+            }
+            Answer::Relayed => dispatch::relay_error(&request, peer, error).await,
+        }
+        return;
+    }
+    let cancel = generates.then(|| peer.start(request.msgid));
+    let (state, peer) = (Arc::clone(state), Arc::clone(peer));
+    match answer {
+        Answer::Response => tasks.spawn(dispatch::answer(request, state, peer, cancel)),
+        Answer::Relayed => tasks.spawn(dispatch::answer_relayed(request, state, peer, cancel)),
+    };
 }
 
 /// An error that no request can be tied to: msgid 0, as Neovim does.

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use odmoe_protocol::{Message, Notification};
+use odmoe_protocol::{Message, Notification, Relay, Value, to_value};
 use serde::Serialize;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -64,6 +64,26 @@ impl Peer {
             Ok(notification) => self.send(notification).await,
             Err(error) => {
                 warn!(%error, method, "cannot encode a notification");
+                true
+            }
+        }
+    }
+
+    /// Sends event `name` of a generation: as odmoed's own notification, or through `relay` as
+    /// a call of the client's own method with `[name, event]` after the relay's arguments.
+    pub async fn event<T: Serialize>(&self, relay: Option<&Relay>, name: &str, event: &T) -> bool {
+        let Some(relay) = relay else {
+            return self.notify(name, event).await;
+        };
+        match to_value(event) {
+            Ok(event) => {
+                let mut args = relay.args.clone();
+                args.push(Value::Array(vec![Value::from(name), event]));
+                self.send(Notification::positional(relay.method.as_str(), args))
+                    .await
+            }
+            Err(error) => {
+                warn!(%error, name, "cannot encode an event");
                 true
             }
         }

@@ -52,7 +52,7 @@ pub use methods::{
     AvailableModel, BudgetAdjustment, CancelParams, CancelResult, ChatMessage, GenerateParams,
     GenerateResult, HelloParams, HelloResult, KeepAliveParam, LoadParams, MemoryStats, Method,
     ModelInfo, ModelsResult, PROTOCOL_VERSION, PressureParams, QUEUED_NOTIFICATION, QueueStats,
-    QueuedEvent, STARTED_NOTIFICATION, SessionStats, StartedEvent, StatsResult, StoreStats,
+    QueuedEvent, Relay, STARTED_NOTIFICATION, SessionStats, StartedEvent, StatsResult, StoreStats,
     TOKEN_NOTIFICATION, Timings, TokenEvent, Usage,
 };
 pub use rmpv::Value;

@@ -44,12 +44,12 @@ pub struct Response {
     pub outcome: Result<Value, RpcError>,
 }
 
-/// `[2, method, [params]]`.
+/// `[2, method, [params]]`, or `[2, method, args]` for a relayed one ([`Notification::positional`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Notification {
     /// The notification name, e.g. `token`.
     pub method: String,
-    /// The one map of named fields.
+    /// The one map of named fields; an array is sent as the positional arguments themselves.
     pub params: Value,
 }
 
@@ -151,6 +151,15 @@ impl Response {
 }
 
 impl Notification {
+    /// A notification whose params are `args` as they are, not one map: how a relayed event
+    /// calls a method of a client's own, such as Neovim's `nvim_exec_lua(code, args)`.
+    pub fn positional(method: impl Into<String>, args: Vec<Value>) -> Notification {
+        Notification {
+            method: method.into(),
+            params: Value::Array(args),
+        }
+    }
+
     /// A notification for `method` whose params are `params` serialized as a map.
     pub fn new<T: Serialize + ?Sized>(
         method: impl Into<String>,
@@ -206,7 +215,10 @@ impl Message {
             Message::Notification(notification) => Value::Array(vec![
                 Value::from(NOTIFICATION),
                 Value::from(notification.method.as_str()),
-                Value::Array(vec![notification.params.clone()]),
+                match &notification.params {
+                    Value::Array(args) => Value::Array(args.clone()),
+                    params => Value::Array(vec![params.clone()]),
+                },
             ]),
         }
     }

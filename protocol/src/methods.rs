@@ -158,6 +158,28 @@ pub struct GenerateParams {
     /// Keep generating past end-of-sequence tokens.
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Send this generation's events as calls of a method of the client's own (see [`Relay`]).
+    #[serde(default)]
+    pub relay: Option<Relay>,
+}
+
+/// Where a client that cannot take odmoed's own notifications wants a generation's events:
+/// Neovim, for one, runs only its API methods. Each event (`queued`, `started`, `token`) goes
+/// as the notification `method` with params `args` followed by `[name, event]`; with
+/// `{method = "nvim_exec_lua", args = {"return require('odmoe')._event(...)"}}` Neovim runs that
+/// Lua with the event's name and fields.
+///
+/// With `id`, the request may come as a notification, which Neovim sends without waiting:
+/// its result is relayed as the event `done` (a [`GenerateResult`] with `id`) or `error`
+/// (`{id, code, message}`), and the notification `cancel {id}` stops it. `id` shares the
+/// connection's msgids.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Relay {
+    pub method: String,
+    #[serde(default)]
+    pub args: Vec<rmpv::Value>,
+    #[serde(default)]
+    pub id: Option<u32>,
 }
 
 impl Default for GenerateParams {
@@ -180,6 +202,7 @@ impl Default for GenerateParams {
             new_conversation: false,
             keep_alive: None,
             ignore_eos: false,
+            relay: None,
         }
     }
 }

@@ -34,8 +34,9 @@ pub(super) async fn generate(
         mut events,
     } = queue(&params, method, state, cancel).await?;
     let id = request.msgid;
+    let relay = params.relay.as_ref();
     if position > 0 {
-        peer.notify(QUEUED_NOTIFICATION, &QueuedEvent { id, position })
+        peer.event(relay, QUEUED_NOTIFICATION, &QueuedEvent { id, position })
             .await;
     }
     while let Some(event) = events.recv().await {
@@ -43,13 +44,17 @@ pub(super) async fn generate(
             Event::Started { prompt_tokens } => {
                 if params.progress {
                     let prompt_tokens = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
-                    peer.notify(STARTED_NOTIFICATION, &StartedEvent { id, prompt_tokens })
-                        .await;
+                    peer.event(
+                        relay,
+                        STARTED_NOTIFICATION,
+                        &StartedEvent { id, prompt_tokens },
+                    )
+                    .await;
                 }
             }
             Event::Token { token, text } => {
                 if params.stream {
-                    peer.notify(TOKEN_NOTIFICATION, &TokenEvent { id, text, token })
+                    peer.event(relay, TOKEN_NOTIFICATION, &TokenEvent { id, text, token })
                         .await;
                 }
             }

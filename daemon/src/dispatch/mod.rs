@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use odmoe_protocol::{
     CancelParams, CancelResult, ErrorCode, HelloParams, HelloResult, LoadParams, MemoryStats,
-    Method, ModelInfo, ModelsResult, PROTOCOL_VERSION, PressureParams, Request, Response, RpcError,
-    StatsResult, Value, to_value,
+    Method, ModelInfo, ModelsResult, Notification, PROTOCOL_VERSION, PressureParams, Relay,
+    Request, Response, RpcError, StatsResult, Value, to_value,
 };
 use serde::Serialize;
 use tracing::{debug, info};
@@ -49,6 +49,81 @@ pub async fn answer(
         outcome,
     })
     .await;
+}
+
+/// Answers a request that came as a notification (see [`odmoe_protocol::Relay`]): a relayed
+/// generation's result goes to its relay as the event `done`, its error as `error`; a `cancel`
+/// gets no answer.
+pub async fn answer_relayed(
+    request: Request,
+    state: Arc<State>,
+    peer: Arc<Peer>,
+    cancel: Option<Arc<CancelToken>>,
+) {
+    let relay = relay_of(&request);
+    let outcome = dispatch(&request, &state, &peer, cancel.clone()).await;
+    if let Some(token) = &cancel {
+        peer.finish(request.msgid, token);
+    }
+    let Some(relay) = relay.filter(|_| cancel.is_some()) else {
+        return;
+    };
+    match outcome {
+        Ok(Value::Map(mut result)) => {
+            result.push((Value::from("id"), Value::from(request.msgid)));
+            peer.event(Some(&relay), "done", &Value::Map(result)).await;
+        }
+        Ok(other) => {
+            peer.event(Some(&relay), "done", &other).await;
+        }
+        Err(error) => send_relay_error(request.msgid, &relay, &peer, error).await,
+    }
+}
+
+/// Tells a relayed request's client that it failed, through its relay.
+pub async fn relay_error(request: &Request, peer: &Peer, error: RpcError) {
+    if let Some(relay) = relay_of(request) {
+        send_relay_error(request.msgid, &relay, peer, error).await;
+    }
+}
+
+async fn send_relay_error(id: u32, relay: &Relay, peer: &Peer, error: RpcError) {
+    let event = Value::Map(vec![
+        (Value::from("id"), Value::from(id)),
+        (Value::from("code"), Value::from(error.code.as_str())),
+        (Value::from("message"), Value::from(error.message.as_str())),
+    ]);
+    peer.event(Some(relay), "error", &event).await;
+}
+
+/// The request a notification stands for: a `generate` or `chat` that names a relay with an
+/// `id` (answered through the relay under that id), or a `cancel`.
+pub fn relayed_request(notification: Notification) -> Option<Request> {
+    let method = Method::from_name(&notification.method)?;
+    let mut request = Request {
+        msgid: 0,
+        method: notification.method,
+        params: notification.params,
+    };
+    match method {
+        Method::Generate | Method::Chat => {
+            request.msgid = relay_of(&request)?.id?;
+            Some(request)
+        }
+        Method::Cancel => Some(request),
+        _ => None,
+    }
+}
+
+/// The relay `request` names, read alone: a request whose other fields are wrong still hears
+/// why through its relay.
+fn relay_of(request: &Request) -> Option<Relay> {
+    #[derive(serde::Deserialize)]
+    struct RelayField {
+        #[serde(default)]
+        relay: Option<Relay>,
+    }
+    request.parse_params::<RelayField>().ok()?.relay
 }
 
 /// The result of `request`, or the error to answer it with. `cancel` is the
