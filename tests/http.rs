@@ -28,21 +28,16 @@ struct HttpDaemon {
 }
 
 impl HttpDaemon {
-    /// Serves `model` with HTTP on, bodies up to 64 KiB and `extra` config.
+    /// Serves `model` with HTTP on, bodies up to 64 KiB and `extra` config (whose `[server]`
+    /// keys replace these).
     async fn start(model: &Path, extra: &str) -> HttpDaemon {
-        let config = format!(
-            "[server]\nmax_message_bytes = \"64KiB\"\n\n[http]\nlisten = \"127.0.0.1:0\"\n\n{extra}"
-        );
-        let mut daemon = Daemon::builder().model(model).config(config).spawn();
-        daemon.wait_until_serving().await;
-        let log = daemon.log();
-        let address = log
-            .lines()
-            .find(|line| line.contains("serving HTTP"))
-            .and_then(|line| line.split("address=").nth(1))
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no HTTP address in the log:\n{log}"))
-            .to_owned();
+        let server = if extra.contains("[server]") {
+            String::new()
+        } else {
+            "[server]\nmax_message_bytes = \"64KiB\"\n\n".to_owned()
+        };
+        let config = format!("{server}[http]\nlisten = \"127.0.0.1:0\"\n\n{extra}");
+        let (daemon, base) = Self::spawn(model, config).await;
         let mut command = Command::new(binary("odmoe"));
         isolate(&mut command, daemon.dir());
         let output = command
@@ -53,11 +48,33 @@ impl HttpDaemon {
         assert!(output.status.success(), "{output:?}");
         let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
         assert!(key.starts_with("odmoe-"), "{key}");
+        HttpDaemon { daemon, base, key }
+    }
+
+    /// Serves `model` with HTTP on and no key asked.
+    async fn start_unauthenticated(model: &Path) -> HttpDaemon {
+        let config = "[http]\nlisten = \"127.0.0.1:0\"\nallow_unauthenticated = true\n";
+        let (daemon, base) = Self::spawn(model, config.to_owned()).await;
         HttpDaemon {
             daemon,
-            base: format!("http://{address}"),
-            key,
+            base,
+            key: String::new(),
         }
+    }
+
+    /// Starts odmoed with `config` and waits until it serves; the HTTP base URL it logged.
+    async fn spawn(model: &Path, config: String) -> (Daemon, String) {
+        let mut daemon = Daemon::builder().model(model).config(config).spawn();
+        daemon.wait_until_serving().await;
+        let log = daemon.log();
+        let address = log
+            .lines()
+            .find(|line| line.contains("serving HTTP"))
+            .and_then(|line| line.split("address=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no HTTP address in the log:\n{log}"))
+            .to_owned();
+        (daemon, format!("http://{address}"))
     }
 
     /// Runs `phase` of the Python clients against this daemon; the JSON it reports.
@@ -351,4 +368,118 @@ async fn the_status_page_shows_one_cell_per_expert_and_the_values_of_its_json() 
     );
     assert!(said.contains("24 cells = 3 layers x 8 experts"), "{said}");
     assert!(fs::metadata(&screenshot).unwrap().len() > 0);
+}
+
+/// Sends `request` (a whole HTTP/1.1 request) to `base` and reads the response's status line
+/// and headers, leaving the body unread; the connection stays open for the caller to drop.
+fn send_raw(base: &str, request: &str) -> (std::net::TcpStream, String) {
+    use std::io::{BufRead, BufReader, Write};
+    let address = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        head.push_str(&line);
+        if line == "\r\n" || line.is_empty() {
+            return (stream, head);
+        }
+    }
+}
+
+/// A POST of `body` to `path`, with `key` when given.
+fn post(path: &str, key: Option<&str>, body: &Value) -> String {
+    let body = body.to_string();
+    let auth = key.map_or(String::new(), |key| {
+        format!("Authorization: Bearer {key}\r\n")
+    });
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: odmoed\r\nContent-Type: application/json\r\n{auth}\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A chat request that would run for thousands of tokens unless stopped.
+fn long_chat(stream: bool) -> Value {
+    json!({"messages": [{"role": "user", "content": "Count to a thousand"}],
+           "max_tokens": 3000, "temperature": 0, "stream": stream})
+}
+
+/// The `generation done` lines of the daemon's log, once there are `count` of them.
+async fn generations(daemon: &HttpDaemon, count: usize) -> Vec<String> {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let done: Vec<String> = daemon
+            .daemon
+            .log()
+            .lines()
+            .filter(|line| line.contains("generation done"))
+            .map(str::to_owned)
+            .collect();
+        if done.len() >= count {
+            return done;
+        }
+        assert!(Instant::now() < deadline, "{}", daemon.daemon.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_before_a_whole_reply_cancels_it() {
+    let model = fixture_with_qwen3_template();
+    let daemon = HttpDaemon::start(model.path(), "").await;
+    let request = post("/v1/chat/completions", Some(&daemon.key), &long_chat(false));
+    let address = daemon.base.trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    daemon
+        .stats_until("the generation runs", |stats| stats.queue.running == 1)
+        .await;
+    drop(stream);
+    let done = generations(&daemon, 1).await;
+    assert!(done[0].contains("finish=Cancelled"), "{done:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_max_connections_generations_a_request_is_told_to_retry() {
+    let model = fixture_with_qwen3_template();
+    let daemon = HttpDaemon::start(model.path(), "[server]\nmax_connections = 1\n").await;
+    let (first, head) = send_raw(
+        &daemon.base,
+        &post("/v1/chat/completions", Some(&daemon.key), &long_chat(true)),
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (_, head) = send_raw(
+        &daemon.base,
+        &post("/v1/chat/completions", Some(&daemon.key), &long_chat(false)),
+    );
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    drop(first);
+    // The slot comes back once the first is cancelled.
+    generations(&daemon, 1).await;
+    let (_, head) = send_raw(
+        &daemon.base,
+        &post(
+            "/v1/chat/completions",
+            Some(&daemon.key),
+            &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+        ),
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allow_unauthenticated_serves_without_a_key_and_makes_none() {
+    let model = fixture_with_qwen3_template();
+    let daemon = HttpDaemon::start_unauthenticated(model.path()).await;
+    let (_, head) = send_raw(
+        &daemon.base,
+        "GET /v1/models HTTP/1.1\r\nHost: odmoed\r\nConnection: close\r\n\r\n",
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(!daemon.daemon.dir().join("config/odmoe/http-key").exists());
 }
