@@ -29,6 +29,15 @@ impl ChatMessage {
     }
 }
 
+/// Prose, code, numbers, punctuation, runs of blanks and other scripts: what a tokenizer's
+/// pre-tokenizer meets, for [`Tokenizer::warm_up`].
+const WARM_UP_TEXT: &str = "The quick brown fox jumps over the lazy dog. It's 12:45 on 2026-12-04; \
+    costs were $3,141.59 (up 27%) and THE REPORT said: \"don't panic!\"\n\n\
+    fn main() {\n    let answer: u64 = 0x2a << 3;\n    println!(\"{answer:>8}\");\n}\n\t\t  \
+    def f(x): return [i ** 2 for i in range(x) if i % 3 != 0]  # squares\n\
+    Ünïcödé façade naïve — «quotes» … 日本語のテキスト、中文文本。 Русский текст. العربية. 🙂👍\n\
+    <html><body class=\"a-b\">&amp; x&lt;y</body></html> SELECT * FROM t WHERE id=7;\r\n";
+
 /// A loaded tokenizer with its special tokens and chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -134,6 +143,19 @@ impl Tokenizer {
             eos_token_ids: vocab.eos.map(|e| e as u32).into_iter().collect(),
             strip_leading_space: vocab.strip_leading_space,
         })
+    }
+
+    /// Runs the tokenizer over text of every kind it meets, on two threads at once, so that the
+    /// working memory its regexes keep (a cache per thread using them, kept for reuse) exists
+    /// before the memory of a loaded model is measured, instead of growing after it.
+    pub fn warm_up(&self) {
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    let _ = self.encode(WARM_UP_TEXT, true);
+                });
+            }
+        });
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

@@ -383,6 +383,10 @@ impl Engine {
         let loaded = open::load(path, &options, &device)
             .map_err(|error| invalid(format!("cannot load {}: {error}", path.display())))?;
         self.epoch += 1;
+        // The tokenizer's working memory belongs to the base the budget is sized from.
+        if let Some(tokenizer) = &loaded.tokenizer {
+            tokenizer.warm_up();
+        }
         let budget_bytes = match (placement, &loaded.store) {
             (Placement::OnDemand(kind), Some(store)) => {
                 let start = self.pressure.model_loaded(ModelMemory {
