@@ -148,8 +148,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let settings = Arc::new(RwLock::new(settings));
 
-    // Before any thread starts: a socket from the service manager replaces ours.
-    let activated = socket::activated()?;
+    // Before any thread starts: a socket from the service manager replaces ours. Only a daemon
+    // in the foreground runs under one (launchd and systemd both expect no fork), and asking
+    // launchd (through XPC) before forking would leave the child's libdispatch unusable.
+    let activated = if args.foreground {
+        socket::activated()?
+    } else {
+        None
+    };
     // A detached daemon binds before it forks, so that start-up errors reach
     // the terminal; in the foreground the signal handlers come first, so that
     // a SIGTERM sent as soon as the socket appears is handled.

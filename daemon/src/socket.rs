@@ -151,16 +151,22 @@ fn activated_listener() -> anyhow::Result<Option<StdUnixListener>> {
         ) -> c_int;
         fn free(pointer: *mut c_void);
     }
+    // <sys/errno.h>: not started by launchd; started without a `Listeners` socket.
     const ESRCH: c_int = 3;
+    const ENOENT: c_int = 2;
     let mut fds: *mut c_int = std::ptr::null_mut();
     let mut count = 0usize;
     // SAFETY: launchd fills `fds` with a malloc'ed array of `count` descriptors.
     let status = unsafe { launch_activate_socket(c"Listeners".as_ptr(), &mut fds, &mut count) };
-    if status == ESRCH {
-        return Ok(None); // not started by launchd
+    if status == ESRCH || status == ENOENT {
+        return Ok(None);
     }
     if status != 0 {
-        bail!("launch_activate_socket(\"Listeners\") failed with error {status}");
+        bail!(
+            "launchd did not pass the `Listeners` socket: {} (launch_activate_socket error {status}); \
+             check the Sockets entry of the service's plist",
+            std::io::Error::from_raw_os_error(status)
+        );
     }
     // SAFETY: `fds` holds `count` descriptors that are now ours; the array is freed once read.
     let first = (count > 0).then(|| unsafe { *fds });

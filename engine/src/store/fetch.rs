@@ -81,6 +81,20 @@ pub fn open_for_ranges(path: &Path, bypass_cache: bool) -> std::io::Result<(File
     platform::open(path, bypass_cache)
 }
 
+/// Opens `path` for buffered reads ([`read_at`]); with `bypass_cache`, macOS keeps even the
+/// first read out of its buffer cache (F_NOCACHE is set here, not after a read), and Linux
+/// drops each read's pages once done.
+pub fn open_buffered(path: &Path, bypass_cache: bool) -> std::io::Result<File> {
+    let file = File::open(path)?;
+    #[cfg(target_os = "macos")]
+    if bypass_cache {
+        platform::no_cache(&file);
+    }
+    #[cfg(not(target_os = "macos"))]
+    let _ = bypass_cache;
+    Ok(file)
+}
+
 /// Reads `len` bytes at any `offset` of a file from [`open_for_ranges`]. A direct file is read
 /// over the aligned blocks around the range (at most two blocks more); otherwise the read is
 /// buffered and, with `bypass_cache`, dropped from the page cache after. Returns the buffer and
@@ -189,14 +203,18 @@ mod platform {
     pub fn open(path: &Path, bypass_cache: bool) -> std::io::Result<(File, bool)> {
         let file = File::open(path)?;
         if bypass_cache {
-            // SAFETY: fcntl on a descriptor we own, with an integer argument.
-            unsafe { nix::libc::fcntl(file.as_raw_fd(), nix::libc::F_NOCACHE, 1) };
+            no_cache(&file);
         }
         Ok((file, bypass_cache))
     }
 
     pub fn drop_cached(file: &File, _offset: u64, _len: u64) {
-        // SAFETY: as above.
+        no_cache(file);
+    }
+
+    /// Keeps `file`'s reads out of the unified buffer cache from now on.
+    pub fn no_cache(file: &File) {
+        // SAFETY: fcntl on a descriptor we own, with an integer argument.
         unsafe { nix::libc::fcntl(file.as_raw_fd(), nix::libc::F_NOCACHE, 1) };
     }
 }

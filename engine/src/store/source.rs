@@ -406,8 +406,8 @@ impl HfSource {
                         });
                     }
                     if !files.contains_key(&location.path) {
-                        let file =
-                            File::open(&location.path).map_err(|e| Error::io(&location.path, e))?;
+                        let file = fetch::open_buffered(&location.path, bypass_cache)
+                            .map_err(|e| Error::io(&location.path, e))?;
                         files.insert(location.path.clone(), file);
                     }
                     located.push(location);

@@ -24,8 +24,10 @@ const BLOCK: usize = 32;
 const BLOCK_BYTES: usize = 34;
 
 /// The instructions the kernel runs on: AVX-512 VNNI where the CPU has it, else AVX2 (with FMA
-/// and F16C). A process keeps to one, so its results never mix the two.
+/// and F16C). A process keeps to one, so its results never mix the two. Other CPUs have none
+/// (`available` is false there, and candle's products run instead).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Isa {
     Avx512Vnni,
     Avx2,
@@ -205,6 +207,7 @@ impl Activations {
         );
         let isa = isa().expect("the Q8_0 kernel needs AVX2 with FMA and F16C");
         let mut quants = vec![0i8; x.len()];
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut scales = Vec::with_capacity(x.len() / BLOCK);
         for (block, out) in x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)) {
             #[cfg(target_arch = "x86_64")]
