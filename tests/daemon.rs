@@ -18,7 +18,7 @@ use odmoe_client::{Client, ClientError};
 use odmoe_e2e::{Daemon, DaemonBuilder, binary, fixture, isolate, odmoe_ok, test_python};
 use odmoe_protocol::{
     ChatMessage, ErrorCode, GenerateParams, GenerateResult, HelloResult, Message, Method,
-    PROTOCOL_VERSION, QueuedEvent, RpcError, StatsResult, TokenEvent, Value,
+    PROTOCOL_VERSION, QueuedEvent, RpcError, TokenEvent, Value,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -56,9 +56,6 @@ trait DaemonExt: Sized {
     /// Starts a new daemon, as the first was started, on the same socket, and waits until it
     /// answers.
     async fn restart(&mut self);
-
-    /// Polls `stats` until `done` holds, failing after [`LIMIT`].
-    async fn stats_until(&self, what: &str, done: impl Fn(&StatsResult) -> bool) -> StatsResult;
 }
 
 /// Starts the daemon `builder` describes, with `config` when given, and waits until it answers.
@@ -88,23 +85,6 @@ impl DaemonExt for Daemon {
     async fn restart(&mut self) {
         self.respawn();
         self.wait_until_serving().await;
-    }
-
-    async fn stats_until(&self, what: &str, done: impl Fn(&StatsResult) -> bool) -> StatsResult {
-        let mut client = self.client().await;
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            let stats = timeout(LIMIT, client.stats()).await.unwrap().unwrap();
-            if done(&stats) {
-                return stats;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: {stats:?}\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 }
 
@@ -1356,6 +1336,19 @@ vim.api.nvim_feedkeys(vim.api.nvim_replace_termcodes('<C-c>', true, false, true)
 idle = wait_idle()
 out:write(('cancel idle=%s finish=%s\n'):format(idle, vim.b[long].odmoe_finish))
 
+vim.g.odmoe_options = {{temperature = 0, max_tokens = 4}}
+vim.cmd('OdmoeChat Hello there')
+local chat = vim.api.nvim_get_current_buf()
+idle = wait_idle()
+out:write(('chat idle=%s %s\n'):format(idle, vim.fn.json_encode(vim.api.nvim_buf_get_lines(chat, 0, -1, false))))
+
+vim.cmd('enew')
+vim.api.nvim_buf_set_lines(0, 0, -1, false, {{'fn main() {{', '    println!("hi");', '}}'}})
+vim.cmd('1,3OdmoeSelection Explain this code.')
+local explained = vim.api.nvim_get_current_buf()
+idle = wait_idle()
+out:write(('selection idle=%s finish=%s\n'):format(idle, vim.b[explained].odmoe_finish))
+
 vim.g.odmoe_options = {{temperature = -1}}
 vim.cmd('Odmoe Hello')
 local refused = vim.api.nvim_get_current_buf()
@@ -1399,6 +1392,27 @@ vim.cmd(ran and 'qall!' or 'cquit! 1')
     assert!(
         written.contains("refused idle=true  [odmoe: temperature: "),
         "{written}"
+    );
+    // The chat buffer: the turn under "## You", the reply under "## odmoe", a new "## You".
+    let chat = written
+        .lines()
+        .find_map(|line| line.strip_prefix("chat idle=true "))
+        .unwrap_or_else(|| panic!("{written}"));
+    let chat: Vec<String> = serde_json::from_str(chat).unwrap();
+    assert_eq!(
+        chat[..4],
+        ["## You", "Hello there", "", "## odmoe"],
+        "{chat:?}"
+    );
+    assert_eq!(chat[chat.len() - 2..], ["## You", ""], "{chat:?}");
+    assert!(
+        written.contains("selection idle=true finish=length"),
+        "{written}"
+    );
+    // The chat went on in a daemon session, so the next turn sends only itself.
+    assert_eq!(
+        daemon.client().await.stats().await.unwrap().sessions.count,
+        1
     );
     assert!(written.contains("OK: odmoed 0.1.0 answers at"), "{written}");
     assert!(written.contains("OK: model:"), "{written}");

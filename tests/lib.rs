@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use odmoe_client::Client;
+use odmoe_protocol::StatsResult;
 use tokio::net::UnixStream;
 use tokio::time::timeout;
 
@@ -213,6 +214,30 @@ impl Daemon {
             assert!(
                 Instant::now() < deadline,
                 "odmoed did not start:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls `stats` until `done` holds, failing with the last stats and the log after the limit.
+    pub async fn stats_until(
+        &self,
+        what: &str,
+        done: impl Fn(&StatsResult) -> bool,
+    ) -> StatsResult {
+        let deadline = Instant::now() + self.limit;
+        loop {
+            let stats = timeout(self.limit, self.client().await.stats())
+                .await
+                .unwrap()
+                .unwrap();
+            if done(&stats) {
+                return stats;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {stats:#?}\n{}",
                 self.log()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;

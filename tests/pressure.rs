@@ -52,9 +52,6 @@ trait DaemonExt: Sized {
 
     async fn stats(&self) -> StatsResult;
 
-    /// Polls `stats` until `done` holds, failing after [`LIMIT`].
-    async fn stats_until(&self, what: &str, done: impl Fn(&StatsResult) -> bool) -> StatsResult;
-
     /// Greedy tokens after [`PROMPT`], optionally kept in `session`.
     async fn generate(&self, session: Option<&str>) -> GenerateResult;
 }
@@ -80,23 +77,6 @@ impl DaemonExt for Daemon {
     async fn stats(&self) -> StatsResult {
         let mut client = self.client().await;
         timeout(LIMIT, client.stats()).await.unwrap().unwrap()
-    }
-
-    async fn stats_until(&self, what: &str, done: impl Fn(&StatsResult) -> bool) -> StatsResult {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            let stats = self.stats().await;
-            if done(&stats) {
-                return stats;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: {:#?}\n{}",
-                stats.memory,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     async fn generate(&self, session: Option<&str>) -> GenerateResult {
@@ -147,12 +127,14 @@ async fn simulated_critical_pressure_shrinks_the_budget_at_once_and_it_grows_bac
     let _turn = ONE_AT_A_TIME.lock().await;
     let daemon = Daemon::start(FAST_MEMORY, None).await;
     let expected = daemon.generate(Some("kept")).await;
+    // A request without a session leaves its KV cache in the prefix cache.
+    daemon.generate(None).await;
     let stats = daemon.stats().await;
     let total = stats.model.as_ref().unwrap().total_expert_bytes;
     // `auto` on this machine holds every expert of the fixture.
     assert_eq!(budget(&stats), total);
     assert_eq!(memory(&stats).ceiling_bytes, Some(total));
-    assert_eq!(stats.sessions.count, 1);
+    assert_eq!((stats.sessions.count, stats.sessions.prefixes), (1, 1));
 
     let output = odmoe_ok(&[
         "pressure",
@@ -174,10 +156,11 @@ async fn simulated_critical_pressure_shrinks_the_budget_at_once_and_it_grows_bac
     assert_eq!((adjustment.from_bytes, adjustment.to_bytes), (total, first));
     assert!(adjustment.reason.contains("critical"), "{adjustment:?}");
 
-    // The idle engine applies it at once; the kept session goes with critical pressure.
+    // The idle engine applies it at once; the kept session and the prefix cache go with
+    // critical pressure.
     let stats = daemon
         .stats_until("the budget shrinks and the session goes", |stats| {
-            budget(stats) <= first && stats.sessions.count == 0
+            budget(stats) <= first && stats.sessions.count == 0 && stats.sessions.prefixes == 0
         })
         .await;
     let store = stats.store.as_ref().unwrap();

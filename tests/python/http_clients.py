@@ -197,7 +197,7 @@ def conversation(turns):
 
 
 def prefix():
-    first_turn = "Tell me about the quick brown fox that jumps over the lazy dog, at length. " * 4
+    first_turn = "Tell me about the quick brown fox that jumps over the lazy dog, at length. " * 8
     first = oa.chat.completions.create(
         model=model, messages=conversation([(first_turn, None)]), max_tokens=16, temperature=0
     )

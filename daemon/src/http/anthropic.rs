@@ -21,10 +21,11 @@ use super::Http;
 use super::error::{ApiError, Dialect};
 use super::generation::{
     Generation, OneOrMany, Step, chat_prompt, fresh_id, model_id, parse_body, served_model,
+    tool_syntax,
 };
 use super::messages;
 use super::reply::Reply;
-use super::tools::{ToolCall, ToolSyntax};
+use super::tools::ToolCall;
 
 const DIALECT: Dialect = Dialect::Anthropic;
 
@@ -74,19 +75,7 @@ pub async fn messages(
         None => None,
     };
     let syntax = match &offered {
-        Some(_) => Some(
-            served
-                .tokenizer
-                .as_deref()
-                .and_then(Tokenizer::chat_template)
-                .and_then(|template| ToolSyntax::of_template(template.source()))
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        DIALECT,
-                        "tools: this model's chat template does not render tools",
-                    )
-                })?,
-        ),
+        Some(_) => Some(tool_syntax(&served, DIALECT)?),
         None => None,
     };
     let prompt = chat_prompt(&served, DIALECT, conversation, offered).await?;
@@ -118,15 +107,10 @@ pub async fn messages(
     }
     let mut message = message;
     let (pieces, outcome) = generation.finish().await;
-    let mut text = String::new();
-    for (token, piece) in pieces {
-        let tokenizer = message.tokenizer.clone();
-        text.push_str(&message.reply.push(token, &piece, tokenizer.as_deref()));
-    }
     let result = outcome?;
     let tokenizer = message.tokenizer.clone();
-    let ending = message.reply.finish(tokenizer.as_deref());
-    text.push_str(&ending.text);
+    let ending = message.reply.whole(pieces, tokenizer.as_deref());
+    let text = ending.text;
     let mut content = Vec::new();
     if !text.is_empty() || ending.calls.is_empty() {
         content.push(json!({"type": "text", "text": text}));

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
+use odmoe_engine::tokenizer::Tokenizer;
 use odmoe_protocol::{GenerateParams, GenerateResult, Method, RpcError};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -18,6 +19,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::Http;
 use super::error::{ApiError, Dialect};
+use super::tools::ToolSyntax;
 use crate::dispatch::{self, Queued};
 use crate::scheduler::{CancelToken, Event, Served};
 use crate::state::State;
@@ -47,6 +49,21 @@ pub fn parse_body<T: DeserializeOwned>(
         };
         ApiError::bad_request(dialect, message)
     })
+}
+
+/// The tool-call syntax of the model's chat template, or a 400 when the template renders no tools.
+pub fn tool_syntax(served: &Served, dialect: Dialect) -> Result<ToolSyntax, ApiError> {
+    served
+        .tokenizer
+        .as_deref()
+        .and_then(Tokenizer::chat_template)
+        .and_then(|template| ToolSyntax::of_template(template.source()))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                dialect,
+                "tools: this model's chat template does not render tools",
+            )
+        })
 }
 
 /// The name clients give the loaded model: its file or directory name.

@@ -21,12 +21,11 @@ use super::Http;
 use super::error::{ApiError, Dialect};
 use super::generation::{
     Generation, OneOrMany, Step, chat_prompt, fresh_id, model_id, parse_body, served_model,
-    unix_now,
+    tool_syntax, unix_now,
 };
 use super::messages;
 use super::reply::{Ending, Reply};
-use super::tools::{ToolCall, ToolSyntax};
-use crate::scheduler::Served;
+use super::tools::ToolCall;
 
 const DIALECT: Dialect = Dialect::OpenAi;
 
@@ -134,7 +133,7 @@ pub async fn chat_completions(
         .filter(|tools| !tools.is_empty())
         .filter(|_| request.tool_choice.as_ref().and_then(Value::as_str) != Some("none"));
     let syntax = match &offered {
-        Some(_) => Some(tool_syntax(&served)?),
+        Some(_) => Some(tool_syntax(&served, DIALECT)?),
         None => None,
     };
     let prompt = chat_prompt(&served, DIALECT, messages, offered.map(Value::Array)).await?;
@@ -156,19 +155,10 @@ pub async fn chat_completions(
         return Ok(sse(chat_stream(generation, answer, usage)).into_response());
     }
     let (pieces, outcome) = generation.finish().await;
-    let mut answer = answer;
-    let mut text = String::new();
-    for (token, piece) in pieces {
-        text.push_str(
-            &answer
-                .reply
-                .push(token, &piece, answer.tokenizer.as_deref()),
-        );
-    }
     let result = outcome?;
+    let mut answer = answer;
     let tokenizer = answer.tokenizer.clone();
-    let Ending { text: rest, calls } = answer.reply.finish(tokenizer.as_deref());
-    text.push_str(&rest);
+    let Ending { text, calls } = answer.reply.whole(pieces, tokenizer.as_deref());
     let finish = finish_reason(&result, &calls);
     let mut message = json!({"role": "assistant", "content": text});
     if !calls.is_empty() {
@@ -186,21 +176,6 @@ pub async fn chat_completions(
         "usage": usage_json(&result),
     }))
     .into_response())
-}
-
-/// The template's tool-call syntax, or a 400 when the template renders no tools.
-fn tool_syntax(served: &Served) -> Result<ToolSyntax, ApiError> {
-    served
-        .tokenizer
-        .as_deref()
-        .and_then(Tokenizer::chat_template)
-        .and_then(|template| ToolSyntax::of_template(template.source()))
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                DIALECT,
-                "tools: this model's chat template does not render tools",
-            )
-        })
 }
 
 /// What every chunk of one answer repeats, and its reply so far.

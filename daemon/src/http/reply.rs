@@ -64,6 +64,21 @@ impl Reply {
         self.show_to(self.text.len() - syntax.held_back(&self.text))
     }
 
+    /// A whole reply at once: `pieces` (tokens with the text each made final) added in turn,
+    /// then the end; its text is all the reply shows.
+    pub fn whole(&mut self, pieces: Vec<(u32, String)>, tokenizer: Option<&Tokenizer>) -> Ending {
+        let mut text = String::new();
+        for (token, piece) in pieces {
+            text.push_str(&self.push(token, &piece, tokenizer));
+        }
+        let ending = self.finish(tokenizer);
+        text.push_str(&ending.text);
+        Ending {
+            text,
+            calls: ending.calls,
+        }
+    }
+
     /// Ends the reply: the calls, parsed from the reply with special tokens, and the shown text
     /// still held back (all of it when no call parses).
     pub fn finish(&mut self, tokenizer: Option<&Tokenizer>) -> Ending {
