@@ -309,3 +309,54 @@ fn bench_decode_reports_one_run_and_on_demand_decodes_as_resident() {
         "too few fed ids must fail"
     );
 }
+
+#[test]
+fn routing_recorded_elsewhere_is_imported_and_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("mixtral.trace");
+    let routing = fixture("routing/mixtral-humaneval-12-tokens.jsonl");
+    let summary: serde_json::Value = serde_json::from_str(&odmoe_ok(&[
+        "trace",
+        "import",
+        routing.to_str().unwrap(),
+        "--out",
+        trace.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(summary["lines"], 383);
+    assert_eq!(summary["tokens"], 11, "{summary}");
+    assert_eq!(summary["incomplete_tokens"], 1, "{summary}");
+    assert_eq!(
+        (
+            &summary["layers"],
+            &summary["experts"],
+            &summary["experts_per_token"]
+        ),
+        (
+            &serde_json::json!(32),
+            &serde_json::json!(8),
+            &serde_json::json!(2)
+        )
+    );
+    let replays: serde_json::Value = serde_json::from_str(&odmoe_ok(&[
+        "trace",
+        "replay",
+        trace.to_str().unwrap(),
+        "--budget",
+        "25%",
+        "--policy",
+        "cycle,belady",
+        "--json",
+    ]))
+    .unwrap();
+    let hit_rate = |index: usize| replays[index]["hit_rate"].as_f64().unwrap();
+    assert!(hit_rate(1) >= hit_rate(0) && hit_rate(1) > 0.0, "{replays}");
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"layer\": 0, \"experts\": [1, 2]}\n").unwrap();
+    let output = odmoe(&["trace", "import", bad.to_str().unwrap(), "--out", "x.trace"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 1: no `token_idx`"), "{stderr}");
+}

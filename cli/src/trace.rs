@@ -1,4 +1,4 @@
-//! `odmoe trace record` and `odmoe trace replay`: routing traces, and the store's own cache
+//! `odmoe trace record` and `odmoe trace replay` (`import` is in `trace_import`): routing traces, and the store's own cache
 //! bookkeeping replayed over them to compare eviction policies and predictors with the Belady
 //! bound.
 
@@ -24,6 +24,9 @@ pub enum TraceCommand {
     Record(RecordArgs),
     /// Replay a trace through the store's cache: hit rate, reads, prefetch and stall estimates.
     Replay(ReplayArgs),
+    /// Read a routing trace recorded elsewhere (JSONL, one line per token and layer) into a trace
+    /// file, for replay and predictor evaluation.
+    Import(crate::trace_import::ImportArgs),
 }
 
 #[derive(Args)]
@@ -125,7 +128,18 @@ pub fn run(command: TraceCommand) -> Result<()> {
     match command {
         TraceCommand::Record(args) => record(args),
         TraceCommand::Replay(args) => replay_command(args),
+        TraceCommand::Import(args) => crate::trace_import::run(args),
     }
+}
+
+/// Writes `trace` to `out` through a temporary name, renamed once complete.
+pub(crate) fn save(trace: &Trace, out: &Path, hidden_dtype: DType) -> Result<()> {
+    let partial = out.with_extension("safetensors.partial");
+    trace
+        .save(&partial, hidden_dtype)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, out)
+        .with_context(|| format!("renaming {} to {}", partial.display(), out.display()))
 }
 
 /// Non-empty lines of a prompts file.
@@ -200,12 +214,7 @@ fn record(args: RecordArgs) -> Result<()> {
         progress.update(&format!("recorded {}/{count} prompts", p + 1));
     })?;
     progress.finish();
-    let partial = args.out.with_extension("safetensors.partial");
-    trace
-        .save(&partial, args.hidden_dtype)
-        .with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, &args.out)
-        .with_context(|| format!("renaming {} to {}", partial.display(), args.out.display()))?;
+    save(&trace, &args.out, args.hidden_dtype)?;
     let forwards = trace.forwards();
     eprintln!(
         "{}: {} tokens ({} prompts, {} decode steps), {} layers, {} experts of {} each{}",

@@ -19,6 +19,7 @@
 //!
 //! [`BudgetCache`]: crate::store::BudgetCache
 
+pub mod import;
 pub mod lookahead;
 pub mod replay;
 pub mod shadow;
