@@ -20,7 +20,6 @@ mod service;
 mod stats;
 mod tokenize;
 mod trace;
-mod trace_import;
 mod verify;
 
 use clap::{Parser, Subcommand};

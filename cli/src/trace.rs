@@ -1,6 +1,8 @@
-//! `odmoe trace record` and `odmoe trace replay` (`import` is in `trace_import`): routing traces, and the store's own cache
-//! bookkeeping replayed over them to compare eviction policies and predictors with the Belady
-//! bound.
+//! `odmoe trace record`, `odmoe trace replay` and `odmoe trace import` (in `import.rs`): routing
+//! traces, and the store's own cache bookkeeping replayed over them to compare eviction policies
+//! and predictors with the Belady bound.
+
+mod import;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -26,7 +28,7 @@ pub enum TraceCommand {
     Replay(ReplayArgs),
     /// Read a routing trace recorded elsewhere (JSONL, one line per token and layer) into a trace
     /// file, for replay and predictor evaluation.
-    Import(crate::trace_import::ImportArgs),
+    Import(import::ImportArgs),
 }
 
 #[derive(Args)]
@@ -128,7 +130,7 @@ pub fn run(command: TraceCommand) -> Result<()> {
     match command {
         TraceCommand::Record(args) => record(args),
         TraceCommand::Replay(args) => replay_command(args),
-        TraceCommand::Import(args) => crate::trace_import::run(args),
+        TraceCommand::Import(args) => import::run(args),
     }
 }
 

@@ -49,7 +49,7 @@ pub fn run(args: ImportArgs) -> Result<()> {
     let imported = import_jsonl(BufReader::new(file), &options)
         .with_context(|| format!("importing {}", args.routing.display()))?;
     let trace = &imported.trace;
-    crate::trace::save(trace, &args.out, DType::F16)?;
+    super::save(trace, &args.out, DType::F16)?;
     if args.json {
         let summary = json!({
             "out": args.out,
