@@ -6,9 +6,10 @@
 //! `/v1` request needs the key (`Authorization: Bearer KEY` or `x-api-key`)
 //! unless `allow_unauthenticated`; the status page shows no prompt or reply
 //! and needs none. Bodies are limited to `server.max_message_bytes` (413), and
-//! requests in progress to `server.max_connections` (429 beyond them). A
-//! client that disconnects cancels its generation: dropping the response drops
-//! the generation's events, which stops it (see [`generation`]).
+//! generations in progress, streams included, to `server.max_connections`
+//! (429 beyond them). A client that disconnects cancels its generation:
+//! dropping the response drops the generation's events, which stops it (see
+//! [`generation`]).
 //!
 //! Requests are turned into the socket's `generate` parameters and checked and
 //! queued by `dispatch`, so both doors apply the same limits and defaults.
