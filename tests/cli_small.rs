@@ -296,3 +296,37 @@ fn bench_decode_runs_a_dense_model() {
     assert_eq!(r["decode_tokens"], 4);
     assert_eq!(r["bytes_read"], 0);
 }
+
+#[test]
+fn inspect_gives_the_kv_cache_of_a_long_context() {
+    // Kimi-K2 keeps a latent of 512 and a rotary key of 64 per layer and token, 61 layers.
+    let kimi = fixture("configs/kimi_k2.json");
+    let r = json(&odmoe_ok(&[
+        "inspect",
+        s(&kimi),
+        "--context",
+        "262144",
+        "--json",
+    ]));
+    assert_eq!(r["kv_cache_bytes_per_token_f16"], 61 * (512 + 64) * 2);
+    assert_eq!(r["context_tokens"], 262144);
+    assert_eq!(r["kv_cache_bytes_at_context_f16"], 262144u64 * 61 * 576 * 2);
+    assert_eq!(r["kv_cache_bytes_at_context_f32"], 262144u64 * 61 * 576 * 4);
+    let text = odmoe_ok(&["inspect", s(&kimi), "--context", "262144"]);
+    assert!(
+        text.contains("17.2 GiB in f16 (34.3 GiB in f32) at 262144 tokens"),
+        "{text}"
+    );
+
+    // A checkpoint: its cache as the engine holds it (f32).
+    let gguf = fixture("gguf/qwen3_moe-q8_0.gguf");
+    let r = json(&odmoe_ok(&[
+        "inspect",
+        s(&gguf),
+        "--context",
+        "1000",
+        "--json",
+    ]));
+    let per_token = r["kv_cache_bytes_per_token"].as_u64().unwrap();
+    assert_eq!(r["kv_cache_bytes_at_context"], 1000 * per_token);
+}

@@ -33,6 +33,10 @@ pub struct InspectArgs {
     /// held in memory (25%). Without it, the memory shown keeps every expert resident.
     #[arg(long, value_name = "SIZE|PCT")]
     budget: Option<String>,
+    /// Also show the KV cache (or, with latent attention, the latent cache) a sequence of this
+    /// many tokens holds, such as 262144.
+    #[arg(long, value_name = "TOKENS")]
+    context: Option<u64>,
     /// Print the numbers as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -79,6 +83,9 @@ pub struct Inspection {
     pub memory_needed_bytes: u64,
     /// KV cache bytes per token as the engine holds it (f32).
     pub kv_cache_bytes_per_token: u64,
+    /// With `--context`: the tokens asked for, and the KV cache they hold (f32).
+    pub context_tokens: Option<u64>,
+    pub kv_cache_bytes_at_context: Option<u64>,
 }
 
 /// What `inspect` reports from a config.json alone: shapes and sizes that follow from it.
@@ -104,6 +111,10 @@ pub struct ConfigInspection {
     /// this engine holds it).
     pub kv_cache_bytes_per_token_f16: u64,
     pub kv_cache_bytes_per_token_f32: u64,
+    /// With `--context`: the tokens asked for, and the KV cache they hold in each width.
+    pub context_tokens: Option<u64>,
+    pub kv_cache_bytes_at_context_f16: Option<u64>,
+    pub kv_cache_bytes_at_context_f32: Option<u64>,
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
@@ -111,8 +122,15 @@ pub fn run(args: InspectArgs) -> Result<()> {
         if args.budget.is_some() {
             anyhow::bail!("--budget needs a checkpoint or layout, not a config.json alone");
         }
-        let report = inspect_config(&args.model)
+        let mut report = inspect_config(&args.model)
             .with_context(|| format!("inspecting {}", args.model.display()))?;
+        if let Some(tokens) = args.context {
+            report.context_tokens = Some(tokens);
+            report.kv_cache_bytes_at_context_f16 =
+                Some(tokens.saturating_mul(report.kv_cache_bytes_per_token_f16));
+            report.kv_cache_bytes_at_context_f32 =
+                Some(tokens.saturating_mul(report.kv_cache_bytes_per_token_f32));
+        }
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
@@ -122,6 +140,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
     }
     let mut report =
         inspect(&args.model).with_context(|| format!("inspecting {}", args.model.display()))?;
+    if let Some(tokens) = args.context {
+        report.context_tokens = Some(tokens);
+        report.kv_cache_bytes_at_context =
+            Some(tokens.saturating_mul(report.kv_cache_bytes_per_token));
+    }
     if let Some(text) = &args.budget {
         if report.total_experts == 0 {
             eprintln!(
@@ -229,6 +252,12 @@ fn print_base_and_kv_cache(r: &Inspection) {
         "KV cache      {} bytes per token (f32)",
         r.kv_cache_bytes_per_token
     );
+    if let (Some(tokens), Some(bytes)) = (r.context_tokens, r.kv_cache_bytes_at_context) {
+        println!(
+            "              {} at {tokens} tokens (f32)",
+            format_bytes(bytes)
+        );
+    }
 }
 
 /// "N in memory (f32)" for widened weights; quantized weights also say what f32 would take.
@@ -266,6 +295,9 @@ pub fn inspect_config(path: &Path) -> Result<ConfigInspection> {
         qk_rope_head_dim: latent.map(|a| a.qk_rope_head_dim),
         kv_cache_bytes_per_token_f16: config.kv_cache_bytes_per_token(2) as u64,
         kv_cache_bytes_per_token_f32: config.kv_cache_bytes_per_token(4) as u64,
+        context_tokens: None,
+        kv_cache_bytes_at_context_f16: None,
+        kv_cache_bytes_at_context_f32: None,
     })
 }
 
@@ -303,6 +335,17 @@ fn print_config(r: &ConfigInspection) {
         "KV cache      {} bytes per token in f16 ({} in f32): {what}",
         r.kv_cache_bytes_per_token_f16, r.kv_cache_bytes_per_token_f32
     );
+    if let (Some(tokens), Some(f16), Some(f32)) = (
+        r.context_tokens,
+        r.kv_cache_bytes_at_context_f16,
+        r.kv_cache_bytes_at_context_f32,
+    ) {
+        println!(
+            "              {} in f16 ({} in f32) at {tokens} tokens",
+            format_bytes(f16),
+            format_bytes(f32)
+        );
+    }
 }
 
 /// The numbers for the checkpoint at `path`, without a budget (memory needed keeps every expert).
@@ -509,6 +552,8 @@ fn summary(
         budget_bytes: None,
         memory_needed_bytes: base.in_memory + total_expert_bytes_in_memory,
         kv_cache_bytes_per_token: config.kv_cache_bytes_per_token(4) as u64,
+        context_tokens: None,
+        kv_cache_bytes_at_context: None,
     }
 }
 
