@@ -3,7 +3,6 @@
 //! `message_stop`) when `stream` is set.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -12,7 +11,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{StreamExt, stream};
-use odmoe_engine::tokenizer::Tokenizer;
 use odmoe_protocol::{GenerateParams, GenerateResult};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -95,21 +93,18 @@ pub async fn messages(
         ..GenerateParams::default()
     };
     let generation = Generation::start(&http, DIALECT, params).await?;
-    let message = Message {
+    let mut message = Message {
         id: fresh_id("msg_"),
         model: model_id(&served),
-        tokenizer: served.tokenizer.clone(),
         stops,
-        reply: Reply::new(syntax),
+        reply: Reply::new(syntax, served.tokenizer.clone()),
     };
     if request.stream {
         return Ok(message_stream(generation, message, prompt_tokens).into_response());
     }
-    let mut message = message;
     let (pieces, outcome) = generation.finish().await;
     let result = outcome?;
-    let tokenizer = message.tokenizer.clone();
-    let ending = message.reply.whole(pieces, tokenizer.as_deref());
+    let ending = message.reply.whole(pieces);
     let text = ending.text;
     let mut content = Vec::new();
     if !text.is_empty() || ending.calls.is_empty() {
@@ -134,7 +129,6 @@ pub async fn messages(
 struct Message {
     id: String,
     model: String,
-    tokenizer: Option<Arc<Tokenizer>>,
     stops: Vec<String>,
     reply: Reply,
 }
@@ -150,8 +144,8 @@ impl Message {
             _ => {
                 // The generated tokens still hold the stop sequence the text leaves out.
                 let generated = self
-                    .tokenizer
-                    .as_deref()
+                    .reply
+                    .tokenizer()
                     .and_then(|tokenizer| tokenizer.decode(&result.tokens, true).ok())
                     .unwrap_or_default();
                 match self
@@ -194,16 +188,14 @@ fn message_stream(
         loop {
             match generation.next().await {
                 Step::Token { token, text } => {
-                    let tokenizer = message.tokenizer.clone();
-                    let shown = message.reply.push(token, &text, tokenizer.as_deref());
+                    let shown = message.reply.push(token, &text);
                     if !shown.is_empty() {
                         return Some((vec![text_delta(&shown)], Some((generation, message))));
                     }
                 }
                 Step::Done(Err(error)) => return Some((vec![("error", error.body())], None)),
                 Step::Done(Ok(result)) => {
-                    let tokenizer = message.tokenizer.clone();
-                    let ending = message.reply.finish(tokenizer.as_deref());
+                    let ending = message.reply.finish();
                     let mut events = Vec::new();
                     if !ending.text.is_empty() {
                         events.push(text_delta(&ending.text));

@@ -3,7 +3,6 @@
 //! `data: [DONE]` when `stream` is set.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -12,7 +11,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt, stream};
-use odmoe_engine::tokenizer::Tokenizer;
 use odmoe_protocol::{GenerateParams, GenerateResult};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -143,12 +141,11 @@ pub async fn chat_completions(
         ..request.sampling.params(max_tokens)?
     };
     let generation = Generation::start(&http, DIALECT, params).await?;
-    let answer = Answer {
+    let mut answer = Answer {
         id: fresh_id("chatcmpl-"),
         model: model_id(&served),
         created: unix_now(),
-        tokenizer: served.tokenizer.clone(),
-        reply: Reply::new(syntax),
+        reply: Reply::new(syntax, served.tokenizer.clone()),
     };
     if request.stream {
         let usage = request.stream_options.is_some_and(|o| o.include_usage);
@@ -156,9 +153,7 @@ pub async fn chat_completions(
     }
     let (pieces, outcome) = generation.finish().await;
     let result = outcome?;
-    let mut answer = answer;
-    let tokenizer = answer.tokenizer.clone();
-    let Ending { text, calls } = answer.reply.whole(pieces, tokenizer.as_deref());
+    let Ending { text, calls } = answer.reply.whole(pieces);
     let finish = finish_reason(&result, &calls);
     let mut message = json!({"role": "assistant", "content": text});
     if !calls.is_empty() {
@@ -183,7 +178,6 @@ struct Answer {
     id: String,
     model: String,
     created: u64,
-    tokenizer: Option<Arc<Tokenizer>>,
     reply: Reply,
 }
 
@@ -213,8 +207,7 @@ fn chat_stream(
         loop {
             match generation.next().await {
                 Step::Token { token, text } => {
-                    let tokenizer = answer.tokenizer.clone();
-                    let shown = answer.reply.push(token, &text, tokenizer.as_deref());
+                    let shown = answer.reply.push(token, &text);
                     if !shown.is_empty() {
                         let chunk = answer.chunk(json!({"content": shown}), None);
                         return Some((vec![chunk], Some((generation, answer))));
@@ -222,8 +215,7 @@ fn chat_stream(
                 }
                 Step::Done(Err(error)) => return Some((vec![error.body()], None)),
                 Step::Done(Ok(result)) => {
-                    let tokenizer = answer.tokenizer.clone();
-                    let ending = answer.reply.finish(tokenizer.as_deref());
+                    let ending = answer.reply.finish();
                     let mut chunks = Vec::new();
                     if !ending.text.is_empty() {
                         chunks.push(answer.chunk(json!({"content": ending.text}), None));
