@@ -262,20 +262,24 @@ impl Session {
         self.cache.bytes()
     }
 
+    /// How many tokens the cache holds that `prompt` starts with: what a prefill of `prompt`
+    /// reuses (all but the last prompt token, at most).
+    pub fn shared_with(&self, prompt: &[u32]) -> usize {
+        self.tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+    }
+
     /// Brings the cache to `prompt`, reusing the longest common prefix, and returns the logits of
     /// the last prompt position and how many prompt tokens were reused.
     pub fn prefill(&mut self, model: &Model, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
         if prompt.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
-        let common = self
-            .tokens
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
         // At least one token must run to produce logits.
-        let reused = common.min(prompt.len() - 1);
+        let reused = self.shared_with(prompt).min(prompt.len() - 1);
         self.cache.truncate(reused)?;
         self.tokens.truncate(reused);
         let logits = self.run(model, &prompt[reused..])?;

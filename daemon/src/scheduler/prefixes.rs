@@ -3,8 +3,6 @@
 //! new. Stateless APIs (OpenAI's, Anthropic's) send the whole conversation at
 //! every turn: without this, every turn would compute the whole history again.
 
-use std::time::Instant;
-
 use odmoe_engine::generate::Session;
 use tracing::debug;
 
@@ -16,7 +14,7 @@ const MIN_SHARED: usize = 16;
 /// Kept caches, least recently used first.
 #[derive(Default)]
 pub(super) struct Prefixes {
-    kept: Vec<(Session, Instant)>,
+    kept: Vec<Session>,
 }
 
 impl Prefixes {
@@ -27,26 +25,26 @@ impl Prefixes {
             .kept
             .iter()
             .enumerate()
-            .map(|(index, (session, _))| (index, shared_start(session.tokens(), prompt)))
+            .map(|(index, session)| (index, session.shared_with(prompt)))
             .max_by_key(|&(index, shared)| (shared, index))?;
         if shared < MIN_SHARED.min(prompt.len()) || shared == 0 {
             return None;
         }
         debug!(shared, "prefix cache hit");
-        Some(self.kept.remove(best).0)
+        Some(self.kept.remove(best))
     }
 
     /// Keeps `session` as the most recently used, then drops the least
     /// recently used caches until all fit in `max_bytes` (0 keeps none).
     pub(super) fn put(&mut self, session: Session, max_bytes: u64) {
         if !session.tokens().is_empty() {
-            // A cache whose tokens start another kept one's holds all it does.
+            // A kept cache whose tokens this one starts with holds nothing this one lacks.
             self.kept
-                .retain(|(kept, _)| !session.tokens().starts_with(kept.tokens()));
-            self.kept.push((session, Instant::now()));
+                .retain(|kept| !session.tokens().starts_with(kept.tokens()));
+            self.kept.push(session);
         }
         while self.bytes() > max_bytes && !self.kept.is_empty() {
-            let dropped = self.kept.remove(0).0;
+            let dropped = self.kept.remove(0);
             debug!(
                 tokens = dropped.tokens().len(),
                 "prefix cache entry dropped: over prefix_cache_bytes"
@@ -65,12 +63,7 @@ impl Prefixes {
     pub(super) fn bytes(&self) -> u64 {
         self.kept
             .iter()
-            .map(|(session, _)| session.cache_bytes() as u64)
+            .map(|session| session.cache_bytes() as u64)
             .sum()
     }
-}
-
-/// How many tokens `a` and `b` share from the start.
-fn shared_start(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
