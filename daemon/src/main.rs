@@ -105,6 +105,7 @@ struct Args {
 fn main() -> ExitCode {
     // SAFETY: first thing in main, before any thread starts.
     unsafe { odmoe_engine::configure_cpu_compute() };
+    memory::configure_allocator();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
