@@ -32,7 +32,7 @@ type Table<'a> = &'a [(&'a str, &'a [&'a str])];
 #[rustfmt::skip]
 const DAEMON: Table = &[
     ("main",       &["server", "http", "socket", "state", "scheduler", "pressure", "settings",
-                     "budget", "logging", "startup"]),
+                     "budget", "memory", "logging", "startup"]),
     ("http",       &["dispatch", "state", "scheduler", "logging", "::odmoe_protocol"]),
     ("server",     &["connection", "state", "socket", "shutdown"]),
     ("connection", &["dispatch", "peer", "state", "shutdown", "logging", "::odmoe_protocol"]),
