@@ -13,7 +13,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
 
 use crate::error::{Error, Result};
-use crate::kernels::q8_0;
+use crate::kernels::quantized;
 
 /// A SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`. Every routed expert is one.
 ///
@@ -37,9 +37,9 @@ impl GluMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(weights) = self.q8_0(x) {
-            let input = q8_0::Activations::of(x)?;
-            let out = q8_0::glu(&[(weights, &input)])?.remove(0);
+        if let Some(weights) = self.quantized(x) {
+            let input = quantized::Activations::of(x)?;
+            let out = quantized::glu(&[(weights, &input)])?.remove(0);
             return Ok(Tensor::from_vec(out, x.dims(), x.device())?);
         }
         let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
@@ -47,12 +47,12 @@ impl GluMlp {
         Ok(self.down.forward(&(gate * up)?)?)
     }
 
-    /// The three projections when the Q8_0 kernel takes `x` through them all.
-    pub fn q8_0(&self, x: &Tensor) -> Option<q8_0::GluWeights<'_>> {
-        Some(q8_0::GluWeights {
-            gate: q8_0::eligible(&self.gate, x)?,
-            up: q8_0::eligible(&self.up, x)?,
-            down: q8_0::eligible(&self.down, x)?,
+    /// The three projections when the quantized kernels take `x` through them all.
+    pub fn quantized(&self, x: &Tensor) -> Option<quantized::GluWeights<'_>> {
+        Some(quantized::GluWeights {
+            gate: quantized::eligible(&self.gate, x)?,
+            up: quantized::eligible(&self.up, x)?,
+            down: quantized::eligible(&self.down, x)?,
         })
     }
 
@@ -203,18 +203,18 @@ pub fn apply(
             continue;
         };
         let first = first.wait()?;
-        if first.q8_0(x).is_some() {
-            // The Q8_0 kernel takes experts a group at a time, in two passes over the thread
+        if first.quantized(x).is_some() {
+            // The quantized kernels take experts a group at a time, in two passes over the thread
             // pool instead of two per expert. A group is a decode step's experts; in a
             // prompt, computing one group overlaps reading the next.
             let mut pending = std::iter::once(PendingExpert::ready(first)).chain(pending);
-            for group in batch.chunks(Q8_0_GROUP) {
+            for group in batch.chunks(KERNEL_GROUP) {
                 let handles = pending
                     .by_ref()
                     .take(group.len())
                     .map(PendingExpert::wait)
                     .collect::<Result<Vec<_>>>()?;
-                out = mix_q8_0(out, x, &handles, group)?;
+                out = mix_quantized(out, x, &handles, group)?;
             }
             continue;
         }
@@ -234,15 +234,15 @@ pub fn apply(
     Ok(out)
 }
 
-/// Experts the Q8_0 kernel computes together: the top-k of the architectures served.
-const Q8_0_GROUP: usize = 8;
+/// Experts the quantized kernels compute together: the top-k of the architectures served.
+const KERNEL_GROUP: usize = 8;
 
 /// An expert, the positions routed to it, and their routing weights.
 type Assignment = (usize, (Vec<u32>, Vec<f32>));
 
 /// `out` plus each expert's output on its tokens times its routing weight, added in the order of
 /// `batch` (ascending expert ids) as the candle path adds them.
-fn mix_q8_0(
+fn mix_quantized(
     out: Tensor,
     x: &Tensor,
     handles: &[ExpertHandle],
@@ -250,22 +250,22 @@ fn mix_q8_0(
 ) -> Result<Tensor> {
     let (_, hidden) = x.dims2()?;
     let rows = x.to_vec2::<f32>()?;
-    let inputs: Vec<q8_0::Activations> = batch
+    let inputs: Vec<quantized::Activations> = batch
         .iter()
         .map(|(_, (tokens, _))| {
             let gathered: Vec<f32> = tokens
                 .iter()
                 .flat_map(|&t| rows[t as usize].iter().copied())
                 .collect();
-            q8_0::Activations::quantize(&gathered, hidden)
+            quantized::Activations::quantize(&gathered, hidden)
         })
         .collect();
     let experts: Vec<_> = handles
         .iter()
         .zip(&inputs)
-        .map(|(h, input)| Ok((h.q8_0(x).ok_or_else(mixed_types)?, input)))
+        .map(|(h, input)| Ok((h.quantized(x).ok_or_else(mixed_types)?, input)))
         .collect::<Result<_>>()?;
-    let outputs = q8_0::glu(&experts)?;
+    let outputs = quantized::glu(&experts)?;
     let mut sum = out.flatten_all()?.to_vec1::<f32>()?;
     for (y, (_, (tokens, weights))) in outputs.iter().zip(batch) {
         for ((&t, &w), y) in tokens.iter().zip(weights).zip(y.chunks_exact(hidden)) {
@@ -279,5 +279,5 @@ fn mix_q8_0(
 }
 
 fn mixed_types() -> Error {
-    Error::InvalidModel("a layer's experts mix Q8_0 with other weight types".into())
+    Error::InvalidModel("a layer's experts mix block types the kernels take with others".into())
 }

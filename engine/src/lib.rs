@@ -63,7 +63,7 @@ pub use error::{Error, Result};
 /// repacks every expert read from disk; and it was slower here, 13.2 against 17.2 tok/s decode and
 /// 12.1 against 1.8 s to the first token (`odmoe bench decode --resident`, 2 threads).
 ///
-/// Q8_0 itself goes through odmoe's own kernel (`model::q8_0`) where the CPU has AVX2 or AVX-512;
+/// Q8_0 itself goes through odmoe's own kernels (`kernels::quantized`) where the CPU has AVX2 or AVX-512;
 /// the switch still matters for other quantized types.
 ///
 /// The thread count fixed once (`RAYON_NUM_THREADS`, to the count candle would choose): unset,

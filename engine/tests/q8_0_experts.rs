@@ -8,7 +8,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 use candle_nn::Linear;
 use odmoe_engine::expert::{GluMlp, ResidentExperts};
-use odmoe_engine::kernels::q8_0;
+use odmoe_engine::kernels::quantized;
 use odmoe_engine::model::moe::{MoeBlock, Scoring};
 use odmoe_engine::store::{ExpertSource, ExpertStore, PolicyKind, StoreConfig};
 
@@ -77,7 +77,7 @@ fn dequantized(m: &QMatMul) -> Tensor {
 
 #[test]
 fn q8_0_experts_on_demand_match_resident_and_the_weighted_sum() {
-    if !q8_0::available() {
+    if !quantized::available() {
         eprintln!("skipped: this CPU lacks AVX2, so candle computes Q8_0");
         return;
     }

@@ -23,14 +23,15 @@ use odmoe_engine::store::{PolicyKind, StoreConfig};
 use serde_json::json;
 
 mod decode;
+mod dtype;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Cold read throughput, warm hit latency and decode speed at several budgets.
     Store(StoreBenchArgs),
-    /// Expert matvec speed by weight type, weights from memory: f32 against bf16 and f16 (why
-    /// experts compute in f32), and Q8_0 through candle and through odmoe's kernel.
-    Dtype,
+    /// Speed of one expert projection by weight type, for a decode step (weights from memory)
+    /// and a prompt: candle's products against odmoe's kernels, with the instruction set used.
+    Dtype(dtype::DtypeBenchArgs),
     /// One engine run of the llama.cpp comparison (bench/compare.py): time to first token,
     /// decode tok/s, bytes read, peak memory, hit rate against Belady's.
     Decode(decode::DecodeBenchArgs),
@@ -58,80 +59,9 @@ pub struct StoreBenchArgs {
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Store(args) => store(args),
-        BenchCommand::Dtype => dtype(),
+        BenchCommand::Dtype(args) => dtype::run(args),
         BenchCommand::Decode(args) => decode::run(args),
     }
-}
-
-/// One expert projection (Qwen3-30B-A3B: 768 x 2048) applied to one token, per weight type.
-///
-/// Each row cycles through copies of the matrix worth 512 MiB, so the weights come from memory as
-/// a decode step's experts do, not from the CPU's caches.
-fn dtype() -> Result<()> {
-    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-    use candle_core::{DType, Device, Module, Tensor};
-    use odmoe_engine::kernels::Projection;
-
-    let device = Device::Cpu;
-    let weight = Tensor::randn(0f32, 0.1, (768, 2048), &device)?;
-    let x = Tensor::randn(0f32, 1.0, (1, 2048), &device)?;
-    let copies = |bytes: usize| (512 << 20) / bytes;
-    let q8_0 = || -> Result<QMatMul> {
-        Ok(QMatMul::from_qtensor(QTensor::quantize(
-            &weight,
-            GgmlDType::Q8_0,
-        )?)?)
-    };
-    let q8_0_bytes = QTensor::quantize(&weight, GgmlDType::Q8_0)?.storage_size_in_bytes();
-
-    type Apply = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
-    let mut rows: Vec<(String, usize, Vec<Apply>)> = Vec::new();
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let bytes = weight.elem_count() * dtype.size_in_bytes();
-        let mut matrices: Vec<Apply> = Vec::new();
-        for _ in 0..copies(bytes) {
-            let w = weight.to_dtype(dtype)?.copy()?;
-            matrices.push(Box::new(move |x| {
-                Ok(x.to_dtype(w.dtype())?.matmul(&w.t()?)?)
-            }));
-        }
-        rows.push((format!("{dtype:?}"), bytes, matrices));
-    }
-    let mut candle: Vec<Apply> = Vec::new();
-    let mut kernel: Vec<Apply> = Vec::new();
-    for _ in 0..copies(q8_0_bytes) {
-        let m = q8_0()?;
-        candle.push(Box::new(move |x| Ok(m.forward(x)?)));
-        let p = Projection::new(q8_0()?, None);
-        kernel.push(Box::new(move |x| Ok(p.forward(x)?)));
-    }
-    rows.push(("Q8_0, candle".into(), q8_0_bytes, candle));
-    let kernel_name = if odmoe_engine::kernels::q8_0::available() {
-        "Q8_0, odmoe kernel"
-    } else {
-        "Q8_0, odmoe (no AVX2: candle)"
-    };
-    rows.push((kernel_name.into(), q8_0_bytes, kernel));
-
-    let mut f32_us = None;
-    println!("| weights | us per matvec | GB/s of weights | time vs f32 |");
-    println!("|---|---|---|---|");
-    for (name, bytes, matrices) in rows {
-        let iterations = 4 * matrices.len();
-        let started = Instant::now();
-        for apply in matrices.iter().cycle().take(iterations) {
-            std::hint::black_box(apply(&x)?);
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        let us = seconds * 1e6 / iterations as f64;
-        let base = *f32_us.get_or_insert(us);
-        println!(
-            "| {name} | {us:.0} | {:.2} | {:.2}x |",
-            gbps((bytes * iterations) as u64, seconds),
-            us / base
-        );
-    }
-    Ok(())
 }
 
 /// Drops the page cache so the next reads come from the device; needs root.

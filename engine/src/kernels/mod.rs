@@ -1,8 +1,8 @@
 //! Matrix products in the weights' stored type: candle's, or odmoe's own kernels where they are
-//! faster (Q8_0 on x86-64). Kernels sit below the models: they know tensors and blocks, never
+//! faster (the 32-value block types on x86-64). Kernels sit below the models: they know tensors and blocks, never
 //! layers or architectures.
 
-pub mod q8_0;
+pub mod quantized;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
@@ -27,15 +27,15 @@ impl Projection {
         Ok(Self::forward_all(&[self], x)?.remove(0))
     }
 
-    /// Each projection of `all` applied to the same `x`: when all are Q8_0 the kernel quantizes
-    /// `x` once and computes them together.
+    /// Each projection of `all` applied to the same `x`: when the kernels take them all, `x` is
+    /// quantized once and they are computed together.
     pub fn forward_all(all: &[&Self], x: &Tensor) -> Result<Vec<Tensor>> {
         let products = match all
             .iter()
-            .map(|p| q8_0::eligible(&p.weight, x))
+            .map(|p| quantized::eligible(&p.weight, x))
             .collect::<Option<Vec<_>>>()
         {
-            Some(weights) => q8_0::forward(&weights, x)?,
+            Some(weights) => quantized::forward(&weights, x)?,
             None => all
                 .iter()
                 .map(|p| p.weight.forward(x))

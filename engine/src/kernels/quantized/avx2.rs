@@ -1,8 +1,8 @@
-//! The AVX2 (with FMA and F16C) Q8_0 dot product, and the block helpers the AVX-512 path shares.
+//! The AVX2 (with FMA and F16C) dot products, and the block helpers the AVX-512 path shares.
 
 use std::arch::x86_64::*;
 
-use super::{BLOCK, BLOCK_BYTES};
+use super::{BLOCK, BLOCK_BYTES, small};
 
 /// `sum over blocks of (weight scale * activation scale) * (integer dot of the quants)`, a
 /// block to a 256-bit register and four blocks a step into two accumulators.
@@ -47,8 +47,135 @@ pub(super) unsafe fn dot(weights: &[u8], quants: &[i8], scales: &[f32]) -> f32 {
         }
         b += 1;
     }
-    let sum = _mm256_add_ps(acc[0], acc[1]);
-    let sum = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+    horizontal_sum(_mm256_add_ps(acc[0], acc[1]))
+}
+
+/// `sum over blocks of d (activation scale) (integer dot of the unsigned quants) + m (activation
+/// block sum)` for a 4- or 5-bit block type (see `small`), a block to a 256-bit register.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `weights` holds `scales.len()` blocks, `quants` 32 quants
+/// and `sums` one sum for each.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
+    weights: &[u8],
+    quants: &[i8],
+    scales: &[f32],
+    sums: &[f32],
+) -> f32 {
+    let blocks = scales.len();
+    let bytes = small::block_bytes(MIN, HIGH);
+    debug_assert!(weights.len() >= blocks * bytes && quants.len() >= blocks * BLOCK);
+    debug_assert!(sums.len() >= blocks);
+    let mut acc = _mm256_setzero_ps();
+    let mut offsets = 0f32;
+    for b in 0..blocks {
+        // SAFETY: block b is inside every slice.
+        unsafe {
+            let block = weights.as_ptr().add(b * bytes);
+            let (d, m) = small_scales::<MIN, HIGH>(block);
+            let lanes = unsigned_dots(
+                small_quants::<MIN, HIGH>(block),
+                _mm256_loadu_si256(quants.as_ptr().add(b * BLOCK) as *const __m256i),
+            );
+            let scale = _mm256_set1_ps(d * *scales.get_unchecked(b));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, acc);
+            offsets += m * *sums.get_unchecked(b);
+        }
+    }
+    horizontal_sum(acc) + offsets
+}
+
+/// The scale `d` and offset `m` of a 4- or 5-bit block (`-8 d` or `-16 d` when it stores none).
+///
+/// # Safety
+/// `block` points at a whole block.
+#[inline]
+#[target_feature(enable = "f16c")]
+pub(super) unsafe fn small_scales<const MIN: bool, const HIGH: bool>(
+    block: *const u8,
+) -> (f32, f32) {
+    // SAFETY: the caller's.
+    unsafe {
+        let d = half(block);
+        let m = if MIN {
+            half(block.add(small::min_at()))
+        } else {
+            small::zero(HIGH) * d
+        };
+        (d, m)
+    }
+}
+
+/// The f16 at `at`, as f32.
+///
+/// # Safety
+/// `at` points at two readable bytes.
+#[inline]
+#[target_feature(enable = "f16c")]
+unsafe fn half(at: *const u8) -> f32 {
+    // SAFETY: the caller's.
+    let bits = unsafe { (at as *const u16).read_unaligned() };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// The 32 unsigned quants (0-15, or 0-31 with the fifth bits) of a 4- or 5-bit block, in value
+/// order.
+///
+/// # Safety
+/// `block` points at a whole block.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn small_quants<const MIN: bool, const HIGH: bool>(block: *const u8) -> __m256i {
+    // SAFETY: the caller's.
+    unsafe {
+        let packed = _mm_loadu_si128(block.add(small::quants_at(MIN, HIGH)) as *const __m128i);
+        let nibbles = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
+            _mm256_set1_epi8(0x0f),
+        );
+        if !HIGH {
+            return nibbles;
+        }
+        let high = (block.add(small::high_at(MIN)) as *const u32).read_unaligned();
+        _mm256_or_si256(nibbles, fifth_bits(high))
+    }
+}
+
+/// 0x10 in byte i where bit i of `bits` is set, else 0: each byte takes its bit's byte of
+/// `bits`, every other bit of it is set, and only a byte with its own bit set too is all ones.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn fifth_bits(bits: u32) -> __m256i {
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+    let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1));
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// Per-lane sums of four products of unsigned weight quants (at most 31) and signed activation
+/// quants: pairs of products stay within i16.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn unsigned_dots(weights: __m256i, activations: __m256i) -> __m256i {
+    _mm256_madd_epi16(
+        _mm256_maddubs_epi16(weights, activations),
+        _mm256_set1_epi16(1),
+    )
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn horizontal_sum(v: __m256) -> f32 {
+    let sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
     _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehdup_ps(sum)))
 }

@@ -1,0 +1,451 @@
+//! The AVX-512 VNNI products: tiles of rows by tokens, two blocks through one `vpdpbusd`.
+//!
+//! A prompt's product goes a group of tokens at a time: their activations are laid out once per
+//! block pair with their scales spread over the lanes, then every row is unpacked once for the
+//! whole group and meets each token in four or five instructions (memory operands from the
+//! group). Every element gets its own accumulator and the same steps in the same order in any
+//! group, so results depend neither on the batch's other tokens nor on the thread count. Tokens
+//! left over after the groups (and a decode step's one token) go through the one-token dot.
+//!
+//! `vpdpbusd` multiplies unsigned by signed bytes. 4- and 5-bit quants are unsigned already. A
+//! Q8_0 weight goes in as `w + 128` (its sign bit flipped) and `128 * (the activations' sum)`,
+//! laid out with the group, starts the instruction's accumulator negated.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::avx2::{
+    block_quants, four_scales, round_through_f16, scale_bits, small_quants, small_scales,
+};
+use super::{Activations, BLOCK, BLOCK_BYTES, Format, small};
+
+/// Tokens in a group: eight accumulators and a row's operands stay in registers.
+const GROUP: usize = 8;
+
+/// Quantizes 32 values into `out` and returns their scale, `max|x| / 127` rounded through
+/// f16; quants round half to even, as llama.cpp's vector code rounds them.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW and F16C; both slices hold 32 values.
+#[target_feature(enable = "avx512f,avx512bw,f16c")]
+pub(super) unsafe fn quantize_block(block: &[f32], out: &mut [i8]) -> f32 {
+    debug_assert!(block.len() == BLOCK && out.len() == BLOCK);
+    // SAFETY: the caller's.
+    unsafe {
+        let low = _mm512_loadu_ps(block.as_ptr());
+        let high = _mm512_loadu_ps(block.as_ptr().add(16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+        let scale = amax / 127.0;
+        let inverse = _mm512_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+        for (half, values) in [low, high].into_iter().enumerate() {
+            let rounded = _mm512_cvtps_epi32(_mm512_mul_ps(values, inverse));
+            _mm_storeu_si128(
+                out.as_mut_ptr().add(16 * half) as *mut __m128i,
+                _mm512_cvtsepi32_epi8(rounded),
+            );
+        }
+        round_through_f16(scale)
+    }
+}
+
+/// Elements `(t, r)` of `x W^T` for every token `t` of `x` and the rows `rows` of `weights` (a
+/// matrix of `format` blocks), written to `out[t * out_rows + r]`.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C (as `Activations` found); `weights`
+/// holds the rows; `out` has room for every element and nothing else writes them meanwhile.
+pub(super) unsafe fn product(
+    format: Format,
+    weights: &[u8],
+    rows: Range<usize>,
+    x: &Activations,
+    out: *mut f32,
+    out_rows: usize,
+) {
+    // SAFETY: the caller's.
+    unsafe {
+        match format {
+            Format::Q8_0 => product_of::<true, false, false>(weights, rows, x, out, out_rows),
+            Format::Q4_0 => product_of::<false, false, false>(weights, rows, x, out, out_rows),
+            Format::Q4_1 => product_of::<false, true, false>(weights, rows, x, out, out_rows),
+            Format::Q5_0 => product_of::<false, false, true>(weights, rows, x, out, out_rows),
+            Format::Q5_1 => product_of::<false, true, true>(weights, rows, x, out, out_rows),
+        }
+    }
+}
+
+/// One element: the row in `weights` (one row of `format` blocks) with token `t` of `x`.
+///
+/// # Safety
+/// As [`product`].
+#[cfg(test)]
+pub(super) unsafe fn element(format: Format, weights: &[u8], x: &Activations, t: usize) -> f32 {
+    let mut out = vec![0f32; x.len()];
+    // SAFETY: the caller's; `out` holds one element per token.
+    unsafe { product(format, weights, 0..1, x, out.as_mut_ptr(), 1) };
+    out[t]
+}
+
+/// Token `t` of `x` with one weight row, alone: a decode step's product, which has no other
+/// tokens to share the row's unpacking with.
+///
+/// # Safety
+/// As [`product_of`]; `row` holds `x.cols / 32` blocks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot<const Q8: bool, const MIN: bool, const HIGH: bool>(
+    row: &[u8],
+    x: &Activations,
+    t: usize,
+) -> f32 {
+    let blocks = x.cols / BLOCK;
+    let quants = &x.quants[t * x.cols..(t + 1) * x.cols];
+    let scales = &x.scales[t * blocks..(t + 1) * blocks];
+    // SAFETY: the caller's.
+    unsafe {
+        if Q8 {
+            dot_q8_0(row, quants, scales)
+        } else {
+            dot_small::<MIN, HIGH>(row, quants, scales, &x.sums[t * blocks..(t + 1) * blocks])
+        }
+    }
+}
+
+/// [`product`] for one block type: Q8_0 (`Q8`) or a 4- or 5-bit one (see `small`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn product_of<const Q8: bool, const MIN: bool, const HIGH: bool>(
+    weights: &[u8],
+    rows: Range<usize>,
+    x: &Activations,
+    out: *mut f32,
+    out_rows: usize,
+) {
+    let bytes = if Q8 {
+        BLOCK_BYTES
+    } else {
+        small::block_bytes(MIN, HIGH)
+    };
+    let blocks = x.cols / BLOCK;
+    let row_bytes = blocks * bytes;
+    debug_assert!(weights.len() >= rows.end * row_bytes);
+    let tokens = x.len();
+    let mut group = Vec::new();
+    let mut t = 0;
+    while t + GROUP <= tokens {
+        // SAFETY: tokens t..t + GROUP are rows of `x`.
+        unsafe { lay_out::<Q8>(x, t, &mut group) };
+        for r in rows.clone() {
+            // SAFETY: row r is inside `weights`; the caller's for `out`.
+            unsafe {
+                let row = weights.as_ptr().add(r * row_bytes);
+                let sums = row_with_group::<Q8, MIN, HIGH>(row, blocks, bytes, &group);
+                for (j, sum) in sums.into_iter().enumerate() {
+                    *out.add((t + j) * out_rows + r) = sum;
+                }
+            }
+        }
+        t += GROUP;
+    }
+    for t in t..tokens {
+        for r in rows.clone() {
+            // SAFETY: as above.
+            unsafe {
+                let row =
+                    std::slice::from_raw_parts(weights.as_ptr().add(r * row_bytes), row_bytes);
+                *out.add(t * out_rows + r) = dot::<Q8, MIN, HIGH>(row, x, t);
+            }
+        }
+    }
+}
+
+/// One token's operands for one block pair: its quants, its block scales spread over the lanes
+/// (lanes 0-7 the first block's, 8-15 the second's) and, for 4- and 5-bit types, its block sums
+/// spread alike; for Q8_0, `-128 * (the lane's four quants' sum)`.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Operands {
+    quants: __m512i,
+    scales: __m512,
+    extra: __m512i,
+}
+
+/// Lays out tokens `first..first + GROUP` of `x` as `group[pair * GROUP + j]`; the upper half
+/// of a last, unpaired block is zero.
+///
+/// # Safety
+/// The CPU has the features of [`product_of`]; the tokens are rows of `x`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn lay_out<const Q8: bool>(x: &Activations, first: usize, group: &mut Vec<Operands>) {
+    let blocks = x.cols / BLOCK;
+    group.clear();
+    let mut b = 0;
+    while b < blocks {
+        let pair = b + 1 < blocks;
+        for t in first..first + GROUP {
+            // SAFETY: block b (and b + 1 with `pair`) of token t is inside `x`.
+            unsafe {
+                let at = x.quants.as_ptr().add(t * x.cols + b * BLOCK);
+                let quants = if pair {
+                    _mm512_loadu_si512(at as *const __m512i)
+                } else {
+                    _mm512_zextsi256_si512(_mm256_loadu_si256(at as *const __m256i))
+                };
+                let scales = two_lanes(x.scales.as_ptr().add(t * blocks + b), pair);
+                let extra = if Q8 {
+                    let sums =
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), quants);
+                    _mm512_sub_epi32(_mm512_setzero_si512(), sums)
+                } else {
+                    _mm512_castps_si512(two_lanes(x.sums.as_ptr().add(t * blocks + b), pair))
+                };
+                group.push(Operands {
+                    quants,
+                    scales,
+                    extra,
+                });
+            }
+        }
+        b += 2;
+    }
+}
+
+/// One weight row (at `row`, `blocks` blocks of `bytes` bytes) with every token of `group`:
+/// per block pair, the integer dots times the scale products, plus (4- and 5-bit types) the
+/// offsets times the activation sums, each offset spread over its block's eight lanes as `m / 8`
+/// (exact in binary).
+///
+/// # Safety
+/// The CPU has the features of [`product_of`]; the row holds `blocks` blocks and `group` their
+/// pairs laid out by [`lay_out`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn row_with_group<const Q8: bool, const MIN: bool, const HIGH: bool>(
+    row: *const u8,
+    blocks: usize,
+    bytes: usize,
+    group: &[Operands],
+) -> [f32; GROUP] {
+    let mut acc = [_mm512_setzero_ps(); GROUP];
+    for (index, tokens) in group.chunks_exact(GROUP).enumerate() {
+        let b = 2 * index;
+        let pair = b + 1 < blocks;
+        // SAFETY: blocks b and, with `pair`, b + 1 are inside the row.
+        let (w, dw, mw) = unsafe {
+            let first = row.add(b * bytes);
+            let second = first.add(bytes);
+            if Q8 {
+                let w = if pair {
+                    _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(block_quants(first)),
+                        block_quants(second),
+                    )
+                } else {
+                    _mm512_zextsi256_si512(block_quants(first))
+                };
+                let h0 = scale_bits(first) as i16;
+                let h1 = if pair { scale_bits(second) as i16 } else { 0 };
+                let dw = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, 0, 0, h1, h0));
+                // The sign bit flipped: w + 128, unsigned.
+                let w = _mm512_xor_si512(w, _mm512_set1_epi8(-128));
+                (w, spread(dw), _mm512_setzero_ps())
+            } else {
+                let (d0, m0) = small_scales::<MIN, HIGH>(first);
+                let (q1, d1, m1) = if pair {
+                    let (d1, m1) = small_scales::<MIN, HIGH>(second);
+                    (small_quants::<MIN, HIGH>(second), d1, m1)
+                } else {
+                    (_mm256_setzero_si256(), 0.0, 0.0)
+                };
+                let w = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(small_quants::<MIN, HIGH>(first)),
+                    q1,
+                );
+                let dw = spread(_mm_set_ps(0.0, 0.0, d1, d0));
+                let mw = spread(_mm_set_ps(0.0, 0.0, m1 * 0.125, m0 * 0.125));
+                (w, dw, mw)
+            }
+        };
+        for (acc, token) in acc.iter_mut().zip(tokens) {
+            let lanes = if Q8 {
+                _mm512_dpbusd_epi32(token.extra, w, token.quants)
+            } else {
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, token.quants)
+            };
+            let scale = _mm512_mul_ps(dw, token.scales);
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, *acc);
+            if !Q8 {
+                *acc = _mm512_fmadd_ps(mw, _mm512_castsi512_ps(token.extra), *acc);
+            }
+        }
+    }
+    acc.map(|sum| _mm512_reduce_add_ps(sum))
+}
+
+/// `sum over blocks of (weight scale * activation scale) * (integer dot of the quants)`, two
+/// blocks to a 512-bit register and four blocks a step into two accumulators.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VNNI and F16C; `weights` holds `scales.len()` blocks and `quants`
+/// 32 quants for each.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,f16c")]
+unsafe fn dot_q8_0(weights: &[u8], quants: &[i8], scales: &[f32]) -> f32 {
+    let blocks = scales.len();
+    debug_assert!(weights.len() >= blocks * BLOCK_BYTES && quants.len() >= blocks * BLOCK);
+    let w = weights.as_ptr();
+    let a = quants.as_ptr();
+    // Spread scales 0 and 1 (or 2 and 3) over lanes 0-7 and 8-15.
+    let first = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    let second = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut b = 0;
+    // SAFETY (all blocks below): block b + 3, or b in the tail, is inside both slices.
+    while b + 4 <= blocks {
+        unsafe {
+            let block = w.add(b * BLOCK_BYTES);
+            let both = _mm512_castps128_ps512(four_scales(block, scales.as_ptr().add(b)));
+            for (half, lanes) in [first, second].into_iter().enumerate() {
+                let pair = block.add(2 * half * BLOCK_BYTES);
+                let quants = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(block_quants(pair)),
+                    block_quants(pair.add(BLOCK_BYTES)),
+                );
+                let sums = integer_dots(
+                    quants,
+                    _mm512_loadu_si512(a.add((b + 2 * half) * BLOCK) as *const __m512i),
+                );
+                acc[half] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(sums),
+                    _mm512_permutexvar_ps(lanes, both),
+                    acc[half],
+                );
+            }
+        }
+        b += 4;
+    }
+    while b < blocks {
+        unsafe {
+            let block = w.add(b * BLOCK_BYTES);
+            let scale = _mm_mul_ss(
+                _mm_cvtph_ps(_mm_cvtsi64_si128(scale_bits(block))),
+                _mm_set_ss(*scales.get_unchecked(b)),
+            );
+            // The upper half stays zero.
+            let sums = integer_dots(
+                _mm512_zextsi256_si512(block_quants(block)),
+                _mm512_zextsi256_si512(_mm256_loadu_si256(a.add(b * BLOCK) as *const __m256i)),
+            );
+            acc[0] = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(sums),
+                _mm512_permutexvar_ps(first, _mm512_castps128_ps512(scale)),
+                acc[0],
+            );
+        }
+        b += 1;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+}
+
+/// `sum over blocks of d (activation scale) (integer dot of the unsigned quants) + m (activation
+/// block sum)` for a 4- or 5-bit block type (see `small`): the unsigned quants go straight into
+/// `vpdpbusd`, two blocks to a 512-bit register.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VNNI, AVX2, FMA and F16C; `weights` holds `scales.len()` blocks,
+/// `quants` 32 quants and `sums` one sum for each.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
+    weights: &[u8],
+    quants: &[i8],
+    scales: &[f32],
+    sums: &[f32],
+) -> f32 {
+    let blocks = scales.len();
+    let bytes = small::block_bytes(MIN, HIGH);
+    debug_assert!(weights.len() >= blocks * bytes && quants.len() >= blocks * BLOCK);
+    debug_assert!(sums.len() >= blocks);
+    let w = weights.as_ptr();
+    let a = quants.as_ptr();
+    let mut acc = _mm512_setzero_ps();
+    let mut offsets = 0f32;
+    let mut b = 0;
+    // SAFETY (all blocks below): block b + 1, or b in the tail, is inside every slice.
+    while b + 2 <= blocks {
+        unsafe {
+            let (first, second) = (w.add(b * bytes), w.add((b + 1) * bytes));
+            let (d0, m0) = small_scales::<MIN, HIGH>(first);
+            let (d1, m1) = small_scales::<MIN, HIGH>(second);
+            let quants = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(small_quants::<MIN, HIGH>(first)),
+                small_quants::<MIN, HIGH>(second),
+            );
+            let lanes = _mm512_dpbusd_epi32(
+                _mm512_setzero_si512(),
+                quants,
+                _mm512_loadu_si512(a.add(b * BLOCK) as *const __m512i),
+            );
+            let pair = _mm_set_ps(
+                0.0,
+                0.0,
+                d1 * *scales.get_unchecked(b + 1),
+                d0 * *scales.get_unchecked(b),
+            );
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), spread(pair), acc);
+            offsets += m0 * *sums.get_unchecked(b);
+            offsets += m1 * *sums.get_unchecked(b + 1);
+        }
+        b += 2;
+    }
+    if b < blocks {
+        unsafe {
+            let block = w.add(b * bytes);
+            let (d, m) = small_scales::<MIN, HIGH>(block);
+            // The upper half stays zero.
+            let lanes = _mm512_dpbusd_epi32(
+                _mm512_setzero_si512(),
+                _mm512_zextsi256_si512(small_quants::<MIN, HIGH>(block)),
+                _mm512_zextsi256_si512(_mm256_loadu_si256(a.add(b * BLOCK) as *const __m256i)),
+            );
+            let scale = _mm512_set1_ps(d * *scales.get_unchecked(b));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, acc);
+            offsets += m * *sums.get_unchecked(b);
+        }
+    }
+    _mm512_reduce_add_ps(acc) + offsets
+}
+
+/// Per-lane sums of four products of signed bytes. vpdpbusd multiplies unsigned by signed
+/// bytes, so each weight's sign moves onto its activation and the weight gives its magnitude.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn integer_dots(weights: __m512i, activations: __m512i) -> __m512i {
+    let negative = _mm512_movepi8_mask(weights);
+    let signed = _mm512_mask_sub_epi8(activations, negative, _mm512_setzero_si512(), activations);
+    _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(weights), signed)
+}
+
+/// Lanes 0-7 the first of `values`, lanes 8-15 the second (zero without `pair`).
+///
+/// # Safety
+/// `values` points at one f32, or two with `pair`.
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn two_lanes(values: *const f32, pair: bool) -> __m512 {
+    // SAFETY: the caller's.
+    unsafe {
+        let both = if pair {
+            _mm_castpd_ps(_mm_load_sd(values as *const f64))
+        } else {
+            _mm_load_ss(values)
+        };
+        spread(both)
+    }
+}
+
+/// Lanes 0-7 element 0 of `two`, lanes 8-15 element 1.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn spread(two: __m128) -> __m512 {
+    let lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(two))
+}

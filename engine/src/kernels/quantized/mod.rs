@@ -1,0 +1,803 @@
+//! Matrix products in GGUF's 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) on x86-64 CPUs
+//! (with AVX-512 VNNI, else AVX2), computed from the blocks as the file stores them.
+//!
+//! Why not candle's: it has no vector code at all for Q4_1, Q5_0 and Q5_1 (a Q4_1 prompt spent
+//! 60% of its time in its scalar loop); its AVX2 Q8_0 loop converts each block's f16 scales
+//! through a function call and widens products in two steps, so decode runs at about half the
+//! memory bandwidth; its VNNI path keeps a repacked second copy of every matrix, which a
+//! byte-budgeted expert store cannot afford. Here activations are quantized to Q8_0 once per call
+//! (once for gate and up together) with each block's sum beside its scale, as llama.cpp's Q8_1
+//! partner format keeps it: a 4- or 5-bit weight `d q + m` then needs only the integer dot of its
+//! unsigned quants with the activation's, plus `m` times the activation block's sum. Rows are
+//! shared out over candle's own thread pool.
+//!
+//! Every output element is one row's dot product with one activation row, summed in the same
+//! order whichever thread computes it, so results do not depend on the thread count: experts
+//! read on demand give the bits resident ones give.
+
+use std::sync::OnceLock;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
+
+const BLOCK: usize = 32;
+/// Q8_0: an f16 scale, then 32 signed quants.
+const BLOCK_BYTES: usize = 34;
+
+/// The block types the kernels compute in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+}
+
+impl Format {
+    pub fn of(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4_0 => Self::Q4_0,
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q5_1 => Self::Q5_1,
+            _ => return None,
+        })
+    }
+
+    /// Bytes of one block of 32 weights.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q8_0 => BLOCK_BYTES,
+            Self::Q4_0 => small::block_bytes(false, false),
+            Self::Q4_1 => small::block_bytes(true, false),
+            Self::Q5_0 => small::block_bytes(false, true),
+            Self::Q5_1 => small::block_bytes(true, true),
+        }
+    }
+}
+
+/// The instructions the kernels run on: AVX-512 VNNI where the CPU has it, else AVX2 (with FMA
+/// and F16C). A process keeps to one, so its results never mix the two. Other CPUs have none
+/// (`available` is false there, and candle's products run instead).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub enum Isa {
+    Avx512Vnni,
+    Avx2,
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Avx512Vnni => "AVX-512 VNNI",
+            Self::Avx2 => "AVX2",
+        })
+    }
+}
+
+/// The instruction set this process computes with, if the CPU has one the kernels use.
+pub fn isa() -> Option<Isa> {
+    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let avx512 = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
+            match (avx2, avx512) {
+                (true, true) => Some(Isa::Avx512Vnni),
+                (true, false) => Some(Isa::Avx2),
+                (false, _) => None,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    })
+}
+
+/// Whether this CPU runs the kernels (checked once).
+pub fn available() -> bool {
+    isa().is_some()
+}
+
+/// The weight the kernels take `x` through, if they can: a matrix in one of their block types,
+/// a CPU tensor of f32 rows, on a CPU that has the instructions.
+pub fn eligible<'a>(w: &'a QMatMul, x: &Tensor) -> Option<&'a QTensor> {
+    match w {
+        QMatMul::QTensor(q)
+            if Format::of(q.dtype()).is_some()
+                && x.device().is_cpu()
+                && x.dtype() == DType::F32
+                && q.shape().dims().len() == 2
+                && available() =>
+        {
+            Some(q)
+        }
+        _ => None,
+    }
+}
+
+/// `x W^T` for each `w` of `weights` (`[rows, cols]`, from [`eligible`]) and `x` `[.., cols]`:
+/// `x` is quantized once and every product shares one pass over the pool.
+pub fn forward(weights: &[&QTensor], x: &Tensor) -> Result<Vec<Tensor>> {
+    let activations = Activations::of(x)?;
+    let data = weights
+        .iter()
+        .map(|w| w.data())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut outputs: Vec<Vec<f32>> = weights
+        .iter()
+        .map(|w| vec![0f32; activations.len() * w.shape().dims()[0]])
+        .collect();
+    let mut jobs: Vec<Job> = data
+        .iter()
+        .zip(weights)
+        .zip(&mut outputs)
+        .map(|((data, w), out)| Job::new(w, data, &activations, out))
+        .collect();
+    matmul(&mut jobs);
+    outputs
+        .into_iter()
+        .zip(weights)
+        .map(|(out, w)| {
+            let mut dims = x.dims().to_vec();
+            *dims
+                .last_mut()
+                .expect("a matrix input has a last dimension") = w.shape().dims()[0];
+            Ok(Tensor::from_vec(out, dims, x.device())?)
+        })
+        .collect()
+}
+
+/// An expert's gate, up and down projections, all in reach of the kernels (their block types may
+/// differ).
+#[derive(Clone, Copy)]
+pub struct GluWeights<'a> {
+    pub gate: &'a QTensor,
+    pub up: &'a QTensor,
+    pub down: &'a QTensor,
+}
+
+/// `down(silu(gate(x)) * up(x))` of each expert for its own activations `[tokens, hidden]`,
+/// as `[tokens, hidden]` rows: all gates and ups in one pass over the pool, then all downs.
+pub fn glu(experts: &[(GluWeights, &Activations)]) -> Result<Vec<Vec<f32>>> {
+    let mut width = Vec::with_capacity(experts.len());
+    let mut data = Vec::with_capacity(2 * experts.len());
+    for (w, _) in experts {
+        width.push(w.gate.shape().dims2()?.0);
+        data.push(((w.gate, w.gate.data()?), (w.up, w.up.data()?)));
+    }
+    let mut gated: Vec<Vec<f32>> = Vec::with_capacity(experts.len());
+    let mut lifted: Vec<Vec<f32>> = Vec::with_capacity(experts.len());
+    for ((_, x), &width) in experts.iter().zip(&width) {
+        gated.push(vec![0f32; x.len() * width]);
+        lifted.push(vec![0f32; x.len() * width]);
+    }
+    let mut jobs = Vec::with_capacity(2 * experts.len());
+    for (((gate, up), (_, x)), (g, u)) in data
+        .iter()
+        .zip(experts)
+        .zip(gated.iter_mut().zip(&mut lifted))
+    {
+        jobs.push(Job::new(gate.0, &gate.1, x, g));
+        jobs.push(Job::new(up.0, &up.1, x, u));
+    }
+    matmul(&mut jobs);
+    let mut mids = Vec::with_capacity(experts.len());
+    for ((g, u), &width) in gated.iter_mut().zip(&lifted).zip(&width) {
+        for (g, u) in g.iter_mut().zip(u) {
+            // SiLU as candle computes it.
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+        mids.push(Activations::quantize(g, width));
+    }
+    let downs = experts
+        .iter()
+        .map(|(w, _)| w.down.data())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut outputs: Vec<Vec<f32>> = experts
+        .iter()
+        .map(|(w, x)| vec![0f32; x.len() * w.down.shape().dims()[0]])
+        .collect();
+    let mut jobs: Vec<Job> = downs
+        .iter()
+        .zip(experts)
+        .zip(&mids)
+        .zip(&mut outputs)
+        .map(|(((data, (w, _)), x), out)| Job::new(w.down, data, x, out))
+        .collect();
+    matmul(&mut jobs);
+    Ok(outputs)
+}
+
+/// Activation rows quantized to Q8_0 as llama.cpp does it: per block of 32, the scale
+/// `max|x| / 127` rounded through f16, and `x / scale` rounded to the nearest integer; with
+/// each block's sum (its scale times the sum of its quants) for the weight types with an offset.
+pub struct Activations {
+    quants: Vec<i8>,
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+    cols: usize,
+}
+
+impl Activations {
+    /// The rows of `x` `[.., cols]` (f32), quantized.
+    pub fn of(x: &Tensor) -> Result<Self> {
+        let cols = *x
+            .dims()
+            .last()
+            .expect("a matrix input has a last dimension");
+        Ok(Self::quantize(&x.flatten_all()?.to_vec1()?, cols))
+    }
+
+    /// Quantizes `x`, rows of `cols` values; `cols` is a multiple of 32.
+    pub fn quantize(x: &[f32], cols: usize) -> Self {
+        assert!(
+            cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols),
+            "Q8_0 rows of {cols} values"
+        );
+        let isa = isa().expect("the Q8_0 kernel needs AVX2 with FMA and F16C");
+        let mut quants = vec![0i8; x.len()];
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut scales = Vec::with_capacity(x.len() / BLOCK);
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut sums = Vec::with_capacity(x.len() / BLOCK);
+        for (block, out) in x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                // SAFETY: `isa` checked the instructions; both blocks hold 32 values.
+                let scale = unsafe {
+                    match isa {
+                        Isa::Avx512Vnni => avx512::quantize_block(block, out),
+                        Isa::Avx2 => avx2::quantize_block(block, out),
+                    }
+                };
+                scales.push(scale);
+                sums.push(scale * out.iter().map(|&q| q as i32).sum::<i32>() as f32);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (isa, block, out);
+        }
+        Self {
+            quants,
+            scales,
+            sums,
+            cols,
+        }
+    }
+
+    /// The number of rows.
+    pub fn len(&self) -> usize {
+        self.quants.len() / self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.quants.is_empty()
+    }
+}
+
+/// One product for [`matmul`]: a matrix `[rows, x.cols]` (its blocks, in `format`) by the rows
+/// of `x`, into `out` `[x.len(), rows]`.
+pub struct Job<'a> {
+    format: Format,
+    weights: &'a [u8],
+    x: &'a Activations,
+    out: &'a mut [f32],
+}
+
+impl<'a> Job<'a> {
+    /// The product of `w` (from [`eligible`]; `data` its blocks) by `x`, into `out`.
+    fn new(w: &QTensor, data: &'a [u8], x: &'a Activations, out: &'a mut [f32]) -> Self {
+        Self {
+            format: Format::of(w.dtype()).expect("an eligible weight has a kernel format"),
+            weights: data,
+            x,
+            out,
+        }
+    }
+}
+
+/// Computes every job in one pass over the thread pool.
+pub fn matmul(jobs: &mut [Job]) {
+    // The rows of all jobs in one numbering, so a thread's range may span several matrices.
+    let mut starts = Vec::with_capacity(jobs.len() + 1);
+    let mut total = 0;
+    for job in jobs.iter() {
+        let row_bytes = job.x.cols / BLOCK * job.format.block_bytes();
+        assert!(
+            job.weights.len().is_multiple_of(row_bytes),
+            "{:?} matrix of {} bytes, not rows of {} values",
+            job.format,
+            job.weights.len(),
+            job.x.cols
+        );
+        let rows = job.weights.len() / row_bytes;
+        assert_eq!(
+            job.out.len(),
+            job.x.len() * rows,
+            "output of {rows} columns"
+        );
+        starts.push(total);
+        total += rows;
+    }
+    starts.push(total);
+    let outputs: Vec<usize> = jobs
+        .iter_mut()
+        .map(|j| j.out.as_mut_ptr() as usize)
+        .collect();
+    let jobs = &*jobs;
+    let run = |range: std::ops::Range<usize>| {
+        let mut row = range.start;
+        let mut index = starts.partition_point(|&s| s <= row) - 1;
+        while row < range.end {
+            let job = &jobs[index];
+            let (first, rows) = (starts[index], starts[index + 1] - starts[index]);
+            let row_bytes = job.weights.len() / rows;
+            let end = range.end.min(first + rows);
+            let out = outputs[index] as *mut f32;
+            // SAFETY: each (job, token, row) element is written by exactly one range item, and
+            // the outputs outlive the pool call.
+            unsafe { product(job, row - first..end - first, row_bytes, out, rows) };
+            row = end;
+            index += 1;
+        }
+    };
+    candle_core::utils::barrier_pool().execute_chunked(total, run);
+}
+
+/// Elements `(t, r)` of `job` for its every token `t` and the rows `rows` (of `row_bytes` bytes),
+/// into `out[t * out_rows + r]`: AVX-512 takes groups of tokens through each row, AVX2 one dot
+/// product at a time.
+///
+/// # Safety
+/// `out` has room for those elements, and nothing else writes them meanwhile.
+unsafe fn product(
+    job: &Job,
+    rows: std::ops::Range<usize>,
+    row_bytes: usize,
+    out: *mut f32,
+    out_rows: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let x = job.x;
+        if isa() == Some(Isa::Avx512Vnni) {
+            // SAFETY: activations exist only where `isa` found the instructions; the caller's.
+            unsafe { avx512::product(job.format, job.weights, rows, x, out, out_rows) };
+            return;
+        }
+        let blocks = x.cols / BLOCK;
+        for r in rows {
+            let weights = &job.weights[r * row_bytes..(r + 1) * row_bytes];
+            for t in 0..x.len() {
+                let quants = &x.quants[t * x.cols..(t + 1) * x.cols];
+                let scales = &x.scales[t * blocks..(t + 1) * blocks];
+                let sums = &x.sums[t * blocks..(t + 1) * blocks];
+                // SAFETY: as above, the slices hold `blocks` blocks each; the caller's.
+                unsafe {
+                    *out.add(t * out_rows + r) = match job.format {
+                        Format::Q8_0 => avx2::dot(weights, quants, scales),
+                        Format::Q4_0 => {
+                            avx2::dot_small::<false, false>(weights, quants, scales, sums)
+                        }
+                        Format::Q4_1 => {
+                            avx2::dot_small::<true, false>(weights, quants, scales, sums)
+                        }
+                        Format::Q5_0 => {
+                            avx2::dot_small::<false, true>(weights, quants, scales, sums)
+                        }
+                        Format::Q5_1 => {
+                            avx2::dot_small::<true, true>(weights, quants, scales, sums)
+                        }
+                    }
+                };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (job, rows, row_bytes, out, out_rows);
+        unreachable!("the quantized kernels are only offered on x86-64")
+    }
+}
+
+/// The 4- and 5-bit block layouts: an f16 scale `d`; with `MIN` an f16 offset `m` (else the
+/// offset is `-8 d`, or `-16 d` with five bits); with `HIGH` 32 fifth bits in a little-endian
+/// u32; then 16 bytes whose low nibbles are values 0-15 and high nibbles values 16-31. A weight
+/// is `d q + m`.
+mod small {
+    pub const fn block_bytes(min: bool, high: bool) -> usize {
+        quants_at(min, high) + 16
+    }
+
+    pub const fn min_at() -> usize {
+        2
+    }
+
+    pub const fn high_at(min: bool) -> usize {
+        2 + 2 * min as usize
+    }
+
+    pub const fn quants_at(min: bool, high: bool) -> usize {
+        high_at(min) + 4 * high as usize
+    }
+
+    /// The implicit offset over `d` when a block stores none.
+    pub const fn zero(high: bool) -> f32 {
+        if high { -16.0 } else { -8.0 }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// The GGUF types the kernels take.
+    const TYPES: [GgmlDType; 5] = [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+    ];
+
+    /// A Q8_0 matrix `[rows, cols]` of values in [-1, 1) and activations `[tokens, cols]`.
+    fn case(rows: usize, cols: usize, tokens: usize, seed: u64) -> (QTensor, Tensor) {
+        typed_case(GgmlDType::Q8_0, rows, cols, tokens, seed)
+    }
+
+    fn typed_case(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        tokens: usize,
+        seed: u64,
+    ) -> (QTensor, Tensor) {
+        let (w, x) = f32_case(rows, cols, tokens, seed);
+        (QTensor::quantize(&w, dtype).unwrap(), x)
+    }
+
+    fn f32_case(rows: usize, cols: usize, tokens: usize, seed: u64) -> (Tensor, Tensor) {
+        let device = Device::Cpu;
+        let w = Tensor::rand(-1f32, 1f32, (rows, cols), &device).unwrap();
+        let w = (w * (1.0 + seed as f64)).unwrap();
+        (
+            w,
+            Tensor::rand(-2f32, 2f32, (tokens, cols), &device).unwrap(),
+        )
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let pairs = values(a).into_iter().zip(values(b));
+        pairs.map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// Block counts that take the four-block loop, its tail, or both; one and several tokens.
+    /// The kernel's sum is the dequantized matrix times the dequantized activations, up to f32
+    /// rounding.
+    #[test]
+    fn multiplies_the_dequantized_operands() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX2");
+            return;
+        }
+        // Groups of eight tokens and tokens alone.
+        let shapes = [
+            (7, 32, 1),
+            (5, 96, 11),
+            (33, 160, 1),
+            (64, 2048, 2),
+            (9, 288, 16),
+        ];
+        for (dtype, (i, (rows, cols, tokens))) in TYPES
+            .into_iter()
+            .flat_map(|dtype| shapes.into_iter().enumerate().map(move |s| (dtype, s)))
+        {
+            let (w, x) = typed_case(dtype, rows, cols, tokens, i as u64);
+            let ours = forward(&[&w], &x).unwrap().remove(0);
+            assert_eq!(ours.dims(), &[tokens, rows]);
+            let q = Activations::of(&x).unwrap();
+            let dequantized: Vec<f32> = q
+                .quants
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| v as f32 * q.scales[i / BLOCK])
+                .collect();
+            let x = Tensor::from_vec(dequantized, (tokens, cols), &Device::Cpu).unwrap();
+            let w = w.dequantize(&Device::Cpu).unwrap();
+            let exact = x.matmul(&w.t().unwrap()).unwrap();
+            let bound = 1e-6 * cols as f32 * 2.0 * (1.0 + i as f32);
+            let diff = max_abs_diff(&ours, &exact);
+            assert!(diff < bound, "{dtype:?} {rows}x{cols}: {diff}");
+        }
+    }
+
+    /// An element does not depend on what else is computed in the same pass: other matrices
+    /// move the rows' split over threads; shifting the tokens moves them between groups. (Tokens
+    /// left over after the groups take the one-token path, whose sums may round differently.)
+    #[test]
+    fn each_element_is_independent_of_the_rest_of_the_pass() {
+        if !available() {
+            return;
+        }
+        // Ten tokens: a group of eight and two alone; 3 blocks leave a tail after the pair.
+        for dtype in TYPES {
+            for cols in [256, 96] {
+                let (a, x) = typed_case(dtype, 37, cols, 10, 1);
+                let (b, _) = typed_case(dtype, 19, cols, 10, 2);
+                let alone = values(&forward(&[&a], &x).unwrap()[0]);
+                let together = values(&forward(&[&b, &a], &x).unwrap()[1]);
+                assert_eq!(alone, together, "{dtype:?} {cols}");
+                // Tokens 1-8 make the group of the batch that starts at token 1.
+                let shifted = x.narrow(0, 1, 9).unwrap();
+                let shifted = values(&forward(&[&a], &shifted).unwrap()[0]);
+                let grouped = x.narrow(0, 0, 8).unwrap();
+                let grouped = values(&forward(&[&a], &grouped).unwrap()[0]);
+                assert_eq!(shifted[..7 * 37], grouped[37..], "{dtype:?} {cols}");
+                let one = |t| values(&forward(&[&a], &x.narrow(0, t, 1).unwrap()).unwrap()[0]);
+                assert_eq!(one(9), alone[9 * 37..], "{dtype:?} {cols}");
+            }
+        }
+    }
+
+    #[test]
+    fn glu_is_down_of_silu_gate_times_up() {
+        if !available() {
+            return;
+        }
+        let (gate, x) = case(96, 64, 3, 1);
+        let (up, _) = case(96, 64, 3, 2);
+        let (down, _) = case(64, 96, 3, 3);
+        let weights = GluWeights {
+            gate: &gate,
+            up: &up,
+            down: &down,
+        };
+        let input = Activations::of(&x).unwrap();
+        let ours = glu(&[(weights, &input)]).unwrap().remove(0);
+        let ours = Tensor::from_vec(ours, (3, 64), &Device::Cpu).unwrap();
+        let g = forward(&[&gate], &x).unwrap().remove(0);
+        let u = forward(&[&up], &x).unwrap().remove(0);
+        let mid = (candle_nn::ops::silu(&g).unwrap() * u).unwrap();
+        let expected = forward(&[&down], &mid).unwrap().remove(0);
+        assert!(max_abs_diff(&ours, &expected) < 1e-3);
+    }
+
+    /// Both instruction sets give the exact block sums, up to f32 rounding, including the -128
+    /// a file may hold and the tail after the last four blocks; and they quantize alike.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_and_avx512_agree_with_exact_sums() {
+        let Some(isa) = isa() else {
+            eprintln!("skipped: this CPU lacks AVX2");
+            return;
+        };
+        let blocks = 7;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut weights = vec![0u8; blocks * BLOCK_BYTES];
+        let mut exact = 0f64;
+        let x: Vec<f32> = (0..blocks * BLOCK)
+            .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
+            .collect();
+        let activations = Activations::quantize(&x, blocks * BLOCK);
+        for b in 0..blocks {
+            // SAFETY: `isa` found F16C.
+            let scale = unsafe { avx2::round_through_f16(0.01 + (next() % 100) as f32 / 1000.0) };
+            let block = &mut weights[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
+            block[..2].copy_from_slice(&f16_bits(scale).to_le_bytes());
+            let mut sum = 0i64;
+            for i in 0..BLOCK {
+                let q = if i == 5 {
+                    -128
+                } else {
+                    (next() % 255) as i64 - 127
+                };
+                block[2 + i] = q as i8 as u8;
+                sum += q * activations.quants[b * BLOCK + i] as i64;
+            }
+            exact += scale as f64 * activations.scales[b] as f64 * sum as f64;
+        }
+        let quants = &activations.quants;
+        let scales = &activations.scales;
+        // SAFETY: `isa` found AVX2, FMA and F16C; the slices hold `blocks` blocks.
+        let avx2 = unsafe { avx2::dot(&weights, quants, scales) };
+        assert!(
+            (avx2 as f64 - exact).abs() < 1e-4 * exact.abs().max(1.0),
+            "{avx2} {exact}"
+        );
+        if isa == Isa::Avx512Vnni {
+            // SAFETY: as above, and `isa` found AVX-512 VNNI.
+            let avx512 = unsafe { avx512::element(Format::Q8_0, &weights, &activations, 0) };
+            assert!((avx512 as f64 - exact).abs() < 1e-4 * exact.abs().max(1.0));
+            for block in x.chunks_exact(BLOCK) {
+                let (mut a, mut b) = ([0i8; BLOCK], [0i8; BLOCK]);
+                // SAFETY: as above.
+                let scales = unsafe {
+                    (
+                        avx2::quantize_block(block, &mut a),
+                        avx512::quantize_block(block, &mut b),
+                    )
+                };
+                assert_eq!((scales.0.to_bits(), a), (scales.1.to_bits(), b));
+            }
+        }
+    }
+
+    /// The 4- and 5-bit kernels of both instruction sets give the exact block sums, up to f32
+    /// rounding: quants at both ends of their range, offsets of both signs, a zero scale, and
+    /// block counts that leave a tail after the pairs.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn small_types_agree_with_exact_sums_on_both_instruction_sets() {
+        let Some(isa) = isa() else {
+            eprintln!("skipped: this CPU lacks AVX2");
+            return;
+        };
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for blocks in [1, 2, 3, 18] {
+            let x: Vec<f32> = (0..blocks * BLOCK)
+                .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
+                .collect();
+            let activations = Activations::quantize(&x, blocks * BLOCK);
+            for (min, high) in [(false, false), (true, false), (false, true), (true, true)] {
+                let bytes = small::block_bytes(min, high);
+                let mut weights = vec![0u8; blocks * bytes];
+                let mut exact = 0f64;
+                for b in 0..blocks {
+                    let block = &mut weights[b * bytes..(b + 1) * bytes];
+                    // SAFETY: `isa` found F16C.
+                    let d = if b == 1 {
+                        0.0
+                    } else {
+                        unsafe { avx2::round_through_f16(0.01 + (next() % 100) as f32 / 1000.0) }
+                    };
+                    block[..2].copy_from_slice(&f16_bits(d).to_le_bytes());
+                    // SAFETY: as above.
+                    let m = unsafe { avx2::round_through_f16((next() % 200) as f32 / 100.0 - 1.0) };
+                    if min {
+                        block[small::min_at()..][..2].copy_from_slice(&f16_bits(m).to_le_bytes());
+                    }
+                    let top = if high { 31 } else { 15 };
+                    let q: Vec<u32> = (0..BLOCK)
+                        .map(|i| match i {
+                            3 => 0,
+                            7 | 20 => top,
+                            _ => next() as u32 % (top + 1),
+                        })
+                        .collect();
+                    let packed = &mut block[small::quants_at(min, high)..];
+                    for i in 0..16 {
+                        packed[i] = (q[i] & 15 | (q[i + 16] & 15) << 4) as u8;
+                    }
+                    if high {
+                        let bits = (0..BLOCK).fold(0u32, |bits, i| bits | (q[i] >> 4) << i);
+                        block[small::high_at(min)..][..4].copy_from_slice(&bits.to_le_bytes());
+                    }
+                    let offset = if min { m } else { small::zero(high) * d };
+                    for (i, &q) in q.iter().enumerate() {
+                        let weight = d as f64 * q as f64 + offset as f64;
+                        let a = activations.quants[b * BLOCK + i] as f64;
+                        exact += weight * a * activations.scales[b] as f64;
+                    }
+                }
+                let (quants, scales, sums) =
+                    (&activations.quants, &activations.scales, &activations.sums);
+                let tolerance = 1e-4 * exact.abs().max(1.0);
+                // SAFETY: `isa` found AVX2, FMA and F16C; the slices hold `blocks` blocks.
+                let avx2 = unsafe {
+                    match (min, high) {
+                        (false, false) => {
+                            avx2::dot_small::<false, false>(&weights, quants, scales, sums)
+                        }
+                        (true, false) => {
+                            avx2::dot_small::<true, false>(&weights, quants, scales, sums)
+                        }
+                        (false, true) => {
+                            avx2::dot_small::<false, true>(&weights, quants, scales, sums)
+                        }
+                        (true, true) => {
+                            avx2::dot_small::<true, true>(&weights, quants, scales, sums)
+                        }
+                    }
+                };
+                let case = format!("{blocks} blocks, min {min}, high {high}");
+                assert!(
+                    (avx2 as f64 - exact).abs() < tolerance,
+                    "AVX2 {case}: {avx2} {exact}"
+                );
+                if isa == Isa::Avx512Vnni {
+                    // SAFETY: as above, and `isa` found AVX-512 VNNI.
+                    let format = match (min, high) {
+                        (false, false) => Format::Q4_0,
+                        (true, false) => Format::Q4_1,
+                        (false, true) => Format::Q5_0,
+                        (true, true) => Format::Q5_1,
+                    };
+                    let avx512 = unsafe { avx512::element(format, &weights, &activations, 0) };
+                    assert!(
+                        (avx512 as f64 - exact).abs() < tolerance,
+                        "AVX-512 {case}: {avx512} {exact}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The f16 nearest to `value`, as bits.
+    #[cfg(target_arch = "x86_64")]
+    fn f16_bits(value: f32) -> u16 {
+        use std::arch::x86_64::*;
+        // SAFETY: only called where `isa` found F16C.
+        unsafe {
+            let half = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(value));
+            _mm_extract_epi16::<0>(half) as u16
+        }
+    }
+
+    #[test]
+    fn quantizes_as_llama_cpp() {
+        if !available() {
+            return;
+        }
+        let mut values: Vec<f32> = (0..32).map(|i| i as f32 * 0.37 - 6.0).collect();
+        let q = Activations::quantize(&values, 32);
+        let scale = 6.0f32 / 127.0;
+        assert_eq!(q.scales, vec![half_round(scale)]);
+        for (v, q) in values.iter().zip(&q.quants) {
+            assert_eq!(*q as f32, (v * (1.0 / scale)).round_ties_even(), "{v}");
+        }
+        // With a scale of one, halves are ties and go to the even neighbour.
+        values[0] = 127.0;
+        values[1] = 2.5;
+        values[2] = -3.5;
+        let q = Activations::quantize(&values, 32);
+        assert_eq!((q.scales[0], &q.quants[..3]), (1.0, &[127i8, 2, -4][..]));
+        let zeros = Activations::quantize(&[0.0; 64], 32);
+        assert_eq!((zeros.len(), zeros.scales), (2, vec![0.0, 0.0]));
+        assert!(zeros.quants.iter().all(|&q| q == 0));
+    }
+
+    fn half_round(v: f32) -> f32 {
+        let t = Tensor::new(&[v], &Device::Cpu).unwrap();
+        t.to_dtype(DType::F16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap()[0]
+    }
+}
