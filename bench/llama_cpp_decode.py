@@ -7,6 +7,7 @@ decode tok/s, bytes read from storage (/proc/self/io, which counts page-fault re
 readahead) and peak resident memory (VmHWM, which counts mapped file pages).
 
 Usage: llama_cpp_decode.py MODEL --prompt-ids 1,2,3 --tokens 24 [--feed-ids 4,5,...] [--threads 2]
+                           [--batch 512]
 """
 
 import argparse
@@ -36,15 +37,18 @@ def main():
     parser.add_argument("--feed-ids", type=ids)
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=512, help="tokens per prefill batch (llama.cpp's n_batch)")
     args = parser.parse_args()
+    # The context holds the prompt and the reply, in whole batches.
+    context = -(-(len(args.prompt_ids) + args.tokens) // args.batch) * args.batch
 
     started = time.perf_counter()
     llm = llama_cpp.Llama(
         args.model,
         n_threads=args.threads,
         n_threads_batch=args.threads,
-        n_ctx=512,
-        n_batch=512,
+        n_ctx=context,
+        n_batch=args.batch,
         use_mmap=True,
         verbose=False,
     )

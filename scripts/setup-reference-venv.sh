@@ -16,7 +16,25 @@ fi
 # (~4 minutes on 2 cores). Its version pins the llama.cpp whose converter, quantizer and runtime
 # make the GGUF fixtures.
 "$venv/bin/pip" install --quiet "gguf==0.19.*" "sentencepiece==0.2.*"
+# Built for this CPU's instructions named one by one, never "native": a native build on a CPU with
+# AMX crashes in ggml_backend_amx_mul_mat on the first eval, so AMX stays off.
+cpu_flags() {
+  local flags="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  local have
+  have=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+  for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 avx512_vnni:AVX512_VNNI \
+      avx512vbmi:AVX512_VBMI avx512_bf16:AVX512_BF16; do
+    case "$have" in
+      *" ${pair%%:*} "*) flags="$flags -DGGML_${pair#*:}=ON" ;;
+      *) flags="$flags -DGGML_${pair#*:}=OFF" ;;
+    esac
+  done
+  echo "$flags"
+}
 if ! "$venv/bin/python" -c 'import llama_cpp, sys; sys.exit(llama_cpp.__version__ != "0.3.36")' 2>/dev/null; then
+  if [ "$(uname -m)" = x86_64 ] && [ -z "${CMAKE_ARGS:-}" ]; then
+    export CMAKE_ARGS="$(cpu_flags)"
+  fi
   CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
     "$venv/bin/pip" install --quiet --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
 fi
