@@ -6,9 +6,9 @@ package (pinned below) so that converter, quantizer and runtime are one llama.cp
 
 * ``vendor/llama.cpp/convert_hf_to_gguf.py`` (with its ``gguf-py``) converts Hugging Face
   checkpoints to f32 GGUF;
-* ``llama_cpp.llama_model_quantize`` quantizes them (Q8_0, Q4_K_M, Q6_K); the tensor types of
-  every output are checked, because llama.cpp silently falls back to another type when a row
-  length is not a multiple of the block size;
+* ``llama_cpp.llama_model_quantize`` quantizes them (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K_M,
+  Q6_K); the tensor types of every output are checked, because llama.cpp silently falls back to
+  another type when a row length is not a multiple of the block size;
 * llama-cpp-python runs them for the ``llama_*`` goldens;
 * ``gguf.quants.dequantize`` (gguf-py) dequantizes every tensor for the ``dequant_*`` goldens,
   which transformers computes in float32 after the GGUF tensors are mapped back to Hugging Face
@@ -18,6 +18,7 @@ Fixtures (``tests/fixtures/gguf/``):
 
     <arch>-f32.gguf, <arch>-q8_0.gguf          arch in qwen2_moe, qwen3_moe, mixtral: the existing
                                                 tests/fixtures/<arch> checkpoints (hidden 64)
+    qwen3_moe-q4_0.gguf, -q4_1, -q5_0, -q5_1   the other 32-value block types, qwen3_moe only
     <arch>-k-q4_k_m.gguf, <arch>-k-q6_k.gguf    new tiny random models, hidden 256, every matrix
                                                 input dimension a multiple of 256 (K-quant rows)
     <file>.golden.safetensors                   goldens for each GGUF file (see below)
@@ -79,7 +80,11 @@ WORK = Path(os.environ.get("ODMOE_GGUF_WORK", Path.home() / ".cache" / "odmoe" /
 LLAMA_CPP_PYTHON = "0.3.36"  # llama.cpp converter, quantizer and runtime all come from this
 N_CTX = 64
 N_THREADS = 2
-BUDGET = 16_000_000  # bytes, the whole tests/fixtures/gguf directory
+# Bytes, the whole tests/fixtures/gguf directory (git-ignored files excepted). Raised from
+# 16 MB to 17 MB for qwen3_moe's Q4_0 / Q4_1 / Q5_0 / Q5_1 files and their goldens (1.06 MB),
+# which take the directory from 15.83 MB (with deepseek_v3-bf16) to ~16.9 MB; without Q5_1 it
+# would still be ~16.6 MB.
+BUDGET = 17_000_000
 HF_KEEP_LIMIT = 1_500_000  # a K fixture's bf16 checkpoint is committed only below this size
 TOL_F32_LLAMA = 1e-4  # llama.cpp (f32 GGUF, f32 KV cache) vs transformers
 TOL_F32_DEQUANT = 1e-5  # transformers on dequantized f32 GGUF vs transformers on the checkpoint
@@ -88,19 +93,39 @@ SMALL = ["qwen2_moe", "qwen3_moe", "mixtral"]
 # Files in OUT that another script builds and verifies (they share OUT's budget).
 OTHER_SCRIPTS = {"deepseek_v3-bf16.gguf": "scripts/make_gguf_deepseek_fixture.py"}
 SMALL_QUANTS = ["q8_0"]
+# The other 32-value block types, for one hidden-64 architecture only (the byte budget).
+BLOCK32_QUANTS = ["q4_0", "q4_1", "q5_0", "q5_1"]
+SMALL_EXTRA_QUANTS = {"qwen3_moe": BLOCK32_QUANTS}
 K_QUANTS = ["q4_k_m", "q6_k"]
+QTYPES = ["f32"] + SMALL_QUANTS + BLOCK32_QUANTS + K_QUANTS
+QTYPE_RE = "|".join(QTYPES)  # the type part of a fixture's file name
 
-# llama.cpp file types, and the tensor types each may contain (Q4_K_M is a mixture by design:
-# Q6_K for output and for attn_v / ffn_down of some layers, Q4_K elsewhere).
-FTYPES = {"q8_0": 7, "q4_k_m": 15, "q6_k": 18}
-ALLOWED = {"q8_0": {"Q8_0"}, "q4_k_m": {"Q4_K", "Q6_K"}, "q6_k": {"Q6_K"}}
-BLOCK = {"q8_0": 32, "q4_k_m": 256, "q6_k": 256}
+# llama.cpp file types (LLAMA_FTYPE_MOSTLY_*), and the tensor types each may contain (Q4_K_M is
+# a mixture by design: Q6_K for output and for attn_v / ffn_down of some layers, Q4_K elsewhere).
+FTYPES = {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q4_k_m": 15, "q6_k": 18}
+# The 32-value block files (built for qwen3_moe, hidden 64, 8 experts) also hold Q8_0 tensors,
+# as llama.cpp's llama_tensor_get_type (llama-quant.cpp) decides; check_types checks exactly which
+# (block32_type), namely, in qwen3_moe-q4_0 / q4_1 / q5_0 / q5_1.gguf:
+# * the output matrix, here token_embd.weight (tied embeddings): the output is asked as Q6_K
+#   (any ftype but Q8_0), whose 256-value rows do not divide 64, so llama.cpp falls back to Q8_0
+#   ("ncols 64 not divisible by 256 (required for type q6_K) -> falling back to q8_0");
+# * attn_k.weight and attn_v.weight of every layer: bumped to Q8_0 in any model with exactly 8
+#   experts ("for the 8-expert model, bumping this to Q8_0 trades just ~128MB").
+# attn_q, attn_output and ffn_{gate,up,down}_exps have the file's type; norms, routers stay F32.
+ALLOWED = {
+    "q8_0": {"Q8_0"},
+    **{q: {q.upper(), "Q8_0"} for q in BLOCK32_QUANTS},
+    "q4_k_m": {"Q4_K", "Q6_K"},
+    "q6_k": {"Q6_K"},
+}
+BLOCK = {"q8_0": 32, **{q: 32 for q in BLOCK32_QUANTS}, "q4_k_m": 256, "q6_k": 256}
 
 # Vocab-only GGUFs copied from llama.cpp's models/ (with their .inp/.out test vectors): the BPE
 # ("gpt2" tokenizer model) ones and llama-spm for the SentencePiece path, as far as they fit
-# BUDGET next to the model fixtures (~14.5 MB). Only llama-spm (0.72 MB) does: the smallest
-# BPE vocabulary, deepseek-coder (1.16 MB), would take the directory to ~16.4 MB; gpt-2,
-# starcoder, refact and mpt are 1.7-1.8 MB, qwen2 5.9 MB, llama-bpe 7.8 MB.
+# BUDGET next to the model fixtures (~14.5 MB when chosen, for a 16 MB budget). Only llama-spm
+# (0.72 MB) does: the smallest BPE vocabulary, deepseek-coder (1.16 MB), would take the
+# directory to ~16.4 MB (~18 MB with the Q4_0-Q5_1 files); gpt-2, starcoder, refact and mpt
+# are 1.7-1.8 MB, qwen2 5.9 MB, llama-bpe 7.8 MB.
 VOCABS = ["llama-spm"]
 VOCAB_SEP = "\n__ggml_vocab_test__\n"
 
@@ -225,13 +250,28 @@ def keeps_f32(name, ndim):
     return ndim < 2 or not name.endswith("weight") or name.endswith("_norm.weight") or "ffn_gate_inp.weight" in name
 
 
+def block32_type(name, qtype, ncols, n_expert, has_output):
+    """The type llama.cpp gives a quantized tensor of a Q4_0 / Q4_1 / Q5_0 / Q5_1 file (see
+    ALLOWED): the output matrix (token_embd when tied) Q6_K, or Q8_0 when its rows are not a
+    multiple of 256; attn_k / attn_v Q8_0 in an 8-expert model; the file's type elsewhere."""
+    if name == "output.weight" or (name == "token_embd.weight" and not has_output):
+        return "Q8_0" if ncols % 256 else "Q6_K"
+    if n_expert == 8 and re.fullmatch(r"blk\.\d+\.attn_[kv]\.weight", name):
+        return "Q8_0"
+    return qtype.upper()
+
+
 def check_types(path: Path, qtype: str):
-    """Fail unless every tensor has the type the requested file type implies. The only accepted
-    exception: a Q8_0 tensor whose rows are not a multiple of 32 is F16 (llama.cpp's fallback),
-    which happens for the hidden-64 Mixtral's ffn_down_exps (rows of 48)."""
+    """Fail unless every tensor has the type the requested file type implies. Accepted
+    exceptions: a Q8_0 tensor whose rows are not a multiple of 32 is F16 (llama.cpp's fallback),
+    which happens for the hidden-64 Mixtral's ffn_down_exps (rows of 48); in the 32-value block
+    files the tensors block32_type names are Q8_0 (see ALLOWED)."""
     import gguf
 
     r = gguf.GGUFReader(path)
+    arch = r.fields["general.architecture"].contents()
+    n_expert = r.fields[f"{arch}.expert_count"].contents()
+    has_output = any(t.name == "output.weight" for t in r.tensors)
     fallbacks = []
     for t in r.tensors:
         ty = t.tensor_type.name
@@ -241,6 +281,8 @@ def check_types(path: Path, qtype: str):
         elif ncols % BLOCK[qtype]:
             ok = qtype == "q8_0" and ty == "F16"
             fallbacks.append(t.name)
+        elif qtype in BLOCK32_QUANTS:
+            ok = ty in ALLOWED[qtype] and ty == block32_type(t.name, qtype, ncols, n_expert, has_output)
         else:
             ok = ty in ALLOWED[qtype]
         if not ok:
@@ -536,6 +578,8 @@ def file_record(path: Path):
 
 
 def build_small(arch, summary):
+    import gguf
+
     hf_dir, spec_name, ids, gold = hf_reference(arch)
     print(f"[{arch}] from {hf_dir.relative_to(ROOT)}", flush=True)
     f32 = OUT / f"{arch}-f32.gguf"
@@ -545,10 +589,13 @@ def build_small(arch, summary):
     rec, lg, gl, dq = evaluate(f32, hf_dir, spec_name, ids, gold, "f32")
     write_golden(f32, ids, lg, gl, dq)
     entries[f32.name] = rec
-    for q in SMALL_QUANTS:
+    for q in SMALL_QUANTS + SMALL_EXTRA_QUANTS.get(arch, []):
         out = OUT / f"{arch}-{q}.gguf"
         quantize(f32, out, q)
         rec = {"fallback_f16": check_types(out, q)}
+        if q in BLOCK32_QUANTS:
+            # The tensors llama.cpp stores as Q8_0 (see ALLOWED), as check_types accepted them.
+            rec["q8_0_tensors"] = [t.name for t in gguf.GGUFReader(out).tensors if t.tensor_type.name == "Q8_0"]
         r2, lg, gl, dq = evaluate(out, hf_dir, spec_name, ids, gold, q)
         rec.update(r2)
         write_golden(out, ids, lg, gl, dq)
@@ -700,6 +747,7 @@ machine-readable form (seeds, sha256, measured differences, per-position differe
 | files | source | sizes |
 |-------|--------|-------|
 | `<arch>-f32.gguf`, `<arch>-q8_0.gguf` | the checkpoints in `tests/fixtures/<arch>/` (converted from their bf16 weights) | as there (hidden 64) |
+| `qwen3_moe-q4_0.gguf`, `qwen3_moe-q4_1.gguf`, `qwen3_moe-q5_0.gguf`, `qwen3_moe-q5_1.gguf` | `tests/fixtures/qwen3_moe/`, quantized from `qwen3_moe-f32.gguf` like the Q8_0 file (these types for this architecture only) | as there (hidden 64) |
 | `<arch>-k-q4_k_m.gguf`, `<arch>-k-q6_k.gguf` | tiny random models built by the script (`make_fixtures.py` recipe, seed in `gguf.json`); their bf16 checkpoints (4-5 MB) and f32 GGUF (8-11 MB) are not committed | hidden 256, 2 layers, 4 experts (top-2) of width 256 (qwen2_moe: shared expert 256), 4 heads / 2 kv heads of 64, vocab 512 |
 | `deepseek_v3-bf16.gguf` (+ `.golden.safetensors`, `.json`) | `tests/fixtures/deepseek_v3` as llama.cpp arch `deepseek2`, built and documented by `scripts/make_gguf_deepseek_fixture.py` (not by this script, whose checks skip it) | as there |
 
@@ -734,9 +782,15 @@ machine-readable form (seeds, sha256, measured differences, per-position differe
   `llama.vocab_size` and `llama.rope.dimension_count`.
 * Layer norms: `attn_norm` (HF `input_layernorm`), `ffn_norm` (HF `post_attention_layernorm`),
   final `output_norm` (HF `model.norm`); `token_embd` = `model.embed_tokens`, `output` = `lm_head`.
-* Q8_0 needs rows (`ne[0]`) that are a multiple of 32, K-quants a multiple of 256; otherwise
-  llama.cpp silently falls back to another type. The script checks every tensor's type; the only
-  fallback present is `mixtral-q8_0.gguf`'s `ffn_down_exps` (rows of 48), stored as F16.
+* Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 need rows (`ne[0]`) that are a multiple of 32, K-quants a
+  multiple of 256; otherwise llama.cpp silently falls back to another type. The script checks
+  every tensor's type; the only fallback of that kind present is `mixtral-q8_0.gguf`'s
+  `ffn_down_exps` (rows of 48), stored as F16.
+* `qwen3_moe-q4_0`, `-q4_1`, `-q5_0`, `-q5_1.gguf` hold the file's type only in `attn_q`,
+  `attn_output` and `ffn_gate_exps` / `ffn_up_exps` / `ffn_down_exps`; llama.cpp stores the
+  rest of the quantized tensors as Q8_0: `token_embd` (the tied output matrix, asked as Q6_K,
+  whose 256-value rows do not divide 64) and every layer's `attn_k` and `attn_v` (llama.cpp
+  bumps them to Q8_0 in any model with exactly 8 experts).
 * Q4_K_M is a mixture by design: Q6_K for the output matrix and, in some layers
   (`use_more_bits`: here layer 1 of 2), for `attn_v` and `ffn_down_exps` / `ffn_down_shexp`.
 * Tensor order in the files is not canonical (it differs between the converter's and the
@@ -769,12 +823,12 @@ def gguf_facts(path: Path):
     return meta, tensors
 
 
-KIND_ORDER = ["f32", "q8_0", "k-f32", "k-q4_k_m", "k-q6_k"]
+KIND_ORDER = ["f32"] + SMALL_QUANTS + BLOCK32_QUANTS + ["k-f32"] + [f"k-{q}" for q in K_QUANTS]
 
 
 def file_order(name):
-    """qwen2_moe, qwen3_moe, mixtral; then f32, q8_0, the K files; goldens after their GGUF."""
-    m = re.match(r"(\w+?)-(k-)?(f32|q8_0|q4_k_m|q6_k)\.", name)
+    """qwen2_moe, qwen3_moe, mixtral; then f32, q8_0, q4_0-q5_1, the K files; goldens after their GGUF."""
+    m = re.match(rf"(\w+?)-(k-)?({QTYPE_RE})\.", name)
     if not m:
         return (9, 0, name)
     return (SMALL.index(m.group(1)), KIND_ORDER.index((m.group(2) or "") + m.group(3)), name)
@@ -794,8 +848,8 @@ def render_readme(summary):
     lines.append("## Files\n")
     lines.append("| file | bytes | general.architecture | tensors |")
     lines.append("|------|------:|----------------------|--------:|")
-    for f in sorted(OUT.rglob("*"), key=lambda f: file_order(str(f.relative_to(OUT)))):
-        if f.is_file() and f.name != "README.md":
+    for f in sorted(fixture_files(), key=lambda f: file_order(str(f.relative_to(OUT)))):
+        if f.name != "README.md":
             rec = summary["files"].get(str(f.relative_to(OUT)), {})
             lines.append(f"| `{f.relative_to(OUT)}` | {f.stat().st_size} | {rec.get('arch', '')} | {rec.get('tensors', '')} |")
     lines.append(f"\nTotal with this README: {summary['total_bytes']} bytes ({summary['total_bytes'] / 1e6:.2f} MB).\n")
@@ -870,7 +924,11 @@ def render_readme(summary):
 
     f32_max = max(r["llama_vs_hf_logits"] for n, r in rows if n.endswith("-f32.gguf"))
     q = [r["llama_vs_dequant_logits"] for n, r in rows if not n.endswith("-f32.gguf")]
-    lines.append(README_GOLDENS.format(f32_max=f"{f32_max:.1e}", q_min=f"{min(q):.2f}", q_max=f"{max(q):.2f}"))
+    rms = [r["llama_vs_dequant_logits_rms"] for n, r in rows if not n.endswith("-f32.gguf")]
+    lines.append(README_GOLDENS.format(
+        f32_max=f"{f32_max:.1e}", q_min=f"{min(q):.2f}", q_max=f"{max(q):.2f}",
+        rms_min=f"{min(rms):.2f}", rms_max=f"{max(rms):.2f}",
+    ))
     lines.append(README_VOCAB)
     lines.append("| file | bytes | tokenizer.ggml.model | tokenizer.ggml.pre | tokens | tests |")
     lines.append("|------|------:|----------------------|--------------------|-------:|------:|")
@@ -917,8 +975,13 @@ For the f32 files the dequantized weights are exactly the checkpoint's bf16 valu
 bit for bit, and llama.cpp's logits agree with them within {f32_max}. For the quantized files
 `dequant_*` is the exact f32 answer an engine that dequantizes the weights should reproduce (up
 to f32 summation order); `llama_logits` differ from it by {q_min}-{q_max} (max over the file's
-logits; rms ~0.06, see `gguf.json`) because llama.cpp quantizes the
-activations too (to Q8_0 / Q8_K blocks) inside its quantized dot products. These tiny random
+logits; rms {rms_min}-{rms_max}, see `gguf.json`) because llama.cpp quantizes the activations
+too (to Q8_0 / Q8_1 / Q8_K blocks) inside its quantized dot products, which moves the logits by
+up to ~0.3. The two larger maxima are one position each where that perturbation flips a routing
+decision in llama.cpp: `qwen3_moe-q4_1` at position 5 and `qwen3_moe-q5_0` at position 8, where
+llama.cpp's last layer takes the expert the dequantized model ranks fourth instead of its third
+(their probability gap on the dequantized weights: 0.0036 and 0.0031); with those two swapped at
+that position the dequantized model agrees with llama.cpp within 0.14 there too. These tiny random
 models amplify perturbations (a weight quantization error flips routing decisions relative to
 the bf16 checkpoint), so compare quantized runs with the golden of the same file, never with
 the checkpoint's. The K models' seeds were chosen so that, on the dequantized weights of both
@@ -955,8 +1018,23 @@ The script checks that llama.cpp itself reproduces every vector of each file kep
 # ----------------------------------------------------------------------------- main
 
 
+def fixture_files():
+    """Every file under OUT except those git ignores (the engine's `*.odmoe-checksums` caches,
+    written next to a GGUF file when tests load it)."""
+    files = sorted(p for p in OUT.rglob("*") if p.is_file())
+    try:
+        r = subprocess.run(
+            ["git", "-C", str(ROOT), "check-ignore", "--stdin", "-z"],
+            input="\0".join(map(str, files)), capture_output=True, text=True,
+        )
+        ignored = set(r.stdout.split("\0")) if r.returncode in (0, 1) else set()
+    except OSError:
+        ignored = set()
+    return [p for p in files if str(p) not in ignored]
+
+
 def dir_bytes():
-    return sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in fixture_files())
 
 
 def build(names_small, names_k, vocab):
@@ -985,8 +1063,10 @@ def build(names_small, names_k, vocab):
         copy_vocabs(summary)
 
     for f in sorted(OUT.glob("*.gguf")):
+        if f.name in OTHER_SCRIPTS:  # recorded in its own .json by that script
+            continue
         rec = summary["files"].setdefault(f.name, {})
-        m = re.fullmatch(r"(\w+?)(-k)?-(f32|q8_0|q4_k_m|q6_k)\.gguf", f.name)
+        m = re.fullmatch(rf"(\w+?)(-k)?-({QTYPE_RE})\.gguf", f.name)
         reader = gguf.GGUFReader(f)
         rec["arch"] = reader.fields["general.architecture"].contents()
         rec["tensors"] = len(reader.tensors)
@@ -1041,7 +1121,7 @@ def verify():
             print(f"== {f.name}: built and checked by {OTHER_SCRIPTS[f.name]}")
             continue
         gold = load_file(str(golden_path(f)))
-        m = re.fullmatch(r"(\w+?)(-k)?-(f32|q8_0|q4_k_m|q6_k)\.gguf", f.name)
+        m = re.fullmatch(rf"(\w+?)(-k)?-({QTYPE_RE})\.gguf", f.name)
         arch, is_k, qtype = m.groups()
         if qtype != "f32":
             check_types(f, qtype)

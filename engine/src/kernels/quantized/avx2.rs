@@ -50,8 +50,9 @@ pub(super) unsafe fn dot(weights: &[u8], quants: &[i8], scales: &[f32]) -> f32 {
     horizontal_sum(_mm256_add_ps(acc[0], acc[1]))
 }
 
-/// `sum over blocks of d (activation scale) (integer dot of the unsigned quants) + m (activation
-/// block sum)` for a 4- or 5-bit block type (see `small`), a block to a 256-bit register.
+/// `sum over blocks of d (activation scale) (integer dot of the quants less the zero point) +
+/// m (activation block sum)` for a 4- or 5-bit block type (see `small`), a block to a 256-bit
+/// register.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; `weights` holds `scales.len()` blocks, `quants` 32 quants
@@ -73,35 +74,37 @@ pub(super) unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
         // SAFETY: block b is inside every slice.
         unsafe {
             let block = weights.as_ptr().add(b * bytes);
-            let (d, m) = small_scales::<MIN, HIGH>(block);
-            let lanes = unsigned_dots(
-                small_quants::<MIN, HIGH>(block),
-                _mm256_loadu_si256(quants.as_ptr().add(b * BLOCK) as *const __m256i),
-            );
+            let (d, m) = small_scales::<MIN>(block);
+            let a = _mm256_loadu_si256(quants.as_ptr().add(b * BLOCK) as *const __m256i);
+            let mut lanes = unsigned_dots(small_quants::<MIN, HIGH>(block), a);
+            if !MIN {
+                let zero = _mm256_set1_epi8(small::zero_point(HIGH));
+                lanes = _mm256_sub_epi32(lanes, unsigned_dots(zero, a));
+            }
             let scale = _mm256_set1_ps(d * *scales.get_unchecked(b));
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, acc);
-            offsets += m * *sums.get_unchecked(b);
+            if MIN {
+                offsets += m * *sums.get_unchecked(b);
+            }
         }
     }
     horizontal_sum(acc) + offsets
 }
 
-/// The scale `d` and offset `m` of a 4- or 5-bit block (`-8 d` or `-16 d` when it stores none).
+/// The scale `d` and offset `m` of a 4- or 5-bit block (`m` zero when it stores none).
 ///
 /// # Safety
 /// `block` points at a whole block.
 #[inline]
 #[target_feature(enable = "f16c")]
-pub(super) unsafe fn small_scales<const MIN: bool, const HIGH: bool>(
-    block: *const u8,
-) -> (f32, f32) {
+pub(super) unsafe fn small_scales<const MIN: bool>(block: *const u8) -> (f32, f32) {
     // SAFETY: the caller's.
     unsafe {
         let d = half(block);
         let m = if MIN {
             half(block.add(small::min_at()))
         } else {
-            small::zero(HIGH) * d
+            0.0
         };
         (d, m)
     }
@@ -181,7 +184,7 @@ fn horizontal_sum(v: __m256) -> f32 {
 }
 
 /// Quantizes 32 values into `out` and returns their scale, as `avx512::quantize_block` does
-/// (the same bits: both round half to even and saturate).
+/// (the same bits: both round half to even and saturate; the scale is not yet rounded).
 ///
 /// # Safety
 /// The CPU has F16C; both slices hold 32 values.
@@ -193,7 +196,7 @@ pub(super) unsafe fn quantize_block(block: &[f32], out: &mut [i8]) -> f32 {
     for (q, v) in out.iter_mut().zip(block) {
         *q = (v * inverse).round_ties_even() as i8;
     }
-    round_through_f16(scale)
+    scale
 }
 
 #[target_feature(enable = "f16c")]

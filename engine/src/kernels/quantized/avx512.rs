@@ -14,16 +14,14 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx2::{
-    block_quants, four_scales, round_through_f16, scale_bits, small_quants, small_scales,
-};
+use super::avx2::{block_quants, four_scales, scale_bits, small_quants, small_scales};
 use super::{Activations, BLOCK, BLOCK_BYTES, Format, small};
 
 /// Tokens in a group: eight accumulators and a row's operands stay in registers.
 const GROUP: usize = 8;
 
-/// Quantizes 32 values into `out` and returns their scale, `max|x| / 127` rounded through
-/// f16; quants round half to even, as llama.cpp's vector code rounds them.
+/// Quantizes 32 values into `out` and returns their scale `max|x| / 127` (in f32: the caller
+/// rounds it through f16); quants round half to even, as llama.cpp's vector code rounds them.
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW and F16C; both slices hold 32 values.
@@ -44,7 +42,7 @@ pub(super) unsafe fn quantize_block(block: &[f32], out: &mut [i8]) -> f32 {
                 _mm512_cvtsepi32_epi8(rounded),
             );
         }
-        round_through_f16(scale)
+        scale
     }
 }
 
@@ -133,7 +131,7 @@ unsafe fn product_of<const Q8: bool, const MIN: bool, const HIGH: bool>(
     let mut t = 0;
     while t + GROUP <= tokens {
         // SAFETY: tokens t..t + GROUP are rows of `x`.
-        unsafe { lay_out::<Q8>(x, t, &mut group) };
+        unsafe { lay_out::<Q8, MIN, HIGH>(x, t, &mut group) };
         for r in rows.clone() {
             // SAFETY: row r is inside `weights`; the caller's for `out`.
             unsafe {
@@ -159,8 +157,9 @@ unsafe fn product_of<const Q8: bool, const MIN: bool, const HIGH: bool>(
 }
 
 /// One token's operands for one block pair: its quants, its block scales spread over the lanes
-/// (lanes 0-7 the first block's, 8-15 the second's) and, for 4- and 5-bit types, its block sums
-/// spread alike; for Q8_0, `-128 * (the lane's four quants' sum)`.
+/// (lanes 0-7 the first block's, 8-15 the second's) and, for types with an offset, its block
+/// sums spread alike; for Q8_0, `-128 * (the lane's four quants' sum)`, and for the other types
+/// without an offset minus their zero point times it.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Operands {
@@ -176,7 +175,11 @@ struct Operands {
 /// The CPU has the features of [`product_of`]; the tokens are rows of `x`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn lay_out<const Q8: bool>(x: &Activations, first: usize, group: &mut Vec<Operands>) {
+unsafe fn lay_out<const Q8: bool, const MIN: bool, const HIGH: bool>(
+    x: &Activations,
+    first: usize,
+    group: &mut Vec<Operands>,
+) {
     let blocks = x.cols / BLOCK;
     group.clear();
     let mut b = 0;
@@ -196,8 +199,10 @@ unsafe fn lay_out<const Q8: bool>(x: &Activations, first: usize, group: &mut Vec
                     let sums =
                         _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), quants);
                     _mm512_sub_epi32(_mm512_setzero_si512(), sums)
-                } else {
+                } else if MIN {
                     _mm512_castps_si512(two_lanes(x.sums.as_ptr().add(t * blocks + b), pair))
+                } else {
+                    less_zero_points::<MIN, HIGH>(quants)
                 };
                 group.push(Operands {
                     quants,
@@ -211,7 +216,7 @@ unsafe fn lay_out<const Q8: bool>(x: &Activations, first: usize, group: &mut Vec
 }
 
 /// One weight row (at `row`, `blocks` blocks of `bytes` bytes) with every token of `group`:
-/// per block pair, the integer dots times the scale products, plus (4- and 5-bit types) the
+/// per block pair, the integer dots times the scale products, plus (types with an offset) the
 /// offsets times the activation sums, each offset spread over its block's eight lanes as `m / 8`
 /// (exact in binary).
 ///
@@ -250,9 +255,9 @@ unsafe fn row_with_group<const Q8: bool, const MIN: bool, const HIGH: bool>(
                 let w = _mm512_xor_si512(w, _mm512_set1_epi8(-128));
                 (w, spread(dw), _mm512_setzero_ps())
             } else {
-                let (d0, m0) = small_scales::<MIN, HIGH>(first);
+                let (d0, m0) = small_scales::<MIN>(first);
                 let (q1, d1, m1) = if pair {
-                    let (d1, m1) = small_scales::<MIN, HIGH>(second);
+                    let (d1, m1) = small_scales::<MIN>(second);
                     (small_quants::<MIN, HIGH>(second), d1, m1)
                 } else {
                     (_mm256_setzero_si256(), 0.0, 0.0)
@@ -267,14 +272,14 @@ unsafe fn row_with_group<const Q8: bool, const MIN: bool, const HIGH: bool>(
             }
         };
         for (acc, token) in acc.iter_mut().zip(tokens) {
-            let lanes = if Q8 {
+            let lanes = if Q8 || !MIN {
                 _mm512_dpbusd_epi32(token.extra, w, token.quants)
             } else {
                 _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, token.quants)
             };
             let scale = _mm512_mul_ps(dw, token.scales);
             *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, *acc);
-            if !Q8 {
+            if !Q8 && MIN {
                 *acc = _mm512_fmadd_ps(mw, _mm512_castsi512_ps(token.extra), *acc);
             }
         }
@@ -346,9 +351,9 @@ unsafe fn dot_q8_0(weights: &[u8], quants: &[i8], scales: &[f32]) -> f32 {
     _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
 }
 
-/// `sum over blocks of d (activation scale) (integer dot of the unsigned quants) + m (activation
-/// block sum)` for a 4- or 5-bit block type (see `small`): the unsigned quants go straight into
-/// `vpdpbusd`, two blocks to a 512-bit register.
+/// `sum over blocks of d (activation scale) (integer dot of the quants less the zero point) +
+/// m (activation block sum)` for a 4- or 5-bit block type (see `small`): the unsigned quants go
+/// straight into `vpdpbusd`, two blocks to a 512-bit register.
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VNNI, AVX2, FMA and F16C; `weights` holds `scales.len()` blocks,
@@ -373,16 +378,17 @@ unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
     while b + 2 <= blocks {
         unsafe {
             let (first, second) = (w.add(b * bytes), w.add((b + 1) * bytes));
-            let (d0, m0) = small_scales::<MIN, HIGH>(first);
-            let (d1, m1) = small_scales::<MIN, HIGH>(second);
+            let (d0, m0) = small_scales::<MIN>(first);
+            let (d1, m1) = small_scales::<MIN>(second);
             let quants = _mm512_inserti64x4::<1>(
                 _mm512_castsi256_si512(small_quants::<MIN, HIGH>(first)),
                 small_quants::<MIN, HIGH>(second),
             );
+            let activations = _mm512_loadu_si512(a.add(b * BLOCK) as *const __m512i);
             let lanes = _mm512_dpbusd_epi32(
-                _mm512_setzero_si512(),
+                less_zero_points::<MIN, HIGH>(activations),
                 quants,
-                _mm512_loadu_si512(a.add(b * BLOCK) as *const __m512i),
+                activations,
             );
             let pair = _mm_set_ps(
                 0.0,
@@ -391,27 +397,46 @@ unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
                 d0 * *scales.get_unchecked(b),
             );
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), spread(pair), acc);
-            offsets += m0 * *sums.get_unchecked(b);
-            offsets += m1 * *sums.get_unchecked(b + 1);
+            if MIN {
+                offsets += m0 * *sums.get_unchecked(b);
+                offsets += m1 * *sums.get_unchecked(b + 1);
+            }
         }
         b += 2;
     }
     if b < blocks {
         unsafe {
             let block = w.add(b * bytes);
-            let (d, m) = small_scales::<MIN, HIGH>(block);
+            let (d, m) = small_scales::<MIN>(block);
             // The upper half stays zero.
+            let activations =
+                _mm512_zextsi256_si512(_mm256_loadu_si256(a.add(b * BLOCK) as *const __m256i));
             let lanes = _mm512_dpbusd_epi32(
-                _mm512_setzero_si512(),
+                less_zero_points::<MIN, HIGH>(activations),
                 _mm512_zextsi256_si512(small_quants::<MIN, HIGH>(block)),
-                _mm512_zextsi256_si512(_mm256_loadu_si256(a.add(b * BLOCK) as *const __m256i)),
+                activations,
             );
             let scale = _mm512_set1_ps(d * *scales.get_unchecked(b));
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, acc);
-            offsets += m * *sums.get_unchecked(b);
+            if MIN {
+                offsets += m * *sums.get_unchecked(b);
+            }
         }
     }
     _mm512_reduce_add_ps(acc) + offsets
+}
+
+/// The accumulator a 4- or 5-bit dot starts from: without an offset, minus the zero point times
+/// the lane's four activations, so the dot is of `q - 8` (or `q - 16`) in integers; else zero.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn less_zero_points<const MIN: bool, const HIGH: bool>(activations: __m512i) -> __m512i {
+    if MIN {
+        return _mm512_setzero_si512();
+    }
+    let zero = _mm512_set1_epi8(small::zero_point(HIGH));
+    let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), zero, activations);
+    _mm512_sub_epi32(_mm512_setzero_si512(), sums)
 }
 
 /// Per-lane sums of four products of signed bytes. vpdpbusd multiplies unsigned by signed

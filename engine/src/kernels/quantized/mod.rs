@@ -222,7 +222,8 @@ pub fn glu(experts: &[(GluWeights, &Activations)]) -> Result<Vec<Vec<f32>>> {
 
 /// Activation rows quantized to Q8_0 as llama.cpp does it: per block of 32, the scale
 /// `max|x| / 127` rounded through f16, and `x / scale` rounded to the nearest integer; with
-/// each block's sum (its scale times the sum of its quants) for the weight types with an offset.
+/// each block's sum (the unrounded scale times the sum of its quants, rounded through f16, as
+/// llama.cpp's Q8_1 keeps it) for the weight types with an offset.
 pub struct Activations {
     quants: Vec<i8>,
     scales: Vec<f32>,
@@ -262,8 +263,14 @@ impl Activations {
                         Isa::Avx2 => avx2::quantize_block(block, out),
                     }
                 };
-                scales.push(scale);
-                sums.push(scale * out.iter().map(|&q| q as i32).sum::<i32>() as f32);
+                // Both stored as f16 by llama.cpp (its Q8_0 and Q8_1 blocks), the sum from the
+                // unrounded scale.
+                let sum = scale * out.iter().map(|&q| q as i32).sum::<i32>() as f32;
+                // SAFETY: as above (F16C).
+                unsafe {
+                    scales.push(avx2::round_through_f16(scale));
+                    sums.push(avx2::round_through_f16(sum));
+                }
             }
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (isa, block, out);
@@ -411,10 +418,11 @@ unsafe fn product(
     }
 }
 
-/// The 4- and 5-bit block layouts: an f16 scale `d`; with `MIN` an f16 offset `m` (else the
-/// offset is `-8 d`, or `-16 d` with five bits); with `HIGH` 32 fifth bits in a little-endian
-/// u32; then 16 bytes whose low nibbles are values 0-15 and high nibbles values 16-31. A weight
-/// is `d q + m`.
+/// The 4- and 5-bit block layouts: an f16 scale `d`; with `MIN` an f16 offset `m`; with `HIGH`
+/// 32 fifth bits in a little-endian u32; then 16 bytes whose low nibbles are values 0-15 and
+/// high nibbles values 16-31. A weight is `d q + m`, or without `MIN` `d (q - 8)` (`d (q - 16)`
+/// with five bits): the zero point is taken off in integers, as llama.cpp does, and `m` times
+/// the activation block's sum added in floats.
 mod small {
     pub const fn block_bytes(min: bool, high: bool) -> usize {
         quants_at(min, high) + 16
@@ -432,9 +440,9 @@ mod small {
         high_at(min) + 4 * high as usize
     }
 
-    /// The implicit offset over `d` when a block stores none.
-    pub const fn zero(high: bool) -> f32 {
-        if high { -16.0 } else { -8.0 }
+    /// The quant that stands for zero when a block stores no offset.
+    pub const fn zero_point(high: bool) -> i8 {
+        if high { 16 } else { 8 }
     }
 }
 
@@ -528,7 +536,12 @@ mod tests {
             let x = Tensor::from_vec(dequantized, (tokens, cols), &Device::Cpu).unwrap();
             let w = w.dequantize(&Device::Cpu).unwrap();
             let exact = x.matmul(&w.t().unwrap()).unwrap();
-            let bound = 1e-6 * cols as f32 * 2.0 * (1.0 + i as f32);
+            let mut bound = 1e-6 * cols as f32 * 2.0 * (1.0 + i as f32);
+            if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
+                // Each activation block's sum is kept in f16, as llama.cpp keeps it: off by up to
+                // 2^-11 of at most 64, times an offset of at most the weights' range.
+                bound += (cols / BLOCK) as f32 * 64.0 / 2048.0 * (1.0 + i as f32);
+            }
             let diff = max_abs_diff(&ours, &exact);
             assert!(diff < bound, "{dtype:?} {rows}x{cols}: {diff}");
         }
@@ -707,11 +720,21 @@ mod tests {
                         let bits = (0..BLOCK).fold(0u32, |bits, i| bits | (q[i] >> 4) << i);
                         block[small::high_at(min)..][..4].copy_from_slice(&bits.to_le_bytes());
                     }
-                    let offset = if min { m } else { small::zero(high) * d };
-                    for (i, &q) in q.iter().enumerate() {
-                        let weight = d as f64 * q as f64 + offset as f64;
-                        let a = activations.quants[b * BLOCK + i] as f64;
-                        exact += weight * a * activations.scales[b] as f64;
+                    // As llama.cpp sums: integers within the block, then its scales, and for a
+                    // block with an offset the activation block's sum as stored (through f16).
+                    let zero = if min {
+                        0
+                    } else {
+                        small::zero_point(high) as i64
+                    };
+                    let dots: i64 = q
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &q)| (q as i64 - zero) * activations.quants[b * BLOCK + i] as i64)
+                        .sum();
+                    exact += d as f64 * activations.scales[b] as f64 * dots as f64;
+                    if min {
+                        exact += m as f64 * activations.sums[b] as f64;
                     }
                 }
                 let (quants, scales, sums) =
