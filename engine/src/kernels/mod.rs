@@ -2,6 +2,7 @@
 //! faster (the 32-value block types on x86-64). Kernels sit below the models: they know tensors and blocks, never
 //! layers or architectures.
 
+pub mod attention;
 pub mod quantized;
 
 use candle_core::quantized::QMatMul;

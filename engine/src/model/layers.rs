@@ -8,7 +8,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::expert::GluMlp;
 use crate::format::WeightSource;
-use crate::kernels::Projection;
+use crate::kernels::{Projection, attention};
 
 /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`) as a linear layer `in -> out`.
 pub fn linear(
@@ -118,6 +118,9 @@ impl Rotary {
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
+    /// Positions the buffers never grow past (the context length), when known: doubling an
+    /// 8,160-position prompt's buffers for its first reply token held 16,320 positions.
+    most_positions: Option<usize>,
 }
 
 /// One layer's cache: keys and values shaped `[kv_heads, capacity, head_dim]`, or with latent
@@ -170,7 +173,14 @@ impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
+            most_positions: None,
         }
+    }
+
+    /// This cache, its buffers growing to at most `positions` (more only if asked to hold more).
+    pub fn with_most_positions(mut self, positions: usize) -> Self {
+        self.most_positions = Some(positions);
+        self
     }
 
     /// Number of positions cached.
@@ -224,7 +234,11 @@ impl KvCache {
             .as_ref()
             .map_or((0, 0), |l| (l.len, l.keys.dim(1).unwrap_or(0)));
         if len + new > capacity {
-            let capacity = (len + new).max(2 * capacity).max(INITIAL_POSITIONS);
+            let doubled = (2 * capacity).max(INITIAL_POSITIONS);
+            let capacity = (len + new).max(
+                self.most_positions
+                    .map_or(doubled, |most| doubled.min(most)),
+            );
             *slot = Some(LayerCache::with_capacity(slot.as_ref(), &k, &v, capacity)?);
         }
         let cache = slot.as_mut().expect("allocated above");
@@ -323,10 +337,27 @@ impl Attention {
 pub(crate) const QUERY_TILE: usize = 256;
 
 /// Grouped-query attention of `q` `[heads, T, d]` at positions `offset..` over `k` and `v`
-/// `[kv_heads, S, dv]` (positions `0..S`), causal and within `window` when there is one, in
-/// tiles of `tile` queries; returns `[heads, T, dv]` in the type of the scores. A prompt of at
-/// most `tile` tokens is one tile.
+/// `[kv_heads, S, dv]` (positions `0..S`), causal and within `window` when there is one;
+/// returns `[heads, T, dv]` in the type of the scores. On the CPU in f32, the online-softmax
+/// kernel; elsewhere candle's products in tiles of `tile` queries.
 pub(crate) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    offset: usize,
+    window: Option<usize>,
+    scale: f64,
+    tile: usize,
+) -> Result<Tensor> {
+    if attention::takes(q, k, v) {
+        return attention::attend(q, k, v, offset, window, scale as f32);
+    }
+    attend_in_tiles(q, k, v, offset, window, scale, tile)
+}
+
+/// [`attend`] through candle's products, queries in tiles of `tile` (a prompt of at most
+/// `tile` tokens is one tile): scores and masks are `[heads, tile, keys]`.
+pub(crate) fn attend_in_tiles(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -441,14 +472,50 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (nkv, s, d), &device).unwrap();
         let v = Tensor::randn(0f32, 1.0, (nkv, s, d), &device).unwrap();
         for window in [None, Some(50), Some(1)] {
-            let whole = attend(&q, &k, &v, offset, window, 0.25, usize::MAX).unwrap();
+            let whole = attend_in_tiles(&q, &k, &v, offset, window, 0.25, usize::MAX).unwrap();
             for tile in [1, 64, 128, 299] {
-                let tiled = attend(&q, &k, &v, offset, window, 0.25, tile).unwrap();
-                let diff = values(&tiled)
-                    .iter()
-                    .zip(values(&whole))
-                    .fold(0f32, |most, (a, b)| most.max((a - b).abs()));
+                let tiled = attend_in_tiles(&q, &k, &v, offset, window, 0.25, tile).unwrap();
+                let diff = max_diff(&tiled, &whole);
                 assert!(diff < 1e-5, "window {window:?}, tile {tile}: {diff}");
+            }
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        values(a)
+            .iter()
+            .zip(values(b))
+            .fold(0f32, |most, (x, y)| most.max((x - y).abs()))
+    }
+
+    /// The online-softmax kernel equals candle's products in one piece within 1e-5: a prompt,
+    /// a prompt after a cached past, a decode step; with and without a window; query heads
+    /// sharing key heads; values narrower than keys (latent attention's expanded form); keys
+    /// and values read in place from a larger buffer, as the cache holds them.
+    #[test]
+    fn the_kernel_equals_attention_in_one_piece() {
+        let device = Device::Cpu;
+        for (nh, nkv, d, dv, t, offset) in [
+            (6, 2, 16, 16, 300, 0),
+            (9, 3, 64, 64, 70, 130),
+            (9, 3, 64, 64, 1, 500),
+            (4, 4, 24, 16, 33, 7),
+        ] {
+            let s = offset + t;
+            let q = Tensor::randn(0f32, 1.0, (nh, t, d), &device).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (nkv, s + 40, d), &device).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (nkv, s + 40, dv), &device).unwrap();
+            let (k, v) = (k.narrow(1, 0, s).unwrap(), v.narrow(1, 0, s).unwrap());
+            assert!(!k.is_contiguous());
+            for window in [None, Some(50), Some(1)] {
+                let whole = attend_in_tiles(&q, &k, &v, offset, window, 0.3, usize::MAX).unwrap();
+                let kernel = attend(&q, &k, &v, offset, window, 0.3, QUERY_TILE).unwrap();
+                assert_eq!(kernel.dims(), whole.dims());
+                let diff = max_diff(&kernel, &whole);
+                assert!(
+                    diff < 1e-5,
+                    "{nh}/{nkv} heads, t {t}, window {window:?}: {diff}"
+                );
             }
         }
     }
@@ -497,5 +564,24 @@ mod tests {
         assert!(cache.is_empty());
         expected = vec![None, None];
         append(&mut cache, &mut expected, 5);
+    }
+
+    /// Buffers double as they fill, but not past the most positions the cache was given, unless
+    /// asked to hold more.
+    #[test]
+    fn the_cache_grows_no_further_than_its_most_positions() {
+        let device = Device::Cpu;
+        let capacity = |cache: &KvCache| cache.layers[0].as_ref().unwrap().keys.dim(1).unwrap();
+        let mut cache = KvCache::new(1).with_most_positions(300);
+        let append = |cache: &mut KvCache, n| {
+            let k = Tensor::zeros((2, n, 4), DType::F32, &device).unwrap();
+            cache.append(0, k.clone(), k).unwrap();
+        };
+        append(&mut cache, 250);
+        assert_eq!(capacity(&cache), 256);
+        append(&mut cache, 10);
+        assert_eq!(capacity(&cache), 300, "doubled to 512 without a limit");
+        append(&mut cache, 50);
+        assert_eq!(capacity(&cache), 310);
     }
 }

@@ -296,6 +296,19 @@ pub struct ForwardTrace {
     pub routing: Vec<Routing>,
     /// The normed state `[T, hidden]` entering each layer's feed-forward (what its router sees).
     pub ffn_inputs: Vec<Tensor>,
+    /// Record the routing alone, not the states: a long prompt's states for every layer take
+    /// more memory than the model (1.2 GB of SmolLM2's at 8,160 tokens).
+    pub routing_only: bool,
+}
+
+impl ForwardTrace {
+    /// A trace of the routing alone.
+    pub fn routing_only() -> Self {
+        Self {
+            routing_only: true,
+            ..Self::default()
+        }
+    }
 }
 
 /// Watches a forward pass layer by layer without changing it: the expert prefetcher is one.
@@ -408,8 +421,9 @@ impl Model {
         }
     }
 
+    /// A cache for one sequence, which never grows past the context length.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.num_layers)
+        KvCache::new(self.config.num_layers).with_most_positions(self.context_length)
     }
 
     pub fn device(&self) -> &Device {
@@ -441,7 +455,7 @@ impl Model {
         let ids = Tensor::new(tokens, self.device())?;
         let mut x = self.embed.embedding(&ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            if let Some(trace) = trace.as_deref_mut() {
+            if let Some(trace) = trace.as_deref_mut().filter(|t| !t.routing_only) {
                 trace.hidden_states.push(x.clone());
             }
             if let Some(hook) = &self.hook {
@@ -452,7 +466,7 @@ impl Model {
                     .attention
                     .forward(&layer.input_norm.forward(&x)?, i, offset, cache)?)?;
             let normed = layer.post_attention_norm.forward(&h)?;
-            if let Some(trace) = trace.as_deref_mut() {
+            if let Some(trace) = trace.as_deref_mut().filter(|t| !t.routing_only) {
                 trace.ffn_inputs.push(normed.clone());
             }
             let (ffn_out, routing) = match &layer.ffn {
@@ -467,7 +481,7 @@ impl Model {
                 trace.routing.push(routing);
             }
         }
-        if let Some(trace) = trace {
+        if let Some(trace) = trace.filter(|t| !t.routing_only) {
             trace.hidden_states.push(x.clone());
         }
         if logits == Logits::Last {
