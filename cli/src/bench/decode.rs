@@ -72,7 +72,7 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
     );
     let mut cache = model.new_cache();
     let mut forward = |tokens: &[u32], trace: &mut Trace| -> Result<u32> {
-        let mut seen = ForwardTrace::default();
+        let mut seen = ForwardTrace::routing_only();
         let logits = model.forward(tokens, &mut cache, Logits::Last, Some(&mut seen))?;
         trace.push_forward(&seen, tokens.len(), 0)?;
         Ok(argmax(&logits.squeeze(0)?.to_vec1::<f32>()?) as u32)

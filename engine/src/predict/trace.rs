@@ -232,7 +232,11 @@ impl Trace {
             let mut run = prompt.clone();
             let mut generated = 0;
             loop {
-                let mut seen = ForwardTrace::default();
+                let mut seen = if options.hidden {
+                    ForwardTrace::default()
+                } else {
+                    ForwardTrace::routing_only()
+                };
                 let logits = model.forward(&run, &mut cache, Logits::Last, Some(&mut seen))?;
                 trace.push_forward(&seen, run.len(), p as u32)?;
                 if options.hidden {
