@@ -72,12 +72,15 @@ fn the_demo_model_answers_paris_dense_exact_and_split() {
     let dense = out.path().join("dense.safetensors");
     let split = out.path().join("split.safetensors");
     // The split layout keeps base weights dequantized to f32, so the dense file widens its Q4_1
-    // matrices too.
+    // matrices too; both keep keys and values in f32, where f16 would round the reordered
+    // sums' last bits apart.
     odmoe_ok(&[
         "logits",
         "--model",
         gguf,
         "--f32-base",
+        "--kv-cache",
+        "f32",
         "--tokens",
         tokens,
         "--out",
@@ -91,6 +94,8 @@ fn the_demo_model_answers_paris_dense_exact_and_split() {
         tokens,
         "--experts-per-token",
         "32",
+        "--kv-cache",
+        "f32",
         "--out",
         split.to_str().unwrap(),
     ]);

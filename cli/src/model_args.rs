@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use candle_core::DType;
 use clap::Args;
 use odmoe_engine::open::{self, ExpertMode, LoadOptions, LoadedModel};
 use odmoe_engine::predict::PredictorKind;
@@ -52,6 +53,18 @@ pub struct ModelArgs {
     /// maximum positions [default: the model's].
     #[arg(long, value_name = "TOKENS")]
     pub context_length: Option<usize>,
+    /// Keep attention's keys and values in f16 (half the memory of f32, as llama.cpp keeps
+    /// them) or f32 (exact math).
+    #[arg(long, default_value = "f16", value_name = "f16|f32", value_parser = parse_kv_cache)]
+    pub kv_cache: DType,
+}
+
+fn parse_kv_cache(text: &str) -> Result<DType, String> {
+    match text {
+        "f16" => Ok(DType::F16),
+        "f32" => Ok(DType::F32),
+        other => Err(format!("{other:?}: the KV cache is kept in f16 or f32")),
+    }
 }
 
 impl ModelArgs {
@@ -89,6 +102,7 @@ impl ModelArgs {
             prefetch,
             quantized_base: !self.f32_base,
             context_length: self.context_length,
+            kv_cache: self.kv_cache,
         };
         let device = odmoe_engine::default_device()?;
         open::load(&self.model, &options, &device)

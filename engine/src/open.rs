@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -47,6 +47,10 @@ pub struct LoadOptions {
     pub quantized_base: bool,
     /// Lower the context length below the model's maximum positions.
     pub context_length: Option<usize>,
+    /// The type grouped-query attention keeps keys and values in: f16, as llama.cpp keeps them
+    /// (half the memory, and half the bytes a long context's decode step reads), or f32 for
+    /// exact math. Latent attention's cache stays f32.
+    pub kv_cache: DType,
 }
 
 impl Default for LoadOptions {
@@ -59,6 +63,7 @@ impl Default for LoadOptions {
             prefetch: PredictorKind::default(),
             quantized_base: true,
             context_length: None,
+            kv_cache: DType::F16,
         }
     }
 }
@@ -313,6 +318,7 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
         }
     };
     let mut model = Model::load_base(config, base.as_ref(), provider)?;
+    model.set_kv_cache(options.kv_cache)?;
     if let Some(tokens) = options.context_length {
         model.set_context_length(tokens)?;
     }

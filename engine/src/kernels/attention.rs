@@ -8,10 +8,14 @@
 //! tokens that is 75 MB a tile, most of a long prompt's time in memory traffic and most of its
 //! peak memory. And a decode step's product copied the whole cache to make it contiguous.
 //!
+//! Keys and values are read in the cache's type, f16 or f32, a block at a time into f32.
+//!
 //! Work is shared out over candle's thread pool by (key head, block of queries); every output is
 //! computed by one thread in a fixed order, so results do not depend on the thread count.
 
 use candle_core::{DType, Device, Storage, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::error::{Error, Result};
 
@@ -20,11 +24,13 @@ const KEYS: usize = 64;
 /// Queries per work item (times the query heads sharing a key head).
 const QUERIES: usize = 16;
 
-/// Whether [`attend`] takes these operands: f32 on the CPU.
+/// Whether [`attend`] takes these operands: on the CPU, f32 queries and keys and values in f32 or
+/// f16 alike.
 pub fn takes(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    [q, k, v]
-        .iter()
-        .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu))
+    [q, k, v].iter().all(|t| matches!(t.device(), Device::Cpu))
+        && q.dtype() == DType::F32
+        && k.dtype() == v.dtype()
+        && matches!(k.dtype(), DType::F32 | DType::F16)
 }
 
 /// Attention of `q` `[heads, T, d]` at positions `offset..` over `k` `[kv_heads, S, d]` and `v`
@@ -64,9 +70,9 @@ pub fn attend(
     let (q_storage, q_layout) = q.storage_and_layout();
     let (k_storage, k_layout) = k.storage_and_layout();
     let (v_storage, v_layout) = v.storage_and_layout();
-    let queries = &cpu_f32(&q_storage)?[q_layout.start_offset()..];
-    let keys = Strided::of(cpu_f32(&k_storage)?, k_layout)?;
-    let values = Strided::of(cpu_f32(&v_storage)?, v_layout)?;
+    let queries = &cpu_storage(&q_storage)?.as_slice::<f32>()?[q_layout.start_offset()..];
+    let keys = Strided::of(&k_storage, k_layout)?;
+    let values = Strided::of(&v_storage, v_layout)?;
     let shape = Shape {
         rep: heads / kv_heads,
         t,
@@ -114,38 +120,53 @@ struct Shape {
     scale: f32,
 }
 
-/// A `[heads, positions, width]` view of a CPU buffer: element `(h, p, c)` at
+/// A `[heads, positions, width]` view of a CPU buffer of f32 or f16: element `(h, p, c)` at
 /// `h * head + p * position + c`.
 struct Strided<'a> {
-    data: &'a [f32],
+    data: Values<'a>,
     head: usize,
     position: usize,
 }
 
+enum Values<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
 impl<'a> Strided<'a> {
-    fn of(data: &'a [f32], layout: &candle_core::Layout) -> Result<Self> {
+    fn of(storage: &'a Storage, layout: &candle_core::Layout) -> Result<Self> {
         let stride = layout.stride();
         if stride.len() != 3 || stride[2] != 1 {
             return Err(Error::InvalidModel(format!(
                 "attention needs rows of contiguous values, not strides {stride:?}"
             )));
         }
+        let cpu = cpu_storage(storage)?;
+        let start = layout.start_offset();
+        let data = match cpu {
+            candle_core::CpuStorage::F16(data) => Values::F16(&data[start..]),
+            _ => Values::F32(&cpu.as_slice::<f32>()?[start..]),
+        };
         Ok(Self {
-            data: &data[layout.start_offset()..],
+            data,
             head: stride[0],
             position: stride[1],
         })
     }
 
-    fn row(&self, head: usize, position: usize, width: usize) -> &[f32] {
+    /// Row `(head, position)` into `out`, as f32.
+    fn load(&self, head: usize, position: usize, out: &mut [f32]) {
         let at = head * self.head + position * self.position;
-        &self.data[at..at + width]
+        match self.data {
+            Values::F32(data) => out.copy_from_slice(&data[at..at + out.len()]),
+            Values::F16(data) => data[at..at + out.len()].convert_to_f32_slice(out),
+        }
     }
 }
 
-fn cpu_f32(storage: &Storage) -> Result<&[f32]> {
+fn cpu_storage(storage: &Storage) -> Result<&candle_core::CpuStorage> {
     match storage {
-        Storage::Cpu(cpu) => Ok(cpu.as_slice::<f32>()?),
+        Storage::Cpu(cpu) => Ok(cpu),
         _ => Err(Error::InvalidModel(
             "CPU attention called with tensors on another device".into(),
         )),
@@ -212,10 +233,8 @@ struct RowUpdate<'a> {
     /// The keys of the block this row sees, counted from the block's first.
     seen: std::ops::Range<usize>,
     scale: f32,
-    values: &'a Strided<'a>,
-    g: usize,
-    /// Position of the block's first key.
-    block: usize,
+    /// The block's values, `dv` for each key.
+    values: &'a [f32],
     max: &'a mut f32,
     sum: &'a mut f32,
     /// The row's output so far, `dv` values, weighted by `exp(score - max)`.
@@ -265,13 +284,17 @@ unsafe fn work_item_body(
     let mut sums = vec![0f32; rows.len()];
     let mut outputs = vec![0f32; rows.len() * dv];
     let mut transposed = vec![0f32; d * KEYS];
+    let mut key = vec![0f32; d];
+    let mut block_values = vec![0f32; KEYS * dv];
     let mut block = lo;
     while block <= hi {
         let end = (block + KEYS).min(hi + 1);
         for (j, position) in (block..end).enumerate() {
-            for (c, &value) in keys.row(g, position, d).iter().enumerate() {
+            keys.load(g, position, &mut key);
+            for (c, &value) in key.iter().enumerate() {
                 transposed[c * KEYS + j] = value;
             }
+            values.load(g, position, &mut block_values[j * dv..(j + 1) * dv]);
         }
         for (((&(i, head), max), sum), output) in rows
             .iter()
@@ -289,9 +312,7 @@ unsafe fn work_item_body(
                 transposed: &transposed,
                 seen: from - block..to - block,
                 scale,
-                values,
-                g,
-                block,
+                values: &block_values,
                 max,
                 sum,
                 output,
@@ -342,7 +363,7 @@ fn update_row(row: RowUpdate) {
     }
     let dv = row.output.len();
     for (j, &p) in seen.iter().enumerate() {
-        let value = row.values.row(row.g, row.block + row.seen.start + j, dv);
+        let value = &row.values[(row.seen.start + j) * dv..][..dv];
         for (o, &v) in row.output.iter_mut().zip(value) {
             *o = p.mul_add(v, *o);
         }
@@ -408,7 +429,7 @@ unsafe fn update_row_avx512(row: RowUpdate) {
     }
     for j in row.seen.clone() {
         let p = _mm512_set1_ps(weights[j]);
-        let value = row.values.row(row.g, row.block + j, dv).as_ptr();
+        let value = row.values[j * dv..][..dv].as_ptr();
         for c in (0..dv).step_by(16) {
             // SAFETY: the value row and the output hold dv values.
             unsafe {

@@ -115,12 +115,15 @@ impl Rotary {
 /// Keys and values of every layer for the positions seen so far.
 ///
 /// Not `Clone`: appending writes into buffers in place, which a copy would share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
     /// Positions the buffers never grow past (the context length), when known: doubling an
     /// 8,160-position prompt's buffers for its first reply token held 16,320 positions.
     most_positions: Option<usize>,
+    /// The type grouped-query attention stores keys and values in (latent attention keeps
+    /// what it appends).
+    dtype: DType,
 }
 
 /// One layer's cache: keys and values shaped `[kv_heads, capacity, head_dim]`, or with latent
@@ -174,7 +177,19 @@ impl KvCache {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
             most_positions: None,
+            dtype: DType::F32,
         }
+    }
+
+    /// This cache, grouped-query attention's keys and values kept in `dtype`.
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// The type grouped-query attention keeps keys and values in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// This cache, its buffers growing to at most `positions` (more only if asked to hold more).
@@ -322,7 +337,8 @@ impl Attention {
         let q = rotate(q)?;
         let k = rotate(k)?;
         let v = v.transpose(0, 1)?.contiguous()?;
-        let (k, v) = cache.append(layer, k, v)?;
+        let kept = cache.dtype();
+        let (k, v) = cache.append(layer, k.to_dtype(kept)?, v.to_dtype(kept)?)?;
         let scale = 1.0 / (d as f64).sqrt();
         let window = self.sliding_window;
         let out = attend(&q, &k, &v, offset, window, scale, QUERY_TILE)?;
@@ -352,7 +368,8 @@ pub(crate) fn attend(
     if attention::takes(q, k, v) {
         return attention::attend(q, k, v, offset, window, scale as f32);
     }
-    attend_in_tiles(q, k, v, offset, window, scale, tile)
+    let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);
+    attend_in_tiles(q, &k, &v, offset, window, scale, tile)
 }
 
 /// [`attend`] through candle's products, queries in tiles of `tile` (a prompt of at most
@@ -507,15 +524,32 @@ mod tests {
             let v = Tensor::randn(0f32, 1.0, (nkv, s + 40, dv), &device).unwrap();
             let (k, v) = (k.narrow(1, 0, s).unwrap(), v.narrow(1, 0, s).unwrap());
             assert!(!k.is_contiguous());
+            // Kept in f16 as the cache keeps them by default: the kernel reads the halves.
+            let (k16, v16) = (
+                k.to_dtype(DType::F16).unwrap(),
+                v.to_dtype(DType::F16).unwrap(),
+            );
+            let (k16_as_f32, v16_as_f32) = (
+                k16.to_dtype(DType::F32).unwrap(),
+                v16.to_dtype(DType::F32).unwrap(),
+            );
+            let cases = [
+                ((&k, &v), (&k, &v)),
+                ((&k16, &v16), (&k16_as_f32, &v16_as_f32)),
+            ];
             for window in [None, Some(50), Some(1)] {
-                let whole = attend_in_tiles(&q, &k, &v, offset, window, 0.3, usize::MAX).unwrap();
-                let kernel = attend(&q, &k, &v, offset, window, 0.3, QUERY_TILE).unwrap();
-                assert_eq!(kernel.dims(), whole.dims());
-                let diff = max_diff(&kernel, &whole);
-                assert!(
-                    diff < 1e-5,
-                    "{nh}/{nkv} heads, t {t}, window {window:?}: {diff}"
-                );
+                for ((k, v), (ref_k, ref_v)) in cases {
+                    let whole =
+                        attend_in_tiles(&q, ref_k, ref_v, offset, window, 0.3, usize::MAX).unwrap();
+                    let kernel = attend(&q, k, v, offset, window, 0.3, QUERY_TILE).unwrap();
+                    assert_eq!(kernel.dims(), whole.dims());
+                    let diff = max_diff(&kernel, &whole);
+                    let kind = k.dtype();
+                    assert!(
+                        diff < 1e-5,
+                        "{nh}/{nkv} heads, t {t}, window {window:?}, {kind:?}: {diff}"
+                    );
+                }
             }
         }
     }

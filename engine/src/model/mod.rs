@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 pub use gguf_config::GgufConfig;
 pub use hf_config::HfConfig;
@@ -335,6 +335,8 @@ pub struct Model {
     device: Device,
     /// Most positions a sequence may hold: the model's own maximum, or less when lowered.
     context_length: usize,
+    /// The type grouped-query attention's cache holds keys and values in.
+    kv_cache: DType,
 }
 
 impl Model {
@@ -367,6 +369,7 @@ impl Model {
             hook: None,
             device,
             context_length: config.max_position_embeddings,
+            kv_cache: DType::F32,
             config,
         })
     }
@@ -423,7 +426,20 @@ impl Model {
 
     /// A cache for one sequence, which never grows past the context length.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.num_layers).with_most_positions(self.context_length)
+        KvCache::new(self.config.num_layers)
+            .with_most_positions(self.context_length)
+            .with_dtype(self.kv_cache)
+    }
+
+    /// Keeps grouped-query attention's keys and values in `dtype` (f32 or f16) in new caches.
+    pub fn set_kv_cache(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::F16) {
+            return Err(Error::InvalidRequest(format!(
+                "a KV cache in {dtype:?}: f16 and f32 are the types it can be kept in"
+            )));
+        }
+        self.kv_cache = dtype;
+        Ok(())
     }
 
     pub fn device(&self) -> &Device {
