@@ -47,9 +47,10 @@ pub struct LoadOptions {
     pub quantized_base: bool,
     /// Lower the context length below the model's maximum positions.
     pub context_length: Option<usize>,
-    /// The type grouped-query attention keeps keys and values in: f16, as llama.cpp keeps them
-    /// (half the memory, and half the bytes a long context's decode step reads), or f32 for
-    /// exact math. Latent attention's cache stays f32.
+    /// The type grouped-query attention keeps keys and values in: f32 for exact math (the
+    /// library's default, which the reference tests hold to 1e-4), or f16 as llama.cpp keeps
+    /// them, half the memory and half the bytes a long context's decode step reads (what odmoe
+    /// and odmoed serve with, [`LoadOptions::serving`]). Latent attention's cache stays f32.
     pub kv_cache: DType,
 }
 
@@ -63,7 +64,17 @@ impl Default for LoadOptions {
             prefetch: PredictorKind::default(),
             quantized_base: true,
             context_length: None,
+            kv_cache: DType::F32,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// The defaults odmoe and odmoed serve with: keys and values in f16.
+    pub fn serving() -> Self {
+        Self {
             kv_cache: DType::F16,
+            ..Self::default()
         }
     }
 }

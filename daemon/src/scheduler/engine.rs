@@ -375,7 +375,7 @@ impl Engine {
         let options = LoadOptions {
             experts,
             context_length: self.context_length(),
-            ..LoadOptions::default()
+            ..LoadOptions::serving()
         };
         // Two models may not fit in memory together: the old one goes first,
         // and its memory back to the system before the new one is measured.
