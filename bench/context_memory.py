@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Memory against context length: does a long prompt take memory like its KV cache, or faster?
+
+Builds a tiny model with 65,536 positions (the committed qwen3_moe fixture, hidden 64, with its
+config's max_position_embeddings raised; weights unchanged), prefills fixed-seed random prompts of
+8K, 16K, 32K and 64K tokens with `odmoe bench decode` (one process each), and prints peak RSS
+minus that of a 16-token prompt (the weights and the runtime) next to the KV cache's own bytes
+(`odmoe inspect` per token times the length). The growth is linear when the ratio stays flat.
+
+    python3 bench/context_memory.py [--odmoe target/release/odmoe] [--lengths 8192,16384,32768,65536]
+"""
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests/fixtures/qwen3_moe"
+POSITIONS = 65536
+
+
+def run_json(command):
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command[:3])} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--odmoe", type=Path, default=ROOT / "target/release/odmoe")
+    parser.add_argument("--lengths", default="8192,16384,32768,65536")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="odmoe-context-") as work:
+        model = Path(work) / "qwen3_moe-64k"
+        shutil.copytree(FIXTURE, model)
+        config = json.loads((model / "config.json").read_text())
+        config["max_position_embeddings"] = POSITIONS
+        (model / "config.json").write_text(json.dumps(config))
+        vocab = config["vocab_size"]
+        per_token = run_json([str(args.odmoe), "inspect", str(model), "--json"])["kv_cache_bytes_per_token"]
+        rng = random.Random(0)
+
+        def peak(length):
+            ids = ",".join(str(rng.randrange(vocab)) for _ in range(length))
+            result = run_json([
+                str(args.odmoe), "bench", "decode", "--model", str(model), "--prompt-ids", ids,
+                "--tokens", "1", "--json",
+            ])
+            return result["peak_rss_bytes"], result["ttft_s"]
+
+        base, _ = peak(16)
+        mib = 1 << 20
+        print(f"qwen3_moe fixture with {POSITIONS} positions; peak RSS of a 16-token prompt {base / mib:.1f} MiB")
+        print()
+        print("| prompt | first token | peak RSS over the 16-token run | KV cache | ratio |")
+        print("|---:|---:|---:|---:|---:|")
+        for length in (int(n) for n in args.lengths.split(",")):
+            rss, seconds = peak(length)
+            kv = per_token * length
+            print(f"| {length} | {seconds:.1f} s | {(rss - base) / mib:.1f} MiB | {kv / mib:.1f} MiB | {(rss - base) / kv:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
