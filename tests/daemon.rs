@@ -1410,7 +1410,8 @@ vim.cmd(ran and 'qall!' or 'cquit! 1')
         "{written}"
     );
     // The chat went on in a daemon session, so the next turn sends only itself. The engine
-    // counts the kept session once the turn's job ends, which may be just after the reply.
+    // counts the kept session once the turn's job ends, which may be just after the reply; and
+    // critical memory pressure on the machine (PSI is system-wide) drops idle sessions, saying so.
     let mut client = daemon.client().await;
     let mut sessions = 0;
     for _ in 0..50 {
@@ -1420,7 +1421,11 @@ vim.cmd(ran and 'qall!' or 'cquit! 1')
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(sessions, 1);
+    let log = daemon.log();
+    assert!(
+        sessions == 1 || log.contains("critical memory pressure: idle sessions"),
+        "{sessions} sessions kept\n{log}"
+    );
     assert!(written.contains("OK: odmoed 0.1.0 answers at"), "{written}");
     assert!(written.contains("OK: model:"), "{written}");
 }
