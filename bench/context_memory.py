@@ -5,7 +5,8 @@ Builds a tiny model with 65,536 positions (the committed qwen3_moe fixture, hidd
 config's max_position_embeddings raised; weights unchanged), prefills fixed-seed random prompts of
 8K, 16K, 32K and 64K tokens with `odmoe bench decode` (one process each), and prints peak RSS
 minus that of a 16-token prompt (the weights and the runtime) next to the KV cache's own bytes
-(`odmoe inspect` per token times the length). The growth is linear when the ratio stays flat.
+(`odmoe inspect`'s f32 bytes per token, halved for the f16 cache odmoe keeps, times the length).
+The growth is linear when the ratio stays flat.
 
     python3 bench/context_memory.py [--odmoe target/release/odmoe] [--lengths 8192,16384,32768,65536]
 """
@@ -43,7 +44,8 @@ def main():
         config["max_position_embeddings"] = POSITIONS
         (model / "config.json").write_text(json.dumps(config))
         vocab = config["vocab_size"]
-        per_token = run_json([str(args.odmoe), "inspect", str(model), "--json"])["kv_cache_bytes_per_token"]
+        f32_per_token = run_json([str(args.odmoe), "inspect", str(model), "--json"])["kv_cache_bytes_per_token"]
+        per_token = f32_per_token // 2
         rng = random.Random(0)
 
         def peak(length):
@@ -58,7 +60,7 @@ def main():
         mib = 1 << 20
         print(f"qwen3_moe fixture with {POSITIONS} positions; peak RSS of a 16-token prompt {base / mib:.1f} MiB")
         print()
-        print("| prompt | first token | peak RSS over the 16-token run | KV cache | ratio |")
+        print("| prompt | first token | peak RSS over the 16-token run | KV cache (f16) | ratio |")
         print("|---:|---:|---:|---:|---:|")
         for length in (int(n) for n in args.lengths.split(",")):
             rss, seconds = peak(length)

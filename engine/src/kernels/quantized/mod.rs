@@ -224,6 +224,7 @@ pub fn glu(experts: &[(GluWeights, &Activations)]) -> Result<Vec<Vec<f32>>> {
 /// `max|x| / 127` rounded through f16, and `x / scale` rounded to the nearest integer; with
 /// each block's sum (the unrounded scale times the sum of its quants, rounded through f16, as
 /// llama.cpp's Q8_1 keeps it) for the weight types with an offset.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub struct Activations {
     quants: Vec<i8>,
     scales: Vec<f32>,
@@ -423,6 +424,7 @@ unsafe fn product(
 /// high nibbles values 16-31. A weight is `d q + m`, or without `MIN` `d (q - 8)` (`d (q - 16)`
 /// with five bits): the zero point is taken off in integers, as llama.cpp does, and `m` times
 /// the activation block's sum added in floats.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 mod small {
     pub const fn block_bytes(min: bool, high: bool) -> usize {
         quants_at(min, high) + 16
