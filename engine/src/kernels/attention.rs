@@ -128,6 +128,7 @@ struct Strided<'a> {
     position: usize,
     /// Halves are widened 16 at a time with AVX-512: the slice conversion's per-call overhead
     /// made an 8K-token decode step slower in f16 than in f32.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     wide_halves: bool,
 }
 
