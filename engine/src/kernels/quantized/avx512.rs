@@ -1,4 +1,5 @@
-//! The AVX-512 VNNI products: tiles of rows by tokens, two blocks through one `vpdpbusd`.
+//! The AVX-512 VNNI products: groups of tokens through each weight row, two blocks through one
+//! `vpdpbusd`.
 //!
 //! A prompt's product goes a group of tokens at a time: their activations are laid out once per
 //! block pair with their scales spread over the lanes, then every row is unpacked once for the
