@@ -2,6 +2,7 @@
 
 use std::arch::x86_64::*;
 
+use super::k_quants::{Layout, SUB_BLOCKS};
 use super::{BLOCK, BLOCK_BYTES, small};
 
 /// `sum over blocks of (weight scale * activation scale) * (integer dot of the quants)`, a
@@ -91,6 +92,56 @@ pub(super) unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
     horizontal_sum(acc) + offsets
 }
 
+/// `sum over sub-blocks of (its per-16 scales) (activation scale) (integer dot of the quants
+/// less the zero point) + (its offset) (activation block sum)` for a K-quant type, a sub-block
+/// to a 256-bit register (lanes 0-3 its first 16 values, 4-7 the rest).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `weights` holds `scales.len() / 8` super-blocks, `quants`
+/// 32 quants and `sums` one exact sum for each activation block.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_k<K: Layout>(
+    weights: &[u8],
+    quants: &[i8],
+    scales: &[f32],
+    sums: &[f32],
+) -> f32 {
+    let supers = scales.len() / SUB_BLOCKS;
+    debug_assert!(weights.len() >= supers * K::BYTES && quants.len() >= scales.len() * BLOCK);
+    debug_assert!(sums.len() >= scales.len());
+    let mut acc = _mm256_setzero_ps();
+    let mut offsets = _mm256_setzero_ps();
+    for s in 0..supers {
+        // SAFETY: super-block s and its activation blocks are inside every slice.
+        unsafe {
+            let block = weights.as_ptr().add(s * K::BYTES);
+            let weight_scales = K::scales(block);
+            for sub in 0..SUB_BLOCKS {
+                let b = s * SUB_BLOCKS + sub;
+                let a = _mm256_loadu_si256(quants.as_ptr().add(b * BLOCK) as *const __m256i);
+                let mut lanes = unsigned_dots(K::quants(block, sub), a);
+                if !K::OFFSETS {
+                    lanes = _mm256_sub_epi32(lanes, unsigned_dots(_mm256_set1_epi8(K::ZERO), a));
+                }
+                let halves = _mm256_set_m128(
+                    _mm_set1_ps(weight_scales.per_16[2 * sub + 1]),
+                    _mm_set1_ps(weight_scales.per_16[2 * sub]),
+                );
+                let scale = _mm256_mul_ps(halves, _mm256_set1_ps(*scales.get_unchecked(b)));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, acc);
+            }
+            if K::OFFSETS {
+                offsets = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(weight_scales.offsets.as_ptr()),
+                    _mm256_loadu_ps(sums.as_ptr().add(s * SUB_BLOCKS)),
+                    offsets,
+                );
+            }
+        }
+    }
+    horizontal_sum(acc) + horizontal_sum(offsets)
+}
+
 /// The scale `d` and offset `m` of a 4- or 5-bit block (`m` zero when it stores none).
 ///
 /// # Safety
@@ -116,7 +167,7 @@ pub(super) unsafe fn small_scales<const MIN: bool>(block: *const u8) -> (f32, f3
 /// `at` points at two readable bytes.
 #[inline]
 #[target_feature(enable = "f16c")]
-unsafe fn half(at: *const u8) -> f32 {
+pub(super) unsafe fn half(at: *const u8) -> f32 {
     // SAFETY: the caller's.
     let bits = unsafe { (at as *const u16).read_unaligned() };
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
@@ -164,8 +215,8 @@ fn fifth_bits(bits: u32) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
-/// Per-lane sums of four products of unsigned weight quants (at most 31) and signed activation
-/// quants: pairs of products stay within i16.
+/// Per-lane sums of four products of unsigned weight quants (at most 63) and signed activation
+/// quants (at least -127): pairs of products stay within i16.
 #[inline]
 #[target_feature(enable = "avx2")]
 fn unsigned_dots(weights: __m256i, activations: __m256i) -> __m256i {

@@ -16,6 +16,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::avx2::{block_quants, four_scales, scale_bits, small_quants, small_scales};
+use super::k_quants::{self, Layout, Q4K, Q5K, Q6K, SUB_BLOCKS};
 use super::{Activations, BLOCK, BLOCK_BYTES, Format, small};
 
 /// Tokens in a group: eight accumulators and a row's operands stay in registers.
@@ -69,6 +70,9 @@ pub(super) unsafe fn product(
             Format::Q4_1 => product_of::<false, true, false>(weights, rows, x, out, out_rows),
             Format::Q5_0 => product_of::<false, false, true>(weights, rows, x, out, out_rows),
             Format::Q5_1 => product_of::<false, true, true>(weights, rows, x, out, out_rows),
+            Format::Q4K => product_k::<Q4K>(weights, rows, x, out, out_rows),
+            Format::Q5K => product_k::<Q5K>(weights, rows, x, out, out_rows),
+            Format::Q6K => product_k::<Q6K>(weights, rows, x, out, out_rows),
         }
     }
 }
@@ -132,7 +136,7 @@ unsafe fn product_of<const Q8: bool, const MIN: bool, const HIGH: bool>(
     let mut t = 0;
     while t + GROUP <= tokens {
         // SAFETY: tokens t..t + GROUP are rows of `x`.
-        unsafe { lay_out::<Q8, MIN, HIGH>(x, t, &mut group) };
+        unsafe { lay_out(x, t, GROUP, Extra::of::<Q8, MIN, HIGH>(), &mut group) };
         for r in rows.clone() {
             // SAFETY: row r is inside `weights`; the caller's for `out`.
             unsafe {
@@ -157,6 +161,107 @@ unsafe fn product_of<const Q8: bool, const MIN: bool, const HIGH: bool>(
     }
 }
 
+/// [`product`] for a K-quant type: groups of tokens, then each token left over as a group of
+/// one (the same steps, so a decode step's token gets the bits it would get in a prompt's
+/// leftovers).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn product_k<K: Layout>(
+    weights: &[u8],
+    rows: Range<usize>,
+    x: &Activations,
+    out: *mut f32,
+    out_rows: usize,
+) {
+    let supers = x.cols / k_quants::VALUES;
+    let row_bytes = supers * K::BYTES;
+    debug_assert!(weights.len() >= rows.end * row_bytes);
+    let extra = if K::OFFSETS {
+        Extra::ExactSums
+    } else {
+        Extra::ZeroPoint(K::ZERO)
+    };
+    let tokens = x.len();
+    let mut group = Vec::new();
+    let mut t = 0;
+    while t < tokens {
+        let count = if t + GROUP <= tokens { GROUP } else { 1 };
+        // SAFETY: tokens t..t + count are rows of `x`.
+        unsafe { lay_out(x, t, count, extra, &mut group) };
+        for r in rows.clone() {
+            // SAFETY: row r is inside `weights`; the caller's for `out`.
+            unsafe {
+                let row = weights.as_ptr().add(r * row_bytes);
+                if count == GROUP {
+                    let sums = row_with_k::<K, GROUP>(row, supers, &group);
+                    for (j, sum) in sums.into_iter().enumerate() {
+                        *out.add((t + j) * out_rows + r) = sum;
+                    }
+                } else {
+                    let [sum] = row_with_k::<K, 1>(row, supers, &group);
+                    *out.add(t * out_rows + r) = sum;
+                }
+            }
+        }
+        t += count;
+    }
+}
+
+/// One K-quant weight row (at `row`, `supers` super-blocks) with each of the `N` tokens of
+/// `group`: per pair of sub-blocks, the integer dots (less the zero point) times the per-16
+/// scales and the activation scales, plus the offsets (spread over each sub-block's eight lanes
+/// as `offset / 8`, exact in binary) times the activation block sums.
+///
+/// # Safety
+/// The CPU has the features of [`product_k`]; the row holds `supers` super-blocks and `group`
+/// their sub-block pairs laid out by [`lay_out`] for `N` tokens.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn row_with_k<K: Layout, const N: usize>(
+    row: *const u8,
+    supers: usize,
+    group: &[Operands],
+) -> [f32; N] {
+    // Lanes 0-3 hold values 0-15 of the pair, 4-7 values 16-31, and so on.
+    let quarters = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    let mut acc = [_mm512_setzero_ps(); N];
+    for s in 0..supers {
+        // SAFETY: super-block s is inside the row; its pairs are laid out in `group`.
+        unsafe {
+            let block = row.add(s * K::BYTES);
+            let scales = K::scales(block);
+            for p in 0..SUB_BLOCKS / 2 {
+                let w = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(K::quants(block, 2 * p)),
+                    K::quants(block, 2 * p + 1),
+                );
+                let four = _mm_loadu_ps(scales.per_16.as_ptr().add(4 * p));
+                let dw = _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(four));
+                let mw = spread(_mm_set_ps(
+                    0.0,
+                    0.0,
+                    scales.offsets[2 * p + 1] * 0.125,
+                    scales.offsets[2 * p] * 0.125,
+                ));
+                let tokens = &group[(s * SUB_BLOCKS / 2 + p) * N..][..N];
+                for (acc, token) in acc.iter_mut().zip(tokens) {
+                    let start = if K::OFFSETS {
+                        _mm512_setzero_si512()
+                    } else {
+                        token.extra
+                    };
+                    let lanes = _mm512_dpbusd_epi32(start, w, token.quants);
+                    let scale = _mm512_mul_ps(dw, token.scales);
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, *acc);
+                    if K::OFFSETS {
+                        *acc = _mm512_fmadd_ps(mw, _mm512_castsi512_ps(token.extra), *acc);
+                    }
+                }
+            }
+        }
+    }
+    acc.map(|sum| _mm512_reduce_add_ps(sum))
+}
+
 /// One token's operands for one block pair: its quants, its block scales spread over the lanes
 /// (lanes 0-7 the first block's, 8-15 the second's) and, for types with an offset, its block
 /// sums spread alike; for Q8_0, `-128 * (the lane's four quants' sum)`, and for the other types
@@ -169,16 +274,42 @@ struct Operands {
     extra: __m512i,
 }
 
-/// Lays out tokens `first..first + GROUP` of `x` as `group[pair * GROUP + j]`; the upper half
+/// What a token's `extra` operand holds for a block type.
+#[derive(Clone, Copy)]
+enum Extra {
+    /// Q8_0: `-128 * (the lane's four quants' sum)`, for weights that go in sign-flipped.
+    SignFlip,
+    /// Minus this zero point times the lane's four quants' sum.
+    ZeroPoint(i8),
+    /// The block sums as llama.cpp's Q8_1 stores them (through f16), spread over the lanes.
+    RoundedSums,
+    /// The block sums unrounded, spread over the lanes.
+    ExactSums,
+}
+
+impl Extra {
+    /// The extra operand of the 32-value types: Q8_0 (`Q8`) or a 4- or 5-bit one.
+    fn of<const Q8: bool, const MIN: bool, const HIGH: bool>() -> Self {
+        match (Q8, MIN) {
+            (true, _) => Self::SignFlip,
+            (false, true) => Self::RoundedSums,
+            (false, false) => Self::ZeroPoint(small::zero_point(HIGH)),
+        }
+    }
+}
+
+/// Lays out `count` tokens of `x` from `first` on as `group[pair * count + j]`; the upper half
 /// of a last, unpaired block is zero.
 ///
 /// # Safety
 /// The CPU has the features of [`product_of`]; the tokens are rows of `x`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn lay_out<const Q8: bool, const MIN: bool, const HIGH: bool>(
+unsafe fn lay_out(
     x: &Activations,
     first: usize,
+    count: usize,
+    extra: Extra,
     group: &mut Vec<Operands>,
 ) {
     let blocks = x.cols / BLOCK;
@@ -186,7 +317,7 @@ unsafe fn lay_out<const Q8: bool, const MIN: bool, const HIGH: bool>(
     let mut b = 0;
     while b < blocks {
         let pair = b + 1 < blocks;
-        for t in first..first + GROUP {
+        for t in first..first + count {
             // SAFETY: block b (and b + 1 with `pair`) of token t is inside `x`.
             unsafe {
                 let at = x.quants.as_ptr().add(t * x.cols + b * BLOCK);
@@ -196,14 +327,16 @@ unsafe fn lay_out<const Q8: bool, const MIN: bool, const HIGH: bool>(
                     _mm512_zextsi256_si512(_mm256_loadu_si256(at as *const __m256i))
                 };
                 let scales = two_lanes(x.scales.as_ptr().add(t * blocks + b), pair);
-                let extra = if Q8 {
-                    let sums =
-                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), quants);
-                    _mm512_sub_epi32(_mm512_setzero_si512(), sums)
-                } else if MIN {
-                    _mm512_castps_si512(two_lanes(x.sums.as_ptr().add(t * blocks + b), pair))
-                } else {
-                    less_zero_points::<MIN, HIGH>(quants)
+                let extra = match extra {
+                    Extra::SignFlip => less_zero(-128, quants),
+                    Extra::ZeroPoint(zero) => less_zero(zero, quants),
+                    Extra::RoundedSums => {
+                        _mm512_castps_si512(two_lanes(x.sums.as_ptr().add(t * blocks + b), pair))
+                    }
+                    Extra::ExactSums => _mm512_castps_si512(two_lanes(
+                        x.exact_sums.as_ptr().add(t * blocks + b),
+                        pair,
+                    )),
                 };
                 group.push(Operands {
                     quants,
@@ -427,17 +560,26 @@ unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
     _mm512_reduce_add_ps(acc) + offsets
 }
 
-/// The accumulator a 4- or 5-bit dot starts from: without an offset, minus the zero point times
-/// the lane's four activations, so the dot is of `q - 8` (or `q - 16`) in integers; else zero.
+/// Minus `zero` times each lane's four activations: the accumulator a dot of unsigned quants
+/// starts from so that it is the dot of `q - zero` in integers. (As bytes, -128 is 128
+/// unsigned: Q8_0's sign-flipped weights.)
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn less_zero(zero: i8, activations: __m512i) -> __m512i {
+    let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(zero), activations);
+    _mm512_sub_epi32(_mm512_setzero_si512(), sums)
+}
+
+/// The accumulator a 4- or 5-bit dot starts from: [`less_zero`] of its zero point without an
+/// offset, else zero.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 fn less_zero_points<const MIN: bool, const HIGH: bool>(activations: __m512i) -> __m512i {
     if MIN {
-        return _mm512_setzero_si512();
+        _mm512_setzero_si512()
+    } else {
+        less_zero(small::zero_point(HIGH), activations)
     }
-    let zero = _mm512_set1_epi8(small::zero_point(HIGH));
-    let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), zero, activations);
-    _mm512_sub_epi32(_mm512_setzero_si512(), sums)
 }
 
 /// Per-lane sums of four products of signed bytes. vpdpbusd multiplies unsigned by signed

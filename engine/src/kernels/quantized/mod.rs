@@ -1,5 +1,6 @@
-//! Matrix products in GGUF's 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) on x86-64 CPUs
-//! (with AVX-512 VNNI, else AVX2), computed from the blocks as the file stores them.
+//! Matrix products in GGUF's 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) and K-quant
+//! types (Q4_K, Q5_K, Q6_K) on x86-64 CPUs (with AVX-512 VNNI, else AVX2), computed from the
+//! blocks as the file stores them.
 //!
 //! Why not candle's: it has no vector code at all for Q4_1, Q5_0 and Q5_1 (a Q4_1 prompt spent
 //! 60% of its time in its scalar loop); its AVX2 Q8_0 loop converts each block's f16 scales
@@ -34,6 +35,9 @@ pub enum Format {
     Q4_1,
     Q5_0,
     Q5_1,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl Format {
@@ -44,19 +48,39 @@ impl Format {
             GgmlDType::Q4_1 => Self::Q4_1,
             GgmlDType::Q5_0 => Self::Q5_0,
             GgmlDType::Q5_1 => Self::Q5_1,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q5K => Self::Q5K,
+            GgmlDType::Q6K => Self::Q6K,
             _ => return None,
         })
     }
 
-    /// Bytes of one block of 32 weights.
+    /// Weights in one stored block: 32, or 256 in a K-quant super-block.
+    pub fn block_values(self) -> usize {
+        match self {
+            Self::Q4K | Self::Q5K | Self::Q6K => k_quants::VALUES,
+            _ => BLOCK,
+        }
+    }
+
+    /// Bytes of one stored block.
     pub fn block_bytes(self) -> usize {
+        use k_quants::Layout;
         match self {
             Self::Q8_0 => BLOCK_BYTES,
             Self::Q4_0 => small::block_bytes(false, false),
             Self::Q4_1 => small::block_bytes(true, false),
             Self::Q5_0 => small::block_bytes(false, true),
             Self::Q5_1 => small::block_bytes(true, true),
+            Self::Q4K => k_quants::Q4K::BYTES,
+            Self::Q5K => k_quants::Q5K::BYTES,
+            Self::Q6K => k_quants::Q6K::BYTES,
         }
+    }
+
+    /// Bytes of a row of `cols` weights (a multiple of [`Format::block_values`]).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_values() * self.block_bytes()
     }
 }
 
@@ -110,13 +134,17 @@ pub fn available() -> bool {
     isa().is_some()
 }
 
-/// The weight the kernels take `x` through, if they can: a matrix in one of their block types,
-/// a CPU tensor of f32 rows, on a CPU that has the instructions.
+/// The weight the kernels take `x` through, if they can: a matrix in one of their block types
+/// (whole blocks per row), a CPU tensor of f32 rows, on a CPU that has the instructions.
 pub fn eligible<'a>(w: &'a QMatMul, x: &Tensor) -> Option<&'a QTensor> {
     match w {
         QMatMul::QTensor(q)
-            if Format::of(q.dtype()).is_some()
-                && x.device().is_cpu()
+            if Format::of(q.dtype()).is_some_and(|format| {
+                q.shape()
+                    .dims()
+                    .last()
+                    .is_some_and(|cols| cols.is_multiple_of(format.block_values()))
+            }) && x.device().is_cpu()
                 && x.dtype() == DType::F32
                 && q.shape().dims().len() == 2
                 && available() =>
@@ -222,13 +250,15 @@ pub fn glu(experts: &[(GluWeights, &Activations)]) -> Result<Vec<Vec<f32>>> {
 
 /// Activation rows quantized to Q8_0 as llama.cpp does it: per block of 32, the scale
 /// `max|x| / 127` rounded through f16, and `x / scale` rounded to the nearest integer; with
-/// each block's sum (the unrounded scale times the sum of its quants, rounded through f16, as
-/// llama.cpp's Q8_1 keeps it) for the weight types with an offset.
+/// each block's sum for the weight types with an offset: for the 32-value ones as llama.cpp's
+/// Q8_1 keeps it (the unrounded scale times the sum of the quants, rounded through f16), for
+/// the K-quants exact (the scale times the sum of the quants, as llama.cpp's Q8_K sums).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub struct Activations {
     quants: Vec<i8>,
     scales: Vec<f32>,
     sums: Vec<f32>,
+    exact_sums: Vec<f32>,
     cols: usize,
 }
 
@@ -254,6 +284,8 @@ impl Activations {
         let mut scales = Vec::with_capacity(x.len() / BLOCK);
         #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut sums = Vec::with_capacity(x.len() / BLOCK);
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut exact_sums = Vec::with_capacity(x.len() / BLOCK);
         for (block, out) in x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)) {
             #[cfg(target_arch = "x86_64")]
             {
@@ -266,11 +298,13 @@ impl Activations {
                 };
                 // Both stored as f16 by llama.cpp (its Q8_0 and Q8_1 blocks), the sum from the
                 // unrounded scale.
-                let sum = scale * out.iter().map(|&q| q as i32).sum::<i32>() as f32;
+                let quants_sum = out.iter().map(|&q| q as i32).sum::<i32>() as f32;
                 // SAFETY: as above (F16C).
                 unsafe {
-                    scales.push(avx2::round_through_f16(scale));
-                    sums.push(avx2::round_through_f16(sum));
+                    let rounded = avx2::round_through_f16(scale);
+                    scales.push(rounded);
+                    sums.push(avx2::round_through_f16(scale * quants_sum));
+                    exact_sums.push(rounded * quants_sum);
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
@@ -280,6 +314,7 @@ impl Activations {
             quants,
             scales,
             sums,
+            exact_sums,
             cols,
         }
     }
@@ -321,7 +356,7 @@ pub fn matmul(jobs: &mut [Job]) {
     let mut starts = Vec::with_capacity(jobs.len() + 1);
     let mut total = 0;
     for job in jobs.iter() {
-        let row_bytes = job.x.cols / BLOCK * job.format.block_bytes();
+        let row_bytes = job.format.row_bytes(job.x.cols);
         assert!(
             job.weights.len().is_multiple_of(row_bytes),
             "{:?} matrix of {} bytes, not rows of {} values",
@@ -391,6 +426,7 @@ unsafe fn product(
                 let quants = &x.quants[t * x.cols..(t + 1) * x.cols];
                 let scales = &x.scales[t * blocks..(t + 1) * blocks];
                 let sums = &x.sums[t * blocks..(t + 1) * blocks];
+                let exact_sums = &x.exact_sums[t * blocks..(t + 1) * blocks];
                 // SAFETY: as above, the slices hold `blocks` blocks each; the caller's.
                 unsafe {
                     *out.add(t * out_rows + r) = match job.format {
@@ -407,6 +443,9 @@ unsafe fn product(
                         Format::Q5_1 => {
                             avx2::dot_small::<true, true>(weights, quants, scales, sums)
                         }
+                        Format::Q4K => avx2::dot_k::<Q4K>(weights, quants, scales, exact_sums),
+                        Format::Q5K => avx2::dot_k::<Q5K>(weights, quants, scales, exact_sums),
+                        Format::Q6K => avx2::dot_k::<Q6K>(weights, quants, scales, exact_sums),
                     }
                 };
             }
@@ -448,6 +487,11 @@ mod small {
     }
 }
 
+mod k_quants;
+
+#[cfg(target_arch = "x86_64")]
+use k_quants::{Q4K, Q5K, Q6K};
+
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
@@ -461,13 +505,21 @@ mod tests {
     use super::*;
 
     /// The GGUF types the kernels take.
-    const TYPES: [GgmlDType; 5] = [
+    const TYPES: [GgmlDType; 8] = [
         GgmlDType::Q8_0,
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
     ];
+
+    /// Whether `dtype` stores super-blocks of 256 (rows then come in multiples of 256).
+    fn is_k(dtype: GgmlDType) -> bool {
+        Format::of(dtype).unwrap().block_values() == k_quants::VALUES
+    }
 
     /// A Q8_0 matrix `[rows, cols]` of values in [-1, 1) and activations `[tokens, cols]`.
     fn case(rows: usize, cols: usize, tokens: usize, seed: u64) -> (QTensor, Tensor) {
@@ -521,10 +573,18 @@ mod tests {
             (64, 2048, 2),
             (9, 288, 16),
         ];
-        for (dtype, (i, (rows, cols, tokens))) in TYPES
-            .into_iter()
-            .flat_map(|dtype| shapes.into_iter().enumerate().map(move |s| (dtype, s)))
-        {
+        // The K-quants take whole super-blocks.
+        let super_shapes = [
+            (7, 256, 1),
+            (5, 512, 11),
+            (33, 768, 1),
+            (64, 2048, 2),
+            (9, 256, 16),
+        ];
+        for (dtype, (i, (rows, cols, tokens))) in TYPES.into_iter().flat_map(|dtype| {
+            let shapes = if is_k(dtype) { super_shapes } else { shapes };
+            shapes.into_iter().enumerate().map(move |s| (dtype, s))
+        }) {
             let (w, x) = typed_case(dtype, rows, cols, tokens, i as u64);
             let ours = forward(&[&w], &x).unwrap().remove(0);
             assert_eq!(ours.dims(), &[tokens, rows]);
@@ -559,7 +619,8 @@ mod tests {
         }
         // Ten tokens: a group of eight and two alone; 3 blocks leave a tail after the pair.
         for dtype in TYPES {
-            for cols in [256, 96] {
+            let widths = if is_k(dtype) { [256, 512] } else { [256, 96] };
+            for cols in widths {
                 let (a, x) = typed_case(dtype, 37, cols, 10, 1);
                 let (b, _) = typed_case(dtype, 19, cols, 10, 2);
                 let alone = values(&forward(&[&a], &x).unwrap()[0]);
@@ -772,6 +833,95 @@ mod tests {
                         (false, true) => Format::Q5_0,
                         (true, true) => Format::Q5_1,
                     };
+                    let avx512 = unsafe { avx512::element(format, &weights, &activations, 0) };
+                    assert!(
+                        (avx512 as f64 - exact).abs() < tolerance,
+                        "AVX-512 {case}: {avx512} {exact}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The K-quant kernels of both instruction sets give the exact sum of the dequantized
+    /// weights (as candle dequantizes them) times the dequantized activations, up to f32
+    /// rounding: blocks of random bytes (every quant, scale and offset at both ends of its range
+    /// somewhere), zero scales, and one to three super-blocks.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn k_quants_agree_with_exact_sums_on_both_instruction_sets() {
+        use candle_core::quantized::ggml_file::qtensor_from_ggml;
+        let Some(isa) = isa() else {
+            eprintln!("skipped: this CPU lacks AVX2");
+            return;
+        };
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+            let format = Format::of(dtype).unwrap();
+            for supers in [1, 2, 3] {
+                let cols = supers * k_quants::VALUES;
+                let mut weights: Vec<u8> = (0..supers * format.block_bytes())
+                    .map(|_| next() as u8)
+                    .collect();
+                for s in 0..supers {
+                    let block = &mut weights[s * format.block_bytes()..][..format.block_bytes()];
+                    let d = if s == 1 {
+                        0.0
+                    } else {
+                        0.001 + (next() % 100) as f32 / 10_000.0
+                    };
+                    let dmin = (next() % 100) as f32 / 1000.0 - 0.05;
+                    let (d_at, dmin_at) = match format {
+                        Format::Q6K => (block.len() - 2, None),
+                        _ => (0, Some(2)),
+                    };
+                    block[d_at..d_at + 2].copy_from_slice(&f16_bits(d).to_le_bytes());
+                    if let Some(at) = dmin_at {
+                        block[at..at + 2].copy_from_slice(&f16_bits(dmin).to_le_bytes());
+                    }
+                }
+                let x: Vec<f32> = (0..cols)
+                    .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
+                    .collect();
+                let activations = Activations::quantize(&x, cols);
+                let w = qtensor_from_ggml(dtype, &weights, vec![1, cols], &Device::Cpu).unwrap();
+                let w = values(&w.dequantize(&Device::Cpu).unwrap());
+                let exact: f64 = (0..cols)
+                    .map(|i| {
+                        let a = activations.quants[i] as f64 * activations.scales[i / BLOCK] as f64;
+                        w[i] as f64 * a
+                    })
+                    .sum();
+                let (quants, scales, sums) = (
+                    &activations.quants,
+                    &activations.scales,
+                    &activations.exact_sums,
+                );
+                let magnitude: f64 = (0..cols)
+                    .map(|i| (w[i] as f64 * activations.quants[i] as f64).abs())
+                    .sum();
+                let tolerance = 1e-5 * magnitude.max(1.0);
+                // SAFETY: `isa` found AVX2, FMA and F16C; the slices hold `supers` super-blocks.
+                let avx2 = unsafe {
+                    match format {
+                        Format::Q4K => avx2::dot_k::<Q4K>(&weights, quants, scales, sums),
+                        Format::Q5K => avx2::dot_k::<Q5K>(&weights, quants, scales, sums),
+                        _ => avx2::dot_k::<Q6K>(&weights, quants, scales, sums),
+                    }
+                };
+                let case = format!("{dtype:?}, {supers} super-blocks");
+                assert!(
+                    (avx2 as f64 - exact).abs() < tolerance,
+                    "AVX2 {case}: {avx2} {exact}"
+                );
+                if isa == Isa::Avx512Vnni {
+                    // SAFETY: as above, and `isa` found AVX-512 VNNI.
                     let avx512 = unsafe { avx512::element(format, &weights, &activations, 0) };
                     assert!(
                         (avx512 as f64 - exact).abs() < tolerance,

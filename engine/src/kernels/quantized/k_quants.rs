@@ -1,0 +1,244 @@
+//! GGUF's K-quant layouts (Q4_K, Q5_K, Q6_K): super-blocks of 256 weights, each with its own
+//! f16 scales and, per sub-block, small integer scales (and for Q4_K/Q5_K offsets). The kernels
+//! see a super-block as eight 32-value sub-blocks, each met by one activation block: a weight is
+//! `scale * (q - zero) + offset`, with `scale` per 16 values and `offset` per 32.
+//!
+//! llama.cpp meets these types with Q8_K activations (one f32 scale per 256 values). Here they
+//! meet the same Q8_0 activations as every other type (a finer scale per 32 values), so an
+//! expert whose gate, up and down are stored in different types still quantizes its input
+//! once; the sums stay within llama.cpp's own distance from exact math.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+#[cfg(target_arch = "x86_64")]
+use super::avx2::half;
+
+/// Weights in a super-block.
+pub const VALUES: usize = 256;
+
+/// Sub-blocks of 32 in a super-block.
+pub const SUB_BLOCKS: usize = VALUES / super::BLOCK;
+
+/// One K-quant type's layout.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub trait Layout {
+    /// Bytes of one super-block.
+    const BYTES: usize;
+    /// The quant that stands for zero (Q6_K stores `q + 32`); 0 for the types with offsets.
+    const ZERO: i8;
+    /// Whether sub-blocks carry offsets (met by the activation blocks' sums).
+    const OFFSETS: bool = Self::ZERO == 0;
+
+    /// The super-block's scales per 16 values and offsets per 32 (zero without offsets).
+    ///
+    /// # Safety
+    /// `block` points at a whole super-block; the CPU has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn scales(block: *const u8) -> Scales;
+
+    /// The 32 unsigned quants of sub-block `s` (0-7), in value order.
+    ///
+    /// # Safety
+    /// As [`Layout::scales`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn quants(block: *const u8, s: usize) -> __m256i;
+}
+
+/// A super-block's scales, as f32: `per_16[i]` for values `16 i..16 i + 16`, `offsets[s]` for
+/// sub-block `s`.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Scales {
+    pub per_16: [f32; 16],
+    pub offsets: [f32; SUB_BLOCKS],
+}
+
+/// `d`, `dmin`, 12 bytes of 6-bit scales and offsets, then 4-bit quants: sub-blocks `2k` and
+/// `2k + 1` are the low and high nibbles of bytes `32k..32k + 32`. A weight is
+/// `d sc q - dmin m`.
+pub struct Q4K;
+
+/// As Q4_K with 32 bytes of fifth bits after the scales: bit `s` of byte `l` is the fifth bit
+/// of value `l` of sub-block `s`.
+pub struct Q5K;
+
+/// 128 bytes of low nibbles, 64 of two high bits each, 16 signed 8-bit scales (one per 16
+/// values), then `d`. A weight is `d sc (q - 32)`. Each half of 128 values: sub-blocks 0 and 1
+/// are the low nibbles of its bytes `0..32` and `32..64`, 2 and 3 their high nibbles; the high
+/// bits of sub-block `k` are bits `2k, 2k + 1` of its 32 high-bit bytes.
+pub struct Q6K;
+
+const Q4K_SCALES_AT: usize = 4;
+const Q4K_QUANTS_AT: usize = Q4K_SCALES_AT + 12;
+const Q5K_HIGH_AT: usize = Q4K_QUANTS_AT;
+const Q5K_QUANTS_AT: usize = Q5K_HIGH_AT + 32;
+const Q6K_HIGH_AT: usize = 128;
+const Q6K_SCALES_AT: usize = Q6K_HIGH_AT + 64;
+const Q6K_D_AT: usize = Q6K_SCALES_AT + 16;
+
+impl Layout for Q4K {
+    const BYTES: usize = Q4K_QUANTS_AT + 128;
+    const ZERO: i8 = 0;
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn scales(block: *const u8) -> Scales {
+        // SAFETY: the caller's.
+        unsafe { offset_scales(block) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn quants(block: *const u8, s: usize) -> __m256i {
+        // SAFETY: the caller's.
+        unsafe { nibbles(block.add(Q4K_QUANTS_AT + 32 * (s / 2)), s % 2) }
+    }
+}
+
+impl Layout for Q5K {
+    const BYTES: usize = Q5K_QUANTS_AT + 128;
+    const ZERO: i8 = 0;
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn scales(block: *const u8) -> Scales {
+        // SAFETY: the caller's.
+        unsafe { offset_scales(block) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn quants(block: *const u8, s: usize) -> __m256i {
+        // SAFETY: the caller's.
+        unsafe {
+            let low = nibbles(block.add(Q5K_QUANTS_AT + 32 * (s / 2)), s % 2);
+            let high = _mm256_loadu_si256(block.add(Q5K_HIGH_AT) as *const __m256i);
+            let bit = _mm256_and_si256(
+                _mm256_srl_epi16(high, _mm_cvtsi32_si128(s as i32)),
+                _mm256_set1_epi8(1),
+            );
+            _mm256_or_si256(low, _mm256_slli_epi16::<4>(bit))
+        }
+    }
+}
+
+impl Layout for Q6K {
+    const BYTES: usize = Q6K_D_AT + 2;
+    const ZERO: i8 = 32;
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn scales(block: *const u8) -> Scales {
+        // SAFETY: the caller's.
+        unsafe {
+            let d = half(block.add(Q6K_D_AT));
+            let bytes = _mm_loadu_si128(block.add(Q6K_SCALES_AT) as *const __m128i);
+            let mut scales = Scales {
+                per_16: [0.0; 16],
+                offsets: [0.0; SUB_BLOCKS],
+            };
+            for (i, bytes) in [bytes, _mm_srli_si128::<8>(bytes)].into_iter().enumerate() {
+                let values = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+                _mm256_storeu_ps(
+                    scales.per_16.as_mut_ptr().add(8 * i),
+                    _mm256_mul_ps(values, _mm256_set1_ps(d)),
+                );
+            }
+            scales
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn quants(block: *const u8, s: usize) -> __m256i {
+        let (half, k) = (s / 4, s % 4);
+        // SAFETY: the caller's.
+        unsafe {
+            let low = nibbles(block.add(64 * half + 32 * (k % 2)), k / 2);
+            let high = _mm256_loadu_si256(block.add(Q6K_HIGH_AT + 32 * half) as *const __m256i);
+            let bits = _mm256_and_si256(
+                _mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * k as i32)),
+                _mm256_set1_epi8(3),
+            );
+            _mm256_or_si256(low, _mm256_slli_epi16::<4>(bits))
+        }
+    }
+}
+
+/// The low (`high` 0) or high (1) nibbles of the 32 bytes at `at`.
+///
+/// # Safety
+/// `at` points at 32 readable bytes; the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibbles(at: *const u8, high: usize) -> __m256i {
+    // SAFETY: the caller's.
+    let bytes = unsafe { _mm256_loadu_si256(at as *const __m256i) };
+    let shifted = _mm256_srl_epi16(bytes, _mm_cvtsi32_si128(4 * high as i32));
+    _mm256_and_si256(shifted, _mm256_set1_epi8(0x0f))
+}
+
+/// Q4_K's and Q5_K's scales: eight 6-bit scales and eight 6-bit offsets packed in 12 bytes
+/// (the first four of each in the low six bits of bytes 0-3 and 4-7, the last four in the
+/// nibbles of bytes 8-11 with their top two bits in the top bits of bytes 0-7), times `d` and
+/// `-dmin`.
+///
+/// # Safety
+/// As [`Layout::scales`].
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn offset_scales(block: *const u8) -> Scales {
+    // SAFETY: the caller's.
+    unsafe {
+        let (d, dmin) = (half(block), half(block.add(2)));
+        let packed = block.add(Q4K_SCALES_AT);
+        let word = |i: usize| (packed.add(4 * i) as *const u32).read_unaligned();
+        let (w0, w1, w2) = (word(0), word(1), word(2));
+        const SIX: u32 = 0x3f3f_3f3f;
+        const NIBBLE: u32 = 0x0f0f_0f0f;
+        const TOP: u32 = 0x0303_0303;
+        let scales = (w0 & SIX) as u64 | ((w2 & NIBBLE | ((w0 >> 6) & TOP) << 4) as u64) << 32;
+        let offsets =
+            (w1 & SIX) as u64 | (((w2 >> 4) & NIBBLE | ((w1 >> 6) & TOP) << 4) as u64) << 32;
+        let per_32 = _mm256_mul_ps(widen(scales), _mm256_set1_ps(d));
+        let mut out = Scales {
+            per_16: [0.0; 16],
+            offsets: [0.0; SUB_BLOCKS],
+        };
+        // Each sub-block's scale covers both of its 16-value halves.
+        let (first, second) = (
+            _mm256_set_epi32(3, 3, 2, 2, 1, 1, 0, 0),
+            _mm256_set_epi32(7, 7, 6, 6, 5, 5, 4, 4),
+        );
+        _mm256_storeu_ps(
+            out.per_16.as_mut_ptr(),
+            _mm256_permutevar8x32_ps(per_32, first),
+        );
+        _mm256_storeu_ps(
+            out.per_16.as_mut_ptr().add(8),
+            _mm256_permutevar8x32_ps(per_32, second),
+        );
+        _mm256_storeu_ps(
+            out.offsets.as_mut_ptr(),
+            _mm256_mul_ps(widen(offsets), _mm256_set1_ps(-dmin)),
+        );
+        out
+    }
+}
+
+/// Eight bytes as eight f32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn widen(bytes: u64) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes as i64)))
+}
