@@ -248,18 +248,24 @@ pub fn glu(experts: &[(GluWeights, &Activations)]) -> Result<Vec<Vec<f32>>> {
     Ok(outputs)
 }
 
-/// Activation rows quantized to Q8_0 as llama.cpp does it: per block of 32, the scale
-/// `max|x| / 127` rounded through f16, and `x / scale` rounded to the nearest integer; with
-/// each block's sum for the weight types with an offset: for the 32-value ones as llama.cpp's
-/// Q8_1 keeps it (the unrounded scale times the sum of the quants, rounded through f16), for
-/// the K-quants exact (the scale times the sum of the quants, as llama.cpp's Q8_K sums).
+/// Activation rows quantized as llama.cpp quantizes them for each weight type. For the 32-value
+/// types, Q8_0: per block of 32, the scale `max|x| / 127` rounded through f16, and `x / scale`
+/// rounded to the nearest integer, with each block's sum as llama.cpp's Q8_1 keeps it (the
+/// unrounded scale times the sum of the quants, rounded through f16) for the types with an
+/// offset. For the K-quants, Q8_K (rows of whole super-blocks only): see
+/// [`Activations::quantize_super_blocks`].
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub struct Activations {
     quants: Vec<i8>,
+    /// Per block of 32.
     scales: Vec<f32>,
+    /// Per block of 32, through f16 (Q8_1's).
     sums: Vec<f32>,
+    /// Per block of 32, the scale times the sum of the quants, unrounded (Q8_K's).
     exact_sums: Vec<f32>,
     cols: usize,
+    /// The same rows in Q8_K, where they hold whole super-blocks.
+    super_blocks: Option<Box<Activations>>,
 }
 
 impl Activations {
@@ -284,8 +290,6 @@ impl Activations {
         let mut scales = Vec::with_capacity(x.len() / BLOCK);
         #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut sums = Vec::with_capacity(x.len() / BLOCK);
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        let mut exact_sums = Vec::with_capacity(x.len() / BLOCK);
         for (block, out) in x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)) {
             #[cfg(target_arch = "x86_64")]
             {
@@ -298,24 +302,77 @@ impl Activations {
                 };
                 // Both stored as f16 by llama.cpp (its Q8_0 and Q8_1 blocks), the sum from the
                 // unrounded scale.
-                let quants_sum = out.iter().map(|&q| q as i32).sum::<i32>() as f32;
+                let sum = scale * out.iter().map(|&q| q as i32).sum::<i32>() as f32;
                 // SAFETY: as above (F16C).
                 unsafe {
-                    let rounded = avx2::round_through_f16(scale);
-                    scales.push(rounded);
-                    sums.push(avx2::round_through_f16(scale * quants_sum));
-                    exact_sums.push(rounded * quants_sum);
+                    scales.push(avx2::round_through_f16(scale));
+                    sums.push(avx2::round_through_f16(sum));
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (isa, block, out);
         }
+        let super_blocks = cols
+            .is_multiple_of(k_quants::VALUES)
+            .then(|| Box::new(Self::quantize_super_blocks(x, cols)));
         Self {
             quants,
             scales,
             sums,
+            exact_sums: Vec::new(),
+            cols,
+            super_blocks,
+        }
+    }
+
+    /// Rows of whole super-blocks quantized to Q8_K as llama.cpp does it for its K-quant
+    /// products: per 256 values, `x` times `-127 / max` (`max` the value of largest magnitude,
+    /// so it becomes -127) rounded to the nearest integer (at most 127), and the scale
+    /// `max / -127` kept in f32. It is spread over the eight blocks of 32 here, beside their
+    /// exact sums, so the K-quant kernels meet it as they would Q8_0 rows.
+    fn quantize_super_blocks(x: &[f32], cols: usize) -> Self {
+        let mut quants = vec![0i8; x.len()];
+        let mut scales = Vec::with_capacity(x.len() / BLOCK);
+        let mut exact_sums = Vec::with_capacity(x.len() / BLOCK);
+        for (block, out) in x
+            .chunks_exact(k_quants::VALUES)
+            .zip(quants.chunks_exact_mut(k_quants::VALUES))
+        {
+            let max = block
+                .iter()
+                .fold(0f32, |max, &v| if v.abs() > max.abs() { v } else { max });
+            let scale = if max == 0.0 {
+                0.0
+            } else {
+                let inverse = -127.0 / max;
+                for (q, &v) in out.iter_mut().zip(block) {
+                    *q = ((inverse * v).round_ties_even() as i32).min(127) as i8;
+                }
+                1.0 / inverse
+            };
+            for sub in out.chunks_exact(BLOCK) {
+                scales.push(scale);
+                exact_sums.push(scale * sub.iter().map(|&q| q as i32).sum::<i32>() as f32);
+            }
+        }
+        Self {
+            quants,
+            scales,
+            sums: Vec::new(),
             exact_sums,
             cols,
+            super_blocks: None,
+        }
+    }
+
+    /// The quantization a weight of `format` meets.
+    fn for_format(&self, format: Format) -> &Self {
+        if format.block_values() == k_quants::VALUES {
+            self.super_blocks
+                .as_deref()
+                .expect("K-quant rows are whole super-blocks")
+        } else {
+            self
         }
     }
 
@@ -341,10 +398,11 @@ pub struct Job<'a> {
 impl<'a> Job<'a> {
     /// The product of `w` (from [`eligible`]; `data` its blocks) by `x`, into `out`.
     fn new(w: &QTensor, data: &'a [u8], x: &'a Activations, out: &'a mut [f32]) -> Self {
+        let format = Format::of(w.dtype()).expect("an eligible weight has a kernel format");
         Self {
-            format: Format::of(w.dtype()).expect("an eligible weight has a kernel format"),
+            format,
             weights: data,
-            x,
+            x: x.for_format(format),
             out,
         }
     }
@@ -425,8 +483,12 @@ unsafe fn product(
             for t in 0..x.len() {
                 let quants = &x.quants[t * x.cols..(t + 1) * x.cols];
                 let scales = &x.scales[t * blocks..(t + 1) * blocks];
-                let sums = &x.sums[t * blocks..(t + 1) * blocks];
-                let exact_sums = &x.exact_sums[t * blocks..(t + 1) * blocks];
+                // Each type's sums: the 32-value types' as Q8_1 keeps them, the K-quants' exact
+                // (and the other kept empty).
+                let (sums, exact_sums) = match job.format.block_values() {
+                    BLOCK => (&x.sums[t * blocks..(t + 1) * blocks], &[][..]),
+                    _ => (&[][..], &x.exact_sums[t * blocks..(t + 1) * blocks]),
+                };
                 // SAFETY: as above, the slices hold `blocks` blocks each; the caller's.
                 unsafe {
                     *out.add(t * out_rows + r) = match job.format {
@@ -589,6 +651,7 @@ mod tests {
             let ours = forward(&[&w], &x).unwrap().remove(0);
             assert_eq!(ours.dims(), &[tokens, rows]);
             let q = Activations::of(&x).unwrap();
+            let q = q.for_format(Format::of(dtype).unwrap());
             let dequantized: Vec<f32> = q
                 .quants
                 .iter()
@@ -890,6 +953,7 @@ mod tests {
                     .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
                     .collect();
                 let activations = Activations::quantize(&x, cols);
+                let activations = activations.for_format(format);
                 let w = qtensor_from_ggml(dtype, &weights, vec![1, cols], &Device::Cpu).unwrap();
                 let w = values(&w.dequantize(&Device::Cpu).unwrap());
                 let exact: f64 = (0..cols)
@@ -922,7 +986,7 @@ mod tests {
                 );
                 if isa == Isa::Avx512Vnni {
                     // SAFETY: as above, and `isa` found AVX-512 VNNI.
-                    let avx512 = unsafe { avx512::element(format, &weights, &activations, 0) };
+                    let avx512 = unsafe { avx512::element(format, &weights, activations, 0) };
                     assert!(
                         (avx512 as f64 - exact).abs() < tolerance,
                         "AVX-512 {case}: {avx512} {exact}"
@@ -964,6 +1028,48 @@ mod tests {
         let zeros = Activations::quantize(&[0.0; 64], 32);
         assert_eq!((zeros.len(), zeros.scales), (2, vec![0.0, 0.0]));
         assert!(zeros.quants.iter().all(|&q| q == 0));
+    }
+
+    /// Rows of whole super-blocks are also quantized to Q8_K, bit for bit as candle's Q8_K
+    /// (llama.cpp's reference quantizer, which the K fixtures' goldens matched exactly): the
+    /// value of largest magnitude becomes -127, the f32 scale is `max / -127`.
+    #[test]
+    fn quantizes_super_blocks_as_llama_cpp() {
+        if !available() {
+            return;
+        }
+        let (_, x) = f32_case(1, 512, 3, 0);
+        let mut rows = values(&x);
+        // An all-zero super-block, and one whose largest value is positive.
+        rows[512..768].fill(0.0);
+        rows[1024 + 7] = 9.0;
+        let ours = Activations::quantize(&rows, 512);
+        let ours = ours.for_format(Format::Q4K);
+        let x = Tensor::from_vec(rows, (3, 512), &Device::Cpu).unwrap();
+        let theirs = QTensor::quantize(&x, GgmlDType::Q8K).unwrap();
+        let theirs = theirs.data().unwrap();
+        // Q8_K: an f32 scale, 256 quants, 16 sums of 16.
+        let block_bytes = 4 + 256 + 32;
+        for (b, block) in theirs.chunks_exact(block_bytes).enumerate() {
+            let scale = f32::from_le_bytes(block[..4].try_into().unwrap());
+            let quants: Vec<i8> = block[4..260].iter().map(|&q| q as i8).collect();
+            assert_eq!(ours.quants[b * 256..(b + 1) * 256], quants[..], "block {b}");
+            for sub in 0..8 {
+                assert_eq!(
+                    ours.scales[b * 8 + sub].to_bits(),
+                    scale.to_bits(),
+                    "block {b}"
+                );
+                let sum: i32 = quants[sub * 32..(sub + 1) * 32]
+                    .iter()
+                    .map(|&q| q as i32)
+                    .sum();
+                assert_eq!(ours.exact_sums[b * 8 + sub], scale * sum as f32);
+            }
+        }
+        assert_eq!(ours.quants[1024 + 7], -127);
+        // 32-value rows have no super-block form.
+        assert!(Activations::quantize(&[1.0; 96], 96).super_blocks.is_none());
     }
 
     fn half_round(v: f32) -> f32 {
