@@ -3,10 +3,8 @@
 //! see a super-block as eight 32-value sub-blocks, each met by one activation block: a weight is
 //! `scale * (q - zero) + offset`, with `scale` per 16 values and `offset` per 32.
 //!
-//! llama.cpp meets these types with Q8_K activations (one f32 scale per 256 values). Here they
-//! meet the same Q8_0 activations as every other type (a finer scale per 32 values), so an
-//! expert whose gate, up and down are stored in different types still quantizes its input
-//! once; the sums stay within llama.cpp's own distance from exact math.
+//! They meet activations in llama.cpp's Q8_K (one f32 scale per 256 values), spread over the
+//! super-block's eight blocks of 32 so that the kernels read them as they read Q8_0 rows.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
