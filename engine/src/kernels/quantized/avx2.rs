@@ -92,13 +92,15 @@ pub(super) unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
     horizontal_sum(acc) + offsets
 }
 
-/// `sum over sub-blocks of (its per-16 scales) (activation scale) (integer dot of the quants
-/// less the zero point) + (its offset) (activation block sum)` for a K-quant type, a sub-block
-/// to a 256-bit register (lanes 0-3 its first 16 values, 4-7 the rest).
+/// `sum over super-blocks of (activation scale) (sum over sub-blocks of its per-16 scales
+/// times the integer dots of the quants) + (the per-16 offsets) (the activations' sums of 16)`
+/// for a K-quant type with Q8_K activations, a sub-block to a 256-bit register (lanes 0-3 its
+/// first 16 values, 4-7 the rest).
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; `weights` holds `scales.len() / 8` super-blocks, `quants`
-/// 32 quants and `sums` one exact sum for each activation block.
+/// 32 quants and `scales` one scale (the super-block's) for each activation block, and `sums`
+/// a sum for each 16 quants.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_k<K: Layout>(
     weights: &[u8],
@@ -108,38 +110,36 @@ pub(super) unsafe fn dot_k<K: Layout>(
 ) -> f32 {
     let supers = scales.len() / SUB_BLOCKS;
     debug_assert!(weights.len() >= supers * K::BYTES && quants.len() >= scales.len() * BLOCK);
-    debug_assert!(sums.len() >= scales.len());
+    debug_assert!(sums.len() >= 2 * scales.len());
     let mut acc = _mm256_setzero_ps();
-    let mut offsets = _mm256_setzero_ps();
     for s in 0..supers {
         // SAFETY: super-block s and its activation blocks are inside every slice.
         unsafe {
             let block = weights.as_ptr().add(s * K::BYTES);
-            let weight_scales = K::scales(block);
+            let weight = K::scales(block);
+            let mut dots = _mm256_setzero_ps();
             for sub in 0..SUB_BLOCKS {
                 let b = s * SUB_BLOCKS + sub;
                 let a = _mm256_loadu_si256(quants.as_ptr().add(b * BLOCK) as *const __m256i);
-                let mut lanes = unsigned_dots(K::quants(block, sub), a);
-                if !K::OFFSETS {
-                    lanes = _mm256_sub_epi32(lanes, unsigned_dots(_mm256_set1_epi8(K::ZERO), a));
-                }
+                let lanes = unsigned_dots(K::quants(block, sub), a);
                 let halves = _mm256_set_m128(
-                    _mm_set1_ps(weight_scales.per_16[2 * sub + 1]),
-                    _mm_set1_ps(weight_scales.per_16[2 * sub]),
+                    _mm_set1_ps(weight.scales[2 * sub + 1]),
+                    _mm_set1_ps(weight.scales[2 * sub]),
                 );
-                let scale = _mm256_mul_ps(halves, _mm256_set1_ps(*scales.get_unchecked(b)));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, acc);
+                dots = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), halves, dots);
             }
-            if K::OFFSETS {
-                offsets = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(weight_scales.offsets.as_ptr()),
-                    _mm256_loadu_ps(sums.as_ptr().add(s * SUB_BLOCKS)),
-                    offsets,
+            let scale = _mm256_set1_ps(*scales.get_unchecked(s * SUB_BLOCKS));
+            acc = _mm256_fmadd_ps(dots, scale, acc);
+            for half in 0..2 {
+                acc = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(weight.offsets.as_ptr().add(8 * half)),
+                    _mm256_loadu_ps(sums.as_ptr().add(16 * s + 8 * half)),
+                    acc,
                 );
             }
         }
     }
-    horizontal_sum(acc) + horizontal_sum(offsets)
+    horizontal_sum(acc)
 }
 
 /// The scale `d` and offset `m` of a 4- or 5-bit block (`m` zero when it stores none).
@@ -248,6 +248,18 @@ pub(super) unsafe fn quantize_block(block: &[f32], out: &mut [i8]) -> f32 {
         *q = (v * inverse).round_ties_even() as i8;
     }
     scale
+}
+
+/// `out[i] = round(values[i] * inverse)` (half to even, at most 127): Q8_K's quants, in a loop
+/// the compiler turns into AVX2 instead of a rounding call per value.
+///
+/// # Safety
+/// The CPU has AVX2; both slices are the same length.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn scale_and_round(values: &[f32], inverse: f32, out: &mut [i8]) {
+    for (q, &v) in out.iter_mut().zip(values) {
+        *q = ((inverse * v).round_ties_even() as i32).min(127) as i8;
+    }
 }
 
 #[target_feature(enable = "f16c")]

@@ -161,9 +161,11 @@ unsafe fn product_of<const Q8: bool, const MIN: bool, const HIGH: bool>(
     }
 }
 
-/// [`product`] for a K-quant type: groups of tokens, then each token left over as a group of
-/// one (the same steps, so a decode step's token gets the bits it would get in a prompt's
-/// leftovers).
+/// [`product`] for a K-quant type: groups of tokens through each row, then each token left
+/// over as a group of one (the same steps, so a decode step's token gets the bits it would get
+/// among a prompt's leftovers). Tokens are read where `x` holds them: per pair of sub-blocks a
+/// token needs only its 64 quants, and a group's rows of up to a few thousand values stay in
+/// the first-level cache.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn product_k<K: Layout>(
     weights: &[u8],
@@ -175,29 +177,22 @@ unsafe fn product_k<K: Layout>(
     let supers = x.cols / k_quants::VALUES;
     let row_bytes = supers * K::BYTES;
     debug_assert!(weights.len() >= rows.end * row_bytes);
-    let extra = if K::OFFSETS {
-        Extra::ExactSums
-    } else {
-        Extra::ZeroPoint(K::ZERO)
-    };
     let tokens = x.len();
-    let mut group = Vec::new();
     let mut t = 0;
     while t < tokens {
         let count = if t + GROUP <= tokens { GROUP } else { 1 };
-        // SAFETY: tokens t..t + count are rows of `x`.
-        unsafe { lay_out(x, t, count, extra, &mut group) };
         for r in rows.clone() {
-            // SAFETY: row r is inside `weights`; the caller's for `out`.
+            // SAFETY: row r is inside `weights`, tokens t..t + count inside `x`; the caller's
+            // for `out`.
             unsafe {
                 let row = weights.as_ptr().add(r * row_bytes);
                 if count == GROUP {
-                    let sums = row_with_k::<K, GROUP>(row, supers, &group);
+                    let sums = row_with_k::<K, GROUP>(row, supers, x, t);
                     for (j, sum) in sums.into_iter().enumerate() {
                         *out.add((t + j) * out_rows + r) = sum;
                     }
                 } else {
-                    let [sum] = row_with_k::<K, 1>(row, supers, &group);
+                    let [sum] = row_with_k::<K, 1>(row, supers, x, t);
                     *out.add(t * out_rows + r) = sum;
                 }
             }
@@ -206,56 +201,53 @@ unsafe fn product_k<K: Layout>(
     }
 }
 
-/// One K-quant weight row (at `row`, `supers` super-blocks) with each of the `N` tokens of
-/// `group`: per pair of sub-blocks, the integer dots (less the zero point) times the per-16
-/// scales and the activation scales, plus the offsets (spread over each sub-block's eight lanes
-/// as `offset / 8`, exact in binary) times the activation block sums.
+/// One K-quant weight row (at `row`, `supers` super-blocks) with tokens `first..first + N` of
+/// `x` (in Q8_K): per super-block, the integer dots of each pair of sub-blocks times their
+/// per-16 scales, then times the token's scale, plus the per-16 offsets times its sums of 16.
 ///
 /// # Safety
-/// The CPU has the features of [`product_k`]; the row holds `supers` super-blocks and `group`
-/// their sub-block pairs laid out by [`lay_out`] for `N` tokens.
+/// The CPU has the features of [`product_k`]; the row holds `supers` super-blocks and the
+/// tokens are rows of `x`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn row_with_k<K: Layout, const N: usize>(
     row: *const u8,
     supers: usize,
-    group: &[Operands],
+    x: &Activations,
+    first: usize,
 ) -> [f32; N] {
     // Lanes 0-3 hold values 0-15 of the pair, 4-7 values 16-31, and so on.
     let quarters = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    let blocks = x.cols / BLOCK;
     let mut acc = [_mm512_setzero_ps(); N];
     for s in 0..supers {
-        // SAFETY: super-block s is inside the row; its pairs are laid out in `group`.
+        // SAFETY: super-block s is inside the row, and its values inside each token's row.
         unsafe {
             let block = row.add(s * K::BYTES);
-            let scales = K::scales(block);
+            let weight = K::scales(block);
+            let mut dots = [_mm512_setzero_ps(); N];
             for p in 0..SUB_BLOCKS / 2 {
                 let w = _mm512_inserti64x4::<1>(
                     _mm512_castsi256_si512(K::quants(block, 2 * p)),
                     K::quants(block, 2 * p + 1),
                 );
-                let four = _mm_loadu_ps(scales.per_16.as_ptr().add(4 * p));
+                let four = _mm_loadu_ps(weight.scales.as_ptr().add(4 * p));
                 let dw = _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(four));
-                let mw = spread(_mm_set_ps(
-                    0.0,
-                    0.0,
-                    scales.offsets[2 * p + 1] * 0.125,
-                    scales.offsets[2 * p] * 0.125,
-                ));
-                let tokens = &group[(s * SUB_BLOCKS / 2 + p) * N..][..N];
-                for (acc, token) in acc.iter_mut().zip(tokens) {
-                    let start = if K::OFFSETS {
-                        _mm512_setzero_si512()
-                    } else {
-                        token.extra
-                    };
-                    let lanes = _mm512_dpbusd_epi32(start, w, token.quants);
-                    let scale = _mm512_mul_ps(dw, token.scales);
-                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, *acc);
-                    if K::OFFSETS {
-                        *acc = _mm512_fmadd_ps(mw, _mm512_castsi512_ps(token.extra), *acc);
-                    }
+                let at = s * k_quants::VALUES + 2 * p * BLOCK;
+                for (j, dots) in dots.iter_mut().enumerate() {
+                    let a = x.quants.as_ptr().add((first + j) * x.cols + at);
+                    let a = _mm512_loadu_si512(a as *const __m512i);
+                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
+                    *dots = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), dw, *dots);
                 }
+            }
+            let offsets = _mm512_loadu_ps(weight.offsets.as_ptr());
+            for (j, (acc, dots)) in acc.iter_mut().zip(dots).enumerate() {
+                let t = first + j;
+                let scale = _mm512_set1_ps(*x.scales.get_unchecked(t * blocks + s * SUB_BLOCKS));
+                let sums = _mm512_loadu_ps(x.sums.as_ptr().add((t * blocks + s * SUB_BLOCKS) * 2));
+                *acc = _mm512_fmadd_ps(dots, scale, *acc);
+                *acc = _mm512_fmadd_ps(offsets, sums, *acc);
             }
         }
     }
@@ -283,8 +275,6 @@ enum Extra {
     ZeroPoint(i8),
     /// The block sums as llama.cpp's Q8_1 stores them (through f16), spread over the lanes.
     RoundedSums,
-    /// The block sums unrounded, spread over the lanes.
-    ExactSums,
 }
 
 impl Extra {
@@ -333,10 +323,6 @@ unsafe fn lay_out(
                     Extra::RoundedSums => {
                         _mm512_castps_si512(two_lanes(x.sums.as_ptr().add(t * blocks + b), pair))
                     }
-                    Extra::ExactSums => _mm512_castps_si512(two_lanes(
-                        x.exact_sums.as_ptr().add(t * blocks + b),
-                        pair,
-                    )),
                 };
                 group.push(Operands {
                     quants,

@@ -1,7 +1,7 @@
 //! GGUF's K-quant layouts (Q4_K, Q5_K, Q6_K): super-blocks of 256 weights, each with its own
 //! f16 scales and, per sub-block, small integer scales (and for Q4_K/Q5_K offsets). The kernels
 //! see a super-block as eight 32-value sub-blocks, each met by one activation block: a weight is
-//! `scale * (q - zero) + offset`, with `scale` per 16 values and `offset` per 32.
+//! `scale * q + offset`, both per 16 values (Q6_K's zero point is an offset of `-32 scale`).
 //!
 //! They meet activations in llama.cpp's Q8_K (one f32 scale per 256 values), spread over the
 //! super-block's eight blocks of 32 so that the kernels read them as they read Q8_0 rows.
@@ -23,12 +23,8 @@ pub const SUB_BLOCKS: usize = VALUES / super::BLOCK;
 pub trait Layout {
     /// Bytes of one super-block.
     const BYTES: usize;
-    /// The quant that stands for zero (Q6_K stores `q + 32`); 0 for the types with offsets.
-    const ZERO: i8;
-    /// Whether sub-blocks carry offsets (met by the activation blocks' sums).
-    const OFFSETS: bool = Self::ZERO == 0;
 
-    /// The super-block's scales per 16 values and offsets per 32 (zero without offsets).
+    /// The super-block's scales and offsets per 16 values.
     ///
     /// # Safety
     /// `block` points at a whole super-block; the CPU has AVX2 and F16C.
@@ -43,13 +39,14 @@ pub trait Layout {
     unsafe fn quants(block: *const u8, s: usize) -> __m256i;
 }
 
-/// A super-block's scales, as f32: `per_16[i]` for values `16 i..16 i + 16`, `offsets[s]` for
-/// sub-block `s`.
+/// A super-block's scales and offsets for values `16 i..16 i + 16`, as f32: a weight is
+/// `scales[i] q + offsets[i]`, so a dot with activations is the scaled dot of the quants plus
+/// the offsets times the activations' sums of 16.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 pub struct Scales {
-    pub per_16: [f32; 16],
-    pub offsets: [f32; SUB_BLOCKS],
+    pub scales: [f32; 16],
+    pub offsets: [f32; 16],
 }
 
 /// `d`, `dmin`, 12 bytes of 6-bit scales and offsets, then 4-bit quants: sub-blocks `2k` and
@@ -77,7 +74,6 @@ const Q6K_D_AT: usize = Q6K_SCALES_AT + 16;
 
 impl Layout for Q4K {
     const BYTES: usize = Q4K_QUANTS_AT + 128;
-    const ZERO: i8 = 0;
 
     #[cfg(target_arch = "x86_64")]
     #[inline]
@@ -98,7 +94,6 @@ impl Layout for Q4K {
 
 impl Layout for Q5K {
     const BYTES: usize = Q5K_QUANTS_AT + 128;
-    const ZERO: i8 = 0;
 
     #[cfg(target_arch = "x86_64")]
     #[inline]
@@ -127,7 +122,6 @@ impl Layout for Q5K {
 
 impl Layout for Q6K {
     const BYTES: usize = Q6K_D_AT + 2;
-    const ZERO: i8 = 32;
 
     #[cfg(target_arch = "x86_64")]
     #[inline]
@@ -137,18 +131,23 @@ impl Layout for Q6K {
         unsafe {
             let d = half(block.add(Q6K_D_AT));
             let bytes = _mm_loadu_si128(block.add(Q6K_SCALES_AT) as *const __m128i);
-            let mut scales = Scales {
-                per_16: [0.0; 16],
-                offsets: [0.0; SUB_BLOCKS],
+            let mut out = Scales {
+                scales: [0.0; 16],
+                offsets: [0.0; 16],
             };
             for (i, bytes) in [bytes, _mm_srli_si128::<8>(bytes)].into_iter().enumerate() {
-                let values = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+                let scales = _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)),
+                    _mm256_set1_ps(d),
+                );
+                _mm256_storeu_ps(out.scales.as_mut_ptr().add(8 * i), scales);
+                // The quants are stored as `q + 32`.
                 _mm256_storeu_ps(
-                    scales.per_16.as_mut_ptr().add(8 * i),
-                    _mm256_mul_ps(values, _mm256_set1_ps(d)),
+                    out.offsets.as_mut_ptr().add(8 * i),
+                    _mm256_mul_ps(scales, _mm256_set1_ps(-32.0)),
                 );
             }
-            scales
+            out
         }
     }
 
@@ -208,27 +207,26 @@ unsafe fn offset_scales(block: *const u8) -> Scales {
         let offsets =
             (w1 & SIX) as u64 | (((w2 >> 4) & NIBBLE | ((w1 >> 6) & TOP) << 4) as u64) << 32;
         let per_32 = _mm256_mul_ps(widen(scales), _mm256_set1_ps(d));
+        let offsets_per_32 = _mm256_mul_ps(widen(offsets), _mm256_set1_ps(-dmin));
         let mut out = Scales {
-            per_16: [0.0; 16],
-            offsets: [0.0; SUB_BLOCKS],
+            scales: [0.0; 16],
+            offsets: [0.0; 16],
         };
-        // Each sub-block's scale covers both of its 16-value halves.
-        let (first, second) = (
+        // Each sub-block's scale and offset cover both of its 16-value halves.
+        let halves = [
             _mm256_set_epi32(3, 3, 2, 2, 1, 1, 0, 0),
             _mm256_set_epi32(7, 7, 6, 6, 5, 5, 4, 4),
-        );
-        _mm256_storeu_ps(
-            out.per_16.as_mut_ptr(),
-            _mm256_permutevar8x32_ps(per_32, first),
-        );
-        _mm256_storeu_ps(
-            out.per_16.as_mut_ptr().add(8),
-            _mm256_permutevar8x32_ps(per_32, second),
-        );
-        _mm256_storeu_ps(
-            out.offsets.as_mut_ptr(),
-            _mm256_mul_ps(widen(offsets), _mm256_set1_ps(-dmin)),
-        );
+        ];
+        for (i, lanes) in halves.into_iter().enumerate() {
+            _mm256_storeu_ps(
+                out.scales.as_mut_ptr().add(8 * i),
+                _mm256_permutevar8x32_ps(per_32, lanes),
+            );
+            _mm256_storeu_ps(
+                out.offsets.as_mut_ptr().add(8 * i),
+                _mm256_permutevar8x32_ps(offsets_per_32, lanes),
+            );
+        }
         out
     }
 }

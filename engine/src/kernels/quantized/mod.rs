@@ -259,10 +259,9 @@ pub struct Activations {
     quants: Vec<i8>,
     /// Per block of 32.
     scales: Vec<f32>,
-    /// Per block of 32, through f16 (Q8_1's).
+    /// Q8_0: per block of 32, through f16 (Q8_1's). Q8_K: per 16 quants, the scale times their
+    /// sum.
     sums: Vec<f32>,
-    /// Per block of 32, the scale times the sum of the quants, unrounded (Q8_K's).
-    exact_sums: Vec<f32>,
     cols: usize,
     /// The same rows in Q8_K, where they hold whole super-blocks.
     super_blocks: Option<Box<Activations>>,
@@ -319,7 +318,6 @@ impl Activations {
             quants,
             scales,
             sums,
-            exact_sums: Vec::new(),
             cols,
             super_blocks,
         }
@@ -328,38 +326,26 @@ impl Activations {
     /// Rows of whole super-blocks quantized to Q8_K as llama.cpp does it for its K-quant
     /// products: per 256 values, `x` times `-127 / max` (`max` the value of largest magnitude,
     /// so it becomes -127) rounded to the nearest integer (at most 127), and the scale
-    /// `max / -127` kept in f32. It is spread over the eight blocks of 32 here, beside their
-    /// exact sums, so the K-quant kernels meet it as they would Q8_0 rows.
+    /// `max / -127` kept in f32 (given for each of its blocks of 32), with the sums of each 16
+    /// quants times it.
     fn quantize_super_blocks(x: &[f32], cols: usize) -> Self {
         let mut quants = vec![0i8; x.len()];
         let mut scales = Vec::with_capacity(x.len() / BLOCK);
-        let mut exact_sums = Vec::with_capacity(x.len() / BLOCK);
+        let mut sums = Vec::with_capacity(2 * x.len() / BLOCK);
         for (block, out) in x
             .chunks_exact(k_quants::VALUES)
             .zip(quants.chunks_exact_mut(k_quants::VALUES))
         {
-            let max = block
-                .iter()
-                .fold(0f32, |max, &v| if v.abs() > max.abs() { v } else { max });
-            let scale = if max == 0.0 {
-                0.0
-            } else {
-                let inverse = -127.0 / max;
-                for (q, &v) in out.iter_mut().zip(block) {
-                    *q = ((inverse * v).round_ties_even() as i32).min(127) as i8;
-                }
-                1.0 / inverse
-            };
-            for sub in out.chunks_exact(BLOCK) {
-                scales.push(scale);
-                exact_sums.push(scale * sub.iter().map(|&q| q as i32).sum::<i32>() as f32);
+            let scale = super_block_quants(block, out);
+            scales.extend([scale; k_quants::SUB_BLOCKS]);
+            for sixteen in out.chunks_exact(16) {
+                sums.push(scale * sixteen.iter().map(|&q| q as i32).sum::<i32>() as f32);
             }
         }
         Self {
             quants,
             scales,
-            sums: Vec::new(),
-            exact_sums,
+            sums,
             cols,
             super_blocks: None,
         }
@@ -384,6 +370,28 @@ impl Activations {
     pub fn is_empty(&self) -> bool {
         self.quants.is_empty()
     }
+}
+
+/// Quantizes one super-block of 256 values into `out` and returns its scale (see
+/// [`Activations::quantize_super_blocks`]).
+fn super_block_quants(block: &[f32], out: &mut [i8]) -> f32 {
+    let max = block
+        .iter()
+        .fold(0f32, |max, &v| if v.abs() > max.abs() { v } else { max });
+    if max == 0.0 {
+        return 0.0;
+    }
+    let inverse = -127.0 / max;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: `available` found AVX2.
+        unsafe { avx2::scale_and_round(block, inverse, out) };
+        return 1.0 / inverse;
+    }
+    for (q, &v) in out.iter_mut().zip(block) {
+        *q = ((inverse * v).round_ties_even() as i32).min(127) as i8;
+    }
+    1.0 / inverse
 }
 
 /// One product for [`matmul`]: a matrix `[rows, x.cols]` (its blocks, in `format`) by the rows
@@ -483,12 +491,9 @@ unsafe fn product(
             for t in 0..x.len() {
                 let quants = &x.quants[t * x.cols..(t + 1) * x.cols];
                 let scales = &x.scales[t * blocks..(t + 1) * blocks];
-                // Each type's sums: the 32-value types' as Q8_1 keeps them, the K-quants' exact
-                // (and the other kept empty).
-                let (sums, exact_sums) = match job.format.block_values() {
-                    BLOCK => (&x.sums[t * blocks..(t + 1) * blocks], &[][..]),
-                    _ => (&[][..], &x.exact_sums[t * blocks..(t + 1) * blocks]),
-                };
+                // One sum per block of 32 (Q8_1), or per 16 (Q8_K).
+                let per_block = x.sums.len() / x.scales.len();
+                let sums = &x.sums[t * blocks * per_block..(t + 1) * blocks * per_block];
                 // SAFETY: as above, the slices hold `blocks` blocks each; the caller's.
                 unsafe {
                     *out.add(t * out_rows + r) = match job.format {
@@ -505,9 +510,9 @@ unsafe fn product(
                         Format::Q5_1 => {
                             avx2::dot_small::<true, true>(weights, quants, scales, sums)
                         }
-                        Format::Q4K => avx2::dot_k::<Q4K>(weights, quants, scales, exact_sums),
-                        Format::Q5K => avx2::dot_k::<Q5K>(weights, quants, scales, exact_sums),
-                        Format::Q6K => avx2::dot_k::<Q6K>(weights, quants, scales, exact_sums),
+                        Format::Q4K => avx2::dot_k::<Q4K>(weights, quants, scales, sums),
+                        Format::Q5K => avx2::dot_k::<Q5K>(weights, quants, scales, sums),
+                        Format::Q6K => avx2::dot_k::<Q6K>(weights, quants, scales, sums),
                     }
                 };
             }
@@ -962,11 +967,8 @@ mod tests {
                         w[i] as f64 * a
                     })
                     .sum();
-                let (quants, scales, sums) = (
-                    &activations.quants,
-                    &activations.scales,
-                    &activations.exact_sums,
-                );
+                let (quants, scales, sums) =
+                    (&activations.quants, &activations.scales, &activations.sums);
                 let magnitude: f64 = (0..cols)
                     .map(|i| (w[i] as f64 * activations.quants[i] as f64).abs())
                     .sum();
@@ -1060,11 +1062,10 @@ mod tests {
                     scale.to_bits(),
                     "block {b}"
                 );
-                let sum: i32 = quants[sub * 32..(sub + 1) * 32]
-                    .iter()
-                    .map(|&q| q as i32)
-                    .sum();
-                assert_eq!(ours.exact_sums[b * 8 + sub], scale * sum as f32);
+            }
+            for (i, sixteen) in block[260..].chunks_exact(2).enumerate() {
+                let sum = i16::from_le_bytes(sixteen.try_into().unwrap());
+                assert_eq!(ours.sums[b * 16 + i], scale * sum as f32, "block {b}");
             }
         }
         assert_eq!(ours.quants[1024 + 7], -127);
