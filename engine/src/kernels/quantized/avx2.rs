@@ -183,17 +183,28 @@ pub(super) unsafe fn half(at: *const u8) -> f32 {
 pub(super) unsafe fn small_quants<const MIN: bool, const HIGH: bool>(block: *const u8) -> __m256i {
     // SAFETY: the caller's.
     unsafe {
-        let packed = _mm_loadu_si128(block.add(small::quants_at(MIN, HIGH)) as *const __m128i);
-        let nibbles = _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
-            _mm256_set1_epi8(0x0f),
-        );
+        let low = nibbles(block.add(small::quants_at(MIN, HIGH)));
         if !HIGH {
-            return nibbles;
+            return low;
         }
         let high = (block.add(small::high_at(MIN)) as *const u32).read_unaligned();
-        _mm256_or_si256(nibbles, fifth_bits(high))
+        _mm256_or_si256(low, fifth_bits(high))
     }
+}
+
+/// The 16 bytes at `packed` as 32 values: their low nibbles, then their high nibbles.
+///
+/// # Safety
+/// `packed` points at 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn nibbles(packed: *const u8) -> __m256i {
+    // SAFETY: the caller's.
+    let packed = unsafe { _mm_loadu_si128(packed as *const __m128i) };
+    _mm256_and_si256(
+        _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
+        _mm256_set1_epi8(0x0f),
+    )
 }
 
 /// 0x10 in byte i where bit i of `bits` is set, else 0: each byte takes its bit's byte of

@@ -15,7 +15,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx2::{block_quants, four_scales, scale_bits, small_quants, small_scales};
+use super::avx2::{block_quants, four_scales, nibbles, scale_bits, small_scales};
 use super::k_quants::{self, Layout, Q4K, Q5K, Q6K, SUB_BLOCKS};
 use super::{Activations, BLOCK, BLOCK_BYTES, Format, small};
 
@@ -576,6 +576,25 @@ fn integer_dots(weights: __m512i, activations: __m512i) -> __m512i {
     let negative = _mm512_movepi8_mask(weights);
     let signed = _mm512_mask_sub_epi8(activations, negative, _mm512_setzero_si512(), activations);
     _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(weights), signed)
+}
+
+/// The 32 unsigned quants of a 4- or 5-bit block (see `small`), in value order: the fifth bits
+/// are added through a mask register, one instruction where AVX2 needs four.
+///
+/// # Safety
+/// `block` points at a whole block.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn small_quants<const MIN: bool, const HIGH: bool>(block: *const u8) -> __m256i {
+    // SAFETY: the caller's.
+    unsafe {
+        let low = nibbles(block.add(small::quants_at(MIN, HIGH)));
+        if !HIGH {
+            return low;
+        }
+        let high = (block.add(small::high_at(MIN)) as *const u32).read_unaligned();
+        _mm256_mask_add_epi8(low, high, low, _mm256_set1_epi8(0x10))
+    }
 }
 
 /// Lanes 0-7 the first of `values`, lanes 8-15 the second (zero without `pair`).
