@@ -44,6 +44,7 @@ pub trait Layout {
 /// the offsets times the activations' sums of 16.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub struct Scales {
     pub scales: [f32; 16],
     pub offsets: [f32; 16],
