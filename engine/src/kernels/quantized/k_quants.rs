@@ -24,12 +24,18 @@ pub trait Layout {
     /// Bytes of one super-block.
     const BYTES: usize;
 
-    /// The super-block's scales and offsets per 16 values.
+    /// The super-block's scales and offsets per 16 values: by default Q4_K's and Q5_K's (see
+    /// [`offset_scales`]).
     ///
     /// # Safety
     /// `block` points at a whole super-block; the CPU has AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn scales(block: *const u8) -> Scales;
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn scales(block: *const u8) -> Scales {
+        // SAFETY: the caller's.
+        unsafe { offset_scales(block) }
+    }
 
     /// The 32 unsigned quants of sub-block `s` (0-7), in value order.
     ///
@@ -79,14 +85,6 @@ impl Layout for Q4K {
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn scales(block: *const u8) -> Scales {
-        // SAFETY: the caller's.
-        unsafe { offset_scales(block) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
     unsafe fn quants(block: *const u8, s: usize) -> __m256i {
         // SAFETY: the caller's.
         unsafe { nibbles(block.add(Q4K_QUANTS_AT + 32 * (s / 2)), s % 2) }
@@ -95,14 +93,6 @@ impl Layout for Q4K {
 
 impl Layout for Q5K {
     const BYTES: usize = Q5K_QUANTS_AT + 128;
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn scales(block: *const u8) -> Scales {
-        // SAFETY: the caller's.
-        unsafe { offset_scales(block) }
-    }
 
     #[cfg(target_arch = "x86_64")]
     #[inline]

@@ -739,13 +739,7 @@ mod tests {
             return;
         };
         let blocks = 7;
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         let mut weights = vec![0u8; blocks * BLOCK_BYTES];
         let mut exact = 0f64;
         let x: Vec<f32> = (0..blocks * BLOCK)
@@ -805,13 +799,7 @@ mod tests {
             eprintln!("skipped: this CPU lacks AVX2");
             return;
         };
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
         for blocks in [1, 2, 3, 18] {
             let x: Vec<f32> = (0..blocks * BLOCK)
                 .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
@@ -923,13 +911,7 @@ mod tests {
             eprintln!("skipped: this CPU lacks AVX2");
             return;
         };
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
             let format = Format::of(dtype).unwrap();
             for supers in [1, 2, 3] {
@@ -995,6 +977,17 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// A fixed sequence of pseudo-random numbers from `seed` (xorshift64).
+    #[cfg(target_arch = "x86_64")]
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
         }
     }
 
