@@ -137,14 +137,24 @@ unsafe fn product_of<const Q8: bool, const MIN: bool, const HIGH: bool>(
     while t + GROUP <= tokens {
         // SAFETY: tokens t..t + GROUP are rows of `x`.
         unsafe { lay_out(x, t, GROUP, Extra::of::<Q8, MIN, HIGH>(), &mut group) };
-        for r in rows.clone() {
-            // SAFETY: row r is inside `weights`; the caller's for `out`.
+        // Rows two at a time, a last odd one alone.
+        let mut r = rows.start;
+        while r < rows.end {
+            // SAFETY: rows r (and r + 1 when taken) are inside `weights`; the caller's for `out`.
             unsafe {
                 let row = weights.as_ptr().add(r * row_bytes);
-                let sums = row_with_group::<Q8, MIN, HIGH>(row, blocks, bytes, &group);
-                for (j, sum) in sums.into_iter().enumerate() {
-                    *out.add((t + j) * out_rows + r) = sum;
+                let sums: &[[f32; GROUP]] = if r + 1 < rows.end {
+                    let rows = [row, row.add(row_bytes)];
+                    &rows_with_group::<Q8, MIN, HIGH, 2>(rows, blocks, bytes, &group)
+                } else {
+                    &rows_with_group::<Q8, MIN, HIGH, 1>([row], blocks, bytes, &group)
+                };
+                for (i, row_sums) in sums.iter().enumerate() {
+                    for (j, &sum) in row_sums.iter().enumerate() {
+                        *out.add((t + j) * out_rows + r + i) = sum;
+                    }
                 }
+                r += sums.len();
             }
         }
         t += GROUP;
@@ -335,76 +345,98 @@ unsafe fn lay_out(
     }
 }
 
-/// One weight row (at `row`, `blocks` blocks of `bytes` bytes) with every token of `group`:
-/// per block pair, the integer dots times the scale products, plus (types with an offset) the
-/// offsets times the activation sums, each offset spread over its block's eight lanes as `m / 8`
-/// (exact in binary).
+/// `R` weight rows (at `rows`, `blocks` blocks of `bytes` bytes each) with every token of
+/// `group`: per block pair, the integer dots times the scale products, plus (types with an
+/// offset) the offsets times the activation sums, each offset spread over its block's eight
+/// lanes as `m / 8` (exact in binary). Rows taken together share each token's operands as they
+/// are loaded; each element still gets its own accumulator and the same steps.
 ///
 /// # Safety
-/// The CPU has the features of [`product_of`]; the row holds `blocks` blocks and `group` their
+/// The CPU has the features of [`product_of`]; each row holds `blocks` blocks and `group` their
 /// pairs laid out by [`lay_out`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn row_with_group<const Q8: bool, const MIN: bool, const HIGH: bool>(
-    row: *const u8,
+unsafe fn rows_with_group<const Q8: bool, const MIN: bool, const HIGH: bool, const R: usize>(
+    rows: [*const u8; R],
     blocks: usize,
     bytes: usize,
     group: &[Operands],
-) -> [f32; GROUP] {
-    let mut acc = [_mm512_setzero_ps(); GROUP];
+) -> [[f32; GROUP]; R] {
+    let mut acc = [[_mm512_setzero_ps(); GROUP]; R];
     for (index, tokens) in group.chunks_exact(GROUP).enumerate() {
         let b = 2 * index;
-        let pair = b + 1 < blocks;
-        // SAFETY: blocks b and, with `pair`, b + 1 are inside the row.
-        let (w, dw, mw) = unsafe {
-            let first = row.add(b * bytes);
-            let second = first.add(bytes);
-            if Q8 {
-                let w = if pair {
-                    _mm512_inserti64x4::<1>(
-                        _mm512_castsi256_si512(block_quants(first)),
-                        block_quants(second),
-                    )
+        // SAFETY: each row holds block b (and b + 1 where there is one).
+        let pairs = rows.map(|row| unsafe { weight_pair::<Q8, MIN, HIGH>(row, b, blocks, bytes) });
+        for (j, token) in tokens.iter().enumerate() {
+            for (acc, &(w, dw, mw)) in acc.iter_mut().zip(&pairs) {
+                let lanes = if Q8 || !MIN {
+                    _mm512_dpbusd_epi32(token.extra, w, token.quants)
                 } else {
-                    _mm512_zextsi256_si512(block_quants(first))
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, token.quants)
                 };
-                let h0 = scale_bits(first) as i16;
-                let h1 = if pair { scale_bits(second) as i16 } else { 0 };
-                let dw = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, 0, 0, h1, h0));
-                // The sign bit flipped: w + 128, unsigned.
-                let w = _mm512_xor_si512(w, _mm512_set1_epi8(-128));
-                (w, spread(dw), _mm512_setzero_ps())
-            } else {
-                let (d0, m0) = small_scales::<MIN>(first);
-                let (q1, d1, m1) = if pair {
-                    let (d1, m1) = small_scales::<MIN>(second);
-                    (small_quants::<MIN, HIGH>(second), d1, m1)
-                } else {
-                    (_mm256_setzero_si256(), 0.0, 0.0)
-                };
-                let w = _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(small_quants::<MIN, HIGH>(first)),
-                    q1,
-                );
-                let dw = spread(_mm_set_ps(0.0, 0.0, d1, d0));
-                let mw = spread(_mm_set_ps(0.0, 0.0, m1 * 0.125, m0 * 0.125));
-                (w, dw, mw)
-            }
-        };
-        for (acc, token) in acc.iter_mut().zip(tokens) {
-            let lanes = if Q8 || !MIN {
-                _mm512_dpbusd_epi32(token.extra, w, token.quants)
-            } else {
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, token.quants)
-            };
-            let scale = _mm512_mul_ps(dw, token.scales);
-            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, *acc);
-            if !Q8 && MIN {
-                *acc = _mm512_fmadd_ps(mw, _mm512_castsi512_ps(token.extra), *acc);
+                let scale = _mm512_mul_ps(dw, token.scales);
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, acc[j]);
+                if !Q8 && MIN {
+                    acc[j] = _mm512_fmadd_ps(mw, _mm512_castsi512_ps(token.extra), acc[j]);
+                }
             }
         }
     }
-    acc.map(|sum| _mm512_reduce_add_ps(sum))
+    acc.map(|row| row.map(|sum| _mm512_reduce_add_ps(sum)))
+}
+
+/// Blocks `b` and `b + 1` (zero where the row has no `b + 1`) of the row at `row`: their
+/// unsigned quants (Q8_0's sign-flipped), their scales spread over the lanes (lanes 0-7 the
+/// first block's, 8-15 the second's) and, for types with an offset, their offsets spread as
+/// `m / 8`.
+///
+/// # Safety
+/// The CPU has the features of [`product_of`]; the row holds `blocks` blocks of `bytes` bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn weight_pair<const Q8: bool, const MIN: bool, const HIGH: bool>(
+    row: *const u8,
+    b: usize,
+    blocks: usize,
+    bytes: usize,
+) -> (__m512i, __m512, __m512) {
+    let pair = b + 1 < blocks;
+    // SAFETY: blocks b and, with `pair`, b + 1 are inside the row.
+    unsafe {
+        let first = row.add(b * bytes);
+        let second = first.add(bytes);
+        if Q8 {
+            let w = if pair {
+                _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(block_quants(first)),
+                    block_quants(second),
+                )
+            } else {
+                _mm512_zextsi256_si512(block_quants(first))
+            };
+            let h0 = scale_bits(first) as i16;
+            let h1 = if pair { scale_bits(second) as i16 } else { 0 };
+            let dw = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, 0, 0, h1, h0));
+            // The sign bit flipped: w + 128, unsigned.
+            let w = _mm512_xor_si512(w, _mm512_set1_epi8(-128));
+            (w, spread(dw), _mm512_setzero_ps())
+        } else {
+            let (d0, m0) = small_scales::<MIN>(first);
+            let (q1, d1, m1) = if pair {
+                let (d1, m1) = small_scales::<MIN>(second);
+                (small_quants::<MIN, HIGH>(second), d1, m1)
+            } else {
+                (_mm256_setzero_si256(), 0.0, 0.0)
+            };
+            let w = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(small_quants::<MIN, HIGH>(first)),
+                q1,
+            );
+            let dw = spread(_mm_set_ps(0.0, 0.0, d1, d0));
+            let mw = spread(_mm_set_ps(0.0, 0.0, m1 * 0.125, m0 * 0.125));
+            (w, dw, mw)
+        }
+    }
 }
 
 /// `sum over blocks of (weight scale * activation scale) * (integer dot of the quants)`, two
