@@ -456,6 +456,11 @@ async fn past_max_connections_generations_a_request_is_told_to_retry() {
         &post("/v1/chat/completions", Some(&daemon.key), &long_chat(false)),
     );
     assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    // Dropped once its generation runs: one cancelled before it starts logs no generation, and
+    // a loaded machine can be that slow to start it.
+    daemon
+        .stats_until("the generation runs", |stats| stats.queue.running == 1)
+        .await;
     drop(first);
     // The slot comes back once the first is cancelled.
     generations(&daemon, 1).await;
