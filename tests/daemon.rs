@@ -1489,3 +1489,26 @@ while True:
     assert!(events.iter().all(|event| event.id == 7));
     assert_eq!(text_of(&events), result.text);
 }
+
+/// `model.kv_cache` decides how the served model keeps attention's keys and values: the same
+/// session holds twice the bytes in f32 as in f16 (the default).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_configured_kv_cache_type_is_what_sessions_hold() {
+    let mut bytes = Vec::new();
+    for config in [None, Some("[model]\nkv_cache = \"f32\"\n")] {
+        let daemon = Daemon::start_with(config, &[]).await;
+        let mut client = daemon.client().await;
+        let turn = GenerateParams {
+            prompt: None,
+            tokens: Some(vec![10, 20, 30, 40, 50, 60]),
+            session: Some("kept".into()),
+            ignore_eos: true,
+            ..greedy("", 4)
+        };
+        generate(&mut client, &turn).await;
+        let stats = timeout(LIMIT, client.stats()).await.unwrap().unwrap();
+        assert_eq!(stats.sessions.count, 1);
+        bytes.push(stats.sessions.kv_bytes);
+    }
+    assert!(bytes[0] > 0 && bytes[1] == 2 * bytes[0], "{bytes:?}");
+}

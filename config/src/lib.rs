@@ -54,7 +54,7 @@ pub use http::HttpConfig;
 pub use keep_alive::{KeepAlive, KeepAliveError};
 pub use log::{LogConfig, LogLevel};
 pub use memory::MemoryConfig;
-pub use model::{ExpertBudget, ModelConfig};
+pub use model::{ExpertBudget, KvCache, ModelConfig};
 pub use paths::{
     config_path_from, default_config_path, default_http_key_path, default_socket_path,
     socket_path_from,
@@ -254,6 +254,20 @@ mod tests {
 
         let error = invalid("\n[serve]\n");
         assert_eq!((error.line, error.key.as_deref()), (Some(2), Some("serve")));
+    }
+
+    #[test]
+    fn the_kv_cache_is_f16_unless_f32_is_asked_for() {
+        let f32 = Config::from_toml("[model]\nkv_cache = \"f32\"\n", None).unwrap();
+        assert_eq!(f32.model.kv_cache, KvCache::F32);
+        assert_eq!(Config::default().model.kv_cache, KvCache::F16);
+        let error = invalid("[model]\nkv_cache = \"bf16\"\n");
+        assert_eq!(error.key.as_deref(), Some("model.kv_cache"));
+        assert!(
+            error.message.contains("`f16`") && error.message.contains("`f32`"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]

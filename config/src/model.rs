@@ -21,6 +21,10 @@ pub struct ModelConfig {
     /// Most positions a sequence may hold (prompt and reply together), to
     /// lower the model's own maximum; 0 keeps the model's. Default 0.
     pub context_length: u32,
+    /// How attention's keys and values are kept: "f16" (half f32's memory, as
+    /// llama.cpp keeps them) or "f32" (exact math, twice the memory). Takes
+    /// effect at the next start. Default "f16".
+    pub kv_cache: KvCache,
     /// How long the model stays loaded after its last request: a duration
     /// ("5m"), 0 to unload after each reply, -1 to keep it. Requests may set
     /// their own. Default -1.
@@ -29,6 +33,15 @@ pub struct ModelConfig {
     /// Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub models_dir: Option<PathBuf>,
+}
+
+/// The number type attention's keys and values are kept in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCache {
+    #[default]
+    F16,
+    F32,
 }
 
 /// How much memory cached experts may hold.

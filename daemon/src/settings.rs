@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use odmoe_config::{Config, GenerationConfig, KeepAlive, LogLevel, SessionsConfig};
+use odmoe_config::{Config, GenerationConfig, KeepAlive, KvCache, LogLevel, SessionsConfig};
 
 use crate::budget::BudgetSpec;
 
@@ -29,6 +29,9 @@ pub struct Settings {
     /// `--context-length`, else `model.context_length` when not 0. Read at
     /// each load; a reloaded config does not change it.
     pub context_length: Option<usize>,
+    /// `model.kv_cache`: how attention's keys and values are kept. Read at each
+    /// load; a reloaded config does not change it.
+    pub kv_cache: KvCache,
 }
 
 impl Settings {
@@ -46,6 +49,7 @@ impl Settings {
             models_dir: config.model.models_dir.clone(),
             context_length: (config.model.context_length > 0)
                 .then_some(config.model.context_length as usize),
+            kv_cache: config.model.kv_cache,
         }
     }
 

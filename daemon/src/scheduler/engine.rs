@@ -8,7 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use odmoe_config::KeepAlive;
+use candle_core::DType;
+use odmoe_config::{KeepAlive, KvCache};
 use odmoe_engine::generate::Session;
 use odmoe_engine::open::{self, ExpertMode, LoadOptions, LoadedModel};
 use odmoe_engine::store::{ExpertStore, StoreConfig};
@@ -138,6 +139,13 @@ impl Engine {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .context_length
+    }
+
+    fn kv_cache(&self) -> KvCache {
+        self.settings
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .kv_cache
     }
 
     fn prefix_cache_bytes(&self) -> u64 {
@@ -375,6 +383,10 @@ impl Engine {
         let options = LoadOptions {
             experts,
             context_length: self.context_length(),
+            kv_cache: match self.kv_cache() {
+                KvCache::F16 => DType::F16,
+                KvCache::F32 => DType::F32,
+            },
             ..LoadOptions::serving()
         };
         // Two models may not fit in memory together: the old one goes first,
