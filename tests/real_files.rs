@@ -477,17 +477,22 @@ async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
 
     // A request behind another is told its place.
     assert!(odmoe_at(&daemon, &["load", "qwen3"]).status.success());
-    // The whole context (max_tokens left to shrink to fit it), so that it is still running when
-    // a client started under a loaded CI machine arrives behind it.
+    // Two long requests, one running and one waiting, so that a client started on a loaded CI
+    // machine still finds one ahead of it when the first has ended.
     let mut long = greedy(Some("Once upon a time"), &[], None);
-    long.max_tokens = None;
+    long.max_tokens = Some(4000);
     long.ignore_eos = true;
-    let mut busy = daemon.client().await;
-    let running = tokio::spawn(async move {
-        let _ = call(&mut busy, Method::Generate, &long).await;
-    });
+    let mut ahead = Vec::new();
+    for _ in 0..2 {
+        let mut busy = daemon.client().await;
+        let long = long.clone();
+        ahead.push(tokio::spawn(async move {
+            let _ = call(&mut busy, Method::Generate, &long).await;
+        }));
+    }
     for _ in 0..200 {
-        if client.stats().await.unwrap().queue.running == 1 {
+        let queue = client.stats().await.unwrap().queue;
+        if queue.running == 1 && queue.waiting == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -509,18 +514,21 @@ async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
             .stdin(Stdio::null());
         timeout_output(command)
     });
+    // Queued behind both, or behind the second once the first has ended.
     for _ in 0..3000 {
-        if client.stats().await.unwrap().queue.waiting == 1 {
+        if client.stats().await.unwrap().queue.waiting == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    running.abort();
+    for request in ahead {
+        request.abort();
+    }
     let behind = behind.await.unwrap();
     let stderr = String::from_utf8_lossy(&behind.stderr);
     assert!(behind.status.success(), "{:?}: {stderr}", behind.status);
     assert!(
-        stderr.contains("queued (position 1)"),
+        stderr.contains("queued (position"),
         "not queued: {stderr}{}",
         String::from_utf8_lossy(&behind.stdout)
     );
