@@ -11,7 +11,12 @@ nearly uniformly, which is the hard case for an expert cache.
 The vocabulary is a byte-level BPE one (256 byte tokens, a few merges, filler tokens): benchmarks
 feed token ids, not text, but both engines need a loadable tokenizer.
 
-Usage: make_model.py OUT.gguf [--layers 18] [--seed 0]
+With `--type` other than q8_0 (q4_k_m, q5_k_m, q6_k, q4_0, ...), the Q8_0 file is written first
+and then quantized by llama.cpp's own quantizer (bench/requantize.py; the reference environment of
+scripts/setup-reference-venv.sh), so the model exists in the types users download. Requantizing
+keeps Q8_0's rounding: such a file serves speed and memory comparisons, not quality ones.
+
+Usage: make_model.py OUT.gguf [--layers 18] [--seed 0] [--type q8_0]
 """
 
 import argparse
@@ -112,14 +117,32 @@ def main():
     parser.add_argument("out")
     parser.add_argument("--layers", type=int, default=18)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--type", default="q8_0", help="llama.cpp file type (see bench/requantize.py)")
     args = parser.parse_args()
+    if args.type != "q8_0":
+        try:
+            from requantize import FTYPES, requantize
+        except ImportError as error:
+            sys.exit(f"--type {args.type} needs llama-cpp-python (scripts/setup-reference-venv.sh): {error}")
+        if args.type not in FTYPES:
+            sys.exit(f"--type {args.type}: one of q8_0, {', '.join(sorted(FTYPES))}")
+        q8_0 = args.out + ".q8_0"
+        write_q8_0(q8_0, args.layers, args.seed)
+        requantize(q8_0, args.out, args.type)
+        os.remove(q8_0)
+        print(f"wrote {args.out}: {os.path.getsize(args.out) / 1e9:.2f} GB, {args.type}")
+        return
+    write_q8_0(args.out, args.layers, args.seed)
 
-    tmp = args.out + ".partial"
+
+def write_q8_0(out, layers, seed):
+    """Writes the model in Q8_0 to `out`, through a temporary name."""
+    tmp = out + ".partial"
     writer = gguf.GGUFWriter(tmp, "qwen3moe")
     writer.add_name("odmoe-bench-qwen3moe")
     writer.add_context_length(4096)
     writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(args.layers)
+    writer.add_block_count(layers)
     writer.add_feed_forward_length(EXPERT_WIDTH)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
@@ -141,7 +164,7 @@ def main():
     writer.add_eos_token_id(VOCAB - 1)
     writer.add_add_bos_token(False)
 
-    plan = tensors(args.layers)
+    plan = tensors(layers)
     for name, shape, kind, _ in plan:
         if kind == Q.F32:
             writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
@@ -153,7 +176,7 @@ def main():
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
 
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
     total = sum(int(np.prod(s)) * (4 if k == Q.F32 else Q8_BYTES / Q8_BLOCK) for _, s, k, _ in plan)
     done = 0
     for name, shape, kind, std in plan:
@@ -163,8 +186,8 @@ def main():
         print(f"\r{done / 1e9:5.2f} / {total / 1e9:.2f} GB", end="", file=sys.stderr, flush=True)
     writer.close()
     print(file=sys.stderr)
-    os.rename(tmp, args.out)
-    print(f"wrote {args.out}: {os.path.getsize(args.out) / 1e9:.2f} GB, {args.layers} layers")
+    os.rename(tmp, out)
+    print(f"wrote {out}: {os.path.getsize(out) / 1e9:.2f} GB, {layers} layers")
 
 
 if __name__ == "__main__":

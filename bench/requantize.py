@@ -27,18 +27,22 @@ def main():
     parser.add_argument("target")
     parser.add_argument("type", choices=sorted(FTYPES))
     args = parser.parse_args()
+    requantize(args.source, args.target, args.type)
+
+
+def requantize(source, target, type):
+    """Writes `target` from `source` in llama.cpp file type `type` (a key of FTYPES)."""
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[args.type]
+    params.ftype = FTYPES[type]
     params.nthread = 2
     params.allow_requantize = True
-    partial = args.target + ".partial"
-    rc = llama_cpp.llama_model_quantize(args.source.encode(), partial.encode(), ctypes.byref(params))
+    partial = target + ".partial"
+    rc = llama_cpp.llama_model_quantize(source.encode(), partial.encode(), ctypes.byref(params))
     if rc != 0:
         if os.path.exists(partial):
             os.remove(partial)
         sys.exit(f"llama_model_quantize failed ({rc})")
-    os.replace(partial, args.target)
-
+    os.replace(partial, target)
 
 if __name__ == "__main__":
     main()
