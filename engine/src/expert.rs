@@ -38,7 +38,7 @@ impl GluMlp {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(weights) = self.quantized(x) {
-            let input = quantized::Activations::of(x)?;
+            let input = quantized::Activations::of(x, &weights.input_formats())?;
             let out = quantized::glu(&[(weights, &input)])?.remove(0);
             return Ok(Tensor::from_vec(out, x.dims(), x.device())?);
         }
@@ -250,21 +250,22 @@ fn mix_quantized(
 ) -> Result<Tensor> {
     let (_, hidden) = x.dims2()?;
     let rows = x.to_vec2::<f32>()?;
+    let weights: Vec<quantized::GluWeights> = handles
+        .iter()
+        .map(|h| h.quantized(x).ok_or_else(mixed_types))
+        .collect::<Result<_>>()?;
     let inputs: Vec<quantized::Activations> = batch
         .iter()
-        .map(|(_, (tokens, _))| {
+        .zip(&weights)
+        .map(|((_, (tokens, _)), w)| {
             let gathered: Vec<f32> = tokens
                 .iter()
                 .flat_map(|&t| rows[t as usize].iter().copied())
                 .collect();
-            quantized::Activations::quantize(&gathered, hidden)
+            quantized::Activations::quantize(&gathered, hidden, &w.input_formats())
         })
         .collect();
-    let experts: Vec<_> = handles
-        .iter()
-        .zip(&inputs)
-        .map(|(h, input)| Ok((h.quantized(x).ok_or_else(mixed_types)?, input)))
-        .collect::<Result<_>>()?;
+    let experts: Vec<_> = weights.into_iter().zip(&inputs).collect();
     let outputs = quantized::glu(&experts)?;
     let mut sum = out.flatten_all()?.to_vec1::<f32>()?;
     for (y, (_, (tokens, weights))) in outputs.iter().zip(batch) {

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_from_ggml};
+use candle_core::quantized::{QMatMul, QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{DType, Device, Module, Tensor};
 use clap::Args;
 use odmoe_engine::kernels::{Projection, quantized};
@@ -30,18 +30,6 @@ const COLS: usize = 2048;
 const DECODE_BYTES: usize = 512 << 20;
 /// Each measurement runs at least this long.
 const MEASURE: Duration = Duration::from_millis(300);
-
-/// The quantized types GGUF files are downloaded in.
-const QUANTIZED: [GgmlDType; 8] = [
-    GgmlDType::Q8_0,
-    GgmlDType::Q4_0,
-    GgmlDType::Q4_1,
-    GgmlDType::Q5_0,
-    GgmlDType::Q5_1,
-    GgmlDType::Q4K,
-    GgmlDType::Q5K,
-    GgmlDType::Q6K,
-];
 
 type Apply = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>>;
 
@@ -84,7 +72,7 @@ pub fn run(args: DtypeBenchArgs) -> Result<()> {
             });
         }
     }
-    for ggml in QUANTIZED {
+    for ggml in quantized::TYPES {
         let quantized = QTensor::quantize(&weight, ggml)?;
         let data = quantized.data()?.into_owned();
         let bytes = data.len();

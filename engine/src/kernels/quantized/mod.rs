@@ -27,6 +27,18 @@ const BLOCK: usize = 32;
 /// Q8_0: an f16 scale, then 32 signed quants.
 const BLOCK_BYTES: usize = 34;
 
+/// The GGUF types the kernels take, in the order of [`Format`].
+pub const TYPES: [GgmlDType; 8] = [
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
 /// The block types the kernels compute in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -53,6 +65,16 @@ impl Format {
             GgmlDType::Q6K => Self::Q6K,
             _ => return None,
         })
+    }
+
+    /// The format of `w`, a weight from [`eligible`].
+    fn of_weight(w: &QTensor) -> Self {
+        Self::of(w.dtype()).expect("an eligible weight has a kernel format")
+    }
+
+    /// Whether the format stores K-quant super-blocks, which meet Q8_K activations.
+    pub fn is_super_block(self) -> bool {
+        self.block_values() == k_quants::VALUES
     }
 
     /// Weights in one stored block: 32, or 256 in a K-quant super-block.
@@ -158,7 +180,8 @@ pub fn eligible<'a>(w: &'a QMatMul, x: &Tensor) -> Option<&'a QTensor> {
 /// `x W^T` for each `w` of `weights` (`[rows, cols]`, from [`eligible`]) and `x` `[.., cols]`:
 /// `x` is quantized once and every product shares one pass over the pool.
 pub fn forward(weights: &[&QTensor], x: &Tensor) -> Result<Vec<Tensor>> {
-    let activations = Activations::of(x)?;
+    let formats: Vec<Format> = weights.iter().map(|w| Format::of_weight(w)).collect();
+    let activations = Activations::of(x, &formats)?;
     let data = weights
         .iter()
         .map(|w| w.data())
@@ -196,6 +219,13 @@ pub struct GluWeights<'a> {
     pub down: &'a QTensor,
 }
 
+impl GluWeights<'_> {
+    /// The formats the expert's input meets (its gate's and up's), to quantize it for.
+    pub fn input_formats(&self) -> [Format; 2] {
+        [Format::of_weight(self.gate), Format::of_weight(self.up)]
+    }
+}
+
 /// `down(silu(gate(x)) * up(x))` of each expert for its own activations `[tokens, hidden]`,
 /// as `[tokens, hidden]` rows: all gates and ups in one pass over the pool, then all downs.
 pub fn glu(experts: &[(GluWeights, &Activations)]) -> Result<Vec<Vec<f32>>> {
@@ -222,12 +252,16 @@ pub fn glu(experts: &[(GluWeights, &Activations)]) -> Result<Vec<Vec<f32>>> {
     }
     matmul(&mut jobs);
     let mut mids = Vec::with_capacity(experts.len());
-    for ((g, u), &width) in gated.iter_mut().zip(&lifted).zip(&width) {
+    for (((g, u), &width), (w, _)) in gated.iter_mut().zip(&lifted).zip(&width).zip(experts) {
         for (g, u) in g.iter_mut().zip(u) {
             // SiLU as candle computes it.
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
-        mids.push(Activations::quantize(g, width));
+        mids.push(Activations::quantize(
+            g,
+            width,
+            &[Format::of_weight(w.down)],
+        ));
     }
     let downs = experts
         .iter()
@@ -268,17 +302,18 @@ pub struct Activations {
 }
 
 impl Activations {
-    /// The rows of `x` `[.., cols]` (f32), quantized.
-    pub fn of(x: &Tensor) -> Result<Self> {
+    /// The rows of `x` `[.., cols]` (f32), quantized for weights in `meets`.
+    pub fn of(x: &Tensor, meets: &[Format]) -> Result<Self> {
         let cols = *x
             .dims()
             .last()
             .expect("a matrix input has a last dimension");
-        Ok(Self::quantize(&x.flatten_all()?.to_vec1()?, cols))
+        Ok(Self::quantize(&x.flatten_all()?.to_vec1()?, cols, meets))
     }
 
-    /// Quantizes `x`, rows of `cols` values; `cols` is a multiple of 32.
-    pub fn quantize(x: &[f32], cols: usize) -> Self {
+    /// Quantizes `x`, rows of `cols` values (a multiple of 32), for weights in `meets`: to Q8_0,
+    /// and to Q8_K too when a K-quant is among them (then `cols` is a multiple of 256).
+    pub fn quantize(x: &[f32], cols: usize, meets: &[Format]) -> Self {
         assert!(
             cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols),
             "Q8_0 rows of {cols} values"
@@ -311,8 +346,9 @@ impl Activations {
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (isa, block, out);
         }
-        let super_blocks = cols
-            .is_multiple_of(k_quants::VALUES)
+        let super_blocks = meets
+            .iter()
+            .any(|format| format.is_super_block())
             .then(|| Box::new(Self::quantize_super_blocks(x, cols)));
         Self {
             quants,
@@ -329,6 +365,10 @@ impl Activations {
     /// `max / -127` kept in f32 (given for each of its blocks of 32), with the sums of each 16
     /// quants times it.
     fn quantize_super_blocks(x: &[f32], cols: usize) -> Self {
+        assert!(
+            cols.is_multiple_of(k_quants::VALUES),
+            "Q8_K rows of {cols} values"
+        );
         let mut quants = vec![0i8; x.len()];
         let mut scales = Vec::with_capacity(x.len() / BLOCK);
         let mut sums = Vec::with_capacity(2 * x.len() / BLOCK);
@@ -353,10 +393,10 @@ impl Activations {
 
     /// The quantization a weight of `format` meets.
     fn for_format(&self, format: Format) -> &Self {
-        if format.block_values() == k_quants::VALUES {
+        if format.is_super_block() {
             self.super_blocks
                 .as_deref()
-                .expect("K-quant rows are whole super-blocks")
+                .expect("activations quantized for a K-quant weight have Q8_K rows")
         } else {
             self
         }
@@ -406,7 +446,7 @@ pub struct Job<'a> {
 impl<'a> Job<'a> {
     /// The product of `w` (from [`eligible`]; `data` its blocks) by `x`, into `out`.
     fn new(w: &QTensor, data: &'a [u8], x: &'a Activations, out: &'a mut [f32]) -> Self {
-        let format = Format::of(w.dtype()).expect("an eligible weight has a kernel format");
+        let format = Format::of_weight(w);
         Self {
             format,
             weights: data,
@@ -571,21 +611,9 @@ mod tests {
 
     use super::*;
 
-    /// The GGUF types the kernels take.
-    const TYPES: [GgmlDType; 8] = [
-        GgmlDType::Q8_0,
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ];
-
     /// Whether `dtype` stores super-blocks of 256 (rows then come in multiples of 256).
     fn is_k(dtype: GgmlDType) -> bool {
-        Format::of(dtype).unwrap().block_values() == k_quants::VALUES
+        Format::of(dtype).unwrap().is_super_block()
     }
 
     /// A Q8_0 matrix `[rows, cols]` of values in [-1, 1) and activations `[tokens, cols]`.
@@ -655,8 +683,9 @@ mod tests {
             let (w, x) = typed_case(dtype, rows, cols, tokens, i as u64);
             let ours = forward(&[&w], &x).unwrap().remove(0);
             assert_eq!(ours.dims(), &[tokens, rows]);
-            let q = Activations::of(&x).unwrap();
-            let q = q.for_format(Format::of(dtype).unwrap());
+            let format = Format::of(dtype).unwrap();
+            let q = Activations::of(&x, &[format]).unwrap();
+            let q = q.for_format(format);
             let dequantized: Vec<f32> = q
                 .quants
                 .iter()
@@ -719,7 +748,7 @@ mod tests {
             up: &up,
             down: &down,
         };
-        let input = Activations::of(&x).unwrap();
+        let input = Activations::of(&x, &[Format::Q8_0]).unwrap();
         let ours = glu(&[(weights, &input)]).unwrap().remove(0);
         let ours = Tensor::from_vec(ours, (3, 64), &Device::Cpu).unwrap();
         let g = forward(&[&gate], &x).unwrap().remove(0);
@@ -745,7 +774,7 @@ mod tests {
         let x: Vec<f32> = (0..blocks * BLOCK)
             .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
             .collect();
-        let activations = Activations::quantize(&x, blocks * BLOCK);
+        let activations = Activations::quantize(&x, blocks * BLOCK, &[Format::Q8_0]);
         for b in 0..blocks {
             // SAFETY: `isa` found F16C.
             let scale = unsafe { avx2::round_through_f16(0.01 + (next() % 100) as f32 / 1000.0) };
@@ -804,7 +833,7 @@ mod tests {
             let x: Vec<f32> = (0..blocks * BLOCK)
                 .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
                 .collect();
-            let activations = Activations::quantize(&x, blocks * BLOCK);
+            let activations = Activations::quantize(&x, blocks * BLOCK, &[Format::Q4_1]);
             for (min, high) in [(false, false), (true, false), (false, true), (true, true)] {
                 let bytes = small::block_bytes(min, high);
                 let mut weights = vec![0u8; blocks * bytes];
@@ -939,7 +968,7 @@ mod tests {
                 let x: Vec<f32> = (0..cols)
                     .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
                     .collect();
-                let activations = Activations::quantize(&x, cols);
+                let activations = Activations::quantize(&x, cols, &[format]);
                 let activations = activations.for_format(format);
                 let w = qtensor_from_ggml(dtype, &weights, vec![1, cols], &Device::Cpu).unwrap();
                 let w = values(&w.dequantize(&Device::Cpu).unwrap());
@@ -1008,7 +1037,7 @@ mod tests {
             return;
         }
         let mut values: Vec<f32> = (0..32).map(|i| i as f32 * 0.37 - 6.0).collect();
-        let q = Activations::quantize(&values, 32);
+        let q = Activations::quantize(&values, 32, &[Format::Q8_0]);
         let scale = 6.0f32 / 127.0;
         assert_eq!(q.scales, vec![half_round(scale)]);
         for (v, q) in values.iter().zip(&q.quants) {
@@ -1018,9 +1047,9 @@ mod tests {
         values[0] = 127.0;
         values[1] = 2.5;
         values[2] = -3.5;
-        let q = Activations::quantize(&values, 32);
+        let q = Activations::quantize(&values, 32, &[Format::Q8_0]);
         assert_eq!((q.scales[0], &q.quants[..3]), (1.0, &[127i8, 2, -4][..]));
-        let zeros = Activations::quantize(&[0.0; 64], 32);
+        let zeros = Activations::quantize(&[0.0; 64], 32, &[Format::Q8_0]);
         assert_eq!((zeros.len(), zeros.scales), (2, vec![0.0, 0.0]));
         assert!(zeros.quants.iter().all(|&q| q == 0));
     }
@@ -1038,9 +1067,9 @@ mod tests {
         // An all-zero super-block, and one whose largest value is positive.
         rows[512..768].fill(0.0);
         rows[1024 + 7] = 9.0;
-        let ours = Activations::quantize(&rows, 512);
+        let ours = Activations::quantize(&rows, 512, &[Format::Q8_0, Format::Q4K]);
         let ours = ours.for_format(Format::Q4K);
-        let x = Tensor::from_vec(rows, (3, 512), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(rows.clone(), (3, 512), &Device::Cpu).unwrap();
         let theirs = QTensor::quantize(&x, GgmlDType::Q8K).unwrap();
         let theirs = theirs.data().unwrap();
         // Q8_K: an f32 scale, 256 quants, 16 sums of 16.
@@ -1062,8 +1091,12 @@ mod tests {
             }
         }
         assert_eq!(ours.quants[1024 + 7], -127);
-        // 32-value rows have no super-block form.
-        assert!(Activations::quantize(&[1.0; 96], 96).super_blocks.is_none());
+        // Rows meeting only 32-value types have no super-block form.
+        assert!(
+            Activations::quantize(&rows, 512, &[Format::Q8_0])
+                .super_blocks
+                .is_none()
+        );
     }
 
     fn half_round(v: f32) -> f32 {
