@@ -23,6 +23,11 @@ use crate::error::{Error, Result};
 const KEYS: usize = 64;
 /// Queries per work item (times the query heads sharing a key head).
 const QUERIES: usize = 16;
+/// Keys are taken in chunks of this many positions, counted from position 0: each query's
+/// softmax is computed chunk by chunk and the chunks folded in order, so that a decode step can
+/// share one key head's chunks out over the threads and still give, bit for bit, what the same
+/// query gives inside a prompt.
+const CHUNK: usize = 4 * KEYS;
 
 /// Whether [`attend`] takes these operands: on the CPU, f32 queries and keys and values in f32 or
 /// f16 alike.
@@ -83,29 +88,76 @@ pub fn attend(
         scale,
     };
     let mut out = vec![0f32; heads * t * dv];
-    let out_address = out.as_mut_ptr() as usize;
     let blocks = t.div_ceil(QUERIES);
-    let run = |items: std::ops::Range<usize>| {
-        for item in items {
-            let (g, block) = (item / blocks, item % blocks);
-            let first = block * QUERIES;
-            let span = first..(first + QUERIES).min(t);
-            // SAFETY: work item (g, block) writes only the outputs of key head g's query heads
-            // at its queries; `out` outlives the pool call.
-            unsafe {
-                work_item(
+    let last_chunk = (offset + t - 1) / CHUNK;
+    if blocks == 1 && last_chunk > 0 {
+        // A decode step (or a few queries) over a long cache: too few (key head, block) items
+        // to keep the threads busy, so each item takes one chunk of the keys and the chunks'
+        // partial softmaxes are folded afterwards, in the order one item would fold them.
+        let chunks = last_chunk + 1;
+        let partials: Vec<std::sync::Mutex<Partial>> = (0..kv_heads * chunks)
+            .map(|_| std::sync::Mutex::new(Partial::empty(0, dv)))
+            .collect();
+        let run = |items: std::ops::Range<usize>| {
+            for item in items {
+                let (g, chunk) = (item / chunks, item % chunks);
+                let rows = Rows::of(&shape, g, 0..t);
+                let mut partial = Partial::empty(rows.len(), dv);
+                let keys_seen = chunk * CHUNK..(chunk + 1) * CHUNK;
+                attend_chunk(
                     &shape,
                     queries,
                     &keys,
                     &values,
                     g,
-                    span,
-                    out_address as *mut f32,
-                )
-            };
+                    &rows,
+                    keys_seen,
+                    &mut partial,
+                );
+                *partials[item].lock().expect("a chunk's partial") = partial;
+            }
+        };
+        candle_core::utils::barrier_pool().execute_chunked(kv_heads * chunks, run);
+        for (g, chunk_partials) in partials.chunks(chunks).enumerate() {
+            let rows = Rows::of(&shape, g, 0..t);
+            let mut total = Partial::empty(rows.len(), dv);
+            for partial in chunk_partials {
+                total.fold(&partial.lock().expect("a chunk's partial"));
+            }
+            // SAFETY: `out` holds `[heads, t, dv]`.
+            unsafe { total.write(&shape, &rows, out.as_mut_ptr()) };
         }
-    };
-    candle_core::utils::barrier_pool().execute_chunked(kv_heads * blocks, run);
+    } else {
+        let out_address = out.as_mut_ptr() as usize;
+        let run = |items: std::ops::Range<usize>| {
+            for item in items {
+                let (g, block) = (item / blocks, item % blocks);
+                let first = block * QUERIES;
+                let rows = Rows::of(&shape, g, first..(first + QUERIES).min(t));
+                let mut total = Partial::empty(rows.len(), dv);
+                let mut partial = Partial::empty(rows.len(), dv);
+                for chunk in rows.lo / CHUNK..=rows.hi / CHUNK {
+                    partial.clear();
+                    let keys_seen = chunk * CHUNK..(chunk + 1) * CHUNK;
+                    attend_chunk(
+                        &shape,
+                        queries,
+                        &keys,
+                        &values,
+                        g,
+                        &rows,
+                        keys_seen,
+                        &mut partial,
+                    );
+                    total.fold(&partial);
+                }
+                // SAFETY: work item (g, block) writes only the outputs of key head g's query
+                // heads at its queries; `out` outlives the pool call.
+                unsafe { total.write(&shape, &rows, out_address as *mut f32) };
+            }
+        };
+        candle_core::utils::barrier_pool().execute_chunked(kv_heads * blocks, run);
+    }
     Ok(Tensor::from_vec(out, (heads, t, dv), &Device::Cpu)?)
 }
 
@@ -182,6 +234,28 @@ impl<'a> Strided<'a> {
     }
 }
 
+impl Strided<'_> {
+    /// Values `c..c + 16` of row `(head, position)`, as f32.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn load16(&self, head: usize, position: usize, c: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let at = head * self.head + position * self.position + c;
+        match self.data {
+            Values::F32(data) => {
+                // SAFETY: 16 values from `at`, checked.
+                unsafe { _mm512_loadu_ps(data[at..at + 16].as_ptr()) }
+            }
+            Values::F16(data) => {
+                let halves = data[at..at + 16].as_ptr() as *const __m256i;
+                // SAFETY: 16 halves from `at`, checked.
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(halves) })
+            }
+        }
+    }
+}
+
 /// `halves` into `out` as f32, 16 at a time.
 ///
 /// # Safety
@@ -209,28 +283,145 @@ fn cpu_storage(storage: &Storage) -> Result<&candle_core::CpuStorage> {
     }
 }
 
-/// Queries `span` of key head `g`'s query heads: each row's update through AVX-512 where the
-/// CPU has it and the widths are whole registers, else in plain arithmetic.
-///
-/// # Safety
-/// `out` holds `[heads, t, dv]` and nothing else writes these rows meanwhile.
-unsafe fn work_item(
+/// The rows (query, head) of one work item, in (query, head) order, and the keys they see.
+struct Rows {
+    rows: Vec<(usize, usize)>,
+    /// The first key any row sees.
+    lo: usize,
+    /// The last key any row sees.
+    hi: usize,
+}
+
+impl Rows {
+    /// Queries `span` for each query head of key head `g`.
+    fn of(shape: &Shape, g: usize, span: std::ops::Range<usize>) -> Self {
+        let rows = span
+            .clone()
+            .flat_map(|i| (0..shape.rep).map(move |r| (i, g * shape.rep + r)))
+            .collect();
+        Self {
+            rows,
+            lo: shape.visible(span.start).start,
+            hi: shape.visible(span.end - 1).end - 1,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+}
+
+impl Shape {
+    /// The keys query `i` sees: none after its position, none before its window.
+    fn visible(&self, i: usize) -> std::ops::Range<usize> {
+        let position = self.offset + i;
+        let lo = self.window.map_or(0, |w| (position + 1).saturating_sub(w));
+        lo..position + 1
+    }
+}
+
+/// Each row's online softmax over some keys: its running maximum, the sum of its weights and
+/// its output weighted by them, `dv` values a row.
+struct Partial {
+    maxima: Vec<f32>,
+    sums: Vec<f32>,
+    outputs: Vec<f32>,
+}
+
+impl Partial {
+    fn empty(rows: usize, dv: usize) -> Self {
+        Self {
+            maxima: vec![f32::NEG_INFINITY; rows],
+            sums: vec![0.0; rows],
+            outputs: vec![0.0; rows * dv],
+        }
+    }
+
+    fn clear(&mut self) {
+        self.maxima.fill(f32::NEG_INFINITY);
+        self.sums.fill(0.0);
+        self.outputs.fill(0.0);
+    }
+
+    /// Adds `later`'s keys to these rows': both rescaled to the larger maximum. Rows that saw no
+    /// key in `later` are left as they are.
+    fn fold(&mut self, later: &Partial) {
+        let dv = self.outputs.len() / self.maxima.len().max(1);
+        for (row, &late_max) in later.maxima.iter().enumerate() {
+            if late_max == f32::NEG_INFINITY {
+                continue;
+            }
+            let output = &mut self.outputs[row * dv..][..dv];
+            let late_output = &later.outputs[row * dv..][..dv];
+            let max = self.maxima[row];
+            if max == f32::NEG_INFINITY {
+                self.maxima[row] = late_max;
+                self.sums[row] = later.sums[row];
+                output.copy_from_slice(late_output);
+                continue;
+            }
+            let new_max = max.max(late_max);
+            let (kept, late_kept) = (exp(max - new_max), exp(late_max - new_max));
+            self.maxima[row] = new_max;
+            self.sums[row] = self.sums[row] * kept + later.sums[row] * late_kept;
+            for (o, &late) in output.iter_mut().zip(late_output) {
+                *o = late.mul_add(late_kept, *o * kept);
+            }
+        }
+    }
+
+    /// Each row's output divided by its sum, into `out` `[heads, t, dv]`.
+    ///
+    /// # Safety
+    /// `out` holds `[heads, t, dv]` and nothing else writes these rows meanwhile.
+    unsafe fn write(&self, shape: &Shape, rows: &Rows, out: *mut f32) {
+        let dv = shape.dv;
+        for ((&(i, head), sum), output) in rows
+            .rows
+            .iter()
+            .zip(&self.sums)
+            .zip(self.outputs.chunks_exact(dv))
+        {
+            let inverse = 1.0 / sum;
+            for (c, &o) in output.iter().enumerate() {
+                // SAFETY: the caller's.
+                unsafe { *out.add((head * shape.t + i) * dv + c) = o * inverse };
+            }
+        }
+    }
+}
+
+/// `rows`' softmax over the keys of `chunk` they see, from an empty `partial`: through AVX-512
+/// where the CPU has it and the widths are whole registers, else in plain arithmetic.
+#[allow(clippy::too_many_arguments)]
+fn attend_chunk(
     shape: &Shape,
     queries: &[f32],
     keys: &Strided,
     values: &Strided,
     g: usize,
-    span: std::ops::Range<usize>,
-    out: *mut f32,
+    rows: &Rows,
+    chunk: std::ops::Range<usize>,
+    partial: &mut Partial,
 ) {
     #[cfg(target_arch = "x86_64")]
     if avx512() && shape.d.is_multiple_of(16) && shape.dv.is_multiple_of(16) {
-        // SAFETY: the CPU has the features; the caller's.
-        unsafe { work_item_avx512(shape, queries, keys, values, g, span, out) };
+        // SAFETY: the CPU has the features.
+        unsafe { attend_chunk_avx512(shape, queries, keys, values, g, rows, chunk, partial) };
         return;
     }
-    // SAFETY: the caller's.
-    unsafe { work_item_body(shape, queries, keys, values, g, span, out, update_row) }
+    attend_chunk_with(
+        shape,
+        queries,
+        keys,
+        values,
+        g,
+        rows,
+        chunk,
+        partial,
+        transpose_keys,
+        update_row,
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -240,24 +431,34 @@ fn avx512() -> bool {
 }
 
 /// # Safety
-/// The CPU has AVX-512 F and FMA, `d` and `dv` are multiples of 16; as [`work_item`].
+/// The CPU has AVX-512 F and FMA, `d` and `dv` are multiples of 16.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn work_item_avx512(
+unsafe fn attend_chunk_avx512(
     shape: &Shape,
     queries: &[f32],
     keys: &Strided,
     values: &Strided,
     g: usize,
-    span: std::ops::Range<usize>,
-    out: *mut f32,
+    rows: &Rows,
+    chunk: std::ops::Range<usize>,
+    partial: &mut Partial,
 ) {
-    // SAFETY: the caller's, and the features for `update_row_avx512`.
-    unsafe {
-        work_item_body(shape, queries, keys, values, g, span, out, |row| {
-            update_row_avx512(row)
-        })
-    }
+    attend_chunk_with(
+        shape,
+        queries,
+        keys,
+        values,
+        g,
+        rows,
+        chunk,
+        partial,
+        // SAFETY: the features, and `d` a multiple of 16.
+        |keys, g, block, transposed| unsafe { transpose_keys_avx512(keys, g, block, transposed) },
+        // SAFETY: the features, and `d` and `dv` multiples of 16.
+        |row| unsafe { update_row_avx512(row) },
+    )
 }
 
 /// One row's (query and head's) update by one block of keys.
@@ -277,92 +478,158 @@ struct RowUpdate<'a> {
     output: &'a mut [f32],
 }
 
-/// Each query of `span` for each query head of key head `g`: its visible keys a block of
-/// [`KEYS`] at a time (each block's keys transposed once for all the rows), each row updated by
-/// `update`, then divided by its sum.
-///
-/// # Safety
-/// As [`work_item`].
+/// [`attend_chunk`] with its two inner steps given: the chunk's keys that some row sees, a block
+/// of [`KEYS`] at a time from a multiple of [`KEYS`] (so a row meets the same blocks whichever
+/// rows share its item), each block's keys put in columns by `transpose` once for all rows, each
+/// row updated by `update`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn work_item_body(
+fn attend_chunk_with(
     shape: &Shape,
     queries: &[f32],
     keys: &Strided,
     values: &Strided,
     g: usize,
-    span: std::ops::Range<usize>,
-    out: *mut f32,
+    rows: &Rows,
+    chunk: std::ops::Range<usize>,
+    partial: &mut Partial,
+    transpose: impl Fn(&Strided, usize, std::ops::Range<usize>, &mut [f32]),
     update: impl Fn(RowUpdate),
 ) {
-    let Shape {
-        rep,
-        t,
-        d,
-        dv,
-        offset,
-        window,
-        scale,
-    } = *shape;
-    // Rows in (query, head) order; each sees keys lo..=hi.
-    let rows: Vec<(usize, usize)> = span
-        .clone()
-        .flat_map(|i| (0..rep).map(move |r| (i, g * rep + r)))
-        .collect();
-    let visible = |i: usize| {
-        let position = offset + i;
-        let lo = window.map_or(0, |w| (position + 1).saturating_sub(w));
-        (lo, position)
-    };
-    let lo = visible(span.start).0;
-    let hi = visible(span.end - 1).1;
-    let mut maxima = vec![f32::NEG_INFINITY; rows.len()];
-    let mut sums = vec![0f32; rows.len()];
-    let mut outputs = vec![0f32; rows.len() * dv];
+    let (d, dv) = (shape.d, shape.dv);
+    let first = chunk.start.max(rows.lo - rows.lo % KEYS);
+    let end = chunk.end.min(rows.hi + 1);
+    if first >= end {
+        return;
+    }
     let mut transposed = vec![0f32; d * KEYS];
-    let mut key = vec![0f32; d];
     let mut block_values = vec![0f32; KEYS * dv];
-    let mut block = lo;
-    while block <= hi {
-        let end = (block + KEYS).min(hi + 1);
-        for (j, position) in (block..end).enumerate() {
-            keys.load(g, position, &mut key);
-            for (c, &value) in key.iter().enumerate() {
-                transposed[c * KEYS + j] = value;
-            }
+    for block in (first..end).step_by(KEYS) {
+        let block_end = (block + KEYS).min(end);
+        transpose(keys, g, block..block_end, &mut transposed);
+        for (j, position) in (block..block_end).enumerate() {
             values.load(g, position, &mut block_values[j * dv..(j + 1) * dv]);
         }
         for (((&(i, head), max), sum), output) in rows
+            .rows
             .iter()
-            .zip(&mut maxima)
-            .zip(&mut sums)
-            .zip(outputs.chunks_exact_mut(dv))
+            .zip(&mut partial.maxima)
+            .zip(&mut partial.sums)
+            .zip(partial.outputs.chunks_exact_mut(dv))
         {
-            let (first, last) = visible(i);
-            let (from, to) = (first.max(block), (last + 1).min(end));
+            let seen = shape.visible(i);
+            let (from, to) = (seen.start.max(block), seen.end.min(block_end));
             if from >= to {
                 continue;
             }
             update(RowUpdate {
-                q: &queries[(head * t + i) * d..][..d],
+                q: &queries[(head * shape.t + i) * d..][..d],
                 transposed: &transposed,
                 seen: from - block..to - block,
-                scale,
+                scale: shape.scale,
                 values: &block_values,
                 max,
                 sum,
                 output,
             });
         }
-        block = end;
     }
-    for ((&(i, head), sum), output) in rows.iter().zip(&sums).zip(outputs.chunks_exact(dv)) {
-        let inverse = 1.0 / sum;
-        for (c, &o) in output.iter().enumerate() {
-            // SAFETY: the caller's: row (head, i) of `out` is this item's.
-            unsafe { *out.add((head * t + i) * dv + c) = o * inverse };
+}
+
+/// Keys `block` of key head `g` into `transposed`, value `c` of the block's key `j` at
+/// `c * KEYS + j`.
+fn transpose_keys(keys: &Strided, g: usize, block: std::ops::Range<usize>, transposed: &mut [f32]) {
+    let mut key = vec![0f32; transposed.len() / KEYS];
+    for (j, position) in block.enumerate() {
+        keys.load(g, position, &mut key);
+        for (c, &value) in key.iter().enumerate() {
+            transposed[c * KEYS + j] = value;
         }
     }
+}
+
+/// [`transpose_keys`] sixteen keys by sixteen values at a time, in registers; keys past the
+/// block's end are zeros.
+///
+/// # Safety
+/// The CPU has AVX-512 F; `d` is a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn transpose_keys_avx512(
+    keys: &Strided,
+    g: usize,
+    block: std::ops::Range<usize>,
+    transposed: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let d = transposed.len() / KEYS;
+    let n = block.len();
+    for k0 in (0..n).step_by(16) {
+        for c0 in (0..d).step_by(16) {
+            let mut tile = [_mm512_setzero_ps(); 16];
+            for (j, row) in tile.iter_mut().enumerate().take(n - k0) {
+                *row = keys.load16(g, block.start + k0 + j, c0);
+            }
+            let columns = transpose_16x16(tile);
+            for (c, column) in columns.iter().enumerate() {
+                // SAFETY: `transposed` holds d rows of KEYS; k0 + 16 <= KEYS.
+                unsafe {
+                    _mm512_storeu_ps(transposed.as_mut_ptr().add((c0 + c) * KEYS + k0), *column)
+                };
+            }
+        }
+    }
+}
+
+/// Rows become columns: lane `j` of register `c` out is lane `c` of register `j` in.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose_16x16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    // Pairs of rows interleaved, then pairs of pairs: each 128-bit lane then holds one column's
+    // four values from four rows. (Loops, not closures: a closure does not inherit the
+    // function's target features and would not be inlined.)
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..16 {
+        let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+        t[i] = if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        };
+    }
+    let mut u = [_mm512_setzero_ps(); 16];
+    for i in 0..16 {
+        let base = 4 * (i / 4);
+        let (a, b) = (t[base + (i % 4) / 2], t[base + 2 + (i % 4) / 2]);
+        u[i] = if i % 2 == 0 {
+            _mm512_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm512_shuffle_ps::<0xEE>(a, b)
+        };
+    }
+    // Then 128-bit lanes across groups of four rows, twice.
+    let mut v = [_mm512_setzero_ps(); 16];
+    for i in 0..16 {
+        let base = 8 * (i / 8);
+        let (a, b) = (u[base + i % 4], u[base + 4 + i % 4]);
+        v[i] = if i % 8 < 4 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xDD>(a, b)
+        };
+    }
+    let mut columns = [_mm512_setzero_ps(); 16];
+    for (i, column) in columns.iter_mut().enumerate() {
+        let (a, b) = (v[i % 8], v[8 + i % 8]);
+        *column = if i < 8 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xDD>(a, b)
+        };
+    }
+    columns
 }
 
 /// The online softmax's step for one row and block, in plain arithmetic: the block's scores,
@@ -407,7 +674,7 @@ fn update_row(row: RowUpdate) {
 }
 
 /// [`update_row`] in AVX-512: the block's 64 scores in four registers, masked to the keys the
-/// row sees.
+/// row sees; the output kept in registers while the block's values are added to it.
 ///
 /// # Safety
 /// The CPU has AVX-512 F and FMA; `d` and `dv` are multiples of 16.
@@ -457,23 +724,55 @@ unsafe fn update_row_avx512(row: RowUpdate) {
     }
     *row.max = new_max;
     *row.sum = *row.sum * kept + _mm512_reduce_add_ps(block_sum);
-    let o = row.output.as_mut_ptr();
-    let kept = _mm512_set1_ps(kept);
-    for c in (0..dv).step_by(16) {
-        // SAFETY: the output holds dv values.
-        unsafe { _mm512_storeu_ps(o.add(c), _mm512_mul_ps(_mm512_loadu_ps(o.add(c)), kept)) };
+    let mut c = 0;
+    while c + 64 <= dv {
+        // SAFETY: the features; c + 64 <= dv.
+        unsafe { add_values_avx512::<4>(row.output, row.values, &row.seen, &weights, kept, c) };
+        c += 64;
     }
-    for j in row.seen.clone() {
+    while c < dv {
+        // SAFETY: the features; c + 16 <= dv.
+        unsafe { add_values_avx512::<1>(row.output, row.values, &row.seen, &weights, kept, c) };
+        c += 16;
+    }
+}
+
+/// Output values `c..c + 16 N` of `row` scaled by `kept`, then each seen key's values added with
+/// its weight, the `N` registers held throughout.
+///
+/// # Safety
+/// The CPU has AVX-512 F and FMA; `c + 16 N <= dv`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn add_values_avx512<const N: usize>(
+    output: &mut [f32],
+    values: &[f32],
+    seen: &std::ops::Range<usize>,
+    weights: &[f32; KEYS],
+    kept: f32,
+    c: usize,
+) {
+    use std::arch::x86_64::*;
+    let dv = output.len();
+    let o = output[c..][..16 * N].as_mut_ptr();
+    let kept = _mm512_set1_ps(kept);
+    let mut sums = [_mm512_setzero_ps(); N];
+    for (n, sum) in sums.iter_mut().enumerate() {
+        // SAFETY: `o` holds 16 N values.
+        *sum = _mm512_mul_ps(unsafe { _mm512_loadu_ps(o.add(16 * n)) }, kept);
+    }
+    for j in seen.clone() {
         let p = _mm512_set1_ps(weights[j]);
-        let value = row.values[j * dv..][..dv].as_ptr();
-        for c in (0..dv).step_by(16) {
-            // SAFETY: the value row and the output hold dv values.
-            unsafe {
-                let sum =
-                    _mm512_fmadd_ps(p, _mm512_loadu_ps(value.add(c)), _mm512_loadu_ps(o.add(c)));
-                _mm512_storeu_ps(o.add(c), sum);
-            }
+        let value = values[j * dv + c..][..16 * N].as_ptr();
+        for (n, sum) in sums.iter_mut().enumerate() {
+            // SAFETY: 16 N values from `value`.
+            *sum = _mm512_fmadd_ps(p, unsafe { _mm512_loadu_ps(value.add(16 * n)) }, *sum);
         }
+    }
+    for (n, sum) in sums.iter().enumerate() {
+        // SAFETY: as above.
+        unsafe { _mm512_storeu_ps(o.add(16 * n), *sum) };
     }
 }
 
@@ -531,6 +830,7 @@ fn exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device, Tensor};
 
     #[test]
     fn exp_is_within_a_few_parts_in_ten_million() {
@@ -544,5 +844,76 @@ mod tests {
         }
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-200.0) < 1e-37);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sixteen_registers_transpose_as_a_matrix_does() {
+        if !avx512() {
+            return;
+        }
+        let rows: Vec<[f32; 16]> = (0..16)
+            .map(|j| std::array::from_fn(|c| (100 * j + c) as f32))
+            .collect();
+        // SAFETY: the CPU has AVX-512 F.
+        let columns: Vec<[f32; 16]> = unsafe {
+            use std::arch::x86_64::*;
+            let registers = std::array::from_fn(|j| _mm512_loadu_ps(rows[j].as_ptr()));
+            transpose_16x16(registers)
+                .iter()
+                .map(|&column| std::mem::transmute::<__m512, [f32; 16]>(column))
+                .collect()
+        };
+        for (c, column) in columns.iter().enumerate() {
+            for (j, &value) in column.iter().enumerate() {
+                assert_eq!(value, rows[j][c], "value {c} of key {j}");
+            }
+        }
+    }
+
+    /// A query's output is the same, bit for bit, whether it is a decode step (its key head's
+    /// chunks shared out over the threads), one of a few queries, or inside a long prompt: with
+    /// and without a window, in f16 and f32, through the AVX-512 path and the plain one.
+    #[test]
+    fn a_query_gives_the_same_bits_alone_as_inside_a_prompt() {
+        let device = Device::Cpu;
+        for (heads, kv_heads, d) in [(9, 3, 64), (4, 2, 24)] {
+            let (offset, t) = (150, 700);
+            let s = offset + t;
+            let q = Tensor::randn(0f32, 1.0, (heads, t, d), &device).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (kv_heads, s, d), &device).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (kv_heads, s, d), &device).unwrap();
+            for dtype in [DType::F32, DType::F16] {
+                let (k, v) = (k.to_dtype(dtype).unwrap(), v.to_dtype(dtype).unwrap());
+                for window in [None, Some(300), Some(1)] {
+                    let prompt = attend(&q, &k, &v, offset, window, 0.2).unwrap();
+                    for (i, n) in [(0, 1), (255, 1), (256, 3), (531, 1), (690, 10)] {
+                        let seen = offset + i + n;
+                        let alone = attend(
+                            &q.narrow(1, i, n).unwrap(),
+                            &k.narrow(1, 0, seen).unwrap(),
+                            &v.narrow(1, 0, seen).unwrap(),
+                            offset + i,
+                            window,
+                            0.2,
+                        )
+                        .unwrap();
+                        let inside = prompt.narrow(1, i, n).unwrap();
+                        let (alone, inside) = (
+                            alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                            inside.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        );
+                        assert!(
+                            alone
+                                .iter()
+                                .zip(&inside)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "d {d}, {dtype:?}, window {window:?}, queries {i}..{}",
+                            i + n
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -261,7 +261,7 @@ unsafe fn row_with_k<K: Layout, const N: usize>(
             }
         }
     }
-    acc.map(|sum| _mm512_reduce_add_ps(sum))
+    sums_of(acc)
 }
 
 /// One token's operands for one block pair: its quants, its block scales spread over the lanes
@@ -366,7 +366,15 @@ unsafe fn rows_with_group<const Q8: bool, const MIN: bool, const HIGH: bool, con
     for (index, tokens) in group.chunks_exact(GROUP).enumerate() {
         let b = 2 * index;
         // SAFETY: each row holds block b (and b + 1 where there is one).
-        let pairs = rows.map(|row| unsafe { weight_pair::<Q8, MIN, HIGH>(row, b, blocks, bytes) });
+        let mut pairs = [(
+            _mm512_setzero_si512(),
+            _mm512_setzero_ps(),
+            _mm512_setzero_ps(),
+        ); R];
+        for (pair, &row) in pairs.iter_mut().zip(&rows) {
+            // SAFETY: as above.
+            *pair = unsafe { weight_pair::<Q8, MIN, HIGH>(row, b, blocks, bytes) };
+        }
         for (j, token) in tokens.iter().enumerate() {
             for (acc, &(w, dw, mw)) in acc.iter_mut().zip(&pairs) {
                 let lanes = if Q8 || !MIN {
@@ -382,7 +390,23 @@ unsafe fn rows_with_group<const Q8: bool, const MIN: bool, const HIGH: bool, con
             }
         }
     }
-    acc.map(|row| row.map(|sum| _mm512_reduce_add_ps(sum)))
+    let mut sums = [[0f32; GROUP]; R];
+    for (sums, acc) in sums.iter_mut().zip(acc) {
+        *sums = sums_of(acc);
+    }
+    sums
+}
+
+/// Each register's lanes added up. (A loop, not a closure: a closure does not inherit the
+/// function's target features, so it is not inlined, and each register went through memory.)
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn sums_of<const N: usize>(registers: [__m512; N]) -> [f32; N] {
+    let mut sums = [0f32; N];
+    for (sum, register) in sums.iter_mut().zip(registers) {
+        *sum = _mm512_reduce_add_ps(register);
+    }
+    sums
 }
 
 /// Blocks `b` and `b + 1` (zero where the row has no `b + 1`) of the row at `row`: their
