@@ -16,7 +16,10 @@ and then quantized by llama.cpp's own quantizer (bench/requantize.py; the refere
 scripts/setup-reference-venv.sh), so the model exists in the types users download. Requantizing
 keeps Q8_0's rounding: such a file serves speed and memory comparisons, not quality ones.
 
-Usage: make_model.py OUT.gguf [--layers 18] [--seed 0] [--type q8_0]
+`--context` sets the positions the model declares (4096 by default): long-prompt benchmarks
+raise it to 32768 or more.
+
+Usage: make_model.py OUT.gguf [--layers 18] [--seed 0] [--type q8_0] [--context 4096]
 """
 
 import argparse
@@ -118,6 +121,7 @@ def main():
     parser.add_argument("--layers", type=int, default=18)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--type", default="q8_0", help="llama.cpp file type (see bench/requantize.py)")
+    parser.add_argument("--context", type=int, default=4096, help="positions the model declares")
     args = parser.parse_args()
     if args.type != "q8_0":
         try:
@@ -127,20 +131,20 @@ def main():
         if args.type not in FTYPES:
             sys.exit(f"--type {args.type}: one of q8_0, {', '.join(sorted(FTYPES))}")
         q8_0 = args.out + ".q8_0"
-        write_q8_0(q8_0, args.layers, args.seed)
+        write_q8_0(q8_0, args.layers, args.seed, args.context)
         requantize(q8_0, args.out, args.type)
         os.remove(q8_0)
         print(f"wrote {args.out}: {os.path.getsize(args.out) / 1e9:.2f} GB, {args.type}")
         return
-    write_q8_0(args.out, args.layers, args.seed)
+    write_q8_0(args.out, args.layers, args.seed, args.context)
 
 
-def write_q8_0(out, layers, seed):
+def write_q8_0(out, layers, seed, context):
     """Writes the model in Q8_0 to `out`, through a temporary name."""
     tmp = out + ".partial"
     writer = gguf.GGUFWriter(tmp, "qwen3moe")
     writer.add_name("odmoe-bench-qwen3moe")
-    writer.add_context_length(4096)
+    writer.add_context_length(context)
     writer.add_embedding_length(HIDDEN)
     writer.add_block_count(layers)
     writer.add_feed_forward_length(EXPERT_WIDTH)
