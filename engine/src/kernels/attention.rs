@@ -420,7 +420,7 @@ fn attend_chunk(
         chunk,
         partial,
         transpose_keys,
-        update_row,
+        |rows| rows.iter_mut().for_each(update_row),
     )
 }
 
@@ -457,7 +457,7 @@ unsafe fn attend_chunk_avx512(
         // SAFETY: the features, and `d` a multiple of 16.
         |keys, g, block, transposed| unsafe { transpose_keys_avx512(keys, g, block, transposed) },
         // SAFETY: the features, and `d` and `dv` multiples of 16.
-        |row| unsafe { update_row_avx512(row) },
+        |rows| unsafe { update_rows_avx512(rows) },
     )
 }
 
@@ -494,7 +494,7 @@ fn attend_chunk_with(
     chunk: std::ops::Range<usize>,
     partial: &mut Partial,
     transpose: impl Fn(&Strided, usize, std::ops::Range<usize>, &mut [f32]),
-    update: impl Fn(RowUpdate),
+    update: impl Fn(&mut [RowUpdate]),
 ) {
     let (d, dv) = (shape.d, shape.dv);
     let first = chunk.start.max(rows.lo - rows.lo % KEYS);
@@ -510,6 +510,7 @@ fn attend_chunk_with(
         for (j, position) in (block..block_end).enumerate() {
             values.load(g, position, &mut block_values[j * dv..(j + 1) * dv]);
         }
+        let mut updates = Vec::with_capacity(rows.len());
         for (((&(i, head), max), sum), output) in rows
             .rows
             .iter()
@@ -522,7 +523,7 @@ fn attend_chunk_with(
             if from >= to {
                 continue;
             }
-            update(RowUpdate {
+            updates.push(RowUpdate {
                 q: &queries[(head * shape.t + i) * d..][..d],
                 transposed: &transposed,
                 seen: from - block..to - block,
@@ -533,6 +534,7 @@ fn attend_chunk_with(
                 output,
             });
         }
+        update(&mut updates);
     }
 }
 
@@ -634,7 +636,7 @@ fn transpose_16x16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__
 
 /// The online softmax's step for one row and block, in plain arithmetic: the block's scores,
 /// the new maximum, the old sum and output scaled to it, the block's weights added.
-fn update_row(row: RowUpdate) {
+fn update_row(row: &mut RowUpdate) {
     let mut scores = [0f32; KEYS];
     for (c, &qc) in row.q.iter().enumerate() {
         let column = &row.transposed[c * KEYS..][..KEYS];
@@ -648,7 +650,7 @@ fn update_row(row: RowUpdate) {
         *score *= row.scale;
         block_max = block_max.max(*score);
     }
-    let new_max = row.max.max(block_max);
+    let new_max = (*row.max).max(block_max);
     let kept = if *row.max == f32::NEG_INFINITY {
         0.0
     } else {
@@ -673,28 +675,111 @@ fn update_row(row: RowUpdate) {
     }
 }
 
-/// [`update_row`] in AVX-512: the block's 64 scores in four registers, masked to the keys the
-/// row sees; the output kept in registers while the block's values are added to it.
+/// [`update_row`] in AVX-512 for each of `rows`: the block's scores of up to four rows at a
+/// time (each load of the block's keys shared by them), then each row's softmax step.
 ///
 /// # Safety
 /// The CPU has AVX-512 F and FMA; `d` and `dv` are multiples of 16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn update_row_avx512(row: RowUpdate) {
-    use std::arch::x86_64::*;
-    let d = row.q.len();
-    let dv = row.output.len();
-    let t = row.transposed.as_ptr();
-    let mut scores = [_mm512_setzero_ps(); KEYS / 16];
-    for c in 0..d {
-        // SAFETY: `transposed` holds d rows of KEYS.
+unsafe fn update_rows_avx512(rows: &mut [RowUpdate]) {
+    for batch in rows.chunks_mut(4) {
+        let mut steps = [([0f32; KEYS], 0f32); 4];
+        // SAFETY: the caller's.
         unsafe {
-            let qc = _mm512_set1_ps(*row.q.get_unchecked(c));
-            for (k, score) in scores.iter_mut().enumerate() {
-                *score = _mm512_fmadd_ps(qc, _mm512_loadu_ps(t.add(c * KEYS + 16 * k)), *score);
+            match batch {
+                [a, b, c, d] => {
+                    let [sa, sb, sc, sd] = scores_avx512([a.q, b.q, c.q, d.q], a.transposed);
+                    steps[0] = softmax_step_avx512(a, sa);
+                    steps[1] = softmax_step_avx512(b, sb);
+                    steps[2] = softmax_step_avx512(c, sc);
+                    steps[3] = softmax_step_avx512(d, sd);
+                }
+                [a, b, c] => {
+                    let [sa, sb, sc] = scores_avx512([a.q, b.q, c.q], a.transposed);
+                    steps[0] = softmax_step_avx512(a, sa);
+                    steps[1] = softmax_step_avx512(b, sb);
+                    steps[2] = softmax_step_avx512(c, sc);
+                }
+                [a, b] => {
+                    let [sa, sb] = scores_avx512([a.q, b.q], a.transposed);
+                    steps[0] = softmax_step_avx512(a, sa);
+                    steps[1] = softmax_step_avx512(b, sb);
+                }
+                [a] => {
+                    let [sa] = scores_avx512([a.q], a.transposed);
+                    steps[0] = softmax_step_avx512(a, sa);
+                }
+                _ => unreachable!("batches of one to four rows"),
+            }
+        }
+        // Rows that see the same keys (a query's heads) take the values two at a time,
+        // sharing each load; the sums are the same steps either way.
+        let mut i = 0;
+        while i < batch.len() {
+            if i + 1 < batch.len() && batch[i].seen == batch[i + 1].seen {
+                let (first, second) = batch.split_at_mut(i + 1);
+                // SAFETY: the caller's.
+                unsafe {
+                    add_values_avx512([&mut first[i], &mut second[0]], [&steps[i], &steps[i + 1]])
+                };
+                i += 2;
+            } else {
+                // SAFETY: the caller's.
+                unsafe { add_values_avx512([&mut batch[i]], [&steps[i]]) };
+                i += 1;
             }
         }
     }
+}
+
+/// The block's 64 unscaled scores for each of `N` queries, in four registers each; each value
+/// of the block's keys is loaded once for all of them. Each score is the same fixed-order sum
+/// whichever queries share the batch.
+///
+/// # Safety
+/// The CPU has AVX-512 F and FMA; `transposed` holds `d` rows of [`KEYS`] for the queries' `d`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn scores_avx512<const N: usize>(
+    queries: [&[f32]; N],
+    transposed: &[f32],
+) -> [[std::arch::x86_64::__m512; KEYS / 16]; N] {
+    use std::arch::x86_64::*;
+    let d = queries[0].len();
+    let t = transposed[..d * KEYS].as_ptr();
+    let mut scores = [[_mm512_setzero_ps(); KEYS / 16]; N];
+    for c in 0..d {
+        let mut columns = [_mm512_setzero_ps(); KEYS / 16];
+        for (k, column) in columns.iter_mut().enumerate() {
+            // SAFETY: c < d and 16 k + 16 <= KEYS.
+            *column = unsafe { _mm512_loadu_ps(t.add(c * KEYS + 16 * k)) };
+        }
+        for (scores, q) in scores.iter_mut().zip(&queries) {
+            let qc = _mm512_set1_ps(q[c]);
+            for (score, &column) in scores.iter_mut().zip(&columns) {
+                *score = _mm512_fmadd_ps(qc, column, *score);
+            }
+        }
+    }
+    scores
+}
+
+/// The softmax step of [`update_row`] in AVX-512 from the row's `scores` ([`scores_avx512`]),
+/// masked to the keys the row sees: the new maximum and sum, and the block's weights and the
+/// factor the row's output is to be scaled by, for [`add_values_avx512`].
+///
+/// # Safety
+/// The CPU has AVX-512 F and FMA.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn softmax_step_avx512(
+    row: &mut RowUpdate,
+    mut scores: [std::arch::x86_64::__m512; KEYS / 16],
+) -> ([f32; KEYS], f32) {
+    use std::arch::x86_64::*;
     // Lane j of register k is key 16 k + j: seen when inside `seen`.
     let bits = |n: usize| if n >= KEYS { u64::MAX } else { (1u64 << n) - 1 };
     let seen = bits(row.seen.end) & !bits(row.seen.start);
@@ -707,7 +792,7 @@ unsafe fn update_row_avx512(row: RowUpdate) {
             block_max = block_max.max(_mm512_mask_reduce_max_ps(mask, *score));
         }
     }
-    let new_max = row.max.max(block_max);
+    let new_max = (*row.max).max(block_max);
     let kept = if *row.max == f32::NEG_INFINITY {
         0.0
     } else {
@@ -724,55 +809,80 @@ unsafe fn update_row_avx512(row: RowUpdate) {
     }
     *row.max = new_max;
     *row.sum = *row.sum * kept + _mm512_reduce_add_ps(block_sum);
+    (weights, kept)
+}
+
+/// The value step of [`update_row`] in AVX-512 for `R` rows that see the same keys, each with
+/// its [`softmax_step_avx512`]: each output scaled, then each seen key's values added with the
+/// row's weight, 64 output values at a time held in registers.
+///
+/// # Safety
+/// The CPU has AVX-512 F and FMA; `dv` is a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn add_values_avx512<const R: usize>(
+    mut rows: [&mut RowUpdate; R],
+    steps: [&([f32; KEYS], f32); R],
+) {
+    let dv = rows[0].output.len();
     let mut c = 0;
     while c + 64 <= dv {
         // SAFETY: the features; c + 64 <= dv.
-        unsafe { add_values_avx512::<4>(row.output, row.values, &row.seen, &weights, kept, c) };
+        unsafe { add_value_registers::<R, 4>(&mut rows, &steps, c) };
         c += 64;
     }
     while c < dv {
         // SAFETY: the features; c + 16 <= dv.
-        unsafe { add_values_avx512::<1>(row.output, row.values, &row.seen, &weights, kept, c) };
+        unsafe { add_value_registers::<R, 1>(&mut rows, &steps, c) };
         c += 16;
     }
 }
 
-/// Output values `c..c + 16 N` of `row` scaled by `kept`, then each seen key's values added with
-/// its weight, the `N` registers held throughout.
+/// [`add_values_avx512`] for output values `c..c + 16 N`.
 ///
 /// # Safety
 /// The CPU has AVX-512 F and FMA; `c + 16 N <= dv`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn add_values_avx512<const N: usize>(
-    output: &mut [f32],
-    values: &[f32],
-    seen: &std::ops::Range<usize>,
-    weights: &[f32; KEYS],
-    kept: f32,
+unsafe fn add_value_registers<const R: usize, const N: usize>(
+    rows: &mut [&mut RowUpdate; R],
+    steps: &[&([f32; KEYS], f32); R],
     c: usize,
 ) {
     use std::arch::x86_64::*;
-    let dv = output.len();
-    let o = output[c..][..16 * N].as_mut_ptr();
-    let kept = _mm512_set1_ps(kept);
-    let mut sums = [_mm512_setzero_ps(); N];
-    for (n, sum) in sums.iter_mut().enumerate() {
-        // SAFETY: `o` holds 16 N values.
-        *sum = _mm512_mul_ps(unsafe { _mm512_loadu_ps(o.add(16 * n)) }, kept);
-    }
-    for j in seen.clone() {
-        let p = _mm512_set1_ps(weights[j]);
-        let value = values[j * dv + c..][..16 * N].as_ptr();
+    let dv = rows[0].output.len();
+    let mut sums = [[_mm512_setzero_ps(); N]; R];
+    for ((sums, row), (_, kept)) in sums.iter_mut().zip(rows.iter()).zip(steps) {
+        let o = row.output[c..][..16 * N].as_ptr();
+        let kept = _mm512_set1_ps(*kept);
         for (n, sum) in sums.iter_mut().enumerate() {
-            // SAFETY: 16 N values from `value`.
-            *sum = _mm512_fmadd_ps(p, unsafe { _mm512_loadu_ps(value.add(16 * n)) }, *sum);
+            // SAFETY: `o` holds 16 N values.
+            *sum = _mm512_mul_ps(unsafe { _mm512_loadu_ps(o.add(16 * n)) }, kept);
         }
     }
-    for (n, sum) in sums.iter().enumerate() {
-        // SAFETY: as above.
-        unsafe { _mm512_storeu_ps(o.add(16 * n), *sum) };
+    let values = rows[0].values;
+    for j in rows[0].seen.clone() {
+        let value = values[j * dv + c..][..16 * N].as_ptr();
+        let mut loaded = [_mm512_setzero_ps(); N];
+        for (n, v) in loaded.iter_mut().enumerate() {
+            // SAFETY: 16 N values from `value`.
+            *v = unsafe { _mm512_loadu_ps(value.add(16 * n)) };
+        }
+        for (sums, (weights, _)) in sums.iter_mut().zip(steps) {
+            let p = _mm512_set1_ps(weights[j]);
+            for (sum, &v) in sums.iter_mut().zip(&loaded) {
+                *sum = _mm512_fmadd_ps(p, v, *sum);
+            }
+        }
+    }
+    for (sums, row) in sums.iter().zip(rows.iter_mut()) {
+        let o = row.output[c..][..16 * N].as_mut_ptr();
+        for (n, sum) in sums.iter().enumerate() {
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_ps(o.add(16 * n), *sum) };
+        }
     }
 }
 
