@@ -90,6 +90,16 @@ pub fn attend(
     let mut out = vec![0f32; heads * t * dv];
     let blocks = t.div_ceil(QUERIES);
     let last_chunk = (offset + t - 1) / CHUNK;
+    let inputs = Inputs {
+        shape: &shape,
+        queries,
+        keys: &keys,
+        values: &values,
+    };
+    let attend_chunk_at = |g: usize, rows: &Rows, chunk: usize, partial: &mut Partial| {
+        let keys_seen = chunk * CHUNK..(chunk + 1) * CHUNK;
+        attend_chunk(&inputs, g, rows, keys_seen, partial)
+    };
     if blocks == 1 && last_chunk > 0 {
         // A decode step (or a few queries) over a long cache: too few (key head, block) items
         // to keep the threads busy, so each item takes one chunk of the keys and the chunks'
@@ -103,17 +113,7 @@ pub fn attend(
                 let (g, chunk) = (item / chunks, item % chunks);
                 let rows = Rows::of(&shape, g, 0..t);
                 let mut partial = Partial::empty(rows.len(), dv);
-                let keys_seen = chunk * CHUNK..(chunk + 1) * CHUNK;
-                attend_chunk(
-                    &shape,
-                    queries,
-                    &keys,
-                    &values,
-                    g,
-                    &rows,
-                    keys_seen,
-                    &mut partial,
-                );
+                attend_chunk_at(g, &rows, chunk, &mut partial);
                 *partials[item].lock().expect("a chunk's partial") = partial;
             }
         };
@@ -138,17 +138,7 @@ pub fn attend(
                 let mut partial = Partial::empty(rows.len(), dv);
                 for chunk in rows.lo / CHUNK..=rows.hi / CHUNK {
                     partial.clear();
-                    let keys_seen = chunk * CHUNK..(chunk + 1) * CHUNK;
-                    attend_chunk(
-                        &shape,
-                        queries,
-                        &keys,
-                        &values,
-                        g,
-                        &rows,
-                        keys_seen,
-                        &mut partial,
-                    );
+                    attend_chunk_at(g, &rows, chunk, &mut partial);
                     total.fold(&partial);
                 }
                 // SAFETY: work item (g, block) writes only the outputs of key head g's query
@@ -159,6 +149,15 @@ pub fn attend(
         candle_core::utils::barrier_pool().execute_chunked(kv_heads * blocks, run);
     }
     Ok(Tensor::from_vec(out, (heads, t, dv), &Device::Cpu)?)
+}
+
+/// What every work item reads.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    shape: &'a Shape,
+    queries: &'a [f32],
+    keys: &'a Strided<'a>,
+    values: &'a Strided<'a>,
 }
 
 /// The sizes every work item shares.
@@ -393,35 +392,22 @@ impl Partial {
 
 /// `rows`' softmax over the keys of `chunk` they see, from an empty `partial`: through AVX-512
 /// where the CPU has it and the widths are whole registers, else in plain arithmetic.
-#[allow(clippy::too_many_arguments)]
 fn attend_chunk(
-    shape: &Shape,
-    queries: &[f32],
-    keys: &Strided,
-    values: &Strided,
+    inputs: &Inputs,
     g: usize,
     rows: &Rows,
     chunk: std::ops::Range<usize>,
     partial: &mut Partial,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if avx512() && shape.d.is_multiple_of(16) && shape.dv.is_multiple_of(16) {
+    if avx512() && inputs.shape.d.is_multiple_of(16) && inputs.shape.dv.is_multiple_of(16) {
         // SAFETY: the CPU has the features.
-        unsafe { attend_chunk_avx512(shape, queries, keys, values, g, rows, chunk, partial) };
+        unsafe { attend_chunk_avx512(inputs, g, rows, chunk, partial) };
         return;
     }
-    attend_chunk_with(
-        shape,
-        queries,
-        keys,
-        values,
-        g,
-        rows,
-        chunk,
-        partial,
-        transpose_keys,
-        |rows| rows.iter_mut().for_each(update_row),
-    )
+    attend_chunk_with(inputs, g, rows, chunk, partial, transpose_keys, |rows| {
+        rows.iter_mut().for_each(update_row)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -433,23 +419,16 @@ fn avx512() -> bool {
 /// # Safety
 /// The CPU has AVX-512 F and FMA, `d` and `dv` are multiples of 16.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn attend_chunk_avx512(
-    shape: &Shape,
-    queries: &[f32],
-    keys: &Strided,
-    values: &Strided,
+    inputs: &Inputs,
     g: usize,
     rows: &Rows,
     chunk: std::ops::Range<usize>,
     partial: &mut Partial,
 ) {
     attend_chunk_with(
-        shape,
-        queries,
-        keys,
-        values,
+        inputs,
         g,
         rows,
         chunk,
@@ -482,13 +461,9 @@ struct RowUpdate<'a> {
 /// of [`KEYS`] at a time from a multiple of [`KEYS`] (so a row meets the same blocks whichever
 /// rows share its item), each block's keys put in columns by `transpose` once for all rows, each
 /// row updated by `update`.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn attend_chunk_with(
-    shape: &Shape,
-    queries: &[f32],
-    keys: &Strided,
-    values: &Strided,
+    inputs: &Inputs,
     g: usize,
     rows: &Rows,
     chunk: std::ops::Range<usize>,
@@ -496,6 +471,12 @@ fn attend_chunk_with(
     transpose: impl Fn(&Strided, usize, std::ops::Range<usize>, &mut [f32]),
     update: impl Fn(&mut [RowUpdate]),
 ) {
+    let Inputs {
+        shape,
+        queries,
+        keys,
+        values,
+    } = *inputs;
     let (d, dv) = (shape.d, shape.dv);
     let first = chunk.start.max(rows.lo - rows.lo % KEYS);
     let end = chunk.end.min(rows.hi + 1);
