@@ -206,7 +206,11 @@ pub fn apply(
         if first.quantized(x).is_some() {
             // The quantized kernels take experts a group at a time, in two passes over the thread
             // pool instead of two per expert. A group is a decode step's experts; in a
-            // prompt, computing one group overlaps reading the next.
+            // prompt, computing one group overlaps reading the next. The input's rows and the
+            // sum are plain vectors for the whole batch: a tensor round trip per group copied
+            // the prompt's hidden states three times over each time.
+            let rows = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut sum = out.flatten_all()?.to_vec1::<f32>()?;
             let mut pending = std::iter::once(PendingExpert::ready(first)).chain(pending);
             for group in batch.chunks(KERNEL_GROUP) {
                 let handles = pending
@@ -214,8 +218,9 @@ pub fn apply(
                     .take(group.len())
                     .map(PendingExpert::wait)
                     .collect::<Result<Vec<_>>>()?;
-                out = mix_quantized(out, x, &handles, group)?;
+                mix_quantized(&mut sum, &rows, x, &handles, group)?;
             }
+            out = Tensor::from_vec(sum, out.shape(), out.device())?;
             continue;
         }
         let rest = pending.map(|p| p.wait());
@@ -240,34 +245,37 @@ const KERNEL_GROUP: usize = 8;
 /// An expert, the positions routed to it, and their routing weights.
 type Assignment = (usize, (Vec<u32>, Vec<f32>));
 
-/// `out` plus each expert's output on its tokens times its routing weight, added in the order of
-/// `batch` (ascending expert ids) as the candle path adds them.
+/// Adds to `sum` (`[T, hidden]`, row-major) each expert's output on its tokens of `rows` (`x`'s
+/// values) times its routing weight, in the order of `batch` (ascending expert ids) as the
+/// candle path adds them.
 fn mix_quantized(
-    out: Tensor,
+    sum: &mut [f32],
+    rows: &[f32],
     x: &Tensor,
     handles: &[ExpertHandle],
     batch: &[Assignment],
-) -> Result<Tensor> {
+) -> Result<()> {
     let (_, hidden) = x.dims2()?;
-    let rows = x.to_vec2::<f32>()?;
     let weights: Vec<quantized::GluWeights> = handles
         .iter()
         .map(|h| h.quantized(x).ok_or_else(mixed_types))
         .collect::<Result<_>>()?;
-    let inputs: Vec<quantized::Activations> = batch
-        .iter()
-        .zip(&weights)
-        .map(|((_, (tokens, _)), w)| {
-            let gathered: Vec<f32> = tokens
-                .iter()
-                .flat_map(|&t| rows[t as usize].iter().copied())
-                .collect();
-            quantized::Activations::quantize(&gathered, hidden, &w.input_formats())
-        })
-        .collect();
+    let inputs = quantized::Activations::quantize_each(
+        batch
+            .iter()
+            .zip(&weights)
+            .map(|((_, (tokens, _)), w)| {
+                let gathered: Vec<f32> = tokens
+                    .iter()
+                    .flat_map(|&t| &rows[t as usize * hidden..(t as usize + 1) * hidden])
+                    .copied()
+                    .collect();
+                (gathered, hidden, w.input_formats().to_vec())
+            })
+            .collect(),
+    );
     let experts: Vec<_> = weights.into_iter().zip(&inputs).collect();
     let outputs = quantized::glu(&experts)?;
-    let mut sum = out.flatten_all()?.to_vec1::<f32>()?;
     for (y, (_, (tokens, weights))) in outputs.iter().zip(batch) {
         for ((&t, &w), y) in tokens.iter().zip(weights).zip(y.chunks_exact(hidden)) {
             let row = &mut sum[t as usize * hidden..(t as usize + 1) * hidden];
@@ -276,7 +284,7 @@ fn mix_quantized(
             }
         }
     }
-    Ok(Tensor::from_vec(sum, out.shape(), out.device())?)
+    Ok(())
 }
 
 fn mixed_types() -> Error {

@@ -251,18 +251,20 @@ pub fn glu(experts: &[(GluWeights, &Activations)]) -> Result<Vec<Vec<f32>>> {
         jobs.push(Job::new(up.0, &up.1, x, u));
     }
     matmul(&mut jobs);
-    let mut mids = Vec::with_capacity(experts.len());
-    for (((g, u), &width), (w, _)) in gated.iter_mut().zip(&lifted).zip(&width).zip(experts) {
+    for (g, u) in gated.iter_mut().zip(&lifted) {
         for (g, u) in g.iter_mut().zip(u) {
             // SiLU as candle computes it.
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
-        mids.push(Activations::quantize(
-            g,
-            width,
-            &[Format::of_weight(w.down)],
-        ));
     }
+    let mids = Activations::quantize_each(
+        gated
+            .into_iter()
+            .zip(&width)
+            .zip(experts)
+            .map(|((g, &width), (w, _))| (g, width, vec![Format::of_weight(w.down)]))
+            .collect(),
+    );
     let downs = experts
         .iter()
         .map(|(w, _)| w.down.data())
@@ -309,6 +311,23 @@ impl Activations {
             .last()
             .expect("a matrix input has a last dimension");
         Ok(Self::quantize(&x.flatten_all()?.to_vec1()?, cols, meets))
+    }
+
+    /// [`Activations::quantize`] of each `(x, cols, meets)`, the inputs shared out over the
+    /// thread pool.
+    pub fn quantize_each(inputs: Vec<(Vec<f32>, usize, Vec<Format>)>) -> Vec<Self> {
+        let slots: Vec<std::sync::OnceLock<Self>> =
+            inputs.iter().map(|_| std::sync::OnceLock::new()).collect();
+        candle_core::utils::barrier_pool().execute_chunked(inputs.len(), |items| {
+            for i in items {
+                let (x, cols, meets) = &inputs[i];
+                let _ = slots[i].set(Self::quantize(x, *cols, meets));
+            }
+        });
+        slots
+            .into_iter()
+            .map(|slot| slot.into_inner().expect("every input quantized"))
+            .collect()
     }
 
     /// Quantizes `x`, rows of `cols` values (a multiple of 32), for weights in `meets`: to Q8_0,
