@@ -171,9 +171,9 @@ unsafe fn product_of<const Q8: bool, const MIN: bool, const HIGH: bool>(
     }
 }
 
-/// [`product`] for a K-quant type: groups of tokens through each row, then each token left
-/// over as a group of one (the same steps, so a decode step's token gets the bits it would get
-/// among a prompt's leftovers). Tokens are read where `x` holds them: per pair of sub-blocks a
+/// [`product`] for a K-quant type: groups of tokens through each row, those left over in
+/// smaller groups (each token's steps are the same in a group of any size, so a decode step's
+/// token gets the bits it would get inside a prompt). Tokens are read where `x` holds them: per pair of sub-blocks a
 /// token needs only its 64 quants, and a group's rows of up to a few thousand values stay in
 /// the first-level cache.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -190,24 +190,51 @@ unsafe fn product_k<K: Layout>(
     let tokens = x.len();
     let mut t = 0;
     while t < tokens {
-        let count = if t + GROUP <= tokens { GROUP } else { 1 };
+        // Groups of eight, then the few left over in fours, twos and ones rather than alone:
+        // an expert's share of a prompt leaves three or four on average. A token's steps are
+        // the same in a group of any size.
+        let count = [GROUP, 4, 2, 1]
+            .into_iter()
+            .find(|&n| t + n <= tokens)
+            .expect("one token remains");
         for r in rows.clone() {
             // SAFETY: row r is inside `weights`, tokens t..t + count inside `x`; the caller's
             // for `out`.
             unsafe {
                 let row = weights.as_ptr().add(r * row_bytes);
-                if count == GROUP {
-                    let sums = row_with_k::<K, GROUP>(row, supers, x, t);
-                    for (j, sum) in sums.into_iter().enumerate() {
-                        *out.add((t + j) * out_rows + r) = sum;
-                    }
-                } else {
-                    let [sum] = row_with_k::<K, 1>(row, supers, x, t);
-                    *out.add(t * out_rows + r) = sum;
+                match count {
+                    GROUP => write_k(
+                        out,
+                        out_rows,
+                        r,
+                        t,
+                        row_with_k::<K, GROUP>(row, supers, x, t),
+                    ),
+                    4 => write_k(out, out_rows, r, t, row_with_k::<K, 4>(row, supers, x, t)),
+                    2 => write_k(out, out_rows, r, t, row_with_k::<K, 2>(row, supers, x, t)),
+                    _ => write_k(out, out_rows, r, t, row_with_k::<K, 1>(row, supers, x, t)),
                 }
             }
         }
         t += count;
+    }
+}
+
+/// Row `r`'s elements for tokens `first..first + N` into `out`.
+///
+/// # Safety
+/// `out` has room for them and nothing else writes them meanwhile.
+#[inline]
+unsafe fn write_k<const N: usize>(
+    out: *mut f32,
+    out_rows: usize,
+    r: usize,
+    first: usize,
+    sums: [f32; N],
+) {
+    for (j, sum) in sums.into_iter().enumerate() {
+        // SAFETY: the caller's.
+        unsafe { *out.add((first + j) * out_rows + r) = sum };
     }
 }
 
