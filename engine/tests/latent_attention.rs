@@ -117,3 +117,28 @@ fn the_cache_holds_latents_not_keys_and_values() {
         );
     }
 }
+
+/// With the cache in f16 (odmoe's and odmoed's default) the latents are kept in f16: half the
+/// bytes of f32, and the logits stay near the f32 cache's over a prompt and decode steps.
+#[test]
+fn an_f16_cache_keeps_latents_in_half_the_bytes() {
+    for name in ["deepseek_v3", "kimi_k2"] {
+        let model = model(name, LatentForm::Auto, DType::F32);
+        let prompt = ids(&golden(name)["input_ids"]);
+        let mut wide = model.new_cache();
+        let mut half = model.new_cache().with_dtype(DType::F16);
+        let mut worst = 0f32;
+        for input in [&prompt[..], &[1], &[2], &[3]] {
+            let a = model.forward(input, &mut wide, Logits::Last, None).unwrap();
+            let b = model.forward(input, &mut half, Logits::Last, None).unwrap();
+            worst = worst.max(max_abs_diff(&a, &b));
+        }
+        println!("{name}: max |f16 cache - f32 cache| logits: {worst:.2e}");
+        assert!(worst > 0.0 && worst < 2e-2, "{name}: {worst}");
+        assert_eq!(half.bytes() * 2, wide.bytes(), "{name}");
+        assert_eq!(
+            half.bytes(),
+            (prompt.len() + 3) * model.config.kv_cache_bytes_per_token(2)
+        );
+    }
+}

@@ -86,7 +86,8 @@ pub struct LatentAttention {
     softmax_scale: f64,
     pub form: LatentForm,
     /// The type computed in from the cached latents to each head's attended value (the
-    /// `kv_b_proj` products, scores, softmax and sums); the cache stays in the model's type.
+    /// `kv_b_proj` products, scores, softmax and sums); the cache stays in the model's type, or
+    /// f16 when the cache keeps 16-bit keys and values.
     ///
     /// f32 by default. The two forms associate the same sums differently, which in f32 moved the
     /// DeepSeek-V3 fixture's logits by up to 2.1e-5 over 64 decode steps (f32 expanded is itself
@@ -210,7 +211,17 @@ impl LatentAttention {
         let q_rot = rotate(&q.narrow(2, nope, rope)?)?; // [nh, T, rope]
         let k_rot = rotate(&k_rot.unsqueeze(0)?)?; // [1, T, rope]
 
-        let (latents, rot_keys) = cache.append(layer, latent.unsqueeze(0)?, k_rot)?;
+        // Kept in f16 when the cache keeps 16-bit keys and values (odmoe's and odmoed's
+        // default), half the memory of f32; read back widened to the type attention sums in.
+        let in_halves = cache.dtype() == DType::F16;
+        let kept = |x: Tensor| -> Result<Tensor> {
+            Ok(if in_halves {
+                x.to_dtype(DType::F16)?
+            } else {
+                x
+            })
+        };
+        let (latents, rot_keys) = cache.append(layer, kept(latent.unsqueeze(0)?)?, kept(k_rot)?)?;
         let (latents, rot_keys) = (latents.squeeze(0)?, rot_keys.squeeze(0)?); // [S, rank], [S, rope]
         let s = latents.dim(0)?;
         let absorbed = match self.form {
