@@ -131,6 +131,10 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warm-repeats", type=int, default=3,
                         help="runs of each engine in the warm condition; the median is reported")
+    parser.add_argument("--llama-no-repack", action="store_true",
+                        help="llama.cpp without its repacked copy of the weights (use_extra_bufts off):"
+                             " on x86 with AVX-512 it repacks Q4_K and other types into anonymous"
+                             " memory, a second copy of the weights that a memory limit kills")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--table", type=Path, help="print the table of an earlier run's --out file")
     args = parser.parse_args()
@@ -155,7 +159,7 @@ def main():
     def odmoe_cmd(limit, feed_ids, prefetch="lookahead"):
         cmd = [str(args.odmoe), "bench", "decode", "--model", str(args.model), "--json",
                "--prompt-ids", ",".join(map(str, prompt)), "--tokens", str(args.tokens)]
-        cmd += ["--resident"] if limit is None else ["--expert-budget", str(limit - ODMOE_RESERVE),
+        cmd += ["--resident"] if limit is None else ["--expert-budget", f"{limit - ODMOE_RESERVE}B",
                                                      "--prefetch-experts", prefetch]
         if feed_ids:
             cmd += ["--feed-ids", ",".join(map(str, feed_ids))]
@@ -166,6 +170,8 @@ def main():
                "--prompt-ids", ",".join(map(str, prompt)), "--tokens", str(args.tokens)]
         if feed_ids:
             cmd += ["--feed-ids", ",".join(map(str, feed_ids))]
+        if args.llama_no_repack:
+            cmd += ["--no-repack"]
         return cmd
 
     limits = [None] + [int(float(x) * GB) for x in args.limits.split(",") if x]

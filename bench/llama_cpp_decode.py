@@ -38,7 +38,19 @@ def main():
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=512, help="tokens per prefill batch (llama.cpp's n_batch)")
+    parser.add_argument("--no-repack", action="store_true",
+                        help="keep the weights as mapped (use_extra_bufts off), no repacked copy")
     args = parser.parse_args()
+    if args.no_repack:
+        # Llama() takes no such argument: it starts from the library's default parameters.
+        default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+        def params_without_repacking():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = params_without_repacking
     # The context holds the prompt and the reply, in whole batches.
     context = -(-(len(args.prompt_ids) + args.tokens) // args.batch) * args.batch
 
