@@ -53,10 +53,15 @@ pub struct ModelArgs {
     /// maximum positions [default: the model's].
     #[arg(long, value_name = "TOKENS")]
     pub context_length: Option<usize>,
-    /// Keep attention's keys and values in f16 (half the memory of f32, as llama.cpp keeps
-    /// them) or f32 (exact math).
+    /// Keep attention's keys and values (latent attention's latents and rotary keys) in f16
+    /// (half the memory of f32, as llama.cpp keeps them) or f32 (exact math).
     #[arg(long, default_value = "f16", value_name = "f16|f32", value_parser = parse_kv_cache)]
     pub kv_cache: DType,
+    /// Most prompt tokens a prefill runs through the layers together: a longer prompt goes
+    /// slab after slab, its activations sized by the slab, each layer's experts read once per
+    /// slab
+    #[arg(long, default_value_t = odmoe_engine::model::DEFAULT_PREFILL_SLAB, value_name = "TOKENS")]
+    pub prefill_slab: usize,
 }
 
 fn parse_kv_cache(text: &str) -> Result<DType, String> {
@@ -103,6 +108,7 @@ impl ModelArgs {
             quantized_base: !self.f32_base,
             context_length: self.context_length,
             kv_cache: self.kv_cache,
+            prefill_slab: self.prefill_slab,
         };
         let device = odmoe_engine::default_device()?;
         open::load(&self.model, &options, &device)

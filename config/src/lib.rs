@@ -257,6 +257,15 @@ mod tests {
     }
 
     #[test]
+    fn prefill_slabs_are_the_default_unless_set() {
+        assert_eq!(Config::default().model.prefill_slab_tokens, 0);
+        let set = Config::from_toml("[model]\nprefill_slab_tokens = 512\n", None).unwrap();
+        assert_eq!(set.model.prefill_slab_tokens, 512);
+        let error = invalid("[model]\nprefill_slab_tokens = -1\n");
+        assert_eq!(error.key.as_deref(), Some("model.prefill_slab_tokens"));
+    }
+
+    #[test]
     fn the_kv_cache_is_f16_unless_f32_is_asked_for() {
         let f32 = Config::from_toml("[model]\nkv_cache = \"f32\"\n", None).unwrap();
         assert_eq!(f32.model.kv_cache, KvCache::F32);

@@ -25,6 +25,11 @@ pub struct ModelConfig {
     /// llama.cpp keeps them) or "f32" (exact math, twice the memory). Takes
     /// effect at the next start. Default "f16".
     pub kv_cache: KvCache,
+    /// Most prompt tokens a prefill runs through the layers together: a longer
+    /// prompt goes slab after slab, so its activations take memory for a slab,
+    /// not the whole prompt, and each layer's experts are read once per slab.
+    /// 0 keeps the default, 4096. Takes effect at the next start. Default 0.
+    pub prefill_slab_tokens: u32,
     /// How long the model stays loaded after its last request: a duration
     /// ("5m"), 0 to unload after each reply, -1 to keep it. Requests may set
     /// their own. Default -1.
@@ -35,7 +40,7 @@ pub struct ModelConfig {
     pub models_dir: Option<PathBuf>,
 }
 
-/// The number type attention's keys and values are kept in.
+/// The number type attention's keys and values (latent attention's latents) are kept in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KvCache {

@@ -281,10 +281,11 @@ fn apply(config: &Config, started_with: &Config, state: &State, logs: &LogContro
         || config.model.path != started_with.model.path
         || config.model.context_length != started_with.model.context_length
         || config.model.kv_cache != started_with.model.kv_cache
+        || config.model.prefill_slab_tokens != started_with.model.prefill_slab_tokens
         || config.memory != started_with.memory
     {
         warn!(
-            "SIGHUP: [server], [memory], model.path, model.context_length and model.kv_cache take effect at the next start"
+            "SIGHUP: [server], [memory], model.path, model.context_length, model.kv_cache and model.prefill_slab_tokens take effect at the next start"
         );
     }
     if changes.is_empty() {

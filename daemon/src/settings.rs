@@ -32,6 +32,10 @@ pub struct Settings {
     /// `model.kv_cache`: how attention's keys and values are kept. Read at each
     /// load; a reloaded config does not change it.
     pub kv_cache: KvCache,
+    /// `model.prefill_slab_tokens` when not 0: most prompt tokens a prefill runs
+    /// through the layers together. Read at each load; a reloaded config does
+    /// not change it.
+    pub prefill_slab: Option<usize>,
 }
 
 impl Settings {
@@ -50,6 +54,8 @@ impl Settings {
             context_length: (config.model.context_length > 0)
                 .then_some(config.model.context_length as usize),
             kv_cache: config.model.kv_cache,
+            prefill_slab: (config.model.prefill_slab_tokens > 0)
+                .then_some(config.model.prefill_slab_tokens as usize),
         }
     }
 

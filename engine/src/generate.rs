@@ -286,22 +286,27 @@ impl Session {
         Ok((logits, reused))
     }
 
-    /// Runs `tokens` after the cached ones and returns the logits of the last.
+    /// Runs `tokens` after the cached ones, in slabs of at most the model's prefill slab, and
+    /// returns the logits of the last.
     fn run(&mut self, model: &Model, tokens: &[u32]) -> Result<Vec<f32>> {
-        let logits = model.forward(tokens, &mut self.cache, Logits::Last, None);
-        match logits {
-            Ok(logits) => {
-                self.tokens.extend_from_slice(tokens);
-                Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
-            }
-            Err(e) => {
-                // A failed step may have cached some layers: forget everything after the last
-                // consistent state so the session stays usable.
-                self.cache.truncate(0)?;
-                self.tokens.clear();
-                Err(e)
+        let mut last = None;
+        for slab in tokens.chunks(model.prefill_slab()) {
+            match model.forward(slab, &mut self.cache, Logits::Last, None) {
+                Ok(logits) => {
+                    self.tokens.extend_from_slice(slab);
+                    last = Some(logits);
+                }
+                Err(e) => {
+                    // A failed step may have cached some layers: forget everything after the
+                    // last consistent state so the session stays usable.
+                    self.cache.truncate(0)?;
+                    self.tokens.clear();
+                    return Err(e);
+                }
             }
         }
+        let logits = last.ok_or_else(|| Error::InvalidRequest("no tokens to run".into()))?;
+        Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
     }
 
     /// Generates after `request.prompt`, calling `on_delta` for every token; returning false from

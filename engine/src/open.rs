@@ -50,8 +50,11 @@ pub struct LoadOptions {
     /// The type grouped-query attention keeps keys and values in: f32 for exact math (the
     /// library's default, which the reference tests hold to 1e-4), or f16 as llama.cpp keeps
     /// them, half the memory and half the bytes a long context's decode step reads (what odmoe
-    /// and odmoed serve with, [`LoadOptions::serving`]). Latent attention's cache stays f32.
+    /// and odmoed serve with, [`LoadOptions::serving`]); latent attention's latents alike.
     pub kv_cache: DType,
+    /// Most prompt tokens a prefill runs through the layers together (see
+    /// [`crate::model::Model::set_prefill_slab`]).
+    pub prefill_slab: usize,
 }
 
 impl Default for LoadOptions {
@@ -65,6 +68,7 @@ impl Default for LoadOptions {
             quantized_base: true,
             context_length: None,
             kv_cache: DType::F32,
+            prefill_slab: crate::model::DEFAULT_PREFILL_SLAB,
         }
     }
 }
@@ -330,6 +334,7 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
     };
     let mut model = Model::load_base(config, base.as_ref(), provider)?;
     model.set_kv_cache(options.kv_cache)?;
+    model.set_prefill_slab(options.prefill_slab)?;
     if let Some(tokens) = options.context_length {
         model.set_context_length(tokens)?;
     }

@@ -8,13 +8,15 @@ mod common;
 use common::{fixture, golden, ids, max_abs_diff};
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use odmoe_engine::format::gguf::{gguf_name, stacked_expert_names};
 use odmoe_engine::format::safetensors::HfWeights;
-use odmoe_engine::model::{Logits, Model, expert_tensor_names};
+use odmoe_engine::generate::Session;
+use odmoe_engine::model::{ForwardHook, Logits, Model, expert_tensor_names};
 use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::store::{PolicyKind, StoreConfig};
 
@@ -206,4 +208,66 @@ fn broken_gguf_files_are_named() {
         message.contains("unknown.gguf") && message.contains("99"),
         "{message}"
     );
+}
+
+/// A prompt run in slabs (here of 3 tokens) gives the last position's logits of the prompt in
+/// one piece, within the kernels' rounding, and on demand exactly what it gives resident at the
+/// same slab size; the session then holds every prompt token.
+#[test]
+fn a_prompt_in_slabs_on_demand_equals_resident() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    write_qwen3_gguf(&path, GgmlDType::Q8_0, &[]);
+    let prompt = input();
+    assert!(prompt.len() > 6, "a prompt of several slabs");
+    let prefill = |options: LoadOptions| {
+        let slab = options.prefill_slab;
+        let mut loaded = open::load(&path, &options, &Device::Cpu).unwrap();
+        let passes = Arc::new(FirstLayerInputs::default());
+        loaded.model.set_hook(Some(passes.clone()));
+        let mut session = Session::new(&loaded.model);
+        let (logits, reused) = session.prefill(&loaded.model, &prompt).unwrap();
+        assert_eq!((session.tokens(), reused), (&prompt[..], 0));
+        let lengths = passes.0.lock().unwrap().clone();
+        let expected: Vec<usize> = prompt.chunks(slab).map(<[u32]>::len).collect();
+        assert_eq!(lengths, expected, "the prompt's passes at a slab of {slab}");
+        logits
+    };
+    let whole = prefill(LoadOptions::default());
+    let slabs = |experts| LoadOptions {
+        experts,
+        prefill_slab: 3,
+        ..LoadOptions::default()
+    };
+    let resident = prefill(slabs(ExpertMode::Resident));
+    let (_, total) = open::describe(&path).unwrap();
+    let on_demand = prefill(slabs(ExpertMode::OnDemand(StoreConfig {
+        budget_bytes: total / 3,
+        io_threads: 2,
+        policy: PolicyKind::Lru,
+    })));
+    assert!(
+        resident
+            .iter()
+            .zip(&on_demand)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+    let diff = whole
+        .iter()
+        .zip(&resident)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-3, "slabs against one piece: {diff}");
+}
+
+/// The number of positions of each forward pass, as layer 0 sees them.
+#[derive(Default)]
+struct FirstLayerInputs(std::sync::Mutex<Vec<usize>>);
+
+impl ForwardHook for FirstLayerInputs {
+    fn layer_input(&self, layer: usize, hidden: &Tensor) {
+        if layer == 0 {
+            self.0.lock().unwrap().push(hidden.dim(0).unwrap());
+        }
+    }
 }

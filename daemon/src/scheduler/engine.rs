@@ -148,6 +148,14 @@ impl Engine {
             .kv_cache
     }
 
+    fn prefill_slab(&self) -> usize {
+        self.settings
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .prefill_slab
+            .unwrap_or(odmoe_engine::model::DEFAULT_PREFILL_SLAB)
+    }
+
     fn prefix_cache_bytes(&self) -> u64 {
         self.settings
             .read()
@@ -387,6 +395,7 @@ impl Engine {
                 KvCache::F16 => DType::F16,
                 KvCache::F32 => DType::F32,
             },
+            prefill_slab: self.prefill_slab(),
             ..LoadOptions::serving()
         };
         // Two models may not fit in memory together: the old one goes first,

@@ -337,7 +337,12 @@ pub struct Model {
     context_length: usize,
     /// The type grouped-query attention's cache holds keys and values in.
     kv_cache: DType,
+    /// Most prompt tokens one forward pass of a prefill takes: see [`Model::set_prefill_slab`].
+    prefill_slab: usize,
 }
+
+/// Prompt tokens a prefill runs through the layers together unless told otherwise.
+pub const DEFAULT_PREFILL_SLAB: usize = 4096;
 
 impl Model {
     /// Loads everything but the routed experts, which come from `experts`.
@@ -370,6 +375,7 @@ impl Model {
             device,
             context_length: config.max_position_embeddings,
             kv_cache: DType::F32,
+            prefill_slab: DEFAULT_PREFILL_SLAB,
             config,
         })
     }
@@ -429,6 +435,25 @@ impl Model {
         KvCache::new(self.config.num_layers)
             .with_most_positions(self.context_length)
             .with_dtype(self.kv_cache)
+    }
+
+    /// Most prompt tokens one forward pass of a prefill takes.
+    pub fn prefill_slab(&self) -> usize {
+        self.prefill_slab
+    }
+
+    /// Runs a long prompt's prefill layer by layer over slabs of at most `tokens` tokens, one
+    /// slab after another: what a prompt's activations take grows with the slab, not the prompt
+    /// (a 32K-token prompt's hidden states alone are 256 MiB at a hidden size of 2,048), and
+    /// each layer's experts are still read once per slab, not once per token.
+    pub fn set_prefill_slab(&mut self, tokens: usize) -> Result<()> {
+        if tokens == 0 {
+            return Err(Error::InvalidRequest(
+                "a prefill slab of 0 tokens: it takes at least one".into(),
+            ));
+        }
+        self.prefill_slab = tokens;
+        Ok(())
     }
 
     /// Keeps grouped-query attention's keys and values in `dtype` (f32 or f16) in new caches.
