@@ -13,6 +13,7 @@ Usage: llama_cpp_decode.py MODEL --prompt-ids 1,2,3 --tokens 24 [--feed-ids 4,5,
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import llama_cpp
@@ -27,7 +28,10 @@ def proc_field(path, key):
 
 
 def ids(text):
-    return [int(x) for x in text.split(",") if x]
+    """`1,2,3`, or `@FILE` holding such a list (a long prompt's ids exceed one argument's limit)."""
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    return [int(x) for x in text.replace("\n", "").split(",") if x.strip()]
 
 
 def main():

@@ -20,9 +20,10 @@ use crate::model_args::ModelArgs;
 pub struct DecodeBenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Prompt token ids.
-    #[arg(long, value_delimiter = ',', required = true, value_name = "IDS")]
-    prompt_ids: Vec<u32>,
+    /// Prompt token ids, comma separated, or `@FILE` to read them from a file (a long prompt's
+    /// ids exceed what one command-line argument may hold).
+    #[arg(long, required = true, value_name = "IDS|@FILE", value_parser = token_ids)]
+    prompt_ids: TokenIds,
     /// Decode steps.
     #[arg(long, default_value_t = 32)]
     tokens: usize,
@@ -32,6 +33,39 @@ pub struct DecodeBenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// Token ids from the command line.
+#[derive(Clone, Debug)]
+struct TokenIds(Vec<u32>);
+
+impl std::ops::Deref for TokenIds {
+    type Target = [u32];
+
+    fn deref(&self) -> &[u32] {
+        &self.0
+    }
+}
+
+/// `1,2,3`, or `@FILE` holding such a list.
+fn token_ids(text: &str) -> std::result::Result<TokenIds, String> {
+    let listed = match text.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
+        None => text.to_owned(),
+    };
+    listed
+        .split(',')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .map(|id| id.parse().map_err(|_| format!("{id:?} is not a token id")))
+        .collect::<std::result::Result<Vec<u32>, String>>()
+        .and_then(|ids| {
+            if ids.is_empty() {
+                Err("no token ids".into())
+            } else {
+                Ok(TokenIds(ids))
+            }
+        })
 }
 
 /// Bytes this process has read from storage, and its peak resident set.
