@@ -338,6 +338,9 @@ impl Session {
             request.prompt.len(),
             request.max_tokens,
         )?;
+        // The cache takes the whole sequence at once rather than doubling as it fills.
+        self.cache
+            .reserve((request.prompt.len() + request.max_tokens).min(model.context_length()));
         let started = Instant::now();
         let (mut logits, cached_tokens) = self.prefill(model, &request.prompt)?;
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;

@@ -105,10 +105,16 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
         args.model.model.display().to_string(),
     );
     let mut cache = model.new_cache();
+    cache.reserve(args.prompt_ids.len() + args.tokens);
+    // The prompt in slabs, as a session runs it.
     let mut forward = |tokens: &[u32], trace: &mut Trace| -> Result<u32> {
-        let mut seen = ForwardTrace::routing_only();
-        let logits = model.forward(tokens, &mut cache, Logits::Last, Some(&mut seen))?;
-        trace.push_forward(&seen, tokens.len(), 0)?;
+        let mut last = None;
+        for slab in tokens.chunks(model.prefill_slab()) {
+            let mut seen = ForwardTrace::routing_only();
+            last = Some(model.forward(slab, &mut cache, Logits::Last, Some(&mut seen))?);
+            trace.push_forward(&seen, slab.len(), 0)?;
+        }
+        let logits = last.context("no tokens to run")?;
         Ok(argmax(&logits.squeeze(0)?.to_vec1::<f32>()?) as u32)
     };
 

@@ -121,6 +121,9 @@ pub struct KvCache {
     /// Positions the buffers never grow past (the context length), when known: doubling an
     /// 8,160-position prompt's buffers for its first reply token held 16,320 positions.
     most_positions: Option<usize>,
+    /// Positions the buffers take at once when next allocated or grown (see
+    /// [`KvCache::reserve`]).
+    reserved: usize,
     /// The type grouped-query attention stores keys and values in (latent attention keeps
     /// what it appends).
     dtype: DType,
@@ -177,8 +180,17 @@ impl KvCache {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
             most_positions: None,
+            reserved: 0,
             dtype: DType::F32,
         }
+    }
+
+    /// Makes the buffers hold at least `positions` when they are next allocated or grown: a
+    /// sequence whose length is known (a prompt and its most tokens) then never grows them
+    /// again, and never holds a full old buffer beside a larger new one while it copies. At
+    /// 32K tokens the cache is hundreds of megabytes; doubling it took three times that.
+    pub fn reserve(&mut self, positions: usize) {
+        self.reserved = self.reserved.max(positions);
     }
 
     /// This cache, grouped-query attention's keys and values kept in `dtype`.
@@ -249,7 +261,7 @@ impl KvCache {
             .as_ref()
             .map_or((0, 0), |l| (l.len, l.keys.dim(1).unwrap_or(0)));
         if len + new > capacity {
-            let doubled = (2 * capacity).max(INITIAL_POSITIONS);
+            let doubled = (2 * capacity).max(INITIAL_POSITIONS).max(self.reserved);
             let capacity = (len + new).max(
                 self.most_positions
                     .map_or(doubled, |most| doubled.min(most)),
@@ -618,5 +630,17 @@ mod tests {
         assert_eq!(capacity(&cache), 300, "doubled to 512 without a limit");
         append(&mut cache, 50);
         assert_eq!(capacity(&cache), 310);
+
+        // A reserved length is allocated at once, within the most positions.
+        let mut cache = KvCache::new(1).with_most_positions(5000);
+        cache.reserve(4100);
+        append(&mut cache, 10);
+        assert_eq!(capacity(&cache), 4100);
+        append(&mut cache, 4090);
+        assert_eq!(capacity(&cache), 4100, "no growth within the reserve");
+        let mut cache = KvCache::new(1).with_most_positions(300);
+        cache.reserve(4100);
+        append(&mut cache, 10);
+        assert_eq!(capacity(&cache), 300);
     }
 }
