@@ -193,6 +193,8 @@ pub fn apply(
     }
     let routed: Vec<Assignment> = by_expert.into_iter().collect();
     let mut out = x.zeros_like()?;
+    // `x`'s values for the quantized kernels, taken once for every batch that needs them.
+    let mut rows: Option<Vec<f32>> = None;
     // In batches the provider can hold at once; accumulation stays in ascending expert order.
     // Each expert is waited for only when its turn comes: computing one overlaps reading the
     // next, and its pin is released as soon as it has been applied.
@@ -209,7 +211,10 @@ pub fn apply(
             // prompt, computing one group overlaps reading the next. The input's rows and the
             // sum are plain vectors for the whole batch: a tensor round trip per group copied
             // the prompt's hidden states three times over each time.
-            let rows = x.flatten_all()?.to_vec1::<f32>()?;
+            let rows = match &mut rows {
+                Some(rows) => rows,
+                None => rows.insert(x.flatten_all()?.to_vec1::<f32>()?),
+            };
             let mut sum = out.flatten_all()?.to_vec1::<f32>()?;
             let mut pending = std::iter::once(PendingExpert::ready(first)).chain(pending);
             for group in batch.chunks(KERNEL_GROUP) {
@@ -218,7 +223,7 @@ pub fn apply(
                     .take(group.len())
                     .map(PendingExpert::wait)
                     .collect::<Result<Vec<_>>>()?;
-                mix_quantized(&mut sum, &rows, x, &handles, group)?;
+                mix_quantized(&mut sum, rows, x, &handles, group)?;
             }
             out = Tensor::from_vec(sum, out.shape(), out.device())?;
             continue;
