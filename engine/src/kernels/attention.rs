@@ -105,27 +105,20 @@ pub fn attend(
         // to keep the threads busy, so each item takes one chunk of the keys and the chunks'
         // partial softmaxes are folded afterwards, in the order one item would fold them.
         let chunks = last_chunk + 1;
-        let partials: Vec<std::sync::Mutex<Partial>> = (0..kv_heads * chunks)
-            .map(|_| std::sync::Mutex::new(Partial::empty(0, dv)))
-            .collect();
-        let run = |items: std::ops::Range<usize>| {
-            for item in items {
-                let (g, chunk) = (item / chunks, item % chunks);
-                let rows = Rows::of(&shape, g, 0..t);
-                let mut partial = Partial::empty(rows.len(), dv);
-                attend_chunk_at(g, &rows, chunk, &mut partial);
-                *partials[item].lock().expect("a chunk's partial") = partial;
-            }
-        };
-        candle_core::utils::barrier_pool().execute_chunked(kv_heads * chunks, run);
-        for (g, chunk_partials) in partials.chunks(chunks).enumerate() {
-            let rows = Rows::of(&shape, g, 0..t);
+        let rows: Vec<Rows> = (0..kv_heads).map(|g| Rows::of(&shape, g, 0..t)).collect();
+        let partials = super::on_pool(kv_heads * chunks, |item| {
+            let (g, chunk) = (item / chunks, item % chunks);
+            let mut partial = Partial::empty(rows[g].len(), dv);
+            attend_chunk_at(g, &rows[g], chunk, &mut partial);
+            partial
+        });
+        for (rows, chunk_partials) in rows.iter().zip(partials.chunks(chunks)) {
             let mut total = Partial::empty(rows.len(), dv);
             for partial in chunk_partials {
-                total.fold(&partial.lock().expect("a chunk's partial"));
+                total.fold(partial);
             }
             // SAFETY: `out` holds `[heads, t, dv]`.
-            unsafe { total.write(&shape, &rows, out.as_mut_ptr()) };
+            unsafe { total.write(&shape, rows, out.as_mut_ptr()) };
         }
     } else {
         let out_address = out.as_mut_ptr() as usize;
@@ -615,6 +608,17 @@ fn transpose_16x16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__
     columns
 }
 
+/// What a row's sum and output so far are scaled by when its maximum moves from `max` to
+/// `new_max`: nothing is kept of a row that has seen no key yet.
+#[inline(always)]
+fn kept(max: f32, new_max: f32) -> f32 {
+    if max == f32::NEG_INFINITY {
+        0.0
+    } else {
+        exp(max - new_max)
+    }
+}
+
 /// The online softmax's step for one row and block, in plain arithmetic: the block's scores,
 /// the new maximum, the old sum and output scaled to it, the block's weights added.
 fn update_row(row: &mut RowUpdate) {
@@ -632,11 +636,7 @@ fn update_row(row: &mut RowUpdate) {
         block_max = block_max.max(*score);
     }
     let new_max = (*row.max).max(block_max);
-    let kept = if *row.max == f32::NEG_INFINITY {
-        0.0
-    } else {
-        exp(*row.max - new_max)
-    };
+    let kept = kept(*row.max, new_max);
     let mut block_sum = 0f32;
     for score in seen.iter_mut() {
         *score = exp(*score - new_max);
@@ -665,35 +665,15 @@ fn update_row(row: &mut RowUpdate) {
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn update_rows_avx512(rows: &mut [RowUpdate]) {
     for batch in rows.chunks_mut(4) {
-        let mut steps = [([0f32; KEYS], 0f32); 4];
         // SAFETY: the caller's.
-        unsafe {
-            match batch {
-                [a, b, c, d] => {
-                    let [sa, sb, sc, sd] = scores_avx512([a.q, b.q, c.q, d.q], a.transposed);
-                    steps[0] = softmax_step_avx512(a, sa);
-                    steps[1] = softmax_step_avx512(b, sb);
-                    steps[2] = softmax_step_avx512(c, sc);
-                    steps[3] = softmax_step_avx512(d, sd);
-                }
-                [a, b, c] => {
-                    let [sa, sb, sc] = scores_avx512([a.q, b.q, c.q], a.transposed);
-                    steps[0] = softmax_step_avx512(a, sa);
-                    steps[1] = softmax_step_avx512(b, sb);
-                    steps[2] = softmax_step_avx512(c, sc);
-                }
-                [a, b] => {
-                    let [sa, sb] = scores_avx512([a.q, b.q], a.transposed);
-                    steps[0] = softmax_step_avx512(a, sa);
-                    steps[1] = softmax_step_avx512(b, sb);
-                }
-                [a] => {
-                    let [sa] = scores_avx512([a.q], a.transposed);
-                    steps[0] = softmax_step_avx512(a, sa);
-                }
-                _ => unreachable!("batches of one to four rows"),
+        let steps = unsafe {
+            match batch.len() {
+                4 => softmax_steps_avx512::<4>(batch),
+                3 => softmax_steps_avx512::<3>(batch),
+                2 => softmax_steps_avx512::<2>(batch),
+                _ => softmax_steps_avx512::<1>(batch),
             }
-        }
+        };
         // Rows that see the same keys (a query's heads) take the values two at a time,
         // sharing each load; the sums are the same steps either way.
         let mut i = 0;
@@ -712,6 +692,30 @@ unsafe fn update_rows_avx512(rows: &mut [RowUpdate]) {
             }
         }
     }
+}
+
+/// The scores of `N` rows (`batch`'s) together, then each row's softmax step, its weights and
+/// output factor in `steps[i]` for row `i`.
+///
+/// # Safety
+/// As [`update_rows_avx512`]; `batch` holds `N` rows.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn softmax_steps_avx512<const N: usize>(batch: &mut [RowUpdate]) -> [([f32; KEYS], f32); 4] {
+    let mut queries: [&[f32]; N] = [&[]; N];
+    for (query, row) in queries.iter_mut().zip(batch.iter()) {
+        *query = row.q;
+    }
+    let mut steps = [([0f32; KEYS], 0f32); 4];
+    // SAFETY: the caller's.
+    unsafe {
+        let scores = scores_avx512(queries, batch[0].transposed);
+        for ((step, row), scores) in steps.iter_mut().zip(batch.iter_mut()).zip(scores) {
+            *step = softmax_step_avx512(row, scores);
+        }
+    }
+    steps
 }
 
 /// The block's 64 unscaled scores for each of `N` queries, in four registers each; each value
@@ -774,11 +778,7 @@ unsafe fn softmax_step_avx512(
         }
     }
     let new_max = (*row.max).max(block_max);
-    let kept = if *row.max == f32::NEG_INFINITY {
-        0.0
-    } else {
-        exp(*row.max - new_max)
-    };
+    let kept = kept(*row.max, new_max);
     let shift = _mm512_set1_ps(new_max);
     let mut weights = [0f32; KEYS];
     let mut block_sum = _mm512_setzero_ps();

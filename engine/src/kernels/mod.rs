@@ -10,6 +10,20 @@ use candle_core::{Module, Tensor};
 
 use crate::error::Result;
 
+/// `f(0)`, ..., `f(n - 1)` computed over candle's thread pool, returned in order.
+pub(crate) fn on_pool<T: Send + Sync>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let slots: Vec<std::sync::OnceLock<T>> = (0..n).map(|_| std::sync::OnceLock::new()).collect();
+    candle_core::utils::barrier_pool().execute_chunked(n, |items| {
+        for i in items {
+            let _ = slots[i].set(f(i));
+        }
+    });
+    slots
+        .into_iter()
+        .map(|slot| slot.into_inner().expect("every item computed"))
+        .collect()
+}
+
 /// A projection `x W^T (+ b)` whose weight is f32 or, from a GGUF file, its stored quantized
 /// type: attention and the output head of a large quantized model then take a quarter of the
 /// memory and compute from fewer bytes.

@@ -316,18 +316,10 @@ impl Activations {
     /// [`Activations::quantize`] of each `(x, cols, meets)`, the inputs shared out over the
     /// thread pool.
     pub fn quantize_each(inputs: Vec<(Vec<f32>, usize, Vec<Format>)>) -> Vec<Self> {
-        let slots: Vec<std::sync::OnceLock<Self>> =
-            inputs.iter().map(|_| std::sync::OnceLock::new()).collect();
-        candle_core::utils::barrier_pool().execute_chunked(inputs.len(), |items| {
-            for i in items {
-                let (x, cols, meets) = &inputs[i];
-                let _ = slots[i].set(Self::quantize(x, *cols, meets));
-            }
-        });
-        slots
-            .into_iter()
-            .map(|slot| slot.into_inner().expect("every input quantized"))
-            .collect()
+        super::on_pool(inputs.len(), |i| {
+            let (x, cols, meets) = &inputs[i];
+            Self::quantize(x, *cols, meets)
+        })
     }
 
     /// Quantizes `x`, rows of `cols` values (a multiple of 32), for weights in `meets`: to Q8_0,
