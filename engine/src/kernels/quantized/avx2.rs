@@ -252,13 +252,7 @@ fn horizontal_sum(v: __m256) -> f32 {
 /// The CPU has F16C; both slices hold 32 values.
 #[target_feature(enable = "avx2,f16c")]
 pub(super) unsafe fn quantize_block(block: &[f32], out: &mut [i8]) -> f32 {
-    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let scale = amax / 127.0;
-    let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-    for (q, v) in out.iter_mut().zip(block) {
-        *q = (v * inverse).round_ties_even() as i8;
-    }
-    scale
+    super::quantize_block_in_order(block, out)
 }
 
 /// `out[i] = round(values[i] * inverse)` (half to even, at most 127): Q8_K's quants, in a loop

@@ -6,11 +6,15 @@
 //! They meet activations in llama.cpp's Q8_K (one f32 scale per 256 values), spread over the
 //! super-block's eight blocks of 32 so that the kernels read them as they read Q8_0 rows.
 
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::avx2::half;
+#[cfg(target_arch = "aarch64")]
+use super::neon::half;
 
 /// Weights in a super-block.
 pub const VALUES: usize = 256;
@@ -19,7 +23,10 @@ pub const VALUES: usize = 256;
 pub const SUB_BLOCKS: usize = VALUES / super::BLOCK;
 
 /// One K-quant type's layout.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 pub trait Layout {
     /// Bytes of one super-block.
     const BYTES: usize;
@@ -37,12 +44,30 @@ pub trait Layout {
         unsafe { offset_scales(block) }
     }
 
+    /// The same from the bytes, one value at a time: NEON has no lane permutes to spare here,
+    /// and a super-block's 16 scales cost little beside its 256 products.
+    ///
+    /// # Safety
+    /// `block` points at a whole super-block.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn scales(block: *const u8) -> Scales {
+        // SAFETY: the caller's.
+        unsafe { offset_scales(block) }
+    }
+
     /// The 32 unsigned quants of sub-block `s` (0-7), in value order.
     ///
     /// # Safety
     /// As [`Layout::scales`].
     #[cfg(target_arch = "x86_64")]
     unsafe fn quants(block: *const u8, s: usize) -> __m256i;
+
+    /// The same, values 0-15 and 16-31.
+    ///
+    /// # Safety
+    /// As [`Layout::scales`].
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn quants(block: *const u8, s: usize) -> (uint8x16_t, uint8x16_t);
 }
 
 /// A super-block's scales and offsets for values `16 i..16 i + 16`, as f32: a weight is
@@ -50,7 +75,10 @@ pub trait Layout {
 /// the offsets times the activations' sums of 16.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 pub struct Scales {
     pub scales: [f32; 16],
     pub offsets: [f32; 16],
@@ -89,6 +117,14 @@ impl Layout for Q4K {
         // SAFETY: the caller's.
         unsafe { nibbles(block.add(Q4K_QUANTS_AT + 32 * (s / 2)), s % 2) }
     }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn quants(block: *const u8, s: usize) -> (uint8x16_t, uint8x16_t) {
+        // SAFETY: the caller's.
+        unsafe { nibbles(block.add(Q4K_QUANTS_AT + 32 * (s / 2)), s % 2) }
+    }
 }
 
 impl Layout for Q5K {
@@ -107,6 +143,23 @@ impl Layout for Q5K {
                 _mm256_set1_epi8(1),
             );
             _mm256_or_si256(low, _mm256_slli_epi16::<4>(bit))
+        }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn quants(block: *const u8, s: usize) -> (uint8x16_t, uint8x16_t) {
+        // SAFETY: the caller's.
+        unsafe {
+            let (low, high) = nibbles(block.add(Q5K_QUANTS_AT + 32 * (s / 2)), s % 2);
+            let (bit, sixteen) = (vdupq_n_u8(1 << s), vdupq_n_u8(0x10));
+            let first = vtstq_u8(vld1q_u8(block.add(Q5K_HIGH_AT)), bit);
+            let second = vtstq_u8(vld1q_u8(block.add(Q5K_HIGH_AT + 16)), bit);
+            (
+                vorrq_u8(low, vandq_u8(first, sixteen)),
+                vorrq_u8(high, vandq_u8(second, sixteen)),
+            )
         }
     }
 }
@@ -156,6 +209,43 @@ impl Layout for Q6K {
                 _mm256_set1_epi8(3),
             );
             _mm256_or_si256(low, _mm256_slli_epi16::<4>(bits))
+        }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline]
+    unsafe fn scales(block: *const u8) -> Scales {
+        // SAFETY: the caller's.
+        let (d, bytes) = unsafe { (half(block.add(Q6K_D_AT)), block.add(Q6K_SCALES_AT)) };
+        let mut out = Scales {
+            scales: [0.0; 16],
+            offsets: [0.0; 16],
+        };
+        for i in 0..16 {
+            // SAFETY: the 16 scales are inside the super-block.
+            out.scales[i] = unsafe { *bytes.add(i) } as i8 as f32 * d;
+            // The quants are stored as `q + 32`.
+            out.offsets[i] = out.scales[i] * -32.0;
+        }
+        out
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn quants(block: *const u8, s: usize) -> (uint8x16_t, uint8x16_t) {
+        let (half, k) = (s / 4, s % 4);
+        // SAFETY: the caller's.
+        unsafe {
+            let (low, high) = nibbles(block.add(64 * half + 32 * (k % 2)), k / 2);
+            let bits = block.add(Q6K_HIGH_AT + 32 * half);
+            let (shift, three) = (vdupq_n_s8(-2 * k as i8), vdupq_n_u8(3));
+            let first = vandq_u8(vshlq_u8(vld1q_u8(bits), shift), three);
+            let second = vandq_u8(vshlq_u8(vld1q_u8(bits.add(16)), shift), three);
+            (
+                vorrq_u8(low, vshlq_n_u8::<4>(first)),
+                vorrq_u8(high, vshlq_n_u8::<4>(second)),
+            )
         }
     }
 }
@@ -228,4 +318,53 @@ unsafe fn offset_scales(block: *const u8) -> Scales {
 #[target_feature(enable = "avx2")]
 fn widen(bytes: u64) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes as i64)))
+}
+
+/// The low (`high` 0) or high (1) nibbles of the 32 bytes at `at`, as values 0-15 and 16-31.
+///
+/// # Safety
+/// `at` points at 32 readable bytes.
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn nibbles(at: *const u8, high: usize) -> (uint8x16_t, uint8x16_t) {
+    // SAFETY: the caller's.
+    let (first, second) = unsafe { (vld1q_u8(at), vld1q_u8(at.add(16))) };
+    if high == 1 {
+        (vshrq_n_u8::<4>(first), vshrq_n_u8::<4>(second))
+    } else {
+        let low = vdupq_n_u8(0x0f);
+        (vandq_u8(first, low), vandq_u8(second, low))
+    }
+}
+
+/// Q4_K's and Q5_K's scales and offsets (see the x86-64 `offset_scales`), one at a time.
+///
+/// # Safety
+/// As [`Layout::scales`].
+#[cfg(target_arch = "aarch64")]
+unsafe fn offset_scales(block: *const u8) -> Scales {
+    // SAFETY: the caller's: `d`, `dmin` and the 12 packed bytes open the super-block.
+    let (d, dmin, packed) = unsafe {
+        let packed: [u8; 12] = *(block.add(Q4K_SCALES_AT) as *const [u8; 12]);
+        (half(block), half(block.add(2)), packed)
+    };
+    let mut out = Scales {
+        scales: [0.0; 16],
+        offsets: [0.0; 16],
+    };
+    for j in 0..8 {
+        let (scale, offset) = if j < 4 {
+            (packed[j] & 63, packed[j + 4] & 63)
+        } else {
+            (
+                packed[j + 4] & 0x0f | (packed[j - 4] >> 6) << 4,
+                packed[j + 4] >> 4 | (packed[j] >> 6) << 4,
+            )
+        };
+        // Each sub-block's scale and offset cover both of its 16-value halves.
+        out.scales[2 * j..2 * j + 2].fill(scale as f32 * d);
+        out.offsets[2 * j..2 * j + 2].fill(offset as f32 * -dmin);
+    }
+    out
 }

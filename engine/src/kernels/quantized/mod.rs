@@ -1,12 +1,13 @@
 //! Matrix products in GGUF's 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) and K-quant
-//! types (Q4_K, Q5_K, Q6_K) on x86-64 CPUs (with AVX-512 VNNI, else AVX2), computed from the
-//! blocks as the file stores them.
+//! types (Q4_K, Q5_K, Q6_K) on x86-64 CPUs (with AVX-512 VNNI, else AVX2) and aarch64 CPUs
+//! (NEON with dotprod), computed from the blocks as the file stores them.
 //!
 //! Why not candle's: it has no vector code at all for Q4_1, Q5_0 and Q5_1 (a Q4_1 prompt spent
 //! 60% of its time in its scalar loop); its AVX2 Q8_0 loop converts each block's f16 scales
 //! through a function call and widens products in two steps, so decode runs at about half the
 //! memory bandwidth; its VNNI path keeps a repacked second copy of every matrix, which a
-//! byte-budgeted expert store cannot afford. Here activations are quantized to Q8_0 once per call
+//! byte-budgeted expert store cannot afford (on aarch64 it repacks Q4_0, Q8_0 and the K-quants
+//! whenever the CPU has dotprod, every Apple M-series chip among them). Here activations are quantized to Q8_0 once per call
 //! (once for gate and up together) with each block's sum beside its scale, as llama.cpp's Q8_1
 //! partner format keeps it: a 4- or 5-bit weight `d q + m` then needs only the integer dot of its
 //! unsigned quants with the activation's, plus `m` times the activation block's sum. Rows are
@@ -106,21 +107,29 @@ impl Format {
     }
 }
 
-/// The instructions the kernels run on: AVX-512 VNNI where the CPU has it, else AVX2 (with FMA
-/// and F16C). A process keeps to one, so its results never mix the two. Other CPUs have none
-/// (`available` is false there, and candle's products run instead).
+/// The instructions the kernels run on: on x86-64 AVX-512 VNNI where the CPU has it, else AVX2
+/// (with FMA and F16C); on aarch64 NEON with dotprod. A process keeps to one, so its results
+/// never mix two. Other CPUs have none (`available` is false there, and candle's products run
+/// instead).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub enum Isa {
+    #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "aarch64")]
+    NeonDotprod,
 }
 
 impl std::fmt::Display for Isa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.write_str(match *self {
+            #[cfg(target_arch = "x86_64")]
             Self::Avx512Vnni => "AVX-512 VNNI",
+            #[cfg(target_arch = "x86_64")]
             Self::Avx2 => "AVX2",
+            #[cfg(target_arch = "aarch64")]
+            Self::NeonDotprod => "NEON dotprod",
         })
     }
 }
@@ -144,7 +153,11 @@ pub fn isa() -> Option<Isa> {
                 (false, _) => None,
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        {
+            std::arch::is_aarch64_feature_detected!("dotprod").then_some(Isa::NeonDotprod)
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             None
         }
@@ -290,7 +303,10 @@ pub fn glu(experts: &[(GluWeights, &Activations)]) -> Result<Vec<Vec<f32>>> {
 /// unrounded scale times the sum of the quants, rounded through f16) for the types with an
 /// offset. For the K-quants, Q8_K (rows of whole super-blocks only): see
 /// [`Activations::quantize_super_blocks`].
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 pub struct Activations {
     quants: Vec<i8>,
     /// Per block of 32.
@@ -329,33 +345,17 @@ impl Activations {
             cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols),
             "Q8_0 rows of {cols} values"
         );
-        let isa = isa().expect("the Q8_0 kernel needs AVX2 with FMA and F16C");
+        let isa = isa().expect("the kernels' instructions on this CPU");
         let mut quants = vec![0i8; x.len()];
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut scales = Vec::with_capacity(x.len() / BLOCK);
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut sums = Vec::with_capacity(x.len() / BLOCK);
         for (block, out) in x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                // SAFETY: `isa` checked the instructions; both blocks hold 32 values.
-                let scale = unsafe {
-                    match isa {
-                        Isa::Avx512Vnni => avx512::quantize_block(block, out),
-                        Isa::Avx2 => avx2::quantize_block(block, out),
-                    }
-                };
-                // Both stored as f16 by llama.cpp (its Q8_0 and Q8_1 blocks), the sum from the
-                // unrounded scale.
-                let sum = scale * out.iter().map(|&q| q as i32).sum::<i32>() as f32;
-                // SAFETY: as above (F16C).
-                unsafe {
-                    scales.push(avx2::round_through_f16(scale));
-                    sums.push(avx2::round_through_f16(sum));
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (isa, block, out);
+            let scale = quantize_block(isa, block, out);
+            // Both stored as f16 by llama.cpp (its Q8_0 and Q8_1 blocks), the sum from the
+            // unrounded scale.
+            let sum = scale * out.iter().map(|&q| q as i32).sum::<i32>() as f32;
+            scales.push(round_through_f16(scale));
+            sums.push(round_through_f16(sum));
         }
         let super_blocks = meets
             .iter()
@@ -421,6 +421,44 @@ impl Activations {
     pub fn is_empty(&self) -> bool {
         self.quants.is_empty()
     }
+}
+
+/// Quantizes 32 values to Q8_0 into `out` and returns their scale, not yet rounded: the largest
+/// magnitude over 127, and each value over it rounded half to even (saturating).
+fn quantize_block(isa: Isa, block: &[f32], out: &mut [i8]) -> f32 {
+    // SAFETY: `isa` found the instructions; both slices hold 32 values.
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => unsafe { avx512::quantize_block(block, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::quantize_block(block, out) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDotprod => quantize_block_in_order(block, out),
+    }
+}
+
+/// [`quantize_block`] in plain code, which the compiler vectorizes for the instructions of the
+/// function it is inlined into.
+#[inline(always)]
+fn quantize_block_in_order(block: &[f32], out: &mut [i8]) -> f32 {
+    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    for (q, v) in out.iter_mut().zip(block) {
+        *q = (v * inverse).round_ties_even() as i8;
+    }
+    scale
+}
+
+/// `value` rounded to the nearest f16 (ties to even), as f32.
+fn round_through_f16(value: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: every x86-64 instruction set the kernels take has F16C.
+    unsafe {
+        avx2::round_through_f16(value)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    ::half::f16::from_f32(value).to_f32()
 }
 
 /// Quantizes one super-block of 256 values into `out` and returns its scale (see
@@ -516,8 +554,8 @@ pub fn matmul(jobs: &mut [Job]) {
 }
 
 /// Elements `(t, r)` of `job` for its every token `t` and the rows `rows` (of `row_bytes` bytes),
-/// into `out[t * out_rows + r]`: AVX-512 takes groups of tokens through each row, AVX2 one dot
-/// product at a time.
+/// into `out[t * out_rows + r]`: AVX-512 takes groups of tokens through each row, AVX2 and NEON
+/// one dot product at a time.
 ///
 /// # Safety
 /// `out` has room for those elements, and nothing else writes them meanwhile.
@@ -528,52 +566,58 @@ unsafe fn product(
     out: *mut f32,
     out_rows: usize,
 ) {
+    let x = job.x;
     #[cfg(target_arch = "x86_64")]
-    {
-        let x = job.x;
-        if isa() == Some(Isa::Avx512Vnni) {
-            // SAFETY: activations exist only where `isa` found the instructions; the caller's.
-            unsafe { avx512::product(job.format, job.weights, rows, x, out, out_rows) };
-            return;
-        }
-        let blocks = x.cols / BLOCK;
-        for r in rows {
-            let weights = &job.weights[r * row_bytes..(r + 1) * row_bytes];
-            for t in 0..x.len() {
-                let quants = &x.quants[t * x.cols..(t + 1) * x.cols];
-                let scales = &x.scales[t * blocks..(t + 1) * blocks];
-                // One sum per block of 32 (Q8_1), or per 16 (Q8_K).
-                let per_block = x.sums.len() / x.scales.len();
-                let sums = &x.sums[t * blocks * per_block..(t + 1) * blocks * per_block];
-                // SAFETY: as above, the slices hold `blocks` blocks each; the caller's.
-                unsafe {
-                    *out.add(t * out_rows + r) = match job.format {
-                        Format::Q8_0 => avx2::dot(weights, quants, scales),
-                        Format::Q4_0 => {
-                            avx2::dot_small::<false, false>(weights, quants, scales, sums)
-                        }
-                        Format::Q4_1 => {
-                            avx2::dot_small::<true, false>(weights, quants, scales, sums)
-                        }
-                        Format::Q5_0 => {
-                            avx2::dot_small::<false, true>(weights, quants, scales, sums)
-                        }
-                        Format::Q5_1 => {
-                            avx2::dot_small::<true, true>(weights, quants, scales, sums)
-                        }
-                        Format::Q4K => avx2::dot_k::<Q4K>(weights, quants, scales, sums),
-                        Format::Q5K => avx2::dot_k::<Q5K>(weights, quants, scales, sums),
-                        Format::Q6K => avx2::dot_k::<Q6K>(weights, quants, scales, sums),
-                    }
-                };
-            }
+    if isa() == Some(Isa::Avx512Vnni) {
+        // SAFETY: activations exist only where `isa` found the instructions; the caller's.
+        unsafe { avx512::product(job.format, job.weights, rows, x, out, out_rows) };
+        return;
+    }
+    let blocks = x.cols / BLOCK;
+    // One sum per block of 32 (Q8_1), or per 16 (Q8_K).
+    let per_block = x.sums.len() / x.scales.len().max(1);
+    for r in rows {
+        let weights = &job.weights[r * row_bytes..(r + 1) * row_bytes];
+        for t in 0..x.len() {
+            let quants = &x.quants[t * x.cols..(t + 1) * x.cols];
+            let scales = &x.scales[t * blocks..(t + 1) * blocks];
+            let sums = &x.sums[t * blocks * per_block..(t + 1) * blocks * per_block];
+            // SAFETY: as above, the slices hold `blocks` blocks each; the caller's.
+            unsafe { *out.add(t * out_rows + r) = dot(job.format, weights, quants, scales, sums) };
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (job, rows, row_bytes, out, out_rows);
-        unreachable!("the quantized kernels are only offered on x86-64")
+}
+
+/// One row of `format` weights by one row of activations (their quants, per-block scales and
+/// sums), on AVX2 or NEON.
+///
+/// # Safety
+/// The CPU has the instructions ([`isa`] found them); the slices hold whole blocks of one row.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+unsafe fn dot(format: Format, weights: &[u8], quants: &[i8], scales: &[f32], sums: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    use avx2 as simd;
+    #[cfg(target_arch = "aarch64")]
+    use neon as simd;
+    // SAFETY: the caller's.
+    unsafe {
+        match format {
+            Format::Q8_0 => simd::dot(weights, quants, scales),
+            Format::Q4_0 => simd::dot_small::<false, false>(weights, quants, scales, sums),
+            Format::Q4_1 => simd::dot_small::<true, false>(weights, quants, scales, sums),
+            Format::Q5_0 => simd::dot_small::<false, true>(weights, quants, scales, sums),
+            Format::Q5_1 => simd::dot_small::<true, true>(weights, quants, scales, sums),
+            Format::Q4K => simd::dot_k::<Q4K>(weights, quants, scales, sums),
+            Format::Q5K => simd::dot_k::<Q5K>(weights, quants, scales, sums),
+            Format::Q6K => simd::dot_k::<Q6K>(weights, quants, scales, sums),
+        }
     }
+}
+
+/// Without the kernels' instructions nothing reaches [`product`].
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+unsafe fn dot(_: Format, _: &[u8], _: &[i8], _: &[f32], _: &[f32]) -> f32 {
+    unreachable!("the quantized kernels are offered only on x86-64 and aarch64")
 }
 
 /// The 4- and 5-bit block layouts: an f16 scale `d`; with `MIN` an f16 offset `m`; with `HIGH`
@@ -581,7 +625,10 @@ unsafe fn product(
 /// high nibbles values 16-31. A weight is `d q + m`, or without `MIN` `d (q - 8)` (`d (q - 16)`
 /// with five bits): the zero point is taken off in integers, as llama.cpp does, and `m` times
 /// the activation block's sum added in floats.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 mod small {
     pub const fn block_bytes(min: bool, high: bool) -> usize {
         quants_at(min, high) + 16
@@ -607,7 +654,7 @@ mod small {
 
 mod k_quants;
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use k_quants::{Q4K, Q5K, Q6K};
 
 #[cfg(target_arch = "x86_64")]
@@ -615,6 +662,9 @@ mod avx512;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 #[cfg(test)]
 mod tests {
@@ -769,13 +819,13 @@ mod tests {
         assert!(max_abs_diff(&ours, &expected) < 1e-3);
     }
 
-    /// Both instruction sets give the exact block sums, up to f32 rounding, including the -128
-    /// a file may hold and the tail after the last four blocks; and they quantize alike.
+    /// Every instruction set gives the exact block sums, up to f32 rounding, including the -128
+    /// a file may hold and the tail after the last four blocks; and AVX2 and AVX-512 quantize
+    /// alike.
     #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn avx2_and_avx512_agree_with_exact_sums() {
+    fn q8_0_agrees_with_exact_sums_on_every_instruction_set() {
         let Some(isa) = isa() else {
-            eprintln!("skipped: this CPU lacks AVX2");
+            eprintln!("skipped: this CPU lacks the kernels' instructions");
             return;
         };
         let blocks = 7;
@@ -787,8 +837,7 @@ mod tests {
             .collect();
         let activations = Activations::quantize(&x, blocks * BLOCK, &[Format::Q8_0]);
         for b in 0..blocks {
-            // SAFETY: `isa` found F16C.
-            let scale = unsafe { avx2::round_through_f16(0.01 + (next() % 100) as f32 / 1000.0) };
+            let scale = round_through_f16(0.01 + (next() % 100) as f32 / 1000.0);
             let block = &mut weights[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
             block[..2].copy_from_slice(&f16_bits(scale).to_le_bytes());
             let mut sum = 0i64;
@@ -805,12 +854,13 @@ mod tests {
         }
         let quants = &activations.quants;
         let scales = &activations.scales;
-        // SAFETY: `isa` found AVX2, FMA and F16C; the slices hold `blocks` blocks.
-        let avx2 = unsafe { avx2::dot(&weights, quants, scales) };
+        // SAFETY: `isa` found the instructions; the slices hold `blocks` blocks.
+        let ours = unsafe { dot(Format::Q8_0, &weights, quants, scales, &activations.sums) };
         assert!(
-            (avx2 as f64 - exact).abs() < 1e-4 * exact.abs().max(1.0),
-            "{avx2} {exact}"
+            (ours as f64 - exact).abs() < 1e-4 * exact.abs().max(1.0),
+            "{isa}: {ours} {exact}"
         );
+        #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512Vnni {
             // SAFETY: as above, and `isa` found AVX-512 VNNI.
             let avx512 = unsafe { avx512::element(Format::Q8_0, &weights, &activations, 0) };
@@ -829,14 +879,13 @@ mod tests {
         }
     }
 
-    /// The 4- and 5-bit kernels of both instruction sets give the exact block sums, up to f32
+    /// The 4- and 5-bit kernels of every instruction set give the exact block sums, up to f32
     /// rounding: quants at both ends of their range, offsets of both signs, a zero scale, and
     /// block counts that leave a tail after the pairs.
     #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn small_types_agree_with_exact_sums_on_both_instruction_sets() {
+    fn small_types_agree_with_exact_sums_on_every_instruction_set() {
         let Some(isa) = isa() else {
-            eprintln!("skipped: this CPU lacks AVX2");
+            eprintln!("skipped: this CPU lacks the kernels' instructions");
             return;
         };
         let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
@@ -851,15 +900,13 @@ mod tests {
                 let mut exact = 0f64;
                 for b in 0..blocks {
                     let block = &mut weights[b * bytes..(b + 1) * bytes];
-                    // SAFETY: `isa` found F16C.
                     let d = if b == 1 {
                         0.0
                     } else {
-                        unsafe { avx2::round_through_f16(0.01 + (next() % 100) as f32 / 1000.0) }
+                        round_through_f16(0.01 + (next() % 100) as f32 / 1000.0)
                     };
                     block[..2].copy_from_slice(&f16_bits(d).to_le_bytes());
-                    // SAFETY: as above.
-                    let m = unsafe { avx2::round_through_f16((next() % 200) as f32 / 100.0 - 1.0) };
+                    let m = round_through_f16((next() % 200) as f32 / 100.0 - 1.0);
                     if min {
                         block[small::min_at()..][..2].copy_from_slice(&f16_bits(m).to_le_bytes());
                     }
@@ -899,36 +946,22 @@ mod tests {
                 let (quants, scales, sums) =
                     (&activations.quants, &activations.scales, &activations.sums);
                 let tolerance = 1e-4 * exact.abs().max(1.0);
-                // SAFETY: `isa` found AVX2, FMA and F16C; the slices hold `blocks` blocks.
-                let avx2 = unsafe {
-                    match (min, high) {
-                        (false, false) => {
-                            avx2::dot_small::<false, false>(&weights, quants, scales, sums)
-                        }
-                        (true, false) => {
-                            avx2::dot_small::<true, false>(&weights, quants, scales, sums)
-                        }
-                        (false, true) => {
-                            avx2::dot_small::<false, true>(&weights, quants, scales, sums)
-                        }
-                        (true, true) => {
-                            avx2::dot_small::<true, true>(&weights, quants, scales, sums)
-                        }
-                    }
+                let format = match (min, high) {
+                    (false, false) => Format::Q4_0,
+                    (true, false) => Format::Q4_1,
+                    (false, true) => Format::Q5_0,
+                    (true, true) => Format::Q5_1,
                 };
+                // SAFETY: `isa` found the instructions; the slices hold `blocks` blocks.
+                let ours = unsafe { dot(format, &weights, quants, scales, sums) };
                 let case = format!("{blocks} blocks, min {min}, high {high}");
                 assert!(
-                    (avx2 as f64 - exact).abs() < tolerance,
-                    "AVX2 {case}: {avx2} {exact}"
+                    (ours as f64 - exact).abs() < tolerance,
+                    "{isa} {case}: {ours} {exact}"
                 );
+                #[cfg(target_arch = "x86_64")]
                 if isa == Isa::Avx512Vnni {
                     // SAFETY: as above, and `isa` found AVX-512 VNNI.
-                    let format = match (min, high) {
-                        (false, false) => Format::Q4_0,
-                        (true, false) => Format::Q4_1,
-                        (false, true) => Format::Q5_0,
-                        (true, true) => Format::Q5_1,
-                    };
                     let avx512 = unsafe { avx512::element(format, &weights, &activations, 0) };
                     assert!(
                         (avx512 as f64 - exact).abs() < tolerance,
@@ -939,16 +972,15 @@ mod tests {
         }
     }
 
-    /// The K-quant kernels of both instruction sets give the exact sum of the dequantized
+    /// The K-quant kernels of every instruction set give the exact sum of the dequantized
     /// weights (as candle dequantizes them) times the dequantized activations, up to f32
     /// rounding: blocks of random bytes (every quant, scale and offset at both ends of its range
     /// somewhere), zero scales, and one to three super-blocks.
     #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn k_quants_agree_with_exact_sums_on_both_instruction_sets() {
+    fn k_quants_agree_with_exact_sums_on_every_instruction_set() {
         use candle_core::quantized::ggml_file::qtensor_from_ggml;
         let Some(isa) = isa() else {
-            eprintln!("skipped: this CPU lacks AVX2");
+            eprintln!("skipped: this CPU lacks the kernels' instructions");
             return;
         };
         let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
@@ -995,19 +1027,14 @@ mod tests {
                     .map(|i| (w[i] as f64 * activations.quants[i] as f64).abs())
                     .sum();
                 let tolerance = 1e-5 * magnitude.max(1.0);
-                // SAFETY: `isa` found AVX2, FMA and F16C; the slices hold `supers` super-blocks.
-                let avx2 = unsafe {
-                    match format {
-                        Format::Q4K => avx2::dot_k::<Q4K>(&weights, quants, scales, sums),
-                        Format::Q5K => avx2::dot_k::<Q5K>(&weights, quants, scales, sums),
-                        _ => avx2::dot_k::<Q6K>(&weights, quants, scales, sums),
-                    }
-                };
+                // SAFETY: `isa` found the instructions; the slices hold `supers` super-blocks.
+                let ours = unsafe { dot(format, &weights, quants, scales, sums) };
                 let case = format!("{dtype:?}, {supers} super-blocks");
                 assert!(
-                    (avx2 as f64 - exact).abs() < tolerance,
-                    "AVX2 {case}: {avx2} {exact}"
+                    (ours as f64 - exact).abs() < tolerance,
+                    "{isa} {case}: {ours} {exact}"
                 );
+                #[cfg(target_arch = "x86_64")]
                 if isa == Isa::Avx512Vnni {
                     // SAFETY: as above, and `isa` found AVX-512 VNNI.
                     let avx512 = unsafe { avx512::element(format, &weights, activations, 0) };
@@ -1021,7 +1048,6 @@ mod tests {
     }
 
     /// A fixed sequence of pseudo-random numbers from `seed` (xorshift64).
-    #[cfg(target_arch = "x86_64")]
     fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
         move || {
             state ^= state << 13;
@@ -1032,14 +1058,8 @@ mod tests {
     }
 
     /// The f16 nearest to `value`, as bits.
-    #[cfg(target_arch = "x86_64")]
     fn f16_bits(value: f32) -> u16 {
-        use std::arch::x86_64::*;
-        // SAFETY: only called where `isa` found F16C.
-        unsafe {
-            let half = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(value));
-            _mm_extract_epi16::<0>(half) as u16
-        }
+        ::half::f16::from_f32(value).to_bits()
     }
 
     #[test]
