@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{KvCache, Logits, Model};
+use crate::model::{KvCache, Logits, Model, readback};
 use crate::tokenizer::{DecodeStream, Tokenizer};
 
 /// How the next token is chosen. Applied in the order repetition penalty, temperature, top-k,
@@ -306,7 +306,7 @@ impl Session {
             }
         }
         let logits = last.ok_or_else(|| Error::InvalidRequest("no tokens to run".into()))?;
-        Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
+        Ok(readback::rows(&[&logits])?.remove(0).remove(0))
     }
 
     /// Generates after `request.prompt`, calling `on_delta` for every token; returning false from

@@ -265,9 +265,10 @@ fn a_prompt_in_slabs_on_demand_equals_resident() {
 struct FirstLayerInputs(std::sync::Mutex<Vec<usize>>);
 
 impl ForwardHook for FirstLayerInputs {
-    fn layer_input(&self, layer: usize, hidden: &Tensor) {
+    fn layer_input(&self, layer: usize, hidden: &Tensor) -> Vec<Tensor> {
         if layer == 0 {
             self.0.lock().unwrap().push(hidden.dim(0).unwrap());
         }
+        Vec::new()
     }
 }

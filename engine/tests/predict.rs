@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use odmoe_engine::generate::{GenerateRequest, Session};
-use odmoe_engine::model::Model;
+use odmoe_engine::model::{Logits, Model, readback};
 use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::predict::replay::{Prefetch, ReplayOptions, ReplayPolicy, replay};
 use odmoe_engine::predict::shadow::{Shadow, TrainOptions, train};
@@ -274,6 +274,51 @@ fn prefetch_never_changes_logits() {
                 assert!(stats.issued > 0 && stats.used > 0, "{name}: {stats:?}");
             }
         }
+    }
+}
+
+/// A forward pass reads back from the device once per layer: its routing scores and the
+/// predictor's scores for the next layers in one read (on a GPU each read waits for the device).
+/// DeepSeek-V3 has a dense first layer (the predictor's scores alone) and group-limited routing
+/// (its choice made on the host from the scores read).
+#[test]
+fn a_forward_pass_reads_back_once_per_layer() {
+    for name in FIXTURES.into_iter().chain(["deepseek_v3"]) {
+        let (config, total) = open::describe(&fixture(name)).unwrap();
+        let mut loaded = open::load(
+            &fixture(name),
+            &on_demand(total / 2, PolicyKind::Lru),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let store = loaded.store.clone().unwrap();
+        let predictor: Box<dyn Predictor> = Box::new(Lookahead::new(&loaded.model, 2).unwrap());
+        let options = PrefetchOptions {
+            adaptive: false,
+            ..PrefetchOptions::new(2, config.num_layers)
+        };
+        let prefetcher = Prefetcher::install(&mut loaded.model, predictor, store.clone(), options);
+        let model = &loaded.model;
+        let mut cache = model.new_cache();
+        let mut tokens = prompts(name, 0..1).remove(0);
+        for step in 0..4 {
+            let before = readback::count();
+            let logits = model
+                .forward(&tokens, &mut cache, Logits::Last, None)
+                .unwrap();
+            let reads = readback::count() - before;
+            assert_eq!(
+                reads, config.num_layers as u64,
+                "{name}, forward pass {step}: {reads} reads for {} layers",
+                config.num_layers
+            );
+            let row = readback::rows(&[&logits]).unwrap().remove(0).remove(0);
+            tokens = vec![odmoe_engine::model::layers::argmax(&row) as u32];
+        }
+        store.wait_idle();
+        let stats = prefetcher.stats();
+        assert_eq!(stats.predictions, 4 * config.num_layers as u64, "{name}");
+        assert!(stats.issued > 0, "{name}: {stats:?}");
     }
 }
 

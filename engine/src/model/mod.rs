@@ -12,6 +12,7 @@ pub mod llama;
 pub mod mixtral;
 pub mod moe;
 pub mod qwen_moe;
+pub mod readback;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -316,8 +317,14 @@ impl ForwardTrace {
 /// A hook only reads what it is given, so logits never depend on it. It runs on the thread that
 /// runs the model, between layers: it must be quick.
 pub trait ForwardHook: Send + Sync {
-    /// The hidden state `[T, hidden]` entering `layer`, before the layer runs.
-    fn layer_input(&self, layer: usize, hidden: &Tensor);
+    /// The hidden state `[T, hidden]` entering `layer`, before the layer runs. Returns tensors
+    /// `[T, n]` on its device whose rows the hook wants on the host: they are read back with
+    /// the layer's routing scores, in the same read, and given to
+    /// [`layer_scores`](Self::layer_scores) before the layer's experts are asked for.
+    fn layer_input(&self, layer: usize, hidden: &Tensor) -> Vec<Tensor>;
+    /// The rows of what [`layer_input`](Self::layer_input) returned for `layer`, when it
+    /// returned any.
+    fn layer_scores(&self, _layer: usize, _rows: Vec<Vec<Vec<f32>>>) {}
     /// The experts `layer` routed its positions to.
     fn layer_routing(&self, _layer: usize, _routing: &Routing) {}
 }
@@ -499,9 +506,10 @@ impl Model {
             if let Some(trace) = trace.as_deref_mut().filter(|t| !t.routing_only) {
                 trace.hidden_states.push(x.clone());
             }
-            if let Some(hook) = &self.hook {
-                hook.layer_input(i, &x);
-            }
+            let wanted = match &self.hook {
+                Some(hook) => hook.layer_input(i, &x),
+                None => Vec::new(),
+            };
             let h = (&x
                 + layer
                     .attention
@@ -510,9 +518,18 @@ impl Model {
             if let Some(trace) = trace.as_deref_mut().filter(|t| !t.routing_only) {
                 trace.ffn_inputs.push(normed.clone());
             }
-            let (ffn_out, routing) = match &layer.ffn {
-                FeedForward::Moe(moe) => moe.forward(&normed, self.experts.as_ref())?,
-                FeedForward::Dense(mlp) => (mlp.forward(&normed)?, Routing::default()),
+            // One read back per layer: the routing scores and what the hook wants, together.
+            let wanted: Vec<&Tensor> = wanted.iter().collect();
+            let (routing, read) = match &layer.ffn {
+                FeedForward::Moe(moe) => moe.route_reading(&normed, &wanted)?,
+                FeedForward::Dense(_) => (Routing::default(), readback::rows(&wanted)?),
+            };
+            if let Some(hook) = self.hook.as_ref().filter(|_| !wanted.is_empty()) {
+                hook.layer_scores(i, read);
+            }
+            let ffn_out = match &layer.ffn {
+                FeedForward::Moe(moe) => moe.mix(&normed, &routing, self.experts.as_ref())?,
+                FeedForward::Dense(mlp) => mlp.forward(&normed)?,
             };
             x = (h + ffn_out)?;
             if let Some(hook) = &self.hook {

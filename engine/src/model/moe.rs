@@ -8,6 +8,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module};
 
+use super::readback;
 use crate::error::Result;
 use crate::expert::{self, ExpertProvider, GluMlp};
 
@@ -60,8 +61,31 @@ pub struct MoeBlock {
 impl MoeBlock {
     /// Routes `x` `[T, hidden]` and mixes the chosen experts' outputs.
     pub fn forward(&self, x: &Tensor, experts: &dyn ExpertProvider) -> Result<(Tensor, Routing)> {
-        let routing = self.route(&self.scores(x)?.to_vec2::<f32>()?);
+        let (routing, _) = self.route_reading(x, &[])?;
+        Ok((self.mix(x, &routing, experts)?, routing))
+    }
 
+    /// Routes `x` `[T, hidden]`, reading back the rows of each of `also` (`[T, n]` tensors on
+    /// `x`'s device) in the same read as the routing scores.
+    pub fn route_reading(
+        &self,
+        x: &Tensor,
+        also: &[&Tensor],
+    ) -> Result<(Routing, Vec<Vec<Vec<f32>>>)> {
+        let scores = self.scores(x)?;
+        let mut read = readback::rows(&[&[&scores], also].concat())?;
+        let scores = read.remove(0);
+        Ok((self.route(&scores), read))
+    }
+
+    /// The chosen experts' outputs on `x` `[T, hidden]`, mixed by their routing weights, plus
+    /// the shared experts'.
+    pub fn mix(
+        &self,
+        x: &Tensor,
+        routing: &Routing,
+        experts: &dyn ExpertProvider,
+    ) -> Result<Tensor> {
         let mut out = expert::apply(experts, self.layer, x, &routing.ids, &routing.weights)?;
         if let Some(shared) = &self.shared {
             let y = shared.mlp.forward(x)?;
@@ -71,11 +95,11 @@ impl MoeBlock {
             };
             out = (out + y)?;
         }
-        Ok((out, routing))
+        Ok(out)
     }
 
     /// Routing scores `[T, experts]` in f32: softmax probabilities, or sigmoid scores.
-    fn scores(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn scores(&self, x: &Tensor) -> Result<Tensor> {
         let logits = self.router.forward(&x.to_dtype(DType::F32)?)?;
         Ok(match self.scoring {
             Scoring::Softmax => candle_nn::ops::softmax_last_dim(&logits)?,
@@ -83,24 +107,10 @@ impl MoeBlock {
         })
     }
 
-    /// What the choice of experts ranks, `[T, experts]`: the scores, or for group-limited
-    /// routing the biased scores with experts outside the chosen groups at minus infinity. The
-    /// lookahead predictor ranks the same way.
-    pub fn choice_scores(&self, x: &Tensor) -> Result<Tensor> {
-        let scores = self.scores(x)?;
-        if matches!(self.scoring, Scoring::Softmax) {
-            return Ok(scores);
-        }
-        let rows: Vec<Vec<f32>> = scores
-            .to_vec2::<f32>()?
-            .iter()
-            .map(|row| self.choice_row(row))
-            .collect();
-        Ok(Tensor::new(rows, x.device())?)
-    }
-
-    /// One position's ranking for the choice (see [`choice_scores`](Self::choice_scores)).
-    fn choice_row(&self, scores: &[f32]) -> Vec<f32> {
+    /// What the choice of experts ranks for one position, from its [`scores`](Self::scores):
+    /// the scores, or for group-limited routing the biased scores with experts outside the
+    /// chosen groups at minus infinity. The lookahead predictor ranks the same way.
+    pub fn choice_row(&self, scores: &[f32]) -> Vec<f32> {
         let Scoring::GroupLimitedSigmoid {
             bias,
             n_group,

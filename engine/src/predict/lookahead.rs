@@ -71,7 +71,7 @@ impl Predictor for Lookahead {
         let hidden = hidden.to_dtype(DType::F32)?;
         (1..=self.depth)
             .map(|d| match &self.routers[(layer + d) % self.routers.len()] {
-                Some((norm, moe)) => moe.choice_scores(&norm.forward(&hidden)?),
+                Some((norm, moe)) => moe.scores(&norm.forward(&hidden)?),
                 None => Ok(Tensor::zeros(
                     (hidden.dim(0)?, 0),
                     DType::F32,
@@ -79,5 +79,12 @@ impl Predictor for Lookahead {
                 )?),
             })
             .collect()
+    }
+
+    fn choice_row(&self, target: usize, scores: &[f32]) -> Vec<f32> {
+        match &self.routers[target] {
+            Some((_, moe)) => moe.choice_row(scores),
+            None => scores.to_vec(),
+        }
     }
 }

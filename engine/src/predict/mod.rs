@@ -99,19 +99,33 @@ pub trait Predictor: Send + Sync {
     fn top_k(&self) -> usize;
 
     /// Scores `[T, experts]` for depth 1..=[`depth`](Self::depth) (entry d-1 is layer
-    /// `(layer + d) % num_layers`), given the hidden state `[T, hidden]` entering `layer`.
+    /// `(layer + d) % num_layers`), given the hidden state `[T, hidden]` entering `layer`. They
+    /// stay on the hidden state's device: [`guesses`](Self::guesses) takes them read back.
     fn scores(&self, layer: usize, hidden: &Tensor) -> Result<Vec<Tensor>>;
 
-    /// The guesses `(layer, expert, score)` for layers `layer+1 ..= layer+depth`: each position's
-    /// top-k, merged (an expert's score is its best). Targets past the last layer belong to the
-    /// next token, which follows only the last position, so only its row counts for them.
+    /// What the choice of experts at layer `target` ranks, from one position's scores: the
+    /// scores themselves unless that layer's router chooses otherwise.
+    fn choice_row(&self, _target: usize, scores: &[f32]) -> Vec<f32> {
+        scores.to_vec()
+    }
+
+    /// [`guesses`](Self::guesses) from `hidden`, its scores read back at once.
     fn predict(&self, layer: usize, hidden: &Tensor) -> Result<Vec<Guess>> {
         let scores = self.scores(layer, hidden)?;
+        let rows = crate::model::readback::rows(&scores.iter().collect::<Vec<_>>())?;
+        Ok(self.guesses(layer, &rows))
+    }
+
+    /// The guesses `(layer, expert, score)` for layers `layer+1 ..= layer+depth`, from the rows
+    /// of [`scores`](Self::scores) (`rows[d - 1][t]`): each position's top-k, merged (an
+    /// expert's score is its best). Targets past the last layer belong to the next token,
+    /// which follows only the last position, so only its row counts for them.
+    fn guesses(&self, layer: usize, rows: &[Vec<Vec<f32>>]) -> Vec<Guess> {
         let num_layers = self.num_layers();
         let mut guesses = Vec::new();
-        for (i, s) in scores.iter().enumerate() {
+        for (i, rows) in rows.iter().enumerate() {
             let depth = i + 1;
-            let rows = s.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let target = (layer + depth) % num_layers;
             let rows = if layer + depth >= num_layers {
                 &rows[rows.len().saturating_sub(1)..]
             } else {
@@ -119,7 +133,8 @@ pub trait Predictor: Send + Sync {
             };
             let mut best: BTreeMap<usize, f32> = BTreeMap::new();
             for row in rows {
-                for e in top_k(row, self.top_k()) {
+                let row = self.choice_row(target, row);
+                for e in top_k(&row, self.top_k()) {
                     let score = best.entry(e).or_insert(f32::NEG_INFINITY);
                     *score = score.max(row[e]);
                 }
@@ -128,12 +143,12 @@ pub trait Predictor: Send + Sync {
             merged.sort_by(|a, b| b.1.total_cmp(&a.1));
             guesses.extend(merged.into_iter().map(|(expert, score)| Guess {
                 depth,
-                layer: (layer + depth) % num_layers,
+                layer: target,
                 expert,
                 score,
             }));
         }
-        Ok(guesses)
+        guesses
     }
 }
 
@@ -176,7 +191,7 @@ pub fn recall_on_trace(predictor: &dyn Predictor, trace: &trace::Trace) -> Resul
                     continue;
                 };
                 let truth = trace.ids(t2, j);
-                found[i] += top_k(row, k)
+                found[i] += top_k(&predictor.choice_row(j, row), k)
                     .iter()
                     .filter(|&&e| truth.contains(&(e as u32)))
                     .count() as u64;
@@ -430,6 +445,8 @@ struct LiveState {
     recall: RecallMeter,
     predictions: u64,
     latencies_us: VecDeque<f64>,
+    /// Time the predictor took to score the current layer's input, its guesses still to come.
+    scoring_us: f64,
 }
 
 /// The live prefetcher: after each layer, asks the predictor about the next layers and queues
@@ -458,6 +475,7 @@ impl Prefetcher {
                 recall: RecallMeter::new(depth),
                 predictions: 0,
                 latencies_us: VecDeque::new(),
+                scoring_us: 0.0,
             }),
             predictor,
             store,
@@ -501,10 +519,10 @@ impl Prefetcher {
 }
 
 impl ForwardHook for Prefetcher {
-    fn layer_input(&self, layer: usize, hidden: &Tensor) {
+    /// Scores the next layers from the layer's input; they come back with its routing.
+    fn layer_input(&self, layer: usize, hidden: &Tensor) -> Vec<Tensor> {
         let mut state = crate::store::recover(self.state.lock());
         state.step += 1;
-        let step = state.step;
         let counts = self.store.prefetch_counts();
         let (used, wasted) = (
             counts.used - state.seen.used,
@@ -512,23 +530,32 @@ impl ForwardHook for Prefetcher {
         );
         state.seen = counts;
         if self.options.adaptive && !state.gate.step(used, wasted) {
-            return;
+            return Vec::new();
         }
         let started = Instant::now();
-        let guesses = match self.predictor.predict(layer, hidden) {
-            Ok(g) => g,
+        let scores = match self.predictor.scores(layer, hidden) {
+            Ok(scores) => scores,
             Err(e) => {
                 tracing::warn!("expert prediction failed at layer {layer}: {e}");
-                return;
+                return Vec::new();
             }
         };
+        state.scoring_us = started.elapsed().as_secs_f64() * 1e6;
+        scores
+    }
+
+    /// Turns the scores into guesses and queues their experts.
+    fn layer_scores(&self, layer: usize, rows: Vec<Vec<Vec<f32>>>) {
+        let mut state = crate::store::recover(self.state.lock());
+        let started = Instant::now();
+        let guesses = self.predictor.guesses(layer, &rows);
         if state.latencies_us.len() == LATENCY_WINDOW {
             state.latencies_us.pop_front();
         }
-        state
-            .latencies_us
-            .push_back(started.elapsed().as_secs_f64() * 1e6);
+        let latency = state.scoring_us + started.elapsed().as_secs_f64() * 1e6;
+        state.latencies_us.push_back(latency);
         state.predictions += 1;
+        let step = state.step;
         for (depth, layer, ids) in plan(&guesses, self.options.depth, self.options.min_score) {
             let target = step + depth as u64;
             self.store.prefetch_at(layer, &ids, target);
