@@ -193,12 +193,16 @@ pub fn apply(
     }
     let routed: Vec<Assignment> = by_expert.into_iter().collect();
     let mut out = x.zeros_like()?;
+    // Every expert's positions and weights, taken to the device once per layer (each expert's
+    // are a slice of them), on the path that computes there.
+    let mut on_device: Option<(Tensor, Tensor, Vec<usize>)> = None;
     // `x`'s values for the quantized kernels, taken once for every batch that needs them.
     let mut rows: Option<Vec<f32>> = None;
     // In batches the provider can hold at once; accumulation stays in ascending expert order.
     // Each expert is waited for only when its turn comes: computing one overlaps reading the
     // next, and its pin is released as soon as it has been applied.
-    for batch in routed.chunks(experts.max_batch().max(1)) {
+    let per_batch = experts.max_batch().max(1);
+    for (b, batch) in routed.chunks(per_batch).enumerate() {
         let ids: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
         let mut pending = experts.request(layer, &ids)?.into_iter();
         let Some(first) = pending.next() else {
@@ -228,13 +232,23 @@ pub fn apply(
             out = Tensor::from_vec(sum, out.shape(), out.device())?;
             continue;
         }
+        let (indices, all_weights, starts) = match &mut on_device {
+            Some(uploaded) => uploaded,
+            None => on_device.insert(upload_assignments(&routed, x)?),
+        };
+        let first_of_batch = b * per_batch;
         let rest = pending.map(|p| p.wait());
-        for (handle, (_, (tokens, weights))) in std::iter::once(Ok(first)).chain(rest).zip(batch) {
+        let batch_experts = std::iter::once(Ok(first)).chain(rest).zip(batch);
+        for (i, (handle, (_, (tokens, _)))) in batch_experts.enumerate() {
             let handle = handle?;
-            let n = tokens.len();
-            let index = Tensor::from_vec(tokens.clone(), n, x.device())?;
-            let weights =
-                Tensor::from_vec(weights.clone(), (n, 1), x.device())?.to_dtype(x.dtype())?;
+            let (n, start) = (tokens.len(), starts[first_of_batch + i]);
+            let weights = all_weights.narrow(0, start, n)?;
+            if x.dim(0)? == 1 {
+                // A decode step: the one position is the expert's whole input.
+                out = (out + handle.forward(x)?.broadcast_mul(&weights)?)?;
+                continue;
+            }
+            let index = indices.narrow(0, start, n)?;
             let y = handle
                 .forward(&x.index_select(&index, 0)?)?
                 .broadcast_mul(&weights)?;
@@ -242,6 +256,24 @@ pub fn apply(
         }
     }
     Ok(out)
+}
+
+/// The positions `[n]` and weights `[n, 1]` (in `x`'s type) of every assignment of `routed`
+/// on `x`'s device, one after another, with where each expert's begin.
+fn upload_assignments(routed: &[Assignment], x: &Tensor) -> Result<(Tensor, Tensor, Vec<usize>)> {
+    let mut starts = Vec::with_capacity(routed.len());
+    let (mut tokens, mut weights) = (Vec::new(), Vec::new());
+    for (_, (t, w)) in routed {
+        starts.push(tokens.len());
+        tokens.extend_from_slice(t);
+        weights.extend_from_slice(w);
+    }
+    let n = tokens.len();
+    Ok((
+        Tensor::from_vec(tokens, n, x.device())?,
+        Tensor::from_vec(weights, (n, 1), x.device())?.to_dtype(x.dtype())?,
+        starts,
+    ))
 }
 
 /// Experts the quantized kernels compute together: the top-k of the architectures served.
