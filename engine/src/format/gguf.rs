@@ -189,17 +189,20 @@ impl GgufFile {
                 expected: shape.to_vec(),
             });
         }
+        // Widened on the host and taken to the device once, as it will stay: a GPU's
+        // conversion output comes from its buffer pool, sized to the next power of two.
         Ok(self
-            .qtensor(name, info)?
-            .dequantize(&self.device)?
+            .qtensor(name, info, &Device::Cpu)?
+            .dequantize(&Device::Cpu)?
+            .to_device(&self.device)?
             .reshape(shape)?)
     }
 
-    /// Reads the tensor `name` in its stored type.
-    fn qtensor(&self, name: &str, info: &TensorInfo) -> Result<QTensor> {
+    /// Reads the tensor `name` in its stored type, onto `device`.
+    fn qtensor(&self, name: &str, info: &TensorInfo, device: &Device) -> Result<QTensor> {
         let mut reader =
             BufReader::new(File::open(&self.path).map_err(|e| Error::io(&self.path, e))?);
-        info.read(&mut reader, self.content.tensor_data_offset, &self.device)
+        info.read(&mut reader, self.content.tensor_data_offset, device)
             .map_err(|e| self.error(format!("tensor {name:?}: {e}")))
     }
 
@@ -429,7 +432,7 @@ impl WeightSource for GgufFile {
                 expected: shape.to_vec(),
             });
         }
-        Ok(QMatMul::from_qtensor(self.qtensor(&gguf, info)?)?)
+        Ok(QMatMul::from_qtensor(self.qtensor(&gguf, info, &self.device)?)?)
     }
 }
 

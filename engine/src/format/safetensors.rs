@@ -220,7 +220,9 @@ fn shard_paths(index_path: &Path) -> Result<Vec<PathBuf>> {
     Ok(names.into_iter().map(|n| dir.join(n)).collect())
 }
 
-/// Converts stored bytes to an f32 tensor; bf16 and f16 widen exactly.
+/// Converts stored bytes to an f32 tensor on `device`; bf16 and f16 widen exactly. They widen on
+/// the host and go to the device once, as they will stay: a GPU's conversion output comes from
+/// its buffer pool, sized to the next power of two (up to twice the tensor).
 pub fn f32_tensor(
     bytes: &[u8],
     dtype: Dtype,
@@ -233,7 +235,8 @@ pub fn f32_tensor(
         Dtype::BF16 => DType::BF16,
         other => return Err(format!("dtype {other:?} is not supported (F32, F16, BF16)")),
     };
-    Tensor::from_raw_buffer(bytes, dtype, shape, device)
+    Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)
         .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_device(device))
         .map_err(|e| e.to_string())
 }
