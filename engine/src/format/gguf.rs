@@ -432,7 +432,11 @@ impl WeightSource for GgufFile {
                 expected: shape.to_vec(),
             });
         }
-        Ok(QMatMul::from_qtensor(self.qtensor(&gguf, info, &self.device)?)?)
+        Ok(QMatMul::from_qtensor(self.qtensor(
+            &gguf,
+            info,
+            &self.device,
+        )?)?)
     }
 }
 

@@ -71,6 +71,8 @@ impl RmsNorm {
 pub struct Rotary {
     /// Inverse frequencies, computed in f32 as the reference does.
     inv_freq: Vec<f32>,
+    /// `inv_freq` as `[1, head_dim / 2]` on the device the tables were first made on.
+    on_device: std::sync::OnceLock<Tensor>,
 }
 
 impl Rotary {
@@ -80,36 +82,52 @@ impl Rotary {
             .step_by(2)
             .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
             .collect();
-        Self { inv_freq }
+        Self::from_inv_freq(inv_freq)
     }
 
     /// Rotary embedding with precomputed inverse frequencies (scaled RoPE variants).
     pub fn from_inv_freq(inv_freq: Vec<f32>) -> Self {
-        Self { inv_freq }
+        Self {
+            inv_freq,
+            on_device: std::sync::OnceLock::new(),
+        }
     }
 
-    /// cos and sin tables `[len, head_dim / 2]` for positions `offset..offset + len`.
+    /// cos and sin tables `[len, head_dim / 2]` for positions `offset..offset + len`, made on
+    /// `device` from the positions alone (`position * inv_freq` in f32, as the reference
+    /// computes the angles): a prompt's tables are not built on the host and copied over.
     pub(crate) fn tables(
         &self,
         offset: usize,
         len: usize,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for position in offset..offset + len {
-            for &f in &self.inv_freq {
-                let angle = position as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+        let inv_freq = match self.on_device.get() {
+            Some(kept) if kept.device().same_device(device) => kept.clone(),
+            _ => {
+                let made = Tensor::from_slice(&self.inv_freq, (1, self.inv_freq.len()), device)?;
+                let _ = self.on_device.set(made.clone());
+                made
             }
-        }
-        Ok((
-            Tensor::from_vec(cos, (len, half), device)?,
-            Tensor::from_vec(sin, (len, half), device)?,
-        ))
+        };
+        let angles = positions(offset, len, device)?
+            .to_dtype(DType::F32)?
+            .reshape((len, 1))?
+            .broadcast_mul(&inv_freq)?;
+        Ok((angles.cos()?, angles.sin()?))
     }
+}
+
+/// Positions `first..first + len` as a `[len]` u32 tensor on `device`.
+fn positions(first: usize, len: usize, device: &Device) -> Result<Tensor> {
+    let (start, end) = (u32::try_from(first), u32::try_from(first + len));
+    let (Ok(start), Ok(end)) = (start, end) else {
+        return Err(crate::error::Error::InvalidRequest(format!(
+            "position {} is past the 2^32 a model can attend over",
+            first + len
+        )));
+    };
+    Ok(Tensor::arange(start, end, device)?)
 }
 
 /// Keys and values of every layer for the positions seen so far.
@@ -415,8 +433,13 @@ pub(crate) fn attend_in_tiles(
             .reshape((nkv, rep * len, d))?;
         let (k, v) = (k.narrow(1, key_start, keys)?, v.narrow(1, key_start, keys)?);
         let scores = (q.matmul(&k.t()?)? * scale)?.reshape((nh, len, keys))?;
-        let mask = causal_mask(len, first, key_start, keys, window, q.device())?;
-        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+        // A query alone sees every key taken for it: it needs no mask.
+        let scores = if len > 1 {
+            let mask = causal_mask(len, first, key_start, keys, window, q.device())?;
+            scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?
+        } else {
+            scores
+        };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, rep * len, keys))?;
         tiles.push(probs.matmul(&v)?.reshape((nh, len, dv))?);
     }
@@ -425,7 +448,7 @@ pub(crate) fn attend_in_tiles(
 
 /// Additive mask `[queries, keys]` for queries at positions `first..` and keys at positions
 /// `key_start..`: a query sees a key at or before its position, and within the sliding window
-/// when there is one.
+/// when there is one. Made on `device` from the two position ranges.
 pub(crate) fn causal_mask(
     queries: usize,
     first: usize,
@@ -434,19 +457,17 @@ pub(crate) fn causal_mask(
     sliding_window: Option<usize>,
     device: &Device,
 ) -> Result<Tensor> {
-    let mut mask = Vec::with_capacity(queries * keys);
-    for position in first..first + queries {
-        for key in key_start..key_start + keys {
-            let future = key > position;
-            let too_old = sliding_window.is_some_and(|w| position >= w + key);
-            mask.push(if future || too_old {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            });
-        }
+    let at = positions(first, queries, device)?.reshape((queries, 1))?;
+    let key_at = positions(key_start, keys, device)?.reshape((1, keys))?;
+    let seen = Tensor::zeros((queries, keys), DType::F32, device)?;
+    let blocked = seen.affine(1.0, f64::NEG_INFINITY)?;
+    let mut mask = key_at.broadcast_gt(&at)?.where_cond(&blocked, &seen)?;
+    if let Some(window) = sliding_window {
+        // Too old: `position >= key + window`.
+        let ends = positions(key_start + window, keys, device)?.reshape((1, keys))?;
+        mask = at.broadcast_ge(&ends)?.where_cond(&blocked, &mask)?;
     }
-    Ok(Tensor::from_vec(mask, (queries, keys), device)?)
+    Ok(mask)
 }
 
 /// Loads a SwiGLU feed-forward from the three projections named `{gate,up,down}.weight` (shared
