@@ -314,11 +314,11 @@ fn inspect_gives_the_kv_cache_of_a_long_context() {
     assert_eq!(r["kv_cache_bytes_at_context_f32"], 262144u64 * 61 * 576 * 4);
     let text = odmoe_ok(&["inspect", s(&kimi), "--context", "262144"]);
     assert!(
-        text.contains("17.2 GiB in f16 (34.3 GiB in f32) at 262144 tokens"),
+        text.contains("17.2 GiB in f16 (17.2 GiB in q8_0, 34.3 GiB in f32) at 262144 tokens"),
         "{text}"
     );
 
-    // A checkpoint: its cache as the engine holds it (f32).
+    // A checkpoint: its cache in each way it can be kept, Q8_0 rows at 34 bytes for f16's 64.
     let gguf = fixture("gguf/qwen3_moe-q8_0.gguf");
     let r = json(&odmoe_ok(&[
         "inspect",
@@ -327,6 +327,17 @@ fn inspect_gives_the_kv_cache_of_a_long_context() {
         "1000",
         "--json",
     ]));
-    let per_token = r["kv_cache_bytes_per_token"].as_u64().unwrap();
-    assert_eq!(r["kv_cache_bytes_at_context"], 1000 * per_token);
+    let per_token = |kind: &str| {
+        r[format!("kv_cache_bytes_per_token_{kind}")]
+            .as_u64()
+            .unwrap()
+    };
+    for kind in ["f16", "q8_0", "f32"] {
+        assert_eq!(
+            r[format!("kv_cache_bytes_at_context_{kind}")],
+            1000 * per_token(kind)
+        );
+    }
+    assert_eq!(per_token("f32"), 2 * per_token("f16"));
+    assert_eq!(per_token("q8_0") * 64, per_token("f16") * 34);
 }

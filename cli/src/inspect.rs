@@ -17,7 +17,7 @@ use odmoe_engine::config::ModelConfig;
 use odmoe_engine::format::gguf::{ggml_bytes, ggml_type_name, stacked_expert_names};
 use odmoe_engine::format::layout::{GGUF_DTYPE, Manifest};
 use odmoe_engine::format::safetensors::HfWeights;
-use odmoe_engine::model::expert_tensor_names;
+use odmoe_engine::model::{KvType, expert_tensor_names};
 use odmoe_engine::open;
 use odmoe_engine::store::budget::parse_budget;
 use safetensors::Dtype;
@@ -81,11 +81,71 @@ pub struct Inspection {
     /// base_bytes_in_memory plus the budget (or all experts in memory without one); the KV cache
     /// and activations come on top.
     pub memory_needed_bytes: u64,
-    /// KV cache bytes per token as the engine holds it (f32).
-    pub kv_cache_bytes_per_token: u64,
-    /// With `--context`: the tokens asked for, and the KV cache they hold (f32).
+    /// The KV cache per token, and with `--context` at that many tokens.
+    #[serde(flatten)]
+    pub kv_cache: KvCacheSizes,
+}
+
+/// The KV cache's bytes per token in each way it can be kept (`--kv-cache`; f16 is the
+/// default), and with `--context` at that many tokens.
+#[derive(Debug, Serialize)]
+pub struct KvCacheSizes {
+    pub kv_cache_bytes_per_token_f16: u64,
+    pub kv_cache_bytes_per_token_q8_0: u64,
+    pub kv_cache_bytes_per_token_f32: u64,
     pub context_tokens: Option<u64>,
-    pub kv_cache_bytes_at_context: Option<u64>,
+    pub kv_cache_bytes_at_context_f16: Option<u64>,
+    pub kv_cache_bytes_at_context_q8_0: Option<u64>,
+    pub kv_cache_bytes_at_context_f32: Option<u64>,
+}
+
+impl KvCacheSizes {
+    fn of(config: &ModelConfig) -> Self {
+        let per_token = |kind: KvType| kind.bytes_per_token(config) as u64;
+        Self {
+            kv_cache_bytes_per_token_f16: per_token(KvType::F16),
+            kv_cache_bytes_per_token_q8_0: per_token(KvType::Q8_0),
+            kv_cache_bytes_per_token_f32: per_token(KvType::F32),
+            context_tokens: None,
+            kv_cache_bytes_at_context_f16: None,
+            kv_cache_bytes_at_context_q8_0: None,
+            kv_cache_bytes_at_context_f32: None,
+        }
+    }
+
+    fn at_context(&mut self, tokens: Option<u64>) {
+        let Some(tokens) = tokens else { return };
+        self.context_tokens = Some(tokens);
+        self.kv_cache_bytes_at_context_f16 =
+            Some(tokens.saturating_mul(self.kv_cache_bytes_per_token_f16));
+        self.kv_cache_bytes_at_context_q8_0 =
+            Some(tokens.saturating_mul(self.kv_cache_bytes_per_token_q8_0));
+        self.kv_cache_bytes_at_context_f32 =
+            Some(tokens.saturating_mul(self.kv_cache_bytes_per_token_f32));
+    }
+
+    /// The KV cache's lines; `what` says what it holds.
+    fn print(&self, what: &str) {
+        println!(
+            "KV cache      {} bytes per token in f16 ({} in q8_0, {} in f32): {what}",
+            self.kv_cache_bytes_per_token_f16,
+            self.kv_cache_bytes_per_token_q8_0,
+            self.kv_cache_bytes_per_token_f32
+        );
+        if let (Some(tokens), Some(f16), Some(q8_0), Some(f32)) = (
+            self.context_tokens,
+            self.kv_cache_bytes_at_context_f16,
+            self.kv_cache_bytes_at_context_q8_0,
+            self.kv_cache_bytes_at_context_f32,
+        ) {
+            println!(
+                "              {} in f16 ({} in q8_0, {} in f32) at {tokens} tokens",
+                format_bytes(f16),
+                format_bytes(q8_0),
+                format_bytes(f32)
+            );
+        }
+    }
 }
 
 /// What `inspect` reports from a config.json alone: shapes and sizes that follow from it.
@@ -107,14 +167,9 @@ pub struct ConfigInspection {
     /// Latent attention: the width of the cached latent and of the shared rotary key.
     pub kv_lora_rank: Option<usize>,
     pub qk_rope_head_dim: Option<usize>,
-    /// KV cache bytes per token with 16-bit elements (the usual serving size) and with f32 (as
-    /// this engine holds it).
-    pub kv_cache_bytes_per_token_f16: u64,
-    pub kv_cache_bytes_per_token_f32: u64,
-    /// With `--context`: the tokens asked for, and the KV cache they hold in each width.
-    pub context_tokens: Option<u64>,
-    pub kv_cache_bytes_at_context_f16: Option<u64>,
-    pub kv_cache_bytes_at_context_f32: Option<u64>,
+    /// The KV cache per token, and with `--context` at that many tokens.
+    #[serde(flatten)]
+    pub kv_cache: KvCacheSizes,
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
@@ -124,13 +179,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         }
         let mut report = inspect_config(&args.model)
             .with_context(|| format!("inspecting {}", args.model.display()))?;
-        if let Some(tokens) = args.context {
-            report.context_tokens = Some(tokens);
-            report.kv_cache_bytes_at_context_f16 =
-                Some(tokens.saturating_mul(report.kv_cache_bytes_per_token_f16));
-            report.kv_cache_bytes_at_context_f32 =
-                Some(tokens.saturating_mul(report.kv_cache_bytes_per_token_f32));
-        }
+        report.kv_cache.at_context(args.context);
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
@@ -140,11 +189,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     }
     let mut report =
         inspect(&args.model).with_context(|| format!("inspecting {}", args.model.display()))?;
-    if let Some(tokens) = args.context {
-        report.context_tokens = Some(tokens);
-        report.kv_cache_bytes_at_context =
-            Some(tokens.saturating_mul(report.kv_cache_bytes_per_token));
-    }
+    report.kv_cache.at_context(args.context);
     if let Some(text) = &args.budget {
         if report.total_experts == 0 {
             eprintln!(
@@ -248,16 +293,8 @@ fn print_base_and_kv_cache(r: &Inspection) {
         format_bytes(r.base_bytes_on_disk),
         in_memory(r.base_bytes_in_memory, r.base_bytes_f32)
     );
-    println!(
-        "KV cache      {} bytes per token (f32)",
-        r.kv_cache_bytes_per_token
-    );
-    if let (Some(tokens), Some(bytes)) = (r.context_tokens, r.kv_cache_bytes_at_context) {
-        println!(
-            "              {} at {tokens} tokens (f32)",
-            format_bytes(bytes)
-        );
-    }
+    r.kv_cache
+        .print("keys and values (or latents) of every layer");
 }
 
 /// "N in memory (f32)" for widened weights; quantized weights also say what f32 would take.
@@ -293,11 +330,7 @@ pub fn inspect_config(path: &Path) -> Result<ConfigInspection> {
         expert_bytes_f16: expert_bytes_f32 / 2,
         kv_lora_rank: latent.map(|a| a.kv_lora_rank),
         qk_rope_head_dim: latent.map(|a| a.qk_rope_head_dim),
-        kv_cache_bytes_per_token_f16: config.kv_cache_bytes_per_token(2) as u64,
-        kv_cache_bytes_per_token_f32: config.kv_cache_bytes_per_token(4) as u64,
-        context_tokens: None,
-        kv_cache_bytes_at_context_f16: None,
-        kv_cache_bytes_at_context_f32: None,
+        kv_cache: KvCacheSizes::of(&config),
     })
 }
 
@@ -331,21 +364,7 @@ fn print_config(r: &ConfigInspection) {
         }
         _ => "keys and values of every KV head per layer".into(),
     };
-    println!(
-        "KV cache      {} bytes per token in f16 ({} in f32): {what}",
-        r.kv_cache_bytes_per_token_f16, r.kv_cache_bytes_per_token_f32
-    );
-    if let (Some(tokens), Some(f16), Some(f32)) = (
-        r.context_tokens,
-        r.kv_cache_bytes_at_context_f16,
-        r.kv_cache_bytes_at_context_f32,
-    ) {
-        println!(
-            "              {} in f16 ({} in f32) at {tokens} tokens",
-            format_bytes(f16),
-            format_bytes(f32)
-        );
-    }
+    r.kv_cache.print(&what);
 }
 
 /// The numbers for the checkpoint at `path`, without a budget (memory needed keeps every expert).
@@ -551,9 +570,7 @@ fn summary(
         base_bytes_in_memory: base.in_memory,
         budget_bytes: None,
         memory_needed_bytes: base.in_memory + total_expert_bytes_in_memory,
-        kv_cache_bytes_per_token: config.kv_cache_bytes_per_token(4) as u64,
-        context_tokens: None,
-        kv_cache_bytes_at_context: None,
+        kv_cache: KvCacheSizes::of(config),
     }
 }
 

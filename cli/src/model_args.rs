@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::DType;
 use clap::Args;
+use odmoe_engine::model::KvType;
 use odmoe_engine::open::{self, ExpertMode, LoadOptions, LoadedModel};
 use odmoe_engine::predict::PredictorKind;
 use odmoe_engine::store::budget::parse_budget;
@@ -53,10 +53,11 @@ pub struct ModelArgs {
     /// maximum positions [default: the model's].
     #[arg(long, value_name = "TOKENS")]
     pub context_length: Option<usize>,
-    /// Keep attention's keys and values (latent attention's latents and rotary keys) in f16
-    /// (half the memory of f32, as llama.cpp keeps them) or f32 (exact math).
-    #[arg(long, default_value = "f16", value_name = "f16|f32", value_parser = parse_kv_cache)]
-    pub kv_cache: DType,
+    /// Keep attention's keys and values in f16 (half the memory of f32, as llama.cpp keeps
+    /// them), f32 (exact math) or q8_0 (34 bytes for f16's 64, CPU only); latent attention's
+    /// latents and rotary keys in f32, or f16 for both others
+    #[arg(long, default_value = "f16", value_name = "f16|f32|q8_0", value_parser = parse_kv_cache)]
+    pub kv_cache: KvType,
     /// Most prompt tokens a prefill runs through the layers together: a longer prompt goes
     /// slab after slab, its activations sized by the slab, each layer's experts read once per
     /// slab
@@ -64,12 +65,8 @@ pub struct ModelArgs {
     pub prefill_slab: usize,
 }
 
-fn parse_kv_cache(text: &str) -> Result<DType, String> {
-    match text {
-        "f16" => Ok(DType::F16),
-        "f32" => Ok(DType::F32),
-        other => Err(format!("{other:?}: the KV cache is kept in f16 or f32")),
-    }
+fn parse_kv_cache(text: &str) -> Result<KvType, String> {
+    text.parse().map_err(|e: odmoe_engine::Error| e.to_string())
 }
 
 impl ModelArgs {

@@ -266,14 +266,18 @@ mod tests {
     }
 
     #[test]
-    fn the_kv_cache_is_f16_unless_f32_is_asked_for() {
+    fn the_kv_cache_is_f16_unless_f32_or_q8_0_is_asked_for() {
         let f32 = Config::from_toml("[model]\nkv_cache = \"f32\"\n", None).unwrap();
         assert_eq!(f32.model.kv_cache, KvCache::F32);
+        let q8_0 = Config::from_toml("[model]\nkv_cache = \"q8_0\"\n", None).unwrap();
+        assert_eq!(q8_0.model.kv_cache, KvCache::Q8_0);
         assert_eq!(Config::default().model.kv_cache, KvCache::F16);
         let error = invalid("[model]\nkv_cache = \"bf16\"\n");
         assert_eq!(error.key.as_deref(), Some("model.kv_cache"));
         assert!(
-            error.message.contains("`f16`") && error.message.contains("`f32`"),
+            ["`f16`", "`f32`", "`q8_0`"]
+                .iter()
+                .all(|kind| error.message.contains(kind)),
             "{}",
             error.message
         );

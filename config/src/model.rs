@@ -22,8 +22,9 @@ pub struct ModelConfig {
     /// lower the model's own maximum; 0 keeps the model's. Default 0.
     pub context_length: u32,
     /// How attention's keys and values are kept: "f16" (half f32's memory, as
-    /// llama.cpp keeps them) or "f32" (exact math, twice the memory). Takes
-    /// effect at the next start. Default "f16".
+    /// llama.cpp keeps them), "f32" (exact math, twice the memory) or "q8_0"
+    /// (34 bytes for f16's 64, on the CPU). Takes effect at the next start.
+    /// Default "f16".
     pub kv_cache: KvCache,
     /// Most prompt tokens a prefill runs through the layers together: a longer
     /// prompt goes slab after slab, so its activations take memory for a slab,
@@ -47,6 +48,9 @@ pub enum KvCache {
     #[default]
     F16,
     F32,
+    /// Rows of 32-value blocks, an f16 scale and 32 signed bytes each (GGUF's Q8_0).
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 /// How much memory cached experts may hold.

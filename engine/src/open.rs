@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -13,7 +13,7 @@ use crate::format::WeightSource;
 use crate::format::gguf::GgufFile;
 use crate::format::layout::{MANIFEST, Manifest, SOURCE};
 use crate::format::safetensors::HfWeights;
-use crate::model::Model;
+use crate::model::{KvType, Model};
 use crate::predict::{PredictorKind, PrefetchOptions, Prefetcher};
 use crate::store::{ExpertSource, ExpertStore, GgufSource, HfSource, LayoutSource, StoreConfig};
 use crate::tokenizer::Tokenizer;
@@ -47,11 +47,12 @@ pub struct LoadOptions {
     pub quantized_base: bool,
     /// Lower the context length below the model's maximum positions.
     pub context_length: Option<usize>,
-    /// The type grouped-query attention keeps keys and values in: f32 for exact math (the
-    /// library's default, which the reference tests hold to 1e-4), or f16 as llama.cpp keeps
-    /// them, half the memory and half the bytes a long context's decode step reads (what odmoe
-    /// and odmoed serve with, [`LoadOptions::serving`]); latent attention's latents alike.
-    pub kv_cache: DType,
+    /// How grouped-query attention keeps keys and values: f32 for exact math (the library's
+    /// default, which the reference tests hold to 1e-4), f16 as llama.cpp keeps them, half the
+    /// memory and half the bytes a long context's decode step reads (what odmoe and odmoed serve
+    /// with, [`LoadOptions::serving`]), or q8_0 rows, 34 bytes for f16's 64 (CPU only); latent
+    /// attention's latents in f32 or f16.
+    pub kv_cache: KvType,
     /// Most prompt tokens a prefill runs through the layers together (see
     /// [`crate::model::Model::set_prefill_slab`]).
     pub prefill_slab: usize,
@@ -67,7 +68,7 @@ impl Default for LoadOptions {
             prefetch: PredictorKind::default(),
             quantized_base: true,
             context_length: None,
-            kv_cache: DType::F32,
+            kv_cache: KvType::F32,
             prefill_slab: crate::model::DEFAULT_PREFILL_SLAB,
         }
     }
@@ -77,7 +78,7 @@ impl LoadOptions {
     /// The defaults odmoe and odmoed serve with: keys and values in f16.
     pub fn serving() -> Self {
         Self {
-            kv_cache: DType::F16,
+            kv_cache: KvType::F16,
             ..Self::default()
         }
     }

@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor};
 use odmoe_engine::format::gguf::{gguf_name, stacked_expert_names};
 use odmoe_engine::format::safetensors::HfWeights;
 use odmoe_engine::generate::Session;
-use odmoe_engine::model::{ForwardHook, Logits, Model, expert_tensor_names};
+use odmoe_engine::model::{ForwardHook, KvType, Logits, Model, expert_tensor_names};
 use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::store::{PolicyKind, StoreConfig};
 
@@ -258,6 +258,67 @@ fn a_prompt_in_slabs_on_demand_equals_resident() {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(diff < 1e-3, "slabs against one piece: {diff}");
+}
+
+/// A KV cache of Q8_0 rows holds 34 bytes for every 128 an f32 cache holds, gives on demand
+/// exactly the logits it gives resident (in slabs), and stays near an f32 cache's logits (on
+/// this fixture 0.056 apart at most, where an f16 cache is 0.033 apart, the largest logit 6.8).
+#[test]
+fn a_q8_0_kv_cache_is_a_quarter_of_f32_and_exact_on_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    write_qwen3_gguf(&path, GgmlDType::Q8_0, &[]);
+    let prompt = input();
+    let prefill = |options: LoadOptions| {
+        let loaded = open::load(&path, &options, &Device::Cpu).unwrap();
+        let mut session = Session::new(&loaded.model);
+        let (logits, _) = session.prefill(&loaded.model, &prompt).unwrap();
+        (logits, session.cache_bytes())
+    };
+    let options = |experts, kv_cache| LoadOptions {
+        experts,
+        kv_cache,
+        prefill_slab: 3,
+        ..LoadOptions::default()
+    };
+    let (resident, bytes) = prefill(options(ExpertMode::Resident, KvType::Q8_0));
+    let (_, total) = open::describe(&path).unwrap();
+    let store = StoreConfig {
+        budget_bytes: total / 3,
+        io_threads: 2,
+        policy: PolicyKind::Lru,
+    };
+    let (on_demand, _) = prefill(options(ExpertMode::OnDemand(store), KvType::Q8_0));
+    assert!(
+        resident
+            .iter()
+            .zip(&on_demand)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+    let (exact, f32_bytes) = prefill(options(ExpertMode::Resident, KvType::F32));
+    assert_eq!(
+        bytes * 128,
+        f32_bytes * 34,
+        "{bytes} bytes against f32's {f32_bytes}"
+    );
+    let diff = exact
+        .iter()
+        .zip(&resident)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let (half, _) = prefill(options(ExpertMode::Resident, KvType::F16));
+    let half_diff = exact
+        .iter()
+        .zip(&half)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let largest = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+    println!("q8_0 cache against f32: {diff}, f16: {half_diff}, largest logit {largest}");
+    // Q8_0 keeps 8 bits to f16's 11: its logits move further, not by orders of magnitude.
+    assert!(
+        diff > 0.0 && diff < 4.0 * half_diff && diff < 0.02 * largest,
+        "q8_0 cache against f32: {diff}, f16 against f32: {half_diff}"
+    );
 }
 
 /// The number of positions of each forward pass, as layer 0 sees them.

@@ -14,7 +14,7 @@ use common::{fixture, golden, ids, max_abs_diff};
 
 use candle_core::{DType, Device};
 use odmoe_engine::model::layers::argmax;
-use odmoe_engine::model::{LatentForm, Logits, Model};
+use odmoe_engine::model::{KvType, LatentForm, Logits, Model};
 
 const STEPS: usize = 64;
 
@@ -126,7 +126,7 @@ fn an_f16_cache_keeps_latents_in_half_the_bytes() {
         let model = model(name, LatentForm::Auto, DType::F32);
         let prompt = ids(&golden(name)["input_ids"]);
         let mut wide = model.new_cache();
-        let mut half = model.new_cache().with_dtype(DType::F16);
+        let mut half = model.new_cache().with_kind(KvType::F16);
         let mut worst = 0f32;
         for input in [&prompt[..], &[1], &[2], &[3]] {
             let a = model.forward(input, &mut wide, Logits::Last, None).unwrap();

@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use candle_core::DType;
 use odmoe_config::{KeepAlive, KvCache};
 use odmoe_engine::generate::Session;
+use odmoe_engine::model::KvType;
 use odmoe_engine::open::{self, ExpertMode, LoadOptions, LoadedModel};
 use odmoe_engine::store::{ExpertStore, StoreConfig};
 use odmoe_engine::tokenizer::ChatMessage;
@@ -392,8 +392,9 @@ impl Engine {
             experts,
             context_length: self.context_length(),
             kv_cache: match self.kv_cache() {
-                KvCache::F16 => DType::F16,
-                KvCache::F32 => DType::F32,
+                KvCache::F16 => KvType::F16,
+                KvCache::F32 => KvType::F32,
+                KvCache::Q8_0 => KvType::Q8_0,
             },
             prefill_slab: self.prefill_slab(),
             ..LoadOptions::serving()

@@ -8,7 +8,8 @@
 //! tokens that is 75 MB a tile, most of a long prompt's time in memory traffic and most of its
 //! peak memory. And a decode step's product copied the whole cache to make it contiguous.
 //!
-//! Keys and values are read in the cache's type, f16 or f32, a block at a time into f32.
+//! Keys and values are read in the cache's type, f16, f32 or Q8_0 rows (u8 tensors of GGUF
+//! blocks: an f16 scale and 32 signed bytes), a block at a time into f32.
 //!
 //! Work is shared out over candle's thread pool by (key head, block of queries); every output is
 //! computed by one thread in a fixed order, so results do not depend on the thread count.
@@ -29,13 +30,23 @@ const QUERIES: usize = 16;
 /// query gives inside a prompt.
 const CHUNK: usize = 4 * KEYS;
 
-/// Whether [`attend`] takes these operands: on the CPU, f32 queries and keys and values in f32 or
-/// f16 alike.
+/// Whether [`attend`] takes these operands: on the CPU, f32 queries and keys and values in f32,
+/// f16 or Q8_0 rows alike.
 pub fn takes(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     [q, k, v].iter().all(|t| matches!(t.device(), Device::Cpu))
         && q.dtype() == DType::F32
         && k.dtype() == v.dtype()
-        && matches!(k.dtype(), DType::F32 | DType::F16)
+        && matches!(k.dtype(), DType::F32 | DType::F16 | DType::U8)
+}
+
+/// Values in each row of `t`: its last dimension, or for Q8_0 rows (u8) the values its bytes
+/// hold.
+fn row_values(t: &Tensor) -> Result<usize> {
+    let last = t.dim(2)?;
+    Ok(match t.dtype() {
+        DType::U8 => super::quantized::q8_0_values(last),
+        _ => last,
+    })
 }
 
 /// Attention of `q` `[heads, T, d]` at positions `offset..` over `k` `[kv_heads, S, d]` and `v`
@@ -51,8 +62,8 @@ pub fn attend(
     scale: f32,
 ) -> Result<Tensor> {
     let (heads, t, d) = q.dims3()?;
-    let (kv_heads, s, dk) = k.dims3()?;
-    let dv = v.dim(2)?;
+    let (kv_heads, s, _) = k.dims3()?;
+    let (dk, dv) = (row_values(k)?, row_values(v)?);
     if dk != d || v.dim(0)? != kv_heads || v.dim(1)? != s || !heads.is_multiple_of(kv_heads) {
         return Err(Error::InvalidModel(format!(
             "attention of q {:?} over k {:?} and v {:?}",
@@ -165,7 +176,7 @@ struct Shape {
 }
 
 /// A `[heads, positions, width]` view of a CPU buffer of f32 or f16: element `(h, p, c)` at
-/// `h * head + p * position + c`.
+/// `h * head + p * position + c`; or of Q8_0 rows, whose strides count bytes.
 struct Strided<'a> {
     data: Values<'a>,
     head: usize,
@@ -179,7 +190,11 @@ struct Strided<'a> {
 enum Values<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
+    Q8_0(&'a [u8]),
 }
+
+/// Bytes of a Q8_0 block: its f16 scale, then 32 signed quants.
+const Q8_0_BLOCK: usize = 34;
 
 impl<'a> Strided<'a> {
     fn of(storage: &'a Storage, layout: &candle_core::Layout) -> Result<Self> {
@@ -193,6 +208,7 @@ impl<'a> Strided<'a> {
         let start = layout.start_offset();
         let data = match cpu {
             candle_core::CpuStorage::F16(data) => Values::F16(&data[start..]),
+            candle_core::CpuStorage::U8(data) => Values::Q8_0(&data[start..]),
             _ => Values::F32(&cpu.as_slice::<f32>()?[start..]),
         };
         #[cfg(target_arch = "x86_64")]
@@ -222,6 +238,18 @@ impl<'a> Strided<'a> {
                 }
                 halves.convert_to_f32_slice(out)
             }
+            Values::Q8_0(data) => {
+                let blocks = &data[at..at + out.len() / 32 * Q8_0_BLOCK];
+                for (block, out) in blocks
+                    .chunks_exact(Q8_0_BLOCK)
+                    .zip(out.chunks_exact_mut(32))
+                {
+                    let scale = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                    for (o, &q) in out.iter_mut().zip(&block[2..]) {
+                        *o = q as i8 as f32 * scale;
+                    }
+                }
+            }
         }
     }
 }
@@ -243,6 +271,16 @@ impl Strided<'_> {
                 let halves = data[at..at + 16].as_ptr() as *const __m256i;
                 // SAFETY: 16 halves from `at`, checked.
                 _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(halves) })
+            }
+            Values::Q8_0(data) => {
+                // `at` counted bytes for the row and values for `c`: c's block starts at
+                // `c / 32` blocks in, its 16 values `c % 32` quants after the scale.
+                let block = &data[at - c + c / 32 * Q8_0_BLOCK..][..Q8_0_BLOCK];
+                let scale = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                let quants = block[2 + c % 32..][..16].as_ptr() as *const __m128i;
+                // SAFETY: 16 quants inside the block, checked.
+                let quants = _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(quants) });
+                _mm512_mul_ps(_mm512_cvtepi32_ps(quants), _mm512_set1_ps(scale))
             }
         }
     }

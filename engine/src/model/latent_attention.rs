@@ -213,7 +213,7 @@ impl LatentAttention {
 
         // Kept in f16 when the cache keeps 16-bit keys and values (odmoe's and odmoed's
         // default), half the memory of f32; read back widened to the type attention sums in.
-        let in_halves = cache.dtype() == DType::F16;
+        let in_halves = cache.kind().latent_dtype() == DType::F16;
         let kept = |x: Tensor| -> Result<Tensor> {
             Ok(if in_halves {
                 x.to_dtype(DType::F16)?

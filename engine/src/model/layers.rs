@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 
+use super::kv_type::KvType;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::expert::GluMlp;
@@ -142,9 +143,9 @@ pub struct KvCache {
     /// Positions the buffers take at once when next allocated or grown (see
     /// [`KvCache::reserve`]).
     reserved: usize,
-    /// The type grouped-query attention stores keys and values in (latent attention keeps
-    /// what it appends).
-    dtype: DType,
+    /// How grouped-query attention stores keys and values (latent attention keeps what it
+    /// appends).
+    kind: KvType,
 }
 
 /// One layer's cache: keys and values shaped `[kv_heads, capacity, head_dim]`, or with latent
@@ -199,7 +200,7 @@ impl KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
             most_positions: None,
             reserved: 0,
-            dtype: DType::F32,
+            kind: KvType::F32,
         }
     }
 
@@ -212,14 +213,14 @@ impl KvCache {
     }
 
     /// This cache, grouped-query attention's keys and values kept in `dtype`.
-    pub fn with_dtype(mut self, dtype: DType) -> Self {
-        self.dtype = dtype;
+    pub fn with_kind(mut self, kind: KvType) -> Self {
+        self.kind = kind;
         self
     }
 
-    /// The type grouped-query attention keeps keys and values in.
-    pub fn dtype(&self) -> DType {
-        self.dtype
+    /// How grouped-query attention keeps keys and values.
+    pub fn kind(&self) -> KvType {
+        self.kind
     }
 
     /// This cache, its buffers growing to at most `positions` (more only if asked to hold more).
@@ -367,8 +368,8 @@ impl Attention {
         let q = rotate(q)?;
         let k = rotate(k)?;
         let v = v.transpose(0, 1)?.contiguous()?;
-        let kept = cache.dtype();
-        let (k, v) = cache.append(layer, k.to_dtype(kept)?, v.to_dtype(kept)?)?;
+        let kind = cache.kind();
+        let (k, v) = cache.append(layer, kind.stored(&k)?, kind.stored(&v)?)?;
         let scale = 1.0 / (d as f64).sqrt();
         let window = self.sliding_window;
         let out = attend(&q, &k, &v, offset, window, scale, QUERY_TILE)?;
@@ -556,6 +557,16 @@ mod tests {
             let q = Tensor::randn(0f32, 1.0, (nh, t, d), &device).unwrap();
             let k = Tensor::randn(0f32, 1.0, (nkv, s + 40, d), &device).unwrap();
             let v = Tensor::randn(0f32, 1.0, (nkv, s + 40, dv), &device).unwrap();
+            // In Q8_0 rows too where heads are whole blocks (bytes, read in place from the
+            // larger buffer like the others).
+            let q8 = (d % 32 == 0 && dv % 32 == 0).then(|| {
+                let (k8, v8) = (
+                    KvType::Q8_0.stored(&k).unwrap().narrow(1, 0, s).unwrap(),
+                    KvType::Q8_0.stored(&v).unwrap().narrow(1, 0, s).unwrap(),
+                );
+                let (k8_as_f32, v8_as_f32) = (q8_0_as_f32(&k8), q8_0_as_f32(&v8));
+                (k8, v8, k8_as_f32, v8_as_f32)
+            });
             let (k, v) = (k.narrow(1, 0, s).unwrap(), v.narrow(1, 0, s).unwrap());
             assert!(!k.is_contiguous());
             // Kept in f16 as the cache keeps them by default: the kernel reads the halves.
@@ -567,12 +578,15 @@ mod tests {
                 k16.to_dtype(DType::F32).unwrap(),
                 v16.to_dtype(DType::F32).unwrap(),
             );
-            let cases = [
+            let mut cases = vec![
                 ((&k, &v), (&k, &v)),
                 ((&k16, &v16), (&k16_as_f32, &v16_as_f32)),
             ];
+            if let Some((k8, v8, k8_as_f32, v8_as_f32)) = &q8 {
+                cases.push(((k8, v8), (k8_as_f32, v8_as_f32)));
+            }
             for window in [None, Some(50), Some(1)] {
-                for ((k, v), (ref_k, ref_v)) in cases {
+                for &((k, v), (ref_k, ref_v)) in &cases {
                     let whole =
                         attend_in_tiles(&q, ref_k, ref_v, offset, window, 0.3, usize::MAX).unwrap();
                     let kernel = attend(&q, k, v, offset, window, 0.3, QUERY_TILE).unwrap();
@@ -586,6 +600,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Q8_0 rows `[heads, positions, bytes]` widened to f32 by candle's own GGUF dequantization.
+    fn q8_0_as_f32(rows: &Tensor) -> Tensor {
+        use candle_core::quantized::{GgmlDType, ggml_file::qtensor_from_ggml};
+        let (heads, positions, _) = rows.dims3().unwrap();
+        let values = crate::model::kv_type::values_per_row(rows).unwrap();
+        let bytes = rows.contiguous().unwrap().flatten_all().unwrap();
+        let bytes = bytes.to_vec1::<u8>().unwrap();
+        let q = qtensor_from_ggml(
+            GgmlDType::Q8_0,
+            &bytes,
+            vec![heads * positions, values],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let f = q.dequantize(&Device::Cpu).unwrap();
+        f.reshape((heads, positions, values)).unwrap()
     }
 
     /// Appends across the buffers' growth, a truncation and appends after it return exactly the

@@ -6,6 +6,7 @@
 pub mod deepseek;
 mod gguf_config;
 mod hf_config;
+pub mod kv_type;
 pub mod latent_attention;
 pub mod layers;
 pub mod llama;
@@ -18,10 +19,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 pub use gguf_config::GgufConfig;
 pub use hf_config::HfConfig;
+pub use kv_type::KvType;
 pub use latent_attention::{LatentAttention, LatentForm};
 pub use layers::KvCache;
 pub use moe::Routing;
@@ -342,8 +344,8 @@ pub struct Model {
     device: Device,
     /// Most positions a sequence may hold: the model's own maximum, or less when lowered.
     context_length: usize,
-    /// The type grouped-query attention's cache holds keys and values in.
-    kv_cache: DType,
+    /// How grouped-query attention's cache holds keys and values.
+    kv_cache: KvType,
     /// Most prompt tokens one forward pass of a prefill takes: see [`Model::set_prefill_slab`].
     prefill_slab: usize,
 }
@@ -381,7 +383,7 @@ impl Model {
             hook: None,
             device,
             context_length: config.max_position_embeddings,
-            kv_cache: DType::F32,
+            kv_cache: KvType::F32,
             prefill_slab: DEFAULT_PREFILL_SLAB,
             config,
         })
@@ -441,7 +443,7 @@ impl Model {
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.num_layers)
             .with_most_positions(self.context_length)
-            .with_dtype(self.kv_cache)
+            .with_kind(self.kv_cache)
     }
 
     /// Most prompt tokens one forward pass of a prefill takes.
@@ -463,14 +465,12 @@ impl Model {
         Ok(())
     }
 
-    /// Keeps grouped-query attention's keys and values in `dtype` (f32 or f16) in new caches.
-    pub fn set_kv_cache(&mut self, dtype: DType) -> Result<()> {
-        if !matches!(dtype, DType::F32 | DType::F16) {
-            return Err(Error::InvalidRequest(format!(
-                "a KV cache in {dtype:?}: f16 and f32 are the types it can be kept in"
-            )));
+    /// Keeps grouped-query attention's keys and values as `kind` in new caches.
+    pub fn set_kv_cache(&mut self, kind: KvType) -> Result<()> {
+        if self.config.deepseek.is_none() {
+            kind.check(self.device(), self.config.head_dim)?;
         }
-        self.kv_cache = dtype;
+        self.kv_cache = kind;
         Ok(())
     }
 

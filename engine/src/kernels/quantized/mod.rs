@@ -423,6 +423,33 @@ impl Activations {
     }
 }
 
+/// `values` (a multiple of 32) as GGUF Q8_0 blocks appended to `out`: per 32 values an f16 scale
+/// (the largest magnitude over 127) and the values over the unrounded scale rounded half to
+/// even, as activations are quantized here.
+pub fn q8_0_blocks(values: &[f32], out: &mut Vec<u8>) {
+    assert!(
+        values.len().is_multiple_of(BLOCK),
+        "Q8_0 blocks of 32 values"
+    );
+    out.reserve(values.len() / BLOCK * BLOCK_BYTES);
+    let mut quants = [0i8; BLOCK];
+    for block in values.chunks_exact(BLOCK) {
+        let scale = quantize_block_in_order(block, &mut quants);
+        out.extend_from_slice(&::half::f16::from_f32(scale).to_bits().to_le_bytes());
+        out.extend(quants.iter().map(|&q| q as u8));
+    }
+}
+
+/// Bytes of `values` values (a multiple of 32) in Q8_0.
+pub const fn q8_0_bytes(values: usize) -> usize {
+    values / BLOCK * BLOCK_BYTES
+}
+
+/// Values in `bytes` bytes of Q8_0 blocks.
+pub const fn q8_0_values(bytes: usize) -> usize {
+    bytes / BLOCK_BYTES * BLOCK
+}
+
 /// Quantizes 32 values to Q8_0 into `out` and returns their scale, not yet rounded: the largest
 /// magnitude over 127, and each value over it rounded half to even (saturating).
 fn quantize_block(isa: Isa, block: &[f32], out: &mut [i8]) -> f32 {
