@@ -111,6 +111,7 @@ fn stats_json_has_the_stable_keys() {
             "floor_bytes",
             "grow_in_s",
             "headroom_bytes",
+            "kv_bytes",
             "kv_reserve_bytes",
             "level",
             "limit_bytes",

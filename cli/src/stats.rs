@@ -228,7 +228,8 @@ pub fn memory_summary(memory: &MemoryStats, uptime_s: f64, adjustments: usize) -
         .unwrap_or_default();
     let _ = writeln!(
         out,
-        "          {base}KV reserve {}; watching {}",
+        "          {base}KV caches {} (reserve {}); watching {}",
+        format_bytes(memory.kv_bytes),
         format_bytes(memory.kv_reserve_bytes),
         memory.source
     );
@@ -464,6 +465,7 @@ mod tests {
                 ceiling_bytes: Some(8 << 30),
                 base_bytes: Some(2 << 30),
                 kv_reserve_bytes: 512 << 20,
+                kv_bytes: 96 << 20,
                 grow_in_s: Some(125.0),
                 adjustments: vec![BudgetAdjustment {
                     at_s: 3715.0,
@@ -492,7 +494,7 @@ mod tests {
             "memory    warn: 1.0 GiB left of the machine",
             "expert budget 8.0 GiB, target 6.0 GiB (floor 144.0 MiB, ceiling 8.0 GiB), \
              grows back in 2m 05s",
-            "model base 2.0 GiB, KV reserve 512.0 MiB; watching PSI triggers",
+            "model base 2.0 GiB, KV caches 96.0 MiB (reserve 512.0 MiB); watching PSI triggers",
             "adjusted  10.0s ago: 8.0 GiB -> 6.0 GiB, memory pressure (warn)",
         ] {
             assert!(text.contains(part), "{part:?} missing from\n{text}");

@@ -477,6 +477,10 @@ pub struct MemoryStats {
     pub base_bytes: Option<u64>,
     /// Memory kept aside for KV caches and activations (`memory.kv_reserve`).
     pub kv_reserve_bytes: u64,
+    /// What the KV caches hold: kept sessions, the prefix cache and the request running. Beyond
+    /// the reserve it comes out of an `auto` expert budget.
+    #[serde(default)]
+    pub kv_bytes: u64,
     /// Seconds until the budget may grow back, when it is below its ceiling.
     #[serde(default)]
     pub grow_in_s: Option<f64>,

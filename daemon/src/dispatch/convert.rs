@@ -123,6 +123,7 @@ pub fn memory_stats(report: MemoryReport) -> MemoryStats {
         ceiling_bytes: report.ceiling_bytes,
         base_bytes: report.base_bytes,
         kv_reserve_bytes: report.kv_reserve_bytes,
+        kv_bytes: report.kv_bytes,
         grow_in_s: report.grow_in.map(|due| due.as_secs_f64()),
         adjustments: report
             .adjustments

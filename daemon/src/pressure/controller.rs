@@ -51,6 +51,8 @@ pub struct MemoryReport {
     pub base_bytes: Option<u64>,
     /// Memory set aside for KV caches when sizing an `auto` budget.
     pub kv_reserve_bytes: u64,
+    /// What the KV caches hold (kept sessions, the prefix cache and the request running).
+    pub kv_bytes: u64,
     /// How long until the budget next grows, when it is to.
     pub grow_in: Option<Duration>,
     /// The latest changes of the budget, oldest first.
@@ -90,6 +92,8 @@ struct Inner {
     adjustments: VecDeque<Adjustment>,
     /// When idle sessions were last dropped for critical pressure.
     last_relief: Option<Duration>,
+    /// What the KV caches hold, as the engine thread last said.
+    kv_bytes: u64,
 }
 
 /// Gives a directive to the engine thread.
@@ -149,6 +153,7 @@ impl Pressure {
                 model: None,
                 adjustments: VecDeque::new(),
                 last_relief: None,
+                kv_bytes: 0,
             }),
             simulation: Condvar::new(),
             director: OnceLock::new(),
@@ -242,6 +247,46 @@ impl Pressure {
                 (auto.min(ceiling), ceiling)
             }
         }
+    }
+
+    /// The KV caches now hold (or are about to hold) `bytes`. An `auto` budget set aside
+    /// `kv_reserve` for them; what they hold beyond it comes out of the expert budget at once
+    /// (before a long prompt's cache is allocated, not after the pressure it would cause), and
+    /// goes back to it through the policy's growth once they shrink. Returns the directive for
+    /// the engine thread (the caller) to apply when the budget moves.
+    pub fn kv_cache_bytes(&self, bytes: u64) -> Option<Directive> {
+        let mut inner = self.lock();
+        inner.kv_bytes = bytes;
+        let managed = inner.model.as_mut()?;
+        if !matches!(managed.model.budget, BudgetKind::Auto) || bytes <= self.config.kv_reserve {
+            return None;
+        }
+        let limit = self.memory_limit().unwrap_or(u64::MAX);
+        let room = auto_budget(
+            limit,
+            self.config.auto_fraction,
+            managed.model.base_bytes,
+            bytes,
+        );
+        let from = managed.policy.target();
+        managed.policy.cap(room);
+        let to = managed.policy.target();
+        if to == from {
+            return None;
+        }
+        let epoch = managed.model.epoch;
+        let why = format!(
+            "KV caches hold {}, beyond the {} set aside",
+            format_bytes(bytes),
+            format_bytes(self.config.kv_reserve)
+        );
+        info!(from = %format_bytes(from), to = %format_bytes(to), "{why}");
+        self.record(&mut inner, from, to, why);
+        Some(Directive {
+            epoch,
+            budget: to,
+            relieve: false,
+        })
     }
 
     /// The model is gone: nothing to steer until the next load.
@@ -471,6 +516,7 @@ impl Pressure {
             ceiling_bytes: managed.map(|m| m.policy.ceiling()),
             base_bytes: managed.map(|m| m.model.base_bytes),
             kv_reserve_bytes: self.config.kv_reserve,
+            kv_bytes: inner.kv_bytes,
             grow_in: managed
                 .filter(|_| self.config.adapt)
                 .and_then(|m| m.policy.growth_due(now)),
@@ -588,6 +634,42 @@ mod tests {
         assert_eq!(stats.floor_bytes, Some(4 * MIB));
         assert_eq!(stats.ceiling_bytes, Some(48 * MIB));
         assert_eq!(stats.base_bytes, Some(100 * MIB));
+    }
+
+    /// KV caches beyond the reserve come out of an `auto` budget at once, never below the
+    /// floor; within the reserve, or with a fixed budget, nothing moves.
+    #[test]
+    fn kv_caches_beyond_the_reserve_come_out_of_an_auto_budget() {
+        let config = MemoryConfig {
+            auto_fraction: 0.2,
+            kv_reserve: 64 * MIB,
+            ..MemoryConfig::default()
+        };
+        let (pressure, _) = controller(config.clone());
+        assert_eq!(pressure.model_loaded(model(BudgetKind::Auto)), 36 * MIB);
+        assert_eq!(pressure.kv_cache_bytes(60 * MIB), None);
+        assert_eq!(pressure.stats(Some(36 * MIB)).kv_bytes, 60 * MIB);
+        // 200 MiB of the limit, less the 100 MiB base and 80 MiB of caches.
+        let directive = pressure
+            .kv_cache_bytes(80 * MIB)
+            .expect("the budget gives way");
+        assert_eq!((directive.epoch, directive.budget), (1, 20 * MIB));
+        let stats = pressure.stats(Some(20 * MIB));
+        assert_eq!(stats.target_bytes, Some(20 * MIB));
+        let last = stats.adjustments.last().unwrap();
+        assert_eq!((last.from_bytes, last.to_bytes), (36 * MIB, 20 * MIB));
+        assert!(
+            last.reason.contains("KV caches hold 80.0 MiB"),
+            "{}",
+            last.reason
+        );
+        // Caches that take everything leave the floor: two layers' routed experts.
+        let directive = pressure.kv_cache_bytes(500 * MIB).unwrap();
+        assert_eq!(directive.budget, 4 * MIB);
+        // A fixed budget is the user's to keep.
+        let (pressure, _) = controller(config);
+        pressure.model_loaded(model(BudgetKind::Fixed(30 * MIB)));
+        assert_eq!(pressure.kv_cache_bytes(500 * MIB), None);
     }
 
     #[test]

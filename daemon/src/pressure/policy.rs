@@ -181,6 +181,12 @@ impl BudgetPolicy {
         self.target = start.clamp(self.floor, ceiling);
     }
 
+    /// Lowers the target to at most `most` (never below the floor); growth later goes back up
+    /// as it would after a shrink.
+    pub fn cap(&mut self, most: u64) {
+        self.target = self.target.min(most.max(self.floor));
+    }
+
     /// How long until the budget may grow, if it is below the ceiling and
     /// nothing presses: zero when it may grow now.
     pub fn growth_due(&self, now: Duration) -> Option<Duration> {

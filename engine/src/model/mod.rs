@@ -465,6 +465,16 @@ impl Model {
         Ok(())
     }
 
+    /// How new caches keep grouped-query attention's keys and values.
+    pub fn kv_cache(&self) -> KvType {
+        self.kv_cache
+    }
+
+    /// Bytes a sequence of `positions` holds in a new cache.
+    pub fn kv_cache_bytes(&self, positions: usize) -> u64 {
+        (positions.min(self.context_length) * self.kv_cache.bytes_per_token(&self.config)) as u64
+    }
+
     /// Keeps grouped-query attention's keys and values as `kind` in new caches.
     pub fn set_kv_cache(&mut self, kind: KvType) -> Result<()> {
         if self.config.deepseek.is_none() {
