@@ -3,12 +3,14 @@
 
 Builds a tiny model with 65,536 positions (the committed qwen3_moe fixture, hidden 64, with its
 config's max_position_embeddings raised; weights unchanged), prefills fixed-seed random prompts of
-8K, 16K and 32K tokens (64K ids do not fit one command-line argument) with `odmoe bench decode` (one process each), and prints peak RSS
-minus that of a 16-token prompt (the weights and the runtime) next to the KV cache's own bytes
-(`odmoe inspect`'s f32 bytes per token, halved for the f16 cache odmoe keeps, times the length).
-The growth is linear when the ratio stays flat.
+8K, 16K, 32K and 64K tokens (65,535: one position is left for the token decoded) with
+`odmoe bench decode` (one process each, the ids through a file), and prints peak RSS minus that of
+a 16-token prompt (the weights and the runtime) next to the KV cache's own bytes (`odmoe
+inspect`'s bytes per token for the cache kept, times the length). The growth is linear when the
+ratio stays flat.
 
-    python3 bench/context_memory.py [--odmoe target/release/odmoe] [--lengths 8192,16384,32768]
+    python3 bench/context_memory.py [--odmoe target/release/odmoe] [--lengths 8192,16384,32768,65535]
+                                    [--kv-cache f16|q8_0|f32]
 """
 
 import argparse
@@ -35,7 +37,8 @@ def run_json(command):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--odmoe", type=Path, default=ROOT / "target/release/odmoe")
-    parser.add_argument("--lengths", default="8192,16384,32768")
+    parser.add_argument("--lengths", default="8192,16384,32768,65535")
+    parser.add_argument("--kv-cache", choices=["f16", "q8_0", "f32"], default="f16")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="odmoe-context-") as work:
         model = Path(work) / "qwen3_moe-64k"
@@ -44,15 +47,16 @@ def main():
         config["max_position_embeddings"] = POSITIONS
         (model / "config.json").write_text(json.dumps(config))
         vocab = config["vocab_size"]
-        f32_per_token = run_json([str(args.odmoe), "inspect", str(model), "--json"])["kv_cache_bytes_per_token"]
-        per_token = f32_per_token // 2
+        inspection = run_json([str(args.odmoe), "inspect", str(model), "--json"])
+        per_token = inspection[f"kv_cache_bytes_per_token_{args.kv_cache}"]
         rng = random.Random(0)
 
         def peak(length):
-            ids = ",".join(str(rng.randrange(vocab)) for _ in range(length))
+            ids = Path(work) / "prompt.ids"
+            ids.write_text(",".join(str(rng.randrange(vocab)) for _ in range(length)))
             result = run_json([
-                str(args.odmoe), "bench", "decode", "--model", str(model), "--prompt-ids", ids,
-                "--tokens", "1", "--json",
+                str(args.odmoe), "bench", "decode", "--model", str(model), "--prompt-ids", f"@{ids}",
+                "--tokens", "1", "--kv-cache", args.kv_cache, "--json",
             ])
             return result["peak_rss_bytes"], result["ttft_s"]
 
@@ -60,7 +64,7 @@ def main():
         mib = 1 << 20
         print(f"qwen3_moe fixture with {POSITIONS} positions; peak RSS of a 16-token prompt {base / mib:.1f} MiB")
         print()
-        print("| prompt | first token | peak RSS over the 16-token run | KV cache (f16) | ratio |")
+        print(f"| prompt | first token | peak RSS over the 16-token run | KV cache ({args.kv_cache}) | ratio |")
         print("|---:|---:|---:|---:|---:|")
         for length in (int(n) for n in args.lengths.split(",")):
             rss, seconds = peak(length)

@@ -44,6 +44,9 @@ def main():
     parser.add_argument("--batch", type=int, default=512, help="tokens per prefill batch (llama.cpp's n_batch)")
     parser.add_argument("--no-repack", action="store_true",
                         help="keep the weights as mapped (use_extra_bufts off), no repacked copy")
+    parser.add_argument("--kv-cache", choices=["f16", "q8_0"], default="f16",
+                        help="keys and values in f16 (llama.cpp's default) or q8_0 (with flash attention, "
+                             "which a quantized V cache needs)")
     args = parser.parse_args()
     if args.no_repack:
         # Llama() takes no such argument: it starts from the library's default parameters.
@@ -67,6 +70,8 @@ def main():
         n_batch=args.batch,
         use_mmap=True,
         verbose=False,
+        **({"type_k": llama_cpp.GGML_TYPE_Q8_0, "type_v": llama_cpp.GGML_TYPE_Q8_0, "flash_attn": True}
+           if args.kv_cache == "q8_0" else {}),
     )
     load_s = time.perf_counter() - started
     read_at_start = proc_field("/proc/self/io", "read_bytes:")

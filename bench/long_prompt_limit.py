@@ -9,10 +9,11 @@ readahead lowered to 128 KB, its better setting under a limit; odmoe runs `odmoe
 with experts on demand under `--budget` and its prompt in slabs (`--prefill-slab`).
 
 The limit defaults to a third of the file. odmoe's budget is what is left of the limit after its
-base weights, the KV cache of the whole prompt (f16) and the slab's activations: give it.
+base weights, the KV cache of the whole prompt and the slab's activations: give it. Both engines
+keep keys and values as `--kv-cache` says (f16, or q8_0: 34 bytes for f16's 64).
 
 Usage: long_prompt_limit.py MODEL.gguf --prompt-tokens 32768 --budget 128MiB [--limit GB]
-                            [--prefill-slab 4096] [--out results.json]
+                            [--prefill-slab 4096] [--kv-cache f16|q8_0] [--out results.json]
 Needs root (cgroups, readahead, dropping the page cache).
 """
 
@@ -35,6 +36,7 @@ def main():
     parser.add_argument("--budget", required=True, help="odmoe's expert budget, with its unit")
     parser.add_argument("--limit", type=float, help="memory limit in GB (default: a third of the file)")
     parser.add_argument("--prefill-slab", type=int, default=4096)
+    parser.add_argument("--kv-cache", choices=["f16", "q8_0"], default="f16")
     parser.add_argument("--odmoe", type=Path, default=ROOT / "target/release/odmoe")
     parser.add_argument("--python", default=sys.executable, help="a Python with llama-cpp-python")
     parser.add_argument("--seed", type=int, default=0)
@@ -52,11 +54,12 @@ def main():
     prompt_file.close()
     prompt = "@" + prompt_file.name
     runs = [
-        ("llama.cpp ra=128K", [args.python, str(ROOT / "bench/llama_cpp_decode.py"), str(args.model),
-                               "--prompt-ids", prompt, "--tokens", "1", "--no-repack"], READAHEAD_TUNED_KB),
         ("odmoe", [str(args.odmoe), "bench", "decode", "--model", str(args.model), "--json",
                    "--prompt-ids", prompt, "--tokens", "1", "--expert-budget", args.budget,
-                   "--prefill-slab", str(args.prefill_slab)], None),
+                   "--prefill-slab", str(args.prefill_slab), "--kv-cache", args.kv_cache], None),
+        ("llama.cpp ra=128K", [args.python, str(ROOT / "bench/llama_cpp_decode.py"), str(args.model),
+                               "--prompt-ids", prompt, "--tokens", "1", "--no-repack",
+                               "--kv-cache", args.kv_cache], READAHEAD_TUNED_KB),
     ]
     readahead = readahead_file(args.model)
     default_ra = int(readahead.read_text())
@@ -72,7 +75,8 @@ def main():
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 
-    print(f"{args.model.name}, {args.prompt_tokens}-token prompt, {limit / GB:.2f} GB limit "
+    print(f"{args.model.name}, {args.prompt_tokens}-token prompt, {args.kv_cache} KV cache, "
+          f"{limit / GB:.2f} GB limit "
           f"(file {args.model.stat().st_size / GB:.2f} GB), cold page cache")
     print()
     print("| engine | first token | read | peak RSS | cgroup peak | OOM kills |")

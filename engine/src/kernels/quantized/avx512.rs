@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::avx2::{block_quants, four_scales, nibbles, scale_bits, small_scales};
-use super::k_quants::{self, Layout, Q4K, Q5K, Q6K, SUB_BLOCKS};
+use super::k_quants::{self, Layout, Q2K, Q3K, Q4K, Q5K, Q6K, SUB_BLOCKS};
 use super::{Activations, BLOCK, BLOCK_BYTES, Format, small};
 
 /// Tokens in a group: eight accumulators and a row's operands stay in registers.
@@ -70,6 +70,8 @@ pub(super) unsafe fn product(
             Format::Q4_1 => product_of::<false, true, false>(weights, rows, x, out, out_rows),
             Format::Q5_0 => product_of::<false, false, true>(weights, rows, x, out, out_rows),
             Format::Q5_1 => product_of::<false, true, true>(weights, rows, x, out, out_rows),
+            Format::Q2K => product_k::<Q2K>(weights, rows, x, out, out_rows),
+            Format::Q3K => product_k::<Q3K>(weights, rows, x, out, out_rows),
             Format::Q4K => product_k::<Q4K>(weights, rows, x, out, out_rows),
             Format::Q5K => product_k::<Q5K>(weights, rows, x, out, out_rows),
             Format::Q6K => product_k::<Q6K>(weights, rows, x, out, out_rows),

@@ -1,7 +1,8 @@
-//! GGUF's K-quant layouts (Q4_K, Q5_K, Q6_K): super-blocks of 256 weights, each with its own
-//! f16 scales and, per sub-block, small integer scales (and for Q4_K/Q5_K offsets). The kernels
-//! see a super-block as eight 32-value sub-blocks, each met by one activation block: a weight is
-//! `scale * q + offset`, both per 16 values (Q6_K's zero point is an offset of `-32 scale`).
+//! GGUF's K-quant layouts (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K): super-blocks of 256 weights, each with
+//! its own f16 scales and, per sub-block, small integer scales (and for Q2_K/Q4_K/Q5_K offsets).
+//! The kernels see a super-block as eight 32-value sub-blocks, each met by one activation block:
+//! a weight is `scale * q + offset` with `q` unsigned, both per 16 values (Q3_K's and Q6_K's zero
+//! points are offsets of `-4 scale` and `-32 scale`).
 //!
 //! They meet activations in llama.cpp's Q8_K (one f32 scale per 256 values), spread over the
 //! super-block's eight blocks of 32 so that the kernels read them as they read Q8_0 rows.
@@ -99,6 +100,22 @@ pub struct Q5K;
 /// bits of sub-block `k` are bits `2k, 2k + 1` of its 32 high-bit bytes.
 pub struct Q6K;
 
+/// 16 bytes of 4-bit scales (low nibble) and offsets (high nibble), one of each per 16 values;
+/// 64 bytes of 2-bit quants; then `d` and `dmin`. A weight is `d sc q - dmin m`. Each half of
+/// 128 values takes 32 quant bytes: sub-block `j` of the half is their bits `2j, 2j + 1`.
+pub struct Q2K;
+
+/// 32 bytes of third bits, 64 bytes of 2-bit quants laid out as Q2_K's, 12 bytes of 6-bit
+/// scales (one per 16 values, stored plus 32), then `d`. A weight is `d (sc - 32) (q - 4)`, `q`
+/// the two low bits with the third bit `s` of the third-bit byte `l` for value `l` of sub-block
+/// `s`.
+pub struct Q3K;
+
+const Q2K_QUANTS_AT: usize = 16;
+const Q2K_D_AT: usize = Q2K_QUANTS_AT + 64;
+const Q3K_QUANTS_AT: usize = 32;
+const Q3K_SCALES_AT: usize = Q3K_QUANTS_AT + 64;
+const Q3K_D_AT: usize = Q3K_SCALES_AT + 12;
 const Q4K_SCALES_AT: usize = 4;
 const Q4K_QUANTS_AT: usize = Q4K_SCALES_AT + 12;
 const Q5K_HIGH_AT: usize = Q4K_QUANTS_AT;
@@ -106,6 +123,144 @@ const Q5K_QUANTS_AT: usize = Q5K_HIGH_AT + 32;
 const Q6K_HIGH_AT: usize = 128;
 const Q6K_SCALES_AT: usize = Q6K_HIGH_AT + 64;
 const Q6K_D_AT: usize = Q6K_SCALES_AT + 16;
+
+impl Layout for Q2K {
+    const BYTES: usize = Q2K_D_AT + 4;
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn scales(block: *const u8) -> Scales {
+        // SAFETY: the caller's.
+        unsafe {
+            let (d, dmin) = (half(block.add(Q2K_D_AT)), half(block.add(Q2K_D_AT + 2)));
+            let bytes = _mm_loadu_si128(block as *const __m128i);
+            let nibble = _mm_set1_epi8(0x0f);
+            let low = _mm_and_si128(bytes, nibble);
+            let high = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
+            let mut out = Scales {
+                scales: [0.0; 16],
+                offsets: [0.0; 16],
+            };
+            let halves = [
+                (low, high),
+                (_mm_srli_si128::<8>(low), _mm_srli_si128::<8>(high)),
+            ];
+            for (i, (low, high)) in halves.into_iter().enumerate() {
+                let scales = widen(_mm_cvtsi128_si64(low) as u64);
+                let offsets = widen(_mm_cvtsi128_si64(high) as u64);
+                _mm256_storeu_ps(
+                    out.scales.as_mut_ptr().add(8 * i),
+                    _mm256_mul_ps(scales, _mm256_set1_ps(d)),
+                );
+                _mm256_storeu_ps(
+                    out.offsets.as_mut_ptr().add(8 * i),
+                    _mm256_mul_ps(offsets, _mm256_set1_ps(-dmin)),
+                );
+            }
+            out
+        }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline]
+    unsafe fn scales(block: *const u8) -> Scales {
+        // SAFETY: the caller's.
+        unsafe {
+            q2k_scales(
+                block,
+                half(block.add(Q2K_D_AT)),
+                half(block.add(Q2K_D_AT + 2)),
+            )
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn quants(block: *const u8, s: usize) -> __m256i {
+        // SAFETY: the caller's.
+        unsafe { two_bits(block.add(Q2K_QUANTS_AT + 32 * (s / 4)), s % 4) }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn quants(block: *const u8, s: usize) -> (uint8x16_t, uint8x16_t) {
+        // SAFETY: the caller's.
+        unsafe { two_bits(block.add(Q2K_QUANTS_AT + 32 * (s / 4)), s % 4) }
+    }
+}
+
+impl Layout for Q3K {
+    const BYTES: usize = Q3K_D_AT + 2;
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn scales(block: *const u8) -> Scales {
+        // SAFETY: the caller's.
+        unsafe {
+            let d = half(block.add(Q3K_D_AT));
+            let bytes = _mm_loadu_si128(q3k_scale_bytes(block).as_ptr() as *const __m128i);
+            let signed = _mm_sub_epi8(bytes, _mm_set1_epi8(32));
+            let mut out = Scales {
+                scales: [0.0; 16],
+                offsets: [0.0; 16],
+            };
+            for (i, bytes) in [signed, _mm_srli_si128::<8>(signed)]
+                .into_iter()
+                .enumerate()
+            {
+                let scales = _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)),
+                    _mm256_set1_ps(d),
+                );
+                _mm256_storeu_ps(out.scales.as_mut_ptr().add(8 * i), scales);
+                let offsets = _mm256_mul_ps(scales, _mm256_set1_ps(-4.0));
+                _mm256_storeu_ps(out.offsets.as_mut_ptr().add(8 * i), offsets);
+            }
+            out
+        }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline]
+    unsafe fn scales(block: *const u8) -> Scales {
+        // SAFETY: the caller's.
+        unsafe { q3k_scales(block, half(block.add(Q3K_D_AT))) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn quants(block: *const u8, s: usize) -> __m256i {
+        // SAFETY: the caller's.
+        unsafe {
+            let low = two_bits(block.add(Q3K_QUANTS_AT + 32 * (s / 4)), s % 4);
+            let third = _mm256_loadu_si256(block as *const __m256i);
+            let bit = _mm256_and_si256(
+                _mm256_srl_epi16(third, _mm_cvtsi32_si128(s as i32)),
+                _mm256_set1_epi8(1),
+            );
+            _mm256_or_si256(low, _mm256_slli_epi16::<2>(bit))
+        }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn quants(block: *const u8, s: usize) -> (uint8x16_t, uint8x16_t) {
+        // SAFETY: the caller's.
+        unsafe {
+            let (low, high) = two_bits(block.add(Q3K_QUANTS_AT + 32 * (s / 4)), s % 4);
+            let (bit, four) = (vdupq_n_u8(1 << s), vdupq_n_u8(4));
+            let first = vandq_u8(vtstq_u8(vld1q_u8(block), bit), four);
+            let second = vandq_u8(vtstq_u8(vld1q_u8(block.add(16)), bit), four);
+            (vorrq_u8(low, first), vorrq_u8(high, second))
+        }
+    }
+}
 
 impl Layout for Q4K {
     const BYTES: usize = Q4K_QUANTS_AT + 128;
@@ -248,6 +403,105 @@ impl Layout for Q6K {
             )
         }
     }
+}
+
+/// Bits `2 pair, 2 pair + 1` of the 32 bytes at `at`.
+///
+/// # Safety
+/// `at` points at 32 readable bytes; the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn two_bits(at: *const u8, pair: usize) -> __m256i {
+    // SAFETY: the caller's.
+    let bytes = unsafe { _mm256_loadu_si256(at as *const __m256i) };
+    let shifted = _mm256_srl_epi16(bytes, _mm_cvtsi32_si128(2 * pair as i32));
+    _mm256_and_si256(shifted, _mm256_set1_epi8(3))
+}
+
+/// The same, as values 0-15 and 16-31.
+///
+/// # Safety
+/// `at` points at 32 readable bytes.
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn two_bits(at: *const u8, pair: usize) -> (uint8x16_t, uint8x16_t) {
+    // SAFETY: the caller's.
+    let (first, second) = unsafe { (vld1q_u8(at), vld1q_u8(at.add(16))) };
+    let (shift, three) = (vdupq_n_s8(-2 * pair as i8), vdupq_n_u8(3));
+    (
+        vandq_u8(vshlq_u8(first, shift), three),
+        vandq_u8(vshlq_u8(second, shift), three),
+    )
+}
+
+/// Q2_K's scales and offsets per 16 values: `d` times the low nibble, `-dmin` times the high.
+///
+/// # Safety
+/// `block` points at a whole Q2_K super-block.
+#[cfg(target_arch = "aarch64")]
+#[inline]
+unsafe fn q2k_scales(block: *const u8, d: f32, dmin: f32) -> Scales {
+    // SAFETY: the caller's: the 16 scale bytes open the super-block.
+    let packed: [u8; 16] = unsafe { *(block as *const [u8; 16]) };
+    let mut out = Scales {
+        scales: [0.0; 16],
+        offsets: [0.0; 16],
+    };
+    for (i, byte) in packed.into_iter().enumerate() {
+        out.scales[i] = d * (byte & 0x0f) as f32;
+        out.offsets[i] = -dmin * (byte >> 4) as f32;
+    }
+    out
+}
+
+/// Q3_K's 16 six-bit scales, stored plus 32, as llama.cpp unpacks them from 12 bytes: the low
+/// nibbles of bytes 0-7 then their high nibbles, each with two top bits from bytes 8-11 (scale
+/// `i`'s at bits `2 (i / 4)` of byte `8 + i % 4`).
+///
+/// # Safety
+/// `block` points at a whole Q3_K super-block.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline]
+unsafe fn q3k_scale_bytes(block: *const u8) -> [u8; 16] {
+    // SAFETY: the caller's: the 12 scale bytes lie inside the super-block.
+    let packed: [u8; 12] = unsafe { *(block.add(Q3K_SCALES_AT) as *const [u8; 12]) };
+    let word = |i: usize| u32::from_le_bytes([0, 1, 2, 3].map(|b| packed[4 * i + b]));
+    let (low, high, top) = (word(0), word(1), word(2));
+    const NIBBLES: u32 = 0x0f0f_0f0f;
+    const TWO_BITS: u32 = 0x0303_0303;
+    let words = [
+        low & NIBBLES | (top & TWO_BITS) << 4,
+        high & NIBBLES | (top >> 2 & TWO_BITS) << 4,
+        low >> 4 & NIBBLES | (top >> 4 & TWO_BITS) << 4,
+        high >> 4 & NIBBLES | (top >> 6 & TWO_BITS) << 4,
+    ];
+    let mut out = [0u8; 16];
+    for (bytes, word) in out.chunks_exact_mut(4).zip(words) {
+        bytes.copy_from_slice(&word.to_le_bytes());
+    }
+    out
+}
+
+/// Q3_K's scales per 16 values, `d (sc - 32)`, and the offsets `-4` times them.
+///
+/// # Safety
+/// `block` points at a whole Q3_K super-block.
+#[cfg(target_arch = "aarch64")]
+#[inline]
+unsafe fn q3k_scales(block: *const u8, d: f32) -> Scales {
+    // SAFETY: the caller's.
+    let bytes = unsafe { q3k_scale_bytes(block) };
+    let mut out = Scales {
+        scales: [0.0; 16],
+        offsets: [0.0; 16],
+    };
+    for (i, byte) in bytes.into_iter().enumerate() {
+        out.scales[i] = d * (byte as i32 - 32) as f32;
+        out.offsets[i] = -4.0 * out.scales[i];
+    }
+    out
 }
 
 /// The low (`high` 0) or high (1) nibbles of the 32 bytes at `at`.

@@ -1,5 +1,5 @@
 //! Matrix products in GGUF's 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) and K-quant
-//! types (Q4_K, Q5_K, Q6_K) on x86-64 CPUs (with AVX-512 VNNI, else AVX2) and aarch64 CPUs
+//! types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) on x86-64 CPUs (with AVX-512 VNNI, else AVX2) and aarch64 CPUs
 //! (NEON with dotprod), computed from the blocks as the file stores them.
 //!
 //! Why not candle's: it has no vector code at all for Q4_1, Q5_0 and Q5_1 (a Q4_1 prompt spent
@@ -29,12 +29,14 @@ const BLOCK: usize = 32;
 const BLOCK_BYTES: usize = 34;
 
 /// The GGUF types the kernels take, in the order of [`Format`].
-pub const TYPES: [GgmlDType; 8] = [
+pub const TYPES: [GgmlDType; 10] = [
     GgmlDType::Q8_0,
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q5_0,
     GgmlDType::Q5_1,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
     GgmlDType::Q4K,
     GgmlDType::Q5K,
     GgmlDType::Q6K,
@@ -48,6 +50,8 @@ pub enum Format {
     Q4_1,
     Q5_0,
     Q5_1,
+    Q2K,
+    Q3K,
     Q4K,
     Q5K,
     Q6K,
@@ -61,6 +65,8 @@ impl Format {
             GgmlDType::Q4_1 => Self::Q4_1,
             GgmlDType::Q5_0 => Self::Q5_0,
             GgmlDType::Q5_1 => Self::Q5_1,
+            GgmlDType::Q2K => Self::Q2K,
+            GgmlDType::Q3K => Self::Q3K,
             GgmlDType::Q4K => Self::Q4K,
             GgmlDType::Q5K => Self::Q5K,
             GgmlDType::Q6K => Self::Q6K,
@@ -81,7 +87,7 @@ impl Format {
     /// Weights in one stored block: 32, or 256 in a K-quant super-block.
     pub fn block_values(self) -> usize {
         match self {
-            Self::Q4K | Self::Q5K | Self::Q6K => k_quants::VALUES,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => k_quants::VALUES,
             _ => BLOCK,
         }
     }
@@ -95,6 +101,8 @@ impl Format {
             Self::Q4_1 => small::block_bytes(true, false),
             Self::Q5_0 => small::block_bytes(false, true),
             Self::Q5_1 => small::block_bytes(true, true),
+            Self::Q2K => k_quants::Q2K::BYTES,
+            Self::Q3K => k_quants::Q3K::BYTES,
             Self::Q4K => k_quants::Q4K::BYTES,
             Self::Q5K => k_quants::Q5K::BYTES,
             Self::Q6K => k_quants::Q6K::BYTES,
@@ -634,6 +642,8 @@ unsafe fn dot(format: Format, weights: &[u8], quants: &[i8], scales: &[f32], sum
             Format::Q4_1 => simd::dot_small::<true, false>(weights, quants, scales, sums),
             Format::Q5_0 => simd::dot_small::<false, true>(weights, quants, scales, sums),
             Format::Q5_1 => simd::dot_small::<true, true>(weights, quants, scales, sums),
+            Format::Q2K => simd::dot_k::<Q2K>(weights, quants, scales, sums),
+            Format::Q3K => simd::dot_k::<Q3K>(weights, quants, scales, sums),
             Format::Q4K => simd::dot_k::<Q4K>(weights, quants, scales, sums),
             Format::Q5K => simd::dot_k::<Q5K>(weights, quants, scales, sums),
             Format::Q6K => simd::dot_k::<Q6K>(weights, quants, scales, sums),
@@ -682,7 +692,7 @@ mod small {
 mod k_quants;
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-use k_quants::{Q4K, Q5K, Q6K};
+use k_quants::{Q2K, Q3K, Q4K, Q5K, Q6K};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -1011,7 +1021,13 @@ mod tests {
             return;
         };
         let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        for dtype in [
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
             let format = Format::of(dtype).unwrap();
             for supers in [1, 2, 3] {
                 let cols = supers * k_quants::VALUES;
@@ -1027,7 +1043,8 @@ mod tests {
                     };
                     let dmin = (next() % 100) as f32 / 1000.0 - 0.05;
                     let (d_at, dmin_at) = match format {
-                        Format::Q6K => (block.len() - 2, None),
+                        Format::Q3K | Format::Q6K => (block.len() - 2, None),
+                        Format::Q2K => (block.len() - 4, Some(block.len() - 2)),
                         _ => (0, Some(2)),
                     };
                     block[d_at..d_at + 2].copy_from_slice(&f16_bits(d).to_le_bytes());
