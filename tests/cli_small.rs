@@ -318,6 +318,27 @@ fn inspect_gives_the_kv_cache_of_a_long_context() {
         "{text}"
     );
 
+    // Qwen3-30B-A3B keeps keys and values of 4 heads of 128 per layer and token, 48 layers: in
+    // q8_0, 34 bytes for every 32 values.
+    let qwen = fixture("configs/qwen3_30b_a3b.json");
+    let r = json(&odmoe_ok(&[
+        "inspect",
+        s(&qwen),
+        "--context",
+        "262144",
+        "--json",
+    ]));
+    assert_eq!(r["kv_cache_bytes_per_token_f16"], 48 * 2 * 4 * 128 * 2);
+    assert_eq!(
+        r["kv_cache_bytes_per_token_q8_0"],
+        48 * 2 * 4 * (128 / 32 * 34)
+    );
+    let text = odmoe_ok(&["inspect", s(&qwen), "--context", "262144"]);
+    assert!(
+        text.contains("24.0 GiB in f16 (12.8 GiB in q8_0, 48.0 GiB in f32) at 262144 tokens"),
+        "{text}"
+    );
+
     // A checkpoint: its cache in each way it can be kept, Q8_0 rows at 34 bytes for f16's 64.
     let gguf = fixture("gguf/qwen3_moe-q8_0.gguf");
     let r = json(&odmoe_ok(&[
