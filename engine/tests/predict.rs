@@ -83,6 +83,26 @@ fn on_demand(budget_bytes: u64, policy: PolicyKind) -> LoadOptions {
     }
 }
 
+/// Fixture `name` with experts on demand under LRU, half of them in the budget: its config, the
+/// loaded model and its store.
+fn on_demand_at_half(
+    name: &str,
+) -> (
+    odmoe_engine::config::ModelConfig,
+    open::LoadedModel,
+    Arc<odmoe_engine::store::ExpertStore>,
+) {
+    let (config, total) = open::describe(&fixture(name)).unwrap();
+    let loaded = open::load(
+        &fixture(name),
+        &on_demand(total / 2, PolicyKind::Lru),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let store = loaded.store.clone().unwrap();
+    (config, loaded, store)
+}
+
 /// Budgets from the smallest the store accepts to all experts.
 fn budgets(trace: &Trace) -> Vec<u64> {
     let expert = trace.expert_bytes;
@@ -284,14 +304,7 @@ fn prefetch_never_changes_logits() {
 #[test]
 fn a_forward_pass_reads_back_once_per_layer() {
     for name in FIXTURES.into_iter().chain(["deepseek_v3"]) {
-        let (config, total) = open::describe(&fixture(name)).unwrap();
-        let mut loaded = open::load(
-            &fixture(name),
-            &on_demand(total / 2, PolicyKind::Lru),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let store = loaded.store.clone().unwrap();
+        let (config, mut loaded, store) = on_demand_at_half(name);
         let predictor: Box<dyn Predictor> = Box::new(Lookahead::new(&loaded.model, 2).unwrap());
         let options = PrefetchOptions {
             adaptive: false,
@@ -352,14 +365,7 @@ fn a_wasteful_prefetcher_switches_itself_off() {
         }
     }
     let name = "qwen3_moe";
-    let (config, total) = open::describe(&fixture(name)).unwrap();
-    let mut loaded = open::load(
-        &fixture(name),
-        &on_demand(total / 2, PolicyKind::Lru),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let store = loaded.store.clone().unwrap();
+    let (config, mut loaded, store) = on_demand_at_half(name);
     // Always guesses experts 0..k, whatever routing does.
     let wrong: Box<dyn Predictor> =
         Box::new(Wrong(config.num_layers, config.num_experts_per_token));

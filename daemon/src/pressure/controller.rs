@@ -605,15 +605,20 @@ mod tests {
         (pressure, directives)
     }
 
+    /// `auto` at a fifth of the test's 1000 MiB limit, 64 MiB set aside for KV caches.
+    fn fifth_with_a_small_reserve() -> MemoryConfig {
+        MemoryConfig {
+            auto_fraction: 0.2,
+            kv_reserve: 64 * MIB,
+            ..MemoryConfig::default()
+        }
+    }
+
     #[test]
     fn auto_is_a_share_of_the_limit_less_the_base_and_the_reserve() {
         assert_eq!(auto_budget(1000, 0.7, 300, 100), 300);
         assert_eq!(auto_budget(1000, 0.5, 600, 100), 0);
-        let config = MemoryConfig {
-            auto_fraction: 0.2,
-            kv_reserve: 64 * MIB,
-            ..MemoryConfig::default()
-        };
+        let config = fifth_with_a_small_reserve();
         let (pressure, _) = controller(config.clone());
         // 200 MiB of a 1000 MiB limit, less 100 MiB base and 64 MiB reserve.
         assert_eq!(pressure.model_loaded(model(BudgetKind::Auto)), 36 * MIB);
@@ -640,11 +645,7 @@ mod tests {
     /// floor; within the reserve, or with a fixed budget, nothing moves.
     #[test]
     fn kv_caches_beyond_the_reserve_come_out_of_an_auto_budget() {
-        let config = MemoryConfig {
-            auto_fraction: 0.2,
-            kv_reserve: 64 * MIB,
-            ..MemoryConfig::default()
-        };
+        let config = fifth_with_a_small_reserve();
         let (pressure, _) = controller(config.clone());
         assert_eq!(pressure.model_loaded(model(BudgetKind::Auto)), 36 * MIB);
         assert_eq!(pressure.kv_cache_bytes(60 * MIB), None);
