@@ -310,7 +310,7 @@ pub fn glu(experts: &[(GluWeights, &Activations)]) -> Result<Vec<Vec<f32>>> {
 /// rounded to the nearest integer, with each block's sum as llama.cpp's Q8_1 keeps it (the
 /// unrounded scale times the sum of the quants, rounded through f16) for the types with an
 /// offset. For the K-quants, Q8_K (rows of whole super-blocks only): see
-/// [`Activations::quantize_super_blocks`].
+/// [`Activations::quantize_super_blocks`]. Each form is made only when a weight met needs it.
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(dead_code)
@@ -323,6 +323,7 @@ pub struct Activations {
     /// sum.
     sums: Vec<f32>,
     cols: usize,
+    rows: usize,
     /// The same rows in Q8_K, where they hold whole super-blocks.
     super_blocks: Option<Box<Activations>>,
 }
@@ -346,17 +347,20 @@ impl Activations {
         })
     }
 
-    /// Quantizes `x`, rows of `cols` values (a multiple of 32), for weights in `meets`: to Q8_0,
-    /// and to Q8_K too when a K-quant is among them (then `cols` is a multiple of 256).
+    /// Quantizes `x`, rows of `cols` values (a multiple of 32), for weights in `meets`: to Q8_0
+    /// when a 32-value type is among them, to Q8_K when a K-quant is (then `cols` is a multiple
+    /// of 256). An expert whose projections are all K-quants (a Q4_K_M file's) skips Q8_0.
     pub fn quantize(x: &[f32], cols: usize, meets: &[Format]) -> Self {
         assert!(
             cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols),
             "Q8_0 rows of {cols} values"
         );
         let isa = isa().expect("the kernels' instructions on this CPU");
-        let mut quants = vec![0i8; x.len()];
-        let mut scales = Vec::with_capacity(x.len() / BLOCK);
-        let mut sums = Vec::with_capacity(x.len() / BLOCK);
+        let q8_0 = meets.iter().any(|format| !format.is_super_block());
+        let values = if q8_0 { x.len() } else { 0 };
+        let mut quants = vec![0i8; values];
+        let mut scales = Vec::with_capacity(values / BLOCK);
+        let mut sums = Vec::with_capacity(values / BLOCK);
         for (block, out) in x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)) {
             let scale = quantize_block(isa, block, out);
             // Both stored as f16 by llama.cpp (its Q8_0 and Q8_1 blocks), the sum from the
@@ -374,6 +378,7 @@ impl Activations {
             scales,
             sums,
             cols,
+            rows: x.len() / cols,
             super_blocks,
         }
     }
@@ -406,6 +411,7 @@ impl Activations {
             scales,
             sums,
             cols,
+            rows: x.len() / cols,
             super_blocks: None,
         }
     }
@@ -417,17 +423,21 @@ impl Activations {
                 .as_deref()
                 .expect("activations quantized for a K-quant weight have Q8_K rows")
         } else {
+            assert!(
+                self.quants.len() == self.rows * self.cols,
+                "activations quantized for a 32-value weight have Q8_0 rows"
+            );
             self
         }
     }
 
     /// The number of rows.
     pub fn len(&self) -> usize {
-        self.quants.len() / self.cols
+        self.rows
     }
 
     pub fn is_empty(&self) -> bool {
-        self.quants.is_empty()
+        self.rows == 0
     }
 }
 
