@@ -321,6 +321,57 @@ fn a_q8_0_kv_cache_is_a_quarter_of_f32_and_exact_on_demand() {
     );
 }
 
+/// Perplexity scores each window's tokens after its first from logits of slabs as it would
+/// from one forward pass over the window: the same tokens, the same mean log-likelihood within
+/// the kernels' rounding, and that mean is the one the whole window's logits give.
+#[test]
+fn perplexity_in_slabs_scores_what_one_pass_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    write_qwen3_gguf(&path, GgmlDType::Q8_0, &[]);
+    let tokens = input();
+    let load = |prefill_slab| {
+        let options = LoadOptions {
+            prefill_slab,
+            ..LoadOptions::default()
+        };
+        open::load(&path, &options, &Device::Cpu).unwrap()
+    };
+    let whole = load(4096);
+    let window = tokens.len();
+    let expected = {
+        let logits = whole
+            .model
+            .forward(&tokens, &mut whole.model.new_cache(), Logits::All, None)
+            .unwrap();
+        let rows = logits.to_vec2::<f32>().unwrap();
+        let nll: f64 = rows
+            .iter()
+            .zip(&tokens[1..])
+            .map(|(row, &next)| {
+                let sum: f64 = row.iter().map(|&l| (l as f64).exp()).sum();
+                sum.ln() - row[next as usize] as f64
+            })
+            .sum();
+        nll / (tokens.len() - 1) as f64
+    };
+    let one_pass = odmoe_engine::eval::perplexity(&whole.model, &tokens, window).unwrap();
+    let slabs = odmoe_engine::eval::perplexity(&load(3).model, &tokens, window).unwrap();
+    assert_eq!(one_pass.scored_tokens, tokens.len() - 1);
+    assert_eq!(slabs.scored_tokens, one_pass.scored_tokens);
+    assert!(
+        (one_pass.nll - expected).abs() < 1e-9,
+        "{} {expected}",
+        one_pass.nll
+    );
+    assert!(
+        (slabs.nll - one_pass.nll).abs() < 1e-4,
+        "{} {}",
+        slabs.nll,
+        one_pass.nll
+    );
+}
+
 /// The number of positions of each forward pass, as layer 0 sees them.
 #[derive(Default)]
 struct FirstLayerInputs(std::sync::Mutex<Vec<usize>>);
