@@ -775,6 +775,8 @@ mod tests {
             (33, 160, 1),
             (64, 2048, 2),
             (9, 288, 16),
+            // Q8_0's tiles of 16 rows with two groups of tokens, and rows and tokens left over.
+            (40, 288, 19),
         ];
         // The K-quants take whole super-blocks.
         let super_shapes = [
@@ -783,6 +785,7 @@ mod tests {
             (33, 768, 1),
             (64, 2048, 2),
             (9, 256, 16),
+            (40, 256, 19),
         ];
         for (dtype, (i, (rows, cols, tokens))) in TYPES.into_iter().flat_map(|dtype| {
             let shapes = if is_k(dtype) { super_shapes } else { shapes };
