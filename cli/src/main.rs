@@ -130,13 +130,18 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Token ids given on the command line as `1,2,3`.
+/// Token ids given on the command line as `1,2,3`, or as `@FILE` holding such a list (a long
+/// prompt's ids exceed what one command-line argument may hold).
 #[derive(Clone, Debug)]
 pub struct TokenList(pub Vec<u32>);
 
-/// Parses `1,2,3` into token ids.
+/// Parses `1,2,3`, or the contents of FILE for `@FILE`, into token ids.
 pub fn parse_token_list(text: &str) -> Result<TokenList, String> {
-    let ids: Result<Vec<u32>, String> = text
+    let listed = match text.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
+        None => text.to_owned(),
+    };
+    let ids: Result<Vec<u32>, String> = listed
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -160,6 +165,16 @@ mod tests {
         assert_eq!(parse_token_list("1, 2,3").unwrap().0, vec![1, 2, 3]);
         assert!(parse_token_list("1,x").unwrap_err().contains("\"x\""));
         assert!(parse_token_list("").is_err());
+        let file = std::env::temp_dir().join(format!("odmoe-ids-{}", std::process::id()));
+        std::fs::write(&file, "4,5,\n6\n").unwrap();
+        let listed = parse_token_list(&format!("@{}", file.display()));
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(listed.unwrap().0, vec![4, 5, 6]);
+        assert!(
+            parse_token_list("@/no/such/ids")
+                .unwrap_err()
+                .contains("/no/such/ids")
+        );
     }
 
     #[test]

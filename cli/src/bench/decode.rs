@@ -22,8 +22,8 @@ pub struct DecodeBenchArgs {
     model: ModelArgs,
     /// Prompt token ids, comma separated, or `@FILE` to read them from a file (a long prompt's
     /// ids exceed what one command-line argument may hold).
-    #[arg(long, required = true, value_name = "IDS|@FILE", value_parser = token_ids)]
-    prompt_ids: TokenIds,
+    #[arg(long, required = true, value_name = "IDS|@FILE", value_parser = crate::parse_token_list)]
+    prompt_ids: crate::TokenList,
     /// Decode steps.
     #[arg(long, default_value_t = 32)]
     tokens: usize,
@@ -33,39 +33,6 @@ pub struct DecodeBenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-}
-
-/// Token ids from the command line.
-#[derive(Clone, Debug)]
-struct TokenIds(Vec<u32>);
-
-impl std::ops::Deref for TokenIds {
-    type Target = [u32];
-
-    fn deref(&self) -> &[u32] {
-        &self.0
-    }
-}
-
-/// `1,2,3`, or `@FILE` holding such a list.
-fn token_ids(text: &str) -> std::result::Result<TokenIds, String> {
-    let listed = match text.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
-        None => text.to_owned(),
-    };
-    listed
-        .split(',')
-        .map(str::trim)
-        .filter(|id| !id.is_empty())
-        .map(|id| id.parse().map_err(|_| format!("{id:?} is not a token id")))
-        .collect::<std::result::Result<Vec<u32>, String>>()
-        .and_then(|ids| {
-            if ids.is_empty() {
-                Err("no token ids".into())
-            } else {
-                Ok(TokenIds(ids))
-            }
-        })
 }
 
 /// Bytes this process has read from storage, and its peak resident set.
@@ -105,7 +72,7 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
         args.model.model.display().to_string(),
     );
     let mut cache = model.new_cache();
-    cache.reserve(args.prompt_ids.len() + args.tokens);
+    cache.reserve(args.prompt_ids.0.len() + args.tokens);
     // The prompt in slabs, as a session runs it.
     let mut forward = |tokens: &[u32], trace: &mut Trace| -> Result<u32> {
         let mut last = None;
@@ -119,7 +86,7 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
     };
 
     let prefill_started = Instant::now();
-    let mut next = forward(&args.prompt_ids, &mut trace)?;
+    let mut next = forward(&args.prompt_ids.0, &mut trace)?;
     let ttft_s = prefill_started.elapsed().as_secs_f64();
     let (read_after_prefill, _) = process_io()?;
     let store_after_prefill = loaded.store.as_ref().map(|s| s.stats());
@@ -168,7 +135,7 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
         "engine": "odmoe",
         "model": args.model.model.display().to_string(),
         "load_s": load_s,
-        "prompt_tokens": args.prompt_ids.len(),
+        "prompt_tokens": args.prompt_ids.0.len(),
         "ttft_s": ttft_s,
         "decode_tokens": args.tokens,
         "decode_s": decode_s,
