@@ -201,26 +201,9 @@ impl Layout for Q3K {
     unsafe fn scales(block: *const u8) -> Scales {
         // SAFETY: the caller's.
         unsafe {
-            let d = half(block.add(Q3K_D_AT));
             let bytes = _mm_loadu_si128(q3k_scale_bytes(block).as_ptr() as *const __m128i);
             let signed = _mm_sub_epi8(bytes, _mm_set1_epi8(32));
-            let mut out = Scales {
-                scales: [0.0; 16],
-                offsets: [0.0; 16],
-            };
-            for (i, bytes) in [signed, _mm_srli_si128::<8>(signed)]
-                .into_iter()
-                .enumerate()
-            {
-                let scales = _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)),
-                    _mm256_set1_ps(d),
-                );
-                _mm256_storeu_ps(out.scales.as_mut_ptr().add(8 * i), scales);
-                let offsets = _mm256_mul_ps(scales, _mm256_set1_ps(-4.0));
-                _mm256_storeu_ps(out.offsets.as_mut_ptr().add(8 * i), offsets);
-            }
-            out
+            signed_scales(signed, half(block.add(Q3K_D_AT)), 4.0)
         }
     }
 
@@ -228,7 +211,9 @@ impl Layout for Q3K {
     #[inline]
     unsafe fn scales(block: *const u8) -> Scales {
         // SAFETY: the caller's.
-        unsafe { q3k_scales(block, half(block.add(Q3K_D_AT))) }
+        let (bytes, d) = unsafe { (q3k_scale_bytes(block), half(block.add(Q3K_D_AT))) };
+        // Stored plus 32, at most 63.
+        signed_scales(bytes.map(|b| b as i8 - 32), d, 4.0)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -328,25 +313,9 @@ impl Layout for Q6K {
     unsafe fn scales(block: *const u8) -> Scales {
         // SAFETY: the caller's.
         unsafe {
-            let d = half(block.add(Q6K_D_AT));
             let bytes = _mm_loadu_si128(block.add(Q6K_SCALES_AT) as *const __m128i);
-            let mut out = Scales {
-                scales: [0.0; 16],
-                offsets: [0.0; 16],
-            };
-            for (i, bytes) in [bytes, _mm_srli_si128::<8>(bytes)].into_iter().enumerate() {
-                let scales = _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)),
-                    _mm256_set1_ps(d),
-                );
-                _mm256_storeu_ps(out.scales.as_mut_ptr().add(8 * i), scales);
-                // The quants are stored as `q + 32`.
-                _mm256_storeu_ps(
-                    out.offsets.as_mut_ptr().add(8 * i),
-                    _mm256_mul_ps(scales, _mm256_set1_ps(-32.0)),
-                );
-            }
-            out
+            // The quants are stored as `q + 32`.
+            signed_scales(bytes, half(block.add(Q6K_D_AT)), 32.0)
         }
     }
 
@@ -370,19 +339,13 @@ impl Layout for Q6K {
     #[cfg(target_arch = "aarch64")]
     #[inline]
     unsafe fn scales(block: *const u8) -> Scales {
-        // SAFETY: the caller's.
-        let (d, bytes) = unsafe { (half(block.add(Q6K_D_AT)), block.add(Q6K_SCALES_AT)) };
-        let mut out = Scales {
-            scales: [0.0; 16],
-            offsets: [0.0; 16],
+        // SAFETY: the caller's: `d` and the 16 signed scales lie inside the super-block.
+        let (d, bytes) = unsafe {
+            let bytes: [u8; 16] = *(block.add(Q6K_SCALES_AT) as *const [u8; 16]);
+            (half(block.add(Q6K_D_AT)), bytes)
         };
-        for i in 0..16 {
-            // SAFETY: the 16 scales are inside the super-block.
-            out.scales[i] = unsafe { *bytes.add(i) } as i8 as f32 * d;
-            // The quants are stored as `q + 32`.
-            out.offsets[i] = out.scales[i] * -32.0;
-        }
-        out
+        // The quants are stored as `q + 32`.
+        signed_scales(bytes.map(|b| b as i8), d, 32.0)
     }
 
     #[cfg(target_arch = "aarch64")]
@@ -484,22 +447,44 @@ unsafe fn q3k_scale_bytes(block: *const u8) -> [u8; 16] {
     out
 }
 
-/// Q3_K's scales per 16 values, `d (sc - 32)`, and the offsets `-4` times them.
-///
-/// # Safety
-/// `block` points at a whole Q3_K super-block.
+/// Scales per 16 values `d sc` from 16 signed bytes `sc`, and the offsets for a zero point of
+/// `zero` quants: `-zero` times the scales (Q3_K's 4, Q6_K's 32).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn signed_scales(bytes: __m128i, d: f32, zero: f32) -> Scales {
+    let mut out = Scales {
+        scales: [0.0; 16],
+        offsets: [0.0; 16],
+    };
+    for (i, bytes) in [bytes, _mm_srli_si128::<8>(bytes)].into_iter().enumerate() {
+        let scales = _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)),
+            _mm256_set1_ps(d),
+        );
+        // SAFETY: lanes 8 i..8 i + 8 of both arrays of 16.
+        unsafe {
+            _mm256_storeu_ps(out.scales.as_mut_ptr().add(8 * i), scales);
+            _mm256_storeu_ps(
+                out.offsets.as_mut_ptr().add(8 * i),
+                _mm256_mul_ps(scales, _mm256_set1_ps(-zero)),
+            );
+        }
+    }
+    out
+}
+
+/// The same, a value at a time.
 #[cfg(target_arch = "aarch64")]
 #[inline]
-unsafe fn q3k_scales(block: *const u8, d: f32) -> Scales {
-    // SAFETY: the caller's.
-    let bytes = unsafe { q3k_scale_bytes(block) };
+fn signed_scales(bytes: [i8; 16], d: f32, zero: f32) -> Scales {
     let mut out = Scales {
         scales: [0.0; 16],
         offsets: [0.0; 16],
     };
     for (i, byte) in bytes.into_iter().enumerate() {
-        out.scales[i] = d * (byte as i32 - 32) as f32;
-        out.offsets[i] = -4.0 * out.scales[i];
+        out.scales[i] = byte as f32 * d;
+        out.offsets[i] = out.scales[i] * -zero;
     }
     out
 }
