@@ -39,9 +39,9 @@ pub fn takes(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && matches!(k.dtype(), DType::F32 | DType::F16 | DType::U8)
 }
 
-/// Values in each row of `t`: its last dimension, or for Q8_0 rows (u8) the values its bytes
-/// hold.
-fn row_values(t: &Tensor) -> Result<usize> {
+/// Values in each row of `t` (`[heads, positions, row]`): its last dimension, or for Q8_0 rows
+/// (u8) the values its bytes hold.
+pub fn row_values(t: &Tensor) -> Result<usize> {
     let last = t.dim(2)?;
     Ok(match t.dtype() {
         DType::U8 => super::quantized::q8_0_values(last),
@@ -194,7 +194,7 @@ enum Values<'a> {
 }
 
 /// Bytes of a Q8_0 block: its f16 scale, then 32 signed quants.
-const Q8_0_BLOCK: usize = 34;
+const Q8_0_BLOCK: usize = super::quantized::BLOCK_BYTES;
 
 impl<'a> Strided<'a> {
     fn of(storage: &'a Storage, layout: &candle_core::Layout) -> Result<Self> {

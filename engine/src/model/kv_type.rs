@@ -115,15 +115,6 @@ impl KvType {
     }
 }
 
-/// Values in each row of `kept` (a tensor from [`KvType::stored`]).
-pub fn values_per_row(kept: &Tensor) -> Result<usize> {
-    let last = kept.dim(candle_core::D::Minus1)?;
-    Ok(match kept.dtype() {
-        DType::U8 => quantized::q8_0_values(last),
-        _ => last,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,7 +124,7 @@ mod tests {
         let rows = Tensor::randn(0f32, 1.0, (2, 3, 64), &Device::Cpu).unwrap();
         let kept = KvType::Q8_0.stored(&rows).unwrap();
         assert_eq!((kept.dims(), kept.dtype()), (&[2, 3, 68][..], DType::U8));
-        assert_eq!(values_per_row(&kept).unwrap(), 64);
+        assert_eq!(crate::kernels::attention::row_values(&kept).unwrap(), 64);
         let bytes = kept.flatten_all().unwrap().to_vec1::<u8>().unwrap();
         let values = rows.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (block, values) in bytes.chunks_exact(34).zip(values.chunks_exact(32)) {

@@ -212,7 +212,7 @@ impl KvCache {
         self.reserved = self.reserved.max(positions);
     }
 
-    /// This cache, grouped-query attention's keys and values kept in `dtype`.
+    /// This cache, grouped-query attention's keys and values kept as `kind`.
     pub fn with_kind(mut self, kind: KvType) -> Self {
         self.kind = kind;
         self
@@ -606,7 +606,7 @@ mod tests {
     fn q8_0_as_f32(rows: &Tensor) -> Tensor {
         use candle_core::quantized::{GgmlDType, ggml_file::qtensor_from_ggml};
         let (heads, positions, _) = rows.dims3().unwrap();
-        let values = crate::model::kv_type::values_per_row(rows).unwrap();
+        let values = crate::kernels::attention::row_values(rows).unwrap();
         let bytes = rows.contiguous().unwrap().flatten_all().unwrap();
         let bytes = bytes.to_vec1::<u8>().unwrap();
         let q = qtensor_from_ggml(

@@ -26,7 +26,7 @@ use crate::error::Result;
 
 const BLOCK: usize = 32;
 /// Q8_0: an f16 scale, then 32 signed quants.
-const BLOCK_BYTES: usize = 34;
+pub(crate) const BLOCK_BYTES: usize = 34;
 
 /// The GGUF types the kernels take, in the order of [`Format`].
 pub const TYPES: [GgmlDType; 10] = [
@@ -450,9 +450,15 @@ pub fn q8_0_blocks(values: &[f32], out: &mut Vec<u8>) {
         "Q8_0 blocks of 32 values"
     );
     out.reserve(values.len() / BLOCK * BLOCK_BYTES);
+    // The instructions the activations are quantized with, where the CPU has them (the same
+    // bits as plain code, faster).
+    let isa = isa();
     let mut quants = [0i8; BLOCK];
     for block in values.chunks_exact(BLOCK) {
-        let scale = quantize_block_in_order(block, &mut quants);
+        let scale = match isa {
+            Some(isa) => quantize_block(isa, block, &mut quants),
+            None => quantize_block_in_order(block, &mut quants),
+        };
         out.extend_from_slice(&::half::f16::from_f32(scale).to_bits().to_le_bytes());
         out.extend(quants.iter().map(|&q| q as u8));
     }
