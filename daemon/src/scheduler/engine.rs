@@ -298,7 +298,7 @@ impl Engine {
         // This request's cache with the idle ones: beyond the reserve, the expert budget gives
         // way before the prompt's cache is allocated.
         let upcoming = model.kv_cache_bytes(request.prompt.len() + request.max_tokens);
-        self.account_kv(store.as_deref(), upcoming);
+        self.account_kv(self.sessions_kept(), upcoming);
         let (shared, epoch) = (&self.shared, self.epoch);
         let mut relieve = false;
         let _ = job.events.send(Event::Started {
@@ -548,16 +548,16 @@ impl Engine {
     }
 
     fn publish_sessions(&self) {
-        *lock(&self.shared.sessions) = self.sessions_kept();
-        let store = self.loaded.as_ref().and_then(|l| l.store.as_deref());
-        self.account_kv(store, 0);
+        let kept = self.sessions_kept();
+        *lock(&self.shared.sessions) = kept;
+        self.account_kv(kept, 0);
     }
 
-    /// Tells the memory controller what the KV caches hold (the idle ones and `running`, a
-    /// request's own), and applies the budget it gives back, if it moved.
-    fn account_kv(&self, store: Option<&ExpertStore>, running: u64) {
-        let kept = self.sessions_kept();
+    /// Tells the memory controller what the KV caches hold (the idle ones, `kept`, and
+    /// `running`, a request's own), and applies the budget it gives back, if it moved.
+    fn account_kv(&self, kept: SessionsKept, running: u64) {
         let bytes = kept.kv_bytes + kept.prefix_bytes + running;
+        let store = self.loaded.as_ref().and_then(|l| l.store.as_deref());
         if let (Some(directive), Some(store)) = (self.pressure.kv_cache_bytes(bytes), store) {
             set_budget(store, &directive);
         }
