@@ -26,9 +26,10 @@ pub struct ModelArgs {
     /// Threads reading experts (with --expert-budget).
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub io_threads: usize,
-    /// Eviction policy (with --expert-budget): cycle evicts the expert whose layer comes round
-    /// last, lru the least recently used, lfuda the least frequently used with aging.
-    #[arg(long, default_value = "cycle", value_name = "cycle|lru|lfuda")]
+    /// Eviction policy (with --expert-budget): reuse evicts the expert whose next use is expected
+    /// last (its layer's place in the cycle and its history of use), cycle the expert whose layer
+    /// comes round last, lru the least recently used, lfuda the least frequently used with aging.
+    #[arg(long, default_value = "reuse", value_name = "reuse|cycle|lru|lfuda")]
     pub policy: PolicyKind,
     /// Check each expert file's sha256 against the manifest as it is read (odmoe layout).
     #[arg(long)]

@@ -68,9 +68,10 @@ pub struct ReplayArgs {
     /// --sweep is given.
     #[arg(long, value_name = "SIZE|PCT", required_unless_present = "sweep")]
     budget: Option<String>,
-    /// Eviction policies (comma separated): cycle (the expert store's default: evicts the expert
-    /// whose layer comes round last), lru (least recently used), lfuda (least frequently used
-    /// with aging), belady (the offline optimum).
+    /// Eviction policies (comma separated): reuse (the expert store's default: evicts the expert
+    /// whose next use is expected last, from its layer's place in the cycle and its history of
+    /// use), cycle (evicts the expert whose layer comes round last), lru (least recently used),
+    /// lfuda (least frequently used with aging), belady (the offline optimum).
     #[arg(
         long,
         default_values_t = [ReplayPolicy::from(PolicyKind::default())],
@@ -483,7 +484,7 @@ mod tests {
     fn replay_defaults_to_the_stores_policy_and_lists_every_policy() {
         let parsed =
             Replay::try_parse_from(["replay", "t.safetensors", "--budget", "25%"]).unwrap();
-        assert_eq!(parsed.args.policy, [ReplayPolicy::Cycle]);
+        assert_eq!(parsed.args.policy, [ReplayPolicy::Reuse]);
         let help = Replay::command().render_long_help().to_string();
         for policy in ReplayPolicy::ALL {
             assert!(

@@ -30,11 +30,18 @@ pub enum ReplayPolicy {
     Lru,
     Lfuda,
     Cycle,
+    Reuse,
     Belady,
 }
 
 impl ReplayPolicy {
-    pub const ALL: [ReplayPolicy; 4] = [Self::Lru, Self::Lfuda, Self::Cycle, Self::Belady];
+    pub const ALL: [ReplayPolicy; 5] = [
+        Self::Lru,
+        Self::Lfuda,
+        Self::Cycle,
+        Self::Reuse,
+        Self::Belady,
+    ];
 }
 
 impl From<PolicyKind> for ReplayPolicy {
@@ -43,6 +50,7 @@ impl From<PolicyKind> for ReplayPolicy {
             PolicyKind::Lru => Self::Lru,
             PolicyKind::Lfuda => Self::Lfuda,
             PolicyKind::Cycle => Self::Cycle,
+            PolicyKind::Reuse => Self::Reuse,
         }
     }
 }
@@ -54,9 +62,10 @@ impl std::str::FromStr for ReplayPolicy {
             "lru" => Ok(Self::Lru),
             "lfuda" => Ok(Self::Lfuda),
             "cycle" => Ok(Self::Cycle),
+            "reuse" => Ok(Self::Reuse),
             "belady" => Ok(Self::Belady),
             other => Err(format!(
-                "unknown eviction policy {other:?} (lru, lfuda, cycle, belady)"
+                "unknown eviction policy {other:?} (reuse, cycle, lru, lfuda, belady)"
             )),
         }
     }
@@ -68,6 +77,7 @@ impl std::fmt::Display for ReplayPolicy {
             Self::Lru => "lru",
             Self::Lfuda => "lfuda",
             Self::Cycle => "cycle",
+            Self::Reuse => "reuse",
             Self::Belady => "belady",
         })
     }
@@ -431,6 +441,7 @@ pub fn replay(
         ReplayPolicy::Lru => PolicyKind::Lru.build(),
         ReplayPolicy::Lfuda => PolicyKind::Lfuda.build(),
         ReplayPolicy::Cycle => PolicyKind::Cycle.build(),
+        ReplayPolicy::Reuse => PolicyKind::Reuse.build(),
         ReplayPolicy::Belady => Box::new(Belady::new(access_sequence(trace))),
     };
     if options.disk_gbps <= 0.0 || options.compute_ms < 0.0 {

@@ -17,6 +17,7 @@ pub mod budget;
 pub mod checksum;
 pub mod fetch;
 pub mod policy;
+pub mod reuse;
 pub mod source;
 pub mod stats;
 
