@@ -39,8 +39,14 @@ pub struct ModelArgs {
     #[arg(long, value_name = "K")]
     pub experts_per_token: Option<usize>,
     /// With --expert-budget, read the experts a predictor expects one layer ahead while the
-    /// current layer computes (none or lookahead; it switches itself off while wasteful).
-    #[arg(long, default_value = "lookahead", value_name = "none|lookahead")]
+    /// current layer computes: lookahead (the next layer's router on the current hidden state),
+    /// history (what followed the current layer's experts before) or none. It switches itself
+    /// off while wasteful.
+    #[arg(
+        long,
+        default_value = "lookahead",
+        value_name = "none|lookahead|history"
+    )]
     pub prefetch_experts: PredictorKind,
     /// Let expert reads go through the page cache (by default they bypass it, so the budget is
     /// the only copy in memory).

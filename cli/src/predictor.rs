@@ -52,9 +52,11 @@ pub struct TrainArgs {
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Trace with hidden states (record held-out prompts, not the training ones).
+    /// Trace to score on: with hidden states for lookahead and shadow (record held-out prompts,
+    /// not the training ones); any trace, imported ones too, for history.
     trace: PathBuf,
-    /// lookahead (needs --model) or shadow (needs --weights).
+    /// lookahead (needs --model), shadow (needs --weights), or history (learns the routing as it
+    /// goes along the trace; a depth of the layer count reaches the next token's same layer).
     #[arg(long, value_name = "KIND")]
     predictor: PredictorKind,
     #[arg(long, default_value_t = 4, value_name = "D")]
@@ -192,16 +194,22 @@ fn latency(predictor: &dyn Predictor, trace: &Trace, samples: usize) -> Result<(
 
 fn eval(args: EvalArgs) -> Result<()> {
     let trace = Trace::load(&args.trace)?;
-    let predictor = crate::trace::predictor(
-        args.predictor,
-        &trace,
-        args.depth,
-        args.model.as_deref(),
-        args.weights.as_deref(),
-    )?
-    .context("choose a predictor to evaluate: lookahead or shadow")?;
-    let recall = recall_on_trace(predictor.as_ref(), &trace)?;
-    let (p50, p99) = latency(predictor.as_ref(), &trace, 2000)?;
+    let (recall, p50, p99) = if args.predictor == PredictorKind::History {
+        let eval = odmoe_engine::predict::history::evaluate(&trace, args.depth)?;
+        (eval.recall, eval.p50_us, eval.p99_us)
+    } else {
+        let predictor = crate::trace::predictor(
+            args.predictor,
+            &trace,
+            args.depth,
+            args.model.as_deref(),
+            args.weights.as_deref(),
+        )?
+        .context("choose a predictor to evaluate: lookahead, shadow or history")?;
+        let recall = recall_on_trace(predictor.as_ref(), &trace)?;
+        let (p50, p99) = latency(predictor.as_ref(), &trace, 2000)?;
+        (recall, p50, p99)
+    };
     let chance = trace.top_k() as f64 / trace.num_experts() as f64;
     if args.json {
         println!(

@@ -79,7 +79,8 @@ pub struct ReplayArgs {
         value_name = "POLICY"
     )]
     policy: Vec<ReplayPolicy>,
-    /// Where prefetches come from: none, lookahead (needs --model), shadow (needs --weights), or
+    /// Where prefetches come from: none, lookahead (needs --model), shadow (needs --weights),
+    /// history (the routing so far: needs no hidden states, so it runs on imported traces), or
     /// oracle (the trace's own future: the bound for any predictor). Comma separated to compare.
     #[arg(
         long,
@@ -295,7 +296,8 @@ pub(crate) fn predictor(
     weights: Option<&Path>,
 ) -> Result<Option<Box<dyn Predictor>>> {
     Ok(match kind {
-        PredictorKind::None => None,
+        // The replay builds a routing history of its own, which learns along the trace.
+        PredictorKind::None | PredictorKind::History => None,
         PredictorKind::Lookahead => {
             let model = model.context("the lookahead predictor needs --model (its routers)")?;
             let loaded = load_base(model)?;
@@ -370,6 +372,7 @@ fn replay_command(args: ReplayArgs) -> Result<()> {
             for (arg, built) in &predictors {
                 let prefetch = match (arg, built) {
                     (PrefetchArg::Oracle, _) => Prefetch::Oracle,
+                    (PrefetchArg::Predictor(PredictorKind::History), _) => Prefetch::History,
                     (_, Some(p)) => Prefetch::Predictor(p.as_ref()),
                     (_, None) => Prefetch::None,
                 };
@@ -492,7 +495,7 @@ mod tests {
                 "{policy} missing from\n{help}"
             );
         }
-        assert!(help.contains("[default: cycle]"), "{help}");
+        assert!(help.contains("[default: reuse]"), "{help}");
     }
 
     #[test]

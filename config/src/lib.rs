@@ -54,7 +54,7 @@ pub use http::HttpConfig;
 pub use keep_alive::{KeepAlive, KeepAliveError};
 pub use log::{LogConfig, LogLevel};
 pub use memory::MemoryConfig;
-pub use model::{ExpertBudget, KvCache, ModelConfig};
+pub use model::{ExpertBudget, KvCache, ModelConfig, Prefetch};
 pub use paths::{
     config_path_from, default_config_path, default_http_key_path, default_socket_path,
     socket_path_from,
@@ -263,6 +263,17 @@ mod tests {
         assert_eq!(set.model.prefill_slab_tokens, 512);
         let error = invalid("[model]\nprefill_slab_tokens = -1\n");
         assert_eq!(error.key.as_deref(), Some("model.prefill_slab_tokens"));
+    }
+
+    #[test]
+    fn prefetch_is_lookahead_unless_history_or_none_is_asked_for() {
+        let history = Config::from_toml("[model]\nprefetch = \"history\"\n", None).unwrap();
+        assert_eq!(history.model.prefetch, Prefetch::History);
+        let none = Config::from_toml("[model]\nprefetch = \"none\"\n", None).unwrap();
+        assert_eq!(none.model.prefetch, Prefetch::None);
+        assert_eq!(Config::default().model.prefetch, Prefetch::Lookahead);
+        let error = invalid("[model]\nprefetch = \"oracle\"\n");
+        assert_eq!(error.key.as_deref(), Some("model.prefetch"));
     }
 
     #[test]

@@ -31,6 +31,13 @@ pub struct ModelConfig {
     /// not the whole prompt, and each layer's experts are read once per slab.
     /// 0 keeps the default, 4096. Takes effect at the next start. Default 0.
     pub prefill_slab_tokens: u32,
+    /// Where the experts the next layer will want are guessed from, so they are
+    /// read while the current layer computes (with an expert budget):
+    /// "lookahead" (the next layers' routers applied to the current hidden
+    /// state), "history" (what followed the current layer's experts before) or
+    /// "none". Each switches itself off while its reads waste more than they
+    /// save. Takes effect at the next load. Default "lookahead".
+    pub prefetch: Prefetch,
     /// How long the model stays loaded after its last request: a duration
     /// ("5m"), 0 to unload after each reply, -1 to keep it. Requests may set
     /// their own. Default -1.
@@ -51,6 +58,16 @@ pub enum KvCache {
     /// Rows of 32-value blocks, an f16 scale and 32 signed bytes each (GGUF's Q8_0).
     #[serde(rename = "q8_0")]
     Q8_0,
+}
+
+/// Where prefetched experts are guessed from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prefetch {
+    None,
+    #[default]
+    Lookahead,
+    History,
 }
 
 /// How much memory cached experts may hold.

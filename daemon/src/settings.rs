@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use odmoe_config::{Config, GenerationConfig, KeepAlive, KvCache, LogLevel, SessionsConfig};
+use odmoe_config::{
+    Config, GenerationConfig, KeepAlive, KvCache, LogLevel, Prefetch, SessionsConfig,
+};
 
 use crate::budget::BudgetSpec;
 
@@ -36,6 +38,9 @@ pub struct Settings {
     /// through the layers together. Read at each load; a reloaded config does
     /// not change it.
     pub prefill_slab: Option<usize>,
+    /// `model.prefetch`: where prefetched experts are guessed from. Read at each
+    /// load; a reloaded config does not change it.
+    pub prefetch: Prefetch,
 }
 
 impl Settings {
@@ -56,6 +61,7 @@ impl Settings {
             kv_cache: config.model.kv_cache,
             prefill_slab: (config.model.prefill_slab_tokens > 0)
                 .then_some(config.model.prefill_slab_tokens as usize),
+            prefetch: config.model.prefetch,
         }
     }
 

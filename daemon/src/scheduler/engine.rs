@@ -8,10 +8,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use odmoe_config::{KeepAlive, KvCache};
+use odmoe_config::{KeepAlive, KvCache, Prefetch};
 use odmoe_engine::generate::Session;
 use odmoe_engine::model::KvType;
 use odmoe_engine::open::{self, ExpertMode, LoadOptions, LoadedModel};
+use odmoe_engine::predict::PredictorKind;
 use odmoe_engine::store::{ExpertStore, StoreConfig};
 use odmoe_engine::tokenizer::ChatMessage;
 use tracing::{debug, error, info, warn};
@@ -125,50 +126,39 @@ impl Engine {
         debug!("engine thread stopped");
     }
 
-    fn idle_expiry(&self) -> Option<Duration> {
-        let settings = self
-            .settings
+    /// The live settings (a reloaded config may change some between requests).
+    fn settings(&self) -> std::sync::RwLockReadGuard<'_, Settings> {
+        self.settings
             .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn idle_expiry(&self) -> Option<Duration> {
+        let settings = self.settings();
         let secs = settings.sessions.idle_expiry_secs;
         (secs > 0).then(|| Duration::from_secs(secs))
     }
 
     fn context_length(&self) -> Option<usize> {
-        self.settings
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .context_length
+        self.settings().context_length
     }
 
     fn kv_cache(&self) -> KvCache {
-        self.settings
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .kv_cache
+        self.settings().kv_cache
     }
 
     fn prefill_slab(&self) -> usize {
-        self.settings
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.settings()
             .prefill_slab
             .unwrap_or(odmoe_engine::model::DEFAULT_PREFILL_SLAB)
     }
 
     fn prefix_cache_bytes(&self) -> u64 {
-        self.settings
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .sessions
-            .prefix_cache_bytes
+        self.settings().sessions.prefix_cache_bytes
     }
 
     fn max_sessions(&self) -> usize {
-        let settings = self
-            .settings
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let settings = self.settings();
         settings.sessions.max_sessions.max(1) as usize
     }
 
@@ -401,6 +391,11 @@ impl Engine {
                 KvCache::Q8_0 => KvType::Q8_0,
             },
             prefill_slab: self.prefill_slab(),
+            prefetch: match self.settings().prefetch {
+                Prefetch::None => PredictorKind::None,
+                Prefetch::Lookahead => PredictorKind::Lookahead,
+                Prefetch::History => PredictorKind::History,
+            },
             ..LoadOptions::serving()
         };
         // Two models may not fit in memory together: the old one goes first,

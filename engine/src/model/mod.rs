@@ -327,7 +327,7 @@ pub trait ForwardHook: Send + Sync {
     /// The rows of what [`layer_input`](Self::layer_input) returned for `layer`, when it
     /// returned any.
     fn layer_scores(&self, _layer: usize, _rows: Vec<Vec<Vec<f32>>>) {}
-    /// The experts `layer` routed its positions to.
+    /// The experts `layer` routed its positions to, before they are asked for.
     fn layer_routing(&self, _layer: usize, _routing: &Routing) {}
 }
 
@@ -537,14 +537,15 @@ impl Model {
             if let Some(hook) = self.hook.as_ref().filter(|_| !wanted.is_empty()) {
                 hook.layer_scores(i, read);
             }
+            // Before the experts are asked for, so a guess made from the routing overlaps them.
+            if let Some(hook) = &self.hook {
+                hook.layer_routing(i, &routing);
+            }
             let ffn_out = match &layer.ffn {
                 FeedForward::Moe(moe) => moe.mix(&normed, &routing, self.experts.as_ref())?,
                 FeedForward::Dense(mlp) => mlp.forward(&normed)?,
             };
             x = (h + ffn_out)?;
-            if let Some(hook) = &self.hook {
-                hook.layer_routing(i, &routing);
-            }
             if let Some(trace) = trace.as_deref_mut() {
                 trace.routing.push(routing);
             }

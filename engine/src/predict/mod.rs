@@ -7,7 +7,8 @@
 //!   model's layer count is meaningful in decode.
 //! - [`lookahead::Lookahead`] applies the real routers of the next layers to the current hidden
 //!   state (no training); [`shadow::Shadow`] is a small MLP per target layer trained from routing
-//!   traces.
+//!   traces. [`history::RoutingHistory`] needs no hidden state: it guesses from the experts the
+//!   current layer routed to, by what followed them before.
 //! - [`Prefetcher`] is the live side: a [`ForwardHook`] that asks the predictor at every layer and
 //!   queues low-priority prefetches in the [`ExpertStore`], measures recall, and switches itself
 //!   off while its prefetches waste more reads than they save ([`PrefetchGate`]).
@@ -19,6 +20,7 @@
 //!
 //! [`BudgetCache`]: crate::store::BudgetCache
 
+pub mod history;
 pub mod import;
 pub mod lookahead;
 pub mod replay;
@@ -63,6 +65,8 @@ pub enum PredictorKind {
     Lookahead,
     /// A trained MLP per target layer.
     Shadow,
+    /// What followed the current layer's experts so far (no hidden state; learns as it runs).
+    History,
 }
 
 impl std::str::FromStr for PredictorKind {
@@ -72,8 +76,9 @@ impl std::str::FromStr for PredictorKind {
             "none" | "off" => Ok(Self::None),
             "lookahead" => Ok(Self::Lookahead),
             "shadow" => Ok(Self::Shadow),
+            "history" => Ok(Self::History),
             other => Err(format!(
-                "unknown predictor {other:?} (none, lookahead, shadow)"
+                "unknown predictor {other:?} (none, lookahead, shadow, history)"
             )),
         }
     }
@@ -85,6 +90,7 @@ impl std::fmt::Display for PredictorKind {
             Self::None => "none",
             Self::Lookahead => "lookahead",
             Self::Shadow => "shadow",
+            Self::History => "history",
         })
     }
 }
@@ -206,16 +212,62 @@ pub fn recall_on_trace(predictor: &dyn Predictor, trace: &trace::Trace) -> Resul
         .collect())
 }
 
-/// Builds the predictor `kind` for `model`: lookahead from its routers, shadow from `weights`.
+/// Where a prefetcher's guesses come from: a predictor of hidden states, or routing history.
+pub enum GuessSource {
+    Predictor(Box<dyn Predictor>),
+    History(history::RoutingHistory),
+}
+
+impl From<Box<dyn Predictor>> for GuessSource {
+    fn from(predictor: Box<dyn Predictor>) -> Self {
+        Self::Predictor(predictor)
+    }
+}
+
+impl GuessSource {
+    pub fn depth(&self) -> usize {
+        match self {
+            Self::Predictor(p) => p.depth(),
+            Self::History(h) => h.depth(),
+        }
+    }
+
+    pub fn kind(&self) -> PredictorKind {
+        match self {
+            Self::Predictor(p) => p.kind(),
+            Self::History(_) => PredictorKind::History,
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Self::Predictor(p) => p.num_layers(),
+            Self::History(h) => h.num_layers(),
+        }
+    }
+}
+
+/// A routing history for `model`'s routed layers.
+pub fn routing_history(model: &Model, depth: usize) -> Result<history::RoutingHistory> {
+    let config = &model.config;
+    let layers = config.moe_layers().collect();
+    history::RoutingHistory::new(config.num_layers, layers, config.num_experts, depth)
+}
+
+/// Builds the predictor `kind` for `model`: lookahead from its routers, shadow from `weights`,
+/// history from nothing.
 pub fn build(
     kind: PredictorKind,
     model: &Model,
     depth: usize,
     weights: Option<&std::path::Path>,
-) -> Result<Option<Box<dyn Predictor>>> {
+) -> Result<Option<GuessSource>> {
     Ok(match kind {
         PredictorKind::None => None,
-        PredictorKind::Lookahead => Some(Box::new(lookahead::Lookahead::new(model, depth)?)),
+        PredictorKind::History => Some(GuessSource::History(routing_history(model, depth)?)),
+        PredictorKind::Lookahead => Some(GuessSource::Predictor(Box::new(
+            lookahead::Lookahead::new(model, depth)?,
+        ))),
         PredictorKind::Shadow => {
             let path = weights.ok_or_else(|| {
                 Error::InvalidRequest(
@@ -230,7 +282,7 @@ pub fn build(
                     shadow.depth()
                 )));
             }
-            Some(Box::new(shadow.truncated(depth)))
+            Some(GuessSource::Predictor(Box::new(shadow.truncated(depth))))
         }
     })
 }
@@ -447,13 +499,21 @@ struct LiveState {
     latencies_us: VecDeque<f64>,
     /// Time the predictor took to score the current layer's input, its guesses still to come.
     scoring_us: f64,
+    /// Whether the gate let this layer predict.
+    predicting: bool,
+    /// The routing-history source, which learns from every layer's routing.
+    history: Option<history::RoutingHistory>,
 }
 
-/// The live prefetcher: after each layer, asks the predictor about the next layers and queues
-/// their experts in the store at low priority (needed-soonest first). The store's reads overlap
+/// The live prefetcher: at each layer, asks its source about the next layers and queues their
+/// experts in the store at low priority (needed-soonest first). A predictor of hidden states
+/// scores the layer's input, a routing history the layer's routing. The store's reads overlap
 /// the next layers' compute; prefetches never evict a pinned expert or an unused prefetch.
 pub struct Prefetcher {
-    predictor: Box<dyn Predictor>,
+    kind: PredictorKind,
+    num_layers: usize,
+    /// The hidden-state predictor (None with a routing history, which lives in the state).
+    predictor: Option<Box<dyn Predictor>>,
     store: Arc<ExpertStore>,
     options: PrefetchOptions,
     state: Mutex<LiveState>,
@@ -461,12 +521,18 @@ pub struct Prefetcher {
 
 impl Prefetcher {
     pub fn new(
-        predictor: Box<dyn Predictor>,
+        source: impl Into<GuessSource>,
         store: Arc<ExpertStore>,
         options: PrefetchOptions,
     ) -> Self {
-        let depth = options.depth.min(predictor.depth());
+        let source = source.into();
+        let (kind, num_layers) = (source.kind(), source.num_layers().max(1));
+        let depth = options.depth.min(source.depth());
         let options = PrefetchOptions { depth, ..options };
+        let (predictor, history) = match source {
+            GuessSource::Predictor(p) => (Some(p), None),
+            GuessSource::History(h) => (None, Some(h)),
+        };
         Self {
             state: Mutex::new(LiveState {
                 gate: PrefetchGate::new(options.gate),
@@ -476,7 +542,11 @@ impl Prefetcher {
                 predictions: 0,
                 latencies_us: VecDeque::new(),
                 scoring_us: 0.0,
+                predicting: false,
+                history,
             }),
+            kind,
+            num_layers,
             predictor,
             store,
             options,
@@ -486,11 +556,11 @@ impl Prefetcher {
     /// Installs a prefetcher as `model`'s forward hook and returns it (for its stats).
     pub fn install(
         model: &mut Model,
-        predictor: Box<dyn Predictor>,
+        source: impl Into<GuessSource>,
         store: Arc<ExpertStore>,
         options: PrefetchOptions,
     ) -> Arc<Prefetcher> {
-        let prefetcher = Arc::new(Self::new(predictor, store, options));
+        let prefetcher = Arc::new(Self::new(source, store, options));
         model.set_hook(Some(prefetcher.clone()));
         prefetcher
     }
@@ -499,7 +569,7 @@ impl Prefetcher {
         let state = crate::store::recover(self.state.lock());
         let counts = self.store.prefetch_counts();
         PrefetchStats {
-            predictor: self.predictor.kind(),
+            predictor: self.kind,
             depth: self.options.depth,
             enabled: state.gate.enabled(),
             switched_off: state.gate.switched_off,
@@ -516,6 +586,25 @@ impl Prefetcher {
             stall_us: counts.stall_us,
         }
     }
+
+    /// Records a prediction made at `layer`'s step and queues its guesses' experts.
+    fn queue(&self, state: &mut LiveState, layer: usize, guesses: &[Guess], latency_us: f64) {
+        if state.latencies_us.len() == LATENCY_WINDOW {
+            state.latencies_us.pop_front();
+        }
+        state.latencies_us.push_back(latency_us);
+        state.predictions += 1;
+        let step = state.step;
+        let n = self.num_layers;
+        for (depth, target_layer, ids) in plan(guesses, self.options.depth, self.options.min_score)
+        {
+            // Steps count every layer; a history's depth counts routed layers only.
+            let ahead = (target_layer + n - layer % n - 1) % n + 1;
+            let target = step + ahead as u64;
+            self.store.prefetch_at(target_layer, &ids, target);
+            state.recall.expect(target, depth, ids);
+        }
+    }
 }
 
 impl ForwardHook for Prefetcher {
@@ -529,11 +618,12 @@ impl ForwardHook for Prefetcher {
             counts.wasted - state.seen.wasted,
         );
         state.seen = counts;
-        if self.options.adaptive && !state.gate.step(used, wasted) {
+        state.predicting = !self.options.adaptive || state.gate.step(used, wasted);
+        let Some(predictor) = self.predictor.as_ref().filter(|_| state.predicting) else {
             return Vec::new();
-        }
+        };
         let started = Instant::now();
-        let scores = match self.predictor.scores(layer, hidden) {
+        let scores = match predictor.scores(layer, hidden) {
             Ok(scores) => scores,
             Err(e) => {
                 tracing::warn!("expert prediction failed at layer {layer}: {e}");
@@ -546,27 +636,34 @@ impl ForwardHook for Prefetcher {
 
     /// Turns the scores into guesses and queues their experts.
     fn layer_scores(&self, layer: usize, rows: Vec<Vec<Vec<f32>>>) {
+        let Some(predictor) = self.predictor.as_ref() else {
+            return;
+        };
         let mut state = crate::store::recover(self.state.lock());
         let started = Instant::now();
-        let guesses = self.predictor.guesses(layer, &rows);
-        if state.latencies_us.len() == LATENCY_WINDOW {
-            state.latencies_us.pop_front();
-        }
+        let guesses = predictor.guesses(layer, &rows);
         let latency = state.scoring_us + started.elapsed().as_secs_f64() * 1e6;
-        state.latencies_us.push_back(latency);
-        state.predictions += 1;
-        let step = state.step;
-        for (depth, layer, ids) in plan(&guesses, self.options.depth, self.options.min_score) {
-            let target = step + depth as u64;
-            self.store.prefetch_at(layer, &ids, target);
-            state.recall.expect(target, depth, ids);
-        }
+        self.queue(&mut state, layer, &guesses, latency);
     }
 
-    fn layer_routing(&self, _layer: usize, routing: &Routing) {
+    /// Measures recall; a routing history learns from the routing and guesses from it.
+    fn layer_routing(&self, layer: usize, routing: &Routing) {
         let mut state = crate::store::recover(self.state.lock());
         let step = state.step;
-        state.recall.observe(step, &routed_experts(routing));
+        let routed = routed_experts(routing);
+        state.recall.observe(step, &routed);
+        let started = Instant::now();
+        let predicting = state.predicting;
+        let Some(history) = state.history.as_mut() else {
+            return;
+        };
+        history.observe(layer, &routed);
+        if !predicting {
+            return;
+        }
+        let guesses = history.guesses(layer, &routed);
+        let latency = started.elapsed().as_secs_f64() * 1e6;
+        self.queue(&mut state, layer, &guesses, latency);
     }
 }
 

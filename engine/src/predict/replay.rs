@@ -18,8 +18,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::history::RoutingHistory;
 use super::trace::Trace;
-use super::{GateConfig, Predictor, PrefetchGate, RecallMeter, percentile_us, plan};
+use super::{GateConfig, Predictor, PredictorKind, PrefetchGate, RecallMeter, percentile_us, plan};
 use crate::error::{Error, Result};
 use crate::store::{Belady, BudgetCache, ExpertKey, PolicyKind};
 
@@ -89,6 +90,8 @@ pub enum Prefetch<'a> {
     None,
     /// A predictor run on the trace's hidden states, as the live prefetcher runs it.
     Predictor(&'a dyn Predictor),
+    /// A routing history learning from the trace's routing as it goes (no hidden states).
+    History,
     /// The trace's own future: perfect predictions, the bound for any predictor.
     Oracle,
 }
@@ -98,6 +101,7 @@ impl Prefetch<'_> {
         match self {
             Prefetch::None => "none".into(),
             Prefetch::Predictor(p) => p.kind().to_string(),
+            Prefetch::History => PredictorKind::History.to_string(),
             Prefetch::Oracle => "oracle".into(),
         }
     }
@@ -489,6 +493,16 @@ pub fn replay(
             ..ReplayReport::default()
         },
     };
+    let layers = trace.num_layers();
+    let mut history = match prefetch {
+        Prefetch::History => Some(RoutingHistory::new(
+            layers,
+            (0..layers).collect(),
+            trace.num_experts(),
+            depth,
+        )?),
+        _ => None,
+    };
     let mut gate = PrefetchGate::new(options.gate);
     let mut recall = RecallMeter::new(depth);
     let mut latencies: VecDeque<f64> = VecDeque::new();
@@ -501,12 +515,25 @@ pub fn replay(
         let on = !options.adaptive || gate.step(used - seen_used, wasted - seen_wasted);
         (seen_used, seen_wasted) = (used, wasted);
         let mut predict_s = 0.0;
+        // The routing of the step is known once its router ran: the history learns from it
+        // whether or not it is asked to guess.
+        if let Some(history) = history.as_mut() {
+            history.observe(step.layer, &step.needed);
+        }
         if depth > 0 && on {
             let planned: Vec<(usize, usize, Vec<usize>)> = match prefetch {
                 Prefetch::None => Vec::new(),
                 Prefetch::Oracle => (1..=depth)
                     .filter_map(|d| steps.get(s + d).map(|t| (d, t.layer, t.needed.clone())))
                     .collect(),
+                Prefetch::History => {
+                    let history = history.as_ref().expect("built for Prefetch::History");
+                    let started = Instant::now();
+                    let guesses = history.guesses(step.layer, &step.needed);
+                    predict_s = started.elapsed().as_secs_f64();
+                    latencies.push_back(predict_s * 1e6);
+                    plan(&guesses, depth, options.min_score)
+                }
                 Prefetch::Predictor(p) => {
                     let hidden = trace.hidden_rows(step.tokens.clone(), step.layer)?;
                     let started = Instant::now();
