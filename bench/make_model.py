@@ -19,7 +19,14 @@ keeps Q8_0's rounding: such a file serves speed and memory comparisons, not qual
 `--context` sets the positions the model declares (4096 by default): long-prompt benchmarks
 raise it to 32768 or more.
 
-Usage: make_model.py OUT.gguf [--layers 18] [--seed 0] [--type q8_0] [--context 4096]
+`--skew S` gives routing structure: each layer's router rows get norms that fall as a Zipf law
+of exponent S over a random order of its experts (rank r scaled by r^-S, normalised to keep the
+logits' overall size). A row with a larger norm wins the top-k more often, so a few experts per
+layer become popular, as in trained models. The script prints the popularity that results on
+random hidden states (the share of routings the most chosen eighth of the experts takes; 0.125
+is uniform); `odmoe trace record` on the finished model counts it on real tokens.
+
+Usage: make_model.py OUT.gguf [--layers 18] [--seed 0] [--type q8_0] [--context 4096] [--skew 0]
 """
 
 import argparse
@@ -106,11 +113,29 @@ def tensors(layers):
     return out
 
 
-def data(rng, shape, kind, std):
+def zipf_scales(rng, experts, skew):
+    """Per-expert router row scales: rank r (in a random order) gets r^-skew, RMS 1."""
+    scales = np.arange(1, experts + 1, dtype=np.float64) ** -skew
+    scales /= np.sqrt(np.mean(scales ** 2))
+    return rng.permutation(scales).astype(np.float32)
+
+
+def popularity(router, samples=4096, seed=1):
+    """Share of top-k routings the most chosen eighth of the experts takes, on random hidden states."""
+    hidden = np.random.default_rng(seed).standard_normal((samples, router.shape[1]), dtype=np.float32)
+    chosen = np.argsort(-(hidden @ router.T), axis=1)[:, :TOP_K]
+    counts = np.sort(np.bincount(chosen.ravel(), minlength=router.shape[0]))[::-1]
+    return counts[: max(1, router.shape[0] // 8)].sum() / counts.sum()
+
+
+def data(rng, shape, kind, std, skew=0.0):
     if kind == Q.F32:
         if std is None:  # norm weights
             return np.ones(shape, dtype=np.float32)
-        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
+        weights = (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
+        if skew and len(shape) == 2 and shape[0] == EXPERTS:  # a router
+            weights *= zipf_scales(rng, EXPERTS, skew)[:, None]
+        return weights
     rows = int(np.prod(shape[:-1]))
     return q8_0(rng, rows, shape[-1], std).reshape(*shape[:-1], -1)
 
@@ -122,7 +147,11 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--type", default="q8_0", help="llama.cpp file type (see bench/requantize.py)")
     parser.add_argument("--context", type=int, default=4096, help="positions the model declares")
+    parser.add_argument("--skew", type=float, default=0.0,
+                        help="Zipf exponent of the router rows' norms (0: uniform routing)")
     args = parser.parse_args()
+    if args.skew < 0:
+        sys.exit("--skew must be 0 or more")
     if args.type != "q8_0":
         try:
             from requantize import FTYPES, requantize
@@ -131,15 +160,15 @@ def main():
         if args.type not in FTYPES:
             sys.exit(f"--type {args.type}: one of q8_0, {', '.join(sorted(FTYPES))}")
         q8_0 = args.out + ".q8_0"
-        write_q8_0(q8_0, args.layers, args.seed, args.context)
+        write_q8_0(q8_0, args.layers, args.seed, args.context, args.skew)
         requantize(q8_0, args.out, args.type)
         os.remove(q8_0)
         print(f"wrote {args.out}: {os.path.getsize(args.out) / 1e9:.2f} GB, {args.type}")
         return
-    write_q8_0(args.out, args.layers, args.seed, args.context)
+    write_q8_0(args.out, args.layers, args.seed, args.context, args.skew)
 
 
-def write_q8_0(out, layers, seed, context):
+def write_q8_0(out, layers, seed, context, skew=0.0):
     """Writes the model in Q8_0 to `out`, through a temporary name."""
     tmp = out + ".partial"
     writer = gguf.GGUFWriter(tmp, "qwen3moe")
@@ -183,15 +212,19 @@ def write_q8_0(out, layers, seed, context):
     rng = np.random.default_rng(seed)
     total = sum(int(np.prod(s)) * (4 if k == Q.F32 else Q8_BYTES / Q8_BLOCK) for _, s, k, _ in plan)
     done = 0
+    shares = []
     for name, shape, kind, std in plan:
-        array = data(rng, shape, kind, std)
+        array = data(rng, shape, kind, std, skew)
+        if name.endswith("ffn_gate_inp.weight"):
+            shares.append(popularity(array))
         writer.write_tensor_data(array)
         done += array.nbytes
         print(f"\r{done / 1e9:5.2f} / {total / 1e9:.2f} GB", end="", file=sys.stderr, flush=True)
     writer.close()
     print(file=sys.stderr)
     os.rename(tmp, out)
-    print(f"wrote {out}: {os.path.getsize(out) / 1e9:.2f} GB, {layers} layers")
+    print(f"wrote {out}: {os.path.getsize(out) / 1e9:.2f} GB, {layers} layers; the top eighth of each "
+          f"layer's experts takes {np.mean(shares):.3f} of routings on random states (skew {skew})")
 
 
 if __name__ == "__main__":
