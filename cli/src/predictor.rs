@@ -340,6 +340,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                 "hit_rate": t.hits as f64 / (t.hits + t.misses).max(1) as f64,
                 "stall_ms": t.stall_us as f64 / 1e3,
                 "issued": p.issued, "used": p.used, "wasted": p.wasted, "dropped": p.dropped,
+                "cancelled": p.cancelled, "evicted_hits": p.evicted_hits,
                 "switched_off": p.switched_off, "predictions": p.predictions, "steps": p.steps,
                 "recall": p.recall, "predict_p50_us": p.predict_p50_us, "predict_p99_us": p.predict_p99_us,
             })
@@ -361,7 +362,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     )?;
     writeln!(
         out,
-        "| prefetch | decode tok/s | vs none | hit rate | stall ms | issued/used/wasted | predicted layers | recall | predict p50/p99 us |"
+        "| prefetch | decode tok/s | vs none | hit rate | stall ms | issued/used/wasted/cancelled, hits cost | predicted layers | recall | predict p50/p99 us |"
     )?;
     writeln!(out, "|---|---|---|---|---|---|---|---|---|")?;
     for r in &rows {
@@ -375,7 +376,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             .unwrap_or_default();
         writeln!(
             out,
-            "| {}{} | {:.1} | {:.2}x | {:.1}% | {:.1} | {}/{}/{} | {}/{} | {} | {:.0}/{:.0} |",
+            "| {}{} | {:.1} | {:.2}x | {:.1}% | {:.1} | {}/{}/{}/{}, {} | {}/{} | {} | {:.0}/{:.0} |",
             r["prefetch"].as_str().unwrap_or(""),
             match r["depth"].as_u64() {
                 Some(0) | None => String::new(),
@@ -388,6 +389,8 @@ fn bench(args: BenchArgs) -> Result<()> {
             r["issued"],
             r["used"],
             r["wasted"],
+            r["cancelled"],
+            r["evicted_hits"],
             r["predictions"],
             r["steps"],
             if recall.is_empty() {

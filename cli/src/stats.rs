@@ -162,11 +162,13 @@ pub fn summary(stats: &StatsResult) -> String {
         );
         let _ = writeln!(
             out,
-            "prefetch  {} issued, {} used, {} wasted, {} dropped",
+            "prefetch  {} issued, {} used, {} wasted, {} dropped, {} cancelled; {} hits lost to its evictions",
             store.prefetch_issued,
             store.prefetch_used,
             store.prefetch_wasted,
-            store.prefetch_dropped
+            store.prefetch_dropped,
+            store.prefetch_cancelled,
+            store.prefetch_evicted_hits
         );
     }
     let _ = writeln!(

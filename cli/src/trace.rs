@@ -422,7 +422,7 @@ fn replay_command(args: ReplayArgs) -> Result<()> {
     )?;
     writeln!(
         out,
-        "| budget | experts | policy | prefetch | hit rate | of Belady | read | prefetch issued/used/wasted | recall | stall ms | decode tok/s (model) |"
+        "| budget | experts | policy | prefetch | hit rate | of Belady | read | prefetch issued/used/wasted/cancelled, hits cost | recall | stall ms | decode tok/s (model) |"
     )?;
     writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
     for (text, r, belady) in &reports {
@@ -433,7 +433,7 @@ fn replay_command(args: ReplayArgs) -> Result<()> {
             .collect();
         writeln!(
             out,
-            "| {text} | {} | {} | {}{} | {:.1}% | {} | {} | {}/{}/{} | {} | {:.1} | {:.1} |",
+            "| {text} | {} | {} | {}{} | {:.1}% | {} | {} | {}/{}/{}/{}, {} | {} | {:.1} | {:.1} |",
             r.budget_experts,
             r.policy,
             r.prefetch,
@@ -452,6 +452,8 @@ fn replay_command(args: ReplayArgs) -> Result<()> {
             r.prefetch_issued,
             r.prefetch_used,
             r.prefetch_wasted,
+            r.prefetch_cancelled,
+            r.prefetch_evicted_hits,
             if recall.is_empty() {
                 "-".into()
             } else {

@@ -676,3 +676,48 @@ fn reads_are_counted_in_bytes_from_disk() {
         "the budget counts experts as f32 in memory"
     );
 }
+
+/// Once a layer's routing is known, queued guesses for it that routing did not choose are
+/// cancelled before their reads start; a read already started completes and is used.
+#[test]
+fn routing_cancels_the_wrong_guesses_still_queued() {
+    let (open, gate) = std::sync::mpsc::channel();
+    let config = StoreConfig {
+        budget_bytes: 1600,
+        io_threads: 1,
+        policy: PolicyKind::Lru,
+    };
+    let store = ExpertStore::new(Arc::new(GatedSource(Mutex::new(gate))), &config);
+    // The one I/O thread takes the first guess and waits in its read: the second stays queued.
+    store.prefetch(1, &[0, 1]);
+    store.routed(1, &[0]);
+    let stats = store.stats();
+    assert_eq!((stats.prefetch_issued, stats.prefetch_cancelled), (2, 1));
+    assert_eq!(
+        stats.resident_experts, 1,
+        "the cancelled guess gave its room back"
+    );
+    open.send(()).unwrap();
+    drop(store.acquire(1, &[0]).unwrap());
+    let stats = store.stats();
+    assert_eq!((stats.hits, stats.prefetch_used, stats.reads), (1, 1, 1));
+    store.check_invariants().unwrap();
+}
+
+/// A prefetch spares the experts the current layer routed to; an expert it evicts that the
+/// layer's next routing wants is counted as a hit it cost.
+#[test]
+fn prefetches_spare_the_routed_experts_and_are_charged_for_the_hits_they_cost() {
+    let (_, store) = store(FakeSource::new(Duration::ZERO), 2, PolicyKind::Lru);
+    drop(store.acquire(0, &[0, 1]).unwrap());
+    store.routed(0, &[0]);
+    // Room for the guess only by evicting: not expert 0, which LRU would pick, but 1.
+    store.prefetch(1, &[5]);
+    store.wait_idle();
+    drop(store.acquire(0, &[0]).unwrap());
+    assert_eq!(store.stats().hits, 1, "the spared expert stayed");
+    store.routed(0, &[1]);
+    let stats = store.stats();
+    assert_eq!((stats.prefetch_issued, stats.prefetch_evicted_hits), (1, 1));
+    store.check_invariants().unwrap();
+}

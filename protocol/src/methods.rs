@@ -370,8 +370,16 @@ pub struct StoreStats {
     pub prefetch_used: u64,
     /// Prefetched experts evicted before any use.
     pub prefetch_wasted: u64,
-    /// Prefetches not issued because the budget was full of more valuable entries.
+    /// Prefetches not issued: no room but by evicting what is worth more, or the share of the
+    /// budget that unused prefetches may hold is full.
     pub prefetch_dropped: u64,
+    /// Queued prefetches cancelled, their reads not started, when their layer's routing chose
+    /// other experts.
+    #[serde(default)]
+    pub prefetch_cancelled: u64,
+    /// Experts a prefetch evicted that their layer's next routing then wanted: hits it cost.
+    #[serde(default)]
+    pub prefetch_evicted_hits: u64,
     pub evictions: u64,
     pub reads: u64,
     pub read_errors: u64,

@@ -327,7 +327,8 @@ pub trait ForwardHook: Send + Sync {
     /// The rows of what [`layer_input`](Self::layer_input) returned for `layer`, when it
     /// returned any.
     fn layer_scores(&self, _layer: usize, _rows: Vec<Vec<Vec<f32>>>) {}
-    /// The experts `layer` routed its positions to, before they are asked for.
+    /// The experts `layer` routed its positions to, before they are asked for and before
+    /// [`layer_scores`](Self::layer_scores).
     fn layer_routing(&self, _layer: usize, _routing: &Routing) {}
 }
 
@@ -534,12 +535,13 @@ impl Model {
                 FeedForward::Moe(moe) => moe.route_reading(&normed, &wanted)?,
                 FeedForward::Dense(_) => (Routing::default(), readback::rows(&wanted)?),
             };
-            if let Some(hook) = self.hook.as_ref().filter(|_| !wanted.is_empty()) {
-                hook.layer_scores(i, read);
-            }
-            // Before the experts are asked for, so a guess made from the routing overlaps them.
+            // The routing first: guesses made from it, or queued after it, must spare the
+            // experts it chose; both before the experts are asked for, so reads overlap them.
             if let Some(hook) = &self.hook {
                 hook.layer_routing(i, &routing);
+            }
+            if let Some(hook) = self.hook.as_ref().filter(|_| !wanted.is_empty()) {
+                hook.layer_scores(i, read);
             }
             let ffn_out = match &layer.ffn {
                 FeedForward::Moe(moe) => moe.mix(&normed, &routing, self.experts.as_ref())?,

@@ -486,6 +486,12 @@ pub struct PrefetchStats {
     pub used: u64,
     pub wasted: u64,
     pub dropped: u64,
+    /// Guesses cancelled before their read once routing chose otherwise.
+    #[serde(default)]
+    pub cancelled: u64,
+    /// Hits that prefetches' evictions cost.
+    #[serde(default)]
+    pub evicted_hits: u64,
     /// Time compute waited for expert reads.
     pub stall_us: u64,
 }
@@ -583,6 +589,8 @@ impl Prefetcher {
             used: counts.used,
             wasted: counts.wasted,
             dropped: counts.dropped,
+            cancelled: counts.cancelled,
+            evicted_hits: counts.evicted_hits,
             stall_us: counts.stall_us,
         }
     }
@@ -613,9 +621,10 @@ impl ForwardHook for Prefetcher {
         let mut state = crate::store::recover(self.state.lock());
         state.step += 1;
         let counts = self.store.prefetch_counts();
+        // A hit a prefetch's eviction cost weighs as a wasted prefetch.
         let (used, wasted) = (
             counts.used - state.seen.used,
-            counts.wasted - state.seen.wasted,
+            counts.wasted + counts.evicted_hits - state.seen.wasted - state.seen.evicted_hits,
         );
         state.seen = counts;
         state.predicting = !self.options.adaptive || state.gate.step(used, wasted);
@@ -646,11 +655,15 @@ impl ForwardHook for Prefetcher {
         self.queue(&mut state, layer, &guesses, latency);
     }
 
-    /// Measures recall; a routing history learns from the routing and guesses from it.
+    /// Tells the store the routing (wrong guesses for this layer are cancelled, its experts
+    /// spared), measures recall; a routing history learns from the routing and guesses from it.
     fn layer_routing(&self, layer: usize, routing: &Routing) {
+        let routed = routed_experts(routing);
+        if !routed.is_empty() {
+            self.store.routed(layer, &routed);
+        }
         let mut state = crate::store::recover(self.state.lock());
         let step = state.step;
-        let routed = routed_experts(routing);
         state.recall.observe(step, &routed);
         let started = Instant::now();
         let predicting = state.predicting;

@@ -13,7 +13,7 @@
 //! computes for `compute_ms` per token; a prefetch queued `d` layers ahead overlaps `d` layers of
 //! compute. An acquire waits for its reads: that wait is the stall.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -161,6 +161,10 @@ pub struct ReplayReport {
     pub prefetch_used: u64,
     pub prefetch_wasted: u64,
     pub prefetch_dropped: u64,
+    /// Guesses cancelled before their read when their layer's routing chose otherwise.
+    pub prefetch_cancelled: u64,
+    /// Experts a prefetch evicted that their layer's next routing wanted.
+    pub prefetch_evicted_hits: u64,
     pub gate_switched_off: u64,
     pub gate_switched_on: u64,
     /// Recall of the predictions at depth 1..=D.
@@ -302,6 +306,10 @@ struct Sim {
     bytes: u64,
     disk: Disk,
     report: ReplayReport,
+    /// As the store's: the experts the current step routed to, which prefetches spare.
+    spared: Vec<ExpertKey>,
+    /// As the store's: experts a prefetch evicted, until their layer's next routing.
+    evicted_by_prefetch: HashSet<ExpertKey>,
 }
 
 impl Sim {
@@ -317,14 +325,49 @@ impl Sim {
         }
     }
 
+    /// As `ExpertStore::routed`.
+    fn routed(&mut self, layer: usize, ids: &[usize]) {
+        self.spared = ids.iter().map(|&e| (layer, e)).collect();
+        let mut cost = 0;
+        self.evicted_by_prefetch.retain(|&(l, e)| {
+            if l == layer && ids.contains(&e) {
+                cost += 1;
+            }
+            l != layer
+        });
+        self.report.prefetch_evicted_hits += cost;
+        let cache = &self.cache;
+        let (wrong, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.disk.queue)
+            .into_iter()
+            .partition(|&(_, key, _)| {
+                key.0 == layer
+                    && !ids.contains(&key.1)
+                    && cache
+                        .get(key)
+                        .is_some_and(|e| e.pins == 0 && e.prefetched_unused)
+            });
+        self.disk.queue = kept;
+        for (_, key, _) in wrong {
+            self.cache.remove(key);
+            self.report.prefetch_cancelled += 1;
+        }
+    }
+
     /// As `ExpertStore::prefetch_at`.
     fn prefetch(&mut self, key: ExpertKey, priority: u64, now: f64) {
         if self.cache.get(key).is_some() {
             return;
         }
-        match self.cache.reserve(key, self.bytes, true) {
+        let spared = &self.spared;
+        match self
+            .cache
+            .reserve_prefetch(key, self.bytes, &|k| spared.contains(&k))
+        {
             Ok(evicted) => {
                 self.forget(&evicted);
+                self.evicted_by_prefetch
+                    .extend(evicted.iter().map(|&(k, _)| k));
+                self.evicted_by_prefetch.remove(&key);
                 self.report.prefetch_issued += 1;
                 self.disk.enqueue(priority, key, now);
             }
@@ -378,7 +421,7 @@ impl Sim {
                     self.pin_present(key, &mut pinned, &mut demand, &mut ready_at);
                     break;
                 }
-                match self.cache.reserve(key, self.bytes, false) {
+                match self.cache.reserve(key, self.bytes) {
                     Ok(evicted) => {
                         self.forget(&evicted);
                         self.report.misses += 1;
@@ -492,6 +535,8 @@ pub fn replay(
             tokens: trace.num_tokens(),
             ..ReplayReport::default()
         },
+        spared: Vec::new(),
+        evicted_by_prefetch: HashSet::new(),
     };
     let layers = trace.num_layers();
     let mut history = match prefetch {
@@ -511,12 +556,19 @@ pub fn replay(
     for (s, step) in steps.iter().enumerate() {
         let step_id = s as u64 + 1;
         sim.settle(now);
-        let (used, wasted) = (sim.report.prefetch_used, sim.report.prefetch_wasted);
+        // As the live gate: a hit a prefetch's eviction cost weighs as a wasted prefetch.
+        let (used, wasted) = (
+            sim.report.prefetch_used,
+            sim.report.prefetch_wasted + sim.report.prefetch_evicted_hits,
+        );
         let on = !options.adaptive || gate.step(used - seen_used, wasted - seen_wasted);
         (seen_used, seen_wasted) = (used, wasted);
         let mut predict_s = 0.0;
-        // The routing of the step is known once its router ran: the history learns from it
-        // whether or not it is asked to guess.
+        // The routing of the step is known once its router ran, before any guess is queued.
+        if depth > 0 {
+            sim.routed(step.layer, &step.needed);
+        }
+        // The history learns from it whether or not it is asked to guess.
         if let Some(history) = history.as_mut() {
             history.observe(step.layer, &step.needed);
         }
@@ -568,7 +620,7 @@ pub fn replay(
     }
     let mut report = sim.report;
     report.decode_tokens = trace.forwards().iter().filter(|(_, p)| !p).count();
-    report.bytes_read += report.prefetch_issued * bytes;
+    report.bytes_read += (report.prefetch_issued - report.prefetch_cancelled) * bytes;
     report.hit_rate = report.hits as f64 / (report.hits + report.misses).max(1) as f64;
     report.gate_switched_off = gate.switched_off;
     report.gate_switched_on = gate.switched_on;

@@ -36,10 +36,27 @@ pub enum NoRoom {
     },
 }
 
+/// Why a prefetch was not reserved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Declined {
+    /// Pinned, loading and spared entries and unused prefetches leave no room.
+    NoRoom,
+    /// The staging share of the budget is held by unused prefetches already.
+    Staging,
+    /// Making room would evict an expert the policy values more than the guess.
+    Valued,
+}
+
+/// Unused prefetches may hold at most this share of the budget (1/8): a guess never takes more
+/// than a bounded corner of the cache from experts that were used.
+const STAGING_DIVISOR: u64 = 8;
+
 /// Entries, their bytes, and the budget they must fit in.
 pub struct BudgetCache {
     budget: u64,
     used: u64,
+    /// Bytes of unused prefetches (loading or ready).
+    staged: u64,
     entries: HashMap<ExpertKey, EntryMeta>,
     policy: Box<dyn EvictionPolicy>,
 }
@@ -54,6 +71,7 @@ impl BudgetCache {
         Self {
             budget,
             used: 0,
+            staged: 0,
             entries: HashMap::new(),
             policy,
         }
@@ -86,6 +104,9 @@ impl BudgetCache {
         let entry = self.entries.get_mut(&key).expect("pin of an absent entry");
         entry.pins += 1;
         let was_prefetch = std::mem::take(&mut entry.prefetched_unused);
+        if was_prefetch {
+            self.staged -= entry.bytes;
+        }
         self.policy.accessed(key);
         was_prefetch
     }
@@ -99,14 +120,13 @@ impl BudgetCache {
         entry.pins -= 1;
     }
 
-    /// Reserves `bytes` for a new entry `key` (loading, not ready), evicting unpinned ready
-    /// entries as the policy ranks them. A prefetch may not evict another unused prefetch.
-    /// Returns the evicted entries (key, was an unused prefetch).
+    /// Reserves `bytes` for a new entry `key` read on demand (loading, not ready), evicting
+    /// unpinned ready entries as the policy ranks them. Returns the evicted entries (key, was an
+    /// unused prefetch).
     pub fn reserve(
         &mut self,
         key: ExpertKey,
         bytes: u64,
-        prefetch: bool,
     ) -> Result<Vec<(ExpertKey, bool)>, NoRoom> {
         assert!(
             !self.entries.contains_key(&key),
@@ -115,7 +135,7 @@ impl BudgetCache {
         let evictable_bytes: u64 = self
             .entries
             .values()
-            .filter(|e| Self::evictable(e, prefetch))
+            .filter(|e| Self::evictable(e, false))
             .map(|e| e.bytes)
             .sum();
         if self.used - evictable_bytes + bytes > self.budget {
@@ -125,7 +145,59 @@ impl BudgetCache {
                 pinned_or_loading: self.used - evictable_bytes,
             });
         }
-        let evicted = self.evict_until(self.budget - bytes, prefetch);
+        let evicted = self.evict_until(self.budget - bytes, false);
+        self.insert(key, bytes, false);
+        Ok(evicted)
+    }
+
+    /// Reserves `bytes` for a guess `key`, only if that cannot cost a hit the cache would
+    /// otherwise have: unused prefetches stay within the staging share of the budget, and the
+    /// only entries evicted are unpinned, ready, not unused prefetches themselves, not `spared`
+    /// (the experts the current layer is about to use), and valued by the policy below the guess.
+    /// Either all of the room is made or nothing is evicted.
+    pub fn reserve_prefetch(
+        &mut self,
+        key: ExpertKey,
+        bytes: u64,
+        spared: &dyn Fn(ExpertKey) -> bool,
+    ) -> Result<Vec<(ExpertKey, bool)>, Declined> {
+        assert!(
+            !self.entries.contains_key(&key),
+            "reserve of a present entry {key:?}"
+        );
+        if self.staged + bytes > (self.budget / STAGING_DIVISOR).max(bytes) {
+            return Err(Declined::Staging);
+        }
+        let mut victims: Vec<ExpertKey> = Vec::new();
+        let mut freed = 0;
+        while self.used - freed + bytes > self.budget {
+            let entries = &self.entries;
+            let victim = self.policy.victim(&|k| {
+                !victims.contains(&k)
+                    && !spared(k)
+                    && entries.get(&k).is_some_and(|e| Self::evictable(e, true))
+            });
+            let Some(victim) = victim else {
+                return Err(Declined::NoRoom);
+            };
+            if self.policy.values_more(victim, key) {
+                return Err(Declined::Valued);
+            }
+            freed += self.entries[&victim].bytes;
+            victims.push(victim);
+        }
+        let evicted = victims
+            .into_iter()
+            .map(|victim| {
+                let entry = self.remove(victim).expect("victim is present");
+                (victim, entry.prefetched_unused)
+            })
+            .collect();
+        self.insert(key, bytes, true);
+        Ok(evicted)
+    }
+
+    fn insert(&mut self, key: ExpertKey, bytes: u64, prefetch: bool) {
         self.entries.insert(
             key,
             EntryMeta {
@@ -136,8 +208,10 @@ impl BudgetCache {
             },
         );
         self.used += bytes;
+        if prefetch {
+            self.staged += bytes;
+        }
         self.policy.inserted(key);
-        Ok(evicted)
     }
 
     /// Marks a loaded entry ready: from now on it may be evicted when unpinned.
@@ -151,6 +225,9 @@ impl BudgetCache {
     pub fn remove(&mut self, key: ExpertKey) -> Option<EntryMeta> {
         let entry = self.entries.remove(&key)?;
         self.used -= entry.bytes;
+        if entry.prefetched_unused {
+            self.staged -= entry.bytes;
+        }
         self.policy.removed(key);
         Some(entry)
     }
@@ -228,7 +305,7 @@ mod tests {
     }
 
     fn load(c: &mut BudgetCache, key: ExpertKey) -> Vec<ExpertKey> {
-        let evicted = c.reserve(key, 10, false).unwrap();
+        let evicted = c.reserve(key, 10).unwrap();
         c.mark_ready(key);
         evicted.into_iter().map(|(k, _)| k).collect()
     }
@@ -273,7 +350,7 @@ mod tests {
                     if c.get(key).is_some() {
                         hits += 1;
                     } else {
-                        c.reserve(key, 10, false).unwrap();
+                        c.reserve(key, 10).unwrap();
                         c.mark_ready(key);
                     }
                     c.pin(key);
@@ -292,7 +369,7 @@ mod tests {
                     if lru.get(key).is_some() {
                         lru_hits += 1;
                     } else {
-                        lru.reserve(key, 10, false).unwrap();
+                        lru.reserve(key, 10).unwrap();
                         lru.mark_ready(key);
                     }
                     lru.pin(key);
@@ -308,26 +385,70 @@ mod tests {
         let mut c = cache(20, PolicyKind::Lru);
         load(&mut c, (0, 0));
         c.pin((0, 0));
-        c.reserve((0, 1), 10, false).unwrap(); // loading entries are not evictable
-        assert!(matches!(
-            c.reserve((0, 2), 10, false),
-            Err(NoRoom::Full { .. })
-        ));
+        c.reserve((0, 1), 10).unwrap(); // loading entries are not evictable
+        assert!(matches!(c.reserve((0, 2), 10), Err(NoRoom::Full { .. })));
         assert_eq!(c.used(), 20);
     }
 
     #[test]
-    fn prefetch_never_evicts_an_unused_prefetch() {
-        let mut c = cache(20, PolicyKind::Lru);
-        c.reserve((1, 0), 10, true).unwrap();
+    fn prefetch_never_evicts_an_unused_prefetch_nor_a_spared_entry() {
+        // 16 entries of 10 bytes; unused prefetches may hold 20 of them.
+        let mut c = cache(160, PolicyKind::Lru);
+        c.reserve_prefetch((1, 0), 10, &|_| false).unwrap();
         c.mark_ready((1, 0));
-        load(&mut c, (0, 0));
-        // Room only by evicting: the demand entry can go, the unused prefetch cannot.
-        assert_eq!(c.reserve((1, 1), 10, true).unwrap(), vec![((0, 0), false)]);
+        for expert in 0..15 {
+            load(&mut c, (0, expert));
+        }
+        // Room only by evicting: the oldest demand entry goes, not the unused prefetch, and not
+        // an entry spared for the layer about to use it.
+        let spared = |k: ExpertKey| k == (0, 0);
+        assert_eq!(
+            c.reserve_prefetch((1, 1), 10, &spared).unwrap(),
+            vec![((0, 1), false)]
+        );
         c.mark_ready((1, 1));
-        assert!(c.reserve((1, 2), 10, true).is_err());
-        // A demand read may evict it, and reports it as a wasted prefetch.
-        assert_eq!(c.reserve((0, 5), 10, false).unwrap(), vec![((1, 0), true)]);
+        // A demand read may evict an unused prefetch, and reports it as wasted.
+        assert_eq!(c.reserve((0, 15), 10).unwrap(), vec![((1, 0), true)]);
+    }
+
+    #[test]
+    fn unused_prefetches_stay_within_their_share_of_the_budget() {
+        let mut c = cache(160, PolicyKind::Lru);
+        c.reserve_prefetch((1, 0), 10, &|_| false).unwrap();
+        c.reserve_prefetch((1, 1), 10, &|_| false).unwrap();
+        assert_eq!(
+            c.reserve_prefetch((1, 2), 10, &|_| false),
+            Err(Declined::Staging)
+        );
+        // Once one is used, its share is free for another guess.
+        c.mark_ready((1, 0));
+        c.pin((1, 0));
+        c.reserve_prefetch((1, 2), 10, &|_| false).unwrap();
+        assert_eq!(c.used(), 30);
+    }
+
+    #[test]
+    fn a_prefetch_evicts_only_what_the_policy_values_less_than_the_guess() {
+        let mut c = cache(80, PolicyKind::Reuse);
+        let experts: Vec<ExpertKey> = (0..8).map(|e| (e / 4, e % 4)).collect();
+        for &key in &experts {
+            load(&mut c, key);
+        }
+        // Every cached expert is used at every token: each is worth more than a guess with no
+        // history, which is declined without evicting anything.
+        for _ in 0..10 {
+            for &key in &experts {
+                c.pin(key);
+                c.unpin(key);
+            }
+        }
+        assert_eq!(
+            c.reserve_prefetch((1, 7), 10, &|_| false),
+            Err(Declined::Valued)
+        );
+        assert_eq!(c.used(), 80);
+        // A demand read evicts regardless.
+        assert_eq!(c.reserve((1, 7), 10).unwrap().len(), 1);
     }
 
     #[test]
@@ -338,7 +459,7 @@ mod tests {
         for key in seq {
             if c.get(key).is_none() {
                 misses += 1;
-                c.reserve(key, 10, false).unwrap();
+                c.reserve(key, 10).unwrap();
                 c.mark_ready(key);
             }
             c.pin(key);

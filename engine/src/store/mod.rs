@@ -21,7 +21,7 @@ pub mod reuse;
 pub mod source;
 pub mod stats;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-pub use budget::{BudgetCache, ExpertKey, NoRoom};
+pub use budget::{BudgetCache, Declined, ExpertKey, NoRoom};
 pub use policy::{Belady, EvictionPolicy, PolicyKind};
 pub use source::{ExpertSource, GgufSource, HfSource, LayoutSource};
 pub use stats::{PrefetchCounts, StoreStats};
@@ -115,6 +115,11 @@ struct State {
     quarantined: HashMap<ExpertKey, Arc<Error>>,
     /// Hits per expert since the store was made, for a picture of where the hits go.
     hits: HashMap<ExpertKey, u64>,
+    /// The experts the layer being computed routed to: prefetches do not evict them.
+    spared: Vec<ExpertKey>,
+    /// Experts a prefetch evicted, until their layer's next routing tells whether that cost a
+    /// hit.
+    evicted_by_prefetch: HashSet<ExpertKey>,
     telemetry: stats::Telemetry,
     shutdown: bool,
 }
@@ -206,6 +211,8 @@ impl ExpertStore {
                 prefetch: VecDeque::new(),
                 quarantined: HashMap::new(),
                 hits: HashMap::new(),
+                spared: Vec::new(),
+                evicted_by_prefetch: HashSet::new(),
                 telemetry: Default::default(),
                 shutdown: false,
             }),
@@ -264,7 +271,7 @@ impl ExpertStore {
                     pinned[i] = Some((key, slot));
                     break;
                 }
-                match state.cache.reserve(key, self.shared.expert_bytes, false) {
+                match state.cache.reserve(key, self.shared.expert_bytes) {
                     Ok(evicted) => {
                         state.forget(&evicted);
                         state.telemetry.counts.misses += 1;
@@ -335,8 +342,8 @@ impl ExpertStore {
             .collect())
     }
 
-    /// Queues low-priority reads of `ids` of `layer`. A prefetch that would have to evict a pinned
-    /// expert or an unused prefetch is dropped (and counted) instead.
+    /// Queues low-priority reads of `ids` of `layer`, where they cannot cost a hit (see
+    /// [`BudgetCache::reserve_prefetch`]); the others are dropped and counted.
     pub fn prefetch(&self, layer: usize, ids: &[usize]) {
         self.prefetch_at(layer, ids, 0);
     }
@@ -352,9 +359,18 @@ impl ExpertStore {
             if state.slots.contains_key(&key) || state.quarantined.contains_key(&key) {
                 continue;
             }
-            match state.cache.reserve(key, self.shared.expert_bytes, true) {
+            let spared = std::mem::take(&mut state.spared);
+            let reserved = state
+                .cache
+                .reserve_prefetch(key, self.shared.expert_bytes, &|k| spared.contains(&k));
+            state.spared = spared;
+            match reserved {
                 Ok(evicted) => {
                     state.forget(&evicted);
+                    state
+                        .evicted_by_prefetch
+                        .extend(evicted.iter().map(|&(k, _)| k));
+                    state.evicted_by_prefetch.remove(&key);
                     state.telemetry.counts.prefetch_issued += 1;
                     let slot = LoadSlot::new();
                     state.slots.insert(key, Slot::Loading(slot.clone()));
@@ -367,6 +383,41 @@ impl ExpertStore {
         }
         if queued {
             self.shared.work.notify_all();
+        }
+    }
+
+    /// The routing of `layer` is known and its experts are about to be asked for. From now on
+    /// prefetches spare them; guesses for `layer` that routing did not choose, and whose reads
+    /// have not started, are cancelled; and each of `ids` that a prefetch had evicted is
+    /// counted as a hit that prefetch cost.
+    pub fn routed(&self, layer: usize, ids: &[usize]) {
+        let mut state = self.shared.lock();
+        state.spared = ids.iter().map(|&e| (layer, e)).collect();
+        let mut cost = 0;
+        state.evicted_by_prefetch.retain(|&(l, e)| {
+            if l == layer && ids.contains(&e) {
+                cost += 1;
+            }
+            l != layer
+        });
+        state.telemetry.counts.prefetch_evicted_hits += cost;
+        let queue = std::mem::take(&mut state.prefetch);
+        let cache = &state.cache;
+        let (wrong, kept): (VecDeque<_>, VecDeque<_>) =
+            queue.into_iter().partition(|(_, key, slot)| {
+                key.0 == layer
+                    && !ids.contains(&key.1)
+                    && !slot.claimed.load(Ordering::Acquire)
+                    && cache
+                        .get(*key)
+                        .is_some_and(|e| e.pins == 0 && e.prefetched_unused)
+            });
+        state.prefetch = kept;
+        for (_, key, _) in wrong {
+            // Nothing waits on a guess nobody asked for: its slot goes with it.
+            state.slots.remove(&key);
+            state.cache.remove(key);
+            state.telemetry.counts.prefetch_cancelled += 1;
         }
     }
 

@@ -15,6 +15,12 @@ pub trait EvictionPolicy: Send {
     fn removed(&mut self, key: ExpertKey);
     /// The least valuable key for which `evictable` holds.
     fn victim(&mut self, evictable: &dyn Fn(ExpertKey) -> bool) -> Option<ExpertKey>;
+    /// Whether the cached `kept` is worth more than `guess`, a prefetch not yet in the cache
+    /// (a prefetch may evict only what is worth less). Policies that rank a new entry above
+    /// every other (recency, the layer needed next) never value an entry more than a guess.
+    fn values_more(&self, _kept: ExpertKey, _guess: ExpertKey) -> bool {
+        false
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -146,12 +146,18 @@ impl ExpectedReuse {
     /// Layer visits from now until the expected next use of the entry (infinite if never).
     fn expected_wait(&self, key: ExpertKey) -> f64 {
         let usage = &self.usage[&key];
-        let ranks = &self.layers[key.0];
-        let recency = if usage.recent { RECENCY } else { 0.0 };
-        let p = (1.0 - RECENCY) * usage.rate_at(ranks.visits) + recency;
-        let layers = self.layers.len();
+        let rate = usage.rate_at(self.layers[key.0].visits);
+        self.wait(key.0, rate, usage.recent)
+    }
+
+    /// [`expected_wait`](Self::expected_wait) of an expert of `layer` with a rate of use `rate`
+    /// now, and `recent` if its layer's latest visit used it (or it was brought in since).
+    fn wait(&self, layer: usize, rate: f64, recent: bool) -> f64 {
+        let recency = if recent { RECENCY } else { 0.0 };
+        let p = (1.0 - RECENCY) * rate + recency;
+        let layers = self.layers.len().max(layer + 1);
         let current = self.current.unwrap_or(0);
-        let ahead = (key.0 + layers - current % layers - 1) % layers + 1;
+        let ahead = (layer + layers - current % layers - 1) % layers + 1;
         if p <= 0.0 {
             f64::INFINITY
         } else {
@@ -208,6 +214,13 @@ impl EvictionPolicy for ExpectedReuse {
             }
         }
         best.map(|(_, key)| key)
+    }
+
+    /// A guess is valued as an entry just brought in: its history, and recent.
+    fn values_more(&self, kept: ExpertKey, guess: ExpertKey) -> bool {
+        let visits = self.layers.get(guess.0).map_or(0, |ranks| ranks.visits);
+        let rate = self.usage.get(&guess).map_or(0.0, |u| u.rate_at(visits));
+        self.expected_wait(kept) < self.wait(guess.0, rate, true)
     }
 }
 

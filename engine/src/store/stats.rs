@@ -18,6 +18,9 @@ pub struct PrefetchCounts {
     pub used: u64,
     pub wasted: u64,
     pub dropped: u64,
+    pub cancelled: u64,
+    /// Experts a prefetch evicted that their layer's next routing wanted.
+    pub evicted_hits: u64,
     pub stall_us: u64,
 }
 
@@ -52,6 +55,8 @@ impl Telemetry {
             used: self.counts.prefetch_used,
             wasted: self.counts.prefetch_wasted,
             dropped: self.counts.prefetch_dropped,
+            cancelled: self.counts.prefetch_cancelled,
+            evicted_hits: self.counts.prefetch_evicted_hits,
             stall_us: self.stall.as_micros() as u64,
         }
     }
