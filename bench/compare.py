@@ -11,7 +11,7 @@ with experts on demand under a budget of the limit minus what its base model and
 Prints a markdown table (and writes every raw result as JSON with --out). Needs root.
 
 Usage: bench/compare.py [--model M.gguf] [--limits 4,3,2] [--tokens 24] [--warm-repeats 3]
-                        [--out results.json]
+                        [--engines llama.cpp,odmoe] [--no-warm] [--out results.json]
 """
 
 import argparse
@@ -135,6 +135,9 @@ def main():
                         help="llama.cpp without its repacked copy of the weights (use_extra_bufts off):"
                              " on x86 with AVX-512 it repacks Q4_K and other types into anonymous"
                              " memory, a second copy of the weights that a memory limit kills")
+    parser.add_argument("--engines", default="llama.cpp,odmoe",
+                        help="engines to run, comma separated (odmoe alone: its prefetch on and off)")
+    parser.add_argument("--no-warm", action="store_true", help="skip the warm, unlimited condition")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--table", type=Path, help="print the table of an earlier run's --out file")
     args = parser.parse_args()
@@ -174,7 +177,10 @@ def main():
             cmd += ["--no-repack"]
         return cmd
 
-    limits = [None] + [int(float(x) * GB) for x in args.limits.split(",") if x]
+    limits = ([] if args.no_warm else [None]) + [int(float(x) * GB) for x in args.limits.split(",") if x]
+    engines = set(args.engines.split(","))
+    if not engines <= {"llama.cpp", "odmoe"}:
+        sys.exit(f"--engines: llama.cpp and/or odmoe, not {args.engines}")
     results = []
     try:
         for feed_kind in args.feeds.split(","):
@@ -186,12 +192,13 @@ def main():
                 if limit is None:
                     # Warm: the file in the page cache for llama.cpp, every expert loaded for odmoe.
                     sh("sh", "-c", f"cat {args.model} > /dev/null")
+                if "llama.cpp" in engines:
                     runs.append(("llama.cpp", llama_cmd(feed_ids), default_ra))
-                else:
-                    runs.append(("llama.cpp", llama_cmd(feed_ids), default_ra))
-                    runs.append(("llama.cpp ra=128K", llama_cmd(feed_ids), READAHEAD_TUNED_KB))
-                runs.append(("odmoe", odmoe_cmd(limit, feed_ids), default_ra))
-                if limit is not None:
+                    if limit is not None:
+                        runs.append(("llama.cpp ra=128K", llama_cmd(feed_ids), READAHEAD_TUNED_KB))
+                if "odmoe" in engines:
+                    runs.append(("odmoe", odmoe_cmd(limit, feed_ids), default_ra))
+                if "odmoe" in engines and limit is not None:
                     # Lookahead prefetch is the default; on this model's near-uniform routing its
                     # wrong guesses evict experts that would have been hits, so show it off too.
                     runs.append(("odmoe, no prefetch", odmoe_cmd(limit, feed_ids, "none"), default_ra))
@@ -231,6 +238,8 @@ def print_table(results):
                          and o["feed"] == r["feed"] and "failed" not in o), None)
 
         ratio = ""
+        if r["name"] == "odmoe" and ours("odmoe, no prefetch"):
+            ratio = f"prefetch on ÷ off: {r['decode_tok_s'] / ours('odmoe, no prefetch')['decode_tok_s']:.2f}x"
         if r["engine"] != "odmoe":
             ratios = [f"{o['decode_tok_s'] / r['decode_tok_s']:.1f}x" for o in (ours("odmoe"), ours("odmoe, no prefetch")) if o]
             ratio = ratios[0] + (f" ({ratios[1]})" if len(ratios) > 1 else "")

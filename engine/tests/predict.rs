@@ -399,9 +399,11 @@ fn a_forward_pass_reads_back_once_per_layer() {
     }
 }
 
-/// A prefetcher whose guesses are all wrong switches itself off, and probes again later.
+/// In decode the gate times steps with prefetch on and off, and keeps a mode by those times:
+/// here a prefetcher whose guesses are all wrong is measured both ways, switched off at least
+/// once, and predicts at fewer steps than run.
 #[test]
-fn a_wasteful_prefetcher_switches_itself_off() {
+fn the_gate_times_decode_with_prefetch_on_and_off() {
     struct Wrong(usize, usize);
     impl Predictor for Wrong {
         fn kind(&self) -> odmoe_engine::predict::PredictorKind {
@@ -454,7 +456,10 @@ fn a_wasteful_prefetcher_switches_itself_off() {
         .generate(model, None, &request, |_| true)
         .unwrap();
     let stats = prefetcher.stats();
-    eprintln!("{stats:?}");
+    assert!(
+        stats.decode_step_ms_on.is_some() && stats.decode_step_ms_off.is_some(),
+        "{stats:?}"
+    );
     assert!(stats.switched_off >= 1, "{stats:?}");
     assert!(stats.predictions < stats.steps, "{stats:?}");
     let _ = Arc::strong_count(&store);

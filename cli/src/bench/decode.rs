@@ -149,6 +149,7 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
         "belady_hit_rate": belady.as_ref().map(|b| b.hit_rate),
         "belady_bytes_read": belady.as_ref().map(|b| b.bytes_read),
         "store": store,
+        "prefetch": loaded.prefetcher.as_ref().map(|p| p.stats()),
         "generated": generated,
     });
     if args.json {

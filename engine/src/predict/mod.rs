@@ -20,6 +20,7 @@
 //!
 //! [`BudgetCache`]: crate::store::BudgetCache
 
+pub mod gate;
 pub mod history;
 pub mod import;
 pub mod lookahead;
@@ -37,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::model::{ForwardHook, Model, Routing};
 use crate::store::{ExpertStore, PrefetchCounts};
+pub use gate::{GateConfig, PrefetchGate};
 
 /// One guess: `expert` of `layer`, `depth` layers after the one the hidden state entered.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -338,96 +340,6 @@ impl RecallMeter {
     }
 }
 
-/// When the [`PrefetchGate`] decides.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GateConfig {
-    /// Steps (layers run) the used/wasted balance is summed over.
-    pub window: usize,
-    /// Resolved prefetches (used or wasted) needed in the window before deciding.
-    pub min_events: u64,
-    /// Steps prefetch stays off before it is tried again.
-    pub probe_after: usize,
-}
-
-impl GateConfig {
-    /// Windows scaled to the model: 16 tokens' layers to judge, 64 tokens' layers off.
-    pub fn for_layers(num_layers: usize) -> Self {
-        Self {
-            window: 16 * num_layers.max(1),
-            min_events: 8,
-            probe_after: 64 * num_layers.max(1),
-        }
-    }
-}
-
-/// Switches prefetch off while, over a sliding window, more prefetches are wasted (evicted
-/// unused) than used, and back on for a probe after a while; the probe stays on if it pays.
-#[derive(Clone, Debug)]
-pub struct PrefetchGate {
-    config: GateConfig,
-    enabled: bool,
-    window: VecDeque<(u64, u64)>,
-    used: u64,
-    wasted: u64,
-    off_steps: usize,
-    pub switched_off: u64,
-    pub switched_on: u64,
-}
-
-impl PrefetchGate {
-    pub fn new(config: GateConfig) -> Self {
-        Self {
-            config,
-            enabled: true,
-            window: VecDeque::new(),
-            used: 0,
-            wasted: 0,
-            off_steps: 0,
-            switched_off: 0,
-            switched_on: 0,
-        }
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
-    /// Advances one step with the prefetches resolved since the last one; returns whether
-    /// prefetch is on for this step.
-    pub fn step(&mut self, used: u64, wasted: u64) -> bool {
-        if self.enabled {
-            self.window.push_back((used, wasted));
-            self.used += used;
-            self.wasted += wasted;
-            while self.window.len() > self.config.window {
-                let (u, w) = self.window.pop_front().unwrap();
-                self.used -= u;
-                self.wasted -= w;
-            }
-            if self.used + self.wasted >= self.config.min_events && self.wasted > self.used {
-                self.enabled = false;
-                self.off_steps = 0;
-                self.switched_off += 1;
-                self.clear();
-            }
-        } else {
-            self.off_steps += 1;
-            if self.off_steps >= self.config.probe_after {
-                self.enabled = true;
-                self.switched_on += 1;
-                self.clear();
-            }
-        }
-        self.enabled
-    }
-
-    fn clear(&mut self) {
-        self.window.clear();
-        self.used = 0;
-        self.wasted = 0;
-    }
-}
-
 /// How the live prefetcher behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PrefetchOptions {
@@ -492,6 +404,12 @@ pub struct PrefetchStats {
     /// Hits that prefetches' evictions cost.
     #[serde(default)]
     pub evicted_hits: u64,
+    /// Mean decode step (one layer) time of the latest window with prefetch on, and off: what
+    /// the gate compares.
+    #[serde(default)]
+    pub decode_step_ms_on: Option<f64>,
+    #[serde(default)]
+    pub decode_step_ms_off: Option<f64>,
     /// Time compute waited for expert reads.
     pub stall_us: u64,
 }
@@ -507,6 +425,8 @@ struct LiveState {
     scoring_us: f64,
     /// Whether the gate let this layer predict.
     predicting: bool,
+    /// When the latest layer of a single-position pass (decode) began.
+    decode_step_started: Option<Instant>,
     /// The routing-history source, which learns from every layer's routing.
     history: Option<history::RoutingHistory>,
 }
@@ -549,6 +469,7 @@ impl Prefetcher {
                 latencies_us: VecDeque::new(),
                 scoring_us: 0.0,
                 predicting: false,
+                decode_step_started: None,
                 history,
             }),
             kind,
@@ -574,7 +495,10 @@ impl Prefetcher {
     pub fn stats(&self) -> PrefetchStats {
         let state = crate::store::recover(self.state.lock());
         let counts = self.store.prefetch_counts();
+        let (on_s, off_s) = state.gate.decode_step_s();
         PrefetchStats {
+            decode_step_ms_on: on_s.map(|s| s * 1e3),
+            decode_step_ms_off: off_s.map(|s| s * 1e3),
             predictor: self.kind,
             depth: self.options.depth,
             enabled: state.gate.enabled(),
@@ -627,7 +551,17 @@ impl ForwardHook for Prefetcher {
             counts.wasted + counts.evicted_hits - state.seen.wasted - state.seen.evicted_hits,
         );
         state.seen = counts;
-        state.predicting = !self.options.adaptive || state.gate.step(used, wasted);
+        // A decode step's time, from this layer's start to the next's within one pass (the
+        // time between passes holds sampling and idle time, which prefetch does not change).
+        let now = Instant::now();
+        let decode = hidden.dims().first() == Some(&1);
+        let decode_step_s = state
+            .decode_step_started
+            .filter(|_| decode && layer > 0)
+            .map(|started| now.duration_since(started).as_secs_f64());
+        state.decode_step_started = decode.then_some(now);
+        state.predicting =
+            !self.options.adaptive || state.gate.step_timed(used, wasted, decode_step_s);
         let Some(predictor) = self.predictor.as_ref().filter(|_| state.predicting) else {
             return Vec::new();
         };
@@ -714,24 +648,6 @@ mod tests {
             plan(&guesses, 3, 0.5),
             vec![(1, 1, vec![4]), (3, 0, vec![1])]
         );
-    }
-
-    #[test]
-    fn the_gate_switches_off_when_wasteful_and_probes_back() {
-        let mut gate = PrefetchGate::new(GateConfig {
-            window: 4,
-            min_events: 4,
-            probe_after: 3,
-        });
-        assert!(gate.step(1, 1));
-        assert!(gate.step(0, 1)); // 1 used, 2 wasted: too few events yet
-        assert!(!gate.step(0, 1)); // 1 used, 3 wasted: off
-        assert!(!gate.step(5, 0)); // resolutions while off do not count
-        assert!(!gate.step(0, 0));
-        assert!(gate.step(0, 0)); // probe
-        assert!(gate.step(3, 1)); // pays: stays on
-        assert!(gate.step(0, 1));
-        assert_eq!((gate.switched_off, gate.switched_on), (1, 1));
     }
 
     #[test]
