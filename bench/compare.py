@@ -138,6 +138,7 @@ def main():
     parser.add_argument("--engines", default="llama.cpp,odmoe",
                         help="engines to run, comma separated (odmoe alone: its prefetch on and off)")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm, unlimited condition")
+    parser.add_argument("--odmoe-args", default="", help="more arguments for odmoe's runs with prefetch on")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--table", type=Path, help="print the table of an earlier run's --out file")
     args = parser.parse_args()
@@ -164,6 +165,8 @@ def main():
                "--prompt-ids", ",".join(map(str, prompt)), "--tokens", str(args.tokens)]
         cmd += ["--resident"] if limit is None else ["--expert-budget", f"{limit - ODMOE_RESERVE}B",
                                                      "--prefetch-experts", prefetch]
+        if limit is not None and prefetch != "none":
+            cmd += args.odmoe_args.split()
         if feed_ids:
             cmd += ["--feed-ids", ",".join(map(str, feed_ids))]
         return cmd

@@ -48,6 +48,10 @@ pub struct ModelArgs {
         value_name = "none|lookahead|history"
     )]
     pub prefetch_experts: PredictorKind,
+    /// Prefetch only guesses scoring at least this (a routing probability for lookahead, an
+    /// estimated chance of being routed for history); 0 prefetches every top-k guess.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub prefetch_min_score: f32,
     /// Let expert reads go through the page cache (by default they bypass it, so the budget is
     /// the only copy in memory).
     #[arg(long)]
@@ -109,6 +113,7 @@ impl ModelArgs {
             bypass_page_cache: !self.page_cache,
             experts_per_token: self.experts_per_token,
             prefetch,
+            prefetch_min_score: self.prefetch_min_score,
             quantized_base: !self.f32_base,
             context_length: self.context_length,
             kv_cache: self.kv_cache,

@@ -41,6 +41,8 @@ pub struct LoadOptions {
     /// With experts on demand, read the experts a predictor expects one layer ahead while the
     /// current layer computes ([`PredictorKind`]'s default unless chosen).
     pub prefetch: PredictorKind,
+    /// Prefetch only guesses the predictor scores at least this (0 prefetches every top-k guess).
+    pub prefetch_min_score: f32,
     /// Keep a GGUF file's quantized attention, embedding and output matrices in their stored
     /// type, as llama.cpp does, instead of widening them to f32 (exact dequantized math, four
     /// times the memory for Q8_0). Routers and norms are f32 either way.
@@ -66,6 +68,7 @@ impl Default for LoadOptions {
             bypass_page_cache: true,
             experts_per_token: None,
             prefetch: PredictorKind::default(),
+            prefetch_min_score: 0.0,
             quantized_base: true,
             context_length: None,
             kv_cache: KvType::F32,
@@ -341,7 +344,10 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
     }
     let prefetcher = match &store {
         Some(store) => crate::predict::build(options.prefetch, &model, 1, None)?.map(|predictor| {
-            let options = PrefetchOptions::new(1, model.config.num_layers);
+            let options = PrefetchOptions {
+                min_score: options.prefetch_min_score,
+                ..PrefetchOptions::new(1, model.config.num_layers)
+            };
             Prefetcher::install(&mut model, predictor, store.clone(), options)
         }),
         None => None,

@@ -120,6 +120,10 @@ struct State {
     /// Experts a prefetch evicted, until their layer's next routing tells whether that cost a
     /// hit.
     evicted_by_prefetch: HashSet<ExpertKey>,
+    /// Prefetch reads in progress, and how many may be: one I/O thread is always left for
+    /// demand reads, which would otherwise wait behind guesses.
+    prefetch_reads: usize,
+    max_prefetch_reads: usize,
     telemetry: stats::Telemetry,
     shutdown: bool,
 }
@@ -213,6 +217,8 @@ impl ExpertStore {
                 hits: HashMap::new(),
                 spared: Vec::new(),
                 evicted_by_prefetch: HashSet::new(),
+                prefetch_reads: 0,
+                max_prefetch_reads: config.io_threads.saturating_sub(1).max(1),
                 telemetry: Default::default(),
                 shutdown: false,
             }),
@@ -513,19 +519,26 @@ impl Drop for ExpertStore {
 /// An I/O thread: takes demand reads before prefetches, reads without the lock, publishes.
 fn io_worker(shared: &Shared) {
     loop {
-        let (key, slot) = {
+        let (key, slot, prefetch) = {
             let mut state = shared.lock();
             loop {
                 if state.shutdown {
                     return;
                 }
-                let job = state
-                    .demand
-                    .pop_front()
-                    .or_else(|| state.prefetch.pop_front().map(|(_, key, slot)| (key, slot)));
+                let job = match state.demand.pop_front() {
+                    Some((key, slot)) => Some((key, slot, false)),
+                    None if state.prefetch_reads < state.max_prefetch_reads => state
+                        .prefetch
+                        .pop_front()
+                        .map(|(_, key, slot)| (key, slot, true)),
+                    None => None,
+                };
                 match job {
-                    Some((key, slot)) if !slot.claimed.swap(true, Ordering::AcqRel) => {
-                        break (key, slot);
+                    Some((key, slot, prefetch)) if !slot.claimed.swap(true, Ordering::AcqRel) => {
+                        if prefetch {
+                            state.prefetch_reads += 1;
+                        }
+                        break (key, slot, prefetch);
                     }
                     Some(_) => continue, // already read through its other queue entry
                     None => state = recover(shared.work.wait(state)),
@@ -536,6 +549,11 @@ fn io_worker(shared: &Shared) {
         let result = shared.source.read(key.0, key.1);
         let latency = started.elapsed();
         let mut state = shared.lock();
+        if prefetch {
+            state.prefetch_reads -= 1;
+            // A thread that left a queued guess for the demand reads' sake may take it now.
+            shared.work.notify_one();
+        }
         let current =
             matches!(state.slots.get(&key), Some(Slot::Loading(s)) if Arc::ptr_eq(s, &slot));
         let outcome = match result {
