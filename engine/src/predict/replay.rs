@@ -13,7 +13,7 @@
 //! computes for `compute_ms` per token; a prefetch queued `d` layers ahead overlaps `d` layers of
 //! compute. An acquire waits for its reads: that wait is the stall.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -306,10 +306,6 @@ struct Sim {
     bytes: u64,
     disk: Disk,
     report: ReplayReport,
-    /// As the store's: the experts the current step routed to, which prefetches spare.
-    spared: Vec<ExpertKey>,
-    /// As the store's: experts a prefetch evicted, until their layer's next routing.
-    evicted_by_prefetch: HashSet<ExpertKey>,
 }
 
 impl Sim {
@@ -327,25 +323,11 @@ impl Sim {
 
     /// As `ExpertStore::routed`.
     fn routed(&mut self, layer: usize, ids: &[usize]) {
-        self.spared = ids.iter().map(|&e| (layer, e)).collect();
-        let mut cost = 0;
-        self.evicted_by_prefetch.retain(|&(l, e)| {
-            if l == layer && ids.contains(&e) {
-                cost += 1;
-            }
-            l != layer
-        });
-        self.report.prefetch_evicted_hits += cost;
+        self.report.prefetch_evicted_hits += self.cache.routed(layer, ids);
         let cache = &self.cache;
         let (wrong, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.disk.queue)
             .into_iter()
-            .partition(|&(_, key, _)| {
-                key.0 == layer
-                    && !ids.contains(&key.1)
-                    && cache
-                        .get(key)
-                        .is_some_and(|e| e.pins == 0 && e.prefetched_unused)
-            });
+            .partition(|&(_, key, _)| cache.wrong_guess(key, layer, ids));
         self.disk.queue = kept;
         for (_, key, _) in wrong {
             self.cache.remove(key);
@@ -358,16 +340,9 @@ impl Sim {
         if self.cache.get(key).is_some() {
             return;
         }
-        let spared = &self.spared;
-        match self
-            .cache
-            .reserve_prefetch(key, self.bytes, &|k| spared.contains(&k))
-        {
+        match self.cache.reserve_prefetch(key, self.bytes) {
             Ok(evicted) => {
                 self.forget(&evicted);
-                self.evicted_by_prefetch
-                    .extend(evicted.iter().map(|&(k, _)| k));
-                self.evicted_by_prefetch.remove(&key);
                 self.report.prefetch_issued += 1;
                 self.disk.enqueue(priority, key, now);
             }
@@ -535,8 +510,6 @@ pub fn replay(
             tokens: trace.num_tokens(),
             ..ReplayReport::default()
         },
-        spared: Vec::new(),
-        evicted_by_prefetch: HashSet::new(),
     };
     let layers = trace.num_layers();
     let mut history = match prefetch {

@@ -5,7 +5,7 @@
 //! reserved before a read starts; eviction takes the least valuable unpinned, ready entry as the
 //! policy ranks them; a pinned entry is never evicted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use odmoe_config::{Size, parse_size};
 
@@ -57,6 +57,11 @@ pub struct BudgetCache {
     used: u64,
     /// Bytes of unused prefetches (loading or ready).
     staged: u64,
+    /// The experts the layer being computed routed to: prefetches do not evict them.
+    spared: Vec<ExpertKey>,
+    /// Experts a prefetch evicted, until their layer's next routing tells whether that cost a
+    /// hit.
+    evicted_by_prefetch: HashSet<ExpertKey>,
     entries: HashMap<ExpertKey, EntryMeta>,
     policy: Box<dyn EvictionPolicy>,
 }
@@ -72,6 +77,8 @@ impl BudgetCache {
             budget,
             used: 0,
             staged: 0,
+            spared: Vec::new(),
+            evicted_by_prefetch: HashSet::new(),
             entries: HashMap::new(),
             policy,
         }
@@ -150,16 +157,42 @@ impl BudgetCache {
         Ok(evicted)
     }
 
+    /// The routing of `layer` is known and its experts are about to be asked for: from now on
+    /// prefetches spare them. Returns how many of them a prefetch had evicted since the layer's
+    /// previous routing: the hits prefetches cost.
+    pub fn routed(&mut self, layer: usize, ids: &[usize]) -> u64 {
+        self.spared = ids.iter().map(|&e| (layer, e)).collect();
+        let mut cost = 0;
+        self.evicted_by_prefetch.retain(|&(l, e)| {
+            if l == layer && ids.contains(&e) {
+                cost += 1;
+            }
+            l != layer
+        });
+        cost
+    }
+
+    /// Whether `key` is a guess that `layer`'s routing to `ids` proved wrong: an unused,
+    /// unpinned prefetch of that layer that routing did not choose (cancel it if its read has
+    /// not started).
+    pub fn wrong_guess(&self, key: ExpertKey, layer: usize, ids: &[usize]) -> bool {
+        key.0 == layer
+            && !ids.contains(&key.1)
+            && self
+                .entries
+                .get(&key)
+                .is_some_and(|e| e.pins == 0 && e.prefetched_unused)
+    }
+
     /// Reserves `bytes` for a guess `key`, only if that cannot cost a hit the cache would
     /// otherwise have: unused prefetches stay within the staging share of the budget, and the
-    /// only entries evicted are unpinned, ready, not unused prefetches themselves, not `spared`
-    /// (the experts the current layer is about to use), and valued by the policy below the guess.
-    /// Either all of the room is made or nothing is evicted.
+    /// only entries evicted are unpinned, ready, not unused prefetches themselves, not spared
+    /// (see [`routed`](Self::routed)), and valued by the policy below the guess. Either all of
+    /// the room is made or nothing is evicted.
     pub fn reserve_prefetch(
         &mut self,
         key: ExpertKey,
         bytes: u64,
-        spared: &dyn Fn(ExpertKey) -> bool,
     ) -> Result<Vec<(ExpertKey, bool)>, Declined> {
         assert!(
             !self.entries.contains_key(&key),
@@ -171,10 +204,10 @@ impl BudgetCache {
         let mut victims: Vec<ExpertKey> = Vec::new();
         let mut freed = 0;
         while self.used - freed + bytes > self.budget {
-            let entries = &self.entries;
+            let (entries, spared) = (&self.entries, &self.spared);
             let victim = self.policy.victim(&|k| {
                 !victims.contains(&k)
-                    && !spared(k)
+                    && !spared.contains(&k)
                     && entries.get(&k).is_some_and(|e| Self::evictable(e, true))
             });
             let Some(victim) = victim else {
@@ -190,9 +223,11 @@ impl BudgetCache {
             .into_iter()
             .map(|victim| {
                 let entry = self.remove(victim).expect("victim is present");
+                self.evicted_by_prefetch.insert(victim);
                 (victim, entry.prefetched_unused)
             })
             .collect();
+        self.evicted_by_prefetch.remove(&key);
         self.insert(key, bytes, true);
         Ok(evicted)
     }
@@ -394,36 +429,36 @@ mod tests {
     fn prefetch_never_evicts_an_unused_prefetch_nor_a_spared_entry() {
         // 16 entries of 10 bytes; unused prefetches may hold 20 of them.
         let mut c = cache(160, PolicyKind::Lru);
-        c.reserve_prefetch((1, 0), 10, &|_| false).unwrap();
+        c.reserve_prefetch((1, 0), 10).unwrap();
         c.mark_ready((1, 0));
         for expert in 0..15 {
             load(&mut c, (0, expert));
         }
         // Room only by evicting: the oldest demand entry goes, not the unused prefetch, and not
         // an entry spared for the layer about to use it.
-        let spared = |k: ExpertKey| k == (0, 0);
+        assert_eq!(c.routed(0, &[0]), 0);
         assert_eq!(
-            c.reserve_prefetch((1, 1), 10, &spared).unwrap(),
+            c.reserve_prefetch((1, 1), 10).unwrap(),
             vec![((0, 1), false)]
         );
         c.mark_ready((1, 1));
         // A demand read may evict an unused prefetch, and reports it as wasted.
         assert_eq!(c.reserve((0, 15), 10).unwrap(), vec![((1, 0), true)]);
+        // Layer 0's next routing wants the expert the prefetch evicted: a hit it cost.
+        assert_eq!(c.routed(0, &[1, 2]), 1);
+        assert_eq!(c.routed(0, &[1, 2]), 0);
     }
 
     #[test]
     fn unused_prefetches_stay_within_their_share_of_the_budget() {
         let mut c = cache(160, PolicyKind::Lru);
-        c.reserve_prefetch((1, 0), 10, &|_| false).unwrap();
-        c.reserve_prefetch((1, 1), 10, &|_| false).unwrap();
-        assert_eq!(
-            c.reserve_prefetch((1, 2), 10, &|_| false),
-            Err(Declined::Staging)
-        );
+        c.reserve_prefetch((1, 0), 10).unwrap();
+        c.reserve_prefetch((1, 1), 10).unwrap();
+        assert_eq!(c.reserve_prefetch((1, 2), 10), Err(Declined::Staging));
         // Once one is used, its share is free for another guess.
         c.mark_ready((1, 0));
         c.pin((1, 0));
-        c.reserve_prefetch((1, 2), 10, &|_| false).unwrap();
+        c.reserve_prefetch((1, 2), 10).unwrap();
         assert_eq!(c.used(), 30);
     }
 
@@ -442,10 +477,7 @@ mod tests {
                 c.unpin(key);
             }
         }
-        assert_eq!(
-            c.reserve_prefetch((1, 7), 10, &|_| false),
-            Err(Declined::Valued)
-        );
+        assert_eq!(c.reserve_prefetch((1, 7), 10), Err(Declined::Valued));
         assert_eq!(c.used(), 80);
         // A demand read evicts regardless.
         assert_eq!(c.reserve((1, 7), 10).unwrap().len(), 1);

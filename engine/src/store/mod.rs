@@ -21,7 +21,7 @@ pub mod reuse;
 pub mod source;
 pub mod stats;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -115,11 +115,6 @@ struct State {
     quarantined: HashMap<ExpertKey, Arc<Error>>,
     /// Hits per expert since the store was made, for a picture of where the hits go.
     hits: HashMap<ExpertKey, u64>,
-    /// The experts the layer being computed routed to: prefetches do not evict them.
-    spared: Vec<ExpertKey>,
-    /// Experts a prefetch evicted, until their layer's next routing tells whether that cost a
-    /// hit.
-    evicted_by_prefetch: HashSet<ExpertKey>,
     /// Prefetch reads in progress, and how many may be: one I/O thread is always left for
     /// demand reads, which would otherwise wait behind guesses.
     prefetch_reads: usize,
@@ -215,8 +210,6 @@ impl ExpertStore {
                 prefetch: VecDeque::new(),
                 quarantined: HashMap::new(),
                 hits: HashMap::new(),
-                spared: Vec::new(),
-                evicted_by_prefetch: HashSet::new(),
                 prefetch_reads: 0,
                 max_prefetch_reads: config.io_threads.saturating_sub(1).max(1),
                 telemetry: Default::default(),
@@ -365,18 +358,9 @@ impl ExpertStore {
             if state.slots.contains_key(&key) || state.quarantined.contains_key(&key) {
                 continue;
             }
-            let spared = std::mem::take(&mut state.spared);
-            let reserved = state
-                .cache
-                .reserve_prefetch(key, self.shared.expert_bytes, &|k| spared.contains(&k));
-            state.spared = spared;
-            match reserved {
+            match state.cache.reserve_prefetch(key, self.shared.expert_bytes) {
                 Ok(evicted) => {
                     state.forget(&evicted);
-                    state
-                        .evicted_by_prefetch
-                        .extend(evicted.iter().map(|&(k, _)| k));
-                    state.evicted_by_prefetch.remove(&key);
                     state.telemetry.counts.prefetch_issued += 1;
                     let slot = LoadSlot::new();
                     state.slots.insert(key, Slot::Loading(slot.clone()));
@@ -398,25 +382,13 @@ impl ExpertStore {
     /// counted as a hit that prefetch cost.
     pub fn routed(&self, layer: usize, ids: &[usize]) {
         let mut state = self.shared.lock();
-        state.spared = ids.iter().map(|&e| (layer, e)).collect();
-        let mut cost = 0;
-        state.evicted_by_prefetch.retain(|&(l, e)| {
-            if l == layer && ids.contains(&e) {
-                cost += 1;
-            }
-            l != layer
-        });
+        let cost = state.cache.routed(layer, ids);
         state.telemetry.counts.prefetch_evicted_hits += cost;
         let queue = std::mem::take(&mut state.prefetch);
         let cache = &state.cache;
         let (wrong, kept): (VecDeque<_>, VecDeque<_>) =
             queue.into_iter().partition(|(_, key, slot)| {
-                key.0 == layer
-                    && !ids.contains(&key.1)
-                    && !slot.claimed.load(Ordering::Acquire)
-                    && cache
-                        .get(*key)
-                        .is_some_and(|e| e.pins == 0 && e.prefetched_unused)
+                !slot.claimed.load(Ordering::Acquire) && cache.wrong_guess(*key, layer, ids)
             });
         state.prefetch = kept;
         for (_, key, _) in wrong {
