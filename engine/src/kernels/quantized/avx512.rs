@@ -375,10 +375,7 @@ unsafe fn row_with_k<K: Layout, const N: usize>(
             let weight = K::scales(block);
             let mut dots = [_mm512_setzero_ps(); N];
             for p in 0..SUB_BLOCKS / 2 {
-                let w = _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(K::quants(block, 2 * p)),
-                    K::quants(block, 2 * p + 1),
-                );
+                let w = K::pair_quants(block, p);
                 let four = _mm_loadu_ps(weight.scales.as_ptr().add(4 * p));
                 let dw = _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(four));
                 let at = s * k_quants::VALUES + 2 * p * BLOCK;

@@ -69,6 +69,33 @@ pub trait Layout {
     /// As [`Layout::scales`].
     #[cfg(target_arch = "aarch64")]
     unsafe fn quants(block: *const u8, s: usize) -> (uint8x16_t, uint8x16_t);
+
+    /// Sub-blocks `2p` and `2p + 1`'s quants in one register, `2p`'s in the low half: two
+    /// [`quants`](Layout::quants) unless the pair's bytes let one wide load serve both.
+    ///
+    /// # Safety
+    /// As [`Layout::scales`]; the CPU has AVX-512 F and BW.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+    unsafe fn pair_quants(block: *const u8, p: usize) -> __m512i {
+        // SAFETY: the caller's.
+        unsafe {
+            _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(Self::quants(block, 2 * p)),
+                Self::quants(block, 2 * p + 1),
+            )
+        }
+    }
+}
+
+/// `bytes` in the low 256 bits, `bytes` shifted right by `SHIFT` (in 16-bit lanes) in the high
+/// ones: a pair of sub-blocks whose second takes the first's bytes' higher bits.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn upper_half_shifted<const SHIFT: u32>(bytes: __m512i) -> __m512i {
+    _mm512_mask_blend_epi64(0xf0, bytes, _mm512_srli_epi16::<SHIFT>(bytes))
 }
 
 /// A super-block's scales and offsets for values `16 i..16 i + 16`, as f32: a weight is
@@ -333,6 +360,29 @@ impl Layout for Q6K {
                 _mm256_set1_epi8(3),
             );
             _mm256_or_si256(low, _mm256_slli_epi16::<4>(bits))
+        }
+    }
+
+    /// The pair's low nibbles are 64 adjacent bytes, and both take their high bits from the
+    /// same 32: two wide loads for both.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+    unsafe fn pair_quants(block: *const u8, p: usize) -> __m512i {
+        let (half, nibble) = (p / 2, p % 2);
+        let shift = _mm_cvtsi32_si128(4 * nibble as i32);
+        // SAFETY: the caller's.
+        unsafe {
+            let low = _mm512_loadu_si512(block.add(64 * half) as *const __m512i);
+            let low = _mm512_and_si512(_mm512_srl_epi16(low, shift), _mm512_set1_epi8(0x0f));
+            let high = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                block.add(Q6K_HIGH_AT + 32 * half) as *const __m256i,
+            ));
+            let bits = _mm512_and_si512(
+                upper_half_shifted::<2>(_mm512_srl_epi16(high, shift)),
+                _mm512_set1_epi8(3),
+            );
+            _mm512_or_si512(low, _mm512_slli_epi16::<4>(bits))
         }
     }
 
