@@ -11,7 +11,8 @@
 //!   current layer routed to, by what followed them before.
 //! - [`Prefetcher`] is the live side: a [`ForwardHook`] that asks the predictor at every layer and
 //!   queues low-priority prefetches in the [`ExpertStore`], measures recall, and switches itself
-//!   off while its prefetches waste more reads than they save ([`PrefetchGate`]).
+//!   off while decode is faster without it, or before any decode while its prefetches waste more
+//!   reads than they save ([`PrefetchGate`]).
 //! - [`trace`] records routing traces, [`replay`] runs the store's own [`BudgetCache`] over them
 //!   to compare policies and predictors against the Belady bound.
 //!
@@ -250,7 +251,7 @@ impl GuessSource {
 }
 
 /// A routing history for `model`'s routed layers.
-pub fn routing_history(model: &Model, depth: usize) -> Result<history::RoutingHistory> {
+fn routing_history(model: &Model, depth: usize) -> Result<history::RoutingHistory> {
     let config = &model.config;
     let layers = config.moe_layers().collect();
     history::RoutingHistory::new(config.num_layers, layers, config.num_experts, depth)
