@@ -324,15 +324,15 @@ impl Sim {
     /// As `ExpertStore::routed`.
     fn routed(&mut self, layer: usize, ids: &[usize]) {
         self.report.prefetch_evicted_hits += self.cache.routed(layer, ids);
-        let cache = &self.cache;
-        let (wrong, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.disk.queue)
-            .into_iter()
-            .partition(|&(_, key, _)| cache.wrong_guess(key, layer, ids));
-        self.disk.queue = kept;
-        for (_, key, _) in wrong {
-            self.cache.remove(key);
-            self.report.prefetch_cancelled += 1;
-        }
+        let (cache, report) = (&mut self.cache, &mut self.report);
+        self.disk.queue.retain(|&(_, key, _)| {
+            let wrong = cache.wrong_guess(key, layer, ids);
+            if wrong {
+                cache.remove(key);
+                report.prefetch_cancelled += 1;
+            }
+            !wrong
+        });
     }
 
     /// As `ExpertStore::prefetch_at`.

@@ -142,7 +142,7 @@ impl BudgetCache {
         let evictable_bytes: u64 = self
             .entries
             .values()
-            .filter(|e| Self::evictable(e, false))
+            .filter(|e| Self::evictable(e))
             .map(|e| e.bytes)
             .sum();
         if self.used - evictable_bytes + bytes > self.budget {
@@ -152,7 +152,7 @@ impl BudgetCache {
                 pinned_or_loading: self.used - evictable_bytes,
             });
         }
-        let evicted = self.evict_until(self.budget - bytes, false);
+        let evicted = self.evict_until(self.budget - bytes);
         self.insert(key, bytes, false);
         Ok(evicted)
     }
@@ -208,7 +208,9 @@ impl BudgetCache {
             let victim = self.policy.victim(&|k| {
                 !victims.contains(&k)
                     && !spared.contains(&k)
-                    && entries.get(&k).is_some_and(|e| Self::evictable(e, true))
+                    && entries
+                        .get(&k)
+                        .is_some_and(|e| Self::evictable(e) && !e.prefetched_unused)
             });
             let Some(victim) = victim else {
                 return Err(Declined::NoRoom);
@@ -271,23 +273,22 @@ impl BudgetCache {
     /// Returns the evicted entries (key, was an unused prefetch).
     pub fn set_budget(&mut self, budget: u64) -> Vec<(ExpertKey, bool)> {
         self.budget = budget;
-        self.evict_until(budget, false)
+        self.evict_until(budget)
     }
 
-    fn evictable(entry: &EntryMeta, for_prefetch: bool) -> bool {
-        entry.ready && entry.pins == 0 && !(for_prefetch && entry.prefetched_unused)
+    /// Whether an entry may be evicted to make room for a read on demand.
+    fn evictable(entry: &EntryMeta) -> bool {
+        entry.ready && entry.pins == 0
     }
 
     /// Evicts until at most `target` bytes are used or nothing more can go.
-    fn evict_until(&mut self, target: u64, for_prefetch: bool) -> Vec<(ExpertKey, bool)> {
+    fn evict_until(&mut self, target: u64) -> Vec<(ExpertKey, bool)> {
         let mut evicted = Vec::new();
         while self.used > target {
             let entries = &self.entries;
-            let victim = self.policy.victim(&|k| {
-                entries
-                    .get(&k)
-                    .is_some_and(|e| Self::evictable(e, for_prefetch))
-            });
+            let victim = self
+                .policy
+                .victim(&|k| entries.get(&k).is_some_and(Self::evictable));
             let Some(key) = victim else { break };
             let entry = self.remove(key).expect("victim is present");
             evicted.push((key, entry.prefetched_unused));
@@ -427,7 +428,7 @@ mod tests {
 
     #[test]
     fn prefetch_never_evicts_an_unused_prefetch_nor_a_spared_entry() {
-        // 16 entries of 10 bytes; unused prefetches may hold 20 of them.
+        // 16 entries of 10 bytes; unused prefetches may hold 20 bytes of them, two entries.
         let mut c = cache(160, PolicyKind::Lru);
         c.reserve_prefetch((1, 0), 10).unwrap();
         c.mark_ready((1, 0));

@@ -384,19 +384,24 @@ impl ExpertStore {
         let mut state = self.shared.lock();
         let cost = state.cache.routed(layer, ids);
         state.telemetry.counts.prefetch_evicted_hits += cost;
-        let queue = std::mem::take(&mut state.prefetch);
-        let cache = &state.cache;
-        let (wrong, kept): (VecDeque<_>, VecDeque<_>) =
-            queue.into_iter().partition(|(_, key, slot)| {
-                !slot.claimed.load(Ordering::Acquire) && cache.wrong_guess(*key, layer, ids)
-            });
-        state.prefetch = kept;
-        for (_, key, _) in wrong {
-            // Nothing waits on a guess nobody asked for: its slot goes with it.
-            state.slots.remove(&key);
-            state.cache.remove(key);
-            state.telemetry.counts.prefetch_cancelled += 1;
-        }
+        let State {
+            prefetch,
+            cache,
+            slots,
+            telemetry,
+            ..
+        } = &mut *state;
+        prefetch.retain(|(_, key, slot)| {
+            let wrong =
+                !slot.claimed.load(Ordering::Acquire) && cache.wrong_guess(*key, layer, ids);
+            if wrong {
+                // Nothing waits on a guess nobody asked for: its slot goes with it.
+                slots.remove(key);
+                cache.remove(*key);
+                telemetry.counts.prefetch_cancelled += 1;
+            }
+            !wrong
+        });
     }
 
     /// Changes the budget; unpinned experts are evicted at once until the rest fits.
