@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{fixture, golden, ids, max_abs_diff};
+use common::{fixture, golden, ids, max_abs_diff, max_abs_diff_of};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -151,11 +151,7 @@ fn quantized_experts_on_demand_equal_resident() {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    let diff = expected
-        .iter()
-        .zip(&golden)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = max_abs_diff_of(&expected, &golden);
     assert!(diff < 0.1, "Q8_0 max |logit diff| {diff}");
 }
 
@@ -252,11 +248,7 @@ fn a_prompt_in_slabs_on_demand_equals_resident() {
             .zip(&on_demand)
             .all(|(a, b)| a.to_bits() == b.to_bits())
     );
-    let diff = whole
-        .iter()
-        .zip(&resident)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = max_abs_diff_of(&whole, &resident);
     assert!(diff < 1e-3, "slabs against one piece: {diff}");
 }
 
@@ -301,17 +293,9 @@ fn a_q8_0_kv_cache_is_a_quarter_of_f32_and_exact_on_demand() {
         f32_bytes * 34,
         "{bytes} bytes against f32's {f32_bytes}"
     );
-    let diff = exact
-        .iter()
-        .zip(&resident)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = max_abs_diff_of(&exact, &resident);
     let (half, _) = prefill(options(ExpertMode::Resident, KvType::F16));
-    let half_diff = exact
-        .iter()
-        .zip(&half)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let half_diff = max_abs_diff_of(&exact, &half);
     let largest = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
     println!("q8_0 cache against f32: {diff}, f16: {half_diff}, largest logit {largest}");
     // Q8_0 keeps 8 bits to f16's 11: its logits move further, not by orders of magnitude.

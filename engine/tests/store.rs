@@ -281,15 +281,24 @@ impl ExpertSource for GatedSource {
     }
 }
 
-#[test]
-fn requests_return_before_their_reads_and_unwaited_ones_release_their_pins() {
+/// A store of experts of 100 bytes whose reads each wait for a message on the sender returned.
+fn gated_store(
+    experts_in_budget: u64,
+    io_threads: usize,
+) -> (std::sync::mpsc::Sender<()>, ExpertStore) {
     let (open, gate) = std::sync::mpsc::channel();
     let config = StoreConfig {
-        budget_bytes: 200,
-        io_threads: 2,
+        budget_bytes: experts_in_budget * 100,
+        io_threads,
         policy: PolicyKind::Lru,
     };
-    let store = ExpertStore::new(Arc::new(GatedSource(Mutex::new(gate))), &config);
+    let source = Arc::new(GatedSource(Mutex::new(gate)));
+    (open, ExpertStore::new(source, &config))
+}
+
+#[test]
+fn requests_return_before_their_reads_and_unwaited_ones_release_their_pins() {
+    let (open, store) = gated_store(2, 2);
     // No read can finish yet: returning at all shows request does not wait for them.
     let mut pending = store.request(0, &[0, 1]).unwrap();
     assert_eq!(store.stats().reads, 0);
@@ -681,13 +690,7 @@ fn reads_are_counted_in_bytes_from_disk() {
 /// cancelled before their reads start; a read already started completes and is used.
 #[test]
 fn routing_cancels_the_wrong_guesses_still_queued() {
-    let (open, gate) = std::sync::mpsc::channel();
-    let config = StoreConfig {
-        budget_bytes: 1600,
-        io_threads: 1,
-        policy: PolicyKind::Lru,
-    };
-    let store = ExpertStore::new(Arc::new(GatedSource(Mutex::new(gate))), &config);
+    let (open, store) = gated_store(16, 1);
     // The one I/O thread takes the first guess and waits in its read: the second stays queued.
     store.prefetch(1, &[0, 1]);
     store.routed(1, &[0]);

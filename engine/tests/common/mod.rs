@@ -30,6 +30,15 @@ pub fn ids(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
+/// The largest absolute difference between two equally long runs of values.
+pub fn max_abs_diff_of(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     (a - b)
