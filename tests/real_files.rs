@@ -490,13 +490,18 @@ async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
             let _ = call(&mut busy, Method::Generate, &long).await;
         }));
     }
-    for _ in 0..200 {
+    // On a loaded machine the two clients can take seconds to connect: the client behind them
+    // is started only once both are in, or it could be served first and never queue.
+    let mut in_place = false;
+    for _ in 0..6000 {
         let queue = client.stats().await.unwrap().queue;
         if queue.running == 1 && queue.waiting == 1 {
+            in_place = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(in_place, "the two long requests never ran and waited");
     let socket = daemon.socket().to_owned();
     let home = daemon.dir().to_owned();
     let behind = tokio::task::spawn_blocking(move || {
