@@ -317,6 +317,42 @@ SPECS = {
         shard_size=None,
         hub_spelling=True,
     ),
+    # GLM-4.5 in small: grouped-query attention with biases, QK-norm (GLM-4.5's 355B model has
+    # it, Air does not) and rotary on half of each head (partial_rotary_factor 0.5); DeepSeek-V3's
+    # sigmoid routing with the correction bias in one group, as every GLM-4.5 config has it; a
+    # shared expert; one dense layer first.
+    "glm4_moe": dict(
+        config_class="Glm4MoeConfig",
+        model_class="Glm4MoeForCausalLM",
+        config=dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            attention_bias=True,
+            use_qk_norm=True,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            num_experts_per_tok=3,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            num_nextn_predict_layers=0,
+        ),
+        top_k=3,
+        shard_size=None,
+        hub_spelling=True,
+    ),
 }
 
 # Initialisation scales (std of a normal distribution).
@@ -401,7 +437,8 @@ def is_router(module):
 
 
 def is_deepseek(name):
-    return SPECS[name]["model_class"] == "DeepseekV3ForCausalLM"
+    """DeepSeek-V3's routing: DeepSeek-V3 itself and GLM-4.5."""
+    return SPECS[name]["model_class"] in ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM")
 
 
 def init_weights(model, seed):
@@ -694,6 +731,8 @@ def rewrite_hub_spelling(cfg_path):
     rp = dict(cfg.pop("rope_parameters"))
     cfg["rope_theta"] = rp.pop("rope_theta")
     kind = rp.pop("rope_type", "default")
+    if "partial_rotary_factor" in rp:  # GLM-4.5 writes it beside rope_theta
+        cfg["partial_rotary_factor"] = rp.pop("partial_rotary_factor")
     cfg["rope_scaling"] = None if kind == "default" else {"type": kind, **rp}
     if "num_local_experts" in cfg:
         cfg["num_experts"] = cfg.pop("num_local_experts")

@@ -314,7 +314,7 @@ fn in_memory(bytes: u64, f32_bytes: u64) -> String {
 pub fn inspect_config(path: &Path) -> Result<ConfigInspection> {
     let config = odmoe_engine::model::config_from_hf_file(path)?;
     let expert_bytes_f32 = config.expert_f32_bytes() as u64;
-    let latent = config.deepseek.as_ref().map(|d| &d.attention);
+    let latent = config.latent_attention();
     let moe_layers = config.moe_layers().count();
     Ok(ConfigInspection {
         path: path.display().to_string(),

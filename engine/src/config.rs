@@ -22,6 +22,10 @@ pub enum Architecture {
     /// DeepSeek-V3 and models built on it (Kimi-K2): multi-head latent attention, sigmoid
     /// group-limited routing, shared experts, and dense feed-forwards in the first layers.
     DeepseekV3,
+    /// GLM-4.5 and its successors: grouped-query attention with biases, optional query-key
+    /// norms and rotary on part of each head; DeepSeek-V3's routing, shared experts and dense
+    /// first layers.
+    Glm4Moe,
 }
 
 /// Everything the engine needs to know about a model's shape, normalised across spellings.
@@ -63,8 +67,12 @@ pub struct ModelConfig {
     /// converter permuted) rather than the two halves of each head.
     #[serde(default)]
     pub rope_interleaved: bool,
-    /// The parts only DeepSeek-V3-style models have (latent attention, YaRN, group-limited
-    /// sigmoid routing, leading dense layers).
+    /// Rotary position applies to the first this many dimensions of each head only, the rest
+    /// pass through (GLM-4.5: half); every dimension when `None`.
+    #[serde(default)]
+    pub rotary_dim: Option<usize>,
+    /// The parts of DeepSeek-V3-style models (group-limited sigmoid routing, leading dense
+    /// layers, and for DeepSeek-V3 itself latent attention and YaRN).
     #[serde(default)]
     pub deepseek: Option<DeepseekConfig>,
 }
@@ -72,7 +80,10 @@ pub struct ModelConfig {
 /// What a DeepSeek-V3-architecture model adds to [`ModelConfig`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeepseekConfig {
-    pub attention: LatentAttentionConfig,
+    /// Latent attention; `None` for models with DeepSeek-V3's routing and grouped-query
+    /// attention (GLM-4.5).
+    #[serde(default)]
+    pub attention: Option<LatentAttentionConfig>,
     /// YaRN scaling of the rotary part of queries and keys, when configured.
     pub yarn: Option<YarnScaling>,
     pub routing: GroupLimitedRouting,
@@ -165,11 +176,16 @@ impl ModelConfig {
     /// Bytes the KV cache holds per token with elements of `elem_bytes` bytes: keys and values of
     /// every KV head, or with latent attention the compressed latent and the shared rotary key.
     pub fn kv_cache_bytes_per_token(&self, elem_bytes: usize) -> usize {
-        let per_layer = match &self.deepseek {
-            Some(d) => d.attention.kv_lora_rank + d.attention.qk_rope_head_dim,
+        let per_layer = match self.latent_attention() {
+            Some(a) => a.kv_lora_rank + a.qk_rope_head_dim,
             None => 2 * self.num_kv_heads * self.head_dim,
         };
         self.num_layers * per_layer * elem_bytes
+    }
+
+    /// The latent attention config, when the model's attention is latent.
+    pub fn latent_attention(&self) -> Option<&LatentAttentionConfig> {
+        self.deepseek.as_ref()?.attention.as_ref()
     }
 
     /// Bytes of one routed expert's weights in f32 (gate, up and down projections).

@@ -102,3 +102,8 @@ fn deepseek_v3_matches_transformers() {
 fn kimi_k2_matches_transformers() {
     check_fixture("kimi_k2");
 }
+
+#[test]
+fn glm4_moe_matches_transformers() {
+    check_fixture("glm4_moe");
+}

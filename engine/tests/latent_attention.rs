@@ -109,7 +109,7 @@ fn the_cache_holds_latents_not_keys_and_values() {
         model.forward(&[1], &mut cache, Logits::Last, None).unwrap();
         let per_token = model.config.kv_cache_bytes_per_token(4);
         assert_eq!(cache.bytes(), (prompt.len() + 1) * per_token, "{name}");
-        let latent = model.config.deepseek.as_ref().unwrap().attention.clone();
+        let latent = model.config.latent_attention().unwrap().clone();
         // Expanded keys and values would take heads x (qk + v) per layer instead.
         assert_eq!(
             per_token,

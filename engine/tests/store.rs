@@ -42,6 +42,7 @@ fn on_demand_is_bit_identical_to_resident_at_every_budget() {
         "mixtral",
         "deepseek_v3",
         "kimi_k2",
+        "glm4_moe",
     ] {
         let out = tempfile::tempdir().unwrap();
         let layout = out.path().join("model.odmoe");

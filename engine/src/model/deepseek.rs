@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::gguf_config::GgufConfig;
 use super::hf_config::{HfConfig, RopeScalings};
-use super::latent_attention::{LatentAttention, latent_config};
+use super::latent_attention::LatentAttention;
 use super::layers::{glu_mlp, linear};
 use super::moe::{MoeBlock, Scoring, SharedExpert};
 use super::{
@@ -45,14 +45,67 @@ pub const DEEPSEEK_V3: Family = Family {
 fn from_hf(hf: &HfConfig) -> Result<ModelConfig> {
     let mut config = hf.common(Architecture::DeepseekV3, RopeScalings::PlainOrYarn)?;
     hf.refuse_sliding_window()?;
-    let deepseek = deepseek_config(hf, &hf.path)?;
-    hf.set_experts(
-        &mut config,
-        hf.moe_intermediate_size,
-        "moe_intermediate_size",
-    )?;
-    config.head_dim = deepseek.attention.qk_nope_head_dim + deepseek.attention.qk_rope_head_dim;
-    if deepseek.first_dense_layers > 0 {
+    let attention = latent_attention_config(hf, &hf.path)?;
+    config.head_dim = attention.qk_nope_head_dim + attention.qk_rope_head_dim;
+    let mut deepseek = set_routed_experts(hf, &mut config)?;
+    deepseek.attention = Some(attention);
+    deepseek.yarn = hf.yarn()?;
+    // DeepSeek checkpoints pair adjacent rotary dimensions unless `rope_interleave` is false
+    // (transformers' default is true).
+    config.rope_interleaved = hf.rope_interleave.unwrap_or(true);
+    config.deepseek = Some(deepseek);
+    Ok(config)
+}
+
+/// Sets `config`'s routed, shared and dense feed-forwards as DeepSeek-V3 (and GLM-4.5) configs
+/// state them, and returns the routing (without attention or YaRN). Keys transformers would
+/// silently default are required, so that a config missing them fails here rather than
+/// computing something else.
+pub(super) fn set_routed_experts(
+    hf: &HfConfig,
+    config: &mut ModelConfig,
+) -> Result<DeepseekConfig> {
+    let path = &hf.path;
+    let need = |value: Option<usize>, key: &str| {
+        value.ok_or_else(|| Error::config(path, format!("missing key {key:?}")))
+    };
+    let routing = GroupLimitedRouting {
+        n_group: need(hf.n_group, "n_group")?,
+        topk_group: need(hf.topk_group, "topk_group")?,
+        routed_scaling_factor: hf
+            .routed_scaling_factor
+            .ok_or_else(|| Error::config(path, "missing key \"routed_scaling_factor\""))?,
+    };
+    let experts = need(hf.num_experts, "n_routed_experts")?;
+    let top_k = need(hf.num_experts_per_tok, "num_experts_per_tok")?;
+    routing
+        .check(experts, top_k)
+        .map_err(|message| Error::config(path, message))?;
+    if let Some(scoring) = hf.scoring_func.as_deref()
+        && scoring != "sigmoid"
+    {
+        return Err(Error::config(
+            path,
+            format!("scoring_func {scoring:?} is not supported (only \"sigmoid\")"),
+        ));
+    }
+    if let Some(method) = hf.topk_method.as_deref()
+        && method != "noaux_tc"
+    {
+        return Err(Error::config(
+            path,
+            format!("topk_method {method:?} is not supported (only \"noaux_tc\")"),
+        ));
+    }
+    if hf.moe_layer_freq.is_some_and(|f| f != 1) {
+        return Err(Error::config(
+            path,
+            "moe_layer_freq other than 1 is not supported",
+        ));
+    }
+    hf.set_experts(config, hf.moe_intermediate_size, "moe_intermediate_size")?;
+    let first_dense_layers = need(hf.first_k_dense_replace, "first_k_dense_replace")?;
+    if first_dense_layers > 0 {
         config.dense_intermediate_size = Some(hf.need(hf.intermediate_size, "intermediate_size")?);
     }
     config.norm_topk_prob = hf.norm_topk_prob.unwrap_or(true);
@@ -61,16 +114,16 @@ fn from_hf(hf: &HfConfig) -> Result<ModelConfig> {
         0 => None,
         n => Some(n * config.expert_intermediate_size),
     };
-    // DeepSeek checkpoints pair adjacent rotary dimensions unless `rope_interleave` is false
-    // (transformers' default is true).
-    config.rope_interleaved = hf.rope_interleave.unwrap_or(true);
-    config.deepseek = Some(deepseek);
-    Ok(config)
+    Ok(DeepseekConfig {
+        attention: None,
+        yarn: None,
+        routing,
+        first_dense_layers,
+    })
 }
 
-/// The DeepSeek-V3 parts of a config, checked. Keys transformers would silently default are
-/// required, so that a config missing them fails here rather than computing something else.
-fn deepseek_config(raw: &HfConfig, path: &Path) -> Result<DeepseekConfig> {
+/// DeepSeek-V3's latent attention sizes, checked.
+fn latent_attention_config(raw: &HfConfig, path: &Path) -> Result<LatentAttentionConfig> {
     let need = |value: Option<usize>, key: &str| {
         value.ok_or_else(|| Error::config(path, format!("missing key {key:?}")))
     };
@@ -105,47 +158,7 @@ fn deepseek_config(raw: &HfConfig, path: &Path) -> Result<DeepseekConfig> {
             ),
         ));
     }
-    let routing = GroupLimitedRouting {
-        n_group: need(raw.n_group, "n_group")?,
-        topk_group: need(raw.topk_group, "topk_group")?,
-        routed_scaling_factor: raw
-            .routed_scaling_factor
-            .ok_or_else(|| Error::config(path, "missing key \"routed_scaling_factor\""))?,
-    };
-    let experts = need(raw.num_experts, "n_routed_experts")?;
-    let top_k = need(raw.num_experts_per_tok, "num_experts_per_tok")?;
-    routing
-        .check(experts, top_k)
-        .map_err(|message| Error::config(path, message))?;
-    if let Some(scoring) = raw.scoring_func.as_deref()
-        && scoring != "sigmoid"
-    {
-        return Err(Error::config(
-            path,
-            format!("scoring_func {scoring:?} is not supported (only \"sigmoid\")"),
-        ));
-    }
-    if let Some(method) = raw.topk_method.as_deref()
-        && method != "noaux_tc"
-    {
-        return Err(Error::config(
-            path,
-            format!("topk_method {method:?} is not supported (only \"noaux_tc\")"),
-        ));
-    }
-    if raw.moe_layer_freq.is_some_and(|f| f != 1) {
-        return Err(Error::config(
-            path,
-            "moe_layer_freq other than 1 is not supported",
-        ));
-    }
-    let yarn = raw.yarn()?;
-    Ok(DeepseekConfig {
-        attention,
-        yarn,
-        routing,
-        first_dense_layers: need(raw.first_k_dense_replace, "first_k_dense_replace")?,
-    })
+    Ok(attention)
 }
 
 /// A DeepSeek-V3 / Kimi-K2 config from llama.cpp's `deepseek2` metadata.
@@ -157,17 +170,6 @@ fn deepseek_config(raw: &HfConfig, path: &Path) -> Result<DeepseekConfig> {
 /// `exp_probs_b` bias: a file without `expert_gating_func` is DeepSeek-V2's softmax routing,
 /// which llama.cpp assumes for it and this engine does not run.
 fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
-    const SIGMOID: usize = 2;
-    match meta.opt_usize("expert_gating_func")? {
-        Some(SIGMOID) => {}
-        other => {
-            return Err(meta.error(format!(
-                "deepseek2 expert_gating_func {other:?}: only sigmoid routing (2, \
-                 DeepSeek-V3 / Kimi-K2) is supported; without the key llama.cpp routes with \
-                 softmax (DeepSeek-V2)"
-            )));
-        }
-    }
     let rope_dim = meta.usize("rope.dimension_count")?;
     let key_width = match meta.opt_usize("attention.key_length_mla")? {
         Some(w) => w,
@@ -190,21 +192,8 @@ fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
         v_head_dim,
     };
     let mut config = meta.common(Architecture::DeepseekV3)?;
-    meta.set_experts(&mut config, "expert_feed_forward_length")?;
-    let routing = GroupLimitedRouting {
-        n_group: meta.opt_usize("expert_group_count")?.unwrap_or(1),
-        topk_group: meta.opt_usize("expert_group_used_count")?.unwrap_or(1),
-        // llama.cpp skips the scaling when the key is absent.
-        routed_scaling_factor: meta.opt_f64("expert_weights_scale")?.unwrap_or(1.0),
-    };
-    routing
-        .check(config.num_experts, config.num_experts_per_token)
-        .map_err(|m| meta.error(format!("deepseek2: {m}")))?;
-    if config.num_experts_per_token == 0 {
-        return Err(meta.error("deepseek2 expert_used_count is 0"));
-    }
-    let first_dense_layers = meta.opt_usize("leading_dense_block_count")?.unwrap_or(0);
-    let yarn = match meta.has("rope.scaling.type") {
+    let mut deepseek = gguf_routed_experts(meta, &mut config)?;
+    deepseek.yarn = match meta.has("rope.scaling.type") {
         true => match meta.str("rope.scaling.type")? {
             "yarn" => Some(gguf_yarn(meta)?),
             "none" => None,
@@ -216,28 +205,67 @@ fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
         },
         false => None,
     };
-    let shared = meta.usize("expert_shared_count")?;
+    deepseek.attention = Some(attention);
     // `head_count_kv` is 1 (the latent, shared by all heads); expanded, every head has its own
     // key and value, as `num_key_value_heads` says in config.json.
     config.num_kv_heads = config.num_heads;
     config.head_dim = key_width;
     config.attention_bias = meta.gguf.has_tensor("blk.0.attn_kv_a_mqa.bias");
+    // llama.cpp ropes deepseek2 in adjacent pairs on unpermuted rows, as DeepSeek does.
+    config.rope_interleaved = true;
+    config.deepseek = Some(deepseek);
+    Ok(config)
+}
+
+/// Sets `config`'s routed, shared and dense feed-forwards from llama.cpp's metadata for
+/// DeepSeek-V3's routing (`deepseek2`, `glm4moe`), and returns the routing. Routing must be
+/// sigmoid (`expert_gating_func` 2) with the `exp_probs_b` bias: a `deepseek2` file without
+/// `expert_gating_func` is DeepSeek-V2's softmax routing, which llama.cpp assumes for it and
+/// this engine does not run.
+pub(super) fn gguf_routed_experts(
+    meta: &GgufConfig,
+    config: &mut ModelConfig,
+) -> Result<DeepseekConfig> {
+    const SIGMOID: usize = 2;
+    let arch = meta.architecture();
+    match meta.opt_usize("expert_gating_func")? {
+        Some(SIGMOID) => {}
+        other => {
+            return Err(meta.error(format!(
+                "{arch} expert_gating_func {other:?}: only sigmoid routing (2, DeepSeek-V3, \
+                 Kimi-K2, GLM-4.5) is supported; without the key llama.cpp routes deepseek2 \
+                 files with softmax (DeepSeek-V2)"
+            )));
+        }
+    }
+    meta.set_experts(config, "expert_feed_forward_length")?;
+    let routing = GroupLimitedRouting {
+        n_group: meta.opt_usize("expert_group_count")?.unwrap_or(1),
+        topk_group: meta.opt_usize("expert_group_used_count")?.unwrap_or(1),
+        // llama.cpp skips the scaling when the key is absent.
+        routed_scaling_factor: meta.opt_f64("expert_weights_scale")?.unwrap_or(1.0),
+    };
+    routing
+        .check(config.num_experts, config.num_experts_per_token)
+        .map_err(|m| meta.error(format!("{arch}: {m}")))?;
+    if config.num_experts_per_token == 0 {
+        return Err(meta.error(format!("{arch} expert_used_count is 0")));
+    }
+    let first_dense_layers = meta.opt_usize("leading_dense_block_count")?.unwrap_or(0);
     if first_dense_layers > 0 {
         config.dense_intermediate_size = Some(meta.usize("feed_forward_length")?);
     }
     config.norm_topk_prob = meta.bool("expert_weights_norm").unwrap_or(false);
     // The shared experts run as one feed-forward of their summed width.
+    let shared = meta.usize("expert_shared_count")?;
     config.shared_expert_intermediate_size =
         (shared > 0).then_some(shared * config.expert_intermediate_size);
-    // llama.cpp ropes deepseek2 in adjacent pairs on unpermuted rows, as DeepSeek does.
-    config.rope_interleaved = true;
-    config.deepseek = Some(DeepseekConfig {
-        attention,
-        yarn,
+    Ok(DeepseekConfig {
+        attention: None,
+        yarn: None,
         routing,
         first_dense_layers,
-    });
-    Ok(config)
+    })
 }
 
 /// YaRN from `rope.scaling.*`. The converter writes `yarn_log_multiplier` = 0.1 *
@@ -276,63 +304,78 @@ fn gguf_yarn(meta: &GgufConfig) -> Result<YarnScaling> {
 }
 
 fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<DecoderLayer> {
-    let ds = latent_config(cfg)?;
+    let attention = SelfAttention::Latent(LatentAttention::load(
+        cfg,
+        w,
+        &format!("model.layers.{i}.self_attn"),
+    )?);
+    DecoderLayer::with_norms(cfg, w, i, attention, feed_forward(cfg, w, i)?)
+}
+
+/// Layer `i`'s feed-forward with DeepSeek-V3's routing: routed experts with resident shared
+/// ones, or in the first layers one dense SwiGLU.
+pub(super) fn feed_forward(
+    cfg: &ModelConfig,
+    w: &dyn WeightSource,
+    i: usize,
+) -> Result<FeedForward> {
     let p = format!("model.layers.{i}");
     let h = cfg.hidden_size;
-    let ffn = if cfg.is_moe_layer(i) {
-        let shared = match cfg.shared_expert_intermediate_size {
-            Some(width) => Some(SharedExpert {
-                mlp: glu_mlp(
-                    w,
-                    ["gate_proj", "up_proj", "down_proj"]
-                        .map(|n| format!("{p}.mlp.shared_experts.{n}"))
-                        .each_ref()
-                        .map(String::as_str),
-                    h,
-                    width,
-                )?,
-                gate: None,
-            }),
-            None => None,
-        };
-        let bias = w
-            .tensor(
-                &format!("{p}.mlp.gate.e_score_correction_bias"),
-                &[cfg.num_experts],
-            )?
-            .to_vec1::<f32>()?;
-        FeedForward::Moe(MoeBlock {
-            layer: i,
-            router: linear(w, &format!("{p}.mlp.gate"), cfg.num_experts, h, false)?,
-            scoring: Scoring::GroupLimitedSigmoid {
-                bias,
-                n_group: ds.routing.n_group,
-                topk_group: ds.routing.topk_group,
-                scale: ds.routing.routed_scaling_factor as f32,
-            },
-            top_k: cfg.num_experts_per_token,
-            norm_topk_prob: cfg.norm_topk_prob,
-            unit_weights: false,
-            shared,
-        })
-    } else {
+    if !cfg.is_moe_layer(i) {
         let width = cfg.dense_intermediate_size.ok_or_else(|| {
             Error::InvalidModel("dense DeepSeek layers need intermediate_size".into())
         })?;
-        FeedForward::Dense(glu_mlp(
+        return Ok(FeedForward::Dense(glu_mlp(
             w,
             llama::dense_mlp_names(i).each_ref().map(String::as_str),
             h,
             width,
-        )?)
+        )?));
+    }
+    let routing = &cfg
+        .deepseek
+        .as_ref()
+        .ok_or_else(|| Error::InvalidModel("DeepSeek-V3 routing needs its config".into()))?
+        .routing;
+    let shared = match cfg.shared_expert_intermediate_size {
+        Some(width) => Some(SharedExpert {
+            mlp: glu_mlp(
+                w,
+                ["gate_proj", "up_proj", "down_proj"]
+                    .map(|n| format!("{p}.mlp.shared_experts.{n}"))
+                    .each_ref()
+                    .map(String::as_str),
+                h,
+                width,
+            )?,
+            gate: None,
+        }),
+        None => None,
     };
-    let attention =
-        SelfAttention::Latent(LatentAttention::load(cfg, w, &format!("{p}.self_attn"))?);
-    DecoderLayer::with_norms(cfg, w, i, attention, ffn)
+    let bias = w
+        .tensor(
+            &format!("{p}.mlp.gate.e_score_correction_bias"),
+            &[cfg.num_experts],
+        )?
+        .to_vec1::<f32>()?;
+    Ok(FeedForward::Moe(MoeBlock {
+        layer: i,
+        router: linear(w, &format!("{p}.mlp.gate"), cfg.num_experts, h, false)?,
+        scoring: Scoring::GroupLimitedSigmoid {
+            bias,
+            n_group: routing.n_group,
+            topk_group: routing.topk_group,
+            scale: routing.routed_scaling_factor as f32,
+        },
+        top_k: cfg.num_experts_per_token,
+        norm_topk_prob: cfg.norm_topk_prob,
+        unit_weights: false,
+        shared,
+    }))
 }
 
 /// Routers, shared experts, and the dense feed-forwards of the first layers (these always run).
-fn feed_forward_group(_config: &ModelConfig, tensor: &str) -> Option<BaseGroup> {
+pub(super) fn feed_forward_group(_config: &ModelConfig, tensor: &str) -> Option<BaseGroup> {
     if tensor.starts_with("mlp.gate.") {
         Some(BaseGroup::Routers)
     } else if tensor.starts_with("mlp.shared_experts.")

@@ -66,6 +66,9 @@ pub struct HfConfig {
     pub(crate) scoring_func: Option<String>,
     pub(crate) topk_method: Option<String>,
     pub(crate) rope_interleave: Option<bool>,
+    pub(crate) use_qk_norm: Option<bool>,
+    /// Also read inside `rope_parameters` (see [`HfConfig::partial_rotary_factor`]).
+    partial_rotary_factor: Option<f64>,
 }
 
 /// Keys that checkpoints spell in several ways; the first spelling of each group is the field
@@ -236,6 +239,25 @@ impl HfConfig {
                 Err(self.error("use_sliding_window = true is not supported for this architecture"))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// The share of each head's dimensions that rotary position turns, when stated: at the top
+    /// level in hub configs, inside `rope_parameters` in transformers 5's.
+    pub(crate) fn partial_rotary_factor(&self) -> Result<Option<f64>> {
+        let nested = rope_scaling(self).and_then(|map| map.get("partial_rotary_factor"));
+        let factor = match (self.partial_rotary_factor, nested) {
+            (Some(factor), _) => Some(factor),
+            (None, Some(value)) => Some(value.as_f64().ok_or_else(|| {
+                self.error(format!("partial_rotary_factor {value} is not a number"))
+            })?),
+            (None, None) => None,
+        };
+        match factor {
+            Some(f) if !(f > 0.0 && f <= 1.0) => Err(self.error(format!(
+                "partial_rotary_factor {f} must be above 0 and at most 1"
+            ))),
+            _ => Ok(factor),
         }
     }
 
@@ -507,9 +529,10 @@ mod tests {
             assert_eq!(config.moe_layers().count(), 61 - dense);
             assert!(!config.is_moe_layer(dense - 1) && config.is_moe_layer(dense));
             assert_eq!((ds.routing.n_group, ds.routing.topk_group), (groups, kept));
-            assert_eq!(ds.attention.q_lora_rank, Some(1536));
+            let attention = ds.attention.as_ref().unwrap();
+            assert_eq!(attention.q_lora_rank, Some(1536));
             assert_eq!(
-                (ds.attention.kv_lora_rank, ds.attention.qk_rope_head_dim),
+                (attention.kv_lora_rank, attention.qk_rope_head_dim),
                 (512, 64)
             );
             assert!(config.rope_interleaved && config.norm_topk_prob);
@@ -555,7 +578,7 @@ mod tests {
     fn deepseek_query_rank_must_be_explicit() {
         let direct = KIMI_K2.replace("\"q_lora_rank\": 1536", "\"q_lora_rank\": null");
         let config = config_from_hf_json(&direct, Path::new("c.json")).unwrap();
-        assert_eq!(config.deepseek.unwrap().attention.q_lora_rank, None);
+        assert_eq!(config.latent_attention().unwrap().q_lora_rank, None);
         let missing = KIMI_K2.replace("\"q_lora_rank\": 1536,", "");
         let err = config_from_hf_json(&missing, Path::new("c.json")).unwrap_err();
         assert!(err.to_string().contains("q_lora_rank"), "{err}");

@@ -59,7 +59,7 @@ impl KvType {
     /// Bytes the cache holds per token for `config`: keys and values of every KV head, or with
     /// latent attention the latent and the shared rotary key (in [`latent_dtype`](Self::latent_dtype)).
     pub fn bytes_per_token(self, config: &ModelConfig) -> usize {
-        match &config.deepseek {
+        match config.latent_attention() {
             Some(_) => config.kv_cache_bytes_per_token(self.latent_dtype().size_in_bytes()),
             None => config.num_layers * 2 * config.num_kv_heads * self.row_bytes(config.head_dim),
         }

@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module};
 
 use super::layers::{KvCache, QUERY_TILE, RmsNorm, Rotary, attend, causal_mask, linear};
-use crate::config::{DeepseekConfig, ModelConfig, YarnScaling};
+use crate::config::{DeepseekConfig, LatentAttentionConfig, ModelConfig, YarnScaling};
 use crate::error::{Error, Result};
 use crate::format::WeightSource;
 
@@ -20,10 +20,13 @@ use crate::format::WeightSource;
 const LATENT_NORM_EPS: f64 = 1e-6;
 
 /// The DeepSeek-V3 part of `cfg`, which a model with latent attention must have.
-pub(super) fn latent_config(cfg: &ModelConfig) -> Result<&DeepseekConfig> {
-    cfg.deepseek.as_ref().ok_or_else(|| {
-        Error::InvalidModel("a DeepSeek-V3 model needs its latent attention config".into())
-    })
+pub(super) fn latent_config(
+    cfg: &ModelConfig,
+) -> Result<(&DeepseekConfig, &LatentAttentionConfig)> {
+    let missing =
+        || Error::InvalidModel("a DeepSeek-V3 model needs its latent attention config".into());
+    let deepseek = cfg.deepseek.as_ref().ok_or_else(missing)?;
+    Ok((deepseek, deepseek.attention.as_ref().ok_or_else(missing)?))
 }
 
 /// Which form of latent attention a forward pass computes; both give the same result up to
@@ -100,8 +103,7 @@ pub struct LatentAttention {
 
 impl LatentAttention {
     pub fn load(cfg: &ModelConfig, w: &dyn WeightSource, prefix: &str) -> Result<Self> {
-        let ds = latent_config(cfg)?;
-        let a = &ds.attention;
+        let (ds, a) = latent_config(cfg)?;
         let (h, nh, p) = (cfg.hidden_size, cfg.num_heads, prefix);
         let (nope, rope, v, rank) = (
             a.qk_nope_head_dim,

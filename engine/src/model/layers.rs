@@ -309,6 +309,8 @@ pub struct Attention {
     head_dim: usize,
     sliding_window: Option<usize>,
     rotary: Rotary,
+    /// Rotary applies to each head's first this many dimensions (all of them but in GLM-4.5).
+    rotary_dim: usize,
     rope_interleaved: bool,
 }
 
@@ -330,7 +332,8 @@ impl Attention {
             num_kv_heads: cfg.num_kv_heads,
             head_dim: d,
             sliding_window: cfg.sliding_window,
-            rotary: Rotary::new(d, cfg.rope_theta),
+            rotary: Rotary::new(cfg.rotary_dim.unwrap_or(d), cfg.rope_theta),
+            rotary_dim: cfg.rotary_dim.unwrap_or(d),
             rope_interleaved: cfg.rope_interleaved,
         })
     }
@@ -356,12 +359,22 @@ impl Attention {
             k = kn.forward(&k)?;
         }
         let (cos, sin) = self.rotary.tables(offset, t, x.device())?;
+        let rope = |x: &Tensor| -> Result<Tensor> {
+            Ok(if self.rope_interleaved {
+                candle_nn::rotary_emb::rope_i(x, &cos, &sin)?
+            } else {
+                candle_nn::rotary_emb::rope(x, &cos, &sin)?
+            })
+        };
         let rotate = |x: Tensor| -> Result<Tensor> {
             let x = x.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
-            let rotated = if self.rope_interleaved {
-                candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+            let r = self.rotary_dim;
+            let rotated = if r == d {
+                rope(&x)?
             } else {
-                candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+                // Partial rotary: the first `r` dimensions turn, the rest pass through.
+                let turned = rope(&x.narrow(3, 0, r)?.contiguous()?)?;
+                Tensor::cat(&[&turned, &x.narrow(3, r, d - r)?], 3)?
             };
             Ok(rotated.squeeze(0)?)
         };

@@ -5,6 +5,7 @@
 
 pub mod deepseek;
 mod gguf_config;
+pub mod glm_moe;
 mod hf_config;
 pub mod kv_type;
 pub mod latent_attention;
@@ -76,6 +77,7 @@ pub const FAMILIES: &[&Family] = &[
     &mixtral::SPLIT_LLAMA,
     &llama::LLAMA,
     &deepseek::DEEPSEEK_V3,
+    &glm_moe::GLM4_MOE,
 ];
 
 /// The family of `architecture`.
@@ -478,7 +480,7 @@ impl Model {
 
     /// Keeps grouped-query attention's keys and values as `kind` in new caches.
     pub fn set_kv_cache(&mut self, kind: KvType) -> Result<()> {
-        if self.config.deepseek.is_none() {
+        if self.config.latent_attention().is_none() {
             kind.check(self.device(), self.config.head_dim)?;
         }
         self.kv_cache = kind;
