@@ -71,6 +71,11 @@ pub struct ModelConfig {
     /// pass through (GLM-4.5: half); every dimension when `None`.
     #[serde(default)]
     pub rotary_dim: Option<usize>,
+    /// Layers the checkpoint carries after the decoder stack for multi-token prediction
+    /// (DeepSeek-V3 and GLM-4.5 `num_nextn_predict_layers`). They only draft tokens for
+    /// speculative decoding: not run, and left out of a conversion.
+    #[serde(default)]
+    pub draft_layers: usize,
     /// The parts of DeepSeek-V3-style models (group-limited sigmoid routing, leading dense
     /// layers, and for DeepSeek-V3 itself latent attention and YaRN).
     #[serde(default)]
@@ -181,6 +186,19 @@ impl ModelConfig {
             None => 2 * self.num_kv_heads * self.head_dim,
         };
         self.num_layers * per_layer * elem_bytes
+    }
+
+    /// Whether the tensor `name` (a checkpoint's `model.layers.N.` or a GGUF file's `blk.N.`)
+    /// belongs to one of the [draft layers](Self::draft_layers).
+    pub fn is_draft_layer_tensor(&self, name: &str) -> bool {
+        let Some(rest) = name
+            .strip_prefix("model.layers.")
+            .or_else(|| name.strip_prefix("blk."))
+        else {
+            return false;
+        };
+        let layer = rest.split('.').next().and_then(|n| n.parse::<usize>().ok());
+        layer.is_some_and(|l| l >= self.num_layers && l < self.num_layers + self.draft_layers)
     }
 
     /// The latent attention config, when the model's attention is latent.

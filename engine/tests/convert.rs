@@ -491,3 +491,48 @@ fn an_output_holding_another_checkpoint_is_left_alone() {
     assert!(err.contains("not empty"), "{err}");
     assert_eq!(fs::read_dir(&busy).unwrap().count(), 1);
 }
+
+#[test]
+fn multi_token_prediction_layers_are_left_out_only_when_the_config_names_them() {
+    // GLM-4.5 and DeepSeek-V3 checkpoints carry `num_nextn_predict_layers` drafting layers
+    // after the decoder stack, named as one more decoder layer.
+    let src = copy_fixture("glm4_moe");
+    let weights = src.path().join("model.safetensors");
+    let bytes = fs::read(&weights).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+    let extra = [0u8; 16];
+    for name in ["eh_proj.weight", "mlp.experts.0.up_proj.weight"] {
+        tensors.push((
+            format!("model.layers.3.{name}"),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4], &extra).unwrap(),
+        ));
+    }
+    fs::write(&weights, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model.odmoe");
+    let err = convert_error(src.path(), &out);
+    assert!(
+        err.contains("model.layers.3.") && err.contains("no place"),
+        "{err}"
+    );
+
+    let config = src.path().join("config.json");
+    let text = fs::read_to_string(&config).unwrap();
+    let drafting = text.replace(
+        "\"num_nextn_predict_layers\": 0",
+        "\"num_nextn_predict_layers\": 1",
+    );
+    assert_ne!(text, drafting);
+    fs::write(&config, drafting).unwrap();
+    let manifest = convert_quietly(src.path(), &out);
+    assert_eq!(manifest.architecture.draft_layers, 1);
+    let resident = odmoe_engine::open::resident(&out, &Device::Cpu).unwrap();
+    let input = common::ids(&common::golden("glm4_moe")["input_ids"]);
+    let expected = odmoe_engine::open::resident(&fixture("glm4_moe"), &Device::Cpu).unwrap();
+    assert!(
+        common::logit_bits_and_greedy(&resident, &input, 4)
+            == common::logit_bits_and_greedy(&expected, &input, 4),
+        "the converted model is the checkpoint's without its drafting layer"
+    );
+}

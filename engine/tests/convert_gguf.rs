@@ -17,14 +17,17 @@ use odmoe_engine::store::StoreConfig;
 use odmoe_engine::tokenizer::Tokenizer;
 
 /// Quantized files of every architecture, with mixtures where the types vary by layer (Q4_K_M)
-/// and where an expert tensor fell back to F16 (mixtral-q8_0's down projections).
-const FILES: [&str; 6] = [
+/// where an expert tensor fell back to F16 (mixtral-q8_0's down projections), and GLM-4.5 and
+/// DeepSeek-V3 in BF16 (dense first layers).
+const FILES: [&str; 8] = [
     "qwen2_moe-q8_0",
     "qwen2_moe-k-q4_k_m",
     "qwen3_moe-q8_0",
     "qwen3_moe-k-q4_k_m",
     "mixtral-q8_0",
     "mixtral-k-q4_k_m",
+    "glm4_moe-bf16",
+    "deepseek_v3-bf16",
 ];
 
 fn gguf_path(name: &str) -> PathBuf {
@@ -40,12 +43,16 @@ fn convert_quietly(src: &Path, out: &Path) -> (Manifest, usize) {
     (manifest, kept)
 }
 
-/// The ggml types of `layer`'s stacked expert tensors in the GGUF file itself.
+/// The ggml types of `layer`'s stacked expert tensors in the GGUF file itself (empty for a
+/// dense layer).
 fn file_types(
     gguf: &GgufFile,
     config: &odmoe_engine::config::ModelConfig,
     layer: usize,
 ) -> [String; 3] {
+    if !config.is_moe_layer(layer) {
+        return [(); 3].map(|_| String::new());
+    }
     let (h, i) = (config.hidden_size, config.expert_intermediate_size);
     let shapes = [[i, h], [i, h], [h, i]];
     let names = stacked_expert_names(layer);
@@ -107,7 +114,7 @@ fn converted_gguf_equals_gguf_in_place_bit_for_bit() {
         let options = LoadOptions {
             experts: ExpertMode::OnDemand(StoreConfig {
                 budget_bytes: config.num_experts_per_token as u64 * total
-                    / (config.num_layers * config.num_experts) as u64,
+                    / (config.moe_layers().count() * config.num_experts) as u64,
                 ..StoreConfig::default()
             }),
             ..LoadOptions::default()

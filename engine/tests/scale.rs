@@ -60,7 +60,7 @@ fn tensor(shape: &[usize], state: &mut u64) -> Tensor {
 /// Every non-expert tensor of `config`, under its Hugging Face name.
 fn base_tensors(config: &ModelConfig) -> HashMap<String, Tensor> {
     let ds = config.deepseek.as_ref().unwrap();
-    let a = &ds.attention;
+    let a = ds.attention.as_ref().unwrap();
     let (h, v, nh) = (config.hidden_size, config.vocab_size, config.num_heads);
     let q_rank = a.q_lora_rank.unwrap();
     let mut state = 0x9e37_79b9_7f4a_7c15;

@@ -20,6 +20,11 @@ pub(super) fn gguf_expert_layout(config: &ModelConfig, gguf: &GgufFile) -> Resul
     let mut slot_bytes = [0u64; 3];
     let mut ggml_types = Vec::with_capacity(config.num_layers);
     for layer in 0..config.num_layers {
+        // Dense layers have no expert types: their entry stays empty.
+        if !config.is_moe_layer(layer) {
+            ggml_types.push([(); 3].map(|_| String::new()));
+            continue;
+        }
         let names = stacked_expert_names(layer);
         let mut types = Vec::with_capacity(3);
         for k in 0..3 {

@@ -20,7 +20,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::expert::ResidentExperts;
 use crate::format::WeightSource;
-use crate::format::gguf::{GgufFile, gguf_name, stacked_expert_names};
+use crate::format::gguf::{GgufFile, stacked_expert_names};
 use crate::format::layout::{ExpertLayout, expert_path};
 use crate::format::safetensors::HfWeights;
 use crate::model::{self, BaseGroup, Model};
@@ -81,7 +81,7 @@ impl Plan {
         }
         let mut groups: BTreeMap<BaseGroup, Vec<String>> = BTreeMap::new();
         for name in weights.names() {
-            if expert_names.contains(name) {
+            if expert_names.contains(name) || config.is_draft_layer_tensor(name) {
                 continue;
             }
             let Some(group) = model::base_group(&config, name) else {
@@ -142,12 +142,6 @@ impl Plan {
                 "a dense model has no experts to lay out: add --split-experts E --top-k K",
             ));
         }
-        if config.moe_layers().count() != config.num_layers {
-            return Err(Error::config(
-                src,
-                "GGUF models with dense layers between MoE layers are not supported by convert",
-            ));
-        }
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let recorder = RecordingWeights {
             gguf: &gguf,
@@ -171,9 +165,12 @@ impl Plan {
                 )
             })?;
             groups.entry(group).or_default().push(name.clone());
-            placed.extend(gguf_name(name));
+            placed.extend(gguf.sources_in_file(name));
         }
-        if let Some(unplaced) = gguf.tensor_names().find(|n| !placed.contains(*n)) {
+        let unplaced = gguf
+            .tensor_names()
+            .find(|n| !placed.contains(*n) && !config.is_draft_layer_tensor(n));
+        if let Some(unplaced) = unplaced {
             return Err(Error::config(
                 src,
                 format!(

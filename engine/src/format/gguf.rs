@@ -53,9 +53,33 @@ impl GgufFile {
         &self.path
     }
 
+    /// The name the Hugging Face tensor `hf` has in this file: llama.cpp's usual one, or when
+    /// the file has no tensor by that name and one by another spelling llama.cpp gives it for
+    /// some architectures, that one.
+    pub fn name_in_file(&self, hf: &str) -> Option<String> {
+        let usual = gguf_name(hf)?;
+        if self.has_tensor(&usual) {
+            return Some(usual);
+        }
+        let other = OTHER_SPELLINGS.iter().find_map(|(usual_tail, other_tail)| {
+            let other = format!("{}{other_tail}", usual.strip_suffix(usual_tail)?);
+            self.has_tensor(&other).then_some(other)
+        });
+        Some(other.unwrap_or(usual))
+    }
+
+    /// The tensors of this file that the Hugging Face tensor `hf` is read from: one, or the two
+    /// llama.cpp splits a DeepSeek `kv_b_proj` into.
+    pub fn sources_in_file(&self, hf: &str) -> Vec<String> {
+        match split_kv_b_names(hf) {
+            Some(names) if self.has_tensor(&names[0]) => names.to_vec(),
+            _ => self.name_in_file(hf).into_iter().collect(),
+        }
+    }
+
     /// The llama.cpp name of the Hugging Face tensor `name`, or an error naming it.
     fn gguf_name_of(&self, name: &str) -> Result<String> {
-        gguf_name(name).ok_or_else(|| Error::MissingTensor {
+        self.name_in_file(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             location: format!("{} (no GGUF name for it)", self.path.display()),
         })
@@ -361,6 +385,12 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{mapped}"))
 }
 
+/// Tensors llama.cpp names otherwise in some architectures: (usual name's tail, other tail).
+const OTHER_SPELLINGS: &[(&str, &str)] = &[
+    // glm4moe: the norm before the feed-forward, named as the one after attention.
+    ("ffn_norm.weight", "post_attention_norm.weight"),
+];
+
 /// The stacked GGUF tensors holding a layer's routed experts: gate, up, down.
 pub fn stacked_expert_names(layer: usize) -> [String; 3] {
     ["gate", "up", "down"].map(|p| format!("blk.{layer}.ffn_{p}_exps.weight"))
@@ -414,7 +444,7 @@ impl WeightSource for GgufFile {
         if let Some(names) = split_kv_b_names(name) {
             return names.iter().all(|n| self.has_tensor(n));
         }
-        gguf_name(name).is_some_and(|g| self.has_tensor(&g))
+        self.name_in_file(name).is_some_and(|g| self.has_tensor(&g))
     }
 
     fn matrix(&self, name: &str, shape: &[usize]) -> Result<QMatMul> {

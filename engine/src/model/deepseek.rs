@@ -109,6 +109,7 @@ pub(super) fn set_routed_experts(
         config.dense_intermediate_size = Some(hf.need(hf.intermediate_size, "intermediate_size")?);
     }
     config.norm_topk_prob = hf.norm_topk_prob.unwrap_or(true);
+    config.draft_layers = hf.num_nextn_predict_layers.unwrap_or(0);
     // The shared experts run as one feed-forward of their summed width.
     config.shared_expert_intermediate_size = match hf.n_shared_experts.unwrap_or(1) {
         0 => None,

@@ -52,6 +52,7 @@ fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
     let mut config = meta.common(Architecture::Glm4Moe)?;
     // llama.cpp's converter counts the multi-token-prediction layers into `block_count`.
     let drafting = meta.opt_usize("nextn_predict_layers")?.unwrap_or(0);
+    config.draft_layers = drafting;
     config.num_layers = config
         .num_layers
         .checked_sub(drafting)

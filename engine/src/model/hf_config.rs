@@ -67,6 +67,7 @@ pub struct HfConfig {
     pub(crate) topk_method: Option<String>,
     pub(crate) rope_interleave: Option<bool>,
     pub(crate) use_qk_norm: Option<bool>,
+    pub(crate) num_nextn_predict_layers: Option<usize>,
     /// Also read inside `rope_parameters` (see [`HfConfig::partial_rotary_factor`]).
     partial_rotary_factor: Option<f64>,
 }

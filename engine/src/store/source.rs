@@ -124,11 +124,16 @@ fn expert_encoding(dir: &Path, manifest: &Manifest) -> Result<ExpertEncoding> {
     let layout = &manifest.expert;
     let unsupported = |what: String| Error::config(dir.join(MANIFEST), what);
     Ok(if layout.dtype == GGUF_DTYPE {
-        let types = (0..manifest.architecture.num_layers)
-            .map(|layer| {
-                layout
-                    .ggml_types(layer)
-                    .ok_or_else(|| unsupported(format!("no known ggml types for layer {layer}")))
+        let config = &manifest.architecture;
+        let types = (0..config.num_layers)
+            .map(|layer| match layout.ggml_types(layer) {
+                Some(types) => Ok(types),
+                // A dense layer has no experts to read (a read there is refused before its
+                // types are looked at).
+                None if !config.is_moe_layer(layer) => Ok([GgmlDType::F32; 3]),
+                None => Err(unsupported(format!(
+                    "no known ggml types for layer {layer}"
+                ))),
             })
             .collect::<Result<Vec<_>>>()?;
         ExpertEncoding::Ggml(types)

@@ -1,11 +1,15 @@
-//! A DeepSeek-V3 GGUF made by llama.cpp's converter (arch `deepseek2`, BF16; built from
-//! tests/fixtures/deepseek_v3 by scripts/make_gguf_deepseek_fixture.py) read in place: latent
-//! attention rebuilt from `attn_k_b` / `attn_v_b`, YaRN and sigmoid group routing from
-//! `deepseek2.*` metadata, dense first layer, shared experts, stacked routed experts.
+//! GGUF files made by llama.cpp's converter in BF16 (built by scripts/make_gguf_bf16_fixtures.py),
+//! read in place:
+//! - DeepSeek-V3 (arch `deepseek2`, from tests/fixtures/deepseek_v3): latent attention rebuilt
+//!   from `attn_k_b` / `attn_v_b`, YaRN and sigmoid group routing from `deepseek2.*` metadata,
+//!   dense first layer, shared experts, stacked routed experts.
+//! - GLM-4.5 (arch `glm4moe`, from tests/fixtures/glm4_moe): attention biases and QK-norm,
+//!   rotary on half of each head (`rope.dimension_count`), the norm before the feed-forward
+//!   named `post_attention_norm`, and DeepSeek-V3's routing.
 //!
-//! The BF16 weights are the checkpoint's exactly, so the logits must match transformers'
-//! (`hf_logits`, computed with mscale = mscale_all_dim as the GGUF can only say) within 1e-4, and
-//! llama.cpp's own logits on the same weights (f32, f32 KV cache) as closely.
+//! The BF16 weights are the checkpoints' exactly, so the logits must match transformers'
+//! (`hf_logits`; DeepSeek's computed with mscale = mscale_all_dim as the GGUF can only say)
+//! within 1e-4, and llama.cpp's own logits on the same weights (f32, f32 KV cache) as closely.
 
 mod common;
 
@@ -13,29 +17,42 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::{fixture, ids, logit_bits_and_greedy, max_abs_diff};
+use odmoe_engine::config::ModelConfig;
 use odmoe_engine::format::gguf::GgufFile;
 use odmoe_engine::model::{ForwardTrace, Logits};
 use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::store::StoreConfig;
 
-const NAME: &str = "deepseek_v3-bf16";
+const DEEPSEEK: &str = "deepseek_v3";
+const GLM: &str = "glm4_moe";
 
-fn path() -> PathBuf {
-    fixture("gguf").join(format!("{NAME}.gguf"))
+/// The GGUF file built from the checkpoint fixture `name`.
+fn path(name: &str) -> PathBuf {
+    fixture("gguf").join(format!("{name}-bf16.gguf"))
 }
 
-fn golden() -> std::collections::HashMap<String, Tensor> {
+fn golden(name: &str) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(
-        fixture("gguf").join(format!("{NAME}.golden.safetensors")),
+        fixture("gguf").join(format!("{name}-bf16.golden.safetensors")),
         &Device::Cpu,
     )
     .unwrap()
 }
 
 #[test]
-fn logits_routing_and_greedy_match_transformers_and_llama_cpp() {
-    let g = golden();
-    let model = odmoe_engine::open::resident(&path(), &Device::Cpu).unwrap();
+fn deepseek_v3_matches_transformers_and_llama_cpp() {
+    matches_transformers_and_llama_cpp(DEEPSEEK);
+}
+
+#[test]
+fn glm4_moe_matches_transformers_and_llama_cpp() {
+    matches_transformers_and_llama_cpp(GLM);
+}
+
+/// Logits, routing at every layer and greedy tokens against both references.
+fn matches_transformers_and_llama_cpp(name: &str) {
+    let g = golden(name);
+    let model = odmoe_engine::open::resident(&path(name), &Device::Cpu).unwrap();
     let input = ids(&g["input_ids"]);
     let mut trace = ForwardTrace::default();
     let logits = model
@@ -48,7 +65,7 @@ fn logits_routing_and_greedy_match_transformers_and_llama_cpp() {
         .unwrap();
     let to_hf = max_abs_diff(&logits, &g["hf_logits"]);
     let to_llama = max_abs_diff(&logits, &g["llama_logits"]);
-    println!("{NAME}: max |diff| to transformers {to_hf:.2e}, to llama.cpp {to_llama:.2e}");
+    println!("{name}: max |diff| to transformers {to_hf:.2e}, to llama.cpp {to_llama:.2e}");
     assert!(to_hf <= 1e-4, "max |logit diff| to transformers {to_hf}");
     assert!(to_llama <= 1e-4, "max |logit diff| to llama.cpp {to_llama}");
 
@@ -69,37 +86,51 @@ fn logits_routing_and_greedy_match_transformers_and_llama_cpp() {
     assert_eq!(greedy, ids(&g["llama_greedy"]), "llama.cpp greedy");
 }
 
-#[test]
-fn config_from_metadata_equals_the_checkpoints() {
-    let gguf = GgufFile::open(&path(), &Device::Cpu).unwrap();
+/// The config read from `name`'s GGUF metadata, and from its checkpoint's config.json.
+fn configs(name: &str) -> (ModelConfig, ModelConfig) {
+    let gguf = GgufFile::open(&path(name), &Device::Cpu).unwrap();
     let from_gguf = odmoe_engine::model::config_from_gguf(&gguf).unwrap();
     let from_hf =
-        odmoe_engine::model::config_from_hf_file(&fixture("deepseek_v3").join("config.json"))
-            .unwrap();
+        odmoe_engine::model::config_from_hf_file(&fixture(name).join("config.json")).unwrap();
+    // The epsilon is stored as an f32.
+    assert!((from_gguf.rms_norm_eps - from_hf.rms_norm_eps).abs() < 1e-12);
+    (from_gguf, from_hf)
+}
+
+#[test]
+fn glm4_moe_config_from_metadata_equals_the_checkpoints() {
+    let (from_gguf, mut expected) = configs(GLM);
+    expected.rms_norm_eps = from_gguf.rms_norm_eps;
+    assert_eq!(from_gguf, expected);
+}
+
+#[test]
+fn deepseek_v3_config_from_metadata_equals_the_checkpoints() {
+    let (from_gguf, from_hf) = configs(DEEPSEEK);
     let mut expected = from_hf.clone();
     let ds = expected.deepseek.as_mut().unwrap();
     let yarn = ds.yarn.as_mut().unwrap();
-    // What the GGUF cannot say or says in f32: mscale is taken to be mscale_all_dim, which is
-    // stored as 0.1 * mscale_all_dim; the epsilon is an f32.
+    // What the GGUF cannot say: mscale is taken to be mscale_all_dim, which is stored as
+    // 0.1 * mscale_all_dim.
     let got = from_gguf.deepseek.as_ref().unwrap().yarn.as_ref().unwrap();
     let all_dim = got.mscale_all_dim.unwrap();
     assert!((all_dim - 0.8).abs() < 1e-6, "mscale_all_dim {all_dim}");
     (yarn.mscale, yarn.mscale_all_dim) = (Some(all_dim), Some(all_dim));
     expected.rms_norm_eps = from_gguf.rms_norm_eps;
-    assert!((from_gguf.rms_norm_eps - from_hf.rms_norm_eps).abs() < 1e-12);
     assert_eq!(from_gguf, expected);
 }
 
-/// A copy of the fixture with one metadata key renamed (same length, so offsets stay valid).
+/// A copy of the DeepSeek fixture with one metadata key renamed (same length, so offsets stay
+/// valid).
 fn with_key_renamed(dir: &Path, from: &str, to: &str) -> PathBuf {
     assert_eq!(from.len(), to.len());
-    let mut bytes = std::fs::read(path()).unwrap();
+    let mut bytes = std::fs::read(path(DEEPSEEK)).unwrap();
     let at = bytes
         .windows(from.len())
         .position(|w| w == from.as_bytes())
         .unwrap();
     bytes[at..at + to.len()].copy_from_slice(to.as_bytes());
-    let out = dir.join(format!("{NAME}-edited.gguf"));
+    let out = dir.join("deepseek_v3-edited.gguf");
     std::fs::write(&out, bytes).unwrap();
     out
 }
@@ -125,13 +156,20 @@ fn softmax_routing_and_missing_latent_tensors_are_refused() {
 
 #[test]
 fn experts_read_in_place_on_demand_equal_resident() {
-    let input = ids(&golden()["input_ids"]);
+    for name in [DEEPSEEK, GLM] {
+        experts_on_demand_equal_resident(name);
+    }
+}
+
+fn experts_on_demand_equal_resident(name: &str) {
+    let path = path(name);
+    let input = ids(&golden(name)["input_ids"]);
     let expected = logit_bits_and_greedy(
-        &odmoe_engine::open::resident(&path(), &Device::Cpu).unwrap(),
+        &odmoe_engine::open::resident(&path, &Device::Cpu).unwrap(),
         &input,
         8,
     );
-    let (config, total) = open::describe(&path()).unwrap();
+    let (config, total) = open::describe(&path).unwrap();
     let expert = total / (config.moe_layers().count() * config.num_experts) as u64;
     for budget in [config.num_experts_per_token as u64 * expert, total / 2] {
         let options = LoadOptions {
@@ -141,10 +179,10 @@ fn experts_read_in_place_on_demand_equal_resident() {
             }),
             ..LoadOptions::default()
         };
-        let loaded = open::load(&path(), &options, &Device::Cpu).unwrap();
+        let loaded = open::load(&path, &options, &Device::Cpu).unwrap();
         assert!(
             logit_bits_and_greedy(&loaded.model, &input, 8) == expected,
-            "budget {budget}"
+            "{name}: budget {budget}"
         );
         let stats = loaded.store.unwrap().stats();
         assert!(stats.misses > 0);
