@@ -231,6 +231,8 @@ async fn text_and_chat_through_the_daemon(model: &Path, mode: &str) {
 async fn gguf_models_of_every_vocabulary_kind_chat_through_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
     text_and_chat_through_the_daemon(&gguf_fixture("qwen3_moe-q8_0.gguf"), "on_demand").await;
+    // GLM-4.5 (glm4moe, BF16): dense first layer, shared expert, partial rotary.
+    text_and_chat_through_the_daemon(&gguf_fixture("glm4_moe-bf16.gguf"), "on_demand").await;
     text_and_chat_through_the_daemon(&sentencepiece_fixture(dir.path()), "on_demand").await;
     text_and_chat_through_the_daemon(&demo_gguf(), "dense").await;
 }

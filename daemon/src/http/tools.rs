@@ -11,6 +11,9 @@ use serde_json::{Map, Value};
 pub enum ToolSyntax {
     /// Qwen2, Qwen3 and Hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
     Hermes,
+    /// GLM-4.5 to 4.7: `<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value></tool_call>`,
+    /// each value as text when it is a string and as JSON otherwise.
+    Glm,
     /// Mistral and Mixtral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}]`, or in newer
     /// templates `[TOOL_CALLS]name[ARGS]{...}`.
     Mistral,
@@ -35,6 +38,8 @@ impl ToolSyntax {
     /// The syntax `template` (a chat template's source) teaches, if it renders tools at all.
     pub fn of_template(template: &str) -> Option<ToolSyntax> {
         [
+            // Before Hermes: GLM's templates write `<tool_call>` too.
+            ("<arg_key>", ToolSyntax::Glm),
             ("<tool_call>", ToolSyntax::Hermes),
             ("[TOOL_CALLS]", ToolSyntax::Mistral),
             ("tool▁call▁begin", ToolSyntax::DeepSeek),
@@ -50,7 +55,7 @@ impl ToolSyntax {
     /// The text that opens the calls: the reply's text before it is the model's message.
     pub fn opening(self) -> &'static str {
         match self {
-            ToolSyntax::Hermes => "<tool_call>",
+            ToolSyntax::Hermes | ToolSyntax::Glm => "<tool_call>",
             ToolSyntax::Mistral => "[TOOL_CALLS]",
             ToolSyntax::DeepSeek => "<｜tool▁call",
             ToolSyntax::Kimi => "<|tool_call",
@@ -98,6 +103,7 @@ impl ToolSyntax {
         let (text, calls) = reply.split_at(start);
         let calls = match self {
             ToolSyntax::Hermes => hermes(calls),
+            ToolSyntax::Glm => glm(calls),
             ToolSyntax::Mistral => mistral(calls),
             ToolSyntax::DeepSeek => deepseek(calls),
             ToolSyntax::Kimi => kimi(calls),
@@ -148,6 +154,36 @@ fn hermes(mut text: &str) -> Option<Vec<ToolCall>> {
         calls.push(call_of(&value)?);
         let rest = rest.trim_start();
         text = rest.strip_prefix("</tool_call>").unwrap_or(rest);
+    }
+    Some(calls)
+}
+
+fn glm(text: &str) -> Option<Vec<ToolCall>> {
+    let mut calls = Vec::new();
+    for part in text.split("<tool_call>").skip(1) {
+        let body = part.split("</tool_call>").next()?;
+        let mut pairs = body.split("<arg_key>");
+        let name = pairs.next()?.trim();
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return None;
+        }
+        let mut arguments = Map::new();
+        for pair in pairs {
+            let (key, rest) = pair.split_once("</arg_key>")?;
+            let value = rest
+                .split_once("<arg_value>")?
+                .1
+                .split_once("</arg_value>")?
+                .0;
+            // The template writes strings as they are and anything else as JSON.
+            let value = serde_json::from_str(value.trim())
+                .unwrap_or_else(|_| Value::String(value.to_owned()));
+            arguments.insert(key.trim().to_owned(), value);
+        }
+        calls.push(ToolCall {
+            name: name.to_owned(),
+            arguments: Value::Object(arguments),
+        });
     }
     Some(calls)
 }
@@ -252,6 +288,16 @@ mod tests {
                 "Let me look.",
             ),
             (
+                ToolSyntax::Glm,
+                "I will check.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>",
+                "I will check.",
+            ),
+            (
+                ToolSyntax::Glm,
+                "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>",
+                "",
+            ),
+            (
                 ToolSyntax::Mistral,
                 "[TOOL_CALLS][{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]",
                 "",
@@ -303,6 +349,30 @@ mod tests {
     }
 
     #[test]
+    fn glm_values_are_json_unless_they_are_text() {
+        let reply = "<tool_call>book\n<arg_key>nights</arg_key>\n<arg_value>3</arg_value>\n<arg_key>rooms</arg_key>\n<arg_value>[\"a\", \"b\"]</arg_value>\n<arg_key>note</arg_key>\n<arg_value>late arrival</arg_value>\n</tool_call>\n<tool_call>done</tool_call>";
+        let (_, calls) = ToolSyntax::Glm.parse(reply).unwrap();
+        assert_eq!(
+            calls,
+            vec![
+                call(
+                    "book",
+                    json!({"nights": 3, "rooms": ["a", "b"], "note": "late arrival"})
+                ),
+                call("done", json!({})),
+            ]
+        );
+        assert_eq!(
+            ToolSyntax::Glm.parse("<tool_call>two words</tool_call>"),
+            None
+        );
+        assert_eq!(
+            ToolSyntax::Glm.parse("<tool_call>f<arg_key>k</arg_key></tool_call>"),
+            None
+        );
+    }
+
+    #[test]
     fn replies_without_a_call_that_parses_stay_text() {
         assert_eq!(ToolSyntax::Hermes.parse("Paris is sunny."), None);
         assert_eq!(ToolSyntax::Hermes.parse("<tool_call>{\"name\": "), None);
@@ -323,6 +393,8 @@ mod tests {
     fn families_are_known_by_their_templates() {
         let qwen = "{%- if tools %}...<tool_call>\\n{\"name\": <function-name>}...";
         assert_eq!(ToolSyntax::of_template(qwen), Some(ToolSyntax::Hermes));
+        let glm = "<tool_call>{{ tc.name }}\n{% for k, v in tc.arguments.items() %}<arg_key>{{ k }}</arg_key>";
+        assert_eq!(ToolSyntax::of_template(glm), Some(ToolSyntax::Glm));
         assert_eq!(
             ToolSyntax::of_template("{{ '[TOOL_CALLS]' }}"),
             Some(ToolSyntax::Mistral)
