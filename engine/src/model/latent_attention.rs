@@ -10,8 +10,9 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module};
 
-use super::layers::{KvCache, QUERY_TILE, RmsNorm, Rotary, attend, causal_mask, linear};
-use crate::config::{DeepseekConfig, LatentAttentionConfig, ModelConfig, YarnScaling};
+use super::layers::{KvCache, QUERY_TILE, RmsNorm, attend, causal_mask, linear};
+use super::rotary::{Rotary, yarn_mscale};
+use crate::config::{DeepseekConfig, LatentAttentionConfig, ModelConfig};
 use crate::error::{Error, Result};
 use crate::format::WeightSource;
 
@@ -82,8 +83,6 @@ pub struct LatentAttention {
     v_dim: usize,
     kv_lora_rank: usize,
     rotary: Rotary,
-    /// YaRN's scale of cos and sin (1 without YaRN).
-    rotary_scale: f64,
     rope_interleaved: bool,
     /// Multiplies query-key products: 1/sqrt(query head width), times YaRN's mscale squared.
     softmax_scale: f64,
@@ -124,12 +123,9 @@ impl LatentAttention {
         let kv_up = w
             .tensor(&format!("{p}.kv_b_proj.weight"), &[nh * (nope + v), rank])?
             .reshape((nh, nope + v, rank))?;
-        let (rotary, rotary_scale) = match &ds.yarn {
-            Some(yarn) => {
-                let (inv_freq, scale) = yarn_frequencies(rope, cfg.rope_theta, yarn);
-                (Rotary::from_inv_freq(inv_freq), scale)
-            }
-            None => (Rotary::new(rope, cfg.rope_theta), 1.0),
+        let rotary = match &ds.yarn {
+            Some(yarn) => Rotary::yarn(rope, cfg.rope_theta, yarn),
+            None => Rotary::new(rope, cfg.rope_theta),
         };
         let mut softmax_scale = 1.0 / ((nope + rope) as f64).sqrt();
         if let Some(yarn) = &ds.yarn
@@ -157,7 +153,6 @@ impl LatentAttention {
             v_dim: v,
             kv_lora_rank: rank,
             rotary,
-            rotary_scale,
             rope_interleaved: cfg.rope_interleaved,
             softmax_scale,
             form: LatentForm::Auto,
@@ -194,10 +189,6 @@ impl LatentAttention {
         let k_rot = compressed.narrow(1, self.kv_lora_rank, rope)?;
 
         let (cos, sin) = self.rotary.tables(offset, t, x.device())?;
-        let (cos, sin) = (
-            cos.affine(self.rotary_scale, 0.0)?,
-            sin.affine(self.rotary_scale, 0.0)?,
-        );
         let rotate = |x: &Tensor| -> Result<Tensor> {
             let x = x.contiguous()?.unsqueeze(0)?;
             let rotated = if self.rope_interleaved {
@@ -322,56 +313,4 @@ impl LatentAttention {
         let v_up = self.wide(&self.v_up)?.reshape((nh, self.v_dim, rank))?;
         Ok(attended.matmul(&v_up.t()?)?.to_dtype(q_nope.dtype())?)
     }
-}
-
-/// YaRN's attention magnitude correction for a context `scale` times the original.
-fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
-    if scale <= 1.0 {
-        1.0
-    } else {
-        0.1 * mscale * scale.ln() + 1.0
-    }
-}
-
-/// YaRN inverse frequencies for a rotary width of `dim`, and the scale of cos and sin, computed
-/// in the same precision and order as transformers (f32 tensors, f64 scalars): frequencies that
-/// turn fewer than `beta_slow` times over the original context are interpolated by `factor`,
-/// those turning more than `beta_fast` times are kept, with a linear ramp between.
-fn yarn_frequencies(dim: usize, theta: f64, yarn: &YarnScaling) -> (Vec<f32>, f64) {
-    let correction_dim = |rotations: f64| {
-        let original = yarn.original_max_position_embeddings as f64;
-        dim as f64 * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
-    };
-    let (mut low, mut high) = (
-        correction_dim(yarn.beta_fast),
-        correction_dim(yarn.beta_slow),
-    );
-    if yarn.truncate {
-        (low, high) = (low.floor(), high.ceil());
-    }
-    let (low, mut high) = (low.max(0.0), high.min(dim as f64 - 1.0));
-    if low == high {
-        high += 0.001; // as transformers does, against a zero-width ramp
-    }
-    let (base, factor) = (theta as f32, yarn.factor as f32);
-    let inv_freq = (0..dim / 2)
-        .map(|i| {
-            let ramp = ((i as f32 - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
-            let extrapolation_weight = 1.0 - ramp;
-            let frequency = base.powf((2 * i) as f32 / dim as f32);
-            let extrapolated = 1.0 / frequency;
-            let interpolated = 1.0 / (factor * frequency);
-            interpolated * (1.0 - extrapolation_weight) + extrapolated * extrapolation_weight
-        })
-        .collect();
-    let scale = yarn.attention_factor.unwrap_or_else(|| {
-        match (
-            yarn.mscale.filter(|&m| m != 0.0),
-            yarn.mscale_all_dim.filter(|&m| m != 0.0),
-        ) {
-            (Some(m), Some(all)) => yarn_mscale(yarn.factor, m) / yarn_mscale(yarn.factor, all),
-            _ => yarn_mscale(yarn.factor, 1.0),
-        }
-    });
-    (inv_freq, scale)
 }

@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 
 use super::kv_type::KvType;
+pub use super::rotary::Rotary;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::expert::GluMlp;
@@ -67,60 +68,8 @@ impl RmsNorm {
     }
 }
 
-/// Rotary position embedding in the "rotate half" layout that Hugging Face checkpoints use.
-#[derive(Clone, Debug)]
-pub struct Rotary {
-    /// Inverse frequencies, computed in f32 as the reference does.
-    inv_freq: Vec<f32>,
-    /// `inv_freq` as `[1, head_dim / 2]` on the device the tables were first made on.
-    on_device: std::sync::OnceLock<Tensor>,
-}
-
-impl Rotary {
-    pub fn new(head_dim: usize, theta: f64) -> Self {
-        let base = theta as f32;
-        let inv_freq = (0..head_dim)
-            .step_by(2)
-            .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
-            .collect();
-        Self::from_inv_freq(inv_freq)
-    }
-
-    /// Rotary embedding with precomputed inverse frequencies (scaled RoPE variants).
-    pub fn from_inv_freq(inv_freq: Vec<f32>) -> Self {
-        Self {
-            inv_freq,
-            on_device: std::sync::OnceLock::new(),
-        }
-    }
-
-    /// cos and sin tables `[len, head_dim / 2]` for positions `offset..offset + len`, made on
-    /// `device` from the positions alone (`position * inv_freq` in f32, as the reference
-    /// computes the angles): a prompt's tables are not built on the host and copied over.
-    pub(crate) fn tables(
-        &self,
-        offset: usize,
-        len: usize,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
-        let inv_freq = match self.on_device.get() {
-            Some(kept) if kept.device().same_device(device) => kept.clone(),
-            _ => {
-                let made = Tensor::from_slice(&self.inv_freq, (1, self.inv_freq.len()), device)?;
-                let _ = self.on_device.set(made.clone());
-                made
-            }
-        };
-        let angles = positions(offset, len, device)?
-            .to_dtype(DType::F32)?
-            .reshape((len, 1))?
-            .broadcast_mul(&inv_freq)?;
-        Ok((angles.cos()?, angles.sin()?))
-    }
-}
-
 /// Positions `first..first + len` as a `[len]` u32 tensor on `device`.
-fn positions(first: usize, len: usize, device: &Device) -> Result<Tensor> {
+pub(crate) fn positions(first: usize, len: usize, device: &Device) -> Result<Tensor> {
     let (start, end) = (u32::try_from(first), u32::try_from(first + len));
     let (Ok(start), Ok(end)) = (start, end) else {
         return Err(crate::error::Error::InvalidRequest(format!(

@@ -15,6 +15,7 @@ pub mod mixtral;
 pub mod moe;
 pub mod qwen_moe;
 pub mod readback;
+pub mod rotary;
 
 use std::path::Path;
 use std::sync::Arc;
