@@ -353,6 +353,44 @@ SPECS = {
         shard_size=None,
         hub_spelling=True,
     ),
+    # gpt-oss in small: attention with biases (the output's too) and a learned sink per head,
+    # layers alternating between a sliding window of 4 (shorter than the 12-token prompt) and
+    # full attention, YaRN as gpt-oss configures it; a router with a bias whose top-k logits are
+    # softmaxed; experts with biases and the clamped SwiGLU, their weights drawn large enough
+    # (expert_std) that the clamps at +-7 cut real values.
+    "gpt_oss": dict(
+        config_class="GptOssConfig",
+        model_class="GptOssForCausalLM",
+        config=dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 4096,
+            },
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        ),
+        top_k=2,
+        shard_size=None,
+        hub_spelling=False,
+        expert_std=0.9,
+    ),
 }
 
 # Initialisation scales (std of a normal distribution).
@@ -441,7 +479,7 @@ def is_deepseek(name):
     return SPECS[name]["model_class"] in ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM")
 
 
-def init_weights(model, seed):
+def init_weights(model, seed, expert_std=LINEAR_STD):
     """Deterministic init from numpy PCG64: scaled so that norms and routing matter."""
     rng = np.random.default_rng(seed)
     routers = {id(m.weight) for m in model.modules() if is_router(m)}
@@ -457,6 +495,8 @@ def init_weights(model, seed):
                 val = EMBED_STD * z
             elif pname.endswith(".bias"):
                 val = BIAS_STD * z
+            elif ".mlp.experts." in pname and not pname.endswith("_bias"):
+                val = expert_std * z
             else:
                 val = LINEAR_STD * z
             p.copy_(val)
@@ -477,7 +517,7 @@ def build_model(name, seed, special_ids):
     cfg = make_config(name, special_ids)
     torch.manual_seed(seed)
     model = getattr(transformers, spec["model_class"])(cfg)
-    init_weights(model, seed)
+    init_weights(model, seed, spec.get("expert_std", LINEAR_STD))
     # Round the parameters to bf16 but keep the model in f32: casting the whole module to
     # bf16 and back would also round non-persistent buffers such as the rotary inv_freq,
     # which a checkpoint loaded in f32 recomputes exactly.
@@ -624,6 +664,8 @@ def forward_capture(model, ids, top_k, norm_topk):
             continue
         # Independent recomputation of the routing decision.
         lg = x.float() @ r.weight.float().t()
+        if getattr(r, "bias", None) is not None:  # gpt-oss's router has one
+            lg = lg + r.bias.float()
         probs = torch.softmax(lg, dim=-1)
         top_v, top_i = torch.topk(probs, top_k, dim=-1)
         if norm_topk:
@@ -886,11 +928,16 @@ def verify(names):
         }
         same_ids = torch.equal(g["routing_ids"], gold["routing_ids"])
         same_greedy = torch.equal(g["greedy_tokens"], gold["greedy_tokens"])
-        sdpa = transformers.AutoModelForCausalLM.from_pretrained(
-            d, dtype=torch.float32, attn_implementation="sdpa"
-        ).eval()
-        with torch.no_grad():
-            sdpa_diff = (sdpa(input_ids=gold["input_ids"][None]).logits[0] - gold["logits"]).abs().max().item()
+        try:
+            sdpa = transformers.AutoModelForCausalLM.from_pretrained(
+                d, dtype=torch.float32, attn_implementation="sdpa"
+            ).eval()
+        except ValueError:  # gpt-oss has only eager attention (its sinks)
+            sdpa = None
+        sdpa_diff = float("nan")
+        if sdpa is not None:
+            with torch.no_grad():
+                sdpa_diff = (sdpa(input_ids=gold["input_ids"][None]).logits[0] - gold["logits"]).abs().max().item()
         tok, p_ids, _, c_ids = text_goldens(d)
         text_ok = torch.equal(p_ids, gold["prompt_ids"]) and torch.equal(c_ids, gold["chat_ids"])
         good = (

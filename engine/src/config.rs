@@ -22,6 +22,9 @@ pub enum Architecture {
     /// DeepSeek-V3 and models built on it (Kimi-K2): multi-head latent attention, sigmoid
     /// group-limited routing, shared experts, and dense feed-forwards in the first layers.
     DeepseekV3,
+    /// gpt-oss: attention with sinks, alternating sliding-window and full layers and YaRN; a
+    /// biased router; experts with biases and a clamped SwiGLU.
+    GptOss,
     /// GLM-4.5 and its successors: grouped-query attention with biases, optional query-key
     /// norms and rotary on part of each head; DeepSeek-V3's routing, shared experts and dense
     /// first layers.
@@ -67,6 +70,23 @@ pub struct ModelConfig {
     /// converter permuted) rather than the two halves of each head.
     #[serde(default)]
     pub rope_interleaved: bool,
+    /// YaRN scaling of grouped-query attention's rotary position (gpt-oss; DeepSeek-V3's is in
+    /// [`DeepseekConfig`]).
+    #[serde(default)]
+    pub rope_yarn: Option<YarnScaling>,
+    /// Which layers attend only within `sliding_window` (gpt-oss alternates); every layer when
+    /// `None`.
+    #[serde(default)]
+    pub window_layers: Option<Vec<bool>>,
+    /// Each query head has a learned logit that joins its softmax without a value (gpt-oss).
+    #[serde(default)]
+    pub attention_sinks: bool,
+    /// The attention output projection has a bias (gpt-oss).
+    #[serde(default)]
+    pub attention_output_bias: bool,
+    /// How routed experts gate their up projection.
+    #[serde(default)]
+    pub expert_gating: ExpertGating,
     /// Rotary position applies to the first this many dimensions of each head only, the rest
     /// pass through (GLM-4.5: half); every dimension when `None`.
     #[serde(default)]
@@ -80,6 +100,18 @@ pub struct ModelConfig {
     /// layers, and for DeepSeek-V3 itself latent attention and YaRN).
     #[serde(default)]
     pub deepseek: Option<DeepseekConfig>,
+}
+
+/// How an expert turns its gate and up projections into the down projection's input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ExpertGating {
+    /// `silu(gate) * up`.
+    #[default]
+    Silu,
+    /// gpt-oss: the gate clamped above at `limit`, up to `-limit..=limit`, then
+    /// `(up + 1) * gate * sigmoid(alpha * gate)`.
+    ClampedSwiglu { alpha: f32, limit: f32 },
 }
 
 /// What a DeepSeek-V3-architecture model adds to [`ModelConfig`].
@@ -186,6 +218,15 @@ impl ModelConfig {
             None => 2 * self.num_kv_heads * self.head_dim,
         };
         self.num_layers * per_layer * elem_bytes
+    }
+
+    /// The window `layer` attends within, if it has one.
+    pub fn sliding_window_of(&self, layer: usize) -> Option<usize> {
+        let windowed = match &self.window_layers {
+            Some(layers) => layers.get(layer).copied().unwrap_or(false),
+            None => true,
+        };
+        self.sliding_window.filter(|_| windowed)
     }
 
     /// Whether the tensor `name` (a checkpoint's `model.layers.N.` or a GGUF file's `blk.N.`)

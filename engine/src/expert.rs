@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
 
+use crate::config::ExpertGating;
 use crate::error::{Error, Result};
 use crate::kernels::quantized;
 
@@ -37,6 +38,14 @@ impl GluMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_as(x, &ExpertForm::default(), 0)
+    }
+
+    /// The expert as `form` says its layer's experts compute, `expert` naming its biases.
+    pub fn forward_as(&self, x: &Tensor, form: &ExpertForm, expert: usize) -> Result<Tensor> {
+        if !form.is_plain() {
+            return self.forward_in_form(x, form, expert);
+        }
         if let Some(weights) = self.quantized(x) {
             let input = quantized::Activations::of(x, &weights.input_formats())?;
             let out = quantized::glu(&[(weights, &input)])?.remove(0);
@@ -45,6 +54,31 @@ impl GluMlp {
         let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
         let up = self.up.forward(x)?;
         Ok(self.down.forward(&(gate * up)?)?)
+    }
+
+    /// [`forward_as`](Self::forward_as) with biases or another gating, through candle's
+    /// products in the order transformers computes them.
+    fn forward_in_form(&self, x: &Tensor, form: &ExpertForm, expert: usize) -> Result<Tensor> {
+        let biased = |y: Tensor, biases: Option<&Tensor>| -> Result<Tensor> {
+            Ok(match biases {
+                Some(b) => y.broadcast_add(&b.get(expert)?)?,
+                None => y,
+            })
+        };
+        let biases = form.biases.as_ref();
+        let gate = biased(self.gate.forward(x)?, biases.map(|b| &b.gate))?;
+        let up = biased(self.up.forward(x)?, biases.map(|b| &b.up))?;
+        let inner = match form.gating {
+            ExpertGating::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+            ExpertGating::ClampedSwiglu { alpha, limit } => {
+                let (alpha, limit) = (f64::from(alpha), f64::from(limit));
+                let gate = gate.minimum(limit)?;
+                let up = up.clamp(-limit, limit)?;
+                let glu = (&gate * candle_nn::ops::sigmoid(&gate.affine(alpha, 0.0)?)?)?;
+                (up.affine(1.0, 1.0)? * glu)?
+            }
+        };
+        biased(self.down.forward(&inner)?, biases.map(|b| &b.down))
     }
 
     /// The three projections when the quantized kernels take `x` through them all.
@@ -68,6 +102,30 @@ impl GluMlp {
             })
             .sum()
     }
+}
+
+/// How a layer's routed experts compute besides their three matrices: the gating, and biases
+/// the layer keeps resident (the store holds only the matrices).
+#[derive(Clone, Debug, Default)]
+pub struct ExpertForm {
+    pub gating: ExpertGating,
+    pub biases: Option<ExpertBiases>,
+}
+
+impl ExpertForm {
+    /// `silu(gate) * up` without biases, as every architecture but gpt-oss computes.
+    pub fn is_plain(&self) -> bool {
+        self.gating == ExpertGating::Silu && self.biases.is_none()
+    }
+}
+
+/// Every expert's biases, one row per expert: gate and up `[experts, intermediate]`, down
+/// `[experts, hidden]`.
+#[derive(Clone, Debug)]
+pub struct ExpertBiases {
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
 }
 
 /// One routed expert's weights, kept alive (and, for a store, pinned) while the handle lives.
@@ -181,6 +239,7 @@ pub fn apply(
     x: &Tensor,
     ids: &[Vec<usize>],
     weights: &[Vec<f32>],
+    form: &ExpertForm,
 ) -> Result<Tensor> {
     // Tokens per expert, experts in ascending order as the reference accumulates them.
     let mut by_expert: BTreeMap<usize, (Vec<u32>, Vec<f32>)> = BTreeMap::new();
@@ -209,7 +268,7 @@ pub fn apply(
             continue;
         };
         let first = first.wait()?;
-        if first.quantized(x).is_some() {
+        if form.is_plain() && first.quantized(x).is_some() {
             // The quantized kernels take experts a group at a time, in two passes over the thread
             // pool instead of two per expert. A group is a decode step's experts; in a
             // prompt, computing one group overlaps reading the next. The input's rows and the
@@ -239,18 +298,19 @@ pub fn apply(
         let first_of_batch = b * per_batch;
         let rest = pending.map(|p| p.wait());
         let batch_experts = std::iter::once(Ok(first)).chain(rest).zip(batch);
-        for (i, (handle, (_, (tokens, _)))) in batch_experts.enumerate() {
+        for (i, (handle, (expert, (tokens, _)))) in batch_experts.enumerate() {
             let handle = handle?;
             let (n, start) = (tokens.len(), starts[first_of_batch + i]);
             let weights = all_weights.narrow(0, start, n)?;
             if x.dim(0)? == 1 {
                 // A decode step: the one position is the expert's whole input.
-                out = (out + handle.forward(x)?.broadcast_mul(&weights)?)?;
+                let y = handle.forward_as(x, form, *expert)?;
+                out = (out + y.broadcast_mul(&weights)?)?;
                 continue;
             }
             let index = indices.narrow(0, start, n)?;
             let y = handle
-                .forward(&x.index_select(&index, 0)?)?
+                .forward_as(&x.index_select(&index, 0)?, form, *expert)?
                 .broadcast_mul(&weights)?;
             out = out.index_add(&index, &y, 0)?;
         }

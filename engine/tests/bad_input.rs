@@ -114,3 +114,35 @@ fn malformed_config_is_named() {
         "{message}"
     );
 }
+
+/// A GGUF file holding one tensor of ggml type `ggml_type` (shape 32, no metadata).
+fn gguf_with_tensor_type(path: &Path, ggml_type: u32) {
+    let name = b"blk.0.ffn_up_exps.weight";
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(3u32.to_le_bytes()); // version
+    bytes.extend(1u64.to_le_bytes()); // tensors
+    bytes.extend(0u64.to_le_bytes()); // metadata pairs
+    bytes.extend((name.len() as u64).to_le_bytes());
+    bytes.extend(name);
+    bytes.extend(1u32.to_le_bytes()); // dimensions
+    bytes.extend(32u64.to_le_bytes());
+    bytes.extend(ggml_type.to_le_bytes());
+    bytes.extend(0u64.to_le_bytes()); // offset
+    bytes.resize(bytes.len().next_multiple_of(32) + 32, 0);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn gguf_tensor_types_not_read_yet_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpt-oss.gguf");
+    gguf_with_tensor_type(&path, 39);
+    let err = odmoe_engine::format::gguf::GgufFile::open(&path, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("gpt-oss.gguf") && err.contains("MXFP4") && err.contains("type 39"),
+        "{err}"
+    );
+}

@@ -18,8 +18,8 @@ use odmoe_engine::tokenizer::Tokenizer;
 
 /// Quantized files of every architecture, with mixtures where the types vary by layer (Q4_K_M)
 /// where an expert tensor fell back to F16 (mixtral-q8_0's down projections), and GLM-4.5 and
-/// DeepSeek-V3 in BF16 (dense first layers).
-const FILES: [&str; 8] = [
+/// DeepSeek-V3 in BF16 (dense first layers), and gpt-oss in BF16 (expert biases resident).
+const FILES: [&str; 9] = [
     "qwen2_moe-q8_0",
     "qwen2_moe-k-q4_k_m",
     "qwen3_moe-q8_0",
@@ -28,6 +28,7 @@ const FILES: [&str; 8] = [
     "mixtral-k-q4_k_m",
     "glm4_moe-bf16",
     "deepseek_v3-bf16",
+    "gpt_oss-bf16",
 ];
 
 fn gguf_path(name: &str) -> PathBuf {

@@ -25,6 +25,7 @@ use odmoe_engine::store::StoreConfig;
 
 const DEEPSEEK: &str = "deepseek_v3";
 const GLM: &str = "glm4_moe";
+const GPT_OSS: &str = "gpt_oss";
 
 /// The GGUF file built from the checkpoint fixture `name`.
 fn path(name: &str) -> PathBuf {
@@ -41,16 +42,25 @@ fn golden(name: &str) -> std::collections::HashMap<String, Tensor> {
 
 #[test]
 fn deepseek_v3_matches_transformers_and_llama_cpp() {
-    matches_transformers_and_llama_cpp(DEEPSEEK);
+    matches_transformers_and_llama_cpp(DEEPSEEK, 1e-4);
 }
 
 #[test]
 fn glm4_moe_matches_transformers_and_llama_cpp() {
-    matches_transformers_and_llama_cpp(GLM);
+    matches_transformers_and_llama_cpp(GLM, 1e-4);
 }
 
-/// Logits, routing at every layer and greedy tokens against both references.
-fn matches_transformers_and_llama_cpp(name: &str) {
+/// llama.cpp rounds YaRN's correction range, which gpt-oss's config says not to: its logits
+/// are 0.035 from transformers' (see the fixture's json), and this engine's must be as close
+/// to them as they are to transformers'.
+#[test]
+fn gpt_oss_matches_transformers_and_llama_cpp() {
+    matches_transformers_and_llama_cpp(GPT_OSS, 0.04);
+}
+
+/// Logits, routing at every layer and greedy tokens against both references: within 1e-4 of
+/// transformers and `to_llama` of llama.cpp.
+fn matches_transformers_and_llama_cpp(name: &str, to_llama_at_most: f32) {
     let g = golden(name);
     let model = odmoe_engine::open::resident(&path(name), &Device::Cpu).unwrap();
     let input = ids(&g["input_ids"]);
@@ -67,7 +77,10 @@ fn matches_transformers_and_llama_cpp(name: &str) {
     let to_llama = max_abs_diff(&logits, &g["llama_logits"]);
     println!("{name}: max |diff| to transformers {to_hf:.2e}, to llama.cpp {to_llama:.2e}");
     assert!(to_hf <= 1e-4, "max |logit diff| to transformers {to_hf}");
-    assert!(to_llama <= 1e-4, "max |logit diff| to llama.cpp {to_llama}");
+    assert!(
+        to_llama <= to_llama_at_most,
+        "max |logit diff| to llama.cpp {to_llama}"
+    );
 
     let golden_ids = g["hf_routing_ids"].to_vec3::<i64>().unwrap();
     assert_eq!(trace.routing.len(), golden_ids.len());
@@ -156,7 +169,7 @@ fn softmax_routing_and_missing_latent_tensors_are_refused() {
 
 #[test]
 fn experts_read_in_place_on_demand_equal_resident() {
-    for name in [DEEPSEEK, GLM] {
+    for name in [DEEPSEEK, GLM, GPT_OSS] {
         experts_on_demand_equal_resident(name);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 use candle_nn::Linear;
-use odmoe_engine::expert::{GluMlp, ResidentExperts};
+use odmoe_engine::expert::{ExpertForm, GluMlp, ResidentExperts};
 use odmoe_engine::kernels::quantized;
 use odmoe_engine::model::moe::{MoeBlock, Scoring};
 use odmoe_engine::store::{ExpertSource, ExpertStore, PolicyKind, StoreConfig};
@@ -56,6 +56,7 @@ fn block() -> MoeBlock {
         top_k: TOP_K,
         norm_topk_prob: true,
         unit_weights: false,
+        expert_form: ExpertForm::default(),
         shared: None,
     }
 }

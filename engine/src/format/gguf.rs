@@ -30,7 +30,7 @@ impl GgufFile {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let content = Content::read(&mut BufReader::new(file))
-            .map_err(|e| Self::error_at(path, crate::error::without_backtrace(&e)))?;
+            .map_err(|e| Self::error_at(path, unread_type(&crate::error::without_backtrace(&e))))?;
         let this = Self {
             path: path.to_path_buf(),
             content,
@@ -69,9 +69,9 @@ impl GgufFile {
     }
 
     /// The tensors of this file that the Hugging Face tensor `hf` is read from: one, or the two
-    /// llama.cpp splits a DeepSeek `kv_b_proj` into.
+    /// llama.cpp splits a DeepSeek `kv_b_proj` or a gpt-oss `gate_up_proj_bias` into.
     pub fn sources_in_file(&self, hf: &str) -> Vec<String> {
-        match split_kv_b_names(hf) {
+        match split_kv_b_names(hf).or_else(|| split_gate_up_bias_names(hf)) {
             Some(names) if self.has_tensor(&names[0]) => names.to_vec(),
             _ => self.name_in_file(hf).into_iter().collect(),
         }
@@ -306,6 +306,36 @@ pub fn parse_ggml_type(name: &str) -> Option<GgmlDType> {
         .map(|(_, t)| *t)
 }
 
+/// ggml types that files hold and this reader does not take yet, by number.
+const UNREAD_TYPES: &[(u32, &str)] = &[
+    (16, "IQ2_XXS"),
+    (17, "IQ2_XS"),
+    (18, "IQ3_XXS"),
+    (19, "IQ1_S"),
+    (20, "IQ4_NL"),
+    (21, "IQ3_S"),
+    (22, "IQ2_S"),
+    (23, "IQ4_XS"),
+    (29, "IQ1_M"),
+    (34, "TQ1_0"),
+    (35, "TQ2_0"),
+    (39, "MXFP4, gpt-oss's experts"),
+];
+
+/// The GGUF reader's message, with the ggml type it could not read named when it is one.
+fn unread_type(message: &str) -> String {
+    let number = message
+        .strip_prefix("unknown dtype for tensor ")
+        .and_then(|n| n.trim().parse::<u32>().ok());
+    match number.and_then(|n| UNREAD_TYPES.iter().find(|(t, _)| *t == n)) {
+        Some((n, name)) => format!(
+            "it holds tensors of ggml type {n} ({name}), which this version does not read yet; \
+             a file quantized to a K-quant or Q8_0 type loads"
+        ),
+        None => message.to_string(),
+    }
+}
+
 /// Bytes of `elements` values stored as `dtype`, when they fill whole blocks.
 pub fn ggml_bytes(dtype: GgmlDType, elements: usize) -> Option<usize> {
     elements
@@ -355,6 +385,8 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.k_proj.weight" => "attn_k.weight",
         "self_attn.v_proj.weight" => "attn_v.weight",
         "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.o_proj.bias" => "attn_output.bias",
+        "self_attn.sinks" => "attn_sinks.weight",
         "self_attn.q_proj.bias" => "attn_q.bias",
         "self_attn.k_proj.bias" => "attn_k.bias",
         "self_attn.v_proj.bias" => "attn_v.bias",
@@ -368,6 +400,10 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp.weight",
         "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp.weight",
         "mlp.shared_expert_gate.weight" => "ffn_gate_inp_shexp.weight",
+        // gpt-oss; `gate_up_proj_bias` is split in two, see `WeightSource::tensor`.
+        "mlp.router.weight" => "ffn_gate_inp.weight",
+        "mlp.router.bias" => "ffn_gate_inp.bias",
+        "mlp.experts.down_proj_bias" => "ffn_down_exps.bias",
         // DeepSeek-V3 (`deepseek2`); `kv_b_proj` is split in two, see `WeightSource::tensor`.
         "self_attn.q_a_proj.weight" => "attn_q_a.weight",
         "self_attn.q_a_proj.bias" => "attn_q_a.bias",
@@ -396,6 +432,14 @@ pub fn stacked_expert_names(layer: usize) -> [String; 3] {
     ["gate", "up", "down"].map(|p| format!("blk.{layer}.ffn_{p}_exps.weight"))
 }
 
+/// The two GGUF tensors (gate, up) llama.cpp splits a gpt-oss `gate_up_proj_bias` into, when
+/// `hf` names one.
+fn split_gate_up_bias_names(hf: &str) -> Option<[String; 2]> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let layer = rest.strip_suffix(".mlp.experts.gate_up_proj_bias")?;
+    Some(["gate", "up"].map(|p| format!("blk.{layer}.ffn_{p}_exps.bias")))
+}
+
 /// The two GGUF tensors llama.cpp splits a DeepSeek `kv_b_proj` into, when `hf` names one.
 fn split_kv_b_names(hf: &str) -> Option<[String; 2]> {
     let rest = hf.strip_prefix("model.layers.")?;
@@ -404,6 +448,23 @@ fn split_kv_b_names(hf: &str) -> Option<[String; 2]> {
 }
 
 impl GgufFile {
+    /// `gate_up_proj_bias` `[experts, 2 * width]` rebuilt from llama.cpp's gate and up biases
+    /// (`[experts, width]` each), interleaved as transformers keeps them.
+    fn joined_gate_up_bias(
+        &self,
+        names: &[String; 2],
+        hf: &str,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let [experts, double] = shape else {
+            return Err(Error::InvalidModel(format!("{hf} has shape {shape:?}")));
+        };
+        let half = [*experts, double / 2];
+        let gate = self.dequantized(&names[0], &half)?;
+        let up = self.dequantized(&names[1], &half)?;
+        Ok(Tensor::stack(&[&gate, &up], 2)?.reshape(shape)?)
+    }
+
     /// `kv_b_proj` `[heads * (nope + v), rank]` rebuilt from llama.cpp's `attn_k_b` (per head
     /// the key rows transposed: numpy `[heads, rank, nope]`) and `attn_v_b` (`[heads, v, rank]`).
     fn joined_kv_b(&self, names: &[String; 2], hf: &str, shape: &[usize]) -> Result<Tensor> {
@@ -436,12 +497,15 @@ impl WeightSource for GgufFile {
         {
             return self.joined_kv_b(&names, name, shape);
         }
+        if let Some(names) = split_gate_up_bias_names(name) {
+            return self.joined_gate_up_bias(&names, name, shape);
+        }
         let gguf = self.gguf_name_of(name)?;
         self.dequantized(&gguf, shape)
     }
 
     fn contains(&self, name: &str) -> bool {
-        if let Some(names) = split_kv_b_names(name) {
+        if let Some(names) = split_kv_b_names(name).or_else(|| split_gate_up_bias_names(name)) {
             return names.iter().all(|n| self.has_tensor(n));
         }
         self.name_in_file(name).is_some_and(|g| self.has_tensor(&g))

@@ -51,20 +51,28 @@ pub fn row_values(t: &Tensor) -> Result<usize> {
 
 /// Attention of `q` `[heads, T, d]` at positions `offset..` over `k` `[kv_heads, S, d]` and `v`
 /// `[kv_heads, S, dv]` (positions `0..S`, any strides with the last one 1: the cache's buffers
-/// as they are), causal and within `window` when there is one, scores scaled by `scale`;
-/// returns `[heads, T, dv]`. Query heads `g * rep..(g + 1) * rep` share key head `g`.
+/// as they are), causal and within `window` when there is one, scores scaled by `scale`, with
+/// each query head's sink logit (`sinks[head]`) in its softmax when there are sinks; returns
+/// `[heads, T, dv]`. Query heads `g * rep..(g + 1) * rep` share key head `g`.
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     offset: usize,
     window: Option<usize>,
+    sinks: Option<&[f32]>,
     scale: f32,
 ) -> Result<Tensor> {
     let (heads, t, d) = q.dims3()?;
     let (kv_heads, s, _) = k.dims3()?;
     let (dk, dv) = (row_values(k)?, row_values(v)?);
-    if dk != d || v.dim(0)? != kv_heads || v.dim(1)? != s || !heads.is_multiple_of(kv_heads) {
+    let sinks_fit = sinks.is_none_or(|s| s.len() == heads);
+    if dk != d
+        || v.dim(0)? != kv_heads
+        || v.dim(1)? != s
+        || !heads.is_multiple_of(kv_heads)
+        || !sinks_fit
+    {
         return Err(Error::InvalidModel(format!(
             "attention of q {:?} over k {:?} and v {:?}",
             q.dims(),
@@ -129,7 +137,7 @@ pub fn attend(
                 total.fold(partial);
             }
             // SAFETY: `out` holds `[heads, t, dv]`.
-            unsafe { total.write(&shape, rows, out.as_mut_ptr()) };
+            unsafe { total.write(&shape, rows, sinks, out.as_mut_ptr()) };
         }
     } else {
         let out_address = out.as_mut_ptr() as usize;
@@ -147,7 +155,7 @@ pub fn attend(
                 }
                 // SAFETY: work item (g, block) writes only the outputs of key head g's query
                 // heads at its queries; `out` outlives the pool call.
-                unsafe { total.write(&shape, &rows, out_address as *mut f32) };
+                unsafe { total.write(&shape, &rows, sinks, out_address as *mut f32) };
             }
         };
         candle_core::utils::barrier_pool().execute_chunked(kv_heads * blocks, run);
@@ -400,19 +408,29 @@ impl Partial {
         }
     }
 
-    /// Each row's output divided by its sum, into `out` `[heads, t, dv]`.
+    /// Each row's output divided by its sum (with its head's sink, when there are sinks, as one
+    /// more term of the sum that adds no value), into `out` `[heads, t, dv]`.
     ///
     /// # Safety
     /// `out` holds `[heads, t, dv]` and nothing else writes these rows meanwhile.
-    unsafe fn write(&self, shape: &Shape, rows: &Rows, out: *mut f32) {
+    unsafe fn write(&self, shape: &Shape, rows: &Rows, sinks: Option<&[f32]>, out: *mut f32) {
         let dv = shape.dv;
-        for ((&(i, head), sum), output) in rows
+        for (((&(i, head), &sum), &max), output) in rows
             .rows
             .iter()
             .zip(&self.sums)
+            .zip(&self.maxima)
             .zip(self.outputs.chunks_exact(dv))
         {
-            let inverse = 1.0 / sum;
+            let inverse = match sinks {
+                Some(sinks) => {
+                    let sink = sinks[head];
+                    let new_max = max.max(sink);
+                    let kept = exp(max - new_max);
+                    kept / (sum * kept + exp(sink - new_max))
+                }
+                None => 1.0 / sum,
+            };
             for (c, &o) in output.iter().enumerate() {
                 // SAFETY: the caller's.
                 unsafe { *out.add((head * shape.t + i) * dv + c) = o * inverse };
@@ -1002,7 +1020,8 @@ mod tests {
 
     /// A query's output is the same, bit for bit, whether it is a decode step (its key head's
     /// chunks shared out over the threads), one of a few queries, or inside a long prompt: with
-    /// and without a window, in f16 and f32, through the AVX-512 path and the plain one.
+    /// and without a window and sinks, in f16 and f32, through the AVX-512 path and the plain
+    /// one.
     #[test]
     fn a_query_gives_the_same_bits_alone_as_inside_a_prompt() {
         let device = Device::Cpu;
@@ -1014,8 +1033,12 @@ mod tests {
             let v = Tensor::randn(0f32, 1.0, (kv_heads, s, d), &device).unwrap();
             for dtype in [DType::F32, DType::F16] {
                 let (k, v) = (k.to_dtype(dtype).unwrap(), v.to_dtype(dtype).unwrap());
-                for window in [None, Some(300), Some(1)] {
-                    let prompt = attend(&q, &k, &v, offset, window, 0.2).unwrap();
+                let sinks: Vec<f32> = (0..heads).map(|h| h as f32 - 4.0).collect();
+                let reaches = [None, Some(300), Some(1)]
+                    .into_iter()
+                    .flat_map(|window| [(window, None), (window, Some(sinks.as_slice()))]);
+                for (window, sinks) in reaches {
+                    let prompt = attend(&q, &k, &v, offset, window, sinks, 0.2).unwrap();
                     for (i, n) in [(0, 1), (255, 1), (256, 3), (531, 1), (690, 10)] {
                         let seen = offset + i + n;
                         let alone = attend(
@@ -1024,6 +1047,7 @@ mod tests {
                             &v.narrow(1, 0, seen).unwrap(),
                             offset + i,
                             window,
+                            sinks,
                             0.2,
                         )
                         .unwrap();

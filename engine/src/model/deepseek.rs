@@ -24,6 +24,7 @@ use crate::config::{
     YarnScaling,
 };
 use crate::error::{Error, Result};
+use crate::expert::ExpertForm;
 use crate::format::WeightSource;
 
 pub const DEEPSEEK_V3: Family = Family {
@@ -371,6 +372,7 @@ pub(super) fn feed_forward(
         top_k: cfg.num_experts_per_token,
         norm_topk_prob: cfg.norm_topk_prob,
         unit_weights: false,
+        expert_form: ExpertForm::default(),
         shared,
     }))
 }

@@ -10,7 +10,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module};
 
-use super::layers::{KvCache, QUERY_TILE, RmsNorm, attend, causal_mask, linear};
+use super::layers::{KvCache, QUERY_TILE, Reach, RmsNorm, attend, causal_mask, linear};
 use super::rotary::{Rotary, yarn_mscale};
 use crate::config::{DeepseekConfig, LatentAttentionConfig, ModelConfig};
 use crate::error::{Error, Result};
@@ -282,7 +282,15 @@ impl LatentAttention {
         let keys = Tensor::cat(&[&k_nope, &k_rot], 2)?;
         let queries = Tensor::cat(&[&q_nope, &q_rot], 2)?;
         let scale = self.softmax_scale;
-        let out = attend(&queries, &keys, &values, offset, None, scale, QUERY_TILE)?;
+        let out = attend(
+            &queries,
+            &keys,
+            &values,
+            offset,
+            Reach::default(),
+            scale,
+            QUERY_TILE,
+        )?;
         Ok(out.to_dtype(dtype)?)
     }
 

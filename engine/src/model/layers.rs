@@ -257,6 +257,8 @@ pub struct Attention {
     num_kv_heads: usize,
     head_dim: usize,
     sliding_window: Option<usize>,
+    /// Each query head's sink logit, when the model has them.
+    sinks: Option<Vec<f32>>,
     rotary: Rotary,
     /// Rotary applies to each head's first this many dimensions (all of them but in GLM-4.5).
     rotary_dim: usize,
@@ -264,25 +266,49 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Loads `{prefix}.{q,k,v,o}_proj` (and `q_norm`/`k_norm` when the config has them).
-    pub fn load(cfg: &ModelConfig, w: &dyn WeightSource, prefix: &str) -> Result<Self> {
+    /// Loads layer `layer`'s `{prefix}.{q,k,v,o}_proj` (and `q_norm`/`k_norm`, `sinks` when the
+    /// config has them).
+    pub fn load(
+        cfg: &ModelConfig,
+        w: &dyn WeightSource,
+        layer: usize,
+        prefix: &str,
+    ) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let p = prefix;
+        let rotary_dim = cfg.rotary_dim.unwrap_or(d);
+        let sinks = cfg
+            .attention_sinks
+            .then(|| -> Result<Vec<f32>> {
+                Ok(w.tensor(&format!("{p}.sinks"), &[cfg.num_heads])?
+                    .to_vec1::<f32>()?)
+            })
+            .transpose()?;
         let bias = cfg.attention_bias;
         let norm = |n: &str| RmsNorm::load(w, &format!("{p}.{n}"), d, cfg.rms_norm_eps);
         Ok(Self {
             q: projection(w, &format!("{p}.q_proj"), cfg.num_heads * d, h, bias)?,
             k: projection(w, &format!("{p}.k_proj"), cfg.num_kv_heads * d, h, bias)?,
             v: projection(w, &format!("{p}.v_proj"), cfg.num_kv_heads * d, h, bias)?,
-            o: projection(w, &format!("{p}.o_proj"), h, cfg.num_heads * d, false)?,
+            o: projection(
+                w,
+                &format!("{p}.o_proj"),
+                h,
+                cfg.num_heads * d,
+                cfg.attention_output_bias,
+            )?,
             q_norm: cfg.qk_norm.then(|| norm("q_norm")).transpose()?,
             k_norm: cfg.qk_norm.then(|| norm("k_norm")).transpose()?,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: d,
-            sliding_window: cfg.sliding_window,
-            rotary: Rotary::new(cfg.rotary_dim.unwrap_or(d), cfg.rope_theta),
-            rotary_dim: cfg.rotary_dim.unwrap_or(d),
+            sliding_window: cfg.sliding_window_of(layer),
+            sinks,
+            rotary: match &cfg.rope_yarn {
+                Some(yarn) => Rotary::yarn(rotary_dim, cfg.rope_theta, yarn),
+                None => Rotary::new(rotary_dim, cfg.rope_theta),
+            },
+            rotary_dim,
             rope_interleaved: cfg.rope_interleaved,
         })
     }
@@ -334,7 +360,11 @@ impl Attention {
         let (k, v) = cache.append(layer, kind.stored(&k)?, kind.stored(&v)?)?;
         let scale = 1.0 / (d as f64).sqrt();
         let window = self.sliding_window;
-        let out = attend(&q, &k, &v, offset, window, scale, QUERY_TILE)?;
+        let reach = Reach {
+            window,
+            sinks: self.sinks.as_deref(),
+        };
+        let out = attend(&q, &k, &v, offset, reach, scale, QUERY_TILE)?;
         let out = out.transpose(0, 1)?.reshape((t, nh * d))?;
         self.o.forward(&out)
     }
@@ -354,15 +384,25 @@ pub(crate) fn attend(
     k: &Tensor,
     v: &Tensor,
     offset: usize,
-    window: Option<usize>,
+    reach: Reach,
     scale: f64,
     tile: usize,
 ) -> Result<Tensor> {
     if attention::takes(q, k, v) {
-        return attention::attend(q, k, v, offset, window, scale as f32);
+        return attention::attend(q, k, v, offset, reach.window, reach.sinks, scale as f32);
     }
     let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);
-    attend_in_tiles(q, &k, &v, offset, window, scale, tile)
+    attend_in_tiles(q, &k, &v, offset, reach, scale, tile)
+}
+
+/// Which keys a query sees besides the causal limit, and what else joins its softmax.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Reach<'a> {
+    /// Only the last this many positions (its own included).
+    pub window: Option<usize>,
+    /// Per query head, a logit that joins the softmax with no value (gpt-oss): the weights of
+    /// the keys sum to less than one.
+    pub sinks: Option<&'a [f32]>,
 }
 
 /// [`attend`] through candle's products, queries in tiles of `tile` (a prompt of at most
@@ -372,10 +412,11 @@ pub(crate) fn attend_in_tiles(
     k: &Tensor,
     v: &Tensor,
     offset: usize,
-    window: Option<usize>,
+    reach: Reach,
     scale: f64,
     tile: usize,
 ) -> Result<Tensor> {
+    let window = reach.window;
     let (nh, t, d) = q.dims3()?;
     let (nkv, dv) = (k.dim(0)?, v.dim(2)?);
     let rep = nh / nkv;
@@ -403,7 +444,18 @@ pub(crate) fn attend_in_tiles(
         } else {
             scores
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, rep * len, keys))?;
+        let probs = match reach.sinks {
+            // The sink is one more column of the softmax, dropped after it.
+            Some(sinks) => {
+                let sinks = Tensor::from_slice(sinks, (nh, 1, 1), q.device())?
+                    .to_dtype(scores.dtype())?
+                    .broadcast_as((nh, len, 1))?;
+                let with_sinks = Tensor::cat(&[&scores, &sinks], 2)?.contiguous()?;
+                candle_nn::ops::softmax_last_dim(&with_sinks)?.narrow(2, 0, keys)?
+            }
+            None => candle_nn::ops::softmax_last_dim(&scores)?,
+        };
+        let probs = probs.contiguous()?.reshape((nkv, rep * len, keys))?;
         tiles.push(probs.matmul(&v)?.reshape((nh, len, dv))?);
     }
     Ok(Tensor::cat(&tiles, 1)?)
@@ -485,9 +537,13 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (nkv, s, d), &device).unwrap();
         let v = Tensor::randn(0f32, 1.0, (nkv, s, d), &device).unwrap();
         for window in [None, Some(50), Some(1)] {
-            let whole = attend_in_tiles(&q, &k, &v, offset, window, 0.25, usize::MAX).unwrap();
+            let reach = Reach {
+                window,
+                sinks: None,
+            };
+            let whole = attend_in_tiles(&q, &k, &v, offset, reach, 0.25, usize::MAX).unwrap();
             for tile in [1, 64, 128, 299] {
-                let tiled = attend_in_tiles(&q, &k, &v, offset, window, 0.25, tile).unwrap();
+                let tiled = attend_in_tiles(&q, &k, &v, offset, reach, 0.25, tile).unwrap();
                 let diff = max_diff(&tiled, &whole);
                 assert!(diff < 1e-5, "window {window:?}, tile {tile}: {diff}");
             }
@@ -547,17 +603,23 @@ mod tests {
             if let Some((k8, v8, k8_as_f32, v8_as_f32)) = &q8 {
                 cases.push(((k8, v8), (k8_as_f32, v8_as_f32)));
             }
-            for window in [None, Some(50), Some(1)] {
+            let sinks: Vec<f32> = (0..nh).map(|h| h as f32 * 0.7 - 1.5).collect();
+            let reaches = [None, Some(50), Some(1)].into_iter().flat_map(|window| {
+                [None, Some(sinks.as_slice())].map(|sinks| Reach { window, sinks })
+            });
+            for reach in reaches {
+                let window = reach.window;
+                let sunk = reach.sinks.is_some();
                 for &((k, v), (ref_k, ref_v)) in &cases {
                     let whole =
-                        attend_in_tiles(&q, ref_k, ref_v, offset, window, 0.3, usize::MAX).unwrap();
-                    let kernel = attend(&q, k, v, offset, window, 0.3, QUERY_TILE).unwrap();
+                        attend_in_tiles(&q, ref_k, ref_v, offset, reach, 0.3, usize::MAX).unwrap();
+                    let kernel = attend(&q, k, v, offset, reach, 0.3, QUERY_TILE).unwrap();
                     assert_eq!(kernel.dims(), whole.dims());
                     let diff = max_diff(&kernel, &whole);
                     let kind = k.dtype();
                     assert!(
                         diff < 1e-5,
-                        "{nh}/{nkv} heads, t {t}, window {window:?}, {kind:?}: {diff}"
+                        "{nh}/{nkv} heads, t {t}, window {window:?}, sinks {sunk}, {kind:?}: {diff}"
                     );
                 }
             }

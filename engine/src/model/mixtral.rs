@@ -10,6 +10,7 @@ use super::moe::{MoeBlock, Scoring};
 use super::{BaseGroup, DecoderLayer, Family, FeedForward, GgufMatch, SelfAttention};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::Result;
+use crate::expert::ExpertForm;
 use crate::format::WeightSource;
 
 pub const MIXTRAL: Family = Family {
@@ -61,6 +62,7 @@ fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<Decod
         top_k: cfg.num_experts_per_token,
         norm_topk_prob: true,
         unit_weights: cfg.architecture == Architecture::SplitLlama,
+        expert_form: ExpertForm::default(),
         shared: None,
     });
     DecoderLayer::with_norms(cfg, w, i, SelfAttention::grouped(cfg, w, i)?, ffn)

@@ -6,6 +6,7 @@
 pub mod deepseek;
 mod gguf_config;
 pub mod glm_moe;
+pub mod gpt_oss;
 mod hf_config;
 pub mod kv_type;
 pub mod latent_attention;
@@ -79,6 +80,7 @@ pub const FAMILIES: &[&Family] = &[
     &llama::LLAMA,
     &deepseek::DEEPSEEK_V3,
     &glm_moe::GLM4_MOE,
+    &gpt_oss::GPT_OSS,
 ];
 
 /// The family of `architecture`.
@@ -258,6 +260,7 @@ impl SelfAttention {
         Ok(Self::Grouped(Attention::load(
             cfg,
             w,
+            i,
             &format!("model.layers.{i}.self_attn"),
         )?))
     }

@@ -10,7 +10,7 @@ use candle_nn::{Linear, Module};
 
 use super::readback;
 use crate::error::Result;
-use crate::expert::{self, ExpertProvider, GluMlp};
+use crate::expert::{self, ExpertForm, ExpertProvider, GluMlp};
 
 /// The experts chosen for each position of one layer.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -55,6 +55,8 @@ pub struct MoeBlock {
     pub norm_topk_prob: bool,
     /// Sum the chosen experts with weight one (experts split from a dense feed-forward).
     pub unit_weights: bool,
+    /// The routed experts' gating and biases.
+    pub expert_form: ExpertForm,
     pub shared: Option<SharedExpert>,
 }
 
@@ -86,7 +88,14 @@ impl MoeBlock {
         routing: &Routing,
         experts: &dyn ExpertProvider,
     ) -> Result<Tensor> {
-        let mut out = expert::apply(experts, self.layer, x, &routing.ids, &routing.weights)?;
+        let mut out = expert::apply(
+            experts,
+            self.layer,
+            x,
+            &routing.ids,
+            &routing.weights,
+            &self.expert_form,
+        )?;
         if let Some(shared) = &self.shared {
             let y = shared.mlp.forward(x)?;
             let y = match &shared.gate {

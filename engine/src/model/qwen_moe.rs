@@ -10,6 +10,7 @@ use super::moe::{MoeBlock, Scoring, SharedExpert};
 use super::{BaseGroup, DecoderLayer, Family, FeedForward, GgufMatch, SelfAttention};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::Result;
+use crate::expert::ExpertForm;
 use crate::format::WeightSource;
 
 pub const QWEN2_MOE: Family = Family {
@@ -124,6 +125,7 @@ fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<Decod
         top_k: cfg.num_experts_per_token,
         norm_topk_prob: cfg.norm_topk_prob,
         unit_weights: false,
+        expert_form: ExpertForm::default(),
         shared,
     });
     DecoderLayer::with_norms(cfg, w, i, SelfAttention::grouped(cfg, w, i)?, ffn)

@@ -1,0 +1,175 @@
+//! gpt-oss (`gpt_oss`; GGUF `gpt-oss`).
+//!
+//! - Grouped-query attention with biases on every projection, the output's included, and a
+//!   learned sink logit per query head that joins each softmax without a value.
+//! - Layers alternate between a sliding window (`sliding_window`, 128) and full attention,
+//!   windowed first: transformers' `layer_types`, llama.cpp's pattern of 2.
+//! - YaRN rotary position in the rotate-half layout. Every gpt-oss config says
+//!   `truncate: false` (the correction range is not rounded to whole dimensions), and GGUF
+//!   files have no key for it, so it is taken as false for them too. llama.cpp rounds the range
+//!   regardless; on the test model that moves its logits by 0.035 from transformers'.
+//! - A router with a bias; the top-k logits are softmaxed (the same weights as a softmax over
+//!   every expert renormalised over the top k, which is how [`Scoring::Softmax`] computes them).
+//! - Experts with biases and the clamped SwiGLU ([`ExpertGating::ClampedSwiglu`]). The biases
+//!   stay resident with the router; the store holds the three matrices.
+//!
+//! Hugging Face checkpoints keep each layer's experts in one fused tensor (`gate_up_proj`, gate
+//! and up interleaved, in MXFP4 blocks in the released models) that the expert readers do not
+//! slice yet: they are refused with a clear error, and their GGUF conversions are read.
+
+use candle_core::{D, Tensor};
+
+use super::gguf_config::GgufConfig;
+use super::hf_config::HfConfig;
+use super::layers::linear;
+use super::moe::{MoeBlock, Scoring};
+use super::{BaseGroup, DecoderLayer, Family, FeedForward, GgufMatch, SelfAttention, qwen_moe};
+use crate::config::{Architecture, ExpertGating, ModelConfig, YarnScaling};
+use crate::error::Result;
+use crate::expert::{ExpertBiases, ExpertForm};
+use crate::format::WeightSource;
+
+pub const GPT_OSS: Family = Family {
+    architecture: Architecture::GptOss,
+    model_types: &["gpt_oss"],
+    gguf: Some(GgufMatch {
+        architecture: "gpt-oss",
+        with_experts: None,
+    }),
+    from_hf,
+    from_gguf,
+    load_layer,
+    expert_names: Some(qwen_moe::expert_tensor_names),
+    router: router_name,
+    feed_forward_group,
+};
+
+/// The clamped SwiGLU of every released gpt-oss (transformers' `swiglu_alpha` and
+/// `swiglu_limit` defaults; llama.cpp's constants).
+const GATING: ExpertGating = ExpertGating::ClampedSwiglu {
+    alpha: 1.702,
+    limit: 7.0,
+};
+
+/// llama.cpp's sliding-window pattern for gpt-oss: of each group of this many layers, all but
+/// the last are windowed (for 2, the even layers).
+const WINDOW_PATTERN: usize = 2;
+
+fn from_hf(hf: &HfConfig) -> Result<ModelConfig> {
+    Err(hf.error(
+        "gpt-oss from a Hugging Face checkpoint is not supported yet: its experts are stored \
+         fused (gate_up_proj); convert it with llama.cpp's convert_hf_to_gguf.py and load the \
+         GGUF file",
+    ))
+}
+
+fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
+    let mut config = meta.common(Architecture::GptOss)?;
+    meta.set_experts(&mut config, "expert_feed_forward_length")?;
+    // The top-k logits softmaxed: the top-k probabilities renormalised.
+    config.norm_topk_prob = true;
+    config.sliding_window = Some(meta.usize("attention.sliding_window")?);
+    let pattern = meta
+        .opt_usize("attention.sliding_window_pattern")?
+        .unwrap_or(WINDOW_PATTERN);
+    if pattern == 0 {
+        return Err(meta.error("gpt-oss attention.sliding_window_pattern is 0"));
+    }
+    config.window_layers = Some(
+        (0..config.num_layers)
+            .map(|layer| layer % pattern < pattern - 1)
+            .collect(),
+    );
+    config.rope_yarn = match meta.has("rope.scaling.type") {
+        true => match meta.str("rope.scaling.type")? {
+            "yarn" => Some(YarnScaling {
+                factor: meta.f64("rope.scaling.factor")?,
+                original_max_position_embeddings: meta
+                    .usize("rope.scaling.original_context_length")?,
+                beta_fast: meta.opt_f64("rope.scaling.yarn_beta_fast")?.unwrap_or(32.0),
+                beta_slow: meta.opt_f64("rope.scaling.yarn_beta_slow")?.unwrap_or(1.0),
+                mscale: None,
+                mscale_all_dim: None,
+                attention_factor: None,
+                truncate: false,
+            }),
+            "none" => None,
+            other => {
+                return Err(meta.error(format!(
+                    "gpt-oss rope scaling {other:?} is not supported (only yarn)"
+                )));
+            }
+        },
+        false => None,
+    };
+    config.attention_sinks = true;
+    config.attention_output_bias = meta.gguf.has_tensor("blk.0.attn_output.bias");
+    config.expert_gating = GATING;
+    Ok(config)
+}
+
+fn router_name(layer: usize) -> String {
+    format!("model.layers.{layer}.mlp.router")
+}
+
+fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<DecoderLayer> {
+    let (experts, h, width) = (
+        cfg.num_experts,
+        cfg.hidden_size,
+        cfg.expert_intermediate_size,
+    );
+    let p = format!("model.layers.{i}.mlp.experts");
+    // Gate and up biases interleaved, as the gate and up rows of `gate_up_proj` are.
+    let gate_up = w
+        .tensor(&format!("{p}.gate_up_proj_bias"), &[experts, 2 * width])?
+        .reshape((experts, width, 2))?;
+    let column = |k: usize| -> Result<Tensor> {
+        Ok(gate_up
+            .narrow(D::Minus1, k, 1)?
+            .squeeze(D::Minus1)?
+            .contiguous()?)
+    };
+    let biases = ExpertBiases {
+        gate: column(0)?,
+        up: column(1)?,
+        down: w.tensor(&format!("{p}.down_proj_bias"), &[experts, h])?,
+    };
+    let ffn = FeedForward::Moe(MoeBlock {
+        layer: i,
+        router: linear(w, &router_name(i), experts, h, true)?,
+        scoring: Scoring::Softmax,
+        top_k: cfg.num_experts_per_token,
+        norm_topk_prob: true,
+        unit_weights: false,
+        expert_form: ExpertForm {
+            gating: cfg.expert_gating,
+            biases: Some(biases),
+        },
+        shared: None,
+    });
+    let attention = SelfAttention::grouped(cfg, w, i)?;
+    DecoderLayer::with_norms(cfg, w, i, attention, ffn)
+}
+
+/// The router and the experts' biases, resident beside it.
+fn feed_forward_group(_config: &ModelConfig, tensor: &str) -> Option<BaseGroup> {
+    match tensor {
+        "mlp.router.weight" | "mlp.router.bias" => Some(BaseGroup::Routers),
+        "mlp.experts.gate_up_proj_bias" | "mlp.experts.down_proj_bias" => Some(BaseGroup::AlwaysOn),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hugging_face_checkpoints_are_refused_with_the_way_round() {
+        let err = crate::model::config_from_hf_json(
+            r#"{"model_type": "gpt_oss"}"#,
+            std::path::Path::new("config.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("convert_hf_to_gguf"), "{err}");
+    }
+}
