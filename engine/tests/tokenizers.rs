@@ -8,6 +8,8 @@
 //! fail instead of skipping, so that a run which forgot the fetch cannot pass without checking
 //! anything.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -45,12 +47,7 @@ fn entry(name: &str) -> &'static Value {
 /// The cached files of a real tokenizer; panics (never skips) when they are absent or are not the
 /// files the references were recorded from.
 fn real_dir(name: &str) -> PathBuf {
-    let root = std::env::var_os("ODMOE_TOKENIZERS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-                .join(".cache/odmoe/tokenizers")
-        });
+    let root = common::fetched("ODMOE_TOKENIZERS_DIR", "tokenizers");
     let dir = root.join(name);
     for (file, meta) in entry(name)["files"].as_object().unwrap() {
         let path = dir.join(file);

@@ -16,6 +16,15 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// What a set-up script fetched into `$HOME/.cache/odmoe/<name>`, or into `$env` when set.
+pub fn fetched(env: &str, name: &str) -> PathBuf {
+    std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+            .join(".cache/odmoe")
+            .join(name)
+    })
+}
+
 /// The goldens of a Hugging Face fixture.
 pub fn golden(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name).join("golden.safetensors"), &Device::Cpu).unwrap()
