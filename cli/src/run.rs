@@ -98,6 +98,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         },
         stop: args.stop.clone(),
         stop_token_ids: Vec::new(),
+        answer_only: args.chat,
         ignore_eos: args.ignore_eos,
     };
     let mut session = Session::new(model);

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Logits, Model, readback};
+use crate::tokenizer::harmony::{HarmonyReply, Part};
 use crate::tokenizer::{DecodeStream, Tokenizer};
 
 /// How the next token is chosen. Applied in the order repetition penalty, temperature, top-k,
@@ -164,6 +165,10 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past end-of-sequence tokens (for reference comparisons).
     pub ignore_eos: bool,
+    /// The prompt is a chat asking for the assistant's reply: of a reply that comes in
+    /// channels (gpt-oss's Harmony), only the answer is text; the reasoning, tool calls and
+    /// message headers are left out of the text (their tokens are still returned).
+    pub answer_only: bool,
 }
 
 impl Default for GenerateRequest {
@@ -175,6 +180,7 @@ impl Default for GenerateRequest {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            answer_only: false,
         }
     }
 }
@@ -346,6 +352,9 @@ impl Session {
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let decode_started = Instant::now();
         let mut stream = tokenizer.map(|t| DecodeStream::new(t, true));
+        let mut channels = tokenizer
+            .filter(|t| request.answer_only && t.writes_harmony())
+            .map(|t| (t, HarmonyReply::new()));
         let mut stops = StopMatcher::new(&request.stop);
         let mut tokens = Vec::new();
         let mut finish_reason = FinishReason::Length;
@@ -356,10 +365,15 @@ impl Session {
                 break;
             }
             tokens.push(token);
-            let piece = match stream.as_mut() {
+            let mut piece = match stream.as_mut() {
                 Some(s) => s.step(token)?.unwrap_or_default(),
                 None => String::new(),
             };
+            if let Some((tokenizer, reply)) = channels.as_mut()
+                && reply.route(&tokenizer.decode(&[token], false)?) != Part::Answer
+            {
+                piece.clear();
+            }
             let (text, stopped) = stops.push(&piece);
             if !on_delta(&Delta { token, text }) {
                 finish_reason = FinishReason::Cancelled;

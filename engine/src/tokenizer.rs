@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::format::gguf::GgufFile;
 
 mod gguf;
+pub mod harmony;
 
 /// A chat message; `role` and `content` cover plain conversations, and templates that read more
 /// keys (tool calls, reasoning) get them through [`ChatTemplate::render`]'s JSON messages.
@@ -212,6 +213,13 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// Whether the chat template writes gpt-oss's Harmony, whose replies come in channels.
+    pub fn writes_harmony(&self) -> bool {
+        self.chat_template
+            .as_ref()
+            .is_some_and(|t| harmony::writes_harmony(t.source()))
     }
 
     pub fn eos_token_ids(&self) -> &[u32] {

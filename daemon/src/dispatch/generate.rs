@@ -90,7 +90,8 @@ pub async fn queue(
 ) -> Result<Queued, RpcError> {
     let served = state.scheduler.served().ok_or(SchedulerError::NoModel)?;
     // Cheap checks first: a bad field is refused before any tokenizing.
-    let checked = checked_request(params, &state.settings().generation)?;
+    let mut checked = checked_request(params, &state.settings().generation)?;
+    checked.answer_only = method == Method::Chat;
     let keep_alive = params
         .keep_alive
         .as_ref()
@@ -268,6 +269,7 @@ fn checked_request(
         stop: params.stop.clone(),
         stop_token_ids: Vec::new(),
         ignore_eos: params.ignore_eos,
+        answer_only: false,
     })
 }
 

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use odmoe_engine::tokenizer::Tokenizer;
+use odmoe_engine::tokenizer::harmony::{HarmonyReply, Part};
 
 use super::tools::{ToolCall, ToolSyntax};
 
@@ -25,6 +26,9 @@ pub struct Reply {
     shown: usize,
     /// A call has opened: the rest is not shown text.
     calling: bool,
+    /// Where a reply in channels (gpt-oss's Harmony) is: only its answer is shown text, and
+    /// its calls are read from the whole reply at the end.
+    channels: Option<HarmonyReply>,
 }
 
 /// The end of a reply: the shown text not yet handed out, and the calls.
@@ -35,9 +39,14 @@ pub struct Ending {
 
 impl Reply {
     pub fn new(syntax: Option<ToolSyntax>, tokenizer: Option<Arc<Tokenizer>>) -> Reply {
+        let channels = tokenizer
+            .as_deref()
+            .filter(|t| t.writes_harmony())
+            .map(|_| HarmonyReply::new());
         Reply {
             syntax,
             tokenizer,
+            channels,
             tokens: Vec::new(),
             text: String::new(),
             shown: 0,
@@ -53,6 +62,18 @@ impl Reply {
     /// Adds `token` with the `text` it made final; returns the text that may be shown now.
     pub fn push(&mut self, token: u32, text: &str) -> String {
         self.tokens.push(token);
+        if let Some(channels) = &mut self.channels {
+            let raw = self
+                .tokenizer
+                .as_deref()
+                .and_then(|tokenizer| tokenizer.decode(&[token], false).ok())
+                .unwrap_or_default();
+            if channels.route(&raw) != Part::Answer {
+                return String::new();
+            }
+            self.text.push_str(text);
+            return self.show_to(self.text.len());
+        }
         self.text.push_str(text);
         let Some(syntax) = self.syntax else {
             return self.show_to(self.text.len());
@@ -93,14 +114,15 @@ impl Reply {
     /// Ends the reply: the calls, parsed from the reply with special tokens, and the shown text
     /// still held back (all of it when no call parses).
     pub fn finish(&mut self) -> Ending {
-        let calls = self
-            .syntax
-            .zip(self.tokenizer())
-            .and_then(|(syntax, tokenizer)| {
-                let raw = tokenizer.decode(&self.tokens, false).ok()?;
-                syntax.parse(&raw).map(|(_, calls)| (syntax, calls))
-            });
-        match calls {
+        if self.channels.is_some() {
+            // The answer was shown as it came; the calls are in the other channels.
+            let calls = self.calls().map(|(_, calls)| calls).unwrap_or_default();
+            return Ending {
+                text: self.show_to(self.text.len()),
+                calls,
+            };
+        }
+        match self.calls() {
             Some((syntax, calls)) => {
                 let end = syntax.start(&self.text).unwrap_or(self.text.len());
                 let text = self.show_to(end.max(self.shown));
@@ -114,6 +136,17 @@ impl Reply {
                 calls: Vec::new(),
             },
         }
+    }
+
+    /// The calls of the whole reply, read with its special tokens, when tools were offered and
+    /// some call parses.
+    fn calls(&self) -> Option<(ToolSyntax, Vec<ToolCall>)> {
+        self.syntax
+            .zip(self.tokenizer())
+            .and_then(|(syntax, tokenizer)| {
+                let raw = tokenizer.decode(&self.tokens, false).ok()?;
+                syntax.parse(&raw).map(|(_, calls)| (syntax, calls))
+            })
     }
 
     /// Hands out the text up to byte `end`.
@@ -170,6 +203,73 @@ mod tests {
         let ending = reply.finish();
         shown.push_str(&ending.text);
         assert_eq!(shown.trim_end(), "Checking.");
+        assert_eq!(
+            ending.calls,
+            vec![ToolCall {
+                name: "get_weather".into(),
+                arguments: serde_json::json!({"city": "Paris"}),
+            }]
+        );
+    }
+
+    /// gpt-oss's tokenizer (scripts/fetch-tokenizers.sh gptoss) with a template that writes
+    /// Harmony.
+    fn harmony_tokenizer() -> (tempfile::TempDir, Arc<Tokenizer>) {
+        let fetched = std::env::var_os("ODMOE_TOKENIZERS_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(std::env::var_os("HOME").unwrap())
+                    .join(".cache/odmoe/tokenizers")
+            })
+            .join("gptoss/tokenizer.json");
+        assert!(
+            fetched.exists(),
+            "{} is missing: run scripts/fetch-tokenizers.sh gptoss",
+            fetched.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(&fetched, dir.path().join("tokenizer.json")).unwrap();
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "{{- '<|start|>assistant<|channel|>final<|message|>' }}",
+        )
+        .unwrap();
+        let tokenizer = Arc::new(Tokenizer::from_dir(dir.path()).unwrap());
+        (dir, tokenizer)
+    }
+
+    /// Streams `generated` through a reply as the daemon does; returns what it showed and its
+    /// end.
+    fn stream(reply: &mut Reply, tokenizer: &Tokenizer, generated: &str) -> (String, Ending) {
+        use odmoe_engine::tokenizer::DecodeStream;
+        let tokens = tokenizer.encode(generated, false).unwrap();
+        let mut decode = DecodeStream::new(tokenizer, true);
+        let mut shown = String::new();
+        for &token in &tokens {
+            let piece = decode.step(token).unwrap().unwrap_or_default();
+            shown.push_str(&reply.push(token, &piece));
+        }
+        let ending = reply.finish();
+        shown.push_str(&ending.text);
+        (shown, ending)
+    }
+
+    #[test]
+    fn a_harmony_reply_shows_its_answer_only_and_calls_from_commentary() {
+        let (_dir, tokenizer) = harmony_tokenizer();
+        let mut reply = Reply::new(None, Some(Arc::clone(&tokenizer)));
+        let generated = "<|channel|>analysis<|message|>The user greets me.<|end|>\
+                         <|start|>assistant<|channel|>final<|message|>Hello! How can I help?<|return|>";
+        let (shown, ending) = stream(&mut reply, &tokenizer, generated);
+        assert_eq!(shown, "Hello! How can I help?");
+        assert!(ending.calls.is_empty());
+
+        let mut reply = Reply::new(Some(ToolSyntax::Harmony), Some(Arc::clone(&tokenizer)));
+        let generated = "<|channel|>analysis<|message|>Need the weather.<|end|>\
+                         <|start|>assistant<|channel|>commentary to=functions.get_weather \
+                         <|constrain|>json<|message|>{\"city\":\"Paris\"}<|call|>";
+        let (shown, ending) = stream(&mut reply, &tokenizer, generated);
+        assert_eq!(shown, "");
         assert_eq!(
             ending.calls,
             vec![ToolCall {

@@ -11,6 +11,10 @@ use serde_json::{Map, Value};
 pub enum ToolSyntax {
     /// Qwen2, Qwen3 and Hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
     Hermes,
+    /// gpt-oss's Harmony: a message on the commentary channel to `functions.NAME`, its body
+    /// the JSON arguments: `<|channel|>commentary to=functions.NAME <|constrain|>json
+    /// <|message|>{...}<|call|>`.
+    Harmony,
     /// GLM-4.5 to 4.7: `<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value></tool_call>`,
     /// each value as text when it is a string and as JSON otherwise.
     Glm,
@@ -38,6 +42,7 @@ impl ToolSyntax {
     /// The syntax `template` (a chat template's source) teaches, if it renders tools at all.
     pub fn of_template(template: &str) -> Option<ToolSyntax> {
         [
+            ("<|channel|>", ToolSyntax::Harmony),
             // Before Hermes: GLM's templates write `<tool_call>` too.
             ("<arg_key>", ToolSyntax::Glm),
             ("<tool_call>", ToolSyntax::Hermes),
@@ -56,6 +61,7 @@ impl ToolSyntax {
     pub fn opening(self) -> &'static str {
         match self {
             ToolSyntax::Hermes | ToolSyntax::Glm => "<tool_call>",
+            ToolSyntax::Harmony => "to=functions.",
             ToolSyntax::Mistral => "[TOOL_CALLS]",
             ToolSyntax::DeepSeek => "<｜tool▁call",
             ToolSyntax::Kimi => "<|tool_call",
@@ -104,6 +110,7 @@ impl ToolSyntax {
         let calls = match self {
             ToolSyntax::Hermes => hermes(calls),
             ToolSyntax::Glm => glm(calls),
+            ToolSyntax::Harmony => harmony(calls),
             ToolSyntax::Mistral => mistral(calls),
             ToolSyntax::DeepSeek => deepseek(calls),
             ToolSyntax::Kimi => kimi(calls),
@@ -154,6 +161,31 @@ fn hermes(mut text: &str) -> Option<Vec<ToolCall>> {
         calls.push(call_of(&value)?);
         let rest = rest.trim_start();
         text = rest.strip_prefix("</tool_call>").unwrap_or(rest);
+    }
+    Some(calls)
+}
+
+fn harmony(text: &str) -> Option<Vec<ToolCall>> {
+    let mut calls = Vec::new();
+    for part in text.split("to=functions.").skip(1) {
+        let end = part
+            .find(|c: char| c.is_whitespace() || c == '<')
+            .unwrap_or(part.len());
+        let name = &part[..end];
+        let body = part.split_once("<|message|>")?.1;
+        let body = ["<|call|>", "<|end|>", "<|return|>"]
+            .iter()
+            .filter_map(|marker| body.find(marker))
+            .min()
+            .map_or(body, |at| &body[..at]);
+        let (arguments, _) = json_prefix(body)?;
+        if name.is_empty() {
+            return None;
+        }
+        calls.push(ToolCall {
+            name: name.to_owned(),
+            arguments: arguments_object(arguments)?,
+        });
     }
     Some(calls)
 }
@@ -288,6 +320,11 @@ mod tests {
                 "Let me look.",
             ),
             (
+                ToolSyntax::Harmony,
+                "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Paris\"}<|call|>",
+                "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary",
+            ),
+            (
                 ToolSyntax::Glm,
                 "I will check.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>",
                 "I will check.",
@@ -393,6 +430,8 @@ mod tests {
     fn families_are_known_by_their_templates() {
         let qwen = "{%- if tools %}...<tool_call>\\n{\"name\": <function-name>}...";
         assert_eq!(ToolSyntax::of_template(qwen), Some(ToolSyntax::Hermes));
+        let harmony = "{{- \"<|start|>assistant<|channel|>final<|message|>\" }}";
+        assert_eq!(ToolSyntax::of_template(harmony), Some(ToolSyntax::Harmony));
         let glm = "<tool_call>{{ tc.name }}\n{% for k, v in tc.arguments.items() %}<arg_key>{{ k }}</arg_key>";
         assert_eq!(ToolSyntax::of_template(glm), Some(ToolSyntax::Glm));
         assert_eq!(
