@@ -67,7 +67,7 @@ const ENGINE: Table = &[
     ("model",     &["expert", "kernels", "format", "config", "error"]),
     ("tokenizer", &["format", "time", "error"]),
     ("store",     &["expert", "format", "config", "error"]),
-    ("expert",    &["kernels", "error"]),
+    ("expert",    &["kernels", "config", "error"]),
     ("kernels",   &["error"]),
     ("format",    &["config", "error"]),
     ("config",    &[]),

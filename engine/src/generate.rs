@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Logits, Model, readback};
-use crate::tokenizer::harmony::{HarmonyReply, Part};
+use crate::tokenizer::reasoning::Part;
 use crate::tokenizer::{DecodeStream, Tokenizer};
 
 /// How the next token is chosen. Applied in the order repetition penalty, temperature, top-k,
@@ -165,9 +165,9 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past end-of-sequence tokens (for reference comparisons).
     pub ignore_eos: bool,
-    /// The prompt is a chat asking for the assistant's reply: of a reply that comes in
-    /// channels (gpt-oss's Harmony), only the answer is text; the reasoning, tool calls and
-    /// message headers are left out of the text (their tokens are still returned).
+    /// The prompt is a chat asking for the assistant's reply: when the chat template marks the
+    /// reply's parts (gpt-oss's Harmony channels, `<think>` tags), only the answer is text; the
+    /// reasoning, tool calls and markers are left out of it (their tokens are still returned).
     pub answer_only: bool,
 }
 
@@ -352,9 +352,10 @@ impl Session {
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let decode_started = Instant::now();
         let mut stream = tokenizer.map(|t| DecodeStream::new(t, true));
-        let mut channels = tokenizer
-            .filter(|t| request.answer_only && t.writes_harmony())
-            .map(|t| (t, HarmonyReply::new()));
+        let mut answered = false;
+        let mut parts = tokenizer
+            .filter(|_| request.answer_only)
+            .and_then(|t| Some((t, t.reply_parts(&request.prompt)?)));
         let mut stops = StopMatcher::new(&request.stop);
         let mut tokens = Vec::new();
         let mut finish_reason = FinishReason::Length;
@@ -369,10 +370,15 @@ impl Session {
                 Some(s) => s.step(token)?.unwrap_or_default(),
                 None => String::new(),
             };
-            if let Some((tokenizer, reply)) = channels.as_mut()
-                && reply.route(&tokenizer.decode(&[token], false)?) != Part::Answer
-            {
-                piece.clear();
+            if let Some((tokenizer, parts)) = parts.as_mut() {
+                if parts.route(&tokenizer.decode(&[token], false)?) != Part::Answer {
+                    piece.clear();
+                } else if !answered {
+                    // The answer starts at its first visible character, not at the blank
+                    // lines after the reasoning.
+                    piece = piece.trim_start().to_owned();
+                }
+                answered |= !piece.is_empty();
             }
             let (text, stopped) = stops.push(&piece);
             if !on_delta(&Delta { token, text }) {

@@ -12,6 +12,7 @@ use crate::format::gguf::GgufFile;
 
 mod gguf;
 pub mod harmony;
+pub mod reasoning;
 
 /// A chat message; `role` and `content` cover plain conversations, and templates that read more
 /// keys (tool calls, reasoning) get them through [`ChatTemplate::render`]'s JSON messages.
@@ -215,11 +216,14 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
-    /// Whether the chat template writes gpt-oss's Harmony, whose replies come in channels.
-    pub fn writes_harmony(&self) -> bool {
-        self.chat_template
-            .as_ref()
-            .is_some_and(|t| harmony::writes_harmony(t.source()))
+    /// How a chat reply to `prompt` divides into answer, reasoning and calls, when the chat
+    /// template marks them (see [`reasoning`]).
+    pub fn reply_parts(&self, prompt: &[u32]) -> Option<reasoning::ReplyParts> {
+        let template = self.chat_template.as_ref()?;
+        // The generation prompt's end: enough tokens to hold an opened `<think>`.
+        let tail = &prompt[prompt.len().saturating_sub(4)..];
+        let tail = self.decode(tail, false).ok()?;
+        reasoning::ReplyParts::new(template.source(), &tail)
     }
 
     pub fn eos_token_ids(&self) -> &[u32] {

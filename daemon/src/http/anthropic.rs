@@ -78,6 +78,10 @@ pub async fn messages(
     };
     let prompt = chat_prompt(&served, DIALECT, conversation, offered).await?;
     let prompt_tokens = prompt.len();
+    let parts = served
+        .tokenizer
+        .as_deref()
+        .and_then(|t| t.reply_parts(&prompt));
     let stops = request
         .stop_sequences
         .map(OneOrMany::into_vec)
@@ -97,7 +101,7 @@ pub async fn messages(
         id: fresh_id("msg_"),
         model: model_id(&served),
         stops,
-        reply: Reply::new(syntax, served.tokenizer.clone()),
+        reply: Reply::new(syntax, served.tokenizer.clone(), parts),
     };
     if request.stream {
         return Ok(message_stream(generation, message, prompt_tokens).into_response());

@@ -135,6 +135,10 @@ pub async fn chat_completions(
         None => None,
     };
     let prompt = chat_prompt(&served, DIALECT, messages, offered.map(Value::Array)).await?;
+    let parts = served
+        .tokenizer
+        .as_deref()
+        .and_then(|t| t.reply_parts(&prompt));
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
     let params = GenerateParams {
         tokens: Some(prompt),
@@ -145,7 +149,7 @@ pub async fn chat_completions(
         id: fresh_id("chatcmpl-"),
         model: model_id(&served),
         created: unix_now(),
-        reply: Reply::new(syntax, served.tokenizer.clone()),
+        reply: Reply::new(syntax, served.tokenizer.clone(), parts),
     };
     if request.stream {
         let usage = request.stream_options.is_some_and(|o| o.include_usage);
@@ -153,9 +157,17 @@ pub async fn chat_completions(
     }
     let (pieces, outcome) = generation.finish().await;
     let result = outcome?;
-    let Ending { text, calls } = answer.reply.whole(pieces);
+    let Ending {
+        text,
+        reasoning,
+        calls,
+    } = answer.reply.whole(pieces);
     let finish = finish_reason(&result, &calls);
     let mut message = json!({"role": "assistant", "content": text});
+    // As vLLM and llama.cpp's server return a reasoning model's thoughts.
+    if !reasoning.is_empty() {
+        message["reasoning_content"] = json!(reasoning);
+    }
     if !calls.is_empty() {
         message["tool_calls"] = tool_calls_json(&calls, false);
         if text.is_empty() {
@@ -208,15 +220,26 @@ fn chat_stream(
             match generation.next().await {
                 Step::Token { token, text } => {
                     let shown = answer.reply.push(token, &text);
+                    let reasoning = answer.reply.take_reasoning();
+                    let mut chunks = Vec::new();
+                    if !reasoning.is_empty() {
+                        chunks.push(answer.chunk(json!({"reasoning_content": reasoning}), None));
+                    }
                     if !shown.is_empty() {
-                        let chunk = answer.chunk(json!({"content": shown}), None);
-                        return Some((vec![chunk], Some((generation, answer))));
+                        chunks.push(answer.chunk(json!({"content": shown}), None));
+                    }
+                    if !chunks.is_empty() {
+                        return Some((chunks, Some((generation, answer))));
                     }
                 }
                 Step::Done(Err(error)) => return Some((vec![error.body()], None)),
                 Step::Done(Ok(result)) => {
                     let ending = answer.reply.finish();
                     let mut chunks = Vec::new();
+                    if !ending.reasoning.is_empty() {
+                        let delta = json!({"reasoning_content": ending.reasoning});
+                        chunks.push(answer.chunk(delta, None));
+                    }
                     if !ending.text.is_empty() {
                         chunks.push(answer.chunk(json!({"content": ending.text}), None));
                     }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use odmoe_engine::tokenizer::Tokenizer;
-use odmoe_engine::tokenizer::harmony::{HarmonyReply, Part};
+use odmoe_engine::tokenizer::reasoning::{Part, ReplyParts};
 
 use super::tools::{ToolCall, ToolSyntax};
 
@@ -26,27 +26,34 @@ pub struct Reply {
     shown: usize,
     /// A call has opened: the rest is not shown text.
     calling: bool,
-    /// Where a reply in channels (gpt-oss's Harmony) is: only its answer is shown text, and
-    /// its calls are read from the whole reply at the end.
-    channels: Option<HarmonyReply>,
+    /// How a reply whose template marks its parts (Harmony channels, `<think>` tags) divides:
+    /// only its answer is shown text, its reasoning is kept apart, and its calls are read
+    /// from the whole reply at the end.
+    parts: Option<ReplyParts>,
+    /// Reasoning not yet handed out.
+    reasoning: String,
 }
 
-/// The end of a reply: the shown text not yet handed out, and the calls.
+/// The end of a reply: the shown text and reasoning not yet handed out, and the calls.
 pub struct Ending {
     pub text: String,
+    pub reasoning: String,
     pub calls: Vec<ToolCall>,
 }
 
 impl Reply {
-    pub fn new(syntax: Option<ToolSyntax>, tokenizer: Option<Arc<Tokenizer>>) -> Reply {
-        let channels = tokenizer
-            .as_deref()
-            .filter(|t| t.writes_harmony())
-            .map(|_| HarmonyReply::new());
+    /// A reply with tools in `syntax` (when offered), divided as `parts` says (see
+    /// [`Tokenizer::reply_parts`]).
+    pub fn new(
+        syntax: Option<ToolSyntax>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        parts: Option<ReplyParts>,
+    ) -> Reply {
         Reply {
             syntax,
             tokenizer,
-            channels,
+            parts,
+            reasoning: String::new(),
             tokens: Vec::new(),
             text: String::new(),
             shown: 0,
@@ -62,17 +69,28 @@ impl Reply {
     /// Adds `token` with the `text` it made final; returns the text that may be shown now.
     pub fn push(&mut self, token: u32, text: &str) -> String {
         self.tokens.push(token);
-        if let Some(channels) = &mut self.channels {
+        if let Some(parts) = &mut self.parts {
             let raw = self
                 .tokenizer
                 .as_deref()
                 .and_then(|tokenizer| tokenizer.decode(&[token], false).ok())
                 .unwrap_or_default();
-            if channels.route(&raw) != Part::Answer {
-                return String::new();
+            match parts.route(&raw) {
+                Part::Answer => {
+                    // The answer starts at its first visible character, not at the blank lines
+                    // after the reasoning.
+                    let text = if self.text.is_empty() {
+                        text.trim_start()
+                    } else {
+                        text
+                    };
+                    self.text.push_str(text);
+                    return self.show_to(self.text.len());
+                }
+                Part::Reasoning => self.reasoning.push_str(text),
+                Part::Structure | Part::Call => {}
             }
-            self.text.push_str(text);
-            return self.show_to(self.text.len());
+            return String::new();
         }
         self.text.push_str(text);
         let Some(syntax) = self.syntax else {
@@ -96,8 +114,13 @@ impl Reply {
         self.show_to(self.text.len() - syntax.held_back(&self.text))
     }
 
+    /// The reasoning generated since it was last taken.
+    pub fn take_reasoning(&mut self) -> String {
+        std::mem::take(&mut self.reasoning)
+    }
+
     /// A whole reply at once: `pieces` (tokens with the text each made final) added in turn,
-    /// then the end; its text is all the reply shows.
+    /// then the end; its text is all the reply shows, its reasoning all it reasoned.
     pub fn whole(&mut self, pieces: Vec<(u32, String)>) -> Ending {
         let mut text = String::new();
         for (token, piece) in pieces {
@@ -107,6 +130,7 @@ impl Reply {
         text.push_str(&ending.text);
         Ending {
             text,
+            reasoning: ending.reasoning,
             calls: ending.calls,
         }
     }
@@ -114,11 +138,13 @@ impl Reply {
     /// Ends the reply: the calls, parsed from the reply with special tokens, and the shown text
     /// still held back (all of it when no call parses).
     pub fn finish(&mut self) -> Ending {
-        if self.channels.is_some() {
-            // The answer was shown as it came; the calls are in the other channels.
+        let reasoning = self.take_reasoning();
+        if self.parts.is_some() {
+            // The answer was shown as it came; the calls are in the other parts.
             let calls = self.calls().map(|(_, calls)| calls).unwrap_or_default();
             return Ending {
                 text: self.show_to(self.text.len()),
+                reasoning,
                 calls,
             };
         }
@@ -128,11 +154,13 @@ impl Reply {
                 let text = self.show_to(end.max(self.shown));
                 Ending {
                     text: text.trim_end().to_owned(),
+                    reasoning,
                     calls,
                 }
             }
             None => Ending {
                 text: self.show_to(self.text.len()),
+                reasoning,
                 calls: Vec::new(),
             },
         }
@@ -166,7 +194,7 @@ mod tests {
 
     #[test]
     fn without_tools_everything_shows_at_once() {
-        let mut reply = Reply::new(None, None);
+        let mut reply = Reply::new(None, None, None);
         assert_eq!(reply.push(1, "Hello"), "Hello");
         assert_eq!(reply.push(2, " <tool_call>"), " <tool_call>");
         let ending = reply.finish();
@@ -176,7 +204,7 @@ mod tests {
 
     #[test]
     fn text_that_may_open_a_call_waits_and_a_call_is_not_shown() {
-        let mut reply = Reply::new(Some(ToolSyntax::Hermes), None);
+        let mut reply = Reply::new(Some(ToolSyntax::Hermes), None, None);
         assert_eq!(reply.push(1, "Let me check <tool"), "Let me check ");
         assert_eq!(reply.push(2, "_call>{\"name\": \"f\"}"), "");
         assert_eq!(reply.push(3, "</tool_call>"), "");
@@ -194,7 +222,7 @@ mod tests {
         let generated = "Checking.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
         let tokens = tokenizer.encode(generated, false).unwrap();
         let mut stream = DecodeStream::new(&tokenizer, true);
-        let mut reply = Reply::new(Some(ToolSyntax::Hermes), Some(Arc::clone(&tokenizer)));
+        let mut reply = Reply::new(Some(ToolSyntax::Hermes), Some(Arc::clone(&tokenizer)), None);
         let mut shown = String::new();
         for &token in &tokens {
             let piece = stream.step(token).unwrap().unwrap_or_default();
@@ -212,16 +240,49 @@ mod tests {
         );
     }
 
-    /// gpt-oss's tokenizer (scripts/fetch-tokenizers.sh gptoss) with a template that writes
-    /// Harmony.
-    fn harmony_tokenizer() -> (tempfile::TempDir, Arc<Tokenizer>) {
-        let fetched = std::env::var_os("ODMOE_TOKENIZERS_DIR")
+    /// A tokenizer fetched by scripts/fetch-tokenizers.sh.
+    fn fetched_tokenizer(name: &str) -> std::path::PathBuf {
+        let dir = std::env::var_os("ODMOE_TOKENIZERS_DIR")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| {
                 std::path::PathBuf::from(std::env::var_os("HOME").unwrap())
                     .join(".cache/odmoe/tokenizers")
             })
-            .join("gptoss/tokenizer.json");
+            .join(name);
+        assert!(
+            dir.exists(),
+            "{} is missing: run scripts/fetch-tokenizers.sh {name}",
+            dir.display()
+        );
+        dir
+    }
+
+    #[test]
+    fn thinking_is_kept_apart_from_the_answer() {
+        // Qwen3's template marks reasoning with <think> tags.
+        let tokenizer = Arc::new(Tokenizer::from_dir(&fetched_tokenizer("qwen3")).unwrap());
+        let prompt = tokenizer
+            .encode(
+                "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n",
+                false,
+            )
+            .unwrap();
+        let parts = tokenizer.reply_parts(&prompt);
+        assert!(parts.is_some());
+        let mut reply = Reply::new(None, Some(Arc::clone(&tokenizer)), parts);
+        let (shown, ending) = stream(
+            &mut reply,
+            &tokenizer,
+            "<think>\nThe capital is Paris.\n</think>\n\nParis.",
+        );
+        assert_eq!(shown, "Paris.");
+        assert_eq!(ending.reasoning.trim(), "The capital is Paris.");
+    }
+
+    /// gpt-oss's tokenizer (scripts/fetch-tokenizers.sh gptoss) with a template that writes
+    /// Harmony.
+    fn harmony_tokenizer() -> (tempfile::TempDir, Arc<Tokenizer>) {
+        let fetched = fetched_tokenizer("gptoss").join("tokenizer.json");
         assert!(
             fetched.exists(),
             "{} is missing: run scripts/fetch-tokenizers.sh gptoss",
@@ -257,14 +318,20 @@ mod tests {
     #[test]
     fn a_harmony_reply_shows_its_answer_only_and_calls_from_commentary() {
         let (_dir, tokenizer) = harmony_tokenizer();
-        let mut reply = Reply::new(None, Some(Arc::clone(&tokenizer)));
+        let parts = || tokenizer.reply_parts(&[]);
+        let mut reply = Reply::new(None, Some(Arc::clone(&tokenizer)), parts());
         let generated = "<|channel|>analysis<|message|>The user greets me.<|end|>\
                          <|start|>assistant<|channel|>final<|message|>Hello! How can I help?<|return|>";
         let (shown, ending) = stream(&mut reply, &tokenizer, generated);
         assert_eq!(shown, "Hello! How can I help?");
+        assert_eq!(ending.reasoning, "The user greets me.");
         assert!(ending.calls.is_empty());
 
-        let mut reply = Reply::new(Some(ToolSyntax::Harmony), Some(Arc::clone(&tokenizer)));
+        let mut reply = Reply::new(
+            Some(ToolSyntax::Harmony),
+            Some(Arc::clone(&tokenizer)),
+            parts(),
+        );
         let generated = "<|channel|>analysis<|message|>Need the weather.<|end|>\
                          <|start|>assistant<|channel|>commentary to=functions.get_weather \
                          <|constrain|>json<|message|>{\"city\":\"Paris\"}<|call|>";
@@ -281,7 +348,7 @@ mod tests {
 
     #[test]
     fn a_false_alarm_is_shown_once_it_is_clear() {
-        let mut reply = Reply::new(Some(ToolSyntax::Hermes), None);
+        let mut reply = Reply::new(Some(ToolSyntax::Hermes), None, None);
         assert_eq!(reply.push(1, "a <"), "a ");
         assert_eq!(reply.push(2, "b"), "<b");
         assert_eq!(reply.finish().text, "");

@@ -4,18 +4,7 @@
 //! names the recipient, `to=functions.NAME`) and preambles to the user, `final` the answer.
 //! [`HarmonyReply`] tells, token by token, which of these the text belongs to.
 
-/// What a token of a Harmony reply is part of.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Part {
-    /// A marker or a message header: never shown.
-    Structure,
-    /// The answer (`final`) or a preamble (`commentary` to no one): shown to the user.
-    Answer,
-    /// The reasoning (`analysis`): kept out of the reply.
-    Reasoning,
-    /// A tool call's arguments (`commentary` to a recipient).
-    Call,
-}
+use super::reasoning::Part;
 
 /// Where a Harmony reply is: in a header (after `<|start|>`, and at the start of the reply, the
 /// prompt having opened `<|start|>assistant`), or in the body of a message of some part.
