@@ -189,14 +189,14 @@ async fn openai_and_anthropic_clients_chat_complete_stream_and_call_tools() {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                        "required": ["city"]}}}]);
     let rendered = tokenizer
-        .render_chat(&conversation, Some(&tools), true)
+        .render_chat(&conversation, Some(&tools), true, &Default::default())
         .unwrap();
     assert!(
         rendered.contains("get_weather") && rendered.contains("<tools>"),
         "{rendered}"
     );
     let expected = tokenizer
-        .encode_chat_json(&conversation, Some(&tools))
+        .encode_chat_json(&conversation, Some(&tools), &Default::default())
         .unwrap()
         .len();
     assert_eq!(report["tools_prompt_tokens"], json!(expected), "{report}");
@@ -206,7 +206,7 @@ async fn openai_and_anthropic_clients_chat_complete_stream_and_call_tools() {
         "{report}"
     );
     let without = tokenizer
-        .encode_chat_json(&conversation, None)
+        .encode_chat_json(&conversation, None, &Default::default())
         .unwrap()
         .len();
     assert_eq!(report["no_tools_prompt_tokens"], json!(without), "{report}");
@@ -487,4 +487,42 @@ async fn allow_unauthenticated_serves_without_a_key_and_without_a_model_says_una
     let (_, head) = send_raw(&daemon.base, &post("/v1/chat/completions", None, &hello));
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
     assert!(!daemon.daemon.dir().join("config/odmoe/http-key").exists());
+}
+
+/// The JSON body of the response to `request` (a whole, not streamed, response).
+fn response_json(base: &str, request: &str) -> Value {
+    use std::io::{Read, Write};
+    let address = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    let request = request.replacen("\r\n", "\r\nConnection: close\r\n", 1);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_template_variables_reach_the_template() {
+    // Qwen3's template closes an empty <think> in the prompt when enable_thinking is false.
+    let model = fixture_with_qwen3_template();
+    let daemon = HttpDaemon::start(model.path(), "").await;
+    let prompt_tokens = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "Hi"}],
+                              "max_tokens": 1, "temperature": 0});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let request = post("/v1/chat/completions", Some(&daemon.key), &body);
+        response_json(&daemon.base, &request)["usage"]["prompt_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let thinking = prompt_tokens(json!({}));
+    let not = prompt_tokens(json!({"chat_template_kwargs": {"enable_thinking": false}}));
+    assert!(not > thinking, "{not} against {thinking}");
+    // gpt-oss's effort is a variable like any other: the Qwen3 template ignores it.
+    assert_eq!(prompt_tokens(json!({"reasoning_effort": "high"})), thinking);
 }

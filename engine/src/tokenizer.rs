@@ -299,14 +299,20 @@ impl Tokenizer {
             .iter()
             .map(|m| serde_json::to_value(m).expect("a chat message serializes"))
             .collect();
-        self.render_chat(&messages, None, add_generation_prompt)
+        self.render_chat(&messages, None, add_generation_prompt, &Map::new())
     }
 
     /// The prompt of a conversation given as JSON messages (with tool calls, tool results and
     /// whatever else the template reads) and the tools the model may call, rendered with the
-    /// chat template opening the assistant's turn and encoded.
-    pub fn encode_chat_json(&self, messages: &[Value], tools: Option<&Value>) -> Result<Vec<u32>> {
-        let rendered = self.render_chat(messages, tools, true)?;
+    /// chat template opening the assistant's turn and encoded. `variables` are set for the
+    /// template besides (gpt-oss's `reasoning_effort`, Qwen3's `enable_thinking`).
+    pub fn encode_chat_json(
+        &self,
+        messages: &[Value],
+        tools: Option<&Value>,
+        variables: &Map<String, Value>,
+    ) -> Result<Vec<u32>> {
+        let rendered = self.render_chat(messages, tools, true, variables)?;
         self.encode(&rendered, false)
     }
 
@@ -316,14 +322,16 @@ impl Tokenizer {
         messages: &[Value],
         tools: Option<&Value>,
         add_generation_prompt: bool,
+        variables: &Map<String, Value>,
     ) -> Result<String> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
             Error::ChatTemplate(format!(
-                "the model has no chat_template (looked in tokenizer_config.json beside {})",
+                "the model has no chat template (looked in chat_template.jinja and \
+                 tokenizer_config.json beside {})",
                 self.path.display()
             ))
         })?;
-        template.render(messages, tools, add_generation_prompt, &Map::new())
+        template.render(messages, tools, add_generation_prompt, variables)
     }
 
     fn error(&self, e: impl std::fmt::Display) -> Error {

@@ -76,7 +76,7 @@ pub async fn messages(
         Some(_) => Some(tool_syntax(&served, DIALECT)?),
         None => None,
     };
-    let prompt = chat_prompt(&served, DIALECT, conversation, offered).await?;
+    let prompt = chat_prompt(&served, DIALECT, conversation, offered, Default::default()).await?;
     let prompt_tokens = prompt.len();
     let parts = served
         .tokenizer

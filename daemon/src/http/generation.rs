@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use odmoe_engine::tokenizer::Tokenizer;
 use odmoe_protocol::{GenerateParams, GenerateResult, Method, RpcError};
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -116,6 +116,7 @@ pub async fn chat_prompt(
     dialect: Dialect,
     messages: Vec<Value>,
     tools: Option<Value>,
+    variables: Map<String, Value>,
 ) -> Result<Vec<u32>, ApiError> {
     let served = Arc::clone(served);
     let rendered = tokio::task::spawn_blocking(move || {
@@ -126,7 +127,7 @@ pub async fn chat_prompt(
             )
         })?;
         tokenizer
-            .encode_chat_json(&messages, tools.as_ref())
+            .encode_chat_json(&messages, tools.as_ref(), &variables)
             .map_err(|error| format!("messages: {error}"))
     })
     .await

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt, stream};
 use odmoe_protocol::{GenerateParams, GenerateResult};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::Http;
 use super::error::{ApiError, Dialect};
@@ -113,6 +113,14 @@ struct ChatRequest {
     tools: Option<Vec<Value>>,
     #[serde(default)]
     tool_choice: Option<Value>,
+    /// OpenAI's reasoning models' effort, which gpt-oss's template writes into its system
+    /// message.
+    #[serde(default)]
+    reasoning_effort: Option<String>,
+    /// Variables for the chat template, as vLLM and llama.cpp's server take them (Qwen3's
+    /// `enable_thinking`, ...).
+    #[serde(default)]
+    chat_template_kwargs: Option<Map<String, Value>>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -134,7 +142,18 @@ pub async fn chat_completions(
         Some(_) => Some(tool_syntax(&served, DIALECT)?),
         None => None,
     };
-    let prompt = chat_prompt(&served, DIALECT, messages, offered.map(Value::Array)).await?;
+    let mut variables = request.chat_template_kwargs.unwrap_or_default();
+    if let Some(effort) = request.reasoning_effort {
+        variables.insert("reasoning_effort".into(), Value::String(effort));
+    }
+    let prompt = chat_prompt(
+        &served,
+        DIALECT,
+        messages,
+        offered.map(Value::Array),
+        variables,
+    )
+    .await?;
     let parts = served
         .tokenizer
         .as_deref()
