@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Build the tiny Mixture-of-Experts reference checkpoints and their golden outputs.
 
-For each architecture (Qwen2-MoE, Qwen3-MoE, Mixtral, DeepSeek-V3, and Kimi-K2 as a DeepSeek-V3
-with Kimi's routing and YaRN values) this script creates a small, randomly initialised Hugging
+For each architecture (Qwen2-MoE, Qwen3-MoE, Mixtral, DeepSeek-V3, Kimi-K2 as a DeepSeek-V3
+with Kimi's routing and YaRN values, GLM-4.5 and gpt-oss) this script creates a small, randomly initialised Hugging
 Face checkpoint in ``tests/fixtures/<name>/`` together with ``golden.safetensors``, the outputs
 of the Hugging Face transformers reference implementation that the Rust engine is tested
 against:
 
     tests/fixtures/<name>/
-        config.json                      model config (qwen3_moe, kimi_k2: rewritten in hub
-                                         spelling, rope_theta + rope_scaling)
+        config.json                      model config (qwen3_moe, kimi_k2, glm4_moe: rewritten in
+                                         hub spelling, rope_theta + rope_scaling, GLM's
+                                         partial_rotary_factor at the top level)
         generation_config.json           eos_token_id = id of <|im_end|>
         model.safetensors                bf16 weights; mixtral is sharded instead:
                                          model-0000i-of-00003.safetensors + model.safetensors.index.json
@@ -26,11 +27,13 @@ Golden tensors (float32 unless noted), T = 12 prompt tokens, L layers, H hidden,
                                     (entry 0 = token embeddings); entry L: output of the
                                     last decoder layer, before the final norm
     routing_ids      I64 [L, T, k]  experts chosen per layer/position, in torch.topk order
-                                    (descending routing probability; DeepSeek: descending
-                                    weight); -1 for the dense layers of DeepSeek models
+                                    (descending routing probability; DeepSeek and GLM:
+                                    descending weight); -1 for the dense layers of DeepSeek
+                                    and GLM models
     routing_weights  F32 [L, T, k]  the weights the model applies to those experts:
                                     softmax over all experts, top-k, renormalised to sum 1
-                                    only for qwen3_moe (norm_topk_prob) and mixtral;
+                                    only for qwen3_moe (norm_topk_prob), mixtral and gpt_oss
+                                    (its router softmaxes the top-k logits, plus a bias);
                                     DeepSeek: sigmoid scores of the experts chosen by
                                     score + e_score_correction_bias inside the best groups,
                                     renormalised, times routed_scaling_factor; 0 for dense

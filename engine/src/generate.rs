@@ -352,7 +352,6 @@ impl Session {
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let decode_started = Instant::now();
         let mut stream = tokenizer.map(|t| DecodeStream::new(t, true));
-        let mut answered = false;
         let mut parts = tokenizer
             .filter(|_| request.answer_only)
             .and_then(|t| Some((t, t.reply_parts(&request.prompt)?)));
@@ -371,14 +370,10 @@ impl Session {
                 None => String::new(),
             };
             if let Some((tokenizer, parts)) = parts.as_mut() {
-                if parts.route(&tokenizer.decode(&[token], false)?) != Part::Answer {
-                    piece.clear();
-                } else if !answered {
-                    // The answer starts at its first visible character, not at the blank
-                    // lines after the reasoning.
-                    piece = piece.trim_start().to_owned();
-                }
-                answered |= !piece.is_empty();
+                piece = match parts.take(&tokenizer.decode(&[token], false)?, &piece) {
+                    (Part::Answer, answer) => answer.to_owned(),
+                    _ => String::new(),
+                };
             }
             let (text, stopped) = stops.push(&piece);
             if !on_delta(&Delta { token, text }) {

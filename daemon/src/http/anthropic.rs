@@ -193,6 +193,8 @@ fn message_stream(
             match generation.next().await {
                 Step::Token { token, text } => {
                     let shown = message.reply.push(token, &text);
+                    // This API has no place for the reasoning here: it is not kept.
+                    message.reply.take_reasoning();
                     if !shown.is_empty() {
                         return Some((vec![text_delta(&shown)], Some((generation, message))));
                     }

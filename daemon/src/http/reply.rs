@@ -69,31 +69,25 @@ impl Reply {
     /// Adds `token` with the `text` it made final; returns the text that may be shown now.
     pub fn push(&mut self, token: u32, text: &str) -> String {
         self.tokens.push(token);
+        let mut text = text;
         if let Some(parts) = &mut self.parts {
             let raw = self
                 .tokenizer
                 .as_deref()
                 .and_then(|tokenizer| tokenizer.decode(&[token], false).ok())
                 .unwrap_or_default();
-            match parts.route(&raw) {
-                Part::Answer => {
-                    // The answer starts at its first visible character, not at the blank lines
-                    // after the reasoning.
-                    let text = if self.text.is_empty() {
-                        text.trim_start()
-                    } else {
-                        text
-                    };
-                    self.text.push_str(text);
-                    return self.show_to(self.text.len());
+            match parts.take(&raw, text) {
+                // The answer goes on as any reply does, calls held back.
+                (Part::Answer, answer) => text = answer,
+                (Part::Reasoning, reasoning) => {
+                    self.reasoning.push_str(reasoning);
+                    return String::new();
                 }
-                Part::Reasoning => self.reasoning.push_str(text),
-                Part::Structure | Part::Call => {}
+                (Part::Structure | Part::Call, _) => return String::new(),
             }
-            return String::new();
         }
         self.text.push_str(text);
-        let Some(syntax) = self.syntax else {
+        let Some(syntax) = self.answer_syntax() else {
             return self.show_to(self.text.len());
         };
         if self.calling {
@@ -112,6 +106,13 @@ impl Reply {
             return self.show_to(self.text.len() - text.len());
         }
         self.show_to(self.text.len() - syntax.held_back(&self.text))
+    }
+
+    /// The syntax of the calls the answer itself may hold: none in a Harmony reply, whose calls
+    /// are messages of their own.
+    fn answer_syntax(&self) -> Option<ToolSyntax> {
+        self.syntax
+            .filter(|_| self.parts.as_ref().is_none_or(ReplyParts::calls_in_answer))
     }
 
     /// The reasoning generated since it was last taken.
@@ -139,18 +140,12 @@ impl Reply {
     /// still held back (all of it when no call parses).
     pub fn finish(&mut self) -> Ending {
         let reasoning = self.take_reasoning();
-        if self.parts.is_some() {
-            // The answer was shown as it came; the calls are in the other parts.
-            let calls = self.calls().map(|(_, calls)| calls).unwrap_or_default();
-            return Ending {
-                text: self.show_to(self.text.len()),
-                reasoning,
-                calls,
-            };
-        }
         match self.calls() {
-            Some((syntax, calls)) => {
-                let end = syntax.start(&self.text).unwrap_or(self.text.len());
+            Some(calls) => {
+                let end = self
+                    .answer_syntax()
+                    .and_then(|syntax| syntax.start(&self.text))
+                    .unwrap_or(self.text.len());
                 let text = self.show_to(end.max(self.shown));
                 Ending {
                     text: text.trim_end().to_owned(),
@@ -166,14 +161,18 @@ impl Reply {
         }
     }
 
-    /// The calls of the whole reply, read with its special tokens, when tools were offered and
-    /// some call parses.
-    fn calls(&self) -> Option<(ToolSyntax, Vec<ToolCall>)> {
+    /// The calls of the reply (past its reasoning), read with its special tokens, when tools
+    /// were offered and some call parses.
+    fn calls(&self) -> Option<Vec<ToolCall>> {
         self.syntax
             .zip(self.tokenizer())
             .and_then(|(syntax, tokenizer)| {
                 let raw = tokenizer.decode(&self.tokens, false).ok()?;
-                syntax.parse(&raw).map(|(_, calls)| (syntax, calls))
+                let raw = match &self.parts {
+                    Some(parts) => parts.calls_in(&raw),
+                    None => &raw,
+                };
+                syntax.parse(raw).map(|(_, calls)| calls)
             })
     }
 
@@ -277,6 +276,21 @@ mod tests {
         );
         assert_eq!(shown, "Paris.");
         assert_eq!(ending.reasoning.trim(), "The capital is Paris.");
+
+        // A call after the reasoning is held back from the answer and read back.
+        let parts = tokenizer.reply_parts(&prompt);
+        let mut reply = Reply::new(
+            Some(ToolSyntax::Hermes),
+            Some(Arc::clone(&tokenizer)),
+            parts,
+        );
+        let (shown, ending) = stream(
+            &mut reply,
+            &tokenizer,
+            "<think>\nI need the weather.\n</think>\n\nChecking.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+        );
+        assert_eq!(shown.trim_end(), "Checking.");
+        assert_eq!(ending.calls.len(), 1, "{:?}", ending.calls);
     }
 
     /// gpt-oss's tokenizer (scripts/fetch-tokenizers.sh gptoss) with a template that writes

@@ -41,8 +41,10 @@ pub struct ToolCall {
 impl ToolSyntax {
     /// The syntax `template` (a chat template's source) teaches, if it renders tools at all.
     pub fn of_template(template: &str) -> Option<ToolSyntax> {
+        if odmoe_engine::tokenizer::harmony::writes_harmony(template) {
+            return Some(ToolSyntax::Harmony);
+        }
         [
-            ("<|channel|>", ToolSyntax::Harmony),
             // Before Hermes: GLM's templates write `<tool_call>` too.
             ("<arg_key>", ToolSyntax::Glm),
             ("<tool_call>", ToolSyntax::Hermes),

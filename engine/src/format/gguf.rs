@@ -330,7 +330,8 @@ fn unread_type(message: &str) -> String {
     match number.and_then(|n| UNREAD_TYPES.iter().find(|(t, _)| *t == n)) {
         Some((n, name)) => format!(
             "it holds tensors of ggml type {n} ({name}), which this version does not read yet; \
-             a file quantized to a K-quant or Q8_0 type loads"
+             files of the same model in Q8_0, a K-quant type or BF16 load (llama-quantize \
+             makes them from a BF16 or F16 GGUF)"
         ),
         None => message.to_string(),
     }
@@ -423,7 +424,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 
 /// Tensors llama.cpp names otherwise in some architectures: (usual name's tail, other tail).
 const OTHER_SPELLINGS: &[(&str, &str)] = &[
-    // glm4moe: the norm before the feed-forward, named as the one after attention.
+    // glm4moe and gpt-oss: the norm before the feed-forward, named as the one after attention.
     ("ffn_norm.weight", "post_attention_norm.weight"),
 ];
 

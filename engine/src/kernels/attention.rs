@@ -66,13 +66,13 @@ pub fn attend(
     let (heads, t, d) = q.dims3()?;
     let (kv_heads, s, _) = k.dims3()?;
     let (dk, dv) = (row_values(k)?, row_values(v)?);
-    let sinks_fit = sinks.is_none_or(|s| s.len() == heads);
-    if dk != d
-        || v.dim(0)? != kv_heads
-        || v.dim(1)? != s
-        || !heads.is_multiple_of(kv_heads)
-        || !sinks_fit
-    {
+    if let Some(sinks) = sinks.filter(|s| s.len() != heads) {
+        return Err(Error::InvalidModel(format!(
+            "{} attention sinks for {heads} query heads",
+            sinks.len()
+        )));
+    }
+    if dk != d || v.dim(0)? != kv_heads || v.dim(1)? != s || !heads.is_multiple_of(kv_heads) {
         return Err(Error::InvalidModel(format!(
             "attention of q {:?} over k {:?} and v {:?}",
             q.dims(),

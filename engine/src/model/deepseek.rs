@@ -194,7 +194,7 @@ fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
         v_head_dim,
     };
     let mut config = meta.common(Architecture::DeepseekV3)?;
-    let mut deepseek = gguf_routed_experts(meta, &mut config)?;
+    let mut deepseek = gguf_routed_experts(meta, &mut config, None)?;
     deepseek.yarn = match meta.has("rope.scaling.type") {
         true => match meta.str("rope.scaling.type")? {
             "yarn" => Some(gguf_yarn(meta)?),
@@ -221,16 +221,17 @@ fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
 
 /// Sets `config`'s routed, shared and dense feed-forwards from llama.cpp's metadata for
 /// DeepSeek-V3's routing (`deepseek2`, `glm4moe`), and returns the routing. Routing must be
-/// sigmoid (`expert_gating_func` 2) with the `exp_probs_b` bias: a `deepseek2` file without
-/// `expert_gating_func` is DeepSeek-V2's softmax routing, which llama.cpp assumes for it and
-/// this engine does not run.
+/// sigmoid (`expert_gating_func` 2) with the `exp_probs_b` bias. Without the key llama.cpp
+/// routes by `gating_unstated`: a `deepseek2` file so is DeepSeek-V2's softmax routing, which
+/// this engine does not run; a `glm4moe` file routes with sigmoid.
 pub(super) fn gguf_routed_experts(
     meta: &GgufConfig,
     config: &mut ModelConfig,
+    gating_unstated: Option<usize>,
 ) -> Result<DeepseekConfig> {
     const SIGMOID: usize = 2;
     let arch = meta.architecture();
-    match meta.opt_usize("expert_gating_func")? {
+    match meta.opt_usize("expert_gating_func")?.or(gating_unstated) {
         Some(SIGMOID) => {}
         other => {
             return Err(meta.error(format!(

@@ -52,6 +52,21 @@ impl<'a> GgufConfig<'a> {
         self.gguf.has_meta(&self.key(key))
     }
 
+    /// An array of booleans, when the key holds one (`None` when absent or not an array).
+    pub(crate) fn opt_bools(&self, key: &str) -> Result<Option<Vec<bool>>> {
+        let Ok(values) = self.gguf.meta_array(&self.key(key)) else {
+            return Ok(None);
+        };
+        values
+            .iter()
+            .map(|v| match v {
+                candle_core::quantized::gguf_file::Value::Bool(b) => Ok(*b),
+                _ => Err(self.error(format!("{} holds a non-boolean", self.key(key)))),
+            })
+            .collect::<Result<Vec<bool>>>()
+            .map(Some)
+    }
+
     /// An integer that may be absent, refused when present with another type.
     pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         self.has(key).then(|| self.usize(key)).transpose()

@@ -64,7 +64,18 @@ fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
                 config.num_layers
             ))
         })?;
-    config.deepseek = Some(deepseek::gguf_routed_experts(meta, &mut config)?);
+    // llama.cpp routes a glm4moe file that does not say how with sigmoid.
+    const SIGMOID: usize = 2;
+    config.deepseek = Some(deepseek::gguf_routed_experts(
+        meta,
+        &mut config,
+        Some(SIGMOID),
+    )?);
+    if meta.has("rope.scaling.type") && meta.str("rope.scaling.type")? != "none" {
+        return Err(meta.error(
+            "glm4moe rope scaling is not supported: GLM-4.5 models use plain rotary positions",
+        ));
+    }
     config.qk_norm = meta.gguf.has_tensor("blk.0.attn_q_norm.weight");
     let rotary = meta.usize("rope.dimension_count")?;
     config.rotary_dim =

@@ -58,8 +58,9 @@ const WINDOW_PATTERN: usize = 2;
 fn from_hf(hf: &HfConfig) -> Result<ModelConfig> {
     Err(hf.error(
         "gpt-oss from a Hugging Face checkpoint is not supported yet: its experts are stored \
-         fused (gate_up_proj); convert it with llama.cpp's convert_hf_to_gguf.py and load the \
-         GGUF file",
+         fused (gate_up_proj). A BF16 checkpoint converts to a GGUF file this version reads \
+         (llama.cpp's convert_hf_to_gguf.py --outtype bf16, then llama-quantize to Q8_0 if \
+         wanted); the released MXFP4 ones do not yet",
     ))
 }
 
@@ -69,17 +70,24 @@ fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
     // The top-k logits softmaxed: the top-k probabilities renormalised.
     config.norm_topk_prob = true;
     config.sliding_window = Some(meta.usize("attention.sliding_window")?);
-    let pattern = meta
-        .opt_usize("attention.sliding_window_pattern")?
-        .unwrap_or(WINDOW_PATTERN);
-    if pattern == 0 {
-        return Err(meta.error("gpt-oss attention.sliding_window_pattern is 0"));
+    config.window_layers = Some(window_layers(meta, config.num_layers)?);
+    // Every released gpt-oss ropes its windowed layers like the others.
+    if let Some(base) = meta.opt_f64("rope.freq_base_swa")?
+        && base != config.rope_theta
+    {
+        return Err(meta.error(format!(
+            "gpt-oss rope.freq_base_swa {base} differs from rope.freq_base {}: a separate base \
+             for windowed layers is not supported",
+            config.rope_theta
+        )));
     }
-    config.window_layers = Some(
-        (0..config.num_layers)
-            .map(|layer| layer % pattern < pattern - 1)
-            .collect(),
-    );
+    for key in ["yarn_attn_factor", "yarn_log_multiplier", "yarn_ext_factor"] {
+        if meta.has(&format!("rope.scaling.{key}")) {
+            return Err(meta.error(format!(
+                "gpt-oss rope.scaling.{key} is not supported (gpt-oss's YaRN has none)"
+            )));
+        }
+    }
     config.rope_yarn = match meta.has("rope.scaling.type") {
         true => match meta.str("rope.scaling.type")? {
             "yarn" => Some(YarnScaling {
@@ -106,6 +114,28 @@ fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
     config.attention_output_bias = meta.gguf.has_tensor("blk.0.attn_output.bias");
     config.expert_gating = GATING;
     Ok(config)
+}
+
+/// Which layers attend within the window: `attention.sliding_window_pattern` as llama.cpp reads
+/// it, one flag per layer or a period (default 2).
+fn window_layers(meta: &GgufConfig, layers: usize) -> Result<Vec<bool>> {
+    const KEY: &str = "attention.sliding_window_pattern";
+    if let Some(flags) = meta.opt_bools(KEY)? {
+        if flags.len() != layers {
+            return Err(meta.error(format!(
+                "gpt-oss {KEY} has {} flags for {layers} layers",
+                flags.len()
+            )));
+        }
+        return Ok(flags);
+    }
+    let pattern = meta.opt_usize(KEY)?.unwrap_or(WINDOW_PATTERN);
+    if pattern == 0 {
+        return Err(meta.error(format!("gpt-oss {KEY} is 0")));
+    }
+    Ok((0..layers)
+        .map(|layer| layer % pattern < pattern - 1)
+        .collect())
 }
 
 fn router_name(layer: usize) -> String {

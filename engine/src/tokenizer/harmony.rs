@@ -29,6 +29,17 @@ impl HarmonyReply {
         }
     }
 
+    /// A reply after a prompt ending in `prompt_tail`: in the header it opened, or inside the
+    /// message it opened when it ends in `<|message|>` (a prefilled channel).
+    pub fn after(prompt_tail: &str) -> Self {
+        let mut reply = Self::new();
+        if let Some(opened) = prompt_tail.strip_suffix("<|message|>") {
+            let header = opened.rsplit("<|start|>").next().unwrap_or(opened);
+            reply.body = Some(part_of(header));
+        }
+        reply
+    }
+
     /// The part `raw` (one token's text with special tokens kept) belongs to.
     pub fn route(&mut self, raw: &str) -> Part {
         match raw {
@@ -81,6 +92,14 @@ mod tests {
     fn parts(tokens: &[&str]) -> Vec<Part> {
         let mut reply = HarmonyReply::new();
         tokens.iter().map(|t| reply.route(t)).collect()
+    }
+
+    #[test]
+    fn a_prompt_that_opens_the_answer_starts_inside_it() {
+        let mut reply = HarmonyReply::after("<|start|>assistant<|channel|>final<|message|>");
+        assert_eq!(reply.route("Hi"), Part::Answer);
+        let mut reply = HarmonyReply::after("<|start|>assistant");
+        assert_eq!(reply.route("Hi"), Part::Structure);
     }
 
     #[test]

@@ -20,7 +20,14 @@ pub enum Part {
 
 /// A reply being split into its parts.
 #[derive(Debug)]
-pub struct ReplyParts(Marking);
+pub struct ReplyParts {
+    marking: Marking,
+    /// Reasoning came before: the answer starts at its first visible character, not at the
+    /// blank lines after the reasoning.
+    reasoned: bool,
+    /// The answer has shown a character.
+    answering: bool,
+}
 
 #[derive(Debug)]
 enum Marking {
@@ -33,19 +40,62 @@ impl ReplyParts {
     /// looked at) divides, for a chat template whose source is `template`: `None` when the
     /// template marks no reasoning, and the whole reply is the answer.
     pub fn new(template: &str, prompt: &str) -> Option<Self> {
-        if writes_harmony(template) {
-            return Some(Self(Marking::Harmony(HarmonyReply::new())));
-        }
-        template.contains("<think>").then(|| {
-            Self(Marking::Think {
+        let marking = if writes_harmony(template) {
+            Marking::Harmony(HarmonyReply::after(prompt))
+        } else if template.contains("<think>") {
+            Marking::Think {
                 inside: prompt.trim_end().ends_with("<think>"),
-            })
+            }
+        } else {
+            return None;
+        };
+        Some(Self {
+            marking,
+            reasoned: false,
+            answering: false,
         })
     }
 
+    /// One token of the reply: `raw` its text with special tokens kept, `text` what it made
+    /// final of the reply's text. Returns its part, and its text as the answer takes it (from
+    /// the answer's first visible character when reasoning came before).
+    pub fn take<'a>(&mut self, raw: &str, text: &'a str) -> (Part, &'a str) {
+        let part = self.route(raw);
+        self.reasoned |= part == Part::Reasoning;
+        if part != Part::Answer || self.answering {
+            return (part, text);
+        }
+        let text = if self.reasoned {
+            text.trim_start()
+        } else {
+            text
+        };
+        self.answering = !text.is_empty();
+        (part, text)
+    }
+
+    /// Whether the answer may hold tool calls in the template's own syntax (`<think>`-marked
+    /// replies), rather than in messages of their own (Harmony).
+    pub fn calls_in_answer(&self) -> bool {
+        matches!(self.marking, Marking::Think { .. })
+    }
+
+    /// The part of `raw` (the whole reply with special tokens) where its calls are: after the
+    /// reasoning, so that a call the model only thought about is not taken for one.
+    pub fn calls_in<'a>(&self, raw: &'a str) -> &'a str {
+        match self.marking {
+            Marking::Harmony(_) => raw,
+            Marking::Think { .. } => match raw.rfind("</think>") {
+                Some(at) => &raw[at + "</think>".len()..],
+                None if self.reasoned => "",
+                None => raw,
+            },
+        }
+    }
+
     /// The part `raw` (one token's text with special tokens kept) belongs to.
-    pub fn route(&mut self, raw: &str) -> Part {
-        match &mut self.0 {
+    fn route(&mut self, raw: &str) -> Part {
+        match &mut self.marking {
             Marking::Harmony(reply) => reply.route(raw),
             Marking::Think { inside } => match raw.trim() {
                 "<think>" => {
@@ -71,17 +121,44 @@ mod tests {
     fn think_tags_divide_reasoning_from_the_answer() {
         let template = "{{ '<think>' + reasoning_content + '</think>' }}";
         let mut parts = ReplyParts::new(template, "<|im_start|>assistant\n").unwrap();
-        let routed: Vec<Part> = ["<think>", "Hmm", "</think>", "\n\n", "Hi"]
+        let routed: Vec<(Part, &str)> = ["<think>", "Hmm", "</think>", "\n\n", " Hi", " there"]
             .iter()
-            .map(|t| parts.route(t))
+            .map(|t| parts.take(t, t))
             .collect();
         use Part::*;
-        assert_eq!(routed, [Structure, Reasoning, Structure, Answer, Answer]);
+        assert_eq!(
+            routed,
+            [
+                (Structure, "<think>"),
+                (Reasoning, "Hmm"),
+                (Structure, "</think>"),
+                (Answer, ""),
+                (Answer, "Hi"),
+                (Answer, " there")
+            ]
+        );
         // A template that opens the reasoning itself: the reply starts inside it.
         let mut parts = ReplyParts::new(template, "<|im_start|>assistant\n<think>\n").unwrap();
-        assert_eq!(parts.route("Hmm"), Reasoning);
-        assert_eq!(parts.route("</think>"), Structure);
-        assert_eq!(parts.route("Hi"), Answer);
+        assert_eq!(parts.take("Hmm", "Hmm").0, Reasoning);
+        assert_eq!(parts.take("</think>", "").0, Structure);
+        assert_eq!(parts.take("Hi", "Hi"), (Answer, "Hi"));
         assert!(ReplyParts::new("{{ messages }}", "").is_none());
+    }
+
+    #[test]
+    fn an_answer_without_reasoning_keeps_its_leading_blanks() {
+        // A template that only mentions <think> (to strip it from history): nothing reasoned.
+        let mut parts = ReplyParts::new("{{ '<think>' }}", "assistant\n").unwrap();
+        assert_eq!(
+            parts.take("    x = 1", "    x = 1"),
+            (Part::Answer, "    x = 1")
+        );
+    }
+
+    #[test]
+    fn calls_are_read_after_the_reasoning() {
+        let parts = ReplyParts::new("{{ '<think>' }}", "").unwrap();
+        let raw = "<think>maybe <tool_call>{}</tool_call></think>\n<tool_call>{}</tool_call>";
+        assert_eq!(parts.calls_in(raw), "\n<tool_call>{}</tool_call>");
     }
 }
