@@ -24,6 +24,10 @@ plain conversion, each because the GGUF could not otherwise mean the same model:
   (``[gMASK]``, ``<|user|>``, ...), which the fixtures' shared tokenizer does not have; the
   plain GPT-2 writer is used instead (see make_gguf_fixtures.CONVERT_WRAPPER). The weights and
   the model config are converted as they are.
+* gpt-oss is also quantized to ``gpt_oss-q8_0.gguf`` by llama.cpp's quantizer from the BF16 file
+  (every matrix Q8_0, experts included), so that its biased, clamped experts run through the
+  quantized kernels; its golden holds llama.cpp's logits and greedy tokens on that file
+  (``llama_logits``, ``llama_greedy``) and the input ids.
 * The files are BF16, not F32: an F32 file is about 1 MB, more than tests/fixtures/gguf's budget
   has left (see make_gguf_fixtures.BUDGET). The checkpoints are bf16 (checked below), so a BF16
   file holds exactly the numbers an F32 one would (F16 would not: some embedding values are
@@ -159,10 +163,34 @@ def build(name):
     summary = mg.OUT / f"{name}-bf16.json"
     summary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     print(json.dumps(record, indent=2))
+    if name == "gpt_oss":
+        quantized_gpt_oss(out, ids)
     if record["llama_f32_vs_hf_logits"] > SOURCES[name][2]:
         raise SystemExit(f"{name}: llama.cpp and transformers differ by {record['llama_f32_vs_hf_logits']}")
     if not record["llama_greedy_equals_hf"]:
         raise SystemExit(f"{name}: llama.cpp's greedy tokens differ from transformers'")
+
+
+def quantized_gpt_oss(bf16: Path, ids):
+    """gpt_oss-q8_0.gguf from the BF16 file, with llama.cpp's logits and greedy tokens on it."""
+    from safetensors.torch import save_file
+
+    out = mg.OUT / "gpt_oss-q8_0.gguf"
+    mg.quantize(bf16, out, "q8_0")
+    os.chmod(out, 0o644)
+    lg, greedy, margin = mg.llama_goldens(out, ids)
+    golden = mg.golden_path(out)
+    save_file(
+        {
+            "input_ids": torch.as_tensor(ids, dtype=torch.int64).contiguous(),
+            "llama_logits": lg.contiguous(),
+            "llama_greedy": greedy.contiguous(),
+        },
+        str(golden),
+        metadata={"format": "pt"},
+    )
+    os.chmod(golden, 0o644)
+    print(f"gpt_oss-q8_0.gguf: {out.stat().st_size} bytes, llama.cpp min greedy margin {margin:.4g}")
 
 
 def main():

@@ -43,13 +43,14 @@ impl GluMlp {
 
     /// The expert as `form` says its layer's experts compute, `expert` naming its biases.
     pub fn forward_as(&self, x: &Tensor, form: &ExpertForm, expert: usize) -> Result<Tensor> {
-        if !form.is_plain() {
-            return self.forward_in_form(x, form, expert);
-        }
         if let Some(weights) = self.quantized(x) {
             let input = quantized::Activations::of(x, &weights.input_formats())?;
-            let out = quantized::glu(&[(weights, &input)])?.remove(0);
+            let mut out = form.glu(&[(weights, &input)], &[expert])?.remove(0);
+            form.add_down_bias(expert, &mut out)?;
             return Ok(Tensor::from_vec(out, x.dims(), x.device())?);
+        }
+        if !form.is_plain() {
+            return self.forward_in_form(x, form, expert);
         }
         let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
         let up = self.up.forward(x)?;
@@ -116,6 +117,71 @@ impl ExpertForm {
     /// `silu(gate) * up` without biases, as every architecture but gpt-oss computes.
     pub fn is_plain(&self) -> bool {
         self.gating == ExpertGating::Silu && self.biases.is_none()
+    }
+
+    /// The quantized kernels' [`quantized::glu`] of experts `ids` (one per entry of `experts`)
+    /// in this form, but for the down projection's bias ([`add_down_bias`](Self::add_down_bias)).
+    fn glu(
+        &self,
+        experts: &[(quantized::GluWeights, &quantized::Activations)],
+        ids: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        if self.is_plain() {
+            return quantized::glu(experts);
+        }
+        let row = |biases: Option<&Tensor>, e: usize| -> Result<Option<Vec<f32>>> {
+            biases
+                .map(|b| Ok(b.get(ids[e])?.to_vec1::<f32>()?))
+                .transpose()
+        };
+        let biases = self.biases.as_ref();
+        let rows = (0..ids.len())
+            .map(|e| {
+                Ok((
+                    row(biases.map(|b| &b.gate), e)?,
+                    row(biases.map(|b| &b.up), e)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let gating = self.gating;
+        quantized::glu_with(experts, &|e, gate, up| {
+            let (gate_bias, up_bias) = &rows[e];
+            let width = gate_bias
+                .as_ref()
+                .or(up_bias.as_ref())
+                .map_or(gate.len(), Vec::len);
+            for (i, (g, &u)) in gate.iter_mut().zip(up).enumerate() {
+                let at = i % width;
+                let g_in = *g + gate_bias.as_ref().map_or(0.0, |b| b[at]);
+                let u_in = u + up_bias.as_ref().map_or(0.0, |b| b[at]);
+                *g = gated(gating, g_in, u_in);
+            }
+        })
+    }
+
+    /// Adds expert `expert`'s down-projection bias to each row of `out`.
+    fn add_down_bias(&self, expert: usize, out: &mut [f32]) -> Result<()> {
+        if let Some(biases) = &self.biases {
+            let bias = biases.down.get(expert)?.to_vec1::<f32>()?;
+            for row in out.chunks_exact_mut(bias.len()) {
+                row.iter_mut().zip(&bias).for_each(|(o, b)| *o += b);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One value of the down projection's input from its gate and up values, as `gating` says and
+/// in the order of operations of candle's tensors in [`GluMlp::forward_as`].
+fn gated(gating: ExpertGating, gate: f32, up: f32) -> f32 {
+    let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
+    match gating {
+        ExpertGating::Silu => gate * sigmoid(gate) * up,
+        ExpertGating::ClampedSwiglu { alpha, limit } => {
+            let gate = gate.min(limit);
+            let up = up.clamp(-limit, limit);
+            (up + 1.0) * (gate * sigmoid(gate * alpha))
+        }
     }
 }
 
@@ -268,7 +334,7 @@ pub fn apply(
             continue;
         };
         let first = first.wait()?;
-        if form.is_plain() && first.quantized(x).is_some() {
+        if first.quantized(x).is_some() {
             // The quantized kernels take experts a group at a time, in two passes over the thread
             // pool instead of two per expert. A group is a decode step's experts; in a
             // prompt, computing one group overlaps reading the next. The input's rows and the
@@ -286,7 +352,7 @@ pub fn apply(
                     .take(group.len())
                     .map(PendingExpert::wait)
                     .collect::<Result<Vec<_>>>()?;
-                mix_quantized(&mut sum, rows, x, &handles, group)?;
+                mix_quantized(&mut sum, rows, x, &handles, group, form)?;
             }
             out = Tensor::from_vec(sum, out.shape(), out.device())?;
             continue;
@@ -351,6 +417,7 @@ fn mix_quantized(
     x: &Tensor,
     handles: &[ExpertHandle],
     batch: &[Assignment],
+    form: &ExpertForm,
 ) -> Result<()> {
     let (_, hidden) = x.dims2()?;
     let weights: Vec<quantized::GluWeights> = handles
@@ -372,7 +439,11 @@ fn mix_quantized(
             .collect(),
     );
     let experts: Vec<_> = weights.into_iter().zip(&inputs).collect();
-    let outputs = quantized::glu(&experts)?;
+    let ids: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
+    let mut outputs = form.glu(&experts, &ids)?;
+    for (y, &e) in outputs.iter_mut().zip(&ids) {
+        form.add_down_bias(e, y)?;
+    }
     for (y, (_, (tokens, weights))) in outputs.iter().zip(batch) {
         for ((&t, &w), y) in tokens.iter().zip(weights).zip(y.chunks_exact(hidden)) {
             let row = &mut sum[t as usize * hidden..(t as usize + 1) * hidden];

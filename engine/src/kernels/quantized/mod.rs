@@ -250,6 +250,24 @@ impl GluWeights<'_> {
 /// `down(silu(gate(x)) * up(x))` of each expert for its own activations `[tokens, hidden]`,
 /// as `[tokens, hidden]` rows: all gates and ups in one pass over the pool, then all downs.
 pub fn glu(experts: &[(GluWeights, &Activations)]) -> Result<Vec<Vec<f32>>> {
+    glu_with(experts, &|_, gate, up| silu_times(gate, up))
+}
+
+/// How an expert's gate and up rows (`[tokens, width]` each) become its down projection's
+/// input, written over the gate's: called with the expert's index in the list given to
+/// [`glu_with`].
+pub type Combine<'a> = &'a (dyn Fn(usize, &mut [f32], &[f32]) + Sync);
+
+/// `silu(gate) * up` in place in `gate`, SiLU as candle computes it.
+pub fn silu_times(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// [`glu`] with the gate and up products combined by `combine` (gpt-oss's biases and clamped
+/// SwiGLU; the down projection's bias is the caller's to add).
+pub fn glu_with(experts: &[(GluWeights, &Activations)], combine: Combine) -> Result<Vec<Vec<f32>>> {
     let mut width = Vec::with_capacity(experts.len());
     let mut data = Vec::with_capacity(2 * experts.len());
     for (w, _) in experts {
@@ -272,11 +290,8 @@ pub fn glu(experts: &[(GluWeights, &Activations)]) -> Result<Vec<Vec<f32>>> {
         jobs.push(Job::new(up.0, &up.1, x, u));
     }
     matmul(&mut jobs);
-    for (g, u) in gated.iter_mut().zip(&lifted) {
-        for (g, u) in g.iter_mut().zip(u) {
-            // SiLU as candle computes it.
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+    for (e, (g, u)) in gated.iter_mut().zip(&lifted).enumerate() {
+        combine(e, g, u);
     }
     let mids = Activations::quantize_each(
         gated
