@@ -24,10 +24,11 @@ plain conversion, each because the GGUF could not otherwise mean the same model:
   (``[gMASK]``, ``<|user|>``, ...), which the fixtures' shared tokenizer does not have; the
   plain GPT-2 writer is used instead (see make_gguf_fixtures.CONVERT_WRAPPER). The weights and
   the model config are converted as they are.
-* gpt-oss is also quantized to ``gpt_oss-q8_0.gguf`` by llama.cpp's quantizer from the BF16 file
+* gpt-oss is also quantized by llama.cpp's quantizer from the BF16 file: ``gpt_oss-q8_0.gguf``
   (every matrix Q8_0, experts included), so that its biased, clamped experts run through the
-  quantized kernels; its golden holds llama.cpp's logits and greedy tokens on that file
-  (``llama_logits``, ``llama_greedy``) and the input ids.
+  quantized kernels, and ``gpt_oss-mxfp4.gguf`` (routed experts in MXFP4, the type gpt-oss's
+  released files use, the other matrices Q8_0). Their goldens hold llama.cpp's logits and
+  greedy tokens on each file (``llama_logits``, ``llama_greedy``) and the input ids.
 * The files are BF16, not F32: an F32 file is about 1 MB, more than tests/fixtures/gguf's budget
   has left (see make_gguf_fixtures.BUDGET). The checkpoints are bf16 (checked below), so a BF16
   file holds exactly the numbers an F32 one would (F16 would not: some embedding values are
@@ -171,13 +172,34 @@ def build(name):
         raise SystemExit(f"{name}: llama.cpp's greedy tokens differ from transformers'")
 
 
+# llama.cpp's file type with routed experts in MXFP4 and the other matrices in Q8_0.
+MOSTLY_MXFP4_MOE = 38
+
+
 def quantized_gpt_oss(bf16: Path, ids):
-    """gpt_oss-q8_0.gguf from the BF16 file, with llama.cpp's logits and greedy tokens on it."""
+    """gpt_oss-q8_0.gguf and gpt_oss-mxfp4.gguf from the BF16 file, with llama.cpp's logits and
+    greedy tokens on each."""
+    import ctypes
+
+    import llama_cpp
+
+    for kind in ("q8_0", "mxfp4"):
+        out = mg.OUT / f"gpt_oss-{kind}.gguf"
+        if kind == "q8_0":
+            mg.quantize(bf16, out, "q8_0")
+        else:
+            p = llama_cpp.llama_model_quantize_default_params()
+            p.ftype = MOSTLY_MXFP4_MOE
+            if llama_cpp.llama_model_quantize(str(bf16).encode(), str(out).encode(), ctypes.byref(p)) != 0:
+                raise SystemExit("llama_model_quantize to MXFP4 failed")
+        os.chmod(out, 0o644)
+        llama_golden(out, ids)
+
+
+def llama_golden(out: Path, ids):
+    """llama.cpp's logits and greedy tokens on `out`, beside it."""
     from safetensors.torch import save_file
 
-    out = mg.OUT / "gpt_oss-q8_0.gguf"
-    mg.quantize(bf16, out, "q8_0")
-    os.chmod(out, 0o644)
     lg, greedy, margin = mg.llama_goldens(out, ids)
     golden = mg.golden_path(out)
     save_file(
@@ -190,7 +212,7 @@ def quantized_gpt_oss(bf16: Path, ids):
         metadata={"format": "pt"},
     )
     os.chmod(golden, 0o644)
-    print(f"gpt_oss-q8_0.gguf: {out.stat().st_size} bytes, llama.cpp min greedy margin {margin:.4g}")
+    print(f"{out.name}: {out.stat().st_size} bytes, llama.cpp min greedy margin {margin:.4g}")
 
 
 def main():

@@ -235,6 +235,8 @@ async fn gguf_models_of_every_vocabulary_kind_chat_through_the_daemon() {
     text_and_chat_through_the_daemon(&gguf_fixture("glm4_moe-bf16.gguf"), "on_demand").await;
     // gpt-oss (BF16 experts): attention sinks, alternating windows, biased clamped experts.
     text_and_chat_through_the_daemon(&gguf_fixture("gpt_oss-bf16.gguf"), "on_demand").await;
+    // gpt-oss with MXFP4 experts, as its released files keep them.
+    text_and_chat_through_the_daemon(&gguf_fixture("gpt_oss-mxfp4.gguf"), "on_demand").await;
     text_and_chat_through_the_daemon(&sentencepiece_fixture(dir.path()), "on_demand").await;
     text_and_chat_through_the_daemon(&demo_gguf(), "dense").await;
 }

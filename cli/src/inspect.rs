@@ -8,13 +8,13 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use candle_core::Device;
-use candle_core::quantized::gguf_file;
 use clap::Args;
 use odmoe_config::format_bytes;
 use odmoe_engine::config::ModelConfig;
 use odmoe_engine::format::gguf::{ggml_bytes, ggml_type_name, stacked_expert_names};
+use odmoe_engine::format::gguf_header;
 use odmoe_engine::format::layout::{GGUF_DTYPE, Manifest};
 use odmoe_engine::format::safetensors::HfWeights;
 use odmoe_engine::model::{KvType, expert_tensor_names};
@@ -422,8 +422,10 @@ fn type_mix<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<String> {
 /// and the rest.
 fn gguf_contents(path: &Path, config: &ModelConfig) -> Result<Contents> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let content = gguf_file::Content::read(&mut BufReader::new(file))
-        .with_context(|| format!("reading the GGUF header of {}", path.display()))?;
+    let header = gguf_header::read(&mut BufReader::new(file)).map_err(|message| {
+        anyhow::anyhow!("reading the GGUF header of {}: {message}", path.display())
+    })?;
+    let content = header.content;
     let expert_names: HashSet<String> =
         config.moe_layers().flat_map(stacked_expert_names).collect();
     let first_layer_names = config.moe_layers().next().map(stacked_expert_names);
@@ -452,6 +454,23 @@ fn gguf_contents(path: &Path, config: &ModelConfig) -> Result<Contents> {
                 elements as u64 * 4,
                 info.ggml_dtype.block_size() == 1,
             );
+        }
+    }
+    // MXFP4 experts (gpt-oss's): candle has no type for them.
+    for (name, tensor) in &header.others {
+        if !expert_names.contains(name) || tensor.ggml_type != gguf_header::MXFP4_TYPE {
+            bail!(
+                "{}: tensor {name:?} is of ggml type {}, which this version does not read",
+                path.display(),
+                tensor.ggml_type
+            );
+        }
+        let values: usize = tensor.shape.iter().product();
+        let stored = (values / 32 * gguf_header::MXFP4_BLOCK_BYTES) as u64;
+        expert_types.push("MXFP4");
+        total_expert_bytes += stored;
+        if first_layer_names.as_ref().is_some_and(|n| n.contains(name)) {
+            first_layer_bytes += stored;
         }
     }
     Ok(Contents {

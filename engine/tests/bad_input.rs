@@ -135,14 +135,25 @@ fn gguf_with_tensor_type(path: &Path, ggml_type: u32) {
 #[test]
 fn gguf_tensor_types_not_read_yet_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gpt-oss.gguf");
-    gguf_with_tensor_type(&path, 39);
+    let path = dir.path().join("iq.gguf");
+    gguf_with_tensor_type(&path, 23);
     let err = odmoe_engine::format::gguf::GgufFile::open(&path, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();
     assert!(
-        err.contains("gpt-oss.gguf") && err.contains("MXFP4") && err.contains("type 39"),
+        err.contains("iq.gguf")
+            && err.contains("IQ4_XS")
+            && err.contains("type 23")
+            && err.contains("blk.0.ffn_up_exps.weight"),
         "{err}"
     );
+    // MXFP4 (gpt-oss's experts) is read; the rest of a file's types as candle reads them.
+    let path = dir.path().join("mxfp4.gguf");
+    gguf_with_tensor_type(&path, 39);
+    let gguf = odmoe_engine::format::gguf::GgufFile::open(&path, &Device::Cpu).unwrap();
+    assert_eq!(gguf.tensor_shape("blk.0.ffn_up_exps.weight").unwrap(), [32]);
+    // A tensor whose bytes run past the end of the file.
+    std::fs::write(&path, &std::fs::read(&path).unwrap()[..40]).unwrap();
+    assert!(odmoe_engine::format::gguf::GgufFile::open(&path, &Device::Cpu).is_err());
 }

@@ -238,9 +238,20 @@ fn a_glm_file_that_does_not_name_its_gating_routes_with_sigmoid_as_llama_cpp_doe
 /// as resident.
 #[test]
 fn gpt_oss_in_q8_0_matches_llama_cpp() {
-    let path = fixture("gguf").join("gpt_oss-q8_0.gguf");
+    quantized_gpt_oss_matches_llama_cpp("q8_0");
+}
+
+/// The same with the routed experts in MXFP4, as gpt-oss's released files keep them (held as
+/// the Q8_0 blocks of the same values).
+#[test]
+fn gpt_oss_in_mxfp4_matches_llama_cpp() {
+    quantized_gpt_oss_matches_llama_cpp("mxfp4");
+}
+
+fn quantized_gpt_oss_matches_llama_cpp(kind: &str) {
+    let path = fixture("gguf").join(format!("gpt_oss-{kind}.gguf"));
     let g = candle_core::safetensors::load(
-        fixture("gguf").join("gpt_oss-q8_0.golden.safetensors"),
+        fixture("gguf").join(format!("gpt_oss-{kind}.golden.safetensors")),
         &Device::Cpu,
     )
     .unwrap();
@@ -256,7 +267,7 @@ fn gpt_oss_in_q8_0_matches_llama_cpp() {
     let exact = &golden(GPT_OSS)["hf_logits"];
     let llama_to_exact = max_abs_diff(&g["llama_logits"], exact);
     println!(
-        "gpt_oss q8_0: max |diff| to llama.cpp {to_llama:.2e}; llama.cpp to transformers \
+        "gpt_oss {kind}: max |diff| to llama.cpp {to_llama:.2e}; llama.cpp to transformers \
          {llama_to_exact:.2e}"
     );
     assert!(

@@ -29,6 +29,12 @@ pub(super) fn gguf_expert_layout(config: &ModelConfig, gguf: &GgufFile) -> Resul
         let mut types = Vec::with_capacity(3);
         for k in 0..3 {
             let slice = gguf.expert_slice(&names[k], 0, shapes[k])?;
+            if slice.mxfp4 {
+                return Err(gguf.error(format!(
+                    "{}: converting MXFP4 experts is not supported yet; serve the file as it is",
+                    names[k]
+                )));
+            }
             slot_bytes[k] = slot_bytes[k].max(slice.bytes as u64);
             types.push(ggml_type_name(slice.dtype).to_string());
         }

@@ -10,6 +10,9 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+
+use super::gguf_header::{self, MXFP4_BLOCK_BYTES, MXFP4_TYPE, OtherTensor};
+use super::mxfp4;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{Device, Tensor};
 
@@ -20,6 +23,8 @@ use crate::error::{Error, Result};
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
+    /// Tensors of types candle does not read: MXFP4 (any other is refused at open).
+    mxfp4: std::collections::HashMap<String, OtherTensor>,
     device: Device,
     /// Hand out quantized matrices in their stored type rather than widened to f32.
     keep_quantized: bool,
@@ -29,17 +34,34 @@ impl GgufFile {
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let content = Content::read(&mut BufReader::new(file))
-            .map_err(|e| Self::error_at(path, unread_type(&crate::error::without_backtrace(&e))))?;
+        let header = gguf_header::read(&mut BufReader::new(file))
+            .map_err(|message| Self::error_at(path, message))?;
+        if let Some((name, tensor)) = header
+            .others
+            .iter()
+            .find(|(_, t)| t.ggml_type != MXFP4_TYPE)
+        {
+            return Err(Self::error_at(path, unread_type(name, tensor.ggml_type)));
+        }
         let this = Self {
             path: path.to_path_buf(),
-            content,
+            content: header.content,
+            mxfp4: header.others,
             device: device.clone(),
             keep_quantized: false,
         };
         // Refuse a truncated file now rather than at the first read of its last tensor.
-        for (name, info) in &this.content.tensor_infos {
-            let end = this.data_start(info) + tensor_bytes(info) as u64;
+        let mxfp4 = this.mxfp4.iter().map(|(name, t)| {
+            let values: usize = t.shape.iter().product();
+            (name, t.offset, values / 32 * MXFP4_BLOCK_BYTES)
+        });
+        let known = this
+            .content
+            .tensor_infos
+            .iter()
+            .map(|(name, info)| (name, info.offset, tensor_bytes(info)));
+        for (name, offset, bytes) in known.chain(mxfp4) {
+            let end = this.content.tensor_data_offset + offset + bytes as u64;
             if end > len {
                 return Err(this.error(format!(
                     "tensor {name:?} ends at byte {end} but the file has {len} bytes (truncated?)"
@@ -175,26 +197,38 @@ impl GgufFile {
 
     /// Every tensor's GGUF name, in no particular order.
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
-        self.content.tensor_infos.keys().map(String::as_str)
+        self.content
+            .tensor_infos
+            .keys()
+            .chain(self.mxfp4.keys())
+            .map(String::as_str)
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
+        self.content.tensor_infos.contains_key(name) || self.mxfp4.contains_key(name)
     }
 
     fn info(&self, name: &str) -> Result<&TensorInfo> {
-        self.content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor {
-                name: name.to_string(),
-                location: self.path.display().to_string(),
-            })
+        self.content.tensor_infos.get(name).ok_or_else(|| {
+            if self.mxfp4.contains_key(name) {
+                self.error(format!(
+                    "tensor {name:?} is in MXFP4, which this version reads only in routed experts"
+                ))
+            } else {
+                Error::MissingTensor {
+                    name: name.to_string(),
+                    location: self.path.display().to_string(),
+                }
+            }
+        })
     }
 
     /// The shape of tensor `name` (a GGUF name), in candle's order (`[out, in]`).
     pub fn tensor_shape(&self, name: &str) -> Result<&[usize]> {
-        Ok(self.info(name)?.shape.dims())
+        match self.mxfp4.get(name) {
+            Some(tensor) => Ok(&tensor.shape),
+            None => Ok(self.info(name)?.shape.dims()),
+        }
     }
 
     fn data_start(&self, info: &TensorInfo) -> u64 {
@@ -238,6 +272,9 @@ impl GgufFile {
         expert: usize,
         shape: [usize; 2],
     ) -> Result<ExpertSlice> {
+        if let Some(tensor) = self.mxfp4.get(name) {
+            return self.mxfp4_expert_slice(name, tensor, expert, shape);
+        }
         let info = self.info(name)?;
         let dims = info.shape.dims();
         if dims.len() != 3 || dims[1..] != shape || expert >= dims[0] {
@@ -253,6 +290,38 @@ impl GgufFile {
             offset: self.data_start(info) + (expert * bytes) as u64,
             bytes,
             dtype: info.ggml_dtype,
+            mxfp4: false,
+            shape,
+        })
+    }
+
+    /// [`expert_slice`](Self::expert_slice) of a stacked MXFP4 tensor: held as Q8_0.
+    fn mxfp4_expert_slice(
+        &self,
+        name: &str,
+        tensor: &OtherTensor,
+        expert: usize,
+        shape: [usize; 2],
+    ) -> Result<ExpertSlice> {
+        let dims = &tensor.shape;
+        if dims.len() != 3
+            || dims[1..] != shape
+            || expert >= dims[0]
+            || !shape[1].is_multiple_of(32)
+        {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                path: self.path.clone(),
+                actual: dims.clone(),
+                expected: vec![expert + 1, shape[0], shape[1]],
+            });
+        }
+        let bytes = shape[0] * shape[1] / 32 * MXFP4_BLOCK_BYTES;
+        Ok(ExpertSlice {
+            offset: self.content.tensor_data_offset + tensor.offset + (expert * bytes) as u64,
+            bytes,
+            dtype: GgmlDType::Q8_0,
+            mxfp4: true,
             shape,
         })
     }
@@ -266,8 +335,12 @@ impl GgufFile {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExpertSlice {
     pub offset: u64,
+    /// Bytes in the file.
     pub bytes: usize,
+    /// The type the slice is held in once read.
     pub dtype: GgmlDType,
+    /// The file holds MXFP4 blocks, held as Q8_0 blocks of the same values (see [`mxfp4`]).
+    pub mxfp4: bool,
     /// `[out, in]`.
     pub shape: [usize; 2],
 }
@@ -275,7 +348,9 @@ pub struct ExpertSlice {
 impl ExpertSlice {
     /// Bytes the slice takes once loaded: dense types are widened to f32 by `QMatMul`.
     pub fn bytes_in_memory(&self) -> usize {
-        if is_dense(self.dtype) {
+        if self.mxfp4 {
+            mxfp4::q8_0_bytes(self.bytes)
+        } else if is_dense(self.dtype) {
             self.shape[0] * self.shape[1] * 4
         } else {
             self.bytes
@@ -284,6 +359,13 @@ impl ExpertSlice {
 
     /// The slice's bytes as a matrix candle multiplies in its stored type.
     pub fn to_qmatmul(&self, bytes: &[u8], device: &Device) -> candle_core::Result<QMatMul> {
+        let held;
+        let bytes = if self.mxfp4 {
+            held = mxfp4::to_q8_0(bytes).map_err(candle_core::Error::Msg)?;
+            &held[..]
+        } else {
+            bytes
+        };
         let qtensor = qtensor_from_ggml(self.dtype, bytes, self.shape.to_vec(), device)?;
         QMatMul::from_qtensor(qtensor)
     }
@@ -306,7 +388,8 @@ pub fn parse_ggml_type(name: &str) -> Option<GgmlDType> {
         .map(|(_, t)| *t)
 }
 
-/// ggml types that files hold and this reader does not take yet, by number.
+/// ggml types that files hold and this reader does not take yet (MXFP4 it reads in experts),
+/// by number.
 const UNREAD_TYPES: &[(u32, &str)] = &[
     (16, "IQ2_XXS"),
     (17, "IQ2_XS"),
@@ -319,21 +402,17 @@ const UNREAD_TYPES: &[(u32, &str)] = &[
     (29, "IQ1_M"),
     (34, "TQ1_0"),
     (35, "TQ2_0"),
-    (39, "MXFP4, gpt-oss's experts"),
 ];
 
-/// The GGUF reader's message, with the ggml type it could not read named when it is one.
-fn unread_type(message: &str) -> String {
-    let number = message
-        .strip_prefix("unknown dtype for tensor ")
-        .and_then(|n| n.trim().parse::<u32>().ok());
-    match number.and_then(|n| UNREAD_TYPES.iter().find(|(t, _)| *t == n)) {
+/// Why a file holding tensor `tensor` of ggml type `number` is refused.
+fn unread_type(tensor: &str, number: u32) -> String {
+    match UNREAD_TYPES.iter().find(|(t, _)| *t == number) {
         Some((n, name)) => format!(
-            "it holds tensors of ggml type {n} ({name}), which this version does not read yet; \
-             files of the same model in Q8_0, a K-quant type or BF16 load (llama-quantize \
+            "tensor {tensor:?} is of ggml type {n} ({name}), which this version does not read \
+             yet; files of the same model in Q8_0, a K-quant type or BF16 load (llama-quantize \
              makes them from a BF16 or F16 GGUF)"
         ),
-        None => message.to_string(),
+        None => format!("tensor {tensor:?} is of ggml type {number}, which is unknown"),
     }
 }
 

@@ -1,7 +1,9 @@
 //! Checkpoint formats the engine reads.
 
 pub mod gguf;
+pub mod gguf_header;
 pub mod layout;
+pub mod mxfp4;
 pub mod safetensors;
 
 use candle_core::Tensor;

@@ -265,6 +265,7 @@ fn ggml_slice(
         bytes: ggml_bytes(dtype, tensor.shape[0] * tensor.shape[1])
             .expect("the manifest check found whole blocks"),
         dtype,
+        mxfp4: false,
         shape: tensor.shape,
     }
 }

@@ -1,0 +1,109 @@
+//! MXFP4 blocks (OCP microscaling, as ggml stores them): per 32 values an e8m0 exponent `e`
+//! and 32 four-bit e2m1 codes, values 0-15 in the low nibbles and 16-31 in the high ones. A
+//! value is `KVALUES[code] * 2^(e - 128)` (ggml keeps the e2m1 values doubled, as integers).
+//!
+//! Until a kernel multiplies MXFP4 blocks directly, they are held as Q8_0 blocks of exactly the
+//! same values (the integers `KVALUES[code]` with the scale `2^(e - 128)` in f16), at twice the
+//! bytes: the quantized kernels then meet them as any Q8_0 weight.
+
+use half::f16;
+
+use super::gguf_header::MXFP4_BLOCK_BYTES;
+
+const VALUES: usize = 32;
+/// e2m1 values, doubled.
+const KVALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+/// Bytes of a Q8_0 block: an f16 scale and 32 signed values.
+const Q8_0_BLOCK_BYTES: usize = 34;
+
+/// Bytes that `bytes` of MXFP4 blocks take as Q8_0 blocks.
+pub fn q8_0_bytes(bytes: usize) -> usize {
+    bytes / MXFP4_BLOCK_BYTES * Q8_0_BLOCK_BYTES
+}
+
+/// `blocks` (whole MXFP4 blocks) as Q8_0 blocks of the same values. Exact for scales from
+/// 2^-24 to 2^18; a block whose scale is below 2^-24 (values under 4e-7) becomes zero, and one
+/// above 2^18 is refused.
+pub fn to_q8_0(blocks: &[u8]) -> Result<Vec<u8>, String> {
+    if !blocks.len().is_multiple_of(MXFP4_BLOCK_BYTES) {
+        return Err(format!(
+            "{} bytes are not whole MXFP4 blocks of {MXFP4_BLOCK_BYTES}",
+            blocks.len()
+        ));
+    }
+    let mut out = Vec::with_capacity(q8_0_bytes(blocks.len()));
+    for block in blocks.chunks_exact(MXFP4_BLOCK_BYTES) {
+        let exponent = i32::from(block[0]) - 128;
+        // Codes times 2^shift keep |values| <= 96, and the scale inside f16's range.
+        let shift = (exponent - 15).clamp(0, 3);
+        let scale_exponent = exponent - shift;
+        if scale_exponent > 15 {
+            return Err(format!(
+                "an MXFP4 block scale of 2^{exponent} is beyond what this version holds"
+            ));
+        }
+        let zero = scale_exponent < -24;
+        let scale = if zero {
+            f16::ZERO
+        } else {
+            f16::from_f32(2f32.powi(scale_exponent))
+        };
+        out.extend_from_slice(&scale.to_le_bytes());
+        let code = |j: usize| {
+            let byte = block[1 + j % 16];
+            let nibble = if j < 16 { byte & 0x0f } else { byte >> 4 };
+            if zero {
+                0
+            } else {
+                (KVALUES[nibble as usize] << shift) as u8
+            }
+        };
+        out.extend((0..VALUES).map(code));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ggml's reference: `KVALUES[code] * e8m0_to_fp32_half(e)`.
+    fn reference(block: &[u8]) -> Vec<f32> {
+        let half = 2f64.powi(i32::from(block[0]) - 128);
+        (0..VALUES)
+            .map(|j| {
+                let byte = block[1 + j % 16];
+                let nibble = if j < 16 { byte & 0x0f } else { byte >> 4 };
+                (f64::from(KVALUES[nibble as usize]) * half) as f32
+            })
+            .collect()
+    }
+
+    fn q8_0_values(block: &[u8]) -> Vec<f32> {
+        let scale = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        block[2..]
+            .iter()
+            .map(|&q| f32::from(q as i8) * scale)
+            .collect()
+    }
+
+    #[test]
+    fn q8_0_blocks_hold_the_same_values() {
+        for exponent in [104u8, 110, 120, 126, 127, 128, 140, 143, 144, 146] {
+            let mut block = vec![exponent];
+            block.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+            let q = to_q8_0(&block).unwrap();
+            assert_eq!(q.len(), Q8_0_BLOCK_BYTES);
+            assert_eq!(q8_0_values(&q), reference(&block), "e {exponent}");
+        }
+        // Below f16's range: values under 4e-7 become zero.
+        let block = [90u8; MXFP4_BLOCK_BYTES];
+        assert!(
+            q8_0_values(&to_q8_0(&block).unwrap())
+                .iter()
+                .all(|&v| v == 0.0)
+        );
+        assert!(to_q8_0(&[200u8; MXFP4_BLOCK_BYTES]).is_err());
+        assert!(to_q8_0(&[0u8; 5]).is_err());
+    }
+}
