@@ -524,7 +524,13 @@ fn huggingface_contents(dir: &Path, config: &ModelConfig) -> Result<Contents> {
         for expert in 0..config.num_experts {
             for name in expert_tensor_names(config, layer, expert) {
                 let name = format!("{name}.weight");
-                total_disk += weights.raw(&name)?.2.len() as u64;
+                // A fused expert tensor (gpt-oss's) holds gate and up together: its bytes
+                // count once, with the gate.
+                let location = weights.location(&name)?;
+                if !weights.contains(&name) && name.ends_with(".up_proj.weight") {
+                    continue;
+                }
+                total_disk += location.bytes;
                 expert_names.insert(name);
             }
         }
@@ -532,16 +538,21 @@ fn huggingface_contents(dir: &Path, config: &ModelConfig) -> Result<Contents> {
     let (expert_dtype, expert_bytes_on_disk) = match config.moe_layers().next() {
         Some(first) => {
             let names = expert_tensor_names(config, first, 0).map(|n| format!("{n}.weight"));
-            let dtype = weights.raw(&names[0])?.0.to_string();
-            let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            (Some(dtype), tensor_bytes(&weights, &names)?.on_disk)
+            let dtype = weights.location(&names[0])?.dtype.to_string();
+            (
+                Some(dtype),
+                total_disk / (config.moe_layers().count() * config.num_experts) as u64,
+            )
         }
         None => (None, 0),
     };
+    // Fused expert tensors (gpt-oss's `mlp.experts.gate_up_proj`, `down_proj`) are experts too.
+    let fused =
+        |n: &str| n.ends_with(".mlp.experts.gate_up_proj") || n.ends_with(".mlp.experts.down_proj");
     let base_names: Vec<&str> = weights
         .names()
         .into_iter()
-        .filter(|n| !expert_names.contains(*n))
+        .filter(|n| !expert_names.contains(*n) && !fused(n))
         .collect();
     Ok(Contents {
         format: "huggingface",

@@ -122,6 +122,13 @@ fn glm4_moe_config_from_metadata_equals_the_checkpoints() {
 }
 
 #[test]
+fn gpt_oss_config_from_metadata_equals_the_checkpoints() {
+    let (from_gguf, mut expected) = configs(GPT_OSS);
+    expected.rms_norm_eps = from_gguf.rms_norm_eps;
+    assert_eq!(from_gguf, expected);
+}
+
+#[test]
 fn deepseek_v3_config_from_metadata_equals_the_checkpoints() {
     let (from_gguf, from_hf) = configs(DEEPSEEK);
     let mut expected = from_hf.clone();

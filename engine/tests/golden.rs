@@ -29,9 +29,22 @@ fn check_fixture(name: &str) {
     );
     assert!(diff <= LOGITS_TOLERANCE, "{name}: max |logit diff| {diff}");
 
+    // Hidden states are held to the same tolerance relative to their size (gpt-oss's large
+    // expert weights make them reach hundreds; the others' stay near ten).
     let hidden = Tensor::stack(&trace.hidden_states, 0).unwrap();
     let diff = max_abs_diff(&hidden, &g["hidden_states"]);
-    assert!(diff <= LOGITS_TOLERANCE, "{name}: max |hidden diff| {diff}");
+    let size = g["hidden_states"]
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let allowed = LOGITS_TOLERANCE * (size / 10.0).max(1.0);
+    assert!(
+        diff <= allowed,
+        "{name}: max |hidden diff| {diff}, of values up to {size}"
+    );
 
     let golden_ids = g["routing_ids"].to_vec3::<i64>().unwrap();
     let golden_weights = g["routing_weights"].to_vec3::<f32>().unwrap();
@@ -106,4 +119,9 @@ fn kimi_k2_matches_transformers() {
 #[test]
 fn glm4_moe_matches_transformers() {
     check_fixture("glm4_moe");
+}
+
+#[test]
+fn gpt_oss_matches_transformers() {
+    check_fixture("gpt_oss");
 }

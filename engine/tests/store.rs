@@ -80,6 +80,27 @@ fn on_demand_is_bit_identical_to_resident_at_every_budget() {
     }
 }
 
+/// gpt-oss's experts, sliced per expert out of its fused tensors, on demand as resident (its
+/// checkpoints do not convert yet).
+#[test]
+fn fused_experts_on_demand_are_bit_identical_to_resident() {
+    let source = fixture("gpt_oss");
+    let input = ids(&golden("gpt_oss")["input_ids"]);
+    let resident = odmoe_engine::open::resident(&source, &Device::Cpu).unwrap();
+    let expected = logit_bits_and_greedy(&resident, &input, 16);
+    let (config, total) = open::describe(&source).unwrap();
+    let expert = config.expert_f32_bytes() as u64;
+    for budget in [config.num_experts_per_token as u64 * expert, total / 2] {
+        let loaded =
+            open::load(&source, &on_demand(budget, PolicyKind::Lru), &Device::Cpu).unwrap();
+        assert!(
+            logit_bits_and_greedy(&loaded.model, &input, 16) == expected,
+            "budget {budget}"
+        );
+        assert!(loaded.store.unwrap().stats().evictions > 0);
+    }
+}
+
 #[test]
 fn layout_resident_mode_matches_the_checkpoint() {
     let out = tempfile::tempdir().unwrap();

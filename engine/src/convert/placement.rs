@@ -61,6 +61,15 @@ pub(super) fn expert_layout(
     for layer in config.moe_layers() {
         for e in 0..config.num_experts {
             for (name, shape) in expert_weight_names(config, layer, e).iter().zip(shapes) {
+                if !weights.contains(name) && weights.location(name).is_ok() {
+                    return Err(Error::config(
+                        config_path,
+                        format!(
+                            "{name} is a slice of a fused expert tensor (gpt-oss): converting \
+                             fused experts is not supported yet; serve the checkpoint as it is"
+                        ),
+                    ));
+                }
                 let (found, actual, _) = weights.raw(name)?;
                 let path = weights.path_of(name)?;
                 if actual != shape {

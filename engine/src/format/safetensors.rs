@@ -53,7 +53,46 @@ pub struct TensorLocation {
     pub offset: u64,
     pub bytes: u64,
     pub dtype: Dtype,
+    /// The shape of the tensor as named (after `view`).
     pub shape: Vec<usize>,
+    /// How the bytes at `offset` make the tensor.
+    pub view: View,
+}
+
+/// How a tensor is made from the bytes of its location.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    /// They are the tensor.
+    Whole,
+    /// They are one expert's `[in, out]` slab of a fused tensor (transformers' gpt-oss keeps
+    /// each layer's experts as `gate_up_proj` `[experts, hidden, 2 * width]`, gate and up
+    /// columns interleaved, and `down_proj` `[experts, width, hidden]`): the tensor is the
+    /// slab's columns from `first`, every `step`-th, transposed to `[out, in]`.
+    Columns { first: usize, step: usize },
+}
+
+impl View {
+    /// The tensor `bytes` (of `dtype`, in the location's layout) make, as f32 on `device`.
+    pub fn f32_tensor(
+        self,
+        bytes: &[u8],
+        dtype: Dtype,
+        shape: &[usize],
+        device: &Device,
+    ) -> std::result::Result<Tensor, String> {
+        let Self::Columns { first, step } = self else {
+            return f32_tensor(bytes, dtype, shape, device);
+        };
+        let (out, input) = (shape[0], shape[1]);
+        let slab = f32_tensor(bytes, dtype, &[input, out * step], &Device::Cpu)?;
+        slab.reshape((input, out, step))
+            .and_then(|t| t.narrow(2, first, 1))
+            .and_then(|t| t.reshape((input, out)))
+            .and_then(|t| t.t())
+            .and_then(|t| t.contiguous())
+            .and_then(|t| t.to_device(device))
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// The weights of a Hugging Face checkpoint directory, looked up by tensor name.
@@ -179,6 +218,11 @@ impl HfWeights {
 
     /// Where `name`'s bytes are, so that a reader can fetch them with its own I/O.
     pub fn location(&self, name: &str) -> Result<TensorLocation> {
+        if !self.contains(name)
+            && let Some(location) = self.fused_expert_location(name)?
+        {
+            return Ok(location);
+        }
         let file = self.file_of(name)?;
         let info = &file.tensors[name];
         let (start, end) = info.data_offsets;
@@ -188,7 +232,58 @@ impl HfWeights {
             bytes: (end - start) as u64,
             dtype: info.dtype,
             shape: info.shape.clone(),
+            view: View::Whole,
         })
+    }
+
+    /// Where expert E's projection `model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`
+    /// lies when the checkpoint keeps the layer's experts fused (see [`View::Columns`]).
+    fn fused_expert_location(&self, name: &str) -> Result<Option<TensorLocation>> {
+        let Some((layer, rest)) = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once(".mlp.experts."))
+        else {
+            return Ok(None);
+        };
+        let Some((expert, projection)) = rest.split_once('.') else {
+            return Ok(None);
+        };
+        let Ok(expert) = expert.parse::<usize>() else {
+            return Ok(None);
+        };
+        let (fused, first, step) = match projection {
+            "gate_proj.weight" => ("gate_up_proj", 0, 2),
+            "up_proj.weight" => ("gate_up_proj", 1, 2),
+            "down_proj.weight" => ("down_proj", 0, 1),
+            _ => return Ok(None),
+        };
+        let fused = format!("model.layers.{layer}.mlp.experts.{fused}");
+        if !self.contains(&fused) {
+            return Ok(None);
+        }
+        let whole = self.location(&fused)?;
+        let [experts, input, columns] = whole.shape[..] else {
+            return Err(Error::TensorShape {
+                name: fused,
+                path: whole.path,
+                actual: whole.shape,
+                expected: vec![0, 0, 0],
+            });
+        };
+        if expert >= experts || !columns.is_multiple_of(step) {
+            return Err(Error::MissingTensor {
+                name: name.to_string(),
+                location: format!("{} ({fused} has {experts} experts)", whole.path.display()),
+            });
+        }
+        let slab = whole.bytes / experts as u64;
+        Ok(Some(TensorLocation {
+            offset: whole.offset + expert as u64 * slab,
+            bytes: slab,
+            shape: vec![columns / step, input],
+            view: View::Columns { first, step },
+            ..whole
+        }))
     }
 
     fn file_of(&self, name: &str) -> Result<&SafetensorsFile> {

@@ -14,13 +14,14 @@
 //!   stay resident with the router; the store holds the three matrices.
 //!
 //! Hugging Face checkpoints keep each layer's experts in one fused tensor (`gate_up_proj`, gate
-//! and up interleaved, in MXFP4 blocks in the released models) that the expert readers do not
-//! slice yet: they are refused with a clear error, and their GGUF conversions are read.
+//! and up interleaved), which the checkpoint reader slices per expert (see
+//! `format::safetensors::View`); the released checkpoints keep those in MXFP4 blocks, which are
+//! not read from safetensors yet (their GGUF conversions are).
 
 use candle_core::{D, Tensor};
 
 use super::gguf_config::GgufConfig;
-use super::hf_config::HfConfig;
+use super::hf_config::{HfConfig, RopeScalings};
 use super::layers::linear;
 use super::moe::{MoeBlock, Scoring};
 use super::{BaseGroup, DecoderLayer, Family, FeedForward, GgufMatch, SelfAttention, qwen_moe};
@@ -56,12 +57,55 @@ const GATING: ExpertGating = ExpertGating::ClampedSwiglu {
 const WINDOW_PATTERN: usize = 2;
 
 fn from_hf(hf: &HfConfig) -> Result<ModelConfig> {
-    Err(hf.error(
-        "gpt-oss from a Hugging Face checkpoint is not supported yet: its experts are stored \
-         fused (gate_up_proj). A BF16 checkpoint converts to a GGUF file this version reads \
-         (llama.cpp's convert_hf_to_gguf.py --outtype bf16, then llama-quantize to Q8_0 if \
-         wanted); the released MXFP4 ones do not yet",
-    ))
+    if let Some(method) = hf
+        .quantization_config
+        .as_ref()
+        .and_then(|q| q.get("quant_method"))
+    {
+        return Err(hf.error(format!(
+            "gpt-oss checkpoints quantized with {method} are not read yet (their experts are \
+             MXFP4 blocks): convert the checkpoint with llama.cpp's convert_hf_to_gguf.py, \
+             which keeps MXFP4, and load the GGUF file; BF16 checkpoints load as they are"
+        )));
+    }
+    let mut config = hf.common(Architecture::GptOss, RopeScalings::PlainOrYarn)?;
+    hf.set_experts(&mut config, hf.intermediate_size, "intermediate_size")?;
+    // The top-k logits softmaxed: the top-k probabilities renormalised.
+    config.norm_topk_prob = true;
+    config.rope_yarn = hf.yarn()?;
+    config.sliding_window = hf.sliding_window;
+    config.window_layers = Some(match &hf.layer_types {
+        Some(types) => {
+            if types.len() != config.num_layers {
+                return Err(hf.error(format!(
+                    "layer_types lists {} layers, the model has {}",
+                    types.len(),
+                    config.num_layers
+                )));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "sliding_attention" => Ok(true),
+                    "full_attention" => Ok(false),
+                    other => Err(hf.error(format!("layer_types: {other:?} is unknown"))),
+                })
+                .collect::<Result<_>>()?
+        }
+        // transformers' default: windowed first, then alternating.
+        None => (0..config.num_layers).map(|l| l % 2 == 0).collect(),
+    });
+    config.attention_sinks = true;
+    // gpt-oss's attention_bias covers the output projection too.
+    config.attention_output_bias = config.attention_bias;
+    let ExpertGating::ClampedSwiglu { alpha, limit } = GATING else {
+        unreachable!("gpt-oss gates with the clamped SwiGLU")
+    };
+    config.expert_gating = ExpertGating::ClampedSwiglu {
+        alpha: hf.swiglu_alpha.unwrap_or(alpha),
+        limit: hf.swiglu_limit.unwrap_or(limit),
+    };
+    Ok(config)
 }
 
 fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
@@ -193,13 +237,16 @@ fn feed_forward_group(_config: &ModelConfig, tensor: &str) -> Option<BaseGroup> 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn hugging_face_checkpoints_are_refused_with_the_way_round() {
+    fn mxfp4_checkpoints_are_refused_with_the_way_round() {
         let err = crate::model::config_from_hf_json(
-            r#"{"model_type": "gpt_oss"}"#,
+            r#"{"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}}"#,
             std::path::Path::new("config.json"),
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("convert_hf_to_gguf"), "{err}");
+        assert!(
+            err.contains("convert_hf_to_gguf") && err.contains("mxfp4"),
+            "{err}"
+        );
     }
 }

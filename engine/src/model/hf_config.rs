@@ -68,6 +68,10 @@ pub struct HfConfig {
     pub(crate) rope_interleave: Option<bool>,
     pub(crate) use_qk_norm: Option<bool>,
     pub(crate) num_nextn_predict_layers: Option<usize>,
+    pub(crate) layer_types: Option<Vec<String>>,
+    pub(crate) swiglu_alpha: Option<f32>,
+    pub(crate) swiglu_limit: Option<f32>,
+    pub(crate) quantization_config: Option<Value>,
     /// Also read inside `rope_parameters` (see [`HfConfig::partial_rotary_factor`]).
     partial_rotary_factor: Option<f64>,
 }

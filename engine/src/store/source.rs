@@ -467,7 +467,9 @@ impl ExpertSource for HfSource {
                     ))
                 })?;
             total += t.bytes;
-            f32_tensor(&bytes, t.dtype, &t.shape, &self.device).map_err(fail)
+            t.view
+                .f32_tensor(&bytes, t.dtype, &t.shape, &self.device)
+                .map_err(fail)
         };
         let gate = read_one(0)?;
         let up = read_one(1)?;
