@@ -525,4 +525,17 @@ async fn chat_template_variables_reach_the_template() {
     assert!(not > thinking, "{not} against {thinking}");
     // gpt-oss's effort is a variable like any other: the Qwen3 template ignores it.
     assert_eq!(prompt_tokens(json!({"reasoning_effort": "high"})), thinking);
+    // What the server sets, and efforts OpenAI does not name, are refused.
+    for extra in [
+        json!({"reasoning_effort": "extreme"}),
+        json!({"chat_template_kwargs": {"add_generation_prompt": false}}),
+    ] {
+        let mut body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let request = post("/v1/chat/completions", Some(&daemon.key), &body);
+        let (_, head) = send_raw(&daemon.base, &request);
+        assert!(head.starts_with("HTTP/1.1 400"), "{extra}: {head}");
+    }
 }

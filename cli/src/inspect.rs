@@ -466,7 +466,7 @@ fn gguf_contents(path: &Path, config: &ModelConfig) -> Result<Contents> {
             );
         }
         let values: usize = tensor.shape.iter().product();
-        let stored = (values / 32 * gguf_header::MXFP4_BLOCK_BYTES) as u64;
+        let stored = gguf_header::mxfp4_bytes(values) as u64;
         expert_types.push("MXFP4");
         total_expert_bytes += stored;
         if first_layer_names.as_ref().is_some_and(|n| n.contains(name)) {

@@ -220,8 +220,9 @@ impl Tokenizer {
     /// template marks them (see [`reasoning`]).
     pub fn reply_parts(&self, prompt: &[u32]) -> Option<reasoning::ReplyParts> {
         let template = self.chat_template.as_ref()?;
-        // The generation prompt's end: enough tokens to hold an opened `<think>`.
-        let tail = &prompt[prompt.len().saturating_sub(4)..];
+        // The generation prompt's end: enough tokens to hold an opened `<think>` or a Harmony
+        // message header.
+        let tail = &prompt[prompt.len().saturating_sub(16)..];
         let tail = self.decode(tail, false).ok()?;
         reasoning::ReplyParts::new(template.source(), &tail)
     }

@@ -117,19 +117,53 @@ fn malformed_config_is_named() {
 
 /// A GGUF file holding one tensor of ggml type `ggml_type` (shape 32, no metadata).
 fn gguf_with_tensor_type(path: &Path, ggml_type: u32) {
-    let name = b"blk.0.ffn_up_exps.weight";
+    gguf_with(path, &[("blk.0.ffn_up_exps.weight", ggml_type, 0)], None);
+}
+
+/// A GGUF file of `tensors` (name, ggml type, data offset; shape 32 each) and, when given, a
+/// `general.alignment` of `alignment` (a u32).
+fn gguf_with(path: &Path, tensors: &[(&str, u32, u64)], alignment: Option<u32>) {
     let mut bytes = b"GGUF".to_vec();
     bytes.extend(3u32.to_le_bytes()); // version
-    bytes.extend(1u64.to_le_bytes()); // tensors
-    bytes.extend(0u64.to_le_bytes()); // metadata pairs
-    bytes.extend((name.len() as u64).to_le_bytes());
-    bytes.extend(name);
-    bytes.extend(1u32.to_le_bytes()); // dimensions
-    bytes.extend(32u64.to_le_bytes());
-    bytes.extend(ggml_type.to_le_bytes());
-    bytes.extend(0u64.to_le_bytes()); // offset
-    bytes.resize(bytes.len().next_multiple_of(32) + 32, 0);
+    bytes.extend((tensors.len() as u64).to_le_bytes());
+    bytes.extend(u64::from(alignment.is_some()).to_le_bytes()); // metadata pairs
+    if let Some(alignment) = alignment {
+        let key = b"general.alignment";
+        bytes.extend((key.len() as u64).to_le_bytes());
+        bytes.extend(key);
+        bytes.extend(4u32.to_le_bytes()); // u32
+        bytes.extend(alignment.to_le_bytes());
+    }
+    for (name, ggml_type, offset) in tensors {
+        bytes.extend((name.len() as u64).to_le_bytes());
+        bytes.extend(name.as_bytes());
+        bytes.extend(1u32.to_le_bytes()); // dimensions
+        bytes.extend(32u64.to_le_bytes());
+        bytes.extend(ggml_type.to_le_bytes());
+        bytes.extend(offset.to_le_bytes());
+    }
+    bytes.resize(bytes.len().next_multiple_of(32) + 256, 0);
     std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn gguf_headers_that_would_misplace_tensors_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.gguf");
+    let open = |path: &Path| {
+        odmoe_engine::format::gguf::GgufFile::open(path, &Device::Cpu)
+            .err()
+            .map(|e| e.to_string())
+    };
+    gguf_with(&path, &[("a", 0, 0), ("a", 0, 128)], None);
+    assert!(open(&path).is_some_and(|e| e.contains("listed twice")));
+    gguf_with(&path, &[("a", 0, 0)], Some(48));
+    assert!(open(&path).is_some_and(|e| e.contains("power of two")));
+    // An offset that wraps past the end of the address space.
+    gguf_with(&path, &[("a", 0, u64::MAX - 8)], None);
+    assert!(open(&path).is_some_and(|e| e.contains("truncated")));
+    gguf_with(&path, &[("a", 0, 0)], Some(64));
+    assert_eq!(open(&path), None);
 }
 
 #[test]

@@ -143,7 +143,30 @@ pub async fn chat_completions(
         None => None,
     };
     let mut variables = request.chat_template_kwargs.unwrap_or_default();
+    // What the server itself gives the template is not the client's to change.
+    const RESERVED: [&str; 5] = [
+        "messages",
+        "tools",
+        "add_generation_prompt",
+        "bos_token",
+        "eos_token",
+    ];
+    if let Some(key) = RESERVED.iter().find(|k| variables.contains_key(**k)) {
+        return Err(ApiError::bad_request(
+            DIALECT,
+            format!("chat_template_kwargs: {key} is set by the server, not the request"),
+        ));
+    }
     if let Some(effort) = request.reasoning_effort {
+        if !["minimal", "low", "medium", "high"].contains(&effort.as_str()) {
+            return Err(ApiError::bad_request(
+                DIALECT,
+                format!(
+                    "reasoning_effort: {:?} is none of minimal, low, medium, high",
+                    crate::logging::untrusted(&effort)
+                ),
+            ));
+        }
         variables.insert("reasoning_effort".into(), Value::String(effort));
     }
     let prompt = chat_prompt(

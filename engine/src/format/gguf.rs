@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 
-use super::gguf_header::{self, MXFP4_BLOCK_BYTES, MXFP4_TYPE, OtherTensor};
+use super::gguf_header::{self, MXFP4_TYPE, OtherTensor};
 use super::mxfp4;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{Device, Tensor};
@@ -52,8 +52,12 @@ impl GgufFile {
         };
         // Refuse a truncated file now rather than at the first read of its last tensor.
         let mxfp4 = this.mxfp4.iter().map(|(name, t)| {
-            let values: usize = t.shape.iter().product();
-            (name, t.offset, values / 32 * MXFP4_BLOCK_BYTES)
+            let values = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            (
+                name,
+                t.offset,
+                values.map_or(usize::MAX, gguf_header::mxfp4_bytes),
+            )
         });
         let known = this
             .content
@@ -61,7 +65,12 @@ impl GgufFile {
             .iter()
             .map(|(name, info)| (name, info.offset, tensor_bytes(info)));
         for (name, offset, bytes) in known.chain(mxfp4) {
-            let end = this.content.tensor_data_offset + offset + bytes as u64;
+            let end = this
+                .content
+                .tensor_data_offset
+                .checked_add(offset)
+                .and_then(|start| start.checked_add(bytes as u64))
+                .unwrap_or(u64::MAX);
             if end > len {
                 return Err(this.error(format!(
                     "tensor {name:?} ends at byte {end} but the file has {len} bytes (truncated?)"
@@ -316,7 +325,8 @@ impl GgufFile {
                 expected: vec![expert + 1, shape[0], shape[1]],
             });
         }
-        let bytes = shape[0] * shape[1] / 32 * MXFP4_BLOCK_BYTES;
+        // Within the file: the whole tensor was checked to end inside it at open.
+        let bytes = gguf_header::mxfp4_bytes(shape[0] * shape[1]);
         Ok(ExpertSlice {
             offset: self.content.tensor_data_offset + tensor.offset + (expert * bytes) as u64,
             bytes,

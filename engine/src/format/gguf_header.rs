@@ -39,7 +39,7 @@ pub struct Header {
     pub others: HashMap<String, OtherTensor>,
 }
 
-/// Reads the header at the reader's position (the start of the file).
+/// Reads the header of the file `reader` reads (from its start).
 pub fn read<R: Read + Seek>(reader: &mut R) -> Result<Header, String> {
     let size = reader.seek(SeekFrom::End(0)).map_err(io)?;
     reader.seek(SeekFrom::Start(0)).map_err(io)?;
@@ -86,6 +86,9 @@ pub fn read<R: Read + Seek>(reader: &mut R) -> Result<Header, String> {
         shape.reverse();
         let ggml_type = r.u32()?;
         let offset = r.u64()?;
+        if tensor_infos.contains_key(&name) || others.contains_key(&name) {
+            return Err(format!("tensor {name:?} is listed twice"));
+        }
         match ggml_dtype(ggml_type) {
             Some(ggml_dtype) => {
                 let shape = Shape::from(shape);
@@ -111,17 +114,13 @@ pub fn read<R: Read + Seek>(reader: &mut R) -> Result<Header, String> {
         }
     }
     let position = r.reader.stream_position().map_err(io)?;
+    // As ggml reads it: a power of two, where tensor data starts; anything else would place
+    // every tensor at the wrong bytes.
     let alignment = match metadata.get("general.alignment") {
-        Some(Value::U8(v)) => u64::from(*v),
-        Some(Value::U16(v)) => u64::from(*v),
-        Some(Value::U32(v)) => u64::from(*v),
-        Some(Value::U64(v)) => *v,
-        Some(Value::I8(v)) => u64::try_from(*v).unwrap_or(0),
-        Some(Value::I16(v)) => u64::try_from(*v).unwrap_or(0),
-        Some(Value::I32(v)) => u64::try_from(*v).unwrap_or(0),
-        _ => DEFAULT_ALIGNMENT,
-    }
-    .max(1);
+        None => DEFAULT_ALIGNMENT,
+        Some(Value::U32(v)) if v.is_power_of_two() => u64::from(*v),
+        Some(other) => return Err(format!("general.alignment {other:?} is not a power of two")),
+    };
     Ok(Header {
         content: Content {
             magic,
@@ -153,6 +152,11 @@ fn ggml_dtype(number: u32) -> Option<GgmlDType> {
         30 => GgmlDType::BF16,
         _ => return None,
     })
+}
+
+/// Bytes of `values` values in MXFP4 blocks.
+pub fn mxfp4_bytes(values: usize) -> usize {
+    values / 32 * MXFP4_BLOCK_BYTES
 }
 
 fn io(error: std::io::Error) -> String {

@@ -262,15 +262,23 @@ impl HfWeights {
             return Ok(None);
         }
         let whole = self.location(&fused)?;
-        let [experts, input, columns] = whole.shape[..] else {
-            return Err(Error::TensorShape {
-                name: fused,
-                path: whole.path,
-                actual: whole.shape,
-                expected: vec![0, 0, 0],
-            });
+        let fused_shape = |detail: &str| {
+            Error::config(
+                &whole.path,
+                format!(
+                    "{fused} {:?} is not a fused expert tensor [experts, in, out] as gpt-oss's \
+                     ({detail})",
+                    whole.shape
+                ),
+            )
         };
-        if expert >= experts || !columns.is_multiple_of(step) {
+        let [experts, input, columns] = whole.shape[..] else {
+            return Err(fused_shape("three dimensions expected"));
+        };
+        if !columns.is_multiple_of(step) {
+            return Err(fused_shape("gate and up columns do not pair"));
+        }
+        if expert >= experts {
             return Err(Error::MissingTensor {
                 name: name.to_string(),
                 location: format!("{} ({fused} has {experts} experts)", whole.path.display()),

@@ -231,7 +231,9 @@ pub(super) fn gguf_routed_experts(
 ) -> Result<DeepseekConfig> {
     const SIGMOID: usize = 2;
     let arch = meta.architecture();
-    match meta.opt_usize("expert_gating_func")?.or(gating_unstated) {
+    // 0 is llama.cpp's "none": as if the key were absent.
+    let stated = meta.opt_usize("expert_gating_func")?.filter(|&g| g != 0);
+    match stated.or(gating_unstated) {
         Some(SIGMOID) => {}
         other => {
             return Err(meta.error(format!(

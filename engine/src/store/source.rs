@@ -443,6 +443,8 @@ impl ExpertSource for HfSource {
             .and_then(|l| l.get(expert))
             .ok_or_else(|| Error::InvalidRequest(format!("no expert {expert} in layer {layer}")))?;
         let mut total = 0;
+        // Gate and up may be views of one slab (fused experts): read it once for both.
+        let mut last_read: Option<(usize, Vec<u8>)> = None;
         let mut read_one = |k: usize| -> Result<candle_core::Tensor> {
             let t = &located[k];
             let fail = |message: String| Error::Expert {
@@ -451,24 +453,32 @@ impl ExpertSource for HfSource {
                 path: t.path.clone(),
                 message,
             };
-            let bytes = fetch::read_at(
-                &self.files[&t.path],
-                t.offset,
-                t.bytes as usize,
-                self.bypass_cache,
-            )
-            .map_err(|e| fail(e.to_string()))?;
-            self.checksums
-                .check(layer, expert, k, &bytes)
-                .map_err(|m| {
-                    fail(format!(
-                        "{} tensor at offset {}: {m}",
-                        PROJECTIONS[k], t.offset
-                    ))
-                })?;
-            total += t.bytes;
+            let same_slab = last_read.as_ref().is_some_and(|(previous, _)| {
+                let p = &located[*previous];
+                (&p.path, p.offset, p.bytes) == (&t.path, t.offset, t.bytes)
+            });
+            if !same_slab {
+                let bytes = fetch::read_at(
+                    &self.files[&t.path],
+                    t.offset,
+                    t.bytes as usize,
+                    self.bypass_cache,
+                )
+                .map_err(|e| fail(e.to_string()))?;
+                self.checksums
+                    .check(layer, expert, k, &bytes)
+                    .map_err(|m| {
+                        fail(format!(
+                            "{} tensor at offset {}: {m}",
+                            PROJECTIONS[k], t.offset
+                        ))
+                    })?;
+                total += t.bytes;
+                last_read = Some((k, bytes));
+            }
+            let bytes = &last_read.as_ref().expect("read above").1;
             t.view
-                .f32_tensor(&bytes, t.dtype, &t.shape, &self.device)
+                .f32_tensor(bytes, t.dtype, &t.shape, &self.device)
                 .map_err(fail)
         };
         let gate = read_one(0)?;

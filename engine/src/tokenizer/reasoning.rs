@@ -61,7 +61,8 @@ impl ReplyParts {
     /// the answer's first visible character when reasoning came before).
     pub fn take<'a>(&mut self, raw: &str, text: &'a str) -> (Part, &'a str) {
         let part = self.route(raw);
-        self.reasoned |= part == Part::Reasoning;
+        // An empty `<think></think>` is reasoning too: blank lines follow it.
+        self.reasoned |= part == Part::Reasoning || raw.trim() == "</think>";
         if part != Part::Answer || self.answering {
             return (part, text);
         }
@@ -85,7 +86,8 @@ impl ReplyParts {
     pub fn calls_in<'a>(&self, raw: &'a str) -> &'a str {
         match self.marking {
             Marking::Harmony(_) => raw,
-            Marking::Think { .. } => match raw.rfind("</think>") {
+            // The first `</think>`: one the answer writes later is text.
+            Marking::Think { .. } => match raw.find("</think>") {
                 Some(at) => &raw[at + "</think>".len()..],
                 None if self.reasoned => "",
                 None => raw,
@@ -160,5 +162,20 @@ mod tests {
         let parts = ReplyParts::new("{{ '<think>' }}", "").unwrap();
         let raw = "<think>maybe <tool_call>{}</tool_call></think>\n<tool_call>{}</tool_call>";
         assert_eq!(parts.calls_in(raw), "\n<tool_call>{}</tool_call>");
+        // A `</think>` the answer writes is text.
+        let raw = "<think>x</think>\n<tool_call>{\"a\": \"</think>\"}</tool_call>";
+        assert_eq!(
+            parts.calls_in(raw),
+            "\n<tool_call>{\"a\": \"</think>\"}</tool_call>"
+        );
+    }
+
+    #[test]
+    fn an_empty_think_block_is_reasoning_too() {
+        let mut parts = ReplyParts::new("{{ '<think>' }}", "").unwrap();
+        parts.take("<think>", "");
+        parts.take("</think>", "");
+        assert_eq!(parts.take("\n\n", "\n\n"), (Part::Answer, ""));
+        assert_eq!(parts.take("Hi", "Hi"), (Part::Answer, "Hi"));
     }
 }
