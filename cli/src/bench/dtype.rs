@@ -1,14 +1,16 @@
 //! `odmoe bench dtype`: one expert projection (Qwen3-30B-A3B's, 768 x 2048) by weight type, in a
 //! decode step's shape (one token, the weights cycling through 512 MiB of copies so they come from
 //! memory as a step's experts do) and a prompt's (`--prompt-tokens` tokens, one copy), through
-//! candle's products and through odmoe's (its kernels where they take the type, else candle's).
+//! candle's products and through odmoe's (its kernels where they take the type, else candle's);
+//! and MXFP4, which odmoe holds as Q8_0 (see `mxfp4_rows`).
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use candle_core::quantized::{QMatMul, QTensor, ggml_file::qtensor_from_ggml};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{DType, Device, Module, Tensor};
 use clap::Args;
+use odmoe_engine::format::mxfp4;
 use odmoe_engine::kernels::{Projection, quantized};
 use serde_json::json;
 
@@ -108,6 +110,7 @@ pub fn run(args: DtypeBenchArgs) -> Result<()> {
             });
         }
     }
+    rows.extend(mxfp4_rows(&weight, &decode_x, &prompt_x)?);
     let isa = quantized::isa().map_or("none (candle's products only)".to_string(), |isa| {
         isa.to_string()
     });
@@ -153,6 +156,61 @@ pub fn run(args: DtypeBenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// MXFP4 (gpt-oss's experts), held as the Q8_0 blocks of the same values: the time of a read's
+/// conversion (`convert`: MXFP4 bytes to held Q8_0) and of the products on the held blocks, at
+/// the rate of the MXFP4 bytes a file stores. candle has no MXFP4: its column is its Q8_0 product
+/// on the same held blocks.
+fn mxfp4_rows(weight: &Tensor, decode_x: &Tensor, prompt_x: &Tensor) -> Result<Vec<Row>> {
+    let blocks = mxfp4::quantize(&weight.flatten_all()?.to_vec1::<f32>()?);
+    let bytes = blocks.len();
+    let started = Instant::now();
+    let mut converted = 0;
+    while started.elapsed() < MEASURE {
+        std::hint::black_box(mxfp4::to_q8_0(&blocks).map_err(anyhow::Error::msg)?);
+        converted += 1;
+    }
+    let convert_us = started.elapsed().as_secs_f64() * 1e6 / converted as f64;
+    let held = mxfp4::to_q8_0(&blocks).map_err(anyhow::Error::msg)?;
+    let stored = || -> Result<QMatMul> {
+        let copy = qtensor_from_ggml(GgmlDType::Q8_0, &held, vec![ROWS, COLS], &Device::Cpu)?;
+        Ok(QMatMul::from_qtensor(copy)?)
+    };
+    let candle = |_| -> Result<Apply> {
+        let m = stored()?;
+        Ok(Box::new(move |x: &Tensor| m.forward(x)))
+    };
+    let odmoe = |_| -> Result<Apply> {
+        let p = Projection::new(stored()?, None);
+        Ok(Box::new(move |x: &Tensor| {
+            p.forward(x)
+                .map_err(|error| candle_core::Error::Msg(error.to_string()))
+        }))
+    };
+    let kernel = quantized::eligible(&stored()?, decode_x).is_some();
+    let mut rows = vec![Row {
+        weights: "MXFP4 to Q8_0".into(),
+        shape: "convert",
+        bytes,
+        candle_us: convert_us,
+        odmoe_us: convert_us,
+        kernel: true,
+    }];
+    for (shape, x, budget) in [
+        ("decode", decode_x, held.len()),
+        ("prompt", prompt_x, usize::MAX),
+    ] {
+        rows.push(Row {
+            weights: "MXFP4 (held as Q8_0)".into(),
+            shape,
+            bytes,
+            candle_us: time(&copies(budget, &candle)?, x),
+            odmoe_us: time(&copies(budget, &odmoe)?, x),
+            kernel,
+        });
+    }
+    Ok(rows)
 }
 
 /// Copies of a matrix of `bytes` bytes worth [`DECODE_BYTES`] (one if `bytes` is `usize::MAX`).

@@ -6,8 +6,6 @@
 //! same values (the integers `KVALUES[code]` with the scale `2^(e - 128)` in f16), at twice the
 //! bytes: the quantized kernels then meet them as any Q8_0 weight.
 
-use half::f16;
-
 use super::gguf_header::MXFP4_BLOCK_BYTES;
 
 const VALUES: usize = 32;
@@ -31,8 +29,11 @@ pub fn to_q8_0(blocks: &[u8]) -> Result<Vec<u8>, String> {
             blocks.len()
         ));
     }
-    let mut out = Vec::with_capacity(q8_0_bytes(blocks.len()));
-    for block in blocks.chunks_exact(MXFP4_BLOCK_BYTES) {
+    let mut out = vec![0u8; q8_0_bytes(blocks.len())];
+    for (block, held) in blocks
+        .chunks_exact(MXFP4_BLOCK_BYTES)
+        .zip(out.chunks_exact_mut(Q8_0_BLOCK_BYTES))
+    {
         let exponent = i32::from(block[0]) - 128;
         // Codes times 2^shift keep |values| <= 96, and the scale inside f16's range.
         let shift = (exponent - 15).clamp(0, 3);
@@ -42,29 +43,58 @@ pub fn to_q8_0(blocks: &[u8]) -> Result<Vec<u8>, String> {
                 "an MXFP4 block scale of 2^{exponent} is beyond what this version holds"
             ));
         }
-        let zero = scale_exponent < -24;
-        let scale = if zero {
-            f16::ZERO
+        if scale_exponent < -24 {
+            // Values under 4e-7: the block stays zero.
+            continue;
+        }
+        // 2^scale_exponent as f16 bits: a normal number's biased exponent, or a subnormal's
+        // one mantissa bit.
+        let scale: u16 = if scale_exponent >= -14 {
+            ((scale_exponent + 15) as u16) << 10
         } else {
-            f16::from_f32(2f32.powi(scale_exponent))
+            1 << (scale_exponent + 24)
         };
-        out.extend_from_slice(&scale.to_le_bytes());
-        let code = |j: usize| {
-            let byte = block[1 + j % 16];
-            let nibble = if j < 16 { byte & 0x0f } else { byte >> 4 };
-            if zero {
-                0
-            } else {
-                (KVALUES[nibble as usize] << shift) as u8
-            }
-        };
-        out.extend((0..VALUES).map(code));
+        held[..2].copy_from_slice(&scale.to_le_bytes());
+        let (low, high) = held[2..].split_at_mut(16);
+        for ((&byte, low), high) in block[1..].iter().zip(low).zip(high) {
+            *low = (KVALUES[usize::from(byte & 0x0f)] << shift) as u8;
+            *high = (KVALUES[usize::from(byte >> 4)] << shift) as u8;
+        }
     }
     Ok(out)
 }
 
+/// `values` (a multiple of 32) as MXFP4 blocks, as ggml's reference quantizer makes them: the
+/// exponent from the block's largest magnitude, each value its nearest e2m1 code (the first
+/// on ties).
+pub fn quantize(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / VALUES * MXFP4_BLOCK_BYTES);
+    for block in values.chunks_exact(VALUES) {
+        let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let exponent = if largest > 0.0 {
+            (largest.log2().floor() as i32 - 2 + 127).clamp(0, 255) as u8
+        } else {
+            0
+        };
+        let half = 2f32.powi(i32::from(exponent) - 128);
+        let code = |x: f32| {
+            (0..16u8)
+                .min_by(|&a, &b| {
+                    let err = |c: u8| (half * f32::from(KVALUES[c as usize]) - x).abs();
+                    err(a).total_cmp(&err(b))
+                })
+                .expect("sixteen codes")
+        };
+        out.push(exponent);
+        out.extend((0..16).map(|j| code(block[j]) | (code(block[j + 16]) << 4)));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    use half::f16;
+
     use super::*;
 
     /// ggml's reference: `KVALUES[code] * e8m0_to_fp32_half(e)`.
@@ -85,6 +115,20 @@ mod tests {
             .iter()
             .map(|&q| f32::from(q as i8) * scale)
             .collect()
+    }
+
+    #[test]
+    fn quantized_values_are_the_nearest_codes() {
+        let values: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) * 0.01).collect();
+        let blocks = quantize(&values);
+        assert_eq!(blocks.len(), 2 * MXFP4_BLOCK_BYTES);
+        for (block, originals) in blocks.chunks(MXFP4_BLOCK_BYTES).zip(values.chunks(32)) {
+            let step = 2f32.powi(i32::from(block[0]) - 128);
+            for (got, want) in reference(block).iter().zip(originals) {
+                // Within half the widest gap of the e2m1 grid (4 doubled units) of the value.
+                assert!((got - want).abs() <= 2.0 * step, "{got} for {want}");
+            }
+        }
     }
 
     #[test]
