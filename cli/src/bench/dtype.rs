@@ -82,17 +82,8 @@ pub fn run(args: DtypeBenchArgs) -> Result<()> {
             let copy = qtensor_from_ggml(ggml, &data, vec![ROWS, COLS], &device)?;
             Ok(QMatMul::from_qtensor(copy)?)
         };
-        let candle = |_| -> Result<Apply> {
-            let m = stored()?;
-            Ok(Box::new(move |x: &Tensor| m.forward(x)))
-        };
-        let odmoe = |_| -> Result<Apply> {
-            let p = Projection::new(stored()?, None);
-            Ok(Box::new(move |x: &Tensor| {
-                p.forward(x)
-                    .map_err(|error| candle_core::Error::Msg(error.to_string()))
-            }))
-        };
+        let candle = |_| Ok(through_candle(stored()?));
+        let odmoe = |_| Ok(through_odmoe(stored()?));
         let kernel = quantized::eligible(&stored()?, &decode_x).is_some();
         for (shape, x, budget) in [
             ("decode", &decode_x, bytes),
@@ -177,17 +168,8 @@ fn mxfp4_rows(weight: &Tensor, decode_x: &Tensor, prompt_x: &Tensor) -> Result<V
         let copy = qtensor_from_ggml(GgmlDType::Q8_0, &held, vec![ROWS, COLS], &Device::Cpu)?;
         Ok(QMatMul::from_qtensor(copy)?)
     };
-    let candle = |_| -> Result<Apply> {
-        let m = stored()?;
-        Ok(Box::new(move |x: &Tensor| m.forward(x)))
-    };
-    let odmoe = |_| -> Result<Apply> {
-        let p = Projection::new(stored()?, None);
-        Ok(Box::new(move |x: &Tensor| {
-            p.forward(x)
-                .map_err(|error| candle_core::Error::Msg(error.to_string()))
-        }))
-    };
+    let candle = |_| Ok(through_candle(stored()?));
+    let odmoe = |_| Ok(through_odmoe(stored()?));
     let kernel = quantized::eligible(&stored()?, decode_x).is_some();
     let mut rows = vec![Row {
         weights: "MXFP4 to Q8_0".into(),
@@ -211,6 +193,20 @@ fn mxfp4_rows(weight: &Tensor, decode_x: &Tensor, prompt_x: &Tensor) -> Result<V
         });
     }
     Ok(rows)
+}
+
+/// `m`'s product through candle.
+fn through_candle(m: QMatMul) -> Apply {
+    Box::new(move |x: &Tensor| m.forward(x))
+}
+
+/// `m`'s product as odmoe computes it (its kernels where they take the type).
+fn through_odmoe(m: QMatMul) -> Apply {
+    let p = Projection::new(m, None);
+    Box::new(move |x: &Tensor| {
+        p.forward(x)
+            .map_err(|error| candle_core::Error::Msg(error.to_string()))
+    })
 }
 
 /// Copies of a matrix of `bytes` bytes worth [`DECODE_BYTES`] (one if `bytes` is `usize::MAX`).
