@@ -339,6 +339,17 @@ fn inspect_gives_the_kv_cache_of_a_long_context() {
         "{text}"
     );
 
+    // Heads of 16 values (the tiny gpt-oss) cannot be kept in Q8_0 blocks: said, not counted 0.
+    let oss = fixture("gguf/gpt_oss-mxfp4.gguf");
+    let r = json(&odmoe_ok(&["inspect", s(&oss), "--json"]));
+    assert!(r["kv_cache_bytes_per_token_q8_0"].is_null(), "{r}");
+    assert_eq!(r["expert_dtype"], "MXFP4", "{r}");
+    let text = odmoe_ok(&["inspect", s(&oss)]);
+    assert!(
+        text.contains("no q8_0: heads are not whole 32-value blocks"),
+        "{text}"
+    );
+
     // A checkpoint: its cache in each way it can be kept, Q8_0 rows at 34 bytes for f16's 64.
     let gguf = fixture("gguf/qwen3_moe-q8_0.gguf");
     let r = json(&odmoe_ok(&[

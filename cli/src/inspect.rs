@@ -91,7 +91,8 @@ pub struct Inspection {
 #[derive(Debug, Serialize)]
 pub struct KvCacheSizes {
     pub kv_cache_bytes_per_token_f16: u64,
-    pub kv_cache_bytes_per_token_q8_0: u64,
+    /// `None` when the heads cannot be kept in Q8_0 (their width is not a multiple of 32).
+    pub kv_cache_bytes_per_token_q8_0: Option<u64>,
     pub kv_cache_bytes_per_token_f32: u64,
     pub context_tokens: Option<u64>,
     pub kv_cache_bytes_at_context_f16: Option<u64>,
@@ -104,7 +105,10 @@ impl KvCacheSizes {
         let per_token = |kind: KvType| kind.bytes_per_token(config) as u64;
         Self {
             kv_cache_bytes_per_token_f16: per_token(KvType::F16),
-            kv_cache_bytes_per_token_q8_0: per_token(KvType::Q8_0),
+            // Latent attention keeps its latents in f16 under any cache type.
+            kv_cache_bytes_per_token_q8_0: (config.latent_attention().is_some()
+                || KvType::Q8_0.check(&Device::Cpu, config.head_dim).is_ok())
+            .then(|| per_token(KvType::Q8_0)),
             kv_cache_bytes_per_token_f32: per_token(KvType::F32),
             context_tokens: None,
             kv_cache_bytes_at_context_f16: None,
@@ -118,30 +122,34 @@ impl KvCacheSizes {
         self.context_tokens = Some(tokens);
         self.kv_cache_bytes_at_context_f16 =
             Some(tokens.saturating_mul(self.kv_cache_bytes_per_token_f16));
-        self.kv_cache_bytes_at_context_q8_0 =
-            Some(tokens.saturating_mul(self.kv_cache_bytes_per_token_q8_0));
+        self.kv_cache_bytes_at_context_q8_0 = self
+            .kv_cache_bytes_per_token_q8_0
+            .map(|bytes| tokens.saturating_mul(bytes));
         self.kv_cache_bytes_at_context_f32 =
             Some(tokens.saturating_mul(self.kv_cache_bytes_per_token_f32));
     }
 
     /// The KV cache's lines; `what` says what it holds.
     fn print(&self, what: &str) {
+        let q8_0 = |bytes: Option<u64>, show: &dyn Fn(u64) -> String| match bytes {
+            Some(bytes) => format!("{} in q8_0", show(bytes)),
+            None => "no q8_0: heads are not whole 32-value blocks".to_string(),
+        };
         println!(
-            "KV cache      {} bytes per token in f16 ({} in q8_0, {} in f32): {what}",
+            "KV cache      {} bytes per token in f16 ({}, {} in f32): {what}",
             self.kv_cache_bytes_per_token_f16,
-            self.kv_cache_bytes_per_token_q8_0,
+            q8_0(self.kv_cache_bytes_per_token_q8_0, &|b| b.to_string()),
             self.kv_cache_bytes_per_token_f32
         );
-        if let (Some(tokens), Some(f16), Some(q8_0), Some(f32)) = (
+        if let (Some(tokens), Some(f16), Some(f32)) = (
             self.context_tokens,
             self.kv_cache_bytes_at_context_f16,
-            self.kv_cache_bytes_at_context_q8_0,
             self.kv_cache_bytes_at_context_f32,
         ) {
             println!(
-                "              {} in f16 ({} in q8_0, {} in f32) at {tokens} tokens",
+                "              {} in f16 ({}, {} in f32) at {tokens} tokens",
                 format_bytes(f16),
-                format_bytes(q8_0),
+                q8_0(self.kv_cache_bytes_at_context_q8_0, &format_bytes),
                 format_bytes(f32)
             );
         }
@@ -303,7 +311,7 @@ fn in_memory(bytes: u64, f32_bytes: u64) -> String {
         format!("{} in memory (f32)", format_bytes(bytes))
     } else {
         format!(
-            "{} in memory (quantized as stored; {} in f32)",
+            "{} in memory (quantized; {} in f32)",
             format_bytes(bytes),
             format_bytes(f32_bytes)
         )
