@@ -46,7 +46,7 @@ impl GluMlp {
         if let Some(weights) = self.quantized(x) {
             let input = quantized::Activations::of(x, &weights.input_formats())?;
             let mut out = form.glu(&[(weights, &input)], &[expert])?.remove(0);
-            form.add_down_bias(expert, &mut out)?;
+            form.add_down_bias(expert, &mut out);
             return Ok(Tensor::from_vec(out, x.dims(), x.device())?);
         }
         if !form.is_plain() {
@@ -60,15 +60,15 @@ impl GluMlp {
     /// [`forward_as`](Self::forward_as) with biases or another gating, through candle's
     /// products in the order transformers computes them.
     fn forward_in_form(&self, x: &Tensor, form: &ExpertForm, expert: usize) -> Result<Tensor> {
-        let biased = |y: Tensor, biases: Option<&Tensor>| -> Result<Tensor> {
-            Ok(match biases {
-                Some(b) => y.broadcast_add(&b.get(expert)?)?,
+        let biased = |y: Tensor, bias: Option<&[f32]>| -> Result<Tensor> {
+            Ok(match bias {
+                Some(b) => y.broadcast_add(&Tensor::from_slice(b, b.len(), x.device())?)?,
                 None => y,
             })
         };
         let biases = form.biases.as_ref();
-        let gate = biased(self.gate.forward(x)?, biases.map(|b| &b.gate))?;
-        let up = biased(self.up.forward(x)?, biases.map(|b| &b.up))?;
+        let gate = biased(self.gate.forward(x)?, biases.map(|b| b.gate(expert)))?;
+        let up = biased(self.up.forward(x)?, biases.map(|b| b.up(expert)))?;
         let inner = match form.gating {
             ExpertGating::Silu => (candle_nn::ops::silu(&gate)? * up)?,
             ExpertGating::ClampedSwiglu { alpha, limit } => {
@@ -79,7 +79,7 @@ impl GluMlp {
                 (up.affine(1.0, 1.0)? * glu)?
             }
         };
-        biased(self.down.forward(&inner)?, biases.map(|b| &b.down))
+        biased(self.down.forward(&inner)?, biases.map(|b| b.down(expert)))
     }
 
     /// The three projections when the quantized kernels take `x` through them all.
@@ -110,7 +110,7 @@ impl GluMlp {
 #[derive(Clone, Debug, Default)]
 pub struct ExpertForm {
     pub gating: ExpertGating,
-    pub biases: Option<ExpertBiases>,
+    pub biases: Option<Box<ExpertBiases>>,
 }
 
 impl ExpertForm {
@@ -129,45 +129,30 @@ impl ExpertForm {
         if self.is_plain() {
             return quantized::glu(experts);
         }
-        let row = |biases: Option<&Tensor>, e: usize| -> Result<Option<Vec<f32>>> {
-            biases
-                .map(|b| Ok(b.get(ids[e])?.to_vec1::<f32>()?))
-                .transpose()
-        };
-        let biases = self.biases.as_ref();
-        let rows = (0..ids.len())
-            .map(|e| {
-                Ok((
-                    row(biases.map(|b| &b.gate), e)?,
-                    row(biases.map(|b| &b.up), e)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let gating = self.gating;
+        let (gating, biases) = (self.gating, self.biases.as_ref());
         quantized::glu_with(experts, &|e, gate, up| {
-            let (gate_bias, up_bias) = &rows[e];
-            let width = gate_bias
-                .as_ref()
-                .or(up_bias.as_ref())
-                .map_or(gate.len(), Vec::len);
+            let rows = biases.map(|b| (b.gate(ids[e]), b.up(ids[e])));
             for (i, (g, &u)) in gate.iter_mut().zip(up).enumerate() {
-                let at = i % width;
-                let g_in = *g + gate_bias.as_ref().map_or(0.0, |b| b[at]);
-                let u_in = u + up_bias.as_ref().map_or(0.0, |b| b[at]);
+                let (g_in, u_in) = match rows {
+                    Some((gate_bias, up_bias)) => {
+                        let at = i % gate_bias.len();
+                        (*g + gate_bias[at], u + up_bias[at])
+                    }
+                    None => (*g, u),
+                };
                 *g = gated(gating, g_in, u_in);
             }
         })
     }
 
     /// Adds expert `expert`'s down-projection bias to each row of `out`.
-    fn add_down_bias(&self, expert: usize, out: &mut [f32]) -> Result<()> {
+    fn add_down_bias(&self, expert: usize, out: &mut [f32]) {
         if let Some(biases) = &self.biases {
-            let bias = biases.down.get(expert)?.to_vec1::<f32>()?;
+            let bias = biases.down(expert);
             for row in out.chunks_exact_mut(bias.len()) {
-                row.iter_mut().zip(&bias).for_each(|(o, b)| *o += b);
+                row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
             }
         }
-        Ok(())
     }
 }
 
@@ -176,7 +161,8 @@ impl ExpertForm {
 fn gated(gating: ExpertGating, gate: f32, up: f32) -> f32 {
     let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
     match gating {
-        ExpertGating::Silu => gate * sigmoid(gate) * up,
+        // As candle's SiLU and the kernels' `silu_times` compute it.
+        ExpertGating::Silu => gate / (1.0 + (-gate).exp()) * up,
         ExpertGating::ClampedSwiglu { alpha, limit } => {
             let gate = gate.min(limit);
             let up = up.clamp(-limit, limit);
@@ -185,13 +171,44 @@ fn gated(gating: ExpertGating, gate: f32, up: f32) -> f32 {
     }
 }
 
-/// Every expert's biases, one row per expert: gate and up `[experts, intermediate]`, down
-/// `[experts, hidden]`.
+/// Every expert's biases, one row per expert, on the host: the quantized kernels add them to
+/// their rows as they are, and candle's path takes an expert's rows to the device.
 #[derive(Clone, Debug)]
 pub struct ExpertBiases {
-    pub gate: Tensor,
-    pub up: Tensor,
-    pub down: Tensor,
+    /// `[experts, intermediate]` each.
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// `[experts, hidden]`.
+    down: Vec<f32>,
+    width: usize,
+    hidden: usize,
+}
+
+impl ExpertBiases {
+    /// The biases of gate and up (`[experts, intermediate]` each) and down (`[experts, hidden]`).
+    pub fn new(gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Self> {
+        let (width, hidden) = (gate.dim(1)?, down.dim(1)?);
+        let rows = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        Ok(Self {
+            gate: rows(gate)?,
+            up: rows(up)?,
+            down: rows(down)?,
+            width,
+            hidden,
+        })
+    }
+
+    fn gate(&self, expert: usize) -> &[f32] {
+        &self.gate[expert * self.width..][..self.width]
+    }
+
+    fn up(&self, expert: usize) -> &[f32] {
+        &self.up[expert * self.width..][..self.width]
+    }
+
+    fn down(&self, expert: usize) -> &[f32] {
+        &self.down[expert * self.hidden..][..self.hidden]
+    }
 }
 
 /// One routed expert's weights, kept alive (and, for a store, pinned) while the handle lives.
@@ -442,7 +459,7 @@ fn mix_quantized(
     let ids: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
     let mut outputs = form.glu(&experts, &ids)?;
     for (y, &e) in outputs.iter_mut().zip(&ids) {
-        form.add_down_bias(e, y)?;
+        form.add_down_bias(e, y);
     }
     for (y, (_, (tokens, weights))) in outputs.iter().zip(batch) {
         for ((&t, &w), y) in tokens.iter().zip(weights).zip(y.chunks_exact(hidden)) {

@@ -20,10 +20,12 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use common::{fixture, ids, logit_bits_and_greedy, max_abs_diff};
+use common::{
+    assert_routing_ids, fixture, forward_traced, ids, logit_bits_and_greedy, max_abs_diff,
+};
 use odmoe_engine::config::ModelConfig;
 use odmoe_engine::format::gguf::GgufFile;
-use odmoe_engine::model::{ForwardTrace, Logits};
+use odmoe_engine::model::Logits;
 use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::store::StoreConfig;
 
@@ -68,15 +70,7 @@ fn matches_transformers_and_llama_cpp(name: &str, to_llama_at_most: f32) {
     let g = golden(name);
     let model = odmoe_engine::open::resident(&path(name), &Device::Cpu).unwrap();
     let input = ids(&g["input_ids"]);
-    let mut trace = ForwardTrace::default();
-    let logits = model
-        .forward(
-            &input,
-            &mut model.new_cache(),
-            Logits::All,
-            Some(&mut trace),
-        )
-        .unwrap();
+    let (logits, trace) = forward_traced(&model, &input);
     let to_hf = max_abs_diff(&logits, &g["hf_logits"]);
     let to_llama = max_abs_diff(&logits, &g["llama_logits"]);
     println!("{name}: max |diff| to transformers {to_hf:.2e}, to llama.cpp {to_llama:.2e}");
@@ -86,18 +80,7 @@ fn matches_transformers_and_llama_cpp(name: &str, to_llama_at_most: f32) {
         "max |logit diff| to llama.cpp {to_llama}"
     );
 
-    let golden_ids = g["hf_routing_ids"].to_vec3::<i64>().unwrap();
-    assert_eq!(trace.routing.len(), golden_ids.len());
-    for (layer, routing) in trace.routing.iter().enumerate() {
-        if golden_ids[layer].iter().flatten().all(|&e| e == -1) {
-            assert!(routing.ids.is_empty(), "dense layer {layer} routed");
-            continue;
-        }
-        for (t, chosen) in routing.ids.iter().enumerate() {
-            let expected: Vec<usize> = golden_ids[layer][t].iter().map(|&e| e as usize).collect();
-            assert_eq!(chosen, &expected, "layer {layer} position {t}");
-        }
-    }
+    assert_routing_ids(name, &trace, &g["hf_routing_ids"]);
     let (_, greedy) = logit_bits_and_greedy(&model, &input, 16);
     assert_eq!(greedy, ids(&g["hf_greedy"]), "greedy");
     assert_eq!(greedy, ids(&g["llama_greedy"]), "llama.cpp greedy");

@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{ids, max_abs_diff};
+use common::{assert_routing_ids, forward_traced, ids, max_abs_diff};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -50,15 +50,7 @@ fn run(
     let path = dir().join(format!("{name}.gguf"));
     let model = open::load(&path, &options, &Device::Cpu).unwrap().model;
     let input = ids(&g["input_ids"]);
-    let mut trace = ForwardTrace::default();
-    let logits = model
-        .forward(
-            &input,
-            &mut model.new_cache(),
-            Logits::All,
-            Some(&mut trace),
-        )
-        .unwrap();
+    let (logits, trace) = forward_traced(&model, &input);
     let request = GenerateRequest {
         prompt: input,
         max_tokens: 16,
@@ -81,13 +73,7 @@ fn f32_files_match_the_exact_golden() {
         assert!(diff <= 1e-4, "{name}: max |logit diff| {diff}");
         let llama = max_abs_diff(&logits, &g["llama_logits"]);
         assert!(llama <= 1e-4, "{name}: max |diff| to llama.cpp {llama}");
-        let routing = g["dequant_routing_ids"].to_vec3::<i64>().unwrap();
-        for (layer, r) in trace.routing.iter().enumerate() {
-            for (t, chosen) in r.ids.iter().enumerate() {
-                let expected: Vec<usize> = routing[layer][t].iter().map(|&e| e as usize).collect();
-                assert_eq!(chosen, &expected, "{name}: layer {layer} position {t}");
-            }
-        }
+        assert_routing_ids(&name, &trace, &g["dequant_routing_ids"]);
         assert_eq!(greedy, ids(&g["dequant_greedy"]), "{name}: greedy");
         assert_eq!(greedy, ids(&g["llama_greedy"]), "{name}: llama.cpp greedy");
     }

@@ -4,11 +4,10 @@
 
 mod common;
 
-use common::{fixture, golden, ids, max_abs_diff};
+use common::{assert_routing_ids, fixture, forward_traced, golden, ids, max_abs, max_abs_diff};
 
 use candle_core::{Device, Tensor};
 use odmoe_engine::generate::{GenerateRequest, Session};
-use odmoe_engine::model::{ForwardTrace, KvCache, Logits};
 
 const LOGITS_TOLERANCE: f32 = 1e-4;
 
@@ -17,11 +16,7 @@ fn check_fixture(name: &str) {
     let g = golden(name);
     let input = ids(&g["input_ids"]);
 
-    let mut trace = ForwardTrace::default();
-    let mut cache: KvCache = model.new_cache();
-    let logits = model
-        .forward(&input, &mut cache, Logits::All, Some(&mut trace))
-        .unwrap();
+    let (logits, trace) = forward_traced(&model, &input);
     let diff = max_abs_diff(&logits, &g["logits"]);
     println!(
         "{name}: max |logit diff| {diff:.2e} over {} positions",
@@ -33,44 +28,19 @@ fn check_fixture(name: &str) {
     // expert weights make them reach hundreds; the others' stay near ten).
     let hidden = Tensor::stack(&trace.hidden_states, 0).unwrap();
     let diff = max_abs_diff(&hidden, &g["hidden_states"]);
-    let size = g["hidden_states"]
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let size = max_abs(&g["hidden_states"]);
     let allowed = LOGITS_TOLERANCE * (size / 10.0).max(1.0);
     assert!(
         diff <= allowed,
         "{name}: max |hidden diff| {diff}, of values up to {size}"
     );
 
-    let golden_ids = g["routing_ids"].to_vec3::<i64>().unwrap();
+    // The experts chosen (dense layers, marked -1, route nothing), then the weights they carry.
+    assert_routing_ids(name, &trace, &g["routing_ids"]);
     let golden_weights = g["routing_weights"].to_vec3::<f32>().unwrap();
-    assert_eq!(
-        trace.routing.len(),
-        golden_ids.len(),
-        "{name}: layers routed"
-    );
-    for (layer, routing) in trace.routing.iter().enumerate() {
-        // The golden marks dense layers (DeepSeek's first ones) with -1: nothing is routed there.
-        if golden_ids[layer].iter().flatten().all(|&e| e == -1) {
-            assert!(routing.ids.is_empty(), "{name}: dense layer {layer} routed");
-            continue;
-        }
-        assert_eq!(
-            routing.ids.len(),
-            input.len(),
-            "{name}: layer {layer} positions"
-        );
-        for (t, chosen) in routing.ids.iter().enumerate() {
-            let expected: Vec<usize> = golden_ids[layer][t].iter().map(|&e| e as usize).collect();
-            assert_eq!(
-                chosen, &expected,
-                "{name}: experts of layer {layer} position {t}"
-            );
-            for (w, gw) in routing.weights[t].iter().zip(&golden_weights[layer][t]) {
+    for (routing, golden) in trace.routing.iter().zip(&golden_weights) {
+        for (weights, golden) in routing.weights.iter().zip(golden) {
+            for (w, gw) in weights.iter().zip(golden) {
                 assert!((w - gw).abs() < 1e-5, "{name}: routing weight {w} vs {gw}");
             }
         }

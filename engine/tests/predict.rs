@@ -138,14 +138,7 @@ fn traces_round_trip_through_their_file() {
             trace.hidden_rows(0..n, 1).unwrap(),
             back.hidden_rows(0..n, 1).unwrap(),
         );
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = common::max_abs_diff(&a, &b);
         assert!(
             diff <= if dtype == DType::F32 { 0.0 } else { 1e-2 },
             "{diff}"

@@ -69,13 +69,16 @@ impl Reply {
     /// Adds `token` with the `text` it made final; returns the text that may be shown now.
     pub fn push(&mut self, token: u32, text: &str) -> String {
         self.tokens.push(token);
+        // The token's text with special tokens kept, which tells a reply's parts and calls
+        // opened by a special token; decoded once, when either may be asked.
+        let raw = self
+            .tokenizer
+            .as_deref()
+            .filter(|_| self.parts.is_some() || self.syntax.is_some())
+            .and_then(|tokenizer| tokenizer.decode(&[token], false).ok())
+            .unwrap_or_default();
         let mut text = text;
         if let Some(parts) = &mut self.parts {
-            let raw = self
-                .tokenizer
-                .as_deref()
-                .and_then(|tokenizer| tokenizer.decode(&[token], false).ok())
-                .unwrap_or_default();
             match parts.take(&raw, text) {
                 // The answer goes on as any reply does, calls held back.
                 (Part::Answer, answer) => text = answer,
@@ -97,11 +100,7 @@ impl Reply {
             self.calling = true;
             return self.show_to(start);
         }
-        let special_opening = self
-            .tokenizer()
-            .and_then(|tokenizer| tokenizer.decode(&[token], false).ok())
-            .is_some_and(|raw| raw.contains(syntax.opening()));
-        if special_opening {
+        if raw.contains(syntax.opening()) {
             self.calling = true;
             return self.show_to(self.text.len() - text.len());
         }

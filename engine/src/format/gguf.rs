@@ -281,12 +281,30 @@ impl GgufFile {
         expert: usize,
         shape: [usize; 2],
     ) -> Result<ExpertSlice> {
-        if let Some(tensor) = self.mxfp4.get(name) {
-            return self.mxfp4_expert_slice(name, tensor, expert, shape);
-        }
-        let info = self.info(name)?;
-        let dims = info.shape.dims();
-        if dims.len() != 3 || dims[1..] != shape || expert >= dims[0] {
+        // Where the stacked tensor lies, its bytes, and the type a slice is held in: MXFP4 as
+        // the Q8_0 blocks of the same values.
+        let (dims, start, total, dtype, mxfp4) = match self.mxfp4.get(name) {
+            Some(tensor) => (
+                &tensor.shape[..],
+                self.content.tensor_data_offset + tensor.offset,
+                gguf_header::mxfp4_bytes(tensor.shape.iter().product()),
+                GgmlDType::Q8_0,
+                true,
+            ),
+            None => {
+                let info = self.info(name)?;
+                let dims = info.shape.dims();
+                (
+                    dims,
+                    self.data_start(info),
+                    tensor_bytes(info),
+                    info.ggml_dtype,
+                    false,
+                )
+            }
+        };
+        let whole_blocks = !mxfp4 || shape[1].is_multiple_of(32);
+        if dims.len() != 3 || dims[1..] != shape || expert >= dims[0] || !whole_blocks {
             return Err(Error::TensorShape {
                 name: name.to_string(),
                 path: self.path.clone(),
@@ -294,44 +312,13 @@ impl GgufFile {
                 expected: vec![expert + 1, shape[0], shape[1]],
             });
         }
-        let bytes = tensor_bytes(info) / dims[0];
-        Ok(ExpertSlice {
-            offset: self.data_start(info) + (expert * bytes) as u64,
-            bytes,
-            dtype: info.ggml_dtype,
-            mxfp4: false,
-            shape,
-        })
-    }
-
-    /// [`expert_slice`](Self::expert_slice) of a stacked MXFP4 tensor: held as Q8_0.
-    fn mxfp4_expert_slice(
-        &self,
-        name: &str,
-        tensor: &OtherTensor,
-        expert: usize,
-        shape: [usize; 2],
-    ) -> Result<ExpertSlice> {
-        let dims = &tensor.shape;
-        if dims.len() != 3
-            || dims[1..] != shape
-            || expert >= dims[0]
-            || !shape[1].is_multiple_of(32)
-        {
-            return Err(Error::TensorShape {
-                name: name.to_string(),
-                path: self.path.clone(),
-                actual: dims.clone(),
-                expected: vec![expert + 1, shape[0], shape[1]],
-            });
-        }
         // Within the file: the whole tensor was checked to end inside it at open.
-        let bytes = gguf_header::mxfp4_bytes(shape[0] * shape[1]);
+        let bytes = total / dims[0];
         Ok(ExpertSlice {
-            offset: self.content.tensor_data_offset + tensor.offset + (expert * bytes) as u64,
+            offset: start + (expert * bytes) as u64,
             bytes,
-            dtype: GgmlDType::Q8_0,
-            mxfp4: true,
+            dtype,
+            mxfp4,
             shape,
         })
     }

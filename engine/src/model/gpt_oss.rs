@@ -45,12 +45,10 @@ pub const GPT_OSS: Family = Family {
     feed_forward_group,
 };
 
-/// The clamped SwiGLU of every released gpt-oss (transformers' `swiglu_alpha` and
-/// `swiglu_limit` defaults; llama.cpp's constants).
-const GATING: ExpertGating = ExpertGating::ClampedSwiglu {
-    alpha: 1.702,
-    limit: 7.0,
-};
+/// The clamped SwiGLU of every released gpt-oss: transformers' `swiglu_alpha` and
+/// `swiglu_limit` defaults, llama.cpp's constants.
+const SWIGLU_ALPHA: f32 = 1.702;
+const SWIGLU_LIMIT: f32 = 7.0;
 
 /// llama.cpp's sliding-window pattern for gpt-oss: of each group of this many layers, all but
 /// the last are windowed (for 2, the even layers).
@@ -98,12 +96,9 @@ fn from_hf(hf: &HfConfig) -> Result<ModelConfig> {
     config.attention_sinks = true;
     // gpt-oss's attention_bias covers the output projection too.
     config.attention_output_bias = config.attention_bias;
-    let ExpertGating::ClampedSwiglu { alpha, limit } = GATING else {
-        unreachable!("gpt-oss gates with the clamped SwiGLU")
-    };
     config.expert_gating = ExpertGating::ClampedSwiglu {
-        alpha: hf.swiglu_alpha.unwrap_or(alpha),
-        limit: hf.swiglu_limit.unwrap_or(limit),
+        alpha: hf.swiglu_alpha.unwrap_or(SWIGLU_ALPHA),
+        limit: hf.swiglu_limit.unwrap_or(SWIGLU_LIMIT),
     };
     Ok(config)
 }
@@ -156,7 +151,10 @@ fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
     };
     config.attention_sinks = true;
     config.attention_output_bias = meta.gguf.has_tensor("blk.0.attn_output.bias");
-    config.expert_gating = GATING;
+    config.expert_gating = ExpertGating::ClampedSwiglu {
+        alpha: SWIGLU_ALPHA,
+        limit: SWIGLU_LIMIT,
+    };
     Ok(config)
 }
 
@@ -203,11 +201,8 @@ fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<Decod
             .squeeze(D::Minus1)?
             .contiguous()?)
     };
-    let biases = ExpertBiases {
-        gate: column(0)?,
-        up: column(1)?,
-        down: w.tensor(&format!("{p}.down_proj_bias"), &[experts, h])?,
-    };
+    let down = w.tensor(&format!("{p}.down_proj_bias"), &[experts, h])?;
+    let biases = ExpertBiases::new(&column(0)?, &column(1)?, &down)?;
     let ffn = FeedForward::Moe(MoeBlock {
         layer: i,
         router: linear(w, &router_name(i), experts, h, true)?,
@@ -217,7 +212,7 @@ fn load_layer(cfg: &ModelConfig, w: &dyn WeightSource, i: usize) -> Result<Decod
         unit_weights: false,
         expert_form: ExpertForm {
             gating: cfg.expert_gating,
-            biases: Some(biases),
+            biases: Some(Box::new(biases)),
         },
         shared: None,
     });

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use odmoe_engine::generate::{GenerateRequest, Session};
-use odmoe_engine::model::{Logits, Model};
+use odmoe_engine::model::{ForwardTrace, Logits, Model};
 
 /// A committed fixture under `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -50,9 +50,12 @@ pub fn max_abs_diff_of(a: &[f32], b: &[f32]) -> f32 {
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
+    max_abs(&(a - b).unwrap())
+}
+
+/// The largest magnitude in `t`.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -60,6 +63,40 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// Logits for every position of `input` from a fresh cache, and what the pass saw.
+pub fn forward_traced(model: &Model, input: &[u32]) -> (Tensor, ForwardTrace) {
+    let mut trace = ForwardTrace::default();
+    let logits = model
+        .forward(input, &mut model.new_cache(), Logits::All, Some(&mut trace))
+        .unwrap();
+    (logits, trace)
+}
+
+/// Asserts that `trace` chose, at every layer and position and in order, the experts of
+/// `golden` `[layers, positions, k]`, which marks dense layers (nothing routed) with -1.
+pub fn assert_routing_ids(name: &str, trace: &ForwardTrace, golden: &Tensor) {
+    let golden = golden.to_vec3::<i64>().unwrap();
+    assert_eq!(trace.routing.len(), golden.len(), "{name}: layers routed");
+    for (layer, (routing, expected)) in trace.routing.iter().zip(&golden).enumerate() {
+        if expected.iter().flatten().all(|&e| e == -1) {
+            assert!(routing.ids.is_empty(), "{name}: dense layer {layer} routed");
+            continue;
+        }
+        assert_eq!(
+            routing.ids.len(),
+            expected.len(),
+            "{name}: layer {layer} positions"
+        );
+        for (t, (chosen, expected)) in routing.ids.iter().zip(expected).enumerate() {
+            let expected: Vec<usize> = expected.iter().map(|&e| e as usize).collect();
+            assert_eq!(
+                chosen, &expected,
+                "{name}: experts of layer {layer} position {t}"
+            );
+        }
+    }
 }
 
 /// Every position's logits for `input` as raw f32 bits, and `max_tokens` greedy tokens after it:
