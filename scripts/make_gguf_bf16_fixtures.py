@@ -24,6 +24,9 @@ plain conversion, each because the GGUF could not otherwise mean the same model:
   (``[gMASK]``, ``<|user|>``, ...), which the fixtures' shared tokenizer does not have; the
   plain GPT-2 writer is used instead (see make_gguf_fixtures.CONVERT_WRAPPER). The weights and
   the model config are converted as they are.
+* GLM-4.5 is also quantized to ``glm4_moe-q8_0.gguf`` (no golden): every matrix then goes
+  through the quantized kernels, whose rows do not depend on how many tokens a pass takes, as
+  the daemon's chat test needs (candle's f32 products of BF16 weights do).
 * gpt-oss is also quantized by llama.cpp's quantizer from the BF16 file: ``gpt_oss-q8_0.gguf``
   (every matrix Q8_0, experts included), so that its biased, clamped experts run through the
   quantized kernels, and ``gpt_oss-mxfp4.gguf`` (routed experts in MXFP4, the type gpt-oss's
@@ -166,6 +169,10 @@ def build(name):
     print(json.dumps(record, indent=2))
     if name == "gpt_oss":
         quantized_gpt_oss(out, ids)
+    if name == "glm4_moe":
+        q8_0 = mg.OUT / "glm4_moe-q8_0.gguf"
+        mg.quantize(out, q8_0, "q8_0")
+        os.chmod(q8_0, 0o644)
     if record["llama_f32_vs_hf_logits"] > SOURCES[name][2]:
         raise SystemExit(f"{name}: llama.cpp and transformers differ by {record['llama_f32_vs_hf_logits']}")
     if not record["llama_greedy_equals_hf"]:
