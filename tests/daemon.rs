@@ -961,11 +961,7 @@ async fn sessions_beyond_the_limit_and_idle_ones_are_dropped() {
     assert_eq!(first.usage.cached_tokens, 0);
 
     // Idle sessions expire once the reloaded config says so.
-    fs::write(
-        daemon.config_file(),
-        "[sessions]\nmax_sessions = 2\nidle_expiry_secs = 1\n",
-    )
-    .unwrap();
+    daemon.rewrite_config("[sessions]\nmax_sessions = 2\nidle_expiry_secs = 1\n");
     daemon.signal(Signal::SIGHUP);
     daemon
         .stats_until("idle sessions expire", |s| s.sessions.count == 0)
@@ -997,11 +993,7 @@ async fn sighup_applies_a_changed_sampling_default() {
     let (result, _) = generate(&mut client, &params).await;
     assert_eq!(result.usage.completion_tokens, 3);
 
-    fs::write(
-        daemon.config_file(),
-        "[generation]\ntemperature = 0.0\nmax_tokens = 5\n",
-    )
-    .unwrap();
+    daemon.rewrite_config("[generation]\ntemperature = 0.0\nmax_tokens = 5\n");
     daemon.signal(Signal::SIGHUP);
     let deadline = Instant::now() + LIMIT;
     loop {
@@ -1079,7 +1071,7 @@ async fn sighup_changes_the_expert_budget_of_the_running_store() {
     let stats = client.stats().await.unwrap();
     assert_eq!(stats.store.unwrap().budget_bytes, total / 2);
 
-    fs::write(daemon.config_file(), config("25%")).unwrap();
+    daemon.rewrite_config(&config("25%"));
     daemon.signal(Signal::SIGHUP);
     daemon
         .stats_until("the budget shrinks", |s| {

@@ -127,6 +127,7 @@ pub struct DaemonBuilder {
     args: Vec<OsString>,
     wrapper: Option<String>,
     limit: Duration,
+    follows_memory_pressure: bool,
 }
 
 impl Daemon {
@@ -143,6 +144,7 @@ impl Daemon {
             args: Vec::new(),
             wrapper: None,
             limit: Daemon::LIMIT,
+            follows_memory_pressure: false,
         }
     }
 
@@ -156,9 +158,16 @@ impl Daemon {
         self.dir.path()
     }
 
-    /// The file `--config` names when a config was given.
+    /// The file `--config` names.
     pub fn config_file(&self) -> PathBuf {
         self.dir.path().join("odmoed.toml")
+    }
+
+    /// Replaces its config file with `text`, under the rule the first one was written by
+    /// (see [`DaemonBuilder::follow_memory_pressure`]); a SIGHUP makes it read the file.
+    pub fn rewrite_config(&self, text: &str) {
+        let text = self.spec.config_text(Some(text)).unwrap();
+        fs::write(self.config_file(), text).unwrap();
     }
 
     /// The process id of the child: odmoed itself, or the wrapper until it `exec`s odmoed.
@@ -359,6 +368,27 @@ impl DaemonBuilder {
         self
     }
 
+    /// Lets it follow the machine's memory pressure, as a deployed daemon does. Otherwise a
+    /// config without a `[memory]` table gets `adapt = false`: on a shared machine another
+    /// process's pressure would drop a test's sessions and shrink its budget mid-test.
+    pub fn follow_memory_pressure(mut self) -> Self {
+        self.follows_memory_pressure = true;
+        self
+    }
+
+    /// The config file's text, if one is written: `given`, with pressure left alone unless
+    /// [`DaemonBuilder::follow_memory_pressure`] or its own `[memory]` table says so.
+    fn config_text(&self, given: Option<&str>) -> Option<String> {
+        const STEADY: &str = "[memory]\nadapt = false\n";
+        if self.follows_memory_pressure || given.is_some_and(|text| text.contains("[memory]")) {
+            return given.map(str::to_owned);
+        }
+        Some(match given {
+            Some(text) => format!("{text}\n{STEADY}"),
+            None => STEADY.to_owned(),
+        })
+    }
+
     /// Starts it in a new temporary directory, without waiting for it to serve.
     pub fn spawn(self) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
@@ -392,7 +422,7 @@ impl DaemonBuilder {
         if let Some(model) = &self.model {
             command.arg("--model").arg(model);
         }
-        if let Some(config) = &self.config {
+        if let Some(config) = self.config_text(self.config.as_deref()) {
             let file = dir.join("odmoed.toml");
             fs::write(&file, config).unwrap();
             command.arg("--config").arg(file);

@@ -134,6 +134,7 @@ async fn an_hour_of_clients_under_a_memory_limit() {
         .and_then(|version| Cgroup::create(version, "soak", limit));
     let builder = Daemon::builder()
         .model(fixture("qwen3_moe"))
+        .follow_memory_pressure()
         // A context of 1,024: chat sessions fill it and are trimmed within the hour, and
         // their prompts stay short enough that prefill memory is not what is measured.
         .args(["--expert-budget", "50%", "--context-length", "1024"])
