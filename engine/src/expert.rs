@@ -9,31 +9,41 @@ use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::sync::Arc;
 
+use candle_core::Tensor;
 use candle_core::quantized::QMatMul;
-use candle_core::{Module, Tensor};
 
 use crate::config::ExpertGating;
 use crate::error::{Error, Result};
+pub use crate::kernels::Matrix;
 use crate::kernels::quantized;
 
 /// A SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`. Every routed expert is one.
 ///
-/// Projections are `QMatMul`s: f32 matrices (from safetensors, or dequantized), or GGUF blocks
-/// that candle multiplies in their stored type.
+/// Projections are f32 matrices (from safetensors, or dequantized), GGUF blocks that candle
+/// multiplies in their stored type, or MXFP4 blocks that only odmoe's kernels multiply.
 #[derive(Clone, Debug)]
 pub struct GluMlp {
-    pub gate: QMatMul,
-    pub up: QMatMul,
-    pub down: QMatMul,
+    pub gate: Matrix,
+    pub up: Matrix,
+    pub down: Matrix,
 }
 
 impl GluMlp {
     /// An expert from three f32 weight matrices `[out, in]`.
     pub fn from_f32(gate: Tensor, up: Tensor, down: Tensor) -> Self {
+        Self::from_candle(
+            QMatMul::Tensor(gate),
+            QMatMul::Tensor(up),
+            QMatMul::Tensor(down),
+        )
+    }
+
+    /// An expert from three matrices candle multiplies.
+    pub fn from_candle(gate: QMatMul, up: QMatMul, down: QMatMul) -> Self {
         Self {
-            gate: QMatMul::Tensor(gate),
-            up: QMatMul::Tensor(up),
-            down: QMatMul::Tensor(down),
+            gate: Matrix::Candle(gate),
+            up: Matrix::Candle(up),
+            down: Matrix::Candle(down),
         }
     }
 
@@ -54,7 +64,7 @@ impl GluMlp {
         }
         let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
         let up = self.up.forward(x)?;
-        Ok(self.down.forward(&(gate * up)?)?)
+        self.down.forward(&(gate * up)?)
     }
 
     /// [`forward_as`](Self::forward_as) with biases or another gating, through candle's
@@ -85,9 +95,9 @@ impl GluMlp {
     /// The three projections when the quantized kernels take `x` through them all.
     pub fn quantized(&self, x: &Tensor) -> Option<quantized::GluWeights<'_>> {
         Some(quantized::GluWeights {
-            gate: quantized::eligible(&self.gate, x)?,
-            up: quantized::eligible(&self.up, x)?,
-            down: quantized::eligible(&self.down, x)?,
+            gate: self.gate.kernel_weight(x)?,
+            up: self.up.kernel_weight(x)?,
+            down: self.down.kernel_weight(x)?,
         })
     }
 
@@ -95,12 +105,7 @@ impl GluMlp {
     pub fn bytes(&self) -> usize {
         [&self.gate, &self.up, &self.down]
             .iter()
-            .map(|m| match m {
-                QMatMul::QTensor(q) => q.storage_size_in_bytes(),
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
-                    t.elem_count() * t.dtype().size_in_bytes()
-                }
-            })
+            .map(|m| m.bytes())
             .sum()
     }
 }

@@ -231,8 +231,8 @@ fn gpt_oss_in_q8_0_matches_llama_cpp() {
     quantized_gpt_oss_matches_llama_cpp("q8_0");
 }
 
-/// The same with the routed experts in MXFP4, as gpt-oss's released files keep them (held as
-/// the Q8_0 blocks of the same values).
+/// The same with the routed experts in MXFP4, as gpt-oss's released files keep them, multiplied
+/// by the MXFP4 kernel and held at the file's size.
 #[test]
 fn gpt_oss_in_mxfp4_matches_llama_cpp() {
     quantized_gpt_oss_matches_llama_cpp("mxfp4");
@@ -269,6 +269,12 @@ fn quantized_gpt_oss_matches_llama_cpp(kind: &str) {
 
     let (config, total) = open::describe(&path).unwrap();
     let expert = total / (config.moe_layers().count() * config.num_experts) as u64;
+    if kind == "mxfp4" && odmoe_engine::kernels::quantized::available() {
+        // Held as the file stores them, 17 bytes per 32 values, where the kernels multiply
+        // MXFP4.
+        let values = 3 * config.hidden_size * config.expert_intermediate_size;
+        assert_eq!(expert, (values / 32 * 17) as u64);
+    }
     let options = LoadOptions {
         experts: ExpertMode::OnDemand(StoreConfig {
             budget_bytes: config.num_experts_per_token as u64 * expert,

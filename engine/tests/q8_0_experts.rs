@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 use candle_nn::Linear;
-use odmoe_engine::expert::{ExpertForm, GluMlp, ResidentExperts};
+use odmoe_engine::expert::{ExpertForm, GluMlp, Matrix, ResidentExperts};
 use odmoe_engine::kernels::quantized;
 use odmoe_engine::model::moe::{MoeBlock, Scoring};
 use odmoe_engine::store::{ExpertSource, ExpertStore, PolicyKind, StoreConfig};
@@ -26,11 +26,11 @@ fn q8_0_matrix(rows: usize, cols: usize) -> QMatMul {
 fn experts() -> Vec<Arc<GluMlp>> {
     (0..EXPERTS)
         .map(|_| {
-            Arc::new(GluMlp {
-                gate: q8_0_matrix(WIDTH, HIDDEN),
-                up: q8_0_matrix(WIDTH, HIDDEN),
-                down: q8_0_matrix(HIDDEN, WIDTH),
-            })
+            Arc::new(GluMlp::from_candle(
+                q8_0_matrix(WIDTH, HIDDEN),
+                q8_0_matrix(WIDTH, HIDDEN),
+                q8_0_matrix(HIDDEN, WIDTH),
+            ))
         })
         .collect()
 }
@@ -69,9 +69,9 @@ fn through_q8_0(row: &Tensor) -> Tensor {
         .unwrap()
 }
 
-fn dequantized(m: &QMatMul) -> Tensor {
+fn dequantized(m: &Matrix) -> Tensor {
     match m {
-        QMatMul::QTensor(q) => q.dequantize(&Device::Cpu).unwrap(),
+        Matrix::Candle(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu).unwrap(),
         _ => unreachable!("Q8_0 matrices"),
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
 use odmoe_engine::convert::convert;
-use odmoe_engine::expert::GluMlp;
+use odmoe_engine::expert::{GluMlp, Matrix};
 use odmoe_engine::format::gguf::{GgufFile, stacked_expert_names};
 use odmoe_engine::format::layout::{MANIFEST, Manifest};
 use odmoe_engine::format::safetensors::HfWeights;
@@ -196,7 +196,7 @@ fn the_budget_holds_under_concurrent_acquire_prefetch_and_release() {
                             // One expert per thread at a time: six threads fit a budget of six.
                             let held = store.acquire(layer, &[a]).unwrap();
                             store.check_invariants().unwrap();
-                            let QMatMul::Tensor(gate) = &held[0].gate else {
+                            let Matrix::Candle(QMatMul::Tensor(gate)) = &held[0].gate else {
                                 panic!("fake experts are f32")
                             };
                             let value = gate.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];

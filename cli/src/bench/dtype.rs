@@ -2,7 +2,7 @@
 //! decode step's shape (one token, the weights cycling through 512 MiB of copies so they come from
 //! memory as a step's experts do) and a prompt's (`--prompt-tokens` tokens, one copy), through
 //! candle's products and through odmoe's (its kernels where they take the type, else candle's);
-//! and MXFP4, which odmoe holds as Q8_0 (see `mxfp4_rows`).
+//! and MXFP4, which candle does not have (see `mxfp4_rows`).
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_fro
 use candle_core::{DType, Device, Module, Tensor};
 use clap::Args;
 use odmoe_engine::format::mxfp4;
-use odmoe_engine::kernels::{Projection, quantized};
+use odmoe_engine::kernels::{Matrix, Projection, quantized};
 use serde_json::json;
 
 use super::gbps;
@@ -149,10 +149,10 @@ pub fn run(args: DtypeBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// MXFP4 (gpt-oss's experts), held as the Q8_0 blocks of the same values: the time of a read's
-/// conversion (`convert`: MXFP4 bytes to held Q8_0) and of the products on the held blocks, at
-/// the rate of the MXFP4 bytes a file stores. candle has no MXFP4: its column is its Q8_0 product
-/// on the same held blocks.
+/// MXFP4 (gpt-oss's experts): odmoe's kernel on the blocks as a file stores them; candle has no
+/// MXFP4, so its column is its Q8_0 product on the Q8_0 blocks of the same values (twice the
+/// bytes), both at the rate of the MXFP4 bytes. And the conversion to those Q8_0 blocks
+/// (`convert`), which a device without the kernels pays on every read.
 fn mxfp4_rows(weight: &Tensor, decode_x: &Tensor, prompt_x: &Tensor) -> Result<Vec<Row>> {
     let blocks = mxfp4::quantize(&weight.flatten_all()?.to_vec1::<f32>()?);
     let bytes = blocks.len();
@@ -164,13 +164,22 @@ fn mxfp4_rows(weight: &Tensor, decode_x: &Tensor, prompt_x: &Tensor) -> Result<V
     }
     let convert_us = started.elapsed().as_secs_f64() * 1e6 / converted as f64;
     let held = mxfp4::to_q8_0(&blocks).map_err(anyhow::Error::msg)?;
-    let stored = || -> Result<QMatMul> {
+    let candle = |_| -> Result<Apply> {
         let copy = qtensor_from_ggml(GgmlDType::Q8_0, &held, vec![ROWS, COLS], &Device::Cpu)?;
-        Ok(QMatMul::from_qtensor(copy)?)
+        Ok(through_candle(QMatMul::from_qtensor(copy)?))
     };
-    let candle = |_| Ok(through_candle(stored()?));
-    let odmoe = |_| Ok(through_odmoe(stored()?));
-    let kernel = quantized::eligible(&stored()?, decode_x).is_some();
+    let kernel = Matrix::keeps_mxfp4(&Device::Cpu);
+    let odmoe = |_| -> Result<Apply> {
+        if !kernel {
+            return candle(0);
+        }
+        let m = Matrix::mxfp4(blocks.clone(), [ROWS, COLS])
+            .ok_or_else(|| anyhow::anyhow!("MXFP4 blocks of a {ROWS} x {COLS} matrix"))?;
+        Ok(Box::new(move |x: &Tensor| {
+            m.forward(x)
+                .map_err(|error| candle_core::Error::Msg(error.to_string()))
+        }))
+    };
     let mut rows = vec![Row {
         weights: "MXFP4 to Q8_0".into(),
         shape: "convert",
@@ -180,11 +189,11 @@ fn mxfp4_rows(weight: &Tensor, decode_x: &Tensor, prompt_x: &Tensor) -> Result<V
         kernel: true,
     }];
     for (shape, x, budget) in [
-        ("decode", decode_x, held.len()),
+        ("decode", decode_x, bytes),
         ("prompt", prompt_x, usize::MAX),
     ] {
         rows.push(Row {
-            weights: "MXFP4 (held as Q8_0)".into(),
+            weights: "MXFP4".into(),
             shape,
             bytes,
             candle_us: time(&copies(budget, &candle)?, x),

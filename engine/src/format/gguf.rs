@@ -336,16 +336,18 @@ pub struct ExpertSlice {
     pub bytes: usize,
     /// The type the slice is held in once read.
     pub dtype: GgmlDType,
-    /// The file holds MXFP4 blocks, held as Q8_0 blocks of the same values (see [`mxfp4`]).
+    /// The file holds MXFP4 blocks: held as they are where odmoe's kernels multiply them, else
+    /// as Q8_0 blocks of the same values (see [`mxfp4`]).
     pub mxfp4: bool,
     /// `[out, in]`.
     pub shape: [usize; 2],
 }
 
 impl ExpertSlice {
-    /// Bytes the slice takes once loaded: dense types are widened to f32 by `QMatMul`.
-    pub fn bytes_in_memory(&self) -> usize {
-        if self.mxfp4 {
+    /// Bytes the slice takes once loaded: dense types are widened to f32 by `QMatMul`, MXFP4
+    /// blocks doubled into Q8_0 unless `mxfp4_kept` (the kernels multiply them as they are).
+    pub fn bytes_in_memory(&self, mxfp4_kept: bool) -> usize {
+        if self.mxfp4 && !mxfp4_kept {
             mxfp4::q8_0_bytes(self.bytes)
         } else if is_dense(self.dtype) {
             self.shape[0] * self.shape[1] * 4
@@ -354,7 +356,8 @@ impl ExpertSlice {
         }
     }
 
-    /// The slice's bytes as a matrix candle multiplies in its stored type.
+    /// The slice's bytes as a matrix candle multiplies in its stored type (MXFP4 as the Q8_0
+    /// blocks of the same values).
     pub fn to_qmatmul(&self, bytes: &[u8], device: &Device) -> candle_core::Result<QMatMul> {
         let held;
         let bytes = if self.mxfp4 {

@@ -6,7 +6,7 @@ pub mod attention;
 pub mod quantized;
 
 use candle_core::quantized::QMatMul;
-use candle_core::{Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 
 use crate::error::Result;
 
@@ -22,6 +22,57 @@ pub(crate) fn on_pool<T: Send + Sync>(n: usize, f: impl Fn(usize) -> T + Sync) -
         .into_iter()
         .map(|slot| slot.into_inner().expect("every item computed"))
         .collect()
+}
+
+/// A weight matrix: candle's (f32, or GGUF blocks candle multiplies in their stored type), or
+/// blocks in a type only these kernels multiply (MXFP4).
+#[derive(Clone, Debug)]
+pub enum Matrix {
+    Candle(QMatMul),
+    Blocks(quantized::BlockMatrix),
+}
+
+impl Matrix {
+    /// MXFP4 blocks `[rows, cols]` as they are stored, if they are whole rows of whole blocks.
+    pub fn mxfp4(blocks: Vec<u8>, [rows, cols]: [usize; 2]) -> Option<Self> {
+        quantized::BlockMatrix::new(quantized::Format::Mxfp4, blocks, cols)
+            .filter(|m| m.dims() == [rows, cols])
+            .map(Self::Blocks)
+    }
+
+    /// Whether MXFP4 blocks are held as they are on `device`: where these kernels multiply them
+    /// (the CPU, with their instructions). Elsewhere candle multiplies them as Q8_0 blocks of the
+    /// same values, at twice the bytes.
+    pub fn keeps_mxfp4(device: &Device) -> bool {
+        device.is_cpu() && quantized::available()
+    }
+
+    /// `x W^T`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(w) => Ok(w.forward(x)?),
+            Self::Blocks(w) => Ok(quantized::forward(&[w.weight()], x)?.remove(0)),
+        }
+    }
+
+    /// The matrix as the kernels take it with input `x`, if they do.
+    pub fn kernel_weight(&self, x: &Tensor) -> Option<quantized::Weight<'_>> {
+        match self {
+            Self::Candle(w) => quantized::eligible(w, x),
+            Self::Blocks(w) => quantized::takes(x).then(|| w.weight()),
+        }
+    }
+
+    /// Bytes held, as stored in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+            Self::Blocks(w) => w.bytes(),
+        }
+    }
 }
 
 /// A projection `x W^T (+ b)` whose weight is f32 or, from a GGUF file, its stored quantized

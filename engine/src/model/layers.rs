@@ -495,11 +495,11 @@ pub fn glu_mlp(
     hidden: usize,
     intermediate: usize,
 ) -> Result<GluMlp> {
-    Ok(GluMlp {
-        gate: w.matrix(&format!("{gate}.weight"), &[intermediate, hidden])?,
-        up: w.matrix(&format!("{up}.weight"), &[intermediate, hidden])?,
-        down: w.matrix(&format!("{down}.weight"), &[hidden, intermediate])?,
-    })
+    Ok(GluMlp::from_candle(
+        w.matrix(&format!("{gate}.weight"), &[intermediate, hidden])?,
+        w.matrix(&format!("{up}.weight"), &[intermediate, hidden])?,
+        w.matrix(&format!("{down}.weight"), &[hidden, intermediate])?,
+    ))
 }
 
 /// Converts logits or hidden states to plain f32 rows for sampling and inspection.

@@ -21,7 +21,7 @@ use super::checksum::{self, ByteRange, ExpertChecksums, ReadPlan};
 use super::fetch;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::expert::GluMlp;
+use crate::expert::{GluMlp, Matrix};
 use crate::format::gguf::{ExpertSlice, GgufFile, ggml_bytes, stacked_expert_names};
 use crate::format::layout::{
     self, ExpertLayout, GGUF_DTYPE, MANIFEST, Manifest, expert_path, parse_xxh3_hex,
@@ -151,7 +151,8 @@ fn layout_expert_bytes(manifest: &Manifest, encoding: &ExpertEncoding) -> u64 {
         ExpertEncoding::Dense(_) => f32_expert_bytes(&manifest.architecture),
         // As GgufSource counts them: the first layer's slices as they sit in memory.
         ExpertEncoding::Ggml(types) => (0..3)
-            .map(|k| ggml_slice(&manifest.expert, types, 0, k).bytes_in_memory() as u64)
+            // A layout's types are candle's, MXFP4 not among them.
+            .map(|k| ggml_slice(&manifest.expert, types, 0, k).bytes_in_memory(false) as u64)
             .sum(),
     }
 }
@@ -311,8 +312,7 @@ impl ExpertSource for LayoutSource {
                 let [gate, up, down] = [0, 1, 2].map(|k| {
                     let slice = ggml_slice(&self.layout, types, layer, k);
                     let start = slice.offset as usize;
-                    slice
-                        .to_qmatmul(&buf[start..start + slice.bytes], &self.device)
+                    slice_matrix(&slice, &buf[start..start + slice.bytes], &self.device)
                         .map_err(|e| fail(format!("tensor {}: {e}", self.layout.tensors[k].name)))
                 });
                 GluMlp {
@@ -519,7 +519,7 @@ impl GgufSource {
         let (file, direct) =
             fetch::open_for_ranges(&path, bypass_cache).map_err(|e| Error::io(&path, e))?;
         Ok(Self {
-            expert_bytes: gguf_expert_bytes(&slices),
+            expert_bytes: gguf_expert_bytes(&slices, gguf.device()),
             slices,
             path,
             file,
@@ -532,7 +532,10 @@ impl GgufSource {
 
     /// Bytes one expert of `gguf` holds in memory once read, without reading any.
     pub fn expert_bytes_of(config: &ModelConfig, gguf: &GgufFile) -> Result<u64> {
-        Ok(gguf_expert_bytes(&gguf_expert_slices(config, gguf)?))
+        Ok(gguf_expert_bytes(
+            &gguf_expert_slices(config, gguf)?,
+            gguf.device(),
+        ))
     }
 }
 
@@ -563,10 +566,30 @@ fn gguf_expert_slices(config: &ModelConfig, gguf: &GgufFile) -> Result<Vec<Vec<[
 }
 
 /// Dense types are widened to f32 by QMatMul; quantized blocks stay as stored.
-fn gguf_expert_bytes(slices: &[Vec<[ExpertSlice; 3]>]) -> u64 {
+fn gguf_expert_bytes(slices: &[Vec<[ExpertSlice; 3]>], device: &Device) -> u64 {
     slices.iter().find_map(|l| l.first()).map_or(0, |s| {
-        s.iter().map(ExpertSlice::bytes_in_memory).sum::<usize>() as u64
+        s.iter().map(|s| held_bytes(s, device)).sum::<usize>() as u64
     })
+}
+
+/// Bytes `slice` takes in memory once read onto `device`.
+fn held_bytes(slice: &ExpertSlice, device: &Device) -> usize {
+    slice.bytes_in_memory(Matrix::keeps_mxfp4(device))
+}
+
+/// `bytes`, the slice `slice` of a file, as a matrix on `device` in its stored type: MXFP4 as
+/// it is where odmoe's kernels multiply it.
+fn slice_matrix(slice: &ExpertSlice, bytes: &[u8], device: &Device) -> candle_core::Result<Matrix> {
+    if slice.mxfp4 && Matrix::keeps_mxfp4(device) {
+        return Matrix::mxfp4(bytes.to_vec(), slice.shape).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{} bytes are not a {:?} matrix of MXFP4 blocks",
+                bytes.len(),
+                slice.shape
+            ))
+        });
+    }
+    Ok(Matrix::Candle(slice.to_qmatmul(bytes, device)?))
 }
 
 impl ExpertSource for GgufSource {
@@ -599,8 +622,7 @@ impl ExpertSource for GgufSource {
                     PROJECTIONS[k], s.offset
                 ))
             })?;
-            s.to_qmatmul(bytes, &self.device)
-                .map_err(|e| fail(e.to_string()))
+            slice_matrix(s, bytes, &self.device).map_err(|e| fail(e.to_string()))
         };
         // The three projections lie in three stacked tensors: reading them at once keeps three
         // times as many reads in flight, which this disk needs to approach its rate (1.3 GB/s at

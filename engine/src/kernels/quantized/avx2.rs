@@ -3,7 +3,8 @@
 use std::arch::x86_64::*;
 
 use super::k_quants::{Layout, SUB_BLOCKS};
-use super::{BLOCK, BLOCK_BYTES, small};
+use super::small::{self, Kind};
+use super::{BLOCK, BLOCK_BYTES};
 
 /// `sum over blocks of (weight scale * activation scale) * (integer dot of the quants)`, a
 /// block to a 256-bit register and four blocks a step into two accumulators.
@@ -52,21 +53,21 @@ pub(super) unsafe fn dot(weights: &[u8], quants: &[i8], scales: &[f32]) -> f32 {
 }
 
 /// `sum over blocks of d (activation scale) (integer dot of the quants less the zero point) +
-/// m (activation block sum)` for a 4- or 5-bit block type (see `small`), a block to a 256-bit
-/// register.
+/// m (activation block sum)` for a 4- or 5-bit block type or MXFP4 (see `small`), a block to a
+/// 256-bit register.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; `weights` holds `scales.len()` blocks, `quants` 32 quants
 /// and `sums` one sum for each.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
+pub(super) unsafe fn dot_small<S: Kind>(
     weights: &[u8],
     quants: &[i8],
     scales: &[f32],
     sums: &[f32],
 ) -> f32 {
     let blocks = scales.len();
-    let bytes = small::block_bytes(MIN, HIGH);
+    let bytes = S::BYTES;
     debug_assert!(weights.len() >= blocks * bytes && quants.len() >= blocks * BLOCK);
     debug_assert!(sums.len() >= blocks);
     let mut acc = _mm256_setzero_ps();
@@ -75,16 +76,16 @@ pub(super) unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
         // SAFETY: block b is inside every slice.
         unsafe {
             let block = weights.as_ptr().add(b * bytes);
-            let (d, m) = small_scales::<MIN>(block);
+            let (d, m) = small_scales::<S>(block);
             let a = _mm256_loadu_si256(quants.as_ptr().add(b * BLOCK) as *const __m256i);
-            let mut lanes = unsigned_dots(small_quants::<MIN, HIGH>(block), a);
-            if !MIN {
-                let zero = _mm256_set1_epi8(small::zero_point(HIGH));
+            let mut lanes = unsigned_dots(small_quants::<S>(block), a);
+            if !S::MIN {
+                let zero = _mm256_set1_epi8(S::ZERO);
                 lanes = _mm256_sub_epi32(lanes, unsigned_dots(zero, a));
             }
             let scale = _mm256_set1_ps(d * *scales.get_unchecked(b));
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, acc);
-            if MIN {
+            if S::MIN {
                 offsets += m * *sums.get_unchecked(b);
             }
         }
@@ -142,17 +143,20 @@ pub(super) unsafe fn dot_k<K: Layout>(
     horizontal_sum(acc)
 }
 
-/// The scale `d` and offset `m` of a 4- or 5-bit block (`m` zero when it stores none).
+/// The scale `d` and offset `m` of a 4- or 5-bit or MXFP4 block (`m` zero when it stores none).
 ///
 /// # Safety
 /// `block` points at a whole block.
 #[inline]
 #[target_feature(enable = "f16c")]
-pub(super) unsafe fn small_scales<const MIN: bool>(block: *const u8) -> (f32, f32) {
+pub(super) unsafe fn small_scales<S: Kind>(block: *const u8) -> (f32, f32) {
     // SAFETY: the caller's.
     unsafe {
+        if S::E2M1 {
+            return (small::e8m0_half(*block), 0.0);
+        }
         let d = half(block);
-        let m = if MIN {
+        let m = if S::MIN {
             half(block.add(small::min_at()))
         } else {
             0.0
@@ -173,23 +177,35 @@ pub(super) unsafe fn half(at: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-/// The 32 unsigned quants (0-15, or 0-31 with the fifth bits) of a 4- or 5-bit block, in value
-/// order.
+/// The 32 unsigned quants (0-15, or 0-31 with the fifth bits, or MXFP4's lifted values 0-24) of
+/// a 4- or 5-bit or MXFP4 block, in value order.
 ///
 /// # Safety
 /// `block` points at a whole block.
 #[inline]
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn small_quants<const MIN: bool, const HIGH: bool>(block: *const u8) -> __m256i {
+pub(super) unsafe fn small_quants<S: Kind>(block: *const u8) -> __m256i {
     // SAFETY: the caller's.
     unsafe {
-        let low = nibbles(block.add(small::quants_at(MIN, HIGH)));
-        if !HIGH {
+        let low = nibbles(block.add(S::QUANTS_AT));
+        if S::E2M1 {
+            return e2m1_lifted(low);
+        }
+        if !S::HIGH {
             return low;
         }
-        let high = (block.add(small::high_at(MIN)) as *const u32).read_unaligned();
+        let high = (block.add(small::high_at(S::MIN)) as *const u32).read_unaligned();
         _mm256_or_si256(low, fifth_bits(high))
     }
+}
+
+/// Each of 32 e2m1 codes (0-15, one to a byte) as its value doubled plus 12: one byte shuffle.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn e2m1_lifted(codes: __m256i) -> __m256i {
+    // SAFETY: the table is 16 bytes.
+    let table = unsafe { _mm_loadu_si128(small::E2M1_LIFTED.as_ptr() as *const __m128i) };
+    _mm256_shuffle_epi8(_mm256_set_m128i(table, table), codes)
 }
 
 /// The 16 bytes at `packed` as 32 values: their low nibbles, then their high nibbles.

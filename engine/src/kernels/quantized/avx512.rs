@@ -19,9 +19,10 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx2::{block_quants, four_scales, nibbles, scale_bits, small_scales};
+use super::avx2::{block_quants, e2m1_lifted, four_scales, nibbles, scale_bits, small_scales};
 use super::k_quants::{self, Layout, Q2K, Q3K, Q4K, Q5K, Q6K, SUB_BLOCKS};
-use super::{Activations, BLOCK, BLOCK_BYTES, Format, small};
+use super::small::{self, Kind};
+use super::{Activations, BLOCK, BLOCK_BYTES, Format};
 
 /// Tokens in a group: eight accumulators and a row's operands stay in registers.
 const GROUP: usize = 8;
@@ -72,11 +73,12 @@ pub(super) unsafe fn product(
     // SAFETY: the caller's.
     unsafe {
         match format {
-            Format::Q8_0 => product_of::<true, false, false>(weights, rows, x, out, out_rows),
-            Format::Q4_0 => product_of::<false, false, false>(weights, rows, x, out, out_rows),
-            Format::Q4_1 => product_of::<false, true, false>(weights, rows, x, out, out_rows),
-            Format::Q5_0 => product_of::<false, false, true>(weights, rows, x, out, out_rows),
-            Format::Q5_1 => product_of::<false, true, true>(weights, rows, x, out, out_rows),
+            Format::Q8_0 => product_of::<small::Q8_0>(weights, rows, x, out, out_rows),
+            Format::Q4_0 => product_of::<small::Q4_0>(weights, rows, x, out, out_rows),
+            Format::Q4_1 => product_of::<small::Q4_1>(weights, rows, x, out, out_rows),
+            Format::Q5_0 => product_of::<small::Q5_0>(weights, rows, x, out, out_rows),
+            Format::Q5_1 => product_of::<small::Q5_1>(weights, rows, x, out, out_rows),
+            Format::Mxfp4 => product_of::<small::Mxfp4>(weights, rows, x, out, out_rows),
             Format::Q2K => product_k::<Q2K>(weights, rows, x, out, out_rows),
             Format::Q3K => product_k::<Q3K>(weights, rows, x, out, out_rows),
             Format::Q4K => product_k::<Q4K>(weights, rows, x, out, out_rows),
@@ -105,38 +107,30 @@ pub(super) unsafe fn element(format: Format, weights: &[u8], x: &Activations, t:
 /// As [`product_of`]; `row` holds `x.cols / 32` blocks.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot<const Q8: bool, const MIN: bool, const HIGH: bool>(
-    row: &[u8],
-    x: &Activations,
-    t: usize,
-) -> f32 {
+unsafe fn dot<S: Kind>(row: &[u8], x: &Activations, t: usize) -> f32 {
     let blocks = x.cols / BLOCK;
     let quants = &x.quants[t * x.cols..(t + 1) * x.cols];
     let scales = &x.scales[t * blocks..(t + 1) * blocks];
     // SAFETY: the caller's.
     unsafe {
-        if Q8 {
+        if S::Q8 {
             dot_q8_0(row, quants, scales)
         } else {
-            dot_small::<MIN, HIGH>(row, quants, scales, &x.sums[t * blocks..(t + 1) * blocks])
+            dot_small::<S>(row, quants, scales, &x.sums[t * blocks..(t + 1) * blocks])
         }
     }
 }
 
-/// [`product`] for one block type: Q8_0 (`Q8`) or a 4- or 5-bit one (see `small`).
+/// [`product`] for one 32-value block type: Q8_0, a 4- or 5-bit one, or MXFP4 (see `small`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn product_of<const Q8: bool, const MIN: bool, const HIGH: bool>(
+unsafe fn product_of<S: Kind>(
     weights: &[u8],
     rows: Range<usize>,
     x: &Activations,
     out: *mut f32,
     out_rows: usize,
 ) {
-    let bytes = if Q8 {
-        BLOCK_BYTES
-    } else {
-        small::block_bytes(MIN, HIGH)
-    };
+    let bytes = S::BYTES;
     let blocks = x.cols / BLOCK;
     let row_bytes = blocks * bytes;
     debug_assert!(weights.len() >= rows.end * row_bytes);
@@ -145,7 +139,7 @@ unsafe fn product_of<const Q8: bool, const MIN: bool, const HIGH: bool>(
     // Q8_0 rows in whole tiles of the matrix take the grouped tokens through the tile kernel: a
     // tile cut by this range is computed whole and only this range's rows stored, so that a
     // row's bits do not depend on how rows were shared out over the threads.
-    let tiled_rows = if Q8 && grouped > 0 {
+    let tiled_rows = if S::Q8 && grouped > 0 {
         let total = weights.len() / row_bytes;
         let tiles = total / TILE * TILE;
         let mut tile = rows.start / TILE * TILE;
@@ -173,7 +167,7 @@ unsafe fn product_of<const Q8: bool, const MIN: bool, const HIGH: bool>(
     let mut t = 0;
     while t + GROUP <= tokens && !tiled_rows.is_empty() {
         // SAFETY: tokens t..t + GROUP are rows of `x`.
-        unsafe { lay_out(x, t, GROUP, Extra::of::<Q8, MIN, HIGH>(), &mut group) };
+        unsafe { lay_out(x, t, GROUP, Extra::of::<S>(), &mut group) };
         // Rows two at a time, a last odd one alone.
         let mut r = tiled_rows.start;
         while r < rows.end {
@@ -182,9 +176,9 @@ unsafe fn product_of<const Q8: bool, const MIN: bool, const HIGH: bool>(
                 let row = weights.as_ptr().add(r * row_bytes);
                 let sums: &[[f32; GROUP]] = if r + 1 < rows.end {
                     let rows = [row, row.add(row_bytes)];
-                    &rows_with_group::<Q8, MIN, HIGH, 2>(rows, blocks, bytes, &group)
+                    &rows_with_group::<S, 2>(rows, blocks, bytes, &group)
                 } else {
-                    &rows_with_group::<Q8, MIN, HIGH, 1>([row], blocks, bytes, &group)
+                    &rows_with_group::<S, 1>([row], blocks, bytes, &group)
                 };
                 for (i, row_sums) in sums.iter().enumerate() {
                     for (j, &sum) in row_sums.iter().enumerate() {
@@ -202,7 +196,7 @@ unsafe fn product_of<const Q8: bool, const MIN: bool, const HIGH: bool>(
             unsafe {
                 let row =
                     std::slice::from_raw_parts(weights.as_ptr().add(r * row_bytes), row_bytes);
-                *out.add(t * out_rows + r) = dot::<Q8, MIN, HIGH>(row, x, t);
+                *out.add(t * out_rows + r) = dot::<S>(row, x, t);
             }
         }
     }
@@ -423,12 +417,12 @@ enum Extra {
 }
 
 impl Extra {
-    /// The extra operand of the 32-value types: Q8_0 (`Q8`) or a 4- or 5-bit one.
-    fn of<const Q8: bool, const MIN: bool, const HIGH: bool>() -> Self {
-        match (Q8, MIN) {
+    /// The extra operand of a 32-value type: Q8_0, a 4- or 5-bit one, or MXFP4.
+    fn of<S: Kind>() -> Self {
+        match (S::Q8, S::MIN) {
             (true, _) => Self::SignFlip,
             (false, true) => Self::RoundedSums,
-            (false, false) => Self::ZeroPoint(small::zero_point(HIGH)),
+            (false, false) => Self::ZeroPoint(S::ZERO),
         }
     }
 }
@@ -491,7 +485,7 @@ unsafe fn lay_out(
 /// pairs laid out by [`lay_out`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn rows_with_group<const Q8: bool, const MIN: bool, const HIGH: bool, const R: usize>(
+unsafe fn rows_with_group<S: Kind, const R: usize>(
     rows: [*const u8; R],
     blocks: usize,
     bytes: usize,
@@ -508,18 +502,18 @@ unsafe fn rows_with_group<const Q8: bool, const MIN: bool, const HIGH: bool, con
         ); R];
         for (pair, &row) in pairs.iter_mut().zip(&rows) {
             // SAFETY: as above.
-            *pair = unsafe { weight_pair::<Q8, MIN, HIGH>(row, b, blocks, bytes) };
+            *pair = unsafe { weight_pair::<S>(row, b, blocks, bytes) };
         }
         for (j, token) in tokens.iter().enumerate() {
             for (acc, &(w, dw, mw)) in acc.iter_mut().zip(&pairs) {
-                let lanes = if Q8 || !MIN {
+                let lanes = if S::Q8 || !S::MIN {
                     _mm512_dpbusd_epi32(token.extra, w, token.quants)
                 } else {
                     _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, token.quants)
                 };
                 let scale = _mm512_mul_ps(dw, token.scales);
                 acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, acc[j]);
-                if !Q8 && MIN {
+                if !S::Q8 && S::MIN {
                     acc[j] = _mm512_fmadd_ps(mw, _mm512_castsi512_ps(token.extra), acc[j]);
                 }
             }
@@ -553,7 +547,7 @@ fn sums_of<const N: usize>(registers: [__m512; N]) -> [f32; N] {
 /// The CPU has the features of [`product_of`]; the row holds `blocks` blocks of `bytes` bytes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn weight_pair<const Q8: bool, const MIN: bool, const HIGH: bool>(
+unsafe fn weight_pair<S: Kind>(
     row: *const u8,
     b: usize,
     blocks: usize,
@@ -564,7 +558,7 @@ unsafe fn weight_pair<const Q8: bool, const MIN: bool, const HIGH: bool>(
     unsafe {
         let first = row.add(b * bytes);
         let second = first.add(bytes);
-        if Q8 {
+        if S::Q8 {
             let w = if pair {
                 _mm512_inserti64x4::<1>(
                     _mm512_castsi256_si512(block_quants(first)),
@@ -580,17 +574,14 @@ unsafe fn weight_pair<const Q8: bool, const MIN: bool, const HIGH: bool>(
             let w = _mm512_xor_si512(w, _mm512_set1_epi8(-128));
             (w, spread(dw), _mm512_setzero_ps())
         } else {
-            let (d0, m0) = small_scales::<MIN>(first);
+            let (d0, m0) = small_scales::<S>(first);
             let (q1, d1, m1) = if pair {
-                let (d1, m1) = small_scales::<MIN>(second);
-                (small_quants::<MIN, HIGH>(second), d1, m1)
+                let (d1, m1) = small_scales::<S>(second);
+                (small_quants::<S>(second), d1, m1)
             } else {
                 (_mm256_setzero_si256(), 0.0, 0.0)
             };
-            let w = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(small_quants::<MIN, HIGH>(first)),
-                q1,
-            );
+            let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(small_quants::<S>(first)), q1);
             let dw = spread(_mm_set_ps(0.0, 0.0, d1, d0));
             let mw = spread(_mm_set_ps(0.0, 0.0, m1 * 0.125, m0 * 0.125));
             (w, dw, mw)
@@ -663,21 +654,16 @@ unsafe fn dot_q8_0(weights: &[u8], quants: &[i8], scales: &[f32]) -> f32 {
 }
 
 /// `sum over blocks of d (activation scale) (integer dot of the quants less the zero point) +
-/// m (activation block sum)` for a 4- or 5-bit block type (see `small`): the unsigned quants go
-/// straight into `vpdpbusd`, two blocks to a 512-bit register.
+/// m (activation block sum)` for a 4- or 5-bit block type or MXFP4 (see `small`): the unsigned
+/// quants go straight into `vpdpbusd`, two blocks to a 512-bit register.
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VNNI, AVX2, FMA and F16C; `weights` holds `scales.len()` blocks,
 /// `quants` 32 quants and `sums` one sum for each.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
-    weights: &[u8],
-    quants: &[i8],
-    scales: &[f32],
-    sums: &[f32],
-) -> f32 {
+unsafe fn dot_small<S: Kind>(weights: &[u8], quants: &[i8], scales: &[f32], sums: &[f32]) -> f32 {
     let blocks = scales.len();
-    let bytes = small::block_bytes(MIN, HIGH);
+    let bytes = S::BYTES;
     debug_assert!(weights.len() >= blocks * bytes && quants.len() >= blocks * BLOCK);
     debug_assert!(sums.len() >= blocks);
     let w = weights.as_ptr();
@@ -689,18 +675,15 @@ unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
     while b + 2 <= blocks {
         unsafe {
             let (first, second) = (w.add(b * bytes), w.add((b + 1) * bytes));
-            let (d0, m0) = small_scales::<MIN>(first);
-            let (d1, m1) = small_scales::<MIN>(second);
+            let (d0, m0) = small_scales::<S>(first);
+            let (d1, m1) = small_scales::<S>(second);
             let quants = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(small_quants::<MIN, HIGH>(first)),
-                small_quants::<MIN, HIGH>(second),
+                _mm512_castsi256_si512(small_quants::<S>(first)),
+                small_quants::<S>(second),
             );
             let activations = _mm512_loadu_si512(a.add(b * BLOCK) as *const __m512i);
-            let lanes = _mm512_dpbusd_epi32(
-                less_zero_points::<MIN, HIGH>(activations),
-                quants,
-                activations,
-            );
+            let lanes =
+                _mm512_dpbusd_epi32(less_zero_points::<S>(activations), quants, activations);
             let pair = _mm_set_ps(
                 0.0,
                 0.0,
@@ -708,7 +691,7 @@ unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
                 d0 * *scales.get_unchecked(b),
             );
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), spread(pair), acc);
-            if MIN {
+            if S::MIN {
                 offsets += m0 * *sums.get_unchecked(b);
                 offsets += m1 * *sums.get_unchecked(b + 1);
             }
@@ -718,18 +701,18 @@ unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
     if b < blocks {
         unsafe {
             let block = w.add(b * bytes);
-            let (d, m) = small_scales::<MIN>(block);
+            let (d, m) = small_scales::<S>(block);
             // The upper half stays zero.
             let activations =
                 _mm512_zextsi256_si512(_mm256_loadu_si256(a.add(b * BLOCK) as *const __m256i));
             let lanes = _mm512_dpbusd_epi32(
-                less_zero_points::<MIN, HIGH>(activations),
-                _mm512_zextsi256_si512(small_quants::<MIN, HIGH>(block)),
+                less_zero_points::<S>(activations),
+                _mm512_zextsi256_si512(small_quants::<S>(block)),
                 activations,
             );
             let scale = _mm512_set1_ps(d * *scales.get_unchecked(b));
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, acc);
-            if MIN {
+            if S::MIN {
                 offsets += m * *sums.get_unchecked(b);
             }
         }
@@ -751,11 +734,11 @@ fn less_zero(zero: i8, activations: __m512i) -> __m512i {
 /// offset, else zero.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn less_zero_points<const MIN: bool, const HIGH: bool>(activations: __m512i) -> __m512i {
-    if MIN {
+fn less_zero_points<S: Kind>(activations: __m512i) -> __m512i {
+    if S::MIN {
         _mm512_setzero_si512()
     } else {
-        less_zero(small::zero_point(HIGH), activations)
+        less_zero(S::ZERO, activations)
     }
 }
 
@@ -769,21 +752,24 @@ fn integer_dots(weights: __m512i, activations: __m512i) -> __m512i {
     _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(weights), signed)
 }
 
-/// The 32 unsigned quants of a 4- or 5-bit block (see `small`), in value order: the fifth bits
-/// are added through a mask register, one instruction where AVX2 needs four.
+/// The 32 unsigned quants of a 4- or 5-bit or MXFP4 block (see `small`), in value order: the
+/// fifth bits are added through a mask register, one instruction where AVX2 needs four.
 ///
 /// # Safety
 /// `block` points at a whole block.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-unsafe fn small_quants<const MIN: bool, const HIGH: bool>(block: *const u8) -> __m256i {
+unsafe fn small_quants<S: Kind>(block: *const u8) -> __m256i {
     // SAFETY: the caller's.
     unsafe {
-        let low = nibbles(block.add(small::quants_at(MIN, HIGH)));
-        if !HIGH {
+        let low = nibbles(block.add(S::QUANTS_AT));
+        if S::E2M1 {
+            return e2m1_lifted(low);
+        }
+        if !S::HIGH {
             return low;
         }
-        let high = (block.add(small::high_at(MIN)) as *const u32).read_unaligned();
+        let high = (block.add(small::high_at(S::MIN)) as *const u32).read_unaligned();
         _mm256_mask_add_epi8(low, high, low, _mm256_set1_epi8(0x10))
     }
 }

@@ -1,5 +1,5 @@
-//! Matrix products in GGUF's 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) and K-quant
-//! types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) on x86-64 CPUs (with AVX-512 VNNI, else AVX2) and aarch64 CPUs
+//! Matrix products in GGUF's 32-value block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4) and
+//! K-quant types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) on x86-64 CPUs (with AVX-512 VNNI, else AVX2) and aarch64 CPUs
 //! (NEON with dotprod), computed from the blocks as the file stores them.
 //!
 //! Why not candle's: it has no vector code at all for Q4_1, Q5_0 and Q5_1 (a Q4_1 prompt spent
@@ -19,7 +19,7 @@
 
 use std::sync::OnceLock;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
@@ -50,6 +50,8 @@ pub enum Format {
     Q4_1,
     Q5_0,
     Q5_1,
+    /// Not one of candle's types: its matrices are [`BlockMatrix`]es.
+    Mxfp4,
     Q2K,
     Q3K,
     Q4K,
@@ -74,11 +76,6 @@ impl Format {
         })
     }
 
-    /// The format of `w`, a weight from [`eligible`].
-    fn of_weight(w: &QTensor) -> Self {
-        Self::of(w.dtype()).expect("an eligible weight has a kernel format")
-    }
-
     /// Whether the format stores K-quant super-blocks, which meet Q8_K activations.
     pub fn is_super_block(self) -> bool {
         self.block_values() == k_quants::VALUES
@@ -95,12 +92,14 @@ impl Format {
     /// Bytes of one stored block.
     pub fn block_bytes(self) -> usize {
         use k_quants::Layout;
+        use small::Kind;
         match self {
             Self::Q8_0 => BLOCK_BYTES,
-            Self::Q4_0 => small::block_bytes(false, false),
-            Self::Q4_1 => small::block_bytes(true, false),
-            Self::Q5_0 => small::block_bytes(false, true),
-            Self::Q5_1 => small::block_bytes(true, true),
+            Self::Q4_0 => small::Q4_0::BYTES,
+            Self::Q4_1 => small::Q4_1::BYTES,
+            Self::Q5_0 => small::Q5_0::BYTES,
+            Self::Q5_1 => small::Q5_1::BYTES,
+            Self::Mxfp4 => small::Mxfp4::BYTES,
             Self::Q2K => k_quants::Q2K::BYTES,
             Self::Q3K => k_quants::Q3K::BYTES,
             Self::Q4K => k_quants::Q4K::BYTES,
@@ -177,45 +176,104 @@ pub fn available() -> bool {
     isa().is_some()
 }
 
+/// A matrix as the kernels take it: `rows` rows of blocks in `format`, as stored.
+#[derive(Clone, Copy, Debug)]
+pub struct Weight<'a> {
+    pub format: Format,
+    pub blocks: &'a [u8],
+    pub rows: usize,
+}
+
 /// The weight the kernels take `x` through, if they can: a matrix in one of their block types
-/// (whole blocks per row), a CPU tensor of f32 rows, on a CPU that has the instructions.
-pub fn eligible<'a>(w: &'a QMatMul, x: &Tensor) -> Option<&'a QTensor> {
-    match w {
-        QMatMul::QTensor(q)
-            if Format::of(q.dtype()).is_some_and(|format| {
-                q.shape()
-                    .dims()
-                    .last()
-                    .is_some_and(|cols| cols.is_multiple_of(format.block_values()))
-            }) && x.device().is_cpu()
-                && x.dtype() == DType::F32
-                && q.shape().dims().len() == 2
-                && available() =>
-        {
-            Some(q)
+/// (whole blocks per row) held on the CPU, for a CPU tensor of f32 rows, on a CPU that has the
+/// instructions.
+pub fn eligible<'a>(w: &'a QMatMul, x: &Tensor) -> Option<Weight<'a>> {
+    let QMatMul::QTensor(q) = w else {
+        return None;
+    };
+    let format = Format::of(q.dtype())?;
+    let &[rows, cols] = q.shape().dims() else {
+        return None;
+    };
+    if !cols.is_multiple_of(format.block_values()) || !takes(x) {
+        return None;
+    }
+    // Borrowed where the blocks are in host memory, which is where the kernels read them.
+    match q.data().ok()? {
+        std::borrow::Cow::Borrowed(blocks) => Some(Weight {
+            format,
+            blocks,
+            rows,
+        }),
+        std::borrow::Cow::Owned(_) => None,
+    }
+}
+
+/// Whether the kernels take `x` as input: f32 rows on the CPU, on a CPU that has their
+/// instructions.
+pub fn takes(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && available()
+}
+
+/// A matrix of blocks in a format candle does not have (MXFP4), which only these kernels
+/// multiply: `[rows, cols]`, `cols` a multiple of the format's block.
+#[derive(Clone, Debug)]
+pub struct BlockMatrix {
+    format: Format,
+    blocks: Vec<u8>,
+    rows: usize,
+    cols: usize,
+}
+
+impl BlockMatrix {
+    /// `blocks`, rows of `cols` values in `format`, as a matrix; `None` if they are not whole
+    /// rows of whole blocks.
+    pub fn new(format: Format, blocks: Vec<u8>, cols: usize) -> Option<Self> {
+        let row_bytes = format.row_bytes(cols);
+        (cols > 0
+            && cols.is_multiple_of(format.block_values())
+            && blocks.len().is_multiple_of(row_bytes))
+        .then(|| Self {
+            format,
+            rows: blocks.len() / row_bytes,
+            blocks,
+            cols,
+        })
+    }
+
+    /// The matrix as the kernels take it.
+    pub fn weight(&self) -> Weight<'_> {
+        Weight {
+            format: self.format,
+            blocks: &self.blocks,
+            rows: self.rows,
         }
-        _ => None,
+    }
+
+    /// `[rows, cols]`.
+    pub fn dims(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// Bytes held: the blocks as stored.
+    pub fn bytes(&self) -> usize {
+        self.blocks.len()
     }
 }
 
 /// `x W^T` for each `w` of `weights` (`[rows, cols]`, from [`eligible`]) and `x` `[.., cols]`:
 /// `x` is quantized once and every product shares one pass over the pool.
-pub fn forward(weights: &[&QTensor], x: &Tensor) -> Result<Vec<Tensor>> {
-    let formats: Vec<Format> = weights.iter().map(|w| Format::of_weight(w)).collect();
+pub fn forward(weights: &[Weight], x: &Tensor) -> Result<Vec<Tensor>> {
+    let formats: Vec<Format> = weights.iter().map(|w| w.format).collect();
     let activations = Activations::of(x, &formats)?;
-    let data = weights
-        .iter()
-        .map(|w| w.data())
-        .collect::<candle_core::Result<Vec<_>>>()?;
     let mut outputs: Vec<Vec<f32>> = weights
         .iter()
-        .map(|w| vec![0f32; activations.len() * w.shape().dims()[0]])
+        .map(|w| vec![0f32; activations.len() * w.rows])
         .collect();
-    let mut jobs: Vec<Job> = data
+    let mut jobs: Vec<Job> = weights
         .iter()
-        .zip(weights)
         .zip(&mut outputs)
-        .map(|((data, w), out)| Job::new(w, data, &activations, out))
+        .map(|(w, out)| Job::new(w, &activations, out))
         .collect();
     matmul(&mut jobs);
     outputs
@@ -225,7 +283,7 @@ pub fn forward(weights: &[&QTensor], x: &Tensor) -> Result<Vec<Tensor>> {
             let mut dims = x.dims().to_vec();
             *dims
                 .last_mut()
-                .expect("a matrix input has a last dimension") = w.shape().dims()[0];
+                .expect("a matrix input has a last dimension") = w.rows;
             Ok(Tensor::from_vec(out, dims, x.device())?)
         })
         .collect()
@@ -235,15 +293,15 @@ pub fn forward(weights: &[&QTensor], x: &Tensor) -> Result<Vec<Tensor>> {
 /// differ).
 #[derive(Clone, Copy)]
 pub struct GluWeights<'a> {
-    pub gate: &'a QTensor,
-    pub up: &'a QTensor,
-    pub down: &'a QTensor,
+    pub gate: Weight<'a>,
+    pub up: Weight<'a>,
+    pub down: Weight<'a>,
 }
 
 impl GluWeights<'_> {
     /// The formats the expert's input meets (its gate's and up's), to quantize it for.
     pub fn input_formats(&self) -> [Format; 2] {
-        [Format::of_weight(self.gate), Format::of_weight(self.up)]
+        [self.gate.format, self.up.format]
     }
 }
 
@@ -268,12 +326,7 @@ pub fn silu_times(gate: &mut [f32], up: &[f32]) {
 /// [`glu`] with the gate and up products combined by `combine` (gpt-oss's biases and clamped
 /// SwiGLU; the down projection's bias is the caller's to add).
 pub fn glu_with(experts: &[(GluWeights, &Activations)], combine: Combine) -> Result<Vec<Vec<f32>>> {
-    let mut width = Vec::with_capacity(experts.len());
-    let mut data = Vec::with_capacity(2 * experts.len());
-    for (w, _) in experts {
-        width.push(w.gate.shape().dims2()?.0);
-        data.push(((w.gate, w.gate.data()?), (w.up, w.up.data()?)));
-    }
+    let width: Vec<usize> = experts.iter().map(|(w, _)| w.gate.rows).collect();
     let mut gated: Vec<Vec<f32>> = Vec::with_capacity(experts.len());
     let mut lifted: Vec<Vec<f32>> = Vec::with_capacity(experts.len());
     for ((_, x), &width) in experts.iter().zip(&width) {
@@ -281,13 +334,9 @@ pub fn glu_with(experts: &[(GluWeights, &Activations)], combine: Combine) -> Res
         lifted.push(vec![0f32; x.len() * width]);
     }
     let mut jobs = Vec::with_capacity(2 * experts.len());
-    for (((gate, up), (_, x)), (g, u)) in data
-        .iter()
-        .zip(experts)
-        .zip(gated.iter_mut().zip(&mut lifted))
-    {
-        jobs.push(Job::new(gate.0, &gate.1, x, g));
-        jobs.push(Job::new(up.0, &up.1, x, u));
+    for ((w, x), (g, u)) in experts.iter().zip(gated.iter_mut().zip(&mut lifted)) {
+        jobs.push(Job::new(&w.gate, x, g));
+        jobs.push(Job::new(&w.up, x, u));
     }
     matmul(&mut jobs);
     for (e, (g, u)) in gated.iter_mut().zip(&lifted).enumerate() {
@@ -298,23 +347,18 @@ pub fn glu_with(experts: &[(GluWeights, &Activations)], combine: Combine) -> Res
             .into_iter()
             .zip(&width)
             .zip(experts)
-            .map(|((g, &width), (w, _))| (g, width, vec![Format::of_weight(w.down)]))
+            .map(|((g, &width), (w, _))| (g, width, vec![w.down.format]))
             .collect(),
     );
-    let downs = experts
-        .iter()
-        .map(|(w, _)| w.down.data())
-        .collect::<candle_core::Result<Vec<_>>>()?;
     let mut outputs: Vec<Vec<f32>> = experts
         .iter()
-        .map(|(w, x)| vec![0f32; x.len() * w.down.shape().dims()[0]])
+        .map(|(w, x)| vec![0f32; x.len() * w.down.rows])
         .collect();
-    let mut jobs: Vec<Job> = downs
+    let mut jobs: Vec<Job> = experts
         .iter()
-        .zip(experts)
         .zip(&mids)
         .zip(&mut outputs)
-        .map(|(((data, (w, _)), x), out)| Job::new(w.down, data, x, out))
+        .map(|(((w, _), x), out)| Job::new(&w.down, x, out))
         .collect();
     matmul(&mut jobs);
     Ok(outputs)
@@ -559,13 +603,12 @@ pub struct Job<'a> {
 }
 
 impl<'a> Job<'a> {
-    /// The product of `w` (from [`eligible`]; `data` its blocks) by `x`, into `out`.
-    fn new(w: &QTensor, data: &'a [u8], x: &'a Activations, out: &'a mut [f32]) -> Self {
-        let format = Format::of_weight(w);
+    /// The product of `w` by `x`, into `out`.
+    fn new(w: &Weight<'a>, x: &'a Activations, out: &'a mut [f32]) -> Self {
         Self {
-            format,
-            weights: data,
-            x: x.for_format(format),
+            format: w.format,
+            weights: w.blocks,
+            x: x.for_format(w.format),
             out,
         }
     }
@@ -669,10 +712,11 @@ unsafe fn dot(format: Format, weights: &[u8], quants: &[i8], scales: &[f32], sum
     unsafe {
         match format {
             Format::Q8_0 => simd::dot(weights, quants, scales),
-            Format::Q4_0 => simd::dot_small::<false, false>(weights, quants, scales, sums),
-            Format::Q4_1 => simd::dot_small::<true, false>(weights, quants, scales, sums),
-            Format::Q5_0 => simd::dot_small::<false, true>(weights, quants, scales, sums),
-            Format::Q5_1 => simd::dot_small::<true, true>(weights, quants, scales, sums),
+            Format::Q4_0 => simd::dot_small::<small::Q4_0>(weights, quants, scales, sums),
+            Format::Q4_1 => simd::dot_small::<small::Q4_1>(weights, quants, scales, sums),
+            Format::Q5_0 => simd::dot_small::<small::Q5_0>(weights, quants, scales, sums),
+            Format::Q5_1 => simd::dot_small::<small::Q5_1>(weights, quants, scales, sums),
+            Format::Mxfp4 => simd::dot_small::<small::Mxfp4>(weights, quants, scales, sums),
             Format::Q2K => simd::dot_k::<Q2K>(weights, quants, scales, sums),
             Format::Q3K => simd::dot_k::<Q3K>(weights, quants, scales, sums),
             Format::Q4K => simd::dot_k::<Q4K>(weights, quants, scales, sums),
@@ -693,11 +737,85 @@ unsafe fn dot(_: Format, _: &[u8], _: &[i8], _: &[f32], _: &[f32]) -> f32 {
 /// high nibbles values 16-31. A weight is `d q + m`, or without `MIN` `d (q - 8)` (`d (q - 16)`
 /// with five bits): the zero point is taken off in integers, as llama.cpp does, and `m` times
 /// the activation block's sum added in floats.
+///
+/// MXFP4 (`E2M1`) fits the same mould: its block is an e8m0 exponent byte and the 16 bytes of
+/// nibbles, each nibble an e2m1 code. The kernels look a code up as its value doubled plus 12
+/// (0-24, see [`E2M1_LIFTED`]), so that the zero point 12 comes off as it does for Q4_0, and
+/// `d` is the exponent's `2^(e - 128)` (half of `2^(e - 127)`, for the doubling).
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(dead_code)
 )]
 mod small {
+    /// A 32-value block type, as the kernels' generic code reads it.
+    pub trait Kind {
+        /// Q8_0: signed quants after an f16 scale (the AVX-512 grouped products share their
+        /// code with the 4- and 5-bit types).
+        const Q8: bool = false;
+        const MIN: bool = false;
+        const HIGH: bool = false;
+        const E2M1: bool = false;
+        const BYTES: usize = if Self::Q8 {
+            super::BLOCK_BYTES
+        } else if Self::E2M1 {
+            17
+        } else {
+            block_bytes(Self::MIN, Self::HIGH)
+        };
+        /// Where the 16 bytes of nibbles start.
+        const QUANTS_AT: usize = if Self::E2M1 {
+            1
+        } else {
+            quants_at(Self::MIN, Self::HIGH)
+        };
+        /// The quant that stands for zero without an offset.
+        const ZERO: i8 = if Self::E2M1 {
+            12
+        } else {
+            zero_point(Self::HIGH)
+        };
+    }
+
+    pub struct Q8_0;
+    pub struct Q4_0;
+    pub struct Q4_1;
+    pub struct Q5_0;
+    pub struct Q5_1;
+    pub struct Mxfp4;
+
+    impl Kind for Q8_0 {
+        const Q8: bool = true;
+    }
+    impl Kind for Q4_0 {}
+    impl Kind for Q4_1 {
+        const MIN: bool = true;
+    }
+    impl Kind for Q5_0 {
+        const HIGH: bool = true;
+    }
+    impl Kind for Q5_1 {
+        const MIN: bool = true;
+        const HIGH: bool = true;
+    }
+    impl Kind for Mxfp4 {
+        const E2M1: bool = true;
+    }
+
+    /// The e2m1 values doubled (ggml's `kvalues_mxfp4`), plus 12: unsigned bytes for the
+    /// integer products, in the order of the codes.
+    pub const E2M1_LIFTED: [u8; 16] = [12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0];
+
+    /// An MXFP4 block's scale for the doubled values: `2^(e - 128)` for the exponent byte `e`,
+    /// exact in f32 (subnormal for `e` of 0 and 1), as ggml's `GGML_E8M0_TO_FP32_HALF`.
+    pub fn e8m0_half(e: u8) -> f32 {
+        let bits = if e < 2 {
+            0x0020_0000u32 << e
+        } else {
+            u32::from(e - 1) << 23
+        };
+        f32::from_bits(bits)
+    }
+
     pub const fn block_bytes(min: bool, high: bool) -> usize {
         quants_at(min, high) + 16
     }
@@ -737,8 +855,21 @@ mod neon;
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
+    use candle_core::quantized::QTensor;
 
     use super::*;
+
+    /// `q`, a matrix of the kernels' block types, as they take it.
+    fn weight(q: &QTensor) -> Weight<'_> {
+        let std::borrow::Cow::Borrowed(blocks) = q.data().unwrap() else {
+            panic!("blocks in host memory")
+        };
+        Weight {
+            format: Format::of(q.dtype()).unwrap(),
+            blocks,
+            rows: q.shape().dims()[0],
+        }
+    }
 
     /// Whether `dtype` stores super-blocks of 256 (rows then come in multiples of 256).
     fn is_k(dtype: GgmlDType) -> bool {
@@ -813,7 +944,7 @@ mod tests {
             shapes.into_iter().enumerate().map(move |s| (dtype, s))
         }) {
             let (w, x) = typed_case(dtype, rows, cols, tokens, i as u64);
-            let ours = forward(&[&w], &x).unwrap().remove(0);
+            let ours = forward(&[weight(&w)], &x).unwrap().remove(0);
             assert_eq!(ours.dims(), &[tokens, rows]);
             let format = Format::of(dtype).unwrap();
             let q = Activations::of(&x, &[format]).unwrap();
@@ -852,16 +983,17 @@ mod tests {
             for cols in widths {
                 let (a, x) = typed_case(dtype, 37, cols, 10, 1);
                 let (b, _) = typed_case(dtype, 19, cols, 10, 2);
-                let alone = values(&forward(&[&a], &x).unwrap()[0]);
-                let together = values(&forward(&[&b, &a], &x).unwrap()[1]);
+                let alone = values(&forward(&[weight(&a)], &x).unwrap()[0]);
+                let together = values(&forward(&[weight(&b), weight(&a)], &x).unwrap()[1]);
                 assert_eq!(alone, together, "{dtype:?} {cols}");
                 // Tokens 1-8 make the group of the batch that starts at token 1.
                 let shifted = x.narrow(0, 1, 9).unwrap();
-                let shifted = values(&forward(&[&a], &shifted).unwrap()[0]);
+                let shifted = values(&forward(&[weight(&a)], &shifted).unwrap()[0]);
                 let grouped = x.narrow(0, 0, 8).unwrap();
-                let grouped = values(&forward(&[&a], &grouped).unwrap()[0]);
+                let grouped = values(&forward(&[weight(&a)], &grouped).unwrap()[0]);
                 assert_eq!(shifted[..7 * 37], grouped[37..], "{dtype:?} {cols}");
-                let one = |t| values(&forward(&[&a], &x.narrow(0, t, 1).unwrap()).unwrap()[0]);
+                let one =
+                    |t| values(&forward(&[weight(&a)], &x.narrow(0, t, 1).unwrap()).unwrap()[0]);
                 assert_eq!(one(9), alone[9 * 37..], "{dtype:?} {cols}");
             }
         }
@@ -876,17 +1008,17 @@ mod tests {
         let (up, _) = case(96, 64, 3, 2);
         let (down, _) = case(64, 96, 3, 3);
         let weights = GluWeights {
-            gate: &gate,
-            up: &up,
-            down: &down,
+            gate: weight(&gate),
+            up: weight(&up),
+            down: weight(&down),
         };
         let input = Activations::of(&x, &[Format::Q8_0]).unwrap();
         let ours = glu(&[(weights, &input)]).unwrap().remove(0);
         let ours = Tensor::from_vec(ours, (3, 64), &Device::Cpu).unwrap();
-        let g = forward(&[&gate], &x).unwrap().remove(0);
-        let u = forward(&[&up], &x).unwrap().remove(0);
+        let g = forward(&[weight(&gate)], &x).unwrap().remove(0);
+        let u = forward(&[weight(&up)], &x).unwrap().remove(0);
         let mid = (candle_nn::ops::silu(&g).unwrap() * u).unwrap();
-        let expected = forward(&[&down], &mid).unwrap().remove(0);
+        let expected = forward(&[weight(&down)], &mid).unwrap().remove(0);
         assert!(max_abs_diff(&ours, &expected) < 1e-3);
     }
 
@@ -1041,6 +1173,114 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The MXFP4 kernel of every instruction set gives the exact sums of the dequantized blocks
+    /// (ggml's values: the doubled e2m1 value times `2^(e - 128)`) times the dequantized
+    /// activations, up to f32 rounding: every code, exponents from the subnormal scales 0 and 1
+    /// to large ones, blocks counts with and without a tail after the pairs; and in a product of
+    /// several rows and tokens (the grouped path of AVX-512) and against the same values held as
+    /// Q8_0 blocks.
+    #[test]
+    fn mxfp4_agrees_with_exact_sums_on_every_instruction_set() {
+        use crate::format::mxfp4;
+        let Some(isa) = isa() else {
+            eprintln!("skipped: this CPU lacks the kernels' instructions");
+            return;
+        };
+        const DOUBLED: [f64; 16] = [
+            0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 0.0, -1.0, -2.0, -3.0, -4.0, -6.0, -8.0, -12.0,
+        ];
+        let value = |block: &[u8], i: usize| {
+            let byte = block[1 + i % 16];
+            let code = if i < 16 { byte & 15 } else { byte >> 4 };
+            DOUBLED[code as usize] * 2f64.powi(i32::from(block[0]) - 128)
+        };
+        let mut next = xorshift(0x5851_f42d_4c95_7f2du64);
+        let (rows, tokens) = (5, 19);
+        for blocks in [1, 2, 3, 8] {
+            let cols = blocks * BLOCK;
+            let mut weights = vec![0u8; rows * blocks * 17];
+            for (b, block) in weights.chunks_exact_mut(17).enumerate() {
+                block[0] = match b % 7 {
+                    0 => 0,
+                    1 => 1,
+                    2 => 140,
+                    _ => 118 + (next() % 16) as u8,
+                };
+                for byte in &mut block[1..] {
+                    *byte = next() as u8;
+                }
+            }
+            // Every code somewhere in the first row.
+            for (i, byte) in weights[1..17].iter_mut().enumerate() {
+                *byte = i as u8 | (15 - i as u8) << 4;
+            }
+            let x: Vec<f32> = (0..tokens * cols)
+                .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
+                .collect();
+            let activations = Activations::quantize(&x, cols, &[Format::Mxfp4]);
+            let exact = |r: usize, t: usize| -> (f64, f64) {
+                let row = &weights[r * blocks * 17..(r + 1) * blocks * 17];
+                let (mut sum, mut magnitude) = (0f64, 0f64);
+                for i in 0..cols {
+                    let b = i / BLOCK;
+                    let a = activations.quants[t * cols + i] as f64
+                        * activations.scales[t * blocks + b] as f64;
+                    let w = value(&row[b * 17..(b + 1) * 17], i % BLOCK);
+                    sum += w * a;
+                    magnitude += (w * a).abs();
+                }
+                (sum, magnitude)
+            };
+            let case = format!("{isa}, {blocks} blocks");
+            for t in [0, tokens - 1] {
+                let (exact, magnitude) = exact(0, t);
+                let tolerance = 1e-5 * magnitude.max(1e-30);
+                let (quants, scales, sums) = (
+                    &activations.quants[t * cols..(t + 1) * cols],
+                    &activations.scales[t * blocks..(t + 1) * blocks],
+                    &activations.sums[t * blocks..(t + 1) * blocks],
+                );
+                // SAFETY: `isa` found the instructions; the slices hold `blocks` blocks.
+                let ours =
+                    unsafe { dot(Format::Mxfp4, &weights[..blocks * 17], quants, scales, sums) };
+                assert!(
+                    (ours as f64 - exact).abs() <= tolerance,
+                    "{case}: {ours} {exact}"
+                );
+            }
+            let matrix = BlockMatrix::new(Format::Mxfp4, weights.clone(), cols).unwrap();
+            assert_eq!(matrix.dims(), [rows, cols]);
+            let x = Tensor::from_vec(x.clone(), (tokens, cols), &Device::Cpu).unwrap();
+            let ours = values(&forward(&[matrix.weight()], &x).unwrap()[0]);
+            let held = mxfp4::to_q8_0(&weights).unwrap();
+            let as_q8_0 = Weight {
+                format: Format::Q8_0,
+                blocks: &held,
+                rows,
+            };
+            let through_q8_0 = values(&forward(&[as_q8_0], &x).unwrap()[0]);
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let (exact, magnitude) = exact(r, t);
+                    let tolerance = 1e-5 * magnitude.max(1e-30);
+                    let (mine, other) = (ours[t * rows + r], through_q8_0[t * rows + r]);
+                    assert!(
+                        (mine as f64 - exact).abs() <= tolerance,
+                        "{case}, row {r} token {t}: {mine} {exact}"
+                    );
+                    assert!(
+                        (mine as f64 - other as f64).abs() <= 2.0 * tolerance,
+                        "{case}, row {r} token {t}: {mine} as Q8_0 {other}"
+                    );
+                }
+            }
+        }
+        assert_eq!(small::e8m0_half(0), 2f32.powi(-128));
+        assert_eq!(small::e8m0_half(1), 2f32.powi(-127));
+        assert_eq!(small::e8m0_half(128), 1.0);
+        assert_eq!(small::e8m0_half(255), 2f32.powi(127));
     }
 
     /// The K-quant kernels of every instruction set give the exact sum of the dequantized

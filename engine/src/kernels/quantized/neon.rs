@@ -7,7 +7,8 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::k_quants::{Layout, SUB_BLOCKS};
-use super::{BLOCK, BLOCK_BYTES, small};
+use super::small::{self, Kind};
+use super::{BLOCK, BLOCK_BYTES};
 
 /// `acc` plus the per-lane sums of four products of signed bytes. `sdot` by hand: the standard
 /// library's `vdotq_s32` is not yet stable.
@@ -73,20 +74,20 @@ pub(super) unsafe fn dot(weights: &[u8], quants: &[i8], scales: &[f32]) -> f32 {
 }
 
 /// `sum over blocks of d (activation scale) (integer dot of the quants less the zero point) +
-/// m (activation block sum)` for a 4- or 5-bit block type (see `small`).
+/// m (activation block sum)` for a 4- or 5-bit block type or MXFP4 (see `small`).
 ///
 /// # Safety
 /// The CPU has dotprod; `weights` holds `scales.len()` blocks, `quants` 32 quants and `sums`
 /// one sum for each.
 #[target_feature(enable = "neon,dotprod")]
-pub(super) unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
+pub(super) unsafe fn dot_small<S: Kind>(
     weights: &[u8],
     quants: &[i8],
     scales: &[f32],
     sums: &[f32],
 ) -> f32 {
     let blocks = scales.len();
-    let bytes = small::block_bytes(MIN, HIGH);
+    let bytes = S::BYTES;
     debug_assert!(weights.len() >= blocks * bytes && quants.len() >= blocks * BLOCK);
     debug_assert!(sums.len() >= blocks);
     let mut acc = vdupq_n_f32(0.0);
@@ -95,21 +96,22 @@ pub(super) unsafe fn dot_small<const MIN: bool, const HIGH: bool>(
         // SAFETY: block b is inside every slice.
         unsafe {
             let block = weights.as_ptr().add(b * bytes);
-            let (low, high) = small_quants::<MIN, HIGH>(block);
+            let (low, high) = small_quants::<S>(block);
             // Without an offset the zero point comes off in bytes: the quants become signed.
-            let zero = vdupq_n_u8(if MIN {
-                0
-            } else {
-                small::zero_point(HIGH) as u8
-            });
+            let zero = vdupq_n_u8(if S::MIN { 0 } else { S::ZERO as u8 });
             let lanes = block_dot(
                 vreinterpretq_s8_u8(vsubq_u8(low, zero)),
                 vreinterpretq_s8_u8(vsubq_u8(high, zero)),
                 quants.as_ptr().add(b * BLOCK),
             );
-            let scale = half(block) * *scales.get_unchecked(b);
+            let d = if S::E2M1 {
+                small::e8m0_half(*block)
+            } else {
+                half(block)
+            };
+            let scale = d * *scales.get_unchecked(b);
             acc = vfmaq_n_f32(acc, vcvtq_f32_s32(lanes), scale);
-            if MIN {
+            if S::MIN {
                 offsets += half(block.add(small::min_at())) * *sums.get_unchecked(b);
             }
         }
@@ -176,25 +178,28 @@ pub(super) unsafe fn dot_k<K: Layout>(
     vaddvq_f32(acc)
 }
 
-/// The 32 unsigned quants (0-15, or 0-31 with the fifth bits) of a 4- or 5-bit block: values
-/// 0-15 (the low nibbles) and 16-31 (the high ones).
+/// The 32 unsigned quants (0-15, or 0-31 with the fifth bits, or MXFP4's lifted values 0-24) of
+/// a 4- or 5-bit or MXFP4 block: values 0-15 (the low nibbles) and 16-31 (the high ones).
 ///
 /// # Safety
 /// `block` points at a whole block.
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn small_quants<const MIN: bool, const HIGH: bool>(
-    block: *const u8,
-) -> (uint8x16_t, uint8x16_t) {
+unsafe fn small_quants<S: Kind>(block: *const u8) -> (uint8x16_t, uint8x16_t) {
     // SAFETY: the caller's.
     unsafe {
-        let packed = vld1q_u8(block.add(small::quants_at(MIN, HIGH)));
+        let packed = vld1q_u8(block.add(S::QUANTS_AT));
         let low = vandq_u8(packed, vdupq_n_u8(0x0f));
         let high = vshrq_n_u8::<4>(packed);
-        if !HIGH {
+        if S::E2M1 {
+            // Each code as its value doubled plus 12 (see `small::E2M1_LIFTED`).
+            let table = vld1q_u8(small::E2M1_LIFTED.as_ptr());
+            return (vqtbl1q_u8(table, low), vqtbl1q_u8(table, high));
+        }
+        if !S::HIGH {
             return (low, high);
         }
-        let bits = (block.add(small::high_at(MIN)) as *const u32).read_unaligned();
+        let bits = (block.add(small::high_at(S::MIN)) as *const u32).read_unaligned();
         (
             vorrq_u8(low, fifth_bits(bits as u16)),
             vorrq_u8(high, fifth_bits((bits >> 16) as u16)),
