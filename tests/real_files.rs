@@ -243,6 +243,33 @@ async fn gguf_models_of_every_vocabulary_kind_chat_through_the_daemon() {
     text_and_chat_through_the_daemon(&demo_gguf(), "dense").await;
 }
 
+/// gpt-oss as OpenAI's checkpoints keep it (MXFP4 expert blocks and scales, in place), on
+/// demand through the daemon, as `odmoe run` generates offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mxfp4_checkpoint_generates_through_the_daemon_as_offline() {
+    let model = fixture("gpt_oss_mxfp4");
+    let mut daemon = Daemon::builder()
+        .model(&model)
+        .args(["--expert-budget", "50%"])
+        .limit(LIMIT)
+        .spawn();
+    daemon.wait_until_serving().await;
+    let mut client = daemon.client().await;
+    assert_eq!(client.models().await.unwrap().models[0].mode, "on_demand");
+    let completion = call(
+        &mut client,
+        Method::Generate,
+        &greedy(Some("Hello world"), &[], None),
+    )
+    .await
+    .unwrap();
+    let reference = offline(&model, "Hello world", false);
+    assert_eq!(completion.text, reference["text"]);
+    assert_eq!(serde_json::json!(completion.tokens), reference["tokens"]);
+    let store = client.stats().await.unwrap().store.unwrap();
+    assert!(store.misses > 0 && store.read_errors == 0, "{store:?}");
+}
+
 /// `odmoed` detached (no `--foreground`) on `model`, with its home in `dir`.
 fn detached(dir: &Path, model: &Path) -> Output {
     let mut command = Command::new(binary("odmoed"));

@@ -16,7 +16,7 @@ use odmoe_engine::config::ModelConfig;
 use odmoe_engine::format::gguf::{ggml_bytes, ggml_type_name, stacked_expert_names};
 use odmoe_engine::format::gguf_header;
 use odmoe_engine::format::layout::{GGUF_DTYPE, Manifest};
-use odmoe_engine::format::safetensors::HfWeights;
+use odmoe_engine::format::safetensors::{HfWeights, View};
 use odmoe_engine::model::{KvType, expert_tensor_names};
 use odmoe_engine::open;
 use odmoe_engine::store::budget::parse_budget;
@@ -538,7 +538,8 @@ fn huggingface_contents(dir: &Path, config: &ModelConfig) -> Result<Contents> {
                 if !weights.contains(&name) && name.ends_with(".up_proj.weight") {
                     continue;
                 }
-                total_disk += location.bytes;
+                // MXFP4 blocks (OpenAI's checkpoints) come with their exponents.
+                total_disk += location.bytes + location.scales.as_ref().map_or(0, |s| s.bytes);
                 expert_names.insert(name);
             }
         }
@@ -546,7 +547,11 @@ fn huggingface_contents(dir: &Path, config: &ModelConfig) -> Result<Contents> {
     let (expert_dtype, expert_bytes_on_disk) = match config.moe_layers().next() {
         Some(first) => {
             let names = expert_tensor_names(config, first, 0).map(|n| format!("{n}.weight"));
-            let dtype = weights.location(&names[0])?.dtype.to_string();
+            let location = weights.location(&names[0])?;
+            let dtype = match location.view {
+                View::Mxfp4Rows { .. } => "MXFP4".to_string(),
+                View::Whole | View::Columns { .. } => location.dtype.to_string(),
+            };
             (
                 Some(dtype),
                 total_disk / (config.moe_layers().count() * config.num_experts) as u64,
@@ -555,8 +560,13 @@ fn huggingface_contents(dir: &Path, config: &ModelConfig) -> Result<Contents> {
         None => (None, 0),
     };
     // Fused expert tensors (gpt-oss's `mlp.experts.gate_up_proj`, `down_proj`) are experts too.
-    let fused =
-        |n: &str| n.ends_with(".mlp.experts.gate_up_proj") || n.ends_with(".mlp.experts.down_proj");
+    let fused = |n: &str| {
+        let n = n
+            .strip_suffix("_blocks")
+            .or_else(|| n.strip_suffix("_scales"))
+            .unwrap_or(n);
+        n.ends_with(".mlp.experts.gate_up_proj") || n.ends_with(".mlp.experts.down_proj")
+    };
     let base_names: Vec<&str> = weights
         .names()
         .into_iter()

@@ -237,7 +237,9 @@ pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
         }
         Checkpoint::HuggingFace => {
             let config = crate::model::config_from_hf_file(&path.join("config.json"))?;
-            let bytes = config.expert_f32_bytes() as u64;
+            let weights = HfWeights::open(path, &Device::Cpu)?;
+            let names = |layer, expert| crate::model::expert_tensor_names(&config, layer, expert);
+            let bytes = HfSource::expert_bytes_of(&config, names, &weights, &Device::Cpu)?;
             (config, bytes)
         }
     };

@@ -95,3 +95,10 @@ fn glm4_moe_matches_transformers() {
 fn gpt_oss_matches_transformers() {
     check_fixture("gpt_oss");
 }
+
+/// gpt-oss with its experts in MXFP4 as OpenAI's checkpoints keep them (blocks and scales):
+/// against transformers computing from the same blocks dequantized.
+#[test]
+fn gpt_oss_in_mxfp4_matches_transformers() {
+    check_fixture("gpt_oss_mxfp4");
+}

@@ -80,24 +80,33 @@ fn on_demand_is_bit_identical_to_resident_at_every_budget() {
     }
 }
 
-/// gpt-oss's experts, sliced per expert out of its fused tensors, on demand as resident (its
-/// checkpoints do not convert yet).
+/// gpt-oss's experts, sliced per expert out of its fused tensors (BF16, or MXFP4 blocks and
+/// scales), on demand as resident (its checkpoints do not convert yet).
 #[test]
 fn fused_experts_on_demand_are_bit_identical_to_resident() {
-    let source = fixture("gpt_oss");
-    let input = ids(&golden("gpt_oss")["input_ids"]);
-    let resident = odmoe_engine::open::resident(&source, &Device::Cpu).unwrap();
-    let expected = logit_bits_and_greedy(&resident, &input, 16);
-    let (config, total) = open::describe(&source).unwrap();
-    let expert = config.expert_f32_bytes() as u64;
-    for budget in [config.num_experts_per_token as u64 * expert, total / 2] {
-        let loaded =
-            open::load(&source, &on_demand(budget, PolicyKind::Lru), &Device::Cpu).unwrap();
-        assert!(
-            logit_bits_and_greedy(&loaded.model, &input, 16) == expected,
-            "budget {budget}"
-        );
-        assert!(loaded.store.unwrap().stats().evictions > 0);
+    for name in ["gpt_oss", "gpt_oss_mxfp4"] {
+        let source = fixture(name);
+        let input = ids(&golden(name)["input_ids"]);
+        let resident = odmoe_engine::open::resident(&source, &Device::Cpu).unwrap();
+        let expected = logit_bits_and_greedy(&resident, &input, 16);
+        let (config, total) = open::describe(&source).unwrap();
+        let expert = total / (config.moe_layers().count() * config.num_experts) as u64;
+        for budget in [config.num_experts_per_token as u64 * expert, total / 2] {
+            let loaded =
+                open::load(&source, &on_demand(budget, PolicyKind::Lru), &Device::Cpu).unwrap();
+            assert!(
+                logit_bits_and_greedy(&loaded.model, &input, 16) == expected,
+                "{name}, budget {budget}"
+            );
+            let store = loaded.store.unwrap();
+            assert!(store.stats().evictions > 0, "{name}");
+            // An expert's bytes as its matrices hold them, which the budget counts.
+            assert_eq!(store.stats().resident_bytes % expert, 0, "{name}");
+        }
+        if name == "gpt_oss_mxfp4" && odmoe_engine::kernels::quantized::available() {
+            // Held as the checkpoint stores them: 17 bytes per 32 values.
+            assert_eq!(expert, config.expert_f32_bytes() as u64 / 4 / 32 * 17);
+        }
     }
 }
 
@@ -656,36 +665,44 @@ fn a_gguf_expert_changed_after_its_index_was_built_is_refused_never_computed() {
 
 #[test]
 fn a_hugging_face_expert_changed_after_its_index_was_built_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture("qwen3_moe")).unwrap() {
-        let from = entry.unwrap().path();
-        // Not an index kept beside the fixture: this copy must compute its own.
-        if !from.to_string_lossy().ends_with(".odmoe-checksums") {
-            std::fs::copy(&from, dir.path().join(from.file_name().unwrap())).unwrap();
+    // A tensor of its own, and the exponents of MXFP4 blocks (gpt-oss's fused experts).
+    for (name, scales) in [("qwen3_moe", false), ("gpt_oss_mxfp4", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(fixture(name)).unwrap() {
+            let from = entry.unwrap().path();
+            // Not an index kept beside the fixture: this copy must compute its own.
+            if !from.to_string_lossy().ends_with(".odmoe-checksums") {
+                std::fs::copy(&from, dir.path().join(from.file_name().unwrap())).unwrap();
+            }
         }
-    }
-    let config = odmoe_engine::model::config_from_hf_file(&dir.path().join("config.json")).unwrap();
-    let name = format!("{}.weight", expert_tensor_names(&config, 1, 4)[2]);
-    let down = HfWeights::open(dir.path(), &Device::Cpu)
-        .unwrap()
-        .location(&name)
+        let config =
+            odmoe_engine::model::config_from_hf_file(&dir.path().join("config.json")).unwrap();
+        let tensor = format!("{}.weight", expert_tensor_names(&config, 1, 4)[2]);
+        let down = HfWeights::open(dir.path(), &Device::Cpu)
+            .unwrap()
+            .location(&tensor)
+            .unwrap();
+        let loaded = open::load(
+            dir.path(),
+            &on_demand(1 << 30, PolicyKind::Lru),
+            &Device::Cpu,
+        )
         .unwrap();
-    let loaded = open::load(
-        dir.path(),
-        &on_demand(1 << 30, PolicyKind::Lru),
-        &Device::Cpu,
-    )
-    .unwrap();
-    assert!(dir.path().join("experts.odmoe-checksums").is_file());
-    rot_bits(&down.path, down.offset, down.bytes);
-    let err = broken_expert_error_of(loaded.store.as_ref().unwrap());
-    assert!(
-        err.contains("model.safetensors")
-            && err.contains("expert 4 of layer 1")
-            && err.contains("down tensor")
-            && err.contains("checksum mismatch"),
-        "{err}"
-    );
+        assert!(dir.path().join("experts.odmoe-checksums").is_file());
+        match (&down.scales, scales) {
+            (Some(scales), true) => rot_bits(&scales.path, scales.offset, scales.bytes),
+            (None, false) => rot_bits(&down.path, down.offset, down.bytes),
+            _ => panic!("{name}: scales {:?}", down.scales),
+        }
+        let err = broken_expert_error_of(loaded.store.as_ref().unwrap());
+        assert!(
+            err.contains("model.safetensors")
+                && err.contains("expert 4 of layer 1")
+                && err.contains("down tensor")
+                && err.contains("checksum mismatch"),
+            "{name}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -356,16 +356,14 @@ impl ExpertSlice {
         }
     }
 
-    /// The slice's bytes as a matrix candle multiplies in its stored type (MXFP4 as the Q8_0
-    /// blocks of the same values).
+    /// The slice's bytes as a matrix candle multiplies in its stored type (not MXFP4, which
+    /// candle does not have).
     pub fn to_qmatmul(&self, bytes: &[u8], device: &Device) -> candle_core::Result<QMatMul> {
-        let held;
-        let bytes = if self.mxfp4 {
-            held = mxfp4::to_q8_0(bytes).map_err(candle_core::Error::Msg)?;
-            &held[..]
-        } else {
-            bytes
-        };
+        if self.mxfp4 {
+            return Err(candle_core::Error::Msg(
+                "MXFP4 blocks are not a type candle multiplies".into(),
+            ));
+        }
         let qtensor = qtensor_from_ggml(self.dtype, bytes, self.shape.to_vec(), device)?;
         QMatMul::from_qtensor(qtensor)
     }

@@ -64,6 +64,54 @@ pub fn to_q8_0(blocks: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// The values of `blocks` (whole MXFP4 blocks), exactly, in f32.
+pub fn dequantize(blocks: &[u8]) -> Result<Vec<f32>, String> {
+    if !blocks.len().is_multiple_of(MXFP4_BLOCK_BYTES) {
+        return Err(format!(
+            "{} bytes are not whole MXFP4 blocks of {MXFP4_BLOCK_BYTES}",
+            blocks.len()
+        ));
+    }
+    let mut out = Vec::with_capacity(blocks.len() / MXFP4_BLOCK_BYTES * VALUES);
+    for block in blocks.chunks_exact(MXFP4_BLOCK_BYTES) {
+        // Through f64: 2^-128 as f32 is subnormal, past what powi reaches in f32.
+        let scale = 2f64.powi(i32::from(block[0]) - 128) as f32;
+        let code = |c: u8| f32::from(KVALUES[usize::from(c)]) * scale;
+        out.extend(block[1..].iter().map(|&b| code(b & 0x0f)));
+        out.extend(block[1..].iter().map(|&b| code(b >> 4)));
+    }
+    Ok(out)
+}
+
+/// Rows `rows` of an MXFP4 matrix as OpenAI's checkpoints keep it, as ggml's blocks: `blocks`
+/// holds per row `groups` blocks of 16 bytes (value 2j of a block in byte j's low nibble, 2j + 1
+/// in its high one) and `scales` per row `groups` exponents, `2^(s - 127)` for the e2m1 values,
+/// which is ggml's `2^(e - 128)` for the doubled ones.
+pub fn from_checkpoint_rows(
+    blocks: &[u8],
+    scales: &[u8],
+    groups: usize,
+    rows: impl Iterator<Item = usize>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    for row in rows {
+        let row_blocks = blocks[row * groups * 16..][..groups * 16].chunks_exact(16);
+        for (packed, &scale) in row_blocks.zip(&scales[row * groups..][..groups]) {
+            let value = |i: usize| {
+                let byte = packed[i / 2];
+                if i.is_multiple_of(2) {
+                    byte & 0x0f
+                } else {
+                    byte >> 4
+                }
+            };
+            out.push(scale);
+            out.extend((0..16).map(|k| value(k) | value(k + 16) << 4));
+        }
+    }
+    out
+}
+
 /// `values` (a multiple of 32) as MXFP4 blocks, as ggml's reference quantizer makes them: the
 /// exponent from the block's largest magnitude, each value its nearest e2m1 code (the first
 /// on ties).
@@ -115,6 +163,39 @@ mod tests {
             .iter()
             .map(|&q| f32::from(q as i8) * scale)
             .collect()
+    }
+
+    /// A checkpoint's rows (values in nibble pairs, e2m1 exponents) become ggml blocks of the
+    /// same values: checked against transformers' dequantization rule.
+    #[test]
+    fn checkpoint_rows_become_blocks_of_the_same_values() {
+        const E2M1: [f64; 16] = [
+            0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+        ];
+        let (rows, groups) = (3, 2);
+        let blocks: Vec<u8> = (0..rows * groups * 16)
+            .map(|i| (i * 37 + 11) as u8)
+            .collect();
+        let scales: Vec<u8> = (0..rows * groups).map(|i| 120 + i as u8).collect();
+        // Rows 0 and 2, as gate rows of an interleaved gate_up.
+        let ours = from_checkpoint_rows(&blocks, &scales, groups, [0, 2].into_iter());
+        assert_eq!(ours.len(), 2 * groups * MXFP4_BLOCK_BYTES);
+        for (n, row) in [0, 2].into_iter().enumerate() {
+            for g in 0..groups {
+                let block = &ours[(n * groups + g) * MXFP4_BLOCK_BYTES..][..MXFP4_BLOCK_BYTES];
+                let values = reference(block);
+                let scale = 2f64.powi(i32::from(scales[row * groups + g]) - 127);
+                for (i, &value) in values.iter().enumerate() {
+                    let byte = blocks[(row * groups + g) * 16 + i / 2];
+                    let code = if i % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+                    assert_eq!(
+                        f64::from(value),
+                        E2M1[code as usize] * scale,
+                        "row {row} value {i}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

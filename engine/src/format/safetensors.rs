@@ -57,6 +57,16 @@ pub struct TensorLocation {
     pub shape: Vec<usize>,
     /// How the bytes at `offset` make the tensor.
     pub view: View,
+    /// With [`View::Mxfp4Rows`], where the blocks' exponents lie.
+    pub scales: Option<Span>,
+}
+
+/// A run of bytes in a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub bytes: u64,
 }
 
 /// How a tensor is made from the bytes of its location.
@@ -69,6 +79,11 @@ pub enum View {
     /// columns interleaved, and `down_proj` `[experts, width, hidden]`): the tensor is the
     /// slab's columns from `first`, every `step`-th, transposed to `[out, in]`.
     Columns { first: usize, step: usize },
+    /// They are one expert's MXFP4 blocks of a fused tensor as OpenAI's checkpoints keep them
+    /// (`{name}_blocks` `[experts, rows, in / 32, 16]`, `{name}_scales` `[experts, rows, in / 32]`,
+    /// a row per output, gate and up rows interleaved): the tensor is rows `first`, `first +
+    /// step`, ... (see [`super::mxfp4::from_checkpoint_rows`]).
+    Mxfp4Rows { first: usize, step: usize },
 }
 
 impl View {
@@ -80,8 +95,12 @@ impl View {
         shape: &[usize],
         device: &Device,
     ) -> std::result::Result<Tensor, String> {
-        let Self::Columns { first, step } = self else {
-            return f32_tensor(bytes, dtype, shape, device);
+        let (first, step) = match self {
+            Self::Whole => return f32_tensor(bytes, dtype, shape, device),
+            Self::Columns { first, step } => (first, step),
+            Self::Mxfp4Rows { .. } => {
+                return Err("MXFP4 blocks are not a float tensor".into());
+            }
         };
         let (out, input) = (shape[0], shape[1]);
         let slab = f32_tensor(bytes, dtype, &[input, out * step], &Device::Cpu)?;
@@ -233,6 +252,7 @@ impl HfWeights {
             dtype: info.dtype,
             shape: info.shape.clone(),
             view: View::Whole,
+            scales: None,
         })
     }
 
@@ -258,6 +278,9 @@ impl HfWeights {
             _ => return Ok(None),
         };
         let fused = format!("model.layers.{layer}.mlp.experts.{fused}");
+        if self.contains(&format!("{fused}_blocks")) {
+            return self.mxfp4_expert_location(name, &fused, expert, first, step);
+        }
         if !self.contains(&fused) {
             return Ok(None);
         }
@@ -291,6 +314,61 @@ impl HfWeights {
             shape: vec![columns / step, input],
             view: View::Columns { first, step },
             ..whole
+        }))
+    }
+
+    /// [`fused_expert_location`](Self::fused_expert_location) when the fused tensor `fused` is
+    /// kept as MXFP4 blocks and scales (see [`View::Mxfp4Rows`]).
+    fn mxfp4_expert_location(
+        &self,
+        name: &str,
+        fused: &str,
+        expert: usize,
+        first: usize,
+        step: usize,
+    ) -> Result<Option<TensorLocation>> {
+        let blocks = self.location(&format!("{fused}_blocks"))?;
+        let scales = self.location(&format!("{fused}_scales"))?;
+        let wrong = |detail: &str| {
+            Error::config(
+                &blocks.path,
+                format!(
+                    "{fused}_blocks {:?} and _scales {:?} are not MXFP4 experts as gpt-oss's \
+                     ({detail})",
+                    blocks.shape, scales.shape
+                ),
+            )
+        };
+        let [experts, rows, groups, 16] = blocks.shape[..] else {
+            return Err(wrong("blocks [experts, rows, in / 32, 16] expected"));
+        };
+        if scales.shape != [experts, rows, groups] {
+            return Err(wrong("scales [experts, rows, in / 32] expected"));
+        }
+        if blocks.dtype != Dtype::U8 || scales.dtype != Dtype::U8 {
+            return Err(wrong("bytes expected"));
+        }
+        if !rows.is_multiple_of(step) {
+            return Err(wrong("gate and up rows do not pair"));
+        }
+        if expert >= experts {
+            return Err(Error::MissingTensor {
+                name: name.to_string(),
+                location: format!("{} ({fused} has {experts} experts)", blocks.path.display()),
+            });
+        }
+        let (slab, scale_slab) = (blocks.bytes / experts as u64, scales.bytes / experts as u64);
+        Ok(Some(TensorLocation {
+            offset: blocks.offset + expert as u64 * slab,
+            bytes: slab,
+            shape: vec![rows / step, groups * 32],
+            view: View::Mxfp4Rows { first, step },
+            scales: Some(Span {
+                path: scales.path,
+                offset: scales.offset + expert as u64 * scale_slab,
+                bytes: scale_slab,
+            }),
+            ..blocks
         }))
     }
 

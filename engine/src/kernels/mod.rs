@@ -3,10 +3,11 @@
 //! layers or architectures.
 
 pub mod attention;
+pub mod exact_mxfp4;
 pub mod quantized;
 
 use candle_core::quantized::QMatMul;
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
 
@@ -29,7 +30,10 @@ pub(crate) fn on_pool<T: Send + Sync>(n: usize, f: impl Fn(usize) -> T + Sync) -
 #[derive(Clone, Debug)]
 pub enum Matrix {
     Candle(QMatMul),
+    /// Multiplied by the quantized kernels, activations quantized as llama.cpp quantizes them.
     Blocks(quantized::BlockMatrix),
+    /// MXFP4 multiplied by f32 activations at every weight's exact value (see [`exact_mxfp4`]).
+    ExactMxfp4(quantized::BlockMatrix),
 }
 
 impl Matrix {
@@ -38,6 +42,14 @@ impl Matrix {
         quantized::BlockMatrix::new(quantized::Format::Mxfp4, blocks, cols)
             .filter(|m| m.dims() == [rows, cols])
             .map(Self::Blocks)
+    }
+
+    /// MXFP4 blocks `[rows, cols]` multiplied at their exact values by f32 activations, if they
+    /// are whole rows of whole blocks.
+    pub fn exact_mxfp4(blocks: Vec<u8>, [rows, cols]: [usize; 2]) -> Option<Self> {
+        quantized::BlockMatrix::new(quantized::Format::Mxfp4, blocks, cols)
+            .filter(|m| m.dims() == [rows, cols])
+            .map(Self::ExactMxfp4)
     }
 
     /// Whether MXFP4 blocks are held as they are on `device`: where these kernels multiply them
@@ -52,6 +64,15 @@ impl Matrix {
         match self {
             Self::Candle(w) => Ok(w.forward(x)?),
             Self::Blocks(w) => Ok(quantized::forward(&[w.weight()], x)?.remove(0)),
+            Self::ExactMxfp4(w) => {
+                let rows = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let out = exact_mxfp4::product(w, &rows);
+                let mut dims = x.dims().to_vec();
+                *dims
+                    .last_mut()
+                    .expect("a matrix input has a last dimension") = w.dims()[0];
+                Ok(Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())?)
+            }
         }
     }
 
@@ -60,6 +81,7 @@ impl Matrix {
         match self {
             Self::Candle(w) => quantized::eligible(w, x),
             Self::Blocks(w) => quantized::takes(x).then(|| w.weight()),
+            Self::ExactMxfp4(_) => None,
         }
     }
 
@@ -70,7 +92,7 @@ impl Matrix {
             Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
-            Self::Blocks(w) => w.bytes(),
+            Self::Blocks(w) | Self::ExactMxfp4(w) => w.bytes(),
         }
     }
 }

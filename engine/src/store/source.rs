@@ -13,7 +13,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QMatMul, ggml_file::qtensor_from_ggml};
 use safetensors::tensor::Dtype;
 use sha2::{Digest, Sha256};
 
@@ -26,7 +26,8 @@ use crate::format::gguf::{ExpertSlice, GgufFile, ggml_bytes, stacked_expert_name
 use crate::format::layout::{
     self, ExpertLayout, GGUF_DTYPE, MANIFEST, Manifest, expert_path, parse_xxh3_hex,
 };
-use crate::format::safetensors::{HfWeights, TensorLocation, f32_tensor};
+use crate::format::mxfp4;
+use crate::format::safetensors::{HfWeights, TensorLocation, View, f32_tensor};
 
 /// Reads experts from cold storage.
 pub trait ExpertSource: Send + Sync {
@@ -333,16 +334,16 @@ impl ExpertSource for LayoutSource {
 /// Names of an expert's three projections, in the order sources read and check them.
 const PROJECTIONS: [&str; 3] = ["gate", "up", "down"];
 
-/// The read plan of a source that reads each expert as three ranges (gate, up, down), where
-/// `locate` says the file, offset and length of each.
-fn three_range_plan<'a, T>(
+/// The read plan of a source that reads each expert's gate, up and down as ranges, where
+/// `locate` says the file, offset and length of each of a projection's ranges (one, or with
+/// MXFP4 checkpoints two).
+fn projection_plan<'a, T>(
     experts: &'a [Vec<[T; 3]>],
-    locate: impl Fn(&'a T) -> (&'a Path, u64, u64),
+    locate: impl Fn(&'a T) -> Vec<(&'a Path, u64, u64)>,
 ) -> ReadPlan {
     let mut files = Vec::new();
     let mut file_index: HashMap<PathBuf, usize> = HashMap::new();
-    let mut range = |t: &'a T| {
-        let (path, offset, len) = locate(t);
+    let mut range = |(path, offset, len): (&'a Path, u64, u64)| {
         let file = *file_index.entry(path.to_path_buf()).or_insert_with(|| {
             files.push(path.to_path_buf());
             files.len() - 1
@@ -354,7 +355,7 @@ fn three_range_plan<'a, T>(
         .map(|layer| {
             layer
                 .iter()
-                .map(|tensors| tensors.iter().map(&mut range).collect())
+                .map(|tensors| tensors.iter().flat_map(&locate).map(&mut range).collect())
                 .collect()
         })
         .collect();
@@ -422,17 +423,98 @@ impl HfSource {
             }
             locations.push(experts);
         }
-        let plan = three_range_plan(&locations, |t| (&t.path, t.offset, t.bytes));
+        let plan = projection_plan(&locations, location_ranges);
         let checksums = checksum::load_or_build(dir, &plan, bypass_cache, None)?;
         Ok(Self {
+            expert_bytes: located_expert_bytes(&locations, device),
             locations,
             files,
             checksums,
             bypass_cache,
-            expert_bytes: f32_expert_bytes(config),
             device: device.clone(),
         })
     }
+
+    /// Bytes one expert of the checkpoint holds in memory once read onto `device`, without
+    /// reading any.
+    pub fn expert_bytes_of(
+        config: &ModelConfig,
+        names: impl Fn(usize, usize) -> [String; 3],
+        weights: &HfWeights,
+        device: &Device,
+    ) -> Result<u64> {
+        let Some(layer) = config.moe_layers().next() else {
+            return Ok(0);
+        };
+        let located = names(layer, 0)
+            .map(|name| weights.location(&format!("{name}.weight")))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        let located: [TensorLocation; 3] = located.try_into().expect("three tensors");
+        Ok(located_expert_bytes(&[vec![located]], device))
+    }
+}
+
+/// The ranges a located tensor is read from: its bytes, and its blocks' scales if it has them.
+fn location_ranges(t: &TensorLocation) -> Vec<(&Path, u64, u64)> {
+    let mut ranges = vec![(t.path.as_path(), t.offset, t.bytes)];
+    if let Some(scales) = &t.scales {
+        ranges.push((scales.path.as_path(), scales.offset, scales.bytes));
+    }
+    ranges
+}
+
+/// Bytes one expert of `locations` holds on `device`: float tensors widened to f32, MXFP4
+/// blocks as [`exact_mxfp4_matrix`] holds them.
+fn located_expert_bytes(locations: &[Vec<[TensorLocation; 3]>], device: &Device) -> u64 {
+    let Some(first) = locations.iter().find_map(|l| l.first()) else {
+        return 0;
+    };
+    first
+        .iter()
+        .map(|t| {
+            let values = (t.shape[0] * t.shape[1]) as u64;
+            match t.view {
+                View::Mxfp4Rows { .. } if device.is_cpu() => values / 32 * 17,
+                View::Whole | View::Columns { .. } | View::Mxfp4Rows { .. } => values * 4,
+            }
+        })
+        .sum()
+}
+
+/// A checkpoint's MXFP4 blocks `[rows, cols]` (in ggml's layout) as a matrix on `device` that
+/// multiplies f32 activations at the weights' exact values, as transformers computes from them:
+/// the blocks themselves on the CPU, their f32 values elsewhere.
+fn exact_mxfp4_matrix(
+    blocks: Vec<u8>,
+    shape: [usize; 2],
+    device: &Device,
+) -> candle_core::Result<Matrix> {
+    if device.is_cpu() {
+        return Matrix::exact_mxfp4(blocks, shape).ok_or_else(|| {
+            candle_core::Error::Msg(format!("MXFP4 blocks are not a {shape:?} matrix"))
+        });
+    }
+    let values = mxfp4::dequantize(&blocks).map_err(candle_core::Error::Msg)?;
+    let values = candle_core::Tensor::from_vec(values, shape.to_vec(), device)?;
+    Ok(Matrix::Candle(QMatMul::Tensor(values)))
+}
+
+/// A GGUF file's MXFP4 blocks `[rows, cols]` as a matrix on `device`: as they are where
+/// odmoe's kernels multiply them, else as the Q8_0 blocks of the same values for candle.
+fn mxfp4_matrix(
+    blocks: Vec<u8>,
+    shape: [usize; 2],
+    device: &Device,
+) -> candle_core::Result<Matrix> {
+    if Matrix::keeps_mxfp4(device) {
+        return Matrix::mxfp4(blocks, shape).ok_or_else(|| {
+            candle_core::Error::Msg(format!("MXFP4 blocks are not a {shape:?} matrix"))
+        });
+    }
+    let held = mxfp4::to_q8_0(&blocks).map_err(candle_core::Error::Msg)?;
+    let held = qtensor_from_ggml(GgmlDType::Q8_0, &held, shape.to_vec(), device)?;
+    Ok(Matrix::Candle(QMatMul::from_qtensor(held)?))
 }
 
 impl ExpertSource for HfSource {
@@ -443,48 +525,62 @@ impl ExpertSource for HfSource {
             .and_then(|l| l.get(expert))
             .ok_or_else(|| Error::InvalidRequest(format!("no expert {expert} in layer {layer}")))?;
         let mut total = 0;
-        // Gate and up may be views of one slab (fused experts): read it once for both.
-        let mut last_read: Option<(usize, Vec<u8>)> = None;
-        let mut read_one = |k: usize| -> Result<candle_core::Tensor> {
-            let t = &located[k];
+        // Gate and up may be views of one slab (fused experts): each range is read once.
+        let mut read: Vec<((PathBuf, u64, u64), Vec<u8>)> = Vec::new();
+        let mut range_index = 0;
+        let mut projections = Vec::with_capacity(3);
+        for (k, t) in located.iter().enumerate() {
             let fail = |message: String| Error::Expert {
                 layer,
                 expert,
                 path: t.path.clone(),
                 message,
             };
-            let same_slab = last_read.as_ref().is_some_and(|(previous, _)| {
-                let p = &located[*previous];
-                (&p.path, p.offset, p.bytes) == (&t.path, t.offset, t.bytes)
-            });
-            if !same_slab {
-                let bytes = fetch::read_at(
-                    &self.files[&t.path],
-                    t.offset,
-                    t.bytes as usize,
-                    self.bypass_cache,
-                )
-                .map_err(|e| fail(e.to_string()))?;
-                self.checksums
-                    .check(layer, expert, k, &bytes)
-                    .map_err(|m| {
-                        fail(format!(
-                            "{} tensor at offset {}: {m}",
-                            PROJECTIONS[k], t.offset
-                        ))
-                    })?;
-                total += t.bytes;
-                last_read = Some((k, bytes));
+            let mut parts = Vec::with_capacity(2);
+            for (path, offset, len) in location_ranges(t) {
+                let key = (path.to_path_buf(), offset, len);
+                let index = match read.iter().position(|(k, _)| *k == key) {
+                    Some(index) => index,
+                    None => {
+                        let bytes = fetch::read_at(
+                            &self.files[path],
+                            offset,
+                            len as usize,
+                            self.bypass_cache,
+                        )
+                        .map_err(|e| fail(e.to_string()))?;
+                        self.checksums
+                            .check(layer, expert, range_index, &bytes)
+                            .map_err(|m| {
+                                fail(format!("{} tensor at offset {offset}: {m}", PROJECTIONS[k]))
+                            })?;
+                        total += len;
+                        read.push((key, bytes));
+                        read.len() - 1
+                    }
+                };
+                range_index += 1;
+                parts.push(index);
             }
-            let bytes = &last_read.as_ref().expect("read above").1;
-            t.view
-                .f32_tensor(bytes, t.dtype, &t.shape, &self.device)
-                .map_err(fail)
-        };
-        let gate = read_one(0)?;
-        let up = read_one(1)?;
-        let down = read_one(2)?;
-        Ok((GluMlp::from_f32(gate, up, down), total))
+            let bytes = &read[parts[0]].1;
+            projections.push(match t.view {
+                View::Mxfp4Rows { first, step } => {
+                    let scales = &read[parts[1]].1;
+                    let groups = t.shape[1] / 32;
+                    let rows = (0..t.shape[0]).map(|r| first + r * step);
+                    let blocks = mxfp4::from_checkpoint_rows(bytes, scales, groups, rows);
+                    exact_mxfp4_matrix(blocks, [t.shape[0], t.shape[1]], &self.device)
+                        .map_err(|e| fail(e.to_string()))?
+                }
+                View::Whole | View::Columns { .. } => Matrix::Candle(QMatMul::Tensor(
+                    t.view
+                        .f32_tensor(bytes, t.dtype, &t.shape, &self.device)
+                        .map_err(fail)?,
+                )),
+            });
+        }
+        let [gate, up, down] = projections.try_into().expect("three projections");
+        Ok((GluMlp { gate, up, down }, total))
     }
 
     fn expert_bytes(&self) -> u64 {
@@ -514,7 +610,7 @@ impl GgufSource {
     pub fn new(config: &ModelConfig, gguf: &GgufFile, bypass_cache: bool) -> Result<Self> {
         let slices = gguf_expert_slices(config, gguf)?;
         let path = gguf.path().to_path_buf();
-        let plan = three_range_plan(&slices, |s| (&path, s.offset, s.bytes as u64));
+        let plan = projection_plan(&slices, |s| vec![(&path, s.offset, s.bytes as u64)]);
         let checksums = checksum::load_or_build(&path, &plan, bypass_cache, None)?;
         let (file, direct) =
             fetch::open_for_ranges(&path, bypass_cache).map_err(|e| Error::io(&path, e))?;
@@ -580,14 +676,8 @@ fn held_bytes(slice: &ExpertSlice, device: &Device) -> usize {
 /// `bytes`, the slice `slice` of a file, as a matrix on `device` in its stored type: MXFP4 as
 /// it is where odmoe's kernels multiply it.
 fn slice_matrix(slice: &ExpertSlice, bytes: &[u8], device: &Device) -> candle_core::Result<Matrix> {
-    if slice.mxfp4 && Matrix::keeps_mxfp4(device) {
-        return Matrix::mxfp4(bytes.to_vec(), slice.shape).ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "{} bytes are not a {:?} matrix of MXFP4 blocks",
-                bytes.len(),
-                slice.shape
-            ))
-        });
+    if slice.mxfp4 {
+        return mxfp4_matrix(bytes.to_vec(), slice.shape, device);
     }
     Ok(Matrix::Candle(slice.to_qmatmul(bytes, device)?))
 }

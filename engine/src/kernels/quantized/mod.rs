@@ -114,6 +114,20 @@ impl Format {
     }
 }
 
+/// The e2m1 values of MXFP4's codes doubled, as integers (ggml's `kvalues_mxfp4`).
+pub const E2M1_DOUBLED: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// An MXFP4 block's scale for the doubled values: `2^(e - 128)` for the exponent byte `e`, exact
+/// in f32 (subnormal for `e` of 0 and 1), as ggml's `GGML_E8M0_TO_FP32_HALF`.
+pub fn e8m0_half(e: u8) -> f32 {
+    let bits = if e < 2 {
+        0x0020_0000u32 << e
+    } else {
+        u32::from(e - 1) << 23
+    };
+    f32::from_bits(bits)
+}
+
 /// The instructions the kernels run on: on x86-64 AVX-512 VNNI where the CPU has it, else AVX2
 /// (with FMA and F16C); on aarch64 NEON with dotprod. A process keeps to one, so its results
 /// never mix two. Other CPUs have none (`available` is false there, and candle's products run
@@ -801,20 +815,19 @@ mod small {
         const E2M1: bool = true;
     }
 
-    /// The e2m1 values doubled (ggml's `kvalues_mxfp4`), plus 12: unsigned bytes for the
-    /// integer products, in the order of the codes.
-    pub const E2M1_LIFTED: [u8; 16] = [12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0];
+    pub use super::e8m0_half;
 
-    /// An MXFP4 block's scale for the doubled values: `2^(e - 128)` for the exponent byte `e`,
-    /// exact in f32 (subnormal for `e` of 0 and 1), as ggml's `GGML_E8M0_TO_FP32_HALF`.
-    pub fn e8m0_half(e: u8) -> f32 {
-        let bits = if e < 2 {
-            0x0020_0000u32 << e
-        } else {
-            u32::from(e - 1) << 23
-        };
-        f32::from_bits(bits)
-    }
+    /// [`super::E2M1_DOUBLED`] plus 12: unsigned bytes for the integer products, in the order
+    /// of the codes.
+    pub const E2M1_LIFTED: [u8; 16] = {
+        let mut lifted = [0u8; 16];
+        let mut code = 0;
+        while code < 16 {
+            lifted[code] = (super::E2M1_DOUBLED[code] + 12) as u8;
+            code += 1;
+        }
+        lifted
+    };
 
     pub const fn block_bytes(min: bool, high: bool) -> usize {
         quants_at(min, high) + 16
