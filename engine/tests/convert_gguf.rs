@@ -7,9 +7,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use candle_core::quantized::GgmlDType;
 use odmoe_engine::convert::{ConvertEvent, convert};
-use odmoe_engine::format::gguf::{GgufFile, ggml_type_name, stacked_expert_names};
+use odmoe_engine::format::gguf::{GgufFile, stacked_expert_names};
 use odmoe_engine::format::layout::{GGUF_DTYPE, Manifest};
 use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 
@@ -18,8 +17,9 @@ use odmoe_engine::tokenizer::Tokenizer;
 
 /// Quantized files of every architecture, with mixtures where the types vary by layer (Q4_K_M)
 /// where an expert tensor fell back to F16 (mixtral-q8_0's down projections), and GLM-4.5 and
-/// DeepSeek-V3 in BF16 (dense first layers), and gpt-oss in BF16 (expert biases resident).
-const FILES: [&str; 9] = [
+/// DeepSeek-V3 in BF16 (dense first layers), and gpt-oss in BF16 (expert biases resident) and
+/// with MXFP4 experts (candle has no such type).
+const FILES: [&str; 10] = [
     "qwen2_moe-q8_0",
     "qwen2_moe-k-q4_k_m",
     "qwen3_moe-q8_0",
@@ -29,6 +29,7 @@ const FILES: [&str; 9] = [
     "glm4_moe-bf16",
     "deepseek_v3-bf16",
     "gpt_oss-bf16",
+    "gpt_oss-mxfp4",
 ];
 
 fn gguf_path(name: &str) -> PathBuf {
@@ -58,8 +59,8 @@ fn file_types(
     let shapes = [[i, h], [i, h], [h, i]];
     let names = stacked_expert_names(layer);
     [0, 1, 2].map(|k| {
-        let dtype: GgmlDType = gguf.expert_slice(&names[k], 0, shapes[k]).unwrap().dtype;
-        ggml_type_name(dtype).to_string()
+        let slice = gguf.expert_slice(&names[k], 0, shapes[k]).unwrap();
+        slice.stored.name().to_string()
     })
 }
 

@@ -5,7 +5,6 @@
 use safetensors::tensor::Dtype;
 
 use crate::error::Result;
-use crate::format::gguf::ggml_bytes;
 use crate::format::layout::{self, ExpertLayout};
 
 /// A base-model safetensors file, planned.
@@ -47,7 +46,9 @@ pub(super) fn expert_header_json(
     for (k, tensor) in layout.tensors.iter().enumerate() {
         pad(&mut json, at, tensor.offset);
         let stored = ggml_types.map(|types| {
-            ggml_bytes(types[k], tensor.shape[0] * tensor.shape[1]).unwrap_or(0) as u64
+            types[k]
+                .bytes(tensor.shape[0] * tensor.shape[1])
+                .unwrap_or(0) as u64
         });
         let (dtype, shape, bytes) = match stored {
             Some(bytes) => (Dtype::U8, vec![bytes as usize], bytes),

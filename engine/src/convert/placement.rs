@@ -9,7 +9,7 @@ use super::headers::expert_header_json;
 use super::plan::expert_weight_names;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::format::gguf::{GgufFile, ggml_type_name, stacked_expert_names};
+use crate::format::gguf::{GgufFile, stacked_expert_names};
 use crate::format::layout::{self, ExpertLayout, ExpertTensor, GGUF_DTYPE};
 use crate::format::safetensors::HfWeights;
 
@@ -29,14 +29,8 @@ pub(super) fn gguf_expert_layout(config: &ModelConfig, gguf: &GgufFile) -> Resul
         let mut types = Vec::with_capacity(3);
         for k in 0..3 {
             let slice = gguf.expert_slice(&names[k], 0, shapes[k])?;
-            if slice.mxfp4 {
-                return Err(gguf.error(format!(
-                    "{}: converting MXFP4 experts is not supported yet; serve the file as it is",
-                    names[k]
-                )));
-            }
             slot_bytes[k] = slot_bytes[k].max(slice.bytes as u64);
-            types.push(ggml_type_name(slice.dtype).to_string());
+            types.push(slice.stored.name().to_string());
         }
         ggml_types.push(types.try_into().expect("three types"));
     }

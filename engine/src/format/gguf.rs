@@ -281,15 +281,13 @@ impl GgufFile {
         expert: usize,
         shape: [usize; 2],
     ) -> Result<ExpertSlice> {
-        // Where the stacked tensor lies, its bytes, and the type a slice is held in: MXFP4 as
-        // the Q8_0 blocks of the same values.
-        let (dims, start, total, dtype, mxfp4) = match self.mxfp4.get(name) {
+        // Where the stacked tensor lies, its bytes, and its type.
+        let (dims, start, total, stored) = match self.mxfp4.get(name) {
             Some(tensor) => (
                 &tensor.shape[..],
                 self.content.tensor_data_offset + tensor.offset,
                 gguf_header::mxfp4_bytes(tensor.shape.iter().product()),
-                GgmlDType::Q8_0,
-                true,
+                ExpertType::Mxfp4,
             ),
             None => {
                 let info = self.info(name)?;
@@ -298,12 +296,11 @@ impl GgufFile {
                     dims,
                     self.data_start(info),
                     tensor_bytes(info),
-                    info.ggml_dtype,
-                    false,
+                    ExpertType::Ggml(info.ggml_dtype),
                 )
             }
         };
-        let whole_blocks = !mxfp4 || shape[1].is_multiple_of(32);
+        let whole_blocks = stored != ExpertType::Mxfp4 || shape[1].is_multiple_of(32);
         if dims.len() != 3 || dims[1..] != shape || expert >= dims[0] || !whole_blocks {
             return Err(Error::TensorShape {
                 name: name.to_string(),
@@ -317,8 +314,7 @@ impl GgufFile {
         Ok(ExpertSlice {
             offset: start + (expert * bytes) as u64,
             bytes,
-            dtype,
-            mxfp4,
+            stored,
             shape,
         })
     }
@@ -328,17 +324,50 @@ impl GgufFile {
     }
 }
 
+/// The type an expert matrix is stored in: a ggml type candle has, or MXFP4, which it has not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertType {
+    Ggml(GgmlDType),
+    Mxfp4,
+}
+
+impl ExpertType {
+    /// llama.cpp's name of the type, as layouts record it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ggml(dtype) => ggml_type_name(dtype),
+            Self::Mxfp4 => "MXFP4",
+        }
+    }
+
+    /// The type [`ExpertType::name`] names.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "MXFP4" => Some(Self::Mxfp4),
+            _ => parse_ggml_type(name).map(Self::Ggml),
+        }
+    }
+
+    /// Bytes of `values` values, if they fill whole blocks.
+    pub fn bytes(self, values: usize) -> Option<usize> {
+        match self {
+            Self::Ggml(dtype) => ggml_bytes(dtype, values),
+            Self::Mxfp4 => values
+                .is_multiple_of(32)
+                .then(|| gguf_header::mxfp4_bytes(values)),
+        }
+    }
+}
+
 /// One expert's run of bytes inside a stacked GGUF tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExpertSlice {
     pub offset: u64,
     /// Bytes in the file.
     pub bytes: usize,
-    /// The type the slice is held in once read.
-    pub dtype: GgmlDType,
-    /// The file holds MXFP4 blocks: held as they are where odmoe's kernels multiply them, else
-    /// as Q8_0 blocks of the same values (see [`mxfp4`]).
-    pub mxfp4: bool,
+    /// The type the file stores it in. MXFP4 is held as it is where odmoe's kernels multiply it,
+    /// else as Q8_0 blocks of the same values (see [`mxfp4`]).
+    pub stored: ExpertType,
     /// `[out, in]`.
     pub shape: [usize; 2],
 }
@@ -347,24 +376,22 @@ impl ExpertSlice {
     /// Bytes the slice takes once loaded: dense types are widened to f32 by `QMatMul`, MXFP4
     /// blocks doubled into Q8_0 unless `mxfp4_kept` (the kernels multiply them as they are).
     pub fn bytes_in_memory(&self, mxfp4_kept: bool) -> usize {
-        if self.mxfp4 && !mxfp4_kept {
-            mxfp4::q8_0_bytes(self.bytes)
-        } else if is_dense(self.dtype) {
-            self.shape[0] * self.shape[1] * 4
-        } else {
-            self.bytes
+        match self.stored {
+            ExpertType::Mxfp4 if !mxfp4_kept => mxfp4::q8_0_bytes(self.bytes),
+            ExpertType::Ggml(dtype) if is_dense(dtype) => self.shape[0] * self.shape[1] * 4,
+            _ => self.bytes,
         }
     }
 
     /// The slice's bytes as a matrix candle multiplies in its stored type (not MXFP4, which
     /// candle does not have).
     pub fn to_qmatmul(&self, bytes: &[u8], device: &Device) -> candle_core::Result<QMatMul> {
-        if self.mxfp4 {
+        let ExpertType::Ggml(dtype) = self.stored else {
             return Err(candle_core::Error::Msg(
                 "MXFP4 blocks are not a type candle multiplies".into(),
             ));
-        }
-        let qtensor = qtensor_from_ggml(self.dtype, bytes, self.shape.to_vec(), device)?;
+        };
+        let qtensor = qtensor_from_ggml(dtype, bytes, self.shape.to_vec(), device)?;
         QMatMul::from_qtensor(qtensor)
     }
 }

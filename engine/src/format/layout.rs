@@ -22,12 +22,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::quantized::GgmlDType;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::format::gguf::{ggml_bytes, ggml_type_name, parse_ggml_type};
+use crate::format::gguf::ExpertType;
 
 /// Version of the layout this code reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -155,10 +154,10 @@ impl ExpertLayout {
         self.tensors.iter().map(|t| t.bytes).sum()
     }
 
-    /// The ggml types of `layer`'s gate, up and down, for [`GGUF_DTYPE`] experts.
-    pub fn ggml_types(&self, layer: usize) -> Option<[GgmlDType; 3]> {
+    /// The types of `layer`'s gate, up and down, for [`GGUF_DTYPE`] experts.
+    pub fn ggml_types(&self, layer: usize) -> Option<[ExpertType; 3]> {
         let names = self.ggml_types.as_ref()?.get(layer)?;
-        let [gate, up, down] = names.each_ref().map(|n| parse_ggml_type(n));
+        let [gate, up, down] = names.each_ref().map(|n| ExpertType::parse(n));
         Some([gate?, up?, down?])
     }
 
@@ -216,14 +215,14 @@ impl ExpertLayout {
                         format!("layer {layer} has unknown ggml types in ggml_types")
                     })?;
                     let k = ["gate", "up", "down"].iter().position(|n| *n == name);
-                    let dtype = types[k.expect("one of the three")];
-                    match ggml_bytes(dtype, shape[0] * shape[1]) {
+                    let stored = types[k.expect("one of the three")];
+                    match stored.bytes(shape[0] * shape[1]) {
                         Some(bytes) if bytes as u64 <= tensor.bytes => {}
                         _ => {
                             return Err(format!(
                                 "expert tensor {name:?} {shape:?} of layer {layer} as {} does not \
                                  fill whole blocks within its {} bytes",
-                                ggml_type_name(dtype),
+                                stored.name(),
                                 tensor.bytes
                             ));
                         }

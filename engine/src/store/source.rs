@@ -22,7 +22,7 @@ use super::fetch;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::expert::{GluMlp, Matrix};
-use crate::format::gguf::{ExpertSlice, GgufFile, ggml_bytes, stacked_expert_names};
+use crate::format::gguf::{ExpertSlice, ExpertType, GgufFile, stacked_expert_names};
 use crate::format::layout::{
     self, ExpertLayout, GGUF_DTYPE, MANIFEST, Manifest, expert_path, parse_xxh3_hex,
 };
@@ -56,7 +56,7 @@ enum ExpertEncoding {
     /// Dense values, widened to f32 when read.
     Dense(Dtype),
     /// GGUF blocks, by layer: the ggml types of gate, up and down.
-    Ggml(Vec<[GgmlDType; 3]>),
+    Ggml(Vec<[ExpertType; 3]>),
 }
 
 /// Experts of an odmoe layout: `experts/layer_LL_expert_EEE.safetensors`.
@@ -102,7 +102,7 @@ impl LayoutSource {
         Ok(Self {
             dir: dir.to_path_buf(),
             layout: manifest.expert.clone(),
-            expert_bytes: layout_expert_bytes(manifest, &encoding),
+            expert_bytes: layout_expert_bytes(manifest, &encoding, device),
             encoding,
             checksums,
             sha256,
@@ -117,6 +117,7 @@ impl LayoutSource {
         Ok(layout_expert_bytes(
             manifest,
             &expert_encoding(dir, manifest)?,
+            &Device::Cpu,
         ))
     }
 }
@@ -131,7 +132,7 @@ fn expert_encoding(dir: &Path, manifest: &Manifest) -> Result<ExpertEncoding> {
                 Some(types) => Ok(types),
                 // A dense layer has no experts to read (a read there is refused before its
                 // types are looked at).
-                None if !config.is_moe_layer(layer) => Ok([GgmlDType::F32; 3]),
+                None if !config.is_moe_layer(layer) => Ok([ExpertType::Ggml(GgmlDType::F32); 3]),
                 None => Err(unsupported(format!(
                     "no known ggml types for layer {layer}"
                 ))),
@@ -147,14 +148,16 @@ fn expert_encoding(dir: &Path, manifest: &Manifest) -> Result<ExpertEncoding> {
     })
 }
 
-fn layout_expert_bytes(manifest: &Manifest, encoding: &ExpertEncoding) -> u64 {
-    match encoding {
-        ExpertEncoding::Dense(_) => f32_expert_bytes(&manifest.architecture),
-        // As GgufSource counts them: the first layer's slices as they sit in memory.
-        ExpertEncoding::Ggml(types) => (0..3)
-            // A layout's types are candle's, MXFP4 not among them.
-            .map(|k| ggml_slice(&manifest.expert, types, 0, k).bytes_in_memory(false) as u64)
+/// Bytes one expert of the layout holds on `device`.
+fn layout_expert_bytes(manifest: &Manifest, encoding: &ExpertEncoding, device: &Device) -> u64 {
+    let config = &manifest.architecture;
+    match (encoding, config.moe_layers().next()) {
+        (ExpertEncoding::Dense(_), _) => f32_expert_bytes(config),
+        // As GgufSource counts them: the first MoE layer's slices as they sit in memory.
+        (ExpertEncoding::Ggml(types), Some(layer)) => (0..3)
+            .map(|k| held_bytes(&ggml_slice(&manifest.expert, types, layer, k), device) as u64)
             .sum(),
+        (ExpertEncoding::Ggml(_), None) => 0,
     }
 }
 
@@ -256,18 +259,18 @@ fn check_sha256(bytes: &[u8], expected: &str) -> std::result::Result<(), String>
 /// Where tensor `k` of a `layer` expert stored as GGUF blocks sits in its file.
 fn ggml_slice(
     layout: &ExpertLayout,
-    types: &[[GgmlDType; 3]],
+    types: &[[ExpertType; 3]],
     layer: usize,
     k: usize,
 ) -> ExpertSlice {
     let tensor = &layout.tensors[k];
-    let dtype = types[layer][k];
+    let stored = types[layer][k];
     ExpertSlice {
         offset: layout.data_offset + tensor.offset,
-        bytes: ggml_bytes(dtype, tensor.shape[0] * tensor.shape[1])
+        bytes: stored
+            .bytes(tensor.shape[0] * tensor.shape[1])
             .expect("the manifest check found whole blocks"),
-        dtype,
-        mxfp4: false,
+        stored,
         shape: tensor.shape,
     }
 }
@@ -676,7 +679,7 @@ fn held_bytes(slice: &ExpertSlice, device: &Device) -> usize {
 /// `bytes`, the slice `slice` of a file, as a matrix on `device` in its stored type: MXFP4 as
 /// it is where odmoe's kernels multiply it.
 fn slice_matrix(slice: &ExpertSlice, bytes: &[u8], device: &Device) -> candle_core::Result<Matrix> {
-    if slice.mxfp4 {
+    if slice.stored == ExpertType::Mxfp4 {
         return mxfp4_matrix(bytes.to_vec(), slice.shape, device);
     }
     Ok(Matrix::Candle(slice.to_qmatmul(bytes, device)?))
