@@ -17,9 +17,10 @@ use odmoe_engine::tokenizer::Tokenizer;
 
 /// Quantized files of every architecture, with mixtures where the types vary by layer (Q4_K_M)
 /// where an expert tensor fell back to F16 (mixtral-q8_0's down projections), and GLM-4.5 and
-/// DeepSeek-V3 in BF16 (dense first layers), and gpt-oss in BF16 (expert biases resident) and
-/// with MXFP4 experts (candle has no such type).
-const FILES: [&str; 10] = [
+/// DeepSeek-V3 in BF16 (dense first layers; GLM also in Q8_0, where a dense first layer must not
+/// stand for the experts' bytes), and gpt-oss in BF16 (expert biases resident) and with MXFP4
+/// experts (candle has no such type).
+const FILES: [&str; 11] = [
     "qwen2_moe-q8_0",
     "qwen2_moe-k-q4_k_m",
     "qwen3_moe-q8_0",
@@ -27,6 +28,7 @@ const FILES: [&str; 10] = [
     "mixtral-q8_0",
     "mixtral-k-q4_k_m",
     "glm4_moe-bf16",
+    "glm4_moe-q8_0",
     "deepseek_v3-bf16",
     "gpt_oss-bf16",
     "gpt_oss-mxfp4",
