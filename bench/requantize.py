@@ -18,7 +18,7 @@ import sys
 import llama_cpp
 
 # llama.cpp's LLAMA_FTYPE_MOSTLY_* values.
-FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "mxfp4_moe": 38}
 
 
 def main():
