@@ -16,7 +16,7 @@ use odmoe_engine::config::ModelConfig;
 use odmoe_engine::format::gguf::{ggml_bytes, ggml_type_name, stacked_expert_names};
 use odmoe_engine::format::gguf_header;
 use odmoe_engine::format::layout::{GGUF_DTYPE, Manifest};
-use odmoe_engine::format::safetensors::{HfWeights, View};
+use odmoe_engine::format::safetensors::{HfWeights, View, is_fused_expert_tensor};
 use odmoe_engine::model::{KvType, expert_tensor_names};
 use odmoe_engine::open;
 use odmoe_engine::store::budget::parse_budget;
@@ -559,18 +559,10 @@ fn huggingface_contents(dir: &Path, config: &ModelConfig) -> Result<Contents> {
         }
         None => (None, 0),
     };
-    // Fused expert tensors (gpt-oss's `mlp.experts.gate_up_proj`, `down_proj`) are experts too.
-    let fused = |n: &str| {
-        let n = n
-            .strip_suffix("_blocks")
-            .or_else(|| n.strip_suffix("_scales"))
-            .unwrap_or(n);
-        n.ends_with(".mlp.experts.gate_up_proj") || n.ends_with(".mlp.experts.down_proj")
-    };
     let base_names: Vec<&str> = weights
         .names()
         .into_iter()
-        .filter(|n| !expert_names.contains(*n) && !fused(n))
+        .filter(|n| !expert_names.contains(*n) && !is_fused_expert_tensor(n))
         .collect();
     Ok(Contents {
         format: "huggingface",

@@ -57,6 +57,77 @@ fn source_expert_names(config: &ModelConfig) -> BTreeSet<String> {
     names
 }
 
+/// gpt-oss keeps each layer's experts fused, in BF16 or MXFP4: a layout holds each expert's own
+/// `[out, in]` slices (MXFP4 as ggml's blocks), and computes the bits the checkpoint gives in
+/// place, resident and on demand.
+#[test]
+fn fused_experts_convert_to_the_same_model() {
+    use odmoe_engine::open::{self, ExpertMode, LoadOptions};
+    use odmoe_engine::store::StoreConfig;
+    for (name, dtype) in [("gpt_oss", "BF16"), ("gpt_oss_mxfp4", "MXFP4")] {
+        let src = fixture(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("model.odmoe");
+        let manifest = convert_quietly(&src, &out);
+        assert_eq!(manifest.expert.dtype, dtype, "{name}");
+        // The fused tensors went into expert files, not base files; their biases stay in base.
+        let base: Vec<String> = manifest
+            .base_files
+            .iter()
+            .flat_map(|rel| {
+                let bytes = fs::read(out.join(rel)).unwrap();
+                let names: Vec<String> = SafeTensors::deserialize(&bytes)
+                    .unwrap()
+                    .names()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
+                names
+            })
+            .collect();
+        assert!(
+            base.iter()
+                .any(|n| n.ends_with("mlp.experts.gate_up_proj_bias")),
+            "{name}"
+        );
+        assert!(
+            !base
+                .iter()
+                .any(|n| odmoe_engine::format::safetensors::is_fused_expert_tensor(n)),
+            "{name}: {base:?}"
+        );
+
+        let input = common::ids(&common::golden(name)["input_ids"]);
+        let in_place = open::resident(&src, &Device::Cpu).unwrap();
+        let expected = common::logit_bits_and_greedy(&in_place, &input, 16);
+        let converted = open::resident(&out, &Device::Cpu).unwrap();
+        assert!(
+            common::logit_bits_and_greedy(&converted, &input, 16) == expected,
+            "{name}"
+        );
+        let (config, total) = open::describe(&out).unwrap();
+        assert_eq!(
+            (&config, total),
+            (&manifest.architecture, open::describe(&src).unwrap().1)
+        );
+        let options = LoadOptions {
+            experts: ExpertMode::OnDemand(StoreConfig {
+                budget_bytes: total / 4,
+                ..StoreConfig::default()
+            }),
+            ..LoadOptions::default()
+        };
+        let loaded = open::load(&out, &options, &Device::Cpu).unwrap();
+        assert!(
+            common::logit_bits_and_greedy(&loaded.model, &input, 16) == expected,
+            "{name}: on demand"
+        );
+        assert!(loaded.store.unwrap().stats().misses > 0, "{name}");
+        let report = verify(&out, |_| {}).unwrap();
+        assert!(report.is_ok(), "{name}: {:?}", report.problems);
+    }
+}
+
 #[test]
 fn every_fixture_converts_byte_for_byte() {
     for name in FIXTURES {

@@ -18,7 +18,7 @@ pub(super) struct BaseFile {
 
 /// The JSON header of one expert file (unpadded): gate, up, down and the `_pad_N` U8 tensors
 /// that fill the gaps between them and up to the end of the file, in offset order. Experts kept as
-/// GGUF blocks are U8 tensors of their layer's length.
+/// GGUF blocks are U8 tensors of their layer's length, and MXFP4 blocks U8 tensors too.
 pub(super) fn expert_header_json(
     layout: &ExpertLayout,
     dtype: Dtype,
@@ -45,11 +45,16 @@ pub(super) fn expert_header_json(
     };
     for (k, tensor) in layout.tensors.iter().enumerate() {
         pad(&mut json, at, tensor.offset);
-        let stored = ggml_types.map(|types| {
-            types[k]
-                .bytes(tensor.shape[0] * tensor.shape[1])
-                .unwrap_or(0) as u64
-        });
+        let stored = match ggml_types {
+            Some(types) => Some(
+                types[k]
+                    .bytes(tensor.shape[0] * tensor.shape[1])
+                    .unwrap_or(0) as u64,
+            ),
+            // MXFP4 blocks fill their slot.
+            None if layout.dtype == layout::MXFP4_DTYPE => Some(tensor.bytes),
+            None => None,
+        };
         let (dtype, shape, bytes) = match stored {
             Some(bytes) => (Dtype::U8, vec![bytes as usize], bytes),
             None => (dtype, tensor.shape.to_vec(), tensor.bytes),

@@ -11,7 +11,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::format::gguf::{GgufFile, stacked_expert_names};
 use crate::format::layout::{self, ExpertLayout, ExpertTensor, GGUF_DTYPE};
-use crate::format::safetensors::HfWeights;
+use crate::format::safetensors::{HfWeights, View};
 
 /// The layout of experts kept as GGUF blocks: each tensor's slot holds its largest type over the
 /// layers, and the manifest records every layer's types.
@@ -44,47 +44,51 @@ pub(super) fn gguf_expert_layout(config: &ModelConfig, gguf: &GgufFile) -> Resul
     finish_expert_layout(layout, config, Dtype::U8)
 }
 
-/// The common layout of every expert file, after checking every expert tensor's dtype and shape.
+/// The common layout of every expert file, after checking every expert tensor's dtype and shape
+/// (a tensor of its own, or a slice of a fused one: gpt-oss's, in BF16 or MXFP4), and the dtype
+/// its files' headers give the tensors.
 pub(super) fn expert_layout(
     config: &ModelConfig,
     weights: &HfWeights,
     config_path: &Path,
 ) -> Result<(ExpertLayout, Dtype)> {
     let shapes = config.expert_shapes();
-    let mut dtype = None;
+    // The layout's dtype name, and the dtype its files' headers give the tensors (MXFP4 blocks
+    // are U8 tensors there, as GGUF blocks are).
+    let mut dtype: Option<(String, Dtype)> = None;
     for layer in config.moe_layers() {
         for e in 0..config.num_experts {
             for (name, shape) in expert_weight_names(config, layer, e).iter().zip(shapes) {
-                if !weights.contains(name) && weights.location(name).is_ok() {
-                    return Err(Error::config(
-                        config_path,
-                        format!(
-                            "{name} is a slice of a fused expert tensor (gpt-oss): converting \
-                             fused experts is not supported yet; serve the checkpoint as it is"
-                        ),
-                    ));
-                }
-                let (found, actual, _) = weights.raw(name)?;
-                let path = weights.path_of(name)?;
-                if actual != shape {
+                let location = weights.location(name)?;
+                let path = &location.path;
+                if location.shape != shape {
                     return Err(Error::TensorShape {
                         name: name.clone(),
                         path: path.to_path_buf(),
-                        actual: actual.to_vec(),
+                        actual: location.shape.clone(),
                         expected: shape.to_vec(),
                     });
                 }
-                if !matches!(found, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                let (found, in_header) = match location.view {
+                    View::Mxfp4Rows { .. } => (layout::MXFP4_DTYPE.to_string(), Dtype::U8),
+                    View::Whole | View::Columns { .. } => {
+                        (location.dtype.to_string(), location.dtype)
+                    }
+                };
+                if !matches!(location.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16)
+                    && found != layout::MXFP4_DTYPE
+                {
                     return Err(Error::Safetensors {
                         path: path.to_path_buf(),
                         message: format!(
-                            "expert tensor {name:?} has dtype {found}; supported: F32, F16, BF16"
+                            "expert tensor {name:?} has dtype {found}; supported: F32, F16, \
+                             BF16, and MXFP4 blocks as gpt-oss's"
                         ),
                     });
                 }
-                match dtype {
-                    None => dtype = Some(found),
-                    Some(first) if first != found => {
+                match &dtype {
+                    None => dtype = Some((found, in_header)),
+                    Some((first, _)) if *first != found => {
                         return Err(Error::Safetensors {
                             path: path.to_path_buf(),
                             message: format!(
@@ -98,22 +102,25 @@ pub(super) fn expert_layout(
             }
         }
     }
-    let dtype = dtype.ok_or_else(|| {
+    let (dtype, header_dtype) = dtype.ok_or_else(|| {
         Error::config(
             config_path,
             "the model has no routed experts (num_hidden_layers or num_experts is 0)",
         )
     })?;
-    let elem = layout::dtype_bytes(&dtype.to_string()).expect("checked above");
-    let bytes = shapes.map(|[rows, cols]| (rows * cols) as u64 * elem);
+    let bytes = shapes
+        .map(|[rows, cols]| layout::stored_bytes(&dtype, rows * cols).expect("checked above"));
     let layout = ExpertLayout {
-        dtype: dtype.to_string(),
+        dtype,
         ggml_types: None,
         file_bytes: 0,
         data_offset: 0,
         tensors: place(shapes, bytes),
     };
-    Ok((finish_expert_layout(layout, config, dtype)?, dtype))
+    Ok((
+        finish_expert_layout(layout, config, header_dtype)?,
+        header_dtype,
+    ))
 }
 
 /// Sizes the header room and the files of `layout`, whose tensors are placed, and checks it.

@@ -22,7 +22,7 @@ use crate::expert::ResidentExperts;
 use crate::format::WeightSource;
 use crate::format::gguf::{GgufFile, stacked_expert_names};
 use crate::format::layout::{ExpertLayout, expert_path};
-use crate::format::safetensors::HfWeights;
+use crate::format::safetensors::{HfWeights, is_fused_expert_tensor};
 use crate::model::{self, BaseGroup, Model};
 use crate::tokenizer::Tokenizer;
 
@@ -81,7 +81,10 @@ impl Plan {
         }
         let mut groups: BTreeMap<BaseGroup, Vec<String>> = BTreeMap::new();
         for name in weights.names() {
-            if expert_names.contains(name) || config.is_draft_layer_tensor(name) {
+            if expert_names.contains(name)
+                || is_fused_expert_tensor(name)
+                || config.is_draft_layer_tensor(name)
+            {
                 continue;
             }
             let Some(group) = model::base_group(&config, name) else {
@@ -272,7 +275,21 @@ impl SourceWeights {
             match self {
                 Self::Hf(weights) => {
                     let name = &expert_weight_names(config, layer, expert)[k];
-                    Ok(Cow::Borrowed(weights.raw(name)?.2))
+                    if weights.contains(name) {
+                        return Ok(Cow::Borrowed(weights.raw(name)?.2));
+                    }
+                    // A slice of a fused tensor (gpt-oss's), in the layout's form.
+                    let location = weights.location(name)?;
+                    let (bytes, scales) = weights.located_bytes(&location)?;
+                    let elem = location.dtype.bitsize() / 8;
+                    let stored = location
+                        .view
+                        .stored_bytes(bytes, scales, elem, &location.shape)
+                        .map_err(|message| Error::Safetensors {
+                            path: location.path.clone(),
+                            message: format!("{name}: {message}"),
+                        })?;
+                    Ok(Cow::Owned(stored))
                 }
                 Self::Gguf { gguf, reader, .. } => {
                     let slice = gguf.expert_slice(

@@ -76,8 +76,8 @@ pub fn parse_xxh3_hex(text: &str) -> Option<u64> {
 /// Where the three tensors sit inside every expert file (all expert files are alike).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExpertLayout {
-    /// Stored dtype of the expert tensors: "F32", "F16" or "BF16", or [`GGUF_DTYPE`] for
-    /// experts kept as the GGUF blocks they were converted from.
+    /// Stored dtype of the expert tensors: "F32", "F16" or "BF16", [`MXFP4_DTYPE`], or
+    /// [`GGUF_DTYPE`] for experts kept as the GGUF blocks they were converted from.
     pub dtype: String,
     /// For [`GGUF_DTYPE`] experts: the ggml type ("Q4_K", "Q6_K", "F16", ...) of gate, up and
     /// down in each layer (by layer index), since quantization mixtures vary them by layer. Each
@@ -106,6 +106,11 @@ pub struct ExpertTensor {
 /// [`ExpertLayout::dtype`] of experts stored as raw GGUF blocks, U8 tensors in their files.
 pub const GGUF_DTYPE: &str = "GGUF";
 
+/// [`ExpertLayout::dtype`] of experts converted from a Hugging Face checkpoint's MXFP4 blocks
+/// (gpt-oss's): ggml's MXFP4 blocks in U8 tensors, multiplied by f32 activations at their exact
+/// values as the checkpoint's are.
+pub const MXFP4_DTYPE: &str = "MXFP4";
+
 /// Path of one expert's file relative to the layout directory.
 pub fn expert_path(layer: usize, expert: usize) -> String {
     format!("experts/layer_{layer:02}_expert_{expert:03}.safetensors")
@@ -120,11 +125,14 @@ pub fn align_up(n: u64) -> u64 {
     n.div_ceil(ALIGN) * ALIGN
 }
 
-/// Bytes per element of the expert dtypes a layout may hold ("F32", "F16", "BF16").
-pub fn dtype_bytes(dtype: &str) -> Option<u64> {
+/// Bytes of `values` values in an expert dtype a layout may hold without ggml types ("F32",
+/// "F16", "BF16", or [`MXFP4_DTYPE`] in whole blocks).
+pub fn stored_bytes(dtype: &str, values: usize) -> Option<u64> {
+    let values = values as u64;
     match dtype {
-        "F32" => Some(4),
-        "F16" | "BF16" => Some(2),
+        "F32" => Some(4 * values),
+        "F16" | "BF16" => Some(2 * values),
+        MXFP4_DTYPE => values.is_multiple_of(32).then_some(values / 32 * 17),
         _ => None,
     }
 }
@@ -164,8 +172,8 @@ impl ExpertLayout {
     /// Checks the alignment and size invariants, and the shapes against `config`.
     pub fn check(&self, config: &ModelConfig) -> std::result::Result<(), String> {
         let gguf = self.dtype == GGUF_DTYPE;
-        let elem = match (dtype_bytes(&self.dtype), &self.ggml_types) {
-            (Some(elem), None) => elem,
+        match (stored_bytes(&self.dtype, 32), &self.ggml_types) {
+            (Some(_), None) => {}
             (None, Some(types)) if gguf => {
                 if types.len() != config.num_layers {
                     return Err(format!(
@@ -174,12 +182,11 @@ impl ExpertLayout {
                         config.num_layers
                     ));
                 }
-                0
             }
             _ => {
                 return Err(format!(
-                    "expert dtype {:?} is not supported (F32, F16, BF16, or {GGUF_DTYPE:?} with \
-                     ggml_types)",
+                    "expert dtype {:?} is not supported (F32, F16, BF16, {MXFP4_DTYPE:?}, or \
+                     {GGUF_DTYPE:?} with ggml_types)",
                     self.dtype
                 ));
             }
@@ -228,13 +235,16 @@ impl ExpertLayout {
                         }
                     }
                 }
-            } else if tensor.bytes != (shape[0] * shape[1]) as u64 * elem {
-                return Err(format!(
-                    "expert tensor {name:?} has {} bytes, but {shape:?} {} takes {}",
-                    tensor.bytes,
-                    self.dtype,
-                    (shape[0] * shape[1]) as u64 * elem
-                ));
+            } else {
+                let expected = stored_bytes(&self.dtype, shape[0] * shape[1]);
+                if expected != Some(tensor.bytes) {
+                    return Err(format!(
+                        "expert tensor {name:?} has {} bytes, but {shape:?} {} takes {}",
+                        tensor.bytes,
+                        self.dtype,
+                        expected.map_or("whole blocks".into(), |b| b.to_string())
+                    ));
+                }
             }
             end = tensor.offset + tensor.bytes;
         }

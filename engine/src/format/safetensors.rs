@@ -87,6 +87,56 @@ pub enum View {
 }
 
 impl View {
+    /// The tensor `bytes` (and `scales`, with [`View::Mxfp4Rows`]) make, as an odmoe layout stores
+    /// it: `[out, in]` values of `dtype` (`elem` bytes each), or ggml's MXFP4 blocks.
+    pub fn stored_bytes(
+        self,
+        bytes: &[u8],
+        scales: Option<&[u8]>,
+        elem: usize,
+        shape: &[usize],
+    ) -> std::result::Result<Vec<u8>, String> {
+        let (out, input) = (shape[0], shape[1]);
+        match self {
+            Self::Whole => Ok(bytes.to_vec()),
+            Self::Columns { first, step } => {
+                let row = out * step * elem;
+                if bytes.len() != input * row {
+                    return Err(format!(
+                        "{} bytes are not a [{input}, {}] slab",
+                        bytes.len(),
+                        out * step
+                    ));
+                }
+                let mut stored = Vec::with_capacity(out * input * elem);
+                for o in 0..out {
+                    let column = (first + o * step) * elem;
+                    for i in 0..input {
+                        stored.extend_from_slice(&bytes[i * row + column..][..elem]);
+                    }
+                }
+                Ok(stored)
+            }
+            Self::Mxfp4Rows { first, step } => {
+                let scales = scales.ok_or("MXFP4 blocks without their scales")?;
+                let groups = input / 32;
+                let rows = (0..out).map(|r| first + r * step);
+                if bytes.len() != scales.len() * 16
+                    || scales.len() < (first + (out - 1) * step + 1) * groups
+                {
+                    return Err(format!(
+                        "{} bytes of MXFP4 blocks and {} of scales are not {out} rows of {input}",
+                        bytes.len(),
+                        scales.len()
+                    ));
+                }
+                Ok(super::mxfp4::from_checkpoint_rows(
+                    bytes, scales, groups, rows,
+                ))
+            }
+        }
+    }
+
     /// The tensor `bytes` (of `dtype`, in the location's layout) make, as f32 on `device`.
     pub fn f32_tensor(
         self,
@@ -112,6 +162,17 @@ impl View {
             .and_then(|t| t.to_device(device))
             .map_err(|e| e.to_string())
     }
+}
+
+/// Whether `name` is one of the tensors in which a checkpoint keeps a layer's routed experts
+/// fused (gpt-oss's `mlp.experts.gate_up_proj` and `down_proj`, or their MXFP4 `_blocks` and
+/// `_scales`): experts, not base weights, read through [`HfWeights::location`].
+pub fn is_fused_expert_tensor(name: &str) -> bool {
+    let name = name
+        .strip_suffix("_blocks")
+        .or_else(|| name.strip_suffix("_scales"))
+        .unwrap_or(name);
+    name.ends_with(".mlp.experts.gate_up_proj") || name.ends_with(".mlp.experts.down_proj")
 }
 
 /// The weights of a Hugging Face checkpoint directory, looked up by tensor name.
@@ -207,6 +268,26 @@ impl HfWeights {
     }
 
     /// The file holding `name`.
+    /// The bytes of `location` (one of this checkpoint's) and of its scales if it has them.
+    pub fn located_bytes(&self, location: &TensorLocation) -> Result<(&[u8], Option<&[u8]>)> {
+        let span = |path: &Path, offset: u64, bytes: u64| -> Result<&[u8]> {
+            let file = self.files.iter().find(|f| f.path == path).ok_or_else(|| {
+                Error::io(path, std::io::Error::other("not a file of this checkpoint"))
+            })?;
+            let range = offset as usize..(offset + bytes) as usize;
+            file.mmap.get(range).ok_or_else(|| Error::Safetensors {
+                path: path.to_path_buf(),
+                message: format!("{bytes} bytes at {offset} lie beyond the file"),
+            })
+        };
+        let bytes = span(&location.path, location.offset, location.bytes)?;
+        let scales = match &location.scales {
+            Some(s) => Some(span(&s.path, s.offset, s.bytes)?),
+            None => None,
+        };
+        Ok((bytes, scales))
+    }
+
     pub fn path_of(&self, name: &str) -> Result<&Path> {
         Ok(&self.file_of(name)?.path)
     }

@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::expert::{GluMlp, Matrix};
 use crate::format::gguf::{ExpertSlice, ExpertType, GgufFile, stacked_expert_names};
 use crate::format::layout::{
-    self, ExpertLayout, GGUF_DTYPE, MANIFEST, Manifest, expert_path, parse_xxh3_hex,
+    self, ExpertLayout, GGUF_DTYPE, MANIFEST, MXFP4_DTYPE, Manifest, expert_path, parse_xxh3_hex,
 };
 use crate::format::mxfp4;
 use crate::format::safetensors::{HfWeights, TensorLocation, View, f32_tensor};
@@ -57,6 +57,8 @@ enum ExpertEncoding {
     Dense(Dtype),
     /// GGUF blocks, by layer: the ggml types of gate, up and down.
     Ggml(Vec<[ExpertType; 3]>),
+    /// A checkpoint's MXFP4 blocks, multiplied at their exact values.
+    ExactMxfp4,
 }
 
 /// Experts of an odmoe layout: `experts/layer_LL_expert_EEE.safetensors`.
@@ -139,6 +141,8 @@ fn expert_encoding(dir: &Path, manifest: &Manifest) -> Result<ExpertEncoding> {
             })
             .collect::<Result<Vec<_>>>()?;
         ExpertEncoding::Ggml(types)
+    } else if layout.dtype == MXFP4_DTYPE {
+        ExpertEncoding::ExactMxfp4
     } else {
         ExpertEncoding::Dense(
             parse_dtype(&layout.dtype).ok_or_else(|| {
@@ -153,6 +157,8 @@ fn layout_expert_bytes(manifest: &Manifest, encoding: &ExpertEncoding, device: &
     let config = &manifest.architecture;
     match (encoding, config.moe_layers().next()) {
         (ExpertEncoding::Dense(_), _) => f32_expert_bytes(config),
+        (ExpertEncoding::ExactMxfp4, _) if device.is_cpu() => manifest.expert.weight_bytes(),
+        (ExpertEncoding::ExactMxfp4, _) => f32_expert_bytes(config),
         // As GgufSource counts them: the first MoE layer's slices as they sit in memory.
         (ExpertEncoding::Ggml(types), Some(layer)) => (0..3)
             .map(|k| held_bytes(&ggml_slice(&manifest.expert, types, layer, k), device) as u64)
@@ -318,6 +324,19 @@ impl ExpertSource for LayoutSource {
                     let start = slice.offset as usize;
                     slice_matrix(&slice, &buf[start..start + slice.bytes], &self.device)
                         .map_err(|e| fail(format!("tensor {}: {e}", self.layout.tensors[k].name)))
+                });
+                GluMlp {
+                    gate: gate?,
+                    up: up?,
+                    down: down?,
+                }
+            }
+            ExpertEncoding::ExactMxfp4 => {
+                let [gate, up, down] = self.layout.tensors.each_ref().map(|t| {
+                    let start = (self.layout.data_offset + t.offset) as usize;
+                    let blocks = buf[start..start + t.bytes as usize].to_vec();
+                    exact_mxfp4_matrix(blocks, t.shape, &self.device)
+                        .map_err(|e| fail(format!("tensor {}: {e}", t.name)))
                 });
                 GluMlp {
                     gate: gate?,
