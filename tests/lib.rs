@@ -158,7 +158,8 @@ impl Daemon {
         self.dir.path()
     }
 
-    /// The file `--config` names.
+    /// The file `--config` names (written unless no config was given and the daemon follows
+    /// memory pressure).
     pub fn config_file(&self) -> PathBuf {
         self.dir.path().join("odmoed.toml")
     }

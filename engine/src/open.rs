@@ -219,12 +219,18 @@ pub fn check_budget(
     )))
 }
 
-/// The model's architecture config and the in-memory bytes of all its experts, without loading
-/// any weights.
+/// The model's architecture config and the in-memory bytes of all its experts on the CPU, without
+/// loading any weights.
 pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
+    describe_on(path, &Device::Cpu)
+}
+
+/// [`describe`] with the experts' bytes as `device` holds them (MXFP4 experts take more where
+/// odmoe's kernels do not multiply them).
+pub fn describe_on(path: &Path, device: &Device) -> Result<(ModelConfig, u64)> {
     let (config, expert_bytes) = match checkpoint_kind(path)? {
         Checkpoint::Gguf => {
-            let gguf = GgufFile::open(path, &Device::Cpu)?;
+            let gguf = GgufFile::open(path, device)?;
             let config = crate::model::config_from_gguf(&gguf)?;
             let bytes = GgufSource::expert_bytes_of(&config, &gguf)?;
             (config, bytes)
@@ -232,14 +238,14 @@ pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
         Checkpoint::Layout => {
             let manifest = Manifest::load(path)?;
             // Dense experts are widened to f32, GGUF blocks stay as stored: the source knows.
-            let bytes = LayoutSource::expert_bytes_of(path, &manifest)?;
+            let bytes = LayoutSource::expert_bytes_of(path, &manifest, device)?;
             (manifest.architecture, bytes)
         }
         Checkpoint::HuggingFace => {
             let config = crate::model::config_from_hf_file(&path.join("config.json"))?;
             let weights = HfWeights::open(path, &Device::Cpu)?;
             let names = |layer, expert| crate::model::expert_tensor_names(&config, layer, expert);
-            let bytes = HfSource::expert_bytes_of(&config, names, &weights, &Device::Cpu)?;
+            let bytes = HfSource::expert_bytes_of(&config, names, &weights, device)?;
             (config, bytes)
         }
     };

@@ -358,7 +358,10 @@ impl Engine {
         let started = Instant::now();
         // Everything that can be checked without the weights is checked before
         // the loaded model is dropped, so a typo does not leave no model at all.
-        let (config, total) = open::describe(path).map_err(|error| invalid(error.to_string()))?;
+        let device = odmoe_engine::default_device()?;
+        // The experts' bytes as this device will hold them.
+        let (config, total) =
+            open::describe_on(path, &device).map_err(|error| invalid(error.to_string()))?;
         let dense = open::is_dense(&config);
         let placement = if dense {
             Placement::Resident
@@ -372,7 +375,6 @@ impl Engine {
         if dense {
             info!(model = %path.display(), "dense model: every weight resident, the expert budget does not apply");
         }
-        let device = odmoe_engine::default_device()?;
         // The store reads nothing until the first token, so the whole of the
         // experts will do as a budget until the real one is known.
         let experts = match placement {
@@ -430,7 +432,8 @@ impl Engine {
             layers: config.num_layers,
             experts_per_layer: config.num_experts,
             experts_per_token: config.num_experts_per_token,
-            // As the store counts them: GGUF experts at their stored size, others in f32.
+            // As the store counts them on this device: quantized experts at their held size,
+            // float ones in f32.
             expert_bytes: total / (config.num_layers * config.num_experts).max(1) as u64,
             total_expert_bytes: total,
             mode: if dense {

@@ -132,7 +132,9 @@ pub fn stored_bytes(dtype: &str, values: usize) -> Option<u64> {
     match dtype {
         "F32" => Some(4 * values),
         "F16" | "BF16" => Some(2 * values),
-        MXFP4_DTYPE => values.is_multiple_of(32).then_some(values / 32 * 17),
+        MXFP4_DTYPE => values
+            .is_multiple_of(32)
+            .then(|| super::gguf_header::mxfp4_bytes(values as usize) as u64),
         _ => None,
     }
 }
@@ -238,12 +240,16 @@ impl ExpertLayout {
             } else {
                 let expected = stored_bytes(&self.dtype, shape[0] * shape[1]);
                 if expected != Some(tensor.bytes) {
-                    return Err(format!(
-                        "expert tensor {name:?} has {} bytes, but {shape:?} {} takes {}",
-                        tensor.bytes,
-                        self.dtype,
-                        expected.map_or("whole blocks".into(), |b| b.to_string())
-                    ));
+                    return Err(match expected {
+                        Some(bytes) => format!(
+                            "expert tensor {name:?} has {} bytes, but {shape:?} {} takes {bytes}",
+                            tensor.bytes, self.dtype
+                        ),
+                        None => format!(
+                            "expert tensor {name:?} {shape:?} is not whole 32-value {} blocks",
+                            self.dtype
+                        ),
+                    });
                 }
             }
             end = tensor.offset + tensor.bytes;

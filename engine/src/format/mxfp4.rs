@@ -2,9 +2,11 @@
 //! and 32 four-bit e2m1 codes, values 0-15 in the low nibbles and 16-31 in the high ones. A
 //! value is `KVALUES[code] * 2^(e - 128)` (ggml keeps the e2m1 values doubled, as integers).
 //!
-//! Until a kernel multiplies MXFP4 blocks directly, they are held as Q8_0 blocks of exactly the
-//! same values (the integers `KVALUES[code]` with the scale `2^(e - 128)` in f16), at twice the
-//! bytes: the quantized kernels then meet them as any Q8_0 weight.
+//! odmoe's kernels multiply these blocks as they are. Where they do not (a GPU, a CPU without
+//! their instructions), the blocks are held as Q8_0 blocks of exactly the same values (the
+//! integers `KVALUES[code]` with the scale `2^(e - 128)` in f16), at twice the bytes, for candle;
+//! or, from a Hugging Face checkpoint, as their f32 values. The same table lives in the kernels
+//! (`E2M1_DOUBLED`), which may not import the file formats.
 
 use super::gguf_header::MXFP4_BLOCK_BYTES;
 

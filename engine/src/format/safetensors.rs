@@ -121,9 +121,8 @@ impl View {
                 let scales = scales.ok_or("MXFP4 blocks without their scales")?;
                 let groups = input / 32;
                 let rows = (0..out).map(|r| first + r * step);
-                if bytes.len() != scales.len() * 16
-                    || scales.len() < (first + (out - 1) * step + 1) * groups
-                {
+                let rows_held = (first + out.saturating_sub(1) * step + 1) * groups;
+                if bytes.len() != scales.len() * 16 || scales.len() < rows_held {
                     return Err(format!(
                         "{} bytes of MXFP4 blocks and {} of scales are not {out} rows of {input}",
                         bytes.len(),
@@ -267,7 +266,6 @@ impl HfWeights {
         Ok((info.dtype, &info.shape, bytes))
     }
 
-    /// The file holding `name`.
     /// The bytes of `location` (one of this checkpoint's) and of its scales if it has them.
     pub fn located_bytes(&self, location: &TensorLocation) -> Result<(&[u8], Option<&[u8]>)> {
         let span = |path: &Path, offset: u64, bytes: u64| -> Result<&[u8]> {
@@ -288,6 +286,7 @@ impl HfWeights {
         Ok((bytes, scales))
     }
 
+    /// The file holding `name`.
     pub fn path_of(&self, name: &str) -> Result<&Path> {
         Ok(&self.file_of(name)?.path)
     }
@@ -427,7 +426,10 @@ impl HfWeights {
             return Err(wrong("scales [experts, rows, in / 32] expected"));
         }
         if blocks.dtype != Dtype::U8 || scales.dtype != Dtype::U8 {
-            return Err(wrong("bytes expected"));
+            return Err(wrong(&format!(
+                "U8 tensors expected, found {} and {}",
+                blocks.dtype, scales.dtype
+            )));
         }
         if !rows.is_multiple_of(step) {
             return Err(wrong("gate and up rows do not pair"));

@@ -11,8 +11,6 @@ use super::quantized::{BlockMatrix, E2M1_DOUBLED, Format, e8m0_half};
 
 /// Values in a block.
 const BLOCK: usize = 32;
-/// Bytes of a block: the exponent, then 16 bytes of two codes each.
-const BLOCK_BYTES: usize = 17;
 /// The e2m1 values doubled, by code, as f32.
 const DOUBLED: [f32; 16] = {
     let mut values = [0f32; 16];
@@ -32,7 +30,9 @@ pub fn product(w: &BlockMatrix, x: &[f32]) -> Vec<f32> {
     assert!(x.len().is_multiple_of(cols), "rows of {cols} values");
     let tokens = x.len() / cols;
     let blocks = cols / BLOCK;
-    let row_bytes = blocks * BLOCK_BYTES;
+    // The exponent, then 16 bytes of two codes each.
+    let block_bytes = Format::Mxfp4.block_bytes();
+    let row_bytes = blocks * block_bytes;
     let mut out = vec![0f32; tokens * rows];
     let out_at = out.as_mut_ptr() as usize;
     candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
@@ -42,7 +42,7 @@ pub fn product(w: &BlockMatrix, x: &[f32]) -> Vec<f32> {
         for r in range {
             let row = &weight.blocks[r * row_bytes..(r + 1) * row_bytes];
             for ((block, values), scale) in row
-                .chunks_exact(BLOCK_BYTES)
+                .chunks_exact(block_bytes)
                 .zip(values.chunks_exact_mut(BLOCK))
                 .zip(&mut scales)
             {
@@ -122,7 +122,7 @@ mod tests {
                 for r in 0..rows {
                     let (mut exact, mut magnitude) = (0f64, 0f64);
                     for i in 0..cols {
-                        let block = &blocks[(r * cols + i) / BLOCK * BLOCK_BYTES..];
+                        let block = &blocks[(r * cols + i) / BLOCK * Format::Mxfp4.block_bytes()..];
                         let byte = block[1 + i % BLOCK % 16];
                         let code = if i % BLOCK < 16 { byte & 15 } else { byte >> 4 };
                         let w = f64::from(DOUBLED[code as usize])

@@ -38,18 +38,14 @@ pub enum Matrix {
 
 impl Matrix {
     /// MXFP4 blocks `[rows, cols]` as they are stored, if they are whole rows of whole blocks.
-    pub fn mxfp4(blocks: Vec<u8>, [rows, cols]: [usize; 2]) -> Option<Self> {
-        quantized::BlockMatrix::new(quantized::Format::Mxfp4, blocks, cols)
-            .filter(|m| m.dims() == [rows, cols])
-            .map(Self::Blocks)
+    pub fn mxfp4(blocks: Vec<u8>, shape: [usize; 2]) -> Option<Self> {
+        mxfp4_blocks(blocks, shape).map(Self::Blocks)
     }
 
     /// MXFP4 blocks `[rows, cols]` multiplied at their exact values by f32 activations, if they
     /// are whole rows of whole blocks.
-    pub fn exact_mxfp4(blocks: Vec<u8>, [rows, cols]: [usize; 2]) -> Option<Self> {
-        quantized::BlockMatrix::new(quantized::Format::Mxfp4, blocks, cols)
-            .filter(|m| m.dims() == [rows, cols])
-            .map(Self::ExactMxfp4)
+    pub fn exact_mxfp4(blocks: Vec<u8>, shape: [usize; 2]) -> Option<Self> {
+        mxfp4_blocks(blocks, shape).map(Self::ExactMxfp4)
     }
 
     /// Whether MXFP4 blocks are held as they are on `device`: where these kernels multiply them
@@ -95,6 +91,12 @@ impl Matrix {
             Self::Blocks(w) | Self::ExactMxfp4(w) => w.bytes(),
         }
     }
+}
+
+/// MXFP4 blocks `[rows, cols]` as a matrix, if they are whole rows of whole blocks.
+fn mxfp4_blocks(blocks: Vec<u8>, [rows, cols]: [usize; 2]) -> Option<quantized::BlockMatrix> {
+    quantized::BlockMatrix::new(quantized::Format::Mxfp4, blocks, cols)
+        .filter(|m| m.dims() == [rows, cols])
 }
 
 /// A projection `x W^T (+ b)` whose weight is f32 or, from a GGUF file, its stored quantized

@@ -2,7 +2,8 @@
 //! nothing corrupt ever reaches the model.
 //!
 //! Each source reads an expert as a few byte ranges: one whole file in an odmoe layout, three
-//! tensor slices in a GGUF file or a Hugging Face checkpoint. [`ExpertChecksums`] holds the
+//! tensor slices in a GGUF file or a Hugging Face checkpoint (six for MXFP4 checkpoints, whose
+//! blocks and scales lie apart). [`ExpertChecksums`] holds the
 //! xxh3-64 of every such range, by layer, expert and range in read order. They come from:
 //! - an odmoe layout's manifest, where `odmoe convert` records every file's xxh3-64;
 //! - otherwise (a GGUF file or Hugging Face checkpoint read in place, a layout written before the

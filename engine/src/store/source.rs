@@ -26,12 +26,13 @@ use crate::format::gguf::{ExpertSlice, ExpertType, GgufFile, stacked_expert_name
 use crate::format::layout::{
     self, ExpertLayout, GGUF_DTYPE, MANIFEST, MXFP4_DTYPE, Manifest, expert_path, parse_xxh3_hex,
 };
-use crate::format::mxfp4;
 use crate::format::safetensors::{HfWeights, TensorLocation, View, f32_tensor};
+use crate::format::{gguf_header, mxfp4};
 
 /// Reads experts from cold storage.
 pub trait ExpertSource: Send + Sync {
-    /// Reads one expert: its weights in f32, and how many bytes were read from storage.
+    /// Reads one expert: its weights as the source holds them, and how many bytes were read from
+    /// storage.
     fn read(&self, layer: usize, expert: usize) -> Result<(GluMlp, u64)>;
     /// Bytes one expert holds in memory once read (the unit of the budget).
     fn expert_bytes(&self) -> u64;
@@ -115,11 +116,11 @@ impl LayoutSource {
 
     /// Bytes one expert of the layout in `dir` holds in memory once read, without opening any
     /// expert file.
-    pub fn expert_bytes_of(dir: &Path, manifest: &Manifest) -> Result<u64> {
+    pub fn expert_bytes_of(dir: &Path, manifest: &Manifest, device: &Device) -> Result<u64> {
         Ok(layout_expert_bytes(
             manifest,
             &expert_encoding(dir, manifest)?,
-            &Device::Cpu,
+            device,
         ))
     }
 }
@@ -389,7 +390,8 @@ pub struct HfSource {
     /// `locations[layer][expert]`: gate, up, down.
     locations: Vec<Vec<[TensorLocation; 3]>>,
     files: HashMap<PathBuf, File>,
-    /// xxh3-64 of each tensor of each expert, checked on every read.
+    /// xxh3-64 of each range of each expert (a tensor, or MXFP4 blocks and their scales),
+    /// checked on every read.
     checksums: ExpertChecksums,
     bypass_cache: bool,
     expert_bytes: u64,
@@ -434,10 +436,13 @@ impl HfSource {
                             expected: shape.to_vec(),
                         });
                     }
-                    if !files.contains_key(&location.path) {
-                        let file = fetch::open_buffered(&location.path, bypass_cache)
-                            .map_err(|e| Error::io(&location.path, e))?;
-                        files.insert(location.path.clone(), file);
+                    // MXFP4 scales may lie in another shard than their blocks.
+                    for (path, _, _) in location_ranges(&location) {
+                        if !files.contains_key(path) {
+                            let file = fetch::open_buffered(path, bypass_cache)
+                                .map_err(|e| Error::io(path, e))?;
+                            files.insert(path.to_path_buf(), file);
+                        }
                     }
                     located.push(location);
                 }
@@ -497,7 +502,9 @@ fn located_expert_bytes(locations: &[Vec<[TensorLocation; 3]>], device: &Device)
         .map(|t| {
             let values = (t.shape[0] * t.shape[1]) as u64;
             match t.view {
-                View::Mxfp4Rows { .. } if device.is_cpu() => values / 32 * 17,
+                View::Mxfp4Rows { .. } if device.is_cpu() => {
+                    gguf_header::mxfp4_bytes(values as usize) as u64
+                }
                 View::Whole | View::Columns { .. } | View::Mxfp4Rows { .. } => values * 4,
             }
         })
@@ -552,14 +559,15 @@ impl ExpertSource for HfSource {
         let mut range_index = 0;
         let mut projections = Vec::with_capacity(3);
         for (k, t) in located.iter().enumerate() {
-            let fail = |message: String| Error::Expert {
+            let fail_in = |path: &Path, message: String| Error::Expert {
                 layer,
                 expert,
-                path: t.path.clone(),
+                path: path.to_path_buf(),
                 message,
             };
+            let fail = |message: String| fail_in(&t.path, message);
             let mut parts = Vec::with_capacity(2);
-            for (path, offset, len) in location_ranges(t) {
+            for (part, (path, offset, len)) in location_ranges(t).into_iter().enumerate() {
                 let key = (path.to_path_buf(), offset, len);
                 let index = match read.iter().position(|(k, _)| *k == key) {
                     Some(index) => index,
@@ -570,11 +578,15 @@ impl ExpertSource for HfSource {
                             len as usize,
                             self.bypass_cache,
                         )
-                        .map_err(|e| fail(e.to_string()))?;
+                        .map_err(|e| fail_in(path, e.to_string()))?;
+                        let what = if part == 0 { "tensor" } else { "scales" };
                         self.checksums
                             .check(layer, expert, range_index, &bytes)
                             .map_err(|m| {
-                                fail(format!("{} tensor at offset {offset}: {m}", PROJECTIONS[k]))
+                                fail_in(
+                                    path,
+                                    format!("{} {what} at offset {offset}: {m}", PROJECTIONS[k]),
+                                )
                             })?;
                         total += len;
                         read.push((key, bytes));
@@ -586,11 +598,12 @@ impl ExpertSource for HfSource {
             }
             let bytes = &read[parts[0]].1;
             projections.push(match t.view {
-                View::Mxfp4Rows { first, step } => {
-                    let scales = &read[parts[1]].1;
-                    let groups = t.shape[1] / 32;
-                    let rows = (0..t.shape[0]).map(|r| first + r * step);
-                    let blocks = mxfp4::from_checkpoint_rows(bytes, scales, groups, rows);
+                View::Mxfp4Rows { .. } => {
+                    let scales = Some(&read[parts[1]].1[..]);
+                    let blocks = t
+                        .view
+                        .stored_bytes(bytes, scales, 1, &t.shape)
+                        .map_err(&fail)?;
                     exact_mxfp4_matrix(blocks, [t.shape[0], t.shape[1]], &self.device)
                         .map_err(|e| fail(e.to_string()))?
                 }
