@@ -147,10 +147,10 @@ fn odmoe_piped(daemon: &Daemon, args: &[&str], stdin: &str) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
-/// Serves `model` under a budget of half its experts and checks, against `odmoe run` on the same
-/// file, a text completion, a chat turn through the model's own chat template, and a second turn
-/// that the daemon's session answers as if the whole conversation had been sent.
-async fn text_and_chat_through_the_daemon(model: &Path, mode: &str) {
+/// Serves `model` under a budget of half its experts, served as `mode`, and checks a text
+/// completion against `odmoe run` on the same file; the daemon, a client and the completion's
+/// text, for more.
+async fn serve_a_completion_as_offline(model: &Path, mode: &str) -> (Daemon, Client, String) {
     let mut daemon = Daemon::builder()
         .model(model)
         .args(["--expert-budget", "50%"])
@@ -176,6 +176,14 @@ async fn text_and_chat_through_the_daemon(model: &Path, mode: &str) {
         "{}",
         model.display()
     );
+    (daemon, client, completion.text)
+}
+
+/// [`serve_a_completion_as_offline`], then a chat turn through the model's own chat template,
+/// and a second turn that the daemon's session answers as if the whole conversation had been
+/// sent.
+async fn text_and_chat_through_the_daemon(model: &Path, mode: &str) {
+    let (daemon, mut client, completion) = serve_a_completion_as_offline(model, mode).await;
 
     let first_turn = [("user", "Hi there")];
     let first = call(
@@ -224,7 +232,7 @@ async fn text_and_chat_through_the_daemon(model: &Path, mode: &str) {
         &["complete", "--greedy", "--max-tokens", "8"],
         "Hello world",
     );
-    assert_eq!(completed.trim_end_matches('\n'), completion.text);
+    assert_eq!(completed.trim_end_matches('\n'), completion);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,25 +255,8 @@ async fn gguf_models_of_every_vocabulary_kind_chat_through_the_daemon() {
 /// demand through the daemon, as `odmoe run` generates offline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mxfp4_checkpoint_generates_through_the_daemon_as_offline() {
-    let model = fixture("gpt_oss_mxfp4");
-    let mut daemon = Daemon::builder()
-        .model(&model)
-        .args(["--expert-budget", "50%"])
-        .limit(LIMIT)
-        .spawn();
-    daemon.wait_until_serving().await;
-    let mut client = daemon.client().await;
-    assert_eq!(client.models().await.unwrap().models[0].mode, "on_demand");
-    let completion = call(
-        &mut client,
-        Method::Generate,
-        &greedy(Some("Hello world"), &[], None),
-    )
-    .await
-    .unwrap();
-    let reference = offline(&model, "Hello world", false);
-    assert_eq!(completion.text, reference["text"]);
-    assert_eq!(serde_json::json!(completion.tokens), reference["tokens"]);
+    let (_daemon, mut client, _) =
+        serve_a_completion_as_offline(&fixture("gpt_oss_mxfp4"), "on_demand").await;
     let store = client.stats().await.unwrap().store.unwrap();
     assert!(store.misses > 0 && store.read_errors == 0, "{store:?}");
 }

@@ -791,6 +791,8 @@ mod small {
         };
     }
 
+    /// Only AVX-512's grouped products take Q8_0 through the generic code.
+    #[cfg(target_arch = "x86_64")]
     pub struct Q8_0;
     pub struct Q4_0;
     pub struct Q4_1;
@@ -798,6 +800,7 @@ mod small {
     pub struct Q5_1;
     pub struct Mxfp4;
 
+    #[cfg(target_arch = "x86_64")]
     impl Kind for Q8_0 {
         const Q8: bool = true;
     }
