@@ -158,7 +158,19 @@ pub fn load_or_build(
             return Ok(ExpertChecksums::new(sums, location.display().to_string()));
         }
     }
-    let total: u64 = plan.experts.iter().flatten().flatten().map(|r| r.len).sum();
+    // Each expert's distinct ranges (fused experts' gate and up share theirs).
+    let total: u64 = plan
+        .experts
+        .iter()
+        .flatten()
+        .flat_map(|ranges| {
+            ranges
+                .iter()
+                .enumerate()
+                .filter(|&(i, range)| !ranges[..i].contains(range))
+                .map(|(_, range)| range.len)
+        })
+        .sum();
     tracing::info!(
         "{}: computing the checksums of its experts: reading {} once, kept for later loads",
         model.display(),
@@ -335,18 +347,26 @@ fn compute(plan: &ReadPlan, bypass_cache: bool, vouch: Option<Vouch>) -> Result<
         .collect();
     let next = AtomicUsize::new(0);
     let checksum_expert = |layer: usize, expert: usize| -> Result<Vec<u64>> {
-        plan.experts[layer][expert]
-            .iter()
-            .map(|range| {
-                let path = &plan.files[range.file];
-                checksum_range(path, range, bypass_cache, vouch).map_err(|message| Error::Expert {
+        let ranges = &plan.experts[layer][expert];
+        let mut sums = Vec::with_capacity(ranges.len());
+        for (i, range) in ranges.iter().enumerate() {
+            // Fused experts' gate and up are views of one range: it is read once.
+            if let Some(earlier) = ranges[..i].iter().position(|r| r == range) {
+                sums.push(sums[earlier]);
+                continue;
+            }
+            let path = &plan.files[range.file];
+            let sum = checksum_range(path, range, bypass_cache, vouch).map_err(|message| {
+                Error::Expert {
                     layer,
                     expert,
                     path: path.clone(),
                     message,
-                })
-            })
-            .collect()
+                }
+            })?;
+            sums.push(sum);
+        }
+        Ok(sums)
     };
     let sums: Mutex<Sums> = Mutex::new(
         plan.experts
