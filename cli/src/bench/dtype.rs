@@ -151,8 +151,9 @@ pub fn run(args: DtypeBenchArgs) -> Result<()> {
 
 /// MXFP4 (gpt-oss's experts): odmoe's kernel on the blocks as a file stores them; candle has no
 /// MXFP4, so its column is its Q8_0 product on the Q8_0 blocks of the same values (twice the
-/// bytes), both at the rate of the MXFP4 bytes. And the conversion to those Q8_0 blocks
-/// (`convert`), which a device without the kernels pays on every read.
+/// bytes), both at the rate of the MXFP4 bytes. A checkpoint's MXFP4, multiplied by f32
+/// activations at exact values, against candle's f32 product of the values widened. And the
+/// conversion to Q8_0 blocks (`convert`), which a device without the kernels pays on every read.
 fn mxfp4_rows(weight: &Tensor, decode_x: &Tensor, prompt_x: &Tensor) -> Result<Vec<Row>> {
     let blocks = mxfp4::quantize(&weight.flatten_all()?.to_vec1::<f32>()?);
     let bytes = blocks.len();
@@ -188,6 +189,21 @@ fn mxfp4_rows(weight: &Tensor, decode_x: &Tensor, prompt_x: &Tensor) -> Result<V
         odmoe_us: convert_us,
         kernel: true,
     }];
+    // A checkpoint's MXFP4 (gpt-oss's Hugging Face files) multiplies f32 activations at the
+    // weights' exact values; candle's column is its f32 product on the same values widened.
+    let values = mxfp4::dequantize(&blocks).map_err(anyhow::Error::msg)?;
+    let widened = |_| -> Result<Apply> {
+        let w = Tensor::from_vec(values.clone(), (ROWS, COLS), &Device::Cpu)?;
+        Ok(Box::new(move |x: &Tensor| x.matmul(&w.t()?)))
+    };
+    let exact = |_| -> Result<Apply> {
+        let m = Matrix::exact_mxfp4(blocks.clone(), [ROWS, COLS])
+            .ok_or_else(|| anyhow::anyhow!("MXFP4 blocks of a {ROWS} x {COLS} matrix"))?;
+        Ok(Box::new(move |x: &Tensor| {
+            m.forward(x)
+                .map_err(|error| candle_core::Error::Msg(error.to_string()))
+        }))
+    };
     for (shape, x, budget) in [
         ("decode", decode_x, bytes),
         ("prompt", prompt_x, usize::MAX),
@@ -199,6 +215,14 @@ fn mxfp4_rows(weight: &Tensor, decode_x: &Tensor, prompt_x: &Tensor) -> Result<V
             candle_us: time(&copies(budget, &candle)?, x),
             odmoe_us: time(&copies(budget, &odmoe)?, x),
             kernel,
+        });
+        rows.push(Row {
+            weights: "MXFP4, f32 activations".into(),
+            shape,
+            bytes,
+            candle_us: time(&copies(budget, &widened)?, x),
+            odmoe_us: time(&copies(budget, &exact)?, x),
+            kernel: true,
         });
     }
     Ok(rows)

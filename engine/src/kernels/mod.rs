@@ -60,6 +60,13 @@ impl Matrix {
         match self {
             Self::Candle(w) => Ok(w.forward(x)?),
             Self::Blocks(w) => Ok(quantized::forward(&[w.weight()], x)?.remove(0)),
+            Self::ExactMxfp4(w) if x.elem_count() / w.dims()[1] >= exact_mxfp4::WIDEN_FROM => {
+                let widened =
+                    Tensor::from_vec(exact_mxfp4::widened(w), w.dims().to_vec(), x.device())?;
+                Ok(x.to_dtype(DType::F32)?
+                    .broadcast_matmul(&widened.t()?)?
+                    .to_dtype(x.dtype())?)
+            }
             Self::ExactMxfp4(w) => {
                 let rows = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                 let out = exact_mxfp4::product(w, &rows);
