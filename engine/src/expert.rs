@@ -59,16 +59,11 @@ impl GluMlp {
             form.add_down_bias(expert, &mut out);
             return Ok(Tensor::from_vec(out, x.dims(), x.device())?);
         }
-        if !form.is_plain() {
-            return self.forward_in_form(x, form, expert);
-        }
-        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        let up = self.up.forward(x)?;
-        self.down.forward(&(gate * up)?)
+        self.forward_in_form(x, form, expert)
     }
 
-    /// [`forward_as`](Self::forward_as) with biases or another gating, through candle's
-    /// products in the order transformers computes them.
+    /// [`forward_as`](Self::forward_as) through candle's products, in the order transformers
+    /// computes them (without biases, `down(silu(gate(x)) * up(x))`).
     fn forward_in_form(&self, x: &Tensor, form: &ExpertForm, expert: usize) -> Result<Tensor> {
         let biased = |y: Tensor, bias: Option<&[f32]>| -> Result<Tensor> {
             Ok(match bias {
@@ -136,16 +131,22 @@ impl ExpertForm {
         }
         let (gating, biases) = (self.gating, self.biases.as_ref());
         quantized::glu_with(experts, &|e, gate, up| {
-            let rows = biases.map(|b| (b.gate(ids[e]), b.up(ids[e])));
-            for (i, (g, &u)) in gate.iter_mut().zip(up).enumerate() {
-                let (g_in, u_in) = match rows {
-                    Some((gate_bias, up_bias)) => {
-                        let at = i % gate_bias.len();
-                        (*g + gate_bias[at], u + up_bias[at])
+            match biases {
+                // Each token's row of gate and up values, with the expert's bias rows.
+                Some(b) => {
+                    let (gate_bias, up_bias) = (b.gate(ids[e]), b.up(ids[e]));
+                    let width = gate_bias.len();
+                    for (g, u) in gate.chunks_exact_mut(width).zip(up.chunks_exact(width)) {
+                        for (((g, &u), gb), ub) in g.iter_mut().zip(u).zip(gate_bias).zip(up_bias) {
+                            *g = gated(gating, *g + gb, u + ub);
+                        }
                     }
-                    None => (*g, u),
-                };
-                *g = gated(gating, g_in, u_in);
+                }
+                None => {
+                    for (g, &u) in gate.iter_mut().zip(up) {
+                        *g = gated(gating, *g, u);
+                    }
+                }
             }
         })
     }

@@ -136,7 +136,8 @@ impl View {
         }
     }
 
-    /// The tensor `bytes` (of `dtype`, in the location's layout) make, as f32 on `device`.
+    /// The tensor `bytes` (of `dtype`, in the location's layout) make, as f32 on `device`: a
+    /// fused slab's columns are gathered first, so only the expert's own values are widened.
     pub fn f32_tensor(
         self,
         bytes: &[u8],
@@ -144,22 +145,14 @@ impl View {
         shape: &[usize],
         device: &Device,
     ) -> std::result::Result<Tensor, String> {
-        let (first, step) = match self {
-            Self::Whole => return f32_tensor(bytes, dtype, shape, device),
-            Self::Columns { first, step } => (first, step),
-            Self::Mxfp4Rows { .. } => {
-                return Err("MXFP4 blocks are not a float tensor".into());
+        match self {
+            Self::Whole => f32_tensor(bytes, dtype, shape, device),
+            Self::Columns { .. } => {
+                let own = self.stored_bytes(bytes, None, dtype.bitsize() / 8, shape)?;
+                f32_tensor(&own, dtype, shape, device)
             }
-        };
-        let (out, input) = (shape[0], shape[1]);
-        let slab = f32_tensor(bytes, dtype, &[input, out * step], &Device::Cpu)?;
-        slab.reshape((input, out, step))
-            .and_then(|t| t.narrow(2, first, 1))
-            .and_then(|t| t.reshape((input, out)))
-            .and_then(|t| t.t())
-            .and_then(|t| t.contiguous())
-            .and_then(|t| t.to_device(device))
-            .map_err(|e| e.to_string())
+            Self::Mxfp4Rows { .. } => Err("MXFP4 blocks are not a float tensor".into()),
+        }
     }
 }
 

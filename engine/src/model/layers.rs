@@ -423,6 +423,13 @@ pub(crate) fn attend_in_tiles(
     // Query heads kv*rep..(kv+1)*rep share key head kv: stacking their rows multiplies each key
     // head once, where repeating the keys per query head would copy the cache.
     let q = q.reshape((nkv, rep, t, d))?;
+    // One more column of every tile's softmax, taken to the device once.
+    let sinks = match reach.sinks {
+        Some(sinks) => {
+            Some(Tensor::from_slice(sinks, (nh, 1, 1), q.device())?.to_dtype(q.dtype())?)
+        }
+        None => None,
+    };
     let mut tiles = Vec::with_capacity(t.div_ceil(tile));
     for start in (0..t).step_by(tile) {
         let len = tile.min(t - start);
@@ -444,12 +451,10 @@ pub(crate) fn attend_in_tiles(
         } else {
             scores
         };
-        let probs = match reach.sinks {
+        let probs = match &sinks {
             // The sink is one more column of the softmax, dropped after it.
             Some(sinks) => {
-                let sinks = Tensor::from_slice(sinks, (nh, 1, 1), q.device())?
-                    .to_dtype(scores.dtype())?
-                    .broadcast_as((nh, len, 1))?;
+                let sinks = sinks.broadcast_as((nh, len, 1))?;
                 let with_sinks = Tensor::cat(&[&scores, &sinks], 2)?.contiguous()?;
                 candle_nn::ops::softmax_last_dim(&with_sinks)?.narrow(2, 0, keys)?
             }
