@@ -195,17 +195,9 @@ fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
     };
     let mut config = meta.common(Architecture::DeepseekV3)?;
     let mut deepseek = gguf_routed_experts(meta, &mut config, None)?;
-    deepseek.yarn = match meta.has("rope.scaling.type") {
-        true => match meta.str("rope.scaling.type")? {
-            "yarn" => Some(gguf_yarn(meta)?),
-            "none" => None,
-            other => {
-                return Err(meta.error(format!(
-                    "deepseek2 rope scaling {other:?} is not supported (only yarn)"
-                )));
-            }
-        },
-        false => None,
+    deepseek.yarn = match meta.yarn()? {
+        Some(yarn) => Some(gguf_yarn(meta, yarn)?),
+        None => None,
     };
     deepseek.attention = Some(attention);
     // `head_count_kv` is 1 (the latent, shared by all heads); expanded, every head has its own
@@ -283,7 +275,9 @@ pub(super) fn gguf_routed_experts(
 /// time; the converter writes the checkpoint's own values, which are what the model was trained
 /// with (Kimi-K2: 1 / 1), so this reader follows the checkpoint, as transformers does. 32 / 1 are
 /// both llama.cpp's and transformers' defaults.
-fn gguf_yarn(meta: &GgufConfig) -> Result<YarnScaling> {
+/// DeepSeek's YaRN from the file's plain `yarn`: its attention factors checked, its mscale
+/// from `yarn_log_multiplier`, the correction range truncated.
+fn gguf_yarn(meta: &GgufConfig, yarn: YarnScaling) -> Result<YarnScaling> {
     let optional = |k: &str| meta.opt_f64(&format!("rope.scaling.{k}"));
     if let Some(factor) = optional("yarn_attn_factor")?.filter(|&f| f != 1.0) {
         return Err(meta.error(format!(
@@ -297,14 +291,10 @@ fn gguf_yarn(meta: &GgufConfig) -> Result<YarnScaling> {
     }
     let mscale_all_dim = optional("yarn_log_multiplier")?.map(|m| m / 0.1);
     Ok(YarnScaling {
-        factor: meta.f64("rope.scaling.factor")?,
-        original_max_position_embeddings: meta.usize("rope.scaling.original_context_length")?,
-        beta_fast: optional("yarn_beta_fast")?.unwrap_or(32.0),
-        beta_slow: optional("yarn_beta_slow")?.unwrap_or(1.0),
         mscale: mscale_all_dim,
         mscale_all_dim,
-        attention_factor: None,
         truncate: true,
+        ..yarn
     })
 }
 

@@ -1,7 +1,7 @@
 //! GGUF metadata read as an architecture config: the keys every architecture reads alike
 //! ([`GgufConfig::common`]); each architecture's own keys are read in its model file.
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::{Architecture, ModelConfig, YarnScaling};
 use crate::error::{Error, Result};
 use crate::format::gguf::GgufFile;
 
@@ -68,6 +68,33 @@ impl<'a> GgufConfig<'a> {
     }
 
     /// An integer that may be absent, refused when present with another type.
+    /// The YaRN scaling the file declares (`rope.scaling.type` "yarn"): its factor, original
+    /// context and betas (llama.cpp's defaults 32 and 1), the rest (mscale, truncation) left
+    /// plain for the architecture to set; `None` without scaling. Another type is refused.
+    pub(crate) fn yarn(&self) -> Result<Option<YarnScaling>> {
+        if !self.has("rope.scaling.type") {
+            return Ok(None);
+        }
+        match self.str("rope.scaling.type")? {
+            "yarn" => Ok(Some(YarnScaling {
+                factor: self.f64("rope.scaling.factor")?,
+                original_max_position_embeddings: self
+                    .usize("rope.scaling.original_context_length")?,
+                beta_fast: self.opt_f64("rope.scaling.yarn_beta_fast")?.unwrap_or(32.0),
+                beta_slow: self.opt_f64("rope.scaling.yarn_beta_slow")?.unwrap_or(1.0),
+                mscale: None,
+                mscale_all_dim: None,
+                attention_factor: None,
+                truncate: false,
+            })),
+            "none" => Ok(None),
+            other => Err(self.error(format!(
+                "{} rope scaling {other:?} is not supported (only yarn)",
+                self.architecture()
+            ))),
+        }
+    }
+
     pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         self.has(key).then(|| self.usize(key)).transpose()
     }

@@ -25,7 +25,7 @@ use super::hf_config::{HfConfig, RopeScalings};
 use super::layers::linear;
 use super::moe::{MoeBlock, Scoring};
 use super::{BaseGroup, DecoderLayer, Family, FeedForward, GgufMatch, SelfAttention, qwen_moe};
-use crate::config::{Architecture, ExpertGating, ModelConfig, YarnScaling};
+use crate::config::{Architecture, ExpertGating, ModelConfig};
 use crate::error::Result;
 use crate::expert::{ExpertBiases, ExpertForm};
 use crate::format::WeightSource;
@@ -129,28 +129,9 @@ fn from_gguf(meta: &GgufConfig) -> Result<ModelConfig> {
             )));
         }
     }
-    config.rope_yarn = match meta.has("rope.scaling.type") {
-        true => match meta.str("rope.scaling.type")? {
-            "yarn" => Some(YarnScaling {
-                factor: meta.f64("rope.scaling.factor")?,
-                original_max_position_embeddings: meta
-                    .usize("rope.scaling.original_context_length")?,
-                beta_fast: meta.opt_f64("rope.scaling.yarn_beta_fast")?.unwrap_or(32.0),
-                beta_slow: meta.opt_f64("rope.scaling.yarn_beta_slow")?.unwrap_or(1.0),
-                mscale: None,
-                mscale_all_dim: None,
-                attention_factor: None,
-                truncate: false,
-            }),
-            "none" => None,
-            other => {
-                return Err(meta.error(format!(
-                    "gpt-oss rope scaling {other:?} is not supported (only yarn)"
-                )));
-            }
-        },
-        false => None,
-    };
+    // gpt-oss's configs say not to truncate YaRN's correction range, and a GGUF cannot say it:
+    // the plain scaling `yarn` gives is gpt-oss's.
+    config.rope_yarn = meta.yarn()?;
     config.attention_sinks = true;
     config.attention_output_bias = meta.gguf.has_tensor("blk.0.attn_output.bias");
     config.expert_gating = ExpertGating::ClampedSwiglu {
