@@ -396,21 +396,29 @@ impl ExpertSlice {
     }
 }
 
+/// Candle's type for ggml type `number` of a GGUF header, when it has one.
+pub(super) fn ggml_type_of_number(number: u32) -> Option<GgmlDType> {
+    GGML_TYPES
+        .iter()
+        .find(|(n, _, _)| *n == number)
+        .map(|(_, _, t)| *t)
+}
+
 /// llama.cpp's name of a ggml type ("Q4_K", "F16", ...), as layouts record it.
 pub fn ggml_type_name(dtype: GgmlDType) -> &'static str {
-    GGML_TYPE_NAMES
+    GGML_TYPES
         .iter()
-        .find(|(_, t)| *t == dtype)
-        .map(|(name, _)| *name)
+        .find(|(_, _, t)| *t == dtype)
+        .map(|(_, name, _)| *name)
         .expect("every ggml type is named")
 }
 
 /// The ggml type of a name written by [`ggml_type_name`].
 pub fn parse_ggml_type(name: &str) -> Option<GgmlDType> {
-    GGML_TYPE_NAMES
+    GGML_TYPES
         .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, t)| *t)
+        .find(|(_, n, _)| *n == name)
+        .map(|(_, _, t)| *t)
 }
 
 /// ggml types that files hold and this reader does not take yet (MXFP4 it reads in experts),
@@ -448,22 +456,23 @@ pub fn ggml_bytes(dtype: GgmlDType, elements: usize) -> Option<usize> {
         .then(|| elements / dtype.block_size() * dtype.type_size())
 }
 
-const GGML_TYPE_NAMES: [(&str, GgmlDType); 15] = [
-    ("F32", GgmlDType::F32),
-    ("F16", GgmlDType::F16),
-    ("BF16", GgmlDType::BF16),
-    ("Q4_0", GgmlDType::Q4_0),
-    ("Q4_1", GgmlDType::Q4_1),
-    ("Q5_0", GgmlDType::Q5_0),
-    ("Q5_1", GgmlDType::Q5_1),
-    ("Q8_0", GgmlDType::Q8_0),
-    ("Q8_1", GgmlDType::Q8_1),
-    ("Q2_K", GgmlDType::Q2K),
-    ("Q3_K", GgmlDType::Q3K),
-    ("Q4_K", GgmlDType::Q4K),
-    ("Q5_K", GgmlDType::Q5K),
-    ("Q6_K", GgmlDType::Q6K),
-    ("Q8_K", GgmlDType::Q8K),
+/// The ggml types candle has: their number in a GGUF header, llama.cpp's name, candle's type.
+const GGML_TYPES: [(u32, &str, GgmlDType); 15] = [
+    (0, "F32", GgmlDType::F32),
+    (1, "F16", GgmlDType::F16),
+    (30, "BF16", GgmlDType::BF16),
+    (2, "Q4_0", GgmlDType::Q4_0),
+    (3, "Q4_1", GgmlDType::Q4_1),
+    (6, "Q5_0", GgmlDType::Q5_0),
+    (7, "Q5_1", GgmlDType::Q5_1),
+    (8, "Q8_0", GgmlDType::Q8_0),
+    (9, "Q8_1", GgmlDType::Q8_1),
+    (10, "Q2_K", GgmlDType::Q2K),
+    (11, "Q3_K", GgmlDType::Q3K),
+    (12, "Q4_K", GgmlDType::Q4K),
+    (13, "Q5_K", GgmlDType::Q5K),
+    (14, "Q6_K", GgmlDType::Q6K),
+    (15, "Q8_K", GgmlDType::Q8K),
 ];
 
 fn tensor_bytes(info: &TensorInfo) -> usize {

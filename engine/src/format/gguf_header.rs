@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 
 use candle_core::Shape;
-use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
 
 /// The ggml type number of MXFP4: blocks of 32 e2m1 values and an e8m0 scale.
@@ -89,7 +88,7 @@ pub fn read<R: Read + Seek>(reader: &mut R) -> Result<Header, String> {
         if tensor_infos.contains_key(&name) || others.contains_key(&name) {
             return Err(format!("tensor {name:?} is listed twice"));
         }
-        match ggml_dtype(ggml_type) {
+        match super::gguf::ggml_type_of_number(ggml_type) {
             Some(ggml_dtype) => {
                 let shape = Shape::from(shape);
                 tensor_infos.insert(
@@ -129,28 +128,6 @@ pub fn read<R: Read + Seek>(reader: &mut R) -> Result<Header, String> {
             tensor_data_offset: position.div_ceil(alignment) * alignment,
         },
         others,
-    })
-}
-
-/// Candle's type for ggml type `number`, when it has one (its own reader's table).
-fn ggml_dtype(number: u32) -> Option<GgmlDType> {
-    Some(match number {
-        0 => GgmlDType::F32,
-        1 => GgmlDType::F16,
-        2 => GgmlDType::Q4_0,
-        3 => GgmlDType::Q4_1,
-        6 => GgmlDType::Q5_0,
-        7 => GgmlDType::Q5_1,
-        8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
-        10 => GgmlDType::Q2K,
-        11 => GgmlDType::Q3K,
-        12 => GgmlDType::Q4K,
-        13 => GgmlDType::Q5K,
-        14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
-        30 => GgmlDType::BF16,
-        _ => return None,
     })
 }
 
