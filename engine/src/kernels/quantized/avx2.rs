@@ -283,6 +283,28 @@ pub(super) unsafe fn scale_and_round(values: &[f32], inverse: f32, out: &mut [i8
     }
 }
 
+/// The largest magnitude among `values` (0 for none; NaNs are passed over).
+///
+/// # Safety
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn largest_magnitude(values: &[f32]) -> f32 {
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut largest = _mm256_setzero_ps();
+    let mut eights = values.chunks_exact(8);
+    for eight in &mut eights {
+        // SAFETY: eight values.
+        let v = unsafe { _mm256_loadu_ps(eight.as_ptr()) };
+        // `maxps` keeps its second operand where the first is NaN.
+        largest = _mm256_max_ps(_mm256_and_ps(v, magnitude), largest);
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: eight lanes.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), largest) };
+    let rest = eights.remainder().iter().map(|v| v.abs());
+    lanes.into_iter().chain(rest).fold(0f32, f32::max)
+}
+
 #[target_feature(enable = "f16c")]
 pub(super) fn round_through_f16(value: f32) -> f32 {
     let half = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(value));

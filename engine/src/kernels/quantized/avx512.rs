@@ -8,9 +8,8 @@
 //! group, so results depend neither on the batch's other tokens nor on the thread count. Tokens
 //! left over after the groups (and a decode step's one token) go through the one-token dot.
 //!
-//! Q8_0 rows in whole tiles of 16 take a prompt's groups differently: each block of the tile is
-//! transposed so that a register holds four quants of every row, and a token's block costs eight
-//! `vpdpbusd` and three floating-point operations for all 16 rows (see [`q8_0_tile`]).
+//! Rows in whole tiles of 16, Q8_0's and the K-quants', take a prompt's groups differently, one
+//! row to a register lane (see `avx512_tiles`).
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes. 4- and 5-bit quants are unsigned already. A
 //! Q8_0 weight goes in as `w + 128` (its sign bit flipped) and `128 * (the activations' sum)`,
@@ -20,15 +19,13 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::avx2::{block_quants, e2m1_lifted, four_scales, nibbles, scale_bits, small_scales};
+use super::avx512_tiles::{k_tile, q8_0_tile, sixteen_sums, tiles};
 use super::k_quants::{self, Layout, Q2K, Q3K, Q4K, Q5K, Q6K, SUB_BLOCKS};
 use super::small::{self, Kind};
 use super::{Activations, BLOCK, BLOCK_BYTES, Format};
 
 /// Tokens in a group: eight accumulators and a row's operands stay in registers.
 const GROUP: usize = 8;
-
-/// Q8_0 rows a prompt's tile takes together, one to a lane (see [`q8_0_tile`]).
-const TILE: usize = 16;
 
 /// Quantizes 32 values into `out` and returns their scale `max|x| / 127` (in f32: the caller
 /// rounds it through f16); quants round half to even, as llama.cpp's vector code rounds them.
@@ -136,19 +133,14 @@ unsafe fn product_of<S: Kind>(
     debug_assert!(weights.len() >= rows.end * row_bytes);
     let tokens = x.len();
     let grouped = tokens / GROUP * GROUP;
-    // Q8_0 rows in whole tiles of the matrix take the grouped tokens through the tile kernel: a
-    // tile cut by this range is computed whole and only this range's rows stored, so that a
-    // row's bits do not depend on how rows were shared out over the threads.
     let tiled_rows = if S::Q8 && grouped > 0 {
         let total = weights.len() / row_bytes;
-        let tiles = total / TILE * TILE;
-        let mut tile = rows.start / TILE * TILE;
-        while tile < tiles && tile < rows.end {
+        tiles(total, &rows, |first| {
             // SAFETY: the tile's rows are inside `weights`; the caller's for `out`.
             unsafe {
                 q8_0_tile(
                     weights,
-                    tile,
+                    first,
                     row_bytes,
                     x,
                     0..grouped,
@@ -156,10 +148,8 @@ unsafe fn product_of<S: Kind>(
                     out,
                     out_rows,
                 )
-            };
-            tile += TILE;
-        }
-        rows.start.max(tiles.min(rows.end))..rows.end
+            }
+        })
     } else {
         rows.clone()
     };
@@ -202,85 +192,9 @@ unsafe fn product_of<S: Kind>(
     }
 }
 
-/// Q8_0 rows `first..first + 16` (of `row_bytes` bytes each) with the tokens `tokens` of `x`,
-/// stored for the rows in `keep`. Each block's weights are transposed so that one register
-/// holds four quants of each of the 16 rows (sign-flipped, as in [`weight_pair`]): a token's
-/// block then takes eight `vpdpbusd` with its quants broadcast four at a time, and one
-/// conversion, one scale product and one fused add for all 16 rows, where a row at a time
-/// spent those three per row. Per row and token the steps are the same in any tile and group.
-///
-/// # Safety
-/// The CPU has the features of [`product_of`]; the 16 rows are inside `weights`, the tokens
-/// rows of `x` (in Q8_0); `out` has room for every element and nothing else writes `keep`'s.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q8_0_tile(
-    weights: &[u8],
-    first: usize,
-    row_bytes: usize,
-    x: &Activations,
-    tokens: Range<usize>,
-    keep: &Range<usize>,
-    out: *mut f32,
-    out_rows: usize,
-) {
-    let blocks = x.cols / BLOCK;
-    let mut acc = vec![_mm512_setzero_ps(); tokens.len()];
-    // Row r's offset from the tile's first row, for the gathers.
-    let offsets = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-        _mm512_set1_epi32(row_bytes as i32),
-    );
-    let flip = _mm512_set1_epi8(-128);
-    for b in 0..blocks {
-        // SAFETY: block b of the tile's 16 rows is inside `weights`; the tokens' blocks inside
-        // `x`.
-        unsafe {
-            let base = weights.as_ptr().add(first * row_bytes + b * BLOCK_BYTES);
-            let mut w = [_mm512_setzero_si512(); 8];
-            for (k, w) in w.iter_mut().enumerate() {
-                let quads = _mm512_i32gather_epi32::<1>(offsets, base.add(2 + 4 * k) as *const i32);
-                *w = _mm512_xor_si512(quads, flip);
-            }
-            let bits = _mm512_i32gather_epi32::<1>(offsets, base as *const i32);
-            let halves = _mm512_cvtepi32_epi16(_mm512_and_si512(bits, _mm512_set1_epi32(0xffff)));
-            let dw = _mm512_cvtph_ps(halves);
-            for (t, acc) in tokens.clone().zip(acc.iter_mut()) {
-                let quants = x.quants.as_ptr().add(t * x.cols + b * BLOCK);
-                let quads = quants as *const i32;
-                let sum = std::slice::from_raw_parts(quants, BLOCK)
-                    .iter()
-                    .map(|&q| q as i32)
-                    .sum::<i32>();
-                let mut lanes = _mm512_set1_epi32(-128 * sum);
-                for (k, &w) in w.iter().enumerate() {
-                    let a = _mm512_set1_epi32(quads.add(k).read_unaligned());
-                    lanes = _mm512_dpbusd_epi32(lanes, w, a);
-                }
-                let scale =
-                    _mm512_mul_ps(dw, _mm512_set1_ps(*x.scales.get_unchecked(t * blocks + b)));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, *acc);
-            }
-        }
-    }
-    let mut sums = [0f32; TILE];
-    for (t, acc) in tokens.zip(acc) {
-        // SAFETY: `sums` holds 16 floats.
-        unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), acc) };
-        for (r, &sum) in sums.iter().enumerate() {
-            if keep.contains(&(first + r)) {
-                // SAFETY: the caller's.
-                unsafe { *out.add(t * out_rows + first + r) = sum };
-            }
-        }
-    }
-}
-
-/// [`product`] for a K-quant type: groups of tokens through each row, those left over in
-/// smaller groups (each token's steps are the same in a group of any size, so a decode step's
-/// token gets the bits it would get inside a prompt). Tokens are read where `x` holds them: per pair of sub-blocks a
-/// token needs only its 64 quants, and a group's rows of up to a few thousand values stay in
-/// the first-level cache.
+/// [`product`] for a K-quant type: a prompt's groups of eight tokens through whole tiles of 16
+/// rows (see `avx512_tiles`); the other rows, the tokens left over and a decode step's token
+/// through [`rows_with_k`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn product_k<K: Layout>(
     weights: &[u8],
@@ -289,18 +203,72 @@ unsafe fn product_k<K: Layout>(
     out: *mut f32,
     out_rows: usize,
 ) {
-    let supers = x.cols / k_quants::VALUES;
-    let row_bytes = supers * K::BYTES;
+    let row_bytes = x.cols / k_quants::VALUES * K::BYTES;
     debug_assert!(weights.len() >= rows.end * row_bytes);
     let tokens = x.len();
-    let mut t = 0;
-    while t < tokens {
+    let grouped = tokens / GROUP * GROUP;
+    let untiled = if grouped > 0 {
+        let sums = sixteen_sums(x, 0..grouped);
+        tiles(weights.len() / row_bytes, &rows, |first| {
+            // SAFETY: the tile's rows are inside `weights`; the caller's for `out`.
+            unsafe {
+                k_tile::<K>(
+                    weights,
+                    first,
+                    row_bytes,
+                    x,
+                    0..grouped,
+                    &sums,
+                    &rows,
+                    out,
+                    out_rows,
+                )
+            }
+        })
+    } else {
+        rows.clone()
+    };
+    // SAFETY: the caller's.
+    unsafe {
+        rows_with_k::<K>(
+            weights,
+            rows.start..untiled.start,
+            grouped..tokens,
+            x,
+            out,
+            out_rows,
+        );
+        rows_with_k::<K>(weights, untiled, 0..tokens, x, out, out_rows);
+    }
+}
+
+/// The rows `rows` with the tokens `tokens`: groups of tokens through each row, those left over
+/// in smaller groups (each token's steps are the same in a group of any size, so a decode
+/// step's token gets the bits it would get among the few left over from a prompt). Tokens are
+/// read where `x` holds them: per pair of sub-blocks a token needs only its 64 quants, and a
+/// group's rows of up to a few thousand values stay in the first-level cache.
+///
+/// # Safety
+/// As [`product`], with `x` in Q8_K.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows_with_k<K: Layout>(
+    weights: &[u8],
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    x: &Activations,
+    out: *mut f32,
+    out_rows: usize,
+) {
+    let supers = x.cols / k_quants::VALUES;
+    let row_bytes = supers * K::BYTES;
+    let mut t = tokens.start;
+    while t < tokens.end && !rows.is_empty() {
         // Groups of eight, then the few left over in fours, twos and ones rather than alone:
         // an expert's share of a prompt leaves three or four on average. A token's steps are
         // the same in a group of any size.
         let count = [GROUP, 4, 2, 1]
             .into_iter()
-            .find(|&n| t + n <= tokens)
+            .find(|&n| t + n <= tokens.end)
             .expect("one token remains");
         for r in rows.clone() {
             // SAFETY: row r is inside `weights`, tokens t..t + count inside `x`; the caller's

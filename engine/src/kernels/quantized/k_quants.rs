@@ -56,6 +56,34 @@ pub trait Layout {
         unsafe { offset_scales(block) }
     }
 
+    /// Whether [`IntegerScales::offsets`] are a zero point of the quants times their scales
+    /// (Q3_K, Q6_K), to come off the integer sum in `d`'s units; otherwise they are minima (Q2_K,
+    /// Q4_K, Q5_K), in `dmin`'s.
+    const ZERO_POINT: bool = false;
+
+    /// The super-block's scales and offsets per 16 values as the integers stored, with `d` and
+    /// `dmin`: by default Q4_K's and Q5_K's (see [`six_bit_scales`]).
+    ///
+    /// # Safety
+    /// `block` points at a whole super-block; the CPU has F16C.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    unsafe fn integer_scales(block: *const u8) -> IntegerScales {
+        // SAFETY: the caller's.
+        let (scales, mins, d, dmin) = unsafe {
+            let (scales, mins) = six_bit_scales(block);
+            (scales, mins, half(block), half(block.add(2)))
+        };
+        // Each sub-block's scale and minimum cover both of its 16-value halves.
+        IntegerScales {
+            scales: std::array::from_fn(|i| scales[i / 2] as i32),
+            offsets: std::array::from_fn(|i| mins[i / 2] as i16),
+            d,
+            dmin,
+        }
+    }
+
     /// The 32 unsigned quants of sub-block `s` (0-7), in value order.
     ///
     /// # Safety
@@ -110,6 +138,19 @@ fn upper_half_shifted<const SHIFT: u32>(bytes: __m512i) -> __m512i {
 pub struct Scales {
     pub scales: [f32; 16],
     pub offsets: [f32; 16],
+}
+
+/// A super-block's integers per 16 values `16 i..16 i + 16`: a weight is
+/// `d scales[i] q - d offsets[i]` ([`Layout::ZERO_POINT`]) or `d scales[i] q - dmin offsets[i]`
+/// (no `dmin`: 0), so that a dot with Q8_K activations is exact in integers up to those two
+/// products, as llama.cpp computes it.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub struct IntegerScales {
+    pub scales: [i32; 16],
+    pub offsets: [i16; 16],
+    pub d: f32,
+    pub dmin: f32,
 }
 
 /// `d`, `dmin`, 12 bytes of 6-bit scales and offsets, then 4-bit quants: sub-blocks `2k` and
@@ -204,6 +245,27 @@ impl Layout for Q2K {
 
     #[cfg(target_arch = "x86_64")]
     #[inline]
+    #[target_feature(enable = "f16c")]
+    unsafe fn integer_scales(block: *const u8) -> IntegerScales {
+        // SAFETY: the caller's: the 16 scale bytes open the super-block, `d` and `dmin` end it.
+        let (packed, d, dmin) = unsafe {
+            let packed: [u8; 16] = *(block as *const [u8; 16]);
+            (
+                packed,
+                half(block.add(Q2K_D_AT)),
+                half(block.add(Q2K_D_AT + 2)),
+            )
+        };
+        IntegerScales {
+            scales: packed.map(|b| (b & 0x0f) as i32),
+            offsets: packed.map(|b| (b >> 4) as i16),
+            d,
+            dmin,
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
     #[target_feature(enable = "avx2,f16c")]
     unsafe fn quants(block: *const u8, s: usize) -> __m256i {
         // SAFETY: the caller's.
@@ -221,6 +283,23 @@ impl Layout for Q2K {
 
 impl Layout for Q3K {
     const BYTES: usize = Q3K_D_AT + 2;
+    const ZERO_POINT: bool = true;
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    unsafe fn integer_scales(block: *const u8) -> IntegerScales {
+        // SAFETY: the caller's.
+        let (bytes, d) = unsafe { (q3k_scale_bytes(block), half(block.add(Q3K_D_AT))) };
+        // Scales are stored plus 32; the quants' zero point is 4.
+        let scales = bytes.map(|b| b as i32 - 32);
+        IntegerScales {
+            scales,
+            offsets: scales.map(|s| (4 * s) as i16),
+            d,
+            dmin: 0.0,
+        }
+    }
 
     #[cfg(target_arch = "x86_64")]
     #[inline]
@@ -333,6 +412,26 @@ impl Layout for Q5K {
 
 impl Layout for Q6K {
     const BYTES: usize = Q6K_D_AT + 2;
+    const ZERO_POINT: bool = true;
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    unsafe fn integer_scales(block: *const u8) -> IntegerScales {
+        // SAFETY: the caller's: `d` and the 16 signed scales lie inside the super-block.
+        let (bytes, d) = unsafe {
+            let bytes: [u8; 16] = *(block.add(Q6K_SCALES_AT) as *const [u8; 16]);
+            (bytes, half(block.add(Q6K_D_AT)))
+        };
+        // The quants are stored as `q + 32`.
+        let scales = bytes.map(|b| b as i8 as i32);
+        IntegerScales {
+            scales,
+            offsets: scales.map(|s| (32 * s) as i16),
+            d,
+            dmin: 0.0,
+        }
+    }
 
     #[cfg(target_arch = "x86_64")]
     #[inline]
@@ -634,16 +733,32 @@ unsafe fn nibbles(at: *const u8, high: usize) -> (uint8x16_t, uint8x16_t) {
 #[cfg(target_arch = "aarch64")]
 unsafe fn offset_scales(block: *const u8) -> Scales {
     // SAFETY: the caller's: `d`, `dmin` and the 12 packed bytes open the super-block.
-    let (d, dmin, packed) = unsafe {
-        let packed: [u8; 12] = *(block.add(Q4K_SCALES_AT) as *const [u8; 12]);
-        (half(block), half(block.add(2)), packed)
-    };
+    let ((scales, mins), d, dmin) =
+        unsafe { (six_bit_scales(block), half(block), half(block.add(2))) };
     let mut out = Scales {
         scales: [0.0; 16],
         offsets: [0.0; 16],
     };
     for j in 0..8 {
-        let (scale, offset) = if j < 4 {
+        // Each sub-block's scale and offset cover both of its 16-value halves.
+        out.scales[2 * j..2 * j + 2].fill(scales[j] as f32 * d);
+        out.offsets[2 * j..2 * j + 2].fill(mins[j] as f32 * -dmin);
+    }
+    out
+}
+
+/// Q4_K's and Q5_K's eight 6-bit scales and eight 6-bit minima, one per sub-block, from their 12
+/// packed bytes (see the x86-64 `offset_scales`).
+///
+/// # Safety
+/// `block` points at a whole Q4_K or Q5_K super-block.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+unsafe fn six_bit_scales(block: *const u8) -> ([u8; 8], [u8; 8]) {
+    // SAFETY: the caller's: the 12 packed bytes follow `d` and `dmin`.
+    let packed: [u8; 12] = unsafe { *(block.add(Q4K_SCALES_AT) as *const [u8; 12]) };
+    let (mut scales, mut mins) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        (scales[j], mins[j]) = if j < 4 {
             (packed[j] & 63, packed[j + 4] & 63)
         } else {
             (
@@ -651,9 +766,6 @@ unsafe fn offset_scales(block: *const u8) -> Scales {
                 packed[j + 4] >> 4 | (packed[j] >> 6) << 4,
             )
         };
-        // Each sub-block's scale and offset cover both of its 16-value halves.
-        out.scales[2 * j..2 * j + 2].fill(scale as f32 * d);
-        out.offsets[2 * j..2 * j + 2].fill(offset as f32 * -dmin);
     }
-    out
+    (scales, mins)
 }

@@ -388,6 +388,9 @@ pub fn glu_with(experts: &[(GluWeights, &Activations)], combine: Combine) -> Res
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(dead_code)
 )]
+/// Rows a thread quantizes at a time when [`Activations::of`] shares a prompt out.
+const ROWS_PER_SHARE: usize = 32;
+
 pub struct Activations {
     quants: Vec<i8>,
     /// Per block of 32.
@@ -402,13 +405,42 @@ pub struct Activations {
 }
 
 impl Activations {
-    /// The rows of `x` `[.., cols]` (f32), quantized for weights in `meets`.
+    /// The rows of `x` `[.., cols]` (f32), quantized for weights in `meets`: a prompt's rows in
+    /// shares over the thread pool, since quantizing them costs as much as a small product.
     pub fn of(x: &Tensor, meets: &[Format]) -> Result<Self> {
         let cols = *x
             .dims()
             .last()
             .expect("a matrix input has a last dimension");
-        Ok(Self::quantize(&x.flatten_all()?.to_vec1()?, cols, meets))
+        let values: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let rows = values.len() / cols.max(1);
+        if rows < 2 * ROWS_PER_SHARE {
+            return Ok(Self::quantize(&values, cols, meets));
+        }
+        let shares = super::on_pool(rows.div_ceil(ROWS_PER_SHARE), |i| {
+            let share = i * ROWS_PER_SHARE..((i + 1) * ROWS_PER_SHARE).min(rows);
+            Self::quantize(&values[share.start * cols..share.end * cols], cols, meets)
+        });
+        Ok(Self::joined(shares))
+    }
+
+    /// The rows of `parts`, one part after another (each quantized for the same weights).
+    fn joined(parts: Vec<Self>) -> Self {
+        let mut parts = parts.into_iter();
+        let mut all = parts.next().expect("at least one part");
+        for part in parts {
+            all.quants.extend(part.quants);
+            all.scales.extend(part.scales);
+            all.sums.extend(part.sums);
+            all.rows += part.rows;
+            if let (Some(all), Some(part)) = (all.super_blocks.as_mut(), part.super_blocks) {
+                all.quants.extend(part.quants);
+                all.scales.extend(part.scales);
+                all.sums.extend(part.sums);
+                all.rows += part.rows;
+            }
+        }
+        all
     }
 
     /// [`Activations::quantize`] of each `(x, cols, meets)`, the inputs shared out over the
@@ -588,9 +620,17 @@ fn round_through_f16(value: f32) -> f32 {
 /// Quantizes one super-block of 256 values into `out` and returns its scale (see
 /// [`Activations::quantize_super_blocks`]).
 fn super_block_quants(block: &[f32], out: &mut [i8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: every x86-64 instruction set the kernels take has AVX2.
+    let largest = unsafe { avx2::largest_magnitude(block) };
+    #[cfg(not(target_arch = "x86_64"))]
+    let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    // The first value of that magnitude, the one llama.cpp's scan keeps.
     let max = block
         .iter()
-        .fold(0f32, |max, &v| if v.abs() > max.abs() { v } else { max });
+        .copied()
+        .find(|v| v.abs() == largest)
+        .unwrap_or(0.0);
     if max == 0.0 {
         return 0.0;
     }
@@ -862,6 +902,9 @@ use k_quants::{Q2K, Q3K, Q4K, Q5K, Q6K};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512_tiles;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -1303,7 +1346,9 @@ mod tests {
     /// The K-quant kernels of every instruction set give the exact sum of the dequantized
     /// weights (as candle dequantizes them) times the dequantized activations, up to f32
     /// rounding: blocks of random bytes (every quant, scale and offset at both ends of its range
-    /// somewhere), zero scales, and one to three super-blocks.
+    /// somewhere), zero scales, and one to three super-blocks. On AVX-512, 17 rows and 9 tokens
+    /// also take a tile of 16 rows with a group of eight tokens, and the row and token after
+    /// them the row-at-a-time path.
     #[test]
     fn k_quants_agree_with_exact_sums_on_every_instruction_set() {
         use candle_core::quantized::ggml_file::qtensor_from_ggml;
@@ -1311,6 +1356,8 @@ mod tests {
             eprintln!("skipped: this CPU lacks the kernels' instructions");
             return;
         };
+        const ROWS: usize = 17;
+        const TOKENS: usize = 9;
         let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         for dtype in [
             GgmlDType::Q2K,
@@ -1322,12 +1369,10 @@ mod tests {
             let format = Format::of(dtype).unwrap();
             for supers in [1, 2, 3] {
                 let cols = supers * k_quants::VALUES;
-                let mut weights: Vec<u8> = (0..supers * format.block_bytes())
-                    .map(|_| next() as u8)
-                    .collect();
-                for s in 0..supers {
-                    let block = &mut weights[s * format.block_bytes()..][..format.block_bytes()];
-                    let d = if s == 1 {
+                let row_bytes = supers * format.block_bytes();
+                let mut weights: Vec<u8> = (0..ROWS * row_bytes).map(|_| next() as u8).collect();
+                for (i, block) in weights.chunks_exact_mut(format.block_bytes()).enumerate() {
+                    let d = if i % supers == 1 {
                         0.0
                     } else {
                         0.001 + (next() % 100) as f32 / 10_000.0
@@ -1343,40 +1388,61 @@ mod tests {
                         block[at..at + 2].copy_from_slice(&f16_bits(dmin).to_le_bytes());
                     }
                 }
-                let x: Vec<f32> = (0..cols)
+                let x: Vec<f32> = (0..TOKENS * cols)
                     .map(|_| (next() % 2001) as f32 / 250.0 - 4.0)
                     .collect();
                 let activations = Activations::quantize(&x, cols, &[format]);
                 let activations = activations.for_format(format);
-                let w = qtensor_from_ggml(dtype, &weights, vec![1, cols], &Device::Cpu).unwrap();
+                let w = qtensor_from_ggml(dtype, &weights, vec![ROWS, cols], &Device::Cpu).unwrap();
                 let w = values(&w.dequantize(&Device::Cpu).unwrap());
-                let exact: f64 = (0..cols)
-                    .map(|i| {
-                        let a = activations.quants[i] as f64 * activations.scales[i / BLOCK] as f64;
-                        w[i] as f64 * a
+                let a = |t: usize, i: usize| {
+                    let at = t * cols + i;
+                    activations.quants[at] as f64 * activations.scales[at / BLOCK] as f64
+                };
+                // Each element's exact value and the size of its terms, the rounding's scale.
+                let exact = |t: usize, r: usize| -> (f64, f64) {
+                    (0..cols).fold((0.0, 0.0), |(sum, size), i| {
+                        let term = w[r * cols + i] as f64 * a(t, i);
+                        (sum + term, size + term.abs())
                     })
-                    .sum();
-                let (quants, scales, sums) =
-                    (&activations.quants, &activations.scales, &activations.sums);
-                let magnitude: f64 = (0..cols)
-                    .map(|i| (w[i] as f64 * activations.quants[i] as f64).abs())
-                    .sum();
-                let tolerance = 1e-5 * magnitude.max(1.0);
-                // SAFETY: `isa` found the instructions; the slices hold `supers` super-blocks.
-                let ours = unsafe { dot(format, &weights, quants, scales, sums) };
+                };
                 let case = format!("{dtype:?}, {supers} super-blocks");
-                assert!(
-                    (ours as f64 - exact).abs() < tolerance,
-                    "{isa} {case}: {ours} {exact}"
+                let check = |path: &str, t: usize, r: usize, ours: f32| {
+                    let (exact, size) = exact(t, r);
+                    let tolerance = 1e-6 * size.max(1.0);
+                    assert!(
+                        (ours as f64 - exact).abs() < tolerance,
+                        "{path} {case}, token {t} row {r}: {ours} {exact}"
+                    );
+                };
+                let (quants, scales, sums) = (
+                    &activations.quants[..cols],
+                    &activations.scales[..cols / BLOCK],
+                    &activations.sums[..cols / 16],
                 );
+                // SAFETY: `isa` found the instructions; the slices hold the first row's and
+                // token's `supers` super-blocks.
+                let ours = unsafe { dot(format, &weights[..row_bytes], quants, scales, sums) };
+                check(&isa.to_string(), 0, 0, ours);
                 #[cfg(target_arch = "x86_64")]
                 if isa == Isa::Avx512Vnni {
-                    // SAFETY: as above, and `isa` found AVX-512 VNNI.
-                    let avx512 = unsafe { avx512::element(format, &weights, activations, 0) };
-                    assert!(
-                        (avx512 as f64 - exact).abs() < tolerance,
-                        "AVX-512 {case}: {avx512} {exact}"
-                    );
+                    let mut out = vec![0f32; TOKENS * ROWS];
+                    // SAFETY: as above, and `isa` found AVX-512 VNNI; `out` holds every element.
+                    unsafe {
+                        avx512::product(
+                            format,
+                            &weights,
+                            0..ROWS,
+                            activations,
+                            out.as_mut_ptr(),
+                            ROWS,
+                        )
+                    };
+                    for t in 0..TOKENS {
+                        for r in 0..ROWS {
+                            check("AVX-512", t, r, out[t * ROWS + r]);
+                        }
+                    }
                 }
             }
         }
@@ -1420,6 +1486,32 @@ mod tests {
         assert!(zeros.quants.iter().all(|&q| q == 0));
     }
 
+    /// A prompt quantized in shares over the thread pool is the prompt quantized in one piece,
+    /// in both forms.
+    #[test]
+    fn a_prompt_quantized_in_shares_equals_one_piece() {
+        if !available() {
+            return;
+        }
+        let tokens = 3 * ROWS_PER_SHARE + 5;
+        let (_, x) = f32_case(1, 512, tokens, 0);
+        let meets = [Format::Q8_0, Format::Q4K];
+        let shared = Activations::of(&x, &meets).unwrap();
+        let whole = Activations::quantize(&values(&x), 512, &meets);
+        for (shared, whole) in [
+            (&shared, &whole),
+            (
+                shared.for_format(Format::Q4K),
+                whole.for_format(Format::Q4K),
+            ),
+        ] {
+            assert_eq!(shared.rows, tokens);
+            assert_eq!(shared.quants, whole.quants);
+            assert_eq!(shared.scales, whole.scales);
+            assert_eq!(shared.sums, whole.sums);
+        }
+    }
+
     /// Rows of whole super-blocks are also quantized to Q8_K, bit for bit as candle's Q8_K
     /// (llama.cpp's reference quantizer, which the K fixtures' goldens matched exactly): the
     /// value of largest magnitude becomes -127, the f32 scale is `max / -127`.
@@ -1430,9 +1522,12 @@ mod tests {
         }
         let (_, x) = f32_case(1, 512, 3, 0);
         let mut rows = values(&x);
-        // An all-zero super-block, and one whose largest value is positive.
+        // An all-zero super-block, one whose largest value is positive, and one whose largest
+        // magnitude comes negative first, then positive (the first is kept).
         rows[512..768].fill(0.0);
         rows[1024 + 7] = 9.0;
+        rows[1280 + 3] = -9.5;
+        rows[1280 + 200] = 9.5;
         let ours = Activations::quantize(&rows, 512, &[Format::Q8_0, Format::Q4K]);
         let ours = ours.for_format(Format::Q4K);
         let x = Tensor::from_vec(rows.clone(), (3, 512), &Device::Cpu).unwrap();
@@ -1457,6 +1552,7 @@ mod tests {
             }
         }
         assert_eq!(ours.quants[1024 + 7], -127);
+        assert_eq!(ours.quants[1280 + 3], -127);
         // Rows meeting only 32-value types have no super-block form.
         assert!(
             Activations::quantize(&rows, 512, &[Format::Q8_0])

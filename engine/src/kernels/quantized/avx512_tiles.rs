@@ -1,0 +1,297 @@
+//! AVX-512 prompt products over tiles of 16 weight rows, one row to a register lane.
+//!
+//! A row at a time, every `vpdpbusd` of a block's four-value lanes is followed by a conversion
+//! and a fused add that bring in the block's scale. With the tile's weights transposed so that
+//! a register holds four quants of each of its 16 rows, a token's four quants are broadcast to
+//! all of them, and the instructions that bring in scales are shared by the 16 rows.
+//!
+//! Tiles take the prompt's groups of eight tokens; a decode step's token and those left over
+//! take the row-at-a-time path. Per row and token the steps are the same in any tile and any
+//! group, so an element does not depend on the other tokens of the batch or on the threads.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::k_quants::{self, Layout, SUB_BLOCKS};
+use super::{Activations, BLOCK, BLOCK_BYTES};
+
+/// Rows in a tile, one to each lane of a register of 32-bit lanes.
+pub(super) const TILE: usize = 16;
+
+/// Calls `each(first)` for the whole tiles of 16 rows (of a matrix of `total`) that meet
+/// `rows`, and returns the rows of `rows` after them, left to the row-at-a-time path. A tile
+/// cut by `rows` is computed whole and only `rows`' rows stored, so that a row's bits do not
+/// depend on how rows were shared out over the threads.
+pub(super) fn tiles(
+    total: usize,
+    rows: &Range<usize>,
+    mut each: impl FnMut(usize),
+) -> Range<usize> {
+    let tiles = total / TILE * TILE;
+    let mut tile = rows.start / TILE * TILE;
+    while tile < tiles && tile < rows.end {
+        each(tile);
+        tile += TILE;
+    }
+    rows.start.max(tiles.min(rows.end))..rows.end
+}
+
+/// Q8_0 rows `first..first + 16` (of `row_bytes` bytes each) with the tokens `tokens` of `x`,
+/// stored for the rows in `keep`. Each block's weights are transposed so that one register
+/// holds four quants of each of the 16 rows (sign-flipped: a weight goes in as `w + 128`, and
+/// `128 *` the activations' sum starts the accumulator negated): a token's block takes eight
+/// `vpdpbusd` with its quants broadcast four at a time, and one conversion, one scale product
+/// and one fused add for all 16 rows.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C; the 16 rows are inside `weights`, the
+/// tokens rows of `x` (in Q8_0); `out` has room for every element and nothing else writes
+/// `keep`'s.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn q8_0_tile(
+    weights: &[u8],
+    first: usize,
+    row_bytes: usize,
+    x: &Activations,
+    tokens: Range<usize>,
+    keep: &Range<usize>,
+    out: *mut f32,
+    out_rows: usize,
+) {
+    let blocks = x.cols / BLOCK;
+    let mut acc = vec![_mm512_setzero_ps(); tokens.len()];
+    // Row r's offset from the tile's first row, for the gathers.
+    let offsets = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(row_bytes as i32),
+    );
+    let flip = _mm512_set1_epi8(-128);
+    for b in 0..blocks {
+        // SAFETY: block b of the tile's 16 rows is inside `weights`; the tokens' blocks inside
+        // `x`.
+        unsafe {
+            let base = weights.as_ptr().add(first * row_bytes + b * BLOCK_BYTES);
+            let mut w = [_mm512_setzero_si512(); 8];
+            for (k, w) in w.iter_mut().enumerate() {
+                let quads = _mm512_i32gather_epi32::<1>(offsets, base.add(2 + 4 * k) as *const i32);
+                *w = _mm512_xor_si512(quads, flip);
+            }
+            let bits = _mm512_i32gather_epi32::<1>(offsets, base as *const i32);
+            let halves = _mm512_cvtepi32_epi16(_mm512_and_si512(bits, _mm512_set1_epi32(0xffff)));
+            let dw = _mm512_cvtph_ps(halves);
+            for (t, acc) in tokens.clone().zip(acc.iter_mut()) {
+                let quants = x.quants.as_ptr().add(t * x.cols + b * BLOCK);
+                let quads = quants as *const i32;
+                let sum = std::slice::from_raw_parts(quants, BLOCK)
+                    .iter()
+                    .map(|&q| q as i32)
+                    .sum::<i32>();
+                let mut lanes = _mm512_set1_epi32(-128 * sum);
+                for (k, &w) in w.iter().enumerate() {
+                    let a = _mm512_set1_epi32(quads.add(k).read_unaligned());
+                    lanes = _mm512_dpbusd_epi32(lanes, w, a);
+                }
+                let scale =
+                    _mm512_mul_ps(dw, _mm512_set1_ps(*x.scales.get_unchecked(t * blocks + b)));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, *acc);
+            }
+        }
+    }
+    // SAFETY: the caller's.
+    unsafe { store(&acc, tokens, first, keep, out, out_rows) };
+}
+
+/// Each 16-value group's integer sum of the Q8_K quants of `tokens`, two groups to a 32-bit
+/// word (the first in its low half), for [`k_tile`]: a token's words for its row of `cols`
+/// values follow the previous token's.
+pub(super) fn sixteen_sums(x: &Activations, tokens: Range<usize>) -> Vec<u32> {
+    let quants = &x.quants[tokens.start * x.cols..tokens.end * x.cols];
+    quants
+        .chunks_exact(BLOCK)
+        .map(|block| {
+            let sum = |half: &[i8]| half.iter().map(|&q| q as i16).sum::<i16>() as u16;
+            sum(&block[..16]) as u32 | (sum(&block[16..]) as u32) << 16
+        })
+        .collect()
+}
+
+/// K-quant rows `first..first + 16` (of `row_bytes` bytes each) with the tokens `tokens` of `x`
+/// (in Q8_K; `sums` their [`sixteen_sums`]), stored for the rows in `keep`.
+///
+/// Per super-block the sum is llama.cpp's, exact in integers: each 16-value group's four
+/// `vpdpbusd` of unsigned quants by the token's quants, times the group's integer scale, added
+/// over the 16 groups; the offsets (zero points or minima) times the token's group sums go in
+/// by `vpdpwssd`. Then one conversion and one or two fused adds bring in `d` (and `dmin`) times
+/// the token's scale, for all 16 rows.
+///
+/// # Safety
+/// As [`q8_0_tile`], with `x` in Q8_K and `sums` its sums for `tokens`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn k_tile<K: Layout>(
+    weights: &[u8],
+    first: usize,
+    row_bytes: usize,
+    x: &Activations,
+    tokens: Range<usize>,
+    sums: &[u32],
+    keep: &Range<usize>,
+    out: *mut f32,
+    out_rows: usize,
+) {
+    let supers = x.cols / k_quants::VALUES;
+    let blocks = x.cols / BLOCK;
+    debug_assert!(sums.len() >= tokens.len() * blocks);
+    let mut acc = vec![_mm512_setzero_ps(); tokens.len()];
+    // Per super-block: quads[4 g + k] holds quants 16 g + 4 k..16 g + 4 k + 4 of each row;
+    // scales[g] and the 16-bit pairs offsets[g / 2] each row's integers for group g.
+    let mut quads = [_mm512_setzero_si512(); 64];
+    let mut scales = [[0i32; TILE]; 16];
+    let mut offsets = [[0u32; TILE]; 8];
+    let (mut d, mut dmin) = ([0f32; TILE], [0f32; TILE]);
+    for s in 0..supers {
+        // SAFETY: super-block s of the tile's 16 rows is inside `weights`; the tokens' values
+        // and sums inside `x` and `sums`.
+        unsafe {
+            let block = |r: usize| weights.as_ptr().add((first + r) * row_bytes + s * K::BYTES);
+            for p in 0..SUB_BLOCKS / 2 {
+                let rows = std::array::from_fn(|r| K::pair_quants(block(r), p));
+                quads[16 * p..16 * p + 16].copy_from_slice(&transpose(rows));
+            }
+            for r in 0..TILE {
+                let row = K::integer_scales(block(r));
+                for (group, &scale) in scales.iter_mut().zip(&row.scales) {
+                    group[r] = scale;
+                }
+                for (j, pair) in row.offsets.chunks_exact(2).enumerate() {
+                    offsets[j][r] = pair[0] as u16 as u32 | (pair[1] as u16 as u32) << 16;
+                }
+                (d[r], dmin[r]) = (row.d, row.dmin);
+            }
+            let scales = scales.map(|g| _mm512_loadu_si512(g.as_ptr() as *const __m512i));
+            let offsets = offsets.map(|j| _mm512_loadu_si512(j.as_ptr() as *const __m512i));
+            let (d, dmin) = (_mm512_loadu_ps(d.as_ptr()), _mm512_loadu_ps(dmin.as_ptr()));
+            for (i, (t, acc)) in tokens.clone().zip(acc.iter_mut()).enumerate() {
+                let a = x.quants.as_ptr().add(t * x.cols + s * k_quants::VALUES) as *const i32;
+                let mut sum = _mm512_setzero_si512();
+                for (g, (&scale, quads)) in scales.iter().zip(quads.chunks_exact(4)).enumerate() {
+                    let mut dots = _mm512_setzero_si512();
+                    for (k, &quad) in quads.iter().enumerate() {
+                        let four = _mm512_set1_epi32(a.add(4 * g + k).read_unaligned());
+                        dots = _mm512_dpbusd_epi32(dots, quad, four);
+                    }
+                    sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(dots, scale));
+                }
+                let pairs = sums.as_ptr().add(i * blocks + s * SUB_BLOCKS);
+                let mut offset = _mm512_setzero_si512();
+                for (j, &pair) in offsets.iter().enumerate() {
+                    let two = _mm512_set1_epi32(*pairs.add(j) as i32);
+                    offset = _mm512_dpwssd_epi32(offset, pair, two);
+                }
+                let scale = _mm512_set1_ps(*x.scales.get_unchecked(t * blocks + s * SUB_BLOCKS));
+                if K::ZERO_POINT {
+                    let exact = _mm512_sub_epi32(sum, offset);
+                    *acc =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_mul_ps(d, scale), *acc);
+                } else {
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, scale), *acc);
+                    let by = _mm512_mul_ps(dmin, scale);
+                    *acc = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(offset), by, *acc);
+                }
+            }
+        }
+    }
+    // SAFETY: the caller's.
+    unsafe { store(&acc, tokens, first, keep, out, out_rows) };
+}
+
+/// Each token's register of the tile's 16 rows into `out[t * out_rows + r]`, for the rows `r`
+/// in `keep`.
+///
+/// # Safety
+/// `out` has room for those elements and nothing else writes them meanwhile.
+#[target_feature(enable = "avx512f")]
+unsafe fn store(
+    acc: &[__m512],
+    tokens: Range<usize>,
+    first: usize,
+    keep: &Range<usize>,
+    out: *mut f32,
+    out_rows: usize,
+) {
+    let mut sums = [0f32; TILE];
+    for (t, &acc) in tokens.zip(acc) {
+        // SAFETY: `sums` holds 16 floats.
+        unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), acc) };
+        for (r, &sum) in sums.iter().enumerate() {
+            if keep.contains(&(first + r)) {
+                // SAFETY: the caller's.
+                unsafe { *out.add(t * out_rows + first + r) = sum };
+            }
+        }
+    }
+}
+
+/// The 16x16 matrix of 32-bit lanes transposed: lane `r` of output `i` is lane `i` of input
+/// `r`. Pairs interleave their 32-bit then 64-bit lanes, so that each 128-bit lane holds one
+/// column of four inputs; two rounds of 128-bit shuffles then gather the four quarters.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose(rows: [__m512i; 16]) -> [__m512i; 16] {
+    let mut pairs = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        pairs[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+        pairs[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+    }
+    // columns[4 q + c]: lanes 4 L + c of inputs 4 q..4 q + 4, in 128-bit lane L.
+    let mut columns = [_mm512_setzero_si512(); 16];
+    for q in 0..4 {
+        let (low, high) = (pairs[4 * q], pairs[4 * q + 1]);
+        let (low2, high2) = (pairs[4 * q + 2], pairs[4 * q + 3]);
+        columns[4 * q] = _mm512_unpacklo_epi64(low, low2);
+        columns[4 * q + 1] = _mm512_unpackhi_epi64(low, low2);
+        columns[4 * q + 2] = _mm512_unpacklo_epi64(high, high2);
+        columns[4 * q + 3] = _mm512_unpackhi_epi64(high, high2);
+    }
+    let mut out = [_mm512_setzero_si512(); 16];
+    for c in 0..4 {
+        // Quarters 0 and 2, then 1 and 3, of inputs 0-7 and of inputs 8-15.
+        let even = _mm512_shuffle_i32x4::<0x88>(columns[c], columns[4 + c]);
+        let odd = _mm512_shuffle_i32x4::<0xdd>(columns[c], columns[4 + c]);
+        let even2 = _mm512_shuffle_i32x4::<0x88>(columns[8 + c], columns[12 + c]);
+        let odd2 = _mm512_shuffle_i32x4::<0xdd>(columns[8 + c], columns[12 + c]);
+        out[c] = _mm512_shuffle_i32x4::<0x88>(even, even2);
+        out[8 + c] = _mm512_shuffle_i32x4::<0xdd>(even, even2);
+        out[4 + c] = _mm512_shuffle_i32x4::<0x88>(odd, odd2);
+        out[12 + c] = _mm512_shuffle_i32x4::<0xdd>(odd, odd2);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposes_sixteen_by_sixteen() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let rows: [[u32; 16]; 16] =
+            std::array::from_fn(|r| std::array::from_fn(|i| (r * 16 + i) as u32));
+        // SAFETY: AVX-512 F was found; each array holds 16 lanes.
+        let out =
+            unsafe { transpose(rows.map(|r| _mm512_loadu_si512(r.as_ptr() as *const __m512i))) };
+        for (i, column) in out.into_iter().enumerate() {
+            let mut lanes = [0u32; 16];
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_si512(lanes.as_mut_ptr() as *mut __m512i, column) };
+            assert_eq!(
+                lanes,
+                std::array::from_fn(|r| (r * 16 + i) as u32),
+                "column {i}"
+            );
+        }
+    }
+}
