@@ -402,9 +402,7 @@ impl Partial {
             let (kept, late_kept) = (exp(max - new_max), exp(late_max - new_max));
             self.maxima[row] = new_max;
             self.sums[row] = self.sums[row] * kept + later.sums[row] * late_kept;
-            for (o, &late) in output.iter_mut().zip(late_output) {
-                *o = late.mul_add(late_kept, *o * kept);
-            }
+            rescale_add(output, late_output, kept, late_kept);
         }
     }
 
@@ -457,6 +455,29 @@ fn attend_chunk(
     attend_chunk_with(inputs, g, rows, chunk, partial, transpose_keys, |rows| {
         rows.iter_mut().for_each(update_row)
     })
+}
+
+/// `output * kept + late * late_kept` into `output`, the second product fused into the sum:
+/// with the FMA instruction where the CPU has it, since without it each `mul_add` is a call to
+/// the library's exact (and slow) fused multiply-add, of the same result.
+fn rescale_add(output: &mut [f32], late: &[f32], kept: f32, late_kept: f32) {
+    #[inline(always)]
+    fn each(output: &mut [f32], late: &[f32], kept: f32, late_kept: f32) {
+        for (o, &late) in output.iter_mut().zip(late) {
+            *o = late.mul_add(late_kept, *o * kept);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("fma") {
+        #[target_feature(enable = "fma")]
+        fn with_fma(output: &mut [f32], late: &[f32], kept: f32, late_kept: f32) {
+            each(output, late, kept, late_kept)
+        }
+        // SAFETY: the CPU has FMA.
+        unsafe { with_fma(output, late, kept, late_kept) };
+        return;
+    }
+    each(output, late, kept, late_kept)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -87,11 +87,16 @@ pub(super) unsafe fn q8_0_tile(
                     .iter()
                     .map(|&q| q as i32)
                     .sum::<i32>();
-                let mut lanes = _mm512_set1_epi32(-128 * sum);
-                for (k, &w) in w.iter().enumerate() {
-                    let a = _mm512_set1_epi32(quads.add(k).read_unaligned());
-                    lanes = _mm512_dpbusd_epi32(lanes, w, a);
-                }
+                // Integer sums are exact in any order: two chains, so that the second does
+                // not wait on the first.
+                let lanes: [__m512i; 2] = std::array::from_fn(|chain| {
+                    let start = _mm512_set1_epi32(if chain == 0 { -128 * sum } else { 0 });
+                    (4 * chain..4 * chain + 4).fold(start, |lanes, k| {
+                        let a = _mm512_set1_epi32(quads.add(k).read_unaligned());
+                        _mm512_dpbusd_epi32(lanes, w[k], a)
+                    })
+                });
+                let lanes = _mm512_add_epi32(lanes[0], lanes[1]);
                 let scale =
                     _mm512_mul_ps(dw, _mm512_set1_ps(*x.scales.get_unchecked(t * blocks + b)));
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, *acc);
@@ -174,15 +179,27 @@ pub(super) unsafe fn k_tile<K: Layout>(
             let (d, dmin) = (_mm512_loadu_ps(d.as_ptr()), _mm512_loadu_ps(dmin.as_ptr()));
             for (i, (t, acc)) in tokens.clone().zip(acc.iter_mut()).enumerate() {
                 let a = x.quants.as_ptr().add(t * x.cols + s * k_quants::VALUES) as *const i32;
-                let mut sum = _mm512_setzero_si512();
-                for (g, (&scale, quads)) in scales.iter().zip(quads.chunks_exact(4)).enumerate() {
-                    let mut dots = _mm512_setzero_si512();
-                    for (k, &quad) in quads.iter().enumerate() {
-                        let four = _mm512_set1_epi32(a.add(4 * g + k).read_unaligned());
-                        dots = _mm512_dpbusd_epi32(dots, quad, four);
+                // Integer sums are exact in any order: two groups at a time, each in two
+                // chains of two, so that the additions do not wait on each other.
+                let mut sum = [_mm512_setzero_si512(); 2];
+                for (g, (scale, quads)) in scales
+                    .chunks_exact(2)
+                    .zip(quads.chunks_exact(8))
+                    .enumerate()
+                {
+                    let dots: [__m512i; 4] = std::array::from_fn(|chain| {
+                        let k = 2 * chain;
+                        let first = _mm512_set1_epi32(a.add(8 * g + k).read_unaligned());
+                        let second = _mm512_set1_epi32(a.add(8 * g + k + 1).read_unaligned());
+                        let dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), quads[k], first);
+                        _mm512_dpbusd_epi32(dots, quads[k + 1], second)
+                    });
+                    for (half, sum) in sum.iter_mut().enumerate() {
+                        let dots = _mm512_add_epi32(dots[2 * half], dots[2 * half + 1]);
+                        *sum = _mm512_add_epi32(*sum, _mm512_mullo_epi32(dots, scale[half]));
                     }
-                    sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(dots, scale));
                 }
+                let sum = _mm512_add_epi32(sum[0], sum[1]);
                 let pairs = sums.as_ptr().add(i * blocks + s * SUB_BLOCKS);
                 let mut offset = _mm512_setzero_si512();
                 for (j, &pair) in offsets.iter().enumerate() {
@@ -210,7 +227,8 @@ pub(super) unsafe fn k_tile<K: Layout>(
 /// in `keep`.
 ///
 /// # Safety
-/// `out` has room for those elements and nothing else writes them meanwhile.
+/// The tile's rows are rows of `out`, which has room for the tokens; nothing else writes
+/// `keep`'s elements meanwhile.
 #[target_feature(enable = "avx512f")]
 unsafe fn store(
     acc: &[__m512],
@@ -220,16 +238,12 @@ unsafe fn store(
     out: *mut f32,
     out_rows: usize,
 ) {
-    let mut sums = [0f32; TILE];
+    let kept = (0..TILE)
+        .filter(|r| keep.contains(&(first + r)))
+        .fold(0u16, |mask, r| mask | 1 << r);
     for (t, &acc) in tokens.zip(acc) {
-        // SAFETY: `sums` holds 16 floats.
-        unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), acc) };
-        for (r, &sum) in sums.iter().enumerate() {
-            if keep.contains(&(first + r)) {
-                // SAFETY: the caller's.
-                unsafe { *out.add(t * out_rows + first + r) = sum };
-            }
-        }
+        // SAFETY: the caller's.
+        unsafe { _mm512_mask_storeu_ps(out.add(t * out_rows + first), kept, acc) };
     }
 }
 
