@@ -504,6 +504,49 @@ fn response_json(base: &str, request: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
+/// A stop sequence met in a reply ends it there: Anthropic's API names it as the reason, with
+/// the text before it, and OpenAI's ends at the same place.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_sequence_ends_the_reply_where_it_is_met_and_is_named() {
+    let model = fixture_with_qwen3_template();
+    let daemon = HttpDaemon::start(model.path(), "").await;
+    let ask = |path: &str, extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "Say something"}],
+                              "max_tokens": 24, "temperature": 0});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        response_json(&daemon.base, &post(path, Some(&daemon.key), &body))
+    };
+    let whole = ask("/v1/messages", json!({}));
+    assert_eq!(whole["stop_reason"], "max_tokens", "{whole}");
+    let text = whole["content"][0]["text"].as_str().unwrap().to_string();
+    // Three characters from the second half; the reply ends where they are first met.
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 8, "{text:?}");
+    let stop: String = chars[chars.len() / 2..][..3].iter().collect();
+    let before = &text[..text.find(&stop).unwrap()];
+
+    let stopped = ask("/v1/messages", json!({"stop_sequences": [stop]}));
+    assert_eq!(stopped["stop_reason"], "stop_sequence", "{stopped}");
+    assert_eq!(stopped["stop_sequence"], json!(stop), "{stopped}");
+    let shown = stopped["content"]
+        .as_array()
+        .unwrap()
+        .first()
+        .map_or("", |block| block["text"].as_str().unwrap());
+    assert_eq!(shown, before, "{stopped}");
+
+    let openai = ask("/v1/chat/completions", json!({"stop": [stop]}));
+    let choice = &openai["choices"][0];
+    assert_eq!(choice["finish_reason"], "stop", "{openai}");
+    assert_eq!(
+        choice["message"]["content"].as_str().unwrap_or(""),
+        before,
+        "{openai}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn chat_template_variables_reach_the_template() {
     // Qwen3's template closes an empty <think> in the prompt when enable_thinking is false.

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use odmoe_engine::generate::{GenerateRequest, SamplingParams, Session};
+use odmoe_engine::generate::{GenerateRequest, ReplyForm, SamplingParams, Session};
 use odmoe_engine::tokenizer::ChatMessage;
 
 #[derive(Args)]
@@ -98,7 +98,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         },
         stop: args.stop.clone(),
         stop_token_ids: Vec::new(),
-        answer_only: args.chat,
+        reply: if args.chat {
+            ReplyForm::ChatAnswer
+        } else {
+            ReplyForm::Completion
+        },
         ignore_eos: args.ignore_eos,
     };
     let mut session = Session::new(model);

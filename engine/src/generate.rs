@@ -165,10 +165,25 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past end-of-sequence tokens (for reference comparisons).
     pub ignore_eos: bool,
-    /// The prompt is a chat asking for the assistant's reply: when the chat template marks the
-    /// reply's parts (gpt-oss's Harmony channels, `<think>` tags), only the answer is text; the
-    /// reasoning, tool calls and markers are left out of it (their tokens are still returned).
-    pub answer_only: bool,
+    /// What the prompt asks for, which decides what the text is and where stop strings are
+    /// looked for.
+    pub reply: ReplyForm,
+}
+
+/// What a prompt asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReplyForm {
+    /// Text after the prompt: all of it is text, and stop strings are looked for in all of it.
+    #[default]
+    Completion,
+    /// The assistant's reply to a chat: when the chat template marks the reply's parts (gpt-oss's
+    /// Harmony channels, `<think>` tags), stop strings are looked for in its answer only, never
+    /// in its reasoning, calls or markers. All of them are text, for a caller that divides them
+    /// itself (the HTTP APIs).
+    Chat,
+    /// As [`ReplyForm::Chat`], with only the answer as text: the reasoning, calls and markers
+    /// are left out of it (their tokens are still returned).
+    ChatAnswer,
 }
 
 impl Default for GenerateRequest {
@@ -180,7 +195,7 @@ impl Default for GenerateRequest {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
-            answer_only: false,
+            reply: ReplyForm::Completion,
         }
     }
 }
@@ -352,8 +367,10 @@ impl Session {
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
         let decode_started = Instant::now();
         let mut stream = tokenizer.map(|t| DecodeStream::new(t, true));
+        // A chat reply's parts, where they matter: for the text, or for where stops are sought.
+        let answer_only = request.reply == ReplyForm::ChatAnswer;
         let mut parts = tokenizer
-            .filter(|_| request.answer_only)
+            .filter(|_| answer_only || request.reply == ReplyForm::Chat && !request.stop.is_empty())
             .and_then(|t| Some((t, t.reply_parts(&request.prompt)?)));
         let mut stops = StopMatcher::new(&request.stop);
         let mut tokens = Vec::new();
@@ -365,17 +382,21 @@ impl Session {
                 break;
             }
             tokens.push(token);
-            let mut piece = match stream.as_mut() {
+            let piece = match stream.as_mut() {
                 Some(s) => s.step(token)?.unwrap_or_default(),
                 None => String::new(),
             };
-            if let Some((tokenizer, parts)) = parts.as_mut() {
-                piece = match parts.take(&tokenizer.decode(&[token], false)?, &piece) {
-                    (Part::Answer, answer) => answer.to_owned(),
-                    _ => String::new(),
-                };
-            }
-            let (text, stopped) = stops.push(&piece);
+            let (text, stopped) = match parts.as_mut() {
+                Some((tokenizer, parts)) => {
+                    match parts.take(&tokenizer.decode(&[token], false)?, &piece) {
+                        (Part::Answer, answer) if answer_only => stops.push(answer),
+                        (Part::Answer, _) => stops.push(&piece),
+                        _ if answer_only => (stops.pass(""), false),
+                        _ => (stops.pass(&piece), false),
+                    }
+                }
+                None => stops.push(&piece),
+            };
             if !on_delta(&Delta { token, text }) {
                 finish_reason = FinishReason::Cancelled;
                 break;
@@ -423,6 +444,8 @@ struct StopMatcher<'a> {
     text: String,
     /// Bytes of `text` already handed out.
     emitted: usize,
+    /// Where stop strings are looked for from: after the last text passed through unsearched.
+    searched_from: usize,
     stopped: bool,
 }
 
@@ -432,8 +455,21 @@ impl<'a> StopMatcher<'a> {
             stops,
             text: String::new(),
             emitted: 0,
+            searched_from: 0,
             stopped: false,
         }
+    }
+
+    /// Appends `piece`, text in which no stop string is looked for (a chat reply's reasoning,
+    /// calls or markers), nor across it; returns it after what was held back before it, which
+    /// can no longer begin a stop string.
+    fn pass(&mut self, piece: &str) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        self.text.push_str(piece);
+        self.searched_from = self.text.len();
+        self.finish()
     }
 
     fn stopped(&self) -> bool {
@@ -446,12 +482,14 @@ impl<'a> StopMatcher<'a> {
             return (String::new(), true);
         }
         self.text.push_str(piece);
+        let searched = &self.text[self.searched_from..];
         let earliest = self
             .stops
             .iter()
             .filter(|s| !s.is_empty())
-            .filter_map(|s| self.text.find(s.as_str()))
-            .min();
+            .filter_map(|s| searched.find(s.as_str()))
+            .min()
+            .map(|at| self.searched_from + at);
         if let Some(at) = earliest {
             self.text.truncate(at);
             self.stopped = true;
@@ -465,12 +503,14 @@ impl<'a> StopMatcher<'a> {
         (out, false)
     }
 
-    /// Length of the longest suffix of the text that is a proper prefix of a stop string.
+    /// Length of the longest suffix of the searched text that is a proper prefix of a stop
+    /// string.
     fn held_back(&self) -> usize {
+        let searched = &self.text[self.searched_from..];
         let mut longest = 0;
         for stop in self.stops {
             for (i, _) in stop.char_indices().skip(1) {
-                if i > longest && self.text.ends_with(&stop[..i]) {
+                if i > longest && searched.ends_with(&stop[..i]) {
                     longest = i;
                 }
             }
@@ -550,6 +590,19 @@ mod tests {
         assert_eq!(m.push("a"), (String::new(), false));
         assert_eq!(m.finish(), "a");
         assert_eq!(m.into_text(), "xaca");
+    }
+
+    /// A chat reply's reasoning passes through unsearched: a stop string is found neither in
+    /// it nor across it, and what the answer held back goes out before it.
+    #[test]
+    fn stop_strings_are_not_sought_in_passed_text_nor_across_it() {
+        let stops = vec!["ab".to_string()];
+        let mut m = StopMatcher::new(&stops);
+        assert_eq!(m.push("xa"), ("x".to_string(), false));
+        assert_eq!(m.pass("b ab"), "ab ab");
+        assert_eq!(m.push("b"), ("b".to_string(), false));
+        assert_eq!(m.push("zab"), ("z".to_string(), true));
+        assert_eq!(m.into_text(), "xab abbz");
     }
 
     fn sampler(params: SamplingParams) -> Sampler {

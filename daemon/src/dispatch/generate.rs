@@ -5,7 +5,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use odmoe_config::{GenerationConfig, KeepAlive};
-use odmoe_engine::generate::{GenerateRequest, SamplingParams, check_context};
+use odmoe_engine::generate::{GenerateRequest, ReplyForm, SamplingParams, check_context};
 use odmoe_engine::tokenizer::ChatMessage;
 use odmoe_protocol::{
     ErrorCode, GenerateParams, KeepAliveParam, Method, QUEUED_NOTIFICATION, QueuedEvent, Request,
@@ -32,7 +32,7 @@ pub(super) async fn generate(
     let Queued {
         position,
         mut events,
-    } = queue(&params, method, state, cancel).await?;
+    } = queue(&params, method, reply_form(method), state, cancel).await?;
     let id = request.msgid;
     let relay = params.relay.as_ref();
     if position > 0 {
@@ -79,19 +79,29 @@ pub fn dropped_without_answer() -> RpcError {
     )
 }
 
+/// What the socket's `method` asks for: `chat` shows a reply's answer only.
+fn reply_form(method: Method) -> ReplyForm {
+    if method == Method::Chat {
+        ReplyForm::ChatAnswer
+    } else {
+        ReplyForm::Completion
+    }
+}
+
 /// Checks `params` as `method` (`generate` or `chat`), tokenizes its prompt off
-/// the async runtime and queues it for the engine thread; every client of the
-/// daemon, socket or HTTP, goes through here.
+/// the async runtime and queues it for the engine thread, its text as `reply`
+/// says; every client of the daemon, socket or HTTP, goes through here.
 pub async fn queue(
     params: &GenerateParams,
     method: Method,
+    reply: ReplyForm,
     state: &State,
     cancel: Arc<CancelToken>,
 ) -> Result<Queued, RpcError> {
     let served = state.scheduler.served().ok_or(SchedulerError::NoModel)?;
     // Cheap checks first: a bad field is refused before any tokenizing.
     let mut checked = checked_request(params, &state.settings().generation)?;
-    checked.answer_only = method == Method::Chat;
+    checked.reply = reply;
     let keep_alive = params
         .keep_alive
         .as_ref()
@@ -269,7 +279,7 @@ fn checked_request(
         stop: params.stop.clone(),
         stop_token_ids: Vec::new(),
         ignore_eos: params.ignore_eos,
-        answer_only: false,
+        reply: ReplyForm::Completion,
     })
 }
 

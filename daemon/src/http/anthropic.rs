@@ -11,6 +11,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{StreamExt, stream};
+use odmoe_engine::generate::ReplyForm;
 use odmoe_protocol::{GenerateParams, GenerateResult};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -96,7 +97,7 @@ pub async fn messages(
         stream: false,
         ..GenerateParams::default()
     };
-    let generation = Generation::start(&http, DIALECT, params).await?;
+    let generation = Generation::start(&http, DIALECT, params, ReplyForm::Chat).await?;
     let mut message = Message {
         id: fresh_id("msg_"),
         model: model_id(&served),
@@ -146,17 +147,29 @@ impl Message {
         match result.finish_reason.as_str() {
             "length" => ("max_tokens", Value::Null),
             _ => {
-                // The generated tokens still hold the stop sequence the text leaves out.
-                let generated = self
-                    .reply
-                    .tokenizer()
-                    .and_then(|tokenizer| tokenizer.decode(&result.tokens, true).ok())
-                    .unwrap_or_default();
-                match self
-                    .stops
-                    .iter()
-                    .find(|stop| generated.contains(stop.as_str()))
-                {
+                // The generated tokens still hold the stop sequence the text leaves out. The one
+                // that ended the reply ends in its last token's text: one met earlier, in
+                // reasoning, where stop sequences are not sought, did not end it.
+                let decoded = |tokens: &[u32]| {
+                    self.reply
+                        .tokenizer()
+                        .and_then(|tokenizer| tokenizer.decode(tokens, true).ok())
+                        .unwrap_or_default()
+                };
+                let generated = decoded(&result.tokens);
+                let before_last = decoded(&result.tokens[..result.tokens.len().saturating_sub(1)]);
+                let ends_last = |stop: &&String| {
+                    let mut from = before_last
+                        .len()
+                        .saturating_sub(stop.len().saturating_sub(1));
+                    while !generated.is_char_boundary(from) {
+                        from -= 1;
+                    }
+                    generated
+                        .get(from..)
+                        .is_some_and(|tail| tail.contains(stop.as_str()))
+                };
+                match self.stops.iter().find(ends_last) {
                     Some(stop) => ("stop_sequence", Value::String(stop.clone())),
                     None => ("end_turn", Value::Null),
                 }

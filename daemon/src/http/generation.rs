@@ -10,6 +10,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
+use odmoe_engine::generate::ReplyForm;
 use odmoe_engine::tokenizer::Tokenizer;
 use odmoe_protocol::{GenerateParams, GenerateResult, Method, RpcError};
 use serde::de::DeserializeOwned;
@@ -158,20 +159,27 @@ pub struct Generation {
 
 impl Generation {
     /// Takes an HTTP slot (429 when none is free), then checks and queues `params` as the
-    /// socket's `generate` would.
+    /// socket's `generate` would, its prompt asking for `reply` (a chat's rendered prompt asks
+    /// for [`ReplyForm::Chat`]: all of the reply is text, stop strings sought in its answer).
     pub async fn start(
         http: &Http,
         dialect: Dialect,
         params: GenerateParams,
+        reply: ReplyForm,
     ) -> Result<Generation, ApiError> {
         let slot = Arc::clone(&http.slots)
             .try_acquire_owned()
             .map_err(|_| ApiError::busy(dialect))?;
         let cancel = Arc::new(CancelToken::default());
-        let Queued { events, .. } =
-            dispatch::queue(&params, Method::Generate, &http.state, Arc::clone(&cancel))
-                .await
-                .map_err(|error| ApiError::from_rpc(dialect, error))?;
+        let Queued { events, .. } = dispatch::queue(
+            &params,
+            Method::Generate,
+            reply,
+            &http.state,
+            Arc::clone(&cancel),
+        )
+        .await
+        .map_err(|error| ApiError::from_rpc(dialect, error))?;
         Ok(Generation {
             events,
             dialect,

@@ -11,6 +11,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt, stream};
+use odmoe_engine::generate::ReplyForm;
 use odmoe_protocol::{GenerateParams, GenerateResult};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -186,7 +187,7 @@ pub async fn chat_completions(
         tokens: Some(prompt),
         ..request.sampling.params(max_tokens)?
     };
-    let generation = Generation::start(&http, DIALECT, params).await?;
+    let generation = Generation::start(&http, DIALECT, params, ReplyForm::Chat).await?;
     let mut answer = Answer {
         id: fresh_id("chatcmpl-"),
         model: model_id(&served),
@@ -340,7 +341,7 @@ pub async fn completions(
         prompt: Some(prompt),
         ..request.sampling.params(request.max_tokens)?
     };
-    let generation = Generation::start(&http, DIALECT, params).await?;
+    let generation = Generation::start(&http, DIALECT, params, ReplyForm::Completion).await?;
     let (id, model, created) = (fresh_id("cmpl-"), model_id(&served), unix_now());
     let chunk = move |text: &str, finish: Option<&str>| {
         json!({
