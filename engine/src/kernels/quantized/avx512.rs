@@ -19,10 +19,10 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::avx2::{block_quants, e2m1_lifted, four_scales, nibbles, scale_bits, small_scales};
-use super::avx512_tiles::{k_tile, q8_0_tile, sixteen_sums, tiles};
+use super::avx512_tiles::{TILE, k_tile, q8_0_tile};
 use super::k_quants::{self, Layout, Q2K, Q3K, Q4K, Q5K, Q6K, SUB_BLOCKS};
 use super::small::{self, Kind};
-use super::{Activations, BLOCK, BLOCK_BYTES, Format};
+use super::{Activations, BLOCK, BLOCK_BYTES, Format, sixteen_sums, tiles};
 
 /// Tokens in a group: eight accumulators and a row's operands stay in registers.
 const GROUP: usize = 8;
@@ -135,7 +135,7 @@ unsafe fn product_of<S: Kind>(
     let grouped = tokens / GROUP * GROUP;
     let tiled_rows = if S::Q8 && grouped > 0 {
         let total = weights.len() / row_bytes;
-        tiles(total, &rows, |first| {
+        tiles(total, &rows, TILE, |first| {
             // SAFETY: the tile's rows are inside `weights`; the caller's for `out`.
             unsafe {
                 q8_0_tile(
@@ -209,7 +209,7 @@ unsafe fn product_k<K: Layout>(
     let grouped = tokens / GROUP * GROUP;
     let untiled = if grouped > 0 {
         let sums = sixteen_sums(x, 0..grouped);
-        tiles(weights.len() / row_bytes, &rows, |first| {
+        tiles(weights.len() / row_bytes, &rows, TILE, |first| {
             // SAFETY: the tile's rows are inside `weights`; the caller's for `out`.
             unsafe {
                 k_tile::<K>(

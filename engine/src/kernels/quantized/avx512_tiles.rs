@@ -18,24 +18,6 @@ use super::{Activations, BLOCK, BLOCK_BYTES};
 /// Rows in a tile, one to each lane of a register of 32-bit lanes.
 pub(super) const TILE: usize = 16;
 
-/// Calls `each(first)` for the whole tiles of 16 rows (of a matrix of `total`) that meet
-/// `rows`, and returns the rows of `rows` after them, left to the row-at-a-time path. A tile
-/// cut by `rows` is computed whole and only `rows`' rows stored, so that a row's bits do not
-/// depend on how rows were shared out over the threads.
-pub(super) fn tiles(
-    total: usize,
-    rows: &Range<usize>,
-    mut each: impl FnMut(usize),
-) -> Range<usize> {
-    let tiles = total / TILE * TILE;
-    let mut tile = rows.start / TILE * TILE;
-    while tile < tiles && tile < rows.end {
-        each(tile);
-        tile += TILE;
-    }
-    rows.start.max(tiles.min(rows.end))..rows.end
-}
-
 /// Q8_0 rows `first..first + 16` (of `row_bytes` bytes each) with the tokens `tokens` of `x`,
 /// stored for the rows in `keep`. Each block's weights are transposed so that one register
 /// holds four quants of each of the 16 rows (sign-flipped: a weight goes in as `w + 128`, and
@@ -107,22 +89,8 @@ pub(super) unsafe fn q8_0_tile(
     unsafe { store(&acc, tokens, first, keep, out, out_rows) };
 }
 
-/// Each 16-value group's integer sum of the Q8_K quants of `tokens`, two groups to a 32-bit
-/// word (the first in its low half), for [`k_tile`]: a token's words for its row of `cols`
-/// values follow the previous token's.
-pub(super) fn sixteen_sums(x: &Activations, tokens: Range<usize>) -> Vec<u32> {
-    let quants = &x.quants[tokens.start * x.cols..tokens.end * x.cols];
-    quants
-        .chunks_exact(BLOCK)
-        .map(|block| {
-            let sum = |half: &[i8]| half.iter().map(|&q| q as i16).sum::<i16>() as u16;
-            sum(&block[..16]) as u32 | (sum(&block[16..]) as u32) << 16
-        })
-        .collect()
-}
-
 /// K-quant rows `first..first + 16` (of `row_bytes` bytes each) with the tokens `tokens` of `x`
-/// (in Q8_K; `sums` their [`sixteen_sums`]), stored for the rows in `keep`.
+/// (in Q8_K; `sums` their sums of 16, see `sixteen_sums`), stored for the rows in `keep`.
 ///
 /// Per super-block the sum is llama.cpp's, exact in integers: each 16-value group's four
 /// `vpdpbusd` of unsigned quants by the token's quants, times the group's integer scale, added
@@ -140,14 +108,14 @@ pub(super) unsafe fn k_tile<K: Layout>(
     row_bytes: usize,
     x: &Activations,
     tokens: Range<usize>,
-    sums: &[u32],
+    sums: &[i16],
     keep: &Range<usize>,
     out: *mut f32,
     out_rows: usize,
 ) {
     let supers = x.cols / k_quants::VALUES;
     let blocks = x.cols / BLOCK;
-    debug_assert!(sums.len() >= tokens.len() * blocks);
+    debug_assert!(sums.len() >= tokens.len() * 2 * blocks);
     let mut acc = vec![_mm512_setzero_ps(); tokens.len()];
     // Per super-block: quads[4 g + k] holds quants 16 g + 4 k..16 g + 4 k + 4 of each row;
     // scales[g] and the 16-bit pairs offsets[g / 2] each row's integers for group g.
@@ -200,10 +168,11 @@ pub(super) unsafe fn k_tile<K: Layout>(
                     }
                 }
                 let sum = _mm512_add_epi32(sum[0], sum[1]);
-                let pairs = sums.as_ptr().add(i * blocks + s * SUB_BLOCKS);
+                // Two sums of 16 to a 32-bit word, as the offsets are paired.
+                let pairs = sums.as_ptr().add(2 * (i * blocks + s * SUB_BLOCKS)) as *const i32;
                 let mut offset = _mm512_setzero_si512();
                 for (j, &pair) in offsets.iter().enumerate() {
-                    let two = _mm512_set1_epi32(*pairs.add(j) as i32);
+                    let two = _mm512_set1_epi32(pairs.add(j).read_unaligned());
                     offset = _mm512_dpwssd_epi32(offset, pair, two);
                 }
                 let scale = _mm512_set1_ps(*x.scales.get_unchecked(t * blocks + s * SUB_BLOCKS));

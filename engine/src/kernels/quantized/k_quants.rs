@@ -65,10 +65,10 @@ pub trait Layout {
     /// `dmin`: by default Q4_K's and Q5_K's (see [`six_bit_scales`]).
     ///
     /// # Safety
-    /// `block` points at a whole super-block; the CPU has F16C.
-    #[cfg(target_arch = "x86_64")]
+    /// `block` points at a whole super-block; an x86-64 CPU has F16C.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[inline]
-    #[target_feature(enable = "f16c")]
+    #[cfg_attr(target_arch = "x86_64", target_feature(enable = "f16c"))]
     unsafe fn integer_scales(block: *const u8) -> IntegerScales {
         // SAFETY: the caller's.
         let (scales, mins, d, dmin) = unsafe {
@@ -144,7 +144,7 @@ pub struct Scales {
 /// `d scales[i] q - d offsets[i]` ([`Layout::ZERO_POINT`]) or `d scales[i] q - dmin offsets[i]`
 /// (no `dmin`: 0), so that a dot with Q8_K activations is exact in integers up to those two
 /// products, as llama.cpp computes it.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[derive(Clone, Copy)]
 pub struct IntegerScales {
     pub scales: [i32; 16],
@@ -243,9 +243,9 @@ impl Layout for Q2K {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[inline]
-    #[target_feature(enable = "f16c")]
+    #[cfg_attr(target_arch = "x86_64", target_feature(enable = "f16c"))]
     unsafe fn integer_scales(block: *const u8) -> IntegerScales {
         // SAFETY: the caller's: the 16 scale bytes open the super-block, `d` and `dmin` end it.
         let (packed, d, dmin) = unsafe {
@@ -285,9 +285,9 @@ impl Layout for Q3K {
     const BYTES: usize = Q3K_D_AT + 2;
     const ZERO_POINT: bool = true;
 
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[inline]
-    #[target_feature(enable = "f16c")]
+    #[cfg_attr(target_arch = "x86_64", target_feature(enable = "f16c"))]
     unsafe fn integer_scales(block: *const u8) -> IntegerScales {
         // SAFETY: the caller's.
         let (bytes, d) = unsafe { (q3k_scale_bytes(block), half(block.add(Q3K_D_AT))) };
@@ -414,9 +414,9 @@ impl Layout for Q6K {
     const BYTES: usize = Q6K_D_AT + 2;
     const ZERO_POINT: bool = true;
 
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[inline]
-    #[target_feature(enable = "f16c")]
+    #[cfg_attr(target_arch = "x86_64", target_feature(enable = "f16c"))]
     unsafe fn integer_scales(block: *const u8) -> IntegerScales {
         // SAFETY: the caller's: `d` and the 16 signed scales lie inside the super-block.
         let (bytes, d) = unsafe {

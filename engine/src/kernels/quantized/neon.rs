@@ -28,6 +28,30 @@ fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
     acc
 }
 
+/// `acc` plus, in each lane, the sum of the products of its four signed bytes of `a` with the
+/// four bytes of lane `LANE` of `b` (`sdot` by element): four rows of `a`, one to a lane, with
+/// four values of one activation row.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+pub(super) fn sdot_lane<const LANE: i32>(
+    mut acc: int32x4_t,
+    a: int8x16_t,
+    b: int8x16_t,
+) -> int32x4_t {
+    // SAFETY: registers only; the CPU has dotprod (this function's feature).
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.4b[{lane}]",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            lane = const LANE,
+            options(pure, nomem, nostack),
+        );
+    }
+    acc
+}
+
 /// The integer dot of 32 weight quants (values 0-15 in `low`, 16-31 in `high`) with the 32
 /// activation quants at `a`, in four lanes.
 ///

@@ -1,0 +1,161 @@
+//! NEON prompt products of K-quant rows in tiles of four, one row to a register lane.
+//!
+//! One dot product at a time, a super-block's quants are unpacked for each token and every
+//! 16 values end in pairwise additions and a floating-point scale. With the tile's quants
+//! unpacked once and transposed so that a register holds four quants of each of its four rows,
+//! `sdot` by element meets them with four of a token's quants, and the scales come in as
+//! llama.cpp's K-quant products take them, in integers: each 16-value group's dot times its
+//! integer scale, the offsets (zero points or minima) times the token's group sums, then `d`
+//! (and `dmin`) times the token's scale once per super-block, for the four rows together.
+//!
+//! Per row and token the steps are the same in any tile and group, so an element does not
+//! depend on the other tokens of the batch or on the threads.
+
+use std::arch::aarch64::*;
+use std::ops::Range;
+
+use super::k_quants::{self, Layout, Q2K, Q3K, Q4K, Q5K, Q6K, SUB_BLOCKS};
+use super::neon::sdot_lane;
+use super::{Activations, BLOCK, Format};
+
+/// Rows in a tile, one to each lane of a register of 32-bit lanes.
+pub(super) const TILE: usize = 4;
+
+/// Rows `first..first + 4` of a K-quant matrix in `format` with the tokens `tokens` of `x` (in
+/// Q8_K; `sums` their sums of 16), stored for the rows in `keep`.
+///
+/// # Safety
+/// The CPU has dotprod; the four rows (of `row_bytes` bytes) are inside `weights`, the tokens
+/// rows of `x`; `out` has room for every element and nothing else writes `keep`'s.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "neon,dotprod")]
+pub(super) unsafe fn product_k(
+    format: Format,
+    weights: &[u8],
+    first: usize,
+    row_bytes: usize,
+    x: &Activations,
+    tokens: Range<usize>,
+    sums: &[i16],
+    keep: &Range<usize>,
+    out: *mut f32,
+    out_rows: usize,
+) {
+    let tile = Tile {
+        weights,
+        first,
+        row_bytes,
+        x,
+        sums,
+    };
+    // SAFETY: the caller's.
+    unsafe {
+        let acc = match format {
+            Format::Q2K => tile.product::<Q2K>(tokens.clone()),
+            Format::Q3K => tile.product::<Q3K>(tokens.clone()),
+            Format::Q4K => tile.product::<Q4K>(tokens.clone()),
+            Format::Q5K => tile.product::<Q5K>(tokens.clone()),
+            Format::Q6K => tile.product::<Q6K>(tokens.clone()),
+            _ => unreachable!("{format:?} is not a K-quant type"),
+        };
+        let mut lanes = [0f32; TILE];
+        for (t, acc) in tokens.zip(acc) {
+            vst1q_f32(lanes.as_mut_ptr(), acc);
+            for (r, &sum) in lanes.iter().enumerate() {
+                if keep.contains(&(first + r)) {
+                    *out.add(t * out_rows + first + r) = sum;
+                }
+            }
+        }
+    }
+}
+
+/// A tile's rows and the activations they meet.
+struct Tile<'a> {
+    weights: &'a [u8],
+    first: usize,
+    row_bytes: usize,
+    x: &'a Activations,
+    sums: &'a [i16],
+}
+
+impl Tile<'_> {
+    /// Each token's four elements.
+    ///
+    /// # Safety
+    /// As [`product_k`].
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn product<K: Layout>(&self, tokens: Range<usize>) -> Vec<float32x4_t> {
+        let x = self.x;
+        let supers = x.cols / k_quants::VALUES;
+        let blocks = x.cols / BLOCK;
+        debug_assert!(self.sums.len() >= tokens.len() * 2 * blocks);
+        let mut acc = vec![vdupq_n_f32(0.0); tokens.len()];
+        // Per super-block: quads[4 g + k] holds quants 16 g + 4 k..16 g + 4 k + 4 of each row;
+        // scales[g] and offsets[g] each row's integers for group g.
+        let mut quads = [[0u32; TILE]; 64];
+        let mut scales = [[0i32; TILE]; 16];
+        let mut offsets = [[0i16; TILE]; 16];
+        let (mut d, mut dmin) = ([0f32; TILE], [0f32; TILE]);
+        for s in 0..supers {
+            // SAFETY: super-block s of the tile's rows is inside the weights; the tokens'
+            // values and sums inside `x` and `sums`.
+            unsafe {
+                for r in 0..TILE {
+                    let block = self
+                        .weights
+                        .as_ptr()
+                        .add((self.first + r) * self.row_bytes + s * K::BYTES);
+                    let mut values = [0u8; k_quants::VALUES];
+                    for sub in 0..SUB_BLOCKS {
+                        let (low, high) = K::quants(block, sub);
+                        vst1q_u8(values.as_mut_ptr().add(BLOCK * sub), low);
+                        vst1q_u8(values.as_mut_ptr().add(BLOCK * sub + 16), high);
+                    }
+                    for (quad, four) in quads.iter_mut().zip(values.chunks_exact(4)) {
+                        quad[r] = u32::from_le_bytes([four[0], four[1], four[2], four[3]]);
+                    }
+                    let integers = K::integer_scales(block);
+                    for g in 0..16 {
+                        (scales[g][r], offsets[g][r]) = (integers.scales[g], integers.offsets[g]);
+                    }
+                    (d[r], dmin[r]) = (integers.d, integers.dmin);
+                }
+                let quads = quads.map(|quad| vreinterpretq_s8_u32(vld1q_u32(quad.as_ptr())));
+                let scales = scales.map(|group| vld1q_s32(group.as_ptr()));
+                let offsets = offsets.map(|group| vld1_s16(group.as_ptr()));
+                let (d, dmin) = (vld1q_f32(d.as_ptr()), vld1q_f32(dmin.as_ptr()));
+                for (i, (t, acc)) in tokens.clone().zip(acc.iter_mut()).enumerate() {
+                    let a = x.quants.as_ptr().add(t * x.cols + s * k_quants::VALUES);
+                    // Integer sums are exact in any order: two accumulators taking groups in
+                    // turn, so that the additions do not wait on each other.
+                    let mut sum = [vdupq_n_s32(0); 2];
+                    for (g, (quads, &scale)) in quads.chunks_exact(4).zip(&scales).enumerate() {
+                        let sixteen = vld1q_s8(a.add(16 * g));
+                        let mut dots = sdot_lane::<0>(vdupq_n_s32(0), quads[0], sixteen);
+                        dots = sdot_lane::<1>(dots, quads[1], sixteen);
+                        dots = sdot_lane::<2>(dots, quads[2], sixteen);
+                        dots = sdot_lane::<3>(dots, quads[3], sixteen);
+                        sum[g % 2] = vmlaq_s32(sum[g % 2], dots, scale);
+                    }
+                    let sum = vaddq_s32(sum[0], sum[1]);
+                    let group_sums = self.sums.as_ptr().add(2 * (i * blocks + s * SUB_BLOCKS));
+                    let mut offset = vdupq_n_s32(0);
+                    for (g, &group) in offsets.iter().enumerate() {
+                        offset = vmlal_n_s16(offset, group, *group_sums.add(g));
+                    }
+                    let scale = *x.scales.get_unchecked(t * blocks + s * SUB_BLOCKS);
+                    if K::ZERO_POINT {
+                        let exact = vcvtq_f32_s32(vsubq_s32(sum, offset));
+                        *acc = vfmaq_f32(*acc, exact, vmulq_n_f32(d, scale));
+                    } else {
+                        *acc = vfmaq_f32(*acc, vcvtq_f32_s32(sum), vmulq_n_f32(d, scale));
+                        let by = vmulq_n_f32(dmin, scale);
+                        *acc = vfmsq_f32(*acc, vcvtq_f32_s32(offset), by);
+                    }
+                }
+            }
+        }
+        acc
+    }
+}
