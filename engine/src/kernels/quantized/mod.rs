@@ -719,8 +719,7 @@ pub fn matmul(jobs: &mut [Job]) {
 
 /// Elements `(t, r)` of `job` for its every token `t` and the rows `rows` (of `row_bytes` bytes),
 /// into `out[t * out_rows + r]`: AVX-512 takes groups of tokens through each row or tile of rows,
-/// NEON a prompt's K-quant rows in tiles, and otherwise AVX2 and NEON go one dot product at a
-/// time.
+/// NEON a prompt's rows in tiles, and otherwise AVX2 and NEON go one dot product at a time.
 ///
 /// # Safety
 /// `out` has room for those elements, and nothing else writes them meanwhile.
@@ -733,9 +732,13 @@ unsafe fn product(job: &Job, rows: Range<usize>, row_bytes: usize, out: *mut f32
         return;
     }
     #[cfg(target_arch = "aarch64")]
-    if job.format.is_super_block() && x.len() >= PROMPT_GROUP {
+    if x.len() >= PROMPT_GROUP {
         let grouped = x.len() / PROMPT_GROUP * PROMPT_GROUP;
-        let sums = sixteen_sums(x, 0..grouped);
+        let sums = if job.format.is_super_block() {
+            sixteen_sums(x, 0..grouped)
+        } else {
+            Vec::new()
+        };
         let untiled = tiles(
             job.weights.len() / row_bytes,
             &rows,
@@ -744,7 +747,7 @@ unsafe fn product(job: &Job, rows: Range<usize>, row_bytes: usize, out: *mut f32
                 // SAFETY: the tile's rows are inside the job's weights, which NEON with dotprod
                 // (`isa`) multiplies; the caller's for `out`.
                 unsafe {
-                    neon_tiles::product_k(
+                    neon_tiles::product(
                         job.format,
                         job.weights,
                         first,
@@ -922,8 +925,8 @@ mod small {
         };
     }
 
-    /// Only AVX-512's grouped products take Q8_0 through the generic code.
-    #[cfg(target_arch = "x86_64")]
+    /// Only AVX-512's grouped products and NEON's tiles take Q8_0 through the generic code.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     pub struct Q8_0;
     pub struct Q4_0;
     pub struct Q4_1;
@@ -931,7 +934,7 @@ mod small {
     pub struct Q5_1;
     pub struct Mxfp4;
 
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     impl Kind for Q8_0 {
         const Q8: bool = true;
     }

@@ -209,7 +209,7 @@ pub(super) unsafe fn dot_k<K: Layout>(
 /// `block` points at a whole block.
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn small_quants<S: Kind>(block: *const u8) -> (uint8x16_t, uint8x16_t) {
+pub(super) unsafe fn small_quants<S: Kind>(block: *const u8) -> (uint8x16_t, uint8x16_t) {
     // SAFETY: the caller's.
     unsafe {
         let packed = vld1q_u8(block.add(S::QUANTS_AT));
