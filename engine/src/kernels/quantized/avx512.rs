@@ -22,7 +22,7 @@ use super::avx2::{block_quants, e2m1_lifted, four_scales, nibbles, scale_bits, s
 use super::avx512_tiles::{TILE, k_tile, q8_0_tile};
 use super::k_quants::{self, Layout, Q2K, Q3K, Q4K, Q5K, Q6K, SUB_BLOCKS};
 use super::small::{self, Kind};
-use super::{Activations, BLOCK, BLOCK_BYTES, Format, sixteen_sums, tiles};
+use super::{Activations, BLOCK, BLOCK_BYTES, Format, tiles};
 
 /// Tokens in a group: eight accumulators and a row's operands stay in registers.
 const GROUP: usize = 8;
@@ -208,7 +208,6 @@ unsafe fn product_k<K: Layout>(
     let tokens = x.len();
     let grouped = tokens / GROUP * GROUP;
     let untiled = if grouped > 0 {
-        let sums = sixteen_sums(x, 0..grouped);
         tiles(weights.len() / row_bytes, &rows, TILE, |first| {
             // SAFETY: the tile's rows are inside `weights`; the caller's for `out`.
             unsafe {
@@ -218,7 +217,6 @@ unsafe fn product_k<K: Layout>(
                     row_bytes,
                     x,
                     0..grouped,
-                    &sums,
                     &rows,
                     out,
                     out_rows,

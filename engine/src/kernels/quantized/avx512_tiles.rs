@@ -90,7 +90,7 @@ pub(super) unsafe fn q8_0_tile(
 }
 
 /// K-quant rows `first..first + 16` (of `row_bytes` bytes each) with the tokens `tokens` of `x`
-/// (in Q8_K; `sums` their sums of 16, see `sixteen_sums`), stored for the rows in `keep`.
+/// (in Q8_K), stored for the rows in `keep`.
 ///
 /// Per super-block the sum is llama.cpp's, exact in integers: each 16-value group's four
 /// `vpdpbusd` of unsigned quants by the token's quants, times the group's integer scale, added
@@ -99,7 +99,7 @@ pub(super) unsafe fn q8_0_tile(
 /// the token's scale, for all 16 rows.
 ///
 /// # Safety
-/// As [`q8_0_tile`], with `x` in Q8_K and `sums` its sums for `tokens`.
+/// As [`q8_0_tile`], with `x` in Q8_K.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(super) unsafe fn k_tile<K: Layout>(
@@ -108,14 +108,12 @@ pub(super) unsafe fn k_tile<K: Layout>(
     row_bytes: usize,
     x: &Activations,
     tokens: Range<usize>,
-    sums: &[i16],
     keep: &Range<usize>,
     out: *mut f32,
     out_rows: usize,
 ) {
     let supers = x.cols / k_quants::VALUES;
     let blocks = x.cols / BLOCK;
-    debug_assert!(sums.len() >= tokens.len() * 2 * blocks);
     let mut acc = vec![_mm512_setzero_ps(); tokens.len()];
     // Per super-block: quads[4 g + k] holds quants 16 g + 4 k..16 g + 4 k + 4 of each row;
     // scales[g] and the 16-bit pairs offsets[g / 2] each row's integers for group g.
@@ -145,7 +143,7 @@ pub(super) unsafe fn k_tile<K: Layout>(
             let scales = scales.map(|g| _mm512_loadu_si512(g.as_ptr() as *const __m512i));
             let offsets = offsets.map(|j| _mm512_loadu_si512(j.as_ptr() as *const __m512i));
             let (d, dmin) = (_mm512_loadu_ps(d.as_ptr()), _mm512_loadu_ps(dmin.as_ptr()));
-            for (i, (t, acc)) in tokens.clone().zip(acc.iter_mut()).enumerate() {
+            for (t, acc) in tokens.clone().zip(acc.iter_mut()) {
                 let a = x.quants.as_ptr().add(t * x.cols + s * k_quants::VALUES) as *const i32;
                 // Integer sums are exact in any order: two groups at a time, each in two
                 // chains of two, so that the additions do not wait on each other.
@@ -169,7 +167,11 @@ pub(super) unsafe fn k_tile<K: Layout>(
                 }
                 let sum = _mm512_add_epi32(sum[0], sum[1]);
                 // Two sums of 16 to a 32-bit word, as the offsets are paired.
-                let pairs = sums.as_ptr().add(2 * (i * blocks + s * SUB_BLOCKS)) as *const i32;
+                let pairs = x
+                    .sixteen_sums
+                    .as_ptr()
+                    .add(2 * (t * blocks + s * SUB_BLOCKS));
+                let pairs = pairs as *const i32;
                 let mut offset = _mm512_setzero_si512();
                 for (j, &pair) in offsets.iter().enumerate() {
                     let two = _mm512_set1_epi32(pairs.add(j).read_unaligned());

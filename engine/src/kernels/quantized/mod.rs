@@ -399,6 +399,9 @@ pub struct Activations {
     /// Q8_0: per block of 32, through f16 (Q8_1's). Q8_K: per 16 quants, the scale times their
     /// sum.
     sums: Vec<f32>,
+    /// Q8_K: each 16 quants' integer sum, as llama.cpp's Q8_K blocks keep them (the K-quant
+    /// tiles meet them in integers). Empty for Q8_0.
+    sixteen_sums: Vec<i16>,
     cols: usize,
     rows: usize,
     /// The same rows in Q8_K, where they hold whole super-blocks.
@@ -438,6 +441,7 @@ impl Activations {
                 all.quants.extend(part.quants);
                 all.scales.extend(part.scales);
                 all.sums.extend(part.sums);
+                all.sixteen_sums.extend(part.sixteen_sums);
                 all.rows += part.rows;
             }
         }
@@ -483,6 +487,7 @@ impl Activations {
             quants,
             scales,
             sums,
+            sixteen_sums: Vec::new(),
             cols,
             rows: x.len() / cols,
             super_blocks,
@@ -502,6 +507,7 @@ impl Activations {
         let mut quants = vec![0i8; x.len()];
         let mut scales = Vec::with_capacity(x.len() / BLOCK);
         let mut sums = Vec::with_capacity(2 * x.len() / BLOCK);
+        let mut sixteen_sums = Vec::with_capacity(2 * x.len() / BLOCK);
         for (block, out) in x
             .chunks_exact(k_quants::VALUES)
             .zip(quants.chunks_exact_mut(k_quants::VALUES))
@@ -509,13 +515,17 @@ impl Activations {
             let scale = super_block_quants(block, out);
             scales.extend([scale; k_quants::SUB_BLOCKS]);
             for sixteen in out.chunks_exact(16) {
-                sums.push(scale * sixteen.iter().map(|&q| q as i32).sum::<i32>() as f32);
+                // At most 16 * 127 in magnitude.
+                let sum = sixteen.iter().map(|&q| q as i16).sum::<i16>();
+                sums.push(scale * sum as f32);
+                sixteen_sums.push(sum);
             }
         }
         Self {
             quants,
             scales,
             sums,
+            sixteen_sums,
             cols,
             rows: x.len() / cols,
             super_blocks: None,
@@ -734,11 +744,6 @@ unsafe fn product(job: &Job, rows: Range<usize>, row_bytes: usize, out: *mut f32
     #[cfg(target_arch = "aarch64")]
     if x.len() >= PROMPT_GROUP {
         let grouped = x.len() / PROMPT_GROUP * PROMPT_GROUP;
-        let sums = if job.format.is_super_block() {
-            sixteen_sums(x, 0..grouped)
-        } else {
-            Vec::new()
-        };
         let untiled = tiles(
             job.weights.len() / row_bytes,
             &rows,
@@ -754,7 +759,6 @@ unsafe fn product(job: &Job, rows: Range<usize>, row_bytes: usize, out: *mut f32
                         row_bytes,
                         x,
                         0..grouped,
-                        &sums,
                         &rows,
                         out,
                         out_rows,
@@ -833,16 +837,6 @@ fn tiles(
         first += tile;
     }
     rows.start.max(tiles.min(rows.end))..rows.end
-}
-
-/// Each 16-value group's integer sum of the Q8_K quants of `tokens`, a token's groups after the
-/// previous token's, for the K-quant tiles (where the offsets meet them in integers).
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn sixteen_sums(x: &Activations, tokens: Range<usize>) -> Vec<i16> {
-    x.quants[tokens.start * x.cols..tokens.end * x.cols]
-        .chunks_exact(16)
-        .map(|sixteen| sixteen.iter().map(|&q| q as i16).sum())
-        .collect()
 }
 
 /// One row of `format` weights by one row of activations (their quants, per-block scales and

@@ -24,7 +24,7 @@ use super::{Activations, BLOCK, Format};
 pub(super) const TILE: usize = 4;
 
 /// Rows `first..first + 4` of a matrix in `format` with the tokens `tokens` of `x` (in Q8_0, or
-/// Q8_K for a K-quant with `sums` their sums of 16), stored for the rows in `keep`.
+/// Q8_K for a K-quant), stored for the rows in `keep`.
 ///
 /// # Safety
 /// The CPU has dotprod; the four rows (of `row_bytes` bytes) are inside `weights`, the tokens
@@ -38,7 +38,6 @@ pub(super) unsafe fn product(
     row_bytes: usize,
     x: &Activations,
     tokens: Range<usize>,
-    sums: &[i16],
     keep: &Range<usize>,
     out: *mut f32,
     out_rows: usize,
@@ -48,7 +47,6 @@ pub(super) unsafe fn product(
         first,
         row_bytes,
         x,
-        sums,
     };
     // SAFETY: the caller's.
     unsafe {
@@ -83,7 +81,6 @@ struct Tile<'a> {
     first: usize,
     row_bytes: usize,
     x: &'a Activations,
-    sums: &'a [i16],
 }
 
 impl Tile<'_> {
@@ -169,7 +166,6 @@ impl Tile<'_> {
         let x = self.x;
         let supers = x.cols / k_quants::VALUES;
         let blocks = x.cols / BLOCK;
-        debug_assert!(self.sums.len() >= tokens.len() * 2 * blocks);
         let mut acc = vec![vdupq_n_f32(0.0); tokens.len()];
         // Per super-block: quads[4 g + k] holds quants 16 g + 4 k..16 g + 4 k + 4 of each row;
         // scales[g] and offsets[g] each row's integers for group g.
@@ -205,7 +201,7 @@ impl Tile<'_> {
                 let scales = scales.map(|group| vld1q_s32(group.as_ptr()));
                 let offsets = offsets.map(|group| vld1_s16(group.as_ptr()));
                 let (d, dmin) = (vld1q_f32(d.as_ptr()), vld1q_f32(dmin.as_ptr()));
-                for (i, (t, acc)) in tokens.clone().zip(acc.iter_mut()).enumerate() {
+                for (t, acc) in tokens.clone().zip(acc.iter_mut()) {
                     let a = x.quants.as_ptr().add(t * x.cols + s * k_quants::VALUES);
                     // Integer sums are exact in any order: two accumulators taking groups in
                     // turn, so that the additions do not wait on each other.
@@ -219,7 +215,10 @@ impl Tile<'_> {
                         sum[g % 2] = vmlaq_s32(sum[g % 2], dots, scale);
                     }
                     let sum = vaddq_s32(sum[0], sum[1]);
-                    let group_sums = self.sums.as_ptr().add(2 * (i * blocks + s * SUB_BLOCKS));
+                    let group_sums = x
+                        .sixteen_sums
+                        .as_ptr()
+                        .add(2 * (t * blocks + s * SUB_BLOCKS));
                     let mut offset = vdupq_n_s32(0);
                     for (g, &group) in offsets.iter().enumerate() {
                         offset = vmlal_n_s16(offset, group, *group_sums.add(g));
