@@ -160,9 +160,19 @@ pub(super) unsafe fn k_tile<K: Layout>(
                         let dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), quads[k], first);
                         _mm512_dpbusd_epi32(dots, quads[k + 1], second)
                     });
-                    for (half, sum) in sum.iter_mut().enumerate() {
-                        let dots = _mm512_add_epi32(dots[2 * half], dots[2 * half + 1]);
-                        *sum = _mm512_add_epi32(*sum, _mm512_mullo_epi32(dots, scale[half]));
+                    let halves = [
+                        _mm512_add_epi32(dots[0], dots[1]),
+                        _mm512_add_epi32(dots[2], dots[3]),
+                    ];
+                    if K::SCALE_PER_32 {
+                        // Both groups take the sub-block's scale: one product for the two.
+                        let dots = _mm512_add_epi32(halves[0], halves[1]);
+                        sum[g % 2] =
+                            _mm512_add_epi32(sum[g % 2], _mm512_mullo_epi32(dots, scale[0]));
+                    } else {
+                        for ((sum, dots), &scale) in sum.iter_mut().zip(halves).zip(scale) {
+                            *sum = _mm512_add_epi32(*sum, _mm512_mullo_epi32(dots, scale));
+                        }
                     }
                 }
                 let sum = _mm512_add_epi32(sum[0], sum[1]);

@@ -61,6 +61,10 @@ pub trait Layout {
     /// Q4_K, Q5_K), in `dmin`'s.
     const ZERO_POINT: bool = false;
 
+    /// Whether each 32-value sub-block has one scale (Q4_K, Q5_K), so that both of its 16-value
+    /// groups' integer dots may take it together; otherwise each 16 values has its own.
+    const SCALE_PER_32: bool = true;
+
     /// The super-block's scales and offsets per 16 values as the integers stored, with `d` and
     /// `dmin`: by default Q4_K's and Q5_K's (see [`six_bit_scales`]).
     ///
@@ -194,6 +198,7 @@ const Q6K_D_AT: usize = Q6K_SCALES_AT + 16;
 
 impl Layout for Q2K {
     const BYTES: usize = Q2K_D_AT + 4;
+    const SCALE_PER_32: bool = false;
 
     #[cfg(target_arch = "x86_64")]
     #[inline]
@@ -283,6 +288,7 @@ impl Layout for Q2K {
 
 impl Layout for Q3K {
     const BYTES: usize = Q3K_D_AT + 2;
+    const SCALE_PER_32: bool = false;
     const ZERO_POINT: bool = true;
 
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -412,6 +418,7 @@ impl Layout for Q5K {
 
 impl Layout for Q6K {
     const BYTES: usize = Q6K_D_AT + 2;
+    const SCALE_PER_32: bool = false;
     const ZERO_POINT: bool = true;
 
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
