@@ -8,8 +8,8 @@
 //! group, so results depend neither on the batch's other tokens nor on the thread count. Tokens
 //! left over after the groups (and a decode step's one token) go through the one-token dot.
 //!
-//! Rows in whole tiles of 16, Q8_0's and the K-quants', take a prompt's groups differently, one
-//! row to a register lane (see `avx512_tiles`).
+//! Rows in whole tiles of 16 (of any type) take a prompt's groups differently, one row to a
+//! register lane (see `avx512_tiles`).
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes. 4- and 5-bit quants are unsigned already. A
 //! Q8_0 weight goes in as `w + 128` (its sign bit flipped) and `128 * (the activations' sum)`,
@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::avx2::{block_quants, e2m1_lifted, four_scales, nibbles, scale_bits, small_scales};
-use super::avx512_tiles::{TILE, k_tile, q8_0_tile};
+use super::avx512_tiles::{TILE, block_tile, k_tile};
 use super::k_quants::{self, Layout, Q2K, Q3K, Q4K, Q5K, Q6K, SUB_BLOCKS};
 use super::small::{self, Kind};
 use super::{Activations, BLOCK, BLOCK_BYTES, Format, tiles};
@@ -133,12 +133,12 @@ unsafe fn product_of<S: Kind>(
     debug_assert!(weights.len() >= rows.end * row_bytes);
     let tokens = x.len();
     let grouped = tokens / GROUP * GROUP;
-    let tiled_rows = if S::Q8 && grouped > 0 {
+    let tiled_rows = if grouped > 0 {
         let total = weights.len() / row_bytes;
         tiles(total, &rows, TILE, |first| {
             // SAFETY: the tile's rows are inside `weights`; the caller's for `out`.
             unsafe {
-                q8_0_tile(
+                block_tile::<S>(
                     weights,
                     first,
                     row_bytes,
@@ -725,7 +725,7 @@ fn integer_dots(weights: __m512i, activations: __m512i) -> __m512i {
 /// `block` points at a whole block.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-unsafe fn small_quants<S: Kind>(block: *const u8) -> __m256i {
+pub(super) unsafe fn small_quants<S: Kind>(block: *const u8) -> __m256i {
     // SAFETY: the caller's.
     unsafe {
         let low = nibbles(block.add(S::QUANTS_AT));

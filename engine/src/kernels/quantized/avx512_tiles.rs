@@ -12,18 +12,22 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use super::avx2::half;
+use super::avx512::small_quants;
 use super::k_quants::{self, Layout, SUB_BLOCKS};
-use super::{Activations, BLOCK, BLOCK_BYTES};
+use super::small::{self, Kind};
+use super::{Activations, BLOCK};
 
 /// Rows in a tile, one to each lane of a register of 32-bit lanes.
 pub(super) const TILE: usize = 16;
 
-/// Q8_0 rows `first..first + 16` (of `row_bytes` bytes each) with the tokens `tokens` of `x`,
-/// stored for the rows in `keep`. Each block's weights are transposed so that one register
-/// holds four quants of each of the 16 rows (sign-flipped: a weight goes in as `w + 128`, and
-/// `128 *` the activations' sum starts the accumulator negated): a token's block takes eight
-/// `vpdpbusd` with its quants broadcast four at a time, and one conversion, one scale product
-/// and one fused add for all 16 rows.
+/// Rows `first..first + 16` (of `row_bytes` bytes each) of a 32-value block type with the
+/// tokens `tokens` of `x` (in Q8_0), stored for the rows in `keep`. Each block's quants are
+/// unpacked (Q8_0's sign-flipped: a weight goes in as `w + 128`) and transposed so that one
+/// register holds four quants of each of the 16 rows: a token's block takes eight `vpdpbusd`
+/// with its quants broadcast four at a time, the zero point times the activations' sum starting
+/// the accumulator negated, then one conversion, one scale product and one fused add (and for a
+/// type with an offset, one more for the offsets times the block sums) for all 16 rows.
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C; the 16 rows are inside `weights`, the
@@ -31,7 +35,7 @@ pub(super) const TILE: usize = 16;
 /// `keep`'s.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub(super) unsafe fn q8_0_tile(
+pub(super) unsafe fn block_tile<S: Kind>(
     weights: &[u8],
     first: usize,
     row_bytes: usize,
@@ -43,45 +47,67 @@ pub(super) unsafe fn q8_0_tile(
 ) {
     let blocks = x.cols / BLOCK;
     let mut acc = vec![_mm512_setzero_ps(); tokens.len()];
-    // Row r's offset from the tile's first row, for the gathers.
+    // Row r's offset in the unpacked block, for the gathers.
     let offsets = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-        _mm512_set1_epi32(row_bytes as i32),
+        _mm512_set1_epi32(BLOCK as i32),
     );
-    let flip = _mm512_set1_epi8(-128);
+    // What one quant stands for zero: Q8_0's sign flip, or the type's zero point.
+    let zero = if S::Q8 {
+        128
+    } else if S::MIN {
+        0
+    } else {
+        S::ZERO as i32
+    };
+    let mut unpacked = [[0u8; BLOCK]; TILE];
+    let (mut d, mut min) = ([0f32; TILE], [0f32; TILE]);
     for b in 0..blocks {
         // SAFETY: block b of the tile's 16 rows is inside `weights`; the tokens' blocks inside
         // `x`.
         unsafe {
-            let base = weights.as_ptr().add(first * row_bytes + b * BLOCK_BYTES);
-            let mut w = [_mm512_setzero_si512(); 8];
-            for (k, w) in w.iter_mut().enumerate() {
-                let quads = _mm512_i32gather_epi32::<1>(offsets, base.add(2 + 4 * k) as *const i32);
-                *w = _mm512_xor_si512(quads, flip);
+            for (r, unpacked) in unpacked.iter_mut().enumerate() {
+                let block = weights.as_ptr().add((first + r) * row_bytes + b * S::BYTES);
+                let quants = if S::Q8 {
+                    let signed = _mm256_loadu_si256(block.add(2) as *const __m256i);
+                    _mm256_xor_si256(signed, _mm256_set1_epi8(-128))
+                } else {
+                    small_quants::<S>(block)
+                };
+                _mm256_storeu_si256(unpacked.as_mut_ptr() as *mut __m256i, quants);
+                d[r] = if S::E2M1 {
+                    small::e8m0_half(*block)
+                } else {
+                    half(block)
+                };
+                if S::MIN {
+                    min[r] = half(block.add(small::min_at()));
+                }
             }
-            let bits = _mm512_i32gather_epi32::<1>(offsets, base as *const i32);
-            let halves = _mm512_cvtepi32_epi16(_mm512_and_si512(bits, _mm512_set1_epi32(0xffff)));
-            let dw = _mm512_cvtph_ps(halves);
+            let base = unpacked.as_ptr() as *const u8;
+            let w: [__m512i; BLOCK / 4] = std::array::from_fn(|k| {
+                _mm512_i32gather_epi32::<1>(offsets, base.add(4 * k) as *const i32)
+            });
+            let (d, min) = (_mm512_loadu_ps(d.as_ptr()), _mm512_loadu_ps(min.as_ptr()));
             for (t, acc) in tokens.clone().zip(acc.iter_mut()) {
-                let quants = x.quants.as_ptr().add(t * x.cols + b * BLOCK);
-                let quads = quants as *const i32;
-                let sum = std::slice::from_raw_parts(quants, BLOCK)
-                    .iter()
-                    .map(|&q| q as i32)
-                    .sum::<i32>();
+                let at = t * blocks + b;
+                let quads = x.quants.as_ptr().add(t * x.cols + b * BLOCK) as *const i32;
+                let sum = *x.integer_sums.get_unchecked(at) as i32;
                 // Integer sums are exact in any order: two chains, so that the second does
                 // not wait on the first.
                 let lanes: [__m512i; 2] = std::array::from_fn(|chain| {
-                    let start = _mm512_set1_epi32(if chain == 0 { -128 * sum } else { 0 });
+                    let start = _mm512_set1_epi32(if chain == 0 { -zero * sum } else { 0 });
                     (4 * chain..4 * chain + 4).fold(start, |lanes, k| {
                         let a = _mm512_set1_epi32(quads.add(k).read_unaligned());
                         _mm512_dpbusd_epi32(lanes, w[k], a)
                     })
                 });
                 let lanes = _mm512_add_epi32(lanes[0], lanes[1]);
-                let scale =
-                    _mm512_mul_ps(dw, _mm512_set1_ps(*x.scales.get_unchecked(t * blocks + b)));
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x.scales.get_unchecked(at)));
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), scale, *acc);
+                if S::MIN {
+                    *acc = _mm512_fmadd_ps(min, _mm512_set1_ps(*x.sums.get_unchecked(at)), *acc);
+                }
             }
         }
     }
@@ -99,7 +125,7 @@ pub(super) unsafe fn q8_0_tile(
 /// the token's scale, for all 16 rows.
 ///
 /// # Safety
-/// As [`q8_0_tile`], with `x` in Q8_K.
+/// As [`block_tile`], with `x` in Q8_K.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(super) unsafe fn k_tile<K: Layout>(
@@ -178,7 +204,7 @@ pub(super) unsafe fn k_tile<K: Layout>(
                 let sum = _mm512_add_epi32(sum[0], sum[1]);
                 // Two sums of 16 to a 32-bit word, as the offsets are paired.
                 let pairs = x
-                    .sixteen_sums
+                    .integer_sums
                     .as_ptr()
                     .add(2 * (t * blocks + s * SUB_BLOCKS));
                 let pairs = pairs as *const i32;

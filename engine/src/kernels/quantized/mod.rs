@@ -399,9 +399,9 @@ pub struct Activations {
     /// Q8_0: per block of 32, through f16 (Q8_1's). Q8_K: per 16 quants, the scale times their
     /// sum.
     sums: Vec<f32>,
-    /// Q8_K: each 16 quants' integer sum, as llama.cpp's Q8_K blocks keep them (the K-quant
-    /// tiles meet them in integers). Empty for Q8_0.
-    sixteen_sums: Vec<i16>,
+    /// The quants' integer sums, for the tiles, which take zero points and offsets off in
+    /// integers: Q8_0 per block of 32, Q8_K per 16 (as llama.cpp's Q8_K blocks keep them).
+    integer_sums: Vec<i16>,
     cols: usize,
     rows: usize,
     /// The same rows in Q8_K, where they hold whole super-blocks.
@@ -436,12 +436,13 @@ impl Activations {
             all.quants.extend(part.quants);
             all.scales.extend(part.scales);
             all.sums.extend(part.sums);
+            all.integer_sums.extend(part.integer_sums);
             all.rows += part.rows;
             if let (Some(all), Some(part)) = (all.super_blocks.as_mut(), part.super_blocks) {
                 all.quants.extend(part.quants);
                 all.scales.extend(part.scales);
                 all.sums.extend(part.sums);
-                all.sixteen_sums.extend(part.sixteen_sums);
+                all.integer_sums.extend(part.integer_sums);
                 all.rows += part.rows;
             }
         }
@@ -471,13 +472,16 @@ impl Activations {
         let mut quants = vec![0i8; values];
         let mut scales = Vec::with_capacity(values / BLOCK);
         let mut sums = Vec::with_capacity(values / BLOCK);
+        let mut integer_sums = Vec::with_capacity(values / BLOCK);
         for (block, out) in x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)) {
             let scale = quantize_block(isa, block, out);
+            // At most 32 * 127 in magnitude.
+            let sum = out.iter().map(|&q| q as i16).sum::<i16>();
+            integer_sums.push(sum);
             // Both stored as f16 by llama.cpp (its Q8_0 and Q8_1 blocks), the sum from the
             // unrounded scale.
-            let sum = scale * out.iter().map(|&q| q as i32).sum::<i32>() as f32;
             scales.push(round_through_f16(scale));
-            sums.push(round_through_f16(sum));
+            sums.push(round_through_f16(scale * sum as f32));
         }
         let super_blocks = meets
             .iter()
@@ -487,7 +491,7 @@ impl Activations {
             quants,
             scales,
             sums,
-            sixteen_sums: Vec::new(),
+            integer_sums,
             cols,
             rows: x.len() / cols,
             super_blocks,
@@ -507,7 +511,7 @@ impl Activations {
         let mut quants = vec![0i8; x.len()];
         let mut scales = Vec::with_capacity(x.len() / BLOCK);
         let mut sums = Vec::with_capacity(2 * x.len() / BLOCK);
-        let mut sixteen_sums = Vec::with_capacity(2 * x.len() / BLOCK);
+        let mut integer_sums = Vec::with_capacity(2 * x.len() / BLOCK);
         for (block, out) in x
             .chunks_exact(k_quants::VALUES)
             .zip(quants.chunks_exact_mut(k_quants::VALUES))
@@ -518,14 +522,14 @@ impl Activations {
                 // At most 16 * 127 in magnitude.
                 let sum = sixteen.iter().map(|&q| q as i16).sum::<i16>();
                 sums.push(scale * sum as f32);
-                sixteen_sums.push(sum);
+                integer_sums.push(sum);
             }
         }
         Self {
             quants,
             scales,
             sums,
-            sixteen_sums,
+            integer_sums,
             cols,
             rows: x.len() / cols,
             super_blocks: None,

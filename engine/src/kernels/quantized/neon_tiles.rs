@@ -206,17 +206,32 @@ impl Tile<'_> {
                     // Integer sums are exact in any order: two accumulators taking groups in
                     // turn, so that the additions do not wait on each other.
                     let mut sum = [vdupq_n_s32(0); 2];
-                    for (g, (quads, &scale)) in quads.chunks_exact(4).zip(&scales).enumerate() {
-                        let sixteen = vld1q_s8(a.add(16 * g));
-                        let mut dots = sdot_lane::<0>(vdupq_n_s32(0), quads[0], sixteen);
-                        dots = sdot_lane::<1>(dots, quads[1], sixteen);
-                        dots = sdot_lane::<2>(dots, quads[2], sixteen);
-                        dots = sdot_lane::<3>(dots, quads[3], sixteen);
-                        sum[g % 2] = vmlaq_s32(sum[g % 2], dots, scale);
+                    for (pair, (quads, scale)) in quads
+                        .chunks_exact(8)
+                        .zip(scales.chunks_exact(2))
+                        .enumerate()
+                    {
+                        let dots: [int32x4_t; 2] = std::array::from_fn(|half| {
+                            let (g, quads) = (2 * pair + half, &quads[4 * half..]);
+                            let sixteen = vld1q_s8(a.add(16 * g));
+                            let mut dots = sdot_lane::<0>(vdupq_n_s32(0), quads[0], sixteen);
+                            dots = sdot_lane::<1>(dots, quads[1], sixteen);
+                            dots = sdot_lane::<2>(dots, quads[2], sixteen);
+                            sdot_lane::<3>(dots, quads[3], sixteen)
+                        });
+                        if K::SCALE_PER_32 {
+                            // Both groups take the sub-block's scale: one product for the two.
+                            let dots = vaddq_s32(dots[0], dots[1]);
+                            sum[pair % 2] = vmlaq_s32(sum[pair % 2], dots, scale[0]);
+                        } else {
+                            for ((sum, dots), &scale) in sum.iter_mut().zip(dots).zip(scale) {
+                                *sum = vmlaq_s32(*sum, dots, scale);
+                            }
+                        }
                     }
                     let sum = vaddq_s32(sum[0], sum[1]);
                     let group_sums = x
-                        .sixteen_sums
+                        .integer_sums
                         .as_ptr()
                         .add(2 * (t * blocks + s * SUB_BLOCKS));
                     let mut offset = vdupq_n_s32(0);
