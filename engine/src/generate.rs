@@ -373,6 +373,8 @@ impl Session {
             .filter(|_| answer_only || request.reply == ReplyForm::Chat && !request.stop.is_empty())
             .and_then(|t| Some((t, t.reply_parts(&request.prompt)?)));
         let mut stops = StopMatcher::new(&request.stop);
+        // What the last token was part of, which the decoder's last bytes are too.
+        let mut last_part = Part::Answer;
         let mut tokens = Vec::new();
         let mut finish_reason = FinishReason::Length;
         while tokens.len() < request.max_tokens {
@@ -388,12 +390,9 @@ impl Session {
             };
             let (text, stopped) = match parts.as_mut() {
                 Some((tokenizer, parts)) => {
-                    match parts.take(&tokenizer.decode(&[token], false)?, &piece) {
-                        (Part::Answer, answer) if answer_only => stops.push(answer),
-                        (Part::Answer, _) => stops.push(&piece),
-                        _ if answer_only => (stops.pass(""), false),
-                        _ => (stops.pass(&piece), false),
-                    }
+                    let (part, answer) = parts.take(&tokenizer.decode(&[token], false)?, &piece);
+                    last_part = part;
+                    stops.take_part(part, &piece, answer, answer_only)
                 }
                 None => stops.push(&piece),
             };
@@ -414,7 +413,11 @@ impl Session {
                 Some(s) => s.flush()?.unwrap_or_default(),
                 None => String::new(),
             };
-            let (mut text, _) = stops.push(&rest);
+            let (mut text, _) = if parts.is_some() {
+                stops.take_part(last_part, &rest, &rest, answer_only)
+            } else {
+                stops.push(&rest)
+            };
             text.push_str(&stops.finish());
             if !text.is_empty() {
                 on_delta(&Delta {
@@ -474,6 +477,30 @@ impl<'a> StopMatcher<'a> {
 
     fn stopped(&self) -> bool {
         self.stopped
+    }
+
+    /// A chat reply's `piece` of `part` (`answer` the piece as the answer shows it, less the
+    /// blank lines it starts without): stop strings are sought in the answer alone. With
+    /// `answer_only` nothing else is text; otherwise the rest passes through unsearched.
+    fn take_part(
+        &mut self,
+        part: Part,
+        piece: &str,
+        answer: &str,
+        answer_only: bool,
+    ) -> (String, bool) {
+        match part {
+            Part::Answer if answer_only => self.push(answer),
+            Part::Answer if answer.len() < piece.len() => {
+                let mut text = self.pass(&piece[..piece.len() - answer.len()]);
+                let (rest, stopped) = self.push(answer);
+                text.push_str(&rest);
+                (text, stopped)
+            }
+            Part::Answer => self.push(piece),
+            _ if answer_only => (self.pass(""), false),
+            _ => (self.pass(piece), false),
+        }
     }
 
     /// Appends `piece`; returns the text now safe to emit and whether a stop string was found.
@@ -603,6 +630,37 @@ mod tests {
         assert_eq!(m.push("b"), ("b".to_string(), false));
         assert_eq!(m.push("zab"), ("z".to_string(), true));
         assert_eq!(m.into_text(), "xab abbz");
+    }
+
+    /// The blank lines a chat answer starts without (after its reasoning) are not sought for
+    /// stop strings either: they pass through as the reasoning does.
+    #[test]
+    fn an_answers_leading_blank_lines_are_not_sought() {
+        let stops = vec!["\n\n".to_string()];
+        let mut m = StopMatcher::new(&stops);
+        let (reasoning, answer) = ("a\n\nb", Part::Answer);
+        assert_eq!(
+            m.take_part(Part::Reasoning, reasoning, reasoning, false),
+            (reasoning.to_string(), false)
+        );
+        assert_eq!(
+            m.take_part(answer, "\n\nHi", "Hi", false),
+            ("\n\nHi".to_string(), false)
+        );
+        assert_eq!(
+            m.take_part(answer, "\n\nthere", "\n\nthere", false),
+            (String::new(), true)
+        );
+        // Shown the answer only, the same pieces give its text alone.
+        let mut m = StopMatcher::new(&stops);
+        assert_eq!(
+            m.take_part(Part::Reasoning, reasoning, reasoning, true),
+            (String::new(), false)
+        );
+        assert_eq!(
+            m.take_part(answer, "\n\nHi", "Hi", true),
+            ("Hi".to_string(), false)
+        );
     }
 
     fn sampler(params: SamplingParams) -> Sampler {

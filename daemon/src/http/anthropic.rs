@@ -158,10 +158,13 @@ impl Message {
                 };
                 let generated = decoded(&result.tokens);
                 let before_last = decoded(&result.tokens[..result.tokens.len().saturating_sub(1)]);
+                // The text before the last token may end in a character the last token
+                // completes, decoded as U+FFFD: up to two bytes longer than its bytes.
+                const SPLIT_CHARACTER: usize = 2;
                 let ends_last = |stop: &&String| {
                     let mut from = before_last
                         .len()
-                        .saturating_sub(stop.len().saturating_sub(1));
+                        .saturating_sub(stop.len().saturating_sub(1) + SPLIT_CHARACTER);
                     while !generated.is_char_boundary(from) {
                         from -= 1;
                     }

@@ -149,7 +149,7 @@ pub(super) unsafe fn k_tile<K: Layout>(
     let (mut d, mut dmin) = ([0f32; TILE], [0f32; TILE]);
     for s in 0..supers {
         // SAFETY: super-block s of the tile's 16 rows is inside `weights`; the tokens' values
-        // and sums inside `x` and `sums`.
+        // and their sums inside `x`.
         unsafe {
             let block = |r: usize| weights.as_ptr().add((first + r) * row_bytes + s * K::BYTES);
             for p in 0..SUB_BLOCKS / 2 {

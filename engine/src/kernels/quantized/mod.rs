@@ -379,6 +379,9 @@ pub fn glu_with(experts: &[(GluWeights, &Activations)], combine: Combine) -> Res
     Ok(outputs)
 }
 
+/// Rows a thread quantizes at a time when [`Activations::of`] shares a prompt out.
+const ROWS_PER_SHARE: usize = 32;
+
 /// Activation rows quantized as llama.cpp quantizes them for each weight type. For the 32-value
 /// types, Q8_0: per block of 32, the scale `max|x| / 127` rounded through f16, and `x / scale`
 /// rounded to the nearest integer, with each block's sum as llama.cpp's Q8_1 keeps it (the
@@ -389,9 +392,6 @@ pub fn glu_with(experts: &[(GluWeights, &Activations)], combine: Combine) -> Res
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(dead_code)
 )]
-/// Rows a thread quantizes at a time when [`Activations::of`] shares a prompt out.
-const ROWS_PER_SHARE: usize = 32;
-
 pub struct Activations {
     quants: Vec<i8>,
     /// Per block of 32.
@@ -685,8 +685,11 @@ impl<'a> Job<'a> {
 
 /// Computes every job in one pass over the thread pool.
 pub fn matmul(jobs: &mut [Job]) {
-    // The rows of all jobs in one numbering, so a thread's range may span several matrices.
+    // The rows of all jobs in one numbering, in units of a tile's rows (a job's last unit may
+    // be short), so that a thread's range may span several matrices and never cuts a tile: a
+    // tile cut between two threads would be computed whole by each.
     let mut starts = Vec::with_capacity(jobs.len() + 1);
+    let mut rows_of = Vec::with_capacity(jobs.len());
     let mut total = 0;
     for job in jobs.iter() {
         let row_bytes = job.format.row_bytes(job.x.cols);
@@ -704,7 +707,8 @@ pub fn matmul(jobs: &mut [Job]) {
             "output of {rows} columns"
         );
         starts.push(total);
-        total += rows;
+        rows_of.push(rows);
+        total += rows.div_ceil(ROWS_TOGETHER);
     }
     starts.push(total);
     let outputs: Vec<usize> = jobs
@@ -712,24 +716,29 @@ pub fn matmul(jobs: &mut [Job]) {
         .map(|j| j.out.as_mut_ptr() as usize)
         .collect();
     let jobs = &*jobs;
-    let run = |range: std::ops::Range<usize>| {
-        let mut row = range.start;
-        let mut index = starts.partition_point(|&s| s <= row) - 1;
-        while row < range.end {
-            let job = &jobs[index];
-            let (first, rows) = (starts[index], starts[index + 1] - starts[index]);
-            let row_bytes = job.weights.len() / rows;
-            let end = range.end.min(first + rows);
-            let out = outputs[index] as *mut f32;
-            // SAFETY: each (job, token, row) element is written by exactly one range item, and
-            // the outputs outlive the pool call.
-            unsafe { product(job, row - first..end - first, row_bytes, out, rows) };
-            row = end;
+    let run = |units: Range<usize>| {
+        let mut unit = units.start;
+        let mut index = starts.partition_point(|&s| s <= unit) - 1;
+        while unit < units.end {
+            let (job, first, rows) = (&jobs[index], starts[index], rows_of[index]);
+            let end = units.end.min(starts[index + 1]);
+            let range = (unit - first) * ROWS_TOGETHER..((end - first) * ROWS_TOGETHER).min(rows);
+            if !range.is_empty() {
+                let row_bytes = job.weights.len() / rows;
+                let out = outputs[index] as *mut f32;
+                // SAFETY: each (job, token, row) element is written by exactly one range item,
+                // and the outputs outlive the pool call.
+                unsafe { product(job, range, row_bytes, out, rows) };
+            }
+            unit = end;
             index += 1;
         }
     };
     candle_core::utils::barrier_pool().execute_chunked(total, run);
 }
+
+/// Rows [`matmul`] gives a thread together: AVX-512's tile (NEON's of four divide it).
+const ROWS_TOGETHER: usize = 16;
 
 /// Elements `(t, r)` of `job` for its every token `t` and the rows `rows` (of `row_bytes` bytes),
 /// into `out[t * out_rows + r]`: AVX-512 takes groups of tokens through each row or tile of rows,
@@ -1596,6 +1605,7 @@ mod tests {
             assert_eq!(shared.quants, whole.quants);
             assert_eq!(shared.scales, whole.scales);
             assert_eq!(shared.sums, whole.sums);
+            assert_eq!(shared.integer_sums, whole.integer_sums);
         }
     }
 

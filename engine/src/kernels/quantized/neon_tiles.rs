@@ -175,7 +175,7 @@ impl Tile<'_> {
         let (mut d, mut dmin) = ([0f32; TILE], [0f32; TILE]);
         for s in 0..supers {
             // SAFETY: super-block s of the tile's rows is inside the weights; the tokens'
-            // values and sums inside `x` and `sums`.
+            // values and their sums inside `x`.
             unsafe {
                 for r in 0..TILE {
                     let block = self
