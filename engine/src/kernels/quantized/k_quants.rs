@@ -673,15 +673,7 @@ unsafe fn offset_scales(block: *const u8) -> Scales {
     // SAFETY: the caller's.
     unsafe {
         let (d, dmin) = (half(block), half(block.add(2)));
-        let packed = block.add(Q4K_SCALES_AT);
-        let word = |i: usize| (packed.add(4 * i) as *const u32).read_unaligned();
-        let (w0, w1, w2) = (word(0), word(1), word(2));
-        const SIX: u32 = 0x3f3f_3f3f;
-        const NIBBLE: u32 = 0x0f0f_0f0f;
-        const TOP: u32 = 0x0303_0303;
-        let scales = (w0 & SIX) as u64 | ((w2 & NIBBLE | ((w0 >> 6) & TOP) << 4) as u64) << 32;
-        let offsets =
-            (w1 & SIX) as u64 | (((w2 >> 4) & NIBBLE | ((w1 >> 6) & TOP) << 4) as u64) << 32;
+        let (scales, offsets) = six_bit_words(block);
         let per_32 = _mm256_mul_ps(widen(scales), _mm256_set1_ps(d));
         let offsets_per_32 = _mm256_mul_ps(widen(offsets), _mm256_set1_ps(-dmin));
         let mut out = Scales {
@@ -761,18 +753,28 @@ unsafe fn offset_scales(block: *const u8) -> Scales {
 /// `block` points at a whole Q4_K or Q5_K super-block.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe fn six_bit_scales(block: *const u8) -> ([u8; 8], [u8; 8]) {
+    // SAFETY: the caller's.
+    let (scales, mins) = unsafe { six_bit_words(block) };
+    (scales.to_le_bytes(), mins.to_le_bytes())
+}
+
+/// The same, a byte each in two words, unpacked a word at a time: the first four of each in the
+/// low six bits of packed bytes 0-3 (scales) and 4-7 (minima), the last four in the nibbles of
+/// bytes 8-11 with their top two bits in the top bits of bytes 0-7.
+///
+/// # Safety
+/// As [`six_bit_scales`].
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline]
+unsafe fn six_bit_words(block: *const u8) -> (u64, u64) {
     // SAFETY: the caller's: the 12 packed bytes follow `d` and `dmin`.
-    let packed: [u8; 12] = unsafe { *(block.add(Q4K_SCALES_AT) as *const [u8; 12]) };
-    let (mut scales, mut mins) = ([0u8; 8], [0u8; 8]);
-    for j in 0..8 {
-        (scales[j], mins[j]) = if j < 4 {
-            (packed[j] & 63, packed[j + 4] & 63)
-        } else {
-            (
-                packed[j + 4] & 0x0f | (packed[j - 4] >> 6) << 4,
-                packed[j + 4] >> 4 | (packed[j] >> 6) << 4,
-            )
-        };
-    }
+    let word =
+        |i: usize| unsafe { (block.add(Q4K_SCALES_AT + 4 * i) as *const u32).read_unaligned() };
+    let (w0, w1, w2) = (word(0), word(1), word(2));
+    const SIX: u32 = 0x3f3f_3f3f;
+    const NIBBLE: u32 = 0x0f0f_0f0f;
+    const TOP: u32 = 0x0303_0303;
+    let scales = (w0 & SIX) as u64 | ((w2 & NIBBLE | ((w0 >> 6) & TOP) << 4) as u64) << 32;
+    let mins = (w1 & SIX) as u64 | (((w2 >> 4) & NIBBLE | ((w1 >> 6) & TOP) << 4) as u64) << 32;
     (scales, mins)
 }
