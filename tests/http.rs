@@ -504,6 +504,36 @@ fn response_json(base: &str, request: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
+/// A request refused before its body was read says the connection closes, so that a client's
+/// pool does not send the next request on it; other errors keep it open.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_refused_unread_closes_its_connection_and_says_so() {
+    let model = fixture_with_qwen3_template();
+    // Bodies up to 64 KiB.
+    let daemon = HttpDaemon::start(model.path(), "").await;
+    let huge = json!({"messages": [{"role": "user", "content": "x".repeat(200 * 1024)}],
+                      "max_tokens": 1});
+    let small = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1});
+    for (request, status, closes) in [
+        (
+            post("/v1/chat/completions", Some(&daemon.key), &huge),
+            "413",
+            true,
+        ),
+        (post("/v1/messages", Some("wrong"), &small), "401", true),
+        (
+            post("/v1/chat/completions", Some(&daemon.key), &json!({})),
+            "400",
+            false,
+        ),
+    ] {
+        let (_, head) = send_raw(&daemon.base, &request);
+        assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{head}");
+        let says_close = head.to_ascii_lowercase().contains("connection: close");
+        assert_eq!(says_close, closes, "{head}");
+    }
+}
+
 /// A stop sequence met in a reply ends it there: Anthropic's API names it as the reason, with
 /// the text before it, and OpenAI's ends at the same place.
 #[tokio::test(flavor = "multi_thread")]

@@ -4,7 +4,8 @@
 //! their SDKs map to exceptions.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::header::CONNECTION;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use odmoe_protocol::{ErrorCode, RpcError};
 use serde_json::json;
@@ -104,7 +105,20 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        // Refused before its body was read (too large, or without the key), a request leaves
+        // the rest of its body on the connection, which then closes: saying so keeps a client
+        // from sending its next request on it, where it would meet the close instead of an
+        // answer.
+        if matches!(
+            self.status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNAUTHORIZED
+        ) {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 
