@@ -382,8 +382,26 @@ impl Partial {
     }
 
     /// Adds `later`'s keys to these rows': both rescaled to the larger maximum. Rows that saw no
-    /// key in `later` are left as they are.
+    /// key in `later` are left as they are. With the FMA instruction where the CPU has it: without
+    /// it each `mul_add` (the rescaling's, and `exp`'s) is a call to the library's exact and slow
+    /// fused multiply-add, of the same result.
     fn fold(&mut self, later: &Partial) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("fma") {
+            #[target_feature(enable = "fma")]
+            fn with_fma(total: &mut Partial, later: &Partial) {
+                total.fold_rows(later)
+            }
+            // SAFETY: the CPU has FMA.
+            unsafe { with_fma(self, later) };
+            return;
+        }
+        self.fold_rows(later)
+    }
+
+    /// [`Partial::fold`]'s steps, inlined into the function that picks the instructions.
+    #[inline(always)]
+    fn fold_rows(&mut self, later: &Partial) {
         let dv = self.outputs.len() / self.maxima.len().max(1);
         for (row, &late_max) in later.maxima.iter().enumerate() {
             if late_max == f32::NEG_INFINITY {
@@ -402,7 +420,9 @@ impl Partial {
             let (kept, late_kept) = (exp(max - new_max), exp(late_max - new_max));
             self.maxima[row] = new_max;
             self.sums[row] = self.sums[row] * kept + later.sums[row] * late_kept;
-            rescale_add(output, late_output, kept, late_kept);
+            for (o, &late) in output.iter_mut().zip(late_output) {
+                *o = late.mul_add(late_kept, *o * kept);
+            }
         }
     }
 
@@ -452,32 +472,23 @@ fn attend_chunk(
         unsafe { attend_chunk_avx512(inputs, g, rows, chunk, partial) };
         return;
     }
-    attend_chunk_with(inputs, g, rows, chunk, partial, transpose_keys, |rows| {
-        rows.iter_mut().for_each(update_row)
-    })
+    attend_chunk_with(inputs, g, rows, chunk, partial, transpose_keys, update_rows)
 }
 
-/// `output * kept + late * late_kept` into `output`, the second product fused into the sum:
-/// with the FMA instruction where the CPU has it, since without it each `mul_add` is a call to
-/// the library's exact (and slow) fused multiply-add, of the same result.
-fn rescale_add(output: &mut [f32], late: &[f32], kept: f32, late_kept: f32) {
-    #[inline(always)]
-    fn each(output: &mut [f32], late: &[f32], kept: f32, late_kept: f32) {
-        for (o, &late) in output.iter_mut().zip(late) {
-            *o = late.mul_add(late_kept, *o * kept);
-        }
-    }
+/// [`update_row`] for each of `rows`, with the FMA instruction where the CPU has it (see
+/// [`Partial::fold`]).
+fn update_rows(rows: &mut [RowUpdate]) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("fma") {
         #[target_feature(enable = "fma")]
-        fn with_fma(output: &mut [f32], late: &[f32], kept: f32, late_kept: f32) {
-            each(output, late, kept, late_kept)
+        fn with_fma(rows: &mut [RowUpdate]) {
+            rows.iter_mut().for_each(update_row)
         }
         // SAFETY: the CPU has FMA.
-        unsafe { with_fma(output, late, kept, late_kept) };
+        unsafe { with_fma(rows) };
         return;
     }
-    each(output, late, kept, late_kept)
+    rows.iter_mut().for_each(update_row)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -697,7 +708,9 @@ fn kept(max: f32, new_max: f32) -> f32 {
 }
 
 /// The online softmax's step for one row and block, in plain arithmetic: the block's scores,
-/// the new maximum, the old sum and output scaled to it, the block's weights added.
+/// the new maximum, the old sum and output scaled to it, the block's weights added. Inlined
+/// into [`update_rows`], which picks the instructions.
+#[inline(always)]
 fn update_row(row: &mut RowUpdate) {
     let mut scores = [0f32; KEYS];
     for (c, &qc) in row.q.iter().enumerate() {
