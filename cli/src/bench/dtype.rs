@@ -191,7 +191,8 @@ fn mxfp4_rows(weight: &Tensor, decode_x: &Tensor, prompt_x: &Tensor) -> Result<V
     }];
     // A checkpoint's MXFP4 (gpt-oss's Hugging Face files) multiplies f32 activations at the
     // weights' exact values; candle's column is its f32 product on the same values widened.
-    let values = mxfp4::dequantize(&blocks).map_err(anyhow::Error::msg)?;
+    let values = Matrix::mxfp4_values(blocks.clone(), [ROWS, COLS])
+        .ok_or_else(|| anyhow::anyhow!("MXFP4 blocks of a {ROWS} x {COLS} matrix"))?;
     let widened = |_| -> Result<Apply> {
         let w = Tensor::from_vec(values.clone(), (ROWS, COLS), &Device::Cpu)?;
         Ok(Box::new(move |x: &Tensor| x.matmul(&w.t()?)))

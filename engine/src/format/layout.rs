@@ -132,9 +132,7 @@ pub fn stored_bytes(dtype: &str, values: usize) -> Option<u64> {
     match dtype {
         "F32" => Some(4 * values),
         "F16" | "BF16" => Some(2 * values),
-        MXFP4_DTYPE => values
-            .is_multiple_of(32)
-            .then(|| super::gguf_header::mxfp4_bytes(values as usize) as u64),
+        MXFP4_DTYPE => ExpertType::Mxfp4.bytes(values as usize).map(|b| b as u64),
         _ => None,
     }
 }

@@ -66,25 +66,6 @@ pub fn to_q8_0(blocks: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// The values of `blocks` (whole MXFP4 blocks), exactly, in f32.
-pub fn dequantize(blocks: &[u8]) -> Result<Vec<f32>, String> {
-    if !blocks.len().is_multiple_of(MXFP4_BLOCK_BYTES) {
-        return Err(format!(
-            "{} bytes are not whole MXFP4 blocks of {MXFP4_BLOCK_BYTES}",
-            blocks.len()
-        ));
-    }
-    let mut out = Vec::with_capacity(blocks.len() / MXFP4_BLOCK_BYTES * VALUES);
-    for block in blocks.chunks_exact(MXFP4_BLOCK_BYTES) {
-        // Through f64: 2^-128 as f32 is subnormal, past what powi reaches in f32.
-        let scale = 2f64.powi(i32::from(block[0]) - 128) as f32;
-        let code = |c: u8| f32::from(KVALUES[usize::from(c)]) * scale;
-        out.extend(block[1..].iter().map(|&b| code(b & 0x0f)));
-        out.extend(block[1..].iter().map(|&b| code(b >> 4)));
-    }
-    Ok(out)
-}
-
 /// Rows `rows` of an MXFP4 matrix as OpenAI's checkpoints keep it, as ggml's blocks: `blocks`
 /// holds per row `groups` blocks of 16 bytes (value 2j of a block in byte j's low nibble, 2j + 1
 /// in its high one) and `scales` per row `groups` exponents, `2^(s - 127)` for the e2m1 values,

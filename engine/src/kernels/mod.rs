@@ -48,6 +48,13 @@ impl Matrix {
         mxfp4_blocks(blocks, shape).map(Self::ExactMxfp4)
     }
 
+    /// The exact values of MXFP4 `blocks` forming a matrix `[rows, cols]`, in f32 (see
+    /// [`exact_mxfp4::widened`]), or `None` when they do not form it: what a device without
+    /// these kernels multiplies.
+    pub fn mxfp4_values(blocks: Vec<u8>, shape: [usize; 2]) -> Option<Vec<f32>> {
+        mxfp4_blocks(blocks, shape).map(|w| exact_mxfp4::widened(&w))
+    }
+
     /// Whether MXFP4 blocks are held as they are on `device`: where these kernels multiply them
     /// (the CPU, with their instructions). Elsewhere candle multiplies them as Q8_0 blocks of the
     /// same values, at twice the bytes.

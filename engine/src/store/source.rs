@@ -38,11 +38,6 @@ pub trait ExpertSource: Send + Sync {
     fn expert_bytes(&self) -> u64;
 }
 
-/// Bytes of one expert in memory: three f32 matrices.
-fn f32_expert_bytes(config: &ModelConfig) -> u64 {
-    3 * (config.hidden_size * config.expert_intermediate_size * 4) as u64
-}
-
 fn parse_dtype(name: &str) -> Option<Dtype> {
     match name {
         "F32" => Some(Dtype::F32),
@@ -157,9 +152,9 @@ fn expert_encoding(dir: &Path, manifest: &Manifest) -> Result<ExpertEncoding> {
 fn layout_expert_bytes(manifest: &Manifest, encoding: &ExpertEncoding, device: &Device) -> u64 {
     let config = &manifest.architecture;
     match (encoding, config.moe_layers().next()) {
-        (ExpertEncoding::Dense(_), _) => f32_expert_bytes(config),
+        (ExpertEncoding::Dense(_), _) => config.expert_f32_bytes() as u64,
         (ExpertEncoding::ExactMxfp4, _) if device.is_cpu() => manifest.expert.weight_bytes(),
-        (ExpertEncoding::ExactMxfp4, _) => f32_expert_bytes(config),
+        (ExpertEncoding::ExactMxfp4, _) => config.expert_f32_bytes() as u64,
         // As GgufSource counts them: the first MoE layer's slices as they sit in memory.
         (ExpertEncoding::Ggml(types), Some(layer)) => (0..3)
             .map(|k| held_bytes(&ggml_slice(&manifest.expert, types, layer, k), device) as u64)
@@ -524,7 +519,9 @@ fn exact_mxfp4_matrix(
             candle_core::Error::Msg(format!("MXFP4 blocks are not a {shape:?} matrix"))
         });
     }
-    let values = mxfp4::dequantize(&blocks).map_err(candle_core::Error::Msg)?;
+    let values = Matrix::mxfp4_values(blocks, shape).ok_or_else(|| {
+        candle_core::Error::Msg(format!("MXFP4 blocks are not a {shape:?} matrix"))
+    })?;
     let values = candle_core::Tensor::from_vec(values, shape.to_vec(), device)?;
     Ok(Matrix::Candle(QMatMul::Tensor(values)))
 }
