@@ -16,7 +16,7 @@ use odmoe_engine::config::ModelConfig;
 use odmoe_engine::format::gguf::{ggml_bytes, ggml_type_name, stacked_expert_names};
 use odmoe_engine::format::gguf_header;
 use odmoe_engine::format::layout::{GGUF_DTYPE, Manifest};
-use odmoe_engine::format::safetensors::{HfWeights, View, is_fused_expert_tensor};
+use odmoe_engine::format::safetensors::{HfWeights, is_fused_expert_tensor};
 use odmoe_engine::model::{KvType, expert_tensor_names};
 use odmoe_engine::open;
 use odmoe_engine::store::budget::parse_budget;
@@ -547,11 +547,7 @@ fn huggingface_contents(dir: &Path, config: &ModelConfig) -> Result<Contents> {
     let (expert_dtype, expert_bytes_on_disk) = match config.moe_layers().next() {
         Some(first) => {
             let names = expert_tensor_names(config, first, 0).map(|n| format!("{n}.weight"));
-            let location = weights.location(&names[0])?;
-            let dtype = match location.view {
-                View::Mxfp4Rows { .. } => "MXFP4".to_string(),
-                View::Whole | View::Columns { .. } => location.dtype.to_string(),
-            };
+            let dtype = weights.location(&names[0])?.values_dtype();
             (
                 Some(dtype),
                 total_disk / (config.moe_layers().count() * config.num_experts) as u64,

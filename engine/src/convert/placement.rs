@@ -69,11 +69,10 @@ pub(super) fn expert_layout(
                         expected: shape.to_vec(),
                     });
                 }
-                let (found, in_header) = match location.view {
-                    View::Mxfp4Rows { .. } => (layout::MXFP4_DTYPE.to_string(), Dtype::U8),
-                    View::Whole | View::Columns { .. } => {
-                        (location.dtype.to_string(), location.dtype)
-                    }
+                let found = location.values_dtype();
+                let in_header = match location.view {
+                    View::Mxfp4Rows { .. } => Dtype::U8,
+                    View::Whole | View::Columns { .. } => location.dtype,
                 };
                 if !matches!(location.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16)
                     && found != layout::MXFP4_DTYPE

@@ -61,6 +61,17 @@ pub struct TensorLocation {
     pub scales: Option<Span>,
 }
 
+impl TensorLocation {
+    /// The dtype an odmoe layout names for the tensor's values: the checkpoint's, or
+    /// [`MXFP4_DTYPE`](crate::format::layout::MXFP4_DTYPE) for MXFP4 blocks (stored as U8).
+    pub fn values_dtype(&self) -> String {
+        match self.view {
+            View::Mxfp4Rows { .. } => crate::format::layout::MXFP4_DTYPE.to_string(),
+            View::Whole | View::Columns { .. } => self.dtype.to_string(),
+        }
+    }
+}
+
 /// A run of bytes in a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Span {
