@@ -81,7 +81,7 @@ fn on_demand_is_bit_identical_to_resident_at_every_budget() {
 }
 
 /// gpt-oss's experts, sliced per expert out of its fused tensors (BF16, or MXFP4 blocks and
-/// scales), on demand as resident (its checkpoints do not convert yet).
+/// scales), on demand as resident.
 #[test]
 fn fused_experts_on_demand_are_bit_identical_to_resident() {
     for name in ["gpt_oss", "gpt_oss_mxfp4"] {

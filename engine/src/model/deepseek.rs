@@ -275,8 +275,9 @@ pub(super) fn gguf_routed_experts(
 /// time; the converter writes the checkpoint's own values, which are what the model was trained
 /// with (Kimi-K2: 1 / 1), so this reader follows the checkpoint, as transformers does. 32 / 1 are
 /// both llama.cpp's and transformers' defaults.
-/// DeepSeek's YaRN from the file's plain `yarn`: its attention factors checked, its mscale
-/// from `yarn_log_multiplier`, the correction range truncated.
+///
+/// From the file's plain `yarn` (see `GgufConfig::yarn`): its attention factors checked, its
+/// mscale from `yarn_log_multiplier`, the correction range truncated.
 fn gguf_yarn(meta: &GgufConfig, yarn: YarnScaling) -> Result<YarnScaling> {
     let optional = |k: &str| meta.opt_f64(&format!("rope.scaling.{k}"));
     if let Some(factor) = optional("yarn_attn_factor")?.filter(|&f| f != 1.0) {

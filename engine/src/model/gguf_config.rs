@@ -67,7 +67,6 @@ impl<'a> GgufConfig<'a> {
             .map(Some)
     }
 
-    /// An integer that may be absent, refused when present with another type.
     /// The YaRN scaling the file declares (`rope.scaling.type` "yarn"): its factor, original
     /// context and betas (llama.cpp's defaults 32 and 1), the rest (mscale, truncation) left
     /// plain for the architecture to set; `None` without scaling. Another type is refused.
@@ -95,6 +94,7 @@ impl<'a> GgufConfig<'a> {
         }
     }
 
+    /// An integer that may be absent, refused when present with another type.
     pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         self.has(key).then(|| self.usize(key)).transpose()
     }
