@@ -62,6 +62,12 @@ impl Matrix {
         device.is_cpu() && quantized::available()
     }
 
+    /// Whether a checkpoint's MXFP4 blocks are held as they are on `device`, multiplied at their
+    /// exact values ([`exact_mxfp4`], plain code any CPU runs); elsewhere as their f32 values.
+    pub fn keeps_exact_mxfp4(device: &Device) -> bool {
+        device.is_cpu()
+    }
+
     /// `x W^T`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {

@@ -153,7 +153,9 @@ fn layout_expert_bytes(manifest: &Manifest, encoding: &ExpertEncoding, device: &
     let config = &manifest.architecture;
     match (encoding, config.moe_layers().next()) {
         (ExpertEncoding::Dense(_), _) => config.expert_f32_bytes() as u64,
-        (ExpertEncoding::ExactMxfp4, _) if device.is_cpu() => manifest.expert.weight_bytes(),
+        (ExpertEncoding::ExactMxfp4, _) if Matrix::keeps_exact_mxfp4(device) => {
+            manifest.expert.weight_bytes()
+        }
         (ExpertEncoding::ExactMxfp4, _) => config.expert_f32_bytes() as u64,
         // As GgufSource counts them: the first MoE layer's slices as they sit in memory.
         (ExpertEncoding::Ggml(types), Some(layer)) => (0..3)
@@ -497,7 +499,7 @@ fn located_expert_bytes(locations: &[Vec<[TensorLocation; 3]>], device: &Device)
         .map(|t| {
             let values = (t.shape[0] * t.shape[1]) as u64;
             match t.view {
-                View::Mxfp4Rows { .. } if device.is_cpu() => {
+                View::Mxfp4Rows { .. } if Matrix::keeps_exact_mxfp4(device) => {
                     gguf_header::mxfp4_bytes(values as usize) as u64
                 }
                 View::Whole | View::Columns { .. } | View::Mxfp4Rows { .. } => values * 4,
@@ -514,7 +516,7 @@ fn exact_mxfp4_matrix(
     shape: [usize; 2],
     device: &Device,
 ) -> candle_core::Result<Matrix> {
-    if device.is_cpu() {
+    if Matrix::keeps_exact_mxfp4(device) {
         return Matrix::exact_mxfp4(blocks, shape).ok_or_else(|| {
             candle_core::Error::Msg(format!("MXFP4 blocks are not a {shape:?} matrix"))
         });
