@@ -447,20 +447,13 @@ fn mix_quantized(
         .iter()
         .map(|h| h.quantized(x).ok_or_else(mixed_types))
         .collect::<Result<_>>()?;
-    let inputs = quantized::Activations::quantize_each(
-        batch
-            .iter()
-            .zip(&weights)
-            .map(|((_, (tokens, _)), w)| {
-                let gathered: Vec<f32> = tokens
-                    .iter()
-                    .flat_map(|&t| &rows[t as usize * hidden..(t as usize + 1) * hidden])
-                    .copied()
-                    .collect();
-                (gathered, hidden, w.input_formats().to_vec())
-            })
-            .collect(),
-    );
+    let formats: Vec<_> = weights.iter().map(|w| w.input_formats()).collect();
+    let gathered: Vec<(&[u32], &[quantized::Format])> = batch
+        .iter()
+        .zip(&formats)
+        .map(|((_, (tokens, _)), meets)| (tokens.as_slice(), meets.as_slice()))
+        .collect();
+    let inputs = quantized::Activations::gather_each(rows, hidden, &gathered);
     let experts: Vec<_> = weights.into_iter().zip(&inputs).collect();
     let ids: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
     let mut outputs = form.glu(&experts, &ids)?;

@@ -18,7 +18,7 @@
 //! read on demand give the bits resident ones give.
 
 use std::ops::Range;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Tensor};
@@ -354,17 +354,16 @@ pub fn glu_with(experts: &[(GluWeights, &Activations)], combine: Combine) -> Res
         jobs.push(Job::new(&w.up, x, u));
     }
     matmul(&mut jobs);
-    for (e, (g, u)) in gated.iter_mut().zip(&lifted).enumerate() {
-        combine(e, g, u);
-    }
-    let mids = Activations::quantize_each(
-        gated
-            .into_iter()
-            .zip(&width)
-            .zip(experts)
-            .map(|((g, &width), (w, _))| (g, width, vec![w.down.format]))
-            .collect(),
-    );
+    // Each expert's combination and quantization is one item on the pool: together they cost
+    // as much as a small product.
+    let gated: Vec<Mutex<Vec<f32>>> = gated.into_iter().map(Mutex::new).collect();
+    let mids = super::on_pool(experts.len(), |e| {
+        let mut gate = gated[e]
+            .lock()
+            .expect("an expert's gate rows are taken once");
+        combine(e, &mut gate, &lifted[e]);
+        Activations::quantize(&gate, width[e], &[experts[e].0.down.format])
+    });
     let mut outputs: Vec<Vec<f32>> = experts
         .iter()
         .map(|(w, x)| vec![0f32; x.len() * w.down.rows])
@@ -449,12 +448,17 @@ impl Activations {
         all
     }
 
-    /// [`Activations::quantize`] of each `(x, cols, meets)`, the inputs shared out over the
-    /// thread pool.
-    pub fn quantize_each(inputs: Vec<(Vec<f32>, usize, Vec<Format>)>) -> Vec<Self> {
+    /// Each of `inputs` quantized, over the thread pool: `(tokens, meets)` takes the rows
+    /// `tokens` of `x` (rows of `cols` values) for weights in `meets`, as a prompt's tokens
+    /// routed to one expert. The rows are read where they are, not gathered first.
+    pub fn gather_each(x: &[f32], cols: usize, inputs: &[(&[u32], &[Format])]) -> Vec<Self> {
         super::on_pool(inputs.len(), |i| {
-            let (x, cols, meets) = &inputs[i];
-            Self::quantize(x, *cols, meets)
+            let (tokens, meets) = inputs[i];
+            let rows: Vec<&[f32]> = tokens
+                .iter()
+                .map(|&t| &x[t as usize * cols..][..cols])
+                .collect();
+            Self::quantize_rows(&rows, cols, meets)
         })
     }
 
@@ -463,17 +467,28 @@ impl Activations {
     /// of 256). An expert whose projections are all K-quants (a Q4_K_M file's) skips Q8_0.
     pub fn quantize(x: &[f32], cols: usize, meets: &[Format]) -> Self {
         assert!(
-            cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols),
+            cols > 0 && x.len().is_multiple_of(cols),
+            "rows of {cols} values"
+        );
+        let rows: Vec<&[f32]> = x.chunks_exact(cols).collect();
+        Self::quantize_rows(&rows, cols, meets)
+    }
+
+    /// [`quantize`](Self::quantize) of `rows`, each of `cols` values, wherever they lie.
+    fn quantize_rows(rows: &[&[f32]], cols: usize, meets: &[Format]) -> Self {
+        assert!(
+            cols.is_multiple_of(BLOCK) && rows.iter().all(|row| row.len() == cols),
             "Q8_0 rows of {cols} values"
         );
         let isa = isa().expect("the kernels' instructions on this CPU");
         let q8_0 = meets.iter().any(|format| !format.is_super_block());
-        let values = if q8_0 { x.len() } else { 0 };
+        let values = if q8_0 { rows.len() * cols } else { 0 };
         let mut quants = vec![0i8; values];
         let mut scales = Vec::with_capacity(values / BLOCK);
         let mut sums = Vec::with_capacity(values / BLOCK);
         let mut integer_sums = Vec::with_capacity(values / BLOCK);
-        for (block, out) in x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)) {
+        let blocks = rows.iter().flat_map(|row| row.chunks_exact(BLOCK));
+        for (block, out) in blocks.zip(quants.chunks_exact_mut(BLOCK)) {
             let scale = quantize_block(isa, block, out);
             // At most 32 * 127 in magnitude.
             let sum = out.iter().map(|&q| q as i16).sum::<i16>();
@@ -486,14 +501,14 @@ impl Activations {
         let super_blocks = meets
             .iter()
             .any(|format| format.is_super_block())
-            .then(|| Box::new(Self::quantize_super_blocks(x, cols)));
+            .then(|| Box::new(Self::quantize_super_blocks(rows, cols)));
         Self {
             quants,
             scales,
             sums,
             integer_sums,
             cols,
-            rows: x.len() / cols,
+            rows: rows.len(),
             super_blocks,
         }
     }
@@ -503,19 +518,20 @@ impl Activations {
     /// so it becomes -127) rounded to the nearest integer (at most 127), and the scale
     /// `max / -127` kept in f32 (given for each of its blocks of 32), with the sums of each 16
     /// quants times it.
-    fn quantize_super_blocks(x: &[f32], cols: usize) -> Self {
+    fn quantize_super_blocks(rows: &[&[f32]], cols: usize) -> Self {
         assert!(
             cols.is_multiple_of(k_quants::VALUES),
             "Q8_K rows of {cols} values"
         );
-        let mut quants = vec![0i8; x.len()];
-        let mut scales = Vec::with_capacity(x.len() / BLOCK);
-        let mut sums = Vec::with_capacity(2 * x.len() / BLOCK);
-        let mut integer_sums = Vec::with_capacity(2 * x.len() / BLOCK);
-        for (block, out) in x
-            .chunks_exact(k_quants::VALUES)
-            .zip(quants.chunks_exact_mut(k_quants::VALUES))
-        {
+        let values = rows.len() * cols;
+        let mut quants = vec![0i8; values];
+        let mut scales = Vec::with_capacity(values / BLOCK);
+        let mut sums = Vec::with_capacity(2 * values / BLOCK);
+        let mut integer_sums = Vec::with_capacity(2 * values / BLOCK);
+        let super_blocks = rows
+            .iter()
+            .flat_map(|row| row.chunks_exact(k_quants::VALUES));
+        for (block, out) in super_blocks.zip(quants.chunks_exact_mut(k_quants::VALUES)) {
             let scale = super_block_quants(block, out);
             scales.extend([scale; k_quants::SUB_BLOCKS]);
             for sixteen in out.chunks_exact(16) {
@@ -531,7 +547,7 @@ impl Activations {
             sums,
             integer_sums,
             cols,
-            rows: x.len() / cols,
+            rows: rows.len(),
             super_blocks: None,
         }
     }
@@ -1594,18 +1610,43 @@ mod tests {
         let meets = [Format::Q8_0, Format::Q4K];
         let shared = Activations::of(&x, &meets).unwrap();
         let whole = Activations::quantize(&values(&x), 512, &meets);
-        for (shared, whole) in [
-            (&shared, &whole),
-            (
-                shared.for_format(Format::Q4K),
-                whole.for_format(Format::Q4K),
-            ),
+        assert_same_quantization(&shared, &whole, tokens);
+    }
+
+    /// Rows gathered where they lie (a prompt's tokens routed to an expert, in any order and
+    /// repeated) are quantized as a copy of them would be.
+    #[test]
+    fn gathered_rows_are_quantized_as_their_copy() {
+        if !available() {
+            return;
+        }
+        let (_, x) = f32_case(1, 512, 9, 1);
+        let x = values(&x);
+        let meets = [Format::Q8_0, Format::Q4K];
+        let picks: [&[u32]; 2] = [&[7, 0, 3, 3], &[8]];
+        let inputs: Vec<(&[u32], &[Format])> = picks.iter().map(|&t| (t, &meets[..])).collect();
+        for (gathered, tokens) in Activations::gather_each(&x, 512, &inputs).iter().zip(picks) {
+            let copy: Vec<f32> = tokens
+                .iter()
+                .flat_map(|&t| &x[t as usize * 512..][..512])
+                .copied()
+                .collect();
+            let copy = Activations::quantize(&copy, 512, &meets);
+            assert_same_quantization(gathered, &copy, tokens.len());
+        }
+    }
+
+    /// `a` and `b` hold the same `rows`, in both forms, field for field.
+    fn assert_same_quantization(a: &Activations, b: &Activations, rows: usize) {
+        for (a, b) in [
+            (a, b),
+            (a.for_format(Format::Q4K), b.for_format(Format::Q4K)),
         ] {
-            assert_eq!(shared.rows, tokens);
-            assert_eq!(shared.quants, whole.quants);
-            assert_eq!(shared.scales, whole.scales);
-            assert_eq!(shared.sums, whole.sums);
-            assert_eq!(shared.integer_sums, whole.integer_sums);
+            assert_eq!(a.rows, rows);
+            assert_eq!(a.quants, b.quants);
+            assert_eq!(a.scales, b.scales);
+            assert_eq!(a.sums, b.sums);
+            assert_eq!(a.integer_sums, b.integer_sums);
         }
     }
 
