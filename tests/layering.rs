@@ -73,6 +73,7 @@ const ENGINE: Table = &[
     ("config",    &[]),
     ("error",     &[]),
     ("time",      &[]),
+    ("allocator", &[]),
 ];
 
 /// The crates whose modules have no table yet: at least none of them may import another in a

@@ -24,6 +24,10 @@ mod verify;
 
 use clap::{Parser, Subcommand};
 
+/// Blocks of megabytes (a prompt's tensors) on huge pages: see the allocator's documentation.
+#[global_allocator]
+static ALLOCATOR: odmoe_engine::allocator::HugePageBlocks = odmoe_engine::allocator::HugePageBlocks;
+
 #[derive(Parser)]
 #[command(
     name = "odmoe",

@@ -102,6 +102,10 @@ struct Args {
     http: Option<String>,
 }
 
+/// Blocks of megabytes (a prompt's tensors) on huge pages: see the allocator's documentation.
+#[global_allocator]
+static ALLOCATOR: odmoe_engine::allocator::HugePageBlocks = odmoe_engine::allocator::HugePageBlocks;
+
 fn main() -> ExitCode {
     // SAFETY: first thing in main, before any thread starts.
     unsafe { odmoe_engine::configure_cpu_compute() };

@@ -37,6 +37,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod allocator;
 pub mod config;
 pub mod convert;
 pub mod error;
