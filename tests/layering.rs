@@ -59,7 +59,7 @@ const DAEMON: Table = &[
 const ENGINE: Table = &[
     ("lib",       &["error"]),
     ("open",      &["predict", "model", "tokenizer", "store", "expert", "format", "config",
-                    "error"]),
+                    "allocator", "error"]),
     ("convert",   &["open", "model", "tokenizer", "expert", "format", "config", "error"]),
     ("eval",      &["model", "error"]),
     ("generate",  &["model", "tokenizer", "error"]),

@@ -101,6 +101,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     // SAFETY: first thing in main, before any thread starts.
     unsafe { odmoe_engine::configure_cpu_compute() };
+    odmoe_engine::allocator::configure_system_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),

@@ -109,7 +109,7 @@ static ALLOCATOR: odmoe_engine::allocator::HugePageBlocks = odmoe_engine::alloca
 fn main() -> ExitCode {
     // SAFETY: first thing in main, before any thread starts.
     unsafe { odmoe_engine::configure_cpu_compute() };
-    memory::configure_allocator();
+    odmoe_engine::allocator::configure_system_allocator();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -12,34 +12,12 @@ pub fn resident_bytes() -> Option<u64> {
     platform::resident_bytes()
 }
 
-/// Fixes glibc's allocator thresholds, once, before any thread starts.
-///
-/// By default glibc raises its mmap threshold to the largest block freed (up
-/// to 32 MiB) and keeps up to twice that free at the top of every thread's
-/// arena; `malloc_trim` cannot reach those tops, so a freed model or KV cache
-/// could stay resident (44 MiB of 61 after unloading the demo model). With
-/// both fixed at 4 MiB, blocks that large are mapped and unmapped on their
-/// own and an arena keeps at most 4 MiB free at its top. A 2,000-token prompt
-/// ran no slower this way (0.98x the default's time). Blocks of 2 MiB or more
-/// no longer reach glibc ([`odmoe_engine::allocator`] maps them itself), so
-/// of the two it is the trim threshold that still matters.
-pub fn configure_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        const FOUR_MIB: nix::libc::c_int = 4 << 20;
-        // SAFETY: mallopt only sets the allocator's parameters; called before
-        // any other thread allocates.
-        unsafe {
-            nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, FOUR_MIB);
-            nix::libc::mallopt(nix::libc::M_TRIM_THRESHOLD, FOUR_MIB);
-        }
-    }
-}
-
 /// Gives memory freed by evicted experts and dropped sessions back to the
 /// system: glibc keeps freed heap memory for reuse until trimmed (macOS's
-/// allocator returns it by itself).
+/// allocator returns it by itself), and the global allocator the large
+/// blocks it keeps.
 pub fn return_freed_memory() {
+    odmoe_engine::allocator::give_back();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {

@@ -360,6 +360,8 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
         }),
         None => None,
     };
+    // Loading's large temporaries (file pieces, dequantized tables) are not a prompt's tensors.
+    crate::allocator::give_back();
     Ok(LoadedModel {
         model,
         store,

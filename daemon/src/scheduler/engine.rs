@@ -183,6 +183,8 @@ impl Engine {
             if waited {
                 break;
             }
+            // Idle: the large blocks the last request freed go back to the system.
+            odmoe_engine::allocator::give_back();
             let wait = until.map_or(IDLE_CHECK, |until| {
                 until
                     .saturating_duration_since(Instant::now())
