@@ -1,17 +1,20 @@
-//! The binaries' global allocator: the system's, but for blocks of 512 KiB or more, which on
-//! Linux are mapped on their own (those of 2 MiB or more in whole huge pages) and kept for reuse
-//! until the process is idle.
+//! The binaries' global allocator: the system's, but for blocks of 2 MiB or more, which on Linux
+//! are mapped on their own in whole huge pages and kept for reuse until the process is idle.
 //!
 //! A prompt's every step makes and drops tensors of megabytes (a 512-token prompt's hidden
-//! states are 4 MiB in qwen3moe, 1.1 MiB in SmolLM2). glibc maps such blocks afresh each time,
-//! or keeps them at the top of an arena it trims, so every 4 KiB page of each was faulted in and
-//! zeroed again, one fault at a time: on the 2-layer Q4_K_M qwen3moe, adding two 4 MiB tensors
-//! took 12 ms, and a 512-token prompt 0.30 s where it now takes 0.25. Here a freed block is kept
-//! (up to [`KEPT_BLOCKS`] of them, [`KEPT_BYTES`] in all) for the next block of its size, which
-//! gets it with its pages already in; a block made afresh of 2 MiB or more is advised for
-//! transparent huge pages, two faults for 4 MiB instead of 1,024. [`give_back`] unmaps the kept
-//! blocks: the daemon calls it when its engine goes idle and after a model loads, so their
-//! memory goes back to the system between requests.
+//! states are 4 MiB in qwen3moe). glibc maps blocks that large afresh each time, or keeps them at
+//! the top of an arena it trims, so every 4 KiB page of each was faulted in and zeroed again,
+//! one fault at a time: on the 2-layer Q4_K_M qwen3moe, adding two 4 MiB tensors took 12 ms,
+//! and a 512-token prompt 0.30 s where it now takes 0.25. Here a freed block is kept (up to
+//! [`KEPT_BLOCKS`] of them, [`KEPT_BYTES`] in all) for the next block of its size, which gets it
+//! with its pages already in; a block made afresh is advised for transparent huge pages, two
+//! faults for 4 MiB instead of 1,024. [`give_back`] unmaps the kept blocks: the daemon calls it
+//! when its engine goes idle and after a model loads, so their memory goes back to the system
+//! between requests.
+//!
+//! Smaller blocks stay glibc's, whose heap reuses them: an expert's matrices among them, which
+//! a store under a memory limit frees and reads again all the time. Mapping those afresh too
+//! (from 512 KiB) made a 40-token prompt 15% slower to its first token at a 2 GB limit.
 //!
 //! Elsewhere (macOS, whose allocator keeps large blocks itself) every block is the system's.
 
@@ -21,18 +24,20 @@
 /// freed, then raises that threshold to the largest block freed (up to 32 MiB) and keeps up to
 /// twice that free at the top of every thread's arena; `malloc_trim` cannot reach those tops, so
 /// a freed model or KV cache could stay resident (44 MiB of 61 after unloading the demo model).
-/// Fixed at 4 MiB, every block glibc serves (those under 512 KiB) comes from its heap, and an
-/// arena keeps at most 4 MiB free at its top. Left alone, with large blocks no longer freed
-/// through glibc, its threshold would stay at 128 KiB and map those afresh every time.
+/// Fixed, every block glibc serves (those under 2 MiB) comes from its heap, and an arena keeps
+/// at most 8 MiB free at its top: at 4 MiB, SmolLM2's 1 MiB tensors were trimmed away and
+/// faulted in again at every layer (a 512-token prompt 15% slower). Left alone, with large
+/// blocks no longer freed through glibc, its threshold would stay at 128 KiB.
 pub fn configure_system_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         const FOUR_MIB: nix::libc::c_int = 4 << 20;
+        const EIGHT_MIB: nix::libc::c_int = 8 << 20;
         // SAFETY: mallopt only sets the allocator's parameters; called before any other thread
         // allocates.
         unsafe {
             nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, FOUR_MIB);
-            nix::libc::mallopt(nix::libc::M_TRIM_THRESHOLD, FOUR_MIB);
+            nix::libc::mallopt(nix::libc::M_TRIM_THRESHOLD, EIGHT_MIB);
         }
     }
 }
@@ -56,18 +61,14 @@ mod huge_pages {
 
     use nix::libc;
 
-    /// Blocks from this size on are mapped on their own and kept for reuse: a 512-token
-    /// prompt's hidden states in the smallest model served (SmolLM2's, 1.1 MiB) are larger.
-    pub(super) const LARGE_BLOCK: usize = 512 << 10;
-
-    /// Blocks from this size on are in whole huge pages: the size of an x86-64 huge page.
+    /// Blocks from this size on are mapped on their own, in whole huge pages, and kept for
+    /// reuse: the size of an x86-64 huge page.
     pub(super) const HUGE_BLOCK: usize = 2 << 20;
 
     /// Most freed blocks kept for reuse: the tensors a layer of a prompt frees are fewer.
     pub const KEPT_BLOCKS: usize = 32;
 
-    /// Most bytes kept for reuse. SmolLM2's 512-token prompt found a kept block for 507 of its
-    /// 511 large blocks with this; qwen3moe's prompts gained as much from 32 MiB as from 64.
+    /// Most bytes kept for reuse: qwen3moe's prompts gained as much from 32 MiB as from 64.
     pub const KEPT_BYTES: usize = 32 << 20;
 
     /// Freed blocks, by address and mapped length, waiting for a block of the same length.
@@ -134,7 +135,7 @@ mod huge_pages {
     impl HugePageBlocks {
         /// Whether a block of `layout` is mapped on its own rather than taken from the system.
         pub(super) fn maps(layout: Layout) -> bool {
-            layout.size() >= LARGE_BLOCK && layout.align() <= page()
+            layout.size() >= HUGE_BLOCK && layout.align() <= page()
         }
     }
 
@@ -228,28 +229,18 @@ mod huge_pages {
         }
     }
 
-    /// Pages for a block of `size` bytes, in whole huge pages from [`HUGE_BLOCK`] on: a block's
-    /// last huge page, if partial, would be faulted in 4 KiB at a time.
+    /// Whole huge pages: a block's last one, if partial, would be faulted in 4 KiB at a time.
     fn mapped_length(size: usize) -> usize {
-        if size >= HUGE_BLOCK {
-            size.next_multiple_of(HUGE_BLOCK)
-        } else {
-            size.next_multiple_of(page())
-        }
+        size.next_multiple_of(HUGE_BLOCK)
     }
 
-    /// A zeroed mapping of `length` bytes (a [`mapped_length`]), or null when the system has
-    /// no memory to give. One of whole huge pages starts on a huge-page boundary, so that each
-    /// can be one, and is advised for them.
+    /// A zeroed mapping of `length` bytes (a [`mapped_length`]) that starts on a huge-page
+    /// boundary, so that each of its huge pages can be one, or null when the system has no
+    /// memory to give.
     fn map(length: usize) -> *mut u8 {
-        let huge = length >= HUGE_BLOCK;
         // Over-map by a huge page less a page, then unmap the head and tail around the aligned
         // start: the kernel aligns large mappings itself only in some versions.
-        let span = if huge {
-            length + HUGE_BLOCK - page()
-        } else {
-            length
-        };
+        let span = length + HUGE_BLOCK - page();
         // SAFETY: a new private anonymous mapping, at an address the kernel chooses.
         let base = unsafe {
             libc::mmap(
@@ -263,9 +254,6 @@ mod huge_pages {
         };
         if base == libc::MAP_FAILED {
             return std::ptr::null_mut();
-        }
-        if !huge {
-            return base.cast();
         }
         let base = base as usize;
         let start = base.next_multiple_of(HUGE_BLOCK);
@@ -316,7 +304,7 @@ mod huge_pages {
 mod tests {
     use std::alloc::{GlobalAlloc, Layout};
 
-    use super::huge_pages::{HUGE_BLOCK, LARGE_BLOCK, page};
+    use super::huge_pages::{HUGE_BLOCK, page};
     use super::*;
 
     /// The `VmFlags` line of the mapping that holds `address`, from `/proc/self/smaps`.
@@ -375,12 +363,12 @@ mod tests {
 
     #[test]
     fn small_blocks_and_overaligned_ones_are_the_systems() {
-        let small = Layout::from_size_align(LARGE_BLOCK - 1, 8).unwrap();
-        let aligned = Layout::from_size_align(LARGE_BLOCK, 2 * page()).unwrap();
+        let small = Layout::from_size_align(HUGE_BLOCK - 1, 8).unwrap();
+        let aligned = Layout::from_size_align(HUGE_BLOCK, 2 * page()).unwrap();
         assert!(!HugePageBlocks::maps(small));
         assert!(!HugePageBlocks::maps(aligned));
         assert!(HugePageBlocks::maps(
-            Layout::from_size_align(LARGE_BLOCK, 64).unwrap()
+            Layout::from_size_align(HUGE_BLOCK, 64).unwrap()
         ));
     }
 
@@ -388,7 +376,7 @@ mod tests {
     fn a_freed_block_is_reused_by_the_next_of_its_size_and_zeroed_when_asked() {
         let allocator = HugePageBlocks;
         // A size no other test uses: the kept blocks are the process's.
-        let layout = Layout::from_size_align(LARGE_BLOCK + 3 * page(), 8).unwrap();
+        let layout = Layout::from_size_align(HUGE_BLOCK + 3 * page(), 8).unwrap();
         // SAFETY: a valid layout; every block is written within its size and freed once.
         unsafe {
             let first = allocator.alloc(layout);
