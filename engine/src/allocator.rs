@@ -5,16 +5,18 @@
 //! states are 4 MiB in qwen3moe). glibc maps blocks that large afresh each time, or keeps them at
 //! the top of an arena it trims, so every 4 KiB page of each was faulted in and zeroed again,
 //! one fault at a time: on the 2-layer Q4_K_M qwen3moe, adding two 4 MiB tensors took 12 ms,
-//! and a 512-token prompt 0.30 s where it now takes 0.25. Here a freed block is kept (up to
-//! [`KEPT_BLOCKS`] of them, [`KEPT_BYTES`] in all) for the next block of its size, which gets it
-//! with its pages already in; a block made afresh is advised for transparent huge pages, two
-//! faults for 4 MiB instead of 1,024. [`give_back`] unmaps the kept blocks: the daemon calls it
-//! when its engine goes idle and after a model loads, so their memory goes back to the system
-//! between requests.
+//! and a 512-token prompt 0.30 s where it now takes 0.25. Here a freed block is kept (up to 32
+//! of them, 32 MiB in all) for the next block of its size, which gets it with its pages already
+//! in; a block made afresh is advised for transparent huge pages, two faults for 4 MiB instead
+//! of 1,024. [`give_back`] unmaps the kept blocks: after a model loads, whenever the daemon's
+//! engine goes idle, and when the daemon gives freed memory back, so theirs goes back to the
+//! system between requests. (With pages larger than 4 KiB, as some aarch64 kernels use, a huge
+//! page is larger than 2 MiB: blocks are still mapped and kept, only not on huge pages.)
 //!
-//! Smaller blocks stay glibc's, whose heap reuses them: an expert's matrices among them, which
-//! a store under a memory limit frees and reads again all the time. Mapping those afresh too
-//! (from 512 KiB) made a 40-token prompt 15% slower to its first token at a 2 GB limit.
+//! Smaller blocks, and those aligned beyond a page, stay glibc's, whose heap reuses them: an
+//! expert's matrices among them, which a store under a memory limit frees and reads again all
+//! the time. Mapping those afresh too (from 512 KiB) made a 40-token prompt 15% slower to its
+//! first token at a 2 GB limit.
 //!
 //! Elsewhere (macOS, whose allocator keeps large blocks itself) every block is the system's.
 
@@ -24,7 +26,8 @@
 /// freed, then raises that threshold to the largest block freed (up to 32 MiB) and keeps up to
 /// twice that free at the top of every thread's arena; `malloc_trim` cannot reach those tops, so
 /// a freed model or KV cache could stay resident (44 MiB of 61 after unloading the demo model).
-/// Fixed, every block glibc serves (those under 2 MiB) comes from its heap, and an arena keeps
+/// Fixed, every block glibc serves under 4 MiB (all but over-aligned ones are under 2 MiB) comes
+/// from its heap, and an arena keeps
 /// at most 8 MiB free at its top: at 4 MiB, SmolLM2's 1 MiB tensors were trimmed away and
 /// faulted in again at every layer (a 512-token prompt 15% slower). Left alone, with large
 /// blocks no longer freed through glibc, its threshold would stay at 128 KiB.
@@ -45,7 +48,7 @@ pub fn configure_system_allocator() {
 #[cfg(target_os = "linux")]
 pub use huge_pages::HugePageBlocks;
 #[cfg(target_os = "linux")]
-pub use huge_pages::{KEPT_BLOCKS, KEPT_BYTES, give_back};
+pub use huge_pages::give_back;
 #[cfg(not(target_os = "linux"))]
 pub use std::alloc::System as HugePageBlocks;
 
@@ -66,10 +69,10 @@ mod huge_pages {
     pub(super) const HUGE_BLOCK: usize = 2 << 20;
 
     /// Most freed blocks kept for reuse: the tensors a layer of a prompt frees are fewer.
-    pub const KEPT_BLOCKS: usize = 32;
+    const KEPT_BLOCKS: usize = 32;
 
     /// Most bytes kept for reuse: qwen3moe's prompts gained as much from 32 MiB as from 64.
-    pub const KEPT_BYTES: usize = 32 << 20;
+    const KEPT_BYTES: usize = 32 << 20;
 
     /// Freed blocks, by address and mapped length, waiting for a block of the same length.
     struct Kept {
@@ -117,13 +120,14 @@ mod huge_pages {
 
     /// Unmaps every block kept for reuse, giving its memory back to the system.
     pub fn give_back() {
-        let blocks: Vec<(usize, usize)> = {
+        // Copied out, so that nothing allocates or unmaps while the list is locked.
+        let (blocks, count) = {
             let mut kept = kept();
-            let blocks = kept.blocks[..kept.count].to_vec();
+            let count = kept.count;
             (kept.count, kept.bytes) = (0, 0);
-            blocks
+            (kept.blocks, count)
         };
-        for (address, length) in blocks {
+        for &(address, length) in &blocks[..count] {
             // SAFETY: a kept block is a whole mapping of `length` bytes nothing else refers to.
             unsafe { unmap(address as *mut u8, length) };
         }
@@ -140,8 +144,9 @@ mod huge_pages {
     }
 
     // SAFETY: blocks are the system allocator's, or whole mappings of at least `layout.size()` bytes
-    // aligned to a page (which satisfies `layout.align()`), unmapped only by `dealloc` or moved by
-    // `realloc`; which kind a block is follows from its layout alone.
+    // aligned to a page (which satisfies `layout.align()`), unmapped only by `dealloc` or
+    // `give_back` (once kept) or moved by `realloc`; which kind a block is follows from its
+    // layout alone.
     unsafe impl GlobalAlloc for HugePageBlocks {
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
             if Self::maps(layout) {
@@ -234,10 +239,20 @@ mod huge_pages {
         size.next_multiple_of(HUGE_BLOCK)
     }
 
+    /// [`map_once`], again after giving back the kept blocks if the system had no memory.
+    fn map(length: usize) -> *mut u8 {
+        let block = map_once(length);
+        if !block.is_null() {
+            return block;
+        }
+        give_back();
+        map_once(length)
+    }
+
     /// A zeroed mapping of `length` bytes (a [`mapped_length`]) that starts on a huge-page
     /// boundary, so that each of its huge pages can be one, or null when the system has no
     /// memory to give.
-    fn map(length: usize) -> *mut u8 {
+    fn map_once(length: usize) -> *mut u8 {
         // Over-map by a huge page less a page, then unmap the head and tail around the aligned
         // start: the kernel aligns large mappings itself only in some versions.
         let span = length + HUGE_BLOCK - page();
@@ -280,23 +295,43 @@ mod huge_pages {
         unsafe { libc::munmap(ptr.cast(), length) };
     }
 
-    /// The mapping `ptr` of `size` bytes grown or shrunk to `new_size`, moved if it must be (its
-    /// pages move with it, uncopied), or null with the old mapping kept.
+    /// The mapping `ptr` of `size` bytes grown or shrunk to `new_size`: in place if it can be,
+    /// else moved to a new huge-page-aligned mapping (its pages move with it, uncopied); or null
+    /// with the old mapping kept.
     ///
     /// # Safety
-    /// `ptr` is a mapping of `size` bytes made by [`map`] or [`remap`].
+    /// `ptr` is a mapping of `mapped_length(size)` bytes made by [`map`] or [`remap`].
     unsafe fn remap(ptr: *mut u8, size: usize, new_size: usize) -> *mut u8 {
         let (old, new) = (mapped_length(size), mapped_length(new_size));
         if old == new {
             return ptr;
         }
-        // SAFETY: the caller's mapping of `old` bytes; the kernel keeps its huge-page advice.
-        let moved = unsafe { libc::mremap(ptr.cast(), old, new, libc::MREMAP_MAYMOVE) };
-        if moved == libc::MAP_FAILED {
-            std::ptr::null_mut()
-        } else {
-            moved.cast()
+        // SAFETY: the caller's mapping of `old` bytes. In place (a shrink always is), it keeps
+        // its aligned start and its huge-page advice.
+        let resized = unsafe { libc::mremap(ptr.cast(), old, new, 0) };
+        if resized != libc::MAP_FAILED {
+            return resized.cast();
         }
+        let destination = map(new);
+        if destination.is_null() {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: the caller's mapping moved over the new one, which nothing else refers to.
+        let moved = unsafe {
+            libc::mremap(
+                ptr.cast(),
+                old,
+                new,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                destination as *mut libc::c_void,
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            // SAFETY: the new mapping, unused.
+            unsafe { unmap(destination, new) };
+            return std::ptr::null_mut();
+        }
+        moved.cast()
     }
 }
 
@@ -304,8 +339,13 @@ mod huge_pages {
 mod tests {
     use std::alloc::{GlobalAlloc, Layout};
 
+    use std::sync::Mutex;
+
     use super::huge_pages::{HUGE_BLOCK, page};
     use super::*;
+
+    /// The kept blocks are the process's: one test at a time takes and gives them.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
     /// The `VmFlags` line of the mapping that holds `address`, from `/proc/self/smaps`.
     fn flags_of_mapping(address: usize) -> String {
@@ -329,6 +369,7 @@ mod tests {
 
     #[test]
     fn a_large_block_is_its_own_huge_page_aligned_mapping_and_keeps_its_contents() {
+        let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let allocator = HugePageBlocks;
         let layout = Layout::from_size_align(3 * HUGE_BLOCK + 100, 8).unwrap();
         // SAFETY: a valid layout; every block is written within its size and freed once.
@@ -346,15 +387,24 @@ mod tests {
                 let flags = flags_of_mapping(block as usize);
                 assert!(flags.contains(" hg"), "advised for huge pages: {flags}");
             }
-            // Grown in place or moved, shrunk below the threshold: the contents follow.
+            // Grown in place or moved, still aligned; shrunk below the threshold: the contents
+            // follow.
             let grown = allocator.realloc(block, layout, 5 * HUGE_BLOCK);
+            assert!(!grown.is_null());
+            assert_eq!(
+                grown as usize % HUGE_BLOCK,
+                0,
+                "still aligned to a huge page"
+            );
             let grown_layout = Layout::from_size_align(5 * HUGE_BLOCK, 8).unwrap();
             let small = allocator.realloc(grown, grown_layout, 1000);
+            assert!(!small.is_null());
             let kept = std::slice::from_raw_parts(small, 1000);
             assert!(kept.iter().enumerate().all(|(i, &b)| b == i as u8));
             // And back above it.
             let small_layout = Layout::from_size_align(1000, 8).unwrap();
             let large = allocator.realloc(small, small_layout, HUGE_BLOCK);
+            assert!(!large.is_null());
             let kept = std::slice::from_raw_parts(large, 1000);
             assert!(kept.iter().enumerate().all(|(i, &b)| b == i as u8));
             allocator.dealloc(large, Layout::from_size_align(HUGE_BLOCK, 8).unwrap());
@@ -374,6 +424,7 @@ mod tests {
 
     #[test]
     fn a_freed_block_is_reused_by_the_next_of_its_size_and_zeroed_when_asked() {
+        let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let allocator = HugePageBlocks;
         // A size no other test uses: the kept blocks are the process's.
         let layout = Layout::from_size_align(HUGE_BLOCK + 3 * page(), 8).unwrap();
