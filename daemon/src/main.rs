@@ -229,6 +229,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             logs,
         ));
         if let Some(listener) = http_listener {
+            listener.announce()?;
             let state = Arc::clone(&state);
             tokio::spawn(async move {
                 if let Err(error) = http::serve(listener, state, max_connections).await {

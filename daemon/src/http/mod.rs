@@ -72,6 +72,14 @@ impl Listener {
             .with_context(|| format!("cannot listen for HTTP on {address}"))?;
         Ok(Listener { listener, key })
     }
+
+    /// Logs the address served. Called before the socket serves, so that whoever waits for the
+    /// socket finds the address in the log (logged by the serving task, it could come later).
+    pub fn announce(&self) -> std::io::Result<()> {
+        let address = self.listener.local_addr()?;
+        info!(%address, authenticated = self.key.is_some(), "serving HTTP");
+        Ok(())
+    }
 }
 
 /// Serves HTTP on `listener` until the daemon shuts down, with at most
@@ -84,8 +92,6 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let max_body = state.max_message_bytes;
     let Listener { listener, key } = listener;
-    let address = listener.local_addr()?;
-    info!(%address, authenticated = key.is_some(), "serving HTTP");
     let http = Http {
         key,
         slots: Arc::new(Semaphore::new(max_requests)),
