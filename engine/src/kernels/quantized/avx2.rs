@@ -1,10 +1,12 @@
-//! The AVX2 (with FMA and F16C) dot products, and the block helpers the AVX-512 path shares.
+//! The AVX2 (with FMA and F16C) dot products, a prompt's tokens in groups through each row, and
+//! the block helpers the AVX-512 path shares.
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
-use super::k_quants::{Layout, SUB_BLOCKS};
+use super::k_quants::{Layout, Q2K, Q3K, Q4K, Q5K, Q6K, SUB_BLOCKS};
 use super::small::{self, Kind};
-use super::{BLOCK, BLOCK_BYTES};
+use super::{Activations, BLOCK, BLOCK_BYTES, Format};
 
 /// `sum over blocks of (weight scale * activation scale) * (integer dot of the quants)`, a
 /// block to a 256-bit register and four blocks a step into two accumulators.
@@ -14,24 +16,49 @@ use super::{BLOCK, BLOCK_BYTES};
 /// quants for each.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot(weights: &[u8], quants: &[i8], scales: &[f32]) -> f32 {
-    let blocks = scales.len();
-    debug_assert!(weights.len() >= blocks * BLOCK_BYTES && quants.len() >= blocks * BLOCK);
+    // SAFETY: the caller's.
+    let [sum] = unsafe { dot_tokens::<1>(weights, [quants], [scales]) };
+    sum
+}
+
+/// [`dot`] of one weight row with `N` tokens' activations, each block unpacked once for all of
+/// them; each token's steps are [`dot`]'s, so its sum has the same bits.
+///
+/// # Safety
+/// As [`dot`], for every token.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_tokens<const N: usize>(
+    weights: &[u8],
+    quants: [&[i8]; N],
+    scales: [&[f32]; N],
+) -> [f32; N] {
+    let blocks = scales[0].len();
+    debug_assert!(weights.len() >= blocks * BLOCK_BYTES);
+    debug_assert!((0..N).all(|j| quants[j].len() >= blocks * BLOCK && scales[j].len() >= blocks));
     let w = weights.as_ptr();
-    let a = quants.as_ptr();
-    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut acc = [[_mm256_setzero_ps(); 2]; N];
     let mut b = 0;
-    // SAFETY (all blocks below): block b + 3, or b in the tail, is inside both slices.
+    // SAFETY (all blocks below): block b + 3, or b in the tail, is inside every slice.
     while b + 4 <= blocks {
         unsafe {
             let block = w.add(b * BLOCK_BYTES);
-            let four = _mm256_castps128_ps256(four_scales(block, scales.as_ptr().add(b)));
-            for i in 0..4 {
-                let sums = integer_dots(
-                    block_quants(block.add(i * BLOCK_BYTES)),
-                    _mm256_loadu_si256(a.add((b + i) * BLOCK) as *const __m256i),
-                );
-                let scale = _mm256_permutevar8x32_ps(four, _mm256_set1_epi32(i as i32));
-                acc[i % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[i % 2]);
+            // Loops, not closures, here: a closure does not inherit the target features.
+            let mut unpacked = [_mm256_setzero_si256(); 4];
+            for (i, unpacked) in unpacked.iter_mut().enumerate() {
+                *unpacked = block_quants(block.add(i * BLOCK_BYTES));
+            }
+            for j in 0..N {
+                let four = _mm256_castps128_ps256(four_scales(block, scales[j].as_ptr().add(b)));
+                let a = quants[j].as_ptr();
+                for (i, &weight) in unpacked.iter().enumerate() {
+                    let sums = integer_dots(
+                        weight,
+                        _mm256_loadu_si256(a.add((b + i) * BLOCK) as *const __m256i),
+                    );
+                    let scale = _mm256_permutevar8x32_ps(four, _mm256_set1_epi32(i as i32));
+                    acc[j][i % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[j][i % 2]);
+                }
             }
         }
         b += 4;
@@ -39,17 +66,25 @@ pub(super) unsafe fn dot(weights: &[u8], quants: &[i8], scales: &[f32]) -> f32 {
     while b < blocks {
         unsafe {
             let block = w.add(b * BLOCK_BYTES);
-            let scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi64_si128(scale_bits(block))))
-                * *scales.get_unchecked(b);
-            let sums = integer_dots(
-                block_quants(block),
-                _mm256_loadu_si256(a.add(b * BLOCK) as *const __m256i),
-            );
-            acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc[0]);
+            let weight = block_quants(block);
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi64_si128(scale_bits(block))));
+            for j in 0..N {
+                let scale = d * *scales[j].get_unchecked(b);
+                let sums = integer_dots(
+                    weight,
+                    _mm256_loadu_si256(quants[j].as_ptr().add(b * BLOCK) as *const __m256i),
+                );
+                acc[j][0] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc[j][0]);
+            }
         }
         b += 1;
     }
-    horizontal_sum(_mm256_add_ps(acc[0], acc[1]))
+    let mut out = [0f32; N];
+    for (out, [even, odd]) in out.iter_mut().zip(acc) {
+        *out = horizontal_sum(_mm256_add_ps(even, odd));
+    }
+    out
 }
 
 /// `sum over blocks of d (activation scale) (integer dot of the quants less the zero point) +
@@ -66,31 +101,56 @@ pub(super) unsafe fn dot_small<S: Kind>(
     scales: &[f32],
     sums: &[f32],
 ) -> f32 {
-    let blocks = scales.len();
+    // SAFETY: the caller's.
+    let [sum] = unsafe { dot_small_tokens::<S, 1>(weights, [quants], [scales], [sums]) };
+    sum
+}
+
+/// [`dot_small`] of one weight row with `N` tokens' activations, each block unpacked once for
+/// all of them; each token's steps are [`dot_small`]'s, so its sum has the same bits.
+///
+/// # Safety
+/// As [`dot_small`], for every token.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_small_tokens<S: Kind, const N: usize>(
+    weights: &[u8],
+    quants: [&[i8]; N],
+    scales: [&[f32]; N],
+    sums: [&[f32]; N],
+) -> [f32; N] {
+    let blocks = scales[0].len();
     let bytes = S::BYTES;
-    debug_assert!(weights.len() >= blocks * bytes && quants.len() >= blocks * BLOCK);
-    debug_assert!(sums.len() >= blocks);
-    let mut acc = _mm256_setzero_ps();
-    let mut offsets = 0f32;
+    debug_assert!(weights.len() >= blocks * bytes);
+    debug_assert!((0..N).all(|j| quants[j].len() >= blocks * BLOCK && sums[j].len() >= blocks));
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut offsets = [0f32; N];
     for b in 0..blocks {
         // SAFETY: block b is inside every slice.
         unsafe {
             let block = weights.as_ptr().add(b * bytes);
             let (d, m) = small_scales::<S>(block);
-            let a = _mm256_loadu_si256(quants.as_ptr().add(b * BLOCK) as *const __m256i);
-            let mut lanes = unsigned_dots(small_quants::<S>(block), a);
-            if !S::MIN {
-                let zero = _mm256_set1_epi8(S::ZERO);
-                lanes = _mm256_sub_epi32(lanes, unsigned_dots(zero, a));
-            }
-            let scale = _mm256_set1_ps(d * *scales.get_unchecked(b));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, acc);
-            if S::MIN {
-                offsets += m * *sums.get_unchecked(b);
+            let weight = small_quants::<S>(block);
+            for j in 0..N {
+                let a = _mm256_loadu_si256(quants[j].as_ptr().add(b * BLOCK) as *const __m256i);
+                let mut lanes = unsigned_dots(weight, a);
+                if !S::MIN {
+                    let zero = _mm256_set1_epi8(S::ZERO);
+                    lanes = _mm256_sub_epi32(lanes, unsigned_dots(zero, a));
+                }
+                let scale = _mm256_set1_ps(d * *scales[j].get_unchecked(b));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, acc[j]);
+                if S::MIN {
+                    offsets[j] += m * *sums[j].get_unchecked(b);
+                }
             }
         }
     }
-    horizontal_sum(acc) + offsets
+    let mut out = [0f32; N];
+    for ((out, acc), offsets) in out.iter_mut().zip(acc).zip(offsets) {
+        *out = horizontal_sum(acc) + offsets;
+    }
+    out
 }
 
 /// `sum over super-blocks of (activation scale) (sum over sub-blocks of its per-16 scales
@@ -109,38 +169,150 @@ pub(super) unsafe fn dot_k<K: Layout>(
     scales: &[f32],
     sums: &[f32],
 ) -> f32 {
-    let supers = scales.len() / SUB_BLOCKS;
-    debug_assert!(weights.len() >= supers * K::BYTES && quants.len() >= scales.len() * BLOCK);
-    debug_assert!(sums.len() >= 2 * scales.len());
-    let mut acc = _mm256_setzero_ps();
+    // SAFETY: the caller's.
+    let [sum] = unsafe { dot_k_tokens::<K, 1>(weights, [quants], [scales], [sums]) };
+    sum
+}
+
+/// [`dot_k`] of one weight row with `N` tokens' activations, each super-block's scales and
+/// sub-blocks unpacked once for all of them; each token's steps are [`dot_k`]'s, so its sum has
+/// the same bits.
+///
+/// # Safety
+/// As [`dot_k`], for every token.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_k_tokens<K: Layout, const N: usize>(
+    weights: &[u8],
+    quants: [&[i8]; N],
+    scales: [&[f32]; N],
+    sums: [&[f32]; N],
+) -> [f32; N] {
+    let supers = scales[0].len() / SUB_BLOCKS;
+    debug_assert!(weights.len() >= supers * K::BYTES);
+    debug_assert!((0..N).all(|j| quants[j].len() >= supers * 256 && sums[j].len() >= 16 * supers));
+    let mut acc = [_mm256_setzero_ps(); N];
     for s in 0..supers {
         // SAFETY: super-block s and its activation blocks are inside every slice.
         unsafe {
             let block = weights.as_ptr().add(s * K::BYTES);
             let weight = K::scales(block);
-            let mut dots = _mm256_setzero_ps();
+            let mut dots = [_mm256_setzero_ps(); N];
             for sub in 0..SUB_BLOCKS {
                 let b = s * SUB_BLOCKS + sub;
-                let a = _mm256_loadu_si256(quants.as_ptr().add(b * BLOCK) as *const __m256i);
-                let lanes = unsigned_dots(K::quants(block, sub), a);
+                let w = K::quants(block, sub);
                 let halves = _mm256_set_m128(
                     _mm_set1_ps(weight.scales[2 * sub + 1]),
                     _mm_set1_ps(weight.scales[2 * sub]),
                 );
-                dots = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), halves, dots);
+                for (dots, quants) in dots.iter_mut().zip(quants) {
+                    let a = _mm256_loadu_si256(quants.as_ptr().add(b * BLOCK) as *const __m256i);
+                    let lanes = unsigned_dots(w, a);
+                    *dots = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), halves, *dots);
+                }
             }
-            let scale = _mm256_set1_ps(*scales.get_unchecked(s * SUB_BLOCKS));
-            acc = _mm256_fmadd_ps(dots, scale, acc);
-            for half in 0..2 {
-                acc = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(weight.offsets.as_ptr().add(8 * half)),
-                    _mm256_loadu_ps(sums.as_ptr().add(16 * s + 8 * half)),
-                    acc,
-                );
+            for j in 0..N {
+                let scale = _mm256_set1_ps(*scales[j].get_unchecked(s * SUB_BLOCKS));
+                acc[j] = _mm256_fmadd_ps(dots[j], scale, acc[j]);
+                for half in 0..2 {
+                    acc[j] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(weight.offsets.as_ptr().add(8 * half)),
+                        _mm256_loadu_ps(sums[j].as_ptr().add(16 * s + 8 * half)),
+                        acc[j],
+                    );
+                }
             }
         }
     }
-    horizontal_sum(acc)
+    let mut out = [0f32; N];
+    for (out, acc) in out.iter_mut().zip(acc) {
+        *out = horizontal_sum(acc);
+    }
+    out
+}
+
+/// Rows `rows` of `weights` (in `format`) with every token of `x`, into `out[t * out_rows + r]`:
+/// tokens in groups of eight (those left over in fours, twos and ones) through each row, so
+/// that a row's blocks are unpacked once per group. A token's sum has the same bits in a group
+/// of any size, a decode step's token included.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `x` is in the form `format` meets, the rows inside
+/// `weights`; `out` has room for the elements and nothing else writes them meanwhile.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn product(
+    format: Format,
+    weights: &[u8],
+    rows: Range<usize>,
+    x: &Activations,
+    out: *mut f32,
+    out_rows: usize,
+) {
+    let mut t = 0;
+    while t < x.len() {
+        let count = [8, 4, 2, 1]
+            .into_iter()
+            .find(|&n| t + n <= x.len())
+            .expect("one token remains");
+        // SAFETY: the caller's.
+        unsafe {
+            match count {
+                8 => group::<8>(format, weights, rows.clone(), x, t, out, out_rows),
+                4 => group::<4>(format, weights, rows.clone(), x, t, out, out_rows),
+                2 => group::<2>(format, weights, rows.clone(), x, t, out, out_rows),
+                _ => group::<1>(format, weights, rows.clone(), x, t, out, out_rows),
+            }
+        }
+        t += count;
+    }
+}
+
+/// [`product`]'s rows with tokens `first..first + N`.
+///
+/// # Safety
+/// As [`product`]; the tokens are rows of `x`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group<const N: usize>(
+    format: Format,
+    weights: &[u8],
+    rows: Range<usize>,
+    x: &Activations,
+    first: usize,
+    out: *mut f32,
+    out_rows: usize,
+) {
+    let row_bytes = format.row_bytes(x.cols);
+    let blocks = x.cols / BLOCK;
+    // One sum per block of 32 (Q8_1), or per 16 (Q8_K).
+    let sums_per_row = blocks * (x.sums.len() / x.scales.len().max(1));
+    let quants: [&[i8]; N] = std::array::from_fn(|j| &x.quants[(first + j) * x.cols..][..x.cols]);
+    let scales: [&[f32]; N] = std::array::from_fn(|j| &x.scales[(first + j) * blocks..][..blocks]);
+    let sums: [&[f32]; N] =
+        std::array::from_fn(|j| &x.sums[(first + j) * sums_per_row..][..sums_per_row]);
+    for r in rows {
+        let row = &weights[r * row_bytes..(r + 1) * row_bytes];
+        // SAFETY: the caller's; every slice holds the row's blocks.
+        let elements = unsafe {
+            match format {
+                Format::Q8_0 => dot_tokens::<N>(row, quants, scales),
+                Format::Q4_0 => dot_small_tokens::<small::Q4_0, N>(row, quants, scales, sums),
+                Format::Q4_1 => dot_small_tokens::<small::Q4_1, N>(row, quants, scales, sums),
+                Format::Q5_0 => dot_small_tokens::<small::Q5_0, N>(row, quants, scales, sums),
+                Format::Q5_1 => dot_small_tokens::<small::Q5_1, N>(row, quants, scales, sums),
+                Format::Mxfp4 => dot_small_tokens::<small::Mxfp4, N>(row, quants, scales, sums),
+                Format::Q2K => dot_k_tokens::<Q2K, N>(row, quants, scales, sums),
+                Format::Q3K => dot_k_tokens::<Q3K, N>(row, quants, scales, sums),
+                Format::Q4K => dot_k_tokens::<Q4K, N>(row, quants, scales, sums),
+                Format::Q5K => dot_k_tokens::<Q5K, N>(row, quants, scales, sums),
+                Format::Q6K => dot_k_tokens::<Q6K, N>(row, quants, scales, sums),
+            }
+        };
+        for (j, element) in elements.into_iter().enumerate() {
+            // SAFETY: the caller's.
+            unsafe { *out.add((first + j) * out_rows + r) = element };
+        }
+    }
 }
 
 /// The scale `d` and offset `m` of a 4- or 5-bit or MXFP4 block (`m` zero when it stores none).

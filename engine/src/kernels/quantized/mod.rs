@@ -156,6 +156,10 @@ impl std::fmt::Display for Isa {
     }
 }
 
+/// The environment variable that, set to `avx2`, holds an AVX-512 CPU's kernels to AVX2.
+#[cfg(target_arch = "x86_64")]
+pub const HOLD_VARIABLE: &str = "ODMOE_KERNELS";
+
 /// The instruction set this process computes with, if the CPU has one the kernels use.
 pub fn isa() -> Option<Isa> {
     static ISA: OnceLock<Option<Isa>> = OnceLock::new();
@@ -169,7 +173,10 @@ pub fn isa() -> Option<Isa> {
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512vnni");
-            match (avx2, avx512) {
+            // Held to AVX2 on request: the path of CPUs without AVX-512, tested and timed on
+            // CPUs that have it.
+            let held_to_avx2 = std::env::var_os(HOLD_VARIABLE).is_some_and(|v| v == "avx2");
+            match (avx2, avx512 && !held_to_avx2) {
                 (true, true) => Some(Isa::Avx512Vnni),
                 (true, false) => Some(Isa::Avx2),
                 (false, _) => None,
@@ -765,10 +772,19 @@ const ROWS_TOGETHER: usize = 16;
 unsafe fn product(job: &Job, rows: Range<usize>, row_bytes: usize, out: *mut f32, out_rows: usize) {
     let x = job.x;
     #[cfg(target_arch = "x86_64")]
-    if isa() == Some(Isa::Avx512Vnni) {
+    match isa() {
         // SAFETY: activations exist only where `isa` found the instructions; the caller's.
-        unsafe { avx512::product(job.format, job.weights, rows, x, out, out_rows) };
-        return;
+        Some(Isa::Avx512Vnni) => {
+            unsafe { avx512::product(job.format, job.weights, rows, x, out, out_rows) };
+            return;
+        }
+        // SAFETY: as above. A decode step's one token takes `dots` (the same steps, so the
+        // same bits): through the groups' code it ran slower.
+        Some(Isa::Avx2) if x.len() > 1 => {
+            unsafe { avx2::product(job.format, job.weights, rows, x, out, out_rows) };
+            return;
+        }
+        _ => {}
     }
     #[cfg(target_arch = "aarch64")]
     if x.len() >= PROMPT_GROUP {
@@ -1558,6 +1574,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The kernels' tests again in a process held to AVX2 ([`HOLD_VARIABLE`]), so that the
+    /// path of CPUs without AVX-512 is tested on the CPUs that have it.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_kernels_tests_pass_held_to_avx2() {
+        if isa() != Some(Isa::Avx512Vnni) {
+            return;
+        }
+        let this = "the_kernels_tests_pass_held_to_avx2";
+        let run = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["kernels::", "--skip", this, "--test-threads", "2"])
+            .env(HOLD_VARIABLE, "avx2")
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success(),
+            "held to AVX2:\n{report}\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let passed: usize = report
+            .lines()
+            .find_map(|line| line.strip_prefix("test result: ok. "))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        assert!(passed >= 10, "held to AVX2, too few tests ran:\n{report}");
     }
 
     /// A fixed sequence of pseudo-random numbers from `seed` (xorshift64).
