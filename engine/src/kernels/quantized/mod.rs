@@ -765,7 +765,8 @@ const ROWS_TOGETHER: usize = 16;
 
 /// Elements `(t, r)` of `job` for its every token `t` and the rows `rows` (of `row_bytes` bytes),
 /// into `out[t * out_rows + r]`: AVX-512 takes groups of tokens through each row or tile of rows,
-/// NEON a prompt's rows in tiles, and otherwise AVX2 and NEON go one dot product at a time.
+/// AVX2 a prompt's groups of tokens through each row, NEON a prompt's rows in tiles; a decode
+/// step's token (and NEON's leftovers) go one dot product at a time.
 ///
 /// # Safety
 /// `out` has room for those elements, and nothing else writes them meanwhile.

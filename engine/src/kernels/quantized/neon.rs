@@ -1,6 +1,6 @@
 //! The NEON dot products, with the dotprod extension (every Apple M-series chip, and Arm's
 //! server cores since Neoverse N1): a block's 32 products summed by two `sdot`s into four i32
-//! lanes, one dot product at a time as the AVX2 path computes them. The quants are met as they
+//! lanes, one dot product at a time as the AVX2 path computes a token's. The quants are met as they
 //! are stored, so candle's repacked second copy of each matrix is never made.
 
 use std::arch::aarch64::*;
