@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::k_quants::{Layout, Q2K, Q3K, Q4K, Q5K, Q6K, SUB_BLOCKS};
 use super::small::{self, Kind};
-use super::{Activations, BLOCK, BLOCK_BYTES, Format};
+use super::{Activations, BLOCK, BLOCK_BYTES, Format, token_groups, write_row};
 
 /// `sum over blocks of (weight scale * activation scale) * (integer dot of the quants)`, a
 /// block to a 256-bit register and four blocks a step into two accumulators.
@@ -248,12 +248,7 @@ pub(super) unsafe fn product(
     out: *mut f32,
     out_rows: usize,
 ) {
-    let mut t = 0;
-    while t < x.len() {
-        let count = [8, 4, 2, 1]
-            .into_iter()
-            .find(|&n| t + n <= x.len())
-            .expect("one token remains");
+    for (t, count) in token_groups(0..x.len()) {
         // SAFETY: the caller's.
         unsafe {
             match count {
@@ -263,7 +258,6 @@ pub(super) unsafe fn product(
                 _ => group::<1>(format, weights, rows.clone(), x, t, out, out_rows),
             }
         }
-        t += count;
     }
 }
 
@@ -308,10 +302,8 @@ unsafe fn group<const N: usize>(
                 Format::Q6K => dot_k_tokens::<Q6K, N>(row, quants, scales, sums),
             }
         };
-        for (j, element) in elements.into_iter().enumerate() {
-            // SAFETY: the caller's.
-            unsafe { *out.add((first + j) * out_rows + r) = element };
-        }
+        // SAFETY: the caller's.
+        unsafe { write_row(out, out_rows, r, first, elements) };
     }
 }
 

@@ -22,7 +22,7 @@ use super::avx2::{block_quants, e2m1_lifted, four_scales, nibbles, scale_bits, s
 use super::avx512_tiles::{TILE, block_tile, k_tile};
 use super::k_quants::{self, Layout, Q2K, Q3K, Q4K, Q5K, Q6K, SUB_BLOCKS};
 use super::small::{self, Kind};
-use super::{Activations, BLOCK, BLOCK_BYTES, Format, tiles};
+use super::{Activations, BLOCK, BLOCK_BYTES, Format, tiles, token_groups, write_row};
 
 /// Tokens in a group: eight accumulators and a row's operands stay in registers.
 const GROUP: usize = 8;
@@ -259,53 +259,29 @@ unsafe fn rows_with_k<K: Layout>(
 ) {
     let supers = x.cols / k_quants::VALUES;
     let row_bytes = supers * K::BYTES;
-    let mut t = tokens.start;
-    while t < tokens.end && !rows.is_empty() {
-        // Groups of eight, then the few left over in fours, twos and ones rather than alone:
-        // an expert's share of a prompt leaves three or four on average. A token's steps are
-        // the same in a group of any size.
-        let count = [GROUP, 4, 2, 1]
-            .into_iter()
-            .find(|&n| t + n <= tokens.end)
-            .expect("one token remains");
+    if rows.is_empty() {
+        return;
+    }
+    for (t, count) in token_groups(tokens) {
         for r in rows.clone() {
             // SAFETY: row r is inside `weights`, tokens t..t + count inside `x`; the caller's
             // for `out`.
             unsafe {
                 let row = weights.as_ptr().add(r * row_bytes);
                 match count {
-                    GROUP => write_k(
+                    GROUP => write_row(
                         out,
                         out_rows,
                         r,
                         t,
                         row_with_k::<K, GROUP>(row, supers, x, t),
                     ),
-                    4 => write_k(out, out_rows, r, t, row_with_k::<K, 4>(row, supers, x, t)),
-                    2 => write_k(out, out_rows, r, t, row_with_k::<K, 2>(row, supers, x, t)),
-                    _ => write_k(out, out_rows, r, t, row_with_k::<K, 1>(row, supers, x, t)),
+                    4 => write_row(out, out_rows, r, t, row_with_k::<K, 4>(row, supers, x, t)),
+                    2 => write_row(out, out_rows, r, t, row_with_k::<K, 2>(row, supers, x, t)),
+                    _ => write_row(out, out_rows, r, t, row_with_k::<K, 1>(row, supers, x, t)),
                 }
             }
         }
-        t += count;
-    }
-}
-
-/// Row `r`'s elements for tokens `first..first + N` into `out`.
-///
-/// # Safety
-/// `out` has room for them and nothing else writes them meanwhile.
-#[inline]
-unsafe fn write_k<const N: usize>(
-    out: *mut f32,
-    out_rows: usize,
-    r: usize,
-    first: usize,
-    sums: [f32; N],
-) {
-    for (j, sum) in sums.into_iter().enumerate() {
-        // SAFETY: the caller's.
-        unsafe { *out.add((first + j) * out_rows + r) = sum };
     }
 }
 

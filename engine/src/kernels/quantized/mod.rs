@@ -859,6 +859,38 @@ unsafe fn dots(
     }
 }
 
+/// `tokens` as the x86 row-at-a-time paths take them, `(first, count)`: groups of eight, then
+/// the few left over in fours, twos and ones rather than alone (an expert's share of a prompt
+/// leaves three or four on average). A token's steps are the same in a group of any size.
+#[cfg(target_arch = "x86_64")]
+fn token_groups(tokens: Range<usize>) -> impl Iterator<Item = (usize, usize)> {
+    let mut t = tokens.start;
+    std::iter::from_fn(move || {
+        let count = [8, 4, 2, 1].into_iter().find(|&n| t + n <= tokens.end)?;
+        t += count;
+        Some((t - count, count))
+    })
+}
+
+/// Row `r`'s elements for tokens `first..first + N` into `out[t * out_rows + r]`.
+///
+/// # Safety
+/// `out` has room for them and nothing else writes them meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn write_row<const N: usize>(
+    out: *mut f32,
+    out_rows: usize,
+    r: usize,
+    first: usize,
+    elements: [f32; N],
+) {
+    for (j, element) in elements.into_iter().enumerate() {
+        // SAFETY: the caller's.
+        unsafe { *out.add((first + j) * out_rows + r) = element };
+    }
+}
+
 /// Tokens NEON's prompt tiles take at a time, as AVX-512's groups; those left over after the
 /// groups (and a decode step's one token) take the dot products, so that a decode step's token
 /// gets the bits it would get among the few left over from a prompt.
