@@ -75,6 +75,14 @@ pub(super) unsafe fn product(
     }
 }
 
+/// Row `r`'s `values` into lane `r` of `quads`, four to a lane: `quads[k]` gets values
+/// `4 k..4 k + 4`.
+fn put_lane(quads: &mut [[u32; TILE]], r: usize, values: &[u8]) {
+    for (quad, four) in quads.iter_mut().zip(values.chunks_exact(4)) {
+        quad[r] = u32::from_le_bytes([four[0], four[1], four[2], four[3]]);
+    }
+}
+
 /// A tile's rows and the activations they meet.
 struct Tile<'a> {
     weights: &'a [u8],
@@ -84,6 +92,19 @@ struct Tile<'a> {
 }
 
 impl Tile<'_> {
+    /// Byte `at` of the tile's row `r`.
+    ///
+    /// # Safety
+    /// The row is inside the weights and `at` inside the row.
+    unsafe fn row_at(&self, r: usize, at: usize) -> *const u8 {
+        // SAFETY: the caller's.
+        unsafe {
+            self.weights
+                .as_ptr()
+                .add((self.first + r) * self.row_bytes + at)
+        }
+    }
+
     /// Each token's four elements, for a 32-value block type: per block, eight `sdot` by
     /// element, then the integer dots (less the zero point, taken off the quants in bytes as
     /// one dot at a time takes it) times `d` and the token's scale, plus for a type with an
@@ -104,10 +125,7 @@ impl Tile<'_> {
             // inside `x`.
             unsafe {
                 for r in 0..TILE {
-                    let block = self
-                        .weights
-                        .as_ptr()
-                        .add((self.first + r) * self.row_bytes + b * S::BYTES);
+                    let block = self.row_at(r, b * S::BYTES);
                     let mut values = [0u8; BLOCK];
                     if S::Q8 {
                         values.copy_from_slice(std::slice::from_raw_parts(block.add(2), BLOCK));
@@ -118,9 +136,7 @@ impl Tile<'_> {
                         vst1q_u8(values.as_mut_ptr(), vsubq_u8(low, zero));
                         vst1q_u8(values.as_mut_ptr().add(16), vsubq_u8(high, zero));
                     }
-                    for (quad, four) in quads.iter_mut().zip(values.chunks_exact(4)) {
-                        quad[r] = u32::from_le_bytes([four[0], four[1], four[2], four[3]]);
-                    }
+                    put_lane(&mut quads, r, &values);
                     d[r] = if S::E2M1 {
                         small::e8m0_half(*block)
                     } else {
@@ -178,19 +194,14 @@ impl Tile<'_> {
             // values and their sums inside `x`.
             unsafe {
                 for r in 0..TILE {
-                    let block = self
-                        .weights
-                        .as_ptr()
-                        .add((self.first + r) * self.row_bytes + s * K::BYTES);
+                    let block = self.row_at(r, s * K::BYTES);
                     let mut values = [0u8; k_quants::VALUES];
                     for sub in 0..SUB_BLOCKS {
                         let (low, high) = K::quants(block, sub);
                         vst1q_u8(values.as_mut_ptr().add(BLOCK * sub), low);
                         vst1q_u8(values.as_mut_ptr().add(BLOCK * sub + 16), high);
                     }
-                    for (quad, four) in quads.iter_mut().zip(values.chunks_exact(4)) {
-                        quad[r] = u32::from_le_bytes([four[0], four[1], four[2], four[3]]);
-                    }
+                    put_lane(&mut quads, r, &values);
                     let integers = K::integer_scales(block);
                     for g in 0..16 {
                         (scales[g][r], offsets[g][r]) = (integers.scales[g], integers.offsets[g]);
