@@ -277,13 +277,12 @@ unsafe fn group<const N: usize>(
     out_rows: usize,
 ) {
     let row_bytes = format.row_bytes(x.cols);
-    let blocks = x.cols / BLOCK;
-    // One sum per block of 32 (Q8_1), or per 16 (Q8_K).
-    let sums_per_row = blocks * (x.sums.len() / x.scales.len().max(1));
-    let quants: [&[i8]; N] = std::array::from_fn(|j| &x.quants[(first + j) * x.cols..][..x.cols]);
-    let scales: [&[f32]; N] = std::array::from_fn(|j| &x.scales[(first + j) * blocks..][..blocks]);
-    let sums: [&[f32]; N] =
-        std::array::from_fn(|j| &x.sums[(first + j) * sums_per_row..][..sums_per_row]);
+    let tokens: [_; N] = std::array::from_fn(|j| x.token(first + j));
+    let (quants, scales, sums) = (
+        tokens.map(|t| t.0),
+        tokens.map(|t| t.1),
+        tokens.map(|t| t.2),
+    );
     for r in rows {
         let row = &weights[r * row_bytes..(r + 1) * row_bytes];
         // SAFETY: the caller's; every slice holds the row's blocks.

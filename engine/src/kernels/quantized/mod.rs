@@ -574,6 +574,18 @@ impl Activations {
         }
     }
 
+    /// Token `t`'s quants, block scales and sums (one per block of 32 for Q8_1's, per 16 for
+    /// Q8_K's), as the dot products take them.
+    fn token(&self, t: usize) -> (&[i8], &[f32], &[f32]) {
+        let blocks = self.cols / BLOCK;
+        let sums = blocks * (self.sums.len() / self.scales.len().max(1));
+        (
+            &self.quants[t * self.cols..][..self.cols],
+            &self.scales[t * blocks..][..blocks],
+            &self.sums[t * sums..][..sums],
+        )
+    }
+
     /// The number of rows.
     pub fn len(&self) -> usize {
         self.rows
@@ -843,17 +855,11 @@ unsafe fn dots(
     out: *mut f32,
     out_rows: usize,
 ) {
-    let x = job.x;
-    let blocks = x.cols / BLOCK;
-    // One sum per block of 32 (Q8_1), or per 16 (Q8_K).
-    let per_block = x.sums.len() / x.scales.len().max(1);
     for r in rows {
         let weights = &job.weights[r * row_bytes..(r + 1) * row_bytes];
         for t in tokens.clone() {
-            let quants = &x.quants[t * x.cols..(t + 1) * x.cols];
-            let scales = &x.scales[t * blocks..(t + 1) * blocks];
-            let sums = &x.sums[t * blocks * per_block..(t + 1) * blocks * per_block];
-            // SAFETY: as above, the slices hold `blocks` blocks each; the caller's.
+            let (quants, scales, sums) = job.x.token(t);
+            // SAFETY: as above, the slices hold the row's blocks each; the caller's.
             unsafe { *out.add(t * out_rows + r) = dot(job.format, weights, quants, scales, sums) };
         }
     }
