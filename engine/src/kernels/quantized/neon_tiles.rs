@@ -222,14 +222,17 @@ impl Tile<'_> {
                         .zip(scales.chunks_exact(2))
                         .enumerate()
                     {
-                        let dots: [int32x4_t; 2] = std::array::from_fn(|half| {
+                        // A loop, not a closure: a closure does not inherit `dotprod`, and
+                        // each `sdot` could become a call.
+                        let mut dots = [vdupq_n_s32(0); 2];
+                        for (half, dots) in dots.iter_mut().enumerate() {
                             let (g, quads) = (2 * pair + half, &quads[4 * half..]);
                             let sixteen = vld1q_s8(a.add(16 * g));
-                            let mut dots = sdot_lane::<0>(vdupq_n_s32(0), quads[0], sixteen);
-                            dots = sdot_lane::<1>(dots, quads[1], sixteen);
-                            dots = sdot_lane::<2>(dots, quads[2], sixteen);
-                            sdot_lane::<3>(dots, quads[3], sixteen)
-                        });
+                            *dots = sdot_lane::<0>(*dots, quads[0], sixteen);
+                            *dots = sdot_lane::<1>(*dots, quads[1], sixteen);
+                            *dots = sdot_lane::<2>(*dots, quads[2], sixteen);
+                            *dots = sdot_lane::<3>(*dots, quads[3], sixteen);
+                        }
                         if K::SCALE_PER_32 {
                             // Both groups take the sub-block's scale: one product for the two.
                             let dots = vaddq_s32(dots[0], dots[1]);
