@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs engine tests built for aarch64 Linux under user-mode emulation (qemu-user, whose CPU has
-# NEON with dotprod), so the NEON kernels execute here: every kernel's exact block sums and the
-# products' independence of thread count and batch. Slow: a cross build of the engine and its
+# NEON with dotprod), so the NEON kernels execute here: every kernel's exact block sums, the
+# products' independence of thread count and batch, and the GGUF fixtures' logits against
+# llama.cpp's. Slow: a cross build of the engine and its
 # standard library (about 10 minutes cold on 2 cores), then emulation. Kept out of the suite.
 # (Resident memory cannot be judged under emulation: qemu keeps memory for every thread the
 # guest ever started, so engine/tests/expert_memory.rs runs on the host only.)
@@ -43,5 +44,7 @@ if [ $# -gt 0 ]; then
   run --lib -- "$@"
 else
   run --lib -- kernels::
+  # The GGUF files' logits against llama.cpp's, through the NEON kernels.
+  run --test gguf_llama_cpp -- types_of_the_kernels_stay_near_llama_cpp
 fi
 echo "test-aarch64: ok"

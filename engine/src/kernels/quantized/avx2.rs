@@ -153,21 +153,25 @@ unsafe fn dot_small_tokens<S: Kind, const N: usize>(
     out
 }
 
-/// `sum over super-blocks of (activation scale) (sum over sub-blocks of its per-16 scales
-/// times the integer dots of the quants) + (the per-16 offsets) (the activations' sums of 16)`
-/// for a K-quant type with Q8_K activations, a sub-block to a 256-bit register (lanes 0-3 its
-/// first 16 values, 4-7 the rest).
+/// `sum over super-blocks of (the activations' scale) (d (the integer dot of the quants, each
+/// 16-value group's times its integer scale) - d or dmin (the integer offsets times the
+/// activations' sums of 16))` for a K-quant type with Q8_K activations: a super-block's sums
+/// are exact in integers, as llama.cpp computes them, and converted once. (Summed in floats a
+/// group at a time, a 12-token prompt of the mixtral fixture drifted 1e-6 from llama.cpp after
+/// one layer, enough to round one activation of the next to another quant: 0.1 apart in the
+/// logits.) A sub-block to a 256-bit register, its 16-bit pairs of products in lanes 0-7 for
+/// its first 16 values and 8-15 for the rest.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; `weights` holds `scales.len() / 8` super-blocks, `quants`
 /// 32 quants and `scales` one scale (the super-block's) for each activation block, and `sums`
-/// a sum for each 16 quants.
+/// the integer sum of each 16 quants.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_k<K: Layout>(
     weights: &[u8],
     quants: &[i8],
     scales: &[f32],
-    sums: &[f32],
+    sums: &[i16],
 ) -> f32 {
     // SAFETY: the caller's.
     let [sum] = unsafe { dot_k_tokens::<K, 1>(weights, [quants], [scales], [sums]) };
@@ -186,7 +190,7 @@ unsafe fn dot_k_tokens<K: Layout, const N: usize>(
     weights: &[u8],
     quants: [&[i8]; N],
     scales: [&[f32]; N],
-    sums: [&[f32]; N],
+    sums: [&[i16]; N],
 ) -> [f32; N] {
     let supers = scales[0].len() / SUB_BLOCKS;
     debug_assert!(weights.len() >= supers * K::BYTES);
@@ -196,30 +200,35 @@ unsafe fn dot_k_tokens<K: Layout, const N: usize>(
         // SAFETY: super-block s and its activation blocks are inside every slice.
         unsafe {
             let block = weights.as_ptr().add(s * K::BYTES);
-            let weight = K::scales(block);
-            let mut dots = [_mm256_setzero_ps(); N];
-            for sub in 0..SUB_BLOCKS {
-                let b = s * SUB_BLOCKS + sub;
+            let weight = K::scale_lanes(block);
+            let mut group_scales = [_mm256_setzero_si256(); SUB_BLOCKS];
+            for (sub, lanes) in group_scales.iter_mut().enumerate() {
+                *lanes = sub_block_scales(weight.scales, sub);
+            }
+            let mut dots = [_mm256_setzero_si256(); N];
+            for (sub, &group_scales) in group_scales.iter().enumerate() {
                 let w = K::quants(block, sub);
-                let halves = _mm256_set_m128(
-                    _mm_set1_ps(weight.scales[2 * sub + 1]),
-                    _mm_set1_ps(weight.scales[2 * sub]),
-                );
+                let at = (s * SUB_BLOCKS + sub) * BLOCK;
                 for (dots, quants) in dots.iter_mut().zip(quants) {
-                    let a = _mm256_loadu_si256(quants.as_ptr().add(b * BLOCK) as *const __m256i);
-                    let lanes = unsigned_dots(w, a);
-                    *dots = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), halves, *dots);
+                    let a = _mm256_loadu_si256(quants.as_ptr().add(at) as *const __m256i);
+                    // Pairs of unsigned quants (at most 63) by activations (at least -127)
+                    // stay within i16.
+                    let pairs = _mm256_maddubs_epi16(w, a);
+                    *dots = _mm256_add_epi32(*dots, _mm256_madd_epi16(pairs, group_scales));
                 }
             }
             for j in 0..N {
-                let scale = _mm256_set1_ps(*scales[j].get_unchecked(s * SUB_BLOCKS));
-                acc[j] = _mm256_fmadd_ps(dots[j], scale, acc[j]);
-                for half in 0..2 {
-                    acc[j] = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(weight.offsets.as_ptr().add(8 * half)),
-                        _mm256_loadu_ps(sums[j].as_ptr().add(16 * s + 8 * half)),
-                        acc[j],
-                    );
+                let sixteens = _mm256_loadu_si256(sums[j].as_ptr().add(16 * s) as *const __m256i);
+                let offsets = _mm256_madd_epi16(weight.offsets, sixteens);
+                let token = *scales[j].get_unchecked(s * SUB_BLOCKS);
+                let by_d = _mm256_set1_ps(weight.d * token);
+                if K::ZERO_POINT {
+                    let exact = _mm256_sub_epi32(dots[j], offsets);
+                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), by_d, acc[j]);
+                } else {
+                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[j]), by_d, acc[j]);
+                    let by_dmin = _mm256_set1_ps(weight.dmin * token);
+                    acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(offsets), by_dmin, acc[j]);
                 }
             }
         }
@@ -229,6 +238,19 @@ unsafe fn dot_k_tokens<K: Layout, const N: usize>(
         *out = horizontal_sum(acc);
     }
     out
+}
+
+/// Sub-block `sub`'s two group scales (bytes `2 sub` and `2 sub + 1` of `scales`) in 16-bit
+/// lanes 0-7 and 8-15, where `maddubs` leaves the pairs of products of its two groups.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn sub_block_scales(scales: __m128i, sub: usize) -> __m256i {
+    let (first, second) = (2 * sub as i64, 2 * sub as i64 + 1);
+    let spread = _mm_set_epi64x(
+        second * 0x0101_0101_0101_0101,
+        first * 0x0101_0101_0101_0101,
+    );
+    _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, spread))
 }
 
 /// Rows `rows` of `weights` (in `format`) with every token of `x`, into `out[t * out_rows + r]`:
@@ -278,11 +300,8 @@ unsafe fn group<const N: usize>(
 ) {
     let row_bytes = format.row_bytes(x.cols);
     let tokens: [_; N] = std::array::from_fn(|j| x.token(first + j));
-    let (quants, scales, sums) = (
-        tokens.map(|t| t.0),
-        tokens.map(|t| t.1),
-        tokens.map(|t| t.2),
-    );
+    let (quants, scales) = (tokens.map(|t| t.quants), tokens.map(|t| t.scales));
+    let (sums, integer_sums) = (tokens.map(|t| t.sums), tokens.map(|t| t.integer_sums));
     for r in rows {
         let row = &weights[r * row_bytes..(r + 1) * row_bytes];
         // SAFETY: the caller's; every slice holds the row's blocks.
@@ -294,11 +313,11 @@ unsafe fn group<const N: usize>(
                 Format::Q5_0 => dot_small_tokens::<small::Q5_0, N>(row, quants, scales, sums),
                 Format::Q5_1 => dot_small_tokens::<small::Q5_1, N>(row, quants, scales, sums),
                 Format::Mxfp4 => dot_small_tokens::<small::Mxfp4, N>(row, quants, scales, sums),
-                Format::Q2K => dot_k_tokens::<Q2K, N>(row, quants, scales, sums),
-                Format::Q3K => dot_k_tokens::<Q3K, N>(row, quants, scales, sums),
-                Format::Q4K => dot_k_tokens::<Q4K, N>(row, quants, scales, sums),
-                Format::Q5K => dot_k_tokens::<Q5K, N>(row, quants, scales, sums),
-                Format::Q6K => dot_k_tokens::<Q6K, N>(row, quants, scales, sums),
+                Format::Q2K => dot_k_tokens::<Q2K, N>(row, quants, scales, integer_sums),
+                Format::Q3K => dot_k_tokens::<Q3K, N>(row, quants, scales, integer_sums),
+                Format::Q4K => dot_k_tokens::<Q4K, N>(row, quants, scales, integer_sums),
+                Format::Q5K => dot_k_tokens::<Q5K, N>(row, quants, scales, integer_sums),
+                Format::Q6K => dot_k_tokens::<Q6K, N>(row, quants, scales, integer_sums),
             }
         };
         // SAFETY: the caller's.

@@ -18,7 +18,9 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx2::{block_quants, e2m1_lifted, four_scales, nibbles, scale_bits, small_scales};
+use super::avx2::{
+    block_quants, e2m1_lifted, four_scales, nibbles, scale_bits, small_scales, sub_block_scales,
+};
 use super::avx512_tiles::{TILE, block_tile, k_tile};
 use super::k_quants::{self, Layout, Q2K, Q3K, Q4K, Q5K, Q6K, SUB_BLOCKS};
 use super::small::{self, Kind};
@@ -286,8 +288,10 @@ unsafe fn rows_with_k<K: Layout>(
 }
 
 /// One K-quant weight row (at `row`, `supers` super-blocks) with tokens `first..first + N` of
-/// `x` (in Q8_K): per super-block, the integer dots of each pair of sub-blocks times their
-/// per-16 scales, then times the token's scale, plus the per-16 offsets times its sums of 16.
+/// `x` (in Q8_K), as AVX2's `dot_k` sums it: per super-block, in integers, each pair of
+/// sub-blocks' 16-bit pairs of products times their groups' integer scales, less (or beside) the
+/// integer offsets times the token's sums of 16; then converted once, times `d` (and `dmin`)
+/// and the token's scale.
 ///
 /// # Safety
 /// The CPU has the features of [`product_k`]; the row holds `supers` super-blocks and the
@@ -300,35 +304,48 @@ unsafe fn row_with_k<K: Layout, const N: usize>(
     x: &Activations,
     first: usize,
 ) -> [f32; N] {
-    // Lanes 0-3 hold values 0-15 of the pair, 4-7 values 16-31, and so on.
-    let quarters = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     let blocks = x.cols / BLOCK;
     let mut acc = [_mm512_setzero_ps(); N];
     for s in 0..supers {
         // SAFETY: super-block s is inside the row, and its values inside each token's row.
         unsafe {
             let block = row.add(s * K::BYTES);
-            let weight = K::scales(block);
-            let mut dots = [_mm512_setzero_ps(); N];
+            let weight = K::scale_lanes(block);
+            let mut dots = [_mm512_setzero_si512(); N];
             for p in 0..SUB_BLOCKS / 2 {
                 let w = K::pair_quants(block, p);
-                let four = _mm_loadu_ps(weight.scales.as_ptr().add(4 * p));
-                let dw = _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(four));
+                let group_scales = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(sub_block_scales(weight.scales, 2 * p)),
+                    sub_block_scales(weight.scales, 2 * p + 1),
+                );
                 let at = s * k_quants::VALUES + 2 * p * BLOCK;
                 for (j, dots) in dots.iter_mut().enumerate() {
                     let a = x.quants.as_ptr().add((first + j) * x.cols + at);
                     let a = _mm512_loadu_si512(a as *const __m512i);
-                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
-                    *dots = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), dw, *dots);
+                    // Pairs of unsigned quants (at most 63) by activations (at least -127)
+                    // stay within i16.
+                    let pairs = _mm512_maddubs_epi16(w, a);
+                    *dots = _mm512_add_epi32(*dots, _mm512_madd_epi16(pairs, group_scales));
                 }
             }
-            let offsets = _mm512_loadu_ps(weight.offsets.as_ptr());
             for (j, (acc, dots)) in acc.iter_mut().zip(dots).enumerate() {
                 let t = first + j;
-                let scale = _mm512_set1_ps(*x.scales.get_unchecked(t * blocks + s * SUB_BLOCKS));
-                let sums = _mm512_loadu_ps(x.sums.as_ptr().add((t * blocks + s * SUB_BLOCKS) * 2));
-                *acc = _mm512_fmadd_ps(dots, scale, *acc);
-                *acc = _mm512_fmadd_ps(offsets, sums, *acc);
+                let sums = x
+                    .integer_sums
+                    .as_ptr()
+                    .add((t * blocks + s * SUB_BLOCKS) * 2);
+                let sixteens = _mm256_loadu_si256(sums as *const __m256i);
+                let offsets = _mm512_zextsi256_si512(_mm256_madd_epi16(weight.offsets, sixteens));
+                let token = *x.scales.get_unchecked(t * blocks + s * SUB_BLOCKS);
+                let by_d = _mm512_set1_ps(weight.d * token);
+                if K::ZERO_POINT {
+                    let exact = _mm512_sub_epi32(dots, offsets);
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), by_d, *acc);
+                } else {
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), by_d, *acc);
+                    let by_dmin = _mm512_set1_ps(weight.dmin * token);
+                    *acc = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(offsets), by_dmin, *acc);
+                }
             }
         }
     }

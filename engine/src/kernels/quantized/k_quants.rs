@@ -32,28 +32,31 @@ pub trait Layout {
     /// Bytes of one super-block.
     const BYTES: usize;
 
-    /// The super-block's scales and offsets per 16 values: by default Q4_K's and Q5_K's (see
-    /// [`offset_scales`]).
+    /// The super-block's [`IntegerScales`] in registers, unpacked with SIMD: a decode step
+    /// unpacks every super-block of every row it reads. By default Q4_K's and Q5_K's (see
+    /// [`six_bit_words`]).
     ///
     /// # Safety
     /// `block` points at a whole super-block; the CPU has AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn scales(block: *const u8) -> Scales {
+    unsafe fn scale_lanes(block: *const u8) -> ScaleLanes {
         // SAFETY: the caller's.
-        unsafe { offset_scales(block) }
-    }
-
-    /// The same from the bytes, one value at a time: NEON has no lane permutes to spare here,
-    /// and a super-block's 16 scales cost little beside its 256 products.
-    ///
-    /// # Safety
-    /// `block` points at a whole super-block.
-    #[cfg(target_arch = "aarch64")]
-    unsafe fn scales(block: *const u8) -> Scales {
-        // SAFETY: the caller's.
-        unsafe { offset_scales(block) }
+        unsafe {
+            let (scales, mins) = six_bit_words(block);
+            // Each sub-block's scale and minimum cover both of its 16-value groups.
+            let per_group = |per_sub_block: u64| {
+                let bytes = _mm_cvtsi64_si128(per_sub_block as i64);
+                _mm_unpacklo_epi8(bytes, bytes)
+            };
+            ScaleLanes {
+                scales: per_group(scales),
+                offsets: _mm256_cvtepu8_epi16(per_group(mins)),
+                d: half(block),
+                dmin: half(block.add(2)),
+            }
+        }
     }
 
     /// Whether [`IntegerScales::offsets`] are a zero point of the quants times their scales
@@ -130,20 +133,6 @@ fn upper_half_shifted<const SHIFT: u32>(bytes: __m512i) -> __m512i {
     _mm512_mask_blend_epi64(0xf0, bytes, _mm512_srli_epi16::<SHIFT>(bytes))
 }
 
-/// A super-block's scales and offsets for values `16 i..16 i + 16`, as f32: a weight is
-/// `scales[i] q + offsets[i]`, so a dot with activations is the scaled dot of the quants plus
-/// the offsets times the activations' sums of 16.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-#[cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "aarch64")),
-    allow(dead_code)
-)]
-pub struct Scales {
-    pub scales: [f32; 16],
-    pub offsets: [f32; 16],
-}
-
 /// A super-block's integers per 16 values `16 i..16 i + 16`: a weight is
 /// `d scales[i] q - d offsets[i]` ([`Layout::ZERO_POINT`]) or `d scales[i] q - dmin offsets[i]`
 /// (no `dmin`: 0), so that a dot with Q8_K activations is exact in integers up to those two
@@ -153,6 +142,17 @@ pub struct Scales {
 pub struct IntegerScales {
     pub scales: [i32; 16],
     pub offsets: [i16; 16],
+    pub d: f32,
+    pub dmin: f32,
+}
+
+/// [`IntegerScales`] in registers: byte `i` of `scales` is group `i`'s scale (signed), 16-bit
+/// lane `i` of `offsets` its offset.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub struct ScaleLanes {
+    pub scales: __m128i,
+    pub offsets: __m256i,
     pub d: f32,
     pub dmin: f32,
 }
@@ -203,48 +203,17 @@ impl Layout for Q2K {
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn scales(block: *const u8) -> Scales {
-        // SAFETY: the caller's.
+    unsafe fn scale_lanes(block: *const u8) -> ScaleLanes {
+        // SAFETY: the caller's: the 16 scale bytes open the super-block, `d` and `dmin` end it.
         unsafe {
-            let (d, dmin) = (half(block.add(Q2K_D_AT)), half(block.add(Q2K_D_AT + 2)));
             let bytes = _mm_loadu_si128(block as *const __m128i);
             let nibble = _mm_set1_epi8(0x0f);
-            let low = _mm_and_si128(bytes, nibble);
-            let high = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
-            let mut out = Scales {
-                scales: [0.0; 16],
-                offsets: [0.0; 16],
-            };
-            let halves = [
-                (low, high),
-                (_mm_srli_si128::<8>(low), _mm_srli_si128::<8>(high)),
-            ];
-            for (i, (low, high)) in halves.into_iter().enumerate() {
-                let scales = widen(_mm_cvtsi128_si64(low) as u64);
-                let offsets = widen(_mm_cvtsi128_si64(high) as u64);
-                _mm256_storeu_ps(
-                    out.scales.as_mut_ptr().add(8 * i),
-                    _mm256_mul_ps(scales, _mm256_set1_ps(d)),
-                );
-                _mm256_storeu_ps(
-                    out.offsets.as_mut_ptr().add(8 * i),
-                    _mm256_mul_ps(offsets, _mm256_set1_ps(-dmin)),
-                );
+            ScaleLanes {
+                scales: _mm_and_si128(bytes, nibble),
+                offsets: _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble)),
+                d: half(block.add(Q2K_D_AT)),
+                dmin: half(block.add(Q2K_D_AT + 2)),
             }
-            out
-        }
-    }
-
-    #[cfg(target_arch = "aarch64")]
-    #[inline]
-    unsafe fn scales(block: *const u8) -> Scales {
-        // SAFETY: the caller's.
-        unsafe {
-            q2k_scales(
-                block,
-                half(block.add(Q2K_D_AT)),
-                half(block.add(Q2K_D_AT + 2)),
-            )
         }
     }
 
@@ -310,22 +279,19 @@ impl Layout for Q3K {
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn scales(block: *const u8) -> Scales {
+    unsafe fn scale_lanes(block: *const u8) -> ScaleLanes {
         // SAFETY: the caller's.
         unsafe {
             let bytes = _mm_loadu_si128(q3k_scale_bytes(block).as_ptr() as *const __m128i);
-            let signed = _mm_sub_epi8(bytes, _mm_set1_epi8(32));
-            signed_scales(signed, half(block.add(Q3K_D_AT)), 4.0)
+            // Scales are stored plus 32; the quants' zero point is 4.
+            let scales = _mm_sub_epi8(bytes, _mm_set1_epi8(32));
+            ScaleLanes {
+                scales,
+                offsets: _mm256_slli_epi16::<2>(_mm256_cvtepi8_epi16(scales)),
+                d: half(block.add(Q3K_D_AT)),
+                dmin: 0.0,
+            }
         }
-    }
-
-    #[cfg(target_arch = "aarch64")]
-    #[inline]
-    unsafe fn scales(block: *const u8) -> Scales {
-        // SAFETY: the caller's.
-        let (bytes, d) = unsafe { (q3k_scale_bytes(block), half(block.add(Q3K_D_AT))) };
-        // Stored plus 32, at most 63.
-        signed_scales(bytes.map(|b| b as i8 - 32), d, 4.0)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -443,12 +409,17 @@ impl Layout for Q6K {
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn scales(block: *const u8) -> Scales {
-        // SAFETY: the caller's.
+    unsafe fn scale_lanes(block: *const u8) -> ScaleLanes {
+        // SAFETY: the caller's: `d` and the 16 signed scales lie inside the super-block.
         unsafe {
-            let bytes = _mm_loadu_si128(block.add(Q6K_SCALES_AT) as *const __m128i);
+            let scales = _mm_loadu_si128(block.add(Q6K_SCALES_AT) as *const __m128i);
             // The quants are stored as `q + 32`.
-            signed_scales(bytes, half(block.add(Q6K_D_AT)), 32.0)
+            ScaleLanes {
+                scales,
+                offsets: _mm256_slli_epi16::<5>(_mm256_cvtepi8_epi16(scales)),
+                d: half(block.add(Q6K_D_AT)),
+                dmin: 0.0,
+            }
         }
     }
 
@@ -490,18 +461,6 @@ impl Layout for Q6K {
             );
             _mm512_or_si512(low, _mm512_slli_epi16::<4>(bits))
         }
-    }
-
-    #[cfg(target_arch = "aarch64")]
-    #[inline]
-    unsafe fn scales(block: *const u8) -> Scales {
-        // SAFETY: the caller's: `d` and the 16 signed scales lie inside the super-block.
-        let (d, bytes) = unsafe {
-            let bytes: [u8; 16] = *(block.add(Q6K_SCALES_AT) as *const [u8; 16]);
-            (half(block.add(Q6K_D_AT)), bytes)
-        };
-        // The quants are stored as `q + 32`.
-        signed_scales(bytes.map(|b| b as i8), d, 32.0)
     }
 
     #[cfg(target_arch = "aarch64")]
@@ -555,26 +514,6 @@ unsafe fn two_bits(at: *const u8, pair: usize) -> (uint8x16_t, uint8x16_t) {
     )
 }
 
-/// Q2_K's scales and offsets per 16 values: `d` times the low nibble, `-dmin` times the high.
-///
-/// # Safety
-/// `block` points at a whole Q2_K super-block.
-#[cfg(target_arch = "aarch64")]
-#[inline]
-unsafe fn q2k_scales(block: *const u8, d: f32, dmin: f32) -> Scales {
-    // SAFETY: the caller's: the 16 scale bytes open the super-block.
-    let packed: [u8; 16] = unsafe { *(block as *const [u8; 16]) };
-    let mut out = Scales {
-        scales: [0.0; 16],
-        offsets: [0.0; 16],
-    };
-    for (i, byte) in packed.into_iter().enumerate() {
-        out.scales[i] = d * (byte & 0x0f) as f32;
-        out.offsets[i] = -dmin * (byte >> 4) as f32;
-    }
-    out
-}
-
 /// Q3_K's 16 six-bit scales, stored plus 32, as llama.cpp unpacks them from 12 bytes: the low
 /// nibbles of bytes 0-7 then their high nibbles, each with two top bits from bytes 8-11 (scale
 /// `i`'s at bits `2 (i / 4)` of byte `8 + i % 4`).
@@ -603,48 +542,6 @@ unsafe fn q3k_scale_bytes(block: *const u8) -> [u8; 16] {
     out
 }
 
-/// Scales per 16 values `d sc` from 16 signed bytes `sc`, and the offsets for a zero point of
-/// `zero` quants: `-zero` times the scales (Q3_K's 4, Q6_K's 32).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2")]
-fn signed_scales(bytes: __m128i, d: f32, zero: f32) -> Scales {
-    let mut out = Scales {
-        scales: [0.0; 16],
-        offsets: [0.0; 16],
-    };
-    for (i, bytes) in [bytes, _mm_srli_si128::<8>(bytes)].into_iter().enumerate() {
-        let scales = _mm256_mul_ps(
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)),
-            _mm256_set1_ps(d),
-        );
-        // SAFETY: lanes 8 i..8 i + 8 of both arrays of 16.
-        unsafe {
-            _mm256_storeu_ps(out.scales.as_mut_ptr().add(8 * i), scales);
-            _mm256_storeu_ps(
-                out.offsets.as_mut_ptr().add(8 * i),
-                _mm256_mul_ps(scales, _mm256_set1_ps(-zero)),
-            );
-        }
-    }
-    out
-}
-
-/// The same, a value at a time.
-#[cfg(target_arch = "aarch64")]
-#[inline]
-fn signed_scales(bytes: [i8; 16], d: f32, zero: f32) -> Scales {
-    let mut out = Scales {
-        scales: [0.0; 16],
-        offsets: [0.0; 16],
-    };
-    for (i, byte) in bytes.into_iter().enumerate() {
-        out.scales[i] = byte as f32 * d;
-        out.offsets[i] = out.scales[i] * -zero;
-    }
-    out
-}
-
 /// The low (`high` 0) or high (1) nibbles of the 32 bytes at `at`.
 ///
 /// # Safety
@@ -657,54 +554,6 @@ unsafe fn nibbles(at: *const u8, high: usize) -> __m256i {
     let bytes = unsafe { _mm256_loadu_si256(at as *const __m256i) };
     let shifted = _mm256_srl_epi16(bytes, _mm_cvtsi32_si128(4 * high as i32));
     _mm256_and_si256(shifted, _mm256_set1_epi8(0x0f))
-}
-
-/// Q4_K's and Q5_K's scales: eight 6-bit scales and eight 6-bit offsets packed in 12 bytes
-/// (the first four of each in the low six bits of bytes 0-3 and 4-7, the last four in the
-/// nibbles of bytes 8-11 with their top two bits in the top bits of bytes 0-7), times `d` and
-/// `-dmin`.
-///
-/// # Safety
-/// As [`Layout::scales`].
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn offset_scales(block: *const u8) -> Scales {
-    // SAFETY: the caller's.
-    unsafe {
-        let (d, dmin) = (half(block), half(block.add(2)));
-        let (scales, offsets) = six_bit_words(block);
-        let per_32 = _mm256_mul_ps(widen(scales), _mm256_set1_ps(d));
-        let offsets_per_32 = _mm256_mul_ps(widen(offsets), _mm256_set1_ps(-dmin));
-        let mut out = Scales {
-            scales: [0.0; 16],
-            offsets: [0.0; 16],
-        };
-        // Each sub-block's scale and offset cover both of its 16-value halves.
-        let halves = [
-            _mm256_set_epi32(3, 3, 2, 2, 1, 1, 0, 0),
-            _mm256_set_epi32(7, 7, 6, 6, 5, 5, 4, 4),
-        ];
-        for (i, lanes) in halves.into_iter().enumerate() {
-            _mm256_storeu_ps(
-                out.scales.as_mut_ptr().add(8 * i),
-                _mm256_permutevar8x32_ps(per_32, lanes),
-            );
-            _mm256_storeu_ps(
-                out.offsets.as_mut_ptr().add(8 * i),
-                _mm256_permutevar8x32_ps(offsets_per_32, lanes),
-            );
-        }
-        out
-    }
-}
-
-/// Eight bytes as eight f32 lanes.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2")]
-fn widen(bytes: u64) -> __m256 {
-    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes as i64)))
 }
 
 /// The low (`high` 0) or high (1) nibbles of the 32 bytes at `at`, as values 0-15 and 16-31.
@@ -725,29 +574,8 @@ unsafe fn nibbles(at: *const u8, high: usize) -> (uint8x16_t, uint8x16_t) {
     }
 }
 
-/// Q4_K's and Q5_K's scales and offsets (see the x86-64 `offset_scales`), one at a time.
-///
-/// # Safety
-/// As [`Layout::scales`].
-#[cfg(target_arch = "aarch64")]
-unsafe fn offset_scales(block: *const u8) -> Scales {
-    // SAFETY: the caller's: `d`, `dmin` and the 12 packed bytes open the super-block.
-    let ((scales, mins), d, dmin) =
-        unsafe { (six_bit_scales(block), half(block), half(block.add(2))) };
-    let mut out = Scales {
-        scales: [0.0; 16],
-        offsets: [0.0; 16],
-    };
-    for j in 0..8 {
-        // Each sub-block's scale and offset cover both of its 16-value halves.
-        out.scales[2 * j..2 * j + 2].fill(scales[j] as f32 * d);
-        out.offsets[2 * j..2 * j + 2].fill(mins[j] as f32 * -dmin);
-    }
-    out
-}
-
 /// Q4_K's and Q5_K's eight 6-bit scales and eight 6-bit minima, one per sub-block, from their 12
-/// packed bytes (see the x86-64 `offset_scales`).
+/// packed bytes (see [`six_bit_words`]).
 ///
 /// # Safety
 /// `block` points at a whole Q4_K or Q5_K super-block.
@@ -758,7 +586,7 @@ unsafe fn six_bit_scales(block: *const u8) -> ([u8; 8], [u8; 8]) {
     (scales.to_le_bytes(), mins.to_le_bytes())
 }
 
-/// The same, a byte each in two words, unpacked a word at a time: the first four of each in the
+/// The same, a byte each in two words (after `d` and `dmin`), unpacked a word at a time: the first four of each in the
 /// low six bits of packed bytes 0-3 (scales) and 4-7 (minima), the last four in the nibbles of
 /// bytes 8-11 with their top two bits in the top bits of bytes 0-7.
 ///

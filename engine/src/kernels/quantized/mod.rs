@@ -160,6 +160,31 @@ impl std::fmt::Display for Isa {
 #[cfg(target_arch = "x86_64")]
 pub const HOLD_VARIABLE: &str = "ODMOE_KERNELS";
 
+/// Runs this test binary's tests chosen by `args` (a filter and its flags) again in a process
+/// held to AVX2, panicking with its report unless they pass, and returns how many passed. For
+/// tests: they run on AVX-512 CPUs, which would otherwise never take the AVX2 path.
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+pub fn rerun_held_to_avx2(args: &[&str]) -> usize {
+    let run = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args(args)
+        .args(["--test-threads", "2"])
+        .env(HOLD_VARIABLE, "avx2")
+        .output()
+        .expect("the test binary runs again");
+    let report = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "held to AVX2:\n{report}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    report
+        .lines()
+        .find_map(|line| line.strip_prefix("test result: ok. "))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The instruction set this process computes with, if the CPU has one the kernels use.
 pub fn isa() -> Option<Isa> {
     static ISA: OnceLock<Option<Isa>> = OnceLock::new();
@@ -402,11 +427,11 @@ pub struct Activations {
     quants: Vec<i8>,
     /// Per block of 32.
     scales: Vec<f32>,
-    /// Q8_0: per block of 32, through f16 (Q8_1's). Q8_K: per 16 quants, the scale times their
-    /// sum.
+    /// Q8_0: per block of 32, the scale times the quants' sum through f16 (Q8_1's). Q8_K has
+    /// none: its products take zero points and offsets off in integers.
     sums: Vec<f32>,
-    /// The quants' integer sums, for the tiles, which take zero points and offsets off in
-    /// integers: Q8_0 per block of 32, Q8_K per 16 (as llama.cpp's Q8_K blocks keep them).
+    /// The quants' integer sums: Q8_0 per block of 32, Q8_K per 16 (as llama.cpp's Q8_K blocks
+    /// keep them).
     integer_sums: Vec<i16>,
     cols: usize,
     rows: usize,
@@ -523,8 +548,8 @@ impl Activations {
     /// Rows of whole super-blocks quantized to Q8_K as llama.cpp does it for its K-quant
     /// products: per 256 values, `x` times `-127 / max` (`max` the value of largest magnitude,
     /// so it becomes -127) rounded to the nearest integer (at most 127), and the scale
-    /// `max / -127` kept in f32 (given for each of its blocks of 32), with the sums of each 16
-    /// quants times it.
+    /// `max / -127` kept in f32 (given for each of its blocks of 32), with the integer sums of
+    /// each 16 quants.
     fn quantize_super_blocks(rows: &[&[f32]], cols: usize) -> Self {
         assert!(
             cols.is_multiple_of(k_quants::VALUES),
@@ -533,7 +558,6 @@ impl Activations {
         let values = rows.len() * cols;
         let mut quants = vec![0i8; values];
         let mut scales = Vec::with_capacity(values / BLOCK);
-        let mut sums = Vec::with_capacity(2 * values / BLOCK);
         let mut integer_sums = Vec::with_capacity(2 * values / BLOCK);
         let super_blocks = rows
             .iter()
@@ -543,15 +567,13 @@ impl Activations {
             scales.extend([scale; k_quants::SUB_BLOCKS]);
             for sixteen in out.chunks_exact(16) {
                 // At most 16 * 127 in magnitude.
-                let sum = sixteen.iter().map(|&q| q as i16).sum::<i16>();
-                sums.push(scale * sum as f32);
-                integer_sums.push(sum);
+                integer_sums.push(sixteen.iter().map(|&q| q as i16).sum::<i16>());
             }
         }
         Self {
             quants,
             scales,
-            sums,
+            sums: Vec::new(),
             integer_sums,
             cols,
             rows: rows.len(),
@@ -574,16 +596,17 @@ impl Activations {
         }
     }
 
-    /// Token `t`'s quants, block scales and sums (one per block of 32 for Q8_1's, per 16 for
-    /// Q8_K's), as the dot products take them.
-    fn token(&self, t: usize) -> (&[i8], &[f32], &[f32]) {
+    /// Token `t`'s activations, as the dot products take them.
+    fn token(&self, t: usize) -> Token<'_> {
         let blocks = self.cols / BLOCK;
-        let sums = blocks * (self.sums.len() / self.scales.len().max(1));
-        (
-            &self.quants[t * self.cols..][..self.cols],
-            &self.scales[t * blocks..][..blocks],
-            &self.sums[t * sums..][..sums],
-        )
+        let per_row = |all: usize| blocks * (all / self.scales.len().max(1));
+        let (sums, integer_sums) = (per_row(self.sums.len()), per_row(self.integer_sums.len()));
+        Token {
+            quants: &self.quants[t * self.cols..][..self.cols],
+            scales: &self.scales[t * blocks..][..blocks],
+            sums: &self.sums[t * sums..][..sums],
+            integer_sums: &self.integer_sums[t * integer_sums..][..integer_sums],
+        }
     }
 
     /// The number of rows.
@@ -594,6 +617,22 @@ impl Activations {
     pub fn is_empty(&self) -> bool {
         self.rows == 0
     }
+}
+
+/// One token's row of [`Activations`].
+#[derive(Clone, Copy)]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+struct Token<'a> {
+    quants: &'a [i8],
+    /// Per block of 32.
+    scales: &'a [f32],
+    /// Q8_1's, per block of 32 (none in Q8_K).
+    sums: &'a [f32],
+    /// Per block of 32 (Q8_0) or per 16 quants (Q8_K).
+    integer_sums: &'a [i16],
 }
 
 /// `values` (a multiple of 32) as GGUF Q8_0 blocks appended to `out`: per 32 values an f16 scale
@@ -858,9 +897,8 @@ unsafe fn dots(
     for r in rows {
         let weights = &job.weights[r * row_bytes..(r + 1) * row_bytes];
         for t in tokens.clone() {
-            let (quants, scales, sums) = job.x.token(t);
             // SAFETY: as above, the slices hold the row's blocks each; the caller's.
-            unsafe { *out.add(t * out_rows + r) = dot(job.format, weights, quants, scales, sums) };
+            unsafe { *out.add(t * out_rows + r) = dot(job.format, weights, job.x.token(t)) };
         }
     }
 }
@@ -923,19 +961,21 @@ fn tiles(
     rows.start.max(tiles.min(rows.end))..rows.end
 }
 
-/// One row of `format` weights by one row of activations (their quants, per-block scales and
-/// sums), on AVX2 or NEON.
+/// One row of `format` weights by one token's activations, on AVX2 or NEON.
 ///
 /// # Safety
-/// The CPU has the instructions ([`isa`] found them); the slices hold whole blocks of one row.
+/// The CPU has the instructions ([`isa`] found them); `weights` and the token hold whole blocks
+/// of one row, the token in the form `format` meets.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-unsafe fn dot(format: Format, weights: &[u8], quants: &[i8], scales: &[f32], sums: &[f32]) -> f32 {
+unsafe fn dot(format: Format, weights: &[u8], x: Token) -> f32 {
     #[cfg(target_arch = "x86_64")]
     use avx2 as simd;
     #[cfg(target_arch = "aarch64")]
     use neon as simd;
     // SAFETY: the caller's.
     unsafe {
+        let (quants, scales, sums) = (x.quants, x.scales, x.sums);
+        let integer_sums = x.integer_sums;
         match format {
             Format::Q8_0 => simd::dot(weights, quants, scales),
             Format::Q4_0 => simd::dot_small::<small::Q4_0>(weights, quants, scales, sums),
@@ -943,18 +983,18 @@ unsafe fn dot(format: Format, weights: &[u8], quants: &[i8], scales: &[f32], sum
             Format::Q5_0 => simd::dot_small::<small::Q5_0>(weights, quants, scales, sums),
             Format::Q5_1 => simd::dot_small::<small::Q5_1>(weights, quants, scales, sums),
             Format::Mxfp4 => simd::dot_small::<small::Mxfp4>(weights, quants, scales, sums),
-            Format::Q2K => simd::dot_k::<Q2K>(weights, quants, scales, sums),
-            Format::Q3K => simd::dot_k::<Q3K>(weights, quants, scales, sums),
-            Format::Q4K => simd::dot_k::<Q4K>(weights, quants, scales, sums),
-            Format::Q5K => simd::dot_k::<Q5K>(weights, quants, scales, sums),
-            Format::Q6K => simd::dot_k::<Q6K>(weights, quants, scales, sums),
+            Format::Q2K => simd::dot_k::<Q2K>(weights, quants, scales, integer_sums),
+            Format::Q3K => simd::dot_k::<Q3K>(weights, quants, scales, integer_sums),
+            Format::Q4K => simd::dot_k::<Q4K>(weights, quants, scales, integer_sums),
+            Format::Q5K => simd::dot_k::<Q5K>(weights, quants, scales, integer_sums),
+            Format::Q6K => simd::dot_k::<Q6K>(weights, quants, scales, integer_sums),
         }
     }
 }
 
 /// Without the kernels' instructions nothing reaches [`product`].
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-unsafe fn dot(_: Format, _: &[u8], _: &[i8], _: &[f32], _: &[f32]) -> f32 {
+unsafe fn dot(_: Format, _: &[u8], _: Token) -> f32 {
     unreachable!("the quantized kernels are offered only on x86-64 and aarch64")
 }
 
@@ -1290,10 +1330,8 @@ mod tests {
             }
             exact += scale as f64 * activations.scales[b] as f64 * sum as f64;
         }
-        let quants = &activations.quants;
-        let scales = &activations.scales;
-        // SAFETY: `isa` found the instructions; the slices hold `blocks` blocks.
-        let ours = unsafe { dot(Format::Q8_0, &weights, quants, scales, &activations.sums) };
+        // SAFETY: `isa` found the instructions; the row and the token hold `blocks` blocks.
+        let ours = unsafe { dot(Format::Q8_0, &weights, activations.token(0)) };
         assert!(
             (ours as f64 - exact).abs() < 1e-4 * exact.abs().max(1.0),
             "{isa}: {ours} {exact}"
@@ -1381,8 +1419,6 @@ mod tests {
                         exact += m as f64 * activations.sums[b] as f64;
                     }
                 }
-                let (quants, scales, sums) =
-                    (&activations.quants, &activations.scales, &activations.sums);
                 let tolerance = 1e-4 * exact.abs().max(1.0);
                 let format = match (min, high) {
                     (false, false) => Format::Q4_0,
@@ -1391,7 +1427,7 @@ mod tests {
                     (true, true) => Format::Q5_1,
                 };
                 // SAFETY: `isa` found the instructions; the slices hold `blocks` blocks.
-                let ours = unsafe { dot(format, &weights, quants, scales, sums) };
+                let ours = unsafe { dot(format, &weights, activations.token(0)) };
                 let case = format!("{blocks} blocks, min {min}, high {high}");
                 assert!(
                     (ours as f64 - exact).abs() < tolerance,
@@ -1472,14 +1508,10 @@ mod tests {
             for t in [0, tokens - 1] {
                 let (exact, magnitude) = exact(0, t);
                 let tolerance = 1e-5 * magnitude.max(1e-30);
-                let (quants, scales, sums) = (
-                    &activations.quants[t * cols..(t + 1) * cols],
-                    &activations.scales[t * blocks..(t + 1) * blocks],
-                    &activations.sums[t * blocks..(t + 1) * blocks],
-                );
-                // SAFETY: `isa` found the instructions; the slices hold `blocks` blocks.
+                // SAFETY: `isa` found the instructions; the row and the token hold `blocks`
+                // blocks.
                 let ours =
-                    unsafe { dot(Format::Mxfp4, &weights[..blocks * 17], quants, scales, sums) };
+                    unsafe { dot(Format::Mxfp4, &weights[..blocks * 17], activations.token(t)) };
                 assert!(
                     (ours as f64 - exact).abs() <= tolerance,
                     "{case}: {ours} {exact}"
@@ -1590,14 +1622,9 @@ mod tests {
                         "{path} {case}, token {t} row {r}: {ours} {exact}"
                     );
                 };
-                let (quants, scales, sums) = (
-                    &activations.quants[..cols],
-                    &activations.scales[..cols / BLOCK],
-                    &activations.sums[..cols / 16],
-                );
-                // SAFETY: `isa` found the instructions; the slices hold the first row's and
-                // token's `supers` super-blocks.
-                let ours = unsafe { dot(format, &weights[..row_bytes], quants, scales, sums) };
+                // SAFETY: `isa` found the instructions; the row and the token hold `supers`
+                // super-blocks.
+                let ours = unsafe { dot(format, &weights[..row_bytes], activations.token(0)) };
                 check(&format!("{isa} dot"), 0, 0, ours);
                 let weight = Weight {
                     format,
@@ -1623,24 +1650,8 @@ mod tests {
         if isa() != Some(Isa::Avx512Vnni) {
             return;
         }
-        let this = "the_kernels_tests_pass_held_to_avx2";
-        let run = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["kernels::", "--skip", this, "--test-threads", "2"])
-            .env(HOLD_VARIABLE, "avx2")
-            .output()
-            .unwrap();
-        let report = String::from_utf8_lossy(&run.stdout);
-        assert!(
-            run.status.success(),
-            "held to AVX2:\n{report}\n{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        let passed: usize = report
-            .lines()
-            .find_map(|line| line.strip_prefix("test result: ok. "))
-            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0);
-        assert!(passed >= 10, "held to AVX2, too few tests ran:\n{report}");
+        let passed = rerun_held_to_avx2(&["kernels::", "--skip", "held_to_avx2"]);
+        assert!(passed >= 10, "held to AVX2, only {passed} tests ran");
     }
 
     /// A fixed sequence of pseudo-random numbers from `seed` (xorshift64).
@@ -1766,7 +1777,7 @@ mod tests {
             }
             for (i, sixteen) in block[260..].chunks_exact(2).enumerate() {
                 let sum = i16::from_le_bytes(sixteen.try_into().unwrap());
-                assert_eq!(ours.sums[b * 16 + i], scale * sum as f32, "block {b}");
+                assert_eq!(ours.integer_sums[b * 16 + i], sum, "block {b}");
             }
         }
         assert_eq!(ours.quants[1024 + 7], -127);

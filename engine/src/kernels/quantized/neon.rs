@@ -143,20 +143,22 @@ pub(super) unsafe fn dot_small<S: Kind>(
     vaddvq_f32(acc) + offsets
 }
 
-/// `sum over super-blocks of (activation scale) (sum over halves of sub-blocks of their
-/// scales times the integer dots of their 16 quants) + (the per-16 offsets) (the activations'
-/// sums of 16)` for a K-quant type with Q8_K activations; four halves' dots a step.
+/// `sum over super-blocks of (the activations' scale) (d (the integer dot of the quants, each
+/// 16-value group's times its integer scale) - d or dmin (the integer offsets times the
+/// activations' sums of 16))` for a K-quant type with Q8_K activations: a super-block's sums
+/// are exact in integers, as llama.cpp computes them, and converted once (see AVX2's `dot_k`);
+/// four groups' dots a step.
 ///
 /// # Safety
 /// The CPU has dotprod; `weights` holds `scales.len() / 8` super-blocks, `quants` 32 quants
-/// and `scales` one scale (the super-block's) for each activation block, and `sums` a sum for
-/// each 16 quants.
+/// and `scales` one scale (the super-block's) for each activation block, and `sums` the integer
+/// sum of each 16 quants.
 #[target_feature(enable = "neon,dotprod")]
 pub(super) unsafe fn dot_k<K: Layout>(
     weights: &[u8],
     quants: &[i8],
     scales: &[f32],
-    sums: &[f32],
+    sums: &[i16],
 ) -> f32 {
     let supers = scales.len() / SUB_BLOCKS;
     debug_assert!(weights.len() >= supers * K::BYTES && quants.len() >= scales.len() * BLOCK);
@@ -166,36 +168,45 @@ pub(super) unsafe fn dot_k<K: Layout>(
         // SAFETY: super-block s and its activation blocks are inside every slice.
         unsafe {
             let block = weights.as_ptr().add(s * K::BYTES);
-            let weight = K::scales(block);
-            let mut dots = vdupq_n_f32(0.0);
+            let weight = K::integer_scales(block);
+            let mut dots = vdupq_n_s32(0);
             for pair in 0..SUB_BLOCKS / 2 {
-                // The halves of sub-blocks 2 pair and 2 pair + 1, each a dot of 16 quants.
-                let mut halves = [vdupq_n_s32(0); 4];
+                // The groups of sub-blocks 2 pair and 2 pair + 1, each a dot of 16 quants.
+                let mut groups = [vdupq_n_s32(0); 4];
                 for i in 0..2 {
                     let sub = 2 * pair + i;
                     let a = quants.as_ptr().add((s * SUB_BLOCKS + sub) * BLOCK);
                     let (low, high) = K::quants(block, sub);
-                    halves[2 * i] = sdot(vdupq_n_s32(0), vreinterpretq_s8_u8(low), vld1q_s8(a));
-                    halves[2 * i + 1] = sdot(
+                    groups[2 * i] = sdot(vdupq_n_s32(0), vreinterpretq_s8_u8(low), vld1q_s8(a));
+                    groups[2 * i + 1] = sdot(
                         vdupq_n_s32(0),
                         vreinterpretq_s8_u8(high),
                         vld1q_s8(a.add(16)),
                     );
                 }
                 let four = vpaddq_s32(
-                    vpaddq_s32(halves[0], halves[1]),
-                    vpaddq_s32(halves[2], halves[3]),
+                    vpaddq_s32(groups[0], groups[1]),
+                    vpaddq_s32(groups[2], groups[3]),
                 );
-                let weight_scales = vld1q_f32(weight.scales.as_ptr().add(4 * pair));
-                dots = vfmaq_f32(dots, vcvtq_f32_s32(four), weight_scales);
+                let group_scales = vld1q_s32(weight.scales.as_ptr().add(4 * pair));
+                dots = vmlaq_s32(dots, four, group_scales);
             }
-            acc = vfmaq_n_f32(acc, dots, *scales.get_unchecked(s * SUB_BLOCKS));
+            let mut offsets = vdupq_n_s32(0);
             for quarter in 0..4 {
-                acc = vfmaq_f32(
-                    acc,
-                    vld1q_f32(weight.offsets.as_ptr().add(4 * quarter)),
-                    vld1q_f32(sums.as_ptr().add(16 * s + 4 * quarter)),
+                offsets = vmlal_s16(
+                    offsets,
+                    vld1_s16(weight.offsets.as_ptr().add(4 * quarter)),
+                    vld1_s16(sums.as_ptr().add(16 * s + 4 * quarter)),
                 );
+            }
+            let token = *scales.get_unchecked(s * SUB_BLOCKS);
+            if K::ZERO_POINT {
+                let exact = vsubq_s32(dots, offsets);
+                acc = vfmaq_n_f32(acc, vcvtq_f32_s32(exact), weight.d * token);
+            } else {
+                acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dots), weight.d * token);
+                let by_dmin = vdupq_n_f32(weight.dmin * token);
+                acc = vfmsq_f32(acc, vcvtq_f32_s32(offsets), by_dmin);
             }
         }
     }
