@@ -135,8 +135,7 @@ fn wait_bounded(mut child: std::process::Child, what: &str) -> std::process::Out
 }
 
 /// The Qwen3-MoE fixture with the chat template of the real Qwen3 (which renders tools and
-/// tool results), fetched by `scripts/setup.sh`: its files linked, its tokenizer config
-/// rewritten.
+/// tool results), fetched by `scripts/setup.sh`.
 fn fixture_with_qwen3_template() -> TempDir {
     let tokenizers = std::env::var_os("ODMOE_TOKENIZERS_DIR").map_or_else(
         || PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/odmoe/tokenizers"),
@@ -148,6 +147,12 @@ fn fixture_with_qwen3_template() -> TempDir {
             .unwrap_or_else(|_| panic!("{} is missing: run scripts/setup.sh", qwen3.display())),
     )
     .unwrap();
+    fixture_with_template(&qwen3["chat_template"])
+}
+
+/// The Qwen3-MoE fixture with the chat template `template`: its files linked, its tokenizer
+/// config rewritten.
+fn fixture_with_template(template: &Value) -> TempDir {
     let dir = tempfile::tempdir().unwrap();
     let source = fixture("qwen3_moe");
     for entry in fs::read_dir(&source).unwrap() {
@@ -158,7 +163,7 @@ fn fixture_with_qwen3_template() -> TempDir {
     }
     let config = source.join("tokenizer_config.json");
     let mut config: Value = serde_json::from_str(&fs::read_to_string(config).unwrap()).unwrap();
-    config["chat_template"] = qwen3["chat_template"].clone();
+    config["chat_template"] = template.clone();
     fs::write(
         dir.path().join("tokenizer_config.json"),
         serde_json::to_string_pretty(&config).unwrap(),
@@ -573,6 +578,35 @@ async fn a_stop_sequence_ends_the_reply_where_it_is_met_and_is_named() {
     assert_eq!(
         choice["message"]["content"].as_str().unwrap_or(""),
         before,
+        "{openai}"
+    );
+}
+
+/// A reasoning model's thoughts reach Anthropic's official client as `thinking` blocks when it
+/// asks for them, streamed or not, and are sent back in a later turn; without asking it gets
+/// the answer alone. The template opens `<think>` for the reply, so everything the fixture
+/// writes is reasoning (its byte-level vocabulary has no `</think>` token to close it).
+#[tokio::test(flavor = "multi_thread")]
+async fn anthropic_clients_get_the_reasoning_as_thinking_blocks_when_they_ask() {
+    let template = "{% for message in messages %}{{ message.content }}{% endfor %}<think>";
+    let model = fixture_with_template(&json!(template));
+    let daemon = HttpDaemon::start(model.path(), "").await;
+    let name = model.path().file_name().unwrap().to_str().unwrap();
+    let report = daemon.clients("thinking", name, None);
+    let thinking = report["thinking"].as_str().unwrap();
+    assert!(thinking.len() >= 8, "{report}");
+    // The same greedy reply through OpenAI's API, as its reasoning.
+    let openai = response_json(
+        &daemon.base,
+        &post(
+            "/v1/chat/completions",
+            Some(&daemon.key),
+            &json!({"messages": [{"role": "user", "content": "Name a colour."}],
+                    "max_tokens": 12, "temperature": 0}),
+        ),
+    );
+    assert_eq!(
+        openai["choices"][0]["message"]["reasoning_content"], thinking,
         "{openai}"
     );
 }

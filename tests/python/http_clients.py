@@ -8,6 +8,7 @@ Phases (each prints one JSON object of what it saw on its last line; a failed ch
   prefix      a conversation sent twice, the second time one turn longer
   cancel      a stream dropped after a few chunks
   concurrent  16 chat requests at once
+  thinking    Anthropic's thinking blocks, asked for and not, streamed and not, sent back
 """
 
 import json
@@ -254,10 +255,53 @@ def concurrent():
     return {"answered": len(results)}
 
 
+def thinking():
+    """A model whose every word is reasoning (its template opens `<think>`)."""
+    asked = dict(
+        model=model, max_tokens=12, extra_body=GREEDY,
+        messages=[{"role": "user", "content": QUESTION}],
+        thinking={"type": "enabled", "budget_tokens": 1024},
+    )
+    message = an.messages.create(**asked)
+    kinds = [block.type for block in message.content]
+    assert kinds == ["thinking", "text"], kinds
+    thought = message.content[0]
+    assert thought.thinking and thought.signature == "", thought
+    assert message.content[1].text == ""
+    with an.messages.stream(**asked) as stream:
+        deltas = [
+            event.delta.thinking for event in stream
+            if event.type == "content_block_delta" and event.delta.type == "thinking_delta"
+        ]
+        final = stream.get_final_message()
+    assert "".join(deltas) == thought.thinking, (deltas, thought.thinking)
+    assert [block.type for block in final.content] == kinds
+    assert final.content[0].thinking == thought.thinking
+    # Not asked: the answer alone.
+    unasked = an.messages.create(
+        model=model, max_tokens=12, extra_body=GREEDY,
+        messages=[{"role": "user", "content": QUESTION}],
+    )
+    assert [block.type for block in unasked.content] == ["text"], unasked.content
+    # The reply sent back as the client keeps it, thinking block and all.
+    again = an.messages.create(
+        model=model, max_tokens=4, extra_body=GREEDY,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=[
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": message.content},
+            {"role": "user", "content": "Another."},
+        ],
+    )
+    assert again.content[0].type == "thinking", again.content
+    return {"thinking": thought.thinking}
+
+
 PHASES = {
     "apis": apis,
     "apis_without_tools": lambda: apis(tools=False),
     "prefix": prefix,
+    "thinking": thinking,
     "cancel": cancel,
     "concurrent": concurrent,
 }

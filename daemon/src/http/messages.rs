@@ -92,6 +92,7 @@ pub fn from_anthropic(system: Option<Value>, messages: Vec<Value>) -> Result<Vec
             }
         };
         let mut text = String::new();
+        let mut reasoning = String::new();
         let mut calls = Vec::new();
         for (at, block) in blocks.iter().enumerate() {
             let place = format!("messages[{index}].content[{at}]");
@@ -99,6 +100,12 @@ pub fn from_anthropic(system: Option<Value>, messages: Vec<Value>) -> Result<Vec
                 Some("text") => {
                     text.push_str(block.get("text").and_then(Value::as_str).unwrap_or(""))
                 }
+                // An earlier reply's reasoning, sent back as clients keep it: the template's
+                // `reasoning_content`, which templates that show past reasoning read.
+                Some("thinking") if role == "assistant" => {
+                    reasoning.push_str(block.get("thinking").and_then(Value::as_str).unwrap_or(""))
+                }
+                Some("redacted_thinking") if role == "assistant" => {}
                 Some("tool_use") => calls.push(json!({
                     "id": block.get("id").cloned().unwrap_or(Value::Null),
                     "type": "function",
@@ -125,10 +132,13 @@ pub fn from_anthropic(system: Option<Value>, messages: Vec<Value>) -> Result<Vec
                 None => return Err(format!("{place}: a block without a type")),
             }
         }
-        if !text.is_empty() || !calls.is_empty() {
+        if !text.is_empty() || !calls.is_empty() || !reasoning.is_empty() {
             let mut message = json!({"role": role, "content": text});
             if !calls.is_empty() {
                 message["tool_calls"] = Value::Array(calls);
+            }
+            if !reasoning.is_empty() {
+                message["reasoning_content"] = Value::String(reasoning);
             }
             conversation.push(message);
         }
@@ -220,6 +230,8 @@ mod tests {
             vec![
                 json!({"role": "user", "content": "Weather?"}),
                 json!({"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "Need the weather.", "signature": ""},
+                    {"type": "redacted_thinking", "data": "..."},
                     {"type": "text", "text": "Checking."},
                     {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}}
                 ]}),
@@ -238,7 +250,18 @@ mod tests {
             messages[2]["tool_calls"][0]["function"]["arguments"]["city"],
             "Paris"
         );
+        assert_eq!(messages[2]["reasoning_content"], "Need the weather.");
         assert_eq!(messages[3]["content"], "sunny");
         assert_eq!(messages[3]["tool_call_id"], "t1");
+        // Thinking is the assistant's: in a user's message it is refused, by name.
+        let error = from_anthropic(
+            None,
+            vec![json!({"role": "user", "content": [{"type": "thinking", "thinking": "x"}]})],
+        );
+        assert!(
+            error
+                .unwrap_err()
+                .contains("messages[0].content[0]: `thinking`")
+        );
     }
 }

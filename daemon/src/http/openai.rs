@@ -174,7 +174,7 @@ pub async fn chat_completions(
         &served,
         DIALECT,
         messages,
-        offered.map(Value::Array),
+        offered.clone().map(Value::Array),
         variables,
     )
     .await?;
@@ -192,7 +192,8 @@ pub async fn chat_completions(
         id: fresh_id("chatcmpl-"),
         model: model_id(&served),
         created: unix_now(),
-        reply: Reply::new(syntax, served.tokenizer.clone(), parts),
+        reply: Reply::new(syntax, served.tokenizer.clone(), parts)
+            .offering(offered.unwrap_or_default()),
     };
     if request.stream {
         let usage = request.stream_options.is_some_and(|o| o.include_usage);

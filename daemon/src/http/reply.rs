@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+use serde_json::Value;
+
 use odmoe_engine::tokenizer::Tokenizer;
 use odmoe_engine::tokenizer::reasoning::{Part, ReplyParts};
 
@@ -18,6 +20,8 @@ use super::tools::{ToolCall, ToolSyntax};
 pub struct Reply {
     /// The template's call syntax when tools were offered.
     syntax: Option<ToolSyntax>,
+    /// The tools offered (in OpenAI's form), whose schemas type the calls' arguments.
+    offered: Vec<Value>,
     /// The model's tokenizer, which reads calls back with their special tokens.
     tokenizer: Option<Arc<Tokenizer>>,
     tokens: Vec<u32>,
@@ -51,6 +55,7 @@ impl Reply {
     ) -> Reply {
         Reply {
             syntax,
+            offered: Vec::new(),
             tokenizer,
             parts,
             reasoning: String::new(),
@@ -59,6 +64,13 @@ impl Reply {
             shown: 0,
             calling: false,
         }
+    }
+
+    /// The reply with the tools offered (in OpenAI's form), whose schemas type the arguments
+    /// of calls.
+    pub fn offering(mut self, offered: Vec<Value>) -> Reply {
+        self.offered = offered;
+        self
     }
 
     /// The model's tokenizer, when it has one.
@@ -171,7 +183,7 @@ impl Reply {
                     Some(parts) => parts.calls_in(&raw),
                     None => &raw,
                 };
-                syntax.parse(raw).map(|(_, calls)| calls)
+                syntax.parse(raw, &self.offered).map(|(_, calls)| calls)
             })
     }
 
@@ -235,6 +247,30 @@ mod tests {
                 name: "get_weather".into(),
                 arguments: serde_json::json!({"city": "Paris"}),
             }]
+        );
+    }
+
+    #[test]
+    fn a_glm_calls_arguments_take_the_offered_schemas_types() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3_moe");
+        let tokenizer = Arc::new(Tokenizer::from_dir(&dir).unwrap());
+        let generated = "<tool_call>book<arg_key>code</arg_key><arg_value>123</arg_value>\
+                         <arg_key>nights</arg_key><arg_value>3</arg_value></tool_call>";
+        let offered = vec![
+            serde_json::json!({"type": "function", "function": {"name": "book",
+            "parameters": {"properties": {"code": {"type": "string"},
+                                          "nights": {"type": "integer"}}}}}),
+        ];
+        let mut reply =
+            Reply::new(Some(ToolSyntax::Glm), Some(Arc::clone(&tokenizer)), None).offering(offered);
+        for token in tokenizer.encode(generated, false).unwrap() {
+            reply.push(token, "");
+        }
+        let ending = reply.finish();
+        assert_eq!(
+            ending.calls[0].arguments,
+            serde_json::json!({"code": "123", "nights": 3})
         );
     }
 

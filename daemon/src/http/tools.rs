@@ -16,7 +16,8 @@ pub enum ToolSyntax {
     /// <|message|>{...}<|call|>`.
     Harmony,
     /// GLM-4.5 to 4.7: `<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value></tool_call>`,
-    /// each value as text when it is a string and as JSON otherwise.
+    /// each value as text when it is a string and as JSON otherwise: which of the two a value
+    /// is, only the tool's schema tells (`"123"` and `123` are written alike).
     Glm,
     /// Mistral and Mixtral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}]`, or in newer
     /// templates `[TOOL_CALLS]name[ARGS]{...}`.
@@ -105,13 +106,14 @@ impl ToolSyntax {
     }
 
     /// The calls in `reply` (the model's text with special tokens kept) and the text before
-    /// them; `None` when it holds no call that parses.
-    pub fn parse(self, reply: &str) -> Option<(String, Vec<ToolCall>)> {
+    /// them; `None` when it holds no call that parses. `offered` is the request's tools (in
+    /// OpenAI's form), whose schemas type the arguments of syntaxes that write them as text.
+    pub fn parse(self, reply: &str, offered: &[Value]) -> Option<(String, Vec<ToolCall>)> {
         let start = self.start(reply)?;
         let (text, calls) = reply.split_at(start);
         let calls = match self {
             ToolSyntax::Hermes => hermes(calls),
-            ToolSyntax::Glm => glm(calls),
+            ToolSyntax::Glm => glm(calls, offered),
             ToolSyntax::Harmony => harmony(calls),
             ToolSyntax::Mistral => mistral(calls),
             ToolSyntax::DeepSeek => deepseek(calls),
@@ -192,7 +194,7 @@ fn harmony(text: &str) -> Option<Vec<ToolCall>> {
     Some(calls)
 }
 
-fn glm(text: &str) -> Option<Vec<ToolCall>> {
+fn glm(text: &str, offered: &[Value]) -> Option<Vec<ToolCall>> {
     let mut calls = Vec::new();
     for part in text.split("<tool_call>").skip(1) {
         let body = part.split("</tool_call>").next()?;
@@ -209,10 +211,16 @@ fn glm(text: &str) -> Option<Vec<ToolCall>> {
                 .1
                 .split_once("</arg_value>")?
                 .0;
-            // The template writes strings as they are and anything else as JSON.
-            let value = serde_json::from_str(value.trim())
-                .unwrap_or_else(|_| Value::String(value.to_owned()));
-            arguments.insert(key.trim().to_owned(), value);
+            // The template writes strings as they are and anything else as JSON. A value of a
+            // parameter the schema declares a string stays the text written, as vLLM reads
+            // it; any other is JSON when it parses.
+            let key = key.trim();
+            let value = match declared_string(offered, name, key) {
+                true => Value::String(value.to_owned()),
+                false => serde_json::from_str(value.trim())
+                    .unwrap_or_else(|_| Value::String(value.to_owned())),
+            };
+            arguments.insert(key.to_owned(), value);
         }
         calls.push(ToolCall {
             name: name.to_owned(),
@@ -220,6 +228,30 @@ fn glm(text: &str) -> Option<Vec<ToolCall>> {
         });
     }
     Some(calls)
+}
+
+/// Whether the offered tool `tool` declares its parameter `parameter` a string (`"string"`, or
+/// a list of types of which the others are `"null"`).
+fn declared_string(offered: &[Value], tool: &str, parameter: &str) -> bool {
+    let declared = offered
+        .iter()
+        .filter_map(|tool| tool.get("function"))
+        .find(|function| function.get("name").and_then(Value::as_str) == Some(tool))
+        .and_then(|function| {
+            function
+                .get("parameters")?
+                .get("properties")?
+                .get(parameter)
+        })
+        .and_then(|property| property.get("type"));
+    match declared {
+        Some(Value::String(kind)) => kind == "string",
+        Some(Value::Array(kinds)) => {
+            kinds.iter().any(|kind| kind == "string")
+                && kinds.iter().all(|kind| kind == "string" || kind == "null")
+        }
+        _ => false,
+    }
 }
 
 fn mistral(text: &str) -> Option<Vec<ToolCall>> {
@@ -368,7 +400,7 @@ mod tests {
             ),
         ];
         for (syntax, reply, text) in cases {
-            let parsed = syntax.parse(reply);
+            let parsed = syntax.parse(reply, &[]);
             assert_eq!(
                 parsed,
                 Some((text.to_owned(), vec![weather.clone()])),
@@ -380,7 +412,7 @@ mod tests {
     #[test]
     fn several_calls_and_string_arguments() {
         let reply = "<tool_call>{\"name\": \"a\", \"arguments\": \"{\\\"x\\\": 1}\"}</tool_call>\n<tool_call>{\"name\": \"b\", \"arguments\": {}}</tool_call>";
-        let (_, calls) = ToolSyntax::Hermes.parse(reply).unwrap();
+        let (_, calls) = ToolSyntax::Hermes.parse(reply, &[]).unwrap();
         assert_eq!(
             calls,
             vec![call("a", json!({"x": 1})), call("b", json!({}))]
@@ -390,7 +422,7 @@ mod tests {
     #[test]
     fn glm_values_are_json_unless_they_are_text() {
         let reply = "<tool_call>book\n<arg_key>nights</arg_key>\n<arg_value>3</arg_value>\n<arg_key>rooms</arg_key>\n<arg_value>[\"a\", \"b\"]</arg_value>\n<arg_key>note</arg_key>\n<arg_value>late arrival</arg_value>\n</tool_call>\n<tool_call>done</tool_call>";
-        let (_, calls) = ToolSyntax::Glm.parse(reply).unwrap();
+        let (_, calls) = ToolSyntax::Glm.parse(reply, &[]).unwrap();
         assert_eq!(
             calls,
             vec![
@@ -402,21 +434,60 @@ mod tests {
             ]
         );
         assert_eq!(
-            ToolSyntax::Glm.parse("<tool_call>two words</tool_call>"),
+            ToolSyntax::Glm.parse("<tool_call>two words</tool_call>", &[]),
             None
         );
         assert_eq!(
-            ToolSyntax::Glm.parse("<tool_call>f<arg_key>k</arg_key></tool_call>"),
+            ToolSyntax::Glm.parse("<tool_call>f<arg_key>k</arg_key></tool_call>", &[]),
             None
         );
     }
 
     #[test]
+    fn glm_values_take_the_type_the_offered_schema_declares() {
+        let offered = [
+            json!({"type": "function", "function": {"name": "book", "parameters": {
+                "type": "object",
+                "properties": {
+                    "code": {"type": "string"},
+                    "nights": {"type": "integer"},
+                    "note": {"type": ["string", "null"]},
+                    "rooms": {"type": "array"},
+                    "either": {"type": ["string", "integer"]},
+                },
+            }}}),
+        ];
+        let value = |key: &str, text: &str| {
+            let reply = format!(
+                "<tool_call>book<arg_key>{key}</arg_key><arg_value>{text}</arg_value></tool_call>"
+            );
+            let (_, calls) = ToolSyntax::Glm.parse(&reply, &offered).unwrap();
+            calls[0].arguments[key].clone()
+        };
+        // Declared strings stay as written, whitespace and all, even where they read as JSON.
+        assert_eq!(value("code", "123"), json!("123"));
+        assert_eq!(value("note", "{\"a\": 1}"), json!("{\"a\": 1}"));
+        assert_eq!(value("code", "\n two lines\n"), json!("\n two lines\n"));
+        // Other types, types the schema leaves open and undeclared parameters read as JSON.
+        assert_eq!(value("nights", "3"), json!(3));
+        assert_eq!(value("rooms", "[\"a\"]"), json!(["a"]));
+        assert_eq!(value("either", "7"), json!(7));
+        assert_eq!(value("extra", "true"), json!(true));
+        // Without the schema, as before: JSON when it parses.
+        let reply = "<tool_call>book<arg_key>code</arg_key><arg_value>123</arg_value></tool_call>";
+        let (_, calls) = ToolSyntax::Glm.parse(reply, &[]).unwrap();
+        assert_eq!(calls[0].arguments, json!({"code": 123}));
+    }
+
+    #[test]
     fn replies_without_a_call_that_parses_stay_text() {
-        assert_eq!(ToolSyntax::Hermes.parse("Paris is sunny."), None);
-        assert_eq!(ToolSyntax::Hermes.parse("<tool_call>{\"name\": "), None);
-        assert_eq!(ToolSyntax::Llama3.parse("The answer is {1, 2}."), None);
-        assert_eq!(ToolSyntax::Llama3.parse("{\"x\": 1}"), None);
+        assert_eq!(ToolSyntax::Hermes.parse("Paris is sunny.", &[]), None);
+        assert_eq!(
+            ToolSyntax::Hermes.parse("<tool_call>{\"name\": ", &[]),
+            None
+        );
+        assert_eq!(ToolSyntax::Llama3.parse("The answer is {1, 2}.", &[]), None);
+        assert_eq!(ToolSyntax::Llama3.parse("{\"x\": 1}", &[]), None);
     }
 
     #[test]
