@@ -297,12 +297,31 @@ fn a_prefetch_that_cannot_fit_is_dropped_and_pinned_experts_stay() {
     store.check_invariants().unwrap();
 }
 
-/// Reads that block until the test lets them through.
-struct GatedSource(Mutex<std::sync::mpsc::Receiver<()>>);
+/// Reads that say they started, then block until the test lets them through.
+struct GatedSource {
+    gate: Mutex<std::sync::mpsc::Receiver<()>>,
+    started: Mutex<std::sync::mpsc::Sender<(usize, usize)>>,
+}
 
 impl ExpertSource for GatedSource {
     fn read(&self, layer: usize, expert: usize) -> odmoe_engine::Result<(GluMlp, u64)> {
-        self.0.lock().unwrap().recv().unwrap();
+        // The test may not listen.
+        let _ = self.started.lock().unwrap().send((layer, expert));
+        // A test that fails before letting a read through would otherwise hang, the store's
+        // I/O threads waiting here as it drops.
+        let opened = self
+            .gate
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(30));
+        if opened.is_err() {
+            return Err(odmoe_engine::Error::Expert {
+                layer,
+                expert,
+                path: PathBuf::from("gated"),
+                message: "the test never let the read through".into(),
+            });
+        }
         let w = Tensor::full((layer * 100 + expert) as f32, (1, 1), &Device::Cpu).unwrap();
         Ok((GluMlp::from_f32(w.clone(), w.clone(), w), 12))
     }
@@ -317,14 +336,31 @@ fn gated_store(
     experts_in_budget: u64,
     io_threads: usize,
 ) -> (std::sync::mpsc::Sender<()>, ExpertStore) {
+    let (open, _, store) = gated_store_telling_starts(experts_in_budget, io_threads);
+    (open, store)
+}
+
+/// [`gated_store`], and the receiver each read names its expert on as it starts.
+fn gated_store_telling_starts(
+    experts_in_budget: u64,
+    io_threads: usize,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    std::sync::mpsc::Receiver<(usize, usize)>,
+    ExpertStore,
+) {
     let (open, gate) = std::sync::mpsc::channel();
+    let (tell, started) = std::sync::mpsc::channel();
     let config = StoreConfig {
         budget_bytes: experts_in_budget * 100,
         io_threads,
         policy: PolicyKind::Lru,
     };
-    let source = Arc::new(GatedSource(Mutex::new(gate)));
-    (open, ExpertStore::new(source, &config))
+    let source = Arc::new(GatedSource {
+        gate: Mutex::new(gate),
+        started: Mutex::new(tell),
+    });
+    (open, started, ExpertStore::new(source, &config))
 }
 
 #[test]
@@ -744,6 +780,33 @@ fn routing_cancels_the_wrong_guesses_still_queued() {
     drop(store.acquire(1, &[0]).unwrap());
     let stats = store.stats();
     assert_eq!((stats.hits, stats.prefetch_used, stats.reads), (1, 1, 1));
+    store.check_invariants().unwrap();
+}
+
+/// A guess's read waits while a miss is being read, though I/O threads are free: on a disk
+/// that reads bound, a guess read beside a miss takes the miss's time; read while the layer
+/// computes, it takes idle time.
+#[test]
+fn a_guess_is_read_only_while_no_miss_is() {
+    let (open, started, store) = gated_store_telling_starts(16, 3);
+    let wait = Duration::from_secs(10);
+    let miss = store.request(0, &[0]).unwrap();
+    assert_eq!(started.recv_timeout(wait), Ok((0, 0)));
+    store.prefetch(1, &[1]);
+    assert!(
+        started.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a guess's read started beside the miss's"
+    );
+    open.send(()).unwrap();
+    drop(miss);
+    assert_eq!(
+        started.recv_timeout(wait),
+        Ok((1, 1)),
+        "the guess is read next"
+    );
+    open.send(()).unwrap();
+    store.wait_idle();
+    assert_eq!(store.stats().reads, 2);
     store.check_invariants().unwrap();
 }
 

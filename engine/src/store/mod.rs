@@ -119,6 +119,9 @@ struct State {
     /// demand reads, which would otherwise wait behind guesses.
     prefetch_reads: usize,
     max_prefetch_reads: usize,
+    /// Demand reads in progress: a guess's read starts only while there are none, so that
+    /// guesses take the disk's idle time (a layer's compute) and never its time for a miss.
+    demand_reads: usize,
     telemetry: stats::Telemetry,
     shutdown: bool,
 }
@@ -212,6 +215,7 @@ impl ExpertStore {
                 hits: HashMap::new(),
                 prefetch_reads: 0,
                 max_prefetch_reads: config.io_threads.saturating_sub(1).max(1),
+                demand_reads: 0,
                 telemetry: Default::default(),
                 shutdown: false,
             }),
@@ -504,16 +508,22 @@ fn io_worker(shared: &Shared) {
                 }
                 let job = match state.demand.pop_front() {
                     Some((key, slot)) => Some((key, slot, false)),
-                    None if state.prefetch_reads < state.max_prefetch_reads => state
-                        .prefetch
-                        .pop_front()
-                        .map(|(_, key, slot)| (key, slot, true)),
+                    None if state.demand_reads == 0
+                        && state.prefetch_reads < state.max_prefetch_reads =>
+                    {
+                        state
+                            .prefetch
+                            .pop_front()
+                            .map(|(_, key, slot)| (key, slot, true))
+                    }
                     None => None,
                 };
                 match job {
                     Some((key, slot, prefetch)) if !slot.claimed.swap(true, Ordering::AcqRel) => {
                         if prefetch {
                             state.prefetch_reads += 1;
+                        } else {
+                            state.demand_reads += 1;
                         }
                         break (key, slot, prefetch);
                     }
@@ -528,9 +538,11 @@ fn io_worker(shared: &Shared) {
         let mut state = shared.lock();
         if prefetch {
             state.prefetch_reads -= 1;
-            // A thread that left a queued guess for the demand reads' sake may take it now.
-            shared.work.notify_one();
+        } else {
+            state.demand_reads -= 1;
         }
+        // A thread that left a queued guess for the demand reads' sake may take it now.
+        shared.work.notify_one();
         let current =
             matches!(state.slots.get(&key), Some(Slot::Loading(s)) if Arc::ptr_eq(s, &slot));
         let outcome = match result {
