@@ -133,6 +133,10 @@ const K_LLAMA_BOUND: f32 = 1e-4;
 /// 8-bit quant stays well inside.
 const ONE_ROUNDING_BOUND: f32 = 0.3;
 
+/// Positions of a file that may stand as far as [`ONE_ROUNDING_BOUND`] from llama.cpp: on x86,
+/// whose goldens these are, none; on NEON, which adds some floats in another order, one.
+const ROUNDED_POSITIONS: usize = if cfg!(target_arch = "aarch64") { 1 } else { 0 };
+
 /// See [`LLAMA_BOUND`].
 #[test]
 fn block_types_of_the_kernels_stay_near_llama_cpp() {
@@ -155,7 +159,7 @@ fn block_types_of_the_kernels_stay_near_llama_cpp() {
 /// in integers, as in llama.cpp. Measured: see [`K_LLAMA_BOUND`], at every position but one of
 /// one file on NEON (under emulation: qwen3_moe-k-q4_k_m, 8.4e-3 at position 4, the others under
 /// 3e-6), where an activation computed in another order by 1e-6 rounds to the neighbouring
-/// quant. So one position a file may stand farther off, within [`ONE_ROUNDING_BOUND`].
+/// quant: see [`ROUNDED_POSITIONS`].
 #[test]
 fn k_quant_types_of_the_kernels_stay_near_llama_cpp() {
     for suffix in ["k-q6_k", "k-q4_k_m"] {
@@ -168,17 +172,19 @@ fn k_quant_types_of_the_kernels_stay_near_llama_cpp() {
                 "{name}: max |diff| to llama.cpp by position {}",
                 shown.join(" ")
             );
-            positions.sort_by(f32::total_cmp);
-            let (&farthest, rest) = positions.split_last().unwrap();
-            let next = rest.last().copied().unwrap_or(0.0);
+            positions.sort_by(|a, b| b.total_cmp(a));
+            let (rounded, rest) = positions.split_at(ROUNDED_POSITIONS);
+            let farthest = rest.first().copied().unwrap_or(0.0);
             assert!(
-                next <= K_LLAMA_BOUND,
-                "{name}: two positions {next} or more from llama.cpp"
+                farthest <= K_LLAMA_BOUND,
+                "{name}: {farthest} from llama.cpp, past {ROUNDED_POSITIONS} rounded position(s)"
             );
-            assert!(
-                farthest <= ONE_ROUNDING_BOUND,
-                "{name}: {farthest} from llama.cpp"
-            );
+            if let Some(&rounded) = rounded.first() {
+                assert!(
+                    rounded <= ONE_ROUNDING_BOUND,
+                    "{name}: {rounded} from llama.cpp"
+                );
+            }
         }
     }
 }

@@ -63,7 +63,8 @@ fn openai_text(content: Value) -> Result<String, String> {
 }
 
 /// Anthropic's `system` and `messages`, for the template: text blocks joined, `tool_use`
-/// blocks as the assistant's `tool_calls`, `tool_result` blocks as `tool` messages.
+/// blocks as the assistant's `tool_calls`, `tool_result` blocks as `tool` messages, the
+/// assistant's `thinking` blocks as its `reasoning_content`.
 pub fn from_anthropic(system: Option<Value>, messages: Vec<Value>) -> Result<Vec<Value>, String> {
     if messages.is_empty() {
         return Err("messages: must hold at least one message".into());

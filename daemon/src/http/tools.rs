@@ -230,10 +230,10 @@ fn glm(text: &str, offered: &[Value]) -> Option<Vec<ToolCall>> {
     Some(calls)
 }
 
-/// Whether the offered tool `tool` declares its parameter `parameter` a string (`"string"`, or
-/// a list of types of which the others are `"null"`).
+/// Whether the offered tool `tool` declares its parameter `parameter` a string: `"string"`,
+/// or a string or null (a list of types, or pydantic's `anyOf` for `Optional[str]`).
 fn declared_string(offered: &[Value], tool: &str, parameter: &str) -> bool {
-    let declared = offered
+    offered
         .iter()
         .filter_map(|tool| tool.get("function"))
         .find(|function| function.get("name").and_then(Value::as_str) == Some(tool))
@@ -243,15 +243,24 @@ fn declared_string(offered: &[Value], tool: &str, parameter: &str) -> bool {
                 .get("properties")?
                 .get(parameter)
         })
-        .and_then(|property| property.get("type"));
-    match declared {
-        Some(Value::String(kind)) => kind == "string",
-        Some(Value::Array(kinds)) => {
-            kinds.iter().any(|kind| kind == "string")
-                && kinds.iter().all(|kind| kind == "string" || kind == "null")
-        }
-        _ => false,
-    }
+        .is_some_and(string_or_null)
+}
+
+/// Whether the schema `property` admits strings and, besides, at most null.
+fn string_or_null(property: &Value) -> bool {
+    let kinds: Vec<&Value> = match (property.get("type"), property.get("anyOf")) {
+        (Some(Value::Array(kinds)), _) => kinds.iter().collect(),
+        (Some(kind), _) => vec![kind],
+        (None, Some(Value::Array(options))) => options
+            .iter()
+            .filter_map(|option| option.get("type"))
+            .collect(),
+        _ => return false,
+    };
+    kinds.iter().any(|kind| *kind == "string")
+        && kinds
+            .iter()
+            .all(|kind| *kind == "string" || *kind == "null")
 }
 
 fn mistral(text: &str) -> Option<Vec<ToolCall>> {
@@ -454,6 +463,7 @@ mod tests {
                     "note": {"type": ["string", "null"]},
                     "rooms": {"type": "array"},
                     "either": {"type": ["string", "integer"]},
+                "maybe": {"anyOf": [{"type": "string"}, {"type": "null"}]},
                 },
             }}}),
         ];
@@ -468,6 +478,7 @@ mod tests {
         assert_eq!(value("code", "123"), json!("123"));
         assert_eq!(value("note", "{\"a\": 1}"), json!("{\"a\": 1}"));
         assert_eq!(value("code", "\n two lines\n"), json!("\n two lines\n"));
+        assert_eq!(value("maybe", "42"), json!("42"));
         // Other types, types the schema leaves open and undeclared parameters read as JSON.
         assert_eq!(value("nights", "3"), json!(3));
         assert_eq!(value("rooms", "[\"a\"]"), json!(["a"]));

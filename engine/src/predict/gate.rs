@@ -3,7 +3,8 @@
 //! reads were the bottleneck and every wrong guess took disk time from a demand read. So the
 //! live gate measures: once decode steps report their time, it compares windows with prefetch
 //! on and off and keeps the faster, measuring the other again after a hold that doubles while
-//! the verdict repeats. Without times (trace replay, prefill), it weighs used against wasted
+//! the verdict repeats. The first comparison is short (a few tokens each way), since until it
+//! is made every step may run in the slower mode; later ones are long, to be sure. Without times (trace replay, prefill), it weighs used against wasted
 //! prefetches, as before.
 
 use std::collections::VecDeque;
@@ -19,8 +20,11 @@ const MAX_HOLD_WINDOWS: usize = 64;
 /// When the [`PrefetchGate`] decides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GateConfig {
-    /// Steps (layers run) the used/wasted balance is summed over.
+    /// Steps (layers run) the used/wasted balance is summed over, and each timed window after
+    /// the first comparison.
     pub window: usize,
+    /// Steps of each of the first comparison's two timed windows.
+    pub first_window: usize,
     /// Resolved prefetches (used or wasted) needed in the window before deciding.
     pub min_events: u64,
     /// Steps prefetch stays off before it is tried again.
@@ -28,10 +32,12 @@ pub struct GateConfig {
 }
 
 impl GateConfig {
-    /// Windows scaled to the model: 16 tokens' layers to judge, 64 tokens' layers off.
+    /// Windows scaled to the model: 16 tokens' layers to judge (the first time, 3), 64
+    /// tokens' layers off.
     pub fn for_layers(num_layers: usize) -> Self {
         Self {
             window: 16 * num_layers.max(1),
+            first_window: 3 * num_layers.max(1),
             min_events: 8,
             probe_after: 64 * num_layers.max(1),
         }
@@ -112,7 +118,11 @@ impl PrefetchGate {
         let t = &mut self.timing;
         t.steps += 1;
         t.sum_s += seconds;
-        if t.steps < self.config.window.max(1) {
+        let window = match t.chosen {
+            None => self.config.first_window,
+            Some(_) => self.config.window,
+        };
+        if t.steps < window.max(1) {
             return self.enabled;
         }
         let mean = t.sum_s / t.steps as f64;
@@ -200,6 +210,7 @@ mod tests {
     fn the_gate_switches_off_when_wasteful_and_probes_back() {
         let mut gate = PrefetchGate::new(GateConfig {
             window: 4,
+            first_window: 4,
             min_events: 4,
             probe_after: 3,
         });
@@ -218,6 +229,7 @@ mod tests {
     fn timed_the_gate_keeps_the_faster_mode_and_measures_the_other_less_and_less() {
         let mut gate = PrefetchGate::new(GateConfig {
             window: 2,
+            first_window: 2,
             min_events: 1,
             probe_after: 2,
         });
@@ -240,5 +252,25 @@ mod tests {
         assert!(gate.enabled());
         // Untimed steps (prefill) keep the mode once times decide.
         assert!(gate.step_timed(0, 100, None));
+    }
+
+    #[test]
+    fn timed_the_first_comparison_is_short_and_the_later_ones_long() {
+        let mut gate = PrefetchGate::new(GateConfig {
+            window: 4,
+            first_window: 2,
+            min_events: 1,
+            probe_after: 8,
+        });
+        let mut modes = Vec::new();
+        let mut on = true;
+        for _ in 0..24 {
+            on = gate.step_timed(0, 0, Some(if on { 1.0 } else { 0.8 }));
+            modes.push(on);
+        }
+        // Two steps on, two off, then off through a hold of two long windows, then a long
+        // window on to measure again.
+        let on_steps: Vec<usize> = (0..modes.len()).filter(|&i| modes[i]).collect();
+        assert_eq!(on_steps, vec![0, 15, 16, 17, 18]);
     }
 }

@@ -94,14 +94,14 @@ pub trait Layout {
     /// The 32 unsigned quants of sub-block `s` (0-7), in value order.
     ///
     /// # Safety
-    /// As [`Layout::scales`].
+    /// As [`Layout::scale_lanes`].
     #[cfg(target_arch = "x86_64")]
     unsafe fn quants(block: *const u8, s: usize) -> __m256i;
 
     /// The same, values 0-15 and 16-31.
     ///
     /// # Safety
-    /// As [`Layout::scales`].
+    /// `block` points at a whole super-block.
     #[cfg(target_arch = "aarch64")]
     unsafe fn quants(block: *const u8, s: usize) -> (uint8x16_t, uint8x16_t);
 
@@ -109,7 +109,7 @@ pub trait Layout {
     /// [`quants`](Layout::quants) unless the pair's bytes let one wide load serve both.
     ///
     /// # Safety
-    /// As [`Layout::scales`]; the CPU has AVX-512 F and BW.
+    /// As [`Layout::scale_lanes`]; the CPU has AVX-512 F and BW.
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
@@ -586,9 +586,10 @@ unsafe fn six_bit_scales(block: *const u8) -> ([u8; 8], [u8; 8]) {
     (scales.to_le_bytes(), mins.to_le_bytes())
 }
 
-/// The same, a byte each in two words (after `d` and `dmin`), unpacked a word at a time: the first four of each in the
-/// low six bits of packed bytes 0-3 (scales) and 4-7 (minima), the last four in the nibbles of
-/// bytes 8-11 with their top two bits in the top bits of bytes 0-7.
+/// The same, a byte each in two words, unpacked a word at a time from the 12 bytes after `d` and
+/// `dmin`: the first four of each in the low six bits of packed bytes 0-3 (scales) and 4-7
+/// (minima), the last four in the nibbles of bytes 8-11 with their top two bits in the top bits
+/// of bytes 0-7.
 ///
 /// # Safety
 /// As [`six_bit_scales`].
