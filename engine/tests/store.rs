@@ -810,6 +810,28 @@ fn a_guess_is_read_only_while_no_miss_is() {
     store.check_invariants().unwrap();
 }
 
+/// A guess's read that a miss comes to wait on counts as the miss's: no other guess starts
+/// beside it.
+#[test]
+fn a_guess_a_miss_waits_on_is_read_as_a_miss() {
+    let (open, started, store) = gated_store_telling_starts(16, 3);
+    let wait = Duration::from_secs(10);
+    store.prefetch(1, &[1]);
+    assert_eq!(started.recv_timeout(wait), Ok((1, 1)));
+    let miss = store.request(1, &[1]).unwrap();
+    store.prefetch(1, &[2]);
+    assert!(
+        started.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a guess's read started beside the one a miss waits on"
+    );
+    open.send(()).unwrap();
+    drop(miss);
+    assert_eq!(started.recv_timeout(wait), Ok((1, 2)));
+    open.send(()).unwrap();
+    store.wait_idle();
+    store.check_invariants().unwrap();
+}
+
 /// A prefetch spares the experts the current layer routed to; an expert it evicts that the
 /// layer's next routing wants is counted as a hit it cost.
 #[test]

@@ -71,6 +71,10 @@ struct LoadSlot {
     /// Set by the I/O thread that performs the read, so a job queued twice (a prefetch promoted
     /// to a demand read) is read once.
     claimed: AtomicBool,
+    /// Its read was taken up as a guess's.
+    guessed: AtomicBool,
+    /// A miss waits on that guess's read, which counts as a demand read from then on.
+    waited: AtomicBool,
     result: Mutex<Option<Result<Arc<GluMlp>, Arc<Error>>>>,
     done: Condvar,
 }
@@ -79,6 +83,8 @@ impl LoadSlot {
     fn new() -> Arc<Self> {
         Arc::new(Self {
             claimed: AtomicBool::new(false),
+            guessed: AtomicBool::new(false),
+            waited: AtomicBool::new(false),
             result: Mutex::new(None),
             done: Condvar::new(),
         })
@@ -139,11 +145,16 @@ impl State {
         if self.cache.pin(key) {
             self.telemetry.counts.prefetch_used += 1;
         }
-        if let Slot::Loading(slot) = &slot
-            && !slot.claimed.load(Ordering::Acquire)
-        {
-            self.demand.push_front((key, slot.clone()));
-            *queued = true;
+        if let Slot::Loading(slot) = &slot {
+            if !slot.claimed.load(Ordering::Acquire) {
+                self.demand.push_front((key, slot.clone()));
+                *queued = true;
+            } else if slot.guessed.load(Ordering::Acquire)
+                && !slot.waited.swap(true, Ordering::AcqRel)
+            {
+                // No other guess starts beside a read a miss waits on.
+                self.demand_reads += 1;
+            }
         }
         Some(slot)
     }
@@ -522,6 +533,7 @@ fn io_worker(shared: &Shared) {
                     Some((key, slot, prefetch)) if !slot.claimed.swap(true, Ordering::AcqRel) => {
                         if prefetch {
                             state.prefetch_reads += 1;
+                            slot.guessed.store(true, Ordering::Release);
                         } else {
                             state.demand_reads += 1;
                         }
@@ -538,7 +550,8 @@ fn io_worker(shared: &Shared) {
         let mut state = shared.lock();
         if prefetch {
             state.prefetch_reads -= 1;
-        } else {
+        }
+        if !prefetch || slot.waited.load(Ordering::Acquire) {
             state.demand_reads -= 1;
         }
         // A thread that left a queued guess for the demand reads' sake may take it now.
