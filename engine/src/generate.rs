@@ -241,6 +241,10 @@ pub struct Delta {
     /// Text that became final with this token (may be empty while a character or a possible stop
     /// string is incomplete).
     pub text: String,
+    /// No new token: `text` was held back (mid-character, or as it could begin a stop string)
+    /// and is released with the last token again, at the end of the reply or, for a chat, just
+    /// before a token of another part of it (the answer's tail before a marker or reasoning).
+    pub again: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -388,15 +392,33 @@ impl Session {
                 Some(s) => s.step(token)?.unwrap_or_default(),
                 None => String::new(),
             };
-            let (text, stopped) = match parts.as_mut() {
+            let (released, text, stopped) = match parts.as_mut() {
                 Some((tokenizer, parts)) => {
                     let (part, answer) = parts.take(&tokenizer.decode(&[token], false)?, &piece);
                     last_part = part;
                     stops.take_part(part, &piece, answer, answer_only)
                 }
-                None => stops.push(&piece),
+                None => {
+                    let (text, stopped) = stops.push(&piece);
+                    (String::new(), text, stopped)
+                }
             };
-            if !on_delta(&Delta { token, text }) {
+            // Text of the earlier tokens' part goes out apart, so that a caller dividing the
+            // reply by tokens files it with them.
+            let before = tokens.iter().rev().nth(1).copied().unwrap_or(token);
+            let released = Delta {
+                token: before,
+                text: released,
+                again: true,
+            };
+            let delta = Delta {
+                token,
+                text,
+                again: false,
+            };
+            let cancelled =
+                (!released.text.is_empty() && !on_delta(&released)) || !on_delta(&delta);
+            if cancelled {
                 finish_reason = FinishReason::Cancelled;
                 break;
             }
@@ -413,16 +435,18 @@ impl Session {
                 Some(s) => s.flush()?.unwrap_or_default(),
                 None => String::new(),
             };
-            let (mut text, _) = if parts.is_some() {
-                stops.take_part(last_part, &rest, &rest, answer_only)
+            let mut text = if parts.is_some() {
+                let (released, text, _) = stops.take_part(last_part, &rest, &rest, answer_only);
+                released + &text
             } else {
-                stops.push(&rest)
+                stops.push(&rest).0
             };
             text.push_str(&stops.finish());
             if !text.is_empty() {
                 on_delta(&Delta {
                     token: *tokens.last().unwrap_or(&0),
                     text,
+                    again: true,
                 });
             }
         }
@@ -464,15 +488,16 @@ impl<'a> StopMatcher<'a> {
     }
 
     /// Appends `piece`, text in which no stop string is looked for (a chat reply's reasoning,
-    /// calls or markers), nor across it; returns it after what was held back before it, which
-    /// can no longer begin a stop string.
-    fn pass(&mut self, piece: &str) -> String {
+    /// calls or markers), nor across it; returns what was held back before it, which can no
+    /// longer begin a stop string, and the piece.
+    fn pass(&mut self, piece: &str) -> (String, String) {
         if self.stopped {
-            return String::new();
+            return (String::new(), String::new());
         }
+        let held = self.finish();
         self.text.push_str(piece);
         self.searched_from = self.text.len();
-        self.finish()
+        (held, self.finish())
     }
 
     fn stopped(&self) -> bool {
@@ -482,25 +507,30 @@ impl<'a> StopMatcher<'a> {
     /// A chat reply's `piece` of `part` (`answer` the piece as the answer shows it, less the
     /// blank lines it starts without): stop strings are sought in the answer alone. With
     /// `answer_only` nothing else is text; otherwise the rest passes through unsearched.
+    /// Returns the answer's text held back before a piece of another part, which that piece
+    /// releases; the text now safe to show with the piece; and whether a stop string was found.
     fn take_part(
         &mut self,
         part: Part,
         piece: &str,
         answer: &str,
         answer_only: bool,
-    ) -> (String, bool) {
-        match part {
+    ) -> (String, String, bool) {
+        let (text, stopped) = match part {
             Part::Answer if answer_only => self.push(answer),
             Part::Answer if answer.len() < piece.len() => {
-                let mut text = self.pass(&piece[..piece.len() - answer.len()]);
+                let (held, blank) = self.pass(&piece[..piece.len() - answer.len()]);
                 let (rest, stopped) = self.push(answer);
-                text.push_str(&rest);
-                (text, stopped)
+                (held + &blank + &rest, stopped)
             }
             Part::Answer => self.push(piece),
-            _ if answer_only => (self.pass(""), false),
-            _ => (self.pass(piece), false),
-        }
+            _ if answer_only => return (self.pass("").0, String::new(), false),
+            _ => {
+                let (held, own) = self.pass(piece);
+                return (held, own, false);
+            }
+        };
+        (String::new(), text, stopped)
     }
 
     /// Appends `piece`; returns the text now safe to emit and whether a stop string was found.
@@ -626,7 +656,7 @@ mod tests {
         let stops = vec!["ab".to_string()];
         let mut m = StopMatcher::new(&stops);
         assert_eq!(m.push("xa"), ("x".to_string(), false));
-        assert_eq!(m.pass("b ab"), "ab ab");
+        assert_eq!(m.pass("b ab"), ("a".to_string(), "b ab".to_string()));
         assert_eq!(m.push("b"), ("b".to_string(), false));
         assert_eq!(m.push("zab"), ("z".to_string(), true));
         assert_eq!(m.into_text(), "xab abbz");
@@ -639,28 +669,50 @@ mod tests {
         let stops = vec!["\n\n".to_string()];
         let mut m = StopMatcher::new(&stops);
         let (reasoning, answer) = ("a\n\nb", Part::Answer);
+        let none = String::new;
         assert_eq!(
             m.take_part(Part::Reasoning, reasoning, reasoning, false),
-            (reasoning.to_string(), false)
+            (none(), reasoning.to_string(), false)
         );
         assert_eq!(
             m.take_part(answer, "\n\nHi", "Hi", false),
-            ("\n\nHi".to_string(), false)
+            (none(), "\n\nHi".to_string(), false)
         );
         assert_eq!(
             m.take_part(answer, "\n\nthere", "\n\nthere", false),
-            (String::new(), true)
+            (none(), none(), true)
         );
         // Shown the answer only, the same pieces give its text alone.
         let mut m = StopMatcher::new(&stops);
         assert_eq!(
             m.take_part(Part::Reasoning, reasoning, reasoning, true),
-            (String::new(), false)
+            (none(), none(), false)
         );
         assert_eq!(
             m.take_part(answer, "\n\nHi", "Hi", true),
-            ("Hi".to_string(), false)
+            (none(), "Hi".to_string(), false)
         );
+    }
+
+    /// An answer's tail held back as it could begin a stop string comes out apart when a token
+    /// of another part follows (gpt-oss's `<|end|>` after a preamble), so that the caller files
+    /// it with the answer, not with that token.
+    #[test]
+    fn an_answers_held_tail_is_released_apart_before_another_part() {
+        let stops = vec!["\n\n".to_string()];
+        for answer_only in [false, true] {
+            let mut m = StopMatcher::new(&stops);
+            let none = String::new;
+            assert_eq!(
+                m.take_part(Part::Answer, "Hi\n", "Hi\n", answer_only),
+                (none(), "Hi".to_string(), false)
+            );
+            let marker = if answer_only { "" } else { "<|end|>" };
+            assert_eq!(
+                m.take_part(Part::Structure, "<|end|>", "", answer_only),
+                ("\n".to_string(), marker.to_string(), false)
+            );
+        }
     }
 
     fn sampler(params: SamplingParams) -> Sampler {

@@ -5,7 +5,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use odmoe_config::{GenerationConfig, KeepAlive};
-use odmoe_engine::generate::{GenerateRequest, ReplyForm, SamplingParams, check_context};
+use odmoe_engine::generate::{Delta, GenerateRequest, ReplyForm, SamplingParams, check_context};
 use odmoe_engine::tokenizer::ChatMessage;
 use odmoe_protocol::{
     ErrorCode, GenerateParams, KeepAliveParam, Method, QUEUED_NOTIFICATION, QueuedEvent, Request,
@@ -52,7 +52,7 @@ pub(super) async fn generate(
                     .await;
                 }
             }
-            Event::Token { token, text } => {
+            Event::Token(Delta { token, text, .. }) => {
                 if params.stream {
                     peer.event(relay, TOKEN_NOTIFICATION, &TokenEvent { id, text, token })
                         .await;

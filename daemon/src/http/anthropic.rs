@@ -241,8 +241,8 @@ fn message_stream(
         loop {
             let mut events = Vec::new();
             match generation.next().await {
-                Step::Token { token, text } => {
-                    let shown = message.reply.push(token, &text);
+                Step::Token(delta) => {
+                    let shown = message.reply.take(&delta);
                     let reasoning = message.reply.take_reasoning();
                     if message.show_thinking {
                         blocks.add(Block::Thinking, &reasoning, &mut events);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
-use odmoe_engine::generate::ReplyForm;
+use odmoe_engine::generate::{Delta, ReplyForm};
 use odmoe_engine::tokenizer::Tokenizer;
 use odmoe_protocol::{GenerateParams, GenerateResult, Method, RpcError};
 use serde::de::DeserializeOwned;
@@ -144,8 +144,8 @@ pub async fn chat_prompt(
 
 /// What a running generation says next.
 pub enum Step {
-    /// Text made final by `token`.
-    Token { token: u32, text: String },
+    /// Text made final, and with which token.
+    Token(Delta),
     /// The end: the result, or why there is none.
     Done(Result<GenerateResult, ApiError>),
 }
@@ -198,7 +198,7 @@ impl Generation {
             let event = self.events.recv().await;
             let outcome = match event {
                 Some(Event::Started { .. }) => continue,
-                Some(Event::Token { token, text }) => return Step::Token { token, text },
+                Some(Event::Token(delta)) => return Step::Token(delta),
                 Some(Event::Done(outcome)) => outcome
                     .map(dispatch::generate_result)
                     .map_err(RpcError::from),
@@ -210,11 +210,11 @@ impl Generation {
     }
 
     /// Runs to the end, keeping the tokens and their texts.
-    pub async fn finish(mut self) -> (Vec<(u32, String)>, Result<GenerateResult, ApiError>) {
+    pub async fn finish(mut self) -> (Vec<Delta>, Result<GenerateResult, ApiError>) {
         let mut pieces = Vec::new();
         loop {
             match self.next().await {
-                Step::Token { token, text } => pieces.push((token, text)),
+                Step::Token(delta) => pieces.push(delta),
                 Step::Done(outcome) => return (pieces, outcome),
             }
         }

@@ -262,8 +262,8 @@ fn chat_stream(
         let (mut generation, mut answer) = state?;
         loop {
             match generation.next().await {
-                Step::Token { token, text } => {
-                    let shown = answer.reply.push(token, &text);
+                Step::Token(delta) => {
+                    let shown = answer.reply.take(&delta);
                     let reasoning = answer.reply.take_reasoning();
                     let mut chunks = Vec::new();
                     if !reasoning.is_empty() {
@@ -360,7 +360,7 @@ pub async fn completions(
             async move {
                 let mut generation = state?;
                 match generation.next().await {
-                    Step::Token { text, .. } => Some((vec![chunk(&text, None)], Some(generation))),
+                    Step::Token(delta) => Some((vec![chunk(&delta.text, None)], Some(generation))),
                     Step::Done(Err(error)) => Some((vec![error.body()], None)),
                     Step::Done(Ok(result)) => {
                         let mut chunks = vec![chunk("", Some(&result.finish_reason))];

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use odmoe_engine::generate::Delta;
 use odmoe_engine::tokenizer::Tokenizer;
 use odmoe_engine::tokenizer::reasoning::{Part, ReplyParts};
 
@@ -36,6 +37,8 @@ pub struct Reply {
     parts: Option<ReplyParts>,
     /// Reasoning not yet handed out.
     reasoning: String,
+    /// The part the last token was of, which text released after it again belongs to.
+    last_part: Part,
 }
 
 /// The end of a reply: the shown text and reasoning not yet handed out, and the calls.
@@ -59,6 +62,7 @@ impl Reply {
             tokenizer,
             parts,
             reasoning: String::new(),
+            last_part: Part::Answer,
             tokens: Vec::new(),
             text: String::new(),
             shown: 0,
@@ -78,6 +82,28 @@ impl Reply {
         self.tokenizer.as_deref()
     }
 
+    /// Adds what the generation said: a token with the text it made final, or text released
+    /// with the last token again; returns the text that may be shown now.
+    pub fn take(&mut self, delta: &Delta) -> String {
+        match delta.again {
+            true => self.push_again(&delta.text),
+            false => self.push(delta.token, &delta.text),
+        }
+    }
+
+    /// Text released with the last token again (held back from the stop strings, or
+    /// mid-character): of the last token's part, and no token of its own.
+    fn push_again(&mut self, text: &str) -> String {
+        match self.last_part {
+            Part::Answer => self.answer(text, ""),
+            Part::Reasoning => {
+                self.reasoning.push_str(text);
+                String::new()
+            }
+            Part::Structure | Part::Call => String::new(),
+        }
+    }
+
     /// Adds `token` with the `text` it made final; returns the text that may be shown now.
     pub fn push(&mut self, token: u32, text: &str) -> String {
         self.tokens.push(token);
@@ -91,16 +117,24 @@ impl Reply {
             .unwrap_or_default();
         let mut text = text;
         if let Some(parts) = &mut self.parts {
-            match parts.take(&raw, text) {
+            let (part, of_part) = parts.take(&raw, text);
+            self.last_part = part;
+            match part {
                 // The answer goes on as any reply does, calls held back.
-                (Part::Answer, answer) => text = answer,
-                (Part::Reasoning, reasoning) => {
-                    self.reasoning.push_str(reasoning);
+                Part::Answer => text = of_part,
+                Part::Reasoning => {
+                    self.reasoning.push_str(of_part);
                     return String::new();
                 }
-                (Part::Structure | Part::Call, _) => return String::new(),
+                Part::Structure | Part::Call => return String::new(),
             }
         }
+        self.answer(text, &raw)
+    }
+
+    /// `text` added to the answer (`raw` the token's text with special tokens kept, which may
+    /// open a call); returns what may be shown now.
+    fn answer(&mut self, text: &str, raw: &str) -> String {
         self.text.push_str(text);
         let Some(syntax) = self.answer_syntax() else {
             return self.show_to(self.text.len());
@@ -131,12 +165,12 @@ impl Reply {
         std::mem::take(&mut self.reasoning)
     }
 
-    /// A whole reply at once: `pieces` (tokens with the text each made final) added in turn,
-    /// then the end; its text is all the reply shows, its reasoning all it reasoned.
-    pub fn whole(&mut self, pieces: Vec<(u32, String)>) -> Ending {
+    /// A whole reply at once: `pieces` (what the generation said) added in turn, then the end;
+    /// its text is all the reply shows, its reasoning all it reasoned.
+    pub fn whole(&mut self, pieces: Vec<Delta>) -> Ending {
         let mut text = String::new();
-        for (token, piece) in pieces {
-            text.push_str(&self.push(token, &piece));
+        for piece in &pieces {
+            text.push_str(&self.take(piece));
         }
         let ending = self.finish();
         text.push_str(&ending.text);
@@ -346,6 +380,44 @@ mod tests {
         .unwrap();
         let tokenizer = Arc::new(Tokenizer::from_dir(dir.path()).unwrap());
         (dir, tokenizer)
+    }
+
+    /// Text the engine released again (an answer's tail it held back from the stop strings)
+    /// is the answer's, though a marker follows, and adds no token to read calls from.
+    #[test]
+    fn text_released_again_belongs_to_the_last_tokens_part() {
+        let delta = |token: u32, text: &str, again: bool| Delta {
+            token,
+            text: text.into(),
+            again,
+        };
+        let mut reply = Reply::new(Some(ToolSyntax::Hermes), None, None);
+        assert_eq!(reply.take(&delta(1, "Hi", false)), "Hi");
+        assert_eq!(reply.take(&delta(1, "\n", true)), "\n");
+        assert_eq!(reply.tokens, [1]);
+
+        let (_dir, tokenizer) = harmony_tokenizer();
+        let mut reply = Reply::new(
+            None,
+            Some(Arc::clone(&tokenizer)),
+            tokenizer.reply_parts(&[]),
+        );
+        let mut shown = String::new();
+        let mut say = |reply: &mut Reply, text: &str| {
+            for token in tokenizer.encode(text, false).unwrap() {
+                let piece = tokenizer.decode(&[token], true).unwrap();
+                shown.push_str(&reply.take(&delta(token, &piece, false)));
+            }
+        };
+        say(&mut reply, "<|channel|>commentary<|message|>Let me check");
+        let held = reply.take(&delta(0, "!\n", true));
+        say(
+            &mut reply,
+            "<|end|><|start|>assistant<|channel|>final<|message|>Done.",
+        );
+        assert_eq!(held, "!\n");
+        assert_eq!(shown, "Let me checkDone.");
+        assert_eq!(reply.finish().reasoning, "");
     }
 
     /// Streams `generated` through a reply as the daemon does; returns what it showed and its

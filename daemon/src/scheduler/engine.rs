@@ -308,13 +308,7 @@ impl Engine {
             }
             // The text goes out even when cancelled, so that the events add up
             // to the result's text.
-            let delivered = job
-                .events
-                .send(Event::Token {
-                    token: delta.token,
-                    text: delta.text.clone(),
-                })
-                .is_ok();
+            let delivered = job.events.send(Event::Token(delta.clone())).is_ok();
             delivered && !job.cancel.is_cancelled()
         });
         if relieve {

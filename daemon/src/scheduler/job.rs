@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use odmoe_config::KeepAlive;
-use odmoe_engine::generate::{FinishReason, GenerateRequest, Generation, Timings};
+use odmoe_engine::generate::{Delta, FinishReason, GenerateRequest, Generation, Timings};
 use odmoe_engine::tokenizer::ChatMessage;
 use tokio::sync::{mpsc, oneshot};
 
@@ -34,8 +34,8 @@ impl CancelToken {
 pub enum Event {
     /// The job left the queue; its prompt of this many tokens is computed next.
     Started { prompt_tokens: usize },
-    /// Text that became final with `token`.
-    Token { token: u32, text: String },
+    /// Text that became final, and with which token.
+    Token(Delta),
     /// The end: the result, or why there is none.
     Done(Result<Finished, SchedulerError>),
 }
