@@ -4,7 +4,9 @@
 //! live gate measures: once decode steps report their time, it compares windows with prefetch
 //! on and off and keeps the faster, measuring the other again after a hold that doubles while
 //! the verdict repeats. The first comparison is short (a few tokens each way), since until it
-//! is made every step may run in the slower mode; later ones are long, to be sure. Without times (trace replay, prefill), it weighs used against wasted
+//! is made every step may run in the slower mode; later ones are long, to be sure. It measures
+//! the first mode twice, before and after the other, since decode's first steps miss most while
+//! the cache warms, and the mode measured first would otherwise carry all of that. Without times (trace replay, prefill), it weighs used against wasted
 //! prefetches, as before.
 
 use std::collections::VecDeque;
@@ -66,6 +68,9 @@ struct Timing {
     /// Mean decode step time of the latest window with prefetch on, and off.
     on_s: Option<f64>,
     off_s: Option<f64>,
+    /// The first comparison's windows so far, in order: whether prefetch was on, and the mean
+    /// step time.
+    opening: Vec<(bool, f64)>,
     /// The window being measured: decode steps and their summed time.
     steps: usize,
     sum_s: f64,
@@ -108,7 +113,7 @@ impl PrefetchGate {
     pub fn step_timed(&mut self, used: u64, wasted: u64, decode_step_s: Option<f64>) -> bool {
         match decode_step_s {
             Some(seconds) => self.timed(seconds),
-            None if self.timing.on_s.is_some() || self.timing.steps > 0 => self.enabled,
+            None if !self.timing.opening.is_empty() || self.timing.steps > 0 => self.enabled,
             None => self.step(used, wasted),
         }
     }
@@ -132,11 +137,25 @@ impl PrefetchGate {
         } else {
             t.off_s = Some(mean);
         }
+        if t.chosen.is_none() {
+            t.opening.push((self.enabled, mean));
+            // Each mode's mean over its windows of the three.
+            let mean_of = |on: bool| {
+                let times: Vec<f64> = t
+                    .opening
+                    .iter()
+                    .filter(|w| w.0 == on)
+                    .map(|w| w.1)
+                    .collect();
+                (!times.is_empty()).then(|| times.iter().sum::<f64>() / times.len() as f64)
+            };
+            (t.on_s, t.off_s) = (mean_of(true), mean_of(false));
+        }
         let next = match (t.on_s, t.off_s, t.chosen) {
-            // The first comparison still lacks one mode: measure it.
-            (None, _, _) | (_, None, _) => !self.enabled,
+            // The first comparison's other mode, then the first again.
+            _ if t.chosen.is_none() && t.opening.len() < 3 => !self.enabled,
             (Some(on), Some(off), chosen) if chosen.is_none() || chosen != Some(self.enabled) => {
-                // A measurement of the mode not chosen (or the first pair) ends: decide.
+                // A measurement of the mode not chosen (or the first comparison) ends: decide.
                 let verdict = on < off * (1.0 - MARGIN);
                 let base = (self.config.probe_after / self.config.window.max(1)).max(1);
                 t.hold_len = if chosen == Some(verdict) {
@@ -240,10 +259,11 @@ mod tests {
             on = gate.step_timed(0, 9, Some(if on { 1.0 } else { 0.8 }));
             modes.push(on);
         }
-        // Steps run with prefetch on: the first window's (the step before the first call ran
-        // on too), then one window's measurement after holds of 1, 2 and 4 windows off.
+        // Steps run with prefetch on: the first comparison's two windows (the step before the
+        // first call ran on too), then one window's measurement after holds of 1, 2 and 4
+        // windows off.
         let on_steps: Vec<usize> = (0..modes.len()).filter(|&i| modes[i]).collect();
-        assert_eq!(on_steps, vec![0, 7, 8, 15, 16, 27, 28]);
+        assert_eq!(on_steps, vec![0, 3, 4, 9, 10, 17, 18, 29, 30]);
         assert!(!gate.enabled());
         // Faster with prefetch: it comes back on and stays.
         for _ in 0..40 {
@@ -268,9 +288,30 @@ mod tests {
             on = gate.step_timed(0, 0, Some(if on { 1.0 } else { 0.8 }));
             modes.push(on);
         }
-        // Two steps on, two off, then off through a hold of two long windows, then a long
-        // window on to measure again.
+        // Two steps on, two off, two on, then off through a hold of two long windows, then a
+        // long window on to measure again.
         let on_steps: Vec<usize> = (0..modes.len()).filter(|&i| modes[i]).collect();
-        assert_eq!(on_steps, vec![0, 15, 16, 17, 18]);
+        assert_eq!(on_steps, vec![0, 3, 4, 17, 18, 19, 20]);
+    }
+
+    /// Decode's first steps are slow in either mode while the cache warms: measured first and
+    /// alone, prefetch would carry all of that and lose to a mode 20% slower.
+    #[test]
+    fn timed_the_first_mode_is_measured_before_and_after_the_other() {
+        let mut gate = PrefetchGate::new(GateConfig {
+            window: 4,
+            first_window: 2,
+            min_events: 1,
+            probe_after: 8,
+        });
+        let mut on = true;
+        for step in 0..6 {
+            let warming = (3.0 - 0.4 * step as f64).max(1.0);
+            on = gate.step_timed(0, 0, Some(warming * if on { 0.8 } else { 1.0 }));
+        }
+        // On: 2.24 s then 0.96 s a step; off between them: 2.0 s.
+        assert!(on && gate.enabled());
+        let (on_s, off_s) = gate.decode_step_s();
+        assert!(on_s.unwrap() < off_s.unwrap(), "{on_s:?} {off_s:?}");
     }
 }
