@@ -287,14 +287,17 @@ impl Session {
         self.cache.bytes()
     }
 
-    /// How many tokens the cache holds that `prompt` starts with: what a prefill of `prompt`
-    /// reuses (all but the last prompt token, at most).
+    /// How many tokens the cache holds that `prompt` starts with and can go on from (see
+    /// [`KvCache::reusable`]): what a prefill of `prompt` reuses (all but the last prompt
+    /// token, at most).
     pub fn shared_with(&self, prompt: &[u32]) -> usize {
-        self.tokens
+        let shared = self
+            .tokens
             .iter()
             .zip(prompt)
             .take_while(|(a, b)| a == b)
-            .count()
+            .count();
+        self.cache.reusable(shared)
     }
 
     /// Brings the cache to `prompt`, reusing the longest common prefix, and returns the logits of
@@ -304,7 +307,9 @@ impl Session {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
         // At least one token must run to produce logits.
-        let reused = self.shared_with(prompt).min(prompt.len() - 1);
+        let reused = self
+            .cache
+            .reusable(self.shared_with(prompt).min(prompt.len() - 1));
         self.cache.truncate(reused)?;
         self.tokens.truncate(reused);
         let logits = self.run(model, &prompt[reused..])?;

@@ -28,7 +28,7 @@ const QUERIES: usize = 16;
 /// softmax is computed chunk by chunk and the chunks folded in order, so that a decode step can
 /// share one key head's chunks out over the threads and still give, bit for bit, what the same
 /// query gives inside a prompt.
-const CHUNK: usize = 4 * KEYS;
+pub(crate) const CHUNK: usize = 4 * KEYS;
 
 /// Whether [`attend`] takes these operands: on the CPU, f32 queries and keys and values in f32,
 /// f16 or Q8_0 rows alike.
@@ -1056,6 +1056,56 @@ mod tests {
     /// chunks shared out over the threads), one of a few queries, or inside a long prompt: with
     /// and without a window and sinks, in f16 and f32, through the AVX-512 path and the plain
     /// one.
+    /// Keys dropped before the chunk holding the first one a window lets a query see (as a
+    /// windowed layer's cache drops them) leave its output's bits as they were: positions count
+    /// from the first key kept, and the kept keys fall into the same chunks.
+    #[test]
+    fn attention_from_a_later_chunk_keeps_its_bits() {
+        let device = Device::Cpu;
+        let (heads, kv_heads, d, s) = (4, 2, 24, 1100);
+        let q = Tensor::randn(0f32, 1.0, (heads, s, d), &device).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (kv_heads, s, d), &device).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (kv_heads, s, d), &device).unwrap();
+        let sinks: Vec<f32> = (0..heads).map(|h| h as f32 - 2.0).collect();
+        for (window, sinks) in [(300, None), (128, Some(sinks.as_slice())), (1, None)] {
+            for (position, n) in [(600usize, 1), (900, 1), (1000, 7), (1090, 10)] {
+                let seen = position + n;
+                let base = (position + 1).saturating_sub(window) / CHUNK * CHUNK;
+                assert!(base > 0);
+                let query = q.narrow(1, position, n).unwrap();
+                let all = attend(
+                    &query,
+                    &k.narrow(1, 0, seen).unwrap(),
+                    &v.narrow(1, 0, seen).unwrap(),
+                    position,
+                    Some(window),
+                    sinks,
+                    0.2,
+                )
+                .unwrap();
+                let kept = attend(
+                    &query,
+                    &k.narrow(1, base, seen - base).unwrap(),
+                    &v.narrow(1, base, seen - base).unwrap(),
+                    position - base,
+                    Some(window),
+                    sinks,
+                    0.2,
+                )
+                .unwrap();
+                let bits = |t: &Tensor| -> Vec<u32> {
+                    let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    values.iter().map(|v| v.to_bits()).collect()
+                };
+                assert_eq!(
+                    bits(&all),
+                    bits(&kept),
+                    "window {window}, query at {position}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_query_gives_the_same_bits_alone_as_inside_a_prompt() {
         let device = Device::Cpu;

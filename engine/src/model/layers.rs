@@ -7,7 +7,7 @@ use candle_nn::Linear;
 use super::kv_type::KvType;
 pub use super::rotary::Rotary;
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::expert::GluMlp;
 use crate::format::WeightSource;
 use crate::kernels::{Projection, attention};
@@ -99,15 +99,25 @@ pub struct KvCache {
 
 /// One layer's cache: keys and values shaped `[kv_heads, capacity, head_dim]`, or with latent
 /// attention the compressed latent `[1, capacity, kv_lora_rank]` and the rotary key
-/// `[1, capacity, qk_rope_head_dim]`, of which the first `len` positions are filled.
+/// `[1, capacity, qk_rope_head_dim]`, of which the first `len - base` positions are filled with
+/// positions `base..len`.
 ///
 /// A step writes only its own positions; the buffers double when full. Concatenating instead
 /// copied the whole cache at every step and layer, which grows with the conversation.
+///
+/// A layer that attends within a sliding window drops the keys no later query can see, a chunk
+/// of [`attention::CHUNK`] positions at a time, and its buffers hold little more than the
+/// window: gpt-oss's windowed half of the layers would otherwise keep as much as the other at
+/// any context length.
 #[derive(Debug)]
 struct LayerCache {
     keys: Tensor,
     values: Tensor,
     len: usize,
+    /// The position of the buffers' first key: 0, or a multiple of [`attention::CHUNK`].
+    base: usize,
+    /// The layer's sliding window, when it has one.
+    window: Option<usize>,
 }
 
 /// Positions a layer's buffers first hold.
@@ -116,9 +126,36 @@ const INITIAL_POSITIONS: usize = 256;
 impl LayerCache {
     fn filled(&self) -> Result<(Tensor, Tensor)> {
         Ok((
-            self.keys.narrow(1, 0, self.len)?,
-            self.values.narrow(1, 0, self.len)?,
+            self.keys.narrow(1, 0, self.kept())?,
+            self.values.narrow(1, 0, self.kept())?,
         ))
+    }
+
+    /// Positions the buffers hold.
+    fn kept(&self) -> usize {
+        self.len - self.base
+    }
+
+    /// The first position a query at `position` sees.
+    fn first_seen(&self, position: usize) -> usize {
+        self.window.map_or(0, |w| (position + 1).saturating_sub(w))
+    }
+
+    /// Drops the keys before the chunk holding the first one a query at `len` (the next) sees.
+    /// Whole chunks go, so that the kept keys fall into the attention kernel's chunks as they
+    /// did and its sums keep their bits.
+    fn drop_unseen(&mut self) -> Result<()> {
+        let base = self.first_seen(self.len) / attention::CHUNK * attention::CHUNK;
+        if base <= self.base {
+            return Ok(());
+        }
+        let (from, kept) = (base - self.base, self.len - base);
+        for buffer in [&self.keys, &self.values] {
+            let tail = buffer.narrow(1, from, kept)?.contiguous()?;
+            buffer.slice_set(&tail, 1, 0)?;
+        }
+        self.base = base;
+        Ok(())
     }
 
     /// Buffers for `capacity` positions, shaped like `k` and `v`, holding the filled positions of
@@ -133,6 +170,8 @@ impl LayerCache {
             keys: buffer(k)?,
             values: buffer(v)?,
             len: old.map_or(0, |o| o.len),
+            base: old.map_or(0, |o| o.base),
+            window: old.and_then(|o| o.window),
         };
         if let Some(old) = old {
             let (keys, values) = old.filled()?;
@@ -190,8 +229,25 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Keeps only the first `len` positions, so a conversation can continue from a shared prefix.
+    /// The longest of the first `len` positions this cache can go on from: `len`, or none when
+    /// a windowed layer has dropped keys a query at `len` would see.
+    pub fn reusable(&self, len: usize) -> usize {
+        let kept = |cache: &LayerCache| cache.first_seen(len.min(cache.len)) >= cache.base;
+        match self.layers.iter().flatten().all(kept) {
+            true => len,
+            false => 0,
+        }
+    }
+
+    /// Keeps only the first `len` positions, so a conversation can continue from a shared
+    /// prefix; `len` must be [`reusable`](Self::reusable).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len > 0 && self.reusable(len) != len {
+            return Err(Error::InvalidRequest(format!(
+                "the cache cannot go on from position {len}: a sliding-window layer dropped keys \
+                 before it"
+            )));
+        }
         for layer in &mut self.layers {
             if len == 0 {
                 *layer = None;
@@ -211,7 +267,7 @@ impl KvCache {
             .map(|l| {
                 let per_position = (l.keys.elem_count() + l.values.elem_count())
                     / l.keys.dim(1).unwrap_or(1).max(1);
-                l.len * per_position * l.keys.dtype().size_in_bytes()
+                l.kept() * per_position * l.keys.dtype().size_in_bytes()
             })
             .sum()
     }
@@ -223,24 +279,50 @@ impl KvCache {
         k: Tensor,
         v: Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        let (keys, values, _) = self.append_in_window(layer, k, v, None)?;
+        Ok((keys, values))
+    }
+
+    /// [`append`](Self::append) for a layer that attends within `window` positions, when it
+    /// has one: returns the keys and values its queries may see (the others are dropped), and
+    /// the position of the first.
+    pub(crate) fn append_in_window(
+        &mut self,
+        layer: usize,
+        k: Tensor,
+        v: Tensor,
+        window: Option<usize>,
+    ) -> Result<(Tensor, Tensor, usize)> {
         let new = k.dim(1)?;
         let slot = &mut self.layers[layer];
-        let (len, capacity) = slot
+        if let Some(cache) = slot.as_mut() {
+            cache.drop_unseen()?;
+        }
+        let (kept, capacity) = slot
             .as_ref()
-            .map_or((0, 0), |l| (l.len, l.keys.dim(1).unwrap_or(0)));
-        if len + new > capacity {
+            .map_or((0, 0), |l| (l.kept(), l.keys.dim(1).unwrap_or(0)));
+        if kept + new > capacity {
             let doubled = (2 * capacity).max(INITIAL_POSITIONS).max(self.reserved);
-            let capacity = (len + new).max(
-                self.most_positions
-                    .map_or(doubled, |most| doubled.min(most)),
-            );
+            // A windowed layer holds at most its window, the chunk it cannot drop yet and what
+            // a step adds.
+            let most = match window {
+                Some(w) => Some(
+                    self.most_positions
+                        .unwrap_or(usize::MAX)
+                        .min(w + attention::CHUNK + new),
+                ),
+                None => self.most_positions,
+            };
+            let capacity = (kept + new).max(most.map_or(doubled, |most| doubled.min(most)));
             *slot = Some(LayerCache::with_capacity(slot.as_ref(), &k, &v, capacity)?);
         }
         let cache = slot.as_mut().expect("allocated above");
-        cache.keys.slice_set(&k.contiguous()?, 1, cache.len)?;
-        cache.values.slice_set(&v.contiguous()?, 1, cache.len)?;
+        cache.window = window;
+        cache.keys.slice_set(&k.contiguous()?, 1, cache.kept())?;
+        cache.values.slice_set(&v.contiguous()?, 1, cache.kept())?;
         cache.len += new;
-        cache.filled()
+        let (keys, values) = cache.filled()?;
+        Ok((keys, values, cache.base))
     }
 }
 
@@ -357,14 +439,17 @@ impl Attention {
         let k = rotate(k)?;
         let v = v.transpose(0, 1)?.contiguous()?;
         let kind = cache.kind();
-        let (k, v) = cache.append(layer, kind.stored(&k)?, kind.stored(&v)?)?;
-        let scale = 1.0 / (d as f64).sqrt();
         let window = self.sliding_window;
+        let (k, v, first) =
+            cache.append_in_window(layer, kind.stored(&k)?, kind.stored(&v)?, window)?;
+        let scale = 1.0 / (d as f64).sqrt();
         let reach = Reach {
             window,
             sinks: self.sinks.as_deref(),
         };
-        let out = attend(&q, &k, &v, offset, reach, scale, QUERY_TILE)?;
+        // Attention sees only positions' differences: counted from the first key kept, it is
+        // the same.
+        let out = attend(&q, &k, &v, offset - first, reach, scale, QUERY_TILE)?;
         let out = out.transpose(0, 1)?.reshape((t, nh * d))?;
         self.o.forward(&out)
     }
@@ -693,6 +778,50 @@ mod tests {
         assert!(cache.is_empty());
         expected = vec![None, None];
         append(&mut cache, &mut expected, 5);
+    }
+
+    /// A windowed layer keeps the keys its next query sees, from the start of their chunk,
+    /// in buffers little larger than the window; it can go on only from positions whose window
+    /// it kept.
+    #[test]
+    fn a_windowed_layer_keeps_its_window_and_goes_on_only_from_it() {
+        let device = Device::Cpu;
+        let (window, chunk) = (100, attention::CHUNK);
+        let mut cache = KvCache::new(2);
+        cache.reserve(4000);
+        let mut all = Vec::new();
+        for position in 0..1000usize {
+            let k = Tensor::full(position as f32, (2, 1, 1), &device).unwrap();
+            all.push(position as f32);
+            let (keys, _, first) = cache
+                .append_in_window(0, k.clone(), k.clone(), Some(window))
+                .unwrap();
+            // The first key this position's query sees is kept, from its chunk's start.
+            let seen = (position + 1).saturating_sub(window);
+            assert_eq!(first, seen / chunk * chunk, "position {position}");
+            assert_eq!(
+                values(&keys.narrow(0, 0, 1).unwrap()),
+                all[first..position + 1]
+            );
+            cache.append(1, k.clone(), k).unwrap();
+        }
+        let capacity = |layer: usize| cache.layers[layer].as_ref().unwrap().keys.dim(1).unwrap();
+        assert!(capacity(0) <= window + chunk + 1, "{}", capacity(0));
+        assert_eq!(capacity(1), 4000, "the other layer keeps every position");
+        assert_eq!(cache.len(), 1000);
+        // Positions 768.. are kept: a query at 900 sees from 801 on; one at 850, from 751.
+        assert_eq!(cache.reusable(900), 900);
+        assert_eq!(cache.reusable(850), 0);
+        assert!(cache.truncate(850).is_err());
+        cache.truncate(900).unwrap();
+        let k = Tensor::full(-1f32, (2, 1, 1), &device).unwrap();
+        let (keys, _, first) = cache
+            .append_in_window(0, k.clone(), k, Some(window))
+            .unwrap();
+        assert_eq!(first, 768);
+        let mut expected = all[768..900].to_vec();
+        expected.push(-1.0);
+        assert_eq!(values(&keys.narrow(0, 0, 1).unwrap()), expected);
     }
 
     /// Buffers double as they fill, but not past the most positions the cache was given, unless
