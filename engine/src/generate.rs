@@ -291,13 +291,16 @@ impl Session {
     /// [`KvCache::reusable`]): what a prefill of `prompt` reuses (all but the last prompt
     /// token, at most).
     pub fn shared_with(&self, prompt: &[u32]) -> usize {
-        let shared = self
-            .tokens
+        self.cache.reusable(self.common_prefix(prompt))
+    }
+
+    /// How many tokens the cache holds that `prompt` starts with.
+    fn common_prefix(&self, prompt: &[u32]) -> usize {
+        self.tokens
             .iter()
             .zip(prompt)
             .take_while(|(a, b)| a == b)
-            .count();
-        self.cache.reusable(shared)
+            .count()
     }
 
     /// Brings the cache to `prompt`, reusing the longest common prefix, and returns the logits of
@@ -309,7 +312,7 @@ impl Session {
         // At least one token must run to produce logits.
         let reused = self
             .cache
-            .reusable(self.shared_with(prompt).min(prompt.len() - 1));
+            .reusable(self.common_prefix(prompt).min(prompt.len() - 1));
         self.cache.truncate(reused)?;
         self.tokens.truncate(reused);
         let logits = self.run(model, &prompt[reused..])?;

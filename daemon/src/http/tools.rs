@@ -463,7 +463,7 @@ mod tests {
                     "note": {"type": ["string", "null"]},
                     "rooms": {"type": "array"},
                     "either": {"type": ["string", "integer"]},
-                "maybe": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                    "maybe": {"anyOf": [{"type": "string"}, {"type": "null"}]},
                 },
             }}}),
         ];

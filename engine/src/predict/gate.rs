@@ -6,8 +6,8 @@
 //! the verdict repeats. The first comparison is short (a few tokens each way), since until it
 //! is made every step may run in the slower mode; later ones are long, to be sure. It measures
 //! the first mode twice, before and after the other, since decode's first steps miss most while
-//! the cache warms, and the mode measured first would otherwise carry all of that. Without times (trace replay, prefill), it weighs used against wasted
-//! prefetches, as before.
+//! the cache warms, and the mode measured first would otherwise carry all of that. Without
+//! times (trace replay, prefill), it weighs used against wasted prefetches, as before.
 
 use std::collections::VecDeque;
 
@@ -25,7 +25,7 @@ pub struct GateConfig {
     /// Steps (layers run) the used/wasted balance is summed over, and each timed window after
     /// the first comparison.
     pub window: usize,
-    /// Steps of each of the first comparison's two timed windows.
+    /// Steps of each of the first comparison's three timed windows.
     pub first_window: usize,
     /// Resolved prefetches (used or wasted) needed in the window before deciding.
     pub min_events: u64,
@@ -132,24 +132,22 @@ impl PrefetchGate {
         }
         let mean = t.sum_s / t.steps as f64;
         (t.steps, t.sum_s) = (0, 0.0);
-        if self.enabled {
+        if t.chosen.is_none() {
+            // The first comparison: each mode's mean over its windows of the three.
+            t.opening.push((self.enabled, mean));
+            let mean_of = |on: bool| {
+                let (sum, count) = t
+                    .opening
+                    .iter()
+                    .filter(|window| window.0 == on)
+                    .fold((0.0, 0), |(sum, count), window| (sum + window.1, count + 1));
+                (count > 0).then(|| sum / count as f64)
+            };
+            (t.on_s, t.off_s) = (mean_of(true), mean_of(false));
+        } else if self.enabled {
             t.on_s = Some(mean);
         } else {
             t.off_s = Some(mean);
-        }
-        if t.chosen.is_none() {
-            t.opening.push((self.enabled, mean));
-            // Each mode's mean over its windows of the three.
-            let mean_of = |on: bool| {
-                let times: Vec<f64> = t
-                    .opening
-                    .iter()
-                    .filter(|w| w.0 == on)
-                    .map(|w| w.1)
-                    .collect();
-                (!times.is_empty()).then(|| times.iter().sum::<f64>() / times.len() as f64)
-            };
-            (t.on_s, t.off_s) = (mean_of(true), mean_of(false));
         }
         let next = match (t.on_s, t.off_s, t.chosen) {
             // The first comparison's other mode, then the first again.
