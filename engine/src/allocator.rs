@@ -47,14 +47,16 @@ pub fn configure_system_allocator() {
 
 #[cfg(target_os = "linux")]
 pub use huge_pages::HugePageBlocks;
-#[cfg(target_os = "linux")]
-pub use huge_pages::give_back;
 #[cfg(not(target_os = "linux"))]
 pub use std::alloc::System as HugePageBlocks;
 
-/// Unmaps the blocks kept for reuse (none are kept off Linux).
-#[cfg(not(target_os = "linux"))]
-pub fn give_back() {}
+/// Unmaps what is kept for reuse: the large blocks (none are kept off Linux) and the expert
+/// reads' buffers (see [`crate::store::fetch::release_read_buffers`]).
+pub fn give_back() {
+    #[cfg(target_os = "linux")]
+    huge_pages::give_back();
+    crate::store::fetch::release_read_buffers();
+}
 
 #[cfg(target_os = "linux")]
 mod huge_pages {
