@@ -15,6 +15,7 @@ use crate::format::layout::{MANIFEST, Manifest, SOURCE};
 use crate::format::safetensors::HfWeights;
 use crate::model::{KvType, Model};
 use crate::predict::{PredictorKind, PrefetchOptions, Prefetcher};
+use crate::store::fetch::Pace;
 use crate::store::{ExpertSource, ExpertStore, GgufSource, HfSource, LayoutSource, StoreConfig};
 use crate::tokenizer::Tokenizer;
 use odmoe_config::format_bytes;
@@ -330,7 +331,7 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
                     0
                 };
                 let experts = (0..count)
-                    .map(|e| source.read(layer, e).map(|(w, _)| Arc::new(w)))
+                    .map(|e| source.read(layer, e, Pace::Whole).map(|(w, _)| Arc::new(w)))
                     .collect::<Result<Vec<_>>>()?;
                 layers.push(experts);
             }

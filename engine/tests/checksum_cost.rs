@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use odmoe_engine::store::fetch::read_aligned;
+use odmoe_engine::store::fetch::{Pace, read_aligned};
 use xxhash_rust::xxh3::xxh3_64;
 
 const EXPERT_BYTES: usize = 9 << 20;
@@ -46,7 +46,8 @@ fn read_all(files: &[PathBuf], bypass_cache: bool, hash: bool) -> (f64, f64) {
                 while let Some(path) =
                     files.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
                 {
-                    let buf = read_aligned(path, 0, EXPERT_BYTES, bypass_cache).unwrap();
+                    let buf =
+                        read_aligned(path, 0, EXPERT_BYTES, bypass_cache, Pace::Whole).unwrap();
                     if hash {
                         let hashed = Instant::now();
                         std::hint::black_box(xxh3_64(&buf));

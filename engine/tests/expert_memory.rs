@@ -11,6 +11,7 @@
 use std::path::Path;
 
 use odmoe_engine::format::gguf::GgufFile;
+use odmoe_engine::store::fetch::Pace;
 use odmoe_engine::store::{ExpertSource, GgufSource};
 
 /// Fixtures in types kept as stored (Q8_0, f32) and in the K-quants candle would repack.
@@ -79,7 +80,7 @@ fn held_as_counted(name: &str) -> Result<(), String> {
     let mut kept = Vec::new();
     for _ in 0..copies {
         for &(layer, expert) in &experts {
-            let (weights, _) = source.read(layer, expert).unwrap();
+            let (weights, _) = source.read(layer, expert, Pace::Whole).unwrap();
             // One token and a batch of eight: the decode and prefill products.
             for tokens in [1, 8] {
                 let x = candle_core::Tensor::ones(

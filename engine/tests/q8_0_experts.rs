@@ -10,6 +10,7 @@ use candle_nn::Linear;
 use odmoe_engine::expert::{ExpertForm, GluMlp, Matrix, ResidentExperts};
 use odmoe_engine::kernels::quantized;
 use odmoe_engine::model::moe::{MoeBlock, Scoring};
+use odmoe_engine::store::fetch::Pace;
 use odmoe_engine::store::{ExpertSource, ExpertStore, PolicyKind, StoreConfig};
 
 const HIDDEN: usize = 64;
@@ -38,7 +39,12 @@ fn experts() -> Vec<Arc<GluMlp>> {
 struct InMemory(Vec<Arc<GluMlp>>);
 
 impl ExpertSource for InMemory {
-    fn read(&self, _layer: usize, expert: usize) -> odmoe_engine::Result<(GluMlp, u64)> {
+    fn read(
+        &self,
+        _layer: usize,
+        expert: usize,
+        _pace: Pace,
+    ) -> odmoe_engine::Result<(GluMlp, u64)> {
         Ok(((*self.0[expert]).clone(), 1))
     }
 

@@ -9,7 +9,8 @@ use common::{fixture, golden, ids, logit_bits_and_greedy};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use candle_core::quantized::QMatMul;
@@ -21,6 +22,7 @@ use odmoe_engine::format::layout::{MANIFEST, Manifest};
 use odmoe_engine::format::safetensors::HfWeights;
 use odmoe_engine::model::{Logits, expert_tensor_names};
 use odmoe_engine::open::{self, ExpertMode, LoadOptions};
+use odmoe_engine::store::fetch::{GIVEN_UP, Next, Pace};
 use odmoe_engine::store::{ExpertSource, ExpertStore, PolicyKind, StoreConfig};
 
 fn on_demand(budget_bytes: u64, policy: PolicyKind) -> LoadOptions {
@@ -141,7 +143,12 @@ impl FakeSource {
 }
 
 impl ExpertSource for FakeSource {
-    fn read(&self, layer: usize, expert: usize) -> odmoe_engine::Result<(GluMlp, u64)> {
+    fn read(
+        &self,
+        layer: usize,
+        expert: usize,
+        _pace: Pace,
+    ) -> odmoe_engine::Result<(GluMlp, u64)> {
         std::thread::sleep(self.delay);
         *self
             .reads
@@ -304,7 +311,12 @@ struct GatedSource {
 }
 
 impl ExpertSource for GatedSource {
-    fn read(&self, layer: usize, expert: usize) -> odmoe_engine::Result<(GluMlp, u64)> {
+    fn read(
+        &self,
+        layer: usize,
+        expert: usize,
+        _pace: Pace,
+    ) -> odmoe_engine::Result<(GluMlp, u64)> {
         // The test may not listen.
         let _ = self.started.lock().unwrap().send((layer, expert));
         // A test that fails before letting a read through would otherwise hang, the store's
@@ -829,6 +841,206 @@ fn a_guess_a_miss_waits_on_is_read_as_a_miss() {
     assert_eq!(started.recv_timeout(wait), Ok((1, 2)));
     open.send(()).unwrap();
     store.wait_idle();
+    store.check_invariants().unwrap();
+}
+
+/// Reads in two pieces, each let through by the test for its expert. A guess's read asks its
+/// pace before each piece and tells what it answered; a demand read tells it started.
+struct PiecedSource {
+    passes: Mutex<HashMap<(usize, usize), usize>>,
+    passed: Condvar,
+    told: Mutex<Sender<((usize, usize), Option<Next>)>>,
+}
+
+impl PiecedSource {
+    fn new() -> (Arc<Self>, Receiver<((usize, usize), Option<Next>)>) {
+        let (tell, told) = std::sync::mpsc::channel();
+        let source = Self {
+            passes: Mutex::default(),
+            passed: Condvar::new(),
+            told: Mutex::new(tell),
+        };
+        (Arc::new(source), told)
+    }
+
+    fn let_through(&self, key: (usize, usize)) {
+        *self.passes.lock().unwrap().entry(key).or_default() += 1;
+        self.passed.notify_all();
+    }
+
+    /// Waits for the test to let one piece of `key` through; false if it never does.
+    fn pass(&self, key: (usize, usize)) -> bool {
+        let passes = self.passes.lock().unwrap();
+        let (mut passes, timeout) = self
+            .passed
+            .wait_timeout_while(passes, Duration::from_secs(30), |p| {
+                p.get(&key).is_none_or(|&n| n == 0)
+            })
+            .unwrap();
+        if timeout.timed_out() {
+            return false;
+        }
+        *passes.get_mut(&key).unwrap() -= 1;
+        true
+    }
+
+    fn tell(&self, key: (usize, usize), answer: Option<Next>) {
+        // The test may not listen.
+        let _ = self.told.lock().unwrap().send((key, answer));
+    }
+}
+
+impl ExpertSource for PiecedSource {
+    fn read(&self, layer: usize, expert: usize, pace: Pace) -> odmoe_engine::Result<(GluMlp, u64)> {
+        let key = (layer, expert);
+        let fail = |message: &str| odmoe_engine::Error::Expert {
+            layer,
+            expert,
+            path: PathBuf::from("pieced"),
+            message: message.into(),
+        };
+        let mut ask = match pace {
+            Pace::Whole => {
+                self.tell(key, None);
+                None
+            }
+            Pace::Pieces(next) => Some(next),
+        };
+        for _ in 0..2 {
+            if let Some(next) = ask {
+                let answer = next(1);
+                self.tell(key, Some(answer));
+                match answer {
+                    Next::GiveUp => return Err(fail(GIVEN_UP)),
+                    Next::Rest => ask = None,
+                    Next::Piece => {}
+                }
+            }
+            if !self.pass(key) {
+                return Err(fail("the test never let the read through"));
+            }
+        }
+        let w = Tensor::full((layer * 100 + expert) as f32, (1, 1), &Device::Cpu).unwrap();
+        Ok((GluMlp::from_f32(w.clone(), w.clone(), w), 2))
+    }
+
+    fn expert_bytes(&self) -> u64 {
+        100
+    }
+}
+
+fn pieced_store() -> (
+    Arc<PiecedSource>,
+    Receiver<((usize, usize), Option<Next>)>,
+    ExpertStore,
+) {
+    let (source, told) = PiecedSource::new();
+    let config = StoreConfig {
+        budget_bytes: 16 * 100,
+        io_threads: 2,
+        policy: PolicyKind::Lru,
+    };
+    (source.clone(), told, ExpertStore::new(source, &config))
+}
+
+const TOLD_WITHIN: Duration = Duration::from_secs(10);
+
+/// A guess routing shows wrong while it is read stops at its next piece: its room is given
+/// back at once, what it read is counted, and the expert is not taken for broken.
+#[test]
+fn a_wrong_guess_being_read_is_given_up_at_its_next_piece() {
+    let (source, told, store) = pieced_store();
+    store.prefetch(1, &[5]);
+    assert_eq!(
+        told.recv_timeout(TOLD_WITHIN),
+        Ok(((1, 5), Some(Next::Piece)))
+    );
+    store.routed(1, &[2]);
+    let stats = store.stats();
+    assert_eq!((stats.prefetch_cancelled, stats.resident_experts), (1, 0));
+    source.let_through((1, 5));
+    assert_eq!(
+        told.recv_timeout(TOLD_WITHIN),
+        Ok(((1, 5), Some(Next::GiveUp)))
+    );
+    store.wait_idle();
+    let stats = store.stats();
+    assert_eq!(
+        (stats.reads, stats.read_errors, stats.bytes_read),
+        (0, 0, 1)
+    );
+    let reader = std::thread::spawn({
+        let source = source.clone();
+        move || {
+            source.let_through((1, 5));
+            source.let_through((1, 5));
+        }
+    });
+    let read = store.acquire(1, &[5]);
+    assert!(read.is_ok(), "the given-up expert was quarantined");
+    reader.join().unwrap();
+    assert_eq!(told.recv_timeout(TOLD_WITHIN), Ok(((1, 5), None)));
+    store.check_invariants().unwrap();
+}
+
+/// Between pieces a guess's read waits while a miss is read, and goes on once it is done: a
+/// miss that comes while guesses are read waits behind at most a piece of each.
+#[test]
+fn a_guess_waits_between_pieces_while_a_miss_is_read() {
+    let (source, told, store) = pieced_store();
+    store.prefetch(1, &[5]);
+    assert_eq!(
+        told.recv_timeout(TOLD_WITHIN),
+        Ok(((1, 5), Some(Next::Piece)))
+    );
+    let miss = store.request(0, &[1]).unwrap();
+    assert_eq!(told.recv_timeout(TOLD_WITHIN), Ok(((0, 1), None)));
+    source.let_through((1, 5));
+    assert!(
+        told.recv_timeout(Duration::from_millis(300)).is_err(),
+        "the guess read its next piece beside the miss"
+    );
+    source.let_through((0, 1));
+    source.let_through((0, 1));
+    drop(miss);
+    assert_eq!(
+        told.recv_timeout(TOLD_WITHIN),
+        Ok(((1, 5), Some(Next::Piece)))
+    );
+    source.let_through((1, 5));
+    store.wait_idle();
+    assert_eq!(store.stats().reads, 2);
+    store.check_invariants().unwrap();
+}
+
+/// A guess a miss comes to wait on is a demand read from then on: it reads its rest at once,
+/// though another miss is in flight.
+#[test]
+fn a_guess_a_miss_comes_to_wait_on_reads_its_rest_at_once() {
+    let (source, told, store) = pieced_store();
+    store.prefetch(1, &[5]);
+    assert_eq!(
+        told.recv_timeout(TOLD_WITHIN),
+        Ok(((1, 5), Some(Next::Piece)))
+    );
+    let other = store.request(0, &[1]).unwrap();
+    assert_eq!(told.recv_timeout(TOLD_WITHIN), Ok(((0, 1), None)));
+    let waiting = store.request(1, &[5]).unwrap();
+    source.let_through((1, 5));
+    assert_eq!(
+        told.recv_timeout(TOLD_WITHIN),
+        Ok(((1, 5), Some(Next::Rest)))
+    );
+    source.let_through((1, 5));
+    for pending in waiting {
+        pending.wait().unwrap();
+    }
+    source.let_through((0, 1));
+    source.let_through((0, 1));
+    drop(other);
+    store.wait_idle();
+    let stats = store.stats();
+    assert_eq!((stats.reads, stats.prefetch_used), (2, 1));
     store.check_invariants().unwrap();
 }
 

@@ -18,7 +18,7 @@ use odmoe_config::format_bytes;
 use odmoe_engine::convert::convert;
 use odmoe_engine::generate::{GenerateRequest, Session};
 use odmoe_engine::open::{self, ExpertMode, LoadOptions};
-use odmoe_engine::store::fetch::{DIRECT_ALIGN, read_aligned};
+use odmoe_engine::store::fetch::{DIRECT_ALIGN, Pace, read_aligned};
 use odmoe_engine::store::{PolicyKind, StoreConfig};
 use serde_json::json;
 
@@ -205,7 +205,7 @@ fn read_all(files: &[PathBuf], bytes: usize, inflight: usize) -> Result<f64> {
                         let Some(path) = files.get(i) else {
                             return Ok(());
                         };
-                        let buf = read_aligned(path, 0, bytes, true)?;
+                        let buf = read_aligned(path, 0, bytes, true, Pace::Whole)?;
                         std::hint::black_box(&buf[..]);
                     }
                 })

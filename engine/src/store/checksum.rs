@@ -407,8 +407,15 @@ fn checksum_range(
 ) -> std::result::Result<u64, String> {
     let (file, direct) = fetch::open_for_ranges(path, bypass_cache).map_err(|e| e.to_string())?;
     let len = range.len as usize;
-    let (buf, at) = fetch::read_range(&file, direct, range.offset, len, bypass_cache)
-        .map_err(|e| e.to_string())?;
+    let (buf, at) = fetch::read_range(
+        &file,
+        direct,
+        range.offset,
+        len,
+        bypass_cache,
+        fetch::Pace::Whole,
+    )
+    .map_err(|e| e.to_string())?;
     let bytes = &buf[at..at + len];
     if let Some(vouch) = vouch {
         vouch(range, bytes)?;

@@ -22,7 +22,7 @@ pub mod source;
 pub mod stats;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,6 +33,8 @@ pub use budget::{BudgetCache, Declined, ExpertKey, NoRoom};
 pub use policy::{Belady, EvictionPolicy, PolicyKind};
 pub use source::{ExpertSource, GgufSource, HfSource, LayoutSource};
 pub use stats::{PrefetchCounts, StoreStats};
+
+use fetch::{Next, Pace};
 
 use crate::error::{Error, Result};
 use crate::expert::{ExpertHandle, ExpertProvider, GluMlp, PendingExpert};
@@ -75,6 +77,10 @@ struct LoadSlot {
     guessed: AtomicBool,
     /// A miss waits on that guess's read, which counts as a demand read from then on.
     waited: AtomicBool,
+    /// Routing showed the guess wrong while it was read: its read stops at the next piece.
+    abandoned: AtomicBool,
+    /// Bytes of the guess's read so far, piece by piece: counted as read when it is given up.
+    guess_bytes: AtomicU64,
     result: Mutex<Option<Result<Arc<GluMlp>, Arc<Error>>>>,
     done: Condvar,
 }
@@ -85,6 +91,8 @@ impl LoadSlot {
             claimed: AtomicBool::new(false),
             guessed: AtomicBool::new(false),
             waited: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
+            guess_bytes: AtomicU64::new(0),
             result: Mutex::new(None),
             done: Condvar::new(),
         })
@@ -121,13 +129,15 @@ struct State {
     quarantined: HashMap<ExpertKey, Arc<Error>>,
     /// Hits per expert since the store was made, for a picture of where the hits go.
     hits: HashMap<ExpertKey, u64>,
-    /// Prefetch reads in progress, and how many may be: one I/O thread is always left for
-    /// demand reads, which would otherwise wait behind guesses.
+    /// Prefetch reads in progress, and how many may be: guesses have threads of their own, so
+    /// that a guess waiting between pieces never holds a thread a demand read needs.
     prefetch_reads: usize,
     max_prefetch_reads: usize,
-    /// Demand reads in progress: a guess's read starts only while there are none, so that
-    /// guesses take the disk's idle time (a layer's compute) and never its time for a miss.
+    /// Demand reads in progress (a guess's read a miss waits on among them), and how many may
+    /// be: a guess's read starts, and goes on from piece to piece, only while there are none, so
+    /// that guesses take the disk's idle time (a layer's compute) and never its time for a miss.
     demand_reads: usize,
+    max_demand_reads: usize,
     telemetry: stats::Telemetry,
     shutdown: bool,
 }
@@ -135,7 +145,12 @@ struct State {
 impl State {
     /// Pins `key` if it is ready or being read, counting a hit (and a used prefetch); a queued
     /// prefetch that is needed now becomes a demand read, ahead of other prefetches.
-    fn pin_present(&mut self, key: ExpertKey, queued: &mut bool) -> Option<Slot> {
+    fn pin_present(
+        &mut self,
+        key: ExpertKey,
+        queued: &mut bool,
+        resumed: &mut bool,
+    ) -> Option<Slot> {
         let slot = match self.slots.get(&key)? {
             Slot::Ready(weights) => Slot::Ready(weights.clone()),
             Slot::Loading(slot) => Slot::Loading(slot.clone()),
@@ -152,8 +167,9 @@ impl State {
             } else if slot.guessed.load(Ordering::Acquire)
                 && !slot.waited.swap(true, Ordering::AcqRel)
             {
-                // No other guess starts beside a read a miss waits on.
+                // No other guess goes on beside a read a miss waits on; this one does, at once.
                 self.demand_reads += 1;
+                *resumed = true;
             }
         }
         Some(slot)
@@ -175,11 +191,35 @@ struct Shared {
     work: Condvar,
     /// Wakes acquirers waiting for room when a read completes.
     progress: Condvar,
+    /// Wakes guesses' reads waiting between pieces: demand reads are done, a miss waits on the
+    /// guess, or routing showed it wrong.
+    resume: Condvar,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         recover(self.state.lock())
+    }
+
+    /// Before each piece of a guess's read: give up once routing showed the guess wrong (or
+    /// the store closes); read the rest at once if a miss waits on it; else wait while demand
+    /// reads are in flight, then read a piece.
+    fn pace_guess(&self, slot: &LoadSlot, piece: usize) -> Next {
+        let mut state = self.lock();
+        let next = loop {
+            if state.shutdown || slot.abandoned.load(Ordering::Acquire) {
+                return Next::GiveUp;
+            }
+            if slot.waited.load(Ordering::Acquire) {
+                break Next::Rest;
+            }
+            if state.demand_reads == 0 {
+                break Next::Piece;
+            }
+            state = recover(self.resume.wait(state));
+        };
+        slot.guess_bytes.fetch_add(piece as u64, Ordering::Relaxed);
+        next
     }
 }
 
@@ -214,6 +254,7 @@ pub struct ExpertStore {
 
 impl ExpertStore {
     pub fn new(source: Arc<dyn ExpertSource>, config: &StoreConfig) -> Self {
+        let guess_threads = config.io_threads.saturating_sub(1).max(1);
         let shared = Arc::new(Shared {
             expert_bytes: source.expert_bytes(),
             source,
@@ -225,15 +266,17 @@ impl ExpertStore {
                 quarantined: HashMap::new(),
                 hits: HashMap::new(),
                 prefetch_reads: 0,
-                max_prefetch_reads: config.io_threads.saturating_sub(1).max(1),
+                max_prefetch_reads: guess_threads,
                 demand_reads: 0,
+                max_demand_reads: config.io_threads.max(1),
                 telemetry: Default::default(),
                 shutdown: false,
             }),
             work: Condvar::new(),
             progress: Condvar::new(),
+            resume: Condvar::new(),
         });
-        let workers = (0..config.io_threads.max(1))
+        let workers = (0..config.io_threads.max(1) + guess_threads)
             .map(|i| {
                 let shared = shared.clone();
                 std::thread::Builder::new()
@@ -268,11 +311,15 @@ impl ExpertStore {
         {
             return Err(Error::Shared(error.clone()));
         }
-        let mut queued = false;
+        let (mut queued, mut resumed) = (false, false);
         // Experts already present are pinned first, so that this call's misses cannot evict them.
         for &expert in ids {
             let key = (layer, expert);
-            pinned.push(state.pin_present(key, &mut queued).map(|slot| (key, slot)));
+            pinned.push(
+                state
+                    .pin_present(key, &mut queued, &mut resumed)
+                    .map(|slot| (key, slot)),
+            );
         }
         for (i, &expert) in ids.iter().enumerate() {
             if pinned[i].is_some() {
@@ -281,7 +328,7 @@ impl ExpertStore {
             let key = (layer, expert);
             loop {
                 // Another acquirer may have started the read while this one waited for room.
-                if let Some(slot) = state.pin_present(key, &mut queued) {
+                if let Some(slot) = state.pin_present(key, &mut queued, &mut resumed) {
                     pinned[i] = Some((key, slot));
                     break;
                 }
@@ -329,6 +376,9 @@ impl ExpertStore {
         }
         if queued {
             self.shared.work.notify_all();
+        }
+        if resumed {
+            self.shared.resume.notify_all();
         }
         drop(state);
         Ok(pinned
@@ -392,9 +442,9 @@ impl ExpertStore {
     }
 
     /// The routing of `layer` is known and its experts are about to be asked for. From now on
-    /// prefetches spare them; guesses for `layer` that routing did not choose, and whose reads
-    /// have not started, are cancelled; and each of `ids` that a prefetch had evicted is
-    /// counted as a hit that prefetch cost.
+    /// prefetches spare them; guesses for `layer` that routing did not choose are cancelled, a
+    /// queued one at once and one being read at its next piece; and each of `ids` that a
+    /// prefetch had evicted is counted as a hit that prefetch cost.
     pub fn routed(&self, layer: usize, ids: &[usize]) {
         let mut state = self.shared.lock();
         let cost = state.cache.routed(layer, ids);
@@ -417,6 +467,22 @@ impl ExpertStore {
             }
             !wrong
         });
+        let mut abandoned = false;
+        slots.retain(|key, slot| {
+            let wrong = matches!(slot, Slot::Loading(load) if load.guessed.load(Ordering::Acquire))
+                && cache.wrong_guess(*key, layer, ids);
+            if let (true, Slot::Loading(load)) = (wrong, slot) {
+                // The I/O thread reading it sees the flag at its next piece.
+                load.abandoned.store(true, Ordering::Release);
+                cache.remove(*key);
+                telemetry.counts.prefetch_cancelled += 1;
+                abandoned = true;
+            }
+            !wrong
+        });
+        if abandoned {
+            self.shared.resume.notify_all();
+        }
     }
 
     /// Changes the budget; unpinned experts are evicted at once until the rest fits.
@@ -455,7 +521,11 @@ impl ExpertStore {
     /// Waits until no read is queued or running (for tests and benchmarks).
     pub fn wait_idle(&self) {
         let mut state = self.shared.lock();
-        while state.slots.values().any(|s| matches!(s, Slot::Loading(_))) {
+        // A guess given up has left the slots, but its read may still be running.
+        while state.prefetch_reads > 0
+            || state.demand_reads > 0
+            || state.slots.values().any(|s| matches!(s, Slot::Loading(_)))
+        {
             state = self
                 .shared
                 .progress
@@ -502,6 +572,7 @@ impl Drop for ExpertStore {
     fn drop(&mut self) {
         self.shared.lock().shutdown = true;
         self.shared.work.notify_all();
+        self.shared.resume.notify_all();
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
@@ -517,17 +588,20 @@ fn io_worker(shared: &Shared) {
                 if state.shutdown {
                     return;
                 }
-                let job = match state.demand.pop_front() {
-                    Some((key, slot)) => Some((key, slot, false)),
-                    None if state.demand_reads == 0
-                        && state.prefetch_reads < state.max_prefetch_reads =>
-                    {
-                        state
-                            .prefetch
-                            .pop_front()
-                            .map(|(_, key, slot)| (key, slot, true))
-                    }
-                    None => None,
+                let job = if state.demand_reads < state.max_demand_reads
+                    && let Some((key, slot)) = state.demand.pop_front()
+                {
+                    Some((key, slot, false))
+                } else if state.demand.is_empty()
+                    && state.demand_reads == 0
+                    && state.prefetch_reads < state.max_prefetch_reads
+                {
+                    state
+                        .prefetch
+                        .pop_front()
+                        .map(|(_, key, slot)| (key, slot, true))
+                } else {
+                    None
                 };
                 match job {
                     Some((key, slot, prefetch)) if !slot.claimed.swap(true, Ordering::AcqRel) => {
@@ -545,7 +619,12 @@ fn io_worker(shared: &Shared) {
             }
         };
         let started = Instant::now();
-        let result = shared.source.read(key.0, key.1);
+        let result = if prefetch {
+            let pace = |piece| shared.pace_guess(&slot, piece);
+            shared.source.read(key.0, key.1, Pace::Pieces(&pace))
+        } else {
+            shared.source.read(key.0, key.1, Pace::Whole)
+        };
         let latency = started.elapsed();
         let mut state = shared.lock();
         if prefetch {
@@ -553,9 +632,23 @@ fn io_worker(shared: &Shared) {
         }
         if !prefetch || slot.waited.load(Ordering::Acquire) {
             state.demand_reads -= 1;
+            if state.demand_reads == 0 {
+                shared.resume.notify_all();
+            }
         }
-        // A thread that left a queued guess for the demand reads' sake may take it now.
-        shared.work.notify_one();
+        // A thread that left a queued read for another's sake may take it now.
+        shared.work.notify_all();
+        if slot.abandoned.load(Ordering::Acquire) {
+            // Routing showed the guess wrong and took its entry: whatever the read came to, it
+            // is dropped, and what it read counted.
+            state.telemetry.counts.bytes_read += slot.guess_bytes.load(Ordering::Relaxed);
+            drop(state);
+            slot.finish(Err(Arc::new(Error::InvalidRequest(
+                fetch::GIVEN_UP.to_string(),
+            ))));
+            shared.progress.notify_all();
+            continue;
+        }
         let current =
             matches!(state.slots.get(&key), Some(Slot::Loading(s)) if Arc::ptr_eq(s, &slot));
         let outcome = match result {

@@ -18,7 +18,7 @@ use safetensors::tensor::Dtype;
 use sha2::{Digest, Sha256};
 
 use super::checksum::{self, ByteRange, ExpertChecksums, ReadPlan};
-use super::fetch;
+use super::fetch::{self, Pace};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::expert::{GluMlp, Matrix};
@@ -32,8 +32,10 @@ use crate::format::{gguf_header, mxfp4};
 /// Reads experts from cold storage.
 pub trait ExpertSource: Send + Sync {
     /// Reads one expert: its weights as the source holds them, and how many bytes were read from
-    /// storage.
-    fn read(&self, layer: usize, expert: usize) -> Result<(GluMlp, u64)>;
+    /// storage. A guess's read goes in pieces ([`Pace::Pieces`]) and fails with
+    /// [`fetch::GIVEN_UP`] in its message when given up; a source that cannot read in pieces
+    /// may read whole.
+    fn read(&self, layer: usize, expert: usize, pace: Pace) -> Result<(GluMlp, u64)>;
     /// Bytes one expert holds in memory once read (the unit of the budget).
     fn expert_bytes(&self) -> u64;
 }
@@ -280,7 +282,7 @@ fn ggml_slice(
 }
 
 impl ExpertSource for LayoutSource {
-    fn read(&self, layer: usize, expert: usize) -> Result<(GluMlp, u64)> {
+    fn read(&self, layer: usize, expert: usize, pace: Pace) -> Result<(GluMlp, u64)> {
         let relative = expert_path(layer, expert);
         let path = self.dir.join(&relative);
         let fail = |message: String| Error::Expert {
@@ -295,7 +297,7 @@ impl ExpertSource for LayoutSource {
             return Err(fail(problem));
         }
         // One read of the whole file: the header is a few KiB and lets the checksum cover it all.
-        let buf = fetch::read_aligned(&path, 0, len as usize, self.bypass_cache)
+        let buf = fetch::read_aligned(&path, 0, len as usize, self.bypass_cache, pace)
             .map_err(|e| fail(e.to_string()))?;
         self.checksums
             .check(layer, expert, 0, &buf)
@@ -546,7 +548,7 @@ fn mxfp4_matrix(
 }
 
 impl ExpertSource for HfSource {
-    fn read(&self, layer: usize, expert: usize) -> Result<(GluMlp, u64)> {
+    fn read(&self, layer: usize, expert: usize, pace: Pace) -> Result<(GluMlp, u64)> {
         let located = self
             .locations
             .get(layer)
@@ -576,6 +578,7 @@ impl ExpertSource for HfSource {
                             offset,
                             len as usize,
                             self.bypass_cache,
+                            pace,
                         )
                         .map_err(|e| fail_in(path, e.to_string()))?;
                         let what = if part == 0 { "tensor" } else { "scales" };
@@ -717,7 +720,7 @@ fn slice_matrix(slice: &ExpertSlice, bytes: &[u8], device: &Device) -> candle_co
 }
 
 impl ExpertSource for GgufSource {
-    fn read(&self, layer: usize, expert: usize) -> Result<(GluMlp, u64)> {
+    fn read(&self, layer: usize, expert: usize, pace: Pace) -> Result<(GluMlp, u64)> {
         let slices = self
             .slices
             .get(layer)
@@ -737,6 +740,7 @@ impl ExpertSource for GgufSource {
                 s.offset,
                 s.bytes,
                 self.bypass_cache,
+                pace,
             )
             .map_err(|e| fail(e.to_string()))?;
             let bytes = &buf[at..at + s.bytes];
