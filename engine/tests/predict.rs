@@ -430,7 +430,6 @@ fn the_gate_times_decode_with_prefetch_on_and_off() {
         Box::new(Wrong(config.num_layers, config.num_experts_per_token));
     let gate = GateConfig {
         window: 12,
-        first_window: 12,
         min_events: 4,
         probe_after: 30,
     };

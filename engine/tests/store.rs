@@ -844,16 +844,20 @@ fn a_guess_a_miss_waits_on_is_read_as_a_miss() {
     store.check_invariants().unwrap();
 }
 
+/// What a [`PiecedSource`] read told: its expert, and the pace's answer (None: a demand read
+/// started).
+type Told = ((usize, usize), Option<Next>);
+
 /// Reads in two pieces, each let through by the test for its expert. A guess's read asks its
 /// pace before each piece and tells what it answered; a demand read tells it started.
 struct PiecedSource {
     passes: Mutex<HashMap<(usize, usize), usize>>,
     passed: Condvar,
-    told: Mutex<Sender<((usize, usize), Option<Next>)>>,
+    told: Mutex<Sender<Told>>,
 }
 
 impl PiecedSource {
-    fn new() -> (Arc<Self>, Receiver<((usize, usize), Option<Next>)>) {
+    fn new() -> (Arc<Self>, Receiver<Told>) {
         let (tell, told) = std::sync::mpsc::channel();
         let source = Self {
             passes: Mutex::default(),
@@ -929,11 +933,7 @@ impl ExpertSource for PiecedSource {
     }
 }
 
-fn pieced_store() -> (
-    Arc<PiecedSource>,
-    Receiver<((usize, usize), Option<Next>)>,
-    ExpertStore,
-) {
+fn pieced_store() -> (Arc<PiecedSource>, Receiver<Told>, ExpertStore) {
     let (source, told) = PiecedSource::new();
     let config = StoreConfig {
         budget_bytes: 16 * 100,
