@@ -4,9 +4,9 @@
 //! are now read only in the disk's idle time and stop once shown wrong (see the store), so
 //! prefetch costs little by construction: at a 2 GB limit on that machine it made decode 1.35x
 //! faster. So the live gate starts with prefetch on and measures: once decode steps report
-//! their time, it compares a window without prefetch against the latest one with it, turns
-//! prefetch off only if it was clearly slower, and measures the other mode again after a hold
-//! that doubles while the verdict repeats. (A first comparison of one-token windows, on and off
+//! their time, it compares a window without prefetch against the mean of the windows with it
+//! just before and just after, turns prefetch off only if it was clearly slower, and measures
+//! the other mode again after a hold that doubles while the verdict repeats. (A first comparison of one-token windows, on and off
 //! in turn, judged by noise: windows of a few tokens differ by a third from the disk alone.)
 //! Without times (trace replay, prefill), it weighs used against wasted prefetches, as before.
 
@@ -69,6 +69,11 @@ struct Timing {
     sum_s: f64,
     /// The mode chosen (on until a comparison says otherwise).
     chosen: bool,
+    /// Mean step time of the latest window in the chosen mode.
+    chosen_s: Option<f64>,
+    /// Mean step time of the window just measured in the other mode, until the chosen mode's
+    /// window after it ends.
+    other_s: Option<f64>,
     /// Windows left before the mode not chosen is measured again.
     hold: usize,
     /// Windows the latest verdict holds for.
@@ -91,6 +96,8 @@ impl PrefetchGate {
                 steps: 0,
                 sum_s: 0.0,
                 chosen: true,
+                chosen_s: None,
+                other_s: None,
                 hold: hold.saturating_sub(1),
                 hold_len: hold.max(1),
             },
@@ -136,26 +143,41 @@ impl PrefetchGate {
         } else {
             t.off_s = Some(mean);
         }
-        let next = match (t.on_s, t.off_s) {
-            (Some(on), Some(off)) if t.chosen != self.enabled => {
-                // A measurement of the mode not chosen ends: decide.
-                let verdict = on <= off * (1.0 + TOLERANCE);
-                let base = (self.config.probe_after / self.config.window.max(1)).max(1);
-                t.hold_len = if t.chosen == verdict {
-                    (t.hold_len * 2).clamp(base, MAX_HOLD_WINDOWS)
-                } else {
-                    base
-                };
-                t.chosen = verdict;
-                t.hold = t.hold_len;
-                verdict
-            }
-            _ if t.hold > 0 => {
+        let next = if self.enabled != t.chosen {
+            // The other mode's window ends: the chosen mode's next window brackets it.
+            t.other_s = Some(mean);
+            t.chosen
+        } else if let (Some(other), Some(before)) = (t.other_s.take(), t.chosen_s) {
+            // Decide on the other mode's window against the mean of the chosen mode's windows
+            // on either side: a disk that grows faster or slower from window to window weighs
+            // on both alike.
+            let chosen = (before + mean) / 2.0;
+            let (on, off) = if t.chosen {
+                (chosen, other)
+            } else {
+                (other, chosen)
+            };
+            (t.on_s, t.off_s) = (Some(on), Some(off));
+            let verdict = on <= off * (1.0 + TOLERANCE);
+            let base = (self.config.probe_after / self.config.window.max(1)).max(1);
+            t.hold_len = if t.chosen == verdict {
+                (t.hold_len * 2).clamp(base, MAX_HOLD_WINDOWS)
+            } else {
+                base
+            };
+            t.chosen_s = (t.chosen == verdict).then_some(mean);
+            t.chosen = verdict;
+            t.hold = t.hold_len;
+            verdict
+        } else {
+            t.chosen_s = Some(mean);
+            if t.hold > 0 {
                 t.hold -= 1;
                 self.enabled
+            } else {
+                // The hold is over: measure the other mode.
+                !self.enabled
             }
-            // The hold is over: measure the other mode again.
-            _ => !self.enabled,
         };
         if next != self.enabled {
             self.enabled = next;
@@ -241,10 +263,14 @@ mod tests {
             modes.push(on);
         }
         // Steps run without prefetch (the step before the first call ran with it): after two
-        // windows on, one to measure, then the verdict's, then holds of 2, 4 and 8 windows,
-        // with one window on to measure again after each.
+        // windows on, one to measure, then one on again to bracket it; then the verdict's
+        // window and holds of 2 and 4 windows, with a window on to measure and one off to
+        // bracket it after each.
         let off_steps: Vec<usize> = (0..modes.len()).filter(|&i| !modes[i]).collect();
-        let expected: Vec<usize> = [3..11, 13..23, 25..40].into_iter().flatten().collect();
+        let expected: Vec<usize> = [3..5, 7..13, 15..27, 29..40]
+            .into_iter()
+            .flatten()
+            .collect();
         assert_eq!(off_steps, expected);
         // Faster with prefetch: it comes back on and stays.
         for _ in 0..40 {
@@ -273,5 +299,30 @@ mod tests {
             assert_eq!(gate.enabled(), stays_on, "{on_s}");
             assert_eq!(gate.decode_step_s(), (Some(on_s), Some(1.0)));
         }
+    }
+
+    /// A disk that reads faster from window to window (the cache warming, another process
+    /// ending) makes any later window look faster. Prefetch 10% faster stays on, though the
+    /// window without it comes after the one with it and each is 15% faster than the last.
+    #[test]
+    fn timed_a_drifting_disk_weighs_on_both_modes_alike() {
+        let config = GateConfig {
+            window: 1,
+            min_events: 1,
+            probe_after: 2,
+        };
+        let mut gate = PrefetchGate::new(config);
+        let mut on = true;
+        for window in 0..4 {
+            let drift = 0.85f64.powi(window);
+            on = gate.step_timed(0, 0, Some(drift * if on { 0.9 } else { 1.0 }));
+        }
+        // Windows on, on, off, on: the off one (0.72 s) against 0.77 s before and 0.55 s after.
+        assert!(on && gate.enabled());
+        let (on_s, off_s) = gate.decode_step_s();
+        assert!(on_s.unwrap() < off_s.unwrap(), "{on_s:?} {off_s:?}");
+        // Against the window before it alone, off would have looked faster by more than the
+        // tolerance.
+        assert!(0.9 * 0.85 > 0.85f64.powi(2) * (1.0 + TOLERANCE));
     }
 }

@@ -317,7 +317,15 @@ impl Sim {
     fn settle(&mut self, now: f64) {
         self.disk.run_until(now);
         for key in self.disk.completed(now) {
-            self.cache.mark_ready(key);
+            self.land(key);
+        }
+    }
+
+    /// As the store when a read completes: a guess that cannot land is dropped.
+    fn land(&mut self, key: ExpertKey) {
+        match self.cache.land(key) {
+            Ok(evicted) => self.forget(&evicted),
+            Err(_) => self.report.prefetch_dropped += 1,
         }
     }
 
@@ -341,8 +349,7 @@ impl Sim {
             return;
         }
         match self.cache.reserve_prefetch(key, self.bytes) {
-            Ok(evicted) => {
-                self.forget(&evicted);
+            Ok(()) => {
                 self.report.prefetch_issued += 1;
                 self.disk.enqueue(priority, key, now);
             }
@@ -363,6 +370,9 @@ impl Sim {
         self.report.hits += 1;
         if self.cache.pin(key) {
             self.report.prefetch_used += 1;
+            // A guess being read is a demand read now, and takes its room.
+            let evicted = self.cache.fit();
+            self.forget(&evicted);
         }
         pinned.push(key);
         if !ready {
@@ -407,20 +417,25 @@ impl Sim {
                         break;
                     }
                     Err(_) => {
-                        // Prefetches in flight hold the room; the store waits until one lands.
+                        // Reads nobody waits on hold room; the store waits until one lands.
+                        // (Guesses hold none until they land.)
                         let waiting = self
                             .disk
                             .queue
                             .iter()
                             .map(|&(_, k, _)| k)
                             .chain(self.disk.in_flight.iter().map(|&(k, _)| k))
-                            .any(|k| self.cache.get(k).is_some_and(|e| e.pins == 0));
+                            .any(|k| {
+                                self.cache
+                                    .get(k)
+                                    .is_some_and(|e| e.pins == 0 && !e.prefetched_unused)
+                            });
                         match self.disk.next_completion() {
                             Some(t) if waiting => {
                                 now = now.max(t);
                                 ready_at = ready_at.max(now);
                                 for key in self.disk.completed(now) {
-                                    self.cache.mark_ready(key);
+                                    self.land(key);
                                 }
                             }
                             _ => {
@@ -439,10 +454,10 @@ impl Sim {
             ready_at = ready_at.max(self.disk.demand(demand.len(), now));
         }
         for key in demand {
-            self.cache.mark_ready(key);
+            self.land(key);
         }
         for key in self.disk.completed(ready_at) {
-            self.cache.mark_ready(key);
+            self.land(key);
         }
         for key in pinned {
             self.cache.unpin(key);

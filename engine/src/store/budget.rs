@@ -1,9 +1,10 @@
 //! The expert budget: as people write it (`64MiB`, `25%`), and the byte-budget cache bookkeeping,
 //! free of I/O and tensors so that the live store and the trace replay run the very same code.
 //!
-//! Invariant: the bytes of every entry (loading or ready) never exceed the budget. Space is
-//! reserved before a read starts; eviction takes the least valuable unpinned, ready entry as the
-//! policy ranks them; a pinned entry is never evicted.
+//! Invariant: the bytes every entry holds (ready, or loading on demand) never exceed the budget.
+//! A demand read's room is made before it starts; a guess's when its read lands, so that a guess
+//! shown wrong while it is read has evicted nothing. Eviction takes the least valuable unpinned,
+//! ready entry as the policy ranks them; a pinned entry is never evicted.
 
 use std::collections::{HashMap, HashSet};
 
@@ -57,6 +58,8 @@ pub struct BudgetCache {
     used: u64,
     /// Bytes of unused prefetches (loading or ready).
     staged: u64,
+    /// Bytes of guesses still loading: counted in `used`, but their room is made when they land.
+    unlanded: u64,
     /// The experts the layer being computed routed to: prefetches do not evict them.
     spared: Vec<ExpertKey>,
     /// Experts a prefetch evicted, until their layer's next routing tells whether that cost a
@@ -77,6 +80,7 @@ impl BudgetCache {
             budget,
             used: 0,
             staged: 0,
+            unlanded: 0,
             spared: Vec::new(),
             evicted_by_prefetch: HashSet::new(),
             entries: HashMap::new(),
@@ -88,9 +92,9 @@ impl BudgetCache {
         self.budget
     }
 
-    /// Bytes reserved by loading and ready entries.
+    /// Bytes held by ready entries and reserved by demand reads (guesses count once they land).
     pub fn used(&self) -> u64 {
-        self.used
+        self.used - self.unlanded
     }
 
     pub fn len(&self) -> usize {
@@ -106,16 +110,26 @@ impl BudgetCache {
     }
 
     /// Records a use of `key` (for the policy) and pins it; returns whether it was an unused
-    /// prefetch.
+    /// prefetch. A guess still loading becomes a demand read, whose room [`fit`](Self::fit)
+    /// makes.
     pub fn pin(&mut self, key: ExpertKey) -> bool {
         let entry = self.entries.get_mut(&key).expect("pin of an absent entry");
         entry.pins += 1;
         let was_prefetch = std::mem::take(&mut entry.prefetched_unused);
         if was_prefetch {
             self.staged -= entry.bytes;
+            if !entry.ready {
+                self.unlanded -= entry.bytes;
+            }
         }
         self.policy.accessed(key);
         was_prefetch
+    }
+
+    /// Evicts unpinned ready entries until what is held fits the budget (after a guess being
+    /// read became a demand read); returns them (key, was an unused prefetch).
+    pub fn fit(&mut self) -> Vec<(ExpertKey, bool)> {
+        self.evict_until(self.budget)
     }
 
     pub fn unpin(&mut self, key: ExpertKey) {
@@ -145,11 +159,12 @@ impl BudgetCache {
             .filter(|e| Self::evictable(e))
             .map(|e| e.bytes)
             .sum();
-        if self.used - evictable_bytes + bytes > self.budget {
+        let held = self.used();
+        if held - evictable_bytes + bytes > self.budget {
             return Err(NoRoom::Full {
                 needed: bytes,
                 budget: self.budget,
-                pinned_or_loading: self.used - evictable_bytes,
+                pinned_or_loading: held - evictable_bytes,
             });
         }
         let evicted = self.evict_until(self.budget - bytes);
@@ -184,16 +199,10 @@ impl BudgetCache {
                 .is_some_and(|e| e.pins == 0 && e.prefetched_unused)
     }
 
-    /// Reserves `bytes` for a guess `key`, only if that cannot cost a hit the cache would
-    /// otherwise have: unused prefetches stay within the staging share of the budget, and the
-    /// only entries evicted are unpinned, ready, not unused prefetches themselves, not spared
-    /// (see [`routed`](Self::routed)), and valued by the policy below the guess. Either all of
-    /// the room is made or nothing is evicted.
-    pub fn reserve_prefetch(
-        &mut self,
-        key: ExpertKey,
-        bytes: u64,
-    ) -> Result<Vec<(ExpertKey, bool)>, Declined> {
+    /// Takes in a guess `key` of `bytes` to be read, only if it could land now without costing
+    /// a hit the cache would otherwise have (see [`land`](Self::land)); unused prefetches stay
+    /// within the staging share of the budget. Nothing is evicted until it lands.
+    pub fn reserve_prefetch(&mut self, key: ExpertKey, bytes: u64) -> Result<(), Declined> {
         assert!(
             !self.entries.contains_key(&key),
             "reserve of a present entry {key:?}"
@@ -201,9 +210,53 @@ impl BudgetCache {
         if self.staged + bytes > (self.budget / STAGING_DIVISOR).max(bytes) {
             return Err(Declined::Staging);
         }
+        self.prefetch_victims(key, bytes)?;
+        self.insert(key, bytes, true);
+        Ok(())
+    }
+
+    /// A loaded entry is ready: from now on it may be evicted when unpinned. A guess (unused,
+    /// still loading) lands: its room is made now, evicting only entries that are unpinned,
+    /// ready, not unused prefetches themselves, not spared (see [`routed`](Self::routed)), and
+    /// valued by the policy below the guess; if that cannot be done, the guess is removed and
+    /// nothing is evicted. Returns the evicted entries (key, was an unused prefetch).
+    pub fn land(&mut self, key: ExpertKey) -> Result<Vec<(ExpertKey, bool)>, Declined> {
+        let Some(entry) = self.entries.get(&key) else {
+            return Ok(Vec::new());
+        };
+        if entry.ready || !entry.prefetched_unused {
+            self.mark_ready(key);
+            return Ok(Vec::new());
+        }
+        let bytes = entry.bytes;
+        // What is held leaves out the guess still: its room is found as for a new one.
+        let victims = match self.prefetch_victims(key, bytes) {
+            Ok(victims) => victims,
+            Err(declined) => {
+                self.remove(key);
+                return Err(declined);
+            }
+        };
+        let evicted = victims
+            .into_iter()
+            .map(|victim| {
+                let entry = self.remove(victim).expect("victim is present");
+                self.evicted_by_prefetch.insert(victim);
+                (victim, entry.prefetched_unused)
+            })
+            .collect();
+        self.evicted_by_prefetch.remove(&key);
+        self.unlanded -= bytes;
+        self.mark_ready(key);
+        Ok(evicted)
+    }
+
+    /// The entries a guess `key` of `bytes` would evict to fit (see [`land`](Self::land)).
+    fn prefetch_victims(&mut self, key: ExpertKey, bytes: u64) -> Result<Vec<ExpertKey>, Declined> {
+        let held = self.used();
         let mut victims: Vec<ExpertKey> = Vec::new();
         let mut freed = 0;
-        while self.used - freed + bytes > self.budget {
+        while held - freed + bytes > self.budget {
             let (entries, spared) = (&self.entries, &self.spared);
             let victim = self.policy.victim(&|k| {
                 !victims.contains(&k)
@@ -221,17 +274,7 @@ impl BudgetCache {
             freed += self.entries[&victim].bytes;
             victims.push(victim);
         }
-        let evicted = victims
-            .into_iter()
-            .map(|victim| {
-                let entry = self.remove(victim).expect("victim is present");
-                self.evicted_by_prefetch.insert(victim);
-                (victim, entry.prefetched_unused)
-            })
-            .collect();
-        self.evicted_by_prefetch.remove(&key);
-        self.insert(key, bytes, true);
-        Ok(evicted)
+        Ok(victims)
     }
 
     fn insert(&mut self, key: ExpertKey, bytes: u64, prefetch: bool) {
@@ -247,12 +290,13 @@ impl BudgetCache {
         self.used += bytes;
         if prefetch {
             self.staged += bytes;
+            self.unlanded += bytes;
         }
         self.policy.inserted(key);
     }
 
     /// Marks a loaded entry ready: from now on it may be evicted when unpinned.
-    pub fn mark_ready(&mut self, key: ExpertKey) {
+    fn mark_ready(&mut self, key: ExpertKey) {
         if let Some(entry) = self.entries.get_mut(&key) {
             entry.ready = true;
         }
@@ -264,6 +308,9 @@ impl BudgetCache {
         self.used -= entry.bytes;
         if entry.prefetched_unused {
             self.staged -= entry.bytes;
+            if !entry.ready {
+                self.unlanded -= entry.bytes;
+            }
         }
         self.policy.removed(key);
         Some(entry)
@@ -284,7 +331,7 @@ impl BudgetCache {
     /// Evicts until at most `target` bytes are used or nothing more can go.
     fn evict_until(&mut self, target: u64) -> Vec<(ExpertKey, bool)> {
         let mut evicted = Vec::new();
-        while self.used > target {
+        while self.used() > target {
             let entries = &self.entries;
             let victim = self
                 .policy
@@ -431,18 +478,15 @@ mod tests {
         // 16 entries of 10 bytes; unused prefetches may hold 20 bytes of them, two entries.
         let mut c = cache(160, PolicyKind::Lru);
         c.reserve_prefetch((1, 0), 10).unwrap();
-        c.mark_ready((1, 0));
+        assert_eq!(c.land((1, 0)), Ok(vec![]));
         for expert in 0..15 {
             load(&mut c, (0, expert));
         }
         // Room only by evicting: the oldest demand entry goes, not the unused prefetch, and not
         // an entry spared for the layer about to use it.
         assert_eq!(c.routed(0, &[0]), 0);
-        assert_eq!(
-            c.reserve_prefetch((1, 1), 10).unwrap(),
-            vec![((0, 1), false)]
-        );
-        c.mark_ready((1, 1));
+        c.reserve_prefetch((1, 1), 10).unwrap();
+        assert_eq!(c.land((1, 1)), Ok(vec![((0, 1), false)]));
         // A demand read may evict an unused prefetch, and reports it as wasted.
         assert_eq!(c.reserve((0, 15), 10).unwrap(), vec![((1, 0), true)]);
         // Layer 0's next routing wants the expert the prefetch evicted: a hit it cost.
@@ -457,10 +501,42 @@ mod tests {
         c.reserve_prefetch((1, 1), 10).unwrap();
         assert_eq!(c.reserve_prefetch((1, 2), 10), Err(Declined::Staging));
         // Once one is used, its share is free for another guess.
-        c.mark_ready((1, 0));
+        c.land((1, 0)).unwrap();
         c.pin((1, 0));
         c.reserve_prefetch((1, 2), 10).unwrap();
-        assert_eq!(c.used(), 30);
+        // Guesses still being read hold nothing yet.
+        assert_eq!(c.used(), 10);
+    }
+
+    /// A guess evicts nothing until its read lands: one shown wrong while it is read has cost
+    /// no hit; one that no longer fits when it lands is dropped, and evicts nothing either.
+    #[test]
+    fn a_guess_makes_its_room_only_when_it_lands() {
+        // 16 entries of 10 bytes, all held; guesses may stage two.
+        let mut c = cache(160, PolicyKind::Lru);
+        for expert in 0..16 {
+            load(&mut c, (0, expert));
+        }
+        c.reserve_prefetch((1, 0), 10).unwrap();
+        c.reserve_prefetch((1, 1), 10).unwrap();
+        assert_eq!((c.used(), c.len()), (160, 18), "nothing evicted yet");
+        c.remove((1, 0));
+        assert_eq!((c.used(), c.len()), (160, 17));
+        // Every held entry pinned by the time the other lands: it cannot, and is dropped.
+        for expert in 0..16 {
+            c.pin((0, expert));
+        }
+        assert_eq!(c.land((1, 1)), Err(Declined::NoRoom));
+        assert_eq!((c.used(), c.len()), (160, 16));
+        for expert in 0..16 {
+            c.unpin((0, expert));
+        }
+        // A guess a demand read pins while it is read takes its room then.
+        c.reserve_prefetch((1, 2), 10).unwrap();
+        assert!(c.pin((1, 2)));
+        assert_eq!(c.fit(), vec![((0, 0), false)]);
+        c.land((1, 2)).unwrap();
+        assert_eq!((c.used(), c.len()), (160, 16));
     }
 
     #[test]

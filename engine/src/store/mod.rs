@@ -159,6 +159,9 @@ impl State {
         *self.hits.entry(key).or_default() += 1;
         if self.cache.pin(key) {
             self.telemetry.counts.prefetch_used += 1;
+            // A guess being read is a demand read now, and takes its room.
+            let evicted = self.cache.fit();
+            self.forget(&evicted);
         }
         if let Slot::Loading(slot) = &slot {
             if !slot.claimed.load(Ordering::Acquire) {
@@ -351,10 +354,14 @@ impl ExpertStore {
                     }) => {
                         let unpinned_loads = state.slots.iter().any(|(k, s)| {
                             matches!(s, Slot::Loading(_))
-                                && state.cache.get(*k).is_some_and(|e| e.pins == 0)
+                                && state
+                                    .cache
+                                    .get(*k)
+                                    .is_some_and(|e| e.pins == 0 && !e.prefetched_unused)
                         });
                         if unpinned_loads {
-                            // Prefetches in flight hold the room; once read they can be evicted.
+                            // Reads nobody waits on any more hold room; once read they can be
+                            // evicted. (Guesses hold none until they land.)
                             if queued {
                                 self.shared.work.notify_all();
                                 queued = false;
@@ -424,8 +431,7 @@ impl ExpertStore {
                 continue;
             }
             match state.cache.reserve_prefetch(key, self.shared.expert_bytes) {
-                Ok(evicted) => {
-                    state.forget(&evicted);
+                Ok(()) => {
                     state.telemetry.counts.prefetch_issued += 1;
                     let slot = LoadSlot::new();
                     state.slots.insert(key, Slot::Loading(slot.clone()));
@@ -656,8 +662,17 @@ fn io_worker(shared: &Shared) {
                 state.telemetry.record_read(bytes, latency);
                 let weights = Arc::new(weights);
                 if current {
-                    state.slots.insert(key, Slot::Ready(weights.clone()));
-                    state.cache.mark_ready(key);
+                    match state.cache.land(key) {
+                        Ok(evicted) => {
+                            state.forget(&evicted);
+                            state.slots.insert(key, Slot::Ready(weights.clone()));
+                        }
+                        // A guess that no longer fits: nobody waits on it.
+                        Err(_) => {
+                            state.slots.remove(&key);
+                            state.telemetry.counts.prefetch_dropped += 1;
+                        }
+                    }
                 }
                 Ok(weights)
             }
