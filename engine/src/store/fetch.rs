@@ -287,6 +287,11 @@ fn fill(file: &File, buf: &mut [u8], offset: u64, pace: Pace) -> std::io::Result
     Ok(filled)
 }
 
+/// Lowers the calling thread's CPU priority, for threads whose work can wait (guesses' reads).
+pub fn lower_thread_priority() {
+    platform::lower_thread_priority();
+}
+
 #[cfg(target_os = "linux")]
 mod platform {
     use std::fs::{File, OpenOptions};
@@ -321,6 +326,18 @@ mod platform {
             PosixFadviseAdvice::POSIX_FADV_DONTNEED,
         );
     }
+
+    /// The calling thread's nice value 10 higher (a nice value is a thread's own on Linux): the
+    /// scheduler gives the layers' threads nine times its share when both want a core. Advice
+    /// only.
+    pub fn lower_thread_priority() {
+        // SAFETY: getpriority and setpriority only read and change the calling thread's nice
+        // value.
+        unsafe {
+            let nice = nix::libc::getpriority(nix::libc::PRIO_PROCESS, 0);
+            nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, (nice + 10).min(19));
+        }
+    }
 }
 
 #[cfg(target_os = "macos")]
@@ -346,6 +363,14 @@ mod platform {
     pub fn no_cache(file: &File) {
         // SAFETY: fcntl on a descriptor we own, with an integer argument.
         unsafe { nix::libc::fcntl(file.as_raw_fd(), nix::libc::F_NOCACHE, 1) };
+    }
+
+    /// The utility quality of service for the calling thread, below the layers' default.
+    pub fn lower_thread_priority() {
+        // SAFETY: sets only the calling thread's quality-of-service class.
+        unsafe {
+            nix::libc::pthread_set_qos_class_self_np(nix::libc::qos_class_t::QOS_CLASS_UTILITY, 0);
+        }
     }
 }
 
@@ -443,5 +468,19 @@ mod tests {
         // this read's bytes, none of the last one's.
         let again = read_aligned(&path, 0, len, false, Pace::Whole).unwrap();
         assert!(again.iter().zip(&data).all(|(a, b)| *a == !b));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_lowered_thread_runs_at_nice_10_and_the_others_keep_theirs() {
+        // SAFETY: getpriority only reads the calling thread's nice value.
+        let nice = || unsafe { nix::libc::getpriority(nix::libc::PRIO_PROCESS, 0) };
+        let before = nice();
+        let lowered = std::thread::spawn(move || {
+            lower_thread_priority();
+            nice()
+        });
+        assert_eq!(lowered.join().unwrap(), (before + 10).min(19));
+        assert_eq!(nice(), before);
     }
 }

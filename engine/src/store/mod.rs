@@ -129,10 +129,8 @@ struct State {
     quarantined: HashMap<ExpertKey, Arc<Error>>,
     /// Hits per expert since the store was made, for a picture of where the hits go.
     hits: HashMap<ExpertKey, u64>,
-    /// Prefetch reads in progress, and how many may be: guesses have threads of their own, so
-    /// that a guess waiting between pieces never holds a thread a demand read needs.
+    /// Prefetch reads in progress.
     prefetch_reads: usize,
-    max_prefetch_reads: usize,
     /// Demand reads in progress (a guess's read a miss waits on among them), and how many may
     /// be: a guess's read starts, and goes on from piece to piece, only while there are none, so
     /// that guesses take the disk's idle time (a layer's compute) and never its time for a miss.
@@ -269,7 +267,6 @@ impl ExpertStore {
                 quarantined: HashMap::new(),
                 hits: HashMap::new(),
                 prefetch_reads: 0,
-                max_prefetch_reads: guess_threads,
                 demand_reads: 0,
                 max_demand_reads: config.io_threads.max(1),
                 telemetry: Default::default(),
@@ -279,12 +276,19 @@ impl ExpertStore {
             progress: Condvar::new(),
             resume: Condvar::new(),
         });
-        let workers = (0..config.io_threads.max(1) + guess_threads)
-            .map(|i| {
+        let demand = (0..config.io_threads.max(1)).map(|i| (Role::Demand, i));
+        let guesses = (0..guess_threads).map(|i| (Role::Guess, i));
+        let workers = demand
+            .chain(guesses)
+            .map(|(role, i)| {
                 let shared = shared.clone();
+                let name = match role {
+                    Role::Demand => format!("odmoe-io-{i}"),
+                    Role::Guess => format!("odmoe-guess-{i}"),
+                };
                 std::thread::Builder::new()
-                    .name(format!("odmoe-io-{i}"))
-                    .spawn(move || io_worker(&shared))
+                    .name(name)
+                    .spawn(move || io_worker(&shared, role))
                     .expect("spawn an I/O thread")
             })
             .collect();
@@ -585,8 +589,21 @@ impl Drop for ExpertStore {
     }
 }
 
-/// An I/O thread: takes demand reads before prefetches, reads without the lock, publishes.
-fn io_worker(shared: &Shared) {
+/// What an I/O thread reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Demand,
+    /// Guesses, at a lower CPU priority: what a guess's read costs the CPU (its checksum, its
+    /// copy) never delays the layers' compute, which demand reads wait on. Guesses have threads
+    /// of their own, so that a guess waiting between pieces never holds one a miss needs.
+    Guess,
+}
+
+/// An I/O thread: takes the reads of its role, reads without the lock, publishes.
+fn io_worker(shared: &Shared, role: Role) {
+    if role == Role::Guess {
+        fetch::lower_thread_priority();
+    }
     loop {
         let (key, slot, prefetch) = {
             let mut state = shared.lock();
@@ -594,20 +611,16 @@ fn io_worker(shared: &Shared) {
                 if state.shutdown {
                     return;
                 }
-                let job = if state.demand_reads < state.max_demand_reads
-                    && let Some((key, slot)) = state.demand.pop_front()
-                {
-                    Some((key, slot, false))
-                } else if state.demand.is_empty()
-                    && state.demand_reads == 0
-                    && state.prefetch_reads < state.max_prefetch_reads
-                {
-                    state
+                let job = match role {
+                    Role::Demand if state.demand_reads < state.max_demand_reads => state
+                        .demand
+                        .pop_front()
+                        .map(|(key, slot)| (key, slot, false)),
+                    Role::Guess if state.demand.is_empty() && state.demand_reads == 0 => state
                         .prefetch
                         .pop_front()
-                        .map(|(_, key, slot)| (key, slot, true))
-                } else {
-                    None
+                        .map(|(_, key, slot)| (key, slot, true)),
+                    Role::Demand | Role::Guess => None,
                 };
                 match job {
                     Some((key, slot, prefetch)) if !slot.claimed.swap(true, Ordering::AcqRel) => {
