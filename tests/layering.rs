@@ -66,7 +66,7 @@ const ENGINE: Table = &[
     ("predict",   &["model", "store", "config", "error"]),
     ("model",     &["expert", "kernels", "format", "config", "error"]),
     ("tokenizer", &["format", "time", "error"]),
-    ("store",     &["expert", "format", "config", "error"]),
+    ("store",     &["expert", "format", "config", "allocator", "error"]),
     ("expert",    &["kernels", "config", "error"]),
     ("kernels",   &["error"]),
     ("format",    &["config", "error"]),

@@ -8,6 +8,8 @@
 use std::fs::File;
 use std::path::Path;
 
+use crate::allocator::read_buffers;
+
 /// Alignment O_DIRECT needs for buffer address, offset and length.
 pub const DIRECT_ALIGN: usize = 4096;
 
@@ -40,9 +42,9 @@ pub const GIVEN_UP: &str = "read given up: the guess was wrong";
 /// A buffer aligned to [`DIRECT_ALIGN`], in pages of its own (an anonymous mapping). From the
 /// heap, each aligned temporary left slack beside the experts copied out of it: resident memory
 /// grew 1.14x what the store counts for Q4_K experts of 108 KiB (`engine/tests/expert_memory.rs`).
-/// Dropped, it is kept for the next read (see [`kept`]).
+/// Dropped, it is kept for the next read (see [`read_buffers`]).
 pub struct AlignedBuf {
-    /// Always `Some` until dropped, when the mapping goes back to [`kept`].
+    /// Always `Some` until dropped, when the mapping goes back to [`read_buffers`].
     map: Option<memmap2::MmapMut>,
     len: usize,
 }
@@ -51,7 +53,7 @@ impl AlignedBuf {
     /// A buffer of `len` bytes for a read to fill: a kept one, holding an earlier read's bytes,
     /// when one is large enough, else a new mapping.
     fn for_read(len: usize) -> Self {
-        let map = kept::take(len).unwrap_or_else(|| map_populated(len));
+        let map = read_buffers::take(len).unwrap_or_else(|| read_buffers::map(len));
         Self {
             map: Some(map),
             len,
@@ -59,21 +61,10 @@ impl AlignedBuf {
     }
 }
 
-/// A new anonymous mapping of at least `len` bytes, its pages already in. Pages are at least
-/// 4 KiB (16 KiB on Apple Silicon): aligned for O_DIRECT. Populated at once: a 5 MiB buffer
-/// took 1.5 ms against 1.8 ms faulted page by page, and 2.6 ms from the heap.
-fn map_populated(len: usize) -> memmap2::MmapMut {
-    memmap2::MmapOptions::new()
-        .len(len.max(1))
-        .populate()
-        .map_anon()
-        .unwrap_or_else(|e| panic!("cannot map {len} bytes of anonymous memory: {e}"))
-}
-
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if let Some(map) = self.map.take() {
-            kept::put(map);
+            read_buffers::put(map);
         }
     }
 }
@@ -89,75 +80,6 @@ impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         &mut self.map.as_mut().expect("mapped until dropped")[..self.len]
     }
-}
-
-/// Read buffers kept for the next reads. Each expert read used to map and populate its own
-/// buffers and unmap them after: in decode at a 2 GB limit (qwen3moe Q4_K_M, 4 MiB of reads a
-/// layer) that took a third of the process's CPU time, zeroing pages and pinning them, time a
-/// 2-core machine took from the layers' compute. A kept buffer's pages are in already. The
-/// store's reads in flight at once (I/O threads times an expert's reads) are what is kept, up
-/// to `MOST_BUFFERS` and `MOST_BYTES`; [`release_read_buffers`] unmaps them all.
-mod kept {
-    use std::sync::Mutex;
-
-    use memmap2::MmapMut;
-
-    /// Most buffers kept: 4 I/O threads reading an expert's 3 slices at once, and some spare.
-    const MOST_BUFFERS: usize = 16;
-    /// Most bytes kept.
-    const MOST_BYTES: usize = 48 << 20;
-    /// The largest buffer kept: a checksum index's reads of whole files are not.
-    const LARGEST: usize = 8 << 20;
-
-    static KEPT: Mutex<Kept> = Mutex::new(Kept(Vec::new()));
-
-    /// Buffers waiting for a read.
-    pub(super) struct Kept(pub(super) Vec<MmapMut>);
-
-    impl Kept {
-        /// The smallest kept buffer of at least `len` bytes.
-        pub(super) fn take(&mut self, len: usize) -> Option<MmapMut> {
-            let best = (0..self.0.len())
-                .filter(|&i| self.0[i].len() >= len)
-                .min_by_key(|&i| self.0[i].len())?;
-            Some(self.0.swap_remove(best))
-        }
-
-        /// Keeps `map` for a later read if there is room, else unmaps it.
-        pub(super) fn put(&mut self, map: MmapMut) {
-            let bytes: usize = self.0.iter().map(|m| m.len()).sum();
-            if map.len() <= LARGEST
-                && self.0.len() < MOST_BUFFERS
-                && bytes + map.len() <= MOST_BYTES
-            {
-                self.0.push(map);
-            }
-        }
-    }
-
-    fn lock() -> std::sync::MutexGuard<'static, Kept> {
-        KEPT.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub(super) fn take(len: usize) -> Option<MmapMut> {
-        lock().take(len)
-    }
-
-    pub(super) fn put(map: MmapMut) {
-        lock().put(map);
-    }
-
-    /// Unmaps every kept buffer, returning them to the system.
-    pub(super) fn release() -> usize {
-        std::mem::take(&mut lock().0).len()
-    }
-}
-
-/// Unmaps the read buffers kept for later reads (see [`kept`]), returning their memory to the
-/// system; returns how many there were.
-pub fn release_read_buffers() -> usize {
-    kept::release()
 }
 
 /// Reads `len` bytes at `offset` of `path` into an aligned buffer with explicit reads (one, or
@@ -432,26 +354,6 @@ mod tests {
                 "a range past the end must fail"
             );
         }
-    }
-
-    #[test]
-    fn read_buffers_are_kept_for_the_next_read_best_fit_and_bounded() {
-        let mut kept = kept::Kept(Vec::new());
-        let [small, large] = [DIRECT_ALIGN, 4 * DIRECT_ALIGN].map(map_populated);
-        let (small_at, large_at) = (small.as_ptr(), large.as_ptr());
-        kept.put(large);
-        kept.put(small);
-        assert!(kept.take(5 * DIRECT_ALIGN).is_none(), "none large enough");
-        let fit = kept.take(DIRECT_ALIGN / 2).unwrap();
-        assert_eq!(fit.as_ptr(), small_at, "the smallest that fits");
-        assert_eq!(kept.take(2 * DIRECT_ALIGN).unwrap().as_ptr(), large_at);
-        assert!(kept.take(1).is_none());
-        kept.put(map_populated(16 << 20));
-        assert!(kept.0.is_empty(), "a buffer over 8 MiB is not kept");
-        for _ in 0..20 {
-            kept.put(map_populated(DIRECT_ALIGN));
-        }
-        assert_eq!(kept.0.len(), 16, "at most 16 are kept");
     }
 
     #[test]
