@@ -983,10 +983,14 @@ fn a_wrong_guess_being_read_is_given_up_at_its_next_piece() {
     store.check_invariants().unwrap();
 }
 
-/// Between pieces a guess's read waits while a miss is read, and goes on once it is done: a
-/// miss that comes while guesses are read waits behind at most a piece of each.
-#[test]
-fn a_guess_waits_between_pieces_while_a_miss_is_read() {
+/// A pieced store reading a guess, expert 5 of layer 1, past its first piece, and then a miss,
+/// expert 1 of layer 0, which is pending.
+fn guess_read_beside_a_miss() -> (
+    Arc<PiecedSource>,
+    Receiver<Told>,
+    ExpertStore,
+    Vec<odmoe_engine::expert::PendingExpert>,
+) {
     let (source, told, store) = pieced_store();
     store.prefetch(1, &[5]);
     assert_eq!(
@@ -995,6 +999,14 @@ fn a_guess_waits_between_pieces_while_a_miss_is_read() {
     );
     let miss = store.request(0, &[1]).unwrap();
     assert_eq!(told.recv_timeout(TOLD_WITHIN), Ok(((0, 1), None)));
+    (source, told, store, miss)
+}
+
+/// Between pieces a guess's read waits while a miss is read, and goes on once it is done: a
+/// miss that comes while guesses are read waits behind at most a piece of each.
+#[test]
+fn a_guess_waits_between_pieces_while_a_miss_is_read() {
+    let (source, told, store, miss) = guess_read_beside_a_miss();
     source.let_through((1, 5));
     assert!(
         told.recv_timeout(Duration::from_millis(300)).is_err(),
@@ -1017,14 +1029,7 @@ fn a_guess_waits_between_pieces_while_a_miss_is_read() {
 /// though another miss is in flight.
 #[test]
 fn a_guess_a_miss_comes_to_wait_on_reads_its_rest_at_once() {
-    let (source, told, store) = pieced_store();
-    store.prefetch(1, &[5]);
-    assert_eq!(
-        told.recv_timeout(TOLD_WITHIN),
-        Ok(((1, 5), Some(Next::Piece)))
-    );
-    let other = store.request(0, &[1]).unwrap();
-    assert_eq!(told.recv_timeout(TOLD_WITHIN), Ok(((0, 1), None)));
+    let (source, told, store, other) = guess_read_beside_a_miss();
     let waiting = store.request(1, &[5]).unwrap();
     source.let_through((1, 5));
     assert_eq!(
