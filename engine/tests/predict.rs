@@ -432,6 +432,7 @@ fn the_gate_times_decode_with_prefetch_on_and_off() {
         window: 12,
         min_events: 4,
         probe_after: 30,
+        settle: 0,
     };
     let options = PrefetchOptions {
         gate,

@@ -6,8 +6,12 @@
 //! faster. So the live gate starts with prefetch on and measures: once decode steps report
 //! their time, it compares a window without prefetch against the mean of the windows with it
 //! just before and just after, turns prefetch off only if it was clearly slower, and measures
-//! the other mode again after a hold that doubles while the verdict repeats. (A first comparison of one-token windows, on and off
-//! in turn, judged by noise: windows of a few tokens differ by a third from the disk alone.)
+//! the other mode again after a hold that doubles while the verdict repeats. Each window after a
+//! switch starts counting only once the cache has settled: a window right after prefetch was on
+//! still holds the experts its guesses brought in, and measured at once it made prefetch look
+//! 4-17% slower in runs where, run against run, it was faster. (A first comparison of one-token
+//! windows, on and off in turn, judged by noise: windows of a few tokens differ by a third from
+//! the disk alone.)
 //! Without times (trace replay, prefill), it weighs used against wasted prefetches, as before.
 
 use std::collections::VecDeque;
@@ -29,15 +33,21 @@ pub struct GateConfig {
     /// Steps before the first timed measurement without prefetch, and steps prefetch stays
     /// off before it is tried again.
     pub probe_after: usize,
+    /// Steps after a switch that no window counts: the cache still holds what the other mode
+    /// brought in (guesses' experts, or their absence).
+    pub settle: usize,
 }
 
 impl GateConfig {
-    /// Windows scaled to the model: 16 tokens' layers to judge, 64 tokens' layers to hold.
+    /// Windows scaled to the model: 16 tokens' layers to judge, after 8 to settle (at a 2 GB
+    /// limit a token reads about 45 of the 390 experts held, so 8 tokens turn most of them
+    /// over), 64 tokens' layers to hold.
     pub fn for_layers(num_layers: usize) -> Self {
         Self {
             window: 16 * num_layers.max(1),
             min_events: 8,
             probe_after: 64 * num_layers.max(1),
+            settle: 8 * num_layers.max(1),
         }
     }
 }
@@ -78,6 +88,8 @@ struct Timing {
     hold: usize,
     /// Windows the latest verdict holds for.
     hold_len: usize,
+    /// Steps left before the window after a switch starts counting.
+    settling: usize,
 }
 
 impl PrefetchGate {
@@ -100,6 +112,7 @@ impl PrefetchGate {
                 other_s: None,
                 hold: hold.saturating_sub(1),
                 hold_len: hold.max(1),
+                settling: 0,
             },
             switched_off: 0,
             switched_on: 0,
@@ -131,6 +144,10 @@ impl PrefetchGate {
     /// One timed decode step: a window closes every `config.window` of them.
     fn timed(&mut self, seconds: f64) -> bool {
         let t = &mut self.timing;
+        if t.settling > 0 {
+            t.settling -= 1;
+            return self.enabled;
+        }
         t.steps += 1;
         t.sum_s += seconds;
         if t.steps < self.config.window.max(1) {
@@ -181,6 +198,7 @@ impl PrefetchGate {
         };
         if next != self.enabled {
             self.enabled = next;
+            t.settling = self.config.settle;
             if next {
                 self.switched_on += 1;
             } else {
@@ -236,6 +254,7 @@ mod tests {
             window: 4,
             min_events: 4,
             probe_after: 3,
+            settle: 0,
         });
         assert!(gate.step(1, 1));
         assert!(gate.step(0, 1)); // 1 used, 2 wasted: too few events yet
@@ -254,6 +273,7 @@ mod tests {
             window: 2,
             min_events: 1,
             probe_after: 4,
+            settle: 0,
         });
         // Prefetch on: steps of 1.0 s; off: 0.8 s. Wasted prefetches no longer matter.
         let mut modes = Vec::new();
@@ -289,6 +309,7 @@ mod tests {
             window: 4,
             min_events: 1,
             probe_after: 8,
+            settle: 0,
         };
         for (on_s, stays_on) in [(1.03, true), (1.2, false)] {
             let mut gate = PrefetchGate::new(config);
@@ -310,6 +331,7 @@ mod tests {
             window: 1,
             min_events: 1,
             probe_after: 2,
+            settle: 0,
         };
         let mut gate = PrefetchGate::new(config);
         let mut on = true;
@@ -324,5 +346,35 @@ mod tests {
         // Against the window before it alone, off would have looked faster by more than the
         // tolerance.
         assert!(0.9 * 0.85 > 0.85f64.powi(2) * (1.0 + TOLERANCE));
+    }
+
+    /// A window without prefetch right after it was on still holds the experts its guesses
+    /// brought in, and runs fast for a while. Prefetch 10% faster stays on once that settles
+    /// before the window counts; measured at once, it went off.
+    #[test]
+    fn timed_windows_after_a_switch_count_once_the_cache_settles() {
+        for (settle, stays_on) in [(3, true), (0, false)] {
+            let mut gate = PrefetchGate::new(GateConfig {
+                window: 4,
+                min_events: 1,
+                probe_after: 8,
+                settle,
+            });
+            let mut on = true;
+            let mut since_switch = 0;
+            for _ in 0..24 {
+                // Off: 1.0 s a step, but 0.5 s for the three steps after prefetch was on.
+                let seconds = match (on, since_switch) {
+                    (true, _) => 0.9,
+                    (false, 0..3) => 0.5,
+                    (false, _) => 1.0,
+                };
+                let next = gate.step_timed(0, 0, Some(seconds));
+                since_switch = if next == on { since_switch + 1 } else { 0 };
+                on = next;
+            }
+            assert!(gate.switched_off >= 1, "settle {settle}: it measured");
+            assert_eq!(gate.enabled(), stays_on, "settle {settle}");
+        }
     }
 }
