@@ -107,9 +107,11 @@ pub mod read_buffers {
         lock().put(map);
     }
 
-    /// Unmaps every kept buffer, returning them to the system; returns how many there were.
-    pub fn release() -> usize {
-        std::mem::take(&mut lock().0).len()
+    /// Unmaps every kept buffer, returning them to the system.
+    pub fn release() {
+        // Unmapped once the lock is let go: reads need not wait on it.
+        let kept = std::mem::take(&mut lock().0);
+        drop(kept);
     }
 
     /// A new anonymous mapping of at least `len` bytes, its pages already in. Pages are at least

@@ -50,6 +50,11 @@ impl GateConfig {
             settle: 8 * num_layers.max(1),
         }
     }
+
+    /// Windows a first verdict holds for: `probe_after` in windows, at least one.
+    fn hold_windows(&self) -> usize {
+        (self.probe_after / self.window.max(1)).max(1)
+    }
 }
 
 /// Switches prefetch on and off: by measured decode speed once there is any (see the module
@@ -71,7 +76,8 @@ pub struct PrefetchGate {
 /// The speed comparison of prefetch on and off.
 #[derive(Clone, Debug)]
 struct Timing {
-    /// Mean decode step time of the latest window with prefetch on, and off.
+    /// Mean decode step time of the latest window with prefetch on, and off; at a verdict, the
+    /// two it compared (the chosen mode's the mean of its windows either side of the other's).
     on_s: Option<f64>,
     off_s: Option<f64>,
     /// The window being measured: decode steps and their summed time.
@@ -94,7 +100,7 @@ struct Timing {
 
 impl PrefetchGate {
     pub fn new(config: GateConfig) -> Self {
-        let hold = config.probe_after / config.window.max(1);
+        let hold = config.hold_windows();
         Self {
             config,
             enabled: true,
@@ -110,8 +116,8 @@ impl PrefetchGate {
                 chosen: true,
                 chosen_s: None,
                 other_s: None,
-                hold: hold.saturating_sub(1),
-                hold_len: hold.max(1),
+                hold: hold - 1,
+                hold_len: hold,
                 settling: 0,
             },
             switched_off: 0,
@@ -176,7 +182,7 @@ impl PrefetchGate {
             };
             (t.on_s, t.off_s) = (Some(on), Some(off));
             let verdict = on <= off * (1.0 + TOLERANCE);
-            let base = (self.config.probe_after / self.config.window.max(1)).max(1);
+            let base = self.config.hold_windows();
             t.hold_len = if t.chosen == verdict {
                 (t.hold_len * 2).clamp(base, MAX_HOLD_WINDOWS)
             } else {
