@@ -302,8 +302,34 @@ fn bench_decode_reports_one_run_and_on_demand_decodes_as_resident() {
     }
     assert_eq!(on_demand["decode_tokens"], 8);
 
-    let fed = decode(&["--expert-budget", "25%"], Some("5,6,7,8,9,10,11,12"));
+    let trace_dir = tempfile::tempdir().unwrap();
+    let trace = trace_dir.path().join("run.trace");
+    let fed = decode(
+        &[
+            "--expert-budget",
+            "25%",
+            "--trace-out",
+            trace.to_str().unwrap(),
+        ],
+        Some("5,6,7,8,9,10,11,12"),
+    );
     assert_eq!(greedy(&fed), vec![5, 6, 7, 8, 9, 10, 11, 12]);
+    // The run's own routing, saved, replays to the Belady figure the run reported.
+    let replays: serde_json::Value = serde_json::from_str(&odmoe_ok(&[
+        "trace",
+        "replay",
+        trace.to_str().unwrap(),
+        "--budget",
+        "25%",
+        "--policy",
+        "belady",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        replays[0]["hit_rate"], fed["belady_hit_rate"],
+        "{replays} against {fed}"
+    );
     assert!(
         odmoe(&[run_args.as_slice(), &["--feed-ids", "5,6"]].concat())
             .status

@@ -30,6 +30,10 @@ pub struct DecodeBenchArgs {
     /// Token ids fed during decode instead of the greedy choice (at least --tokens of them).
     #[arg(long, value_delimiter = ',', value_name = "IDS")]
     feed_ids: Option<Vec<u32>>,
+    /// Save the run's routing (prompt and decode) as a trace, to replay other policies on the
+    /// very routing this run saw (`odmoe trace replay FILE`).
+    #[arg(long, value_name = "FILE")]
+    trace_out: Option<std::path::PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -107,6 +111,9 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
         s.wait_idle();
         s.stats()
     });
+    if let Some(path) = &args.trace_out {
+        trace.save(path, candle_core::DType::F16)?;
+    }
     let belady = match &store {
         Some(stats) => {
             let options = ReplayOptions::new(stats.budget_bytes, ReplayPolicy::Belady, &trace);
