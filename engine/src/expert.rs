@@ -251,21 +251,37 @@ impl Deref for ExpertHandle {
 /// An expert asked for and pinned, whose read may still be in flight.
 ///
 /// Dropping it unwaited releases the pin.
-pub struct PendingExpert(Box<dyn FnOnce() -> Result<ExpertHandle> + Send>);
+pub struct PendingExpert {
+    wait: Box<dyn FnOnce() -> Result<ExpertHandle> + Send>,
+    loaded: Box<dyn Fn() -> bool + Send>,
+}
 
 impl PendingExpert {
-    /// `wait` finishes the read (its captures hold the pin until then).
-    pub fn new(wait: impl FnOnce() -> Result<ExpertHandle> + Send + 'static) -> Self {
-        Self(Box::new(wait))
+    /// `wait` finishes the read (its captures hold the pin until then); `loaded` tells whether
+    /// it would return at once.
+    pub fn new(
+        wait: impl FnOnce() -> Result<ExpertHandle> + Send + 'static,
+        loaded: impl Fn() -> bool + Send + 'static,
+    ) -> Self {
+        Self {
+            wait: Box::new(wait),
+            loaded: Box::new(loaded),
+        }
     }
 
     pub fn ready(handle: ExpertHandle) -> Self {
-        Self::new(move || Ok(handle))
+        Self::new(move || Ok(handle), || true)
+    }
+
+    /// Whether [`wait`](Self::wait) would return without waiting for a read (a failed read
+    /// counts as finished).
+    pub fn is_loaded(&self) -> bool {
+        (self.loaded)()
     }
 
     /// Blocks until the expert is loaded.
     pub fn wait(self) -> Result<ExpertHandle> {
-        (self.0)()
+        (self.wait)()
     }
 }
 
@@ -352,12 +368,20 @@ pub fn apply(
     let per_batch = experts.max_batch().max(1);
     for (b, batch) in routed.chunks(per_batch).enumerate() {
         let ids: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
-        let mut pending = experts.request(layer, &ids)?.into_iter();
-        let Some(first) = pending.next() else {
+        let mut pending = experts.request(layer, &ids)?;
+        if pending.is_empty() {
             continue;
-        };
-        let first = first.wait()?;
-        if first.quantized(x).is_some() {
+        }
+        // The experts' form is told by one already loaded where there is one: waiting for a
+        // miss first would leave nothing to compute while it is read.
+        let probe = pending
+            .iter()
+            .position(PendingExpert::is_loaded)
+            .unwrap_or(0);
+        let probed = pending.remove(probe).wait()?;
+        let quantized = probed.quantized(x).is_some();
+        pending.insert(probe, PendingExpert::ready(probed));
+        if quantized {
             // The quantized kernels take experts a group at a time, in two passes over the thread
             // pool instead of two per expert. A group is a decode step's experts; in a
             // prompt, computing one group overlaps reading the next. The input's rows and the
@@ -368,14 +392,10 @@ pub fn apply(
                 None => rows.insert(x.flatten_all()?.to_vec1::<f32>()?),
             };
             let mut sum = out.flatten_all()?.to_vec1::<f32>()?;
-            let mut pending = std::iter::once(PendingExpert::ready(first)).chain(pending);
+            let mut pending = pending.into_iter();
             for group in batch.chunks(KERNEL_GROUP) {
-                let handles = pending
-                    .by_ref()
-                    .take(group.len())
-                    .map(PendingExpert::wait)
-                    .collect::<Result<Vec<_>>>()?;
-                mix_quantized(&mut sum, rows, x, &handles, group, form)?;
+                let members = pending.by_ref().take(group.len()).collect();
+                mix_quantized(&mut sum, rows, x, members, group, form)?;
             }
             out = Tensor::from_vec(sum, out.shape(), out.device())?;
             continue;
@@ -385,8 +405,7 @@ pub fn apply(
             None => on_device.insert(upload_assignments(&routed, x)?),
         };
         let first_of_batch = b * per_batch;
-        let rest = pending.map(|p| p.wait());
-        let batch_experts = std::iter::once(Ok(first)).chain(rest).zip(batch);
+        let batch_experts = pending.into_iter().map(PendingExpert::wait).zip(batch);
         for (i, (handle, (expert, (tokens, _)))) in batch_experts.enumerate() {
             let handle = handle?;
             let (n, start) = (tokens.len(), starts[first_of_batch + i]);
@@ -433,32 +452,39 @@ type Assignment = (usize, (Vec<u32>, Vec<f32>));
 
 /// Adds to `sum` (`[T, hidden]`, row-major) each expert's output on its tokens of `rows` (`x`'s
 /// values) times its routing weight, in the order of `batch` (ascending expert ids) as the
-/// candle path adds them.
+/// candle path adds them. `members` are `batch`'s experts: those loaded already are computed
+/// first, while the others are read (a decode step whose layer misses one expert used to wait
+/// for its read with the seven others' compute still to do). Each expert's output does not
+/// depend on which others are computed with it, and the sum adds them in `batch`'s order all
+/// the same, so the result is the same whichever were loaded.
 fn mix_quantized(
     sum: &mut [f32],
     rows: &[f32],
     x: &Tensor,
-    handles: &[ExpertHandle],
+    members: Vec<PendingExpert>,
     batch: &[Assignment],
     form: &ExpertForm,
 ) -> Result<()> {
     let (_, hidden) = x.dims2()?;
-    let weights: Vec<quantized::GluWeights> = handles
-        .iter()
-        .map(|h| h.quantized(x).ok_or_else(mixed_types))
-        .collect::<Result<_>>()?;
-    let formats: Vec<_> = weights.iter().map(|w| w.input_formats()).collect();
-    let gathered: Vec<(&[u32], &[quantized::Format])> = batch
-        .iter()
-        .zip(&formats)
-        .map(|((_, (tokens, _)), meets)| (tokens.as_slice(), meets.as_slice()))
-        .collect();
-    let inputs = quantized::Activations::gather_each(rows, hidden, &gathered);
-    let experts: Vec<_> = weights.into_iter().zip(&inputs).collect();
-    let ids: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
-    let mut outputs = form.glu(&experts, &ids)?;
-    for (y, &e) in outputs.iter_mut().zip(&ids) {
-        form.add_down_bias(e, y);
+    let (loaded, later): (Vec<usize>, Vec<usize>) =
+        (0..members.len()).partition(|&i| members[i].is_loaded());
+    let mut members: Vec<Option<PendingExpert>> = members.into_iter().map(Some).collect();
+    let mut outputs: Vec<Vec<f32>> = vec![Vec::new(); members.len()];
+    for turn in [loaded, later] {
+        if turn.is_empty() {
+            continue;
+        }
+        let handles = turn
+            .iter()
+            .map(|&i| members[i].take().expect("each expert is taken once").wait())
+            .collect::<Result<Vec<_>>>()?;
+        let assigned: Vec<&Assignment> = turn.iter().map(|&i| &batch[i]).collect();
+        for (&i, y) in turn
+            .iter()
+            .zip(outputs_of(rows, x, &handles, &assigned, form)?)
+        {
+            outputs[i] = y;
+        }
     }
     for (y, (_, (tokens, weights))) in outputs.iter().zip(batch) {
         for ((&t, &w), y) in tokens.iter().zip(weights).zip(y.chunks_exact(hidden)) {
@@ -471,6 +497,152 @@ fn mix_quantized(
     Ok(())
 }
 
+/// Each of `handles`' output (down bias included) on its tokens of `rows`, as `assigned` routes
+/// them: one row of `x`'s width per token.
+fn outputs_of(
+    rows: &[f32],
+    x: &Tensor,
+    handles: &[ExpertHandle],
+    assigned: &[&Assignment],
+    form: &ExpertForm,
+) -> Result<Vec<Vec<f32>>> {
+    let (_, hidden) = x.dims2()?;
+    let weights: Vec<quantized::GluWeights> = handles
+        .iter()
+        .map(|h| h.quantized(x).ok_or_else(mixed_types))
+        .collect::<Result<_>>()?;
+    let formats: Vec<_> = weights.iter().map(|w| w.input_formats()).collect();
+    let gathered: Vec<(&[u32], &[quantized::Format])> = assigned
+        .iter()
+        .zip(&formats)
+        .map(|((_, (tokens, _)), meets)| (tokens.as_slice(), meets.as_slice()))
+        .collect();
+    let inputs = quantized::Activations::gather_each(rows, hidden, &gathered);
+    let experts: Vec<_> = weights.into_iter().zip(&inputs).collect();
+    let ids: Vec<usize> = assigned.iter().map(|(e, _)| *e).collect();
+    let mut outputs = form.glu(&experts, &ids)?;
+    for (y, &e) in outputs.iter_mut().zip(&ids) {
+        form.add_down_bias(e, y);
+    }
+    Ok(outputs)
+}
+
 fn mixed_types() -> Error {
     Error::InvalidModel("a layer's experts mix block types the kernels take with others".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use candle_core::Device;
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    use super::*;
+
+    const HIDDEN: usize = 64;
+    const WIDTH: usize = 96;
+
+    fn q8_0(rows: usize, cols: usize, seed: u64) -> QMatMul {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        QMatMul::from_qtensor(QTensor::quantize(&t, GgmlDType::Q8_0).unwrap()).unwrap()
+    }
+
+    fn expert(seed: u64) -> Arc<GluMlp> {
+        Arc::new(GluMlp::from_candle(
+            q8_0(WIDTH, HIDDEN, 3 * seed),
+            q8_0(WIDTH, HIDDEN, 3 * seed + 1),
+            q8_0(HIDDEN, WIDTH, 3 * seed + 2),
+        ))
+    }
+
+    /// What happened to the experts of a call, in order.
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    /// Logs its expert's release when the handle holding it drops.
+    struct Released(usize, Log);
+
+    impl Drop for Released {
+        fn drop(&mut self) {
+            self.1.lock().unwrap().push(format!("released {}", self.0));
+        }
+    }
+
+    /// Experts all in memory but the first asked for, which is still being read: waiting for it
+    /// is logged.
+    struct FirstStillRead {
+        experts: ResidentExperts,
+        log: Log,
+    }
+
+    impl ExpertProvider for FirstStillRead {
+        fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertHandle>> {
+            self.experts.experts(layer, ids)
+        }
+
+        fn request(&self, _: usize, ids: &[usize]) -> Result<Vec<PendingExpert>> {
+            Ok(ids
+                .iter()
+                .map(|&id| {
+                    let weights = self.experts.layers[0][id].clone();
+                    let released = Box::new(Released(id, self.log.clone()));
+                    let handle = ExpertHandle::pinned(weights, released);
+                    if id != ids[0] {
+                        return PendingExpert::ready(handle);
+                    }
+                    let log = self.log.clone();
+                    let wait = move || {
+                        log.lock().unwrap().push(format!("waited {id}"));
+                        Ok(handle)
+                    };
+                    PendingExpert::new(wait, || false)
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn experts_in_memory_are_computed_while_a_miss_is_read_with_the_same_sum() {
+        let experts = ResidentExperts {
+            layers: vec![(0..8).map(expert).collect()],
+        };
+        let x = Tensor::from_vec(
+            (0..HIDDEN).map(|i| (i as f32 * 0.37).sin()).collect(),
+            (1, HIDDEN),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let ids = vec![(0..8).collect::<Vec<_>>()];
+        let weights = vec![(1..=8).map(|w| w as f32 / 36.0).collect::<Vec<_>>()];
+        let form = ExpertForm::default();
+        let resident = apply(&experts, 0, &x, &ids, &weights, &form).unwrap();
+        let log = Log::default();
+        let provider = FirstStillRead {
+            experts,
+            log: log.clone(),
+        };
+        let on_demand = apply(&provider, 0, &x, &ids, &weights, &form).unwrap();
+        assert_eq!(
+            resident.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            on_demand.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "the sum does not depend on which experts were read last"
+        );
+        if provider.experts.layers[0][0].quantized(&x).is_none() {
+            // Without the quantized kernels (no SIMD they take), experts go one by one in order.
+            return;
+        }
+        let log = log.lock().unwrap();
+        let waited = log.iter().position(|e| e == "waited 0").expect("waited");
+        for id in 1..8 {
+            let released = log.iter().position(|e| *e == format!("released {id}"));
+            assert!(
+                released.is_some_and(|r| r < waited),
+                "expert {id} should be computed and let go before the read of expert 0 is waited \
+                 for: {log:?}"
+            );
+        }
+    }
 }

@@ -103,6 +103,10 @@ impl LoadSlot {
         self.done.notify_all();
     }
 
+    fn is_finished(&self) -> bool {
+        recover(self.result.lock()).is_some()
+    }
+
     fn wait(&self) -> Result<Arc<GluMlp>, Arc<Error>> {
         let mut result = recover(self.result.lock());
         loop {
@@ -400,19 +404,26 @@ impl ExpertStore {
                     shared: self.shared.clone(),
                     key,
                 };
-                PendingExpert::new(move || {
-                    let weights = match slot {
-                        Slot::Ready(w) => w,
-                        Slot::Loading(load) => {
-                            let started = Instant::now();
-                            let loaded = load.wait();
-                            pin.shared.lock().telemetry.stall += started.elapsed();
-                            // A failed read removed its entry, so dropping the pin unpins nothing.
-                            loaded.map_err(Error::Shared)?
-                        }
-                    };
-                    Ok(ExpertHandle::pinned(weights, Box::new(pin)))
-                })
+                let loaded = match &slot {
+                    Slot::Ready(_) => None,
+                    Slot::Loading(load) => Some(load.clone()),
+                };
+                PendingExpert::new(
+                    move || {
+                        let weights = match slot {
+                            Slot::Ready(w) => w,
+                            Slot::Loading(load) => {
+                                let started = Instant::now();
+                                let loaded = load.wait();
+                                pin.shared.lock().telemetry.stall += started.elapsed();
+                                // A failed read removed its entry, so dropping the pin unpins nothing.
+                                loaded.map_err(Error::Shared)?
+                            }
+                        };
+                        Ok(ExpertHandle::pinned(weights, Box::new(pin)))
+                    },
+                    move || loaded.as_ref().is_none_or(|load| load.is_finished()),
+                )
             })
             .collect())
     }
