@@ -130,6 +130,8 @@ struct FakeSource {
     delay: Duration,
     reads: Mutex<HashMap<(usize, usize), u64>>,
     failing: Option<(usize, usize)>,
+    /// The expert whose read panics.
+    panicking: Option<(usize, usize)>,
 }
 
 impl FakeSource {
@@ -138,6 +140,7 @@ impl FakeSource {
             delay,
             reads: Mutex::new(HashMap::new()),
             failing: None,
+            panicking: None,
         }
     }
 }
@@ -156,6 +159,9 @@ impl ExpertSource for FakeSource {
             .unwrap()
             .entry((layer, expert))
             .or_default() += 1;
+        if self.panicking == Some((layer, expert)) {
+            panic!("injected panic");
+        }
         if self.failing == Some((layer, expert)) {
             return Err(odmoe_engine::Error::Expert {
                 layer,
@@ -419,6 +425,38 @@ fn a_failed_read_is_reported_and_the_store_stays_usable() {
     drop(store.acquire(1, &[2, 4]).unwrap());
     store.set_budget(0);
     assert_eq!(store.stats().resident_bytes, 0);
+}
+
+#[test]
+fn a_read_that_panics_fails_like_any_other_and_the_store_stays_usable() {
+    let mut source = FakeSource::new(Duration::ZERO);
+    source.panicking = Some((1, 3));
+    let (_, store) = store(source, 4, PolicyKind::Reuse);
+    let store = Arc::new(store);
+    // Before, the I/O thread died with the read and the acquire waited for ever.
+    let (done, outcome) = std::sync::mpsc::channel();
+    let acquiring = store.clone();
+    std::thread::spawn(move || {
+        let result = acquiring
+            .acquire(1, &[2, 3])
+            .map(drop)
+            .map_err(|e| e.to_string());
+        done.send(result).unwrap();
+    });
+    let err = outcome
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the acquire returns")
+        .expect_err("the read of (1, 3) fails");
+    assert!(
+        err.contains("expert 3 of layer 1") && err.contains("injected panic"),
+        "{err}"
+    );
+    assert_eq!(store.stats().read_errors, 1);
+    store.check_invariants().unwrap();
+    for layer in 0..3 {
+        drop(store.acquire(layer, &[0, 1, 2, 4]).unwrap());
+    }
+    store.wait_idle();
 }
 
 /// The expert the broken-file tests break: expert 4 of layer 1.

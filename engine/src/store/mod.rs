@@ -22,6 +22,7 @@ pub mod source;
 pub mod stats;
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -611,6 +612,19 @@ enum Role {
 }
 
 /// An I/O thread: takes the reads of its role, reads without the lock, publishes.
+/// The error of expert `key`'s read that panicked with `payload`.
+fn read_panicked(key: ExpertKey, payload: &(dyn std::any::Any + Send)) -> Error {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|m| m.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    Error::InvalidModel(format!(
+        "expert {} of layer {}: its read panicked ({message})",
+        key.1, key.0
+    ))
+}
+
 fn io_worker(shared: &Shared, role: Role) {
     if role == Role::Guess {
         fetch::lower_thread_priority();
@@ -649,12 +663,17 @@ fn io_worker(shared: &Shared, role: Role) {
             }
         };
         let started = Instant::now();
-        let result = if prefetch {
-            let pace = |piece| shared.pace_guess(&slot, piece);
-            shared.source.read(key.0, key.1, Pace::Pieces(&pace))
-        } else {
-            shared.source.read(key.0, key.1, Pace::Whole)
-        };
+        // A read that panics (a bug met by some file's bytes) fails like any other: the thread
+        // dying would leave its expert loading for ever, and every later acquirer waiting on it.
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            if prefetch {
+                let pace = |piece| shared.pace_guess(&slot, piece);
+                shared.source.read(key.0, key.1, Pace::Pieces(&pace))
+            } else {
+                shared.source.read(key.0, key.1, Pace::Whole)
+            }
+        }))
+        .unwrap_or_else(|payload| Err(read_panicked(key, payload.as_ref())));
         let latency = started.elapsed();
         let mut state = shared.lock();
         if prefetch {
