@@ -11,7 +11,7 @@ with experts on demand under a budget of the limit minus what its base model and
 Prints a markdown table (and writes every raw result as JSON with --out). Needs root.
 
 Usage: bench/compare.py [--model M.gguf] [--limits 4,3,2] [--tokens 24] [--warm-repeats 3]
-                        [--engines llama.cpp,odmoe] [--no-warm] [--out results.json]
+                        [--engines llama.cpp,odmoe] [--no-warm] [--read-rate GBPS] [--out results.json]
 """
 
 import argparse
@@ -42,30 +42,46 @@ def drop_page_cache():
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def readahead_file(path):
-    """The sysfs readahead setting (KB) of the disk holding `path`, which mmap faults inherit."""
+def disk_of(path):
+    """The sysfs directory of the disk holding `path` (its whole disk, not a partition)."""
     number = sh("findmnt", "-n", "-o", "MAJ:MIN", "--target", str(path))
     device = Path("/sys/dev/block") / number.strip()
-    if not (device / "queue").exists():  # a partition: the setting is its disk's
+    if not (device / "queue").exists():  # a partition: the settings are its disk's
         device = device.resolve().parent
-    return device / "queue/read_ahead_kb"
+    return device
+
+
+def readahead_file(path):
+    """The sysfs readahead setting (KB) of the disk holding `path`, which mmap faults inherit."""
+    return disk_of(path) / "queue/read_ahead_kb"
 
 
 class Cgroup:
-    """A memory cgroup limited to `limit` bytes (None: unlimited), v2 where mounted, else v1."""
+    """A memory cgroup limited to `limit` bytes (None: unlimited), v2 where mounted, else v1; with
+    `read_bps`, reads from disk `device` ("MAJ:MIN") are also held to that many bytes a second."""
 
-    def __init__(self, name, limit):
+    def __init__(self, name, limit, read_bps=None, device=None):
         v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
         base = Path("/sys/fs/cgroup") if v2 else Path("/sys/fs/cgroup/memory")
         self.v2 = v2
         self.path = base / name
         self.path.mkdir()
+        self.paths = [self.path]
         if limit is not None:
             (self.path / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(limit))
+        if read_bps is not None:
+            if v2:
+                Path("/sys/fs/cgroup/cgroup.subtree_control").write_text("+io")
+                (self.path / "io.max").write_text(f"{device} rbps={read_bps}")
+            else:
+                blkio = Path("/sys/fs/cgroup/blkio") / name
+                blkio.mkdir()
+                self.paths.append(blkio)
+                (blkio / "blkio.throttle.read_bps_device").write_text(f"{device} {read_bps}")
 
     def wrap(self, cmd):
-        procs = self.path / "cgroup.procs"
-        return ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *cmd]
+        joins = " && ".join(f"echo $$ > {p / 'cgroup.procs'}" for p in self.paths)
+        return ["sh", "-c", f'{joins} && exec "$@"', "sh", *cmd]
 
     def report(self):
         if self.v2:
@@ -80,18 +96,19 @@ class Cgroup:
         }
 
     def remove(self):
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
+        for path in self.paths:
+            for _ in range(50):
+                try:
+                    path.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
 
 
-def run_engine(name, cmd, limit, warm):
+def run_engine(name, cmd, limit, warm, read_bps=None, device=None):
     if not warm:
         drop_page_cache()
-    group = Cgroup(f"odmoe-bench-{os.getpid()}-{name}", limit)
+    group = Cgroup(f"odmoe-bench-{os.getpid()}-{name}", limit, read_bps, device)
     try:
         started = time.perf_counter()
         proc = subprocess.run(group.wrap(cmd), capture_output=True, text=True)
@@ -139,6 +156,10 @@ def main():
                         help="engines to run, comma separated (odmoe alone: its prefetch on and off)")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm, unlimited condition")
     parser.add_argument("--odmoe-args", default="", help="more arguments for odmoe's runs with prefetch on")
+    parser.add_argument("--read-rate", type=float,
+                        help="hold the limited runs' reads from the model's disk to this many GB/s"
+                             " (a cgroup's throttle): a steady disk, where this one's rate drifts by"
+                             " a fifth from minute to minute; under it decode is bound by bytes read")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--table", type=Path, help="print the table of an earlier run's --out file")
     args = parser.parse_args()
@@ -158,6 +179,8 @@ def main():
     prompt = [rng.randrange(vocab) for _ in range(args.prompt_tokens)]
     feed = [rng.randrange(vocab) for _ in range(args.tokens)]
     readahead = readahead_file(args.model)
+    read_bps = None if args.read_rate is None else int(args.read_rate * GB)
+    device = (disk_of(args.model) / "dev").read_text().strip()
     default_ra = int(readahead.read_text())
 
     def odmoe_cmd(limit, feed_ids, prefetch="lookahead"):
@@ -191,6 +214,8 @@ def main():
             for limit in limits:
                 condition = (f"warm, no limit (median of {args.warm_repeats})" if limit is None
                              else f"{limit / GB:g} GB limit")
+                if limit is not None and read_bps is not None:
+                    condition += f", reads at {args.read_rate:g} GB/s"
                 runs = []
                 if limit is None:
                     # Warm: the file in the page cache for llama.cpp, every expert loaded for odmoe.
@@ -214,7 +239,9 @@ def main():
                         readahead.write_text(str(ra))
                         print(f"{feed_kind} / {condition} / {name} ({round_ + 1}/{rounds}) ...",
                               file=sys.stderr, flush=True)
-                        tries[name].append(run_engine(name.replace(" ", "_"), cmd, limit, warm=limit is None))
+                        throttle = (None, None) if limit is None else (read_bps, device)
+                        tries[name].append(run_engine(name.replace(" ", "_"), cmd, limit,
+                                                      limit is None, *throttle))
                 for name, _, ra in runs:
                     r = median_run(tries[name])
                     r.update(condition=condition, feed=feed_kind, limit=limit, readahead_kb=ra, name=name,
