@@ -1108,3 +1108,24 @@ fn prefetches_spare_the_routed_experts_and_are_charged_for_the_hits_they_cost() 
     assert_eq!((stats.prefetch_issued, stats.prefetch_evicted_hits), (1, 1));
     store.check_invariants().unwrap();
 }
+
+#[test]
+fn guesses_are_read_one_at_a_time_in_the_order_given() {
+    // Room for guesses: unused ones may hold an eighth of the budget.
+    let (open, started, store) = gated_store_telling_starts(64, 4);
+    // Ranked by the predictor, best first.
+    store.prefetch(1, &[5, 6, 7]);
+    let wait = Duration::from_secs(30);
+    assert_eq!(started.recv_timeout(wait).unwrap(), (1, 5));
+    assert!(
+        started.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a second guess started while the first was read"
+    );
+    open.send(()).unwrap();
+    assert_eq!(started.recv_timeout(wait).unwrap(), (1, 6));
+    open.send(()).unwrap();
+    assert_eq!(started.recv_timeout(wait).unwrap(), (1, 7));
+    open.send(()).unwrap();
+    store.wait_idle();
+    assert_eq!(store.stats().prefetch_issued, 3);
+}
