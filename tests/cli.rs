@@ -254,6 +254,21 @@ fn an_unfinished_conversion_is_reported_as_such() {
     assert!(stderr.contains("conversion incomplete"), "{stderr}");
 }
 
+/// `odmoe trace replay TRACE --budget 25% --policy POLICIES --json`, parsed.
+fn replay_at_a_quarter(trace: &std::path::Path, policies: &str) -> serde_json::Value {
+    serde_json::from_str(&odmoe_ok(&[
+        "trace",
+        "replay",
+        trace.to_str().unwrap(),
+        "--budget",
+        "25%",
+        "--policy",
+        policies,
+        "--json",
+    ]))
+    .unwrap()
+}
+
 #[test]
 fn bench_decode_reports_one_run_and_on_demand_decodes_as_resident() {
     let name = "qwen3_moe";
@@ -315,17 +330,7 @@ fn bench_decode_reports_one_run_and_on_demand_decodes_as_resident() {
     );
     assert_eq!(greedy(&fed), vec![5, 6, 7, 8, 9, 10, 11, 12]);
     // The run's own routing, saved, replays to the Belady figure the run reported.
-    let replays: serde_json::Value = serde_json::from_str(&odmoe_ok(&[
-        "trace",
-        "replay",
-        trace.to_str().unwrap(),
-        "--budget",
-        "25%",
-        "--policy",
-        "belady",
-        "--json",
-    ]))
-    .unwrap();
+    let replays = replay_at_a_quarter(&trace, "belady");
     assert_eq!(
         replays[0]["hit_rate"], fed["belady_hit_rate"],
         "{replays} against {fed}"
@@ -368,17 +373,7 @@ fn routing_recorded_elsewhere_is_imported_and_replayed() {
             &serde_json::json!(2)
         )
     );
-    let replays: serde_json::Value = serde_json::from_str(&odmoe_ok(&[
-        "trace",
-        "replay",
-        trace.to_str().unwrap(),
-        "--budget",
-        "25%",
-        "--policy",
-        "cycle,belady",
-        "--json",
-    ]))
-    .unwrap();
+    let replays = replay_at_a_quarter(&trace, "cycle,belady");
     let hit_rate = |index: usize| replays[index]["hit_rate"].as_f64().unwrap();
     assert!(hit_rate(1) >= hit_rate(0) && hit_rate(1) > 0.0, "{replays}");
 
