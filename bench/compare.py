@@ -11,7 +11,8 @@ with experts on demand under a budget of the limit minus what its base model and
 Prints a markdown table (and writes every raw result as JSON with --out). Needs root.
 
 Usage: bench/compare.py [--model M.gguf] [--limits 4,3,2] [--tokens 24] [--warm-repeats 3]
-                        [--engines llama.cpp,odmoe] [--no-warm] [--read-rate GBPS] [--out results.json]
+                        [--engines llama.cpp,odmoe] [--no-warm] [--limited-repeats N] [--read-rate GBPS]
+                        [--out results.json]
 """
 
 import argparse

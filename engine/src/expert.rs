@@ -453,7 +453,7 @@ type Assignment = (usize, (Vec<u32>, Vec<f32>));
 /// Adds to `sum` (`[T, hidden]`, row-major) each expert's output on its tokens of `rows` (`x`'s
 /// values) times its routing weight, in the order of `batch` (ascending expert ids) as the
 /// candle path adds them. `members` are `batch`'s experts: those loaded already are computed
-/// first, while the others are read (a decode step whose layer misses one expert used to wait
+/// first, while the others are read (else a decode step whose layer misses one expert waits
 /// for its read with the seven others' compute still to do). Each expert's output does not
 /// depend on which others are computed with it, and the sum adds them in `batch`'s order all
 /// the same, so the result is the same whichever were loaded.

@@ -25,9 +25,10 @@ const MAX_HOLD_WINDOWS: usize = 64;
 /// Windows with prefetch on before the first one without it, besides the window that is the
 /// first's "before": the first comparison comes after two windows (32 tokens), not after a
 /// whole hold (64). Where prefetch loses (reads bound by bytes, where every wrong guess is time),
-/// those tokens are what the gate costs; with reads held to 0.8 GB/s, 256 tokens at a 2 GB limit
-/// went from 0.94x to 0.96x of prefetch off (uniform) and 0.92x to 0.97x (skewed). Where it
-/// wins, the window without it only comes sooner.
+/// those tokens are what the gate costs: with reads held to 0.8 GB/s, 256 tokens under the 2 GB
+/// limit's expert budget (`odmoe bench decode`) went from 0.93x to 0.96x of prefetch off on
+/// uniform routing and from 0.92x to 0.97x on skewed. Where it wins, the window without it only
+/// comes sooner.
 const FIRST_HOLD_WINDOWS: usize = 1;
 
 /// When the [`PrefetchGate`] decides.
