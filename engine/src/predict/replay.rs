@@ -425,11 +425,7 @@ impl Sim {
                             .iter()
                             .map(|&(_, k, _)| k)
                             .chain(self.disk.in_flight.iter().map(|&(k, _)| k))
-                            .any(|k| {
-                                self.cache
-                                    .get(k)
-                                    .is_some_and(|e| e.pins == 0 && !e.prefetched_unused)
-                            });
+                            .any(|k| self.cache.frees_room_once_read(k));
                         match self.disk.next_completion() {
                             Some(t) if waiting => {
                                 now = now.max(t);

@@ -187,6 +187,14 @@ impl BudgetCache {
         cost
     }
 
+    /// Whether `key` holds room that nobody waits on: an unpinned entry that is not a guess
+    /// (guesses hold none until they land). Once read, it can be evicted to make room.
+    pub fn frees_room_once_read(&self, key: ExpertKey) -> bool {
+        self.entries
+            .get(&key)
+            .is_some_and(|e| e.pins == 0 && !e.prefetched_unused)
+    }
+
     /// Whether `key` is a guess that `layer`'s routing to `ids` proved wrong: an unused,
     /// unpinned prefetch of that layer that routing did not choose (cancel it if its read has
     /// not started).

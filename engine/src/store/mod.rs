@@ -361,11 +361,7 @@ impl ExpertStore {
                         pinned_or_loading,
                     }) => {
                         let unpinned_loads = state.slots.iter().any(|(k, s)| {
-                            matches!(s, Slot::Loading(_))
-                                && state
-                                    .cache
-                                    .get(*k)
-                                    .is_some_and(|e| e.pins == 0 && !e.prefetched_unused)
+                            matches!(s, Slot::Loading(_)) && state.cache.frees_room_once_read(*k)
                         });
                         if unpinned_loads {
                             // Reads nobody waits on any more hold room; once read they can be
@@ -616,12 +612,11 @@ const GUESS_THREADS: usize = 1;
 enum Role {
     Demand,
     /// Guesses, at a lower CPU priority: what a guess's read costs the CPU (its checksum, its
-    /// copy) never delays the layers' compute, which demand reads wait on. Guesses have threads
+    /// copy) never delays the layers' compute, which demand reads wait on. Guesses have a thread
     /// of their own, so that a guess waiting between pieces never holds one a miss needs.
     Guess,
 }
 
-/// An I/O thread: takes the reads of its role, reads without the lock, publishes.
 /// The error of expert `key`'s read that panicked with `payload`.
 fn read_panicked(key: ExpertKey, payload: &(dyn std::any::Any + Send)) -> Error {
     let message = payload
@@ -635,6 +630,7 @@ fn read_panicked(key: ExpertKey, payload: &(dyn std::any::Any + Send)) -> Error 
     ))
 }
 
+/// An I/O thread: takes the reads of its role, reads without the lock, publishes.
 fn io_worker(shared: &Shared, role: Role) {
     if role == Role::Guess {
         fetch::lower_thread_priority();
