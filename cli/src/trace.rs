@@ -11,13 +11,12 @@ use anyhow::{Context, Result, bail};
 use candle_core::DType;
 use clap::{Args, Subcommand};
 use odmoe_config::format_bytes;
-use odmoe_engine::config::ModelConfig;
 use odmoe_engine::open::{self, ExpertMode, LoadOptions, LoadedModel};
 use odmoe_engine::predict::replay::{Prefetch, ReplayOptions, ReplayPolicy, ReplayReport, replay};
 use odmoe_engine::predict::trace::{RecordOptions, Trace};
 use odmoe_engine::predict::{Predictor, PredictorKind, lookahead::Lookahead, shadow::Shadow};
 use odmoe_engine::store::budget::parse_budget;
-use odmoe_engine::store::{PolicyKind, StoreConfig};
+use odmoe_engine::store::{ExpertSizes, PolicyKind, StoreConfig};
 use serde_json::json;
 
 #[derive(Subcommand)]
@@ -162,25 +161,33 @@ pub(crate) fn read_prompts(path: &Path) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
-/// Bytes one expert takes in the store's budget.
-pub(crate) fn expert_bytes(path: &Path) -> Result<u64> {
-    let (config, total) = open::describe(path)?;
-    Ok(one_expert(&config, total))
+/// Bytes one expert of each layer takes in the store's budget.
+pub(crate) fn expert_sizes(path: &Path) -> Result<ExpertSizes> {
+    Ok(open::expert_sizes_on(path, &odmoe_engine::default_device()?)?.1)
 }
 
-/// One expert's share of `total`, the bytes of all experts (of the layers that have them: not
-/// DeepSeek's first, dense, layers).
-fn one_expert(config: &ModelConfig, total: u64) -> u64 {
-    total / (config.moe_layers().count() * config.num_experts).max(1) as u64
+/// One expert's bytes for a summary line: its size, or the range where layers differ.
+pub(crate) fn describe_sizes(sizes: &ExpertSizes) -> String {
+    match sizes {
+        ExpertSizes::Same(bytes) => format_bytes(*bytes),
+        ExpertSizes::ByLayer(by_layer) => {
+            let smallest = by_layer.iter().copied().filter(|&b| b > 0).min();
+            format!(
+                "{} to {} by layer",
+                format_bytes(smallest.unwrap_or(0)),
+                format_bytes(sizes.largest())
+            )
+        }
+    }
 }
 
 /// The model without its experts resident (a store with the smallest budget): enough for the
 /// routers and hidden states.
 pub(crate) fn load_base(path: &Path) -> Result<LoadedModel> {
-    let (config, total) = open::describe(path)?;
+    let (config, sizes) = open::expert_sizes_on(path, &odmoe_engine::default_device()?)?;
     let options = LoadOptions {
         experts: ExpertMode::OnDemand(StoreConfig {
-            budget_bytes: config.num_experts_per_token as u64 * one_expert(&config, total),
+            budget_bytes: config.num_experts_per_token as u64 * sizes.largest(),
             io_threads: 1,
             policy: PolicyKind::Lru,
         }),
@@ -206,9 +213,9 @@ fn record(args: RecordArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         hidden: args.hidden,
         stop_ids,
-        expert_bytes: match &loaded.store {
-            Some(store) => store.expert_bytes(),
-            None => expert_bytes(path)?,
+        expert_sizes: match &loaded.store {
+            Some(store) => store.expert_sizes().clone(),
+            None => expert_sizes(path)?,
         },
         model: path.display().to_string(),
     };
@@ -228,7 +235,7 @@ fn record(args: RecordArgs) -> Result<()> {
         forwards.iter().filter(|(_, prefill)| !prefill).count(),
         trace.num_layers(),
         trace.num_experts(),
-        format_bytes(trace.expert_bytes),
+        describe_sizes(&trace.expert_sizes),
         if args.hidden {
             ", with hidden states"
         } else {
@@ -344,7 +351,7 @@ fn replay_command(args: ReplayArgs) -> Result<()> {
             })
             .collect::<Result<_>>()?
     };
-    let minimum = trace.top_k() as u64 * trace.expert_bytes;
+    let minimum = trace.top_k() as u64 * trace.expert_sizes.largest();
     let mut predictors: Vec<(PrefetchArg, Option<Box<dyn Predictor>>)> = Vec::new();
     for &p in &args.prefetch {
         let built = match p {
@@ -416,7 +423,7 @@ fn replay_command(args: ReplayArgs) -> Result<()> {
         reports.first().map_or(0, |r| r.1.decode_tokens),
         trace.num_layers(),
         trace.num_experts(),
-        format_bytes(trace.expert_bytes),
+        describe_sizes(&trace.expert_sizes),
         args.disk_gbps,
         args.compute_ms
     )?;
@@ -507,8 +514,8 @@ mod tests {
         let (config, _) = open::describe(&fixture).unwrap();
         assert!(config.moe_layers().count() < config.num_layers);
         assert_eq!(
-            expert_bytes(&fixture).unwrap(),
-            config.expert_f32_bytes() as u64
+            expert_sizes(&fixture).unwrap(),
+            ExpertSizes::Same(config.expert_f32_bytes() as u64)
         );
     }
 

@@ -16,7 +16,9 @@ use crate::format::safetensors::HfWeights;
 use crate::model::{KvType, Model};
 use crate::predict::{PredictorKind, PrefetchOptions, Prefetcher};
 use crate::store::fetch::Pace;
-use crate::store::{ExpertSource, ExpertStore, GgufSource, HfSource, LayoutSource, StoreConfig};
+use crate::store::{
+    ExpertSizes, ExpertSource, ExpertStore, GgufSource, HfSource, LayoutSource, StoreConfig,
+};
 use crate::tokenizer::Tokenizer;
 use odmoe_config::format_bytes;
 
@@ -193,65 +195,59 @@ pub fn is_dense(config: &ModelConfig) -> bool {
 }
 
 /// The smallest expert budget a model can run with: one layer's routed experts, all pinned at
-/// once while the layer computes. `total_expert_bytes` is all experts' bytes, as [`describe`]
-/// gives it.
-pub fn budget_floor(config: &ModelConfig, total_expert_bytes: u64) -> u64 {
-    let experts = (config.moe_layers().count() * config.num_experts).max(1) as u64;
-    config.num_experts_per_token as u64 * (total_expert_bytes / experts)
+/// once while the layer computes, in the layer whose experts are largest.
+pub fn budget_floor(config: &ModelConfig, sizes: &ExpertSizes) -> u64 {
+    config.num_experts_per_token as u64 * sizes.largest()
 }
 
 /// Refuses an expert budget below [`budget_floor`], with the one message every entry point gives.
-pub fn check_budget(
-    config: &ModelConfig,
-    total_expert_bytes: u64,
-    budget_bytes: u64,
-) -> Result<()> {
-    let floor = budget_floor(config, total_expert_bytes);
+pub fn check_budget(config: &ModelConfig, sizes: &ExpertSizes, budget_bytes: u64) -> Result<()> {
+    let floor = budget_floor(config, sizes);
     if budget_bytes >= floor {
         return Ok(());
     }
-    let per_expert = floor / config.num_experts_per_token.max(1) as u64;
     Err(Error::Budget(format!(
         "{} is below the minimum of {} (one layer's {} routed experts of {} each)",
         format_bytes(budget_bytes),
         format_bytes(floor),
         config.num_experts_per_token,
-        format_bytes(per_expert),
+        format_bytes(sizes.largest()),
     )))
 }
 
 /// The model's architecture config and the in-memory bytes of all its experts on the CPU, without
 /// loading any weights.
 pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
-    describe_on(path, &Device::Cpu)
+    let (config, sizes) = expert_sizes_on(path, &Device::Cpu)?;
+    let total = sizes.total(config.moe_layers(), config.num_experts);
+    Ok((config, total))
 }
 
-/// [`describe`] with the experts' bytes as `device` holds them (MXFP4 experts take more where
-/// odmoe's kernels do not multiply them).
-pub fn describe_on(path: &Path, device: &Device) -> Result<(ModelConfig, u64)> {
-    let (config, expert_bytes) = match checkpoint_kind(path)? {
+/// The model's architecture config and the bytes one expert of each layer holds in memory on
+/// `device` once read (MXFP4 experts take more where odmoe's kernels do not multiply them),
+/// without loading any weights.
+pub fn expert_sizes_on(path: &Path, device: &Device) -> Result<(ModelConfig, ExpertSizes)> {
+    Ok(match checkpoint_kind(path)? {
         Checkpoint::Gguf => {
             let gguf = GgufFile::open(path, device)?;
             let config = crate::model::config_from_gguf(&gguf)?;
-            let bytes = GgufSource::expert_bytes_of(&config, &gguf)?;
-            (config, bytes)
+            let sizes = GgufSource::expert_sizes_of(&config, &gguf)?;
+            (config, sizes)
         }
         Checkpoint::Layout => {
             let manifest = Manifest::load(path)?;
             // Dense experts are widened to f32, GGUF blocks stay as stored: the source knows.
-            let bytes = LayoutSource::expert_bytes_of(path, &manifest, device)?;
-            (manifest.architecture, bytes)
+            let sizes = LayoutSource::expert_sizes_of(path, &manifest, device)?;
+            (manifest.architecture, sizes)
         }
         Checkpoint::HuggingFace => {
             let config = crate::model::config_from_hf_file(&path.join("config.json"))?;
             let weights = HfWeights::open(path, &Device::Cpu)?;
             let names = |layer, expert| crate::model::expert_tensor_names(&config, layer, expert);
-            let bytes = HfSource::expert_bytes_of(&config, names, &weights, device)?;
-            (config, bytes)
+            let sizes = HfSource::expert_sizes_of(&config, names, &weights, device)?;
+            (config, sizes)
         }
-    };
-    let total = (config.moe_layers().count() * config.num_experts) as u64 * expert_bytes;
-    Ok((config, total))
+    })
 }
 
 /// Opens the checkpoint at `path`: a GGUF file, an odmoe layout or a Hugging Face directory.
@@ -338,9 +334,7 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
             (Arc::new(ResidentExperts { layers }), None)
         }
         ExpertMode::OnDemand(store_config) => {
-            let total =
-                (config.moe_layers().count() * config.num_experts) as u64 * source.expert_bytes();
-            check_budget(&config, total, store_config.budget_bytes)?;
+            check_budget(&config, &source.expert_sizes(), store_config.budget_bytes)?;
             let store = Arc::new(ExpertStore::new(source, store_config));
             (store.clone(), Some(store))
         }

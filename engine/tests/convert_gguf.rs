@@ -109,16 +109,18 @@ fn converted_gguf_equals_gguf_in_place_bit_for_bit() {
         );
 
         // On demand through the store, with room for one layer's experts only.
-        let (described, total) = open::describe(&out).unwrap();
+        let (described, sizes) = open::expert_sizes_on(&out, &Device::Cpu).unwrap();
         assert_eq!(
-            (described, total),
-            open::describe(&src).unwrap(),
+            (&described, &sizes),
+            (
+                &config,
+                &open::expert_sizes_on(&src, &Device::Cpu).unwrap().1
+            ),
             "{name}: expert bytes as the store counts them"
         );
         let options = LoadOptions {
             experts: ExpertMode::OnDemand(StoreConfig {
-                budget_bytes: config.num_experts_per_token as u64 * total
-                    / (config.moe_layers().count() * config.num_experts) as u64,
+                budget_bytes: open::budget_floor(&config, &sizes),
                 ..StoreConfig::default()
             }),
             ..LoadOptions::default()

@@ -75,7 +75,9 @@ fn held_as_counted(name: &str) -> Result<(), String> {
         .flat_map(|layer| (0..config.num_experts).map(move |expert| (layer, expert)))
         .collect();
     // Every expert many times over, all kept: tens of MiB, well above the allocator's noise.
-    let copies = (64 << 20) / (experts.len() as u64 * source.expert_bytes()).max(1) + 1;
+    let sizes = source.expert_sizes();
+    let all_once: u64 = experts.iter().map(|&(layer, _)| sizes.at(layer)).sum();
+    let copies = (64 << 20) / all_once.max(1) + 1;
     let before = resident_bytes();
     let mut kept = Vec::new();
     for _ in 0..copies {
@@ -95,7 +97,7 @@ fn held_as_counted(name: &str) -> Result<(), String> {
         }
     }
     let grown = resident_bytes().saturating_sub(before);
-    let counted = kept.len() as u64 * source.expert_bytes();
+    let counted = copies * all_once;
     let ratio = grown as f64 / counted as f64;
     println!(
         "{name}: {kept} experts held, counted {counted} bytes, resident grew {grown} ({ratio:.2}x)",

@@ -233,9 +233,9 @@ fn quantized_experts_read_in_place_on_demand_equal_resident() {
                 .collect()
         };
         let expected = logits(&odmoe_engine::open::resident(&path, &Device::Cpu).unwrap());
-        let (config, total) = open::describe(&path).unwrap();
-        let expert = total / (config.num_layers * config.num_experts) as u64;
-        for budget in [config.num_experts_per_token as u64 * expert, total / 2] {
+        let (config, sizes) = open::expert_sizes_on(&path, &Device::Cpu).unwrap();
+        let total = sizes.total(config.moe_layers(), config.num_experts);
+        for budget in [open::budget_floor(&config, &sizes), total / 2] {
             let options = LoadOptions {
                 experts: ExpertMode::OnDemand(StoreConfig {
                     budget_bytes: budget,

@@ -6,6 +6,7 @@ mod common;
 
 use common::{fixture, logit_bits_and_greedy};
 
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
@@ -19,7 +20,7 @@ use odmoe_engine::predict::{
     self, GateConfig, Predictor, PredictorKind, PrefetchOptions, Prefetcher, history,
     lookahead::Lookahead, recall_on_trace,
 };
-use odmoe_engine::store::{PolicyKind, StoreConfig};
+use odmoe_engine::store::{ExpertSizes, PolicyKind, StoreConfig};
 use odmoe_engine::tokenizer::Tokenizer;
 
 const FIXTURES: [&str; 3] = ["qwen2_moe", "qwen3_moe", "mixtral"];
@@ -65,7 +66,7 @@ fn record(model: &Model, prompts: &[Vec<u32>], max_tokens: usize, hidden: bool) 
         max_tokens,
         hidden,
         stop_ids: model.config.eos_token_ids.clone(),
-        expert_bytes: model.config.expert_f32_bytes() as u64,
+        expert_sizes: ExpertSizes::Same(model.config.expert_f32_bytes() as u64),
         model: "fixture".into(),
     };
     Trace::record(model, prompts, &options, |_| {}).unwrap()
@@ -105,7 +106,7 @@ fn on_demand_at_half(
 
 /// Budgets from the smallest the store accepts to all experts.
 fn budgets(trace: &Trace) -> Vec<u64> {
-    let expert = trace.expert_bytes;
+    let expert = trace.expert_sizes.largest();
     let minimum = trace.top_k() as u64 * expert;
     let total = trace.total_expert_bytes();
     let mut out: Vec<u64> = (trace.top_k() as u64..=(total / expert))
@@ -133,7 +134,7 @@ fn traces_round_trip_through_their_file() {
         assert_eq!(back.prompt_index, trace.prompt_index);
         assert_eq!(back.forward, trace.forward);
         assert_eq!(back.config, trace.config);
-        assert_eq!(back.expert_bytes, trace.expert_bytes);
+        assert_eq!(back.expert_sizes, trace.expert_sizes);
         let (a, b) = (
             trace.hidden_rows(0..n, 1).unwrap(),
             back.hidden_rows(0..n, 1).unwrap(),
@@ -152,11 +153,20 @@ fn traces_round_trip_through_their_file() {
 /// store's hits and misses exactly.
 #[test]
 fn replay_reproduces_the_live_store_exactly() {
-    for name in FIXTURES {
-        let resident = odmoe_engine::open::resident(&fixture(name), &Device::Cpu).unwrap();
+    // The fixtures, and a Q4_K_M file of qwen3_moe whose layer 1 experts are larger (Q6_K down
+    // projections): the store and the replay charge each its own size.
+    let q4_k_m = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/gguf/qwen3_moe-k-q4_k_m.gguf");
+    let models = FIXTURES
+        .iter()
+        .map(|&name| (name, fixture(name)))
+        .chain([("qwen3_moe", q4_k_m)]);
+    for (name, path) in models {
+        let resident = odmoe_engine::open::resident(&path, &Device::Cpu).unwrap();
         let prompts = prompts(name, 0..4);
         let max_tokens = 6;
-        let trace = record(&resident, &prompts, max_tokens, false);
+        let mut trace = record(&resident, &prompts, max_tokens, false);
+        trace.expert_sizes = open::expert_sizes_on(&path, &Device::Cpu).unwrap().1;
         let mut checked = 0;
         for budget in budgets(&trace).into_iter().step_by(3) {
             for policy in [
@@ -165,10 +175,9 @@ fn replay_reproduces_the_live_store_exactly() {
                 PolicyKind::Cycle,
                 PolicyKind::Reuse,
             ] {
-                let loaded =
-                    open::load(&fixture(name), &on_demand(budget, policy), &Device::Cpu).unwrap();
+                let loaded = open::load(&path, &on_demand(budget, policy), &Device::Cpu).unwrap();
                 let store = loaded.store.clone().unwrap();
-                assert_eq!(store.expert_bytes(), trace.expert_bytes);
+                assert_eq!(store.expert_sizes(), &trace.expert_sizes);
                 for prompt in &prompts {
                     let request = GenerateRequest {
                         prompt: prompt.clone(),
@@ -186,8 +195,10 @@ fn replay_reproduces_the_live_store_exactly() {
                 assert_eq!(
                     (replayed.hits, replayed.misses, replayed.evictions),
                     (live.hits, live.misses, live.evictions),
-                    "{name} at {budget} bytes with {policy:?}"
+                    "{} at {budget} bytes with {policy:?}",
+                    path.display()
                 );
+                assert!(live.resident_bytes <= budget, "{}", path.display());
                 checked += 1;
             }
         }

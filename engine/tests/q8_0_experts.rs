@@ -11,7 +11,7 @@ use odmoe_engine::expert::{ExpertForm, GluMlp, Matrix, ResidentExperts};
 use odmoe_engine::kernels::quantized;
 use odmoe_engine::model::moe::{MoeBlock, Scoring};
 use odmoe_engine::store::fetch::Pace;
-use odmoe_engine::store::{ExpertSource, ExpertStore, PolicyKind, StoreConfig};
+use odmoe_engine::store::{ExpertSizes, ExpertSource, ExpertStore, PolicyKind, StoreConfig};
 
 const HIDDEN: usize = 64;
 const WIDTH: usize = 96;
@@ -48,8 +48,8 @@ impl ExpertSource for InMemory {
         Ok(((*self.0[expert]).clone(), 1))
     }
 
-    fn expert_bytes(&self) -> u64 {
-        1
+    fn expert_sizes(&self) -> ExpertSizes {
+        ExpertSizes::Same(1)
     }
 }
 

@@ -23,7 +23,7 @@ use odmoe_engine::format::safetensors::HfWeights;
 use odmoe_engine::model::{Logits, expert_tensor_names};
 use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::store::fetch::{GIVEN_UP, Next, Pace};
-use odmoe_engine::store::{ExpertSource, ExpertStore, PolicyKind, StoreConfig};
+use odmoe_engine::store::{ExpertSizes, ExpertSource, ExpertStore, PolicyKind, StoreConfig};
 
 fn on_demand(budget_bytes: u64, policy: PolicyKind) -> LoadOptions {
     LoadOptions {
@@ -174,8 +174,8 @@ impl ExpertSource for FakeSource {
         Ok((GluMlp::from_f32(w.clone(), w.clone(), w), 12))
     }
 
-    fn expert_bytes(&self) -> u64 {
-        100
+    fn expert_sizes(&self) -> ExpertSizes {
+        ExpertSizes::Same(100)
     }
 }
 
@@ -344,8 +344,8 @@ impl ExpertSource for GatedSource {
         Ok((GluMlp::from_f32(w.clone(), w.clone(), w), 12))
     }
 
-    fn expert_bytes(&self) -> u64 {
-        100
+    fn expert_sizes(&self) -> ExpertSizes {
+        ExpertSizes::Same(100)
     }
 }
 
@@ -806,10 +806,41 @@ fn reads_are_counted_in_bytes_from_disk() {
     // Mixtral fixture: bf16 experts of 3 x 48 x 64 values.
     assert_eq!((s.reads, s.bytes_read), (3, 3 * 3 * 48 * 64 * 2));
     assert_eq!(
-        store.expert_bytes(),
-        3 * 48 * 64 * 4,
+        store.expert_sizes(),
+        &ExpertSizes::Same(3 * 48 * 64 * 4),
         "the budget counts experts as f32 in memory"
     );
+}
+
+/// llama.cpp's Q4_K_M keeps some layers' down projections in Q6_K (this fixture's layer 1): each
+/// layer's experts are charged their own size, so the store never holds more than its budget.
+#[test]
+fn each_layer_is_charged_its_own_expert_size() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/gguf/qwen3_moe-k-q4_k_m.gguf");
+    let (config, sizes) = open::expert_sizes_on(&path, &Device::Cpu).unwrap();
+    // Q4_K holds 256 values in 144 bytes, Q6_K in 210.
+    let blocks = (config.hidden_size * config.expert_intermediate_size / 256) as u64;
+    let (q4_k, mixed) = (3 * blocks * 144, 2 * blocks * 144 + blocks * 210);
+    assert_eq!((sizes.at(0), sizes.at(1)), (q4_k, mixed), "{sizes:?}");
+    let k = config.num_experts_per_token;
+    let routed: Vec<usize> = (0..k).collect();
+
+    let budget = k as u64 * mixed;
+    let loaded = open::load(&path, &on_demand(budget, PolicyKind::Lru), &Device::Cpu).unwrap();
+    let store = loaded.store.unwrap();
+    drop(store.acquire(1, &routed).unwrap());
+    assert_eq!(store.stats().resident_bytes, budget);
+    drop(store.acquire(0, &routed).unwrap());
+    assert_eq!(store.stats().resident_bytes, k as u64 * q4_k);
+    store.check_invariants().unwrap();
+
+    // The least budget is the larger layer's k experts, not k of the mean size.
+    let short = open::load(&path, &on_demand(budget - 1, PolicyKind::Lru), &Device::Cpu);
+    let err = short
+        .err()
+        .expect("a byte short of k larger experts is refused");
+    assert!(err.to_string().contains("below the minimum"), "{err}");
 }
 
 /// Once a layer's routing is known, queued guesses for it that routing did not choose are
@@ -970,8 +1001,8 @@ impl ExpertSource for PiecedSource {
         Ok((GluMlp::from_f32(w.clone(), w.clone(), w), 2))
     }
 
-    fn expert_bytes(&self) -> u64 {
-        100
+    fn expert_sizes(&self) -> ExpertSizes {
+        ExpertSizes::Same(100)
     }
 }
 

@@ -12,6 +12,7 @@ use clap::Args;
 use odmoe_engine::model::{ForwardTrace, Logits, layers::argmax};
 use odmoe_engine::predict::replay::{Prefetch, ReplayOptions, ReplayPolicy, replay};
 use odmoe_engine::predict::trace::Trace;
+use odmoe_engine::store::ExpertSizes;
 use serde_json::json;
 
 use crate::model_args::ModelArgs;
@@ -72,7 +73,10 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
 
     let mut trace = Trace::new(
         model.config.clone(),
-        loaded.store.as_ref().map_or(0, |s| s.expert_bytes()),
+        loaded
+            .store
+            .as_ref()
+            .map_or(ExpertSizes::Same(0), |s| s.expert_sizes().clone()),
         args.model.model.display().to_string(),
     );
     let mut cache = model.new_cache();
@@ -122,8 +126,9 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
         None => None,
     };
     // Prefetched experts count as hits in the store; an access that cost no read at all is what
-    // compares with Belady's hit rate (Belady prefetches nothing).
-    let expert_bytes = trace.expert_bytes.max(1);
+    // compares with Belady's hit rate (Belady prefetches nothing). Where layers' experts differ
+    // in size, bytes count as experts of the mean size.
+    let expert_bytes = trace.mean_expert_bytes().max(1);
     let rates = store.as_ref().map(|s| {
         let accesses = (s.hits + s.misses).max(1);
         let experts_read = s.bytes_read / expert_bytes;

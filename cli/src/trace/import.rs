@@ -60,7 +60,7 @@ pub fn run(args: ImportArgs) -> Result<()> {
             "layers": trace.num_layers(),
             "experts": trace.num_experts(),
             "experts_per_token": trace.top_k(),
-            "expert_bytes": trace.expert_bytes,
+            "expert_bytes": trace.expert_sizes.largest(),
         });
         println!("{summary:#}");
     } else {
@@ -75,7 +75,7 @@ pub fn run(args: ImportArgs) -> Result<()> {
             trace.num_layers(),
             trace.top_k(),
             trace.num_experts(),
-            format_bytes(trace.expert_bytes)
+            format_bytes(trace.expert_sizes.largest())
         );
     }
     Ok(())

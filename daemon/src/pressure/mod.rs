@@ -96,7 +96,7 @@ pub struct ModelMemory {
     pub epoch: u64,
     /// Bytes of all experts in memory.
     pub total_expert_bytes: u64,
-    /// Bytes of one expert in memory.
+    /// Bytes of the largest expert in memory (layers' experts may differ).
     pub expert_bytes: u64,
     pub experts_per_token: u64,
     pub layers: u64,

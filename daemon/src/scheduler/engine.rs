@@ -356,8 +356,9 @@ impl Engine {
         // the loaded model is dropped, so a typo does not leave no model at all.
         let device = odmoe_engine::default_device()?;
         // The experts' bytes as this device will hold them.
-        let (config, total) =
-            open::describe_on(path, &device).map_err(|error| invalid(error.to_string()))?;
+        let (config, sizes) =
+            open::expert_sizes_on(path, &device).map_err(|error| invalid(error.to_string()))?;
+        let total = sizes.total(config.moe_layers(), config.num_experts);
         let dense = open::is_dense(&config);
         let placement = if dense {
             Placement::Resident
@@ -365,7 +366,7 @@ impl Engine {
             budget.resolve(total)
         };
         if let Placement::OnDemand(BudgetKind::Fixed(bytes)) = placement {
-            open::check_budget(&config, total, bytes)
+            open::check_budget(&config, &sizes, bytes)
                 .map_err(|error| invalid(format!("expert_budget: {error}")))?;
         }
         if dense {
@@ -411,7 +412,7 @@ impl Engine {
                 let start = self.pressure.model_loaded(ModelMemory {
                     epoch: self.epoch,
                     total_expert_bytes: total,
-                    expert_bytes: store.expert_bytes(),
+                    expert_bytes: store.expert_sizes().largest(),
                     experts_per_token: config.num_experts_per_token as u64,
                     layers: config.num_layers as u64,
                     base_bytes: resident_bytes().unwrap_or(0),

@@ -26,6 +26,7 @@ use serde_json::Value;
 use super::trace::Trace;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::store::ExpertSizes;
 
 /// How a routing file becomes a trace.
 #[derive(Clone, Debug)]
@@ -140,7 +141,11 @@ pub fn import_jsonl(reader: impl BufRead, options: &ImportOptions) -> Result<Imp
         num_experts_per_token: top_k,
         ..ModelConfig::default()
     };
-    let mut trace = Trace::new(config, options.expert_bytes, options.source.clone());
+    let mut trace = Trace::new(
+        config,
+        ExpertSizes::Same(options.expert_bytes),
+        options.source.clone(),
+    );
     let mut incomplete_tokens = 0;
     for ((sequence, _), routing) in tokens {
         if routing.len() < layers || routing.iter().any(Option::is_none) {

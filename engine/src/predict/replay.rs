@@ -22,7 +22,7 @@ use super::history::RoutingHistory;
 use super::trace::Trace;
 use super::{GateConfig, Predictor, PredictorKind, PrefetchGate, RecallMeter, percentile_us, plan};
 use crate::error::{Error, Result};
-use crate::store::{Belady, BudgetCache, ExpertKey, PolicyKind};
+use crate::store::{Belady, BudgetCache, ExpertKey, ExpertSizes, PolicyKind};
 
 /// Eviction policies the replay can run: the live store's, and the offline optimum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,7 +146,7 @@ pub struct ReplayReport {
     pub prefetch: String,
     pub depth: usize,
     pub budget_bytes: u64,
-    /// Experts the budget holds.
+    /// Experts the budget holds (of the mean size, where layers differ).
     pub budget_experts: u64,
     /// The budget as a share of all routed experts.
     pub budget_fraction: f64,
@@ -221,7 +221,9 @@ pub fn access_sequence(trace: &Trace) -> Vec<ExpertKey> {
 
 /// A disk that reads one expert at a time; demand reads go before queued prefetches.
 struct Disk {
-    read_s: f64,
+    /// Bytes one expert of each layer holds, read at `bytes_per_s`.
+    sizes: ExpertSizes,
+    bytes_per_s: f64,
     /// When the last started read ends.
     free_at: f64,
     /// Queued prefetches: (priority, key, time queued), lowest priority first.
@@ -231,6 +233,11 @@ struct Disk {
 }
 
 impl Disk {
+    /// Seconds one expert of `layer` takes to read.
+    fn read_s(&self, layer: usize) -> f64 {
+        self.sizes.at(layer) as f64 / self.bytes_per_s
+    }
+
     fn enqueue(&mut self, priority: u64, key: ExpertKey, now: f64) {
         let at = self.queue.partition_point(|(p, _, _)| *p <= priority);
         self.queue.insert(at, (priority, key, now));
@@ -244,7 +251,7 @@ impl Disk {
                 break;
             }
             self.queue.pop_front();
-            self.free_at = start + self.read_s;
+            self.free_at = start + self.read_s(key.0);
             self.in_flight.push((key, self.free_at));
         }
     }
@@ -267,10 +274,10 @@ impl Disk {
             .map(|&(_, t)| t)
     }
 
-    /// Reads `n` experts on demand from `now`; returns when they are all in.
-    fn demand(&mut self, n: usize, now: f64) -> f64 {
+    /// Reads `keys` on demand from `now`; returns when they are all in.
+    fn demand(&mut self, keys: &[ExpertKey], now: f64) -> f64 {
         let start = self.free_at.max(now);
-        self.free_at = start + n as f64 * self.read_s;
+        self.free_at = start + keys.iter().map(|k| self.read_s(k.0)).sum::<f64>();
         self.free_at
     }
 
@@ -278,7 +285,7 @@ impl Disk {
     fn next_completion(&mut self) -> Option<f64> {
         if self.in_flight.is_empty() {
             let (_, key, queued) = self.queue.pop_front()?;
-            self.free_at = self.free_at.max(queued) + self.read_s;
+            self.free_at = self.free_at.max(queued) + self.read_s(key.0);
             self.in_flight.push((key, self.free_at));
         }
         self.in_flight
@@ -303,7 +310,6 @@ impl Disk {
 
 struct Sim {
     cache: BudgetCache,
-    bytes: u64,
     disk: Disk,
     report: ReplayReport,
 }
@@ -332,12 +338,13 @@ impl Sim {
     /// As `ExpertStore::routed`.
     fn routed(&mut self, layer: usize, ids: &[usize]) {
         self.report.prefetch_evicted_hits += self.cache.routed(layer, ids);
-        let (cache, report) = (&mut self.cache, &mut self.report);
+        let (cache, report, sizes) = (&mut self.cache, &mut self.report, &self.disk.sizes);
         self.disk.queue.retain(|&(_, key, _)| {
             let wrong = cache.wrong_guess(key, layer, ids);
             if wrong {
                 cache.remove(key);
                 report.prefetch_cancelled += 1;
+                report.bytes_read -= sizes.at(key.0);
             }
             !wrong
         });
@@ -348,9 +355,12 @@ impl Sim {
         if self.cache.get(key).is_some() {
             return;
         }
-        match self.cache.reserve_prefetch(key, self.bytes) {
+        let bytes = self.disk.sizes.at(key.0);
+        match self.cache.reserve_prefetch(key, bytes) {
             Ok(()) => {
                 self.report.prefetch_issued += 1;
+                // Counted as read unless it is cancelled before its read starts.
+                self.report.bytes_read += bytes;
                 self.disk.enqueue(priority, key, now);
             }
             Err(_) => self.report.prefetch_dropped += 1,
@@ -406,11 +416,12 @@ impl Sim {
                     self.pin_present(key, &mut pinned, &mut demand, &mut ready_at);
                     break;
                 }
-                match self.cache.reserve(key, self.bytes) {
+                let bytes = self.disk.sizes.at(layer);
+                match self.cache.reserve(key, bytes) {
                     Ok(evicted) => {
                         self.forget(&evicted);
                         self.report.misses += 1;
-                        self.report.bytes_read += self.bytes;
+                        self.report.bytes_read += bytes;
                         self.cache.pin(key);
                         pinned.push(key);
                         demand.push(key);
@@ -447,7 +458,7 @@ impl Sim {
             }
         }
         if !demand.is_empty() {
-            ready_at = ready_at.max(self.disk.demand(demand.len(), now));
+            ready_at = ready_at.max(self.disk.demand(&demand, now));
         }
         for key in demand {
             self.land(key);
@@ -468,7 +479,7 @@ pub fn replay(
     options: &ReplayOptions,
     prefetch: Prefetch<'_>,
 ) -> Result<ReplayReport> {
-    let bytes = trace.expert_bytes.max(1);
+    let largest = trace.expert_sizes.largest().max(1);
     let steps = steps(trace);
     let policy = match options.policy {
         ReplayPolicy::Lru => PolicyKind::Lru.build(),
@@ -501,12 +512,12 @@ pub fn replay(
         Prefetch::None => 0,
         _ => options.depth,
     };
-    let max_batch = ((options.budget_bytes / bytes) as usize).max(1);
+    let max_batch = ((options.budget_bytes / largest) as usize).max(1);
     let mut sim = Sim {
         cache: BudgetCache::with_policy(options.budget_bytes, policy),
-        bytes,
         disk: Disk {
-            read_s: bytes as f64 / (options.disk_gbps * 1e9),
+            sizes: trace.expert_sizes.clone(),
+            bytes_per_s: options.disk_gbps * 1e9,
             free_at: 0.0,
             queue: VecDeque::new(),
             in_flight: Vec::new(),
@@ -516,7 +527,7 @@ pub fn replay(
             prefetch: prefetch.name(),
             depth,
             budget_bytes: options.budget_bytes,
-            budget_experts: options.budget_bytes / bytes,
+            budget_experts: options.budget_bytes / trace.mean_expert_bytes().max(1),
             budget_fraction: options.budget_bytes as f64 / trace.total_expert_bytes().max(1) as f64,
             tokens: trace.num_tokens(),
             ..ReplayReport::default()
@@ -604,7 +615,6 @@ pub fn replay(
     }
     let mut report = sim.report;
     report.decode_tokens = trace.forwards().iter().filter(|(_, p)| !p).count();
-    report.bytes_read += (report.prefetch_issued - report.prefetch_cancelled) * bytes;
     report.hit_rate = report.hits as f64 / (report.hits + report.misses).max(1) as f64;
     report.gate_switched_off = gate.switched_off;
     report.gate_switched_on = gate.switched_on;

@@ -23,7 +23,9 @@
 //!
 //! Metadata (strings): `format` = `odmoe-trace`, `version` = `1`, `config` = the architecture
 //! config as JSON (the engine's normalised `ModelConfig`), `expert_bytes` = bytes one expert takes
-//! in the store's budget (decimal), `model` = where the model was read from (informative).
+//! in the store's budget (decimal; the largest, where layers differ), `layer_expert_bytes` = where
+//! layers differ, each layer's (comma separated, 0 for a layer without experts), `model` = where
+//! the model was read from (informative).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -35,6 +37,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{ForwardTrace, Logits, Model};
+use crate::store::ExpertSizes;
 
 pub const FORMAT: &str = "odmoe-trace";
 pub const VERSION: &str = "1";
@@ -43,8 +46,8 @@ pub const VERSION: &str = "1";
 #[derive(Clone, Debug)]
 pub struct Trace {
     pub config: ModelConfig,
-    /// Bytes one expert takes in the store's budget.
-    pub expert_bytes: u64,
+    /// Bytes one expert of each layer takes in the store's budget.
+    pub expert_sizes: ExpertSizes,
     /// `[N, L, k]`, flattened.
     pub ids: Vec<u32>,
     /// `[N, L, k]`, flattened.
@@ -58,7 +61,7 @@ pub struct Trace {
 }
 
 /// How [`Trace::record`] runs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RecordOptions {
     /// Greedy tokens generated after each prompt.
     pub max_tokens: usize,
@@ -66,8 +69,8 @@ pub struct RecordOptions {
     pub hidden: bool,
     /// Tokens that end a generation early (end-of-sequence).
     pub stop_ids: Vec<u32>,
-    /// Bytes one expert takes in the store's budget.
-    pub expert_bytes: u64,
+    /// Bytes one expert of each layer takes in the store's budget.
+    pub expert_sizes: ExpertSizes,
     pub model: String,
 }
 
@@ -90,7 +93,14 @@ impl Trace {
 
     /// Bytes of all routed experts of the model: what a budget percentage is a percentage of.
     pub fn total_expert_bytes(&self) -> u64 {
-        (self.num_layers() * self.num_experts()) as u64 * self.expert_bytes
+        self.expert_sizes
+            .total(self.config.moe_layers(), self.num_experts())
+    }
+
+    /// Bytes one expert takes on average over the layers with experts.
+    pub fn mean_expert_bytes(&self) -> u64 {
+        let experts = self.config.moe_layers().count() * self.num_experts();
+        self.total_expert_bytes() / experts.max(1) as u64
     }
 
     /// The experts token `t` routed to at `layer`.
@@ -156,7 +166,7 @@ impl Trace {
         };
         Ok(Trace {
             config: self.config.clone(),
-            expert_bytes: self.expert_bytes,
+            expert_sizes: self.expert_sizes.clone(),
             ids: tokens.iter().flat_map(gather_ids).copied().collect(),
             weights: tokens.iter().flat_map(gather_weights).copied().collect(),
             prompt_index: tokens.iter().map(|&t| self.prompt_index[t]).collect(),
@@ -166,11 +176,11 @@ impl Trace {
         })
     }
 
-    /// An empty trace of a model's routing, experts counted at `expert_bytes` each.
-    pub fn new(config: ModelConfig, expert_bytes: u64, model: String) -> Self {
+    /// An empty trace of a model's routing, experts counted at `expert_sizes`.
+    pub fn new(config: ModelConfig, expert_sizes: ExpertSizes, model: String) -> Self {
         Self {
             config,
-            expert_bytes,
+            expert_sizes,
             ids: Vec::new(),
             weights: Vec::new(),
             prompt_index: Vec::new(),
@@ -220,7 +230,7 @@ impl Trace {
         let l = model.config.num_layers;
         let mut trace = Trace::new(
             model.config.clone(),
-            options.expert_bytes,
+            options.expert_sizes.clone(),
             options.model.clone(),
         );
         let mut hidden: Vec<Tensor> = Vec::new();
@@ -290,16 +300,23 @@ impl Trace {
         if let Some(h) = &self.hidden {
             tensors.push(("hidden".to_string(), h.to_dtype(hidden_dtype)?));
         }
-        let metadata = HashMap::from([
+        let mut metadata = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
             ("version".to_string(), VERSION.to_string()),
             (
                 "config".to_string(),
                 serde_json::to_string(&self.config).expect("the config serialises"),
             ),
-            ("expert_bytes".to_string(), self.expert_bytes.to_string()),
+            (
+                "expert_bytes".to_string(),
+                self.expert_sizes.largest().to_string(),
+            ),
             ("model".to_string(), self.model.clone()),
         ]);
+        if let ExpertSizes::ByLayer(by_layer) = &self.expert_sizes {
+            let list: Vec<String> = by_layer.iter().map(u64::to_string).collect();
+            metadata.insert("layer_expert_bytes".to_string(), list.join(","));
+        }
         write_safetensors(path, &tensors, metadata)
     }
 
@@ -321,6 +338,24 @@ impl Trace {
             .get("expert_bytes")
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad("no expert_bytes in the metadata".into()))?;
+        let expert_sizes = match metadata.get("layer_expert_bytes") {
+            None => ExpertSizes::Same(expert_bytes),
+            Some(list) => {
+                let by_layer = list
+                    .split(',')
+                    .map(|b| b.trim().parse::<u64>())
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .ok()
+                    .filter(|by_layer| by_layer.len() == config.num_layers)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "layer_expert_bytes {list:?} is not {} sizes in bytes",
+                            config.num_layers
+                        ))
+                    })?;
+                ExpertSizes::by_layer(by_layer)
+            }
+        };
         let get = |name: &str| {
             tensors
                 .get(name)
@@ -368,7 +403,7 @@ impl Trace {
             forward: forward.to_vec1::<u32>()?,
             prompt_index,
             hidden,
-            expert_bytes,
+            expert_sizes,
             model: metadata.get("model").cloned().unwrap_or_default(),
             config,
         })

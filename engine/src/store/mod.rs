@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 pub use budget::{BudgetCache, Declined, ExpertKey, NoRoom};
 pub use policy::{Belady, EvictionPolicy, PolicyKind};
-pub use source::{ExpertSource, GgufSource, HfSource, LayoutSource};
+pub use source::{ExpertSizes, ExpertSource, GgufSource, HfSource, LayoutSource};
 pub use stats::{PrefetchCounts, StoreStats};
 
 use fetch::{Next, Pace};
@@ -191,7 +191,7 @@ impl State {
 
 struct Shared {
     source: Arc<dyn ExpertSource>,
-    expert_bytes: u64,
+    expert_sizes: ExpertSizes,
     state: Mutex<State>,
     /// Wakes I/O threads when reads are queued.
     work: Condvar,
@@ -261,7 +261,7 @@ pub struct ExpertStore {
 impl ExpertStore {
     pub fn new(source: Arc<dyn ExpertSource>, config: &StoreConfig) -> Self {
         let shared = Arc::new(Shared {
-            expert_bytes: source.expert_bytes(),
+            expert_sizes: source.expert_sizes(),
             source,
             state: Mutex::new(State {
                 cache: BudgetCache::new(config.budget_bytes, config.policy),
@@ -299,9 +299,9 @@ impl ExpertStore {
         Self { shared, workers }
     }
 
-    /// Bytes one expert takes in the budget.
-    pub fn expert_bytes(&self) -> u64 {
-        self.shared.expert_bytes
+    /// Bytes one expert of each layer takes in the budget.
+    pub fn expert_sizes(&self) -> &ExpertSizes {
+        &self.shared.expert_sizes
     }
 
     /// Returns `ids` of `layer`, pinned, reading misses; waits until all are loaded.
@@ -343,7 +343,7 @@ impl ExpertStore {
                     pinned[i] = Some((key, slot));
                     break;
                 }
-                match state.cache.reserve(key, self.shared.expert_bytes) {
+                match state.cache.reserve(key, self.shared.expert_sizes.at(layer)) {
                     Ok(evicted) => {
                         state.forget(&evicted);
                         state.telemetry.counts.misses += 1;
@@ -441,7 +441,10 @@ impl ExpertStore {
             if state.slots.contains_key(&key) || state.quarantined.contains_key(&key) {
                 continue;
             }
-            match state.cache.reserve_prefetch(key, self.shared.expert_bytes) {
+            match state
+                .cache
+                .reserve_prefetch(key, self.shared.expert_sizes.at(layer))
+            {
                 Ok(()) => {
                     state.telemetry.counts.prefetch_issued += 1;
                     let slot = LoadSlot::new();
@@ -581,7 +584,7 @@ impl ExpertProvider for ExpertStore {
 
     fn max_batch(&self) -> usize {
         let state = self.shared.lock();
-        ((state.cache.budget() / self.shared.expert_bytes.max(1)) as usize).max(1)
+        ((state.cache.budget() / self.shared.expert_sizes.largest().max(1)) as usize).max(1)
     }
 }
 

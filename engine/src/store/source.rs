@@ -36,8 +36,54 @@ pub trait ExpertSource: Send + Sync {
     /// [`fetch::GIVEN_UP`] in its message when given up; a source that cannot read in pieces
     /// may read whole.
     fn read(&self, layer: usize, expert: usize, pace: Pace) -> Result<(GluMlp, u64)>;
-    /// Bytes one expert holds in memory once read (the unit of the budget).
-    fn expert_bytes(&self) -> u64;
+    /// Bytes one expert holds in memory once read, by layer: what the budget charges for it.
+    fn expert_sizes(&self) -> ExpertSizes;
+}
+
+/// Bytes one expert holds in memory once read, by layer. Layers may differ: a Q4_K_M file keeps
+/// some layers' down projections in Q6_K, which makes their experts a sixth larger. Counting
+/// every expert at the first layer's size held 7% fewer experts than the budget has room for
+/// on such a file, or let the store hold more than its budget where a later layer is larger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExpertSizes {
+    /// Every expert alike.
+    Same(u64),
+    /// Each layer's own (0 where a layer has no experts).
+    ByLayer(Vec<u64>),
+}
+
+impl ExpertSizes {
+    /// `by_layer`, kept as [`Same`](Self::Same) when every layer with experts has one size.
+    pub fn by_layer(by_layer: Vec<u64>) -> Self {
+        let mut sizes = by_layer.iter().copied().filter(|&bytes| bytes > 0);
+        let first = sizes.next().unwrap_or(0);
+        if sizes.all(|bytes| bytes == first) {
+            Self::Same(first)
+        } else {
+            Self::ByLayer(by_layer)
+        }
+    }
+
+    /// Bytes one expert of `layer` holds.
+    pub fn at(&self, layer: usize) -> u64 {
+        match self {
+            Self::Same(bytes) => *bytes,
+            Self::ByLayer(by_layer) => by_layer.get(layer).copied().unwrap_or(0),
+        }
+    }
+
+    /// The most one expert holds.
+    pub fn largest(&self) -> u64 {
+        match self {
+            Self::Same(bytes) => *bytes,
+            Self::ByLayer(by_layer) => by_layer.iter().copied().max().unwrap_or(0),
+        }
+    }
+
+    /// All experts' bytes: `experts` in each of the `moe_layers`.
+    pub fn total(&self, moe_layers: impl Iterator<Item = usize>, experts: usize) -> u64 {
+        moe_layers.map(|layer| self.at(layer)).sum::<u64>() * experts as u64
+    }
 }
 
 fn parse_dtype(name: &str) -> Option<Dtype> {
@@ -69,7 +115,7 @@ pub struct LayoutSource {
     /// sha256 of each expert file by relative path, when reads are verified against it too.
     sha256: Option<HashMap<String, String>>,
     bypass_cache: bool,
-    expert_bytes: u64,
+    expert_sizes: ExpertSizes,
     device: Device,
 }
 
@@ -102,7 +148,7 @@ impl LayoutSource {
         Ok(Self {
             dir: dir.to_path_buf(),
             layout: manifest.expert.clone(),
-            expert_bytes: layout_expert_bytes(manifest, &encoding, device),
+            expert_sizes: layout_expert_sizes(manifest, &encoding, device),
             encoding,
             checksums,
             sha256,
@@ -111,10 +157,14 @@ impl LayoutSource {
         })
     }
 
-    /// Bytes one expert of the layout in `dir` holds in memory once read, without opening any
-    /// expert file.
-    pub fn expert_bytes_of(dir: &Path, manifest: &Manifest, device: &Device) -> Result<u64> {
-        Ok(layout_expert_bytes(
+    /// Bytes one expert of the layout in `dir` holds in memory once read, by layer, without
+    /// opening any expert file.
+    pub fn expert_sizes_of(
+        dir: &Path,
+        manifest: &Manifest,
+        device: &Device,
+    ) -> Result<ExpertSizes> {
+        Ok(layout_expert_sizes(
             manifest,
             &expert_encoding(dir, manifest)?,
             device,
@@ -150,20 +200,33 @@ fn expert_encoding(dir: &Path, manifest: &Manifest) -> Result<ExpertEncoding> {
     })
 }
 
-/// Bytes one expert of the layout holds on `device`.
-fn layout_expert_bytes(manifest: &Manifest, encoding: &ExpertEncoding, device: &Device) -> u64 {
+/// Bytes one expert of the layout holds on `device`, by layer.
+fn layout_expert_sizes(
+    manifest: &Manifest,
+    encoding: &ExpertEncoding,
+    device: &Device,
+) -> ExpertSizes {
     let config = &manifest.architecture;
-    match (encoding, config.moe_layers().next()) {
-        (ExpertEncoding::Dense(_), _) => config.expert_f32_bytes() as u64,
-        (ExpertEncoding::ExactMxfp4, _) if Matrix::keeps_exact_mxfp4(device) => {
-            manifest.expert.weight_bytes()
+    match encoding {
+        ExpertEncoding::Dense(_) => ExpertSizes::Same(config.expert_f32_bytes() as u64),
+        ExpertEncoding::ExactMxfp4 if Matrix::keeps_exact_mxfp4(device) => {
+            ExpertSizes::Same(manifest.expert.weight_bytes())
         }
-        (ExpertEncoding::ExactMxfp4, _) => config.expert_f32_bytes() as u64,
-        // As GgufSource counts them: the first MoE layer's slices as they sit in memory.
-        (ExpertEncoding::Ggml(types), Some(layer)) => (0..3)
-            .map(|k| held_bytes(&ggml_slice(&manifest.expert, types, layer, k), device) as u64)
-            .sum(),
-        (ExpertEncoding::Ggml(_), None) => 0,
+        ExpertEncoding::ExactMxfp4 => ExpertSizes::Same(config.expert_f32_bytes() as u64),
+        // As GgufSource counts them: each layer's slices as they sit in memory.
+        ExpertEncoding::Ggml(types) => ExpertSizes::by_layer(
+            (0..config.num_layers)
+                .map(|layer| match config.is_moe_layer(layer) {
+                    true => (0..3)
+                        .map(|k| {
+                            held_bytes(&ggml_slice(&manifest.expert, types, layer, k), device)
+                                as u64
+                        })
+                        .sum(),
+                    false => 0,
+                })
+                .collect(),
+        ),
     }
 }
 
@@ -348,8 +411,8 @@ impl ExpertSource for LayoutSource {
         Ok((mlp, len))
     }
 
-    fn expert_bytes(&self) -> u64 {
-        self.expert_bytes
+    fn expert_sizes(&self) -> ExpertSizes {
+        self.expert_sizes.clone()
     }
 }
 
@@ -393,7 +456,7 @@ pub struct HfSource {
     /// checked on every read.
     checksums: ExpertChecksums,
     bypass_cache: bool,
-    expert_bytes: u64,
+    expert_sizes: ExpertSizes,
     device: Device,
 }
 
@@ -452,7 +515,7 @@ impl HfSource {
         let plan = projection_plan(&locations, location_ranges);
         let checksums = checksum::load_or_build(dir, &plan, bypass_cache, None)?;
         Ok(Self {
-            expert_bytes: located_expert_bytes(&locations, device),
+            expert_sizes: ExpertSizes::Same(located_expert_bytes(&locations, device)),
             locations,
             files,
             checksums,
@@ -462,22 +525,25 @@ impl HfSource {
     }
 
     /// Bytes one expert of the checkpoint holds in memory once read onto `device`, without
-    /// reading any.
-    pub fn expert_bytes_of(
+    /// reading any: the same in every layer, as a checkpoint stores its experts in one type.
+    pub fn expert_sizes_of(
         config: &ModelConfig,
         names: impl Fn(usize, usize) -> [String; 3],
         weights: &HfWeights,
         device: &Device,
-    ) -> Result<u64> {
+    ) -> Result<ExpertSizes> {
         let Some(layer) = config.moe_layers().next() else {
-            return Ok(0);
+            return Ok(ExpertSizes::Same(0));
         };
         let located = names(layer, 0)
             .map(|name| weights.location(&format!("{name}.weight")))
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
         let located: [TensorLocation; 3] = located.try_into().expect("three tensors");
-        Ok(located_expert_bytes(&[vec![located]], device))
+        Ok(ExpertSizes::Same(located_expert_bytes(
+            &[vec![located]],
+            device,
+        )))
     }
 }
 
@@ -620,8 +686,8 @@ impl ExpertSource for HfSource {
         Ok((GluMlp { gate, up, down }, total))
     }
 
-    fn expert_bytes(&self) -> u64 {
-        self.expert_bytes
+    fn expert_sizes(&self) -> ExpertSizes {
+        self.expert_sizes.clone()
     }
 }
 
@@ -637,7 +703,7 @@ pub struct GgufSource {
     /// xxh3-64 of each slice of each expert, checked on every read.
     checksums: ExpertChecksums,
     bypass_cache: bool,
-    expert_bytes: u64,
+    expert_sizes: ExpertSizes,
     device: Device,
 }
 
@@ -652,7 +718,7 @@ impl GgufSource {
         let (file, direct) =
             fetch::open_for_ranges(&path, bypass_cache).map_err(|e| Error::io(&path, e))?;
         Ok(Self {
-            expert_bytes: gguf_expert_bytes(&slices, gguf.device()),
+            expert_sizes: gguf_expert_sizes(&slices, gguf.device()),
             slices,
             path,
             file,
@@ -663,9 +729,9 @@ impl GgufSource {
         })
     }
 
-    /// Bytes one expert of `gguf` holds in memory once read, without reading any.
-    pub fn expert_bytes_of(config: &ModelConfig, gguf: &GgufFile) -> Result<u64> {
-        Ok(gguf_expert_bytes(
+    /// Bytes one expert of `gguf` holds in memory once read, by layer, without reading any.
+    pub fn expert_sizes_of(config: &ModelConfig, gguf: &GgufFile) -> Result<ExpertSizes> {
+        Ok(gguf_expert_sizes(
             &gguf_expert_slices(config, gguf)?,
             gguf.device(),
         ))
@@ -698,11 +764,23 @@ fn gguf_expert_slices(config: &ModelConfig, gguf: &GgufFile) -> Result<Vec<Vec<[
         .collect()
 }
 
-/// Dense types are widened to f32 by QMatMul; quantized blocks stay as stored.
-fn gguf_expert_bytes(slices: &[Vec<[ExpertSlice; 3]>], device: &Device) -> u64 {
-    slices.iter().find_map(|l| l.first()).map_or(0, |s| {
-        s.iter().map(|s| held_bytes(s, device)).sum::<usize>() as u64
-    })
+/// Bytes one expert of each layer holds: dense types are widened to f32 by QMatMul, quantized
+/// blocks stay as stored.
+fn gguf_expert_sizes(slices: &[Vec<[ExpertSlice; 3]>], device: &Device) -> ExpertSizes {
+    ExpertSizes::by_layer(
+        slices
+            .iter()
+            .map(|layer| {
+                // A layer's experts share their types in llama.cpp's files; the largest
+                // is charged should one differ.
+                layer
+                    .iter()
+                    .map(|s| s.iter().map(|s| held_bytes(s, device)).sum::<usize>() as u64)
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect(),
+    )
 }
 
 /// Bytes `slice` takes in memory once read onto `device`.
@@ -776,7 +854,7 @@ impl ExpertSource for GgufSource {
         ))
     }
 
-    fn expert_bytes(&self) -> u64 {
-        self.expert_bytes
+    fn expert_sizes(&self) -> ExpertSizes {
+        self.expert_sizes.clone()
     }
 }
