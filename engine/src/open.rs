@@ -219,7 +219,7 @@ pub fn check_budget(config: &ModelConfig, sizes: &ExpertSizes, budget_bytes: u64
 /// loading any weights.
 pub fn describe(path: &Path) -> Result<(ModelConfig, u64)> {
     let (config, sizes) = expert_sizes_on(path, &Device::Cpu)?;
-    let total = sizes.total(config.moe_layers(), config.num_experts);
+    let total = sizes.total(&config);
     Ok((config, total))
 }
 

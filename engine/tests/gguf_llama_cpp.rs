@@ -234,7 +234,7 @@ fn quantized_experts_read_in_place_on_demand_equal_resident() {
         };
         let expected = logits(&odmoe_engine::open::resident(&path, &Device::Cpu).unwrap());
         let (config, sizes) = open::expert_sizes_on(&path, &Device::Cpu).unwrap();
-        let total = sizes.total(config.moe_layers(), config.num_experts);
+        let total = sizes.total(&config);
         for budget in [open::budget_floor(&config, &sizes), total / 2] {
             let options = LoadOptions {
                 experts: ExpertMode::OnDemand(StoreConfig {

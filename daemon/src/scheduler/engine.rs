@@ -358,7 +358,7 @@ impl Engine {
         // The experts' bytes as this device will hold them.
         let (config, sizes) =
             open::expert_sizes_on(path, &device).map_err(|error| invalid(error.to_string()))?;
-        let total = sizes.total(config.moe_layers(), config.num_experts);
+        let total = sizes.total(&config);
         let dense = open::is_dense(&config);
         let placement = if dense {
             Placement::Resident

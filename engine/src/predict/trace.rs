@@ -93,8 +93,7 @@ impl Trace {
 
     /// Bytes of all routed experts of the model: what a budget percentage is a percentage of.
     pub fn total_expert_bytes(&self) -> u64 {
-        self.expert_sizes
-            .total(self.config.moe_layers(), self.num_experts())
+        self.expert_sizes.total(&self.config)
     }
 
     /// Bytes one expert takes on average over the layers with experts.

@@ -80,9 +80,9 @@ impl ExpertSizes {
         }
     }
 
-    /// All experts' bytes: `experts` in each of the `moe_layers`.
-    pub fn total(&self, moe_layers: impl Iterator<Item = usize>, experts: usize) -> u64 {
-        moe_layers.map(|layer| self.at(layer)).sum::<u64>() * experts as u64
+    /// All experts' bytes: `config`'s experts in each of its layers that has them.
+    pub fn total(&self, config: &ModelConfig) -> u64 {
+        config.moe_layers().map(|layer| self.at(layer)).sum::<u64>() * config.num_experts as u64
     }
 }
 
