@@ -297,6 +297,70 @@ fn bench_decode_runs_a_dense_model() {
     assert_eq!(r["bytes_read"], 0);
 }
 
+/// A run that prefetches from a recording of its own routing guesses only right: every guess
+/// is routed to (recall 1, none cancelled). A recording of another run is refused, after the run,
+/// rather than reported as perfect prediction.
+#[test]
+fn bench_decode_prefetches_from_the_recorded_routing_of_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let recording = dir.path().join("routing.safetensors");
+    let model = fixture("gguf/qwen3_moe-q8_0.gguf");
+    let run = |tokens: &str, extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "decode",
+            "--model",
+            s(&model),
+            "--expert-budget",
+            "50%",
+            "--prompt-ids",
+            "1,2,3,4,5",
+            "--tokens",
+            tokens,
+            "--feed-ids",
+            "6,7,8,9,10,11,12,13",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        odmoe(&args)
+    };
+    let recorded = run(
+        "6",
+        &["--prefetch-experts", "none", "--trace-out", s(&recording)],
+    );
+    assert!(recorded.status.success(), "{recorded:?}");
+    let from_trace = [
+        "--prefetch-from-trace",
+        s(&recording),
+        "--prefetch-depth",
+        "2",
+    ];
+    let output = run("6", &from_trace);
+    assert!(output.status.success(), "{output:?}");
+    let r = json(&String::from_utf8_lossy(&output.stdout));
+    let prefetch = &r["prefetch"];
+    assert_eq!(prefetch["predictor"], "recorded", "{prefetch}");
+    assert_eq!(
+        prefetch["recall"],
+        serde_json::json!([1.0, 1.0]),
+        "{prefetch}"
+    );
+    assert_eq!(prefetch["cancelled"], 0, "{prefetch}");
+    assert!(prefetch["used"].as_u64().unwrap() > 0, "{prefetch}");
+
+    // Two tokens more than recorded: the last passes were not in the recording.
+    let output = run("8", &from_trace);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is not this run's (they differ from token 11, layer 0)"),
+        "{stderr}"
+    );
+    // The depth is the recording's alone.
+    let output = run("6", &["--prefetch-depth", "2"]);
+    assert!(!output.status.success());
+}
+
 #[test]
 fn inspect_gives_the_kv_cache_of_a_long_context() {
     // Kimi-K2 keeps a latent of 512 and a rotary key of 64 per layer and token, 61 layers.

@@ -305,6 +305,11 @@ pub(crate) fn predictor(
     Ok(match kind {
         // The replay builds a routing history of its own, which learns along the trace.
         PredictorKind::None | PredictorKind::History => None,
+        PredictorKind::Recorded => {
+            bail!(
+                "guesses from a recorded routing are for live runs (odmoe bench decode --prefetch-from-trace)"
+            )
+        }
         PredictorKind::Lookahead => {
             let model = model.context("the lookahead predictor needs --model (its routers)")?;
             let loaded = load_base(model)?;

@@ -4,14 +4,19 @@
 //! as in real text, identically for every engine) or the greedy choice. It prints the time to
 //! first token, decode speed, bytes read from disk (and the least its misses needed), peak resident
 //! memory and the store's hit rate next to Belady's (the offline optimum) on the same routing.
+//!
+//! With `--prefetch-from-trace` it prefetches from a recording of the same run's routing instead
+//! of a predictor: every guess right, the most prediction could gain on the machine.
 
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use odmoe_engine::model::{ForwardTrace, Logits, layers::argmax};
+use odmoe_engine::predict::recorded::RecordedRouting;
 use odmoe_engine::predict::replay::{Prefetch, ReplayOptions, ReplayPolicy, replay};
 use odmoe_engine::predict::trace::Trace;
+use odmoe_engine::predict::{PredictorKind, PrefetchOptions, Prefetcher, RoutingSource};
 use odmoe_engine::store::ExpertSizes;
 use serde_json::json;
 
@@ -35,9 +40,46 @@ pub struct DecodeBenchArgs {
     /// very routing this run saw (`odmoe trace replay FILE`).
     #[arg(long, value_name = "FILE")]
     trace_out: Option<std::path::PathBuf>,
+    /// Prefetch from a recording of this very run's routing instead of a predictor: the
+    /// --trace-out of an earlier run with the same model, --prompt-ids and --feed-ids. Every
+    /// guess is right, so the run shows the most any predictor could gain on this machine. It
+    /// stays on (no gate), and the run fails if its routing is not the recording's.
+    #[arg(
+        long,
+        value_name = "TRACE",
+        conflicts_with = "prefetch_experts",
+        requires = "expert_budget"
+    )]
+    prefetch_from_trace: Option<std::path::PathBuf>,
+    /// Routed layers ahead that --prefetch-from-trace prefetches.
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_name = "D",
+        requires = "prefetch_from_trace"
+    )]
+    prefetch_depth: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// Where `run`'s routing first departs from `recording`'s, as (token, layer); None when the
+/// recording holds the whole run, forward pass by forward pass.
+fn first_difference(recording: &Trace, run: &Trace) -> Option<(usize, usize)> {
+    let step = run.num_layers() * run.top_k();
+    (0..run.num_tokens())
+        .find(|&t| {
+            recording.forward.get(t) != run.forward.get(t)
+                || recording.ids.get(t * step..(t + 1) * step)
+                    != run.ids.get(t * step..(t + 1) * step)
+        })
+        .map(|t| {
+            let layer = (0..run.num_layers())
+                .find(|&l| t >= recording.num_tokens() || recording.ids(t, l) != run.ids(t, l))
+                .unwrap_or(0);
+            (t, layer)
+        })
 }
 
 /// Bytes this process has read from storage, and its peak resident set.
@@ -66,8 +108,35 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
         );
     }
     let started = Instant::now();
-    let loaded = args.model.load()?;
+    let mut loaded = match &args.prefetch_from_trace {
+        Some(_) => args.model.load_with(PredictorKind::None)?,
+        None => args.model.load()?,
+    };
     let load_s = started.elapsed().as_secs_f64();
+    let recording = match &args.prefetch_from_trace {
+        Some(path) => {
+            let recording = Trace::load(path)
+                .with_context(|| format!("reading the recorded routing {}", path.display()))?;
+            let source =
+                RecordedRouting::new(recording.clone(), &loaded.model.config, args.prefetch_depth)?;
+            let store = loaded
+                .store
+                .clone()
+                .context("an on-demand load has a store")?;
+            let options = PrefetchOptions {
+                adaptive: false,
+                ..PrefetchOptions::new(args.prefetch_depth, loaded.model.config.num_layers)
+            };
+            loaded.prefetcher = Some(Prefetcher::install(
+                &mut loaded.model,
+                RoutingSource::Recorded(source),
+                store,
+                options,
+            ));
+            Some((path, recording))
+        }
+        None => None,
+    };
     let model = &loaded.model;
     let (read_at_start, _) = process_io()?;
 
@@ -117,6 +186,16 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
     });
     if let Some(path) = &args.trace_out {
         trace.save(path, candle_core::DType::F16)?;
+    }
+    if let Some((path, recording)) = &recording
+        && let Some((token, layer)) = first_difference(recording, &trace)
+    {
+        bail!(
+            "the routing recorded in {} is not this run's (they differ from token {token}, layer \
+             {layer}), so its guesses were not all right: record it with --trace-out from a run \
+             of the same model, --prompt-ids, --feed-ids and --tokens",
+            path.display()
+        );
     }
     let belady = match &store {
         Some(stats) => {

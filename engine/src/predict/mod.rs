@@ -25,6 +25,7 @@ pub mod gate;
 pub mod history;
 pub mod import;
 pub mod lookahead;
+pub mod recorded;
 pub mod replay;
 pub mod shadow;
 pub mod trace;
@@ -70,6 +71,9 @@ pub enum PredictorKind {
     Shadow,
     /// What followed the current layer's experts so far (no hidden state; learns as it runs).
     History,
+    /// A recording of the same run's routing: every guess right (see [`recorded`]). It needs
+    /// the recording, so no name on the command line chooses it.
+    Recorded,
 }
 
 impl std::str::FromStr for PredictorKind {
@@ -94,6 +98,7 @@ impl std::fmt::Display for PredictorKind {
             Self::Lookahead => "lookahead",
             Self::Shadow => "shadow",
             Self::History => "history",
+            Self::Recorded => "recorded",
         })
     }
 }
@@ -215,10 +220,61 @@ pub fn recall_on_trace(predictor: &dyn Predictor, trace: &trace::Trace) -> Resul
         .collect())
 }
 
-/// Where a prefetcher's guesses come from: a predictor of hidden states, or routing history.
+/// Where a prefetcher's guesses come from: a predictor of hidden states, or routing.
 pub enum GuessSource {
     Predictor(Box<dyn Predictor>),
+    Routing(RoutingSource),
+}
+
+/// A source that guesses from each layer's routing.
+pub enum RoutingSource {
     History(history::RoutingHistory),
+    Recorded(recorded::RecordedRouting),
+}
+
+impl RoutingSource {
+    fn kind(&self) -> PredictorKind {
+        match self {
+            Self::History(_) => PredictorKind::History,
+            Self::Recorded(_) => PredictorKind::Recorded,
+        }
+    }
+
+    fn depth(&self) -> usize {
+        match self {
+            Self::History(h) => h.depth(),
+            Self::Recorded(r) => r.depth(),
+        }
+    }
+
+    fn num_layers(&self) -> usize {
+        match self {
+            Self::History(h) => h.num_layers(),
+            Self::Recorded(r) => r.num_layers(),
+        }
+    }
+
+    /// Takes in `layer`'s routing of `positions` tokens to `routed` (distinct, ascending).
+    fn observe(&mut self, layer: usize, routed: &[usize], positions: usize) {
+        match self {
+            Self::History(h) => h.observe(layer, routed),
+            Self::Recorded(r) => r.follow(layer, routed, positions),
+        }
+    }
+
+    /// The guesses for the layers after `layer`, which routed to `routed`.
+    fn guesses(&self, layer: usize, routed: &[usize]) -> Vec<Guess> {
+        match self {
+            Self::History(h) => h.guesses(layer, routed),
+            Self::Recorded(r) => r.guesses(layer),
+        }
+    }
+}
+
+impl From<RoutingSource> for GuessSource {
+    fn from(source: RoutingSource) -> Self {
+        Self::Routing(source)
+    }
 }
 
 impl From<Box<dyn Predictor>> for GuessSource {
@@ -231,21 +287,21 @@ impl GuessSource {
     pub fn depth(&self) -> usize {
         match self {
             Self::Predictor(p) => p.depth(),
-            Self::History(h) => h.depth(),
+            Self::Routing(r) => r.depth(),
         }
     }
 
     pub fn kind(&self) -> PredictorKind {
         match self {
             Self::Predictor(p) => p.kind(),
-            Self::History(_) => PredictorKind::History,
+            Self::Routing(r) => r.kind(),
         }
     }
 
     pub fn num_layers(&self) -> usize {
         match self {
             Self::Predictor(p) => p.num_layers(),
-            Self::History(h) => h.num_layers(),
+            Self::Routing(r) => r.num_layers(),
         }
     }
 }
@@ -267,7 +323,16 @@ pub fn build(
 ) -> Result<Option<GuessSource>> {
     Ok(match kind {
         PredictorKind::None => None,
-        PredictorKind::History => Some(GuessSource::History(routing_history(model, depth)?)),
+        PredictorKind::History => {
+            Some(RoutingSource::History(routing_history(model, depth)?).into())
+        }
+        PredictorKind::Recorded => {
+            return Err(Error::InvalidRequest(
+                "guesses from a recorded routing need the recording \
+                 (odmoe bench decode --prefetch-from-trace)"
+                    .into(),
+            ));
+        }
         PredictorKind::Lookahead => Some(GuessSource::Predictor(Box::new(
             lookahead::Lookahead::new(model, depth)?,
         ))),
@@ -428,8 +493,9 @@ struct LiveState {
     predicting: bool,
     /// When the latest layer of a single-position pass (decode) began.
     decode_step_started: Option<Instant>,
-    /// The routing-history source, which learns from every layer's routing.
-    history: Option<history::RoutingHistory>,
+    /// The source that guesses from routing (a history learns from every layer's, a recording
+    /// follows it).
+    routing: Option<RoutingSource>,
 }
 
 /// The live prefetcher: at each layer, asks its source about the next layers and queues their
@@ -456,9 +522,9 @@ impl Prefetcher {
         let (kind, num_layers) = (source.kind(), source.num_layers().max(1));
         let depth = options.depth.min(source.depth());
         let options = PrefetchOptions { depth, ..options };
-        let (predictor, history) = match source {
+        let (predictor, routing) = match source {
             GuessSource::Predictor(p) => (Some(p), None),
-            GuessSource::History(h) => (None, Some(h)),
+            GuessSource::Routing(r) => (None, Some(r)),
         };
         Self {
             state: Mutex::new(LiveState {
@@ -471,7 +537,7 @@ impl Prefetcher {
                 scoring_us: 0.0,
                 predicting: false,
                 decode_step_started: None,
-                history,
+                routing,
             }),
             kind,
             num_layers,
@@ -591,7 +657,7 @@ impl ForwardHook for Prefetcher {
     }
 
     /// Tells the store the routing (wrong guesses for this layer are cancelled, its experts
-    /// spared), measures recall; a routing history learns from the routing and guesses from it.
+    /// spared), measures recall; a source that guesses from routing takes it in and guesses.
     fn layer_routing(&self, layer: usize, routing: &Routing) {
         let routed = routed_experts(routing);
         if !routed.is_empty() {
@@ -602,14 +668,14 @@ impl ForwardHook for Prefetcher {
         state.recall.observe(step, &routed);
         let started = Instant::now();
         let predicting = state.predicting;
-        let Some(history) = state.history.as_mut() else {
+        let Some(source) = state.routing.as_mut() else {
             return;
         };
-        history.observe(layer, &routed);
+        source.observe(layer, &routed, routing.ids.len());
         if !predicting {
             return;
         }
-        let guesses = history.guesses(layer, &routed);
+        let guesses = source.guesses(layer, &routed);
         let latency = started.elapsed().as_secs_f64() * 1e6;
         self.queue(&mut state, layer, &guesses, latency);
     }
