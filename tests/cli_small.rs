@@ -356,9 +356,12 @@ fn bench_decode_prefetches_from_the_recorded_routing_of_the_same_run() {
         stderr.contains("is not this run's (they differ from token 11, layer 0)"),
         "{stderr}"
     );
-    // The depth is the recording's alone.
+    // A predictor's guesses two layers ahead: recall measured at both depths, below 1 here.
     let output = run("6", &["--prefetch-depth", "2"]);
-    assert!(!output.status.success());
+    assert!(output.status.success(), "{output:?}");
+    let prefetch = &json(&String::from_utf8_lossy(&output.stdout))["prefetch"];
+    assert_eq!(prefetch["predictor"], "lookahead", "{prefetch}");
+    assert_eq!(prefetch["depth"], 2, "{prefetch}");
 }
 
 #[test]

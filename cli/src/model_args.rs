@@ -82,11 +82,12 @@ fn parse_kv_cache(text: &str) -> Result<KvType, String> {
 
 impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
-        self.load_with(self.prefetch_experts)
+        self.load_with(self.prefetch_experts, 1)
     }
 
-    /// Loads with `prefetch` instead of the flag's choice (for comparisons that install their own).
-    pub fn load_with(&self, prefetch: PredictorKind) -> Result<LoadedModel> {
+    /// Loads with `prefetch`, guessing `prefetch_depth` routed layers ahead, instead of the
+    /// flag's choice one layer ahead (for benchmarks that choose their own).
+    pub fn load_with(&self, prefetch: PredictorKind, prefetch_depth: usize) -> Result<LoadedModel> {
         let experts = match &self.expert_budget {
             None => ExpertMode::Resident,
             Some(text) => {
@@ -113,6 +114,7 @@ impl ModelArgs {
             bypass_page_cache: !self.page_cache,
             experts_per_token: self.experts_per_token,
             prefetch,
+            prefetch_depth,
             prefetch_min_score: self.prefetch_min_score,
             quantized_base: !self.f32_base,
             context_length: self.context_length,

@@ -263,7 +263,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     let mut totals: Vec<ModeTotals> = modes.iter().map(|_| ModeTotals::default()).collect();
     for _ in 0..args.rounds.max(1) {
         for (mode, total) in modes.iter().zip(totals.iter_mut()) {
-            let mut loaded = args.model.load_with(PredictorKind::None)?;
+            let mut loaded = args.model.load_with(PredictorKind::None, 1)?;
             let store = loaded
                 .store
                 .clone()

@@ -41,9 +41,11 @@ pub struct LoadOptions {
     pub bypass_page_cache: bool,
     /// Route each token to this many experts instead of the model's own number.
     pub experts_per_token: Option<usize>,
-    /// With experts on demand, read the experts a predictor expects one layer ahead while the
+    /// With experts on demand, read the experts a predictor expects in the next layers while the
     /// current layer computes ([`PredictorKind`]'s default unless chosen).
     pub prefetch: PredictorKind,
+    /// Routed layers ahead the predictor guesses (1: the next layer's experts only).
+    pub prefetch_depth: usize,
     /// Prefetch only guesses the predictor scores at least this (0 prefetches every top-k guess).
     pub prefetch_min_score: f32,
     /// Keep a GGUF file's quantized attention, embedding and output matrices in their stored
@@ -71,6 +73,7 @@ impl Default for LoadOptions {
             bypass_page_cache: true,
             experts_per_token: None,
             prefetch: PredictorKind::default(),
+            prefetch_depth: 1,
             prefetch_min_score: 0.0,
             quantized_base: true,
             context_length: None,
@@ -346,13 +349,17 @@ pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Loade
         model.set_context_length(tokens)?;
     }
     let prefetcher = match &store {
-        Some(store) => crate::predict::build(options.prefetch, &model, 1, None)?.map(|predictor| {
-            let options = PrefetchOptions {
-                min_score: options.prefetch_min_score,
-                ..PrefetchOptions::new(1, model.config.num_layers)
-            };
-            Prefetcher::install(&mut model, predictor, store.clone(), options)
-        }),
+        Some(store) => {
+            crate::predict::build(options.prefetch, &model, options.prefetch_depth, None)?.map(
+                |predictor| {
+                    let options = PrefetchOptions {
+                        min_score: options.prefetch_min_score,
+                        ..PrefetchOptions::new(options.prefetch_depth, model.config.num_layers)
+                    };
+                    Prefetcher::install(&mut model, predictor, store.clone(), options)
+                },
+            )
+        }
         None => None,
     };
     // Loading's large temporaries (file pieces, dequantized tables) are not a prompt's tensors.

@@ -51,13 +51,9 @@ pub struct DecodeBenchArgs {
         requires = "expert_budget"
     )]
     prefetch_from_trace: Option<std::path::PathBuf>,
-    /// Routed layers ahead that --prefetch-from-trace prefetches.
-    #[arg(
-        long,
-        default_value_t = 1,
-        value_name = "D",
-        requires = "prefetch_from_trace"
-    )]
+    /// Routed layers ahead to prefetch: the predictor's guesses (--prefetch-experts) or the
+    /// recording's (--prefetch-from-trace).
+    #[arg(long, default_value_t = 1, value_name = "D")]
     prefetch_depth: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -108,10 +104,11 @@ pub fn run(args: DecodeBenchArgs) -> Result<()> {
         );
     }
     let started = Instant::now();
-    let mut loaded = match &args.prefetch_from_trace {
-        Some(_) => args.model.load_with(PredictorKind::None)?,
-        None => args.model.load()?,
+    let predictor = match &args.prefetch_from_trace {
+        Some(_) => PredictorKind::None,
+        None => args.model.prefetch_experts,
     };
+    let mut loaded = args.model.load_with(predictor, args.prefetch_depth)?;
     let load_s = started.elapsed().as_secs_f64();
     let recording = match &args.prefetch_from_trace {
         Some(path) => {
