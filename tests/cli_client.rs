@@ -133,6 +133,31 @@ fn stats_json_has_the_stable_keys() {
     }
 }
 
+/// One expert's bytes are the mean over the layers that have experts: DeepSeek-V3's first
+/// layer is dense and holds none (counted, it made the figure two thirds of the fixture's).
+#[test]
+fn stats_give_one_experts_bytes_over_the_layers_with_experts() {
+    let model = fixture("gguf/deepseek_v3-bf16.gguf");
+    let inspected = json(&odmoe_ok(&["inspect", s(&model), "--json"]));
+    assert!(inspected["moe_layers"].as_u64() < inspected["layers"].as_u64());
+    let mut daemon = Daemon::builder()
+        .model(&model)
+        .limit(Duration::from_secs(300))
+        .spawn();
+    daemon.wait_until_listening();
+    let stats = json(&daemon.odmoe_ok(&["stats", "--json"]));
+    let described = &stats["model"];
+    assert_eq!(described["architecture"], "deepseek_v3", "{stats}");
+    assert_eq!(
+        described["expert_bytes"], inspected["expert_bytes_in_memory"],
+        "{stats}"
+    );
+    assert_eq!(
+        described["total_expert_bytes"], inspected["total_expert_bytes_in_memory"],
+        "{stats}"
+    );
+}
+
 #[test]
 fn ps_shows_the_loaded_model() {
     let daemon = Daemon::start();

@@ -301,7 +301,8 @@ pub struct ModelInfo {
     pub layers: u32,
     pub experts_per_layer: u32,
     pub experts_per_token: u32,
-    /// Bytes of one expert in memory.
+    /// Bytes of one expert in memory: the mean over the layers that have experts (a layer's
+    /// experts may be stored in another type than the next layer's).
     pub expert_bytes: u64,
     /// Bytes of all experts in memory.
     pub total_expert_bytes: u64,

@@ -430,8 +430,8 @@ impl Engine {
             experts_per_layer: config.num_experts,
             experts_per_token: config.num_experts_per_token,
             // As the store counts them on this device: quantized experts at their held size,
-            // float ones in f32.
-            expert_bytes: total / (config.num_layers * config.num_experts).max(1) as u64,
+            // float ones in f32; the mean over the layers that have experts.
+            expert_bytes: sizes.mean(&config),
             total_expert_bytes: total,
             mode: if dense {
                 ModelMode::Dense
@@ -448,7 +448,7 @@ impl Engine {
             mode = %info.mode,
             budget = %budget,
             budget_bytes = budget_bytes.unwrap_or(total),
-            expert_bytes = total,
+            total_expert_bytes = total,
             seconds = started.elapsed().as_secs_f64(),
             "model loaded"
         );

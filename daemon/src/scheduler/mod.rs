@@ -82,8 +82,8 @@ pub struct ModelDescription {
     pub experts_per_layer: usize,
     /// Experts routed per token.
     pub experts_per_token: usize,
-    /// Bytes of one expert as the store counts them: GGUF experts at their
-    /// stored size, others in f32.
+    /// Bytes of one expert as the store counts them (GGUF experts at their
+    /// stored size, others in f32), the mean over the layers with experts.
     pub expert_bytes: u64,
     /// Bytes of every expert together.
     pub total_expert_bytes: u64,

@@ -98,8 +98,7 @@ impl Trace {
 
     /// Bytes one expert takes on average over the layers with experts.
     pub fn mean_expert_bytes(&self) -> u64 {
-        let experts = self.config.moe_layers().count() * self.num_experts();
-        self.total_expert_bytes() / experts.max(1) as u64
+        self.expert_sizes.mean(&self.config)
     }
 
     /// The experts token `t` routed to at `layer`.

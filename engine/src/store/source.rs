@@ -84,6 +84,13 @@ impl ExpertSizes {
     pub fn total(&self, config: &ModelConfig) -> u64 {
         config.moe_layers().map(|layer| self.at(layer)).sum::<u64>() * config.num_experts as u64
     }
+
+    /// One expert's bytes on average over `config`'s layers that have experts (dense layers
+    /// hold none, so they do not count).
+    pub fn mean(&self, config: &ModelConfig) -> u64 {
+        let experts = config.moe_layers().count() * config.num_experts;
+        self.total(config) / experts.max(1) as u64
+    }
 }
 
 fn parse_dtype(name: &str) -> Option<Dtype> {
