@@ -187,7 +187,7 @@ pub(crate) fn load_base(path: &Path) -> Result<LoadedModel> {
     let (config, sizes) = open::expert_sizes_on(path, &odmoe_engine::default_device()?)?;
     let options = LoadOptions {
         experts: ExpertMode::OnDemand(StoreConfig {
-            budget_bytes: config.num_experts_per_token as u64 * sizes.largest(),
+            budget_bytes: open::budget_floor(&config, &sizes),
             io_threads: 1,
             policy: PolicyKind::Lru,
         }),
@@ -356,7 +356,7 @@ fn replay_command(args: ReplayArgs) -> Result<()> {
             })
             .collect::<Result<_>>()?
     };
-    let minimum = trace.top_k() as u64 * trace.expert_sizes.largest();
+    let minimum = open::budget_floor(&trace.config, &trace.expert_sizes);
     let mut predictors: Vec<(PrefetchArg, Option<Box<dyn Predictor>>)> = Vec::new();
     for &p in &args.prefetch {
         let built = match p {

@@ -107,7 +107,7 @@ fn on_demand_at_half(
 /// Budgets from the smallest the store accepts to all experts.
 fn budgets(trace: &Trace) -> Vec<u64> {
     let expert = trace.expert_sizes.largest();
-    let minimum = trace.top_k() as u64 * expert;
+    let minimum = open::budget_floor(&trace.config, &trace.expert_sizes);
     let total = trace.total_expert_bytes();
     let mut out: Vec<u64> = (trace.top_k() as u64..=(total / expert))
         .map(|n| n * expert)

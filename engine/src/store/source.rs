@@ -223,14 +223,16 @@ fn layout_expert_sizes(
         // As GgufSource counts them: each layer's slices as they sit in memory.
         ExpertEncoding::Ggml(types) => ExpertSizes::by_layer(
             (0..config.num_layers)
-                .map(|layer| match config.is_moe_layer(layer) {
-                    true => (0..3)
+                .map(|layer| {
+                    if !config.is_moe_layer(layer) {
+                        return 0;
+                    }
+                    (0..3)
                         .map(|k| {
                             held_bytes(&ggml_slice(&manifest.expert, types, layer, k), device)
                                 as u64
                         })
-                        .sum(),
-                    false => 0,
+                        .sum()
                 })
                 .collect(),
         ),
