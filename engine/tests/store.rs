@@ -23,7 +23,7 @@ use odmoe_engine::format::safetensors::HfWeights;
 use odmoe_engine::model::{Logits, expert_tensor_names};
 use odmoe_engine::open::{self, ExpertMode, LoadOptions};
 use odmoe_engine::store::fetch::{GIVEN_UP, Next, Pace};
-use odmoe_engine::store::{ExpertSizes, ExpertSource, ExpertStore, PolicyKind, StoreConfig};
+use odmoe_engine::store::{ExpertSizes, ExpertSource, ExpertStore, PolicyKind, StoreConfig, width};
 
 fn on_demand(budget_bytes: u64, policy: PolicyKind) -> LoadOptions {
     LoadOptions {
@@ -990,7 +990,7 @@ impl ExpertSource for PiecedSource {
                 match answer {
                     Next::GiveUp => return Err(fail(GIVEN_UP)),
                     Next::Rest => ask = None,
-                    Next::Piece => {}
+                    Next::Piece(_) => {}
                 }
             }
             if !self.pass(key) {
@@ -1026,7 +1026,7 @@ fn a_wrong_guess_being_read_is_given_up_at_its_next_piece() {
     store.prefetch(1, &[5]);
     assert_eq!(
         told.recv_timeout(TOLD_WITHIN),
-        Ok(((1, 5), Some(Next::Piece)))
+        Ok(((1, 5), Some(Next::Piece(1))))
     );
     store.routed(1, &[2]);
     let stats = store.stats();
@@ -1068,7 +1068,7 @@ fn guess_read_beside_a_miss() -> (
     store.prefetch(1, &[5]);
     assert_eq!(
         told.recv_timeout(TOLD_WITHIN),
-        Ok(((1, 5), Some(Next::Piece)))
+        Ok(((1, 5), Some(Next::Piece(1))))
     );
     let miss = store.request(0, &[1]).unwrap();
     assert_eq!(told.recv_timeout(TOLD_WITHIN), Ok(((0, 1), None)));
@@ -1090,7 +1090,7 @@ fn a_guess_waits_between_pieces_while_a_miss_is_read() {
     drop(miss);
     assert_eq!(
         told.recv_timeout(TOLD_WITHIN),
-        Ok(((1, 5), Some(Next::Piece)))
+        Ok(((1, 5), Some(Next::Piece(1))))
     );
     source.let_through((1, 5));
     store.wait_idle();
@@ -1159,4 +1159,51 @@ fn guesses_are_read_one_at_a_time_in_the_order_given() {
     open.send(()).unwrap();
     store.wait_idle();
     assert_eq!(store.stats().prefetch_issued, 3);
+}
+
+/// Guesses that keep proving right are read several at once; once they go wrong, one at a time
+/// again (`store::width`).
+#[test]
+fn guesses_are_read_several_at_once_while_they_prove_right() {
+    // Room for every guess below, and in the eighth of it unused guesses may hold.
+    let (open, started, store) = gated_store_telling_starts(1024, 4);
+    let wait = Duration::from_secs(30);
+    let starts_within = |expected: usize| {
+        let mut seen = Vec::new();
+        while let Ok(key) = started.recv_timeout(Duration::from_millis(300)) {
+            seen.push(key);
+        }
+        assert_eq!(seen.len(), expected, "reads started at once: {seen:?}");
+    };
+    // Guesses its layer then asks for: right, one after another.
+    for expert in 0..width::WIDEST * 40 {
+        store.prefetch(0, &[expert]);
+        assert_eq!(started.recv_timeout(wait).unwrap(), (0, expert));
+        open.send(()).unwrap();
+        store.wait_idle();
+        drop(store.acquire(0, &[expert]).unwrap());
+    }
+    store.prefetch(1, &[0, 1, 2, 3, 4, 5]);
+    starts_within(width::WIDEST);
+    for _ in 0..6 {
+        open.send(()).unwrap();
+    }
+    starts_within(6 - width::WIDEST);
+    store.wait_idle();
+    // Guesses its layer's routing passes over while they are read: wrong.
+    for expert in 10..40 {
+        store.prefetch(2, &[expert]);
+        assert_eq!(started.recv_timeout(wait).unwrap(), (2, expert));
+        store.routed(2, &[0]);
+        open.send(()).unwrap();
+        store.wait_idle();
+    }
+    store.prefetch(3, &[0, 1, 2]);
+    starts_within(1);
+    for _ in 0..3 {
+        open.send(()).unwrap();
+    }
+    store.wait_idle();
+    assert_eq!(store.stats().prefetch_cancelled, 30);
+    store.check_invariants().unwrap();
 }

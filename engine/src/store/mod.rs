@@ -20,6 +20,7 @@ pub mod policy;
 pub mod reuse;
 pub mod source;
 pub mod stats;
+pub mod width;
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -136,6 +137,8 @@ struct State {
     hits: HashMap<ExpertKey, u64>,
     /// Prefetch reads in progress.
     prefetch_reads: usize,
+    /// How many of them may be, from how often guesses were right.
+    guess_width: width::GuessWidth,
     /// Demand reads in progress (a guess's read a miss waits on among them), and how many may
     /// be: a guess's read starts, and goes on from piece to piece, only while there are none, so
     /// that guesses take the disk's idle time (a layer's compute) and never its time for a miss.
@@ -162,6 +165,7 @@ impl State {
         *self.hits.entry(key).or_default() += 1;
         if self.cache.pin(key) {
             self.telemetry.counts.prefetch_used += 1;
+            self.guess_width.record(true);
             // A guess being read is a demand read now, and takes its room.
             let evicted = self.cache.fit();
             self.forget(&evicted);
@@ -182,8 +186,11 @@ impl State {
     }
 
     fn forget(&mut self, evicted: &[(ExpertKey, bool)]) {
-        for (key, _) in evicted {
-            self.slots.remove(key);
+        for &(key, unused_guess) in evicted {
+            self.slots.remove(&key);
+            if unused_guess {
+                self.guess_width.record(false);
+            }
         }
         self.telemetry.record_evictions(evicted);
     }
@@ -209,22 +216,28 @@ impl Shared {
 
     /// Before each piece of a guess's read: give up once routing showed the guess wrong (or
     /// the store closes); read the rest at once if a miss waits on it; else wait while demand
-    /// reads are in flight, then read a piece.
-    fn pace_guess(&self, slot: &LoadSlot, piece: usize) -> Next {
+    /// reads are in flight, then read a piece, larger while guesses are read several at once.
+    fn pace_guess(&self, slot: &LoadSlot, left: usize) -> Next {
         let mut state = self.lock();
-        let next = loop {
+        let (next, bytes) = loop {
             if state.shutdown || slot.abandoned.load(Ordering::Acquire) {
                 return Next::GiveUp;
             }
             if slot.waited.load(Ordering::Acquire) {
-                break Next::Rest;
+                break (Next::Rest, left);
             }
             if state.demand_reads == 0 {
-                break Next::Piece;
+                let piece = if state.guess_width.reads() > 1 {
+                    fetch::WIDE_PIECE
+                } else {
+                    fetch::PIECE
+                };
+                let piece = piece.min(left);
+                break (Next::Piece(piece), piece);
             }
             state = recover(self.resume.wait(state));
         };
-        slot.guess_bytes.fetch_add(piece as u64, Ordering::Relaxed);
+        slot.guess_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         next
     }
 }
@@ -271,6 +284,7 @@ impl ExpertStore {
                 quarantined: HashMap::new(),
                 hits: HashMap::new(),
                 prefetch_reads: 0,
+                guess_width: Default::default(),
                 demand_reads: 0,
                 max_demand_reads: config.io_threads.max(1),
                 telemetry: Default::default(),
@@ -474,6 +488,7 @@ impl ExpertStore {
             cache,
             slots,
             telemetry,
+            guess_width,
             ..
         } = &mut *state;
         prefetch.retain(|(_, key, slot)| {
@@ -484,6 +499,7 @@ impl ExpertStore {
                 slots.remove(key);
                 cache.remove(*key);
                 telemetry.counts.prefetch_cancelled += 1;
+                guess_width.record(false);
             }
             !wrong
         });
@@ -496,6 +512,7 @@ impl ExpertStore {
                 load.abandoned.store(true, Ordering::Release);
                 cache.remove(*key);
                 telemetry.counts.prefetch_cancelled += 1;
+                guess_width.record(false);
                 abandoned = true;
             }
             !wrong
@@ -599,7 +616,8 @@ impl Drop for ExpertStore {
     }
 }
 
-/// Threads reading guesses: one, so that guesses are read one after another in the order the
+/// Threads reading guesses: as many as may read at once ([`width::GuessWidth`]), which is one
+/// while guesses are often wrong, so that they are read one after another in the order the
 /// predictor ranks them. The disk's idle time while a layer computes holds less than one
 /// expert's read (about 1 ms against 1.3 ms for 2.65 MB at 2 GB/s); three guesses read at once
 /// split it, each ended part-read when its layer came, and the wrong ones among them had taken
@@ -608,7 +626,7 @@ impl Drop for ExpertStore {
 /// 0.8 GB/s), lookahead went from 0.83x to 0.90x of no prefetch; unheld, its wasted guesses
 /// halved (about 460 to 232 over 256 tokens). One guess's three projections are still read at
 /// once, which keeps three reads in flight.
-const GUESS_THREADS: usize = 1;
+const GUESS_THREADS: usize = width::WIDEST;
 
 /// What an I/O thread reads.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -638,6 +656,7 @@ fn io_worker(shared: &Shared, role: Role) {
     if role == Role::Guess {
         fetch::lower_thread_priority();
     }
+    fetch::wake_promptly();
     loop {
         let (key, slot, prefetch) = {
             let mut state = shared.lock();
@@ -650,10 +669,16 @@ fn io_worker(shared: &Shared, role: Role) {
                         .demand
                         .pop_front()
                         .map(|(key, slot)| (key, slot, false)),
-                    Role::Guess if state.demand.is_empty() && state.demand_reads == 0 => state
-                        .prefetch
-                        .pop_front()
-                        .map(|(_, key, slot)| (key, slot, true)),
+                    Role::Guess
+                        if state.demand.is_empty()
+                            && state.demand_reads == 0
+                            && state.prefetch_reads < state.guess_width.reads() =>
+                    {
+                        state
+                            .prefetch
+                            .pop_front()
+                            .map(|(_, key, slot)| (key, slot, true))
+                    }
                     Role::Demand | Role::Guess => None,
                 };
                 match job {
