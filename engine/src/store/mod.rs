@@ -656,6 +656,9 @@ fn io_worker(shared: &Shared, role: Role) {
     if role == Role::Guess {
         fetch::lower_thread_priority();
     }
+    // Guesses' threads too: their next piece starts as soon as the disk is free, while at nice
+    // 10 their share of a core stays small. With every guess right and read one at a time,
+    // decode went 1.08x as fast with it (three rounds).
     fetch::wake_promptly();
     loop {
         let (key, slot, prefetch) = {
