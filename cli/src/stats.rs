@@ -162,13 +162,14 @@ pub fn summary(stats: &StatsResult) -> String {
         );
         let _ = writeln!(
             out,
-            "prefetch  {} issued, {} used, {} wasted, {} dropped, {} cancelled; {} hits lost to its evictions",
+            "prefetch  {} issued, {} used, {} wasted, {} dropped, {} cancelled; {} hits lost to its evictions; {} read while several may go at once",
             store.prefetch_issued,
             store.prefetch_used,
             store.prefetch_wasted,
             store.prefetch_dropped,
             store.prefetch_cancelled,
-            store.prefetch_evicted_hits
+            store.prefetch_evicted_hits,
+            store.prefetch_wide_reads
         );
     }
     let _ = writeln!(

@@ -1183,6 +1183,8 @@ fn guesses_are_read_several_at_once_while_they_prove_right() {
         store.wait_idle();
         drop(store.acquire(0, &[expert]).unwrap());
     }
+    let narrow_until_widened = store.stats().prefetch_wide_reads;
+    assert!(narrow_until_widened < 160, "wide from the start");
     store.prefetch(1, &[0, 1, 2, 3, 4, 5]);
     starts_within(width::WIDEST);
     for _ in 0..6 {
@@ -1198,12 +1200,16 @@ fn guesses_are_read_several_at_once_while_they_prove_right() {
         open.send(()).unwrap();
         store.wait_idle();
     }
+    let wide_reads = store.stats().prefetch_wide_reads;
+    assert!(wide_reads >= narrow_until_widened + 6);
     store.prefetch(3, &[0, 1, 2]);
     starts_within(1);
     for _ in 0..3 {
         open.send(()).unwrap();
     }
     store.wait_idle();
-    assert_eq!(store.stats().prefetch_cancelled, 30);
+    let stats = store.stats();
+    assert_eq!(stats.prefetch_cancelled, 30);
+    assert_eq!(stats.prefetch_wide_reads, wide_reads, "one at a time again");
     store.check_invariants().unwrap();
 }

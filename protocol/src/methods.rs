@@ -374,10 +374,14 @@ pub struct StoreStats {
     /// Prefetches not issued: no room but by evicting what is worth more, or the share of the
     /// budget that unused prefetches may hold is full.
     pub prefetch_dropped: u64,
-    /// Queued prefetches cancelled, their reads not started, when their layer's routing chose
-    /// other experts.
+    /// Prefetches cancelled when their layer's routing chose other experts: queued ones before
+    /// their reads started, and ones being read at their next piece.
     #[serde(default)]
     pub prefetch_cancelled: u64,
+    /// Prefetch reads started while several may go at once, as they may while guesses are
+    /// nearly always right.
+    #[serde(default)]
+    pub prefetch_wide_reads: u64,
     /// Experts a prefetch evicted that their layer's next routing then wanted: hits it cost.
     #[serde(default)]
     pub prefetch_evicted_hits: u64,

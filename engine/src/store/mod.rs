@@ -688,6 +688,9 @@ fn io_worker(shared: &Shared, role: Role) {
                     Some((key, slot, prefetch)) if !slot.claimed.swap(true, Ordering::AcqRel) => {
                         if prefetch {
                             state.prefetch_reads += 1;
+                            if state.guess_width.reads() > 1 {
+                                state.telemetry.counts.prefetch_wide_reads += 1;
+                            }
                             slot.guessed.store(true, Ordering::Release);
                         } else {
                             state.demand_reads += 1;
