@@ -263,9 +263,6 @@ mod platform {
         );
     }
 
-    /// The calling thread's nice value 10 higher (a nice value is a thread's own on Linux): the
-    /// scheduler gives the layers' threads nine times its share when both want a core. Advice
-    /// only.
     /// The scheduler's shortest slice, 0.1 ms, for the calling thread (threads it starts
     /// inherit it). Since Linux 6.12 a waking thread whose slice is shorter than the running
     /// one's preempts it at once (`PREEMPT_SHORT`). Without it, a read's thread that woke while
@@ -290,6 +287,9 @@ mod platform {
     /// The shortest slice Linux grants a thread of the fair class.
     pub const SHORTEST_SLICE_NS: u64 = 100_000;
 
+    /// The calling thread's nice value 10 higher (a nice value is a thread's own on Linux): the
+    /// scheduler gives the layers' threads nine times its share when both want a core. Advice
+    /// only.
     pub fn lower_thread_priority() {
         // SAFETY: getpriority and setpriority only read and change the calling thread's nice
         // value.

@@ -227,12 +227,7 @@ impl Shared {
                 break (Next::Rest, left);
             }
             if state.demand_reads == 0 {
-                let piece = if state.guess_width.reads() > 1 {
-                    fetch::WIDE_PIECE
-                } else {
-                    fetch::PIECE
-                };
-                let piece = piece.min(left);
+                let piece = state.guess_width.piece().min(left);
                 break (Next::Piece(piece), piece);
             }
             state = recover(self.resume.wait(state));
@@ -688,7 +683,7 @@ fn io_worker(shared: &Shared, role: Role) {
                     Some((key, slot, prefetch)) if !slot.claimed.swap(true, Ordering::AcqRel) => {
                         if prefetch {
                             state.prefetch_reads += 1;
-                            if state.guess_width.reads() > 1 {
+                            if state.guess_width.is_wide() {
                                 state.telemetry.counts.prefetch_wide_reads += 1;
                             }
                             slot.guessed.store(true, Ordering::Release);

@@ -12,6 +12,8 @@
 //! the reads to [`WIDEST`] at [`WIDEN_AT`] and narrows them to one below [`NARROW_BELOW`].
 //! Lookahead's guesses on that model are right about half the time, and stay one at a time.
 
+use super::fetch;
+
 /// Most guesses read at once; the store starts this many guess threads.
 pub const WIDEST: usize = 4;
 
@@ -55,9 +57,24 @@ impl GuessWidth {
         }
     }
 
+    /// Whether several guesses may be read at once now.
+    pub fn is_wide(&self) -> bool {
+        self.wide
+    }
+
     /// Guesses that may be read at once now.
     pub fn reads(&self) -> usize {
         if self.wide { WIDEST } else { 1 }
+    }
+
+    /// Bytes a guess's read takes before its next question: larger while wide, when misses
+    /// are rare.
+    pub fn piece(&self) -> usize {
+        if self.wide {
+            fetch::WIDE_PIECE
+        } else {
+            fetch::PIECE
+        }
     }
 }
 
@@ -84,6 +101,7 @@ mod tests {
             }
         }
         let widened_after = widened_after.expect("right guesses widen the reads");
+        assert_eq!(width.piece(), fetch::WIDE_PIECE);
         assert!(
             (32..=128).contains(&widened_after),
             "widened after {widened_after}"
@@ -107,5 +125,6 @@ mod tests {
             width.record(true);
         }
         assert_eq!(width.reads(), 1);
+        assert_eq!(width.piece(), fetch::PIECE);
     }
 }
