@@ -51,9 +51,11 @@ pub fn configure_system_allocator() {
 /// Read buffers kept for the next reads. Each expert read used to map and populate its own
 /// buffers and unmap them after: in decode at a 2 GB limit (qwen3moe Q4_K_M, 4 MiB of reads a
 /// layer) that took a third of the process's CPU time, zeroing pages and pinning them, time a
-/// 2-core machine took from the layers' compute. A kept buffer's pages are in already. The
-/// store's reads in flight at once (I/O threads times an expert's reads) are what is kept, up
-/// to `MOST_BUFFERS` and `MOST_BYTES`; [`give_back`] unmaps them all.
+/// 2-core machine took from the layers' compute. A kept buffer's pages are in already. A
+/// buffer comes back when its read is copied out or, where the expert is held in the buffer it
+/// was read into (`store::held`), when the expert is evicted; up to `MOST_BUFFERS` and
+/// `MOST_BYTES` are kept, about what the store's reads in flight at once take, and
+/// [`give_back`] unmaps them all.
 pub mod read_buffers {
     use std::sync::Mutex;
 
@@ -65,6 +67,9 @@ pub mod read_buffers {
     const MOST_BYTES: usize = 48 << 20;
     /// The largest buffer kept: a checksum index's reads of whole files are not.
     const LARGEST: usize = 8 << 20;
+    /// A kept buffer may be this much longer than a read takes it for, or a sixteenth longer:
+    /// a page of Apple's, and an expert's slice read directly spans a block more or less.
+    const LEAST_SLACK: usize = 16 << 10;
 
     static KEPT: Mutex<Kept> = Mutex::new(Kept(Vec::new()));
 
@@ -72,22 +77,27 @@ pub mod read_buffers {
     pub(super) struct Kept(pub(super) Vec<MmapMut>);
 
     impl Kept {
-        /// The smallest kept buffer of at least `len` bytes.
+        /// The smallest kept buffer of at least `len` bytes, if it is not much longer: a buffer
+        /// may become the memory of the expert read into it (`store::held`), where bytes
+        /// beyond the read would be held uncounted.
         pub(super) fn take(&mut self, len: usize) -> Option<MmapMut> {
             let best = (0..self.0.len())
                 .filter(|&i| self.0[i].len() >= len)
                 .min_by_key(|&i| self.0[i].len())?;
-            Some(self.0.swap_remove(best))
+            (self.0[best].len() - len <= (len / 16).max(LEAST_SLACK)).then(|| self.0.remove(best))
         }
 
-        /// Keeps `map` for a later read if there is room, else unmaps it.
+        /// Keeps `map` for a later read, unmapping the buffers kept longest if there is no
+        /// room for it: the lengths reads ask for change with the experts they read.
         pub(super) fn put(&mut self, map: MmapMut) {
-            let bytes: usize = self.0.iter().map(|m| m.len()).sum();
-            if map.len() <= LARGEST
-                && self.0.len() < MOST_BUFFERS
-                && bytes + map.len() <= MOST_BYTES
+            if map.len() > LARGEST {
+                return;
+            }
+            self.0.push(map);
+            while self.0.len() > MOST_BUFFERS
+                || self.0.iter().map(|m| m.len()).sum::<usize>() > MOST_BYTES
             {
-                self.0.push(map);
+                self.0.remove(0);
             }
         }
     }
@@ -554,9 +564,23 @@ mod read_buffer_tests {
         assert!(kept.take(1).is_none());
         kept.put(read_buffers::map(16 << 20));
         assert!(kept.0.is_empty(), "a buffer over 8 MiB is not kept");
+        kept.put(read_buffers::map(1 << 20));
+        assert!(
+            kept.take(256 << 10).is_none(),
+            "a buffer four times too long is not taken"
+        );
+        assert!(
+            kept.take((1 << 20) - PAGE_4K).is_some(),
+            "one a page too long is"
+        );
         for _ in 0..20 {
             kept.put(read_buffers::map(PAGE_4K));
         }
+        let newest = read_buffers::map(2 * PAGE_4K);
+        let newest_at = newest.as_ptr();
+        kept.put(newest);
         assert_eq!(kept.0.len(), 16, "at most 16 are kept");
+        let taken = kept.take(2 * PAGE_4K).unwrap();
+        assert_eq!(taken.as_ptr(), newest_at, "the longest kept go first");
     }
 }

@@ -16,6 +16,8 @@ use crate::config::ExpertGating;
 use crate::error::{Error, Result};
 pub use crate::kernels::Matrix;
 use crate::kernels::quantized;
+/// What a matrix of blocks is made of: its block type, and the bytes it holds or shares.
+pub use crate::kernels::quantized::{BlockBytes, Format};
 
 /// A SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`. Every routed expert is one.
 ///

@@ -7,20 +7,33 @@
 //! Each fixture is measured in a fresh process (this binary run again with
 //! `EXPERT_MEMORY_FIXTURE` set): within one process the allocator hands an earlier fixture's
 //! freed memory to the next, still resident, and growth reads low.
+//!
+//! Experts whose slices are long enough are held in the buffers they were read into
+//! (`store::held`): one fixture, written here with wide experts, has them, and their memory must
+//! also go back to the system once they are dropped and the kept buffers given back.
 
-use std::path::Path;
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::GgmlDType;
+use odmoe_engine::expert::Matrix;
 use odmoe_engine::format::gguf::GgufFile;
 use odmoe_engine::store::fetch::Pace;
 use odmoe_engine::store::{ExpertSource, GgufSource};
 
-/// Fixtures in types kept as stored (Q8_0, f32) and in the K-quants candle would repack.
-const FIXTURES: [&str; 4] = [
+/// Fixtures in types kept as stored (Q8_0, f32) and in the K-quants candle would repack, and
+/// the written one whose experts are held in their read buffers.
+const FIXTURES: [&str; 5] = [
     "qwen3_moe-q8_0.gguf",
     "mixtral-f32.gguf",
     "mixtral-k-q4_k_m.gguf",
     "qwen3_moe-k-q6_k.gguf",
+    WIDE,
 ];
+
+/// The qwen3_moe fixture with experts 4096 wide in Q8_0: slices of 278,528 bytes, held.
+const WIDE: &str = "qwen3_moe-q8_0-wide.gguf";
 
 const FIXTURE_VAR: &str = "EXPERT_MEMORY_FIXTURE";
 
@@ -64,10 +77,21 @@ fn resident_bytes() -> u64 {
 /// Reads and computes with every expert of the GGUF fixture `name`, many times over and all
 /// kept, and fails unless resident memory grew by what the store counts for them.
 fn held_as_counted(name: &str) -> Result<(), String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/gguf")
-        .join(name);
-    let gguf = GgufFile::open(&path, &candle_core::Device::Cpu).unwrap();
+    let written = tempfile::tempdir().unwrap();
+    let path = if name == WIDE {
+        let path = written.path().join(name);
+        common::write_qwen3_gguf(&path, GgmlDType::Q8_0, &[], Some(4096));
+        path
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/gguf")
+            .join(name)
+    };
+    counted_as_held(name, &path)
+}
+
+fn counted_as_held(name: &str, path: &Path) -> Result<(), String> {
+    let gguf = GgufFile::open(path, &candle_core::Device::Cpu).unwrap();
     let config = odmoe_engine::model::config_from_gguf(&gguf).unwrap();
     let source = GgufSource::new(&config, &gguf, false).unwrap();
     let experts: Vec<(usize, usize)> = config
@@ -110,6 +134,24 @@ fn held_as_counted(name: &str) -> Result<(), String> {
         return Err(format!(
             "{name}: experts counted at {counted} bytes took {grown} ({ratio:.2}x)"
         ));
+    }
+    let held = matches!(kept[0].gate, Matrix::Blocks(_));
+    if name == WIDE && held != Matrix::kernels_on(&candle_core::Device::Cpu) {
+        return Err(format!(
+            "{name}: experts held in their read buffers: {held}"
+        ));
+    }
+    if held {
+        let full = resident_bytes();
+        drop(kept);
+        odmoe_engine::allocator::give_back();
+        let freed = full.saturating_sub(resident_bytes());
+        println!("{name}: dropped and given back, resident shrank {freed} bytes");
+        if freed < counted * 9 / 10 {
+            return Err(format!(
+                "{name}: experts held in {counted} bytes of read buffers gave back {freed}"
+            ));
+        }
     }
     Ok(())
 }

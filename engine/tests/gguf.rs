@@ -5,84 +5,20 @@
 
 mod common;
 
-use common::{fixture, golden, ids, max_abs_diff, max_abs_diff_of};
+use common::{golden, ids, max_abs_diff, max_abs_diff_of, write_qwen3_gguf};
 
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
-use odmoe_engine::format::gguf::{gguf_name, stacked_expert_names};
-use odmoe_engine::format::safetensors::HfWeights;
+use odmoe_engine::expert::{GluMlp, Matrix};
+use odmoe_engine::format::gguf::{GgufFile, stacked_expert_names};
 use odmoe_engine::generate::Session;
-use odmoe_engine::model::{ForwardHook, KvType, Logits, Model, expert_tensor_names};
+use odmoe_engine::model::{ForwardHook, KvType, Logits, Model};
 use odmoe_engine::open::{self, ExpertMode, LoadOptions};
-use odmoe_engine::store::{PolicyKind, StoreConfig};
-
-/// Writes the qwen3_moe fixture as GGUF with expert tensors in `expert_type`, skipping metadata
-/// keys in `omit`.
-fn write_qwen3_gguf(path: &Path, expert_type: GgmlDType, omit: &[&str]) {
-    let dir = fixture("qwen3_moe");
-    let config = odmoe_engine::model::config_from_hf_file(&dir.join("config.json")).unwrap();
-    let weights = HfWeights::open(&dir, &Device::Cpu).unwrap();
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    for name in weights.names() {
-        if name.contains(".mlp.experts.") {
-            continue;
-        }
-        let t = weights.tensor(name, weights.raw(name).unwrap().1).unwrap();
-        let gguf = gguf_name(name).unwrap_or_else(|| panic!("no GGUF name for {name}"));
-        tensors.push((gguf, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
-    }
-    let (h, i) = (config.hidden_size, config.expert_intermediate_size);
-    for layer in 0..config.num_layers {
-        for (part, shape) in [[i, h], [i, h], [h, i]].into_iter().enumerate() {
-            let experts: Vec<Tensor> = (0..config.num_experts)
-                .map(|e| {
-                    let name = format!("{}.weight", expert_tensor_names(&config, layer, e)[part]);
-                    weights.tensor(&name, &shape).unwrap()
-                })
-                .collect();
-            let stacked = Tensor::stack(&experts, 0).unwrap();
-            let name = stacked_expert_names(layer)[part].clone();
-            tensors.push((name, QTensor::quantize(&stacked, expert_type).unwrap()));
-        }
-    }
-    let u = |v: usize| Value::U32(v as u32);
-    let metadata: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::String("qwen3moe".into())),
-        ("qwen3moe.block_count", u(config.num_layers)),
-        ("qwen3moe.embedding_length", u(h)),
-        ("qwen3moe.attention.head_count", u(config.num_heads)),
-        ("qwen3moe.attention.head_count_kv", u(config.num_kv_heads)),
-        ("qwen3moe.attention.key_length", u(config.head_dim)),
-        (
-            "qwen3moe.attention.layer_norm_rms_epsilon",
-            Value::F32(config.rms_norm_eps as f32),
-        ),
-        (
-            "qwen3moe.rope.freq_base",
-            Value::F32(config.rope_theta as f32),
-        ),
-        ("qwen3moe.context_length", u(config.max_position_embeddings)),
-        ("qwen3moe.expert_count", u(config.num_experts)),
-        (
-            "qwen3moe.expert_used_count",
-            u(config.num_experts_per_token),
-        ),
-        ("qwen3moe.expert_feed_forward_length", u(i)),
-        ("tokenizer.ggml.eos_token_id", u(2)),
-    ];
-    let metadata: Vec<(&str, &Value)> = metadata
-        .iter()
-        .filter(|(k, _)| !omit.contains(k))
-        .map(|(k, v)| (*k, v))
-        .collect();
-    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut file = std::fs::File::create(path).unwrap();
-    gguf_file::write(&mut file, &metadata, &tensors).unwrap();
-}
+use odmoe_engine::store::fetch::Pace;
+use odmoe_engine::store::{ExpertSource, GgufSource, PolicyKind, StoreConfig, held};
 
 fn logits(model: &Model, input: &[u32]) -> Tensor {
     model
@@ -98,7 +34,7 @@ fn input() -> Vec<u32> {
 fn f32_gguf_matches_the_transformers_golden() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
-    write_qwen3_gguf(&path, GgmlDType::F32, &[]);
+    write_qwen3_gguf(&path, GgmlDType::F32, &[], None);
     let model = odmoe_engine::open::resident(&path, &Device::Cpu).unwrap();
     let diff = max_abs_diff(&logits(&model, &input()), &golden("qwen3_moe")["logits"]);
     assert!(diff <= 1e-4, "max |logit diff| {diff}");
@@ -108,7 +44,7 @@ fn f32_gguf_matches_the_transformers_golden() {
 fn quantized_experts_on_demand_equal_resident() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
-    write_qwen3_gguf(&path, GgmlDType::Q8_0, &[]);
+    write_qwen3_gguf(&path, GgmlDType::Q8_0, &[], None);
     let resident = odmoe_engine::open::resident(&path, &Device::Cpu).unwrap();
     let expected = logits(&resident, &input())
         .flatten_all()
@@ -155,6 +91,94 @@ fn quantized_experts_on_demand_equal_resident() {
     assert!(diff < 0.1, "Q8_0 max |logit diff| {diff}");
 }
 
+/// Expert width of the GGUF whose slices are held in their read buffers: Q8_0 slices of 4096 x
+/// 64 values, 278,528 bytes, past `held::HOLD_FROM`.
+const WIDE: usize = 4096;
+
+/// Slices long enough are held in the buffers they were read into, not copied out (see
+/// `store::held`): such experts must compute the bits copied ones compute, be counted alike, and
+/// on demand give the logits resident ones give.
+#[test]
+fn experts_held_in_their_read_buffers_compute_as_copied_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wide.gguf");
+    write_qwen3_gguf(&path, GgmlDType::Q8_0, &[], Some(WIDE));
+    let gguf = GgufFile::open(&path, &Device::Cpu).unwrap();
+    let config = odmoe_engine::model::config_from_gguf(&gguf).unwrap();
+    let h = config.hidden_size;
+    let file = std::fs::read(&path).unwrap();
+    for bypass_cache in [false, true] {
+        let source = GgufSource::new(&config, &gguf, bypass_cache).unwrap();
+        for (layer, expert) in [(0, 0), (1, 5), (2, 7)] {
+            let (held, _) = source.read(layer, expert, Pace::Whole).unwrap();
+            let names = stacked_expert_names(layer);
+            let shapes = [[WIDE, h], [WIDE, h], [h, WIDE]];
+            let [gate, up, down] = [0, 1, 2].map(|k| {
+                let slice = gguf.expert_slice(&names[k], expert, shapes[k]).unwrap();
+                assert!(slice.bytes >= held::HOLD_FROM, "{} bytes", slice.bytes);
+                let bytes = &file[slice.offset as usize..][..slice.bytes];
+                Matrix::Candle(slice.to_qmatmul(bytes, &Device::Cpu).unwrap())
+            });
+            let copied = GluMlp { gate, up, down };
+            let held_in_place = [&held.gate, &held.up, &held.down]
+                .iter()
+                .all(|m| matches!(m, Matrix::Blocks(_)));
+            assert_eq!(
+                held_in_place,
+                Matrix::kernels_on(&Device::Cpu),
+                "held where the kernels multiply them, copied for candle elsewhere"
+            );
+            assert_eq!(held.bytes(), copied.bytes(), "counted alike");
+            for tokens in [1, 8] {
+                let x = Tensor::arange(0, (tokens * h) as u32, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .affine(0.37, 0.0)
+                    .unwrap()
+                    .sin()
+                    .unwrap()
+                    .reshape((tokens, h))
+                    .unwrap();
+                let bits = |mlp: &GluMlp| -> Vec<u32> {
+                    let y = mlp.forward(&x).unwrap().flatten_all().unwrap();
+                    y.to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                };
+                assert_eq!(bits(&held), bits(&copied), "layer {layer} expert {expert}");
+            }
+        }
+    }
+    let resident = odmoe_engine::open::resident(&path, &Device::Cpu).unwrap();
+    let expected = logits(&resident, &input()).flatten_all().unwrap();
+    let (_, total) = open::describe(&path).unwrap();
+    let expert = total / (config.num_layers * config.num_experts) as u64;
+    let options = LoadOptions {
+        experts: ExpertMode::OnDemand(StoreConfig {
+            budget_bytes: 4 * expert,
+            io_threads: 2,
+            policy: PolicyKind::Lru,
+        }),
+        ..LoadOptions::default()
+    };
+    let loaded = open::load(&path, &options, &Device::Cpu).unwrap();
+    let got = logits(&loaded.model, &input()).flatten_all().unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    assert_eq!(bits(&got), bits(&expected), "on demand, as resident");
+    let stats = loaded.store.as_ref().unwrap().stats();
+    assert!(stats.evictions > 0, "experts were evicted and read again");
+    loaded.store.unwrap().check_invariants().unwrap();
+}
+
 fn load_error(path: &Path) -> String {
     match odmoe_engine::open::resident(path, &Device::Cpu) {
         Ok(_) => panic!("{} should not load", path.display()),
@@ -166,7 +190,7 @@ fn load_error(path: &Path) -> String {
 fn broken_gguf_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.gguf");
-    write_qwen3_gguf(&good, GgmlDType::F32, &[]);
+    write_qwen3_gguf(&good, GgmlDType::F32, &[], None);
     let bytes = std::fs::read(&good).unwrap();
 
     let magic = dir.path().join("magic.gguf");
@@ -183,7 +207,7 @@ fn broken_gguf_files_are_named() {
     );
 
     let missing = dir.path().join("missing.gguf");
-    write_qwen3_gguf(&missing, GgmlDType::F32, &["qwen3moe.expert_count"]);
+    write_qwen3_gguf(&missing, GgmlDType::F32, &["qwen3moe.expert_count"], None);
     let message = load_error(&missing);
     assert!(
         message.contains("qwen3moe.expert_count") && message.contains("missing.gguf"),
@@ -213,7 +237,7 @@ fn broken_gguf_files_are_named() {
 fn a_prompt_in_slabs_on_demand_equals_resident() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
-    write_qwen3_gguf(&path, GgmlDType::Q8_0, &[]);
+    write_qwen3_gguf(&path, GgmlDType::Q8_0, &[], None);
     let prompt = input();
     assert!(prompt.len() > 6, "a prompt of several slabs");
     let prefill = |options: LoadOptions| {
@@ -259,7 +283,7 @@ fn a_prompt_in_slabs_on_demand_equals_resident() {
 fn a_q8_0_kv_cache_is_a_quarter_of_f32_and_exact_on_demand() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
-    write_qwen3_gguf(&path, GgmlDType::Q8_0, &[]);
+    write_qwen3_gguf(&path, GgmlDType::Q8_0, &[], None);
     let prompt = input();
     let prefill = |options: LoadOptions| {
         let loaded = open::load(&path, &options, &Device::Cpu).unwrap();
@@ -312,7 +336,7 @@ fn a_q8_0_kv_cache_is_a_quarter_of_f32_and_exact_on_demand() {
 fn perplexity_in_slabs_scores_what_one_pass_scores() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
-    write_qwen3_gguf(&path, GgmlDType::Q8_0, &[]);
+    write_qwen3_gguf(&path, GgmlDType::Q8_0, &[], None);
     let tokens = input();
     let load = |prefill_slab| {
         let options = LoadOptions {

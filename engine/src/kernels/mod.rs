@@ -55,11 +55,25 @@ impl Matrix {
         mxfp4_blocks(blocks, shape).map(|w| exact_mxfp4::widened(&w))
     }
 
-    /// Whether MXFP4 blocks are held as they are on `device`: where these kernels multiply them
-    /// (the CPU, with their instructions). Elsewhere candle multiplies them as Q8_0 blocks of the
-    /// same values, at twice the bytes.
-    pub fn keeps_mxfp4(device: &Device) -> bool {
+    /// Blocks `[rows, cols]` in `format`, held as they are for these kernels to multiply, if they
+    /// are whole rows of that matrix. Only where the kernels run ([`Matrix::kernels_on`]).
+    pub fn blocks(
+        format: quantized::Format,
+        blocks: quantized::BlockBytes,
+        shape: [usize; 2],
+    ) -> Option<Self> {
+        block_matrix(format, blocks, shape).map(Self::Blocks)
+    }
+
+    /// Whether these kernels multiply matrices on `device`: the CPU, with their instructions.
+    pub fn kernels_on(device: &Device) -> bool {
         device.is_cpu() && quantized::available()
+    }
+
+    /// Whether MXFP4 blocks are held as they are on `device`: where these kernels multiply them.
+    /// Elsewhere candle multiplies them as Q8_0 blocks of the same values, at twice the bytes.
+    pub fn keeps_mxfp4(device: &Device) -> bool {
+        Self::kernels_on(device)
     }
 
     /// Whether a checkpoint's MXFP4 blocks are held as they are on `device`, multiplied at their
@@ -114,9 +128,17 @@ impl Matrix {
 }
 
 /// MXFP4 blocks `[rows, cols]` as a matrix, if they are whole rows of whole blocks.
-fn mxfp4_blocks(blocks: Vec<u8>, [rows, cols]: [usize; 2]) -> Option<quantized::BlockMatrix> {
-    quantized::BlockMatrix::new(quantized::Format::Mxfp4, blocks, cols)
-        .filter(|m| m.dims() == [rows, cols])
+fn mxfp4_blocks(blocks: Vec<u8>, shape: [usize; 2]) -> Option<quantized::BlockMatrix> {
+    block_matrix(quantized::Format::Mxfp4, blocks.into(), shape)
+}
+
+/// Blocks in `format` as a `[rows, cols]` matrix, if they are whole rows of whole blocks.
+fn block_matrix(
+    format: quantized::Format,
+    blocks: quantized::BlockBytes,
+    [rows, cols]: [usize; 2],
+) -> Option<quantized::BlockMatrix> {
+    quantized::BlockMatrix::new(format, blocks, cols).filter(|m| m.dims() == [rows, cols])
 }
 
 /// A projection `x W^T (+ b)` whose weight is f32 or, from a GGUF file, its stored quantized

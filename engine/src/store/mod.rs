@@ -16,6 +16,7 @@
 pub mod budget;
 pub mod checksum;
 pub mod fetch;
+pub mod held;
 pub mod policy;
 pub mod reuse;
 pub mod source;

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QMatMul, ggml_file::qtensor_from_ggml};
@@ -18,10 +19,11 @@ use safetensors::tensor::Dtype;
 use sha2::{Digest, Sha256};
 
 use super::checksum::{self, ByteRange, ExpertChecksums, ReadPlan};
-use super::fetch::{self, Pace};
+use super::fetch::{self, AlignedBuf, Pace};
+use super::held;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::expert::{GluMlp, Matrix};
+use crate::expert::{BlockBytes, Format, GluMlp, Matrix};
 use crate::format::gguf::{ExpertSlice, ExpertType, GgufFile, stacked_expert_names};
 use crate::format::layout::{
     self, ExpertLayout, GGUF_DTYPE, MANIFEST, MXFP4_DTYPE, Manifest, expert_path, parse_xxh3_hex,
@@ -391,17 +393,13 @@ impl ExpertSource for LayoutSource {
                 GluMlp::from_f32(gate?, up?, down?)
             }
             ExpertEncoding::Ggml(types) => {
-                let [gate, up, down] = [0, 1, 2].map(|k| {
-                    let slice = ggml_slice(&self.layout, types, layer, k);
-                    let start = slice.offset as usize;
-                    slice_matrix(&slice, &buf[start..start + slice.bytes], &self.device)
-                        .map_err(|e| fail(format!("tensor {}: {e}", self.layout.tensors[k].name)))
-                });
-                GluMlp {
-                    gate: gate?,
-                    up: up?,
-                    down: down?,
-                }
+                let slices = [0, 1, 2].map(|k| ggml_slice(&self.layout, types, layer, k));
+                let at = slices.each_ref().map(|s| (s, s.offset as usize));
+                let matrices = slice_matrices(buf, &at, &self.device)
+                    .map_err(|e| fail(format!("expert tensors: {e}")))?;
+                let [gate, up, down] =
+                    <[Matrix; 3]>::try_from(matrices).expect("three matrices for three slices");
+                GluMlp { gate, up, down }
             }
             ExpertEncoding::ExactMxfp4 => {
                 let [gate, up, down] = self.layout.tensors.each_ref().map(|t| {
@@ -797,8 +795,61 @@ fn held_bytes(slice: &ExpertSlice, device: &Device) -> usize {
     slice.bytes_in_memory(Matrix::keeps_mxfp4(device))
 }
 
-/// `bytes`, the slice `slice` of a file, as a matrix on `device` in its stored type: MXFP4 as
-/// it is where odmoe's kernels multiply it.
+/// The matrices of `slices`, each at its start in `buf` (the read that holds them all), on
+/// `device` in their stored types: held in `buf` itself where odmoe's kernels multiply every one
+/// of them and the buffer is long enough (see [`held`]), else copied out of it.
+fn slice_matrices(
+    buf: AlignedBuf,
+    slices: &[(&ExpertSlice, usize)],
+    device: &Device,
+) -> candle_core::Result<Vec<Matrix>> {
+    let buf =
+        if Matrix::kernels_on(device) && slices.iter().all(|(s, _)| kernel_format(s).is_some()) {
+            match held::hold(buf) {
+                Ok(shared) => {
+                    return slices
+                        .iter()
+                        .map(|&(slice, at)| held_matrix(&shared, slice, at))
+                        .collect();
+                }
+                Err(buf) => buf,
+            }
+        } else {
+            buf
+        };
+    slices
+        .iter()
+        .map(|&(slice, at)| slice_matrix(slice, &buf[at..at + slice.bytes], device))
+        .collect()
+}
+
+/// The kernels' format for `slice`'s stored type, if they have one.
+fn kernel_format(slice: &ExpertSlice) -> Option<Format> {
+    match slice.stored {
+        ExpertType::Mxfp4 => Some(Format::Mxfp4),
+        ExpertType::Ggml(dtype) => Format::of(dtype),
+    }
+}
+
+/// `slice`, at `at` in the read buffer `shared`, as a matrix of blocks held there.
+fn held_matrix(
+    shared: &Arc<dyn AsRef<[u8]> + Send + Sync>,
+    slice: &ExpertSlice,
+    at: usize,
+) -> candle_core::Result<Matrix> {
+    let format = kernel_format(slice).expect("only slices in the kernels' formats are held");
+    BlockBytes::shared(shared.clone(), at..at + slice.bytes)
+        .and_then(|blocks| Matrix::blocks(format, blocks, slice.shape))
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{} bytes of {format:?} blocks are not a {:?} matrix",
+                slice.bytes, slice.shape
+            ))
+        })
+}
+
+/// `bytes`, the slice `slice` of a file, copied into a matrix on `device` in its stored type:
+/// MXFP4 as it is where odmoe's kernels multiply it.
 fn slice_matrix(slice: &ExpertSlice, bytes: &[u8], device: &Device) -> candle_core::Result<Matrix> {
     if slice.stored == ExpertType::Mxfp4 {
         return mxfp4_matrix(bytes.to_vec(), slice.shape, device);
@@ -830,14 +881,17 @@ impl ExpertSource for GgufSource {
                 pace,
             )
             .map_err(|e| fail(e.to_string()))?;
-            let bytes = &buf[at..at + s.bytes];
-            self.checksums.check(layer, expert, k, bytes).map_err(|m| {
-                fail(format!(
-                    "{} slice at offset {}: {m}",
-                    PROJECTIONS[k], s.offset
-                ))
-            })?;
-            slice_matrix(s, bytes, &self.device).map_err(|e| fail(e.to_string()))
+            self.checksums
+                .check(layer, expert, k, &buf[at..at + s.bytes])
+                .map_err(|m| {
+                    fail(format!(
+                        "{} slice at offset {}: {m}",
+                        PROJECTIONS[k], s.offset
+                    ))
+                })?;
+            slice_matrices(buf, &[(s, at)], &self.device)
+                .map(|mut one| one.remove(0))
+                .map_err(|e| fail(e.to_string()))
         };
         // The three projections lie in three stacked tensors: reading them at once keeps three
         // times as many reads in flight, which this disk needs to approach its rate (1.3 GB/s at

@@ -18,7 +18,7 @@
 //! read on demand give the bits resident ones give.
 
 use std::ops::Range;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Tensor};
@@ -262,20 +262,65 @@ pub fn takes(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && available()
 }
 
-/// A matrix of blocks in a format candle does not have (MXFP4), which only these kernels
-/// multiply: `[rows, cols]`, `cols` a multiple of the format's block.
-#[derive(Clone, Debug)]
+/// The bytes of a matrix's blocks: a vector of its own, or a range of a buffer it shares, such
+/// as the buffer an expert was read into, held as read rather than copied out of it.
+#[derive(Clone)]
+pub struct BlockBytes {
+    buffer: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    range: Range<usize>,
+}
+
+impl BlockBytes {
+    /// `range` of `buffer`, or `None` if the buffer is shorter.
+    pub fn shared(buffer: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Option<Self> {
+        (range.start <= range.end && range.end <= (*buffer).as_ref().len())
+            .then_some(Self { buffer, range })
+    }
+}
+
+impl From<Vec<u8>> for BlockBytes {
+    fn from(blocks: Vec<u8>) -> Self {
+        let range = 0..blocks.len();
+        Self {
+            buffer: Arc::new(blocks),
+            range,
+        }
+    }
+}
+
+impl std::ops::Deref for BlockBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &(*self.buffer).as_ref()[self.range.clone()]
+    }
+}
+
+/// A matrix of blocks the kernels multiply, held as the file stores them: `[rows, cols]`, `cols`
+/// a multiple of the format's block. MXFP4, which candle does not have, is always one; other
+/// types are one when an expert's matrix is held in the buffer it was read into.
+#[derive(Clone)]
 pub struct BlockMatrix {
     format: Format,
-    blocks: Vec<u8>,
+    blocks: BlockBytes,
     rows: usize,
     cols: usize,
+}
+
+impl std::fmt::Debug for BlockMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockMatrix")
+            .field("format", &self.format)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
 }
 
 impl BlockMatrix {
     /// `blocks`, rows of `cols` values in `format`, as a matrix; `None` if they are not whole
     /// rows of whole blocks.
-    pub fn new(format: Format, blocks: Vec<u8>, cols: usize) -> Option<Self> {
+    pub fn new(format: Format, blocks: impl Into<BlockBytes>, cols: usize) -> Option<Self> {
+        let blocks = blocks.into();
         let row_bytes = format.row_bytes(cols);
         (cols > 0
             && cols.is_multiple_of(format.block_values())
