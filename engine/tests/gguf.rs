@@ -91,6 +91,12 @@ fn quantized_experts_on_demand_equal_resident() {
     assert!(diff < 0.1, "Q8_0 max |logit diff| {diff}");
 }
 
+/// The bits of every value of `t`.
+fn bits(t: &Tensor) -> Vec<u32> {
+    let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
 /// Expert width of the GGUF whose slices are held in their read buffers: Q8_0 slices of 4096 x
 /// 64 values, 278,528 bytes, past `held::HOLD_FROM`.
 const WIDE: usize = 4096;
@@ -140,20 +146,16 @@ fn experts_held_in_their_read_buffers_compute_as_copied_ones() {
                     .unwrap()
                     .reshape((tokens, h))
                     .unwrap();
-                let bits = |mlp: &GluMlp| -> Vec<u32> {
-                    let y = mlp.forward(&x).unwrap().flatten_all().unwrap();
-                    y.to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect()
-                };
-                assert_eq!(bits(&held), bits(&copied), "layer {layer} expert {expert}");
+                assert_eq!(
+                    bits(&held.forward(&x).unwrap()),
+                    bits(&copied.forward(&x).unwrap()),
+                    "layer {layer} expert {expert}"
+                );
             }
         }
     }
     let resident = odmoe_engine::open::resident(&path, &Device::Cpu).unwrap();
-    let expected = logits(&resident, &input()).flatten_all().unwrap();
+    let expected = logits(&resident, &input());
     let (_, total) = open::describe(&path).unwrap();
     let expert = total / (config.num_layers * config.num_experts) as u64;
     let options = LoadOptions {
@@ -165,14 +167,7 @@ fn experts_held_in_their_read_buffers_compute_as_copied_ones() {
         ..LoadOptions::default()
     };
     let loaded = open::load(&path, &options, &Device::Cpu).unwrap();
-    let got = logits(&loaded.model, &input()).flatten_all().unwrap();
-    let bits = |t: &Tensor| -> Vec<u32> {
-        t.to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    };
+    let got = logits(&loaded.model, &input());
     assert_eq!(bits(&got), bits(&expected), "on demand, as resident");
     let stats = loaded.store.as_ref().unwrap().stats();
     assert!(stats.evictions > 0, "experts were evicted and read again");
