@@ -13,10 +13,11 @@
 //! system between requests. (With pages larger than 4 KiB, as some aarch64 kernels use, a huge
 //! page is larger than 2 MiB: blocks are still mapped and kept, only not on huge pages.)
 //!
-//! Smaller blocks, and those aligned beyond a page, stay glibc's, whose heap reuses them: an
-//! expert's matrices among them, which a store under a memory limit frees and reads again all
-//! the time. Mapping those afresh too (from 512 KiB) made a 40-token prompt 15% slower to its
-//! first token at a 2 GB limit.
+//! Smaller blocks, and those aligned beyond a page, stay glibc's, whose heap reuses them: the
+//! expert matrices copied out of their reads among them (smaller ones; larger ones are held in
+//! their read buffers, `store::held`), which a store under a memory limit frees and reads again
+//! all the time. Mapping those afresh too (from 512 KiB) made a 40-token prompt 15% slower to
+//! its first token at a 2 GB limit.
 //!
 //! Elsewhere (macOS, whose allocator keeps large blocks itself) every block is the system's.
 //!
@@ -72,9 +73,9 @@ pub mod read_buffers {
     const MOST_BYTES: usize = 256 << 20;
     /// The largest buffer kept: a checksum index's reads of whole files are not.
     const LARGEST: usize = 8 << 20;
-    /// A kept buffer may be this much longer than a read takes it for, or a sixteenth longer:
-    /// a page of Apple's, and an expert's slice read directly spans a block more or less.
-    const LEAST_SLACK: usize = 16 << 10;
+    /// How much longer than a read a kept buffer it takes may be: a slice of a given length
+    /// read directly spans one block more or less, as its offset falls.
+    pub(super) const SLACK: usize = 8 << 10;
 
     static KEPT: Mutex<Kept> = Mutex::new(Kept(Vec::new()));
 
@@ -82,14 +83,14 @@ pub mod read_buffers {
     pub(super) struct Kept(pub(super) Vec<MmapMut>);
 
     impl Kept {
-        /// The smallest kept buffer of at least `len` bytes, if it is not much longer: a buffer
-        /// may become the memory of the expert read into it (`store::held`), where bytes
-        /// beyond the read would be held uncounted.
+        /// The smallest kept buffer of at least `len` bytes, if it is at most [`SLACK`] longer:
+        /// a buffer may become the memory of the expert read into it (`store::held`), where
+        /// bytes beyond the read would be held uncounted.
         pub(super) fn take(&mut self, len: usize) -> Option<MmapMut> {
             let best = (0..self.0.len())
                 .filter(|&i| self.0[i].len() >= len)
                 .min_by_key(|&i| self.0[i].len())?;
-            (self.0[best].len() - len <= (len / 16).max(LEAST_SLACK)).then(|| self.0.remove(best))
+            (self.0[best].len() - len <= SLACK).then(|| self.0.remove(best))
         }
 
         /// Keeps `map` for a later read, unmapping the buffers kept longest if there is no
@@ -112,12 +113,12 @@ pub mod read_buffers {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The smallest kept buffer of at least `len` bytes, if any.
+    /// The smallest kept buffer of at least `len` bytes, if one is not much longer.
     pub fn take(len: usize) -> Option<MmapMut> {
         lock().take(len)
     }
 
-    /// Keeps `map` for a later read if there is room, else unmaps it.
+    /// Keeps `map` for a later read, unmapping the buffers kept longest if there is no room.
     pub fn put(map: MmapMut) {
         lock().put(map);
     }
@@ -575,8 +576,12 @@ mod read_buffer_tests {
             "a buffer four times too long is not taken"
         );
         assert!(
-            kept.take((1 << 20) - PAGE_4K).is_some(),
-            "one a page too long is"
+            kept.take((1 << 20) - read_buffers::SLACK - 1).is_none(),
+            "nor one a byte longer than the slack allows"
+        );
+        assert!(
+            kept.take((1 << 20) - read_buffers::SLACK).is_some(),
+            "one as long as it allows is"
         );
         for _ in 0..read_buffers::MOST_BUFFERS + 4 {
             kept.put(read_buffers::map(PAGE_4K));
@@ -590,6 +595,10 @@ mod read_buffer_tests {
             "at most so many are kept"
         );
         let taken = kept.take(2 * PAGE_4K).unwrap();
-        assert_eq!(taken.as_ptr(), newest_at, "the longest kept go first");
+        assert_eq!(
+            taken.as_ptr(),
+            newest_at,
+            "the newest stays: the buffers kept longest are unmapped first"
+        );
     }
 }

@@ -32,7 +32,7 @@ const FIXTURES: [&str; 5] = [
     WIDE,
 ];
 
-/// The qwen3_moe fixture with experts 4096 wide in Q8_0: slices of 278,528 bytes, held.
+/// The qwen3_moe fixture with experts 8192 wide in Q8_0: slices of 557,056 bytes, held.
 const WIDE: &str = "qwen3_moe-q8_0-wide.gguf";
 
 const FIXTURE_VAR: &str = "EXPERT_MEMORY_FIXTURE";
@@ -80,7 +80,7 @@ fn held_as_counted(name: &str) -> Result<(), String> {
     let written = tempfile::tempdir().unwrap();
     let path = if name == WIDE {
         let path = written.path().join(name);
-        common::write_qwen3_gguf(&path, GgmlDType::Q8_0, &[], Some(4096));
+        common::write_qwen3_gguf(&path, GgmlDType::Q8_0, &[], Some(8192));
         path
     } else {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -97,9 +97,9 @@ fn bits(t: &Tensor) -> Vec<u32> {
     values.iter().map(|v| v.to_bits()).collect()
 }
 
-/// Expert width of the GGUF whose slices are held in their read buffers: Q8_0 slices of 4096 x
-/// 64 values, 278,528 bytes, past `held::HOLD_FROM`.
-const WIDE: usize = 4096;
+/// Expert width of the GGUF whose slices are held in their read buffers: Q8_0 slices of 8192 x
+/// 64 values, 557,056 bytes, past `held::HOLD_FROM`.
+const WIDE: usize = 8192;
 
 /// Slices long enough are held in the buffers they were read into, not copied out (see
 /// `store::held`): such experts must compute the bits copied ones compute, be counted alike, and

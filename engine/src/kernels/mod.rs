@@ -26,7 +26,8 @@ pub(crate) fn on_pool<T: Send + Sync>(n: usize, f: impl Fn(usize) -> T + Sync) -
 }
 
 /// A weight matrix: candle's (f32, or GGUF blocks candle multiplies in their stored type), or
-/// blocks in a type only these kernels multiply (MXFP4).
+/// blocks only these kernels multiply: MXFP4, which candle does not have, or an expert's blocks
+/// held in the buffer they were read into.
 #[derive(Clone, Debug)]
 pub enum Matrix {
     Candle(QMatMul),
@@ -86,7 +87,10 @@ impl Matrix {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(w) => Ok(w.forward(x)?),
-            Self::Blocks(w) => Ok(quantized::forward(&[w.weight()], x)?.remove(0)),
+            // Blocks are held only where the kernels run; they take f32 rows.
+            Self::Blocks(w) => Ok(quantized::forward(&[w.weight()], &x.to_dtype(DType::F32)?)?
+                .remove(0)
+                .to_dtype(x.dtype())?),
             Self::ExactMxfp4(w) if x.elem_count() / w.dims()[1] >= exact_mxfp4::WIDEN_FROM => {
                 let widened =
                     Tensor::from_vec(exact_mxfp4::widened(w), w.dims().to_vec(), x.device())?;

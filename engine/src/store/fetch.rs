@@ -59,7 +59,7 @@ pub struct AlignedBuf {
 
 impl AlignedBuf {
     /// A buffer of `len` bytes for a read to fill: a kept one, holding an earlier read's bytes,
-    /// when one is large enough, else a new mapping.
+    /// when one is large enough and not much larger, else a new mapping.
     fn for_read(len: usize) -> Self {
         let map = read_buffers::take(len).unwrap_or_else(|| read_buffers::map(len));
         Self {

@@ -13,12 +13,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::fetch::AlignedBuf;
 
-/// Reads from this length on are held. A buffer is whole pages, and a direct read covers the
-/// aligned blocks around its range: up to 12 KiB more than the slice with 4 KiB pages (16 KiB
-/// with Apple's, whose reads are not direct), under 5% from here on and 1.4% for a Q4_K slice
-/// of Qwen3-30B-A3B (864 KiB). Smaller slices are copied, as the fixtures' tiny ones are: the
-/// heap packs them without that slack.
-pub const HOLD_FROM: usize = 256 << 10;
+/// Reads from this length on are held (a slice's aligned span, or a whole expert file of the
+/// odmoe layout). The store counts the slices; a held buffer is longer by the blocks a direct
+/// read spans around its slice (under 8 KiB), by what a kept buffer may exceed the read
+/// (`read_buffers::SLACK`, 8 KiB), and by the rest of its last page: under 16 KiB with 4 KiB
+/// pages, under 24 KiB with Apple's 16 KiB ones (whose reads are not direct). That is under 5%
+/// from here on, and under 3% for a Q4_K slice of Qwen3-30B-A3B (864 KiB). Smaller slices are
+/// copied, as the fixtures' tiny ones are: the heap packs them without that slack.
+pub const HOLD_FROM: usize = 512 << 10;
 
 /// Most buffers held at once. Each is a mapping of its own, and Linux allows a process 65,530
 /// by default; past this, slices are copied out of their buffers as smaller ones are.
