@@ -71,8 +71,11 @@ pub mod read_buffers {
     /// Most bytes kept: buffers waiting for the reads their room was made for are in the
     /// budget already, so this bounds only those of lengths no read is asking for.
     const MOST_BYTES: usize = 256 << 20;
-    /// The largest buffer kept: a checksum index's reads of whole files are not.
-    const LARGEST: usize = 8 << 20;
+    /// The largest buffer kept: held experts' buffers come back to be read into again, and
+    /// one made afresh is zeroed page by page before its read can start (33 MB for a slice of
+    /// Mixtral 8x7B in Q4_K, 57 MB for 8x22B). A checksum index's reads of whole layout files of
+    /// such experts are not kept.
+    pub(super) const LARGEST: usize = 64 << 20;
     /// How much longer than a read a kept buffer it takes may be: a slice of a given length
     /// read directly spans one block more or less, as its offset falls.
     pub(super) const SLACK: usize = 8 << 10;
@@ -568,8 +571,11 @@ mod read_buffer_tests {
         assert_eq!(fit.as_ptr(), small_at, "the smallest that fits");
         assert_eq!(kept.take(2 * PAGE_4K).unwrap().as_ptr(), large_at);
         assert!(kept.take(1).is_none());
-        kept.put(read_buffers::map(16 << 20));
-        assert!(kept.0.is_empty(), "a buffer over 8 MiB is not kept");
+        kept.put(read_buffers::map(read_buffers::LARGEST + 1));
+        assert!(
+            kept.0.is_empty(),
+            "a buffer over the largest kept is not kept"
+        );
         kept.put(read_buffers::map(1 << 20));
         assert!(
             kept.take(256 << 10).is_none(),
