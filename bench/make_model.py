@@ -26,7 +26,12 @@ layer become popular, as in trained models. The script prints the popularity tha
 random hidden states (the share of routings the most chosen eighth of the experts takes; 0.125
 is uniform); `odmoe trace record` on the finished model counts it on real tokens.
 
+`--experts`, `--top-k` and `--expert-width` change the expert shapes, for read-path benchmarks
+at other experts' sizes: `--experts 8 --top-k 2 --expert-width 14336` gives Mixtral 8x7B's
+expert width (slices of 31 MB in Q8_0, 16.5 MB in Q4_K at this hidden size).
+
 Usage: make_model.py OUT.gguf [--layers 18] [--seed 0] [--type q8_0] [--context 4096] [--skew 0]
+                     [--experts 64] [--top-k 8] [--expert-width 768]
 """
 
 import argparse
@@ -149,9 +154,18 @@ def main():
     parser.add_argument("--context", type=int, default=4096, help="positions the model declares")
     parser.add_argument("--skew", type=float, default=0.0,
                         help="Zipf exponent of the router rows' norms (0: uniform routing)")
+    parser.add_argument("--experts", type=int, default=EXPERTS, help="experts per layer")
+    parser.add_argument("--top-k", type=int, default=TOP_K, help="experts each token routes to")
+    parser.add_argument("--expert-width", type=int, default=EXPERT_WIDTH,
+                        help="an expert's intermediate size (a multiple of 256)")
     args = parser.parse_args()
     if args.skew < 0:
         sys.exit("--skew must be 0 or more")
+    if not 0 < args.top_k <= args.experts:
+        sys.exit("--top-k must be from 1 to --experts")
+    if args.expert_width <= 0 or args.expert_width % 256:
+        sys.exit("--expert-width must be a positive multiple of 256 (whole K-quant blocks)")
+    set_expert_shape(args.experts, args.top_k, args.expert_width)
     if args.type != "q8_0":
         try:
             from requantize import FTYPES, requantize
@@ -166,6 +180,12 @@ def main():
         print(f"wrote {args.out}: {os.path.getsize(args.out) / 1e9:.2f} GB, {args.type}")
         return
     write_q8_0(args.out, args.layers, args.seed, args.context, args.skew)
+
+
+def set_expert_shape(experts, top_k, width):
+    """Replaces the default expert count, top-k and width for the whole file."""
+    global EXPERTS, TOP_K, EXPERT_WIDTH
+    EXPERTS, TOP_K, EXPERT_WIDTH = experts, top_k, width
 
 
 def write_q8_0(out, layers, seed, context, skew=0.0):
