@@ -548,8 +548,10 @@ async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
         timeout_output(command)
     });
     // Queued behind both, or behind the second once the first has ended.
+    let mut seen_waiting = false;
     for _ in 0..3000 {
         if client.stats().await.unwrap().queue.waiting == 2 {
+            seen_waiting = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -562,8 +564,9 @@ async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
     assert!(behind.status.success(), "{:?}: {stderr}", behind.status);
     assert!(
         stderr.contains("queued (position"),
-        "not queued: {stderr}{}",
-        String::from_utf8_lossy(&behind.stdout)
+        "not queued (seen waiting behind both: {seen_waiting}): {stderr}{}\n{}",
+        String::from_utf8_lossy(&behind.stdout),
+        daemon.log()
     );
 }
 
