@@ -505,6 +505,19 @@ async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
 
     // A request behind another is told its place.
     assert!(odmoe_at(&daemon, &["load", "qwen3"]).status.success());
+    // The load's job counts as running until the engine thread is done with it, which may come
+    // after the CLI has its answer: were the long requests below counted waiting behind it,
+    // the client behind them could find an empty queue once they were stopped.
+    let mut idle = false;
+    for _ in 0..3000 {
+        let queue = client.stats().await.unwrap().queue;
+        if queue.running == 0 && queue.waiting == 0 {
+            idle = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(idle, "the load's job never ended");
     // Two long requests, one running and one waiting, so that a client started on a loaded CI
     // machine still finds one ahead of it when the first has ended.
     let mut long = greedy(Some("Once upon a time"), &[], None);
