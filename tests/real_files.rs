@@ -13,7 +13,7 @@ use candle_core::Device;
 use candle_core::quantized::gguf_file::{self, Value};
 use odmoe_client::{Client, ClientError};
 use odmoe_e2e::{Daemon, binary, demo_gguf, fixture, isolate, odmoe, odmoe_ok};
-use odmoe_protocol::{ChatMessage, ErrorCode, GenerateParams, GenerateResult, Method};
+use odmoe_protocol::{ChatMessage, ErrorCode, GenerateParams, GenerateResult, Method, QueueStats};
 use tokio::time::timeout;
 
 const LIMIT: Duration = Duration::from_secs(300);
@@ -459,6 +459,21 @@ async fn until_unloaded(client: &mut Client) {
     panic!("the model was not unloaded");
 }
 
+/// Polls the daemon's queue every 10 ms, at most `polls` times, until `holds`; whether it did.
+async fn queue_until(
+    client: &mut Client,
+    polls: usize,
+    holds: impl Fn(&QueueStats) -> bool,
+) -> bool {
+    for _ in 0..polls {
+        if holds(&client.stats().await.unwrap().queue) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
     let models = tempfile::tempdir().unwrap();
@@ -508,16 +523,11 @@ async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
     // The load's job counts as running until the engine thread is done with it, which may come
     // after the CLI has its answer: were the long requests below counted waiting behind it,
     // the client behind them could find an empty queue once they were stopped.
-    let mut idle = false;
-    for _ in 0..3000 {
-        let queue = client.stats().await.unwrap().queue;
-        if queue.running == 0 && queue.waiting == 0 {
-            idle = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(idle, "the load's job never ended");
+    let idle = |queue: &QueueStats| queue.running == 0 && queue.waiting == 0;
+    assert!(
+        queue_until(&mut client, 3000, idle).await,
+        "the load's job never ended"
+    );
     // Two long requests, one running and one waiting, so that a client started on a loaded CI
     // machine still finds one ahead of it when the first has ended.
     let mut long = greedy(Some("Once upon a time"), &[], None);
@@ -533,16 +543,11 @@ async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
     }
     // On a loaded machine the two clients can take seconds to connect: the client behind them
     // is started only once both are in, or it could be served first and never queue.
-    let mut in_place = false;
-    for _ in 0..6000 {
-        let queue = client.stats().await.unwrap().queue;
-        if queue.running == 1 && queue.waiting == 1 {
-            in_place = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(in_place, "the two long requests never ran and waited");
+    let in_place = |queue: &QueueStats| queue.running == 1 && queue.waiting == 1;
+    assert!(
+        queue_until(&mut client, 6000, in_place).await,
+        "the two long requests never ran and waited"
+    );
     let socket = daemon.socket().to_owned();
     let home = daemon.dir().to_owned();
     let behind = tokio::task::spawn_blocking(move || {
@@ -561,14 +566,7 @@ async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
         timeout_output(command)
     });
     // Queued behind both, or behind the second once the first has ended.
-    let mut seen_waiting = false;
-    for _ in 0..3000 {
-        if client.stats().await.unwrap().queue.waiting == 2 {
-            seen_waiting = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let seen_waiting = queue_until(&mut client, 3000, |queue| queue.waiting == 2).await;
     for request in ahead {
         request.abort();
     }
