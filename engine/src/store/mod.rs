@@ -629,8 +629,9 @@ const GUESS_THREADS: usize = width::WIDEST;
 enum Role {
     Demand,
     /// Guesses, at a lower CPU priority: what a guess's read costs the CPU (its checksum, and
-    /// for small slices their copy) never delays the layers' compute, which demand reads wait on. Guesses have a thread
-    /// of their own, so that a guess waiting between pieces never holds one a miss needs.
+    /// for small slices their copy) never delays the layers' compute, which demand reads wait
+    /// on. Guesses have a thread of their own, so that a guess waiting between pieces never
+    /// holds one a miss needs.
     Guess,
 }
 

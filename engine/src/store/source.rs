@@ -803,20 +803,20 @@ fn slice_matrices(
     slices: &[(&ExpertSlice, usize)],
     device: &Device,
 ) -> candle_core::Result<Vec<Matrix>> {
-    let buf =
-        if Matrix::kernels_on(device) && slices.iter().all(|(s, _)| kernel_format(s).is_some()) {
-            match held::hold(buf) {
-                Ok(shared) => {
-                    return slices
-                        .iter()
-                        .map(|&(slice, at)| held_matrix(&shared, slice, at))
-                        .collect();
-                }
-                Err(buf) => buf,
+    let formats: Option<Vec<Format>> = slices.iter().map(|(s, _)| kernel_format(s)).collect();
+    let buf = match formats.filter(|_| Matrix::kernels_on(device)) {
+        Some(formats) => match held::hold(buf) {
+            Ok(shared) => {
+                return slices
+                    .iter()
+                    .zip(formats)
+                    .map(|(&(slice, at), format)| held_matrix(&shared, slice, at, format))
+                    .collect();
             }
-        } else {
-            buf
-        };
+            Err(buf) => buf,
+        },
+        None => buf,
+    };
     slices
         .iter()
         .map(|&(slice, at)| slice_matrix(slice, &buf[at..at + slice.bytes], device))
@@ -831,13 +831,13 @@ fn kernel_format(slice: &ExpertSlice) -> Option<Format> {
     }
 }
 
-/// `slice`, at `at` in the read buffer `shared`, as a matrix of blocks held there.
+/// `slice`, at `at` in the read buffer `shared`, as a matrix of `format` blocks held there.
 fn held_matrix(
     shared: &Arc<dyn AsRef<[u8]> + Send + Sync>,
     slice: &ExpertSlice,
     at: usize,
+    format: Format,
 ) -> candle_core::Result<Matrix> {
-    let format = kernel_format(slice).expect("only slices in the kernels' formats are held");
     BlockBytes::shared(shared.clone(), at..at + slice.bytes)
         .and_then(|blocks| Matrix::blocks(format, blocks, slice.shape))
         .ok_or_else(|| {
