@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{Device, Tensor};
 use candle_nn::Linear;
 use odmoe_engine::expert::{ExpertForm, GluMlp, Matrix, ResidentExperts};
@@ -87,16 +87,9 @@ fn through_q8_0(row: &Tensor) -> Tensor {
     let values = row.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let mut blocks = Vec::new();
     quantized::q8_0_blocks(&values, &mut blocks);
-    let back: Vec<f32> = blocks
-        .chunks_exact(34)
-        .flat_map(|block| {
-            let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-            block[2..].iter().map(move |&q| scale * q as i8 as f32)
-        })
-        .collect();
-    Tensor::new(back, &Device::Cpu)
+    qtensor_from_ggml(GgmlDType::Q8_0, &blocks, row.dims().to_vec(), &Device::Cpu)
         .unwrap()
-        .reshape(row.shape())
+        .dequantize(&Device::Cpu)
         .unwrap()
 }
 
