@@ -523,11 +523,11 @@ async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
     // The load's job counts as running until the engine thread is done with it, which may come
     // after the CLI has its answer: were the long requests below counted waiting behind it,
     // the client behind them could find an empty queue once they were stopped.
-    let idle = |queue: &QueueStats| queue.running == 0 && queue.waiting == 0;
-    assert!(
-        queue_until(&mut client, 3000, idle).await,
-        "the load's job never ended"
-    );
+    daemon
+        .stats_until("the load's job never ended", |stats| {
+            stats.queue.running == 0 && stats.queue.waiting == 0
+        })
+        .await;
     // Two long requests, one running and one waiting, so that a client started on a loaded CI
     // machine still finds one ahead of it when the first has ended.
     let mut long = greedy(Some("Once upon a time"), &[], None);
