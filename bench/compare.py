@@ -159,7 +159,9 @@ def main():
     parser.add_argument("--engines", default="llama.cpp,odmoe",
                         help="engines to run, comma separated (odmoe alone: its prefetch on and off)")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm, unlimited condition")
-    parser.add_argument("--odmoe-args", default="", help="more arguments for odmoe's runs with prefetch on")
+    parser.add_argument("--odmoe-args", default="", help="more arguments for odmoe's runs with prefetch on; with"
+                        " --prefetch-from-trace T (a --trace-out of the same run) they prefetch"
+                        " from the recording: every guess right, the most prefetch can gain")
     parser.add_argument("--read-rate", type=float,
                         help="hold the limited runs' reads from the model's disk to this many GB/s"
                              " (a cgroup's throttle): a steady disk, where this one's rate drifts by"
@@ -187,13 +189,20 @@ def main():
     device = (disk_of(args.model) / "dev").read_text().strip()
     default_ra = int(readahead.read_text())
 
+    extra = args.odmoe_args.split()
+
     def odmoe_cmd(limit, feed_ids, prefetch="lookahead"):
         cmd = [str(args.odmoe), "bench", "decode", "--model", str(args.model), "--json",
                "--prompt-ids", ",".join(map(str, prompt)), "--tokens", str(args.tokens)]
-        cmd += ["--resident"] if limit is None else ["--expert-budget", f"{limit - ODMOE_RESERVE}B",
-                                                     "--prefetch-experts", prefetch]
-        if limit is not None and prefetch != "none":
-            cmd += args.odmoe_args.split()
+        if limit is None:
+            cmd += ["--resident"]
+        elif prefetch == "none":
+            cmd += ["--expert-budget", f"{limit - ODMOE_RESERVE}B", "--prefetch-experts", "none"]
+        else:
+            cmd += ["--expert-budget", f"{limit - ODMOE_RESERVE}B"] + extra
+            # A recording replaces the predictor: odmoe refuses both at once.
+            if "--prefetch-from-trace" not in extra:
+                cmd += ["--prefetch-experts", prefetch]
         if feed_ids:
             cmd += ["--feed-ids", ",".join(map(str, feed_ids))]
         return cmd
