@@ -54,7 +54,8 @@ const DAEMON: Table = &[
 
 /// `odmoe-engine`: generate -> model -> expert <- store -> format -> config, kernels under the
 /// models, converters above them, and `open` the one module that names every layer (see the
-/// README, "Layout"). Errors and the chat template's clock are leaves any layer may use.
+/// README, "Layout"). Errors, the chat template's clock and poisoned-lock recovery are leaves any
+/// layer may use.
 #[rustfmt::skip]
 const ENGINE: Table = &[
     ("lib",       &["error"]),
@@ -63,17 +64,18 @@ const ENGINE: Table = &[
     ("convert",   &["open", "model", "tokenizer", "expert", "format", "config", "error"]),
     ("eval",      &["model", "error"]),
     ("generate",  &["model", "tokenizer", "error"]),
-    ("predict",   &["model", "store", "config", "error"]),
+    ("predict",   &["model", "store", "config", "lock", "error"]),
     ("model",     &["expert", "kernels", "format", "config", "error"]),
     ("tokenizer", &["format", "time", "error"]),
-    ("store",     &["expert", "format", "config", "allocator", "error"]),
+    ("store",     &["expert", "format", "config", "allocator", "lock", "error"]),
     ("expert",    &["kernels", "config", "error"]),
     ("kernels",   &["error"]),
     ("format",    &["config", "error"]),
     ("config",    &[]),
     ("error",     &[]),
     ("time",      &[]),
-    ("allocator", &[]),
+    ("lock",      &[]),
+    ("allocator", &["lock"]),
 ];
 
 /// The crates whose modules have no table yet: at least none of them may import another in a

@@ -58,6 +58,7 @@ use std::sync::{Arc, RwLock};
 use anyhow::{Context, bail};
 use clap::Parser;
 use odmoe_config::Config;
+use odmoe_engine::lock::recover;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -277,10 +278,7 @@ fn apply(config: &Config, started_with: &Config, state: &State, logs: &LogContro
     if next.expert_budget != current.expert_budget {
         apply_budget(&next.expert_budget, state);
     }
-    *state
-        .settings
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner()) = next;
+    *recover(state.settings.write()) = next;
     state.scheduler.settings_changed();
     if config.server != started_with.server
         || config.model.path != started_with.model.path

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use odmoe_engine::lock::recover;
 use odmoe_protocol::{Message, Notification, Relay, Value, to_value};
 use serde::Serialize;
 use tokio::net::UnixStream;
@@ -95,9 +96,7 @@ impl Peer {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<CancelToken>>> {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        recover(self.in_flight.lock())
     }
 
     /// Registers a generation before its task starts, so that a `cancel` read

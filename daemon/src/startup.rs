@@ -12,6 +12,8 @@ use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 
+use odmoe_engine::lock::recover;
+
 /// The write end of the pipe in a detached child; `None` in the foreground
 /// and once reported.
 static REPORT: Mutex<Option<File>> = Mutex::new(None);
@@ -42,9 +44,7 @@ fn send(message: &str) {
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Option<File>> {
-    REPORT
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    recover(REPORT.lock())
 }
 
 /// In the parent: waits for the child's report on `pipe`. `Ok` once the child

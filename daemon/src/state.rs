@@ -4,6 +4,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use odmoe_engine::lock::recover;
 use tokio::sync::watch;
 
 use crate::pressure::Pressure;
@@ -55,10 +56,7 @@ impl State {
 
     /// The live settings as they are now.
     pub fn settings(&self) -> Settings {
-        self.settings
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        recover(self.settings.read()).clone()
     }
 
     /// Asks the server to shut down gracefully.

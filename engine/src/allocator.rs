@@ -112,8 +112,7 @@ pub mod read_buffers {
     }
 
     fn lock() -> std::sync::MutexGuard<'static, Kept> {
-        KEPT.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::lock::recover(KEPT.lock())
     }
 
     /// The smallest kept buffer of at least `len` bytes, if one is not much longer.
@@ -207,7 +206,7 @@ mod huge_pages {
     /// The kept blocks, the lock taken whatever a panic elsewhere left (the list is whole
     /// between any two statements that change it).
     fn kept() -> std::sync::MutexGuard<'static, Kept> {
-        KEPT.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock::recover(KEPT.lock())
     }
 
     impl Kept {
@@ -516,7 +515,7 @@ mod tests {
 
     #[test]
     fn a_large_block_is_its_own_huge_page_aligned_mapping_and_keeps_its_contents() {
-        let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let _alone = crate::lock::recover(ONE_AT_A_TIME.lock());
         let allocator = HugePageBlocks;
         let layout = Layout::from_size_align(3 * HUGE_BLOCK + 100, 8).unwrap();
         // SAFETY: a valid layout; every block is written within its size and freed once.
@@ -571,7 +570,7 @@ mod tests {
 
     #[test]
     fn a_freed_block_is_reused_by_the_next_of_its_size_and_zeroed_when_asked() {
-        let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let _alone = crate::lock::recover(ONE_AT_A_TIME.lock());
         let allocator = HugePageBlocks;
         // A size no other test uses: the kept blocks are the process's.
         let layout = Layout::from_size_align(HUGE_BLOCK + 3 * page(), 8).unwrap();

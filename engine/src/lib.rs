@@ -46,6 +46,7 @@ pub mod expert;
 pub mod format;
 pub mod generate;
 pub mod kernels;
+pub mod lock;
 pub mod model;
 pub mod open;
 pub mod predict;

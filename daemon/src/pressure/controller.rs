@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use odmoe_config::MemoryConfig;
 use odmoe_config::format_bytes;
+use odmoe_engine::lock::recover;
 use tracing::{info, warn};
 
 use super::policy::{BudgetPolicy, Direction, Observation, PolicyParams, SHRINK_SPACING};
@@ -181,9 +182,7 @@ impl Pressure {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        recover(self.inner.lock())
     }
 
     fn now(&self) -> Duration {
@@ -348,10 +347,7 @@ impl Pressure {
             match simulated {
                 Some(level) => {
                     let inner = self.lock();
-                    let (inner, _) = self
-                        .simulation
-                        .wait_timeout(inner, interval)
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let (inner, _) = recover(self.simulation.wait_timeout(inner, interval));
                     // A changed simulation was read when it was set.
                     if inner.simulated == Some(level) {
                         drop(inner);

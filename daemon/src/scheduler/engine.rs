@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use odmoe_config::{KeepAlive, KvCache, Prefetch};
 use odmoe_engine::generate::Session;
+use odmoe_engine::lock::recover;
 use odmoe_engine::model::KvType;
 use odmoe_engine::open::{self, ExpertMode, LoadOptions, LoadedModel};
 use odmoe_engine::predict::PredictorKind;
@@ -128,9 +129,7 @@ impl Engine {
 
     /// The live settings (a reloaded config may change some between requests).
     fn settings(&self) -> std::sync::RwLockReadGuard<'_, Settings> {
-        self.settings
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        recover(self.settings.read())
     }
 
     fn idle_expiry(&self) -> Option<Duration> {
@@ -193,12 +192,7 @@ impl Engine {
             if wait.is_zero() {
                 break;
             }
-            queue = self
-                .shared
-                .wake
-                .wait_timeout(queue, wait)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
+            queue = recover(self.shared.wake.wait_timeout(queue, wait)).0;
         }
         Next::Idle
     }
@@ -469,12 +463,7 @@ impl Engine {
     /// Starts the loaded model's idle time: it is unloaded after `keep_alive`,
     /// else after the configured `model.keep_alive`.
     fn keep_alive(&mut self, keep_alive: Option<KeepAlive>) {
-        let keep_alive = keep_alive.unwrap_or_else(|| {
-            self.settings
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .keep_alive
-        });
+        let keep_alive = keep_alive.unwrap_or_else(|| recover(self.settings.read()).keep_alive);
         self.unload_at = match keep_alive {
             KeepAlive::Forever => None,
             KeepAlive::For(idle) => Some(Instant::now() + idle),
@@ -535,11 +524,7 @@ impl Engine {
     }
 
     fn publish(&self, served: Option<Arc<Served>>) {
-        *self
-            .shared
-            .served
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = served;
+        *recover(self.shared.served.write()) = served;
     }
 
     fn publish_sessions(&self) {

@@ -40,6 +40,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use odmoe_engine::lock::recover;
 use odmoe_engine::store::ExpertStore;
 use odmoe_engine::tokenizer::Tokenizer;
 use tokio::sync::oneshot;
@@ -191,12 +192,10 @@ impl std::fmt::Debug for Scheduler {
     }
 }
 
-/// Locks `mutex`, ignoring poisoning: every critical section here leaves its
-/// data consistent, and the daemon must keep serving.
+/// Locks `mutex` whatever a panic left: every critical section here leaves its data
+/// consistent, and the daemon must keep serving.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    recover(mutex.lock())
 }
 
 impl Scheduler {
@@ -238,11 +237,7 @@ impl Scheduler {
 
     /// The loaded model, if any.
     pub fn served(&self) -> Option<Arc<Served>> {
-        self.shared
-            .served
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        recover(self.shared.served.read()).clone()
     }
 
     /// Queues a generation. Returns how many jobs are ahead of it (the running

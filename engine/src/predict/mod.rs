@@ -560,7 +560,7 @@ impl Prefetcher {
     }
 
     pub fn stats(&self) -> PrefetchStats {
-        let state = crate::store::recover(self.state.lock());
+        let state = crate::lock::recover(self.state.lock());
         let counts = self.store.prefetch_counts();
         let (on_s, off_s) = state.gate.decode_step_s();
         PrefetchStats {
@@ -609,7 +609,7 @@ impl Prefetcher {
 impl ForwardHook for Prefetcher {
     /// Scores the next layers from the layer's input; they come back with its routing.
     fn layer_input(&self, layer: usize, hidden: &Tensor) -> Vec<Tensor> {
-        let mut state = crate::store::recover(self.state.lock());
+        let mut state = crate::lock::recover(self.state.lock());
         state.step += 1;
         let counts = self.store.prefetch_counts();
         // A hit a prefetch's eviction cost weighs as a wasted prefetch.
@@ -649,7 +649,7 @@ impl ForwardHook for Prefetcher {
         let Some(predictor) = self.predictor.as_ref() else {
             return;
         };
-        let mut state = crate::store::recover(self.state.lock());
+        let mut state = crate::lock::recover(self.state.lock());
         let started = Instant::now();
         let guesses = predictor.guesses(layer, &rows);
         let latency = state.scoring_us + started.elapsed().as_secs_f64() * 1e6;
@@ -663,7 +663,7 @@ impl ForwardHook for Prefetcher {
         if !routed.is_empty() {
             self.store.routed(layer, &routed);
         }
-        let mut state = crate::store::recover(self.state.lock());
+        let mut state = crate::lock::recover(self.state.lock());
         let step = state.step;
         state.recall.observe(step, &routed);
         let started = Instant::now();

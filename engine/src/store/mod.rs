@@ -41,6 +41,7 @@ use fetch::{Next, Pace};
 
 use crate::error::{Error, Result};
 use crate::expert::{ExpertHandle, ExpertProvider, GluMlp, PendingExpert};
+use crate::lock::recover;
 
 /// How the store behaves.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -236,14 +237,6 @@ impl Shared {
         slot.guess_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         next
     }
-}
-
-/// A lock's guard, even when a thread panicked holding it. One policy across the engine and the
-/// daemon: a panic is a bug to report, but it must not turn every later request into a second
-/// panic. The store's sections change the cache's books only through `BudgetCache`, whose every
-/// method leaves them consistent before returning, so a guard a panic left behind is still valid.
-pub(crate) fn recover<G>(result: std::sync::LockResult<G>) -> G {
-    result.unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Keeps one expert pinned while alive.
