@@ -16,6 +16,8 @@ fi
 # (~4 minutes on 2 cores). Its version pins the llama.cpp whose converter, quantizer and runtime
 # make the GGUF fixtures.
 "$venv/bin/pip" install --quiet "gguf==0.19.*" "sentencepiece==0.2.*"
+# The learned bound on eviction (bench/routing_ceiling.py --learned).
+"$venv/bin/pip" install --quiet "scikit-learn==1.9.*"
 # Built for this CPU's instructions named one by one, never "native": a native build on a CPU with
 # AMX crashes in ggml_backend_amx_mul_mat on the first eval, so AMX stays off.
 cpu_flags() {
