@@ -13,7 +13,7 @@ use candle_core::Device;
 use candle_core::quantized::gguf_file::{self, Value};
 use odmoe_client::{Client, ClientError};
 use odmoe_e2e::{Daemon, binary, demo_gguf, fixture, isolate, odmoe, odmoe_ok};
-use odmoe_protocol::{ChatMessage, ErrorCode, GenerateParams, GenerateResult, Method, QueueStats};
+use odmoe_protocol::{ChatMessage, ErrorCode, GenerateParams, GenerateResult, Method, StatsResult};
 use tokio::time::timeout;
 
 const LIMIT: Duration = Duration::from_secs(300);
@@ -448,25 +448,21 @@ fn json_of(output: &Output) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
-/// Waits until the daemon has no model loaded (up to 30 s, beyond the longest keep_alive here).
+/// Waits until the daemon has no model loaded (3,000 polls, over 30 s: beyond the longest
+/// keep_alive here).
 async fn until_unloaded(client: &mut Client) {
-    for _ in 0..600 {
-        if client.stats().await.unwrap().model.is_none() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the model was not unloaded");
+    let unloaded = poll_stats(client, 3000, |stats| stats.model.is_none()).await;
+    assert!(unloaded, "the model was not unloaded");
 }
 
-/// Polls the daemon's queue every 10 ms, at most `polls` times, until `holds`; whether it did.
-async fn queue_until(
+/// Polls the daemon's stats every 10 ms, at most `polls` times, until `holds`; whether it did.
+async fn poll_stats(
     client: &mut Client,
     polls: usize,
-    holds: impl Fn(&QueueStats) -> bool,
+    holds: impl Fn(&StatsResult) -> bool,
 ) -> bool {
     for _ in 0..polls {
-        if holds(&client.stats().await.unwrap().queue) {
+        if holds(&client.stats().await.unwrap()) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -543,9 +539,9 @@ async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
     }
     // On a loaded machine the two clients can take seconds to connect: the client behind them
     // is started only once both are in, or it could be served first and never queue.
-    let in_place = |queue: &QueueStats| queue.running == 1 && queue.waiting == 1;
+    let in_place = |stats: &StatsResult| stats.queue.running == 1 && stats.queue.waiting == 1;
     assert!(
-        queue_until(&mut client, 6000, in_place).await,
+        poll_stats(&mut client, 6000, in_place).await,
         "the two long requests never ran and waited"
     );
     let socket = daemon.socket().to_owned();
@@ -566,7 +562,7 @@ async fn a_models_folder_keep_alive_and_the_queue_as_ollama_users_expect() {
         timeout_output(command)
     });
     // Queued behind both, or behind the second once the first has ended.
-    let seen_waiting = queue_until(&mut client, 3000, |queue| queue.waiting == 2).await;
+    let seen_waiting = poll_stats(&mut client, 3000, |stats| stats.queue.waiting == 2).await;
     for request in ahead {
         request.abort();
     }
